@@ -1,0 +1,33 @@
+# Set-up and entry points. `make demo` and `make test` each create (or reuse) the virtual environment.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: install demo test docs clean
+
+$(STAMP): setup.py constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# torch first, from the constraint, so that nothing later resolves a CUDA build
+	$(BIN)/pip install torch==2.13.0
+	$(BIN)/pip install -e ".[tests,plots]"
+	$(BIN)/pip install --no-deps safety-gymnasium==1.0.0
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python examples/demo.py
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests
+
+docs: $(STAMP)
+	$(BIN)/pip install -e ".[docs]"
+	$(BIN)/sphinx-build -W -b html docs docs/_build/html
+
+clean:
+	rm -rf $(VENV) build *.egg-info docs/_build

@@ -1,0 +1,10 @@
+"""sb3-metacpo: safe meta-reinforcement learning (Meta-CPO) in the Stable-Baselines3 style."""
+
+import os
+
+from sb3_metacpo.tasks import list_task_distributions, make_task_distribution
+
+with open(os.path.join(os.path.dirname(__file__), "version.txt")) as file_handler:
+    __version__ = file_handler.read().strip()
+
+__all__ = ["__version__", "list_task_distributions", "make_task_distribution"]

@@ -1,0 +1,192 @@
+"""Collect on-policy rollouts for several tasks at once through one SB3 VecEnv.
+
+Envs are assigned to tasks (``TaskEnv.set_task`` switches an env's world in place, also inside ``SubprocVecEnv``
+workers), the policy is queried once per step for all envs, and the data are returned per task, time-major, with
+the episode boundaries a correct GAE needs: ``terminated`` (no bootstrap), ``truncated`` (bootstrap from the
+terminal observation) and the batch end (bootstrap from the observation after the last step).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
+
+from sb3_metacpo.tasks.base import Task, TaskDistribution
+
+#: ``act(observations, task_indices) -> actions``: observations (n_envs, *obs_shape), task_indices (n_envs,) index
+#: into the task list given to :meth:`TaskSampler.collect`; returns raw (unclipped) actions (n_envs, *action_shape).
+ActFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+@dataclass
+class EpisodeRecord:
+    """A completed episode: undiscounted return and cost, length, the seed of its start state and how it ended."""
+
+    reward: float
+    cost: float
+    length: int
+    seed: int
+    terminated: bool
+
+
+@dataclass
+class TaskBatch:
+    """On-policy data of one task, time-major: arrays are (n_steps, n_envs, ...) for this task's envs."""
+
+    task: Task
+    observations: np.ndarray
+    actions: np.ndarray  # as sampled by the policy (before clipping to the action space)
+    rewards: np.ndarray
+    costs: np.ndarray
+    terminated: np.ndarray  # the episode ended at this step by termination
+    truncated: np.ndarray  # the episode ended at this step by the time limit
+    next_observations: np.ndarray  # observation after each step (the terminal one where an episode ended)
+    episodes: list[EpisodeRecord] = field(default_factory=list)
+
+    @property
+    def n_steps(self) -> int:
+        """Total env steps in the batch."""
+        return int(self.rewards.size)
+
+    @property
+    def dones(self) -> np.ndarray:
+        return self.terminated | self.truncated
+
+    @property
+    def episode_rewards(self) -> np.ndarray:
+        return np.array([episode.reward for episode in self.episodes])
+
+    @property
+    def episode_costs(self) -> np.ndarray:
+        return np.array([episode.cost for episode in self.episodes])
+
+
+class TaskSampler:
+    """Rollouts of a policy on several tasks of one :class:`TaskDistribution`, through one VecEnv of ``n_envs`` envs.
+
+    With M tasks in :meth:`collect`: if M <= n_envs, every task gets ``n_envs // M`` envs (the remainder goes to the
+    first tasks) and all tasks are sampled at once; otherwise tasks are sampled in rounds of ``n_envs``. Each task
+    gets at least ``n_steps`` env steps. Every collect starts fresh episodes; each episode's start state comes from
+    its own seed, drawn from per-env streams seeded by ``seed``.
+
+    :param distribution: the task family
+    :param n_envs: number of envs (choose a multiple of the number of tasks per collect to waste nothing)
+    :param vec_env_cls: ``DummyVecEnv`` (one process) or ``SubprocVecEnv`` (one process per env)
+    :param vec_env_kwargs: extra arguments of the VecEnv class (e.g. ``start_method``)
+    :param seed: seed of the per-episode start-state seeds
+    """
+
+    def __init__(
+        self,
+        distribution: TaskDistribution,
+        n_envs: int = 1,
+        vec_env_cls: type[DummyVecEnv] | type[SubprocVecEnv] = DummyVecEnv,
+        vec_env_kwargs: dict[str, Any] | None = None,
+        seed: int = 0,
+    ) -> None:
+        if not isinstance(distribution, TaskDistribution):
+            raise TypeError(f"distribution must be a TaskDistribution, got {type(distribution).__name__}")
+        if not isinstance(n_envs, int) or n_envs < 1:
+            raise ValueError(f"n_envs must be a positive integer, got {n_envs!r}")
+        self.distribution = distribution
+        self.n_envs = n_envs
+        initial = distribution.test_tasks(1)[0]
+        env_fns = [_EnvFactory(distribution, initial) for _ in range(n_envs)]
+        self.vec_env: VecEnv = vec_env_cls(env_fns, **(vec_env_kwargs or {}))  # type: ignore[arg-type]
+        self.vec_env.seed(seed)
+        self._env_tasks: list[Task] = [initial] * n_envs
+        self.observation_space = self.vec_env.observation_space
+        self.action_space = self.vec_env.action_space
+        self.total_steps = 0
+
+    def _assign(self, tasks: Sequence[Task]) -> np.ndarray:
+        """Point env i at task ``owners[i]`` (tasks get ``n_envs // M`` envs each, remainder to the first ones)."""
+        owners = np.arange(self.n_envs) % len(tasks)
+        for index, owner in enumerate(owners):
+            if self._env_tasks[index] != tasks[owner]:
+                self.vec_env.env_method("set_task", tasks[owner], indices=[index])
+                self._env_tasks[index] = tasks[owner]
+        return owners
+
+    def collect(self, tasks: Sequence[Task], act: ActFn, n_steps: int) -> list[TaskBatch]:
+        """Run ``act`` on every task for at least ``n_steps`` env steps each; return one batch per task, in order."""
+        if not tasks:
+            raise ValueError("collect needs at least one task")
+        if n_steps < 1:
+            raise ValueError(f"n_steps must be >= 1, got {n_steps}")
+        batches: list[TaskBatch] = []
+        for start in range(0, len(tasks), self.n_envs):
+            batches.extend(self._collect_round(list(tasks[start : start + self.n_envs]), act, n_steps))
+        return batches
+
+    def _collect_round(self, tasks: list[Task], act: ActFn, n_steps: int) -> list[TaskBatch]:
+        owners = self._assign(tasks)
+        horizon = math.ceil(n_steps / (self.n_envs // len(tasks)))
+        obs_shape, act_shape = self.observation_space.shape, self.action_space.shape
+        observations = np.zeros((horizon, self.n_envs, *obs_shape), dtype=np.float32)
+        next_observations = np.zeros_like(observations)
+        actions = np.zeros((horizon, self.n_envs, *act_shape), dtype=np.float32)
+        rewards = np.zeros((horizon, self.n_envs), dtype=np.float32)
+        costs = np.zeros((horizon, self.n_envs), dtype=np.float32)
+        terminated = np.zeros((horizon, self.n_envs), dtype=bool)
+        truncated = np.zeros((horizon, self.n_envs), dtype=bool)
+        episodes: list[list[EpisodeRecord]] = [[] for _ in tasks]
+        low, high = self.action_space.low, self.action_space.high
+
+        obs = self.vec_env.reset()
+        for t in range(horizon):
+            observations[t] = obs
+            raw_actions = np.asarray(act(obs, owners), dtype=np.float32).reshape(self.n_envs, *act_shape)
+            actions[t] = raw_actions
+            obs, step_rewards, dones, infos = self.vec_env.step(np.clip(raw_actions, low, high))
+            rewards[t] = step_rewards
+            next_observations[t] = obs
+            for index, info in enumerate(infos):
+                costs[t, index] = info["cost"]
+                if dones[index]:
+                    is_truncated = info.get("TimeLimit.truncated", False)
+                    truncated[t, index] = is_truncated
+                    terminated[t, index] = not is_truncated
+                    next_observations[t, index] = info["terminal_observation"]
+                    episode = info["episode"]
+                    episodes[owners[index]].append(
+                        EpisodeRecord(episode["r"], episode["c"], episode["l"], info["episode_seed"], not is_truncated)
+                    )
+        self.total_steps += horizon * self.n_envs
+
+        batches = []
+        for task_index, task in enumerate(tasks):
+            columns = owners == task_index
+            batches.append(
+                TaskBatch(
+                    task=task,
+                    observations=observations[:, columns],
+                    actions=actions[:, columns],
+                    rewards=rewards[:, columns],
+                    costs=costs[:, columns],
+                    terminated=terminated[:, columns],
+                    truncated=truncated[:, columns],
+                    next_observations=next_observations[:, columns],
+                    episodes=episodes[task_index],
+                )
+            )
+        return batches
+
+    def close(self) -> None:
+        self.vec_env.close()
+
+
+class _EnvFactory:
+    """Picklable env constructor for VecEnvs: builds the task env in whichever process calls it."""
+
+    def __init__(self, distribution: TaskDistribution, task: Task) -> None:
+        self.distribution = distribution
+        self.task = task
+
+    def __call__(self) -> Any:
+        return self.distribution.make_env(self.task)

@@ -1,0 +1,238 @@
+"""Tasks, task distributions and their registry.
+
+A *task* is a small frozen dataclass of parameters (plus a ``layout_seed`` that fixes the random parts of the world,
+e.g. where the hazards are). A :class:`TaskDistribution` samples training tasks reproducibly from its seed, keeps a
+fixed held-out test set whose parameter ranges are disjoint from the training ranges, and builds a gymnasium env for
+any task with the per-step cost in ``info["cost"]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import gymnasium as gym
+import numpy as np
+
+from sb3_metacpo.common.monitor import CostMonitor
+from sb3_metacpo.tasks.task_env import TaskEnv
+
+
+@dataclass(frozen=True, kw_only=True)
+class Task:
+    """Base class of the task dataclasses. ``layout_seed`` fixes the random layout of the task's world."""
+
+    family: ClassVar[str] = ""
+    layout_seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-dict form (JSON serialisable), with the family name, for logs and save files."""
+        return {"family": self.family, **dataclasses.asdict(self)}
+
+    def short(self) -> str:
+        """A compact one-line description, e.g. for tables."""
+        parts = []
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            parts.append(f"{field.name}={value:.3g}" if isinstance(value, float) else f"{field.name}={value}")
+        return " ".join(parts)
+
+
+@dataclass(frozen=True)
+class ParamRange:
+    """A closed interval of a task parameter; integer ranges are sampled uniformly over the integers in it."""
+
+    low: float
+    high: float
+    integer: bool = False
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.low) and math.isfinite(self.high)) or self.low > self.high:
+            raise ValueError(f"invalid range [{self.low}, {self.high}]: need finite low <= high")
+
+    def sample(self, rng: np.random.Generator) -> int | float:
+        if self.integer:
+            return int(rng.integers(int(self.low), int(self.high), endpoint=True))
+        return float(rng.uniform(self.low, self.high))
+
+    def contains(self, value: float) -> bool:
+        return self.low <= value <= self.high
+
+    def overlaps(self, other: ParamRange) -> bool:
+        return self.low <= other.high and other.low <= self.high
+
+    def __str__(self) -> str:
+        return f"[{self.low:g}, {self.high:g}]" + (" (integer)" if self.integer else "")
+
+
+def _as_range(value: ParamRange | Sequence[float], integer: bool) -> ParamRange:
+    if isinstance(value, ParamRange):
+        return value
+    if not (isinstance(value, Sequence) and len(value) == 2):
+        raise TypeError(f"a parameter range must be a ParamRange or a (low, high) pair, got {value!r}")
+    return ParamRange(float(value[0]), float(value[1]), integer)
+
+
+class TaskDistribution(ABC):
+    """A family of constrained tasks.
+
+    :param seed: seed of the training-task stream: the same seed gives the same sequence of :meth:`sample` calls.
+    :param test_seed: seed of the held-out test set (defaults to a fixed per-family value, so that runs with
+        different training seeds are evaluated on the same test tasks).
+    :param train_ranges: overrides of the training ranges, ``{name: (low, high)}``.
+    :param test_ranges: overrides of the held-out test ranges, ``{name: (low, high)}``.
+    :param max_episode_steps: episode length (time-limit truncation); defaults to the family's.
+    """
+
+    name: ClassVar[str]
+    task_cls: ClassVar[type[Task]]
+    #: Valid values of every ranged parameter (physical validity, not the training range).
+    limits: ClassVar[dict[str, ParamRange]]
+    default_train_ranges: ClassVar[dict[str, ParamRange]]
+    default_test_ranges: ClassVar[dict[str, ParamRange]]
+    default_max_episode_steps: ClassVar[int]
+    #: A cost limit (expected episode cost) that makes the family's constraint bind for a typical policy.
+    default_cost_limit: ClassVar[float]
+    default_test_seed: ClassVar[int] = 2024
+
+    def __init__(
+        self,
+        seed: int = 0,
+        test_seed: int | None = None,
+        train_ranges: Mapping[str, ParamRange | Sequence[float]] | None = None,
+        test_ranges: Mapping[str, ParamRange | Sequence[float]] | None = None,
+        max_episode_steps: int | None = None,
+    ) -> None:
+        self.seed = int(seed)
+        self.test_seed = self.default_test_seed if test_seed is None else int(test_seed)
+        self.train_ranges = self._merge_ranges(self.default_train_ranges, train_ranges, "train_ranges")
+        self.test_ranges = self._merge_ranges(self.default_test_ranges, test_ranges, "test_ranges")
+        self.max_episode_steps = self.default_max_episode_steps if max_episode_steps is None else max_episode_steps
+        if not isinstance(self.max_episode_steps, int) or self.max_episode_steps < 1:
+            raise ValueError(f"max_episode_steps must be a positive integer, got {self.max_episode_steps!r}")
+        if all(self.train_ranges[k].overlaps(self.test_ranges[k]) for k in self.limits):
+            raise ValueError(
+                f"{self.name}: the test ranges overlap the training ranges in every parameter, so held-out tasks "
+                "could equal training tasks; make at least one parameter's train and test ranges disjoint"
+            )
+        self._rng = np.random.default_rng(self.seed)
+        self._spaces: tuple[gym.Space, gym.Space] | None = None
+
+    def _merge_ranges(
+        self, defaults: Mapping[str, ParamRange], overrides: Mapping[str, Any] | None, what: str
+    ) -> dict[str, ParamRange]:
+        ranges = dict(defaults)
+        for key, value in (overrides or {}).items():
+            if key not in self.limits:
+                raise ValueError(f"{self.name} has no parameter {key!r} in {what}; its parameters are {sorted(self.limits)}")
+            ranges[key] = _as_range(value, self.limits[key].integer)
+        for key, value in ranges.items():
+            limit = self.limits[key]
+            if not (limit.contains(value.low) and limit.contains(value.high)):
+                raise ValueError(f"{self.name}: {what}[{key!r}] = {value} is outside the valid range {limit}")
+        return ranges
+
+    # --- tasks -------------------------------------------------------------------------------------------------
+    def _draw(self, rng: np.random.Generator, ranges: Mapping[str, ParamRange]) -> Task:
+        params = {key: ranges[key].sample(rng) for key in self.limits}
+        return self.task_cls(layout_seed=int(rng.integers(2**31 - 1)), **params)
+
+    def sample(self, n: int) -> list[Task]:
+        """Draw ``n`` training tasks; successive calls continue the seeded stream."""
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        return [self._draw(self._rng, self.train_ranges) for _ in range(n)]
+
+    def test_tasks(self, n: int = 5) -> list[Task]:
+        """The first ``n`` tasks of the fixed held-out set (``test_tasks(3)`` is a prefix of ``test_tasks(5)``)."""
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        rng = np.random.default_rng(self.test_seed)
+        return [self._draw(rng, self.test_ranges) for _ in range(n)]
+
+    def is_training_task(self, task: Task) -> bool:
+        """Whether ``task`` lies in the training ranges (held-out test tasks never do)."""
+        return all(self.train_ranges[k].contains(getattr(task, k)) for k in self.limits)
+
+    def validate_task(self, task: Task) -> None:
+        """Raise a ValueError naming the first parameter of ``task`` outside its valid range."""
+        if not isinstance(task, self.task_cls):
+            raise TypeError(f"{self.name} builds {self.task_cls.__name__} tasks, got {type(task).__name__}")
+        for key, limit in self.limits.items():
+            value = getattr(task, key)
+            if limit.integer and int(value) != value:
+                raise ValueError(f"{self.name}: {key}={value!r} must be an integer in {limit}")
+            if not limit.contains(value):
+                raise ValueError(f"{self.name}: {key}={value!r} is out of range; valid range is {limit}")
+        self._validate_extra(task)
+
+    def _validate_extra(self, task: Task) -> None:
+        """Family-specific checks that involve several parameters."""
+
+    # --- envs --------------------------------------------------------------------------------------------------
+    @abstractmethod
+    def _make_base_env(self, task: Task, render_mode: str | None = None) -> gym.Env:
+        """Build the raw gymnasium env of ``task`` (5-tuple API, cost in ``info["cost"]``, own time limit)."""
+
+    def make_env(self, task: Task, render_mode: str | None = None, monitor_file: str | None = None) -> gym.Env:
+        """Build the env of ``task``: the family's env with per-episode seeds and an episode-cost monitor."""
+        self.validate_task(task)
+        return CostMonitor(TaskEnv(self, task, render_mode=render_mode), filename=monitor_file)
+
+    @property
+    def spaces(self) -> tuple[gym.Space, gym.Space]:
+        """(observation_space, action_space), the same for every task of the family."""
+        if self._spaces is None:
+            env = self.make_env(self.test_tasks(1)[0])
+            self._spaces = (env.observation_space, env.action_space)
+            env.close()
+        return self._spaces
+
+    # --- serialisation -----------------------------------------------------------------------------------------
+    def get_params(self) -> dict[str, Any]:
+        """Constructor arguments that rebuild this distribution (JSON serialisable)."""
+        return {
+            "seed": self.seed,
+            "test_seed": self.test_seed,
+            "train_ranges": {k: (v.low, v.high) for k, v in self.train_ranges.items()},
+            "test_ranges": {k: (v.low, v.high) for k, v in self.test_ranges.items()},
+            "max_episode_steps": self.max_episode_steps,
+        }
+
+    def task_from_dict(self, data: Mapping[str, Any]) -> Task:
+        """Inverse of :meth:`Task.to_dict`."""
+        data = dict(data)
+        family = data.pop("family", self.name)
+        if family != self.name:
+            raise ValueError(f"task of family {family!r} given to the {self.name} distribution")
+        return self.task_cls(**data)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(seed={self.seed}, max_episode_steps={self.max_episode_steps})"
+
+
+_REGISTRY: dict[str, type[TaskDistribution]] = {}
+
+
+def register_task_distribution(cls: type[TaskDistribution]) -> type[TaskDistribution]:
+    """Class decorator that makes a family available to :func:`make_task_distribution` under ``cls.name``."""
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"a task distribution named {cls.name!r} is already registered")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def list_task_distributions() -> list[str]:
+    """Names of the registered task families."""
+    return sorted(_REGISTRY)
+
+
+def make_task_distribution(name: str, **overrides: Any) -> TaskDistribution:
+    """Build the registered family ``name``; ``overrides`` go to its constructor (seed, ranges, episode length)."""
+    if not isinstance(name, str) or name not in _REGISTRY:
+        raise ValueError(f"unknown task distribution {name!r}; known ones are: {', '.join(list_task_distributions())}")
+    return _REGISTRY[name](**overrides)

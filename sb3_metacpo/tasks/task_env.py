@@ -1,0 +1,63 @@
+"""The env wrapper shared by every task family: per-episode seeds, float32 spaces and in-place task switching."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, SupportsFloat
+
+import gymnasium as gym
+import numpy as np
+
+if TYPE_CHECKING:
+    from sb3_metacpo.tasks.base import Task, TaskDistribution
+
+
+def _float32_box(space: gym.Space) -> gym.spaces.Box:
+    if not isinstance(space, gym.spaces.Box):
+        raise TypeError(f"task envs must have Box spaces, got {space}")
+    return gym.spaces.Box(space.low.astype(np.float32), space.high.astype(np.float32), space.shape, np.float32)
+
+
+class TaskEnv(gym.Wrapper):
+    """Env of one task of a :class:`TaskDistribution`.
+
+    * Every episode gets its own seed for the start state, drawn from a generator that ``reset(seed=...)`` seeds
+      (gymnasium convention: seed once, then later resets continue the stream). The seed is reported as
+      ``info["episode_seed"]`` on reset and on every step, so any episode can be replayed.
+    * The task's layout does not depend on episode seeds: it is fixed by the task's parameters and ``layout_seed``.
+    * Observations and actions are exposed as float32 (what the policy uses); the world keeps its own dtype.
+    * :meth:`set_task` switches to another task of the same family in place, so vectorised workers need not be
+      restarted (``vec_env.env_method("set_task", task, indices=[i])``).
+    """
+
+    def __init__(self, distribution: TaskDistribution, task: Task, render_mode: str | None = None) -> None:
+        super().__init__(distribution._make_base_env(task, render_mode=render_mode))
+        self.distribution = distribution
+        self.task = task
+        self._render_mode = render_mode
+        self.observation_space = _float32_box(self.env.observation_space)
+        self.action_space = _float32_box(self.env.action_space)
+        self._action_dtype = self.env.action_space.dtype
+        self._episode_rng = np.random.default_rng()
+        self.episode_seed: int | None = None
+
+    def set_task(self, task: Task) -> None:
+        """Rebuild the world for ``task`` (a no-op when it is the current task); call ``reset`` afterwards."""
+        if task == self.task:
+            return
+        self.distribution.validate_task(task)
+        self.env.close()
+        self.env = self.distribution._make_base_env(task, render_mode=self._render_mode)
+        self.task = task
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
+        if seed is not None:
+            self._episode_rng = np.random.default_rng(seed)
+        self.episode_seed = int(self._episode_rng.integers(2**31 - 1))
+        observation, info = self.env.reset(seed=self.episode_seed, options=options)
+        info["episode_seed"] = self.episode_seed
+        return observation.astype(np.float32), info
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, SupportsFloat, bool, bool, dict[str, Any]]:
+        observation, reward, terminated, truncated, info = self.env.step(np.asarray(action, dtype=self._action_dtype))
+        info["episode_seed"] = self.episode_seed
+        return observation.astype(np.float32), float(reward), bool(terminated), bool(truncated), info

@@ -1,0 +1,129 @@
+"""Toy2DNav: a pure-numpy 2-D point that must reach a goal while avoiding circular hazards.
+
+Fast enough (tens of thousands of steps/s) for tests and quick experiments. The observation is the point's position
+only: neither the goal nor the hazards are observed, so a policy must learn them from reward and cost, which is what
+makes fast adaptation (and meta-learning) matter, as in MAML's 2-D navigation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import gymnasium as gym
+import numpy as np
+
+from sb3_metacpo.tasks.base import ParamRange, Task, TaskDistribution, register_task_distribution
+
+ARENA = 2.0  # positions are clipped to [-ARENA, ARENA]^2
+START_RADIUS = 0.1  # episodes start uniformly in this disc around the origin
+STEP_SIZE = 0.1  # an action in [-1, 1]^2 moves the point by at most STEP_SIZE per axis
+
+
+@dataclass(frozen=True, kw_only=True)
+class Toy2DNavTask(Task):
+    """Goal at ``goal_distance`` from the origin in direction ``goal_angle`` (radians); ``n_hazards`` discs of
+    ``hazard_radius``, placed from ``layout_seed`` near the straight path from the start to the goal."""
+
+    family: ClassVar[str] = "Toy2DNav"
+    goal_angle: float = 0.0
+    goal_distance: float = 0.8
+    n_hazards: int = 2
+    hazard_radius: float = 0.15
+
+    @property
+    def goal(self) -> np.ndarray:
+        return self.goal_distance * np.array([math.cos(self.goal_angle), math.sin(self.goal_angle)])
+
+    def hazard_centers(self) -> np.ndarray:
+        """(n_hazards, 2) hazard centres: on or beside the start-goal segment, clear of the start disc and the goal."""
+        rng = np.random.default_rng(self.layout_seed)
+        goal = self.goal
+        normal = np.array([-goal[1], goal[0]]) / self.goal_distance
+        clearance = self.hazard_radius + 0.05
+        centers: list[np.ndarray] = []
+        while len(centers) < self.n_hazards:
+            candidate = rng.uniform(0.25, 0.85) * goal + rng.uniform(-1.5, 1.5) * self.hazard_radius * normal
+            if np.linalg.norm(candidate) < clearance + START_RADIUS or np.linalg.norm(candidate - goal) < clearance:
+                continue
+            centers.append(candidate)
+        return np.array(centers, dtype=np.float64).reshape(self.n_hazards, 2)
+
+
+class Toy2DNavEnv(gym.Env):
+    """The env of one :class:`Toy2DNavTask`. Reward ``-distance to goal`` per step; cost 1 per step in a hazard."""
+
+    metadata: ClassVar[dict[str, Any]] = {"render_modes": ["rgb_array"], "render_fps": 10}
+
+    def __init__(self, task: Toy2DNavTask, render_mode: str | None = None) -> None:
+        self.task = task
+        self.render_mode = render_mode
+        self.observation_space = gym.spaces.Box(-ARENA, ARENA, (2,), np.float32)
+        self.action_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+        self._goal = task.goal
+        self._hazards = task.hazard_centers()
+        self._hazard_radius_sq = task.hazard_radius**2
+        self._position = np.zeros(2)
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
+        super().reset(seed=seed)
+        radius = START_RADIUS * math.sqrt(self.np_random.uniform())
+        angle = self.np_random.uniform(0.0, 2 * math.pi)
+        self._position = np.array([radius * math.cos(angle), radius * math.sin(angle)])
+        return self._position.astype(np.float32), {}
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        move = np.clip(action, -1.0, 1.0) * STEP_SIZE
+        self._position = np.clip(self._position + move, -ARENA, ARENA)
+        reward = -float(np.linalg.norm(self._position - self._goal))
+        in_hazard = self._hazards.size and bool(
+            (np.sum((self._hazards - self._position) ** 2, axis=1) < self._hazard_radius_sq).any()
+        )
+        return self._position.astype(np.float32), reward, False, False, {"cost": float(in_hazard)}
+
+    def render(self) -> np.ndarray:
+        """A top-down RGB image: goal green, hazards blue, the point red."""
+        size = 128
+        scale = size / (2 * ARENA)
+        ys, xs = np.mgrid[0:size, 0:size]
+        world = np.stack([(xs + 0.5) / scale - ARENA, ARENA - (ys + 0.5) / scale], axis=-1)
+        image = np.full((size, size, 3), 255, dtype=np.uint8)
+        for center in self._hazards:
+            image[np.sum((world - center) ** 2, axis=-1) < self._hazard_radius_sq] = (60, 90, 230)
+        image[np.sum((world - self._goal) ** 2, axis=-1) < 0.05**2] = (40, 180, 60)
+        image[np.sum((world - self._position) ** 2, axis=-1) < 0.04**2] = (220, 40, 40)
+        return image
+
+
+@register_task_distribution
+class Toy2DNav(TaskDistribution):
+    """Toy 2-D navigation. Training goals lie at distance 0.5-1.0 in any direction with 1-3 hazards; held-out tasks
+    have 4-5 larger hazards."""
+
+    name = "Toy2DNav"
+    task_cls = Toy2DNavTask
+    limits: ClassVar[dict[str, ParamRange]] = {
+        "goal_angle": ParamRange(-2 * math.pi, 2 * math.pi),
+        "goal_distance": ParamRange(0.3, 1.8),
+        "n_hazards": ParamRange(0, 8, integer=True),
+        "hazard_radius": ParamRange(0.02, 0.4),
+    }
+    default_train_ranges: ClassVar[dict[str, ParamRange]] = {
+        "goal_angle": ParamRange(0.0, 2 * math.pi),
+        "goal_distance": ParamRange(0.5, 1.0),
+        "n_hazards": ParamRange(1, 3, integer=True),
+        "hazard_radius": ParamRange(0.1, 0.15),
+    }
+    default_test_ranges: ClassVar[dict[str, ParamRange]] = {
+        "goal_angle": ParamRange(0.0, 2 * math.pi),
+        "goal_distance": ParamRange(0.5, 1.0),
+        "n_hazards": ParamRange(4, 5, integer=True),
+        "hazard_radius": ParamRange(0.15, 0.2),
+    }
+    default_max_episode_steps = 100
+    default_cost_limit = 5.0
+
+    def _make_base_env(self, task: Task, render_mode: str | None = None) -> gym.Env:
+        assert isinstance(task, Toy2DNavTask)
+        return gym.wrappers.TimeLimit(Toy2DNavEnv(task, render_mode=render_mode), self.max_episode_steps)

@@ -1,0 +1,51 @@
+import os
+
+from setuptools import find_packages, setup
+
+with open(os.path.join("sb3_metacpo", "version.txt")) as file_handler:
+    __version__ = file_handler.read().strip()
+
+with open("README.md", encoding="utf-8") as file_handler:
+    long_description = file_handler.read()
+
+setup(
+    name="sb3-metacpo",
+    version=__version__,
+    description="Safe meta-reinforcement learning (Meta-CPO) in the Stable-Baselines3 style",
+    long_description=long_description,
+    long_description_content_type="text/markdown",
+    packages=find_packages(exclude=["tests", "tests.*", "benchmarks", "examples"]),
+    package_data={"sb3_metacpo": ["py.typed", "version.txt"]},
+    python_requires=">=3.11",
+    # safety-gymnasium 1.0.0 is deliberately absent: its own pins (gymnasium==0.28.1, pygame==2.1.0) cannot be
+    # installed on Python 3.11 next to SB3 2.9. Install it with `pip install --no-deps safety-gymnasium==1.0.0`
+    # (the Makefile does); `sb3_metacpo.tasks.compat` makes it work on this stack.
+    install_requires=[
+        "stable-baselines3>=2.9.2,<3",
+        "sb3-contrib>=2.9.2,<3",
+        "torch>=2.8",
+        "cvxpylayers[torch]>=1.2,<2",
+        "cvxpy>=1.9",
+        "gymnasium>=0.29.1,<1.0",
+        "numpy>=2.0,<2.4",
+        "mujoco>=3.3,<3.4",
+        # runtime dependencies of safety-gymnasium (installed by hand because of --no-deps)
+        "xmltodict",
+        "pyyaml",
+        "imageio",
+        "tqdm",
+        "rich",
+    ],
+    extras_require={
+        "tests": ["pytest>=8", "pytest-timeout", "matplotlib"],
+        "plots": ["matplotlib"],
+        "docs": ["sphinx>=7", "sphinx-rtd-theme", "myst-parser"],
+    },
+    license="MIT",
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3.11",
+        "License :: OSI Approved :: MIT License",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)

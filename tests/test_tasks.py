@@ -1,0 +1,266 @@
+"""Task families on real envs: building, seeding, layouts, held-out sets and error messages."""
+
+import dataclasses
+import math
+import pickle
+
+import gymnasium as gym
+import mujoco
+import numpy as np
+import pytest
+from stable_baselines3.common.env_checker import check_env
+
+from sb3_metacpo.common.monitor import CostMonitor
+from sb3_metacpo.tasks import (
+    ParamRange,
+    PointButtonHazardTask,
+    TaskEnv,
+    Toy2DNavTask,
+    list_task_distributions,
+    make_task_distribution,
+)
+
+FAMILIES = ["PointButtonHazard", "CarCircle", "PointGoalHazard", "HalfCheetahVelocity", "Toy2DNav"]
+SHORT = 40  # short episodes keep the real MuJoCo envs fast in tests
+
+
+def short_dist(name, **kwargs):
+    return make_task_distribution(name, max_episode_steps=SHORT, **kwargs)
+
+
+def geom_names(env, prefix):
+    model = env.unwrapped.task.model
+    return [model.geom(i).name for i in range(model.ngeom) if model.geom(i).name.startswith(prefix)]
+
+
+def test_registry_lists_all_families():
+    assert set(FAMILIES) <= set(list_task_distributions())
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_family_builds_steps_and_reports_cost(name):
+    dist = short_dist(name)
+    env = dist.make_env(dist.sample(1)[0])
+    assert isinstance(env, CostMonitor)
+    obs, info = env.reset(seed=3)
+    assert obs.shape == env.observation_space.shape and obs.dtype == np.float32
+    assert isinstance(info["episode_seed"], int)
+    total_cost, rng = 0.0, np.random.default_rng(0)
+    for step in range(1, SHORT + 1):
+        obs, reward, terminated, truncated, info = env.step(rng.uniform(-1, 1, env.action_space.shape).astype(np.float32))
+        assert np.isfinite(reward) and info["cost"] >= 0.0
+        total_cost += info["cost"]
+        if terminated or truncated:
+            break
+    assert terminated or truncated
+    assert info["episode"]["l"] == step
+    assert info["episode"]["c"] == pytest.approx(total_cost)
+    env.close()
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_check_env_passes(name):
+    dist = short_dist(name)
+    env = dist.make_env(dist.test_tasks(1)[0])
+    check_env(env, warn=True, skip_render_check=True)
+    env.close()
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_train_and_test_tasks_are_disjoint_and_reproducible(name):
+    dist = make_task_distribution(name, seed=7)
+    train = dist.sample(30) + dist.sample(30)
+    test = dist.test_tasks(10)
+    assert not set(train) & set(test)
+    assert all(dist.is_training_task(task) for task in train)
+    assert not any(dist.is_training_task(task) for task in test)
+    again = make_task_distribution(name, seed=7)
+    assert again.sample(30) + again.sample(30) == train
+    assert make_task_distribution(name, seed=8).sample(30) != train[:30]
+    # the held-out set does not depend on the training seed, and shorter sets are prefixes
+    assert make_task_distribution(name, seed=8).test_tasks(3) == test[:3]
+    for task in train[:3] + test[:3]:
+        dist.validate_task(task)
+        assert dist.task_from_dict(task.to_dict()) == task
+        assert pickle.loads(pickle.dumps(task)) == task
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_same_seed_same_first_observations(name):
+    dist = short_dist(name)
+    task = dist.sample(1)[0]
+    first = []
+    for _ in range(2):
+        env = dist.make_env(task)
+        obs0, info0 = env.reset(seed=11)
+        obs1, info1 = env.reset()
+        first.append((obs0, obs1, info0["episode_seed"], info1["episode_seed"]))
+        env.close()
+    (a0, a1, s0, s1), (b0, b1, t0, t1) = first
+    np.testing.assert_array_equal(a0, b0)
+    np.testing.assert_array_equal(a1, b1)
+    assert (s0, s1) == (t0, t1) and s0 != s1  # every episode gets its own recorded seed
+
+
+def test_button_world_matches_task_parameters():
+    dist = short_dist("PointButtonHazard")
+    for task in [PointButtonHazardTask(n_buttons=3, n_hazards=5, extent=1.5, layout_seed=1), dist.test_tasks(1)[0]]:
+        env = dist.make_env(task)
+        env.reset(seed=0)
+        assert len(geom_names(env, "hazard")) == task.n_hazards
+        assert len(geom_names(env, "button")) == task.n_buttons
+        layout = env.unwrapped.task.world_info.layout
+        assert all(np.all(np.abs(xy) <= task.extent) for xy in layout.values())
+        env.close()
+
+
+@pytest.mark.parametrize("name", ["PointButtonHazard", "PointGoalHazard"])
+def test_layout_is_fixed_per_task_while_starts_vary(name):
+    dist = short_dist(name)
+    task_a, task_b = dist.sample(2)
+    env = dist.make_env(task_a)
+    layouts, starts = [], []
+    for seed in (0, 1):
+        env.reset(seed=seed)
+        layout = dict(env.unwrapped.task.world_info.layout)
+        starts.append(layout.pop("agent"))
+        layouts.append({k: v for k, v in layout.items() if k != "goal" or name == "PointGoalHazard"})
+    assert layouts[0].keys() == layouts[1].keys()
+    for key in layouts[0]:
+        np.testing.assert_allclose(layouts[0][key], layouts[1][key], atol=1e-6)
+    assert not np.allclose(starts[0], starts[1])
+    other = dist.make_env(task_b)
+    other.reset(seed=0)
+    other_layout = other.unwrapped.task.world_info.layout
+    assert not np.allclose(other_layout["hazard0"], layouts[0]["hazard0"])
+    env.close()
+    other.close()
+
+
+def test_circle_walls_follow_the_task():
+    dist = short_dist("CarCircle")
+    narrow = dataclasses.replace(dist.sample(1)[0], radius=1.2, wall_distance=0.5)
+    env = dist.make_env(narrow)
+    env.reset(seed=0)
+    task = env.unwrapped.task
+    assert task.circle.radius == pytest.approx(1.2)
+    assert task.sigwalls.locate_factor == pytest.approx(0.5)
+    for x, expected in ((0.3, 0.0), (0.7, 1.0), (-0.7, 1.0)):
+        task.data.qpos[0] = x  # place the car's free joint; the next step's cost follows the task's walls
+        mujoco.mj_forward(task.model, task.data)
+        _, _, _, _, info = env.step(np.zeros(2, dtype=np.float32))
+        assert info["cost"] == expected
+    env.close()
+
+
+def test_velocity_task_sets_threshold_and_target():
+    dist = short_dist("HalfCheetahVelocity")
+    task = dist.test_tasks(1)[0]
+    env = dist.make_env(task)
+    env.reset(seed=0)
+    inner = env.unwrapped
+    assert inner._velocity_threshold == task.velocity_threshold
+    _, reward, _, _, info = env.step(np.zeros(6, dtype=np.float32))
+    assert reward == pytest.approx(-abs(info["x_velocity"] - task.target_velocity))
+    assert info["cost"] == float(info["x_velocity"] > task.velocity_threshold)
+    env.close()
+
+
+def test_toy_hazards_and_cost():
+    task = Toy2DNavTask(goal_angle=0.0, goal_distance=1.0, n_hazards=3, hazard_radius=0.15, layout_seed=5)
+    centers = task.hazard_centers()
+    assert centers.shape == (3, 2)
+    np.testing.assert_array_equal(centers, task.hazard_centers())  # layout is a function of the task
+    dist = make_task_distribution("Toy2DNav")
+    env = dist.make_env(task)
+    env.reset(seed=0)
+    inner = env.unwrapped
+    inner._position = centers[0] - np.array([0.05, 0.0])
+    _, reward, _, _, info = env.step(np.array([0.5, 0.0], dtype=np.float32))  # stays inside hazard 0
+    assert info["cost"] == 1.0
+    assert reward == pytest.approx(-np.linalg.norm(inner._position - task.goal))
+    inner._position = task.goal.copy()
+    _, reward, _, _, info = env.step(np.zeros(2, dtype=np.float32))
+    assert info["cost"] == 0.0 and reward == pytest.approx(0.0)
+
+
+def test_toy_renders_rgb():
+    dist = make_task_distribution("Toy2DNav")
+    env = dist.make_env(dist.sample(1)[0], render_mode="rgb_array")
+    env.reset(seed=0)
+    frame = env.render()
+    assert frame.shape == (128, 128, 3) and frame.dtype == np.uint8
+    assert (frame == (220, 40, 40)).all(axis=-1).any()  # the point is drawn
+
+
+def test_set_task_switches_world_in_place():
+    dist = short_dist("Toy2DNav")
+    task_a, task_b = dist.sample(2)
+    env = dist.make_env(task_a)
+    task_env = env.env.env  # CostMonitor -> EpisodeCostRecorder -> TaskEnv
+    assert isinstance(task_env, TaskEnv)
+    task_env.set_task(task_b)
+    env.reset(seed=0)
+    assert env.unwrapped.task == task_b
+    np.testing.assert_allclose(env.unwrapped._goal, task_b.goal)
+
+
+def test_unknown_family_lists_known_ones():
+    with pytest.raises(ValueError, match="known ones are: .*PointButtonHazard.*Toy2DNav"):
+        make_task_distribution("PointButon")
+
+
+def test_out_of_range_task_names_parameter_and_range():
+    dist = make_task_distribution("PointButtonHazard")
+    with pytest.raises(ValueError, match=r"n_buttons=0 is out of range; valid range is \[1, 10\]"):
+        dist.make_env(PointButtonHazardTask(n_buttons=0, n_hazards=3, extent=1.5))
+    with pytest.raises(ValueError, match=r"n_hazards=2.5 must be an integer"):
+        dist.validate_task(PointButtonHazardTask(n_buttons=3, n_hazards=2.5, extent=1.5))
+    with pytest.raises(TypeError, match="builds PointButtonHazardTask tasks, got Toy2DNavTask"):
+        dist.validate_task(Toy2DNavTask())
+
+
+def test_bad_overrides_are_rejected_clearly():
+    with pytest.raises(ValueError, match=r"train_ranges\['extent'\] = \[0.5, 2\] is outside the valid range \[1, 3\]"):
+        make_task_distribution("PointButtonHazard", train_ranges={"extent": (0.5, 2.0)})
+    with pytest.raises(ValueError, match="has no parameter 'n_walls'"):
+        make_task_distribution("PointButtonHazard", train_ranges={"n_walls": (1, 2)})
+    with pytest.raises(ValueError, match="overlap the training ranges in every parameter"):
+        make_task_distribution("Toy2DNav", test_ranges={"n_hazards": (1, 3), "hazard_radius": (0.1, 0.15)})
+    with pytest.raises(ValueError, match="max_episode_steps must be a positive integer"):
+        make_task_distribution("Toy2DNav", max_episode_steps=0)
+    with pytest.raises(ValueError, match="need finite low <= high"):
+        ParamRange(2.0, 1.0)
+
+
+def test_overrides_change_sampled_tasks():
+    dist = make_task_distribution("Toy2DNav", train_ranges={"n_hazards": (2, 2)}, max_episode_steps=10)
+    assert {task.n_hazards for task in dist.sample(20)} == {2}
+    assert dist.get_params()["train_ranges"]["n_hazards"] == (2, 2)
+    rebuilt = make_task_distribution("Toy2DNav", **dist.get_params())
+    assert rebuilt.sample(5) == make_task_distribution("Toy2DNav", **dist.get_params()).sample(5)
+
+
+def test_env_without_cost_is_rejected():
+    env = CostMonitor(gym.make("Pendulum-v1"))
+    env.reset(seed=0)
+    with pytest.raises(KeyError, match=r"reports no cost.*info\['cost'\]"):
+        env.step(np.zeros(1, dtype=np.float32))
+
+
+def test_missing_safety_gymnasium_gives_install_command(monkeypatch):
+    import importlib.util
+
+    from sb3_metacpo.tasks import compat
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "safety_gymnasium" else real_find_spec(name, *a)
+    )
+    with pytest.raises(ImportError, match=r"pip install --no-deps safety-gymnasium==1\.0\.0"):
+        compat.import_safety_gymnasium()
+
+
+def test_toy_goal_geometry():
+    task = Toy2DNavTask(goal_angle=math.pi / 2, goal_distance=0.7)
+    np.testing.assert_allclose(task.goal, [0.0, 0.7], atol=1e-12)
