@@ -18,8 +18,9 @@ from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
 
 from sb3_metacpo.tasks.base import Task, TaskDistribution
 
-#: ``act(observations, task_indices) -> actions``: observations (n_envs, *obs_shape), task_indices (n_envs,) index
-#: into the task list given to :meth:`TaskSampler.collect`; returns raw (unclipped) actions (n_envs, *action_shape).
+#: ``act(observations, task_indices) -> actions``: observations ``(n_envs, *obs_shape)``, task_indices ``(n_envs,)``
+#: index into the task list given to :meth:`TaskSampler.collect`; returns raw (unclipped) actions
+#: ``(n_envs, *action_shape)``.
 ActFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 

@@ -67,6 +67,7 @@ class Toy2DNavEnv(gym.Env):
         self._position = np.zeros(2)
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
+        """Start uniformly in the start disc around the origin."""
         super().reset(seed=seed)
         radius = START_RADIUS * math.sqrt(self.np_random.uniform())
         angle = self.np_random.uniform(0.0, 2 * math.pi)
@@ -74,6 +75,7 @@ class Toy2DNavEnv(gym.Env):
         return self._position.astype(np.float32), {}
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        """Move by ``STEP_SIZE * clip(action)``; the episode only ends by the time limit."""
         move = np.clip(action, -1.0, 1.0) * STEP_SIZE
         self._position = np.clip(self._position + move, -ARENA, ARENA)
         reward = -float(np.linalg.norm(self._position - self._goal))

@@ -1,0 +1,1 @@
+"""Shared machinery: CPO step numerics, rollouts, monitoring."""

@@ -1,0 +1,117 @@
+"""The multi-task sampler against a plain loop over the same env, on real envs."""
+
+import numpy as np
+import pytest
+from stable_baselines3.common.vec_env import SubprocVecEnv
+
+from sb3_metacpo.common.sampler import TaskSampler
+from sb3_metacpo.tasks import make_task_distribution
+
+
+def linear_policy(obs_dim, act_dim, seed=0):
+    """A deterministic policy, so the sampler and a plain loop must produce identical trajectories."""
+    weights = np.random.default_rng(seed).normal(size=(obs_dim, act_dim)).astype(np.float32)
+
+    def act(obs, task_indices=None):
+        return 1.5 * np.tanh(obs @ weights + 0.3)  # partly outside [-1, 1]: the sampler must clip before stepping
+
+    return act
+
+
+def plain_loop(dist, task, act, n_steps, seed):
+    env = dist.make_env(task)
+    obs, _ = env.reset(seed=seed)
+    rows, episodes = [], []
+    for _ in range(n_steps):
+        action = act(obs[None])[0]
+        next_obs, reward, terminated, truncated, info = env.step(np.clip(action, -1, 1))
+        rows.append((obs, action, reward, info["cost"], terminated, truncated))
+        if terminated or truncated:
+            episodes.append((info["episode"]["r"], info["episode"]["c"], info["episode"]["l"], info["episode_seed"]))
+            next_obs, _ = env.reset()
+        obs = next_obs
+    env.close()
+    return rows, episodes
+
+
+@pytest.mark.parametrize(("name", "episode_steps", "n_steps"), [("Toy2DNav", 25, 110), ("PointButtonHazard", 30, 75)])
+def test_batches_match_a_plain_loop(name, episode_steps, n_steps):
+    dist = make_task_distribution(name, max_episode_steps=episode_steps)
+    task = dist.sample(1)[0]
+    act = linear_policy(dist.spaces[0].shape[0], dist.spaces[1].shape[0])
+    sampler = TaskSampler(dist, n_envs=1, seed=5)
+    (batch,) = sampler.collect([task], act, n_steps)
+    rows, episodes = plain_loop(dist, task, act, n_steps, seed=5)
+
+    assert batch.observations.shape[:2] == (n_steps, 1) and batch.n_steps == n_steps
+    np.testing.assert_allclose(batch.observations[:, 0], np.array([r[0] for r in rows]), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(batch.actions[:, 0], np.array([r[1] for r in rows]), rtol=1e-6)
+    np.testing.assert_allclose(batch.rewards[:, 0], np.array([r[2] for r in rows]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(batch.costs[:, 0], np.array([r[3] for r in rows]))
+    np.testing.assert_array_equal(batch.terminated[:, 0], np.array([r[4] for r in rows]))
+    np.testing.assert_array_equal(batch.truncated[:, 0], np.array([r[5] for r in rows]))
+    # episode boundaries: truncated exactly at the time limit, completed episodes recorded with their cost and seed
+    assert list(np.flatnonzero(batch.dones[:, 0])) == list(range(episode_steps - 1, n_steps, episode_steps))
+    assert len(batch.episodes) == n_steps // episode_steps == len(episodes)
+    for record, (reward, cost, length, seed) in zip(batch.episodes, episodes, strict=True):
+        assert (record.length, record.seed) == (length, seed)
+        assert record.reward == pytest.approx(reward, rel=1e-5) and record.cost == cost
+    # per-episode cost equals the sum of the step costs between boundaries
+    ends = np.flatnonzero(batch.dones[:, 0])
+    starts = np.r_[0, ends[:-1] + 1]
+    assert [batch.costs[s : e + 1, 0].sum() for s, e in zip(starts, ends, strict=True)] == list(batch.episode_costs)
+    # next observations: the following observation inside an episode, the terminal one at a boundary
+    inside = ~batch.dones[:-1, 0]
+    np.testing.assert_array_equal(batch.next_observations[:-1, 0][inside], batch.observations[1:, 0][inside])
+    sampler.close()
+
+
+def test_several_tasks_at_once_get_their_own_envs():
+    dist = make_task_distribution("Toy2DNav", max_episode_steps=20)
+    tasks = dist.sample(3)
+    seen = []
+
+    def act(obs, task_indices):
+        seen.append(task_indices.copy())
+        return np.zeros((obs.shape[0], 2))
+
+    sampler = TaskSampler(dist, n_envs=6, seed=0)
+    batches = sampler.collect(tasks, act, n_steps=40)
+    np.testing.assert_array_equal(seen[0], [0, 1, 2, 0, 1, 2])
+    assert [batch.task for batch in batches] == tasks
+    for batch in batches:
+        assert batch.observations.shape == (20, 2, 2) and len(batch.episodes) == 2
+        # standing still: the reward is minus the distance of the start to this task's goal
+        np.testing.assert_allclose(
+            batch.rewards[0], -np.linalg.norm(batch.observations[0] - batch.task.goal, axis=-1), rtol=1e-5
+        )
+    # more tasks than envs: sampled in rounds, still one batch per task in order
+    more = dist.sample(5)
+    batches = sampler.collect(more, lambda obs, idx: np.zeros((obs.shape[0], 2)), n_steps=20)
+    assert [batch.task for batch in batches] == more and all(batch.n_steps >= 20 for batch in batches)
+    sampler.close()
+
+
+def test_subprocess_workers_build_safety_gym_tasks_like_the_main_process():
+    dist = make_task_distribution("PointGoalHazard", max_episode_steps=20)
+    tasks = dist.sample(2)
+    act = linear_policy(dist.spaces[0].shape[0], 2)
+    local = TaskSampler(dist, n_envs=2, seed=3).collect(tasks, act, 40)
+    remote_sampler = TaskSampler(dist, n_envs=2, vec_env_cls=SubprocVecEnv, seed=3)
+    remote = remote_sampler.collect(tasks, act, 40)
+    remote_sampler.close()
+    for a, b in zip(local, remote, strict=True):
+        np.testing.assert_array_equal(a.observations, b.observations)
+        np.testing.assert_array_equal(a.costs, b.costs)
+        assert [e.seed for e in a.episodes] == [e.seed for e in b.episodes]
+
+
+def test_bad_arguments():
+    dist = make_task_distribution("Toy2DNav")
+    with pytest.raises(ValueError, match="n_envs must be a positive integer"):
+        TaskSampler(dist, n_envs=0)
+    with pytest.raises(TypeError, match="must be a TaskDistribution"):
+        TaskSampler("Toy2DNav")
+    sampler = TaskSampler(dist)
+    with pytest.raises(ValueError, match="at least one task"):
+        sampler.collect([], lambda o, i: o, 10)
