@@ -31,7 +31,7 @@ class EpisodeRecord:
     reward: float
     cost: float
     length: int
-    seed: int
+    seed: int | None  # None for envs that do not report ``info["episode_seed"]``
     terminated: bool
 
 
@@ -39,7 +39,7 @@ class EpisodeRecord:
 class TaskBatch:
     """On-policy data of one task, time-major: arrays are (n_steps, n_envs, ...) for this task's envs."""
 
-    task: Task
+    task: Task | None
     observations: np.ndarray
     actions: np.ndarray  # as sampled by the policy (before clipping to the action space)
     rewards: np.ndarray
@@ -80,52 +80,68 @@ class TaskSampler:
     :param vec_env_cls: ``DummyVecEnv`` (one process) or ``SubprocVecEnv`` (one process per env)
     :param vec_env_kwargs: extra arguments of the VecEnv class (e.g. ``start_method``)
     :param seed: seed of the per-episode start-state seeds
+    :param vec_env: an existing VecEnv to sample instead of building one (then ``distribution`` may be None and
+        :meth:`collect` takes ``tasks=[None]``: the envs keep the worlds they have)
     """
 
     def __init__(
         self,
-        distribution: TaskDistribution,
+        distribution: TaskDistribution | None,
         n_envs: int = 1,
         vec_env_cls: type[DummyVecEnv] | type[SubprocVecEnv] = DummyVecEnv,
         vec_env_kwargs: dict[str, Any] | None = None,
         seed: int = 0,
+        vec_env: VecEnv | None = None,
     ) -> None:
-        if not isinstance(distribution, TaskDistribution):
-            raise TypeError(f"distribution must be a TaskDistribution, got {type(distribution).__name__}")
-        if not isinstance(n_envs, int) or n_envs < 1:
-            raise ValueError(f"n_envs must be a positive integer, got {n_envs!r}")
+        if vec_env is None:
+            if not isinstance(distribution, TaskDistribution):
+                raise TypeError(f"distribution must be a TaskDistribution, got {type(distribution).__name__}")
+            if not isinstance(n_envs, int) or n_envs < 1:
+                raise ValueError(f"n_envs must be a positive integer, got {n_envs!r}")
+            initial: Task | None = distribution.test_tasks(1)[0]
+            env_fns = [_EnvFactory(distribution, initial) for _ in range(n_envs)]
+            vec_env = vec_env_cls(env_fns, **(vec_env_kwargs or {}))  # type: ignore[arg-type]
+        else:
+            initial = None  # a given VecEnv runs whatever task its envs have: collect it with tasks=[None]
         self.distribution = distribution
-        self.n_envs = n_envs
-        initial = distribution.test_tasks(1)[0]
-        env_fns = [_EnvFactory(distribution, initial) for _ in range(n_envs)]
-        self.vec_env: VecEnv = vec_env_cls(env_fns, **(vec_env_kwargs or {}))  # type: ignore[arg-type]
+        self.vec_env: VecEnv = vec_env
+        self.n_envs = vec_env.num_envs
         self.vec_env.seed(seed)
-        self._env_tasks: list[Task] = [initial] * n_envs
+        self._env_tasks: list[Task | None] = [initial] * self.n_envs
         self.observation_space = self.vec_env.observation_space
         self.action_space = self.vec_env.action_space
         self.total_steps = 0
 
-    def _assign(self, tasks: Sequence[Task]) -> np.ndarray:
+    def _assign(self, tasks: Sequence[Task | None]) -> np.ndarray:
         """Point env i at task ``owners[i]`` (tasks get ``n_envs // M`` envs each, remainder to the first ones)."""
         owners = np.arange(self.n_envs) % len(tasks)
         for index, owner in enumerate(owners):
             if self._env_tasks[index] != tasks[owner]:
+                if self.distribution is None:
+                    raise ValueError("this sampler wraps a given VecEnv and cannot switch tasks; collect with tasks=[None]")
                 self.vec_env.env_method("set_task", tasks[owner], indices=[index])
                 self._env_tasks[index] = tasks[owner]
         return owners
 
-    def collect(self, tasks: Sequence[Task], act: ActFn, n_steps: int) -> list[TaskBatch]:
-        """Run ``act`` on every task for at least ``n_steps`` env steps each; return one batch per task, in order."""
+    def collect(
+        self, tasks: Sequence[Task | None], act: ActFn, n_steps: int, on_step: Callable[[], object] | None = None
+    ) -> list[TaskBatch]:
+        """Run ``act`` on every task for at least ``n_steps`` env steps each; return one batch per task, in order.
+
+        ``on_step`` is called after every VecEnv step (e.g. to drive SB3 callbacks and progress bars).
+        """
         if not tasks:
             raise ValueError("collect needs at least one task")
         if n_steps < 1:
             raise ValueError(f"n_steps must be >= 1, got {n_steps}")
         batches: list[TaskBatch] = []
         for start in range(0, len(tasks), self.n_envs):
-            batches.extend(self._collect_round(list(tasks[start : start + self.n_envs]), act, n_steps))
+            batches.extend(self._collect_round(list(tasks[start : start + self.n_envs]), act, n_steps, on_step))
         return batches
 
-    def _collect_round(self, tasks: list[Task], act: ActFn, n_steps: int) -> list[TaskBatch]:
+    def _collect_round(
+        self, tasks: list[Task | None], act: ActFn, n_steps: int, on_step: Callable[[], object] | None
+    ) -> list[TaskBatch]:
         owners = self._assign(tasks)
         horizon = math.ceil(n_steps / (self.n_envs // len(tasks)))
         obs_shape, act_shape = self.observation_space.shape, self.action_space.shape
@@ -156,9 +172,11 @@ class TaskSampler:
                     next_observations[t, index] = info["terminal_observation"]
                     episode = info["episode"]
                     episodes[owners[index]].append(
-                        EpisodeRecord(episode["r"], episode["c"], episode["l"], info["episode_seed"], not is_truncated)
+                        EpisodeRecord(episode["r"], episode["c"], episode["l"], info.get("episode_seed"), not is_truncated)
                     )
-        self.total_steps += horizon * self.n_envs
+            self.total_steps += self.n_envs
+            if on_step is not None:
+                on_step()
 
         batches = []
         for task_index, task in enumerate(tasks):

@@ -1,0 +1,146 @@
+"""The policy: a Gaussian actor that can run on substituted (adapted) parameters, a reward critic and a cost critic.
+
+Observation normalisation statistics live in the policy's buffers, so they travel with ``state_dict``, ``save`` and
+``load`` and ``policy.predict`` normalises on its own.
+"""
+
+from __future__ import annotations
+
+import copy
+from functools import partial
+from typing import Any
+
+import numpy as np
+import torch as th
+from gymnasium import spaces
+from stable_baselines3.common.distributions import DiagGaussianDistribution
+from stable_baselines3.common.policies import ActorCriticPolicy
+from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
+from torch import nn
+from torch.func import functional_call
+
+ActorParams = dict[str, th.Tensor]
+
+_ACTOR_PREFIXES = ("mlp_extractor.policy_net.", "action_net.", "log_std")
+
+
+def _sub_params(params: ActorParams, prefix: str) -> ActorParams:
+    return {name[len(prefix) :]: value for name, value in params.items() if name.startswith(prefix)}
+
+
+class CPOPolicy(ActorCriticPolicy):
+    """Actor-critic policy for CPO-style algorithms (SB3 ``ActorCriticPolicy`` plus a cost critic).
+
+    All of ``ActorCriticPolicy``'s arguments (``net_arch``, ``activation_fn``, ``log_std_init``, ``ortho_init``...)
+    work through ``policy_kwargs``. The cost critic copies the reward critic's architecture.
+
+    :param normalize_observations: normalise observations with running mean/std statistics (clipped to
+        ``[-clip_observations, clip_observations]``); the algorithms update them from the collected data.
+    :param clip_observations: clipping range of normalised observations.
+    """
+
+    def __init__(
+        self,
+        observation_space: spaces.Space,
+        action_space: spaces.Space,
+        lr_schedule: Schedule,
+        *args: Any,
+        normalize_observations: bool = True,
+        clip_observations: float = 10.0,
+        **kwargs: Any,
+    ) -> None:
+        if not isinstance(action_space, spaces.Box):
+            raise TypeError(f"CPOPolicy needs a Box (continuous) action space, got {action_space}")
+        if not isinstance(observation_space, spaces.Box) or len(observation_space.shape) != 1:
+            raise TypeError(f"CPOPolicy needs a flat Box observation space, got {observation_space}")
+        if kwargs.get("use_sde", False):
+            raise ValueError("gSDE is not supported by CPOPolicy: the CPO step needs a diagonal Gaussian actor")
+        self.normalize_observations = normalize_observations
+        self.clip_observations = clip_observations
+        super().__init__(observation_space, action_space, lr_schedule, *args, **kwargs)
+        if any(True for _ in self.features_extractor.parameters()):
+            raise ValueError(
+                "CPOPolicy adapts the actor functionally and needs a parameter-free features extractor (the default "
+                "FlattenExtractor); put trainable layers in net_arch instead"
+            )
+        dim = int(np.prod(observation_space.shape))
+        self.register_buffer("obs_mean", th.zeros(dim))
+        self.register_buffer("obs_var", th.ones(dim))
+        self.register_buffer("obs_count", th.tensor(1e-4))
+        self._actor_override: ActorParams | None = None
+
+    def _build(self, lr_schedule: Schedule) -> None:
+        super()._build(lr_schedule)
+        assert isinstance(self.action_dist, DiagGaussianDistribution)
+        self.cost_mlp = copy.deepcopy(self.mlp_extractor.value_net)
+        self.cost_value_net = nn.Linear(self.mlp_extractor.latent_dim_vf, 1)
+        if self.ortho_init:
+            self.cost_mlp.apply(partial(self.init_weights, gain=np.sqrt(2)))
+            self.cost_value_net.apply(partial(self.init_weights, gain=1))
+        else:
+            for module in self.cost_mlp.modules():
+                if isinstance(module, nn.Linear):
+                    module.reset_parameters()
+        self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)
+
+    def _get_constructor_parameters(self) -> dict[str, Any]:
+        data = super()._get_constructor_parameters()
+        data.update(normalize_observations=self.normalize_observations, clip_observations=self.clip_observations)
+        return data
+
+    # --- observation normalisation ----------------------------------------------------------------------------
+    def normalize_obs(self, obs: th.Tensor) -> th.Tensor:
+        if not self.normalize_observations:
+            return obs
+        normalized = (obs - self.obs_mean) / th.sqrt(self.obs_var + 1e-8)
+        return th.clamp(normalized, -self.clip_observations, self.clip_observations)
+
+    @th.no_grad()
+    def update_obs_stats(self, observations: np.ndarray) -> None:
+        """Fold a batch of raw observations ``(n, obs_dim)`` into the running mean and variance."""
+        if not self.normalize_observations:
+            return
+        batch = th.as_tensor(observations, dtype=self.obs_mean.dtype, device=self.obs_mean.device)
+        batch = batch.reshape(-1, self.obs_mean.shape[0])
+        batch_mean, batch_var, batch_count = batch.mean(0), batch.var(0, unbiased=False), batch.shape[0]
+        delta = batch_mean - self.obs_mean
+        total = self.obs_count + batch_count
+        new_mean = self.obs_mean + delta * batch_count / total
+        m2 = self.obs_var * self.obs_count + batch_var * batch_count + delta**2 * self.obs_count * batch_count / total
+        self.obs_mean.copy_(new_mean)
+        self.obs_var.copy_(m2 / total)
+        self.obs_count.copy_(total)
+
+    def extract_features(self, obs: PyTorchObs, features_extractor: Any = None) -> Any:  # type: ignore[override]
+        return super().extract_features(self.normalize_obs(obs), features_extractor)  # type: ignore[arg-type]
+
+    # --- functional actor -------------------------------------------------------------------------------------
+    def actor_params(self) -> ActorParams:
+        """The actor's parameters by name (the meta-parameters theta): hidden layers, mean head and log-std."""
+        return {name: p for name, p in self.named_parameters() if name.startswith(_ACTOR_PREFIXES)}
+
+    def actor_mean_log_std(self, obs: th.Tensor, params: ActorParams | None = None) -> tuple[th.Tensor, th.Tensor]:
+        """Mean and log-std of the Gaussian actor at ``params`` (the module's own parameters when None)."""
+        params = self.actor_params() if params is None else params
+        features = self.normalize_obs(obs)
+        latent = functional_call(self.mlp_extractor.policy_net, _sub_params(params, "mlp_extractor.policy_net."), (features,))
+        mean = functional_call(self.action_net, _sub_params(params, "action_net."), (latent,))
+        return mean, params["log_std"].expand_as(mean)
+
+    def set_actor_override(self, params: ActorParams | None) -> None:
+        """Act with ``params`` (e.g. adapted parameters) in ``predict``; None restores the module's own."""
+        self._actor_override = None if params is None else {k: v.detach() for k, v in params.items()}
+
+    def _predict(self, observation: PyTorchObs, deterministic: bool = False) -> th.Tensor:
+        mean, log_std = self.actor_mean_log_std(observation, self._actor_override)  # type: ignore[arg-type]
+        if deterministic:
+            return mean
+        return mean + th.randn_like(mean) * log_std.exp()
+
+    def predict_costs(self, obs: th.Tensor) -> th.Tensor:
+        """Cost-value estimates, shape (n, 1)."""
+        features = self.extract_features(obs, self.vf_features_extractor)
+        return self.cost_value_net(self.cost_mlp(features))
+
+
+MlpPolicy = CPOPolicy

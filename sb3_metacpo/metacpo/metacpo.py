@@ -1,0 +1,646 @@
+"""Meta-CPO: meta-learn an initial policy whose few CPO updates on a new task give high reward under a cost limit."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any, ClassVar, Literal, TypeVar
+
+import gymnasium as gym
+import numpy as np
+import torch as th
+from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.policies import BasePolicy
+from stable_baselines3.common.type_aliases import MaybeCallback
+from stable_baselines3.common.utils import safe_mean
+from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
+from tqdm.auto import tqdm
+
+from sb3_metacpo.common.adaptation import (
+    CPOConfig,
+    Params,
+    PreparedBatch,
+    StepInfo,
+    adapt_on_batches,
+    add_flat,
+    cpo_update,
+    fisher_product,
+    flatten,
+    gaussian_kl,
+    prepare_batch,
+    surrogates,
+)
+from sb3_metacpo.common.cpo_step import DUAL_SOLVERS, backtracking_line_search, conjugate_gradient, cpo_direction, flat_grad
+from sb3_metacpo.common.monitor import CostMonitor
+from sb3_metacpo.common.policies import CPOPolicy
+from sb3_metacpo.common.sampler import TaskBatch, TaskSampler
+from sb3_metacpo.tasks.base import Task, TaskDistribution, make_task_distribution
+
+SelfMetaCPO = TypeVar("SelfMetaCPO", bound="MetaCPO")
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+class MetaCPO(BaseAlgorithm):
+    """Meta-CPO (Cho & Sun, AAAI-24): MAML-style meta-learning where every inner and outer update is a CPO step.
+
+    Each meta-iteration samples ``meta_batch_size`` training tasks. Per task, ``n_inner_updates`` CPO steps adapt a
+    functional copy of the meta-parameters theta (never theta itself), each on a fresh batch of ``n_steps`` env steps;
+    a validation batch is then collected with the adapted policy. The meta-objective is the mean validation reward
+    surrogate, the meta-constraint the mean post-adaptation constraint value; the outer update is a CPO step on theta
+    (trust region ``outer_target_kl`` in the Fisher metric of pi_theta on the pre-adaptation data), whose line search
+    re-runs the inner updates from each candidate theta on the stored batches.
+
+    :param policy: the policy class or alias (``"MlpPolicy"``: Gaussian actor, reward critic, cost critic)
+    :param env: the task distribution: a :class:`TaskDistribution` or the registered name of one
+    :param meta_batch_size: training tasks per meta-iteration (M)
+    :param n_inner_updates: CPO updates per task in the inner loop and, by default, in :meth:`adapt` (K)
+    :param n_steps: env steps per task per batch (each inner update, and the validation batch)
+    :param inner_target_kl: trust-region size delta of the inner (adaptation) updates, in mean KL
+    :param outer_target_kl: trust-region size delta_theta of the outer (meta) update, in mean KL
+    :param cost_limit: limit on the expected undiscounted episode cost (defaults to the family's suggestion)
+    :param gamma: discount factor
+    :param gae_lambda: GAE lambda, for reward and cost advantages
+    :param cg_max_steps: conjugate-gradient iterations for H^-1 g and H^-1 a
+    :param cg_damping: damping added to the Fisher matrix
+    :param line_search_max_iter: backtracking steps of the line searches
+    :param line_search_shrinking_factor: step shrinking factor of the line searches
+    :param meta_gradient: ``"second_order"`` (exact: differentiate through the inner CPO updates, including
+        conjugate gradient and the dual solution) or ``"first_order"`` (inner Jacobian taken as the identity; cheaper)
+    :param dual_solver: ``"analytic"`` (closed form of the CPO dual, ~0.1 ms) or ``"cvxpylayers"`` (the dual as a
+        differentiable convex program, a few ms per solve); they agree to solver precision
+    :param critic: ``"linear"``: a linear baseline fitted to each batch (task-specific even when the observation
+        does not identify the task); ``"mlp"``: the policy's reward and cost critics, shared across tasks and trained
+        on every batch
+    :param critic_learning_rate: Adam learning rate of the MLP critics
+    :param n_critic_updates: epochs of critic training per meta-iteration (``critic="mlp"``)
+    :param critic_batch_size: minibatch size of critic training (``critic="mlp"``)
+    :param n_envs: envs sampling in parallel (default: ``meta_batch_size``, one env per task)
+    :param vec_env_cls: ``DummyVecEnv`` (default) or ``SubprocVecEnv``
+    :param policy_kwargs: extra arguments of the policy (e.g. ``net_arch``, ``normalize_observations``)
+    :param stats_window_size: episodes averaged for the rollout logs
+    :param tensorboard_log: tensorboard log directory (None: no tensorboard)
+    :param verbose: 0 silent, 1 training logs, 2 debug
+    :param seed: seed of torch, numpy, the env samplers and (when ``env`` is a name) the task distribution
+    :param device: torch device
+    :param _init_setup_model: build the networks at construction (False when loading)
+    """
+
+    policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = {"MlpPolicy": CPOPolicy}
+    policy: CPOPolicy
+    #: MetaTRPO removes the cost constraint from every update.
+    _constrained: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        policy: str | type[CPOPolicy],
+        env: TaskDistribution | str | None,
+        meta_batch_size: int = 8,
+        n_inner_updates: int = 1,
+        n_steps: int = 1000,
+        inner_target_kl: float = 0.05,
+        outer_target_kl: float = 0.01,
+        cost_limit: float | None = None,
+        gamma: float = 0.99,
+        gae_lambda: float = 0.95,
+        cg_max_steps: int = 10,
+        cg_damping: float = 0.1,
+        line_search_max_iter: int = 10,
+        line_search_shrinking_factor: float = 0.8,
+        meta_gradient: Literal["second_order", "first_order"] = "second_order",
+        dual_solver: Literal["analytic", "cvxpylayers"] = "analytic",
+        critic: Literal["linear", "mlp"] = "linear",
+        critic_learning_rate: float = 1e-3,
+        n_critic_updates: int = 5,
+        critic_batch_size: int = 256,
+        n_envs: int | None = None,
+        vec_env_cls: type[DummyVecEnv] | type[SubprocVecEnv] | None = None,
+        policy_kwargs: dict[str, Any] | None = None,
+        stats_window_size: int = 100,
+        tensorboard_log: str | None = None,
+        verbose: int = 0,
+        seed: int | None = None,
+        device: th.device | str = "auto",
+        _init_setup_model: bool = True,
+    ) -> None:
+        super().__init__(
+            policy,
+            None,
+            learning_rate=critic_learning_rate,
+            policy_kwargs=policy_kwargs,
+            stats_window_size=stats_window_size,
+            tensorboard_log=tensorboard_log,
+            verbose=verbose,
+            device=device,
+            seed=seed,
+            supported_action_spaces=(gym.spaces.Box,),
+        )
+        self.meta_batch_size = meta_batch_size
+        self.n_inner_updates = n_inner_updates
+        self.n_steps = n_steps
+        self.inner_target_kl = inner_target_kl
+        self.outer_target_kl = outer_target_kl
+        self.cost_limit = cost_limit
+        self.gamma = gamma
+        self.gae_lambda = gae_lambda
+        self.cg_max_steps = cg_max_steps
+        self.cg_damping = cg_damping
+        self.line_search_max_iter = line_search_max_iter
+        self.line_search_shrinking_factor = line_search_shrinking_factor
+        self.meta_gradient = meta_gradient
+        self.dual_solver = dual_solver
+        self.critic = critic
+        self.critic_learning_rate = critic_learning_rate
+        self.n_critic_updates = n_critic_updates
+        self.critic_batch_size = critic_batch_size
+        self.n_envs_requested = n_envs
+        self.vec_env_cls = vec_env_cls
+        self.task_distribution: TaskDistribution | None = None
+        self.task_distribution_name: str | None = None
+        self.task_distribution_params: dict[str, Any] | None = None
+        self.sampler: TaskSampler | None = None
+        self.adapted_params: Params | None = None
+        self.adaptation_history: list[dict[str, Any]] = []
+        if env is not None:
+            self.set_task_distribution(env)
+        elif _init_setup_model:
+            raise ValueError("env is required: pass a TaskDistribution or the registered name of one")
+        if _init_setup_model:
+            self._validate_hyperparameters()
+            self._setup_model()
+
+    # --- set-up -----------------------------------------------------------------------------------------------
+    def _validate_hyperparameters(self) -> None:
+        for name in ("meta_batch_size", "n_inner_updates", "n_steps", "cg_max_steps", "n_critic_updates", "critic_batch_size"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and value >= 1, f"{name} must be a positive integer, got {value!r}")
+        _check(self.line_search_max_iter >= 0, f"line_search_max_iter must be >= 0, got {self.line_search_max_iter}")
+        for name in ("inner_target_kl", "outer_target_kl", "critic_learning_rate"):
+            value = getattr(self, name)
+            _check(value > 0, f"{name} must be > 0, got {value!r}")
+        _check(self.cg_damping >= 0, f"cg_damping must be >= 0, got {self.cg_damping}")
+        _check(0 < self.gamma <= 1, f"gamma must be in (0, 1], got {self.gamma}")
+        _check(0 <= self.gae_lambda <= 1, f"gae_lambda must be in [0, 1], got {self.gae_lambda}")
+        _check(
+            0 < self.line_search_shrinking_factor < 1,
+            f"line_search_shrinking_factor must be in (0, 1), got {self.line_search_shrinking_factor}",
+        )
+        _check(
+            self.meta_gradient in ("second_order", "first_order"),
+            f"meta_gradient must be 'second_order' or 'first_order', got {self.meta_gradient!r}",
+        )
+        _check(self.dual_solver in DUAL_SOLVERS, f"dual_solver must be one of {DUAL_SOLVERS}, got {self.dual_solver!r}")
+        _check(self.critic in ("linear", "mlp"), f"critic must be 'linear' or 'mlp', got {self.critic!r}")
+        _check(
+            self.cost_limit is None or self.cost_limit > 0,
+            f"cost_limit must be > 0 (an expected episode cost), got {self.cost_limit!r}",
+        )
+        _check(
+            self.n_envs_requested is None or (isinstance(self.n_envs_requested, int) and self.n_envs_requested >= 1),
+            f"n_envs must be a positive integer or None, got {self.n_envs_requested!r}",
+        )
+
+    def set_task_distribution(self, env: TaskDistribution | str) -> None:
+        """Use ``env`` (a :class:`TaskDistribution` or a registered family name) for training and evaluation."""
+        if isinstance(env, str):
+            env = make_task_distribution(env, seed=0 if self.seed is None else self.seed)
+        if not isinstance(env, TaskDistribution):
+            raise TypeError(
+                f"{type(self).__name__} trains on a task distribution: pass a TaskDistribution or the name of a "
+                f"registered family (see sb3_metacpo.tasks.list_task_distributions()), got {type(env).__name__}"
+            )
+        observation_space, action_space = env.spaces
+        if hasattr(self, "observation_space") and self.observation_space is not None and self.policy is not None:
+            if observation_space.shape != self.observation_space.shape or action_space.shape != self.action_space.shape:
+                raise ValueError(
+                    f"{env.name} has observation/action shapes {observation_space.shape}/{action_space.shape}, but "
+                    f"the model was built for {self.observation_space.shape}/{self.action_space.shape}"
+                )
+        self.observation_space, self.action_space = observation_space, action_space
+        self.task_distribution = env
+        self.task_distribution_name = env.name
+        self.task_distribution_params = env.get_params()
+        if self.sampler is not None:
+            self.sampler.close()
+            self.sampler = None
+        self.env = None
+
+    def _setup_model(self) -> None:
+        if self.task_distribution is None and self.task_distribution_name is not None:
+            self.task_distribution = make_task_distribution(self.task_distribution_name, **self.task_distribution_params)
+        self._setup_lr_schedule()
+        self.set_random_seed(self.seed)
+        self.policy = self.policy_class(  # type: ignore[assignment]
+            self.observation_space, self.action_space, self.lr_schedule, **self.policy_kwargs
+        )
+        self.policy = self.policy.to(self.device)
+        if not isinstance(self.policy, CPOPolicy):
+            raise TypeError(f"{type(self).__name__} needs a CPOPolicy (e.g. 'MlpPolicy'), got {type(self.policy).__name__}")
+        if self.adapted_params is not None:
+            self.policy.set_actor_override(self.adapted_params)
+
+    def _excluded_save_params(self) -> list[str]:
+        return [*super()._excluded_save_params(), "task_distribution", "sampler"]
+
+    @property
+    def effective_cost_limit(self) -> float:
+        if self.cost_limit is not None:
+            return float(self.cost_limit)
+        assert self.task_distribution is not None
+        return float(self.task_distribution.default_cost_limit)
+
+    def _config(self, target_kl: float) -> CPOConfig:
+        return CPOConfig(
+            target_kl=target_kl,
+            cost_limit=self.effective_cost_limit,
+            constrained=self._constrained,
+            cg_max_steps=self.cg_max_steps,
+            cg_damping=self.cg_damping,
+            dual_solver=self.dual_solver,
+            line_search_max_iter=self.line_search_max_iter,
+            line_search_shrinking_factor=self.line_search_shrinking_factor,
+        )
+
+    def _get_sampler(self) -> TaskSampler:
+        if self.sampler is None:
+            if self.task_distribution is None:
+                raise ValueError("no task distribution: call set_task_distribution(...) first")
+            self.sampler = TaskSampler(
+                self.task_distribution,
+                n_envs=self.n_envs_requested or self.meta_batch_size,
+                vec_env_cls=self.vec_env_cls or DummyVecEnv,
+                seed=0 if self.seed is None else self.seed,
+            )
+            self.env = self.sampler.vec_env
+            self.n_envs = self.env.num_envs
+        return self.sampler
+
+    # --- acting -----------------------------------------------------------------------------------------------
+    def _actor(self, observations: th.Tensor, params: Params) -> tuple[th.Tensor, th.Tensor]:
+        return self.policy.actor_mean_log_std(observations, params)
+
+    def _act_fn(self, params_per_task: Sequence[Params]) -> Any:
+        def act(observations: np.ndarray, task_indices: np.ndarray) -> np.ndarray:
+            obs = th.as_tensor(observations, device=self.device)
+            actions = th.empty((len(observations), *self.action_space.shape), device=self.device)
+            with th.no_grad():
+                for index, params in enumerate(params_per_task):
+                    mask = th.as_tensor(task_indices == index, device=self.device)
+                    if bool(mask.any()):
+                        mean, log_std = self._actor(obs[mask], params)
+                        actions[mask] = mean + th.randn_like(mean) * log_std.exp()
+            return actions.cpu().numpy()
+
+        return act
+
+    def _critic_fn(self) -> Any:
+        if self.critic == "linear":
+            return None
+
+        def values(observations: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            with th.no_grad():
+                obs = th.as_tensor(observations, device=self.device)
+                return (
+                    self.policy.predict_values(obs).cpu().numpy().reshape(-1),
+                    self.policy.predict_costs(obs).cpu().numpy().reshape(-1),
+                )
+
+        return values
+
+    def _prepare(self, batch: TaskBatch, params: Params) -> PreparedBatch:
+        assert self.task_distribution is not None
+        return prepare_batch(
+            batch,
+            self._actor,
+            params,
+            self._critic_fn(),
+            self.gamma,
+            self.gae_lambda,
+            self.effective_cost_limit,
+            self.task_distribution.max_episode_steps,
+        )
+
+    # --- training ---------------------------------------------------------------------------------------------
+    def _setup_learn(
+        self,
+        total_timesteps: int,
+        callback: MaybeCallback = None,
+        reset_num_timesteps: bool = True,
+        tb_log_name: str = "run",
+        progress_bar: bool = False,
+    ) -> tuple[int, BaseCallback]:
+        self._get_sampler()
+        self._last_obs = None  # the sampler resets its envs itself
+        return super()._setup_learn(total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar)
+
+    def learn(
+        self: SelfMetaCPO,
+        total_timesteps: int,
+        callback: MaybeCallback = None,
+        log_interval: int = 1,
+        tb_log_name: str = "MetaCPO",
+        reset_num_timesteps: bool = True,
+        progress_bar: bool = False,
+    ) -> SelfMetaCPO:
+        """Meta-train for at least ``total_timesteps`` env steps (whole meta-iterations)."""
+        total_timesteps, callback = self._setup_learn(total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar)
+        callback.on_training_start(locals(), globals())
+        iteration = 0
+        while self.num_timesteps < total_timesteps:
+            continue_training = self._meta_iteration(callback)
+            iteration += 1
+            self._update_current_progress_remaining(self.num_timesteps, total_timesteps)
+            if log_interval is not None and iteration % log_interval == 0:
+                self.dump_logs(iteration)
+            if not continue_training:
+                break
+        callback.on_training_end()
+        return self
+
+    def _collect(self, tasks: Sequence[Task], params: Sequence[Params], callback: BaseCallback) -> list[TaskBatch]:
+        sampler = self._get_sampler()
+
+        def on_step() -> None:
+            self.num_timesteps += sampler.n_envs
+            callback.update_locals({"self": self})
+            if not callback.on_step():
+                self._stop_requested = True
+
+        callback.on_rollout_start()
+        batches = sampler.collect(tasks, self._act_fn(params), self.n_steps, on_step)
+        callback.on_rollout_end()
+        for batch in batches:
+            assert self.ep_info_buffer is not None
+            self.ep_info_buffer.extend({"r": e.reward, "l": e.length, "c": e.cost} for e in batch.episodes)
+        return batches
+
+    def _meta_iteration(self, callback: BaseCallback) -> bool:
+        """One meta-iteration; returns False when a callback asked to stop."""
+        assert self.task_distribution is not None
+        self._stop_requested = False
+        second_order = self.meta_gradient == "second_order"
+        inner_config, outer_config = self._config(self.inner_target_kl), self._config(self.outer_target_kl)
+        tasks = self.task_distribution.sample(self.meta_batch_size)
+        theta = self.policy.actor_params()
+        adapted: list[Params] = [theta] * len(tasks)
+        inner_batches: list[list[PreparedBatch]] = [[] for _ in tasks]
+        fractions: list[list[float]] = [[] for _ in tasks]
+        inner_infos: list[StepInfo] = []
+        raw_batches: list[TaskBatch] = []
+        self.policy.set_training_mode(False)
+
+        for _ in range(self.n_inner_updates):
+            batches = self._collect(tasks, adapted, callback)
+            raw_batches.extend(batches)
+            for index, batch in enumerate(batches):
+                prepared = self._prepare(batch, adapted[index])
+                adapted[index], info = cpo_update(self._actor, adapted[index], prepared, inner_config, second_order)
+                inner_batches[index].append(prepared)
+                fractions[index].append(info.fraction)
+                inner_infos.append(info)
+        validation_raw = self._collect(tasks, adapted, callback)
+        raw_batches.extend(validation_raw)
+        validation = [self._prepare(batch, params) for batch, params in zip(validation_raw, adapted, strict=True)]
+
+        # Meta-gradients: one backward pass per task and objective (vector-Jacobian products through phi^K(theta)).
+        theta_list = list(theta.values())
+        meta_reward_grad = th.zeros_like(flatten(theta))
+        meta_cost_grad = th.zeros_like(meta_reward_grad)
+        reward_values, cost_values = [], []
+        for params, batch in zip(adapted, validation, strict=True):
+            reward_surrogate, cost_surrogate = surrogates(self._actor, params, batch)
+            meta_reward_grad += flat_grad(reward_surrogate, theta_list, retain_graph=True) / len(tasks)
+            if self._constrained:
+                meta_cost_grad += flat_grad(cost_surrogate, theta_list) / len(tasks)
+            reward_values.append(reward_surrogate.item())
+            cost_values.append(cost_surrogate.item())
+        meta_constraint = float(np.mean([batch.constraint for batch in validation]))
+
+        # Outer CPO step in the Fisher metric of pi_theta on the pre-adaptation data.
+        detached_theta = {name: value.detach() for name, value in theta.items()}
+        pre_observations = th.cat([batches[0].observations for batches in inner_batches])
+        fvp = fisher_product(self._actor, detached_theta, pre_observations, self.cg_damping, create_graph=False)
+        v = conjugate_gradient(fvp, meta_reward_grad, self.cg_max_steps)
+        q = meta_reward_grad @ v
+        if self._constrained:
+            w = conjugate_gradient(fvp, meta_cost_grad, self.cg_max_steps)
+            b = th.as_tensor(meta_constraint, dtype=q.dtype, device=q.device)
+            result = cpo_direction(
+                v, w, q, meta_reward_grad @ w, meta_cost_grad @ w, b, self.outer_target_kl, solver=self.dual_solver
+            )
+        else:
+            result = cpo_direction(v, None, q, None, None, None, self.outer_target_kl, has_cost=False)
+        assert isinstance(result.case, str)
+        step = result.x.detach()
+        with th.no_grad():
+            old_mean, old_log_std = self._actor(pre_observations, detached_theta)
+
+        def evaluate(fraction: float) -> tuple[float, float, float]:
+            candidate = add_flat(detached_theta, fraction * step)
+            with th.enable_grad():
+                rewards, costs = [], []
+                for task_batches, task_fractions, batch in zip(inner_batches, fractions, validation, strict=True):
+                    params = adapt_on_batches(self._actor, candidate, task_batches, inner_config, False, task_fractions)
+                    reward_surrogate, cost_surrogate = surrogates(self._actor, params, batch)
+                    rewards.append(reward_surrogate.item())
+                    costs.append(cost_surrogate.item())
+            mean, log_std = self._actor(pre_observations, candidate)
+            kl = float(gaussian_kl(old_mean, old_log_std, mean, log_std).mean())
+            return kl, float(np.mean(rewards)), float(np.mean(costs))
+
+        search = backtracking_line_search(
+            evaluate,
+            float(np.mean(reward_values)),
+            float(np.mean(cost_values)),
+            result.case,
+            meta_constraint if bool(result.cost_informative) else None,
+            self.outer_target_kl,
+            self.line_search_max_iter,
+            self.line_search_shrinking_factor,
+        )
+        with th.no_grad():
+            for name, value in add_flat(detached_theta, search.fraction * step).items():
+                theta[name].copy_(value)
+
+        all_observations = np.concatenate([b.observations.reshape(-1, b.observations.shape[-1]) for b in raw_batches])
+        self.policy.update_obs_stats(all_observations)
+        if self.critic == "mlp":
+            self._train_critics(raw_batches, [b for task in inner_batches for b in task] + validation)
+        self._n_updates += 1
+        self._log_iteration(inner_infos, inner_batches, validation, result, search, meta_constraint)
+        return not self._stop_requested
+
+    def _train_critics(self, raw_batches: Sequence[TaskBatch], prepared: Sequence[PreparedBatch]) -> None:
+        """Fit the shared reward and cost critics to the GAE lambda-returns of this meta-iteration's batches."""
+        self.policy.set_training_mode(True)
+        observations = th.as_tensor(
+            np.concatenate([b.observations.reshape(-1, b.observations.shape[-1]) for b in raw_batches]), device=self.device
+        )
+        reward_targets = th.as_tensor(np.concatenate([p.reward_returns for p in prepared]), device=self.device).float()
+        cost_targets = th.as_tensor(np.concatenate([p.cost_returns for p in prepared]), device=self.device).float()
+        losses = []
+        for _ in range(self.n_critic_updates):
+            for indices in th.randperm(len(observations), device=self.device).split(self.critic_batch_size):
+                obs = observations[indices]
+                loss = th.nn.functional.mse_loss(self.policy.predict_values(obs).flatten(), reward_targets[indices])
+                loss = loss + th.nn.functional.mse_loss(self.policy.predict_costs(obs).flatten(), cost_targets[indices])
+                self.policy.optimizer.zero_grad()
+                loss.backward()
+                self.policy.optimizer.step()
+                losses.append(loss.item())
+        self.policy.set_training_mode(False)
+        self.logger.record("train/value_loss", float(np.mean(losses)))
+
+    def _log_iteration(
+        self,
+        inner_infos: Sequence[StepInfo],
+        inner_batches: Sequence[Sequence[PreparedBatch]],
+        validation: Sequence[PreparedBatch],
+        result: Any,
+        search: Any,
+        meta_constraint: float,
+    ) -> None:
+        pre = [batches[0] for batches in inner_batches]
+        record = self.logger.record
+        record("meta/pre_adapt_ep_rew_mean", float(np.mean([b.episode_reward for b in pre])))
+        record("meta/pre_adapt_ep_cost_mean", float(np.mean([b.episode_cost for b in pre])))
+        record("meta/post_adapt_ep_rew_mean", float(np.mean([b.episode_reward for b in validation])))
+        record("meta/post_adapt_ep_cost_mean", float(np.mean([b.episode_cost for b in validation])))
+        record("meta/cost_limit", self.effective_cost_limit)
+        record("meta/constraint", meta_constraint)
+        for case in ("trpo", "dual", "recovery"):
+            record(f"train/inner_{case}_frac", float(np.mean([info.case == case for info in inner_infos])))
+        record("train/inner_accept_frac", float(np.mean([info.accepted for info in inner_infos])))
+        record("train/inner_kl", float(np.nanmean([info.kl if info.accepted else np.nan for info in inner_infos] + [0.0])))
+        record("train/cpo_case", result.case)
+        record("train/lambda", float(result.lam))
+        record("train/nu", float(result.nu))
+        record("train/kl", search.kl)
+        record("train/line_search_fraction", search.fraction)
+        record("train/n_updates", self._n_updates, exclude="tensorboard")
+        record("train/std", float(self.policy.log_std.exp().mean()))
+
+    def dump_logs(self, iteration: int = 0) -> None:
+        """Write the time and rollout statistics (SB3 keys plus ``rollout/ep_cost_mean``) and dump the logger."""
+        assert self.ep_info_buffer is not None
+        time_elapsed = max((time.time_ns() - self.start_time) / 1e9, sys.float_info.epsilon)
+        fps = int((self.num_timesteps - self._num_timesteps_at_start) / time_elapsed)
+        if iteration > 0:
+            self.logger.record("time/iterations", iteration, exclude="tensorboard")
+        if len(self.ep_info_buffer) > 0:
+            self.logger.record("rollout/ep_rew_mean", safe_mean([info["r"] for info in self.ep_info_buffer]))
+            self.logger.record("rollout/ep_cost_mean", safe_mean([info["c"] for info in self.ep_info_buffer]))
+            self.logger.record("rollout/ep_len_mean", safe_mean([info["l"] for info in self.ep_info_buffer]))
+        self.logger.record("time/fps", fps)
+        self.logger.record("time/time_elapsed", int(time_elapsed), exclude="tensorboard")
+        self.logger.record("time/total_timesteps", self.num_timesteps, exclude="tensorboard")
+        self.logger.dump(step=self.num_timesteps)
+
+    # --- adaptation -------------------------------------------------------------------------------------------
+    def adapt(
+        self: SelfMetaCPO,
+        env: gym.Env | VecEnv | Task | str,
+        n_updates: int | None = None,
+        n_steps: int | None = None,
+        callback: MaybeCallback = None,
+        progress_bar: bool = False,
+    ) -> SelfMetaCPO:
+        """Run ``n_updates`` CPO updates from the meta-parameters on ``env`` and act with the result in ``predict``.
+
+        The meta-parameters are not changed (call :meth:`reset_adaptation` to act with them again). The per-update
+        statistics are in :attr:`adaptation_history`: for each update, the batch it used (collected by the policy
+        before the update): mean episode reward and cost, the CPO case, the accepted step fraction and the KL.
+
+        :param env: a gymnasium env or VecEnv reporting ``info["cost"]``, a task of the model's family, or the name
+            of a registered family (its first held-out task)
+        :param n_updates: CPO updates (default: ``n_inner_updates``)
+        :param n_steps: env steps per update (default: ``n_steps``)
+        :param callback: SB3 callback(s), called at every env step
+        :param progress_bar: show a progress bar over the updates
+        """
+        n_updates = self.n_inner_updates if n_updates is None else n_updates
+        n_steps = self.n_steps if n_steps is None else n_steps
+        _check(isinstance(n_updates, int) and n_updates >= 0, f"n_updates must be an integer >= 0, got {n_updates!r}")
+        _check(isinstance(n_steps, int) and n_steps >= 1, f"n_steps must be a positive integer, got {n_steps!r}")
+        sampler, task = self._adaptation_sampler(env)
+        callback = self._init_callback(callback, progress_bar=False)
+        callback.on_training_start(locals(), globals())
+        params = {name: value.detach().clone() for name, value in self.policy.actor_params().items()}
+        config = self._config(self.inner_target_kl)
+        history = []
+        for _ in tqdm(range(n_updates), desc="adapting", disable=not progress_bar):
+            (batch,) = sampler.collect([task], self._act_fn([params]), n_steps, lambda: callback.on_step())
+            prepared = self._prepare(batch, params)
+            params, info = cpo_update(self._actor, params, prepared, config)
+            params = {name: value.detach() for name, value in params.items()}
+            history.append(
+                {
+                    "ep_rew_mean": prepared.episode_reward,
+                    "ep_cost_mean": prepared.episode_cost,
+                    "cost_limit": self.effective_cost_limit,
+                    "cpo_case": info.case,
+                    "fraction": info.fraction,
+                    "kl": info.kl,
+                }
+            )
+        callback.on_training_end()
+        if sampler is not self.sampler:
+            sampler.close()
+        self.adapted_params = params
+        self.adaptation_history = history
+        self.policy.set_actor_override(params)
+        return self
+
+    def _adaptation_sampler(self, env: gym.Env | VecEnv | Task | str) -> tuple[TaskSampler, Task | None]:
+        seed = 0 if self.seed is None else self.seed
+        if isinstance(env, str):
+            env = make_task_distribution(env).test_tasks(1)[0]
+        if isinstance(env, Task):
+            assert self.task_distribution is not None
+            if not isinstance(env, self.task_distribution.task_cls):
+                raise TypeError(f"a {type(env).__name__} is not a task of the model's family {self.task_distribution.name}")
+            return TaskSampler(self.task_distribution, n_envs=1, seed=seed), env
+        if isinstance(env, gym.Env):
+            if not isinstance(env, CostMonitor):
+                env = CostMonitor(env)
+            env = DummyVecEnv([lambda: env])
+        if not isinstance(env, VecEnv):
+            raise TypeError(
+                f"adapt needs a gymnasium env, a VecEnv, a task of the model's family or a family name, got {type(env).__name__}"
+            )
+        if not isinstance(env.action_space, gym.spaces.Box):
+            raise TypeError(f"{type(self).__name__} needs a Box action space, the env has {env.action_space}")
+        if env.observation_space.shape != self.observation_space.shape or env.action_space.shape != self.action_space.shape:
+            raise ValueError(
+                f"the env's observation/action shapes {env.observation_space.shape}/{env.action_space.shape} differ from "
+                f"the model's {self.observation_space.shape}/{self.action_space.shape}"
+            )
+        return TaskSampler(None, vec_env=env, seed=seed), None
+
+    def reset_adaptation(self) -> None:
+        """Forget the adapted parameters: ``predict`` acts with the meta-policy again."""
+        self.adapted_params = None
+        self.adaptation_history = []
+        self.policy.set_actor_override(None)
+
+    @classmethod
+    def load(  # type: ignore[override]
+        cls: type[SelfMetaCPO],
+        path: str,
+        env: TaskDistribution | str | None = None,
+        device: th.device | str = "auto",
+        custom_objects: dict[str, Any] | None = None,
+        print_system_info: bool = False,
+        force_reset: bool = True,
+        **kwargs: Any,
+    ) -> SelfMetaCPO:
+        """Load a saved model; ``env`` optionally replaces the saved task distribution (same spaces)."""
+        model = super().load(path, None, device, custom_objects, print_system_info, force_reset, **kwargs)
+        if env is not None:
+            model.set_task_distribution(env)
+        return model

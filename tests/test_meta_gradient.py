@@ -1,0 +1,136 @@
+"""The meta-gradient through CPO inner updates against central finite differences (float64, batches held fixed)."""
+
+import numpy as np
+import pytest
+import torch as th
+from gymnasium import spaces
+
+from sb3_metacpo.common.adaptation import (
+    CPOConfig,
+    PreparedBatch,
+    adapt_on_batches,
+    cpo_update,
+    gaussian_log_prob,
+    surrogates,
+)
+from sb3_metacpo.common.cpo_step import flat_grad
+from sb3_metacpo.common.policies import CPOPolicy
+
+OBS_DIM, ACT_DIM, N = 3, 2, 64
+
+
+def make_policy():
+    th.manual_seed(0)
+    policy = CPOPolicy(
+        spaces.Box(-1, 1, (OBS_DIM,), np.float32),
+        spaces.Box(-1, 1, (ACT_DIM,), np.float32),
+        lambda _: 1e-3,
+        net_arch=[8],
+        log_std_init=-0.3,
+        normalize_observations=False,
+    ).double()
+    # a non-trivial mean head (SB3 initialises it near zero)
+    with th.no_grad():
+        policy.action_net.weight.normal_(0, 0.5)
+    return policy
+
+
+def make_batch(policy, params, seed, constraint):
+    generator = th.Generator().manual_seed(seed)
+    obs = th.randn(N, OBS_DIM, generator=generator, dtype=th.float64)
+    with th.no_grad():
+        mean, log_std = policy.actor_mean_log_std(obs, params)
+        actions = mean + log_std.exp() * th.randn(N, ACT_DIM, generator=generator, dtype=th.float64)
+        log_prob = gaussian_log_prob(mean, log_std, actions)
+    reward_adv = th.randn(N, generator=generator, dtype=th.float64)
+    cost_adv = th.randn(N, generator=generator, dtype=th.float64)
+    return PreparedBatch(
+        observations=obs,
+        actions=actions,
+        log_prob_behaviour=log_prob,
+        reward_advantages=reward_adv - reward_adv.mean(),
+        cost_advantages=0.3 * (cost_adv - cost_adv.mean()),
+        constraint=constraint,
+        episode_cost=0.0,
+        episode_reward=0.0,
+        episode_length=1.0,
+        reward_returns=np.zeros(N),
+        cost_returns=np.zeros(N),
+    )
+
+
+def build_problem(constraint, n_inner, dual_solver="analytic", constrained=True, target_kl=0.02):
+    """Inner batches collected on the fly (as in training), then a validation batch at the adapted parameters."""
+    policy = make_policy()
+    config = CPOConfig(target_kl=target_kl, cost_limit=1.0, constrained=constrained, cg_max_steps=8, dual_solver=dual_solver)
+    theta = {k: v.detach().clone() for k, v in policy.actor_params().items()}
+    params, batches, fractions, cases = theta, [], [], []
+    for k in range(n_inner):
+        batch = make_batch(policy, params, seed=k, constraint=constraint)
+        params, info = cpo_update(policy.actor_mean_log_std, params, batch, config)
+        batches.append(batch)
+        fractions.append(info.fraction)
+        cases.append(info.case)
+    validation = make_batch(policy, params, seed=100, constraint=constraint)
+    return policy, config, theta, batches, fractions, validation, cases
+
+
+def meta_objective(policy, config, theta, batches, fractions, validation, create_graph, which=0):
+    params = adapt_on_batches(policy.actor_mean_log_std, theta, batches, config, create_graph, fractions)
+    return surrogates(policy.actor_mean_log_std, params, validation)[which]
+
+
+def finite_difference(function, theta, eps=1e-5):
+    names = list(theta)
+    grads = []
+    for name in names:
+        flat = theta[name].reshape(-1)
+        for i in range(flat.numel()):
+            values = []
+            for sign in (1.0, -1.0):
+                shifted = {k: v.clone() for k, v in theta.items()}
+                shifted[name].view(-1)[i] += sign * eps
+                values.append(float(function(shifted)))
+            grads.append((values[0] - values[1]) / (2 * eps))
+    return th.tensor(grads, dtype=th.float64)
+
+
+@pytest.mark.parametrize(
+    ("constraint", "n_inner", "solver", "expected_case"),
+    [
+        (-1.0, 1, "analytic", "trpo"),  # the whole trust region is feasible
+        (0.02, 1, "analytic", "dual"),  # the constraint binds
+        (0.02, 1, "cvxpylayers", "dual"),  # the same through the differentiable convex program
+        (5.0, 1, "analytic", "recovery"),  # infeasible
+        (0.02, 2, "analytic", "dual"),  # two inner updates
+    ],
+)
+def test_second_order_meta_gradient_matches_finite_differences(constraint, n_inner, solver, expected_case):
+    policy, config, theta, batches, fractions, validation, cases = build_problem(constraint, n_inner, solver)
+    assert cases[0] == expected_case and all(f > 0 for f in fractions)
+    for which in (0, 1):  # meta-objective (reward) and meta-constraint (cost) gradients
+        leaves = {k: v.clone().requires_grad_(True) for k, v in theta.items()}
+        value = meta_objective(policy, config, leaves, batches, fractions, validation, True, which)
+        analytic = flat_grad(value, list(leaves.values()))
+        with th.enable_grad():
+            numeric = finite_difference(
+                lambda p: meta_objective(policy, config, p, batches, fractions, validation, False, which).detach(), theta
+            )
+        error = float((analytic - numeric).norm() / numeric.norm())
+        assert error <= 1e-4, f"relative error {error:.2e}"
+
+
+def test_first_order_meta_gradient_is_the_post_adaptation_gradient():
+    policy, config, theta, batches, fractions, validation, _ = build_problem(0.02, 2)
+    leaves = {k: v.clone().requires_grad_(True) for k, v in theta.items()}
+    adapted = adapt_on_batches(policy.actor_mean_log_std, leaves, batches, config, False, fractions)
+    meta_grad = flat_grad(surrogates(policy.actor_mean_log_std, adapted, validation)[0], list(leaves.values()))
+    post = {k: v.detach().clone().requires_grad_(True) for k, v in adapted.items()}
+    post_grad = flat_grad(surrogates(policy.actor_mean_log_std, post, validation)[0], list(post.values()))
+    th.testing.assert_close(meta_grad, post_grad, rtol=0, atol=0)
+    # the exact second-order gradient differs: the inner Jacobian is not the identity
+    exact_leaves = {k: v.clone().requires_grad_(True) for k, v in theta.items()}
+    exact = flat_grad(
+        meta_objective(policy, config, exact_leaves, batches, fractions, validation, True), list(exact_leaves.values())
+    )
+    assert float((exact - meta_grad).norm() / exact.norm()) > 1e-2
