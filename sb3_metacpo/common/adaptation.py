@@ -102,9 +102,12 @@ def prepare_batch(
     gae_lambda: float,
     cost_limit: float,
     episode_length: int,
+    cost_gamma: float = 1.0,
 ) -> PreparedBatch:
     """Advantages (GAE for reward and cost), behaviour log-probabilities and the constraint value of ``batch``.
 
+    Cost advantages use ``cost_gamma`` (1 by default: the constraint is on the undiscounted episode cost, and a
+    discounted cost advantage would understate the predicted cost change by a factor ~(1 - gamma^T) / ((1 - gamma) T)).
     ``critic=None`` fits a :class:`LinearFeatureBaseline` to this batch for reward and for cost. J_C is the mean cost
     of the batch's completed episodes; a batch without one uses its mean step cost times ``episode_length``.
     """
@@ -113,9 +116,9 @@ def prepare_batch(
         steps = episode_steps(dones)
         next_steps = steps + 1
         values, next_values = [], []
-        for signal in (batch.rewards, batch.costs):
+        for signal, discount in ((batch.rewards, gamma), (batch.costs, cost_gamma)):
             baseline = LinearFeatureBaseline(episode_length)
-            baseline.fit(batch.observations, steps, discounted_returns(signal, dones, gamma))
+            baseline.fit(batch.observations, steps, discounted_returns(signal, dones, discount))
             values.append(baseline.predict(batch.observations, steps))
             next_values.append(baseline.predict(batch.next_observations, next_steps))
     else:
@@ -126,8 +129,10 @@ def prepare_batch(
         values = [value_r.reshape(shape), value_c.reshape(shape)]
         next_values = [next_r.reshape(shape), next_c.reshape(shape)]
     advantages = [
-        compute_gae(signal, value, next_value, batch.terminated, dones, gamma, gae_lambda)
-        for signal, value, next_value in zip((batch.rewards, batch.costs), values, next_values, strict=True)
+        compute_gae(signal, value, next_value, batch.terminated, dones, discount, gae_lambda)
+        for signal, value, next_value, discount in zip(
+            (batch.rewards, batch.costs), values, next_values, (gamma, cost_gamma), strict=True
+        )
     ]
     returns = [advantage + value for advantage, value in zip(advantages, values, strict=True)]
 

@@ -108,7 +108,9 @@ def conjugate_gradient(
     Only out-of-place operations are used, so if ``matvec`` and ``b`` carry autograd graphs the unrolled iterations
     are differentiable (as needed for the second-order meta-gradient). Stops early once the squared residual norm
     falls below ``residual_tol``, or if the curvature pᵀHp is not positive (H not positive definite numerically);
-    both checks read detached values, so they only decide how many iterations are unrolled.
+    both checks read detached values, so they only decide how many iterations are unrolled. The derivative of the
+    unrolled iterations converges more slowly than x itself: for meta-gradients, give it a few iterations beyond
+    the convergence of x (a tight ``residual_tol``).
 
     :param matvec: the product with H (1-D tensor to 1-D tensor)
     :param b: the right-hand side (1-D)
@@ -120,8 +122,11 @@ def conjugate_gradient(
     residual = b
     direction = b
     residual_sq = residual @ residual
+    # The backward pass divides by squared residuals, which must not underflow: whatever residual_tol says, stop at
+    # ‖r‖²/‖b‖² = tiny^⅓ (3e-103 in float64, 2e-13 in float32), past the convergence of x and of its derivative.
+    stop_at = max(residual_tol, torch.finfo(b.dtype).tiny ** (1 / 3) * residual_sq.item())
     for _ in range(n_iters):
-        if residual_sq.item() < residual_tol:
+        if not residual_sq.item() > stop_at:
             break
         h_direction = matvec(direction)
         curvature = direction @ h_direction
@@ -141,9 +146,13 @@ def flat_grad(
     params: Sequence[torch.Tensor],
     create_graph: bool = False,
     retain_graph: bool | None = None,
+    grad_outputs: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Gradient of a scalar ``output`` w.r.t. ``params``, flattened and concatenated (zeros for unused params)."""
-    grads = torch.autograd.grad(output, params, create_graph=create_graph, retain_graph=retain_graph, allow_unused=True)
+    """Gradient of a scalar ``output`` w.r.t. ``params`` (or, with ``grad_outputs``, the vector-Jacobian product
+    ``grad_outputsᵀ ∂output/∂params``), flattened and concatenated; zeros for params that do not influence it."""
+    grads = torch.autograd.grad(
+        output, params, grad_outputs, create_graph=create_graph, retain_graph=retain_graph, allow_unused=True
+    )
     return torch.cat(
         [(torch.zeros_like(param) if grad is None else grad).reshape(-1) for param, grad in zip(params, grads)]
     )
@@ -161,16 +170,21 @@ def fisher_vector_product_fn(
     ``params``): its value and gradient are 0 and its Hessian is the Fisher information matrix. The first-order
     gradient graph is built once here; each call then costs one more backward pass and can be repeated.
 
+    Hv is the vector-Jacobian product of ∇kl with v as ``grad_outputs``, not the gradient of ∇kl·v: when v itself
+    depends on ``params`` (the CG iterates do, under ``create_graph=True``) the latter would also differentiate
+    through v, at a cost growing with every CG iteration and with a wrong second-order term.
+
     :param kl: scalar mean KL
     :param params: the tensors H is taken with respect to (flattened and concatenated in this order)
     :param damping: added multiple of the identity (keeps CG well conditioned)
-    :param create_graph: keep the graph of each product (to differentiate through CG w.r.t. ``params`` or ``v``)
+    :param create_graph: keep the graph of each product, differentiable w.r.t. ``params`` and ``v`` (to
+        differentiate through CG)
     """
     params = list(params)
     kl_grad = flat_grad(kl, params, create_graph=True)
 
     def fisher_vector_product(vector: torch.Tensor) -> torch.Tensor:
-        hessian_vector = flat_grad(kl_grad @ vector, params, create_graph=create_graph, retain_graph=True)
+        hessian_vector = flat_grad(kl_grad, params, create_graph=create_graph, retain_graph=True, grad_outputs=vector)
         return hessian_vector + damping * vector
 
     return fisher_vector_product
@@ -433,8 +447,10 @@ def backtracking_line_search(
 ) -> LineSearchResult:
     """Accept the first fraction βʲ (j = 0, …, ``max_backtracks``) of the step that passes every check.
 
-    Checks at θ + βʲx: the values are finite; mean KL ≤ ``max_kl``; the reward surrogate strictly improves (in the
-    ``"recovery"`` case instead: the cost surrogate strictly decreases); and, when ``b`` is given, the cost
+    Checks at θ + βʲx: the values are finite; mean KL ≤ ``max_kl``; the reward surrogate strictly improves, except
+    while the constraint is violated (the ``"recovery"`` case, or b > 0), where the cost surrogate must strictly
+    decrease instead (a step back into the feasible set may have to give up reward; demanding a reward gain there
+    rejects every fraction and leaves the policy stuck above the limit); and, when ``b`` is given, the cost
     surrogate change stays inside the linearised bound: new − old ≤ max(−b, 0). If nothing passes, the fraction is 0.
 
     ``evaluate`` is run under ``torch.no_grad()``. It may leave the parameters anywhere: the caller sets
@@ -456,6 +472,7 @@ def backtracking_line_search(
     if max_backtracks < 0:
         raise ValueError(f"max_backtracks must be >= 0, got {max_backtracks}")
     cost_bound = None if b is None else max(-float(b), 0.0)
+    restore_feasibility = case == RECOVERY or (b is not None and float(b) > 0)
     with torch.no_grad():
         for n_backtracks in range(max_backtracks + 1):
             fraction = backtrack_coeff**n_backtracks
@@ -464,7 +481,7 @@ def backtracking_line_search(
             accepted = (
                 all(math.isfinite(value) for value in (kl, reward_improvement, cost_change))
                 and kl <= max_kl
-                and (cost_change < 0 if case == RECOVERY else reward_improvement > 0)
+                and (cost_change < 0 if restore_feasibility else reward_improvement > 0)
                 and (cost_bound is None or cost_change <= cost_bound)
             )
             if accepted:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar, Literal, TypeVar
 
 import gymnasium as gym
@@ -64,7 +64,9 @@ class MetaCPO(BaseAlgorithm):
     :param inner_target_kl: trust-region size delta of the inner (adaptation) updates, in mean KL
     :param outer_target_kl: trust-region size delta_theta of the outer (meta) update, in mean KL
     :param cost_limit: limit on the expected undiscounted episode cost (defaults to the family's suggestion)
-    :param gamma: discount factor
+    :param gamma: discount factor of the reward
+    :param cost_gamma: discount factor of the cost advantages; 1 (default) matches the constraint, which is on the
+        undiscounted episode cost
     :param gae_lambda: GAE lambda, for reward and cost advantages
     :param cg_max_steps: conjugate-gradient iterations for H^-1 g and H^-1 a
     :param cg_damping: damping added to the Fisher matrix
@@ -107,6 +109,7 @@ class MetaCPO(BaseAlgorithm):
         outer_target_kl: float = 0.01,
         cost_limit: float | None = None,
         gamma: float = 0.99,
+        cost_gamma: float = 1.0,
         gae_lambda: float = 0.95,
         cg_max_steps: int = 10,
         cg_damping: float = 0.1,
@@ -147,6 +150,7 @@ class MetaCPO(BaseAlgorithm):
         self.outer_target_kl = outer_target_kl
         self.cost_limit = cost_limit
         self.gamma = gamma
+        self.cost_gamma = cost_gamma
         self.gae_lambda = gae_lambda
         self.cg_max_steps = cg_max_steps
         self.cg_damping = cg_damping
@@ -164,6 +168,7 @@ class MetaCPO(BaseAlgorithm):
         self.task_distribution_name: str | None = None
         self.task_distribution_params: dict[str, Any] | None = None
         self.sampler: TaskSampler | None = None
+        self._task_sampler: TaskSampler | None = None
         self.adapted_params: Params | None = None
         self.adaptation_history: list[dict[str, Any]] = []
         if env is not None:
@@ -185,6 +190,7 @@ class MetaCPO(BaseAlgorithm):
             _check(value > 0, f"{name} must be > 0, got {value!r}")
         _check(self.cg_damping >= 0, f"cg_damping must be >= 0, got {self.cg_damping}")
         _check(0 < self.gamma <= 1, f"gamma must be in (0, 1], got {self.gamma}")
+        _check(0 < self.cost_gamma <= 1, f"cost_gamma must be in (0, 1], got {self.cost_gamma}")
         _check(0 <= self.gae_lambda <= 1, f"gae_lambda must be in [0, 1], got {self.gae_lambda}")
         _check(
             0 < self.line_search_shrinking_factor < 1,
@@ -225,9 +231,10 @@ class MetaCPO(BaseAlgorithm):
         self.task_distribution = env
         self.task_distribution_name = env.name
         self.task_distribution_params = env.get_params()
-        if self.sampler is not None:
-            self.sampler.close()
-            self.sampler = None
+        for sampler in (self.sampler, self._task_sampler):
+            if sampler is not None:
+                sampler.close()
+        self.sampler = self._task_sampler = None
         self.env = None
 
     def _setup_model(self) -> None:
@@ -245,7 +252,7 @@ class MetaCPO(BaseAlgorithm):
             self.policy.set_actor_override(self.adapted_params)
 
     def _excluded_save_params(self) -> list[str]:
-        return [*super()._excluded_save_params(), "task_distribution", "sampler"]
+        return [*super()._excluded_save_params(), "task_distribution", "sampler", "_task_sampler"]
 
     @property
     def effective_cost_limit(self) -> float:
@@ -284,7 +291,7 @@ class MetaCPO(BaseAlgorithm):
     def _actor(self, observations: th.Tensor, params: Params) -> tuple[th.Tensor, th.Tensor]:
         return self.policy.actor_mean_log_std(observations, params)
 
-    def _act_fn(self, params_per_task: Sequence[Params]) -> Any:
+    def _act_fn(self, params_per_task: Sequence[Params], deterministic: bool = False) -> Any:
         def act(observations: np.ndarray, task_indices: np.ndarray) -> np.ndarray:
             obs = th.as_tensor(observations, device=self.device)
             actions = th.empty((len(observations), *self.action_space.shape), device=self.device)
@@ -293,7 +300,7 @@ class MetaCPO(BaseAlgorithm):
                     mask = th.as_tensor(task_indices == index, device=self.device)
                     if bool(mask.any()):
                         mean, log_std = self._actor(obs[mask], params)
-                        actions[mask] = mean + th.randn_like(mean) * log_std.exp()
+                        actions[mask] = mean if deterministic else mean + th.randn_like(mean) * log_std.exp()
             return actions.cpu().numpy()
 
         return act
@@ -323,6 +330,7 @@ class MetaCPO(BaseAlgorithm):
             self.gae_lambda,
             self.effective_cost_limit,
             self.task_distribution.max_episode_steps,
+            self.cost_gamma,
         )
 
     # --- training ---------------------------------------------------------------------------------------------
@@ -563,23 +571,44 @@ class MetaCPO(BaseAlgorithm):
         :param callback: SB3 callback(s), called at every env step
         :param progress_bar: show a progress bar over the updates
         """
+        callback = self._init_callback(callback, progress_bar=False)
+        callback.on_training_start(locals(), globals())
+        steps = self.adaptation_steps(env, n_updates, n_steps, on_step=callback.on_step)
+        total = (self.n_inner_updates if n_updates is None else n_updates) + 1
+        for _, params in tqdm(steps, total=total, desc="adapting", disable=not progress_bar):
+            self.adapted_params = params
+        callback.on_training_end()
+        self.policy.set_actor_override(self.adapted_params)
+        return self
+
+    def adaptation_steps(
+        self,
+        env: gym.Env | VecEnv | Task | str,
+        n_updates: int | None = None,
+        n_steps: int | None = None,
+        on_step: Callable[[], object] | None = None,
+    ) -> Iterator[tuple[int, Params]]:
+        """Yield ``(k, parameters after k updates)`` for k = 0 .. n_updates, adapting from the meta-parameters.
+
+        :attr:`adaptation_history` is rebuilt along the way. Nothing of the model changes (not even ``predict``).
+        """
         n_updates = self.n_inner_updates if n_updates is None else n_updates
         n_steps = self.n_steps if n_steps is None else n_steps
         _check(isinstance(n_updates, int) and n_updates >= 0, f"n_updates must be an integer >= 0, got {n_updates!r}")
         _check(isinstance(n_steps, int) and n_steps >= 1, f"n_steps must be a positive integer, got {n_steps!r}")
         sampler, task = self._adaptation_sampler(env)
-        callback = self._init_callback(callback, progress_bar=False)
-        callback.on_training_start(locals(), globals())
         params = {name: value.detach().clone() for name, value in self.policy.actor_params().items()}
         config = self._config(self.inner_target_kl)
-        history = []
-        for _ in tqdm(range(n_updates), desc="adapting", disable=not progress_bar):
-            (batch,) = sampler.collect([task], self._act_fn([params]), n_steps, lambda: callback.on_step())
+        self.adaptation_history = []
+        yield 0, params
+        for k in range(1, n_updates + 1):
+            (batch,) = sampler.collect([task], self._act_fn([params]), n_steps, on_step)
             prepared = self._prepare(batch, params)
             params, info = cpo_update(self._actor, params, prepared, config)
             params = {name: value.detach() for name, value in params.items()}
-            history.append(
+            self.adaptation_history.append(
                 {
+                    "update": k,
                     "ep_rew_mean": prepared.episode_reward,
                     "ep_cost_mean": prepared.episode_cost,
                     "cost_limit": self.effective_cost_limit,
@@ -588,15 +617,28 @@ class MetaCPO(BaseAlgorithm):
                     "kl": info.kl,
                 }
             )
-        callback.on_training_end()
-        if sampler is not self.sampler:
-            sampler.close()
-        self.adapted_params = params
-        self.adaptation_history = history
-        self.policy.set_actor_override(params)
-        return self
+            yield k, params
+
+    def evaluate_params(
+        self, env: gym.Env | VecEnv | Task | str, params: Params, n_episodes: int = 5, deterministic: bool = False
+    ) -> tuple[float, float, int]:
+        """Mean episode reward and cost of the actor at ``params`` over at least ``n_episodes`` fresh episodes."""
+        sampler, task = self._adaptation_sampler(env)
+        assert self.task_distribution is not None
+        act = self._act_fn([params], deterministic=deterministic)
+        (batch,) = sampler.collect([task], act, n_episodes * self._episode_length(sampler))
+        return float(batch.episode_rewards.mean()), float(batch.episode_costs.mean()), len(batch.episodes)
+
+    def _episode_length(self, sampler: TaskSampler) -> int:
+        if sampler.distribution is not None:
+            return sampler.distribution.max_episode_steps
+        spec = sampler.vec_env.get_attr("spec")[0]
+        if spec is None or spec.max_episode_steps is None:
+            raise ValueError("cannot tell the episode length of this env: give it a TimeLimit (max_episode_steps)")
+        return int(spec.max_episode_steps)
 
     def _adaptation_sampler(self, env: gym.Env | VecEnv | Task | str) -> tuple[TaskSampler, Task | None]:
+        """A one-env sampler for ``env`` (cached for tasks of the model's family: each env runs whole episodes)."""
         seed = 0 if self.seed is None else self.seed
         if isinstance(env, str):
             env = make_task_distribution(env).test_tasks(1)[0]
@@ -604,7 +646,9 @@ class MetaCPO(BaseAlgorithm):
             assert self.task_distribution is not None
             if not isinstance(env, self.task_distribution.task_cls):
                 raise TypeError(f"a {type(env).__name__} is not a task of the model's family {self.task_distribution.name}")
-            return TaskSampler(self.task_distribution, n_envs=1, seed=seed), env
+            if self._task_sampler is None:
+                self._task_sampler = TaskSampler(self.task_distribution, n_envs=1, seed=seed)
+            return self._task_sampler, env
         if isinstance(env, gym.Env):
             if not isinstance(env, CostMonitor):
                 env = CostMonitor(env)

@@ -24,7 +24,7 @@ STEP_SIZE = 0.1  # an action in [-1, 1]^2 moves the point by at most STEP_SIZE p
 @dataclass(frozen=True, kw_only=True)
 class Toy2DNavTask(Task):
     """Goal at ``goal_distance`` from the origin in direction ``goal_angle`` (radians); ``n_hazards`` discs of
-    ``hazard_radius``, placed from ``layout_seed`` near the straight path from the start to the goal."""
+    ``hazard_radius``, placed from ``layout_seed`` across the straight path from the start to the goal."""
 
     family: ClassVar[str] = "Toy2DNav"
     goal_angle: float = 0.0
@@ -37,14 +37,15 @@ class Toy2DNavTask(Task):
         return self.goal_distance * np.array([math.cos(self.goal_angle), math.sin(self.goal_angle)])
 
     def hazard_centers(self) -> np.ndarray:
-        """(n_hazards, 2) hazard centres: on or beside the start-goal segment, clear of the start disc and the goal."""
+        """(n_hazards, 2) hazard centres across the middle of the start-goal segment, clear of the start and goal."""
         rng = np.random.default_rng(self.layout_seed)
         goal = self.goal
         normal = np.array([-goal[1], goal[0]]) / self.goal_distance
-        clearance = self.hazard_radius + 0.05
+        # Far enough from the goal that a policy jittering there does not brush a hazard.
+        clearance = self.hazard_radius + 0.15
         centers: list[np.ndarray] = []
         while len(centers) < self.n_hazards:
-            candidate = rng.uniform(0.25, 0.85) * goal + rng.uniform(-1.5, 1.5) * self.hazard_radius * normal
+            candidate = rng.uniform(0.3, 0.7) * goal + rng.uniform(-2.0, 2.0) * self.hazard_radius * normal
             if np.linalg.norm(candidate) < clearance + START_RADIUS or np.linalg.norm(candidate - goal) < clearance:
                 continue
             centers.append(candidate)
@@ -101,7 +102,7 @@ class Toy2DNavEnv(gym.Env):
 @register_task_distribution
 class Toy2DNav(TaskDistribution):
     """Toy 2-D navigation. Training goals lie at distance 0.5-1.0 in any direction with 1-3 hazards; held-out tasks
-    have 4-5 larger hazards."""
+    have 4-5 hazards."""
 
     name = "Toy2DNav"
     task_cls = Toy2DNavTask
@@ -121,7 +122,7 @@ class Toy2DNav(TaskDistribution):
         "goal_angle": ParamRange(0.0, 2 * math.pi),
         "goal_distance": ParamRange(0.5, 1.0),
         "n_hazards": ParamRange(4, 5, integer=True),
-        "hazard_radius": ParamRange(0.15, 0.2),
+        "hazard_radius": ParamRange(0.1, 0.15),
     }
     default_max_episode_steps = 100
     default_cost_limit = 5.0

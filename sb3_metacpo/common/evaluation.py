@@ -1,0 +1,143 @@
+"""Safe evaluation: episode reward *and* cost, and meta-evaluation on held-out tasks before and after adaptation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import gymnasium as gym
+import numpy as np
+from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.evaluation import evaluate_policy
+from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
+from tqdm.auto import tqdm
+
+from sb3_metacpo.common.monitor import CostMonitor
+from sb3_metacpo.tasks.base import Task
+
+if TYPE_CHECKING:
+    from sb3_metacpo.metacpo.metacpo import MetaCPO
+
+
+def evaluate_safe_policy(
+    model: BaseAlgorithm,
+    env: gym.Env | VecEnv,
+    n_eval_episodes: int = 10,
+    deterministic: bool = True,
+) -> tuple[float, float, float, float]:
+    """Mean and std of the episode reward and of the episode cost of ``model`` on ``env``.
+
+    ``env`` must report ``info["cost"]``; it is wrapped in a :class:`CostMonitor` when it has none.
+    :return: (mean reward, std reward, mean cost, std cost)
+    """
+    if isinstance(env, gym.Env):
+        if not isinstance(env, CostMonitor):
+            env = CostMonitor(env)
+        env = DummyVecEnv([lambda: env])
+    costs: list[float] = []
+
+    def record_costs(locals_: dict[str, Any], _globals: dict[str, Any]) -> None:
+        info = locals_["info"]
+        if locals_["done"] and "episode" in info:
+            costs.append(float(info["episode"]["c"]))
+
+    rewards, _ = evaluate_policy(
+        model, env, n_eval_episodes=n_eval_episodes, deterministic=deterministic, return_episode_rewards=True,
+        callback=record_costs, warn=False,
+    )
+    return float(np.mean(rewards)), float(np.std(rewards)), float(np.mean(costs)), float(np.std(costs))
+
+
+@dataclass
+class AdaptationRecord:
+    """Performance on one held-out task after ``n_updates`` adaptation updates (0: the meta-policy)."""
+
+    task: Task
+    n_updates: int
+    ep_rew_mean: float
+    ep_cost_mean: float
+    n_episodes: int
+
+
+def meta_evaluate(
+    model: MetaCPO,
+    tasks: Sequence[Task],
+    n_updates: int | None = None,
+    n_steps: int | None = None,
+    n_eval_episodes: int = 5,
+    deterministic: bool = False,
+    progress_bar: bool = False,
+) -> list[AdaptationRecord]:
+    """Evaluate on each task before adaptation and after every adaptation update (as garage's MetaEvaluator).
+
+    Adaptation starts from the meta-parameters on each task and never changes them; evaluation episodes are
+    separate from the adaptation batches. The stochastic policy is evaluated by default, as its cost is what the
+    CPO updates constrain.
+    """
+    records = []
+    for task in tqdm(tasks, desc="meta-evaluating", disable=not progress_bar):
+        for k, params in model.adaptation_steps(task, n_updates, n_steps):
+            reward, cost, episodes = model.evaluate_params(task, params, n_eval_episodes, deterministic)
+            records.append(AdaptationRecord(task, k, reward, cost, episodes))
+    return records
+
+
+class MetaEvalCallback(BaseCallback):
+    """Every ``eval_freq`` meta-iterations (and at the end of training), meta-evaluate on held-out tasks and log
+    under ``meta_test/``.
+
+    Logs ``meta_test/ep_rew_mean_k`` and ``meta_test/ep_cost_mean_k`` after k = 0 .. n_updates adaptation updates,
+    and ``meta_test/under_limit_frac``, the fraction of tasks at or under the cost limit after the last update.
+    """
+
+    def __init__(
+        self,
+        tasks: Sequence[Task],
+        eval_freq: int = 10,
+        n_updates: int | None = None,
+        n_steps: int | None = None,
+        n_eval_episodes: int = 5,
+        verbose: int = 0,
+    ) -> None:
+        super().__init__(verbose)
+        if eval_freq < 1:
+            raise ValueError(f"eval_freq must be >= 1 meta-iteration, got {eval_freq}")
+        self.tasks = list(tasks)
+        self.eval_freq = eval_freq
+        self.n_updates = n_updates
+        self.n_steps = n_steps
+        self.n_eval_episodes = n_eval_episodes
+        self.history: list[list[AdaptationRecord]] = []
+        self._last_evaluated = 0
+
+    def _on_step(self) -> bool:
+        return True
+
+    def _on_rollout_start(self) -> None:
+        # Rollouts start after each meta-update; evaluate once per ``eval_freq`` completed meta-iterations.
+        n_updates = self.model._n_updates
+        if n_updates > self._last_evaluated and n_updates % self.eval_freq == 0:
+            self._last_evaluated = n_updates
+            self.evaluate()
+
+    def _on_training_end(self) -> None:
+        if self.model._n_updates > self._last_evaluated:
+            self._last_evaluated = self.model._n_updates
+            self.evaluate()
+
+    def evaluate(self) -> list[AdaptationRecord]:
+        """Meta-evaluate now and record the results in the logger."""
+        model = self.model
+        records = meta_evaluate(model, self.tasks, self.n_updates, self.n_steps, self.n_eval_episodes)
+        self.history.append(records)
+        last = max(record.n_updates for record in records)
+        for k in range(last + 1):
+            rows = [record for record in records if record.n_updates == k]
+            self.logger.record(f"meta_test/ep_rew_mean_{k}", float(np.mean([r.ep_rew_mean for r in rows])))
+            self.logger.record(f"meta_test/ep_cost_mean_{k}", float(np.mean([r.ep_cost_mean for r in rows])))
+        final = [record for record in records if record.n_updates == last]
+        limit = model.effective_cost_limit
+        self.logger.record("meta_test/under_limit_frac", float(np.mean([r.ep_cost_mean <= limit for r in final])))
+        return records

@@ -1,0 +1,205 @@
+"""MetaCPO behind the SB3 API: training, callbacks, logging, adaptation, save/load and input validation."""
+
+import csv
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch as th
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.logger import configure
+
+from sb3_metacpo import MetaCPO, make_task_distribution
+from sb3_metacpo.common.evaluation import MetaEvalCallback, evaluate_safe_policy, meta_evaluate
+
+SMALL = dict(meta_batch_size=2, n_steps=100, seed=0, policy_kwargs=dict(net_arch=[16]))
+
+
+def toy(**kwargs):
+    return make_task_distribution("Toy2DNav", seed=0, max_episode_steps=50, **kwargs)
+
+
+def read_log(path):
+    with open(path / "progress.csv", newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def snapshot(model):
+    return {k: v.clone() for k, v in model.policy.state_dict().items()}
+
+
+class CountingCallback(BaseCallback):
+    def __init__(self, stop_after=None):
+        super().__init__()
+        self.stop_after = stop_after
+        self.calls = 0
+
+    def _on_step(self):
+        self.calls += 1
+        return self.stop_after is None or self.calls < self.stop_after
+
+
+def test_learn_logs_sb3_and_safety_keys(tmp_path):
+    model = MetaCPO("MlpPolicy", toy(), **SMALL)
+    model.set_logger(configure(str(tmp_path), ["csv"]))
+    callback = CountingCallback()
+    model.learn(total_timesteps=1200, callback=callback)
+    # 2 tasks x (1 inner + 1 validation batch) x 100 steps = 400 steps per meta-iteration
+    assert model.num_timesteps == 1200 and model._n_updates == 3
+    assert callback.calls == model.num_timesteps // model.n_envs
+    log = read_log(tmp_path)
+    for key in (
+        "rollout/ep_rew_mean",
+        "rollout/ep_cost_mean",
+        "train/kl",
+        "train/cpo_case",
+        "train/lambda",
+        "train/nu",
+        "train/line_search_fraction",
+        "meta/pre_adapt_ep_cost_mean",
+        "meta/post_adapt_ep_rew_mean",
+        "meta/cost_limit",
+        "time/fps",
+    ):
+        assert key in log[0], key
+    assert {row["train/cpo_case"] for row in log} <= {"trpo", "dual", "recovery"}
+    assert len(log) == 3
+
+
+def test_callback_can_stop_training_and_progress_bar_runs():
+    model = MetaCPO("MlpPolicy", toy(), **SMALL)
+    model.learn(total_timesteps=10_000, callback=CountingCallback(stop_after=5), progress_bar=True)
+    assert model._n_updates == 1 and model.num_timesteps == 400
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(meta_gradient="first_order"),
+        dict(dual_solver="cvxpylayers"),
+        dict(critic="mlp", n_critic_updates=2),
+        dict(n_inner_updates=2, n_envs=4),
+    ],
+)
+def test_variants_train(kwargs):
+    model = MetaCPO("MlpPolicy", toy(), **{**SMALL, **kwargs})
+    before = snapshot(model)
+    model.learn(total_timesteps=400 * (kwargs.get("n_inner_updates", 1) + 1) // 2)
+    after = model.policy.state_dict()
+    assert any(not th.equal(before[k], after[k]) for k in before)  # theta (or the statistics) moved
+    assert all(th.isfinite(v).all() for v in after.values())
+
+
+def test_adapt_keeps_theta_and_changes_predict():
+    dist = toy()
+    model = MetaCPO("MlpPolicy", dist, **SMALL)
+    model.learn(400)
+    theta = snapshot(model)
+    obs = np.random.default_rng(0).uniform(-1, 1, (16, 2)).astype(np.float32)
+    meta_actions, _ = model.predict(obs, deterministic=True)
+    task = dist.test_tasks(1)[0]
+    assert model.adapt(dist.make_env(task), n_updates=2, n_steps=100) is model
+    assert all(th.equal(theta[k], v) for k, v in model.policy.state_dict().items())  # bit-identical
+    adapted_actions, _ = model.predict(obs, deterministic=True)
+    assert not np.allclose(adapted_actions, meta_actions)
+    assert [h["update"] for h in model.adaptation_history] == [1, 2]
+    assert {"ep_rew_mean", "ep_cost_mean", "cost_limit", "cpo_case", "fraction", "kl"} <= set(model.adaptation_history[0])
+    model.reset_adaptation()
+    np.testing.assert_array_equal(model.predict(obs, deterministic=True)[0], meta_actions)
+    # a task of the family and a family name are accepted too
+    model.adapt(task, n_updates=1, n_steps=100)
+    model.adapt("Toy2DNav", n_updates=1, n_steps=100)
+    assert all(th.equal(theta[k], v) for k, v in model.policy.state_dict().items())
+
+
+def test_save_load_round_trip(tmp_path):
+    dist = toy()
+    model = MetaCPO("MlpPolicy", dist, **SMALL)
+    model.learn(400)
+    obs = np.random.default_rng(1).uniform(-1, 1, (8, 2)).astype(np.float32)
+    meta_actions = model.predict(obs, deterministic=True)[0]
+    model.adapt(dist.test_tasks(1)[0], n_updates=1, n_steps=100)
+    adapted_actions = model.predict(obs, deterministic=True)[0]
+    model.save(tmp_path / "model")
+
+    loaded = MetaCPO.load(tmp_path / "model")
+    np.testing.assert_array_equal(loaded.predict(obs, deterministic=True)[0], adapted_actions)
+    loaded.reset_adaptation()
+    np.testing.assert_array_equal(loaded.predict(obs, deterministic=True)[0], meta_actions)
+    assert loaded.task_distribution.get_params() == dist.get_params()
+    assert loaded.task_distribution.name == "Toy2DNav"
+    for key in ("meta_batch_size", "n_steps", "inner_target_kl", "cost_limit", "meta_gradient", "seed"):
+        assert getattr(loaded, key) == getattr(model, key)
+    th.testing.assert_close(loaded.policy.obs_mean, model.policy.obs_mean)  # normalisation statistics
+    loaded.learn(400, reset_num_timesteps=False)  # training resumes from the loaded model
+    assert loaded.num_timesteps == 800
+
+
+def test_evaluation_helpers_report_cost():
+    dist = toy()
+    model = MetaCPO("MlpPolicy", dist, **SMALL)
+    env = dist.make_env(dist.test_tasks(1)[0])
+    mean_r, std_r, mean_c, std_c = evaluate_safe_policy(model, env, n_eval_episodes=3)
+    assert np.isfinite([mean_r, std_r, mean_c, std_c]).all() and mean_c >= 0
+    records = meta_evaluate(model, dist.test_tasks(2), n_updates=2, n_steps=100, n_eval_episodes=2)
+    assert [(r.task, r.n_updates) for r in records] == [(t, k) for t in dist.test_tasks(2) for k in range(3)]
+    assert all(r.n_episodes >= 2 for r in records)
+
+
+def test_meta_eval_callback_logs_meta_test(tmp_path):
+    dist = toy()
+    model = MetaCPO("MlpPolicy", dist, **SMALL)
+    model.set_logger(configure(str(tmp_path), ["csv"]))
+    callback = MetaEvalCallback(dist.test_tasks(2), eval_freq=1, n_updates=1, n_steps=100, n_eval_episodes=1)
+    model.learn(800, callback=callback)
+    assert len(callback.history) == 2
+    log = read_log(tmp_path)
+    assert {"meta_test/ep_rew_mean_0", "meta_test/ep_cost_mean_1", "meta_test/under_limit_frac"} <= set(log[0])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(meta_batch_size=0), "meta_batch_size must be a positive integer"),
+        (dict(n_steps=1.5), "n_steps must be a positive integer"),
+        (dict(inner_target_kl=0.0), "inner_target_kl must be > 0"),
+        (dict(cost_limit=-1.0), "cost_limit must be > 0"),
+        (dict(meta_gradient="third_order"), "meta_gradient must be 'second_order' or 'first_order'"),
+        (dict(dual_solver="scipy"), "dual_solver must be one of"),
+        (dict(critic="gp"), "critic must be 'linear' or 'mlp'"),
+        (dict(gamma=1.5), r"gamma must be in \(0, 1\]"),
+        (dict(line_search_shrinking_factor=1.0), r"line_search_shrinking_factor must be in \(0, 1\)"),
+    ],
+)
+def test_bad_hyperparameters_are_rejected(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MetaCPO("MlpPolicy", toy(), **kwargs)
+
+
+def test_bad_envs_are_rejected():
+    with pytest.raises(TypeError, match="trains on a task distribution"):
+        MetaCPO("MlpPolicy", gym.make("Pendulum-v1"))
+    with pytest.raises(ValueError, match="unknown task distribution 'Toy'; known ones are"):
+        MetaCPO("MlpPolicy", "Toy")
+    model = MetaCPO("MlpPolicy", "Toy2DNav", **SMALL)
+    with pytest.raises(TypeError, match="needs a Box action space"):
+        model.adapt(gym.make("CartPole-v1"))
+    with pytest.raises(ValueError, match="observation/action shapes"):
+        model.adapt(gym.make("Pendulum-v1"))
+    with pytest.raises(TypeError, match="is not a task of the model's family"):
+        model.adapt(make_task_distribution("PointGoalHazard").test_tasks(1)[0])
+
+    class NoCost(gym.Env):
+        observation_space = gym.spaces.Box(-1, 1, (2,), np.float32)
+        action_space = gym.spaces.Box(-1, 1, (2,), np.float32)
+
+        def reset(self, *, seed=None, options=None):
+            return np.zeros(2, np.float32), {}
+
+        def step(self, action):
+            return np.zeros(2, np.float32), 0.0, False, False, {}
+
+    with pytest.raises(KeyError, match="reports no cost"):
+        model.adapt(NoCost(), n_updates=1, n_steps=10)
+    with pytest.raises(ValueError, match="n_updates must be an integer >= 0"):
+        model.adapt("Toy2DNav", n_updates=-1)
