@@ -23,7 +23,8 @@ demo: $(STAMP)
 	$(BIN)/python examples/demo.py
 
 test: $(STAMP)
-	$(BIN)/python -m pytest tests
+	$(BIN)/ruff check sb3_metacpo tests examples benchmarks
+	$(BIN)/python -m pytest tests -ra
 
 docs: $(STAMP)
 	$(BIN)/pip install -e ".[docs]"

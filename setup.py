@@ -37,7 +37,7 @@ setup(
         "rich",
     ],
     extras_require={
-        "tests": ["pytest>=8", "pytest-timeout", "matplotlib"],
+        "tests": ["pytest>=8", "pytest-timeout", "ruff", "matplotlib"],
         "plots": ["matplotlib"],
         "docs": ["sphinx>=7", "sphinx-rtd-theme", "myst-parser"],
     },

@@ -1,7 +1,7 @@
 """Raw env throughput of every task family: random actions through the sampler (DummyVecEnv), resets included.
 
-    python benchmarks/env_throughput.py                   # all families, 1 env, 2 episodes per task
-    python benchmarks/env_throughput.py --n-envs 2 --families Toy2DNav PointButtonHazard
+python benchmarks/env_throughput.py                   # all families, 1 env, 2 episodes per task
+python benchmarks/env_throughput.py --n-envs 2 --families Toy2DNav PointButtonHazard
 """
 
 from __future__ import annotations
@@ -9,12 +9,18 @@ from __future__ import annotations
 import argparse
 import platform
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from sb3_metacpo.common.sampler import TaskSampler
 from sb3_metacpo.tasks import list_task_distributions, make_task_distribution
+
+
+def random_actions(shape: tuple[int, ...]) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    rng = np.random.default_rng(0)
+    return lambda observations, _tasks: rng.uniform(-1, 1, (len(observations), *shape))
 
 
 def main() -> None:
@@ -28,15 +34,12 @@ def main() -> None:
     print(f"{'family':<22} {'episode':>8} {'steps':>8} {'seconds':>8} {'steps/s':>9}")
     for name in args.families:
         dist = make_task_distribution(name, seed=0)
-        space = dist.spaces[1]
-        rng = np.random.default_rng(0)
+        act = random_actions(dist.spaces[1].shape)
         sampler = TaskSampler(dist, n_envs=args.n_envs, seed=0)
-        sampler.collect(dist.sample(1), lambda o, i: rng.uniform(-1, 1, (len(o), *space.shape)), 1)  # warm-up
+        sampler.collect(dist.sample(1), act, 1)  # warm-up
         steps, start = 0, time.perf_counter()
         for task in dist.sample(args.tasks):
-            (batch,) = sampler.collect(
-                [task], lambda o, i: rng.uniform(-1, 1, (len(o), *space.shape)), args.episodes * args.n_envs * dist.max_episode_steps
-            )
+            (batch,) = sampler.collect([task], act, args.episodes * args.n_envs * dist.max_episode_steps)
             steps += batch.n_steps
         elapsed = time.perf_counter() - start
         sampler.close()

@@ -1,7 +1,7 @@
 """Wall time of one MetaCPO meta-iteration on every task family, split into sampling and the rest (the updates).
 
-    python benchmarks/meta_iteration_time.py                       # all families, first and second order
-    python benchmarks/meta_iteration_time.py --families Toy2DNav --iterations 5
+python benchmarks/meta_iteration_time.py                       # all families, first and second order
+python benchmarks/meta_iteration_time.py --families Toy2DNav --iterations 5
 """
 
 from __future__ import annotations
@@ -26,23 +26,31 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=2, help="timed meta-iterations (after one warm-up)")
     args = parser.parse_args()
     th.set_num_threads(1)
-    print(f"{platform.machine()}, torch {th.__version__}, 1 torch thread, M={args.meta_batch_size} tasks, "
-          f"K={args.n_inner_updates} inner updates, {args.episodes_per_batch} episode(s) per batch, DummyVecEnv")
-    print(f"{'family':<22} {'meta_gradient':<13} {'steps/iter':>10} {'s/iter':>8} {'sampling':>9} {'updates':>8} {'steps/s':>8}")
+    print(
+        f"{platform.machine()}, torch {th.__version__}, 1 torch thread, M={args.meta_batch_size} tasks, "
+        f"K={args.n_inner_updates} inner updates, {args.episodes_per_batch} episode(s) per batch, DummyVecEnv"
+    )
+    columns = ("steps/iter", "s/iter", "sampling", "updates", "steps/s")
+    print(f"{'family':<22} {'meta_gradient':<13} " + " ".join(f"{c:>10}" for c in columns))
     for name in args.families:
         for mode in ("first_order", "second_order"):
             dist = make_task_distribution(name, seed=0)
             n_steps = args.episodes_per_batch * dist.max_episode_steps
             model = MetaCPO(
-                "MlpPolicy", dist, meta_batch_size=args.meta_batch_size, n_inner_updates=args.n_inner_updates,
-                n_steps=n_steps, meta_gradient=mode, seed=0,
+                "MlpPolicy",
+                dist,
+                meta_batch_size=args.meta_batch_size,
+                n_inner_updates=args.n_inner_updates,
+                n_steps=n_steps,
+                meta_gradient=mode,
+                seed=0,
             )
             per_iteration = args.meta_batch_size * (args.n_inner_updates + 1) * n_steps
             model.learn(per_iteration)  # warm-up: builds the envs
             sampling = 0.0
             original = TaskSampler.collect
 
-            def timed_collect(self, *a, **k):  # type: ignore[no-untyped-def]
+            def timed_collect(self, *a, original=original, **k):  # type: ignore[no-untyped-def]
                 nonlocal sampling
                 start = time.perf_counter()
                 result = original(self, *a, **k)
@@ -55,10 +63,9 @@ def main() -> None:
             total = (time.perf_counter() - start) / args.iterations
             TaskSampler.collect = original  # type: ignore[method-assign]
             sampling /= args.iterations
-            print(
-                f"{name:<22} {mode:<13} {per_iteration:>10} {total:>8.2f} {sampling:>9.2f} {total - sampling:>8.2f} "
-                f"{per_iteration / total:>8.0f}"
-            )
+            updates = total - sampling
+            values = (per_iteration, f"{total:.2f}", f"{sampling:.2f}", f"{updates:.2f}", f"{per_iteration / total:.0f}")
+            print(f"{name:<22} {mode:<13} " + " ".join(f"{v:>10}" for v in values))
             model.sampler.close()
 
 

@@ -36,6 +36,7 @@ def plot(records: list[AdaptationRecord], baseline: list[AdaptationRecord], cost
         axes[1, column].axhline(cost_limit, color="red", linestyle=":", label="cost limit")
         axes[0, column].set_title(f"held-out task {column + 1}", fontsize=10)
         axes[1, column].set_xlabel("adaptation updates")
+        axes[1, column].set_xticks(sorted({row.n_updates for row in records}))
     axes[0, 0].set_ylabel("episode return")
     axes[1, 0].set_ylabel("episode cost")
     axes[1, -1].legend(fontsize=8)
@@ -78,14 +79,19 @@ def main() -> None:
     baseline = meta_evaluate(random_init, tasks, args.n_updates, n_steps, args.eval_episodes, deterministic, progress_bar=True)
 
     limit = model.effective_cost_limit
-    header = f"{'held-out task':<62} {'return before':>13} {'after':>8} {'cost before':>11} {'after':>6} {'limit':>6}"
+    header = (
+        f"{'held-out task':<62} {'return before':>13} {'after':>7} {'cost before':>11} {'after':>6} {'limit':>5}"
+        f" | {'random init: return':>19} {'cost':>5}"
+    )
     print("\n" + header + "\n" + "-" * len(header))
     for task in tasks:
         rows = [record for record in records if record.task == task]
+        baseline_after = [record for record in baseline if record.task == task][-1]
         before, after = rows[0], rows[-1]
         print(
-            f"{task.short():<62} {before.ep_rew_mean:>13.1f} {after.ep_rew_mean:>8.1f} "
-            f"{before.ep_cost_mean:>11.2f} {after.ep_cost_mean:>6.2f} {limit:>6g}"
+            f"{task.short():<62} {before.ep_rew_mean:>13.1f} {after.ep_rew_mean:>7.1f} "
+            f"{before.ep_cost_mean:>11.2f} {after.ep_cost_mean:>6.2f} {limit:>5g}"
+            f" | {baseline_after.ep_rew_mean:>19.1f} {baseline_after.ep_cost_mean:>5.2f}"
         )
     final = [record for record in records if record.n_updates == args.n_updates]
     final_baseline = [record for record in baseline if record.n_updates == args.n_updates]

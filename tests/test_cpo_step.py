@@ -61,7 +61,7 @@ def random_dual_instances(count, seed, n=5):
         s = a @ w
         b = (1.98 * torch.rand((), generator=gen, dtype=DTYPE) - 0.99) * torch.sqrt(2 * delta * s)
         rows.append((g @ v, g @ w, s, b, delta))
-    return [torch.stack(column) for column in zip(*rows)]
+    return [torch.stack(column) for column in zip(*rows, strict=False)]
 
 
 # ------------------------------------------------------------------------------------------- conjugate gradient
@@ -146,8 +146,11 @@ class GaussianPolicy:
 
 
 def test_flat_grad_fills_unused_params_with_zeros():
-    x, y, unused = (torch.tensor([1.0, 2.0], requires_grad=True), torch.tensor(3.0, requires_grad=True),
-                    torch.ones(2, 2, requires_grad=True))
+    x, y, unused = (
+        torch.tensor([1.0, 2.0], requires_grad=True),
+        torch.tensor(3.0, requires_grad=True),
+        torch.ones(2, 2, requires_grad=True),
+    )
     grad = flat_grad((x**2).sum() * y, [x, y, unused])
     torch.testing.assert_close(grad, torch.tensor([6.0, 12.0, 5.0, 0.0, 0.0, 0.0, 0.0]))
 
@@ -196,9 +199,7 @@ def test_meta_gradient_through_conjugate_gradient_and_fisher_products():
     damping = 0.1
 
     flat = policy.flat0.clone().requires_grad_()
-    hessian = torch.autograd.functional.hessian(
-        lambda f: policy.mean_kl(old, policy.unflatten(f)), flat, create_graph=True
-    )
+    hessian = torch.autograd.functional.hessian(lambda f: policy.mean_kl(old, policy.unflatten(f)), flat, create_graph=True)
     exact = torch.linalg.solve(hessian + damping * torch.eye(flat.numel(), dtype=DTYPE), rhs)
     (grad_exact,) = torch.autograd.grad(exact.sum(), flat)
 
@@ -220,8 +221,13 @@ H_MATRIX = random_spd(N, seed=42)
 
 # Clarabel's solutions are accurate to only ~1e-6 in the slack-constraint cases at its default settings; these reach
 # ~1e-7 on every problem below (with the trust region in the plain second-order-cone form ‖Lᵀx‖ ≤ √(2δ), H = LLᵀ).
-CLARABEL_TIGHT = {"tol_gap_abs": 1e-11, "tol_gap_rel": 1e-11, "tol_feas": 1e-11, "tol_ktratio": 1e-11,
-                  "max_step_fraction": 0.95}
+CLARABEL_TIGHT = {
+    "tol_gap_abs": 1e-11,
+    "tol_gap_rel": 1e-11,
+    "tol_feas": 1e-11,
+    "tol_ktratio": 1e-11,
+    "max_step_fraction": 0.95,
+}
 
 
 def trust_region_constraint(x, delta):
@@ -281,10 +287,16 @@ def make_problem(kind):
         "recovery": noise,
         "feasible_region": noise,
     }[kind]
-    _, w, _, _, s = problem_terms(g, a)
+    *_, s = problem_terms(g, a)
     radius = torch.sqrt(2 * DELTA * s)
-    b = {"binding_b_pos": 0.4, "binding_b_neg": -0.5, "inactive_b_neg": -0.3, "parallel_opposed": 0.5,
-         "recovery": 1.5, "feasible_region": -1.5}[kind] * radius
+    b = {
+        "binding_b_pos": 0.4,
+        "binding_b_neg": -0.5,
+        "inactive_b_neg": -0.3,
+        "parallel_opposed": 0.5,
+        "recovery": 1.5,
+        "feasible_region": -1.5,
+    }[kind] * radius
     return g, a, b
 
 
@@ -524,7 +536,7 @@ def edge_grid():
                 for b in EDGE_B:
                     for delta in EDGE_DELTA:
                         rows.append((q, r, s, b, delta))
-    return [t(column) for column in zip(*rows)]
+    return [t(column) for column in zip(*rows, strict=False)]
 
 
 def test_closed_form_is_finite_on_degenerate_inputs():

@@ -46,7 +46,7 @@ def test_family_builds_steps_and_reports_cost(name):
     assert obs.shape == env.observation_space.shape and obs.dtype == np.float32
     assert isinstance(info["episode_seed"], int)
     total_cost, rng = 0.0, np.random.default_rng(0)
-    for step in range(1, SHORT + 1):
+    for step in range(1, SHORT + 1):  # noqa: B007 (the episode length is checked after the loop)
         obs, reward, terminated, truncated, info = env.step(rng.uniform(-1, 1, env.action_space.shape).astype(np.float32))
         assert np.isfinite(reward) and info["cost"] >= 0.0
         total_cost += info["cost"]
@@ -206,7 +206,7 @@ def test_set_task_switches_world_in_place():
 
 
 def test_unknown_family_lists_known_ones():
-    with pytest.raises(ValueError, match="known ones are: .*PointButtonHazard.*Toy2DNav"):
+    with pytest.raises(ValueError, match=r"known ones are: .*PointButtonHazard.*Toy2DNav"):
         make_task_distribution("PointButon")
 
 

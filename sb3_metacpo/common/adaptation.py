@@ -184,26 +184,13 @@ def fisher_product(
 
     F is the Hessian of KL(pi_params || pi_{params + eps}) in ``eps`` at 0. Both arguments keep their dependence on
     ``params``, so with ``create_graph`` the product is exactly differentiable w.r.t. ``params`` (second-order
-    meta-gradient); detaching the first argument instead would drop part of dF/dparams. With ``create_graph`` every
-    product differentiates w.r.t. fresh offsets: conjugate gradient feeds products back in as vectors, and a shared
-    eps would make each backward pass traverse the graphs of all earlier iterations (quadratic time and memory).
+    meta-gradient); detaching the first argument instead would drop part of dF/dparams.
     """
+    offsets = {name: th.zeros_like(value, requires_grad=True) for name, value in params.items()}
     mean, log_std = actor(observations, params)
-
-    def offsets_and_kl() -> tuple[list[th.Tensor], th.Tensor]:
-        offsets = {name: th.zeros_like(value, requires_grad=True) for name, value in params.items()}
-        mean_new, log_std_new = actor(observations, {name: params[name] + offsets[name] for name in params})
-        return list(offsets.values()), gaussian_kl(mean, log_std, mean_new, log_std_new).mean()
-
-    if not create_graph:
-        offsets, kl = offsets_and_kl()
-        return fisher_vector_product_fn(kl, offsets, damping)
-
-    def product(vector: th.Tensor) -> th.Tensor:
-        offsets, kl = offsets_and_kl()
-        return fisher_vector_product_fn(kl, offsets, damping, create_graph=True)(vector)
-
-    return product
+    mean_new, log_std_new = actor(observations, {name: params[name] + offsets[name] for name in params})
+    kl = gaussian_kl(mean, log_std, mean_new, log_std_new).mean()
+    return fisher_vector_product_fn(kl, list(offsets.values()), damping, create_graph=create_graph)
 
 
 @dataclass

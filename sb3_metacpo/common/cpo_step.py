@@ -154,7 +154,7 @@ def flat_grad(
         output, params, grad_outputs, create_graph=create_graph, retain_graph=retain_graph, allow_unused=True
     )
     return torch.cat(
-        [(torch.zeros_like(param) if grad is None else grad).reshape(-1) for param, grad in zip(params, grads)]
+        [(torch.zeros_like(param) if grad is None else grad).reshape(-1) for param, grad in zip(params, grads, strict=False)]
     )
 
 
@@ -401,7 +401,7 @@ def cpo_direction(
             one, zero = torch.ones_like(q), torch.zeros_like(q)
             stand_ins = (one, zero, one, zero, one)
             lam_dual, nu_dual = solve_dual_analytic(
-                *(torch.where(dual, x, stand_in) for x, stand_in in zip((q, r, s, b, delta), stand_ins))
+                *(torch.where(dual, x, stand_in) for x, stand_in in zip((q, r, s, b, delta), stand_ins, strict=False))
             )
         else:
             # Solve only the dual-case problems, then scatter them back (index_put is differentiable).
@@ -417,9 +417,7 @@ def cpo_direction(
     expected_cost_change = torch.where(informative, torch.where(recovery, -s, r - nu * s) / lam, torch.zeros_like(q))
     cases = tuple(CPO_CASES[code] for code in torch.where(trpo, 0, torch.where(recovery, 1, 2)).tolist())
     if single:
-        return CPOStepResult(
-            x[0], cases[0], lam[0], nu[0], expected_improvement[0], expected_cost_change[0], informative[0]
-        )
+        return CPOStepResult(x[0], cases[0], lam[0], nu[0], expected_improvement[0], expected_cost_change[0], informative[0])
     return CPOStepResult(x, cases, lam, nu, expected_improvement, expected_cost_change, informative)
 
 

@@ -44,8 +44,13 @@ def evaluate_safe_policy(
             costs.append(float(info["episode"]["c"]))
 
     rewards, _ = evaluate_policy(
-        model, env, n_eval_episodes=n_eval_episodes, deterministic=deterministic, return_episode_rewards=True,
-        callback=record_costs, warn=False,
+        model,
+        env,
+        n_eval_episodes=n_eval_episodes,
+        deterministic=deterministic,
+        return_episode_rewards=True,
+        callback=record_costs,
+        warn=False,
     )
     return float(np.mean(rewards)), float(np.std(rewards)), float(np.mean(costs)), float(np.std(costs))
 

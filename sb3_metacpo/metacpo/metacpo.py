@@ -356,7 +356,9 @@ class MetaCPO(BaseAlgorithm):
         progress_bar: bool = False,
     ) -> SelfMetaCPO:
         """Meta-train for at least ``total_timesteps`` env steps (whole meta-iterations)."""
-        total_timesteps, callback = self._setup_learn(total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar)
+        total_timesteps, callback = self._setup_learn(
+            total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar
+        )
         callback.on_training_start(locals(), globals())
         iteration = 0
         while self.num_timesteps < total_timesteps:
@@ -392,7 +394,7 @@ class MetaCPO(BaseAlgorithm):
         assert self.task_distribution is not None
         self._stop_requested = False
         second_order = self.meta_gradient == "second_order"
-        inner_config, outer_config = self._config(self.inner_target_kl), self._config(self.outer_target_kl)
+        inner_config = self._config(self.inner_target_kl)
         tasks = self.task_distribution.sample(self.meta_batch_size)
         theta = self.policy.actor_params()
         adapted: list[Params] = [theta] * len(tasks)
@@ -531,7 +533,7 @@ class MetaCPO(BaseAlgorithm):
         record("train/kl", search.kl)
         record("train/line_search_fraction", search.fraction)
         record("train/n_updates", self._n_updates, exclude="tensorboard")
-        record("train/std", float(self.policy.log_std.exp().mean()))
+        record("train/std", self.policy.log_std.exp().mean().item())
 
     def dump_logs(self, iteration: int = 0) -> None:
         """Write the time and rollout statistics (SB3 keys plus ``rollout/ep_cost_mean``) and dump the logger."""
@@ -655,7 +657,8 @@ class MetaCPO(BaseAlgorithm):
             env = DummyVecEnv([lambda: env])
         if not isinstance(env, VecEnv):
             raise TypeError(
-                f"adapt needs a gymnasium env, a VecEnv, a task of the model's family or a family name, got {type(env).__name__}"
+                "adapt needs a gymnasium env, a VecEnv, a task of the model's family or a family name, "
+                f"got {type(env).__name__}"
             )
         if not isinstance(env.action_space, gym.spaces.Box):
             raise TypeError(f"{type(self).__name__} needs a Box action space, the env has {env.action_space}")

@@ -168,10 +168,6 @@ class TaskDistribution(ABC):
                 raise ValueError(f"{self.name}: {key}={value!r} must be an integer in {limit}")
             if not limit.contains(value):
                 raise ValueError(f"{self.name}: {key}={value!r} is out of range; valid range is {limit}")
-        self._validate_extra(task)
-
-    def _validate_extra(self, task: Task) -> None:
-        """Family-specific checks that involve several parameters."""
 
     # --- envs --------------------------------------------------------------------------------------------------
     @abstractmethod

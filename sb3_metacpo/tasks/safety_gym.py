@@ -100,7 +100,8 @@ def _make_navigation_env(kind: str, robot: str, task: Task, max_episode_steps: i
             world.build_observation_space()
             return world
 
-    builder = _TaskBuilder(task_id=f"Safety{robot}{type(task).family}-v0", config={"agent_name": robot}, render_mode=render_mode)
+    task_id = f"Safety{robot}{type(task).family}-v0"
+    builder = _TaskBuilder(task_id=task_id, config={"agent_name": robot}, render_mode=render_mode)
     builder.spec = None
     return SafetyGymnasium2Gymnasium(builder)
 
