@@ -8,6 +8,7 @@ import pytest
 import torch as th
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import configure
+from stable_baselines3.common.vec_env import SubprocVecEnv
 
 from sb3_metacpo import MetaCPO, make_task_distribution
 from sb3_metacpo.common.evaluation import MetaEvalCallback, evaluate_safe_policy, meta_evaluate
@@ -79,6 +80,7 @@ def test_callback_can_stop_training_and_progress_bar_runs():
         dict(dual_solver="cvxpylayers"),
         dict(critic="mlp", n_critic_updates=2),
         dict(n_inner_updates=2, n_envs=4),
+        dict(vec_env_cls=SubprocVecEnv),
     ],
 )
 def test_variants_train(kwargs):
@@ -88,6 +90,7 @@ def test_variants_train(kwargs):
     after = model.policy.state_dict()
     assert any(not th.equal(before[k], after[k]) for k in before)  # theta (or the statistics) moved
     assert all(th.isfinite(v).all() for v in after.values())
+    model.sampler.close()
 
 
 def test_adapt_keeps_theta_and_changes_predict():
@@ -131,6 +134,9 @@ def test_save_load_round_trip(tmp_path):
     for key in ("meta_batch_size", "n_steps", "inner_target_kl", "cost_limit", "meta_gradient", "seed"):
         assert getattr(loaded, key) == getattr(model, key)
     th.testing.assert_close(loaded.policy.obs_mean, model.policy.obs_mean)  # normalisation statistics
+    theta = snapshot(loaded)
+    loaded.adapt(dist.test_tasks(1)[0], n_updates=1, n_steps=100)  # adaptation works on a loaded model
+    assert all(th.equal(theta[k], v) for k, v in loaded.policy.state_dict().items())
     loaded.learn(400, reset_num_timesteps=False)  # training resumes from the loaded model
     assert loaded.num_timesteps == 800
 
