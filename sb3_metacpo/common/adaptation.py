@@ -137,7 +137,10 @@ def prepare_batch(
     returns = [advantage + value for advantage, value in zip(advantages, values, strict=True)]
 
     reference = next(iter(params.values()))
-    to_tensor = lambda array: th.as_tensor(np.asarray(array).reshape(-1), dtype=reference.dtype, device=reference.device)  # noqa: E731
+
+    def to_tensor(array: np.ndarray) -> th.Tensor:
+        return th.as_tensor(np.asarray(array).reshape(-1), dtype=reference.dtype, device=reference.device)
+
     observations = th.as_tensor(batch.observations.reshape(-1, batch.observations.shape[-1]), device=reference.device)
     actions = th.as_tensor(batch.actions.reshape(-1, batch.actions.shape[-1]), device=reference.device)
     observations, actions = observations.to(reference.dtype), actions.to(reference.dtype)

@@ -110,7 +110,6 @@ class TaskSampler:
         self._env_tasks: list[Task | None] = [initial] * self.n_envs
         self.observation_space = self.vec_env.observation_space
         self.action_space = self.vec_env.action_space
-        self.total_steps = 0
 
     def _assign(self, tasks: Sequence[Task | None]) -> np.ndarray:
         """Point env i at task ``owners[i]`` (tasks get ``n_envs // M`` envs each, remainder to the first ones)."""
@@ -174,7 +173,6 @@ class TaskSampler:
                     episodes[owners[index]].append(
                         EpisodeRecord(episode["r"], episode["c"], episode["l"], info.get("episode_seed"), not is_truncated)
                     )
-            self.total_steps += self.n_envs
             if on_step is not None:
                 on_step()
 

@@ -626,7 +626,6 @@ class MetaCPO(BaseAlgorithm):
     ) -> tuple[float, float, int]:
         """Mean episode reward and cost of the actor at ``params`` over at least ``n_episodes`` fresh episodes."""
         sampler, task = self._adaptation_sampler(env)
-        assert self.task_distribution is not None
         act = self._act_fn([params], deterministic=deterministic)
         (batch,) = sampler.collect([task], act, n_episodes * self._episode_length(sampler))
         return float(batch.episode_rewards.mean()), float(batch.episode_costs.mean()), len(batch.episodes)
