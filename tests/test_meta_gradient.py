@@ -53,7 +53,6 @@ def make_batch(policy, params, seed, constraint):
         constraint=constraint,
         episode_cost=0.0,
         episode_reward=0.0,
-        episode_length=1.0,
         reward_returns=np.zeros(N),
         cost_returns=np.zeros(N),
     )

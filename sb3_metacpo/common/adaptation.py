@@ -64,7 +64,6 @@ class PreparedBatch:
     constraint: float
     episode_cost: float
     episode_reward: float
-    episode_length: float
     reward_returns: np.ndarray  # critic targets (GAE lambda-returns), flat
     cost_returns: np.ndarray
 
@@ -167,7 +166,6 @@ def prepare_batch(
         constraint=(episode_cost - cost_limit) / length,
         episode_cost=episode_cost,
         episode_reward=episode_reward,
-        episode_length=length,
         reward_returns=returns[0].reshape(-1),
         cost_returns=returns[1].reshape(-1),
     )
@@ -204,9 +202,6 @@ class StepInfo:
     fraction: float
     accepted: bool
     kl: float
-    lam: float
-    nu: float
-    constraint: float
 
 
 def cpo_update(
@@ -266,7 +261,7 @@ def cpo_update(
         kl = float("nan")
     step = fraction * result.x
     new_params = add_flat(params, step if create_graph else step.detach())
-    info = StepInfo(result.case, fraction, accepted, kl, result.lam.item(), result.nu.item(), batch.constraint)
+    info = StepInfo(result.case, fraction, accepted, kl)
     return new_params, info
 
 

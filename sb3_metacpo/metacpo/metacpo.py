@@ -480,17 +480,16 @@ class MetaCPO(BaseAlgorithm):
         all_observations = np.concatenate([b.observations.reshape(-1, b.observations.shape[-1]) for b in raw_batches])
         self.policy.update_obs_stats(all_observations)
         if self.critic == "mlp":
-            self._train_critics(raw_batches, [b for task in inner_batches for b in task] + validation)
+            self._train_critics([b for task in inner_batches for b in task] + validation)
         self._n_updates += 1
         self._log_iteration(inner_infos, inner_batches, validation, result, search, meta_constraint)
         return not self._stop_requested
 
-    def _train_critics(self, raw_batches: Sequence[TaskBatch], prepared: Sequence[PreparedBatch]) -> None:
+    def _train_critics(self, prepared: Sequence[PreparedBatch]) -> None:
         """Fit the shared reward and cost critics to the GAE lambda-returns of this meta-iteration's batches."""
         self.policy.set_training_mode(True)
-        observations = th.as_tensor(
-            np.concatenate([b.observations.reshape(-1, b.observations.shape[-1]) for b in raw_batches]), device=self.device
-        )
+        # Observations and targets come from the same batches in the same order.
+        observations = th.cat([p.observations for p in prepared]).float()
         reward_targets = th.as_tensor(np.concatenate([p.reward_returns for p in prepared]), device=self.device).float()
         cost_targets = th.as_tensor(np.concatenate([p.cost_returns for p in prepared]), device=self.device).float()
         losses = []
