@@ -202,6 +202,8 @@ class StepInfo:
     fraction: float
     accepted: bool
     kl: float
+    lam: float  # the multipliers of the CPO dual (nu = 0 without an informative constraint)
+    nu: float
 
 
 def cpo_update(
@@ -261,7 +263,7 @@ def cpo_update(
         kl = float("nan")
     step = fraction * result.x
     new_params = add_flat(params, step if create_graph else step.detach())
-    info = StepInfo(result.case, fraction, accepted, kl)
+    info = StepInfo(result.case, fraction, accepted, kl, float(result.lam), float(result.nu))
     return new_params, info
 
 

@@ -122,7 +122,7 @@ class CPOPolicy(ActorCriticPolicy):
     def actor_mean_log_std(self, obs: th.Tensor, params: ActorParams | None = None) -> tuple[th.Tensor, th.Tensor]:
         """Mean and log-std of the Gaussian actor at ``params`` (the module's own parameters when None)."""
         params = self.actor_params() if params is None else params
-        features = self.normalize_obs(obs)
+        features = self.normalize_obs(obs.to(self.obs_mean.dtype))  # envs may emit float64
         latent = functional_call(self.mlp_extractor.policy_net, _sub_params(params, "mlp_extractor.policy_net."), (features,))
         mean = functional_call(self.action_net, _sub_params(params, "action_net."), (latent,))
         return mean, params["log_std"].expand_as(mean)
@@ -136,6 +136,24 @@ class CPOPolicy(ActorCriticPolicy):
         if deterministic:
             return mean
         return mean + th.randn_like(mean) * log_std.exp()
+
+    def fit_critics(
+        self, observations: th.Tensor, reward_targets: th.Tensor, cost_targets: th.Tensor, n_epochs: int, batch_size: int
+    ) -> float:
+        """Regress the reward and cost critics on their targets (``n_epochs`` of Adam minibatches); mean loss."""
+        self.set_training_mode(True)
+        losses = []
+        for _ in range(n_epochs):
+            for indices in th.randperm(len(observations), device=observations.device).split(batch_size):
+                obs = observations[indices]
+                loss = nn.functional.mse_loss(self.predict_values(obs).flatten(), reward_targets[indices])
+                loss = loss + nn.functional.mse_loss(self.predict_costs(obs).flatten(), cost_targets[indices])
+                self.optimizer.zero_grad()
+                loss.backward()
+                self.optimizer.step()
+                losses.append(loss.item())
+        self.set_training_mode(False)
+        return float(np.mean(losses))
 
     def predict_costs(self, obs: th.Tensor) -> th.Tensor:
         """Cost-value estimates, shape (n, 1)."""

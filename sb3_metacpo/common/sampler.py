@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
 
+from sb3_metacpo.common.envs import EnvFactory
 from sb3_metacpo.tasks.base import Task, TaskDistribution
 
 #: ``act(observations, task_indices) -> actions``: observations ``(n_envs, *obs_shape)``, task_indices ``(n_envs,)``
@@ -67,6 +68,67 @@ class TaskBatch:
         return np.array([episode.cost for episode in self.episodes])
 
 
+class RolloutStorage:
+    """Time-major arrays of a rollout of ``n_envs`` envs, filled step by step from VecEnv outputs."""
+
+    def __init__(self, horizon: int, n_envs: int, obs_shape: tuple[int, ...], action_shape: tuple[int, ...]) -> None:
+        self.observations = np.zeros((horizon, n_envs, *obs_shape), dtype=np.float32)
+        self.next_observations = np.zeros_like(self.observations)
+        self.actions = np.zeros((horizon, n_envs, *action_shape), dtype=np.float32)
+        self.rewards = np.zeros((horizon, n_envs), dtype=np.float32)
+        self.costs = np.zeros((horizon, n_envs), dtype=np.float32)
+        self.terminated = np.zeros((horizon, n_envs), dtype=bool)
+        self.truncated = np.zeros((horizon, n_envs), dtype=bool)
+
+    def add(
+        self,
+        t: int,
+        observations: np.ndarray,
+        actions: np.ndarray,
+        rewards: np.ndarray,
+        next_observations: np.ndarray,
+        dones: np.ndarray,
+        infos: Sequence[dict[str, Any]],
+    ) -> list[tuple[int, EpisodeRecord]]:
+        """Store step ``t`` (``next_observations`` as returned by the VecEnv, i.e. already reset where done);
+        returns ``(env index, episode)`` for every episode that ended at this step."""
+        self.observations[t] = observations
+        self.actions[t] = actions
+        self.rewards[t] = rewards
+        self.next_observations[t] = next_observations
+        ended = []
+        for index, info in enumerate(infos):
+            self.costs[t, index] = info["cost"]
+            if dones[index]:
+                is_truncated = info.get("TimeLimit.truncated", False)
+                self.truncated[t, index] = is_truncated
+                self.terminated[t, index] = not is_truncated
+                self.next_observations[t, index] = info["terminal_observation"]
+                if "episode" not in info or "c" not in info["episode"]:
+                    raise KeyError(
+                        "the env reports no episode cost: wrap each env in sb3_metacpo.common.monitor.CostMonitor "
+                        "(not SB3's Monitor), or build it with TaskDistribution.make_env"
+                    )
+                episode = info["episode"]
+                record = EpisodeRecord(episode["r"], episode["c"], episode["l"], info.get("episode_seed"), not is_truncated)
+                ended.append((index, record))
+        return ended
+
+    def batch(self, task: Task | None, columns: np.ndarray | slice, episodes: list[EpisodeRecord]) -> TaskBatch:
+        """The rollout of the envs selected by ``columns`` as a :class:`TaskBatch`."""
+        return TaskBatch(
+            task=task,
+            observations=self.observations[:, columns],
+            actions=self.actions[:, columns],
+            rewards=self.rewards[:, columns],
+            costs=self.costs[:, columns],
+            terminated=self.terminated[:, columns],
+            truncated=self.truncated[:, columns],
+            next_observations=self.next_observations[:, columns],
+            episodes=episodes,
+        )
+
+
 class TaskSampler:
     """Rollouts of a policy on several tasks of one :class:`TaskDistribution`, through one VecEnv of ``n_envs`` envs.
 
@@ -99,7 +161,7 @@ class TaskSampler:
             if not isinstance(n_envs, int) or n_envs < 1:
                 raise ValueError(f"n_envs must be a positive integer, got {n_envs!r}")
             initial: Task | None = distribution.test_tasks(1)[0]
-            env_fns = [_EnvFactory(distribution, initial) for _ in range(n_envs)]
+            env_fns = [EnvFactory(distribution=distribution, task=initial)] * n_envs
             vec_env = vec_env_cls(env_fns, **(vec_env_kwargs or {}))  # type: ignore[arg-type]
         else:
             initial = None  # a given VecEnv runs whatever task its envs have: collect it with tasks=[None]
@@ -143,67 +205,20 @@ class TaskSampler:
     ) -> list[TaskBatch]:
         owners = self._assign(tasks)
         horizon = math.ceil(n_steps / (self.n_envs // len(tasks)))
-        obs_shape, act_shape = self.observation_space.shape, self.action_space.shape
-        observations = np.zeros((horizon, self.n_envs, *obs_shape), dtype=np.float32)
-        next_observations = np.zeros_like(observations)
-        actions = np.zeros((horizon, self.n_envs, *act_shape), dtype=np.float32)
-        rewards = np.zeros((horizon, self.n_envs), dtype=np.float32)
-        costs = np.zeros((horizon, self.n_envs), dtype=np.float32)
-        terminated = np.zeros((horizon, self.n_envs), dtype=bool)
-        truncated = np.zeros((horizon, self.n_envs), dtype=bool)
+        storage = RolloutStorage(horizon, self.n_envs, self.observation_space.shape, self.action_space.shape)
         episodes: list[list[EpisodeRecord]] = [[] for _ in tasks]
         low, high = self.action_space.low, self.action_space.high
 
         obs = self.vec_env.reset()
         for t in range(horizon):
-            observations[t] = obs
-            raw_actions = np.asarray(act(obs, owners), dtype=np.float32).reshape(self.n_envs, *act_shape)
-            actions[t] = raw_actions
-            obs, step_rewards, dones, infos = self.vec_env.step(np.clip(raw_actions, low, high))
-            rewards[t] = step_rewards
-            next_observations[t] = obs
-            for index, info in enumerate(infos):
-                costs[t, index] = info["cost"]
-                if dones[index]:
-                    is_truncated = info.get("TimeLimit.truncated", False)
-                    truncated[t, index] = is_truncated
-                    terminated[t, index] = not is_truncated
-                    next_observations[t, index] = info["terminal_observation"]
-                    episode = info["episode"]
-                    episodes[owners[index]].append(
-                        EpisodeRecord(episode["r"], episode["c"], episode["l"], info.get("episode_seed"), not is_truncated)
-                    )
+            raw_actions = np.asarray(act(obs, owners), dtype=np.float32).reshape(self.n_envs, *self.action_space.shape)
+            next_obs, rewards, dones, infos = self.vec_env.step(np.clip(raw_actions, low, high))
+            for index, episode in storage.add(t, obs, raw_actions, rewards, next_obs, dones, infos):
+                episodes[owners[index]].append(episode)
+            obs = next_obs
             if on_step is not None:
                 on_step()
-
-        batches = []
-        for task_index, task in enumerate(tasks):
-            columns = owners == task_index
-            batches.append(
-                TaskBatch(
-                    task=task,
-                    observations=observations[:, columns],
-                    actions=actions[:, columns],
-                    rewards=rewards[:, columns],
-                    costs=costs[:, columns],
-                    terminated=terminated[:, columns],
-                    truncated=truncated[:, columns],
-                    next_observations=next_observations[:, columns],
-                    episodes=episodes[task_index],
-                )
-            )
-        return batches
+        return [storage.batch(task, owners == index, episodes[index]) for index, task in enumerate(tasks)]
 
     def close(self) -> None:
         self.vec_env.close()
-
-
-class _EnvFactory:
-    """Picklable env constructor for VecEnvs: builds the task env in whichever process calls it."""
-
-    def __init__(self, distribution: TaskDistribution, task: Task) -> None:
-        self.distribution = distribution
-        self.task = task
-
-    def __call__(self) -> Any:
-        return self.distribution.make_env(self.task)

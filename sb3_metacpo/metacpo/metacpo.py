@@ -487,23 +487,13 @@ class MetaCPO(BaseAlgorithm):
 
     def _train_critics(self, prepared: Sequence[PreparedBatch]) -> None:
         """Fit the shared reward and cost critics to the GAE lambda-returns of this meta-iteration's batches."""
-        self.policy.set_training_mode(True)
         # Observations and targets come from the same batches in the same order.
         observations = th.cat([p.observations for p in prepared]).float()
         reward_targets = th.as_tensor(np.concatenate([p.reward_returns for p in prepared]), device=self.device).float()
         cost_targets = th.as_tensor(np.concatenate([p.cost_returns for p in prepared]), device=self.device).float()
-        losses = []
-        for _ in range(self.n_critic_updates):
-            for indices in th.randperm(len(observations), device=self.device).split(self.critic_batch_size):
-                obs = observations[indices]
-                loss = th.nn.functional.mse_loss(self.policy.predict_values(obs).flatten(), reward_targets[indices])
-                loss = loss + th.nn.functional.mse_loss(self.policy.predict_costs(obs).flatten(), cost_targets[indices])
-                self.policy.optimizer.zero_grad()
-                loss.backward()
-                self.policy.optimizer.step()
-                losses.append(loss.item())
-        self.policy.set_training_mode(False)
-        self.logger.record("train/value_loss", float(np.mean(losses)))
+        epochs, batch_size = self.n_critic_updates, self.critic_batch_size
+        loss = self.policy.fit_critics(observations, reward_targets, cost_targets, epochs, batch_size)
+        self.logger.record("train/value_loss", loss)
 
     def _log_iteration(
         self,

@@ -141,11 +141,12 @@ class TaskDistribution(ABC):
         params = {key: ranges[key].sample(rng) for key in self.limits}
         return self.task_cls(layout_seed=int(rng.integers(2**31 - 1)), **params)
 
-    def sample(self, n: int) -> list[Task]:
-        """Draw ``n`` training tasks; successive calls continue the seeded stream."""
+    def sample(self, n: int, rng: np.random.Generator | None = None) -> list[Task]:
+        """Draw ``n`` training tasks; successive calls continue the seeded stream (or ``rng``'s, when given)."""
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
-        return [self._draw(self._rng, self.train_ranges) for _ in range(n)]
+        rng = self._rng if rng is None else rng
+        return [self._draw(rng, self.train_ranges) for _ in range(n)]
 
     def test_tasks(self, n: int = 5) -> list[Task]:
         """The first ``n`` tasks of the fixed held-out set (``test_tasks(3)`` is a prefix of ``test_tasks(5)``)."""

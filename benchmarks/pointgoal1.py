@@ -1,0 +1,90 @@
+"""Single-task sanity check: CPO and sb3-contrib TRPO on SafetyPointGoal1Gymnasium-v0 with the same script.
+
+Both train for ``--timesteps`` env steps with their default hyperparameters (one env) and write a monitor CSV of
+every training episode. The summary row is the mean return and cost of the last ``--last`` training episodes, the
+measure of OmniSafe's benchmark table (research/anchors.md section 3: CPO 20.46 return / 28.84 cost at 1e7 steps).
+
+    python benchmarks/pointgoal1.py --timesteps 1000000 --seed 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import time
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import torch as th
+from sb3_contrib import TRPO
+from stable_baselines3.common.vec_env import DummyVecEnv
+
+from sb3_metacpo import CPO
+from sb3_metacpo.common.monitor import CostMonitor
+from sb3_metacpo.tasks.compat import import_safety_gymnasium
+
+ENV_ID = "SafetyPointGoal1Gymnasium-v0"
+ALGORITHMS = {"CPO": CPO, "TRPO": TRPO}
+
+
+def run(name: str, timesteps: int, seed: int, cost_limit: float, out: Path) -> dict:
+    import_safety_gymnasium()
+    monitor_file = out / f"{name}_seed{seed}"
+    env = DummyVecEnv([lambda: CostMonitor(gym.make(ENV_ID), filename=str(monitor_file))])
+    kwargs = {"cost_limit": cost_limit} if name == "CPO" else {}
+    model = ALGORITHMS[name]("MlpPolicy", env, seed=seed, **kwargs)
+    start = time.perf_counter()
+    model.learn(timesteps)
+    seconds = time.perf_counter() - start
+    env.close()
+    with open(f"{monitor_file}.monitor.csv") as handle:
+        next(handle)  # the monitor's JSON header line
+        episodes = list(csv.DictReader(handle))
+    return {"algorithm": name, "seed": seed, "timesteps": timesteps, "seconds": seconds, "episodes": episodes}
+
+
+def summary(result: dict, last: int) -> dict:
+    tail = result["episodes"][-last:]
+    return {
+        "algorithm": result["algorithm"],
+        "seed": result["seed"],
+        "timesteps": result["timesteps"],
+        "episodes": len(result["episodes"]),
+        "return": float(np.mean([float(e["r"]) for e in tail])),
+        "cost": float(np.mean([float(e["c"]) for e in tail])),
+        "steps_per_s": result["timesteps"] / result["seconds"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--timesteps", type=int, default=1_000_000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cost-limit", type=float, default=25.0)
+    parser.add_argument("--last", type=int, default=20, help="training episodes averaged for the summary")
+    parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=list(ALGORITHMS))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/pointgoal1"))
+    args = parser.parse_args()
+    th.set_num_threads(1)  # one core per run: the simulator is single-threaded and a 64x64 MLP gains nothing from more
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in args.algorithms:
+        row = summary(run(name, args.timesteps, args.seed, args.cost_limit, args.out), args.last)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        with open(args.out / f"{name}_seed{args.seed}.json", "w") as handle:
+            json.dump(row, handle, indent=1)
+    print(f"\n| algorithm | seed | env steps | episodes | return (last {args.last}) | cost (last {args.last}) | steps/s |")
+    print("|---|---|---|---|---|---|---|")
+    for row in rows:
+        print(
+            f"| {row['algorithm']} | {row['seed']} | {row['timesteps']} | {row['episodes']} | {row['return']:.2f} "
+            f"| {row['cost']:.2f} | {row['steps_per_s']:.0f} |"
+        )
+    print("| OmniSafe CPO (published, 1e7 steps) | | 10000000 | | 20.46 | 28.84 | |")
+
+
+if __name__ == "__main__":
+    main()

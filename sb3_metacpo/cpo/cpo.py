@@ -1,0 +1,351 @@
+"""CPO (Achiam et al., 2017) as an SB3 on-policy algorithm, on one env or on a whole task distribution."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal, TypeVar
+
+import gymnasium as gym
+import numpy as np
+import torch as th
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
+from stable_baselines3.common.policies import BasePolicy
+from stable_baselines3.common.type_aliases import MaybeCallback
+from stable_baselines3.common.utils import safe_mean
+from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
+
+from sb3_metacpo.common.adaptation import CPOConfig, cpo_update, prepare_batch
+from sb3_metacpo.common.cpo_step import DUAL_SOLVERS
+from sb3_metacpo.common.envs import SafeEnv, make_safe_vec_env
+from sb3_metacpo.common.policies import CPOPolicy
+from sb3_metacpo.common.sampler import EpisodeRecord, RolloutStorage, TaskBatch
+from sb3_metacpo.tasks.base import TaskDistribution, list_task_distributions, make_task_distribution
+
+SelfCPO = TypeVar("SelfCPO", bound="CPO")
+
+#: Cost limit of plain envs (the safety-gymnasium benchmark's standard limit), when ``cost_limit`` is not given.
+DEFAULT_COST_LIMIT = 25.0
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+class CPO(OnPolicyAlgorithm):
+    """Constrained Policy Optimization: trust-region policy steps that keep the expected episode cost under a limit.
+
+    Every update solves CPO's convex program (the shared step of :mod:`sb3_metacpo.common.cpo_step`: the TRPO step
+    when the whole trust region is feasible, the dual solution when the constraint binds, a pure cost-decreasing
+    recovery step when it cannot be met) with a backtracking line search. The reward and cost critics are MLPs
+    trained by regression on GAE lambda-returns after each update.
+
+    ``env`` may be a single env (a gymnasium env, a VecEnv of :class:`~sb3_metacpo.common.monitor.CostMonitor`-
+    wrapped envs, or an id such as ``"SafetyPointGoal1Gymnasium-v0"``) or a task distribution (a
+    :class:`TaskDistribution` or a registered family name): then every env draws a new training task at each
+    reset, which makes CPO the multi-task pretraining baseline of the Meta-CPO benchmark.
+
+    :param policy: the policy class or alias (``"MlpPolicy"``: Gaussian actor, reward critic, cost critic)
+    :param env: the env or task distribution to train on (see above)
+    :param learning_rate: Adam learning rate of the critics (the actor moves by CPO steps, not by a learning rate)
+    :param n_steps: env steps per env per update
+    :param batch_size: minibatch size of critic training
+    :param gamma: discount factor of the reward
+    :param cost_gamma: discount factor of the cost advantages; 1 (default) matches the constraint, which is on the
+        undiscounted episode cost
+    :param gae_lambda: GAE lambda, for reward and cost advantages
+    :param target_kl: trust-region size delta, in mean KL between the old and the new policy
+    :param cost_limit: limit on the expected undiscounted episode cost (default: the family's suggestion for a
+        task distribution, 25 otherwise)
+    :param cg_max_steps: conjugate-gradient iterations for H^-1 g and H^-1 a
+    :param cg_damping: damping added to the Fisher matrix
+    :param line_search_max_iter: backtracking steps of the line search
+    :param line_search_shrinking_factor: step shrinking factor of the line search
+    :param dual_solver: ``"analytic"`` (closed form of the CPO dual) or ``"cvxpylayers"`` (the differentiable
+        convex program); they agree to solver precision
+    :param n_critic_updates: epochs of critic training per update
+    :param n_envs: envs built for an env id or a task distribution (ignored for an env object)
+    :param vec_env_cls: ``DummyVecEnv`` (default) or ``SubprocVecEnv``, for an env id or a task distribution
+    :param policy_kwargs: extra arguments of the policy (e.g. ``net_arch``, ``normalize_observations``)
+    :param stats_window_size: episodes averaged for the rollout logs
+    :param tensorboard_log: tensorboard log directory (None: no tensorboard)
+    :param verbose: 0 silent, 1 training logs, 2 debug
+    :param seed: seed of torch, numpy, the envs and (when ``env`` is a family name) the task distribution
+    :param device: torch device
+    :param _init_setup_model: build the networks at construction (False when loading)
+    """
+
+    policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = {"MlpPolicy": CPOPolicy}
+    policy: CPOPolicy
+
+    def __init__(
+        self,
+        policy: str | type[CPOPolicy],
+        env: SafeEnv | None,
+        learning_rate: float = 1e-3,
+        n_steps: int = 2048,
+        batch_size: int = 128,
+        gamma: float = 0.99,
+        cost_gamma: float = 1.0,
+        gae_lambda: float = 0.95,
+        target_kl: float = 0.01,
+        cost_limit: float | None = None,
+        cg_max_steps: int = 15,
+        cg_damping: float = 0.1,
+        line_search_max_iter: int = 10,
+        line_search_shrinking_factor: float = 0.8,
+        dual_solver: Literal["analytic", "cvxpylayers"] = "analytic",
+        n_critic_updates: int = 10,
+        n_envs: int = 1,
+        vec_env_cls: type[DummyVecEnv] | type[SubprocVecEnv] | None = None,
+        policy_kwargs: dict[str, Any] | None = None,
+        stats_window_size: int = 100,
+        tensorboard_log: str | None = None,
+        verbose: int = 0,
+        seed: int | None = None,
+        device: th.device | str = "auto",
+        _init_setup_model: bool = True,
+    ) -> None:
+        self.seed = seed
+        self.n_envs_requested = n_envs
+        self.vec_env_cls = vec_env_cls
+        self.task_distribution: TaskDistribution | None = None
+        self.task_distribution_name: str | None = None
+        self.task_distribution_params: dict[str, Any] | None = None
+        vec_env = None if env is None else self._make_env(env)
+        super().__init__(
+            policy,
+            vec_env,  # type: ignore[arg-type]
+            learning_rate=learning_rate,
+            n_steps=n_steps,
+            gamma=gamma,
+            gae_lambda=gae_lambda,
+            ent_coef=0.0,
+            vf_coef=0.0,
+            max_grad_norm=0.0,
+            use_sde=False,
+            sde_sample_freq=-1,
+            stats_window_size=stats_window_size,
+            tensorboard_log=tensorboard_log,
+            policy_kwargs=policy_kwargs,
+            verbose=verbose,
+            seed=seed,
+            device=device,
+            _init_setup_model=False,
+            supported_action_spaces=(gym.spaces.Box,),
+        )
+        self.batch_size = batch_size
+        self.cost_gamma = cost_gamma
+        self.target_kl = target_kl
+        self.cost_limit = cost_limit
+        self.cg_max_steps = cg_max_steps
+        self.cg_damping = cg_damping
+        self.line_search_max_iter = line_search_max_iter
+        self.line_search_shrinking_factor = line_search_shrinking_factor
+        self.dual_solver = dual_solver
+        self.n_critic_updates = n_critic_updates
+        if _init_setup_model:
+            self._validate_hyperparameters()
+            self._setup_model()
+
+    # --- set-up -----------------------------------------------------------------------------------------------
+    def _validate_hyperparameters(self) -> None:
+        for name in ("n_steps", "batch_size", "cg_max_steps", "n_critic_updates", "n_envs_requested"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and value >= 1, f"{name} must be a positive integer, got {value!r}")
+        _check(self.line_search_max_iter >= 0, f"line_search_max_iter must be >= 0, got {self.line_search_max_iter}")
+        _check(self.target_kl > 0, f"target_kl must be > 0, got {self.target_kl!r}")
+        _check(callable(self.learning_rate) or self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
+        _check(self.cg_damping >= 0, f"cg_damping must be >= 0, got {self.cg_damping}")
+        _check(0 < self.gamma <= 1, f"gamma must be in (0, 1], got {self.gamma}")
+        _check(0 < self.cost_gamma <= 1, f"cost_gamma must be in (0, 1], got {self.cost_gamma}")
+        _check(0 <= self.gae_lambda <= 1, f"gae_lambda must be in [0, 1], got {self.gae_lambda}")
+        _check(
+            0 < self.line_search_shrinking_factor < 1,
+            f"line_search_shrinking_factor must be in (0, 1), got {self.line_search_shrinking_factor}",
+        )
+        _check(self.dual_solver in DUAL_SOLVERS, f"dual_solver must be one of {DUAL_SOLVERS}, got {self.dual_solver!r}")
+        _check(
+            self.cost_limit is None or self.cost_limit > 0,
+            f"cost_limit must be > 0 (an expected episode cost), got {self.cost_limit!r}",
+        )
+
+    def _make_env(self, env: SafeEnv) -> VecEnv:
+        """A cost-monitored VecEnv for ``env``; a family name or a distribution becomes the training distribution."""
+        if isinstance(env, str) and env in list_task_distributions():
+            env = make_task_distribution(env, seed=0 if self.seed is None else self.seed)
+        if isinstance(env, TaskDistribution):
+            self.task_distribution = env
+            self.task_distribution_name = env.name
+            self.task_distribution_params = env.get_params()
+        distribution = self._get_task_distribution()
+        vec_env = make_safe_vec_env(env, self.n_envs_requested, self.vec_env_cls, distribution)
+        if self.seed is not None and not isinstance(env, (gym.Env, VecEnv)):
+            vec_env.seed(self.seed)
+        return vec_env
+
+    def _get_task_distribution(self) -> TaskDistribution | None:
+        if self.task_distribution is None and self.task_distribution_name is not None:
+            assert self.task_distribution_params is not None
+            self.task_distribution = make_task_distribution(self.task_distribution_name, **self.task_distribution_params)
+        return self.task_distribution
+
+    def _setup_model(self) -> None:
+        self._setup_lr_schedule()
+        self.set_random_seed(self.seed)
+        self.policy = self.policy_class(  # type: ignore[assignment]
+            self.observation_space, self.action_space, self.lr_schedule, **self.policy_kwargs
+        )
+        self.policy = self.policy.to(self.device)
+        if not isinstance(self.policy, CPOPolicy):
+            raise TypeError(f"{type(self).__name__} needs a CPOPolicy (e.g. 'MlpPolicy'), got {type(self.policy).__name__}")
+        # SB3's RolloutBuffer has no costs: rollouts are kept as a TaskBatch in self._rollout instead.
+        self.rollout_buffer = None  # type: ignore[assignment]
+        self._rollout: TaskBatch | None = None
+
+    def _excluded_save_params(self) -> list[str]:
+        return [*super()._excluded_save_params(), "task_distribution", "_rollout"]
+
+    def set_env(self, env: SafeEnv, force_reset: bool = True) -> None:  # type: ignore[override]
+        """Train on ``env`` from now on: anything the constructor accepts, including a task of the training family
+        (fine-tuning on one task is how CPO adapts in the benchmark). The number of envs may change."""
+        vec_env = self._make_env(env)
+        self.n_envs = vec_env.num_envs
+        super().set_env(vec_env, force_reset)
+
+    @property
+    def effective_cost_limit(self) -> float:
+        if self.cost_limit is not None:
+            return float(self.cost_limit)
+        distribution = self._get_task_distribution()
+        return float(distribution.default_cost_limit if distribution is not None else DEFAULT_COST_LIMIT)
+
+    def _episode_length(self) -> int:
+        """Episode length for J_C when a rollout completes no episode: the env's time limit, else the rollout."""
+        assert self.env is not None
+        spec = self.env.get_attr("spec", indices=[0])[0]
+        if spec is not None and spec.max_episode_steps is not None:
+            return int(spec.max_episode_steps)
+        distribution = self._get_task_distribution()
+        return distribution.max_episode_steps if distribution is not None else self.n_steps
+
+    # --- training ---------------------------------------------------------------------------------------------
+    def collect_rollouts(  # type: ignore[override]
+        self, env: VecEnv, callback: BaseCallback, rollout_buffer: Any, n_rollout_steps: int
+    ) -> bool:
+        """Collect ``n_rollout_steps`` steps per env into a :class:`RolloutStorage`; episodes run on across rollouts."""
+        assert self._last_obs is not None
+        self.policy.set_training_mode(False)
+        storage = RolloutStorage(n_rollout_steps, env.num_envs, self.observation_space.shape, self.action_space.shape)
+        episodes: list[EpisodeRecord] = []
+        low, high = self.action_space.low, self.action_space.high  # type: ignore[attr-defined]
+        callback.on_rollout_start()
+        for t in range(n_rollout_steps):
+            with th.no_grad():
+                mean, log_std = self.policy.actor_mean_log_std(th.as_tensor(self._last_obs, device=self.device))
+                actions = (mean + th.randn_like(mean) * log_std.exp()).cpu().numpy()
+            new_obs, rewards, dones, infos = env.step(np.clip(actions, low, high))
+            self.num_timesteps += env.num_envs
+            callback.update_locals(locals())
+            if not callback.on_step():
+                return False
+            self._update_info_buffer(infos, dones)
+            episodes.extend(episode for _, episode in storage.add(t, self._last_obs, actions, rewards, new_obs, dones, infos))
+            self._last_obs = new_obs  # type: ignore[assignment]
+            self._last_episode_starts = dones
+        self._rollout = storage.batch(None, slice(None), episodes)
+        callback.update_locals(locals())
+        callback.on_rollout_end()
+        return True
+
+    def train(self) -> None:
+        """One CPO update of the actor on the last rollout, then critic regression and normalisation statistics."""
+        batch = self._rollout
+        assert batch is not None, "train() needs a rollout: call learn()"
+        config = CPOConfig(
+            target_kl=self.target_kl,
+            cost_limit=self.effective_cost_limit,
+            cg_max_steps=self.cg_max_steps,
+            cg_damping=self.cg_damping,
+            dual_solver=self.dual_solver,
+            line_search_max_iter=self.line_search_max_iter,
+            line_search_shrinking_factor=self.line_search_shrinking_factor,
+        )
+        params = self.policy.actor_params()
+        prepared = prepare_batch(
+            batch,
+            self.policy.actor_mean_log_std,
+            params,
+            self._critic_values,
+            self.gamma,
+            self.gae_lambda,
+            self.effective_cost_limit,
+            self._episode_length(),
+            self.cost_gamma,
+        )
+        new_params, info = cpo_update(self.policy.actor_mean_log_std, params, prepared, config)
+        with th.no_grad():
+            for name, value in new_params.items():
+                params[name].copy_(value)
+        self.policy.update_obs_stats(batch.observations.reshape(-1, batch.observations.shape[-1]))
+        loss = self.policy.fit_critics(
+            prepared.observations.float(),
+            th.as_tensor(prepared.reward_returns, device=self.device).float(),
+            th.as_tensor(prepared.cost_returns, device=self.device).float(),
+            self.n_critic_updates,
+            self.batch_size,
+        )
+        self._n_updates += 1
+        record = self.logger.record
+        record("train/cpo_case", info.case)
+        record("train/lambda", info.lam)
+        record("train/nu", info.nu)
+        record("train/kl", info.kl)
+        record("train/line_search_fraction", info.fraction)
+        record("train/constraint", prepared.constraint)
+        record("train/value_loss", loss)
+        record("train/std", self.policy.log_std.exp().mean().item())
+        record("train/n_updates", self._n_updates, exclude="tensorboard")
+
+    def _critic_values(self, observations: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        with th.no_grad():
+            obs = th.as_tensor(observations, device=self.device)
+            return (
+                self.policy.predict_values(obs).cpu().numpy().reshape(-1),
+                self.policy.predict_costs(obs).cpu().numpy().reshape(-1),
+            )
+
+    def dump_logs(self, iteration: int = 0) -> None:
+        """SB3's logs plus ``rollout/ep_cost_mean``."""
+        assert self.ep_info_buffer is not None
+        if len(self.ep_info_buffer) > 0:
+            self.logger.record("rollout/ep_cost_mean", safe_mean([info["c"] for info in self.ep_info_buffer]))
+        super().dump_logs(iteration)
+
+    def learn(
+        self: SelfCPO,
+        total_timesteps: int,
+        callback: MaybeCallback = None,
+        log_interval: int = 1,
+        tb_log_name: str = "CPO",
+        reset_num_timesteps: bool = True,
+        progress_bar: bool = False,
+    ) -> SelfCPO:
+        return super().learn(total_timesteps, callback, log_interval, tb_log_name, reset_num_timesteps, progress_bar)
+
+    @classmethod
+    def load(  # type: ignore[override]
+        cls: type[SelfCPO],
+        path: str,
+        env: SafeEnv | None = None,
+        device: th.device | str = "auto",
+        custom_objects: dict[str, Any] | None = None,
+        print_system_info: bool = False,
+        force_reset: bool = True,
+        **kwargs: Any,
+    ) -> SelfCPO:
+        """Load a saved model; ``env`` (anything the constructor accepts, e.g. a held-out task) to train on."""
+        model = super().load(path, None, device, custom_objects, print_system_info, force_reset, **kwargs)
+        if env is not None:
+            model.set_env(env, force_reset)
+        return model

@@ -1,0 +1,133 @@
+"""CPO as an SB3 on-policy algorithm: the constraint holds where TRPO breaks it, envs of every kind, save/load."""
+
+import csv
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch as th
+from stable_baselines3.common.logger import configure
+from stable_baselines3.common.monitor import Monitor
+from stable_baselines3.common.vec_env import DummyVecEnv
+
+from sb3_metacpo import CPO, make_task_distribution
+from sb3_metacpo.common.envs import ResampleTaskOnReset, make_safe_vec_env
+from sb3_metacpo.common.monitor import CostMonitor
+
+SMALL = dict(n_steps=200, seed=0, policy_kwargs=dict(net_arch=[16]))
+
+
+class CostlyBandit(gym.Env):
+    """Reward = action, cost 1 whenever the action is positive: the reward pulls straight into the cost."""
+
+    observation_space = gym.spaces.Box(-1, 1, (1,), np.float32)
+    action_space = gym.spaces.Box(-3, 3, (1,), np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return np.zeros(1, np.float32), {}
+
+    def step(self, action):
+        return np.zeros(1, np.float32), float(action[0]), False, False, {"cost": float(action[0] > 0)}
+
+
+def bandit_episode_stats(cost_limit):
+    env = gym.wrappers.TimeLimit(CostlyBandit(), 10)
+    model = CPO("MlpPolicy", env, n_steps=500, cost_limit=cost_limit, target_kl=0.02, seed=0, policy_kwargs=dict(net_arch=[8]))
+    model.learn(10_000)
+    episodes = list(model.ep_info_buffer)[-50:]
+    return np.mean([e["r"] for e in episodes]), np.mean([e["c"] for e in episodes])
+
+
+def test_cpo_keeps_the_cost_under_the_limit_where_trpo_does_not():
+    # The initial policy (mean 0, std 1) costs 5 per episode, over the limit of 3: CPO must recover and then stay
+    # near the boundary (the constrained optimum has the action's mean just below 0), while the unconstrained
+    # update (limit never binding) pushes the action up and pays the cost at every step.
+    reward, cost = bandit_episode_stats(3.0)
+    assert cost <= 3.5
+    assert reward > -5.0  # not a collapse to the most negative action (return -30)
+    reward_free, cost_free = bandit_episode_stats(1e6)
+    assert cost_free >= 9.0 and reward_free > 10.0
+
+
+def test_learn_logs_safety_keys(tmp_path):
+    dist = make_task_distribution("Toy2DNav", seed=0, max_episode_steps=50)
+    model = CPO("MlpPolicy", dist, n_envs=2, **SMALL)
+    assert model.effective_cost_limit == dist.default_cost_limit
+    model.set_logger(configure(str(tmp_path), ["csv"]))
+    model.learn(1200)
+    assert model.num_timesteps == 1200 and model._n_updates == 3  # 2 envs x 200 steps per update
+    with open(tmp_path / "progress.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    for key in (
+        "rollout/ep_cost_mean",
+        "rollout/ep_rew_mean",
+        "train/cpo_case",
+        "train/kl",
+        "train/lambda",
+        "train/nu",
+        "train/line_search_fraction",
+        "train/constraint",
+        "train/value_loss",
+        "time/fps",
+    ):
+        assert key in rows[-1], key
+    assert rows[-1]["train/cpo_case"] in ("trpo", "dual", "recovery")
+
+
+def test_task_distribution_envs_draw_a_new_training_task_every_episode():
+    dist = make_task_distribution("Toy2DNav", seed=0, max_episode_steps=20)
+    env = ResampleTaskOnReset(dist)
+    tasks = []
+    for episode in range(4):
+        env.reset(seed=7 if episode == 0 else None)
+        tasks.append(env.task)
+    assert len(set(tasks)) == 4 and all(dist.is_training_task(task) for task in tasks)
+    again = ResampleTaskOnReset(dist)
+    again.reset(seed=7)
+    assert again.task == tasks[0]  # the task stream is seeded by the first reset's seed
+
+
+def test_save_load_and_fine_tune_on_a_held_out_task(tmp_path):
+    dist = make_task_distribution("Toy2DNav", seed=0, max_episode_steps=50)
+    model = CPO("MlpPolicy", "Toy2DNav", **SMALL)
+    model.learn(400)
+    model.save(tmp_path / "cpo")
+    task = dist.test_tasks(1)[0]
+    loaded = CPO.load(tmp_path / "cpo", env=task, n_steps=100)
+    obs = np.random.default_rng(0).normal(size=(5, 2)).astype(np.float32)
+    np.testing.assert_array_equal(loaded.predict(obs, deterministic=True)[0], model.predict(obs, deterministic=True)[0])
+    assert loaded.task_distribution is not None and loaded.effective_cost_limit == model.effective_cost_limit
+    before = {k: v.clone() for k, v in loaded.policy.state_dict().items()}
+    loaded.learn(100, reset_num_timesteps=False)
+    assert loaded.num_timesteps == 500
+    assert any(not th.equal(before[k], v) for k, v in loaded.policy.state_dict().items())
+    assert loaded.env.get_attr("task")[0] == task
+
+
+def test_safety_gymnasium_id(tmp_path):
+    model = CPO("MlpPolicy", "SafetyPointGoal1Gymnasium-v0", n_steps=64, seed=0)
+    assert model.effective_cost_limit == 25.0
+    model.learn(64)  # float64 observations of the standard env are cast for the float32 policy
+    action, _ = model.predict(model.env.reset(), deterministic=True)
+    assert action.shape == (1, 2)
+
+
+def test_errors_name_the_problem():
+    env = gym.wrappers.TimeLimit(CostlyBandit(), 10)
+    with pytest.raises(ValueError, match="CostMonitor"):
+        CPO("MlpPolicy", Monitor(env))
+    with pytest.raises(ValueError, match="CostMonitor"):
+        CPO("MlpPolicy", DummyVecEnv([lambda: gym.wrappers.TimeLimit(CostlyBandit(), 10)]))
+    with pytest.raises(ValueError, match="target_kl"):
+        CPO("MlpPolicy", env, target_kl=0)
+    with pytest.raises(ValueError, match="cost_limit"):
+        CPO("MlpPolicy", env, cost_limit=-1)
+    with pytest.raises(ValueError, match="dual_solver"):
+        CPO("MlpPolicy", env, dual_solver="scipy")
+    with pytest.raises(ValueError, match="needs its TaskDistribution"):
+        make_safe_vec_env(make_task_distribution("Toy2DNav").test_tasks(1)[0])
+    with pytest.raises(TypeError, match="env must be"):
+        make_safe_vec_env(42)
+    vec = make_safe_vec_env(env)
+    assert vec.env_is_wrapped(CostMonitor) == [True]
