@@ -263,7 +263,7 @@ def cpo_update(
         kl = float("nan")
     step = fraction * result.x
     new_params = add_flat(params, step if create_graph else step.detach())
-    info = StepInfo(result.case, fraction, accepted, kl, float(result.lam), float(result.nu))
+    info = StepInfo(result.case, fraction, accepted, kl, float(result.lam.detach()), float(result.nu.detach()))
     return new_params, info
 
 

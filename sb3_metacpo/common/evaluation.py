@@ -11,10 +11,10 @@ import numpy as np
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.evaluation import evaluate_policy
-from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
+from stable_baselines3.common.vec_env import VecEnv
 from tqdm.auto import tqdm
 
-from sb3_metacpo.common.monitor import CostMonitor
+from sb3_metacpo.common.envs import make_safe_vec_env
 from sb3_metacpo.tasks.base import Task
 
 if TYPE_CHECKING:
@@ -32,10 +32,7 @@ def evaluate_safe_policy(
     ``env`` must report ``info["cost"]``; it is wrapped in a :class:`CostMonitor` when it has none.
     :return: (mean reward, std reward, mean cost, std cost)
     """
-    if isinstance(env, gym.Env):
-        if not isinstance(env, CostMonitor):
-            env = CostMonitor(env)
-        env = DummyVecEnv([lambda: env])
+    env = make_safe_vec_env(env)
     costs: list[float] = []
 
     def record_costs(locals_: dict[str, Any], _globals: dict[str, Any]) -> None:

@@ -33,7 +33,7 @@ from sb3_metacpo.common.adaptation import (
     surrogates,
 )
 from sb3_metacpo.common.cpo_step import DUAL_SOLVERS, backtracking_line_search, conjugate_gradient, cpo_direction, flat_grad
-from sb3_metacpo.common.monitor import CostMonitor
+from sb3_metacpo.common.envs import make_safe_vec_env
 from sb3_metacpo.common.policies import CPOPolicy
 from sb3_metacpo.common.sampler import TaskBatch, TaskSampler
 from sb3_metacpo.tasks.base import Task, TaskDistribution, make_task_distribution
@@ -292,15 +292,21 @@ class MetaCPO(BaseAlgorithm):
         return self.policy.actor_mean_log_std(observations, params)
 
     def _act_fn(self, params_per_task: Sequence[Params], deterministic: bool = False) -> Any:
+        """The sampler's policy: one batched forward for all envs, each env acting with its task's parameters."""
+        stacked = {name: th.stack([params[name].detach() for params in params_per_task]) for name in params_per_task[0]}
+
+        def single(observation: th.Tensor, params: Params) -> tuple[th.Tensor, th.Tensor]:
+            mean, log_std = self._actor(observation[None], params)
+            return mean[0], log_std[0]
+
+        batched = th.func.vmap(single)
+
         def act(observations: np.ndarray, task_indices: np.ndarray) -> np.ndarray:
-            obs = th.as_tensor(observations, device=self.device)
-            actions = th.empty((len(observations), *self.action_space.shape), device=self.device)
+            index = th.as_tensor(task_indices, device=self.device)
             with th.no_grad():
-                for index, params in enumerate(params_per_task):
-                    mask = th.as_tensor(task_indices == index, device=self.device)
-                    if bool(mask.any()):
-                        mean, log_std = self._actor(obs[mask], params)
-                        actions[mask] = mean if deterministic else mean + th.randn_like(mean) * log_std.exp()
+                per_env = {name: value[index] for name, value in stacked.items()}
+                mean, log_std = batched(th.as_tensor(observations, device=self.device), per_env)
+                actions = mean if deterministic else mean + th.randn_like(mean) * log_std.exp()
             return actions.cpu().numpy()
 
         return act
@@ -639,15 +645,12 @@ class MetaCPO(BaseAlgorithm):
             if self._task_sampler is None:
                 self._task_sampler = TaskSampler(self.task_distribution, n_envs=1, seed=seed)
             return self._task_sampler, env
-        if isinstance(env, gym.Env):
-            if not isinstance(env, CostMonitor):
-                env = CostMonitor(env)
-            env = DummyVecEnv([lambda: env])
-        if not isinstance(env, VecEnv):
+        if not isinstance(env, (gym.Env, VecEnv)):
             raise TypeError(
                 "adapt needs a gymnasium env, a VecEnv, a task of the model's family or a family name, "
                 f"got {type(env).__name__}"
             )
+        env = make_safe_vec_env(env)
         if not isinstance(env.action_space, gym.spaces.Box):
             raise TypeError(f"{type(self).__name__} needs a Box action space, the env has {env.action_space}")
         if env.observation_space.shape != self.observation_space.shape or env.action_space.shape != self.action_space.shape:
