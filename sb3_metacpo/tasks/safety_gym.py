@@ -4,18 +4,29 @@ The upstream task classes are subclassed and configured; nothing is vendored. A 
 goal) are placed once, by safety-gymnasium's own placement sampler seeded with the task's ``layout_seed``, and then
 pinned with upstream's ``locations`` mechanism, so every episode of a task shares the layout while the robot's start
 pose still comes from the episode's seed.
+
+Upstream compiles a new MuJoCo model from a new XML at every reset (~0.3 s, mostly decoding the skybox texture). With
+the layout pinned, consecutive XMLs differ only in poses, so the envs here move the bodies of the already compiled
+model instead (:func:`_reusing_world_class`); episodes are bitwise identical to upstream's.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import gymnasium as gym
+import numpy as np
 
 from sb3_metacpo.tasks.base import ParamRange, Task, TaskDistribution, register_task_distribution
 from sb3_metacpo.tasks.compat import import_safety_gymnasium
+
+FAST_RESET = True
+"""Whether navigation envs made from now on reuse their compiled MuJoCo model across resets when only poses change.
+Set it to ``False`` (before making the envs) for upstream's reset, which recompiles the model every episode; the
+episodes are the same either way (``tests/test_fast_reset.py``), only slower."""
 
 
 def _pin_layout(task: Any, layout_seed: int) -> None:
@@ -33,6 +44,130 @@ def _pin_layout(task: Any, layout_seed: int) -> None:
         else:
             obstacle.locations = [tuple(layout[obstacle.name])]
     task.placements_conf.placements = None  # rebuilt at the first reset, now from the pinned locations
+
+
+def _plain(value: Any) -> Any:
+    """Nested dicts, lists and arrays as plain Python values, so that world configs compare with ``==``."""
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_plain(item) for item in value]
+    return value
+
+
+def _without_poses(config: dict) -> Any:
+    """A world config without the poses that :class:`ReusingWorld` sets in the compiled model: what else the XML holds."""
+    fixed = {key: value for key, value in config.items() if key not in ("agent_xy", "agent_rot")}
+    fixed["geoms"] = {
+        name: {k: v for k, v in geom.items() if k not in ("pos", "rot")} for name, geom in config["geoms"].items()
+    }
+    return _plain(fixed)
+
+
+def _xyaxes_to_quat(x: list[float], y: list[float]) -> list[float]:
+    """The MuJoCo compiler's conversion of a frame's ``xyaxes`` to a quaternion (``user_util.cc``), operation for
+    operation so that the result is bitwise the compiled one."""
+
+    def normalize(vec: list[float]) -> list[float]:  # mjuu_normvec: left alone when already within 1e-14 of unit length
+        norm = math.sqrt(sum(item * item for item in vec))
+        return vec if abs(norm - 1) <= 1e-14 else [item / norm for item in vec]
+
+    x = normalize(x)
+    dot = x[0] * y[0] + x[1] * y[1] + x[2] * y[2]
+    y = normalize([y[i] - x[i] * dot for i in range(3)])
+    z = normalize([x[1] * y[2] - x[2] * y[1], x[2] * y[0] - x[0] * y[2], x[0] * y[1] - x[1] * y[0]])
+    mat = (x, y, z)  # columns: mat[c][r]
+    if mat[0][0] + mat[1][1] + mat[2][2] > 0:
+        w = 0.5 * math.sqrt(1 + mat[0][0] + mat[1][1] + mat[2][2])
+        quat = [w, 0.25 * (mat[1][2] - mat[2][1]) / w, 0.25 * (mat[2][0] - mat[0][2]) / w, 0.25 * (mat[0][1] - mat[1][0]) / w]
+    elif mat[0][0] > mat[1][1] and mat[0][0] > mat[2][2]:
+        q1 = 0.5 * math.sqrt(1 + mat[0][0] - mat[1][1] - mat[2][2])
+        quat = [
+            0.25 * (mat[1][2] - mat[2][1]) / q1,
+            q1,
+            0.25 * (mat[1][0] + mat[0][1]) / q1,
+            0.25 * (mat[2][0] + mat[0][2]) / q1,
+        ]
+    elif mat[1][1] > mat[2][2]:
+        q2 = 0.5 * math.sqrt(1 - mat[0][0] + mat[1][1] - mat[2][2])
+        quat = [
+            0.25 * (mat[2][0] - mat[0][2]) / q2,
+            0.25 * (mat[1][0] + mat[0][1]) / q2,
+            q2,
+            0.25 * (mat[2][1] + mat[1][2]) / q2,
+        ]
+    else:
+        q3 = 0.5 * math.sqrt(1 - mat[0][0] - mat[1][1] + mat[2][2])
+        quat = [
+            0.25 * (mat[0][1] - mat[1][0]) / q3,
+            0.25 * (mat[2][0] + mat[0][2]) / q3,
+            0.25 * (mat[2][1] + mat[1][2]) / q3,
+            q3,
+        ]
+    return normalize(quat)
+
+
+@functools.cache
+def _reusing_world_class() -> type:
+    """A safety-gymnasium ``World`` that skips the recompile when only poses change (defined lazily, like the tasks)."""
+    import_safety_gymnasium()
+    import mujoco
+    from safety_gymnasium.utils.common_utils import rot2quat
+    from safety_gymnasium.world import World
+
+    class ReusingWorld(World):
+        """Upstream's reset samples a layout and start pose, writes them into a new XML and compiles it (``rebuild``).
+        When that XML would differ from the compiled one only in body poses (the agent's start pose and its tracking
+        camera, the pinned objects, which upstream re-samples within 1e-9 of their locations, and their random
+        rotations), this sets those poses in the compiled model, as the compiler would read them from the XML, and
+        resets the data instead. The rest of the reset is upstream's own code, before ``rebuild`` (every random draw:
+        layout, start pose, rotations) and after it (goal choice, last goal distance, button timer)."""
+
+        _compiled: Any = None  # _without_poses of the config the model was compiled from
+
+        def rebuild(self, config: dict | None = None, state: bool = True) -> None:
+            if config is not None:
+                self.parse(config)
+            fixed = _without_poses(self.config)
+            if state or fixed != self._compiled:  # first build, a kept state or a different XML: upstream's path
+                super().rebuild(state=state)
+                self._compiled = fixed
+                return
+            self._set_poses()
+            mujoco.mj_setConst(self.model, self.data)  # the constants the compiler derives from the initial pose
+            mujoco.mj_resetData(self.model, self.data)  # what a fresh MjData holds
+            mujoco.mj_forward(self.model, self.data)
+
+        def _set_poses(self) -> None:
+            """The poses ``World.build`` writes into the XML, as the compiler reads them: XML numbers are Python's
+            shortest round-trip repr, so the doubles come back unchanged; ``rot2quat`` is unit length within 1e-14, so
+            the compiler does not renormalise it; the tracking camera's ``xyaxes`` go through the compiler's own
+            conversion."""
+            model = self.model
+            agent = model.body("agent")
+            agent.pos[:] = np.r_[self.agent_xy, self._agent.z_height]
+            agent.quat[:] = rot2quat(self.agent_rot)
+            for name, geom in self.geoms.items():
+                body = model.body(name)
+                body.pos[:] = geom["pos"]
+                if geom["type"] != "mesh":  # mesh geoms are oriented by a fixed ``euler`` instead
+                    body.quat[:] = rot2quat(geom["rot"])
+                # The compiler gives a body without geoms in its inertia groups (0-5 by default: the goal, circle and
+                # walls) its own frame as inertial frame; the others' comes from their geoms, in body coordinates.
+                if not np.any((model.geom_bodyid == body.id) & (model.geom_group <= 5)):
+                    body.ipos[:] = body.pos
+                    body.iquat[:] = body.quat
+            for joint in range(agent.jntadr[0], agent.jntadr[0] + agent.jntnum[0]):
+                if model.jnt_type[joint] == mujoco.mjtJoint.mjJNT_FREE:  # the Car's free joint starts at its body's pose
+                    start = model.jnt_qposadr[joint]
+                    model.qpos0[start : start + 7] = np.r_[agent.pos, agent.quat]
+                    model.qpos_spring[start : start + 7] = model.qpos0[start : start + 7]
+            theta = self.agent_rot + np.pi  # the tracking camera, as World.build places it
+            camera = model.camera("track")
+            camera.pos[:] = [0 * np.cos(theta) + (-2) * np.sin(theta), 0 * (-np.sin(theta)) + (-2) * np.cos(theta), 2]
+            camera.quat[:] = _xyaxes_to_quat([np.cos(theta), -np.sin(theta), 0], [np.sin(theta), np.cos(theta), 1])
+
+    return ReusingWorld
 
 
 @functools.cache
@@ -93,12 +228,15 @@ def _make_navigation_env(kind: str, robot: str, task: Task, max_episode_steps: i
     from safety_gymnasium.wrappers import SafetyGymnasium2Gymnasium
 
     task_class = _task_classes()[kind]
+    fast_reset = FAST_RESET
 
     class _TaskBuilder(Builder):
         def _get_task(self) -> Any:
-            world = task_class({"agent_name": robot}, task, max_episode_steps)
-            world.build_observation_space()
-            return world
+            navigation = task_class({"agent_name": robot}, task, max_episode_steps)
+            navigation.build_observation_space()
+            if fast_reset:  # upstream's resets rebuild an existing world (the first one creates a plain World if none)
+                navigation.world = _reusing_world_class()(navigation.agent, navigation._obstacles)
+            return navigation
 
     task_id = f"Safety{robot}{type(task).family}-v0"
     builder = _TaskBuilder(task_id=task_id, config={"agent_name": robot}, render_mode=render_mode)
