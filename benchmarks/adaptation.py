@@ -22,6 +22,7 @@ import csv
 import json
 import os
 import platform
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -125,7 +126,10 @@ def record_episode(model: Any, distribution: TaskDistribution, task: Task, label
         if t % args.gif_every == 0:
             image = Image.fromarray(env.render())
             image = image.resize((args.gif_size, args.gif_size))
-            ImageDraw.Draw(image).text((4, 4), label, fill=(255, 255, 255))
+            draw = ImageDraw.Draw(image)
+            draw.rectangle((0, 0, args.gif_size - 1, 13), fill=(0, 0, 0))  # a label band readable on any background
+            draw.rectangle((0, 0, args.gif_size - 1, args.gif_size - 1), outline=(0, 0, 0))
+            draw.text((4, 1), label, fill=(255, 255, 255))
             frames.append(np.asarray(image))
         action, _ = model.predict(obs, deterministic=args.deterministic)
         obs, _, terminated, truncated, _ = env.step(action)
@@ -146,6 +150,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         for method in args.methods:
             th.manual_seed(seed)
             path = train(method, args, seed, models)
+            if args.train_only:
+                continue
             for task_index, task in enumerate(tasks):
                 for k, model in enumerate(adaptation_curve(method, path, distribution, task, seed, args)):
                     reward, cost = evaluate(model, distribution, task, task_index, args)
@@ -224,7 +230,7 @@ def plot(rows: list[dict[str, Any]], methods: list[str], path: Path, title: str)
         axis.set_ylabel(key)
         axis.set_xticks(sorted({r["updates"] for r in rows}))
     axes[1].legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(textwrap.fill(title, 130), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -247,7 +253,18 @@ def main() -> None:
     parser.add_argument("--gif-every", type=int, default=4, help="keep every n-th frame")
     parser.add_argument("--gif-size", type=int, default=160, help="panel size in pixels")
     parser.add_argument("--reuse", action="store_true", help="load trained models from runs/ instead of training")
+    parser.add_argument(
+        "--train-only",
+        action="store_true",
+        help="train and save the models, then stop (run seeds in "
+        "parallel processes, then adapt and evaluate them all with --reuse)",
+    )
     parser.add_argument("--progress", action="store_true", help="progress bars during training")
+    parser.add_argument(
+        "--summarise-only",
+        action="store_true",
+        help="rewrite table.md and adaptation.png from --out's results.json without running anything",
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     for key, value in FAMILY_DEFAULTS.get(args.family, FAMILY_DEFAULTS["Toy2DNav"]).items():
@@ -258,17 +275,36 @@ def main() -> None:
     args.train_seconds = {}
     th.set_num_threads(1)  # small networks: one thread is fastest and leaves the other core to the simulator
 
-    start = time.perf_counter()
-    rows = run(args)
-    seconds = time.perf_counter() - start
+    if args.summarise_only:
+        with open(args.out / "results.json") as handle:
+            results = json.load(handle)
+        rows, seconds = results["rows"], results["seconds"]
+        for key in (
+            "family",
+            "methods",
+            "budget",
+            "seeds",
+            "n_test_tasks",
+            "n_updates",
+            "n_steps",
+            "eval_episodes",
+            "deterministic",
+        ):
+            setattr(args, key, results["config"][key])
+    else:
+        start = time.perf_counter()
+        rows = run(args)
+        if args.train_only:
+            return
+        seconds = time.perf_counter() - start
+        config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+        with open(args.out / "results.json", "w") as handle:
+            json.dump({"config": config, "seconds": seconds, "machine": _machine(), "rows": rows}, handle, indent=1)
+        with open(args.out / "results.csv", "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
     table = summarise(rows, args.methods, args.n_updates)
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    with open(args.out / "results.json", "w") as handle:
-        json.dump({"config": config, "seconds": seconds, "machine": _machine(), "rows": rows}, handle, indent=1)
-    with open(args.out / "results.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
     header = (
         f"{args.family}: budget {args.budget} env steps per trained method, {len(args.seeds)} seeds x "
         f"{args.n_test_tasks} held-out tasks, {args.n_updates} adaptation updates of {args.n_steps} steps, "
