@@ -24,6 +24,7 @@ from sb3_metacpo.common.cpo_step import (
     fisher_vector_product_fn,
     flat_grad,
 )
+from sb3_metacpo.common.profiling import phase
 from sb3_metacpo.common.sampler import TaskBatch
 
 Params = dict[str, th.Tensor]
@@ -222,18 +223,23 @@ def cpo_update(
     # First order: differentiate at a detached copy (no graph back to the meta-parameters is needed or kept).
     work = params if create_graph else {name: value.detach().requires_grad_(True) for name, value in params.items()}
     tensors = list(work.values())
-    reward_surrogate, cost_surrogate = surrogates(actor, work, batch)
-    g = flat_grad(reward_surrogate, tensors, create_graph=create_graph, retain_graph=True)
-    fvp = fisher_product(actor, work, batch.observations, config.cg_damping, create_graph)
-    v = conjugate_gradient(fvp, g, config.cg_max_steps)
-    q = g @ v
-    if config.constrained:
-        a = flat_grad(cost_surrogate, tensors, create_graph=create_graph, retain_graph=True)
-        w = conjugate_gradient(fvp, a, config.cg_max_steps)
-        b = th.as_tensor(batch.constraint, dtype=q.dtype, device=q.device)
-        result = cpo_direction(v, w, q, g @ w, a @ w, b, config.target_kl, solver=config.dual_solver)
-    else:
-        result = cpo_direction(v, None, q, None, None, None, config.target_kl, has_cost=False)
+    with phase("gradients"):
+        reward_surrogate, cost_surrogate = surrogates(actor, work, batch)
+        g = flat_grad(reward_surrogate, tensors, create_graph=create_graph, retain_graph=True)
+        if config.constrained:
+            a = flat_grad(cost_surrogate, tensors, create_graph=create_graph, retain_graph=True)
+        fvp = fisher_product(actor, work, batch.observations, config.cg_damping, create_graph)
+    with phase("conjugate_gradient"):
+        v = conjugate_gradient(fvp, g, config.cg_max_steps)
+        if config.constrained:
+            w = conjugate_gradient(fvp, a, config.cg_max_steps)
+    with phase("dual_solve"):
+        q = g @ v
+        if config.constrained:
+            b = th.as_tensor(batch.constraint, dtype=q.dtype, device=q.device)
+            result = cpo_direction(v, w, q, g @ w, a @ w, b, config.target_kl, solver=config.dual_solver)
+        else:
+            result = cpo_direction(v, None, q, None, None, None, config.target_kl, has_cost=False)
     assert isinstance(result.case, str)
 
     accepted = True
@@ -248,16 +254,17 @@ def cpo_update(
             kl = gaussian_kl(old_mean, old_log_std, mean, log_std).mean()
             return (kl, *surrogates(actor, candidate, batch))
 
-        search = backtracking_line_search(
-            evaluate,
-            reward_surrogate.item(),
-            cost_surrogate.item(),
-            result.case,
-            batch.constraint if bool(result.cost_informative) else None,
-            config.target_kl,
-            config.line_search_max_iter,
-            config.line_search_shrinking_factor,
-        )
+        with phase("line_search"):
+            search = backtracking_line_search(
+                evaluate,
+                reward_surrogate.item(),
+                cost_surrogate.item(),
+                result.case,
+                batch.constraint if bool(result.cost_informative) else None,
+                config.target_kl,
+                config.line_search_max_iter,
+                config.line_search_shrinking_factor,
+            )
         fraction, accepted, kl = search.fraction, search.accepted, search.kl
     else:
         kl = float("nan")

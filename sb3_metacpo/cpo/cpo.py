@@ -18,6 +18,7 @@ from sb3_metacpo.common.adaptation import CPOConfig, cpo_update, prepare_batch
 from sb3_metacpo.common.cpo_step import DUAL_SOLVERS
 from sb3_metacpo.common.envs import SafeEnv, make_safe_vec_env
 from sb3_metacpo.common.policies import CPOPolicy
+from sb3_metacpo.common.profiling import phase
 from sb3_metacpo.common.sampler import EpisodeRecord, RolloutStorage, TaskBatch
 from sb3_metacpo.tasks.base import TaskDistribution, list_task_distributions, make_task_distribution
 
@@ -240,19 +241,21 @@ class CPO(OnPolicyAlgorithm):
         episodes: list[EpisodeRecord] = []
         low, high = self.action_space.low, self.action_space.high  # type: ignore[attr-defined]
         callback.on_rollout_start()
-        for t in range(n_rollout_steps):
-            with th.no_grad():
-                mean, log_std = self.policy.actor_mean_log_std(th.as_tensor(self._last_obs, device=self.device))
-                actions = (mean + th.randn_like(mean) * log_std.exp()).cpu().numpy()
-            new_obs, rewards, dones, infos = env.step(np.clip(actions, low, high))
-            self.num_timesteps += env.num_envs
-            callback.update_locals(locals())
-            if not callback.on_step():
-                return False
-            self._update_info_buffer(infos, dones)
-            episodes.extend(episode for _, episode in storage.add(t, self._last_obs, actions, rewards, new_obs, dones, infos))
-            self._last_obs = new_obs  # type: ignore[assignment]
-            self._last_episode_starts = dones
+        with phase("sampling"):
+            for t in range(n_rollout_steps):
+                with th.no_grad():
+                    mean, log_std = self.policy.actor_mean_log_std(th.as_tensor(self._last_obs, device=self.device))
+                    actions = (mean + th.randn_like(mean) * log_std.exp()).cpu().numpy()
+                new_obs, rewards, dones, infos = env.step(np.clip(actions, low, high))
+                self.num_timesteps += env.num_envs
+                callback.update_locals(locals())
+                if not callback.on_step():
+                    return False
+                self._update_info_buffer(infos, dones)
+                ended = storage.add(t, self._last_obs, actions, rewards, new_obs, dones, infos)
+                episodes.extend(episode for _, episode in ended)
+                self._last_obs = new_obs  # type: ignore[assignment]
+                self._last_episode_starts = dones
         self._rollout = storage.batch(None, slice(None), episodes)
         callback.update_locals(locals())
         callback.on_rollout_end()
@@ -272,29 +275,32 @@ class CPO(OnPolicyAlgorithm):
             line_search_shrinking_factor=self.line_search_shrinking_factor,
         )
         params = self.policy.actor_params()
-        prepared = prepare_batch(
-            batch,
-            self.policy.actor_mean_log_std,
-            params,
-            self._critic_values,
-            self.gamma,
-            self.gae_lambda,
-            self.effective_cost_limit,
-            self._episode_length(),
-            self.cost_gamma,
-        )
-        new_params, info = cpo_update(self.policy.actor_mean_log_std, params, prepared, config)
+        with phase("advantages"):
+            prepared = prepare_batch(
+                batch,
+                self.policy.actor_mean_log_std,
+                params,
+                self._critic_values,
+                self.gamma,
+                self.gae_lambda,
+                self.effective_cost_limit,
+                self._episode_length(),
+                self.cost_gamma,
+            )
+        with phase("cpo_update"):
+            new_params, info = cpo_update(self.policy.actor_mean_log_std, params, prepared, config)
         with th.no_grad():
             for name, value in new_params.items():
                 params[name].copy_(value)
-        self.policy.update_obs_stats(batch.observations.reshape(-1, batch.observations.shape[-1]))
-        loss = self.policy.fit_critics(
-            prepared.observations.float(),
-            th.as_tensor(prepared.reward_returns, device=self.device).float(),
-            th.as_tensor(prepared.cost_returns, device=self.device).float(),
-            self.n_critic_updates,
-            self.batch_size,
-        )
+        with phase("critic_training"):
+            self.policy.update_obs_stats(batch.observations.reshape(-1, batch.observations.shape[-1]))
+            loss = self.policy.fit_critics(
+                prepared.observations.float(),
+                th.as_tensor(prepared.reward_returns, device=self.device).float(),
+                th.as_tensor(prepared.cost_returns, device=self.device).float(),
+                self.n_critic_updates,
+                self.batch_size,
+            )
         self._n_updates += 1
         record = self.logger.record
         record("train/cpo_case", info.case)

@@ -35,6 +35,7 @@ from sb3_metacpo.common.adaptation import (
 from sb3_metacpo.common.cpo_step import DUAL_SOLVERS, backtracking_line_search, conjugate_gradient, cpo_direction, flat_grad
 from sb3_metacpo.common.envs import make_safe_vec_env
 from sb3_metacpo.common.policies import CPOPolicy
+from sb3_metacpo.common.profiling import phase
 from sb3_metacpo.common.sampler import TaskBatch, TaskSampler
 from sb3_metacpo.tasks.base import Task, TaskDistribution, make_task_distribution
 
@@ -327,17 +328,18 @@ class MetaCPO(BaseAlgorithm):
 
     def _prepare(self, batch: TaskBatch, params: Params) -> PreparedBatch:
         assert self.task_distribution is not None
-        return prepare_batch(
-            batch,
-            self._actor,
-            params,
-            self._critic_fn(),
-            self.gamma,
-            self.gae_lambda,
-            self.effective_cost_limit,
-            self.task_distribution.max_episode_steps,
-            self.cost_gamma,
-        )
+        with phase("advantages"):
+            return prepare_batch(
+                batch,
+                self._actor,
+                params,
+                self._critic_fn(),
+                self.gamma,
+                self.gae_lambda,
+                self.effective_cost_limit,
+                self.task_distribution.max_episode_steps,
+                self.cost_gamma,
+            )
 
     # --- training ---------------------------------------------------------------------------------------------
     def _setup_learn(
@@ -388,7 +390,8 @@ class MetaCPO(BaseAlgorithm):
                 self._stop_requested = True
 
         callback.on_rollout_start()
-        batches = sampler.collect(tasks, self._act_fn(params), self.n_steps, on_step)
+        with phase("sampling"):
+            batches = sampler.collect(tasks, self._act_fn(params), self.n_steps, on_step)
         callback.on_rollout_end()
         for batch in batches:
             assert self.ep_info_buffer is not None
@@ -415,7 +418,8 @@ class MetaCPO(BaseAlgorithm):
             raw_batches.extend(batches)
             for index, batch in enumerate(batches):
                 prepared = self._prepare(batch, adapted[index])
-                adapted[index], info = cpo_update(self._actor, adapted[index], prepared, inner_config, second_order)
+                with phase("inner_update"):
+                    adapted[index], info = cpo_update(self._actor, adapted[index], prepared, inner_config, second_order)
                 inner_batches[index].append(prepared)
                 fractions[index].append(info.fraction)
                 inner_infos.append(info)
@@ -423,35 +427,37 @@ class MetaCPO(BaseAlgorithm):
         raw_batches.extend(validation_raw)
         validation = [self._prepare(batch, params) for batch, params in zip(validation_raw, adapted, strict=True)]
 
-        # Meta-gradients: one backward pass per task and objective (vector-Jacobian products through phi^K(theta)).
-        theta_list = list(theta.values())
-        meta_reward_grad = th.zeros_like(flatten(theta))
-        meta_cost_grad = th.zeros_like(meta_reward_grad)
-        reward_values, cost_values = [], []
-        for params, batch in zip(adapted, validation, strict=True):
-            reward_surrogate, cost_surrogate = surrogates(self._actor, params, batch)
-            meta_reward_grad += flat_grad(reward_surrogate, theta_list, retain_graph=True) / len(tasks)
-            if self._constrained:
-                meta_cost_grad += flat_grad(cost_surrogate, theta_list) / len(tasks)
-            reward_values.append(reward_surrogate.item())
-            cost_values.append(cost_surrogate.item())
-        meta_constraint = float(np.mean([batch.constraint for batch in validation]))
+        with phase("meta_gradient"):
+            # Meta-gradients: one backward pass per task and objective (vector-Jacobian products through phi^K(theta)).
+            theta_list = list(theta.values())
+            meta_reward_grad = th.zeros_like(flatten(theta))
+            meta_cost_grad = th.zeros_like(meta_reward_grad)
+            reward_values, cost_values = [], []
+            for params, batch in zip(adapted, validation, strict=True):
+                reward_surrogate, cost_surrogate = surrogates(self._actor, params, batch)
+                meta_reward_grad += flat_grad(reward_surrogate, theta_list, retain_graph=True) / len(tasks)
+                if self._constrained:
+                    meta_cost_grad += flat_grad(cost_surrogate, theta_list) / len(tasks)
+                reward_values.append(reward_surrogate.item())
+                cost_values.append(cost_surrogate.item())
+            meta_constraint = float(np.mean([batch.constraint for batch in validation]))
 
-        # Outer CPO step in the Fisher metric of pi_theta on the pre-adaptation data.
-        detached_theta = {name: value.detach() for name, value in theta.items()}
-        pre_observations = th.cat([batches[0].observations for batches in inner_batches])
-        fvp = fisher_product(self._actor, detached_theta, pre_observations, self.cg_damping, create_graph=False)
-        v = conjugate_gradient(fvp, meta_reward_grad, self.cg_max_steps)
-        q = meta_reward_grad @ v
-        if self._constrained:
-            w = conjugate_gradient(fvp, meta_cost_grad, self.cg_max_steps)
-            b = th.as_tensor(meta_constraint, dtype=q.dtype, device=q.device)
-            result = cpo_direction(
-                v, w, q, meta_reward_grad @ w, meta_cost_grad @ w, b, self.outer_target_kl, solver=self.dual_solver
-            )
-        else:
-            result = cpo_direction(v, None, q, None, None, None, self.outer_target_kl, has_cost=False)
-        assert isinstance(result.case, str)
+        with phase("outer_step"):
+            # Outer CPO step in the Fisher metric of pi_theta on the pre-adaptation data.
+            detached_theta = {name: value.detach() for name, value in theta.items()}
+            pre_observations = th.cat([batches[0].observations for batches in inner_batches])
+            fvp = fisher_product(self._actor, detached_theta, pre_observations, self.cg_damping, create_graph=False)
+            v = conjugate_gradient(fvp, meta_reward_grad, self.cg_max_steps)
+            q = meta_reward_grad @ v
+            if self._constrained:
+                w = conjugate_gradient(fvp, meta_cost_grad, self.cg_max_steps)
+                b = th.as_tensor(meta_constraint, dtype=q.dtype, device=q.device)
+                result = cpo_direction(
+                    v, w, q, meta_reward_grad @ w, meta_cost_grad @ w, b, self.outer_target_kl, solver=self.dual_solver
+                )
+            else:
+                result = cpo_direction(v, None, q, None, None, None, self.outer_target_kl, has_cost=False)
+            assert isinstance(result.case, str)
         step = result.x.detach()
         with th.no_grad():
             old_mean, old_log_std = self._actor(pre_observations, detached_theta)
@@ -469,24 +475,26 @@ class MetaCPO(BaseAlgorithm):
             kl = float(gaussian_kl(old_mean, old_log_std, mean, log_std).mean())
             return kl, float(np.mean(rewards)), float(np.mean(costs))
 
-        search = backtracking_line_search(
-            evaluate,
-            float(np.mean(reward_values)),
-            float(np.mean(cost_values)),
-            result.case,
-            meta_constraint if bool(result.cost_informative) else None,
-            self.outer_target_kl,
-            self.line_search_max_iter,
-            self.line_search_shrinking_factor,
-        )
+        with phase("outer_line_search"):
+            search = backtracking_line_search(
+                evaluate,
+                float(np.mean(reward_values)),
+                float(np.mean(cost_values)),
+                result.case,
+                meta_constraint if bool(result.cost_informative) else None,
+                self.outer_target_kl,
+                self.line_search_max_iter,
+                self.line_search_shrinking_factor,
+            )
         with th.no_grad():
             for name, value in add_flat(detached_theta, search.fraction * step).items():
                 theta[name].copy_(value)
 
-        all_observations = np.concatenate([b.observations.reshape(-1, b.observations.shape[-1]) for b in raw_batches])
-        self.policy.update_obs_stats(all_observations)
-        if self.critic == "mlp":
-            self._train_critics([b for task in inner_batches for b in task] + validation)
+        with phase("critic_training"):
+            all_observations = np.concatenate([b.observations.reshape(-1, b.observations.shape[-1]) for b in raw_batches])
+            self.policy.update_obs_stats(all_observations)
+            if self.critic == "mlp":
+                self._train_critics([b for task in inner_batches for b in task] + validation)
         self._n_updates += 1
         self._log_iteration(inner_infos, inner_batches, validation, result, search, meta_constraint)
         return not self._stop_requested
