@@ -1,0 +1,172 @@
+"""Meta-training throughput against the simulator's limit, with a breakdown of one meta-iteration.
+
+In one run, on the same M tasks with one DummyVecEnv env per task:
+
+1. the limit: random actions through the same VecEnv set-up (resets included);
+2. ``learn()`` throughput of MetaCPO (first and second order), CPO and sb3-contrib TRPO, and each as a ratio of the
+   limit (CPO and TRPO train on the same M task envs);
+3. where a meta-iteration's time goes (sampling, advantages and critics, inner CPO steps and their parts,
+   meta-gradient backward, outer step, outer line search), and the dual solve plus its backward against an inner
+   update;
+4. with ``--scaling``, seconds per meta-iteration as tasks per iteration, inner updates and policy size grow.
+
+    python benchmarks/throughput.py --family PointGoalHazard
+    python benchmarks/throughput.py --family HalfCheetahVelocity --scaling
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from typing import Any
+
+import numpy as np
+import torch as th
+from sb3_contrib import TRPO
+from stable_baselines3.common.vec_env import DummyVecEnv
+
+from sb3_metacpo import CPO, MetaCPO
+from sb3_metacpo.common.cpo_step import cpo_direction
+from sb3_metacpo.common.envs import EnvFactory
+from sb3_metacpo.common.profiling import phase_times
+from sb3_metacpo.common.sampler import TaskSampler
+from sb3_metacpo.tasks import TaskDistribution, list_task_distributions, make_task_distribution
+
+TOP_PHASES = ("sampling", "advantages", "inner_update", "meta_gradient", "outer_step", "outer_line_search", "critic_training")
+
+
+def limit_throughput(dist: TaskDistribution, tasks: list, n_steps: int, iterations: int) -> float:
+    """Random actions on every task through the sampler's VecEnv: env steps per second."""
+    sampler = TaskSampler(dist, n_envs=len(tasks), seed=0)
+    rng = np.random.default_rng(0)
+    shape = dist.spaces[1].shape
+
+    def act(observations: np.ndarray, _tasks: np.ndarray) -> np.ndarray:
+        return rng.uniform(-1, 1, (len(observations), *shape))
+
+    sampler.collect(tasks, act, n_steps)  # builds the worlds
+    start, steps = time.perf_counter(), 0
+    for _ in range(iterations):
+        steps += sum(batch.n_steps for batch in sampler.collect(tasks, act, n_steps))
+    sampler.close()
+    return steps / (time.perf_counter() - start)
+
+
+def timed_learn(model: Any, steps_per_iteration: int, iterations: int) -> tuple[float, dict[str, float]]:
+    """Env steps per second of ``learn`` after one warm-up iteration, and the phase times per iteration."""
+    model.learn(steps_per_iteration)
+    with phase_times() as times:
+        start = time.perf_counter()
+        model.learn(steps_per_iteration * iterations, reset_num_timesteps=False)
+        seconds = time.perf_counter() - start
+    times = {key: value / iterations for key, value in times.items()}
+    times["total"] = seconds / iterations
+    return steps_per_iteration * iterations / seconds, times
+
+
+def meta_model(dist: TaskDistribution, args: argparse.Namespace, mode: str, **overrides: Any) -> MetaCPO:
+    kwargs = dict(meta_batch_size=args.tasks, n_inner_updates=1, n_steps=args.n_steps, meta_gradient=mode, seed=0)
+    kwargs.update(overrides)
+    return MetaCPO("MlpPolicy", dist, **kwargs)
+
+
+def task_vec_env(dist: TaskDistribution, tasks: list) -> DummyVecEnv:
+    env = DummyVecEnv([EnvFactory(distribution=dist, task=task) for task in tasks])
+    env.seed(0)
+    return env
+
+
+def dual_seconds(n_tasks: int, repeats: int = 200) -> float:
+    """Seconds of one batched dual solve (closed form) over ``n_tasks`` tasks plus its backward."""
+    gen = th.Generator().manual_seed(0)
+    dim = 4
+    total = 0.0
+    for _ in range(repeats):
+        # Inputs that all require gradients, as in the second-order meta-gradient; b < 0 with s large: the dual case.
+        v, w = th.randn(n_tasks, dim, generator=gen), th.randn(n_tasks, dim, generator=gen)
+        q, r, s = (th.rand(n_tasks, generator=gen) + 0.5 for _ in range(3))
+        b = -th.rand(n_tasks, generator=gen) * 0.1
+        for tensor in (v, w, q, r, s, b):
+            tensor.requires_grad_(True)
+        start = time.perf_counter()
+        result = cpo_direction(v, w, q, r, s, b, 0.05)
+        result.x.sum().backward()
+        total += time.perf_counter() - start
+    return total / repeats
+
+
+def breakdown(times: dict[str, float]) -> list[str]:
+    total = times["total"]
+    lines = [f"  {'phase':<42} {'s/iter':>8} {'%':>6}"]
+    for top in TOP_PHASES:
+        if top not in times:
+            continue
+        lines.append(f"  {top:<42} {times[top]:>8.3f} {100 * times[top] / total:>6.1f}")
+        for key in sorted(k for k in times if k.startswith(top + "/") and k.count("/") == 1):
+            lines.append(f"    {key:<40} {times[key]:>8.3f} {100 * times[key] / total:>6.1f}")
+    other = total - sum(times.get(top, 0.0) for top in TOP_PHASES)
+    lines.append(f"  {'other (logging, callbacks, bookkeeping)':<42} {other:>8.3f} {100 * other / total:>6.1f}")
+    lines.append(f"  {'total':<42} {total:>8.3f} {100.0:>6.1f}")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", default="PointGoalHazard", choices=list_task_distributions())
+    parser.add_argument("--tasks", type=int, default=4, help="tasks per meta-iteration (M), one env each")
+    parser.add_argument("--n-steps", type=int, help="env steps per task batch (default: one episode)")
+    parser.add_argument("--iterations", type=int, default=2, help="timed iterations after one warm-up")
+    parser.add_argument("--scaling", action="store_true", help="also time meta-iterations for growing M, K and net size")
+    args = parser.parse_args()
+    th.set_num_threads(1)
+    dist = make_task_distribution(args.family, seed=0)
+    args.n_steps = args.n_steps or dist.max_episode_steps
+    tasks = dist.sample(args.tasks)
+    per_meta_iteration = args.tasks * 2 * args.n_steps  # K = 1: one inner and one validation batch per task
+    print(
+        f"{args.family}: M={args.tasks} tasks x 1 env (DummyVecEnv), {args.n_steps} steps per task batch, K=1; "
+        f"{platform.machine()}, {platform.python_version()}, torch {th.__version__} (1 thread)\n"
+    )
+
+    limit = limit_throughput(dist, tasks, args.n_steps, args.iterations)
+    rows = [("raw env, random actions (the limit)", limit, None)]
+    phases = {}
+    for mode in ("first_order", "second_order"):
+        speed, phases[mode] = timed_learn(meta_model(dist, args, mode), per_meta_iteration, args.iterations)
+        rows.append((f"MetaCPO learn(), {mode.replace('_', '-')}", speed, phases[mode]))
+    cpo = CPO("MlpPolicy", task_vec_env(dist, tasks), n_steps=args.n_steps, cost_limit=dist.default_cost_limit, seed=0)
+    rows.append(("CPO learn()", timed_learn(cpo, args.tasks * args.n_steps, args.iterations)[0], None))
+    trpo = TRPO("MlpPolicy", task_vec_env(dist, tasks), n_steps=args.n_steps, batch_size=128, seed=0)
+    rows.append(("sb3-contrib TRPO learn()", timed_learn(trpo, args.tasks * args.n_steps, args.iterations)[0], None))
+
+    print(f"{'':<40} {'steps/s':>9} {'x limit':>8}")
+    for name, speed, _ in rows:
+        print(f"{name:<40} {speed:>9.0f} {speed / limit:>8.2f}")
+
+    for mode, times in phases.items():
+        print(f"\nOne meta-iteration, {mode.replace('_', '-')} ({per_meta_iteration} env steps):")
+        print("\n".join(breakdown(times)))
+    inner = phases["second_order"]["inner_update"] / args.tasks
+    dual = dual_seconds(args.tasks) / args.tasks
+    print(
+        f"\nDual solve + backward (closed form, batched over {args.tasks} tasks): {1e3 * dual:.3f} ms per task, "
+        f"{100 * dual / inner:.2f}% of a second-order inner update ({1e3 * inner:.1f} ms, its backward excluded)"
+    )
+
+    if args.scaling:
+        print("\nSeconds per second-order meta-iteration (updates only: total minus sampling):")
+        print(f"  {'M':>3} {'K':>3} {'net':>10} {'s/iter':>8} {'updates':>8}")
+        for tasks_m, inner_k, net in ((2, 1, 64), (4, 1, 64), (8, 1, 64), (4, 2, 64), (4, 1, 256)):
+            model = meta_model(
+                dist, args, "second_order", meta_batch_size=tasks_m, n_inner_updates=inner_k,
+                policy_kwargs=dict(net_arch=[net, net]),
+            )  # fmt: skip
+            steps = tasks_m * (inner_k + 1) * args.n_steps
+            _, times = timed_learn(model, steps, args.iterations)
+            updates = times["total"] - times["sampling"]
+            print(f"  {tasks_m:>3} {inner_k:>3} {f'{net}x{net}':>10} {times['total']:>8.2f} {updates:>8.2f}")
+
+
+if __name__ == "__main__":
+    main()
