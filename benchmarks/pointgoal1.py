@@ -4,7 +4,8 @@ Both train for ``--timesteps`` env steps with their default hyperparameters (one
 every training episode. The summary row is the mean return and cost of the last ``--last`` training episodes, the
 measure of OmniSafe's benchmark table (research/anchors.md section 3: CPO 20.46 return / 28.84 cost at 1e7 steps).
 
-    python benchmarks/pointgoal1.py --timesteps 1000000 --seed 0
+    python benchmarks/pointgoal1.py --timesteps 1000000 --seed 0                  # each one's defaults (2048 steps)
+    python benchmarks/pointgoal1.py --timesteps 1000000 --seed 0 --n-steps 20000  # OmniSafe's steps per epoch
 """
 
 from __future__ import annotations
@@ -29,11 +30,17 @@ ENV_ID = "SafetyPointGoal1Gymnasium-v0"
 ALGORITHMS = {"CPO": CPO, "TRPO": TRPO}
 
 
-def run(name: str, timesteps: int, seed: int, cost_limit: float, out: Path) -> dict:
+def run_name(name: str, seed: int, n_steps: int | None) -> str:
+    return f"{name}_seed{seed}" + ("" if n_steps is None else f"_nsteps{n_steps}")
+
+
+def run(name: str, timesteps: int, seed: int, cost_limit: float, n_steps: int | None, out: Path) -> dict:
     import_safety_gymnasium()
-    monitor_file = out / f"{name}_seed{seed}"
+    monitor_file = out / run_name(name, seed, n_steps)
     env = DummyVecEnv([lambda: CostMonitor(gym.make(ENV_ID), filename=str(monitor_file))])
-    kwargs = {"cost_limit": cost_limit} if name == "CPO" else {}
+    kwargs: dict = {"cost_limit": cost_limit} if name == "CPO" else {}
+    if n_steps is not None:
+        kwargs["n_steps"] = n_steps
     model = ALGORITHMS[name]("MlpPolicy", env, seed=seed, **kwargs)
     start = time.perf_counter()
     model.learn(timesteps)
@@ -42,7 +49,15 @@ def run(name: str, timesteps: int, seed: int, cost_limit: float, out: Path) -> d
     with open(f"{monitor_file}.monitor.csv") as handle:
         next(handle)  # the monitor's JSON header line
         episodes = list(csv.DictReader(handle))
-    return {"algorithm": name, "seed": seed, "timesteps": timesteps, "seconds": seconds, "episodes": episodes}
+    n_steps = model.n_steps
+    return {
+        "algorithm": name,
+        "seed": seed,
+        "n_steps": n_steps,
+        "timesteps": timesteps,
+        "seconds": seconds,
+        "episodes": episodes,
+    }
 
 
 def summary(result: dict, last: int) -> dict:
@@ -50,6 +65,7 @@ def summary(result: dict, last: int) -> dict:
     return {
         "algorithm": result["algorithm"],
         "seed": result["seed"],
+        "n_steps": result["n_steps"],
         "timesteps": result["timesteps"],
         "episodes": len(result["episodes"]),
         "return": float(np.mean([float(e["r"]) for e in tail])),
@@ -63,6 +79,7 @@ def main() -> None:
     parser.add_argument("--timesteps", type=int, default=1_000_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cost-limit", type=float, default=25.0)
+    parser.add_argument("--n-steps", type=int, help="env steps per update for both (default: each one's default, 2048)")
     parser.add_argument("--last", type=int, default=20, help="training episodes averaged for the summary")
     parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=list(ALGORITHMS))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/pointgoal1"))
@@ -71,19 +88,22 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in args.algorithms:
-        row = summary(run(name, args.timesteps, args.seed, args.cost_limit, args.out), args.last)
+        row = summary(run(name, args.timesteps, args.seed, args.cost_limit, args.n_steps, args.out), args.last)
         rows.append(row)
         print(json.dumps(row), flush=True)
-        with open(args.out / f"{name}_seed{args.seed}.json", "w") as handle:
+        with open(args.out / f"{run_name(name, args.seed, args.n_steps)}.json", "w") as handle:
             json.dump(row, handle, indent=1)
-    print(f"\n| algorithm | seed | env steps | episodes | return (last {args.last}) | cost (last {args.last}) | steps/s |")
-    print("|---|---|---|---|---|---|---|")
+    last = args.last
+    print(
+        f"\n| algorithm | seed | steps/update | env steps | episodes | return (last {last}) | cost (last {last}) | steps/s |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(
-            f"| {row['algorithm']} | {row['seed']} | {row['timesteps']} | {row['episodes']} | {row['return']:.2f} "
-            f"| {row['cost']:.2f} | {row['steps_per_s']:.0f} |"
+            f"| {row['algorithm']} | {row['seed']} | {row['n_steps']} | {row['timesteps']} | {row['episodes']} "
+            f"| {row['return']:.2f} | {row['cost']:.2f} | {row['steps_per_s']:.0f} |"
         )
-    print("| OmniSafe CPO (published, 1e7 steps) | | 10000000 | | 20.46 | 28.84 | |")
+    print("| OmniSafe CPO (published) | | 20000 | 10000000 | | 20.46 | 28.84 | |")
 
 
 if __name__ == "__main__":
