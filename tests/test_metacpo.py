@@ -209,3 +209,29 @@ def test_bad_envs_are_rejected():
         model.adapt(NoCost(), n_updates=1, n_steps=10)
     with pytest.raises(ValueError, match="n_updates must be an integer >= 0"):
         model.adapt("Toy2DNav", n_updates=-1)
+
+
+def test_batched_acting_matches_acting_task_by_task():
+    # One baddbmm pass with per-env parameters must equal each env's own forward with its task's parameters.
+    model = MetaCPO("MlpPolicy", toy(), meta_batch_size=3, n_steps=100, seed=0, policy_kwargs=dict(net_arch=[8, 8]))
+    theta = model.policy.actor_params()
+    gen = th.Generator().manual_seed(0)
+    params = [{k: v.detach() + 0.1 * th.randn(v.shape, generator=gen) for k, v in theta.items()} for _ in range(3)]
+    obs = np.random.default_rng(0).normal(size=(7, 2)).astype(np.float32)
+    tasks = np.array([0, 1, 2, 0, 1, 2, 0])
+    actions = model._act_fn(params, deterministic=True)(obs, tasks)
+    with th.no_grad():
+        expected = [
+            model.policy.actor_mean_log_std(th.as_tensor(obs[i : i + 1]), params[t])[0][0] for i, t in enumerate(tasks)
+        ]
+    np.testing.assert_allclose(actions, th.stack(expected).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_actor_layers_with_parameters_are_rejected():
+    with pytest.raises(ValueError, match="parameter-free activations"):
+        MetaCPO(
+            "MlpPolicy",
+            toy(),
+            policy_kwargs=dict(activation_fn=th.nn.PReLU),
+            **{k: v for k, v in SMALL.items() if k != "policy_kwargs"},
+        )

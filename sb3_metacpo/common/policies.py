@@ -63,6 +63,12 @@ class CPOPolicy(ActorCriticPolicy):
                 "CPOPolicy adapts the actor functionally and needs a parameter-free features extractor (the default "
                 "FlattenExtractor); put trainable layers in net_arch instead"
             )
+        for module in self.mlp_extractor.policy_net:
+            if not isinstance(module, nn.Linear) and any(True for _ in module.parameters()):
+                raise ValueError(
+                    f"CPOPolicy's actor must be linear layers and parameter-free activations, got {module}: "
+                    "use net_arch and activation_fn to shape it"
+                )
         dim = int(np.prod(observation_space.shape))
         self.register_buffer("obs_mean", th.zeros(dim))
         self.register_buffer("obs_var", th.ones(dim))
@@ -125,6 +131,25 @@ class CPOPolicy(ActorCriticPolicy):
         features = self.normalize_obs(obs.to(self.obs_mean.dtype))  # envs may emit float64
         latent = functional_call(self.mlp_extractor.policy_net, _sub_params(params, "mlp_extractor.policy_net."), (features,))
         mean = functional_call(self.action_net, _sub_params(params, "action_net."), (latent,))
+        return mean, params["log_std"].expand_as(mean)
+
+    def actor_mean_log_std_per_sample(self, obs: th.Tensor, params: ActorParams) -> tuple[th.Tensor, th.Tensor]:
+        """Mean and log-std with a different parameter set for every observation, in one batched pass.
+
+        ``obs`` is ``(n, obs_dim)`` and every tensor of ``params`` has a leading axis of size n (e.g. the stacked
+        parameters of several tasks indexed by each env's task). Each linear layer is one ``baddbmm`` over the n
+        samples, which is what makes acting on M tasks at once as cheap as acting on one.
+        """
+        x = self.normalize_obs(obs.to(self.obs_mean.dtype)).unsqueeze(1)
+        prefix = "mlp_extractor.policy_net."
+        for index, module in enumerate(self.mlp_extractor.policy_net):
+            if isinstance(module, nn.Linear):
+                weight, bias = params[f"{prefix}{index}.weight"], params[f"{prefix}{index}.bias"]
+                x = th.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+            else:
+                x = module(x)  # parameter-free, element-wise (checked at construction)
+        mean = th.baddbmm(params["action_net.bias"].unsqueeze(1), x, params["action_net.weight"].transpose(1, 2))
+        mean = mean.squeeze(1)
         return mean, params["log_std"].expand_as(mean)
 
     def set_actor_override(self, params: ActorParams | None) -> None:

@@ -296,17 +296,12 @@ class MetaCPO(BaseAlgorithm):
         """The sampler's policy: one batched forward for all envs, each env acting with its task's parameters."""
         stacked = {name: th.stack([params[name].detach() for params in params_per_task]) for name in params_per_task[0]}
 
-        def single(observation: th.Tensor, params: Params) -> tuple[th.Tensor, th.Tensor]:
-            mean, log_std = self._actor(observation[None], params)
-            return mean[0], log_std[0]
-
-        batched = th.func.vmap(single)
-
         def act(observations: np.ndarray, task_indices: np.ndarray) -> np.ndarray:
             index = th.as_tensor(task_indices, device=self.device)
             with th.no_grad():
                 per_env = {name: value[index] for name, value in stacked.items()}
-                mean, log_std = batched(th.as_tensor(observations, device=self.device), per_env)
+                obs = th.as_tensor(observations, device=self.device)
+                mean, log_std = self.policy.actor_mean_log_std_per_sample(obs, per_env)
                 actions = mean if deterministic else mean + th.randn_like(mean) * log_std.exp()
             return actions.cpu().numpy()
 
