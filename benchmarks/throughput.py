@@ -2,9 +2,10 @@
 
 In one run, on the same M tasks with one DummyVecEnv env per task:
 
-1. the limit: random actions stepping the same VecEnv (resets included), without any of our code in the loop;
+1. the limit: random actions on meta-training's env workload (new tasks every iteration, a reset per batch),
+   stepping the same VecEnv without any of our code in the loop;
 2. ``learn()`` throughput of MetaCPO (first and second order), CPO and sb3-contrib TRPO, and each as a ratio of the
-   limit (CPO and TRPO train on the same M task envs);
+   limit (CPO and TRPO train on M fixed task envs, so they never pay for new worlds);
 3. where a meta-iteration's time goes (sampling, advantages and critics, inner CPO steps and their parts,
    meta-gradient backward, outer step, outer line search), and the dual solve plus its backward against an inner
    update;
@@ -36,22 +37,26 @@ from sb3_metacpo.tasks import TaskDistribution, list_task_distributions, make_ta
 TOP_PHASES = ("sampling", "advantages", "inner_update", "meta_gradient", "outer_step", "outer_line_search", "critic_training")
 
 
-def limit_throughput(dist: TaskDistribution, tasks: list, n_steps: int, iterations: int) -> float:
-    """Random actions stepping the VecEnv the sampler builds (one env per task; auto-resets included): steps/s.
-
-    The VecEnv is stepped directly, so the sampler's own bookkeeping counts as overhead of the algorithms."""
-    sampler = TaskSampler(dist, n_envs=len(tasks), seed=0)
-    rng = np.random.default_rng(0)
-    shape = (len(tasks), *dist.spaces[1].shape)
-    sampler.collect(tasks, lambda obs, _: rng.uniform(-1, 1, shape), 1)  # assigns the tasks and builds the worlds
+def limit_throughput(dist: TaskDistribution, n_tasks: int, n_steps: int, iterations: int) -> float:
+    """The simulator's speed on meta-training's env workload, with random actions: per iteration, every env switches
+    to a new task (a new world) and runs two batches of ``n_steps`` steps (inner and validation), each starting with a
+    reset. The VecEnv is stepped directly, so none of our code is in the loop. Env steps per second."""
+    sampler = TaskSampler(dist, n_envs=n_tasks, seed=0)
     env = sampler.vec_env
-    env.reset()
-    start = time.perf_counter()
-    for _ in range(iterations * n_steps):
-        env.step(rng.uniform(-1, 1, shape).astype(np.float32))
-    seconds = time.perf_counter() - start
+    rng = np.random.default_rng(0)
+    shape = (n_tasks, *dist.spaces[1].shape)
+    seconds = 0.0
+    for iteration in range(iterations + 1):  # the first one warms up
+        start = time.perf_counter()
+        for index, task in enumerate(dist.sample(n_tasks)):
+            env.env_method("set_task", task, indices=[index])
+        for _ in range(2):
+            env.reset()
+            for _ in range(n_steps):
+                env.step(rng.uniform(-1, 1, shape).astype(np.float32))
+        seconds += (time.perf_counter() - start) * (iteration > 0)
     sampler.close()
-    return iterations * n_steps * len(tasks) / seconds
+    return iterations * 2 * n_steps * n_tasks / seconds
 
 
 def timed_learn(model: Any, steps_per_iteration: int, iterations: int) -> tuple[float, dict[str, float]]:
@@ -130,7 +135,7 @@ def main() -> None:
         f"{platform.machine()}, {platform.python_version()}, torch {th.__version__} (1 thread)\n"
     )
 
-    limit = limit_throughput(dist, tasks, args.n_steps, args.iterations)
+    limit = limit_throughput(dist, args.tasks, args.n_steps, args.iterations)
     rows = [("raw env, random actions (the limit)", limit, None)]
     phases = {}
     for mode in ("first_order", "second_order"):
