@@ -17,6 +17,10 @@ import time
 from pathlib import Path
 
 import gymnasium as gym
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
 import numpy as np
 import torch as th
 from sb3_contrib import TRPO
@@ -46,9 +50,7 @@ def run(name: str, timesteps: int, seed: int, cost_limit: float, n_steps: int | 
     model.learn(timesteps)
     seconds = time.perf_counter() - start
     env.close()
-    with open(f"{monitor_file}.monitor.csv") as handle:
-        next(handle)  # the monitor's JSON header line
-        episodes = list(csv.DictReader(handle))
+    episodes = read_monitor(Path(f"{monitor_file}.monitor.csv"))
     n_steps = model.n_steps
     return {
         "algorithm": name,
@@ -58,6 +60,34 @@ def run(name: str, timesteps: int, seed: int, cost_limit: float, n_steps: int | 
         "seconds": seconds,
         "episodes": episodes,
     }
+
+
+def read_monitor(path: Path) -> list[dict]:
+    with open(path) as handle:
+        next(handle)  # the monitor's JSON header line
+        return list(csv.DictReader(handle))
+
+
+def plot(out: Path, cost_limit: float, window: int = 20) -> None:
+    """Learning curves of every monitor file in ``out`` (moving averages over ``window`` episodes)."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for path in sorted(out.glob("*.monitor.csv")):
+        episodes = read_monitor(path)
+        steps = np.cumsum([int(e["l"]) for e in episodes])
+        for axis, key in zip(axes, ("r", "c"), strict=True):
+            values = np.convolve([float(e[key]) for e in episodes], np.ones(window) / window, mode="valid")
+            axis.plot(steps[window - 1 :], values, label=path.name.removesuffix(".monitor.csv"))
+    axes[0].axhline(20.46, color="gray", linestyle="--", label="OmniSafe CPO at 1e7 steps")
+    axes[1].axhline(28.84, color="gray", linestyle="--", label="OmniSafe CPO at 1e7 steps")
+    axes[1].axhline(cost_limit, color="red", linestyle=":", label="cost limit")
+    for axis, name in zip(axes, ("episode return", "episode cost"), strict=True):
+        axis.set_xlabel("env steps")
+        axis.set_ylabel(f"{name} ({window}-episode mean)")
+    axes[1].legend(fontsize=8)
+    fig.suptitle(f"{ENV_ID}, seed 0, training episodes", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out / "learning_curves.png", dpi=100)
+    plt.close(fig)
 
 
 def summary(result: dict, last: int) -> dict:
@@ -83,7 +113,11 @@ def main() -> None:
     parser.add_argument("--last", type=int, default=20, help="training episodes averaged for the summary")
     parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=list(ALGORITHMS))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/pointgoal1"))
+    parser.add_argument("--plot-only", action="store_true", help="redraw learning_curves.png from --out's monitor files")
     args = parser.parse_args()
+    if args.plot_only:
+        plot(args.out, args.cost_limit)
+        return
     th.set_num_threads(1)  # one core per run: the simulator is single-threaded and a 64x64 MLP gains nothing from more
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -104,6 +138,7 @@ def main() -> None:
             f"| {row['return']:.2f} | {row['cost']:.2f} | {row['steps_per_s']:.0f} |"
         )
     print("| OmniSafe CPO (published) | | 20000 | 10000000 | | 20.46 | 28.84 | |")
+    plot(args.out, args.cost_limit)
 
 
 if __name__ == "__main__":
