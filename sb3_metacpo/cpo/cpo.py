@@ -49,7 +49,10 @@ class CPO(OnPolicyAlgorithm):
     :param policy: the policy class or alias (``"MlpPolicy"``: Gaussian actor, reward critic, cost critic)
     :param env: the env or task distribution to train on (see above)
     :param learning_rate: Adam learning rate of the critics (the actor moves by CPO steps, not by a learning rate)
-    :param n_steps: env steps per env per update
+    :param n_steps: env steps per env per update. The constraint value is the mean cost of the episodes a rollout
+        completes, so let ``n_steps * n_envs`` cover several episodes: with 2 episodes per update on
+        SafetyPointGoal1 (the default 2048 steps) the estimate is too noisy for the limit to hold (docs: Results);
+        OmniSafe uses 20,000 steps (20 episodes)
     :param batch_size: minibatch size of critic training
     :param gamma: discount factor of the reward
     :param cost_gamma: discount factor of the cost advantages; 1 (default) matches the constraint, which is on the
