@@ -3,6 +3,8 @@
 import dataclasses
 import math
 import pickle
+import subprocess
+import sys
 
 import gymnasium as gym
 import mujoco
@@ -264,3 +266,12 @@ def test_missing_safety_gymnasium_gives_install_command(monkeypatch):
 def test_toy_goal_geometry():
     task = Toy2DNavTask(goal_angle=math.pi / 2, goal_distance=0.7)
     np.testing.assert_allclose(task.goal, [0.0, 0.7], atol=1e-12)
+
+
+@pytest.mark.parametrize("family", ["HalfCheetahVelocity", "PointGoalHazard"])
+def test_a_family_builds_first_thing_in_a_fresh_process(family):
+    # Every family applies the safety-gymnasium patches itself, whatever was imported before (here: nothing).
+    code = (
+        f"from sb3_metacpo import make_task_distribution as m; d = m({family!r}); d.make_env(d.test_tasks(1)[0]).reset(seed=0)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=120)

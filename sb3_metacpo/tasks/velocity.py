@@ -67,6 +67,7 @@ class HalfCheetahVelocity(TaskDistribution):
     default_cost_limit = 10.0
 
     def _make_base_env(self, task: Task, render_mode: str | None = None) -> gym.Env:
+        import_safety_gymnasium()  # the compatibility patches must precede the first safety_gymnasium import
         from safety_gymnasium.wrappers import SafetyGymnasium2Gymnasium
 
         assert isinstance(task, HalfCheetahVelocityTask)
