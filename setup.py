@@ -28,6 +28,7 @@ setup(
         "cvxpy>=1.9",
         "gymnasium>=0.29.1,<1.0",
         "numpy>=2.0,<2.4",
+        "scipy>=1.11",
         "mujoco>=3.3,<3.4",
         # runtime dependencies of safety-gymnasium (installed by hand because of --no-deps)
         "xmltodict",

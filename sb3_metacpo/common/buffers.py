@@ -3,14 +3,28 @@
 from __future__ import annotations
 
 import numpy as np
+from scipy.signal import lfilter
+
+
+def _reverse_discounted_sum(x: np.ndarray, dones: np.ndarray, discount: float) -> np.ndarray:
+    """``y[t] = x[t] + discount * y[t + 1]`` within each episode of each column (``y`` restarts after a done).
+
+    One linear filter per episode segment instead of a Python loop over time steps."""
+    out = np.empty(x.shape, dtype=np.float64)
+    for column in range(x.shape[1]):
+        starts = np.flatnonzero(dones[:-1, column]) + 1
+        pieces = np.split(np.asarray(x[:, column], dtype=np.float64), starts)
+        out[:, column] = np.concatenate([lfilter([1.0], [1.0, -discount], piece[::-1])[::-1] for piece in pieces])
+    return out
 
 
 def episode_steps(dones: np.ndarray) -> np.ndarray:
     """Index of every step within its episode, shape (T, E); batches start at the start of episodes."""
-    steps = np.zeros(dones.shape, dtype=np.int64)
-    for t in range(1, dones.shape[0]):
-        steps[t] = np.where(dones[t - 1], 0, steps[t - 1] + 1)
-    return steps
+    time_index = np.arange(dones.shape[0])[:, None]
+    starts = np.zeros(dones.shape, dtype=bool)
+    starts[0] = True
+    starts[1:] = dones[:-1]
+    return time_index - np.maximum.accumulate(np.where(starts, time_index, 0), axis=0)
 
 
 def compute_gae(
@@ -28,23 +42,13 @@ def compute_gae(
     ended). A terminated episode gets no bootstrap; a truncated one (time limit) and the batch end bootstrap from
     ``next_values``. The recursion never crosses an episode boundary (``dones``).
     """
-    advantages = np.zeros_like(rewards, dtype=np.float64)
-    running = np.zeros(rewards.shape[1:], dtype=np.float64)
-    for t in reversed(range(rewards.shape[0])):
-        delta = rewards[t] + gamma * next_values[t] * (1.0 - terminated[t]) - values[t]
-        running = delta + gamma * gae_lambda * (1.0 - dones[t]) * running
-        advantages[t] = running
-    return advantages
+    deltas = rewards + gamma * next_values * (1.0 - terminated) - values
+    return _reverse_discounted_sum(deltas, dones, gamma * gae_lambda)
 
 
 def discounted_returns(rewards: np.ndarray, dones: np.ndarray, gamma: float) -> np.ndarray:
     """Discounted returns-to-go within each episode of the batch (no bootstrap), shape (T, E)."""
-    returns = np.zeros_like(rewards, dtype=np.float64)
-    running = np.zeros(rewards.shape[1:], dtype=np.float64)
-    for t in reversed(range(rewards.shape[0])):
-        running = rewards[t] + gamma * (1.0 - dones[t]) * running
-        returns[t] = running
-    return returns
+    return _reverse_discounted_sum(rewards, dones, gamma)
 
 
 class LinearFeatureBaseline:
