@@ -138,6 +138,20 @@ def record_episode(model: Any, distribution: TaskDistribution, task: Task, label
     return frames
 
 
+def gif_only(args: argparse.Namespace) -> None:
+    """Adapt every method to the first held-out task (first seed) and write the side-by-side GIF."""
+    models, seed = Path("runs") / "adaptation" / args.family, args.seeds[0]
+    distribution = make_task_distribution(args.family, seed=seed)
+    task = distribution.test_tasks(1)[0]
+    frames = {}
+    for method in args.methods:
+        th.manual_seed(seed)
+        path = train(method, args, seed, models)
+        *_, model = adaptation_curve(method, path, distribution, task, seed, args)
+        frames[method] = record_episode(model, distribution, task, method, args)
+    write_gif(frames, args.out / "adaptation.gif")
+
+
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     models = Path("runs") / "adaptation" / args.family
     models.mkdir(parents=True, exist_ok=True)
@@ -250,8 +264,8 @@ def main() -> None:
     parser.add_argument("--eval-episodes", type=int)
     parser.add_argument("--deterministic", action="store_true", help="evaluate the mean action (default: stochastic)")
     parser.add_argument("--no-gif", dest="gif", action="store_false")
-    parser.add_argument("--gif-every", type=int, default=4, help="keep every n-th frame")
-    parser.add_argument("--gif-size", type=int, default=160, help="panel size in pixels")
+    parser.add_argument("--gif-every", type=int, default=8, help="keep every n-th frame")
+    parser.add_argument("--gif-size", type=int, default=128, help="panel size in pixels")
     parser.add_argument("--reuse", action="store_true", help="load trained models from runs/ instead of training")
     parser.add_argument(
         "--train-only",
@@ -260,6 +274,7 @@ def main() -> None:
         "parallel processes, then adapt and evaluate them all with --reuse)",
     )
     parser.add_argument("--progress", action="store_true", help="progress bars during training")
+    parser.add_argument("--gif-only", action="store_true", help="only redo the GIF (first seed, first task; with --reuse)")
     parser.add_argument(
         "--summarise-only",
         action="store_true",
@@ -275,6 +290,9 @@ def main() -> None:
     args.train_seconds = {}
     th.set_num_threads(1)  # small networks: one thread is fastest and leaves the other core to the simulator
 
+    if args.gif_only:
+        gif_only(args)
+        return
     if args.summarise_only:
         with open(args.out / "results.json") as handle:
             results = json.load(handle)

@@ -239,7 +239,9 @@ def _make_navigation_env(kind: str, robot: str, task: Task, max_episode_steps: i
             return navigation
 
     task_id = f"Safety{robot}{type(task).family}-v0"
-    builder = _TaskBuilder(task_id=task_id, config={"agent_name": robot}, render_mode=render_mode)
+    # Renders look down on the whole arena ("fixedfar"), which shows a task's layout; upstream's default follows the robot.
+    camera = None if render_mode is None else "fixedfar"
+    builder = _TaskBuilder(task_id=task_id, config={"agent_name": robot}, render_mode=render_mode, camera_name=camera)
     builder.spec = None
     return SafetyGymnasium2Gymnasium(builder)
 
