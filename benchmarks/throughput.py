@@ -1,6 +1,6 @@
 """Meta-training throughput against the simulator's limit, with a breakdown of one meta-iteration.
 
-In one run, on the same M tasks with one DummyVecEnv env per task:
+In one run, on the same M tasks with E DummyVecEnv envs per task (``--envs-per-task``, default 1):
 
 1. the limit: random actions on meta-training's env workload (new tasks every iteration, a reset per batch),
    stepping the same VecEnv without any of our code in the loop;
@@ -13,6 +13,7 @@ In one run, on the same M tasks with one DummyVecEnv env per task:
 
     python benchmarks/throughput.py --family PointGoalHazard
     python benchmarks/throughput.py --family HalfCheetahVelocity --scaling
+    python benchmarks/throughput.py --family HalfCheetahVelocity --envs-per-task 4 --n-steps 3200
 """
 
 from __future__ import annotations
@@ -37,26 +38,29 @@ from sb3_metacpo.tasks import TaskDistribution, list_task_distributions, make_ta
 TOP_PHASES = ("sampling", "advantages", "inner_update", "meta_gradient", "outer_step", "outer_line_search", "critic_training")
 
 
-def limit_throughput(dist: TaskDistribution, n_tasks: int, n_steps: int, iterations: int) -> float:
-    """The simulator's speed on meta-training's env workload, with random actions: per iteration, every env switches
-    to a new task (a new world) and runs two batches of ``n_steps`` steps (inner and validation), each starting with a
-    reset. The VecEnv is stepped directly, so none of our code is in the loop. Env steps per second."""
-    sampler = TaskSampler(dist, n_envs=n_tasks, seed=0)
+def limit_throughput(dist: TaskDistribution, n_tasks: int, envs_per_task: int, n_steps: int, iterations: int) -> float:
+    """The simulator's speed on meta-training's env workload, with random actions: per iteration, every task's envs
+    switch to a new task (a new world) and run two batches of ``n_steps`` steps per task (inner and validation), each
+    starting with a reset. The VecEnv is stepped directly, so none of our code is in the loop. Env steps per second."""
+    n_envs = n_tasks * envs_per_task
+    sampler = TaskSampler(dist, n_envs=n_envs, seed=0)
     env = sampler.vec_env
     rng = np.random.default_rng(0)
-    shape = (n_tasks, *dist.spaces[1].shape)
+    shape = (n_envs, *dist.spaces[1].shape)
+    horizon = n_steps // envs_per_task  # as the sampler: the task's envs share its n_steps
     seconds = 0.0
     for iteration in range(iterations + 1):  # the first one warms up
         start = time.perf_counter()
-        for index, task in enumerate(dist.sample(n_tasks)):
-            env.env_method("set_task", task, indices=[index])
+        tasks = dist.sample(n_tasks)
+        for index in range(n_envs):
+            env.env_method("set_task", tasks[index % n_tasks], indices=[index])
         for _ in range(2):
             env.reset()
-            for _ in range(n_steps):
+            for _ in range(horizon):
                 env.step(rng.uniform(-1, 1, shape).astype(np.float32))
         seconds += (time.perf_counter() - start) * (iteration > 0)
     sampler.close()
-    return iterations * 2 * n_steps * n_tasks / seconds
+    return iterations * 2 * horizon * n_envs / seconds
 
 
 def timed_learn(model: Any, steps_per_iteration: int, iterations: int) -> tuple[float, dict[str, float]]:
@@ -74,11 +78,12 @@ def timed_learn(model: Any, steps_per_iteration: int, iterations: int) -> tuple[
 def meta_model(dist: TaskDistribution, args: argparse.Namespace, mode: str, **overrides: Any) -> MetaCPO:
     kwargs = dict(meta_batch_size=args.tasks, n_inner_updates=1, n_steps=args.n_steps, meta_gradient=mode, seed=0)
     kwargs.update(overrides)
+    kwargs["n_envs"] = kwargs["meta_batch_size"] * args.envs_per_task
     return MetaCPO("MlpPolicy", dist, **kwargs)
 
 
-def task_vec_env(dist: TaskDistribution, tasks: list) -> DummyVecEnv:
-    env = DummyVecEnv([EnvFactory(distribution=dist, task=task) for task in tasks])
+def task_vec_env(dist: TaskDistribution, tasks: list, envs_per_task: int) -> DummyVecEnv:
+    env = DummyVecEnv([EnvFactory(distribution=dist, task=tasks[i % len(tasks)]) for i in range(len(tasks) * envs_per_task)])
     env.seed(0)
     return env
 
@@ -120,7 +125,8 @@ def breakdown(times: dict[str, float]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", default="PointGoalHazard", choices=list_task_distributions())
-    parser.add_argument("--tasks", type=int, default=4, help="tasks per meta-iteration (M), one env each")
+    parser.add_argument("--tasks", type=int, default=4, help="tasks per meta-iteration (M)")
+    parser.add_argument("--envs-per-task", type=int, default=1, help="envs sampling each task (E)")
     parser.add_argument("--n-steps", type=int, help="env steps per task batch (default: one episode)")
     parser.add_argument("--iterations", type=int, default=2, help="timed iterations after one warm-up")
     parser.add_argument("--scaling", action="store_true", help="also time meta-iterations for growing M, K and net size")
@@ -130,20 +136,25 @@ def main() -> None:
     args.n_steps = args.n_steps or dist.max_episode_steps
     tasks = dist.sample(args.tasks)
     per_meta_iteration = args.tasks * 2 * args.n_steps  # K = 1: one inner and one validation batch per task
+    if args.n_steps % args.envs_per_task:
+        parser.error("--n-steps must be a multiple of --envs-per-task")
+    per_env = args.n_steps // args.envs_per_task
     print(
-        f"{args.family}: M={args.tasks} tasks x 1 env (DummyVecEnv), {args.n_steps} steps per task batch, K=1; "
+        f"{args.family}: M={args.tasks} tasks x {args.envs_per_task} env(s) (DummyVecEnv), {args.n_steps} steps per "
+        f"task batch, K=1; "
         f"{platform.machine()}, {platform.python_version()}, torch {th.__version__} (1 thread)\n"
     )
 
-    limit = limit_throughput(dist, args.tasks, args.n_steps, args.iterations)
+    limit = limit_throughput(dist, args.tasks, args.envs_per_task, args.n_steps, args.iterations)
     rows = [("raw env, random actions (the limit)", limit, None)]
     phases = {}
     for mode in ("first_order", "second_order"):
         speed, phases[mode] = timed_learn(meta_model(dist, args, mode), per_meta_iteration, args.iterations)
         rows.append((f"MetaCPO learn(), {mode.replace('_', '-')}", speed, phases[mode]))
-    cpo = CPO("MlpPolicy", task_vec_env(dist, tasks), n_steps=args.n_steps, cost_limit=dist.default_cost_limit, seed=0)
+    vec_env = task_vec_env(dist, tasks, args.envs_per_task)
+    cpo = CPO("MlpPolicy", vec_env, n_steps=per_env, cost_limit=dist.default_cost_limit, seed=0)
     rows.append(("CPO learn()", timed_learn(cpo, args.tasks * args.n_steps, args.iterations)[0], None))
-    trpo = TRPO("MlpPolicy", task_vec_env(dist, tasks), n_steps=args.n_steps, batch_size=128, seed=0)
+    trpo = TRPO("MlpPolicy", task_vec_env(dist, tasks, args.envs_per_task), n_steps=per_env, batch_size=128, seed=0)
     rows.append(("sb3-contrib TRPO learn()", timed_learn(trpo, args.tasks * args.n_steps, args.iterations)[0], None))
 
     print(f"{'':<40} {'steps/s':>9} {'x limit':>8}")

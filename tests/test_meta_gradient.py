@@ -1,5 +1,7 @@
 """The meta-gradient through CPO inner updates against central finite differences (float64, batches held fixed)."""
 
+from functools import partial
+
 import numpy as np
 import pytest
 import torch as th
@@ -10,6 +12,7 @@ from sb3_metacpo.common.adaptation import (
     PreparedBatch,
     adapt_on_batches,
     cpo_update,
+    fisher_product,
     gaussian_log_prob,
     surrogates,
 )
@@ -74,8 +77,8 @@ def build_problem(constraint, n_inner, dual_solver="analytic", constrained=True,
     return policy, config, theta, batches, fractions, validation, cases
 
 
-def meta_objective(policy, config, theta, batches, fractions, validation, create_graph, which=0):
-    params = adapt_on_batches(policy.actor_mean_log_std, theta, batches, config, create_graph, fractions)
+def meta_objective(policy, config, theta, batches, fractions, validation, create_graph, which=0, fisher=None):
+    params = adapt_on_batches(policy.actor_mean_log_std, theta, batches, config, create_graph, fractions, fisher)
     return surrogates(policy.actor_mean_log_std, params, validation)[which]
 
 
@@ -95,25 +98,27 @@ def finite_difference(function, theta, eps=1e-5):
 
 
 @pytest.mark.parametrize(
-    ("constraint", "n_inner", "solver", "expected_case"),
+    ("constraint", "n_inner", "solver", "expected_case", "closed_form_fisher"),
     [
-        (-1.0, 1, "analytic", "trpo"),  # the whole trust region is feasible
-        (0.02, 1, "analytic", "dual"),  # the constraint binds
-        (0.02, 1, "cvxpylayers", "dual"),  # the same through the differentiable convex program
-        (5.0, 1, "analytic", "recovery"),  # infeasible
-        (0.02, 2, "analytic", "dual"),  # two inner updates
+        (-1.0, 1, "analytic", "trpo", False),  # the whole trust region is feasible
+        (0.02, 1, "analytic", "dual", False),  # the constraint binds
+        (0.02, 1, "cvxpylayers", "dual", False),  # the same through the differentiable convex program
+        (5.0, 1, "analytic", "recovery", False),  # infeasible
+        (0.02, 2, "analytic", "dual", False),  # two inner updates
+        (0.02, 2, "analytic", "dual", True),  # Fisher products in closed form (CPOPolicy.fisher_product), as trained
     ],
 )
-def test_second_order_meta_gradient_matches_finite_differences(constraint, n_inner, solver, expected_case):
+def test_second_order_meta_gradient_matches_finite_differences(constraint, n_inner, solver, expected_case, closed_form_fisher):
     policy, config, theta, batches, fractions, validation, cases = build_problem(constraint, n_inner, solver)
     assert cases[0] == expected_case and all(f > 0 for f in fractions)
+    fisher = policy.fisher_product if closed_form_fisher else None
     for which in (0, 1):  # meta-objective (reward) and meta-constraint (cost) gradients
         leaves = {k: v.clone().requires_grad_(True) for k, v in theta.items()}
-        value = meta_objective(policy, config, leaves, batches, fractions, validation, True, which)
+        value = meta_objective(policy, config, leaves, batches, fractions, validation, True, which, fisher)
         analytic = flat_grad(value, list(leaves.values()))
 
         def objective(p, which=which):
-            return meta_objective(policy, config, p, batches, fractions, validation, False, which).detach()
+            return meta_objective(policy, config, p, batches, fractions, validation, False, which, fisher).detach()
 
         numeric = finite_difference(objective, theta)
         error = float((analytic - numeric).norm() / numeric.norm())
@@ -134,3 +139,31 @@ def test_first_order_meta_gradient_is_the_post_adaptation_gradient():
         meta_objective(policy, config, exact_leaves, batches, fractions, validation, True), list(exact_leaves.values())
     )
     assert float((exact - meta_grad).norm() / exact.norm()) > 1e-2
+
+
+@pytest.mark.parametrize("net_arch", [[8], [8, 6], []])
+@pytest.mark.parametrize("activation_fn", [th.nn.Tanh, th.nn.ReLU])
+def test_closed_form_fisher_product_equals_the_double_backward_of_the_kl(net_arch, activation_fn):
+    """Products and their derivatives w.r.t. the parameters (second order), with observation normalisation."""
+    th.manual_seed(1)
+    policy = CPOPolicy(
+        spaces.Box(-1, 1, (OBS_DIM,), np.float32),
+        spaces.Box(-1, 1, (ACT_DIM,), np.float32),
+        lambda _: 1e-3,
+        net_arch=net_arch,
+        activation_fn=activation_fn,
+        log_std_init=-0.3,
+        clip_observations=1.0,
+    ).double()
+    policy.update_obs_stats(np.random.default_rng(0).normal(0.5, 2.0, (50, OBS_DIM)))
+    obs = 3 * th.randn(N, OBS_DIM, dtype=th.float64)  # many normalised values clipped
+    vector = th.randn(sum(p.numel() for p in policy.actor_params().values()), dtype=th.float64)
+    products = []
+    for fisher in (partial(fisher_product, policy.actor_mean_log_std), policy.fisher_product):
+        params = {k: v.detach().clone().requires_grad_(True) for k, v in policy.actor_params().items()}
+        product = fisher(params, obs, 0.1, True)(vector)
+        grads = th.autograd.grad(product.square().sum(), list(params.values()), allow_unused=True)
+        grads = [th.zeros_like(p) if g is None else g for g, p in zip(grads, params.values(), strict=True)]
+        products.append((product, th.cat([g.reshape(-1) for g in grads])))
+    th.testing.assert_close(products[1][0], products[0][0], rtol=1e-12, atol=1e-12)
+    th.testing.assert_close(products[1][1], products[0][1], rtol=1e-10, atol=1e-10)

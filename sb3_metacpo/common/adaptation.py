@@ -32,6 +32,9 @@ Params = dict[str, th.Tensor]
 ActorFn = Callable[[th.Tensor, Params], tuple[th.Tensor, th.Tensor]]
 #: ``values(observations) -> (reward values, cost values)``, numpy in and out; None selects the linear baseline.
 CriticFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+#: ``fisher(params, observations, damping, create_graph) -> (v -> (F + damping I) v)``, as :func:`fisher_product`
+#: (e.g. :meth:`CPOPolicy.fisher_product`, its closed form for the MLP actor).
+FisherFn = Callable[[Params, th.Tensor, float, bool], Callable[[th.Tensor], th.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -214,11 +217,13 @@ def cpo_update(
     config: CPOConfig,
     create_graph: bool = False,
     fraction: float | None = None,
+    fisher: FisherFn | None = None,
 ) -> tuple[Params, StepInfo]:
     """One CPO step at ``params`` on ``batch``; returns the new parameters (functions of ``params``).
 
     ``fraction=None`` runs the backtracking line search; a given fraction replays a stored update (used to
-    re-adapt from other meta-parameters on the same batches).
+    re-adapt from other meta-parameters on the same batches). ``fisher`` computes Fisher-vector products (default:
+    the double backward of the KL of ``actor``, :func:`fisher_product`).
     """
     # First order: differentiate at a detached copy (no graph back to the meta-parameters is needed or kept).
     work = params if create_graph else {name: value.detach().requires_grad_(True) for name, value in params.items()}
@@ -228,7 +233,10 @@ def cpo_update(
         g = flat_grad(reward_surrogate, tensors, create_graph=create_graph, retain_graph=True)
         if config.constrained:
             a = flat_grad(cost_surrogate, tensors, create_graph=create_graph, retain_graph=True)
-        fvp = fisher_product(actor, work, batch.observations, config.cg_damping, create_graph)
+        if fisher is None:
+            fvp = fisher_product(actor, work, batch.observations, config.cg_damping, create_graph)
+        else:
+            fvp = fisher(work, batch.observations, config.cg_damping, create_graph)
     with phase("conjugate_gradient"):
         v = conjugate_gradient(fvp, g, config.cg_max_steps)
         if config.constrained:
@@ -281,6 +289,7 @@ def adapt_on_batches(
     config: CPOConfig,
     create_graph: bool,
     fractions: Sequence[float],
+    fisher: FisherFn | None = None,
 ) -> Params:
     """Replay K stored inner updates from ``params``: one CPO step per batch with the stored line-search fractions.
 
@@ -288,5 +297,5 @@ def adapt_on_batches(
     (exactly in second-order mode, with an identity inner Jacobian in first-order mode).
     """
     for batch, fraction in zip(batches, fractions, strict=True):
-        params, _ = cpo_update(actor, params, batch, config, create_graph=create_graph, fraction=fraction)
+        params, _ = cpo_update(actor, params, batch, config, create_graph, fraction, fisher)
     return params

@@ -291,7 +291,9 @@ class CPO(OnPolicyAlgorithm):
                 self.cost_gamma,
             )
         with phase("cpo_update"):
-            new_params, info = cpo_update(self.policy.actor_mean_log_std, params, prepared, config)
+            new_params, info = cpo_update(
+                self.policy.actor_mean_log_std, params, prepared, config, fisher=self.policy.fisher_product
+            )
         with th.no_grad():
             for name, value in new_params.items():
                 params[name].copy_(value)

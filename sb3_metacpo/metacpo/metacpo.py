@@ -26,7 +26,6 @@ from sb3_metacpo.common.adaptation import (
     adapt_on_batches,
     add_flat,
     cpo_update,
-    fisher_product,
     flatten,
     gaussian_kl,
     prepare_batch,
@@ -419,7 +418,9 @@ class MetaCPO(BaseAlgorithm):
             for index, batch in enumerate(batches):
                 prepared = self._prepare(batch, adapted[index])
                 with phase("inner_update"):
-                    adapted[index], info = cpo_update(self._actor, adapted[index], prepared, inner_config, second_order)
+                    adapted[index], info = cpo_update(
+                        self._actor, adapted[index], prepared, inner_config, second_order, fisher=self.policy.fisher_product
+                    )
                 inner_batches[index].append(prepared)
                 fractions[index].append(info.fraction)
                 inner_infos.append(info)
@@ -446,7 +447,7 @@ class MetaCPO(BaseAlgorithm):
             # Outer CPO step in the Fisher metric of pi_theta on the pre-adaptation data.
             detached_theta = {name: value.detach() for name, value in theta.items()}
             pre_observations = th.cat([batches[0].observations for batches in inner_batches])
-            fvp = fisher_product(self._actor, detached_theta, pre_observations, self.cg_damping, create_graph=False)
+            fvp = self.policy.fisher_product(detached_theta, pre_observations, self.cg_damping)
             v = conjugate_gradient(fvp, meta_reward_grad, self.cg_max_steps)
             q = meta_reward_grad @ v
             if self._constrained:
@@ -467,7 +468,9 @@ class MetaCPO(BaseAlgorithm):
             with th.enable_grad():
                 rewards, costs = [], []
                 for task_batches, task_fractions, batch in zip(inner_batches, fractions, validation, strict=True):
-                    params = adapt_on_batches(self._actor, candidate, task_batches, inner_config, False, task_fractions)
+                    params = adapt_on_batches(
+                        self._actor, candidate, task_batches, inner_config, False, task_fractions, self.policy.fisher_product
+                    )
                     reward_surrogate, cost_surrogate = surrogates(self._actor, params, batch)
                     rewards.append(reward_surrogate.item())
                     costs.append(cost_surrogate.item())
@@ -609,7 +612,7 @@ class MetaCPO(BaseAlgorithm):
         for k in range(1, n_updates + 1):
             (batch,) = sampler.collect([task], self._act_fn([params]), n_steps, on_step)
             prepared = self._prepare(batch, params)
-            params, info = cpo_update(self._actor, params, prepared, config)
+            params, info = cpo_update(self._actor, params, prepared, config, fisher=self.policy.fisher_product)
             params = {name: value.detach() for name, value in params.items()}
             self.adaptation_history.append(
                 {
