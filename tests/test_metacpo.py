@@ -211,13 +211,24 @@ def test_bad_envs_are_rejected():
         model.adapt("Toy2DNav", n_updates=-1)
 
 
-def test_batched_acting_matches_acting_task_by_task():
-    # One baddbmm pass with per-env parameters must equal each env's own forward with its task's parameters.
-    model = MetaCPO("MlpPolicy", toy(), meta_batch_size=3, n_steps=100, seed=0, policy_kwargs=dict(net_arch=[8, 8]))
+@pytest.mark.parametrize("activation_fn", [th.nn.Tanh, th.nn.ReLU, th.nn.ELU])  # numpy, numpy, through torch
+def test_batched_acting_matches_acting_task_by_task(activation_fn):
+    # One numpy pass with per-env parameters must equal each env's own torch forward with its task's parameters,
+    # observation normalisation (with clipping) included; the noise is reproducible under the torch seed.
+    model = MetaCPO(
+        "MlpPolicy",
+        toy(),
+        meta_batch_size=3,
+        n_steps=100,
+        seed=0,
+        policy_kwargs=dict(net_arch=[8, 8], activation_fn=activation_fn, clip_observations=1.5),
+    )
+    rng = np.random.default_rng(0)
+    model.policy.update_obs_stats(rng.normal(0.3, 0.5, size=(50, 2)))
     theta = model.policy.actor_params()
     gen = th.Generator().manual_seed(0)
     params = [{k: v.detach() + 0.1 * th.randn(v.shape, generator=gen) for k, v in theta.items()} for _ in range(3)]
-    obs = np.random.default_rng(0).normal(size=(7, 2)).astype(np.float32)
+    obs = rng.normal(size=(7, 2))  # float64, as many envs emit
     tasks = np.array([0, 1, 2, 0, 1, 2, 0])
     actions = model._act_fn(params, deterministic=True)(obs, tasks)
     with th.no_grad():
@@ -225,6 +236,12 @@ def test_batched_acting_matches_acting_task_by_task():
             model.policy.actor_mean_log_std(th.as_tensor(obs[i : i + 1]), params[t])[0][0] for i, t in enumerate(tasks)
         ]
     np.testing.assert_allclose(actions, th.stack(expected).numpy(), rtol=1e-5, atol=1e-6)
+    draws = []
+    for _ in range(2):
+        th.manual_seed(3)
+        draws.append(model._act_fn(params)(obs, tasks))
+    np.testing.assert_array_equal(draws[0], draws[1])
+    assert not np.allclose(draws[0], actions)
 
 
 def test_actor_layers_with_parameters_are_rejected():

@@ -23,10 +23,20 @@ from torch.func import functional_call
 ActorParams = dict[str, th.Tensor]
 
 _ACTOR_PREFIXES = ("mlp_extractor.policy_net.", "action_net.", "log_std")
+#: numpy versions of common activations for :meth:`CPOPolicy.numpy_actor` (others run through torch, a bit slower).
+_NUMPY_ACTIVATIONS: dict[type[nn.Module], Callable[[np.ndarray], np.ndarray]] = {
+    nn.Tanh: np.tanh,
+    nn.ReLU: lambda x: np.maximum(x, 0),
+}
 
 
 def _sub_params(params: ActorParams, prefix: str) -> ActorParams:
     return {name[len(prefix) :]: value for name, value in params.items() if name.startswith(prefix)}
+
+
+@th.no_grad()
+def _torch_on_numpy(module: nn.Module, x: np.ndarray) -> np.ndarray:
+    return module(th.from_numpy(x)).numpy()
 
 
 class CPOPolicy(ActorCriticPolicy):
@@ -134,24 +144,50 @@ class CPOPolicy(ActorCriticPolicy):
         mean = functional_call(self.action_net, _sub_params(params, "action_net."), (latent,))
         return mean, params["log_std"].expand_as(mean)
 
-    def actor_mean_log_std_per_sample(self, obs: th.Tensor, params: ActorParams) -> tuple[th.Tensor, th.Tensor]:
-        """Mean and log-std with a different parameter set for every observation, in one batched pass.
+    def numpy_actor(self, params: ActorParams, deterministic: bool = False) -> Callable[[np.ndarray], np.ndarray]:
+        """The policy as a numpy function ``obs -> actions`` for acting, with a parameter set per observation.
 
-        ``obs`` is ``(n, obs_dim)`` and every tensor of ``params`` has a leading axis of size n (e.g. the stacked
-        parameters of several tasks indexed by each env's task). Each linear layer is one ``baddbmm`` over the n
-        samples, which is what makes acting on M tasks at once as cheap as acting on one.
+        Every tensor of ``params`` has a leading axis of size n (e.g. the stacked parameters of several tasks indexed
+        by each env's task) or 1 (one parameter set for all); ``obs`` is ``(n, obs_dim)``. Parameters and
+        normalisation statistics are copied now: the function is for a rollout during which they do not change.
+        Each linear layer is one batched ``matmul``; numpy's per-call overhead is a fraction of torch's, and acting
+        runs at every env step. The Gaussian noise comes from a numpy generator seeded from torch's global one, so
+        sampling is as reproducible under ``set_random_seed`` as torch sampling.
         """
-        x = self.normalize_obs(obs.to(self.obs_mean.dtype)).unsqueeze(1)
+        with th.no_grad():
+            arrays = {name: value.detach().cpu().numpy() for name, value in params.items()}
+            obs_mean = self.obs_mean.cpu().numpy()
+            obs_std = th.sqrt(self.obs_var + 1e-8).cpu().numpy()
+        dtype = arrays["log_std"].dtype
         prefix = "mlp_extractor.policy_net."
-        for index, module in enumerate(self.mlp_extractor.policy_net):
+        layers: list[Any] = []  # (bias (n, 1, out), weightᵀ (n, in, out)) or an element-wise function
+        for index, module in [*enumerate(self.mlp_extractor.policy_net), (None, self.action_net)]:
+            name = "action_net." if index is None else f"{prefix}{index}."
             if isinstance(module, nn.Linear):
-                weight, bias = params[f"{prefix}{index}.weight"], params[f"{prefix}{index}.bias"]
-                x = th.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
-            else:
-                x = module(x)  # parameter-free, element-wise (checked at construction)
-        mean = th.baddbmm(params["action_net.bias"].unsqueeze(1), x, params["action_net.weight"].transpose(1, 2))
-        mean = mean.squeeze(1)
-        return mean, params["log_std"].expand_as(mean)
+                weight_t = np.ascontiguousarray(arrays[name + "weight"].transpose(0, 2, 1))
+                layers.append((arrays[name + "bias"][:, None, :], weight_t))
+            elif type(module) in _NUMPY_ACTIVATIONS:
+                layers.append(_NUMPY_ACTIVATIONS[type(module)])
+            else:  # parameter-free and element-wise (checked at construction)
+                layers.append(lambda x, module=module: _torch_on_numpy(module, x))
+        std = np.exp(arrays["log_std"])
+        rng = np.random.default_rng(int(th.randint(2**62, ())))
+
+        def actor(obs: np.ndarray) -> np.ndarray:
+            x = obs.astype(dtype, copy=False)
+            if self.normalize_observations:
+                x = np.clip((x - obs_mean) / obs_std, -self.clip_observations, self.clip_observations)
+            x = x[:, None, :]
+            for layer in layers:
+                if isinstance(layer, tuple):
+                    x = np.matmul(x, layer[1])
+                    x += layer[0]
+                else:
+                    x = layer(x)
+            mean = x[:, 0, :]
+            return mean if deterministic else mean + rng.standard_normal(mean.shape, dtype=dtype) * std
+
+        return actor
 
     def fisher_product(
         self, params: ActorParams, obs: th.Tensor, damping: float, create_graph: bool = False

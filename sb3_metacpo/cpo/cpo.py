@@ -244,11 +244,10 @@ class CPO(OnPolicyAlgorithm):
         episodes: list[EpisodeRecord] = []
         low, high = self.action_space.low, self.action_space.high  # type: ignore[attr-defined]
         callback.on_rollout_start()
+        act = self.policy.numpy_actor({name: value.unsqueeze(0) for name, value in self.policy.actor_params().items()})
         with phase("sampling"):
             for t in range(n_rollout_steps):
-                with th.no_grad():
-                    mean, log_std = self.policy.actor_mean_log_std(th.as_tensor(self._last_obs, device=self.device))
-                    actions = (mean + th.randn_like(mean) * log_std.exp()).cpu().numpy()
+                actions = act(self._last_obs)  # type: ignore[arg-type]
                 new_obs, rewards, dones, infos = env.step(np.clip(actions, low, high))
                 self.num_timesteps += env.num_envs
                 callback.update_locals(locals())

@@ -294,20 +294,15 @@ class MetaCPO(BaseAlgorithm):
     def _act_fn(self, params_per_task: Sequence[Params], deterministic: bool = False) -> Any:
         """The sampler's policy: one batched forward for all envs, each env acting with its task's parameters."""
         stacked = {name: th.stack([params[name].detach() for params in params_per_task]) for name in params_per_task[0]}
-
-        per_env_cache: dict[bytes, Params] = {}  # the env-to-task assignment is fixed within a collect
+        per_env_cache: dict[bytes, Any] = {}  # the env-to-task assignment is fixed within a collect
 
         def act(observations: np.ndarray, task_indices: np.ndarray) -> np.ndarray:
             key = task_indices.tobytes()
             if key not in per_env_cache:
                 index = th.as_tensor(task_indices, device=self.device)
-                per_env_cache[key] = {name: value[index] for name, value in stacked.items()}
-            per_env = per_env_cache[key]
-            with th.no_grad():
-                obs = th.as_tensor(observations, device=self.device)
-                mean, log_std = self.policy.actor_mean_log_std_per_sample(obs, per_env)
-                actions = mean if deterministic else mean + th.randn_like(mean) * log_std.exp()
-            return actions.cpu().numpy()
+                per_env = {name: value[index] for name, value in stacked.items()}
+                per_env_cache[key] = self.policy.numpy_actor(per_env, deterministic)
+            return per_env_cache[key](observations)
 
         return act
 
