@@ -73,7 +73,8 @@ class MetaCPO(BaseAlgorithm):
     :param line_search_max_iter: backtracking steps of the line searches
     :param line_search_shrinking_factor: step shrinking factor of the line searches
     :param meta_gradient: ``"second_order"`` (exact: differentiate through the inner CPO updates, including
-        conjugate gradient and the dual solution) or ``"first_order"`` (inner Jacobian taken as the identity; cheaper)
+        conjugate gradient and the dual solution) or ``"first_order"`` (inner Jacobian taken as the identity, also in
+        the outer line search; cheaper)
     :param dual_solver: ``"analytic"`` (closed form of the CPO dual, ~0.1 ms) or ``"cvxpylayers"`` (the dual as a
         differentiable convex program, a few ms per solve); they agree to solver precision
     :param critic: ``"linear"``: a linear baseline fitted to each batch (task-specific even when the observation
@@ -460,15 +461,24 @@ class MetaCPO(BaseAlgorithm):
 
         def evaluate(fraction: float) -> tuple[float, float, float]:
             candidate = add_flat(detached_theta, fraction * step)
-            with th.enable_grad():
-                rewards, costs = [], []
-                for task_batches, task_fractions, batch in zip(inner_batches, fractions, validation, strict=True):
-                    params = adapt_on_batches(
-                        self._actor, candidate, task_batches, inner_config, False, task_fractions, self.policy.fisher_product
-                    )
-                    reward_surrogate, cost_surrogate = surrogates(self._actor, params, batch)
-                    rewards.append(reward_surrogate.item())
-                    costs.append(cost_surrogate.item())
+            rewards, costs = [], []
+            for task_batches, task_fractions, batch, params in zip(inner_batches, fractions, validation, adapted, strict=True):
+                if second_order:  # re-adapt from the candidate: the exact post-adaptation objective
+                    with th.enable_grad():
+                        params = adapt_on_batches(
+                            self._actor,
+                            candidate,
+                            task_batches,
+                            inner_config,
+                            False,
+                            task_fractions,
+                            self.policy.fisher_product,
+                        )
+                else:  # the inner steps held fixed: the objective whose gradient the first-order meta-gradient is
+                    params = add_flat({name: value.detach() for name, value in params.items()}, fraction * step)
+                reward_surrogate, cost_surrogate = surrogates(self._actor, params, batch)
+                rewards.append(reward_surrogate.item())
+                costs.append(cost_surrogate.item())
             mean, log_std = self._actor(pre_observations, candidate)
             kl = float(gaussian_kl(old_mean, old_log_std, mean, log_std).mean())
             return kl, float(np.mean(rewards)), float(np.mean(costs))
