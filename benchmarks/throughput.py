@@ -14,6 +14,7 @@ In one run, on the same M tasks with E DummyVecEnv envs per task (``--envs-per-t
     python benchmarks/throughput.py --family PointGoalHazard
     python benchmarks/throughput.py --family HalfCheetahVelocity --scaling
     python benchmarks/throughput.py --family HalfCheetahVelocity --envs-per-task 4 --n-steps 3200
+    python benchmarks/throughput.py --family HalfCheetahVelocity --envs-per-task 4 --n-steps 3200 --fvp-sample-freq 4
 """
 
 from __future__ import annotations
@@ -76,7 +77,14 @@ def timed_learn(model: Any, steps_per_iteration: int, iterations: int) -> tuple[
 
 
 def meta_model(dist: TaskDistribution, args: argparse.Namespace, mode: str, **overrides: Any) -> MetaCPO:
-    kwargs = dict(meta_batch_size=args.tasks, n_inner_updates=1, n_steps=args.n_steps, meta_gradient=mode, seed=0)
+    kwargs = dict(
+        meta_batch_size=args.tasks,
+        n_inner_updates=1,
+        n_steps=args.n_steps,
+        meta_gradient=mode,
+        fvp_sample_freq=args.fvp_sample_freq,
+        seed=0,
+    )
     kwargs.update(overrides)
     kwargs["n_envs"] = kwargs["meta_batch_size"] * args.envs_per_task
     return MetaCPO("MlpPolicy", dist, **kwargs)
@@ -130,6 +138,9 @@ def main() -> None:
     parser.add_argument("--n-steps", type=int, help="env steps per task batch (default: one episode)")
     parser.add_argument("--iterations", type=int, default=2, help="timed iterations after one warm-up")
     parser.add_argument("--scaling", action="store_true", help="also time meta-iterations for growing M, K and net size")
+    parser.add_argument(
+        "--fvp-sample-freq", type=int, default=1, help="Fisher products on every k-th sample (TRPO: sub_sampling_factor)"
+    )
     args = parser.parse_args()
     th.set_num_threads(1)
     dist = make_task_distribution(args.family, seed=0)
@@ -141,7 +152,7 @@ def main() -> None:
     per_env = args.n_steps // args.envs_per_task
     print(
         f"{args.family}: M={args.tasks} tasks x {args.envs_per_task} env(s) (DummyVecEnv), {args.n_steps} steps per "
-        f"task batch, K=1; "
+        f"task batch, K=1, fvp_sample_freq={args.fvp_sample_freq}; "
         f"{platform.machine()}, {platform.python_version()}, torch {th.__version__} (1 thread)\n"
     )
 
@@ -152,9 +163,23 @@ def main() -> None:
         speed, phases[mode] = timed_learn(meta_model(dist, args, mode), per_meta_iteration, args.iterations)
         rows.append((f"MetaCPO learn(), {mode.replace('_', '-')}", speed, phases[mode]))
     vec_env = task_vec_env(dist, tasks, args.envs_per_task)
-    cpo = CPO("MlpPolicy", vec_env, n_steps=per_env, cost_limit=dist.default_cost_limit, seed=0)
+    cpo = CPO(
+        "MlpPolicy",
+        vec_env,
+        n_steps=per_env,
+        cost_limit=dist.default_cost_limit,
+        fvp_sample_freq=args.fvp_sample_freq,
+        seed=0,
+    )
     rows.append(("CPO learn()", timed_learn(cpo, args.tasks * args.n_steps, args.iterations)[0], None))
-    trpo = TRPO("MlpPolicy", task_vec_env(dist, tasks, args.envs_per_task), n_steps=per_env, batch_size=128, seed=0)
+    trpo = TRPO(
+        "MlpPolicy",
+        task_vec_env(dist, tasks, args.envs_per_task),
+        n_steps=per_env,
+        batch_size=128,
+        sub_sampling_factor=args.fvp_sample_freq,
+        seed=0,
+    )
     rows.append(("sb3-contrib TRPO learn()", timed_learn(trpo, args.tasks * args.n_steps, args.iterations)[0], None))
 
     print(f"{'':<40} {'steps/s':>9} {'x limit':>8}")

@@ -125,6 +125,8 @@ def test_errors_name_the_problem():
         CPO("MlpPolicy", env, cost_limit=-1)
     with pytest.raises(ValueError, match="dual_solver"):
         CPO("MlpPolicy", env, dual_solver="scipy")
+    with pytest.raises(ValueError, match="fvp_sample_freq must be a positive integer"):
+        CPO("MlpPolicy", env, fvp_sample_freq=1.5)
     with pytest.raises(ValueError, match="needs its TaskDistribution"):
         make_safe_vec_env(make_task_distribution("Toy2DNav").test_tasks(1)[0])
     with pytest.raises(TypeError, match="env must be"):

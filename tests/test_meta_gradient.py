@@ -167,3 +167,20 @@ def test_closed_form_fisher_product_equals_the_double_backward_of_the_kl(net_arc
         products.append((product, th.cat([g.reshape(-1) for g in grads])))
     th.testing.assert_close(products[1][0], products[0][0], rtol=1e-12, atol=1e-12)
     th.testing.assert_close(products[1][1], products[0][1], rtol=1e-10, atol=1e-10)
+
+
+def test_fvp_sample_freq_uses_every_kth_sample_for_the_fisher():
+    policy = make_policy()
+    theta = {k: v.detach().clone() for k, v in policy.actor_params().items()}
+    batch = make_batch(policy, theta, seed=0, constraint=0.02)
+    # Every observation twice in a row: obs[::2] has exactly the Fisher matrix of the whole batch.
+    doubled = make_batch(policy, theta, seed=0, constraint=0.02)
+    doubled.observations = batch.observations.repeat_interleave(2, dim=0)[:N]
+    steps = {}
+    for name, data in (("random", batch), ("doubled", doubled)):
+        for freq in (1, 2):
+            config = CPOConfig(target_kl=0.02, cost_limit=1.0, cg_max_steps=8, fvp_sample_freq=freq)
+            params, _ = cpo_update(policy.actor_mean_log_std, theta, data, config, fisher=policy.fisher_product)
+            steps[name, freq] = th.cat([(params[k] - theta[k]).reshape(-1) for k in theta])
+    th.testing.assert_close(steps["doubled", 2], steps["doubled", 1], rtol=1e-9, atol=1e-12)
+    assert float((steps["random", 2] - steps["random", 1]).norm() / steps["random", 1].norm()) > 1e-3

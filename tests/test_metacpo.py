@@ -77,6 +77,7 @@ def test_callback_can_stop_training_and_progress_bar_runs():
     "kwargs",
     [
         dict(meta_gradient="first_order"),
+        dict(fvp_sample_freq=4),
         dict(dual_solver="cvxpylayers"),
         dict(critic="mlp", n_critic_updates=2),
         dict(n_inner_updates=2, n_envs=4),
@@ -174,6 +175,7 @@ def test_meta_eval_callback_logs_meta_test(tmp_path):
         (dict(dual_solver="scipy"), "dual_solver must be one of"),
         (dict(critic="gp"), "critic must be 'linear' or 'mlp'"),
         (dict(gamma=1.5), r"gamma must be in \(0, 1\]"),
+        (dict(fvp_sample_freq=0), "fvp_sample_freq must be a positive integer"),
         (dict(line_search_shrinking_factor=1.0), r"line_search_shrinking_factor must be in \(0, 1\)"),
     ],
 )

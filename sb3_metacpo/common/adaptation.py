@@ -46,6 +46,7 @@ class CPOConfig:
     constrained: bool = True
     cg_max_steps: int = 10
     cg_damping: float = 0.1
+    fvp_sample_freq: int = 1
     dual_solver: str = "analytic"
     line_search_max_iter: int = 10
     line_search_shrinking_factor: float = 0.8
@@ -233,10 +234,11 @@ def cpo_update(
         g = flat_grad(reward_surrogate, tensors, create_graph=create_graph, retain_graph=True)
         if config.constrained:
             a = flat_grad(cost_surrogate, tensors, create_graph=create_graph, retain_graph=True)
+        fisher_observations = batch.observations[:: config.fvp_sample_freq]
         if fisher is None:
-            fvp = fisher_product(actor, work, batch.observations, config.cg_damping, create_graph)
+            fvp = fisher_product(actor, work, fisher_observations, config.cg_damping, create_graph)
         else:
-            fvp = fisher(work, batch.observations, config.cg_damping, create_graph)
+            fvp = fisher(work, fisher_observations, config.cg_damping, create_graph)
     with phase("conjugate_gradient"):
         v = conjugate_gradient(fvp, g, config.cg_max_steps)
         if config.constrained:
