@@ -9,9 +9,11 @@ In one run, on the same M tasks with E DummyVecEnv envs per task (``--envs-per-t
 3. where a meta-iteration's time goes (sampling, advantages and critics, inner CPO steps and their parts,
    meta-gradient backward, outer step, outer line search), and the dual solve plus its backward against an inner
    update;
-4. with ``--scaling``, seconds per meta-iteration as tasks per iteration, inner updates and policy size grow.
+4. with ``--scaling``, seconds per meta-iteration as tasks per iteration, inner updates and policy size grow;
+5. with ``--env-id``, CPO against sb3-contrib TRPO on one standard env, both with their defaults (1 env, 2048 steps
+   per update).
 
-    python benchmarks/throughput.py --family PointGoalHazard
+    python benchmarks/throughput.py --family PointGoalHazard --scaling --env-id SafetyPointGoal1Gymnasium-v0
     python benchmarks/throughput.py --family HalfCheetahVelocity --scaling
     python benchmarks/throughput.py --family HalfCheetahVelocity --envs-per-task 4 --n-steps 3200
     python benchmarks/throughput.py --family HalfCheetahVelocity --envs-per-task 4 --n-steps 3200 --fvp-sample-freq 4
@@ -76,6 +78,13 @@ def timed_learn(model: Any, steps_per_iteration: int, iterations: int) -> tuple[
     return steps_per_iteration * iterations / seconds, times
 
 
+def cpo_against_trpo(env_id: str, iterations: int) -> tuple[float, float]:
+    """``learn()`` env steps/s of CPO and sb3-contrib TRPO on ``env_id`` (the same VecEnv stack, SB3 defaults)."""
+    cpo = CPO("MlpPolicy", env_id, seed=0)
+    trpo = TRPO("MlpPolicy", CPO("MlpPolicy", env_id, seed=0).env, seed=0)  # CPO's env stack: cost monitor and all
+    return timed_learn(cpo, cpo.n_steps, iterations)[0], timed_learn(trpo, trpo.n_steps, iterations)[0]
+
+
 def meta_model(dist: TaskDistribution, args: argparse.Namespace, mode: str, **overrides: Any) -> MetaCPO:
     kwargs = dict(
         meta_batch_size=args.tasks,
@@ -138,6 +147,7 @@ def main() -> None:
     parser.add_argument("--n-steps", type=int, help="env steps per task batch (default: one episode)")
     parser.add_argument("--iterations", type=int, default=2, help="timed iterations after one warm-up")
     parser.add_argument("--scaling", action="store_true", help="also time meta-iterations for growing M, K and net size")
+    parser.add_argument("--env-id", help="also time CPO against TRPO on this safety-gymnasium id")
     parser.add_argument(
         "--fvp-sample-freq", type=int, default=1, help="Fisher products on every k-th sample (TRPO: sub_sampling_factor)"
     )
@@ -195,6 +205,13 @@ def main() -> None:
         f"\nDual solve + backward (closed form, batched over {args.tasks} tasks): {1e3 * dual:.3f} ms per task, "
         f"{100 * dual / inner:.2f}% of a second-order inner update ({1e3 * inner:.1f} ms, its backward excluded)"
     )
+
+    if args.env_id:
+        cpo_speed, trpo_speed = cpo_against_trpo(args.env_id, args.iterations)
+        print(
+            f"\n{args.env_id}, 1 env, 2048 steps per update: CPO {cpo_speed:.0f} steps/s, sb3-contrib TRPO "
+            f"{trpo_speed:.0f} steps/s (CPO / TRPO = {cpo_speed / trpo_speed:.2f})"
+        )
 
     if args.scaling:
         print("\nSeconds per second-order meta-iteration (updates only: total minus sampling):")
