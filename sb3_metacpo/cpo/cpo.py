@@ -15,7 +15,7 @@ from stable_baselines3.common.utils import safe_mean
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
 
 from sb3_metacpo.common.adaptation import CPOConfig, cpo_update, prepare_batch
-from sb3_metacpo.common.cpo_step import DUAL_SOLVERS
+from sb3_metacpo.common.checks import check, check_cpo_step_hyperparameters, check_positive_ints
 from sb3_metacpo.common.envs import SafeEnv, make_safe_vec_env
 from sb3_metacpo.common.policies import CPOPolicy
 from sb3_metacpo.common.profiling import phase
@@ -26,11 +26,6 @@ SelfCPO = TypeVar("SelfCPO", bound="CPO")
 
 #: Cost limit of plain envs (the safety-gymnasium benchmark's standard limit), when ``cost_limit`` is not given.
 DEFAULT_COST_LIMIT = 25.0
-
-
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
 
 
 class CPO(OnPolicyAlgorithm):
@@ -158,29 +153,10 @@ class CPO(OnPolicyAlgorithm):
 
     # --- set-up -----------------------------------------------------------------------------------------------
     def _validate_hyperparameters(self) -> None:
-        for name in ("n_steps", "batch_size", "cg_max_steps", "n_critic_updates", "n_envs_requested"):
-            value = getattr(self, name)
-            _check(isinstance(value, int) and value >= 1, f"{name} must be a positive integer, got {value!r}")
-        _check(self.line_search_max_iter >= 0, f"line_search_max_iter must be >= 0, got {self.line_search_max_iter}")
-        _check(self.target_kl > 0, f"target_kl must be > 0, got {self.target_kl!r}")
-        _check(callable(self.learning_rate) or self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
-        _check(self.cg_damping >= 0, f"cg_damping must be >= 0, got {self.cg_damping}")
-        _check(
-            isinstance(self.fvp_sample_freq, int) and self.fvp_sample_freq >= 1,
-            f"fvp_sample_freq must be a positive integer, got {self.fvp_sample_freq!r}",
-        )
-        _check(0 < self.gamma <= 1, f"gamma must be in (0, 1], got {self.gamma}")
-        _check(0 < self.cost_gamma <= 1, f"cost_gamma must be in (0, 1], got {self.cost_gamma}")
-        _check(0 <= self.gae_lambda <= 1, f"gae_lambda must be in [0, 1], got {self.gae_lambda}")
-        _check(
-            0 < self.line_search_shrinking_factor < 1,
-            f"line_search_shrinking_factor must be in (0, 1), got {self.line_search_shrinking_factor}",
-        )
-        _check(self.dual_solver in DUAL_SOLVERS, f"dual_solver must be one of {DUAL_SOLVERS}, got {self.dual_solver!r}")
-        _check(
-            self.cost_limit is None or self.cost_limit > 0,
-            f"cost_limit must be > 0 (an expected episode cost), got {self.cost_limit!r}",
-        )
+        check_positive_ints(self, "n_steps", "batch_size", "n_critic_updates", "n_envs_requested")
+        check(self.target_kl > 0, f"target_kl must be > 0, got {self.target_kl!r}")
+        check(callable(self.learning_rate) or self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
+        check_cpo_step_hyperparameters(self)
 
     def _make_env(self, env: SafeEnv) -> VecEnv:
         """A cost-monitored VecEnv for ``env``; a family name or a distribution becomes the training distribution."""

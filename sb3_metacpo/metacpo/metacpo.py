@@ -31,7 +31,8 @@ from sb3_metacpo.common.adaptation import (
     prepare_batch,
     surrogates,
 )
-from sb3_metacpo.common.cpo_step import DUAL_SOLVERS, backtracking_line_search, conjugate_gradient, cpo_direction, flat_grad
+from sb3_metacpo.common.checks import check, check_cpo_step_hyperparameters, check_positive_ints
+from sb3_metacpo.common.cpo_step import backtracking_line_search, conjugate_gradient, cpo_direction, flat_grad
 from sb3_metacpo.common.envs import make_safe_vec_env
 from sb3_metacpo.common.policies import CPOPolicy
 from sb3_metacpo.common.profiling import phase
@@ -39,11 +40,6 @@ from sb3_metacpo.common.sampler import TaskBatch, TaskSampler
 from sb3_metacpo.tasks.base import Task, TaskDistribution, make_task_distribution
 
 SelfMetaCPO = TypeVar("SelfMetaCPO", bound="MetaCPO")
-
-
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
 
 
 class MetaCPO(BaseAlgorithm):
@@ -186,36 +182,17 @@ class MetaCPO(BaseAlgorithm):
 
     # --- set-up -----------------------------------------------------------------------------------------------
     def _validate_hyperparameters(self) -> None:
-        for name in ("meta_batch_size", "n_inner_updates", "n_steps", "cg_max_steps", "n_critic_updates", "critic_batch_size"):
-            value = getattr(self, name)
-            _check(isinstance(value, int) and value >= 1, f"{name} must be a positive integer, got {value!r}")
-        _check(self.line_search_max_iter >= 0, f"line_search_max_iter must be >= 0, got {self.line_search_max_iter}")
+        check_positive_ints(self, "meta_batch_size", "n_inner_updates", "n_steps", "n_critic_updates", "critic_batch_size")
         for name in ("inner_target_kl", "outer_target_kl", "critic_learning_rate"):
             value = getattr(self, name)
-            _check(value > 0, f"{name} must be > 0, got {value!r}")
-        _check(self.cg_damping >= 0, f"cg_damping must be >= 0, got {self.cg_damping}")
-        _check(
-            isinstance(self.fvp_sample_freq, int) and self.fvp_sample_freq >= 1,
-            f"fvp_sample_freq must be a positive integer, got {self.fvp_sample_freq!r}",
-        )
-        _check(0 < self.gamma <= 1, f"gamma must be in (0, 1], got {self.gamma}")
-        _check(0 < self.cost_gamma <= 1, f"cost_gamma must be in (0, 1], got {self.cost_gamma}")
-        _check(0 <= self.gae_lambda <= 1, f"gae_lambda must be in [0, 1], got {self.gae_lambda}")
-        _check(
-            0 < self.line_search_shrinking_factor < 1,
-            f"line_search_shrinking_factor must be in (0, 1), got {self.line_search_shrinking_factor}",
-        )
-        _check(
+            check(value > 0, f"{name} must be > 0, got {value!r}")
+        check_cpo_step_hyperparameters(self)
+        check(
             self.meta_gradient in ("second_order", "first_order"),
             f"meta_gradient must be 'second_order' or 'first_order', got {self.meta_gradient!r}",
         )
-        _check(self.dual_solver in DUAL_SOLVERS, f"dual_solver must be one of {DUAL_SOLVERS}, got {self.dual_solver!r}")
-        _check(self.critic in ("linear", "mlp"), f"critic must be 'linear' or 'mlp', got {self.critic!r}")
-        _check(
-            self.cost_limit is None or self.cost_limit > 0,
-            f"cost_limit must be > 0 (an expected episode cost), got {self.cost_limit!r}",
-        )
-        _check(
+        check(self.critic in ("linear", "mlp"), f"critic must be 'linear' or 'mlp', got {self.critic!r}")
+        check(
             self.n_envs_requested is None or (isinstance(self.n_envs_requested, int) and self.n_envs_requested >= 1),
             f"n_envs must be a positive integer or None, got {self.n_envs_requested!r}",
         )
@@ -617,8 +594,8 @@ class MetaCPO(BaseAlgorithm):
         """
         n_updates = self.n_inner_updates if n_updates is None else n_updates
         n_steps = self.n_steps if n_steps is None else n_steps
-        _check(isinstance(n_updates, int) and n_updates >= 0, f"n_updates must be an integer >= 0, got {n_updates!r}")
-        _check(isinstance(n_steps, int) and n_steps >= 1, f"n_steps must be a positive integer, got {n_steps!r}")
+        check(isinstance(n_updates, int) and n_updates >= 0, f"n_updates must be an integer >= 0, got {n_updates!r}")
+        check(isinstance(n_steps, int) and n_steps >= 1, f"n_steps must be a positive integer, got {n_steps!r}")
         sampler, task = self._adaptation_sampler(env)
         params = {name: value.detach().clone() for name, value in self.policy.actor_params().items()}
         config = self._config(self.inner_target_kl)
