@@ -282,5 +282,11 @@ class CPOPolicy(ActorCriticPolicy):
         features = self.extract_features(obs, self.vf_features_extractor)
         return self.cost_value_net(self.cost_mlp(features))
 
+    @th.no_grad()
+    def critic_values(self, observations: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Reward and cost value estimates of raw observations ``(n, obs_dim)``, as flat numpy arrays."""
+        obs = th.as_tensor(observations, device=self.device)
+        return self.predict_values(obs).cpu().numpy().reshape(-1), self.predict_costs(obs).cpu().numpy().reshape(-1)
+
 
 MlpPolicy = CPOPolicy

@@ -267,7 +267,7 @@ class CPO(OnPolicyAlgorithm):
                 batch,
                 self.policy.actor_mean_log_std,
                 params,
-                self._critic_values,
+                self.policy.critic_values,
                 self.gamma,
                 self.gae_lambda,
                 self.effective_cost_limit,
@@ -301,14 +301,6 @@ class CPO(OnPolicyAlgorithm):
         record("train/value_loss", loss)
         record("train/std", self.policy.log_std.exp().mean().item())
         record("train/n_updates", self._n_updates, exclude="tensorboard")
-
-    def _critic_values(self, observations: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        with th.no_grad():
-            obs = th.as_tensor(observations, device=self.device)
-            return (
-                self.policy.predict_values(obs).cpu().numpy().reshape(-1),
-                self.policy.predict_costs(obs).cpu().numpy().reshape(-1),
-            )
 
     def dump_logs(self, iteration: int = 0) -> None:
         """SB3's logs plus ``rollout/ep_cost_mean``."""

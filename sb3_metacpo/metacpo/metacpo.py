@@ -293,20 +293,6 @@ class MetaCPO(BaseAlgorithm):
 
         return act
 
-    def _critic_fn(self) -> Any:
-        if self.critic == "linear":
-            return None
-
-        def values(observations: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            with th.no_grad():
-                obs = th.as_tensor(observations, device=self.device)
-                return (
-                    self.policy.predict_values(obs).cpu().numpy().reshape(-1),
-                    self.policy.predict_costs(obs).cpu().numpy().reshape(-1),
-                )
-
-        return values
-
     def _prepare(self, batch: TaskBatch, params: Params) -> PreparedBatch:
         assert self.task_distribution is not None
         with phase("advantages"):
@@ -314,7 +300,7 @@ class MetaCPO(BaseAlgorithm):
                 batch,
                 self._actor,
                 params,
-                self._critic_fn(),
+                None if self.critic == "linear" else self.policy.critic_values,
                 self.gamma,
                 self.gae_lambda,
                 self.effective_cost_limit,
