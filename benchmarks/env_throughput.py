@@ -14,7 +14,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from sb3_metacpo.common.sampler import TaskSampler
+from sb3_metacpo.common.rollouts import RolloutSampler
 from sb3_metacpo.tasks import list_task_distributions, make_task_distribution
 
 
@@ -35,7 +35,7 @@ def main() -> None:
     for name in args.families:
         dist = make_task_distribution(name, seed=0)
         act = random_actions(dist.spaces[1].shape)
-        sampler = TaskSampler(dist, n_envs=args.n_envs, seed=0)
+        sampler = RolloutSampler(dist, n_envs=args.n_envs, seed=0)
         sampler.collect(dist.sample(1), act, 1)  # warm-up
         steps, start = 0, time.perf_counter()
         for task in dist.sample(args.tasks):

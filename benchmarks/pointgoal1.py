@@ -27,8 +27,8 @@ from sb3_contrib import TRPO
 from stable_baselines3.common.vec_env import DummyVecEnv
 
 from sb3_metacpo import CPO
-from sb3_metacpo.common.monitor import CostMonitor
 from sb3_metacpo.tasks.compat import import_safety_gymnasium
+from sb3_metacpo.tasks.monitor import CostMonitor
 
 ENV_ID = "SafetyPointGoal1Gymnasium-v0"
 ALGORITHMS = {"CPO": CPO, "TRPO": TRPO}

@@ -32,10 +32,10 @@ from sb3_contrib import TRPO
 from stable_baselines3.common.vec_env import DummyVecEnv
 
 from sb3_metacpo import CPO, MetaCPO
-from sb3_metacpo.common.cpo_step import cpo_direction
+from sb3_metacpo.common.cpo_subproblem import cpo_direction
 from sb3_metacpo.common.envs import EnvFactory
 from sb3_metacpo.common.profiling import phase_times
-from sb3_metacpo.common.sampler import TaskSampler
+from sb3_metacpo.common.rollouts import RolloutSampler
 from sb3_metacpo.tasks import TaskDistribution, list_task_distributions, make_task_distribution
 
 TOP_PHASES = ("sampling", "advantages", "inner_update", "meta_gradient", "outer_step", "outer_line_search", "critic_training")
@@ -46,7 +46,7 @@ def limit_throughput(dist: TaskDistribution, n_tasks: int, envs_per_task: int, n
     switch to a new task (a new world) and run two batches of ``n_steps`` steps per task (inner and validation), each
     starting with a reset. The VecEnv is stepped directly, so none of our code is in the loop. Env steps per second."""
     n_envs = n_tasks * envs_per_task
-    sampler = TaskSampler(dist, n_envs=n_envs, seed=0)
+    sampler = RolloutSampler(dist, n_envs=n_envs, seed=0)
     env = sampler.vec_env
     rng = np.random.default_rng(0)
     shape = (n_envs, *dist.spaces[1].shape)
@@ -118,7 +118,7 @@ def dual_seconds(n_tasks: int, repeats: int = 200) -> float:
         for tensor in (v, w, q, r, s, b):
             tensor.requires_grad_(True)
         start = time.perf_counter()
-        result = cpo_direction(v, w, q, r, s, b, 0.05)
+        result = cpo_direction(v, w.unsqueeze(1), q, r.unsqueeze(1), s.reshape(-1, 1, 1), b.unsqueeze(1), 0.05)
         result.x.sum().backward()
         total += time.perf_counter() - start
     return total / repeats

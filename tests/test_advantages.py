@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from sb3_metacpo.common.buffers import LinearFeatureBaseline, compute_gae, discounted_returns, episode_steps
+from sb3_metacpo.common.advantages import LinearFeatureBaseline, compute_gae, discounted_returns, episode_steps
 
 
 def random_batch(seed, T=37, E=3):

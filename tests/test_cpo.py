@@ -12,7 +12,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv
 
 from sb3_metacpo import CPO, make_task_distribution
 from sb3_metacpo.common.envs import ResampleTaskOnReset, make_safe_vec_env
-from sb3_metacpo.common.monitor import CostMonitor
+from sb3_metacpo.tasks.monitor import CostMonitor
 
 SMALL = dict(n_steps=200, seed=0, policy_kwargs=dict(net_arch=[16]))
 

@@ -1,29 +1,87 @@
-"""The CPO step numerics against independent oracles: direct solves, explicit Hessians, cvxpy on the primal problem,
-the KKT conditions and finite differences. Everything in float64 with fixed seeds."""
+"""The CPO step numerics with one constraint against independent oracles: direct solves, explicit Hessians, cvxpy
+on the primal problem, the KKT conditions and finite differences. Everything in float64 with fixed seeds.
+
+The one-constraint problem goes through the m-constraint code (:func:`cpo_direction` with m = 1) via the small
+adapters below; ``tests/test_several_constraints.py`` covers m = 2, 3."""
 
 import math
+from types import SimpleNamespace
 
 import cvxpy as cp
 import numpy as np
 import pytest
 import torch
 
-from sb3_metacpo.common.cpo_step import (
-    CPO_CASES,
-    backtracking_line_search,
-    conjugate_gradient,
-    cpo_direction,
-    fisher_vector_product_fn,
-    flat_grad,
-    solve_dual_analytic,
-    solve_dual_cvxpylayers,
-)
+from sb3_metacpo.common.conjugate_gradient import conjugate_gradient, fisher_vector_product_fn, flat_grad
+from sb3_metacpo.common.constrained_step import LineSearch, StepConfig
+from sb3_metacpo.common.constrained_step import backtracking_line_search as line_search_m
+from sb3_metacpo.common.cpo_subproblem import CPO_CASES, solve_dual_analytic, solve_dual_cvxpylayers
+from sb3_metacpo.common.cpo_subproblem import cpo_direction as cpo_direction_m
 
 # cvxpylayers 1.2 + numpy 2.3 warn from inside the library on every call (harmless).
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
 
 DTYPE = torch.float64
 SOLVERS = ("analytic", "cvxpylayers")
+
+
+def cpo_direction(v, w, q, r, s, b, delta, solver="analytic", has_cost=True):
+    """The one-constraint problem (w, r, s, b scalars or 1-D batches) through the m-constraint solver, with its
+    per-constraint results as scalars."""
+    if not has_cost or w is None:
+        result = cpo_direction_m(v, None, q, None, None, None, delta, solver=solver)
+        zeros = torch.zeros_like(result.lam)
+        return SimpleNamespace(
+            x=result.x,
+            case=result.case,
+            lam=result.lam,
+            nu=zeros,
+            expected_improvement=result.expected_improvement,
+            expected_cost_change=zeros,
+            cost_informative=torch.zeros_like(result.lam, dtype=torch.bool),
+        )
+    r, s, b = (torch.as_tensor(value, dtype=DTYPE) for value in (r, s, b))
+    result = cpo_direction_m(
+        v, w.unsqueeze(-2), q, r.unsqueeze(-1), s.reshape(*s.shape, 1, 1), b.unsqueeze(-1), delta, solver=solver
+    )
+    return SimpleNamespace(
+        x=result.x,
+        case=result.case,
+        lam=result.lam,
+        nu=result.nu[..., 0],
+        expected_improvement=result.expected_improvement,
+        expected_cost_change=result.expected_cost_changes[..., 0],
+        cost_informative=result.informative[..., 0],
+    )
+
+
+def backtracking_line_search(evaluate, old_reward, old_cost, case, b, max_kl, max_backtracks=10, backtrack_coeff=0.8):
+    """The one-constraint line search: ``evaluate(fraction) -> (kl, reward, cost)``, b None without cost information."""
+    config = StepConfig(target_kl=max_kl, line_search_max_iter=max_backtracks, line_search_shrinking_factor=backtrack_coeff)
+
+    def evaluate_step(step):
+        kl, reward, cost = evaluate(float(step[0]))
+        return kl, reward, [cost]
+
+    constraints = () if b is None else (float(b),)
+    m = len(constraints)
+    outcome = line_search_m(
+        LineSearch(evaluate_step, old_reward, [old_cost]),
+        torch.ones(1, dtype=DTYPE),
+        case,
+        constraints,
+        (1.0,) * m,
+        (True,) * m,
+        config,
+    )
+    return SimpleNamespace(
+        fraction=outcome.fraction,
+        accepted=outcome.accepted,
+        n_backtracks=outcome.n_backtracks,
+        kl=outcome.kl,
+        reward_improvement=outcome.reward_improvement,
+        cost_change=outcome.cost_changes[0] if m else 0.0,
+    )
 
 
 def t(value):
@@ -415,7 +473,9 @@ def test_invalid_arguments_are_rejected():
     with pytest.raises(ValueError, match="analytic"):
         cpo_direction(v, v, t(1.0), t(0.0), t(1.0), t(0.0), 0.1, solver="newton")
     with pytest.raises(ValueError, match="required"):
-        cpo_direction(v, None, t(1.0), None, None, None, 0.1)
+        cpo_direction_m(v, None, t(1.0), t([0.0]), None, None, 0.1)
+    with pytest.raises(ValueError, match="closed-form dual exists only for one constraint"):
+        cpo_direction_m(v, torch.ones(2, 3, dtype=DTYPE), t(1.0), t([0.0, 0.0]), torch.eye(2, dtype=DTYPE), t([0.0, 0.0]), 0.1)
 
 
 # ------------------------------------------------------------------------------------------ the two dual solvers
@@ -649,5 +709,5 @@ def test_line_search_rejects_non_finite_values_and_bad_arguments():
     assert result.accepted and result.n_backtracks == 1
     with pytest.raises(ValueError, match="case"):
         backtracking_line_search(evaluate, 10.0, 3.0, "newton", b=None, max_kl=0.01)
-    with pytest.raises(ValueError, match="backtrack_coeff"):
+    with pytest.raises(ValueError, match="line_search_shrinking_factor"):
         backtracking_line_search(evaluate, 10.0, 3.0, "dual", b=None, max_kl=0.01, backtrack_coeff=1.0)

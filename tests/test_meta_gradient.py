@@ -1,4 +1,5 @@
-"""The meta-gradient through CPO inner updates against central finite differences (float64, batches held fixed)."""
+"""The meta-gradient through CPO inner updates against central finite differences (float64, batches held fixed),
+with one and with two cost constraints."""
 
 from functools import partial
 
@@ -7,16 +8,17 @@ import pytest
 import torch as th
 from gymnasium import spaces
 
-from sb3_metacpo.common.adaptation import (
+from sb3_metacpo.common.conjugate_gradient import flat_grad
+from sb3_metacpo.common.constrained_step import StepConfig
+from sb3_metacpo.common.cpo_update import (
     CPOConfig,
     PreparedBatch,
-    adapt_on_batches,
     cpo_update,
     fisher_product,
     gaussian_log_prob,
+    replay_updates,
     surrogates,
 )
-from sb3_metacpo.common.cpo_step import flat_grad
 from sb3_metacpo.common.policies import CPOPolicy
 
 OBS_DIM, ACT_DIM, N = 3, 2, 64
@@ -39,6 +41,9 @@ def make_policy():
 
 
 def make_batch(policy, params, seed, constraint):
+    """A batch at ``params``; ``constraint``: one constraint value, or a tuple of them (one cost signal each)."""
+    constraint = np.atleast_1d(np.asarray(constraint, dtype=np.float64))
+    m = len(constraint)
     generator = th.Generator().manual_seed(seed)
     obs = th.randn(N, OBS_DIM, generator=generator, dtype=th.float64)
     with th.no_grad():
@@ -46,25 +51,26 @@ def make_batch(policy, params, seed, constraint):
         actions = mean + log_std.exp() * th.randn(N, ACT_DIM, generator=generator, dtype=th.float64)
         log_prob = gaussian_log_prob(mean, log_std, actions)
     reward_adv = th.randn(N, generator=generator, dtype=th.float64)
-    cost_adv = th.randn(N, generator=generator, dtype=th.float64)
+    cost_adv = th.randn(N, m, generator=generator, dtype=th.float64)
     return PreparedBatch(
         observations=obs,
         actions=actions,
         log_prob_behaviour=log_prob,
         reward_advantages=reward_adv - reward_adv.mean(),
-        cost_advantages=0.3 * (cost_adv - cost_adv.mean()),
+        cost_advantages=0.3 * (cost_adv - cost_adv.mean(0)),
         constraint=constraint,
-        episode_cost=0.0,
+        episode_costs=np.zeros(m),
         episode_reward=0.0,
+        n_episodes=0,
         reward_returns=np.zeros(N),
-        cost_returns=np.zeros(N),
+        cost_returns=np.zeros((N, m)),
     )
 
 
 def build_problem(constraint, n_inner, dual_solver="analytic", constrained=True, target_kl=0.02):
     """Inner batches collected on the fly (as in training), then a validation batch at the adapted parameters."""
     policy = make_policy()
-    config = CPOConfig(target_kl=target_kl, cost_limit=1.0, constrained=constrained, cg_max_steps=8, dual_solver=dual_solver)
+    config = CPOConfig(StepConfig(target_kl=target_kl, cg_max_steps=8, dual_solver=dual_solver), constrained=constrained)
     theta = {k: v.detach().clone() for k, v in policy.actor_params().items()}
     params, batches, fractions, cases = theta, [], [], []
     for k in range(n_inner):
@@ -78,8 +84,12 @@ def build_problem(constraint, n_inner, dual_solver="analytic", constrained=True,
 
 
 def meta_objective(policy, config, theta, batches, fractions, validation, create_graph, which=0, fisher=None):
-    params = adapt_on_batches(policy.actor_mean_log_std, theta, batches, config, create_graph, fractions, fisher)
-    return surrogates(policy.actor_mean_log_std, params, validation)[which]
+    """The reward surrogate (``which=0``) or cost surrogate j (``which=j+1``) of the replayed adaptation."""
+    stages = replay_updates(
+        policy.actor_mean_log_std, theta, batches, config, fractions, differentiable=create_graph, fisher=fisher
+    )
+    reward, costs = surrogates(policy.actor_mean_log_std, stages[-1], validation)
+    return reward if which == 0 else costs[which - 1]
 
 
 def finite_difference(function, theta, eps=1e-5):
@@ -106,13 +116,16 @@ def finite_difference(function, theta, eps=1e-5):
         (5.0, 1, "analytic", "recovery", False),  # infeasible
         (0.02, 2, "analytic", "dual", False),  # two inner updates
         (0.02, 2, "analytic", "dual", True),  # Fisher products in closed form (CPOPolicy.fisher_product), as trained
+        ((0.01, 0.005), 1, "cvxpylayers", "dual", False),  # two constraints, both violated now
+        ((0.01, -0.01), 2, "cvxpylayers", "dual", True),  # one violated, one satisfied; two inner updates
     ],
 )
 def test_second_order_meta_gradient_matches_finite_differences(constraint, n_inner, solver, expected_case, closed_form_fisher):
     policy, config, theta, batches, fractions, validation, cases = build_problem(constraint, n_inner, solver)
     assert cases[0] == expected_case and all(f > 0 for f in fractions)
     fisher = policy.fisher_product if closed_form_fisher else None
-    for which in (0, 1):  # meta-objective (reward) and meta-constraint (cost) gradients
+    m = len(np.atleast_1d(constraint))
+    for which in range(m + 1):  # meta-objective (reward) and meta-constraint (each cost) gradients
         leaves = {k: v.clone().requires_grad_(True) for k, v in theta.items()}
         value = meta_objective(policy, config, leaves, batches, fractions, validation, True, which, fisher)
         analytic = flat_grad(value, list(leaves.values()))
@@ -128,7 +141,7 @@ def test_second_order_meta_gradient_matches_finite_differences(constraint, n_inn
 def test_first_order_meta_gradient_is_the_post_adaptation_gradient():
     policy, config, theta, batches, fractions, validation, _ = build_problem(0.02, 2)
     leaves = {k: v.clone().requires_grad_(True) for k, v in theta.items()}
-    adapted = adapt_on_batches(policy.actor_mean_log_std, leaves, batches, config, False, fractions)
+    adapted = replay_updates(policy.actor_mean_log_std, leaves, batches, config, fractions, differentiable=False)[-1]
     meta_grad = flat_grad(surrogates(policy.actor_mean_log_std, adapted, validation)[0], list(leaves.values()))
     post = {k: v.detach().clone().requires_grad_(True) for k, v in adapted.items()}
     post_grad = flat_grad(surrogates(policy.actor_mean_log_std, post, validation)[0], list(post.values()))
@@ -179,7 +192,7 @@ def test_fvp_sample_freq_uses_every_kth_sample_for_the_fisher():
     steps = {}
     for name, data in (("random", batch), ("doubled", doubled)):
         for freq in (1, 2):
-            config = CPOConfig(target_kl=0.02, cost_limit=1.0, cg_max_steps=8, fvp_sample_freq=freq)
+            config = CPOConfig(StepConfig(target_kl=0.02, cg_max_steps=8), fvp_sample_freq=freq)
             params, _ = cpo_update(policy.actor_mean_log_std, theta, data, config, fisher=policy.fisher_product)
             steps[name, freq] = th.cat([(params[k] - theta[k]).reshape(-1) for k in theta])
     th.testing.assert_close(steps["doubled", 2], steps["doubled", 1], rtol=1e-9, atol=1e-12)

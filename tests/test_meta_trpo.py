@@ -7,7 +7,8 @@ import torch as th
 from stable_baselines3.common.logger import configure
 
 from sb3_metacpo import MetaCPO, MetaTRPO, make_task_distribution
-from sb3_metacpo.common.adaptation import CPOConfig
+from sb3_metacpo.common.constrained_step import StepConfig
+from sb3_metacpo.common.cpo_update import CPOConfig
 
 SMALL = dict(meta_batch_size=2, n_steps=100, seed=0, policy_kwargs=dict(net_arch=[16]))
 
@@ -17,7 +18,7 @@ def test_every_update_is_a_trpo_step(tmp_path):
     dist = make_task_distribution("Toy2DNav", seed=0, max_episode_steps=50)
     model = MetaTRPO("MlpPolicy", dist, cost_limit=1e-3, **SMALL)
     assert isinstance(model, MetaCPO)
-    assert model._config(0.05) == CPOConfig(target_kl=0.05, cost_limit=1e-3, constrained=False)
+    assert model._cpo_config(0.05) == CPOConfig(StepConfig(target_kl=0.05), constrained=False)
     model.set_logger(configure(str(tmp_path), ["csv"]))
     model.learn(1200)
     with open(tmp_path / "progress.csv", newline="") as file:

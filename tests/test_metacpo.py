@@ -168,9 +168,9 @@ def test_meta_eval_callback_logs_meta_test(tmp_path):
     ("kwargs", "message"),
     [
         (dict(meta_batch_size=0), "meta_batch_size must be a positive integer"),
-        (dict(n_steps=1.5), "n_steps must be a positive integer"),
-        (dict(inner_target_kl=0.0), "inner_target_kl must be > 0"),
-        (dict(cost_limit=-1.0), "cost_limit must be > 0"),
+        (dict(n_steps=1.5), "n_steps must be an integer >= 2"),
+        (dict(inner_target_kl=0.0), "inner_target_kl must be a finite number > 0"),
+        (dict(cost_limit=-1.0), "cost_limit: the limit of .cost. must be finite and > 0"),
         (dict(meta_gradient="third_order"), "meta_gradient must be 'second_order' or 'first_order'"),
         (dict(dual_solver="scipy"), "dual_solver must be one of"),
         (dict(critic="gp"), "critic must be 'linear' or 'mlp'"),

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from stable_baselines3.common.vec_env import SubprocVecEnv
 
-from sb3_metacpo.common.sampler import TaskSampler
+from sb3_metacpo.common.rollouts import RolloutSampler
 from sb3_metacpo.tasks import make_task_distribution
 
 
@@ -39,7 +39,7 @@ def test_batches_match_a_plain_loop(name, episode_steps, n_steps):
     dist = make_task_distribution(name, max_episode_steps=episode_steps)
     task = dist.sample(1)[0]
     act = linear_policy(dist.spaces[0].shape[0], dist.spaces[1].shape[0])
-    sampler = TaskSampler(dist, n_envs=1, seed=5)
+    sampler = RolloutSampler(dist, n_envs=1, seed=5)
     (batch,) = sampler.collect([task], act, n_steps)
     rows, episodes = plain_loop(dist, task, act, n_steps, seed=5)
 
@@ -47,7 +47,7 @@ def test_batches_match_a_plain_loop(name, episode_steps, n_steps):
     np.testing.assert_allclose(batch.observations[:, 0], np.array([r[0] for r in rows]), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(batch.actions[:, 0], np.array([r[1] for r in rows]), rtol=1e-6)
     np.testing.assert_allclose(batch.rewards[:, 0], np.array([r[2] for r in rows]), rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(batch.costs[:, 0], np.array([r[3] for r in rows]))
+    np.testing.assert_array_equal(batch.costs[:, 0, 0], np.array([r[3] for r in rows]))
     np.testing.assert_array_equal(batch.terminated[:, 0], np.array([r[4] for r in rows]))
     np.testing.assert_array_equal(batch.truncated[:, 0], np.array([r[5] for r in rows]))
     # episode boundaries: truncated exactly at the time limit, completed episodes recorded with their cost and seed
@@ -59,7 +59,7 @@ def test_batches_match_a_plain_loop(name, episode_steps, n_steps):
     # per-episode cost equals the sum of the step costs between boundaries
     ends = np.flatnonzero(batch.dones[:, 0])
     starts = np.r_[0, ends[:-1] + 1]
-    assert [batch.costs[s : e + 1, 0].sum() for s, e in zip(starts, ends, strict=True)] == list(batch.episode_costs)
+    assert [batch.costs[s : e + 1, 0, 0].sum() for s, e in zip(starts, ends, strict=True)] == list(batch.episode_costs)
     # next observations: the following observation inside an episode, the terminal one at a boundary
     inside = ~batch.dones[:-1, 0]
     np.testing.assert_array_equal(batch.next_observations[:-1, 0][inside], batch.observations[1:, 0][inside])
@@ -75,7 +75,7 @@ def test_several_tasks_at_once_get_their_own_envs():
         seen.append(task_indices.copy())
         return np.zeros((obs.shape[0], 2))
 
-    sampler = TaskSampler(dist, n_envs=6, seed=0)
+    sampler = RolloutSampler(dist, n_envs=6, seed=0)
     batches = sampler.collect(tasks, act, n_steps=40)
     np.testing.assert_array_equal(seen[0], [0, 1, 2, 0, 1, 2])
     assert [batch.task for batch in batches] == tasks
@@ -96,8 +96,8 @@ def test_subprocess_workers_build_safety_gym_tasks_like_the_main_process():
     dist = make_task_distribution("PointGoalHazard", max_episode_steps=20)
     tasks = dist.sample(2)
     act = linear_policy(dist.spaces[0].shape[0], 2)
-    local = TaskSampler(dist, n_envs=2, seed=3).collect(tasks, act, 40)
-    remote_sampler = TaskSampler(dist, n_envs=2, vec_env_cls=SubprocVecEnv, seed=3)
+    local = RolloutSampler(dist, n_envs=2, seed=3).collect(tasks, act, 40)
+    remote_sampler = RolloutSampler(dist, n_envs=2, vec_env_cls=SubprocVecEnv, seed=3)
     remote = remote_sampler.collect(tasks, act, 40)
     remote_sampler.close()
     for a, b in zip(local, remote, strict=True):
@@ -109,9 +109,9 @@ def test_subprocess_workers_build_safety_gym_tasks_like_the_main_process():
 def test_bad_arguments():
     dist = make_task_distribution("Toy2DNav")
     with pytest.raises(ValueError, match="n_envs must be a positive integer"):
-        TaskSampler(dist, n_envs=0)
+        RolloutSampler(dist, n_envs=0)
     with pytest.raises(TypeError, match="must be a TaskDistribution"):
-        TaskSampler("Toy2DNav")
-    sampler = TaskSampler(dist)
+        RolloutSampler("Toy2DNav")
+    sampler = RolloutSampler(dist)
     with pytest.raises(ValueError, match="at least one task"):
         sampler.collect([], lambda o, i: o, 10)

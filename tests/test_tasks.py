@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from stable_baselines3.common.env_checker import check_env
 
-from sb3_metacpo.common.monitor import CostMonitor
 from sb3_metacpo.tasks import (
     ParamRange,
     PointButtonHazardTask,
@@ -21,6 +20,7 @@ from sb3_metacpo.tasks import (
     list_task_distributions,
     make_task_distribution,
 )
+from sb3_metacpo.tasks.monitor import CostMonitor
 
 FAMILIES = ["PointButtonHazard", "CarCircle", "PointGoalHazard", "HalfCheetahVelocity", "Toy2DNav"]
 SHORT = 40  # short episodes keep the real MuJoCo envs fast in tests

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any
 
-from sb3_metacpo.common.cpo_step import DUAL_SOLVERS
+from sb3_metacpo.common.constraints import CostConstraints
+
+#: ``dual_solver`` values: ``"auto"`` is the closed form for one constraint and the convex program for several.
+DUAL_SOLVER_CHOICES = ("auto", "analytic", "cvxpylayers")
 
 
 def check(condition: bool, message: str) -> None:
@@ -13,26 +18,47 @@ def check(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def is_int(value: Any) -> bool:
+    """A Python or numpy integer, not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value: Any) -> bool:
+    """A finite Python or numpy real number, not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
+
+
 def check_positive_ints(model: Any, *names: str) -> None:
     for name in names:
         value = getattr(model, name)
-        check(isinstance(value, int) and value >= 1, f"{name} must be a positive integer, got {value!r}")
+        check(is_int(value) and value >= 1, f"{name} must be a positive integer, got {value!r}")
+
+
+def check_positive_reals(model: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(model, name)
+        check(is_real(value) and value > 0, f"{name} must be a finite number > 0, got {value!r}")
 
 
 def check_cpo_step_hyperparameters(model: Any) -> None:
     """The arguments every CPO-step algorithm has: conjugate gradient, line search, discounting, dual, cost limit."""
     check_positive_ints(model, "cg_max_steps", "fvp_sample_freq")
-    check(model.line_search_max_iter >= 0, f"line_search_max_iter must be >= 0, got {model.line_search_max_iter}")
-    check(model.cg_damping >= 0, f"cg_damping must be >= 0, got {model.cg_damping}")
-    check(0 < model.gamma <= 1, f"gamma must be in (0, 1], got {model.gamma}")
-    check(0 < model.cost_gamma <= 1, f"cost_gamma must be in (0, 1], got {model.cost_gamma}")
-    check(0 <= model.gae_lambda <= 1, f"gae_lambda must be in [0, 1], got {model.gae_lambda}")
+    value = model.line_search_max_iter
+    check(is_int(value) and value >= 0, f"line_search_max_iter must be an integer >= 0, got {value!r}")
     check(
-        0 < model.line_search_shrinking_factor < 1,
-        f"line_search_shrinking_factor must be in (0, 1), got {model.line_search_shrinking_factor}",
+        is_real(model.cg_damping) and model.cg_damping >= 0,
+        f"cg_damping must be a finite number >= 0, got {model.cg_damping!r}",
     )
-    check(model.dual_solver in DUAL_SOLVERS, f"dual_solver must be one of {DUAL_SOLVERS}, got {model.dual_solver!r}")
+    check(is_real(model.gamma) and 0 < model.gamma <= 1, f"gamma must be in (0, 1], got {model.gamma!r}")
+    check(is_real(model.cost_gamma) and 0 < model.cost_gamma <= 1, f"cost_gamma must be in (0, 1], got {model.cost_gamma!r}")
+    check(is_real(model.gae_lambda) and 0 <= model.gae_lambda <= 1, f"gae_lambda must be in [0, 1], got {model.gae_lambda!r}")
+    factor = model.line_search_shrinking_factor
+    check(is_real(factor) and 0 < factor < 1, f"line_search_shrinking_factor must be in (0, 1), got {factor!r}")
     check(
-        model.cost_limit is None or model.cost_limit > 0,
-        f"cost_limit must be > 0 (an expected episode cost), got {model.cost_limit!r}",
+        model.dual_solver in DUAL_SOLVER_CHOICES,
+        f"dual_solver must be one of {DUAL_SOLVER_CHOICES}, got {model.dual_solver!r}",
     )
+    if model.cost_limit is not None:
+        CostConstraints.from_cost_limit(model.cost_limit)  # raises naming the bad entry
+    seed = model.seed
+    check(seed is None or (is_int(seed) and seed >= 0), f"seed must be None or an integer >= 0, got {seed!r}")

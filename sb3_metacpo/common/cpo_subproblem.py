@@ -1,22 +1,33 @@
-"""The CPO step: conjugate gradient, Fisher-vector products, the dual of the CPO subproblem, the step and its line search.
+"""The CPO subproblem with any number of cost constraints: its cases, its dual and its step.
 
-Convention (used everywhere in this package): the trust region is ``½ xᵀHx ≤ δ``. The subproblem is
+Convention (used everywhere in this package): the trust region is ``½ xᵀHx ≤ δ``. With m cost constraints the
+subproblem is
 
-    maximise gᵀx  subject to  ½ xᵀHx ≤ δ  and  b + aᵀx ≤ 0,
+    maximise gᵀx  subject to  ½ xᵀHx ≤ δ  and  b_j + a_jᵀx ≤ 0  (j = 1..m),
 
-with g, a the gradients of the reward and cost surrogates, H the (damped) Fisher matrix and b = J_C − limit, the
-current constraint value in the units of the cost surrogate (b > 0: the constraint is violated now). With
-v = H⁻¹g, w = H⁻¹a, q = gᵀv, r = gᵀw and s = aᵀw its dual is
+with g, a_j the gradients of the reward and cost surrogates, H the (damped) Fisher matrix and b_j = J_Cj − limit_j,
+the current value of constraint j in the units of its cost surrogate (b_j > 0: violated now). With v = H⁻¹g,
+w_j = H⁻¹a_j (the rows of W), q = gᵀv, r_j = gᵀw_j and S_jk = a_jᵀw_k its dual is
 
-    maximise over λ > 0, ν ≥ 0 of  −(q − 2rν + sν²)/(2λ) + νb − λδ,     and the step is  x* = (v − ν*w)/λ*.
+    maximise over λ > 0, ν ≥ 0 of  −(q − 2rᵀν + νᵀSν)/(2λ) + bᵀν − λδ,     and the step is  x* = (v − Wᵀν*)/λ*.
 
-Each step falls in one of three cases, named as logged (``train/cpo_case``):
+A constraint is *informative* when s_j = S_jj > ``s_tol`` (its gradient is not numerically zero); the others are
+left out of the problem. Each step falls in one of three cases, named as logged (``train/cpo_case``):
 
-* ``"trpo"``: no cost information (``has_cost=False`` or s ≤ ``s_tol``), or the whole trust region satisfies the
-  linearised constraint (b < 0 and b²/s > 2δ): x = √(2δ/q)·v, λ = √(q/2δ), ν = 0.
-* ``"recovery"``: no point of the trust region satisfies it (b > 0 and b²/s > 2δ): x = −√(2δ/s)·w, the step that
-  decreases the cost surrogate most.
-* ``"dual"``: otherwise; the dual is solved by :func:`solve_dual_analytic` or :func:`solve_dual_cvxpylayers`.
+* ``"trpo"``: no informative constraint, or the whole trust region satisfies every informative one
+  (b_j < 0 and b_j²/s_j > 2δ for all j): x = √(2δ/q)·v, λ = √(q/2δ), ν = 0.
+* ``"recovery"``: no point of the trust region satisfies all of them. The step is the solution of the *recovery
+  program*: the point of the trust region that minimises the largest violation, each constraint measured in units
+  of the largest decrease the trust region allows it, b̃_j + a_jᵀx/√(2δs_j) with b̃_j = b_j/√(2δs_j). Minimising the
+  largest (rather than the total) violation treats every constraint alike whatever its units, and for m = 1 it is
+  the classic CPO recovery step x = −√(2δ/s)·w, the step that decreases the cost surrogate most. The minimiser lies
+  in the span of the w_j, so the program has m + 1 variables (:func:`cpo_recovery_layer`).
+* ``"dual"``: otherwise; the dual is solved by :func:`solve_dual_analytic` (m = 1 only: the closed form) or by the
+  convex program of :func:`solve_dual_layer` (any m).
+
+For m = 1 the case follows from b and s alone (infeasible iff b > 0 and b²/s > 2δ); for m ≥ 2 a problem is
+infeasible when one constraint alone is, or when the recovery program's optimal largest violation is above
+−``FEASIBILITY_MARGIN``.
 
 All functions are plain torch and differentiable (the second-order meta-gradient goes through CG, the Fisher-vector
 products and the dual solution). On finite inputs the dual solvers and :func:`cpo_direction` neither raise nor return
@@ -28,7 +39,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -42,7 +53,7 @@ TRPO, RECOVERY, DUAL = "trpo", "recovery", "dual"
 CPO_CASES = (TRPO, RECOVERY, DUAL)
 DUAL_SOLVERS = ("analytic", "cvxpylayers")
 
-#: Options of the cvxpylayers dual layer (passed to diffcp): SCS with its built-in QDLDL factorisation (the MKL one,
+#: Options of the cvxpylayers layers (passed to diffcp): SCS with its built-in QDLDL factorisation (the MKL one,
 #: picked by default when installed, stalled for minutes on a shared 2-core machine) at eps 1e-10, which it reaches
 #: on these tiny problems: 1000 random dual-case problems match the closed form to < 1e-9 relative. Clarabel, the
 #: interior-point alternative, stalls near √tol (1e-6 at tol 1e-14); SCS at eps < 1e-10 stalls at its rounding
@@ -61,16 +72,27 @@ DEFAULT_LAYER_SOLVER_ARGS: Mapping[str, Any] = MappingProxyType(
 #: cone program and a serial backward pass (together 2x faster than the defaults for a batch of 8).
 _LAYER_DERIVATIVE_ARGS: Mapping[str, Any] = MappingProxyType({"mode": "dense", "n_jobs_backward": 1})
 
-# Added to 1 − ρ² (ρ = r/√(qs), the normalised cost-reward correlation) before the square root that fills the
-# Cholesky factor passed to the layer: it keeps the factor and its derivative finite when g ∥ a (ρ = ±1). It
-# perturbs s by a relative 1e-11, below the solver's accuracy. When g ∥ a (same direction) λ* → 0 and the step
-# x = (v − νw)/λ amplifies both this bias and the solver error: the layer's step is then good to ~1e-4 only.
+# Added to the diagonal of the normalised Gram matrix [[1, −ρᵀ], [−ρ, R]] (unit diagonal) before its Cholesky
+# factor is passed to the dual layer: it keeps the factor and its derivative finite when g lies in the span of the
+# a_j (|ρ| = 1 for m = 1) or the a_j are collinear. It perturbs q and s by a relative 1e-11, below the solver's
+# accuracy. When g ∥ a (same direction) λ* → 0 and x = (v − νw)/λ amplifies both this bias and the solver error: the
+# layer's step is then good to ~1e-4 only. Raised tenfold at a time if the factorisation still fails.
 _CHOLESKY_JITTER = 1e-11
 
 # Floor of B/2δ = 1 − b²/(2sδ), the share of the trust region the linearised constraint leaves. B → 0 means the
 # feasible set shrinks to a point and λ → ∞; the floor caps λ at about 1e4·√(q/2δ), which moves x by about 1e-4 of
 # its size in that degenerate case only. Shared by both dual solvers so that they solve the same problem.
 _MIN_TRUST_SLACK = 1e-8
+
+#: m ≥ 2: a problem whose recovery program cannot push the largest normalised violation below −FEASIBILITY_MARGIN
+#: is treated as infeasible (its feasible set is a sliver where λ* would blow up). The m = 1 analogue is the floor
+#: ``_MIN_TRUST_SLACK`` on 1 − b̃².
+FEASIBILITY_MARGIN = 1e-6
+
+# b̃_j = b_j/√(2δs_j) is clamped below at this value: any b̃_j ≤ −1 is slack over the whole trust region, and a
+# constraint with b̃_j ≤ −2 can never bind in the dual or the recovery program. Also the stand-in of constraints left
+# out (not informative).
+_SLACK_STAND_IN = -2.0
 
 
 def _floor(dtype: torch.dtype) -> float:
@@ -95,99 +117,6 @@ def _broadcast(*values: torch.Tensor | float) -> list[torch.Tensor]:
     dtype = reference.dtype if reference is not None and reference.is_floating_point() else torch.get_default_dtype()
     device = reference.device if reference is not None else None
     return list(torch.broadcast_tensors(*(torch.as_tensor(value, dtype=dtype, device=device) for value in values)))
-
-
-def conjugate_gradient(
-    matvec: Callable[[torch.Tensor], torch.Tensor],
-    b: torch.Tensor,
-    n_iters: int = 10,
-    residual_tol: float = 1e-10,
-) -> torch.Tensor:
-    """Approximately solve H x = b for a symmetric positive definite H known only through ``matvec(p) = H p``.
-
-    Only out-of-place operations are used, so if ``matvec`` and ``b`` carry autograd graphs the unrolled iterations
-    are differentiable (as needed for the second-order meta-gradient). Stops early once the squared residual norm
-    falls below ``residual_tol``, or if the curvature pᵀHp is not positive (H not positive definite numerically);
-    both checks read detached values, so they only decide how many iterations are unrolled. The derivative of the
-    unrolled iterations converges more slowly than x itself: for meta-gradients, give it a few iterations beyond
-    the convergence of x (a tight ``residual_tol``).
-
-    :param matvec: the product with H (1-D tensor to 1-D tensor)
-    :param b: the right-hand side (1-D)
-    :param n_iters: maximum number of iterations
-    :param residual_tol: tolerance on the squared residual norm ‖b − Hx‖²
-    :return: x, the same shape as ``b`` (zeros if ``b`` is zero)
-    """
-    x = torch.zeros_like(b)
-    residual = b
-    direction = b
-    residual_sq = residual @ residual
-    # The backward pass divides by squared residuals, which must not underflow: whatever residual_tol says, stop at
-    # ‖r‖²/‖b‖² = tiny^⅓ (3e-103 in float64, 2e-13 in float32), past the convergence of x and of its derivative.
-    stop_at = max(residual_tol, torch.finfo(b.dtype).tiny ** (1 / 3) * residual_sq.item())
-    for _ in range(n_iters):
-        if not residual_sq.item() > stop_at:
-            break
-        h_direction = matvec(direction)
-        curvature = direction @ h_direction
-        if not curvature.item() > 0:
-            break
-        step = residual_sq / curvature
-        x = x + step * direction
-        residual = residual - step * h_direction
-        new_residual_sq = residual @ residual
-        direction = residual + (new_residual_sq / residual_sq) * direction
-        residual_sq = new_residual_sq
-    return x
-
-
-def flat_grad(
-    output: torch.Tensor,
-    params: Sequence[torch.Tensor],
-    create_graph: bool = False,
-    retain_graph: bool | None = None,
-    grad_outputs: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Gradient of a scalar ``output`` w.r.t. ``params`` (or, with ``grad_outputs``, the vector-Jacobian product
-    ``grad_outputsᵀ ∂output/∂params``), flattened and concatenated; zeros for params that do not influence it."""
-    grads = torch.autograd.grad(
-        output, params, grad_outputs, create_graph=create_graph, retain_graph=retain_graph, allow_unused=True
-    )
-    return torch.cat(
-        [(torch.zeros_like(param) if grad is None else grad).reshape(-1) for param, grad in zip(params, grads, strict=False)]
-    )
-
-
-def fisher_vector_product_fn(
-    kl: torch.Tensor,
-    params: Sequence[torch.Tensor],
-    damping: float,
-    create_graph: bool = False,
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The map v ↦ (H + damping·I) v, where H is the Hessian of ``kl`` w.r.t. ``params`` (double backward).
-
-    ``kl`` is the mean KL between a detached copy of the current distribution and the current one (a function of
-    ``params``): its value and gradient are 0 and its Hessian is the Fisher information matrix. The first-order
-    gradient graph is built once here; each call then costs one more backward pass and can be repeated.
-
-    Hv is the vector-Jacobian product of ∇kl with v as ``grad_outputs``, not the gradient of ∇kl·v: when v itself
-    depends on ``params`` (the CG iterates do, under ``create_graph=True``) the latter would also differentiate
-    through v, at a cost growing with every CG iteration and with a wrong second-order term.
-
-    :param kl: scalar mean KL
-    :param params: the tensors H is taken with respect to (flattened and concatenated in this order)
-    :param damping: added multiple of the identity (keeps CG well conditioned)
-    :param create_graph: keep the graph of each product, differentiable w.r.t. ``params`` and ``v`` (to
-        differentiate through CG)
-    """
-    params = list(params)
-    kl_grad = flat_grad(kl, params, create_graph=True)
-
-    def fisher_vector_product(vector: torch.Tensor) -> torch.Tensor:
-        hessian_vector = flat_grad(kl_grad, params, create_graph=create_graph, retain_graph=True, grad_outputs=vector)
-        return hessian_vector + damping * vector
-
-    return fisher_vector_product
 
 
 def solve_dual_analytic(
@@ -247,21 +176,133 @@ def solve_dual_analytic(
 
 
 @functools.cache
-def cpo_dual_layer() -> CvxpyLayer:
-    """The CPO dual as a ``cvxpylayers`` layer, built once per process (cvxpy is imported here, lazily).
+def cpo_dual_layer(n_constraints: int) -> CvxpyLayer:
+    """The normalised CPO dual with ``n_constraints`` constraints as a ``cvxpylayers`` layer, built once per process
+    and size (cvxpy is imported here, lazily).
 
-    Variables λ, ν ≥ 0; parameters U (2×2, upper Cholesky factor of [[q, −r], [−r, s]]), b and δ ≥ 0; objective
-    maximise −½ quad_over_lin(U[:, 0] + U[:, 1]·ν, λ) + bν − δλ, which equals the dual because
-    ‖U[1, ν]ᵀ‖² = q − 2rν + sν². Written this way the problem is DPP (the literal expression is not even DCP).
-    Call as ``layer(U, b, delta, solver_args=...)``; returns (λ, ν).
+    Variables λ ≥ 0, ν ≥ 0 (m); parameters U ((m+1)×(m+1), upper Cholesky factor of the normalised Gram matrix
+    [[1, −ρᵀ], [−ρ, R]]) and b̃ (m); objective maximise −½ quad_over_lin(U[:, 0] + U[:, 1:]ν, λ) + b̃ᵀν − ½λ, which is
+    the dual with q = 1, δ = ½ because ‖U[1, ν]ᵀ‖² = 1 − 2ρᵀν + νᵀRν. Written this way the problem is DPP (the
+    literal expression is not even DCP). Call as ``layer(U, b, solver_args=...)``; returns (λ, ν).
     """
     import cvxpy as cp
     from cvxpylayers.torch import CvxpyLayer
 
-    lam, nu = cp.Variable(nonneg=True), cp.Variable(nonneg=True)
-    factor, b, delta = cp.Parameter((2, 2)), cp.Parameter(), cp.Parameter(nonneg=True)
-    objective = cp.Maximize(-0.5 * cp.quad_over_lin(factor[:, 0] + factor[:, 1] * nu, lam) + b * nu - delta * lam)
-    return CvxpyLayer(cp.Problem(objective), parameters=[factor, b, delta], variables=[lam, nu])
+    lam, nu = cp.Variable(nonneg=True), cp.Variable(n_constraints, nonneg=True)
+    factor, b = cp.Parameter((n_constraints + 1, n_constraints + 1)), cp.Parameter(n_constraints)
+    objective = cp.Maximize(-0.5 * cp.quad_over_lin(factor[:, 0] + factor[:, 1:] @ nu, lam) + b @ nu - 0.5 * lam)
+    return CvxpyLayer(cp.Problem(objective), parameters=[factor, b], variables=[lam, nu])
+
+
+@functools.cache
+def cpo_recovery_layer(n_constraints: int) -> CvxpyLayer:
+    """The normalised recovery program with ``n_constraints`` constraints as a ``cvxpylayers`` layer.
+
+    Variables μ̃ (m) and t; parameters R (m×m, the normalised Gram matrix of the a_j in the H⁻¹ metric), its lower
+    Cholesky factor C and b̃ (m): minimise t subject to b̃ + Rμ̃ ≤ t·1 and ‖Cᵀμ̃‖² ≤ 1. With x = Σ_j μ_j w_j and
+    μ_j = √(2δ/s_j)·μ̃_j this is: over the trust region, minimise the largest normalised violation
+    (b_j + a_jᵀx)/√(2δs_j). Returns (μ̃, t); t ≤ 0 means the constraints can all be met.
+    """
+    import cvxpy as cp
+    from cvxpylayers.torch import CvxpyLayer
+
+    mu, t = cp.Variable(n_constraints), cp.Variable()
+    gram, factor, b = (
+        cp.Parameter((n_constraints, n_constraints)),
+        cp.Parameter((n_constraints, n_constraints)),
+        cp.Parameter(n_constraints),
+    )
+    problem = cp.Problem(cp.Minimize(t), [b + gram @ mu <= t, cp.sum_squares(factor.T @ mu) <= 1])
+    return CvxpyLayer(problem, parameters=[gram, factor, b], variables=[mu, t])
+
+
+def _layer_args(solver_args: Mapping[str, Any] | None, *tensors: torch.Tensor) -> dict[str, Any]:
+    """diffcp options: the defaults (or ``solver_args``), plus the derivative options when a gradient is needed
+    (the layer's own test for whether it differentiates, which decides which options diffcp accepts)."""
+    needs_grad = torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors)
+    base = DEFAULT_LAYER_SOLVER_ARGS if solver_args is None else solver_args
+    return {**(_LAYER_DERIVATIVE_ARGS if needs_grad else {}), **base}
+
+
+def _cholesky(matrix: torch.Tensor) -> torch.Tensor:
+    """Lower Cholesky factor of a batch of positive semi-definite matrices with unit diagonal, with the smallest
+    diagonal jitter (from :data:`_CHOLESKY_JITTER`, tenfold at a time) under which every factorisation succeeds."""
+    eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
+    jitter = _CHOLESKY_JITTER
+    while True:
+        factor, info = torch.linalg.cholesky_ex(matrix + jitter * eye)
+        if not bool((info > 0).any()) or jitter >= 1e-3:
+            return factor
+        jitter *= 10
+
+
+def _normalised_terms(
+    q: torch.Tensor, r: torch.Tensor, S: torch.Tensor, b: torch.Tensor, delta: torch.Tensor, informative: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ρ_j = r_j/√(q s_j), R_jk = S_jk/√(s_j s_k), b̃_j = b_j/√(2δ s_j) and √s_j, with stand-ins (ρ = 0, unit rows
+    of R, b̃ = −2) for constraints that are not informative, so that they can never bind."""
+    floor = _floor(q.dtype)
+    scale = torch.sqrt(torch.diagonal(S, dim1=-2, dim2=-1).clamp_min(floor))
+    rho = (r / (torch.sqrt(q.clamp_min(floor)).unsqueeze(-1) * scale)).clamp(-1, 1)
+    gram = (S / (scale.unsqueeze(-1) * scale.unsqueeze(-2))).clamp(-1, 1)
+    eye = torch.eye(S.shape[-1], dtype=S.dtype, device=S.device).expand_as(S)
+    pair = informative.unsqueeze(-1) & informative.unsqueeze(-2)
+    gram = torch.where(pair, gram, eye)
+    gram = gram - torch.diag_embed(torch.diagonal(gram, dim1=-2, dim2=-1)) + eye  # unit diagonal exactly
+    rho = torch.where(informative, rho, torch.zeros_like(rho))
+    b_scaled = b / torch.sqrt(2 * delta.clamp_min(torch.finfo(q.dtype).eps).unsqueeze(-1) * scale**2)
+    b_scaled = torch.where(informative, b_scaled, torch.full_like(b_scaled, _SLACK_STAND_IN))
+    return rho, gram, b_scaled.clamp_min(_SLACK_STAND_IN), scale
+
+
+def solve_dual_layer(
+    q: torch.Tensor,
+    r: torch.Tensor,
+    S: torch.Tensor,
+    b: torch.Tensor,
+    delta: torch.Tensor,
+    informative: torch.Tensor | None = None,
+    solver_args: Mapping[str, Any] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(λ*, ν*) of the CPO dual with m constraints from :func:`cpo_dual_layer`: one layer call for a batch of
+    problems, differentiable in every input.
+
+    The problem is first scaled to unit size, λ = √(q/2δ)·λ̃ and ν_j = √(q/s_j)·ν̃_j, which leaves the dual with
+    q̃ = 1, unit diagonal S̃ = R, r̃ = ρ, b̃_j = b_j/√(2s_jδ), δ̃ = ½ (up to a positive factor of the objective).
+    Solver tolerances are then relative to the problem's own scale, whatever the magnitudes of q, S, b, δ.
+    Constraints that are not ``informative`` get ν = 0. Only meaningful for feasible problems (the ``"dual"`` case):
+    b̃_j is clamped to at most √(1 − 1e-8), as the closed form floors its trust slack, so every problem is bounded.
+
+    :param q: gᵀH⁻¹g, shape (B,)
+    :param r: gᵀH⁻¹a_j, shape (B, m)
+    :param S: a_jᵀH⁻¹a_k, shape (B, m, m)
+    :param b: constraint values, shape (B, m)
+    :param delta: trust-region sizes, shape (B,)
+    :param informative: which constraints take part, shape (B, m) (default: all)
+    :param solver_args: diffcp/solver options replacing :data:`DEFAULT_LAYER_SOLVER_ARGS`
+    :return: λ of shape (B,) and ν of shape (B, m)
+    """
+    if informative is None:
+        informative = torch.ones_like(b, dtype=torch.bool)
+    if q.numel() == 0:
+        return torch.zeros_like(q), torch.zeros_like(b)
+    dtype, floor = q.dtype, _floor(q.dtype)
+    q_safe, delta_safe = q.clamp_min(floor), delta.clamp_min(torch.finfo(dtype).eps)
+    rho, gram, b_scaled, scale = _normalised_terms(q, r, S, b, delta, informative)
+    b_scaled = b_scaled.clamp_max(math.sqrt(1 - _MIN_TRUST_SLACK))
+    m = b.shape[-1]
+    full = torch.empty((*q.shape, m + 1, m + 1), dtype=dtype, device=q.device)
+    full[..., 0, 0] = 1
+    full[..., 0, 1:] = -rho
+    full[..., 1:, 0] = -rho
+    full[..., 1:, 1:] = gram
+    upper = _cholesky(full).transpose(-1, -2)
+    args = _layer_args(solver_args, q, r, S, b, delta)
+    # diffcp works in float64; cast there and back (differentiably).
+    lam_scaled, nu_scaled = cpo_dual_layer(m)(upper.double(), b_scaled.double(), solver_args=args)
+    lam = torch.sqrt(q_safe / (2 * delta_safe)) * lam_scaled.to(dtype).reshape(q.shape)
+    nu = torch.sqrt(q_safe).unsqueeze(-1) / scale * nu_scaled.to(dtype).reshape(b.shape)
+    return lam.clamp_min(floor), torch.where(informative, nu.clamp_min(0), torch.zeros_like(nu))
 
 
 def solve_dual_cvxpylayers(
@@ -272,61 +313,63 @@ def solve_dual_cvxpylayers(
     delta: torch.Tensor | float,
     solver_args: Mapping[str, Any] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(λ*, ν*) of the CPO dual from :func:`cpo_dual_layer`: one layer call for all problems, differentiable.
-
-    The problem is first scaled to unit size, λ = √(q/2δ)·λ̃ and ν = √(q/s)·ν̃, which leaves the dual with q̃ = s̃ = 1,
-    r̃ = ρ = r/√(qs), b̃ = b/√(2sδ), δ̃ = ½ (up to a positive factor of the objective). Solver tolerances are then
-    relative to the problem's own scale, whatever the magnitudes of q, s, b, δ. Same cases and floors as
-    :func:`solve_dual_analytic`, which it matches to solver precision.
-
-    :param solver_args: diffcp/solver options replacing :data:`DEFAULT_LAYER_SOLVER_ARGS`
-    :return: (λ, ν), each of the broadcast shape of the inputs (any shape; flattened into one batch)
-    """
+    """(λ*, ν*) of the one-constraint CPO dual from the layer, elementwise like :func:`solve_dual_analytic` (inputs
+    broadcast together, any shape), which it matches to solver precision."""
     q, r, s, b, delta = _broadcast(q, r, s, b, delta)
-    shape, dtype = q.shape, q.dtype
-    if q.numel() == 0:
-        return torch.zeros_like(q), torch.zeros_like(q)
-    floor = _floor(dtype)
-    q_safe, s_safe, delta_safe = _safe_terms(q, s, delta)
-    # |ρ| ≤ 1 by Cauchy-Schwarz; clamp the rounding so that 1 − ρ² ≥ 0.
-    rho = (r / torch.sqrt(q_safe * s_safe)).clamp(-1, 1).reshape(-1)
-    # b̃² = b²/(2sδ), so the dual case is −1 < b̃ ≤ 1. Clamping keeps every problem bounded and well scaled without
-    # changing a meaningful solution: any b̃ ≤ −1 gives ν = 0, λ̃ = 1 (TRPO), and the upper clamp is the same floor
-    # B/2δ = 1 − b̃² ≥ _MIN_TRUST_SLACK as in the closed form (b̃ > 1, infeasible, is the recovery case).
-    b_scaled = (b / torch.sqrt(2 * s_safe * delta_safe)).clamp(-2, math.sqrt(1 - _MIN_TRUST_SLACK)).reshape(-1)
-    factor = torch.stack(
-        [
-            torch.stack([torch.ones_like(rho), -rho], dim=-1),
-            torch.stack([torch.zeros_like(rho), torch.sqrt(1 - rho * rho + _CHOLESKY_JITTER)], dim=-1),
-        ],
-        dim=-2,
+    shape = q.shape
+    flat = [value.reshape(-1) for value in (q, r, s, b, delta)]
+    lam, nu = solve_dual_layer(
+        flat[0], flat[1].unsqueeze(-1), flat[2].reshape(-1, 1, 1), flat[3].unsqueeze(-1), flat[4], None, solver_args
     )
-    # The layer's own test for whether it differentiates, which decides which options diffcp accepts.
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, r, s, b, delta))
-    base_args = DEFAULT_LAYER_SOLVER_ARGS if solver_args is None else solver_args
-    args = {**(_LAYER_DERIVATIVE_ARGS if needs_grad else {}), **base_args}
-    # diffcp works in float64; cast there and back (differentiably).
-    lam_scaled, nu_scaled = cpo_dual_layer()(
-        factor.double(), b_scaled.double(), torch.full_like(b_scaled, 0.5, dtype=torch.float64), solver_args=args
-    )
-    lam = torch.sqrt(q_safe / (2 * delta_safe)) * lam_scaled.to(dtype).reshape(shape)
-    nu = torch.sqrt(q_safe / s_safe) * nu_scaled.to(dtype).reshape(shape)
-    return lam.clamp_min(floor), nu.clamp_min(0)
+    return lam.reshape(shape), nu.reshape(shape)
+
+
+def solve_recovery_layer(
+    S: torch.Tensor,
+    b: torch.Tensor,
+    delta: torch.Tensor,
+    informative: torch.Tensor | None = None,
+    solver_args: Mapping[str, Any] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The recovery program of :func:`cpo_recovery_layer` for a batch: coefficients μ (x = Σ_j μ_j w_j) and the
+    optimal largest normalised violation t*, differentiable.
+
+    :param S: a_jᵀH⁻¹a_k, shape (B, m, m)
+    :param b: constraint values, shape (B, m)
+    :param delta: trust-region sizes, shape (B,)
+    :param informative: which constraints take part, shape (B, m) (default: all); the others get μ = 0
+    :return: μ of shape (B, m) and t* of shape (B,)
+    """
+    if informative is None:
+        informative = torch.ones_like(b, dtype=torch.bool)
+    if b.shape[0] == 0:
+        return torch.zeros_like(b), torch.zeros_like(delta)
+    dtype = b.dtype
+    zeros = torch.zeros_like(delta)
+    _, gram, b_scaled, scale = _normalised_terms(zeros + 1, torch.zeros_like(b), S, b, delta, informative)
+    factor = _cholesky(gram)
+    args = _layer_args(solver_args, S, b, delta)
+    mu_scaled, worst = cpo_recovery_layer(b.shape[-1])(gram.double(), factor.double(), b_scaled.double(), solver_args=args)
+    delta_safe = delta.clamp_min(torch.finfo(dtype).eps)
+    mu = torch.sqrt(2 * delta_safe).unsqueeze(-1) / scale * mu_scaled.to(dtype).reshape(b.shape)
+    return torch.where(informative, mu, torch.zeros_like(mu)), worst.to(dtype).reshape(delta.shape)
 
 
 @dataclass(frozen=True)
-class CPOStepResult:
-    """The CPO step of :func:`cpo_direction` (tensors have the batch shape of q, plus n for ``x``).
+class SubproblemSolution:
+    """The solution of the CPO subproblem (:func:`cpo_direction`); tensors have the batch shape, plus n for ``x`` and
+    m for the per-constraint ones.
 
     :ivar x: the step (apply θ + fraction·x after the line search)
     :ivar case: ``"trpo"``, ``"recovery"`` or ``"dual"``; a tuple of them for a batch
-    :ivar lam: trust-region multiplier λ: λ* in the dual case, √(q/2δ) for TRPO, √(s/2δ) for recovery (the
-        multiplier of min aᵀx over the trust region)
-    :ivar nu: constraint multiplier ν (0 outside the dual case)
+    :ivar lam: trust-region multiplier λ: λ* in the dual case, √(q/2δ) for TRPO; in recovery, the trust-region
+        multiplier of the recovery program (√(s/2δ) for m = 1)
+    :ivar nu: constraint multipliers ν (0 outside the dual case and for constraints that are not informative)
     :ivar expected_improvement: gᵀx, the predicted change of the reward surrogate
-    :ivar expected_cost_change: aᵀx, the predicted change of the cost surrogate (0 without cost information)
-    :ivar cost_informative: whether the cost entered the step (False if ``has_cost=False`` or s ≤ ``s_tol``); where
-        it is False, pass ``b=None`` to :func:`backtracking_line_search` to skip its cost check
+    :ivar expected_cost_changes: a_jᵀx, the predicted changes of the cost surrogates (0 where not informative)
+    :ivar informative: which constraints entered the step (s_j > ``s_tol``)
+    :ivar scale: √(2δs_j), the largest decrease of cost surrogate j the trust region allows (the units of the
+        recovery program and of the line search's recovery test)
     """
 
     x: torch.Tensor
@@ -334,154 +377,134 @@ class CPOStepResult:
     lam: torch.Tensor
     nu: torch.Tensor
     expected_improvement: torch.Tensor
-    expected_cost_change: torch.Tensor
-    cost_informative: torch.Tensor
+    expected_cost_changes: torch.Tensor
+    informative: torch.Tensor
+    scale: torch.Tensor
 
 
 def cpo_direction(
     v: torch.Tensor,
-    w: torch.Tensor | None,
-    q: torch.Tensor,
-    r: torch.Tensor | float | None,
-    s: torch.Tensor | float | None,
-    b: torch.Tensor | float | None,
+    W: torch.Tensor | None,
+    q: torch.Tensor | float,
+    r: torch.Tensor | None,
+    S: torch.Tensor | None,
+    b: torch.Tensor | None,
     delta: torch.Tensor | float,
+    *,
     solver: str = "analytic",
-    has_cost: bool = True,
     s_tol: float = 1e-8,
     solver_args: Mapping[str, Any] | None = None,
-) -> CPOStepResult:
-    """Pick the CPO case and return the step x, differentiable in v, w, q, r, s, b and δ.
+) -> SubproblemSolution:
+    """Pick the CPO case and return the step x, differentiable in v, W, q, r, S, b and δ.
 
-    One problem (v, w of shape (n,), q, r, s, b scalars) or a batch of B (v, w of shape (B, n), q, r, s, b of shape
-    (B,)). The dual is solved only for the problems in the ``"dual"`` case, all in one call of the chosen solver.
+    One problem (v of shape (n,), W (m, n), q scalar, r (m,), S (m, m), b (m,)) or a batch of B (a leading
+    dimension B on each). ``W = r = S = b = None``, or m = 0, is the unconstrained (TRPO) problem. The dual is solved
+    only for the problems in the ``"dual"`` case, all in one call of the chosen solver; for m ≥ 2 the recovery
+    program is solved for every problem that is neither TRPO nor trivially infeasible, to tell the two other cases
+    apart.
 
     :param v: H⁻¹g
-    :param w: H⁻¹a (may be None when ``has_cost=False``, as may r, s, b)
+    :param W: the rows H⁻¹a_j
     :param q: gᵀH⁻¹g
-    :param r: gᵀH⁻¹a
-    :param s: aᵀH⁻¹a
-    :param b: constraint value J_C − limit, in the units of the cost surrogate (> 0: violated)
+    :param r: gᵀH⁻¹a_j
+    :param S: a_jᵀH⁻¹a_k
+    :param b: constraint values J_Cj − limit_j, in the units of the cost surrogates (> 0: violated)
     :param delta: trust-region size (½ xᵀHx ≤ δ)
-    :param solver: ``"analytic"`` (the closed form: about 0.15 ms forward, 0.6 ms forward+backward, whatever B) or
-        ``"cvxpylayers"`` (the convex program of :func:`solve_dual_cvxpylayers`: about 1 ms forward, 3 ms
-        forward+backward for one problem, 11 ms for a batch of 8; medians on 2 shared CPU cores, float64)
-    :param has_cost: False to ignore the cost entirely (plain TRPO step)
-    :param s_tol: s ≤ s_tol counts as no cost information (a ≈ 0, e.g. no cost in the batch): a recovery step along
-        a numerically zero w would be noise. s has the units of a²/H; adjust if the cost surrogate is scaled.
-    :param solver_args: options of the ``"cvxpylayers"`` solver, replacing :data:`DEFAULT_LAYER_SOLVER_ARGS`
+    :param solver: ``"analytic"`` (the closed form, m ≤ 1 only: about 0.15 ms forward, 0.6 ms forward+backward,
+        whatever B) or ``"cvxpylayers"`` (the convex program of :func:`solve_dual_layer`: about 1 ms forward, 3 ms
+        forward+backward for one problem with m = 1; medians on 2 shared CPU cores, float64)
+    :param s_tol: s_j ≤ s_tol counts as no information on constraint j (a_j ≈ 0, e.g. no cost in the batch): a step
+        along a numerically zero w_j would be noise. s has the units of a²/H; adjust if the cost surrogate is scaled.
+    :param solver_args: options of the layers, replacing :data:`DEFAULT_LAYER_SOLVER_ARGS`
     """
     if solver not in DUAL_SOLVERS:
         raise ValueError(f"Unknown dual solver {solver!r}; expected one of {DUAL_SOLVERS}")
-    if has_cost and (w is None or r is None or s is None or b is None):
-        raise ValueError("w, r, s and b are required when has_cost=True")
-    if w is None or r is None or s is None or b is None:
-        w, r, s, b = torch.zeros_like(v), 0.0, 0.0, 0.0
-    q, r, s, b, delta = _broadcast(q, r, s, b, delta)
-    if q.dim() > 1:
-        raise ValueError(f"q, r, s, b must be scalars or 1-D batches, got shape {tuple(q.shape)}")
-    single = q.dim() == 0
-    if single:  # work on a batch of one
-        v, w, q, r, s, b, delta = (x.unsqueeze(0) for x in (v, w, q, r, s, b, delta))
-    q_safe, s_safe, delta_safe = _safe_terms(q, s, delta)
+    constraint_terms = (W, r, S, b)
+    if any(term is None for term in constraint_terms) and not all(term is None for term in constraint_terms):
+        raise ValueError("W, r, S and b are required together (all None for a problem without constraints)")
+    single = v.dim() == 1
+    if single:
+        v = v.unsqueeze(0)
+    batch, n = v.shape
+    dtype = v.dtype
+    q, delta = (
+        torch.as_tensor(value, dtype=dtype, device=v.device).expand(batch)
+        if torch.as_tensor(value).dim() == 0
+        else torch.as_tensor(value, dtype=dtype, device=v.device).reshape(batch)
+        for value in (q, delta)
+    )
+    if W is None or r is None or S is None or b is None:
+        W, r, S, b = v.new_zeros(batch, 0, n), v.new_zeros(batch, 0), v.new_zeros(batch, 0, 0), v.new_zeros(batch, 0)
+    elif single:
+        W, r, S, b = W.unsqueeze(0), r.unsqueeze(0), S.unsqueeze(0), b.unsqueeze(0)
+    m = b.shape[-1]
+    if W.shape != (batch, m, n) or r.shape != (batch, m) or S.shape != (batch, m, m):
+        raise ValueError(
+            f"inconsistent shapes: v {tuple(v.shape)}, W {tuple(W.shape)}, r {tuple(r.shape)}, S {tuple(S.shape)}, "
+            f"b {tuple(b.shape)}"
+        )
+    if solver == "analytic" and m > 1:
+        raise ValueError(
+            f"the closed-form dual exists only for one constraint, got {m}: use dual_solver='cvxpylayers' "
+            "(or 'auto', which picks it for several constraints)"
+        )
+    floor = _floor(dtype)
+    q_safe, delta_safe = q.clamp_min(floor), delta.clamp_min(torch.finfo(dtype).eps)
+    s = torch.diagonal(S, dim1=-2, dim2=-1)
+    s_safe = s.clamp_min(floor)
+    scale = torch.sqrt(2 * delta_safe.unsqueeze(-1) * s_safe)
 
-    informative = (s > s_tol) & has_cost
-    # b²/s > 2δ written without the division (s may be 0).
-    region_one_sided = b * b > 2 * delta * s
-    trpo = ~informative | ((b < 0) & region_one_sided)
-    recovery = informative & (b > 0) & region_one_sided
+    informative = s > s_tol
+    one_sided = b * b > 2 * delta.unsqueeze(-1) * s  # b²/s > 2δ written without the division (s may be 0)
+    slack = ~informative | ((b < 0) & one_sided)
+    trpo = slack.all(-1)
+    recovery = (informative & (b > 0) & one_sided).any(-1)
+    mu = torch.zeros_like(b)
+    if m == 1:
+        mu = torch.where(recovery.unsqueeze(-1), -torch.sqrt(2 * delta_safe.unsqueeze(-1) / s_safe), mu)
+    else:
+        undecided = ~trpo
+        if bool(undecided.any()):
+            mu_sub, worst = solve_recovery_layer(
+                S[undecided], b[undecided], delta[undecided], informative[undecided], solver_args
+            )
+            mu = mu.index_put((undecided,), mu_sub)
+            infeasible = torch.zeros_like(trpo).index_put((undecided,), worst.detach() > -FEASIBILITY_MARGIN)
+            recovery = recovery | infeasible
     dual = ~trpo & ~recovery
 
-    lam = torch.where(recovery, torch.sqrt(s_safe / (2 * delta_safe)), torch.sqrt(q_safe / (2 * delta_safe)))
-    nu = torch.zeros_like(q)
+    lam = torch.sqrt(q_safe / (2 * delta_safe))
+    nu = torch.zeros_like(b)
     if bool(dual.any()):
         if solver == "analytic":
             # Other cases get a harmless stand-in problem: their (unused) solution would otherwise feed inf·0 = NaN
             # into the gradients of the whole batch (e.g. ν ~ b/s with s = 0).
             one, zero = torch.ones_like(q), torch.zeros_like(q)
             stand_ins = (one, zero, one, zero, one)
+            terms = (q, r[:, 0], s[:, 0], b[:, 0], delta)
             lam_dual, nu_dual = solve_dual_analytic(
-                *(torch.where(dual, x, stand_in) for x, stand_in in zip((q, r, s, b, delta), stand_ins, strict=False))
+                *(torch.where(dual, x, stand_in) for x, stand_in in zip(terms, stand_ins, strict=True))
             )
+            nu_dual = nu_dual.unsqueeze(-1)
         else:
             # Solve only the dual-case problems, then scatter them back (index_put is differentiable).
-            lam_sub, nu_sub = solve_dual_cvxpylayers(q[dual], r[dual], s[dual], b[dual], delta[dual], solver_args)
-            lam_dual = lam.index_put((dual,), lam_sub)
-            nu_dual = nu.index_put((dual,), nu_sub)
+            lam_sub, nu_sub = solve_dual_layer(q[dual], r[dual], S[dual], b[dual], delta[dual], informative[dual], solver_args)
+            lam_dual, nu_dual = lam.index_put((dual,), lam_sub), nu.index_put((dual,), nu_sub)
         lam = torch.where(dual, lam_dual, lam)
-        nu = torch.where(dual, nu_dual, nu)
+        nu = torch.where(dual.unsqueeze(-1), nu_dual, nu)
 
-    # Recovery: x = −w/λ with λ = √(s/2δ); otherwise x = (v − νw)/λ (ν = 0 for TRPO).
-    x = torch.where(recovery.unsqueeze(-1), -w / lam.unsqueeze(-1), (v - nu.unsqueeze(-1) * w) / lam.unsqueeze(-1))
-    expected_improvement = torch.where(recovery, -r, q - nu * r) / lam
-    expected_cost_change = torch.where(informative, torch.where(recovery, -s, r - nu * s) / lam, torch.zeros_like(q))
+    # Recovery: x = Σ μ_j w_j; otherwise x = (v − Σ ν_j w_j)/λ (ν = 0 for TRPO).
+    recovery_x = (mu.unsqueeze(-1) * W).sum(-2)
+    dual_x = (v - (nu.unsqueeze(-1) * W).sum(-2)) / lam.unsqueeze(-1)
+    x = torch.where(recovery.unsqueeze(-1), recovery_x, dual_x)
+    # The recovery program's trust-region multiplier: μ = −y/κ with Σ y = 1, so κ = −1/Σμ (√(s/2δ) for m = 1).
+    lam = torch.where(recovery, 1 / (-mu.sum(-1)).clamp_min(floor), lam)
+    expected_improvement = torch.where(recovery, (mu * r).sum(-1), (q - (nu * r).sum(-1)) / lam)
+    recovery_changes = (S @ mu.unsqueeze(-1)).squeeze(-1)
+    dual_changes = (r - (S @ nu.unsqueeze(-1)).squeeze(-1)) / lam.unsqueeze(-1)
+    changes = torch.where(recovery.unsqueeze(-1), recovery_changes, dual_changes)
+    changes = torch.where(informative, changes, torch.zeros_like(changes))
     cases = tuple(CPO_CASES[code] for code in torch.where(trpo, 0, torch.where(recovery, 1, 2)).tolist())
     if single:
-        return CPOStepResult(x[0], cases[0], lam[0], nu[0], expected_improvement[0], expected_cost_change[0], informative[0])
-    return CPOStepResult(x, cases, lam, nu, expected_improvement, expected_cost_change, informative)
-
-
-@dataclass(frozen=True)
-class LineSearchResult:
-    """Outcome of :func:`backtracking_line_search` (improvements and KL at the accepted fraction, else 0)."""
-
-    fraction: float
-    accepted: bool
-    n_backtracks: int
-    kl: float
-    reward_improvement: float
-    cost_change: float
-
-
-def backtracking_line_search(
-    evaluate: Callable[[float], tuple[torch.Tensor | float, torch.Tensor | float, torch.Tensor | float]],
-    old_reward: float,
-    old_cost: float,
-    case: str,
-    b: float | torch.Tensor | None,
-    max_kl: float,
-    max_backtracks: int = 10,
-    backtrack_coeff: float = 0.8,
-) -> LineSearchResult:
-    """Accept the first fraction βʲ (j = 0, …, ``max_backtracks``) of the step that passes every check.
-
-    Checks at θ + βʲx: the values are finite; mean KL ≤ ``max_kl``; the reward surrogate strictly improves, except
-    while the constraint is violated (the ``"recovery"`` case, or b > 0), where the cost surrogate must strictly
-    decrease instead (a step back into the feasible set may have to give up reward; demanding a reward gain there
-    rejects every fraction and leaves the policy stuck above the limit); and, when ``b`` is given, the cost
-    surrogate change stays inside the linearised bound: new − old ≤ max(−b, 0). If nothing passes, the fraction is 0.
-
-    ``evaluate`` is run under ``torch.no_grad()``. It may leave the parameters anywhere: the caller sets
-    θ + fraction·x afterwards.
-
-    :param evaluate: fraction ↦ (mean KL, reward surrogate, cost surrogate) at θ + fraction·x
-    :param old_reward: reward surrogate at fraction 0
-    :param old_cost: cost surrogate at fraction 0
-    :param case: the CPO case of the step (see :data:`CPO_CASES`)
-    :param b: constraint value J_C − limit; None when there is no cost information (skips the cost check)
-    :param max_kl: KL bound (δ)
-    :param max_backtracks: number of times the fraction may shrink (at most ``max_backtracks + 1`` evaluations)
-    :param backtrack_coeff: β in (0, 1)
-    """
-    if case not in CPO_CASES:
-        raise ValueError(f"Unknown CPO case {case!r}; expected one of {CPO_CASES}")
-    if not 0 < backtrack_coeff < 1:
-        raise ValueError(f"backtrack_coeff must be in (0, 1), got {backtrack_coeff}")
-    if max_backtracks < 0:
-        raise ValueError(f"max_backtracks must be >= 0, got {max_backtracks}")
-    cost_bound = None if b is None else max(-float(b), 0.0)
-    restore_feasibility = case == RECOVERY or (b is not None and float(b) > 0)
-    with torch.no_grad():
-        for n_backtracks in range(max_backtracks + 1):
-            fraction = backtrack_coeff**n_backtracks
-            kl, reward, cost = (float(value) for value in evaluate(fraction))
-            reward_improvement, cost_change = reward - float(old_reward), cost - float(old_cost)
-            accepted = (
-                all(math.isfinite(value) for value in (kl, reward_improvement, cost_change))
-                and kl <= max_kl
-                and (cost_change < 0 if restore_feasibility else reward_improvement > 0)
-                and (cost_bound is None or cost_change <= cost_bound)
-            )
-            if accepted:
-                return LineSearchResult(fraction, True, n_backtracks, kl, reward_improvement, cost_change)
-    return LineSearchResult(0.0, False, max_backtracks, 0.0, 0.0, 0.0)
+        return SubproblemSolution(x[0], cases[0], lam[0], nu[0], expected_improvement[0], changes[0], informative[0], scale[0])
+    return SubproblemSolution(x, cases, lam, nu, expected_improvement, changes, informative, scale)

@@ -1,10 +1,16 @@
-"""Functional CPO updates on parameter dictionaries, and K-step adaptation that the meta-gradient flows through.
+"""Functional CPO updates on parameter dictionaries: a batch's advantages and constraint values, the surrogates, and
+one update (:func:`cpo_update`) or a replay of stored ones (:func:`replay_updates`) that the meta-gradient flows
+through.
 
 Parameters are ``{name: tensor}`` dictionaries applied with :func:`torch.func.functional_call` (see
-:meth:`CPOPolicy.actor_mean_log_std`), so an inner update never mutates the meta-parameters: it returns new tensors
-that are functions of them. In second-order mode the whole update keeps its autograd graph (surrogate gradients,
-Fisher-vector products, unrolled conjugate gradient and the dual solution); the accepted line-search fraction is a
-constant. In first-order mode the update is added detached, so the Jacobian of the inner step is the identity.
+:meth:`CPOPolicy.actor_mean_log_std`), so an update never mutates the meta-parameters: it returns new tensors that
+are functions of them. With ``differentiable=True`` the whole update keeps its autograd graph (surrogate gradients,
+Fisher-vector products, unrolled conjugate gradient and the dual solution; the accepted line-search fraction is a
+constant). Otherwise the update is added detached, so the Jacobian of the update is the identity (first order).
+
+The constraint value carries its gradient: b_j(φ) = b_j(data) + L_Cj(φ) − L_Cj(φ_data), the same value on the data
+and gradient a_j, so a second-order meta-gradient includes d(step)/db · db/dφ, and an update replayed from other
+parameters sees the constraint value those parameters would have on the stored batch.
 """
 
 from __future__ import annotations
@@ -12,25 +18,21 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch as th
 
-from sb3_metacpo.common.buffers import LinearFeatureBaseline, compute_gae, discounted_returns, episode_steps
-from sb3_metacpo.common.cpo_step import (
-    backtracking_line_search,
-    conjugate_gradient,
-    cpo_direction,
-    fisher_vector_product_fn,
-    flat_grad,
-)
+from sb3_metacpo.common.advantages import LinearFeatureBaseline, compute_gae, discounted_returns, episode_steps
+from sb3_metacpo.common.conjugate_gradient import fisher_vector_product_fn, flat_grad
+from sb3_metacpo.common.constrained_step import FixedFraction, LineSearch, StepConfig, StepResult, constrained_step
 from sb3_metacpo.common.profiling import phase
-from sb3_metacpo.common.sampler import TaskBatch
+from sb3_metacpo.common.rollouts import TaskBatch
 
 Params = dict[str, th.Tensor]
 #: ``actor(observations, params) -> (mean, log_std)`` of the diagonal Gaussian policy.
 ActorFn = Callable[[th.Tensor, Params], tuple[th.Tensor, th.Tensor]]
-#: ``values(observations) -> (reward values, cost values)``, numpy in and out; None selects the linear baseline.
+#: ``values(observations) -> (reward values (n,), cost values (n, m))``, numpy; None selects the linear baseline.
 CriticFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 #: ``fisher(params, observations, damping, create_graph) -> (v -> (F + damping I) v)``, as :func:`fisher_product`
 #: (e.g. :meth:`CPOPolicy.fisher_product`, its closed form for the MLP actor).
@@ -39,38 +41,41 @@ FisherFn = Callable[[Params, th.Tensor, float, bool], Callable[[th.Tensor], th.T
 
 @dataclass(frozen=True)
 class CPOConfig:
-    """Settings of one CPO update (see the algorithms' constructor arguments for their meaning)."""
+    """Settings of one CPO update: the constrained step's, plus what builds its inputs.
 
-    target_kl: float
-    cost_limit: float
+    :ivar step: conjugate gradient, dual solver, trust region and line search
+    :ivar constrained: False for TRPO updates (the costs are measured but constrain nothing)
+    :ivar cg_damping: damping added to the Fisher matrix
+    :ivar fvp_sample_freq: Fisher-vector products on every k-th sample
+    """
+
+    step: StepConfig
     constrained: bool = True
-    cg_max_steps: int = 10
     cg_damping: float = 0.1
     fvp_sample_freq: int = 1
-    dual_solver: str = "analytic"
-    line_search_max_iter: int = 10
-    line_search_shrinking_factor: float = 0.8
 
 
 @dataclass
 class PreparedBatch:
-    """A task batch as flat tensors with advantages and the constraint value, ready for a CPO update.
+    """A task batch as flat tensors with advantages and constraint values, ready for a CPO update.
 
-    ``cost_advantages`` stay in cost units (only centred): the linearised constraint ``b + aᵀx <= 0`` compares them
-    with ``constraint = (J_C - cost_limit) / episode_length``, the episode-cost excess per step. The reward
-    advantages are standardised, which does not change the direction of a trust-region step.
+    ``cost_advantages`` (one column per constrained cost) stay in cost units (only centred): the linearised
+    constraint ``b_j + a_jᵀx <= 0`` compares them with ``constraint[j] = (J_Cj - limit_j) / episode_length``, the
+    episode-cost excess per step. The reward advantages are standardised, which does not change the direction of a
+    trust-region step.
     """
 
     observations: th.Tensor
     actions: th.Tensor
     log_prob_behaviour: th.Tensor
     reward_advantages: th.Tensor
-    cost_advantages: th.Tensor
-    constraint: float
-    episode_cost: float
+    cost_advantages: th.Tensor  # (n, m)
+    constraint: np.ndarray  # (m,)
+    episode_costs: np.ndarray  # (m,): mean episode sum of each constrained cost
     episode_reward: float
+    n_episodes: int
     reward_returns: np.ndarray  # critic targets (GAE lambda-returns), flat
-    cost_returns: np.ndarray
+    cost_returns: np.ndarray  # (n, m)
 
 
 def gaussian_log_prob(mean: th.Tensor, log_std: th.Tensor, actions: th.Tensor) -> th.Tensor:
@@ -97,6 +102,10 @@ def add_flat(params: Params, step: th.Tensor) -> Params:
     return result
 
 
+def detached(params: Params) -> Params:
+    return {name: value.detach() for name, value in params.items()}
+
+
 def prepare_batch(
     batch: TaskBatch,
     actor: ActorFn,
@@ -104,39 +113,40 @@ def prepare_batch(
     critic: CriticFn | None,
     gamma: float,
     gae_lambda: float,
-    cost_limit: float,
+    cost_limits: Sequence[float],
     episode_length: int,
     cost_gamma: float = 1.0,
 ) -> PreparedBatch:
-    """Advantages (GAE for reward and cost), behaviour log-probabilities and the constraint value of ``batch``.
+    """Advantages (GAE for reward and each cost), behaviour log-probabilities and the constraint values of ``batch``.
 
     Cost advantages use ``cost_gamma`` (1 by default: the constraint is on the undiscounted episode cost, and a
     discounted cost advantage would understate the predicted cost change by a factor ~(1 - gamma^T) / ((1 - gamma) T)).
-    ``critic=None`` fits a :class:`LinearFeatureBaseline` to this batch for reward and for cost. J_C is the mean cost
-    of the batch's completed episodes; a batch without one uses its mean step cost times ``episode_length``.
+    ``critic=None`` fits a :class:`LinearFeatureBaseline` to this batch for reward and for each cost. J_C is the mean
+    cost of the batch's completed episodes; a batch without one uses its mean step cost times ``episode_length``.
     """
     dones = batch.dones
+    n_costs = batch.costs.shape[-1]
+    if len(cost_limits) != n_costs:
+        raise ValueError(f"{len(cost_limits)} cost limits for a batch of {n_costs} cost signals")
+    signals = [batch.rewards, *(batch.costs[..., j] for j in range(n_costs))]
+    discounts = [gamma] + [cost_gamma] * n_costs
     if critic is None:
         steps = episode_steps(dones)
-        next_steps = steps + 1
         values, next_values = [], []
-        for signal, discount in ((batch.rewards, gamma), (batch.costs, cost_gamma)):
+        for signal, discount in zip(signals, discounts, strict=True):
             baseline = LinearFeatureBaseline(episode_length)
             baseline.fit(batch.observations, steps, discounted_returns(signal, dones, discount))
             values.append(baseline.predict(batch.observations, steps))
-            next_values.append(baseline.predict(batch.next_observations, next_steps))
+            next_values.append(baseline.predict(batch.next_observations, steps + 1))
     else:
         flat_obs = batch.observations.reshape(-1, batch.observations.shape[-1])
-        flat_next = batch.next_observations.reshape(flat_obs.shape)
-        (value_r, value_c), (next_r, next_c) = critic(flat_obs), critic(flat_next)
+        (value_r, value_c), (next_r, next_c) = critic(flat_obs), critic(batch.next_observations.reshape(flat_obs.shape))
         shape = batch.rewards.shape
-        values = [value_r.reshape(shape), value_c.reshape(shape)]
-        next_values = [next_r.reshape(shape), next_c.reshape(shape)]
+        values = [value_r.reshape(shape), *(value_c[:, j].reshape(shape) for j in range(n_costs))]
+        next_values = [next_r.reshape(shape), *(next_c[:, j].reshape(shape) for j in range(n_costs))]
     advantages = [
         compute_gae(signal, value, next_value, batch.terminated, dones, discount, gae_lambda)
-        for signal, value, next_value, discount in zip(
-            (batch.rewards, batch.costs), values, next_values, (gamma, cost_gamma), strict=True
-        )
+        for signal, value, next_value, discount in zip(signals, values, next_values, discounts, strict=True)
     ]
     returns = [advantage + value for advantage, value in zip(advantages, values, strict=True)]
 
@@ -150,16 +160,17 @@ def prepare_batch(
     observations, actions = observations.to(reference.dtype), actions.to(reference.dtype)
     with th.no_grad():
         log_prob = gaussian_log_prob(*actor(observations, params), actions)
-    reward_adv, cost_adv = to_tensor(advantages[0]), to_tensor(advantages[1])
+    reward_adv = to_tensor(advantages[0])
     reward_adv = (reward_adv - reward_adv.mean()) / (reward_adv.std() + 1e-8)
-    cost_adv = cost_adv - cost_adv.mean()
+    cost_adv = th.stack([to_tensor(advantage) for advantage in advantages[1:]], dim=-1)
+    cost_adv = cost_adv - cost_adv.mean(0)
 
     if batch.episodes:
-        episode_cost = float(np.mean(batch.episode_costs))
+        episode_costs = batch.episode_constraint_costs.mean(0)
         episode_reward = float(np.mean(batch.episode_rewards))
         length = float(np.mean([episode.length for episode in batch.episodes]))
     else:
-        episode_cost = float(batch.costs.mean()) * episode_length
+        episode_costs = batch.costs.reshape(-1, n_costs).mean(0) * episode_length
         episode_reward = float(batch.rewards.mean()) * episode_length
         length = float(episode_length)
     return PreparedBatch(
@@ -168,19 +179,27 @@ def prepare_batch(
         log_prob_behaviour=log_prob,
         reward_advantages=reward_adv,
         cost_advantages=cost_adv,
-        constraint=(episode_cost - cost_limit) / length,
-        episode_cost=episode_cost,
+        constraint=(np.asarray(episode_costs, dtype=np.float64) - np.asarray(cost_limits, dtype=np.float64)) / length,
+        episode_costs=np.asarray(episode_costs, dtype=np.float64),
         episode_reward=episode_reward,
+        n_episodes=len(batch.episodes),
         reward_returns=returns[0].reshape(-1),
-        cost_returns=returns[1].reshape(-1),
+        cost_returns=np.stack([ret.reshape(-1) for ret in returns[1:]], axis=-1),
     )
 
 
 def surrogates(actor: ActorFn, params: Params, batch: PreparedBatch) -> tuple[th.Tensor, th.Tensor]:
-    """Importance-weighted reward and cost surrogates ``mean(ratio * A)`` at ``params``."""
+    """Importance-weighted reward and cost surrogates ``mean(ratio * A)`` at ``params``: a scalar and (m,)."""
     mean, log_std = actor(batch.observations, params)
     ratio = th.exp(gaussian_log_prob(mean, log_std, batch.actions) - batch.log_prob_behaviour)
-    return (ratio * batch.reward_advantages).mean(), (ratio * batch.cost_advantages).mean()
+    return (ratio * batch.reward_advantages).mean(), (ratio.unsqueeze(-1) * batch.cost_advantages).mean(0)
+
+
+def constraint_values(batch: PreparedBatch, cost_surrogates: th.Tensor) -> th.Tensor:
+    """b(φ) = b(data) + L_C(φ) − L_C(φ_data) for the cost surrogates ``L_C(φ)`` of ``batch``: the data's constraint
+    values, with the gradient of the surrogates (L_C(φ_data) = mean of the advantages, the ratio being 1 there)."""
+    data = th.as_tensor(batch.constraint, dtype=cost_surrogates.dtype, device=cost_surrogates.device)
+    return data + cost_surrogates - batch.cost_advantages.mean(0).to(cost_surrogates.dtype)
 
 
 def fisher_product(
@@ -199,16 +218,15 @@ def fisher_product(
     return fisher_vector_product_fn(kl, list(offsets.values()), damping, create_graph=create_graph)
 
 
-@dataclass
-class StepInfo:
-    """What one CPO update did (for logging)."""
-
-    case: str
-    fraction: float
-    accepted: bool
-    kl: float
-    lam: float  # the multipliers of the CPO dual (nu = 0 without an informative constraint)
-    nu: float
+def kl_and_surrogates(
+    actor: ActorFn, params: Params, batch: PreparedBatch, reference: tuple[th.Tensor, th.Tensor]
+) -> tuple[float, float, list[float]]:
+    """Mean KL from the ``reference`` (mean, log_std) on the batch's observations, and the surrogates at ``params``:
+    what a line search checks."""
+    mean, log_std = actor(batch.observations, params)
+    kl = gaussian_kl(*reference, mean, log_std).mean()
+    reward, costs = surrogates(actor, params, batch)
+    return float(kl), float(reward), costs.tolist()
 
 
 def cpo_update(
@@ -216,88 +234,71 @@ def cpo_update(
     params: Params,
     batch: PreparedBatch,
     config: CPOConfig,
-    create_graph: bool = False,
-    fraction: float | None = None,
+    *,
+    differentiable: bool = False,
+    fraction: float | Literal["line_search"] = "line_search",
     fisher: FisherFn | None = None,
-) -> tuple[Params, StepInfo]:
-    """One CPO step at ``params`` on ``batch``; returns the new parameters (functions of ``params``).
+) -> tuple[Params, StepResult]:
+    """One CPO update at ``params`` on ``batch``; returns the new parameters (functions of ``params``) and the step.
 
-    ``fraction=None`` runs the backtracking line search; a given fraction replays a stored update (used to
-    re-adapt from other meta-parameters on the same batches). ``fisher`` computes Fisher-vector products (default:
-    the double backward of the KL of ``actor``, :func:`fisher_product`).
+    :param differentiable: keep the graph of the update (second-order meta-gradient)
+    :param fraction: ``"line_search"`` to choose the step's fraction by backtracking, or a stored fraction to replay
+        an update (used to re-adapt from other meta-parameters on the same batches)
+    :param fisher: computes Fisher-vector products (default: the double backward of the KL of ``actor``,
+        :func:`fisher_product`)
     """
-    # First order: differentiate at a detached copy (no graph back to the meta-parameters is needed or kept).
-    work = params if create_graph else {name: value.detach().requires_grad_(True) for name, value in params.items()}
+    # Not differentiable: differentiate at a detached copy (no graph back to the meta-parameters is kept).
+    work = params if differentiable else {name: value.detach().requires_grad_(True) for name, value in params.items()}
     tensors = list(work.values())
     with phase("gradients"):
-        reward_surrogate, cost_surrogate = surrogates(actor, work, batch)
-        g = flat_grad(reward_surrogate, tensors, create_graph=create_graph, retain_graph=True)
+        reward_surrogate, cost_surrogates = surrogates(actor, work, batch)
+        g = flat_grad(reward_surrogate, tensors, create_graph=differentiable, retain_graph=True)
+        A = b = None
         if config.constrained:
-            a = flat_grad(cost_surrogate, tensors, create_graph=create_graph, retain_graph=True)
-        fisher_observations = batch.observations[:: config.fvp_sample_freq]
-        if fisher is None:
-            fvp = fisher_product(actor, work, fisher_observations, config.cg_damping, create_graph)
-        else:
-            fvp = fisher(work, fisher_observations, config.cg_damping, create_graph)
-    with phase("conjugate_gradient"):
-        v = conjugate_gradient(fvp, g, config.cg_max_steps)
-        if config.constrained:
-            w = conjugate_gradient(fvp, a, config.cg_max_steps)
-    with phase("dual_solve"):
-        q = g @ v
-        if config.constrained:
-            b = th.as_tensor(batch.constraint, dtype=q.dtype, device=q.device)
-            result = cpo_direction(v, w, q, g @ w, a @ w, b, config.target_kl, solver=config.dual_solver)
-        else:
-            result = cpo_direction(v, None, q, None, None, None, config.target_kl, has_cost=False)
-    assert isinstance(result.case, str)
-
-    accepted = True
-    if fraction is None:
-        old_mean, old_log_std = (value.detach() for value in actor(batch.observations, params))
-        detached = {name: value.detach() for name, value in params.items()}
-        step = result.x.detach()
-
-        def evaluate(candidate_fraction: float) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
-            candidate = add_flat(detached, candidate_fraction * step)
-            mean, log_std = actor(batch.observations, candidate)
-            kl = gaussian_kl(old_mean, old_log_std, mean, log_std).mean()
-            return (kl, *surrogates(actor, candidate, batch))
-
-        with phase("line_search"):
-            search = backtracking_line_search(
-                evaluate,
-                reward_surrogate.item(),
-                cost_surrogate.item(),
-                result.case,
-                batch.constraint if bool(result.cost_informative) else None,
-                config.target_kl,
-                config.line_search_max_iter,
-                config.line_search_shrinking_factor,
+            A = th.stack(
+                [flat_grad(cost, tensors, create_graph=differentiable, retain_graph=True) for cost in cost_surrogates]
             )
-        fraction, accepted, kl = search.fraction, search.accepted, search.kl
+            b = constraint_values(batch, cost_surrogates)
+            if not differentiable:
+                b = b.detach()
+        fisher_observations = batch.observations[:: config.fvp_sample_freq]
+        fisher = fisher or (lambda p, obs, damping, graph: fisher_product(actor, p, obs, damping, graph))
+        fvp = fisher(work, fisher_observations, config.cg_damping, differentiable)
+
+    step_size: LineSearch | FixedFraction
+    if fraction == "line_search":
+        reference = tuple(value.detach() for value in actor(batch.observations, params))
+        start = detached(params)
+        step_size = LineSearch(
+            lambda step: kl_and_surrogates(actor, add_flat(start, step), batch, reference),  # type: ignore[arg-type]
+            reward_surrogate.item(),
+            cost_surrogates.tolist() if config.constrained else [],
+        )
     else:
-        kl = float("nan")
-    step = fraction * result.x
-    new_params = add_flat(params, step if create_graph else step.detach())
-    info = StepInfo(result.case, fraction, accepted, kl, float(result.lam.detach()), float(result.nu.detach()))
-    return new_params, info
+        step_size = FixedFraction(float(fraction))
+    result = constrained_step(g, A, b, fvp, config.step, step_size)
+    new_params = add_flat(params, result.step if differentiable else result.step.detach())
+    return new_params, result
 
 
-def adapt_on_batches(
+def replay_updates(
     actor: ActorFn,
     params: Params,
     batches: Sequence[PreparedBatch],
     config: CPOConfig,
-    create_graph: bool,
     fractions: Sequence[float],
+    *,
+    differentiable: bool,
     fisher: FisherFn | None = None,
-) -> Params:
-    """Replay K stored inner updates from ``params``: one CPO step per batch with the stored line-search fractions.
+) -> list[Params]:
+    """Replay K stored updates from ``params``: one CPO step per batch with the stored line-search fractions.
 
-    This is phi^K(theta) of the meta-objective with the batches held fixed; it is differentiable w.r.t. ``params``
-    (exactly in second-order mode, with an identity inner Jacobian in first-order mode).
+    Returns the parameters at every stage, [φ⁰ = params, φ¹, …, φᴷ], with the batches held fixed: φᴷ(θ) of the
+    meta-objective, differentiable w.r.t. ``params`` (exactly with ``differentiable``, with an identity update
+    Jacobian otherwise).
     """
+    stages = [params]
     for batch, fraction in zip(batches, fractions, strict=True):
-        params, _ = cpo_update(actor, params, batch, config, create_graph, fraction, fisher)
-    return params
+        params, _ = cpo_update(actor, params, batch, config, differentiable=differentiable, fraction=fraction, fisher=fisher)
+        stages.append(params)
+    return stages

@@ -15,9 +15,9 @@ from stable_baselines3.common.env_util import is_wrapped
 from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
 
-from sb3_metacpo.common.monitor import CostMonitor
 from sb3_metacpo.tasks.base import Task, TaskDistribution
 from sb3_metacpo.tasks.compat import import_safety_gymnasium
+from sb3_metacpo.tasks.monitor import CostMonitor
 from sb3_metacpo.tasks.task_env import TaskEnv
 
 #: What the algorithms accept as an env: a gymnasium env, a VecEnv, an env id, a task distribution, or a task.
@@ -87,7 +87,7 @@ def make_safe_vec_env(
     if isinstance(env, VecEnv):
         if not all(env.env_is_wrapped(CostMonitor)):
             raise ValueError(
-                "the VecEnv's envs must be wrapped in sb3_metacpo.common.monitor.CostMonitor (SB3's Monitor drops the "
+                "the VecEnv's envs must be wrapped in sb3_metacpo.tasks.monitor.CostMonitor (SB3's Monitor drops the "
                 "episode cost); or pass the env id, a gymnasium env or a TaskDistribution instead"
             )
         return env
@@ -96,7 +96,7 @@ def make_safe_vec_env(
             if is_wrapped(env, Monitor):
                 raise ValueError(
                     "the env is wrapped in SB3's Monitor, which drops the episode cost: wrap it in "
-                    "sb3_metacpo.common.monitor.CostMonitor instead"
+                    "sb3_metacpo.tasks.monitor.CostMonitor instead"
                 )
             env = CostMonitor(env)
         return DummyVecEnv([lambda: env])

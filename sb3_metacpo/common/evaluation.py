@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
@@ -14,11 +14,9 @@ from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.vec_env import VecEnv
 from tqdm.auto import tqdm
 
+from sb3_metacpo.common.adaptation import Adaptable
 from sb3_metacpo.common.envs import make_safe_vec_env
 from sb3_metacpo.tasks.base import Task
-
-if TYPE_CHECKING:
-    from sb3_metacpo.metacpo.metacpo import MetaCPO
 
 
 def evaluate_safe_policy(
@@ -54,17 +52,23 @@ def evaluate_safe_policy(
 
 @dataclass
 class AdaptationRecord:
-    """Performance on one held-out task after ``n_updates`` adaptation updates (0: the meta-policy)."""
+    """Performance on one held-out task after ``n_updates`` adaptation updates (0: before adaptation).
+
+    ``adaptation_ep_cost_mean`` is the mean episode cost of the batch the ``n_updates``-th update was computed from
+    (the cost paid while adapting; NaN for 0 updates)."""
 
     task: Task
     n_updates: int
     ep_rew_mean: float
     ep_cost_mean: float
     n_episodes: int
+    ep_cost_sem: float = float("nan")
+    ep_costs: dict[str, float] | None = None
+    adaptation_ep_cost_mean: float = float("nan")
 
 
 def meta_evaluate(
-    model: MetaCPO,
+    model: Adaptable,
     tasks: Sequence[Task],
     n_updates: int | None = None,
     n_steps: int | None = None,
@@ -74,15 +78,30 @@ def meta_evaluate(
 ) -> list[AdaptationRecord]:
     """Evaluate on each task before adaptation and after every adaptation update (as garage's MetaEvaluator).
 
-    Adaptation starts from the meta-parameters on each task and never changes them; evaluation episodes are
+    Works for every :class:`~sb3_metacpo.common.adaptation.Adaptable` algorithm (MetaCPO, MetaTRPO, CPO).
+    Adaptation starts from the model's parameters on each task and never changes them; evaluation episodes are
     separate from the adaptation batches. The stochastic policy is evaluated by default, as its cost is what the
     CPO updates constrain.
     """
     records = []
     for task in tqdm(tasks, desc="meta-evaluating", disable=not progress_bar):
-        for k, params in model.adaptation_steps(task, n_updates, n_steps):
-            reward, cost, episodes = model.evaluate_params(task, params, n_eval_episodes, deterministic)
-            records.append(AdaptationRecord(task, k, reward, cost, episodes))
+        steps = model.adaptation_steps(task, n_updates, n_steps)
+        for k, params in steps:
+            result = model.evaluate_params(task, params, n_eval_episodes, deterministic)
+            history = getattr(model, "adaptation_history", [])
+            paid = history[k - 1]["ep_cost_mean"] if 0 < k <= len(history) else float("nan")
+            records.append(
+                AdaptationRecord(
+                    task,
+                    k,
+                    result.ep_rew_mean,
+                    result.ep_cost_mean,
+                    result.n_episodes,
+                    result.ep_cost_sem,
+                    result.ep_costs,
+                    paid,
+                )
+            )
     return records
 
 

@@ -48,6 +48,8 @@ class CPOPolicy(ActorCriticPolicy):
     :param normalize_observations: normalise observations with running mean/std statistics (clipped to
         ``[-clip_observations, clip_observations]``); the algorithms update them from the collected data.
     :param clip_observations: clipping range of normalised observations.
+    :param n_costs: number of cost signals the cost critic estimates (one output each; set by the algorithms from
+        their cost constraints).
     """
 
     def __init__(
@@ -58,6 +60,7 @@ class CPOPolicy(ActorCriticPolicy):
         *args: Any,
         normalize_observations: bool = True,
         clip_observations: float = 10.0,
+        n_costs: int = 1,
         **kwargs: Any,
     ) -> None:
         if not isinstance(action_space, spaces.Box):
@@ -68,6 +71,9 @@ class CPOPolicy(ActorCriticPolicy):
             raise ValueError("gSDE is not supported by CPOPolicy: the CPO step needs a diagonal Gaussian actor")
         self.normalize_observations = normalize_observations
         self.clip_observations = clip_observations
+        if not isinstance(n_costs, int) or n_costs < 1:
+            raise ValueError(f"n_costs must be a positive integer, got {n_costs!r}")
+        self.n_costs = n_costs
         super().__init__(observation_space, action_space, lr_schedule, *args, **kwargs)
         if any(True for _ in self.features_extractor.parameters()):
             raise ValueError(
@@ -90,7 +96,7 @@ class CPOPolicy(ActorCriticPolicy):
         super()._build(lr_schedule)
         assert isinstance(self.action_dist, DiagGaussianDistribution)
         self.cost_mlp = copy.deepcopy(self.mlp_extractor.value_net)
-        self.cost_value_net = nn.Linear(self.mlp_extractor.latent_dim_vf, 1)
+        self.cost_value_net = nn.Linear(self.mlp_extractor.latent_dim_vf, self.n_costs)
         if self.ortho_init:
             self.cost_mlp.apply(partial(self.init_weights, gain=np.sqrt(2)))
             self.cost_value_net.apply(partial(self.init_weights, gain=1))
@@ -102,7 +108,11 @@ class CPOPolicy(ActorCriticPolicy):
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
         data = super()._get_constructor_parameters()
-        data.update(normalize_observations=self.normalize_observations, clip_observations=self.clip_observations)
+        data.update(
+            normalize_observations=self.normalize_observations,
+            clip_observations=self.clip_observations,
+            n_costs=self.n_costs,
+        )
         return data
 
     # --- observation normalisation ----------------------------------------------------------------------------
@@ -197,7 +207,7 @@ class CPOPolicy(ActorCriticPolicy):
         For a Gaussian with state-independent log-std, F is block diagonal: ``Jᵀ diag(σ⁻²) J / n`` for the mean's
         parameters (J the Jacobian of the mean) and ``2 I`` for the log-std. Each product is one forward-mode and
         one reverse-mode pass through the MLP, written out on activations cached here, about half the cost of the
-        double backward of the KL (:func:`~sb3_metacpo.common.adaptation.fisher_product`, which it equals). With
+        double backward of the KL (:func:`~sb3_metacpo.common.cpo_update.fisher_product`, which it equals). With
         ``create_graph`` the products stay differentiable w.r.t. ``params`` (second-order meta-gradient). ``v`` is
         flat, in the order of ``params``.
         """
@@ -262,14 +272,17 @@ class CPOPolicy(ActorCriticPolicy):
     def fit_critics(
         self, observations: th.Tensor, reward_targets: th.Tensor, cost_targets: th.Tensor, n_epochs: int, batch_size: int
     ) -> float:
-        """Regress the reward and cost critics on their targets (``n_epochs`` of Adam minibatches); mean loss."""
+        """Regress the reward and cost critics on their targets (``n_epochs`` of Adam minibatches); mean loss.
+
+        ``cost_targets`` has one column per cost signal, shape (n, n_costs) (or (n,) for one)."""
+        cost_targets = cost_targets.reshape(len(observations), self.n_costs)
         self.set_training_mode(True)
         losses = []
         for _ in range(n_epochs):
             for indices in th.randperm(len(observations), device=observations.device).split(batch_size):
                 obs = observations[indices]
                 loss = nn.functional.mse_loss(self.predict_values(obs).flatten(), reward_targets[indices])
-                loss = loss + nn.functional.mse_loss(self.predict_costs(obs).flatten(), cost_targets[indices])
+                loss = loss + nn.functional.mse_loss(self.predict_costs(obs), cost_targets[indices])
                 self.optimizer.zero_grad()
                 loss.backward()
                 self.optimizer.step()
@@ -278,15 +291,15 @@ class CPOPolicy(ActorCriticPolicy):
         return float(np.mean(losses))
 
     def predict_costs(self, obs: th.Tensor) -> th.Tensor:
-        """Cost-value estimates, shape (n, 1)."""
+        """Cost-value estimates, shape (n, n_costs)."""
         features = self.extract_features(obs, self.vf_features_extractor)
         return self.cost_value_net(self.cost_mlp(features))
 
     @th.no_grad()
     def critic_values(self, observations: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Reward and cost value estimates of raw observations ``(n, obs_dim)``, as flat numpy arrays."""
+        """Reward and cost value estimates of raw observations ``(n, obs_dim)``: shapes (n,) and (n, n_costs)."""
         obs = th.as_tensor(observations, device=self.device)
-        return self.predict_values(obs).cpu().numpy().reshape(-1), self.predict_costs(obs).cpu().numpy().reshape(-1)
+        return self.predict_values(obs).cpu().numpy().reshape(-1), self.predict_costs(obs).cpu().numpy()
 
 
 MlpPolicy = CPOPolicy

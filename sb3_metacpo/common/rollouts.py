@@ -18,22 +18,25 @@ from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
 
 from sb3_metacpo.common.envs import EnvFactory
 from sb3_metacpo.tasks.base import Task, TaskDistribution
+from sb3_metacpo.tasks.monitor import TOTAL_COST, is_cost_key
 
 #: ``act(observations, task_indices) -> actions``: observations ``(n_envs, *obs_shape)``, task_indices ``(n_envs,)``
-#: index into the task list given to :meth:`TaskSampler.collect`; returns raw (unclipped) actions
+#: index into the task list given to :meth:`RolloutSampler.collect`; returns raw (unclipped) actions
 #: ``(n_envs, *action_shape)``.
 ActFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
 @dataclass
 class EpisodeRecord:
-    """A completed episode: undiscounted return and cost, length, the seed of its start state and how it ended."""
+    """A completed episode: undiscounted return and cost (``info["cost"]``), length, the seed of its start state, how
+    it ended, and the undiscounted sums of the constrained cost signals (``costs``, in the sampler's order)."""
 
     reward: float
     cost: float
     length: int
     seed: int | None  # None for envs that do not report ``info["episode_seed"]``
     terminated: bool
+    costs: tuple[float, ...] = ()
 
 
 @dataclass
@@ -44,7 +47,7 @@ class TaskBatch:
     observations: np.ndarray
     actions: np.ndarray  # as sampled by the policy (before clipping to the action space)
     rewards: np.ndarray
-    costs: np.ndarray
+    costs: np.ndarray  # (n_steps, n_envs, m): one column per constrained cost signal
     terminated: np.ndarray  # the episode ended at this step by termination
     truncated: np.ndarray  # the episode ended at this step by the time limit
     next_observations: np.ndarray  # observation after each step (the terminal one where an episode ended)
@@ -65,18 +68,37 @@ class TaskBatch:
 
     @property
     def episode_costs(self) -> np.ndarray:
+        """Total cost (``info["cost"]``) of each completed episode."""
         return np.array([episode.cost for episode in self.episodes])
+
+    @property
+    def episode_constraint_costs(self) -> np.ndarray:
+        """Sums of the constrained cost signals of each completed episode, shape (n_episodes, m)."""
+        return np.array([episode.costs for episode in self.episodes]).reshape(len(self.episodes), self.costs.shape[-1])
 
 
 class RolloutStorage:
-    """Time-major arrays of a rollout of ``n_envs`` envs, filled step by step from VecEnv outputs."""
+    """Time-major arrays of a rollout of ``n_envs`` envs, filled step by step from VecEnv outputs.
 
-    def __init__(self, horizon: int, n_envs: int, obs_shape: tuple[int, ...], action_shape: tuple[int, ...]) -> None:
+    ``cost_names`` are the info keys of the constrained cost signals (default: the total ``"cost"``). Non-finite
+    observations, rewards or costs raise a ``ValueError`` naming the env index, the step and the quantity, before
+    they are stored.
+    """
+
+    def __init__(
+        self,
+        horizon: int,
+        n_envs: int,
+        obs_shape: tuple[int, ...],
+        action_shape: tuple[int, ...],
+        cost_names: Sequence[str] = (TOTAL_COST,),
+    ) -> None:
+        self.cost_names = tuple(cost_names)
         self.observations = np.zeros((horizon, n_envs, *obs_shape), dtype=np.float32)
         self.next_observations = np.zeros_like(self.observations)
         self.actions = np.zeros((horizon, n_envs, *action_shape), dtype=np.float32)
         self.rewards = np.zeros((horizon, n_envs), dtype=np.float32)
-        self.costs = np.zeros((horizon, n_envs), dtype=np.float32)
+        self.costs = np.zeros((horizon, n_envs, len(self.cost_names)), dtype=np.float32)
         self.terminated = np.zeros((horizon, n_envs), dtype=bool)
         self.truncated = np.zeros((horizon, n_envs), dtype=bool)
 
@@ -92,13 +114,23 @@ class RolloutStorage:
     ) -> list[tuple[int, EpisodeRecord]]:
         """Store step ``t`` (``next_observations`` as returned by the VecEnv, i.e. already reset where done);
         returns ``(env index, episode)`` for every episode that ended at this step."""
+        _check_finite(t, "observation", observations)
+        _check_finite(t, "reward", rewards)
+        _check_finite(t, "next observation", next_observations)
         self.observations[t] = observations
         self.actions[t] = actions
         self.rewards[t] = rewards
         self.next_observations[t] = next_observations
         ended = []
         for index, info in enumerate(infos):
-            self.costs[t, index] = info["cost"]
+            for column, name in enumerate(self.cost_names):
+                if name not in info:
+                    reported = sorted(key for key in info if is_cost_key(key))
+                    raise KeyError(f"env {index} reports no {name!r} in its info at step {t}; it reports {reported}")
+                value = float(info[name])
+                if not math.isfinite(value):
+                    raise ValueError(f"env {index} reported a non-finite {name} ({value}) at step {t} of the rollout")
+                self.costs[t, index, column] = value
             if dones[index]:
                 is_truncated = info.get("TimeLimit.truncated", False)
                 self.truncated[t, index] = is_truncated
@@ -106,11 +138,21 @@ class RolloutStorage:
                 self.next_observations[t, index] = info["terminal_observation"]
                 if "episode" not in info or "c" not in info["episode"]:
                     raise KeyError(
-                        "the env reports no episode cost: wrap each env in sb3_metacpo.common.monitor.CostMonitor "
+                        "the env reports no episode cost: wrap each env in sb3_metacpo.tasks.monitor.CostMonitor "
                         "(not SB3's Monitor), or build it with TaskDistribution.make_env"
                     )
+                if "terminal_observation" in info:
+                    _check_finite(t, "terminal observation", np.asarray(info["terminal_observation"])[None], index)
                 episode = info["episode"]
-                record = EpisodeRecord(episode["r"], episode["c"], episode["l"], info.get("episode_seed"), not is_truncated)
+                episode_costs = info.get("episode_costs", {TOTAL_COST: episode["c"]})
+                record = EpisodeRecord(
+                    episode["r"],
+                    episode["c"],
+                    episode["l"],
+                    info.get("episode_seed"),
+                    not is_truncated,
+                    tuple(float(episode_costs[name]) for name in self.cost_names),
+                )
                 ended.append((index, record))
         return ended
 
@@ -129,7 +171,18 @@ class RolloutStorage:
         )
 
 
-class TaskSampler:
+def _check_finite(t: int, quantity: str, values: np.ndarray, env_offset: int = 0) -> None:
+    """Raise a ``ValueError`` naming the first env whose ``quantity`` at step ``t`` is not finite."""
+    values = np.asarray(values)
+    if not np.isfinite(values).all():
+        bad = np.flatnonzero(~np.isfinite(values.reshape(len(values), -1)).all(axis=1))
+        raise ValueError(
+            f"env {int(bad[0]) + env_offset} returned a non-finite {quantity} at step {t} of the rollout: the policy, "
+            "its normalisation statistics and the critics were left untouched; fix the env (or filter its output)"
+        )
+
+
+class RolloutSampler:
     """Rollouts of a policy on several tasks of one :class:`TaskDistribution`, through one VecEnv of ``n_envs`` envs.
 
     With M tasks in :meth:`collect`: if M <= n_envs, every task gets ``n_envs // M`` envs (the remainder goes to the
@@ -144,6 +197,7 @@ class TaskSampler:
     :param seed: seed of the per-episode start-state seeds
     :param vec_env: an existing VecEnv to sample instead of building one (then ``distribution`` may be None and
         :meth:`collect` takes ``tasks=[None]``: the envs keep the worlds they have)
+    :param cost_names: the info keys of the constrained cost signals (default: the total ``"cost"``)
     """
 
     def __init__(
@@ -154,7 +208,9 @@ class TaskSampler:
         vec_env_kwargs: dict[str, Any] | None = None,
         seed: int = 0,
         vec_env: VecEnv | None = None,
+        cost_names: Sequence[str] = (TOTAL_COST,),
     ) -> None:
+        self.cost_names = tuple(cost_names)
         if vec_env is None:
             if not isinstance(distribution, TaskDistribution):
                 raise TypeError(f"distribution must be a TaskDistribution, got {type(distribution).__name__}")
@@ -205,11 +261,12 @@ class TaskSampler:
     ) -> list[TaskBatch]:
         owners = self._assign(tasks)
         horizon = math.ceil(n_steps / (self.n_envs // len(tasks)))
-        storage = RolloutStorage(horizon, self.n_envs, self.observation_space.shape, self.action_space.shape)
+        storage = RolloutStorage(horizon, self.n_envs, self.observation_space.shape, self.action_space.shape, self.cost_names)
         episodes: list[list[EpisodeRecord]] = [[] for _ in tasks]
         low, high = self.action_space.low, self.action_space.high
 
         obs = self.vec_env.reset()
+        _check_finite(0, "observation after reset", obs)
         for t in range(horizon):
             raw_actions = np.asarray(act(obs, owners), dtype=np.float32).reshape(self.n_envs, *self.action_space.shape)
             next_obs, rewards, dones, infos = self.vec_env.step(np.clip(raw_actions, low, high))

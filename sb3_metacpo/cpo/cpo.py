@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar, Literal, TypeVar
 
 import gymnasium as gym
@@ -11,24 +12,28 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.type_aliases import MaybeCallback
-from stable_baselines3.common.utils import safe_mean
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
 
-from sb3_metacpo.common.adaptation import CPOConfig, cpo_update, prepare_batch
-from sb3_metacpo.common.checks import check, check_cpo_step_hyperparameters, check_positive_ints
+from sb3_metacpo.common.adaptation import AdaptationMixin
+from sb3_metacpo.common.checks import (
+    check,
+    check_cpo_step_hyperparameters,
+    check_positive_ints,
+    is_int,
+)
+from sb3_metacpo.common.cpo_update import CPOConfig, Params, PreparedBatch, cpo_update, prepare_batch
 from sb3_metacpo.common.envs import SafeEnv, make_safe_vec_env
 from sb3_metacpo.common.policies import CPOPolicy
 from sb3_metacpo.common.profiling import phase
-from sb3_metacpo.common.sampler import EpisodeRecord, RolloutStorage, TaskBatch
+from sb3_metacpo.common.rollouts import EpisodeRecord, RolloutSampler, RolloutStorage, TaskBatch
+from sb3_metacpo.common.safe_algorithm import DEFAULT_COST_LIMIT, SafeAlgorithmMixin
 from sb3_metacpo.tasks.base import TaskDistribution, list_task_distributions, make_task_distribution
 
 SelfCPO = TypeVar("SelfCPO", bound="CPO")
-
-#: Cost limit of plain envs (the safety-gymnasium benchmark's standard limit), when ``cost_limit`` is not given.
-DEFAULT_COST_LIMIT = 25.0
+__all__ = ["CPO", "DEFAULT_COST_LIMIT"]
 
 
-class CPO(OnPolicyAlgorithm):
+class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):
     """Constrained Policy Optimization: trust-region policy steps that keep the expected episode cost under a limit.
 
     Every update solves CPO's convex program (the shared step of :mod:`sb3_metacpo.common.cpo_step`: the TRPO step
@@ -36,7 +41,7 @@ class CPO(OnPolicyAlgorithm):
     recovery step when it cannot be met) with a backtracking line search. The reward and cost critics are MLPs
     trained by regression on GAE lambda-returns after each update.
 
-    ``env`` may be a single env (a gymnasium env, a VecEnv of :class:`~sb3_metacpo.common.monitor.CostMonitor`-
+    ``env`` may be a single env (a gymnasium env, a VecEnv of :class:`~sb3_metacpo.tasks.monitor.CostMonitor`-
     wrapped envs, or an id such as ``"SafetyPointGoal1Gymnasium-v0"``) or a task distribution (a
     :class:`TaskDistribution` or a registered family name): then every env draws a new training task at each
     reset, which makes CPO the multi-task pretraining baseline of the Meta-CPO benchmark.
@@ -54,16 +59,18 @@ class CPO(OnPolicyAlgorithm):
         undiscounted episode cost
     :param gae_lambda: GAE lambda, for reward and cost advantages
     :param target_kl: trust-region size delta, in mean KL between the old and the new policy
-    :param cost_limit: limit on the expected undiscounted episode cost (default: the family's suggestion for a
-        task distribution, 25 otherwise)
+    :param cost_limit: limit on the expected undiscounted episode cost of ``info["cost"]`` (default: the family's
+        suggestion for a task distribution, 25 otherwise), or a mapping from cost names to limits, e.g.
+        ``{"cost_hazards": 10.0, "cost_vases": 5.0}``: one constraint per name, each read from ``info[name]``
     :param cg_max_steps: conjugate-gradient iterations for H^-1 g and H^-1 a
     :param cg_damping: damping added to the Fisher matrix
     :param fvp_sample_freq: Fisher-vector products use every ``fvp_sample_freq``-th sample of a batch (OmniSafe's
         ``fvp_sample_freq``; the TRPO paper used 10 % of the data): cheaper conjugate gradient on large batches
     :param line_search_max_iter: backtracking steps of the line search
     :param line_search_shrinking_factor: step shrinking factor of the line search
-    :param dual_solver: ``"analytic"`` (closed form of the CPO dual) or ``"cvxpylayers"`` (the differentiable
-        convex program); they agree to solver precision
+    :param dual_solver: ``"auto"`` (default: the closed form for one constraint, the convex program for several),
+        ``"analytic"`` (closed form of the CPO dual, one constraint) or ``"cvxpylayers"`` (the differentiable convex
+        program, any number of constraints); they agree to solver precision
     :param n_critic_updates: epochs of critic training per update
     :param n_envs: envs built for an env id or a task distribution (ignored for an env object)
     :param vec_env_cls: ``DummyVecEnv`` (default) or ``SubprocVecEnv``, for an env id or a task distribution
@@ -90,13 +97,13 @@ class CPO(OnPolicyAlgorithm):
         cost_gamma: float = 1.0,
         gae_lambda: float = 0.95,
         target_kl: float = 0.01,
-        cost_limit: float | None = None,
+        cost_limit: float | Mapping[str, float] | None = None,
         cg_max_steps: int = 15,
         cg_damping: float = 0.1,
         fvp_sample_freq: int = 1,
         line_search_max_iter: int = 10,
         line_search_shrinking_factor: float = 0.8,
-        dual_solver: Literal["analytic", "cvxpylayers"] = "analytic",
+        dual_solver: Literal["auto", "analytic", "cvxpylayers"] = "auto",
         n_critic_updates: int = 10,
         n_envs: int = 1,
         vec_env_cls: type[DummyVecEnv] | type[SubprocVecEnv] | None = None,
@@ -109,11 +116,15 @@ class CPO(OnPolicyAlgorithm):
         _init_setup_model: bool = True,
     ) -> None:
         self.seed = seed
+        self.cost_limit = cost_limit
         self.n_envs_requested = n_envs
         self.vec_env_cls = vec_env_cls
         self.task_distribution: TaskDistribution | None = None
         self.task_distribution_name: str | None = None
         self.task_distribution_params: dict[str, Any] | None = None
+        self.adapted_params: Params | None = None
+        self.adaptation_history: list[dict[str, Any]] = []
+        self._adaptation_sampler_cache: RolloutSampler | None = None
         vec_env = None if env is None else self._make_env(env)
         super().__init__(
             policy,
@@ -153,34 +164,37 @@ class CPO(OnPolicyAlgorithm):
 
     # --- set-up -----------------------------------------------------------------------------------------------
     def _validate_hyperparameters(self) -> None:
-        check_positive_ints(self, "n_steps", "batch_size", "n_critic_updates", "n_envs_requested")
-        check(self.target_kl > 0, f"target_kl must be > 0, got {self.target_kl!r}")
+        check_positive_ints(self, "batch_size", "n_critic_updates", "n_envs_requested")
+        check(
+            is_int(self.n_steps) and self.n_steps >= 2,
+            f"n_steps must be an integer >= 2 (env steps per env per update), got {self.n_steps!r}",
+        )
+        check(
+            isinstance(self.target_kl, (int, float))
+            and not isinstance(self.target_kl, bool)
+            and 0 < self.target_kl < float("inf"),
+            f"target_kl must be a finite number > 0, got {self.target_kl!r}",
+        )
         check(callable(self.learning_rate) or self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
         check_cpo_step_hyperparameters(self)
+        self._check_constraints()
 
     def _make_env(self, env: SafeEnv) -> VecEnv:
         """A cost-monitored VecEnv for ``env``; a family name or a distribution becomes the training distribution."""
         if isinstance(env, str) and env in list_task_distributions():
             env = make_task_distribution(env, seed=0 if self.seed is None else self.seed)
         if isinstance(env, TaskDistribution):
-            self.task_distribution = env
-            self.task_distribution_name = env.name
-            self.task_distribution_params = env.get_params()
+            self._remember_task_distribution(env)
         distribution = self._get_task_distribution()
         vec_env = make_safe_vec_env(env, self.n_envs_requested, self.vec_env_cls, distribution)
         if self.seed is not None and not isinstance(env, (gym.Env, VecEnv)):
             vec_env.seed(self.seed)
         return vec_env
 
-    def _get_task_distribution(self) -> TaskDistribution | None:
-        if self.task_distribution is None and self.task_distribution_name is not None:
-            assert self.task_distribution_params is not None
-            self.task_distribution = make_task_distribution(self.task_distribution_name, **self.task_distribution_params)
-        return self.task_distribution
-
     def _setup_model(self) -> None:
         self._setup_lr_schedule()
         self.set_random_seed(self.seed)
+        self.policy_kwargs = {**self.policy_kwargs, "n_costs": len(self.constraints)}
         self.policy = self.policy_class(  # type: ignore[assignment]
             self.observation_space, self.action_space, self.lr_schedule, **self.policy_kwargs
         )
@@ -192,7 +206,7 @@ class CPO(OnPolicyAlgorithm):
         self._rollout: TaskBatch | None = None
 
     def _excluded_save_params(self) -> list[str]:
-        return [*super()._excluded_save_params(), "task_distribution", "_rollout"]
+        return [*super()._excluded_save_params(), "task_distribution", "_rollout", "_adaptation_sampler_cache"]
 
     def set_env(self, env: SafeEnv, force_reset: bool = True) -> None:  # type: ignore[override]
         """Train on ``env`` from now on: anything the constructor accepts, including a task of the training family
@@ -200,13 +214,6 @@ class CPO(OnPolicyAlgorithm):
         vec_env = self._make_env(env)
         self.n_envs = vec_env.num_envs
         super().set_env(vec_env, force_reset)
-
-    @property
-    def effective_cost_limit(self) -> float:
-        if self.cost_limit is not None:
-            return float(self.cost_limit)
-        distribution = self._get_task_distribution()
-        return float(distribution.default_cost_limit if distribution is not None else DEFAULT_COST_LIMIT)
 
     def _episode_length(self) -> int:
         """Episode length for J_C when a rollout completes no episode: the env's time limit, else the rollout."""
@@ -224,7 +231,9 @@ class CPO(OnPolicyAlgorithm):
         """Collect ``n_rollout_steps`` steps per env into a :class:`RolloutStorage`; episodes run on across rollouts."""
         assert self._last_obs is not None
         self.policy.set_training_mode(False)
-        storage = RolloutStorage(n_rollout_steps, env.num_envs, self.observation_space.shape, self.action_space.shape)
+        storage = RolloutStorage(
+            n_rollout_steps, env.num_envs, self.observation_space.shape, self.action_space.shape, self.constraints.names
+        )
         episodes: list[EpisodeRecord] = []
         low, high = self.action_space.low, self.action_space.high  # type: ignore[attr-defined]
         callback.on_rollout_start()
@@ -251,36 +260,18 @@ class CPO(OnPolicyAlgorithm):
         """One CPO update of the actor on the last rollout, then critic regression and normalisation statistics."""
         batch = self._rollout
         assert batch is not None, "train() needs a rollout: call learn()"
-        config = CPOConfig(
-            target_kl=self.target_kl,
-            cost_limit=self.effective_cost_limit,
-            cg_max_steps=self.cg_max_steps,
-            cg_damping=self.cg_damping,
-            fvp_sample_freq=self.fvp_sample_freq,
-            dual_solver=self.dual_solver,
-            line_search_max_iter=self.line_search_max_iter,
-            line_search_shrinking_factor=self.line_search_shrinking_factor,
-        )
         params = self.policy.actor_params()
         with phase("advantages"):
-            prepared = prepare_batch(
-                batch,
+            prepared = self._prepare_batch(batch, params, self._episode_length(), with_critic=True)
+        with phase("cpo_update"):
+            new_params, result = cpo_update(
                 self.policy.actor_mean_log_std,
                 params,
-                self.policy.critic_values,
-                self.gamma,
-                self.gae_lambda,
-                self.effective_cost_limit,
-                self._episode_length(),
-                self.cost_gamma,
+                prepared,
+                self._cpo_config(self.target_kl),
+                fisher=self.policy.fisher_product,
             )
-        with phase("cpo_update"):
-            new_params, info = cpo_update(
-                self.policy.actor_mean_log_std, params, prepared, config, fisher=self.policy.fisher_product
-            )
-        with th.no_grad():
-            for name, value in new_params.items():
-                params[name].copy_(value)
+        self._write_back(params, new_params)
         with phase("critic_training"):
             self.policy.update_obs_stats(batch.observations.reshape(-1, batch.observations.shape[-1]))
             loss = self.policy.fit_critics(
@@ -292,21 +283,48 @@ class CPO(OnPolicyAlgorithm):
             )
         self._n_updates += 1
         record = self.logger.record
-        record("train/cpo_case", info.case)
-        record("train/lambda", info.lam)
-        record("train/nu", info.nu)
-        record("train/kl", info.kl)
-        record("train/line_search_fraction", info.fraction)
-        record("train/constraint", prepared.constraint)
+        self._record_step(result)
+        for index, value in enumerate(prepared.constraint):
+            record(f"train/constraint{self.constraints.log_suffix(index)}", float(value))
         record("train/value_loss", loss)
         record("train/std", self.policy.log_std.exp().mean().item())
         record("train/n_updates", self._n_updates, exclude="tensorboard")
 
-    def dump_logs(self, iteration: int = 0) -> None:
-        """SB3's logs plus ``rollout/ep_cost_mean``."""
+    def _prepare_batch(self, batch: TaskBatch, params: Params, episode_length: int, with_critic: bool) -> PreparedBatch:
+        return prepare_batch(
+            batch,
+            self.policy.actor_mean_log_std,
+            params,
+            self.policy.critic_values if with_critic else None,
+            self.gamma,
+            self.gae_lambda,
+            self.constraints.limits,
+            episode_length,
+            self.cost_gamma,
+        )
+
+    def _update_info_buffer(self, infos: list[dict[str, Any]], dones: np.ndarray | None = None) -> None:
+        """SB3's episode statistics, plus each episode's named cost sums (``info["episode_costs"]``)."""
+        super()._update_info_buffer(infos, dones)
         assert self.ep_info_buffer is not None
-        if len(self.ep_info_buffer) > 0:
-            self.logger.record("rollout/ep_cost_mean", safe_mean([info["c"] for info in self.ep_info_buffer]))
+        ended = [info for info in infos if "episode" in info]
+        for offset, info in enumerate(ended):  # SB3 appended them in this order
+            entry = self.ep_info_buffer[len(self.ep_info_buffer) - len(ended) + offset]
+            entry["episode_costs"] = info.get("episode_costs", {"cost": info["episode"]["c"]})
+
+    # --- adaptation: fine-tuning by the same CPO updates, on a per-batch linear baseline ------------------------
+    def _adaptation_defaults(self) -> tuple[int, int]:
+        return 1, self.n_steps * self.n_envs
+
+    def _adaptation_config(self) -> CPOConfig:
+        return self._cpo_config(self.target_kl)
+
+    def _prepare_adaptation_batch(self, batch: TaskBatch, params: Params, episode_length: int) -> PreparedBatch:
+        return self._prepare_batch(batch, params, episode_length, with_critic=False)
+
+    def dump_logs(self, iteration: int = 0) -> None:
+        """SB3's logs plus ``rollout/ep_cost_mean`` (and ``rollout/ep_<name>_mean`` per named cost)."""
+        self._record_rollout_costs()
         super().dump_logs(iteration)
 
     def learn(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Literal, TypeVar
 
 import gymnasium as gym
@@ -15,34 +15,38 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.type_aliases import MaybeCallback
 from stable_baselines3.common.utils import safe_mean
-from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
-from tqdm.auto import tqdm
+from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
 
-from sb3_metacpo.common.adaptation import (
+from sb3_metacpo.common.adaptation import AdaptationMixin
+from sb3_metacpo.common.checks import (
+    check,
+    check_cpo_step_hyperparameters,
+    check_positive_ints,
+    check_positive_reals,
+    is_int,
+)
+from sb3_metacpo.common.constrained_step import LineSearch, StepResult, constrained_step
+from sb3_metacpo.common.cpo_update import (
     CPOConfig,
     Params,
     PreparedBatch,
-    StepInfo,
-    adapt_on_batches,
     add_flat,
     cpo_update,
-    flatten,
+    detached,
     gaussian_kl,
     prepare_batch,
-    surrogates,
 )
-from sb3_metacpo.common.checks import check, check_cpo_step_hyperparameters, check_positive_ints
-from sb3_metacpo.common.cpo_step import backtracking_line_search, conjugate_gradient, cpo_direction, flat_grad
-from sb3_metacpo.common.envs import make_safe_vec_env
 from sb3_metacpo.common.policies import CPOPolicy
 from sb3_metacpo.common.profiling import phase
-from sb3_metacpo.common.sampler import TaskBatch, TaskSampler
+from sb3_metacpo.common.rollouts import RolloutSampler, TaskBatch
+from sb3_metacpo.common.safe_algorithm import SafeAlgorithmMixin
+from sb3_metacpo.metacpo.meta_objective import META_CONSTRAINT_MODES, MetaObjective, MetaValue, TaskAdaptation
 from sb3_metacpo.tasks.base import Task, TaskDistribution, make_task_distribution
 
 SelfMetaCPO = TypeVar("SelfMetaCPO", bound="MetaCPO")
 
 
-class MetaCPO(BaseAlgorithm):
+class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):
     """Meta-CPO (Cho & Sun, AAAI-24): MAML-style meta-learning where every inner and outer update is a CPO step.
 
     Each meta-iteration samples ``meta_batch_size`` training tasks. Per task, ``n_inner_updates`` CPO steps adapt a
@@ -59,7 +63,9 @@ class MetaCPO(BaseAlgorithm):
     :param n_steps: env steps per task per batch (each inner update, and the validation batch)
     :param inner_target_kl: trust-region size delta of the inner (adaptation) updates, in mean KL
     :param outer_target_kl: trust-region size delta_theta of the outer (meta) update, in mean KL
-    :param cost_limit: limit on the expected undiscounted episode cost (defaults to the family's suggestion)
+    :param cost_limit: limit on the expected undiscounted episode cost of ``info["cost"]`` (default: the family's
+        suggestion), or a mapping from cost names to limits, e.g. ``{"cost_hazards": 10.0, "cost_speed": 5.0}``, one
+        constraint per name (each read from ``info[name]``; the family must report it)
     :param gamma: discount factor of the reward
     :param cost_gamma: discount factor of the cost advantages; 1 (default) matches the constraint, which is on the
         undiscounted episode cost
@@ -73,8 +79,12 @@ class MetaCPO(BaseAlgorithm):
     :param meta_gradient: ``"second_order"`` (exact: differentiate through the inner CPO updates, including
         conjugate gradient and the dual solution) or ``"first_order"`` (inner Jacobian taken as the identity, also in
         the outer line search; cheaper)
-    :param dual_solver: ``"analytic"`` (closed form of the CPO dual, ~0.1 ms) or ``"cvxpylayers"`` (the dual as a
-        differentiable convex program, a few ms per solve); they agree to solver precision
+    :param dual_solver: ``"auto"`` (default: the closed form for one constraint, the convex program for several),
+        ``"analytic"`` (closed form of the CPO dual, one constraint only, ~0.1 ms) or ``"cvxpylayers"`` (the dual
+        as a differentiable convex program, any number of constraints, a few ms per solve); they agree to solver
+        precision
+    :param meta_constraint: how the outer step's constraints are built from the adapted policies: ``"mean"`` (the
+        paper's: per cost, the mean over tasks of the post-adaptation constraint value)
     :param critic: ``"linear"``: a linear baseline fitted to each batch (task-specific even when the observation
         does not identify the task); ``"mlp"``: the policy's reward and cost critics, shared across tasks and trained
         on every batch
@@ -106,7 +116,7 @@ class MetaCPO(BaseAlgorithm):
         n_steps: int = 1000,
         inner_target_kl: float = 0.05,
         outer_target_kl: float = 0.01,
-        cost_limit: float | None = None,
+        cost_limit: float | Mapping[str, float] | None = None,
         gamma: float = 0.99,
         cost_gamma: float = 1.0,
         gae_lambda: float = 0.95,
@@ -116,7 +126,8 @@ class MetaCPO(BaseAlgorithm):
         line_search_max_iter: int = 10,
         line_search_shrinking_factor: float = 0.8,
         meta_gradient: Literal["second_order", "first_order"] = "second_order",
-        dual_solver: Literal["analytic", "cvxpylayers"] = "analytic",
+        dual_solver: Literal["auto", "analytic", "cvxpylayers"] = "auto",
+        meta_constraint: Literal["mean"] = "mean",
         critic: Literal["linear", "mlp"] = "linear",
         critic_learning_rate: float = 1e-3,
         n_critic_updates: int = 5,
@@ -159,6 +170,7 @@ class MetaCPO(BaseAlgorithm):
         self.line_search_shrinking_factor = line_search_shrinking_factor
         self.meta_gradient = meta_gradient
         self.dual_solver = dual_solver
+        self.meta_constraint = meta_constraint
         self.critic = critic
         self.critic_learning_rate = critic_learning_rate
         self.n_critic_updates = n_critic_updates
@@ -168,8 +180,8 @@ class MetaCPO(BaseAlgorithm):
         self.task_distribution: TaskDistribution | None = None
         self.task_distribution_name: str | None = None
         self.task_distribution_params: dict[str, Any] | None = None
-        self.sampler: TaskSampler | None = None
-        self._task_sampler: TaskSampler | None = None
+        self.sampler: RolloutSampler | None = None
+        self._adaptation_sampler_cache: RolloutSampler | None = None
         self.adapted_params: Params | None = None
         self.adaptation_history: list[dict[str, Any]] = []
         if env is not None:
@@ -182,20 +194,27 @@ class MetaCPO(BaseAlgorithm):
 
     # --- set-up -----------------------------------------------------------------------------------------------
     def _validate_hyperparameters(self) -> None:
-        check_positive_ints(self, "meta_batch_size", "n_inner_updates", "n_steps", "n_critic_updates", "critic_batch_size")
-        for name in ("inner_target_kl", "outer_target_kl", "critic_learning_rate"):
-            value = getattr(self, name)
-            check(value > 0, f"{name} must be > 0, got {value!r}")
+        check_positive_ints(self, "meta_batch_size", "n_inner_updates", "n_critic_updates", "critic_batch_size")
+        check(
+            is_int(self.n_steps) and self.n_steps >= 2,
+            f"n_steps must be an integer >= 2 (env steps per task batch), got {self.n_steps!r}",
+        )
+        check_positive_reals(self, "inner_target_kl", "outer_target_kl", "critic_learning_rate")
         check_cpo_step_hyperparameters(self)
         check(
             self.meta_gradient in ("second_order", "first_order"),
             f"meta_gradient must be 'second_order' or 'first_order', got {self.meta_gradient!r}",
         )
+        check(
+            self.meta_constraint in META_CONSTRAINT_MODES,
+            f"meta_constraint must be one of {META_CONSTRAINT_MODES}, got {self.meta_constraint!r}",
+        )
         check(self.critic in ("linear", "mlp"), f"critic must be 'linear' or 'mlp', got {self.critic!r}")
         check(
-            self.n_envs_requested is None or (isinstance(self.n_envs_requested, int) and self.n_envs_requested >= 1),
+            self.n_envs_requested is None or (is_int(self.n_envs_requested) and self.n_envs_requested >= 1),
             f"n_envs must be a positive integer or None, got {self.n_envs_requested!r}",
         )
+        self._check_constraints()
 
     def set_task_distribution(self, env: TaskDistribution | str) -> None:
         """Use ``env`` (a :class:`TaskDistribution` or a registered family name) for training and evaluation."""
@@ -214,20 +233,18 @@ class MetaCPO(BaseAlgorithm):
                     f"the model was built for {self.observation_space.shape}/{self.action_space.shape}"
                 )
         self.observation_space, self.action_space = observation_space, action_space
-        self.task_distribution = env
-        self.task_distribution_name = env.name
-        self.task_distribution_params = env.get_params()
-        for sampler in (self.sampler, self._task_sampler):
+        self._remember_task_distribution(env)
+        for sampler in (self.sampler, self._adaptation_sampler_cache):
             if sampler is not None:
                 sampler.close()
-        self.sampler = self._task_sampler = None
+        self.sampler = self._adaptation_sampler_cache = None
         self.env = None
 
     def _setup_model(self) -> None:
-        if self.task_distribution is None and self.task_distribution_name is not None:
-            self.task_distribution = make_task_distribution(self.task_distribution_name, **self.task_distribution_params)
+        self._get_task_distribution()
         self._setup_lr_schedule()
         self.set_random_seed(self.seed)
+        self.policy_kwargs = {**self.policy_kwargs, "n_costs": len(self.constraints)}
         self.policy = self.policy_class(  # type: ignore[assignment]
             self.observation_space, self.action_space, self.lr_schedule, **self.policy_kwargs
         )
@@ -238,63 +255,31 @@ class MetaCPO(BaseAlgorithm):
             self.policy.set_actor_override(self.adapted_params)
 
     def _excluded_save_params(self) -> list[str]:
-        return [*super()._excluded_save_params(), "task_distribution", "sampler", "_task_sampler"]
+        return [*super()._excluded_save_params(), "task_distribution", "sampler", "_adaptation_sampler_cache"]
 
-    @property
-    def effective_cost_limit(self) -> float:
-        if self.cost_limit is not None:
-            return float(self.cost_limit)
-        assert self.task_distribution is not None
-        return float(self.task_distribution.default_cost_limit)
-
-    def _config(self, target_kl: float) -> CPOConfig:
-        return CPOConfig(
-            target_kl=target_kl,
-            cost_limit=self.effective_cost_limit,
-            constrained=self._constrained,
-            cg_max_steps=self.cg_max_steps,
-            cg_damping=self.cg_damping,
-            fvp_sample_freq=self.fvp_sample_freq,
-            dual_solver=self.dual_solver,
-            line_search_max_iter=self.line_search_max_iter,
-            line_search_shrinking_factor=self.line_search_shrinking_factor,
-        )
-
-    def _get_sampler(self) -> TaskSampler:
+    def _get_sampler(self) -> RolloutSampler:
         if self.sampler is None:
-            if self.task_distribution is None:
+            distribution = self._get_task_distribution()
+            if distribution is None:
                 raise ValueError("no task distribution: call set_task_distribution(...) first")
-            self.sampler = TaskSampler(
-                self.task_distribution,
+            self.sampler = RolloutSampler(
+                distribution,
                 n_envs=self.n_envs_requested or self.meta_batch_size,
                 vec_env_cls=self.vec_env_cls or DummyVecEnv,
                 seed=0 if self.seed is None else self.seed,
+                cost_names=self.constraints.names,
             )
             self.env = self.sampler.vec_env
             self.n_envs = self.env.num_envs
         return self.sampler
 
-    # --- acting -----------------------------------------------------------------------------------------------
+    # --- batches ----------------------------------------------------------------------------------------------
     def _actor(self, observations: th.Tensor, params: Params) -> tuple[th.Tensor, th.Tensor]:
         return self.policy.actor_mean_log_std(observations, params)
 
-    def _act_fn(self, params_per_task: Sequence[Params], deterministic: bool = False) -> Any:
-        """The sampler's policy: one batched forward for all envs, each env acting with its task's parameters."""
-        stacked = {name: th.stack([params[name].detach() for params in params_per_task]) for name in params_per_task[0]}
-        per_env_cache: dict[bytes, Any] = {}  # the env-to-task assignment is fixed within a collect
-
-        def act(observations: np.ndarray, task_indices: np.ndarray) -> np.ndarray:
-            key = task_indices.tobytes()
-            if key not in per_env_cache:
-                index = th.as_tensor(task_indices, device=self.device)
-                per_env = {name: value[index] for name, value in stacked.items()}
-                per_env_cache[key] = self.policy.numpy_actor(per_env, deterministic)
-            return per_env_cache[key](observations)
-
-        return act
-
-    def _prepare(self, batch: TaskBatch, params: Params) -> PreparedBatch:
-        assert self.task_distribution is not None
+    def _prepare(self, batch: TaskBatch, params: Params, episode_length: int | None = None) -> PreparedBatch:
+        distribution = self._get_task_distribution()
+        assert distribution is not None or episode_length is not None
         with phase("advantages"):
             return prepare_batch(
                 batch,
@@ -303,10 +288,20 @@ class MetaCPO(BaseAlgorithm):
                 None if self.critic == "linear" else self.policy.critic_values,
                 self.gamma,
                 self.gae_lambda,
-                self.effective_cost_limit,
-                self.task_distribution.max_episode_steps,
+                self.constraints.limits,
+                episode_length or distribution.max_episode_steps,  # type: ignore[union-attr]
                 self.cost_gamma,
             )
+
+    # --- adaptation (the inner updates' settings) -------------------------------------------------------------
+    def _adaptation_defaults(self) -> tuple[int, int]:
+        return self.n_inner_updates, self.n_steps
+
+    def _adaptation_config(self) -> CPOConfig:
+        return self._cpo_config(self.inner_target_kl)
+
+    def _prepare_adaptation_batch(self, batch: TaskBatch, params: Params, episode_length: int) -> PreparedBatch:
+        return self._prepare(batch, params, episode_length)
 
     # --- training ---------------------------------------------------------------------------------------------
     def _setup_learn(
@@ -360,162 +355,138 @@ class MetaCPO(BaseAlgorithm):
         with phase("sampling"):
             batches = sampler.collect(tasks, self._act_fn(params), self.n_steps, on_step)
         callback.on_rollout_end()
+        names = self.constraints.names
         for batch in batches:
             assert self.ep_info_buffer is not None
-            self.ep_info_buffer.extend({"r": e.reward, "l": e.length, "c": e.cost} for e in batch.episodes)
+            self.ep_info_buffer.extend(
+                {"r": e.reward, "l": e.length, "c": e.cost, "episode_costs": dict(zip(names, e.costs, strict=True))}
+                for e in batch.episodes
+            )
         return batches
 
     def _meta_iteration(self, callback: BaseCallback) -> bool:
         """One meta-iteration; returns False when a callback asked to stop."""
-        assert self.task_distribution is not None
         self._stop_requested = False
-        second_order = self.meta_gradient == "second_order"
-        inner_config = self._config(self.inner_target_kl)
-        tasks = self.task_distribution.sample(self.meta_batch_size)
-        theta = self.policy.actor_params()
-        adapted: list[Params] = [theta] * len(tasks)
-        inner_batches: list[list[PreparedBatch]] = [[] for _ in tasks]
-        fractions: list[list[float]] = [[] for _ in tasks]
-        inner_infos: list[StepInfo] = []
-        raw_batches: list[TaskBatch] = []
         self.policy.set_training_mode(False)
-
-        for _ in range(self.n_inner_updates):
-            batches = self._collect(tasks, adapted, callback)
-            raw_batches.extend(batches)
-            for index, batch in enumerate(batches):
-                prepared = self._prepare(batch, adapted[index])
-                with phase("inner_update"):
-                    adapted[index], info = cpo_update(
-                        self._actor, adapted[index], prepared, inner_config, second_order, fisher=self.policy.fisher_product
-                    )
-                inner_batches[index].append(prepared)
-                fractions[index].append(info.fraction)
-                inner_infos.append(info)
-        validation_raw = self._collect(tasks, adapted, callback)
-        raw_batches.extend(validation_raw)
-        validation = [self._prepare(batch, params) for batch, params in zip(validation_raw, adapted, strict=True)]
-
+        distribution = self._get_task_distribution()
+        assert distribution is not None
+        theta = self.policy.actor_params()
+        adaptations, raw_batches = self._adapt_to_tasks(distribution.sample(self.meta_batch_size), theta, callback)
+        objective = MetaObjective(
+            self._actor,
+            adaptations,
+            self._cpo_config(self.inner_target_kl),
+            second_order=self.meta_gradient == "second_order",
+            fisher=self.policy.fisher_product,
+            mode=self.meta_constraint,
+        )
         with phase("meta_gradient"):
-            # Meta-gradients: one backward pass per task and objective (vector-Jacobian products through phi^K(theta)).
-            theta_list = list(theta.values())
-            meta_reward_grad = th.zeros_like(flatten(theta))
-            meta_cost_grad = th.zeros_like(meta_reward_grad)
-            reward_values, cost_values = [], []
-            for params, batch in zip(adapted, validation, strict=True):
-                reward_surrogate, cost_surrogate = surrogates(self._actor, params, batch)
-                meta_reward_grad += flat_grad(reward_surrogate, theta_list, retain_graph=True) / len(tasks)
-                if self._constrained:
-                    meta_cost_grad += flat_grad(cost_surrogate, theta_list) / len(tasks)
-                reward_values.append(reward_surrogate.item())
-                cost_values.append(cost_surrogate.item())
-            meta_constraint = float(np.mean([batch.constraint for batch in validation]))
-
-        with phase("outer_step"):
-            # Outer CPO step in the Fisher metric of pi_theta on the pre-adaptation data.
-            detached_theta = {name: value.detach() for name, value in theta.items()}
-            pre_observations = th.cat([batches[0].observations for batches in inner_batches])
-            fisher_observations = pre_observations[:: self.fvp_sample_freq]
-            fvp = self.policy.fisher_product(detached_theta, fisher_observations, self.cg_damping)
-            v = conjugate_gradient(fvp, meta_reward_grad, self.cg_max_steps)
-            q = meta_reward_grad @ v
-            if self._constrained:
-                w = conjugate_gradient(fvp, meta_cost_grad, self.cg_max_steps)
-                b = th.as_tensor(meta_constraint, dtype=q.dtype, device=q.device)
-                result = cpo_direction(
-                    v, w, q, meta_reward_grad @ w, meta_cost_grad @ w, b, self.outer_target_kl, solver=self.dual_solver
-                )
-            else:
-                result = cpo_direction(v, None, q, None, None, None, self.outer_target_kl, has_cost=False)
-            assert isinstance(result.case, str)
-        step = result.x.detach()
-        with th.no_grad():
-            old_mean, old_log_std = self._actor(pre_observations, detached_theta)
-
-        def evaluate(fraction: float) -> tuple[float, float, float]:
-            candidate = add_flat(detached_theta, fraction * step)
-            rewards, costs = [], []
-            for task_batches, task_fractions, batch, params in zip(inner_batches, fractions, validation, adapted, strict=True):
-                if second_order:  # re-adapt from the candidate: the exact post-adaptation objective
-                    with th.enable_grad():
-                        params = adapt_on_batches(
-                            self._actor,
-                            candidate,
-                            task_batches,
-                            inner_config,
-                            False,
-                            task_fractions,
-                            self.policy.fisher_product,
-                        )
-                else:  # the inner steps held fixed: the objective whose gradient the first-order meta-gradient is
-                    params = add_flat({name: value.detach() for name, value in params.items()}, fraction * step)
-                reward_surrogate, cost_surrogate = surrogates(self._actor, params, batch)
-                rewards.append(reward_surrogate.item())
-                costs.append(cost_surrogate.item())
-            mean, log_std = self._actor(pre_observations, candidate)
-            kl = float(gaussian_kl(old_mean, old_log_std, mean, log_std).mean())
-            return kl, float(np.mean(rewards)), float(np.mean(costs))
-
-        with phase("outer_line_search"):
-            search = backtracking_line_search(
-                evaluate,
-                float(np.mean(reward_values)),
-                float(np.mean(cost_values)),
-                result.case,
-                meta_constraint if bool(result.cost_informative) else None,
-                self.outer_target_kl,
-                self.line_search_max_iter,
-                self.line_search_shrinking_factor,
-            )
-        with th.no_grad():
-            for name, value in add_flat(detached_theta, search.fraction * step).items():
-                theta[name].copy_(value)
-
+            value = objective.value([adaptation.stages for adaptation in adaptations])
+            reward_grad, cost_grads = objective.gradients(value, theta.values())
+        result = self._outer_step(objective, theta, value, reward_grad, cost_grads)
+        self._write_back(theta, add_flat(detached(theta), result.step.detach()))
         with phase("critic_training"):
-            all_observations = np.concatenate([b.observations.reshape(-1, b.observations.shape[-1]) for b in raw_batches])
-            self.policy.update_obs_stats(all_observations)
-            if self.critic == "mlp":
-                self._train_critics([b for task in inner_batches for b in task] + validation)
+            self._update_statistics(raw_batches, adaptations)
         self._n_updates += 1
-        self._log_iteration(inner_infos, inner_batches, validation, result, search, meta_constraint)
+        self._log_iteration(adaptations, value, result)
         return not self._stop_requested
+
+    def _adapt_to_tasks(
+        self, tasks: Sequence[Task], theta: Params, callback: BaseCallback
+    ) -> tuple[list[TaskAdaptation], list[TaskBatch]]:
+        """The inner loop: per task, K CPO updates from θ, each on a fresh batch, then a validation batch."""
+        differentiable = self.meta_gradient == "second_order"
+        config = self._cpo_config(self.inner_target_kl)
+        adaptations = [TaskAdaptation(stages=[theta], batches=[]) for _ in tasks]
+        raw_batches: list[TaskBatch] = []
+        for stage in range(self.n_inner_updates + 1):
+            batches = self._collect(tasks, [adaptation.stages[-1] for adaptation in adaptations], callback)
+            raw_batches.extend(batches)
+            for adaptation, batch in zip(adaptations, batches, strict=True):
+                adaptation.batches.append(self._prepare(batch, adaptation.stages[-1]))
+                if stage == self.n_inner_updates:
+                    continue  # the validation batch
+                with phase("inner_update"):
+                    params, result = cpo_update(
+                        self._actor,
+                        adaptation.stages[-1],
+                        adaptation.batches[-1],
+                        config,
+                        differentiable=differentiable,
+                        fisher=self.policy.fisher_product,
+                    )
+                adaptation.stages.append(params)
+                adaptation.fractions.append(result.fraction)
+                adaptation.steps.append(result)
+        return adaptations, raw_batches
+
+    def _outer_step(
+        self, objective: MetaObjective, theta: Params, value: MetaValue, reward_grad: th.Tensor, cost_grads: th.Tensor
+    ) -> StepResult:
+        """The outer CPO step on θ, in the Fisher metric of π_θ on the pre-adaptation data, with the meta-objective's
+        line search (its value at each candidate θ)."""
+        start = detached(theta)
+        pre_observations = th.cat([adaptation.batches[0].observations for adaptation in objective.tasks])
+        fvp = self.policy.fisher_product(start, pre_observations[:: self.fvp_sample_freq], self.cg_damping)
+        with th.no_grad():
+            reference = self._actor(pre_observations, start)
+
+        def evaluate(step: th.Tensor) -> tuple[float, float, list[float]]:
+            candidate = objective.value(objective.stages_at(start, step))
+            mean, log_std = self._actor(pre_observations, add_flat(start, step))
+            kl = float(gaussian_kl(*reference, mean, log_std).mean())
+            return kl, float(candidate.reward), candidate.cost_surrogates.tolist()
+
+        constrained = self._constrained and cost_grads.shape[0] > 0
+        search = LineSearch(
+            evaluate, float(value.reward.detach()), value.cost_surrogates.detach().tolist() if constrained else []
+        )
+        with phase("outer_step"):
+            return constrained_step(
+                reward_grad,
+                cost_grads if constrained else None,
+                value.constraints.detach() if constrained else None,
+                fvp,
+                self._cpo_config(self.outer_target_kl).step,
+                search,
+            )
+
+    def _update_statistics(self, raw_batches: Sequence[TaskBatch], adaptations: Sequence[TaskAdaptation]) -> None:
+        """Observation statistics from this meta-iteration's data, and the MLP critics (``critic="mlp"``)."""
+        all_observations = np.concatenate([b.observations.reshape(-1, b.observations.shape[-1]) for b in raw_batches])
+        self.policy.update_obs_stats(all_observations)
+        if self.critic == "mlp":
+            self._train_critics([batch for adaptation in adaptations for batch in adaptation.batches])
 
     def _train_critics(self, prepared: Sequence[PreparedBatch]) -> None:
         """Fit the shared reward and cost critics to the GAE lambda-returns of this meta-iteration's batches."""
-        # Observations and targets come from the same batches in the same order.
         observations = th.cat([p.observations for p in prepared]).float()
         reward_targets = th.as_tensor(np.concatenate([p.reward_returns for p in prepared]), device=self.device).float()
         cost_targets = th.as_tensor(np.concatenate([p.cost_returns for p in prepared]), device=self.device).float()
-        epochs, batch_size = self.n_critic_updates, self.critic_batch_size
-        loss = self.policy.fit_critics(observations, reward_targets, cost_targets, epochs, batch_size)
+        loss = self.policy.fit_critics(
+            observations, reward_targets, cost_targets, self.n_critic_updates, self.critic_batch_size
+        )
         self.logger.record("train/value_loss", loss)
 
-    def _log_iteration(
-        self,
-        inner_infos: Sequence[StepInfo],
-        inner_batches: Sequence[Sequence[PreparedBatch]],
-        validation: Sequence[PreparedBatch],
-        result: Any,
-        search: Any,
-        meta_constraint: float,
-    ) -> None:
-        pre = [batches[0] for batches in inner_batches]
+    def _log_iteration(self, adaptations: Sequence[TaskAdaptation], value: MetaValue, result: StepResult) -> None:
         record = self.logger.record
+        constraints = self.constraints
+        pre = [adaptation.batches[0] for adaptation in adaptations]
+        post = [adaptation.batches[-1] for adaptation in adaptations]
         record("meta/pre_adapt_ep_rew_mean", float(np.mean([b.episode_reward for b in pre])))
-        record("meta/pre_adapt_ep_cost_mean", float(np.mean([b.episode_cost for b in pre])))
-        record("meta/post_adapt_ep_rew_mean", float(np.mean([b.episode_reward for b in validation])))
-        record("meta/post_adapt_ep_cost_mean", float(np.mean([b.episode_cost for b in validation])))
-        record("meta/cost_limit", self.effective_cost_limit)
-        record("meta/constraint", meta_constraint)
+        record("meta/post_adapt_ep_rew_mean", float(np.mean([b.episode_reward for b in post])))
+        for index, name in enumerate(constraints.names):
+            suffix = constraints.log_suffix(index)
+            record(f"meta/pre_adapt_ep_{name}_mean", float(np.mean([b.episode_costs[index] for b in pre])))
+            record(f"meta/post_adapt_ep_{name}_mean", float(np.mean([b.episode_costs[index] for b in post])))
+            record(f"meta/cost_limit{suffix}", constraints.limits[index])
+            record(f"meta/constraint{suffix}", float(value.constraints[index].detach()))
+        inner = [step for adaptation in adaptations for step in adaptation.steps]
         for case in ("trpo", "dual", "recovery"):
-            record(f"train/inner_{case}_frac", float(np.mean([info.case == case for info in inner_infos])))
-        record("train/inner_accept_frac", float(np.mean([info.accepted for info in inner_infos])))
-        record("train/inner_kl", float(np.nanmean([info.kl if info.accepted else np.nan for info in inner_infos] + [0.0])))
-        record("train/cpo_case", result.case)
-        record("train/lambda", float(result.lam))
-        record("train/nu", float(result.nu))
-        record("train/kl", search.kl)
-        record("train/line_search_fraction", search.fraction)
+            record(f"train/inner_{case}_frac", float(np.mean([step.case == case for step in inner])))
+        record("train/inner_accept_frac", float(np.mean([step.accepted for step in inner])))
+        record("train/inner_kl", float(np.nanmean([step.kl if step.accepted else np.nan for step in inner] + [0.0])))
+        self._record_step(result)
         record("train/n_updates", self._n_updates, exclude="tensorboard")
         record("train/std", self.policy.log_std.exp().mean().item())
 
@@ -528,132 +499,12 @@ class MetaCPO(BaseAlgorithm):
             self.logger.record("time/iterations", iteration, exclude="tensorboard")
         if len(self.ep_info_buffer) > 0:
             self.logger.record("rollout/ep_rew_mean", safe_mean([info["r"] for info in self.ep_info_buffer]))
-            self.logger.record("rollout/ep_cost_mean", safe_mean([info["c"] for info in self.ep_info_buffer]))
             self.logger.record("rollout/ep_len_mean", safe_mean([info["l"] for info in self.ep_info_buffer]))
+        self._record_rollout_costs()
         self.logger.record("time/fps", fps)
         self.logger.record("time/time_elapsed", int(time_elapsed), exclude="tensorboard")
         self.logger.record("time/total_timesteps", self.num_timesteps, exclude="tensorboard")
         self.logger.dump(step=self.num_timesteps)
-
-    # --- adaptation -------------------------------------------------------------------------------------------
-    def adapt(
-        self: SelfMetaCPO,
-        env: gym.Env | VecEnv | Task | str,
-        n_updates: int | None = None,
-        n_steps: int | None = None,
-        callback: MaybeCallback = None,
-        progress_bar: bool = False,
-    ) -> SelfMetaCPO:
-        """Run ``n_updates`` CPO updates from the meta-parameters on ``env`` and act with the result in ``predict``.
-
-        The meta-parameters are not changed (call :meth:`reset_adaptation` to act with them again). The per-update
-        statistics are in :attr:`adaptation_history`: for each update, the batch it used (collected by the policy
-        before the update): mean episode reward and cost, the CPO case, the accepted step fraction and the KL.
-
-        :param env: a gymnasium env or VecEnv reporting ``info["cost"]``, a task of the model's family, or the name
-            of a registered family (its first held-out task)
-        :param n_updates: CPO updates (default: ``n_inner_updates``)
-        :param n_steps: env steps per update (default: ``n_steps``)
-        :param callback: SB3 callback(s), called at every env step
-        :param progress_bar: show a progress bar over the updates
-        """
-        callback = self._init_callback(callback, progress_bar=False)
-        callback.on_training_start(locals(), globals())
-        steps = self.adaptation_steps(env, n_updates, n_steps, on_step=callback.on_step)
-        total = (self.n_inner_updates if n_updates is None else n_updates) + 1
-        for _, params in tqdm(steps, total=total, desc="adapting", disable=not progress_bar):
-            self.adapted_params = params
-        callback.on_training_end()
-        self.policy.set_actor_override(self.adapted_params)
-        return self
-
-    def adaptation_steps(
-        self,
-        env: gym.Env | VecEnv | Task | str,
-        n_updates: int | None = None,
-        n_steps: int | None = None,
-        on_step: Callable[[], object] | None = None,
-    ) -> Iterator[tuple[int, Params]]:
-        """Yield ``(k, parameters after k updates)`` for k = 0 .. n_updates, adapting from the meta-parameters.
-
-        :attr:`adaptation_history` is rebuilt along the way. Nothing of the model changes (not even ``predict``).
-        """
-        n_updates = self.n_inner_updates if n_updates is None else n_updates
-        n_steps = self.n_steps if n_steps is None else n_steps
-        check(isinstance(n_updates, int) and n_updates >= 0, f"n_updates must be an integer >= 0, got {n_updates!r}")
-        check(isinstance(n_steps, int) and n_steps >= 1, f"n_steps must be a positive integer, got {n_steps!r}")
-        sampler, task = self._adaptation_sampler(env)
-        params = {name: value.detach().clone() for name, value in self.policy.actor_params().items()}
-        config = self._config(self.inner_target_kl)
-        self.adaptation_history = []
-        yield 0, params
-        for k in range(1, n_updates + 1):
-            (batch,) = sampler.collect([task], self._act_fn([params]), n_steps, on_step)
-            prepared = self._prepare(batch, params)
-            params, info = cpo_update(self._actor, params, prepared, config, fisher=self.policy.fisher_product)
-            params = {name: value.detach() for name, value in params.items()}
-            self.adaptation_history.append(
-                {
-                    "update": k,
-                    "ep_rew_mean": prepared.episode_reward,
-                    "ep_cost_mean": prepared.episode_cost,
-                    "cost_limit": self.effective_cost_limit,
-                    "cpo_case": info.case,
-                    "fraction": info.fraction,
-                    "kl": info.kl,
-                }
-            )
-            yield k, params
-
-    def evaluate_params(
-        self, env: gym.Env | VecEnv | Task | str, params: Params, n_episodes: int = 5, deterministic: bool = False
-    ) -> tuple[float, float, int]:
-        """Mean episode reward and cost of the actor at ``params`` over at least ``n_episodes`` fresh episodes."""
-        sampler, task = self._adaptation_sampler(env)
-        act = self._act_fn([params], deterministic=deterministic)
-        (batch,) = sampler.collect([task], act, n_episodes * self._episode_length(sampler))
-        return float(batch.episode_rewards.mean()), float(batch.episode_costs.mean()), len(batch.episodes)
-
-    def _episode_length(self, sampler: TaskSampler) -> int:
-        if sampler.distribution is not None:
-            return sampler.distribution.max_episode_steps
-        spec = sampler.vec_env.get_attr("spec")[0]
-        if spec is None or spec.max_episode_steps is None:
-            raise ValueError("cannot tell the episode length of this env: give it a TimeLimit (max_episode_steps)")
-        return int(spec.max_episode_steps)
-
-    def _adaptation_sampler(self, env: gym.Env | VecEnv | Task | str) -> tuple[TaskSampler, Task | None]:
-        """A one-env sampler for ``env`` (cached for tasks of the model's family: each env runs whole episodes)."""
-        seed = 0 if self.seed is None else self.seed
-        if isinstance(env, str):
-            env = make_task_distribution(env).test_tasks(1)[0]
-        if isinstance(env, Task):
-            assert self.task_distribution is not None
-            if not isinstance(env, self.task_distribution.task_cls):
-                raise TypeError(f"a {type(env).__name__} is not a task of the model's family {self.task_distribution.name}")
-            if self._task_sampler is None:
-                self._task_sampler = TaskSampler(self.task_distribution, n_envs=1, seed=seed)
-            return self._task_sampler, env
-        if not isinstance(env, (gym.Env, VecEnv)):
-            raise TypeError(
-                "adapt needs a gymnasium env, a VecEnv, a task of the model's family or a family name, "
-                f"got {type(env).__name__}"
-            )
-        env = make_safe_vec_env(env)
-        if not isinstance(env.action_space, gym.spaces.Box):
-            raise TypeError(f"{type(self).__name__} needs a Box action space, the env has {env.action_space}")
-        if env.observation_space.shape != self.observation_space.shape or env.action_space.shape != self.action_space.shape:
-            raise ValueError(
-                f"the env's observation/action shapes {env.observation_space.shape}/{env.action_space.shape} differ from "
-                f"the model's {self.observation_space.shape}/{self.action_space.shape}"
-            )
-        return TaskSampler(None, vec_env=env, seed=seed), None
-
-    def reset_adaptation(self) -> None:
-        """Forget the adapted parameters: ``predict`` acts with the meta-policy again."""
-        self.adapted_params = None
-        self.adaptation_history = []
-        self.policy.set_actor_override(None)
 
     @classmethod
     def load(  # type: ignore[override]

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import gymnasium as gym
 import numpy as np
 
-from sb3_metacpo.common.monitor import CostMonitor
+from sb3_metacpo.tasks.monitor import CostMonitor
 from sb3_metacpo.tasks.task_env import TaskEnv
 
 
@@ -97,6 +97,9 @@ class TaskDistribution(ABC):
     default_max_episode_steps: ClassVar[int]
     #: A cost limit (expected episode cost) that makes the family's constraint bind for a typical policy.
     default_cost_limit: ClassVar[float]
+    #: The per-step cost signals the family's envs report in ``info`` (the total ``"cost"`` first), which a
+    #: ``cost_limit`` mapping may name.
+    cost_names: ClassVar[tuple[str, ...]] = ("cost",)
     default_test_seed: ClassVar[int] = 2024
 
     def __init__(

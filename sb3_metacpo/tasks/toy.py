@@ -53,12 +53,17 @@ class Toy2DNavTask(Task):
 
 
 class Toy2DNavEnv(gym.Env):
-    """The env of one :class:`Toy2DNavTask`. Reward ``-distance to goal`` per step; cost 1 per step in a hazard."""
+    """The env of one :class:`Toy2DNavTask`. Reward ``-distance to goal`` per step; cost 1 per step in a hazard.
+
+    ``info`` reports ``cost_hazards`` (1 per step in a hazard) and, with a ``speed_limit``, ``cost_speed`` (1 per
+    step whose move is longer than ``speed_limit * STEP_SIZE``); ``cost`` is their sum, as in safety-gymnasium.
+    """
 
     metadata: ClassVar[dict[str, Any]] = {"render_modes": ["rgb_array"], "render_fps": 10}
 
-    def __init__(self, task: Toy2DNavTask, render_mode: str | None = None) -> None:
+    def __init__(self, task: Toy2DNavTask, render_mode: str | None = None, speed_limit: float | None = None) -> None:
         self.task = task
+        self.speed_limit = speed_limit
         self.render_mode = render_mode
         self.observation_space = gym.spaces.Box(-ARENA, ARENA, (2,), np.float32)
         self.action_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
@@ -80,10 +85,16 @@ class Toy2DNavEnv(gym.Env):
         move = np.clip(action, -1.0, 1.0) * STEP_SIZE
         self._position = np.clip(self._position + move, -ARENA, ARENA)
         reward = -float(np.linalg.norm(self._position - self._goal))
-        in_hazard = self._hazards.size and bool(
-            (np.sum((self._hazards - self._position) ** 2, axis=1) < self._hazard_radius_sq).any()
+        in_hazard = float(
+            self._hazards.size > 0
+            and bool((np.sum((self._hazards - self._position) ** 2, axis=1) < self._hazard_radius_sq).any())
         )
-        return self._position.astype(np.float32), reward, False, False, {"cost": float(in_hazard)}
+        info = {"cost": in_hazard, "cost_hazards": in_hazard}
+        if self.speed_limit is not None:
+            too_fast = float(np.linalg.norm(move) > self.speed_limit * STEP_SIZE)
+            info["cost_speed"] = too_fast
+            info["cost"] = in_hazard + too_fast
+        return self._position.astype(np.float32), reward, False, False, info
 
     def render(self) -> np.ndarray:
         """A top-down RGB image: goal green, hazards blue, the point red."""
@@ -102,7 +113,13 @@ class Toy2DNavEnv(gym.Env):
 @register_task_distribution
 class Toy2DNav(TaskDistribution):
     """Toy 2-D navigation. Training goals lie at distance 0.5-1.0 in any direction with 1-3 hazards; held-out tasks
-    have 4-5 hazards."""
+    have 4-5 hazards.
+
+    :param speed_limit: adds a second cost signal, ``cost_speed``: 1 per step whose move is longer than
+        ``speed_limit`` times the largest move per axis (e.g. 1.0: the diagonal full-speed moves are too fast). The
+        hazard cost is ``cost_hazards``; ``cost`` is the sum. None (default): hazards only.
+    Other arguments: see :class:`TaskDistribution`.
+    """
 
     name = "Toy2DNav"
     task_cls = Toy2DNavTask
@@ -127,6 +144,22 @@ class Toy2DNav(TaskDistribution):
     default_max_episode_steps = 100
     default_cost_limit = 5.0
 
+    def __init__(self, *args: Any, speed_limit: float | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if speed_limit is not None and (
+            isinstance(speed_limit, bool) or not isinstance(speed_limit, (int, float)) or not 0 < speed_limit < math.sqrt(2)
+        ):
+            raise ValueError(f"speed_limit must be None or a number in (0, sqrt(2)), got {speed_limit!r}")
+        self.speed_limit = None if speed_limit is None else float(speed_limit)
+
+    @property
+    def cost_names(self) -> tuple[str, ...]:  # type: ignore[override]
+        return ("cost", "cost_hazards") if self.speed_limit is None else ("cost", "cost_hazards", "cost_speed")
+
+    def get_params(self) -> dict[str, Any]:
+        return {**super().get_params(), "speed_limit": self.speed_limit}
+
     def _make_base_env(self, task: Task, render_mode: str | None = None) -> gym.Env:
         assert isinstance(task, Toy2DNavTask)
-        return gym.wrappers.TimeLimit(Toy2DNavEnv(task, render_mode=render_mode), self.max_episode_steps)
+        env = Toy2DNavEnv(task, render_mode=render_mode, speed_limit=self.speed_limit)
+        return gym.wrappers.TimeLimit(env, self.max_episode_steps)

@@ -2,33 +2,57 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any, SupportsFloat
 
 import gymnasium as gym
 from stable_baselines3.common.monitor import Monitor
 
+#: The name of the total per-step cost every safe env reports in ``info`` (the one a float ``cost_limit`` limits).
+TOTAL_COST = "cost"
+
+
+def is_cost_key(key: str) -> bool:
+    """Whether an info key is a per-step cost signal: ``cost`` or ``cost_<type>`` (safety-gymnasium's names)."""
+    return key == TOTAL_COST or key.startswith(f"{TOTAL_COST}_")
+
 
 class EpisodeCostRecorder(gym.Wrapper):
-    """Sums ``info["cost"]`` over the episode and writes the sum to ``info["c"]`` on the episode's last step."""
+    """Sums every cost signal of ``info`` (``"cost"`` and each ``"cost_<type>"``) over the episode.
+
+    On the episode's last step it writes the sum of ``info["cost"]`` to ``info["c"]`` and every signal's sum to
+    ``info["episode_costs"]`` (a dict by name). A non-finite cost raises a ``ValueError`` naming the step and the
+    signal, before it reaches any statistic.
+    """
 
     def __init__(self, env: gym.Env) -> None:
         super().__init__(env)
-        self._episode_cost = 0.0
+        self._episode_costs: dict[str, float] = {}
+        self._steps = 0
 
     def reset(self, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
-        self._episode_cost = 0.0
+        self._episode_costs = {}
+        self._steps = 0
         return self.env.reset(**kwargs)
 
     def step(self, action: Any) -> tuple[Any, SupportsFloat, bool, bool, dict[str, Any]]:
         observation, reward, terminated, truncated, info = self.env.step(action)
-        if "cost" not in info:
+        if TOTAL_COST not in info:
             raise KeyError(
                 f"{self.env} reports no cost: a safe-RL env must put the per-step cost in info['cost']. For "
                 "safety-gymnasium use the 'Safety...Gymnasium-v0' ids or wrap with SafetyGymnasium2Gymnasium"
             )
-        self._episode_cost += float(info["cost"])
+        for key, value in info.items():
+            if is_cost_key(key) and isinstance(value, numbers.Real):
+                value = float(value)
+                if not math.isfinite(value):
+                    raise ValueError(f"the env reported a non-finite {key} ({value}) at step {self._steps} of the episode")
+                self._episode_costs[key] = self._episode_costs.get(key, 0.0) + value
+        self._steps += 1
         if terminated or truncated:
-            info["c"] = self._episode_cost
+            info["c"] = self._episode_costs[TOTAL_COST]
+            info["episode_costs"] = dict(self._episode_costs)
         return observation, reward, terminated, truncated, info
 
 
@@ -36,7 +60,8 @@ class CostMonitor(Monitor):
     """SB3 ``Monitor`` that also records the episode cost as ``"c"`` beside ``"r"``, ``"l"`` and ``"t"``.
 
     ``info["episode"]`` (and the CSV file, when ``filename`` is given) then carries the undiscounted episode cost,
-    which the algorithms log as ``rollout/ep_cost_mean``. Extra ``info_keywords`` are recorded as in ``Monitor``.
+    which the algorithms log as ``rollout/ep_cost_mean``; the episode sum of every named cost signal
+    (``cost_hazards``, ...) is in ``info["episode_costs"]``. Extra ``info_keywords`` are recorded as in ``Monitor``.
     """
 
     def __init__(

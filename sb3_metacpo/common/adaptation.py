@@ -1,0 +1,281 @@
+"""Adaptation to one task by a few CPO updates, as every algorithm of the package offers it (the ``Adaptable``
+protocol, after garage's meta-evaluator, which asks an algorithm for its exploration policy and its adapted policy):
+
+* :meth:`~AdaptationMixin.adaptation_steps` yields the parameters after 0, 1, …, K updates on a task;
+* :meth:`~AdaptationMixin.evaluate_params` evaluates any of them on fresh episodes (reward *and* cost);
+* :meth:`~AdaptationMixin.adapt` keeps the adapted parameters for ``predict``; :meth:`~AdaptationMixin.reset_adaptation`
+  forgets them.
+
+Adaptation never changes the model's own parameters. MetaCPO and MetaTRPO adapt their meta-policy (with their inner
+settings); CPO adapts its policy (fine-tuning by the same CPO updates), so benchmarks treat every method alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar, runtime_checkable
+
+import gymnasium as gym
+import numpy as np
+import torch as th
+from stable_baselines3.common.type_aliases import MaybeCallback
+from stable_baselines3.common.vec_env import VecEnv
+from tqdm.auto import tqdm
+
+from sb3_metacpo.common.constraints import CostConstraints
+from sb3_metacpo.common.cpo_update import CPOConfig, Params, PreparedBatch, cpo_update
+from sb3_metacpo.common.envs import make_safe_vec_env
+from sb3_metacpo.common.policies import CPOPolicy
+from sb3_metacpo.common.rollouts import ActFn, RolloutSampler, TaskBatch
+from sb3_metacpo.tasks.base import Task, TaskDistribution, make_task_distribution
+
+SelfAdaptable = TypeVar("SelfAdaptable", bound="AdaptationMixin")
+#: What adaptation and evaluation accept as a task: an env, a VecEnv, a task of the model's family or a family name.
+AdaptationEnv = gym.Env | VecEnv | Task | str
+
+
+@dataclass(frozen=True)
+class PolicyEvaluation:
+    """Episode statistics of one policy on one task.
+
+    :ivar ep_rew_mean: mean undiscounted episode return
+    :ivar ep_cost_mean: mean undiscounted episode cost (``info["cost"]``)
+    :ivar n_episodes: completed episodes
+    :ivar ep_cost_sem: standard error of ``ep_cost_mean``
+    :ivar ep_costs: mean episode sum of every constrained cost, by name
+    :ivar episode_costs: the total cost of every episode
+    :ivar episode_rewards: the return of every episode
+    """
+
+    ep_rew_mean: float
+    ep_cost_mean: float
+    n_episodes: int
+    ep_cost_sem: float
+    ep_costs: dict[str, float] = field(default_factory=dict)
+    episode_costs: tuple[float, ...] = ()
+    episode_rewards: tuple[float, ...] = ()
+
+
+@runtime_checkable
+class Adaptable(Protocol):
+    """An algorithm that adapts to a task and evaluates its policies: what meta-evaluation needs."""
+
+    def adaptation_steps(
+        self,
+        env: AdaptationEnv,
+        n_updates: int | None = None,
+        n_steps: int | None = None,
+        on_step: Callable[[], object] | None = None,
+    ) -> Iterator[tuple[int, Params]]: ...
+
+    def evaluate_params(
+        self, env: AdaptationEnv, params: Params, n_episodes: int = 5, deterministic: bool = False
+    ) -> PolicyEvaluation: ...
+
+
+class AdaptationMixin:
+    """The adaptation API of an algorithm with a :class:`CPOPolicy` (mixed into CPO and MetaCPO)."""
+
+    policy: CPOPolicy
+    seed: int | None
+    observation_space: gym.Space
+    action_space: gym.Space
+    device: th.device
+    adapted_params: Params | None
+    adaptation_history: list[dict[str, Any]]
+    _adaptation_sampler_cache: RolloutSampler | None
+
+    # Provided by the algorithm.
+    constraints: CostConstraints
+    task_distribution: TaskDistribution | None
+
+    def _adaptation_defaults(self) -> tuple[int, int]:
+        """(updates, env steps per update) of :meth:`adapt` when not given."""
+        raise NotImplementedError
+
+    def _adaptation_config(self) -> CPOConfig:
+        raise NotImplementedError
+
+    def _prepare_adaptation_batch(self, batch: TaskBatch, params: Params, episode_length: int) -> PreparedBatch:
+        raise NotImplementedError
+
+    # --- acting -----------------------------------------------------------------------------------------------
+    def _act_fn(self, params_per_task: Sequence[Params], deterministic: bool = False) -> ActFn:
+        """The sampler's policy: one batched forward for all envs, each env acting with its task's parameters."""
+        stacked = {name: th.stack([params[name].detach() for params in params_per_task]) for name in params_per_task[0]}
+        per_env_cache: dict[bytes, Callable[[np.ndarray], np.ndarray]] = {}  # fixed within a collect
+
+        def act(observations: np.ndarray, task_indices: np.ndarray) -> np.ndarray:
+            key = task_indices.tobytes()
+            if key not in per_env_cache:
+                index = th.as_tensor(task_indices, device=self.device)
+                per_env = {name: value[index] for name, value in stacked.items()}
+                per_env_cache[key] = self.policy.numpy_actor(per_env, deterministic)
+            return per_env_cache[key](observations)
+
+        return act
+
+    # --- adaptation -------------------------------------------------------------------------------------------
+    def adapt(
+        self: SelfAdaptable,
+        env: AdaptationEnv,
+        n_updates: int | None = None,
+        n_steps: int | None = None,
+        callback: MaybeCallback = None,
+        progress_bar: bool = False,
+    ) -> SelfAdaptable:
+        """Run ``n_updates`` CPO updates from the model's parameters on ``env`` and act with the result in ``predict``.
+
+        The model's own parameters are not changed (call :meth:`reset_adaptation` to act with them again). The
+        per-update statistics are in :attr:`adaptation_history`: for each update, the batch it used (collected by
+        the policy before the update): mean episode reward and cost, the CPO case, the accepted fraction and the KL.
+        If anything fails, the model is left as it was.
+
+        :param env: a gymnasium env or VecEnv reporting ``info["cost"]``, a task of the model's family, or the name
+            of a registered family (its first held-out task)
+        :param n_updates: CPO updates (default: the algorithm's, e.g. MetaCPO's ``n_inner_updates``)
+        :param n_steps: env steps per update (default: the algorithm's ``n_steps``)
+        :param callback: SB3 callback(s), called at every env step
+        :param progress_bar: show a progress bar over the updates
+        """
+        callback = self._init_callback(callback, progress_bar=False)  # type: ignore[attr-defined]
+        callback.on_training_start(locals(), globals())
+        steps = self.adaptation_steps(env, n_updates, n_steps, on_step=callback.on_step)
+        total = (self._adaptation_defaults()[0] if n_updates is None else n_updates) + 1
+        history_before = list(self.adaptation_history)
+        adapted: Params | None = None
+        try:
+            for _, params in tqdm(steps, total=total, desc="adapting", disable=not progress_bar):
+                adapted = params
+        except BaseException:
+            self.adaptation_history = history_before
+            raise
+        callback.on_training_end()
+        self.adapted_params = adapted
+        self.policy.set_actor_override(adapted)
+        return self
+
+    def adaptation_steps(
+        self,
+        env: AdaptationEnv,
+        n_updates: int | None = None,
+        n_steps: int | None = None,
+        on_step: Callable[[], object] | None = None,
+    ) -> Iterator[tuple[int, Params]]:
+        """Yield ``(k, parameters after k updates)`` for k = 0 .. n_updates, adapting from the model's parameters.
+
+        :attr:`adaptation_history` is rebuilt along the way. Nothing else of the model changes (not even ``predict``).
+        """
+        default_updates, default_steps = self._adaptation_defaults()
+        n_updates = default_updates if n_updates is None else n_updates
+        n_steps = default_steps if n_steps is None else n_steps
+        if isinstance(n_updates, bool) or not isinstance(n_updates, (int, np.integer)) or n_updates < 0:
+            raise ValueError(f"n_updates must be an integer >= 0, got {n_updates!r}")
+        if isinstance(n_steps, bool) or not isinstance(n_steps, (int, np.integer)) or n_steps < 2:
+            raise ValueError(f"n_steps must be an integer >= 2, got {n_steps!r}")
+        sampler, task = self._adaptation_sampler(env)
+        # J_C of a batch without a completed episode is its mean step cost times the episode length.
+        distribution = self.task_distribution
+        fallback = distribution.max_episode_steps if distribution is not None else int(n_steps)
+        episode_length = self._sampler_episode_length(sampler, fallback)
+        params = {name: value.detach().clone() for name, value in self.policy.actor_params().items()}
+        config = self._adaptation_config()
+        history: list[dict[str, Any]] = []
+        self.adaptation_history = history
+        yield 0, params
+        for k in range(1, int(n_updates) + 1):
+            (batch,) = sampler.collect([task], self._act_fn([params]), int(n_steps), on_step)
+            prepared = self._prepare_adaptation_batch(batch, params, episode_length)
+            new_params, result = cpo_update(
+                self.policy.actor_mean_log_std, params, prepared, config, fisher=self.policy.fisher_product
+            )
+            params = {name: value.detach() for name, value in new_params.items()}
+            history.append(
+                {
+                    "update": k,
+                    "ep_rew_mean": prepared.episode_reward,
+                    "ep_cost_mean": float(batch.episode_costs.mean()) if batch.episodes else float("nan"),
+                    "ep_costs": dict(zip(self.constraints.names, prepared.episode_costs.tolist(), strict=True)),
+                    "n_episodes": prepared.n_episodes,
+                    "cost_limit": self.constraints.limits[0],
+                    "cpo_case": result.case,
+                    "fraction": result.fraction,
+                    "kl": result.kl,
+                    "rejection": result.rejection,
+                }
+            )
+            yield k, params
+
+    def evaluate_params(
+        self, env: AdaptationEnv, params: Params, n_episodes: int = 5, deterministic: bool = False
+    ) -> PolicyEvaluation:
+        """Episode reward and cost of the actor at ``params`` over at least ``n_episodes`` fresh episodes (the
+        stochastic policy by default: its cost is what the CPO updates constrain)."""
+        if isinstance(n_episodes, bool) or not isinstance(n_episodes, (int, np.integer)) or n_episodes < 1:
+            raise ValueError(f"n_episodes must be a positive integer, got {n_episodes!r}")
+        sampler, task = self._adaptation_sampler(env)
+        act = self._act_fn([params], deterministic=deterministic)
+        (batch,) = sampler.collect([task], act, int(n_episodes) * self._sampler_episode_length(sampler))
+        costs = batch.episode_costs
+        sem = float(costs.std(ddof=1) / np.sqrt(len(costs))) if len(costs) > 1 else float("nan")
+        per_name = batch.episode_constraint_costs.mean(0) if batch.episodes else np.full(len(self.constraints), np.nan)
+        return PolicyEvaluation(
+            ep_rew_mean=float(batch.episode_rewards.mean()),
+            ep_cost_mean=float(costs.mean()),
+            n_episodes=len(batch.episodes),
+            ep_cost_sem=sem,
+            ep_costs=dict(zip(self.constraints.names, per_name.tolist(), strict=True)),
+            episode_costs=tuple(costs.tolist()),
+            episode_rewards=tuple(batch.episode_rewards.tolist()),
+        )
+
+    def reset_adaptation(self) -> None:
+        """Forget the adapted parameters: ``predict`` acts with the model's own parameters again."""
+        self.adapted_params = None
+        self.adaptation_history = []
+        self.policy.set_actor_override(None)
+
+    # --- the env of an adaptation ---------------------------------------------------------------------------------
+    @staticmethod
+    def _sampler_episode_length(sampler: RolloutSampler, fallback: int | None = None) -> int:
+        """The episode length of the sampler's envs: the family's, the env's time limit, else ``fallback``."""
+        if sampler.distribution is not None:
+            return sampler.distribution.max_episode_steps
+        spec = sampler.vec_env.get_attr("spec")[0]
+        if spec is not None and spec.max_episode_steps is not None:
+            return int(spec.max_episode_steps)
+        if fallback is None:
+            raise ValueError("cannot tell the episode length of this env: give it a TimeLimit (max_episode_steps)")
+        return fallback
+
+    def _adaptation_sampler(self, env: AdaptationEnv) -> tuple[RolloutSampler, Task | None]:
+        """A one-env sampler for ``env`` (cached for tasks of the model's family: each env runs whole episodes)."""
+        seed = 0 if self.seed is None else self.seed
+        names = self.constraints.names
+        if isinstance(env, str):
+            env = make_task_distribution(env).test_tasks(1)[0]
+        if isinstance(env, Task):
+            distribution = self.task_distribution
+            if distribution is None:
+                raise ValueError("this model has no task distribution: pass an env instead of a task")
+            if not isinstance(env, distribution.task_cls):
+                raise TypeError(f"a {type(env).__name__} is not a task of the model's family {distribution.name}")
+            distribution.validate_task(env)
+            if self._adaptation_sampler_cache is None:
+                self._adaptation_sampler_cache = RolloutSampler(distribution, n_envs=1, seed=seed, cost_names=names)
+            return self._adaptation_sampler_cache, env
+        if not isinstance(env, (gym.Env, VecEnv)):
+            raise TypeError(
+                "adapt needs a gymnasium env, a VecEnv, a task of the model's family or a family name, "
+                f"got {type(env).__name__}"
+            )
+        env = make_safe_vec_env(env)
+        if not isinstance(env.action_space, gym.spaces.Box):
+            raise TypeError(f"{type(self).__name__} needs a Box action space, the env has {env.action_space}")
+        if env.observation_space.shape != self.observation_space.shape or env.action_space.shape != self.action_space.shape:
+            raise ValueError(
+                f"the env's observation/action shapes {env.observation_space.shape}/{env.action_space.shape} differ from "
+                f"the model's {self.observation_space.shape}/{self.action_space.shape}"
+            )
+        return RolloutSampler(None, vec_env=env, seed=seed, cost_names=names), None

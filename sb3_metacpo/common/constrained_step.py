@@ -1,0 +1,268 @@
+"""One constrained trust-region step, used by every update of the package: the inner (adaptation) CPO updates, the
+outer (meta) update, CPO, and MetaTRPO (no constraint).
+
+:func:`constrained_step` takes the reward gradient g, the m cost gradients (rows of A), the m constraint values b
+and a Fisher-vector product; it runs conjugate gradient for H⁻¹g and every H⁻¹a_j, solves the CPO subproblem
+(:func:`~sb3_metacpo.common.cpo_subproblem.cpo_direction`: its case, dual and step), then either runs the
+backtracking line search (:class:`LineSearch`) or applies a given fraction of the step (:class:`FixedFraction`, to
+replay a stored update), and returns one :class:`StepResult`.
+
+Nothing non-finite leaves this function as a step: a direction with NaN or inf entries (from a NaN gradient,
+constraint value or Fisher product) is rejected with its cause, and the returned ``step`` is then exactly zero
+(never ``0 * NaN``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from sb3_metacpo.common.conjugate_gradient import conjugate_gradient
+from sb3_metacpo.common.cpo_subproblem import CPO_CASES, DUAL_SOLVERS, RECOVERY, cpo_direction
+from sb3_metacpo.common.profiling import phase
+
+#: ``evaluate(step) -> (mean KL, reward surrogate, cost surrogates)`` at the current parameters plus ``step``.
+Evaluate = Callable[[torch.Tensor], tuple[float, float, Sequence[float]]]
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """Settings of a constrained step (see the algorithms' constructor arguments for their meaning).
+
+    :ivar target_kl: trust-region size δ (½ xᵀHx ≤ δ; the line search checks the mean KL against it)
+    :ivar cg_max_steps: conjugate-gradient iterations for each of H⁻¹g and H⁻¹a_j
+    :ivar dual_solver: ``"analytic"`` (one constraint) or ``"cvxpylayers"`` (any number)
+    :ivar line_search_max_iter: times the line search may shrink the step
+    :ivar line_search_shrinking_factor: the factor it shrinks by
+    :ivar s_tol: a cost gradient with a_jᵀH⁻¹a_j ≤ s_tol carries no information (see ``cpo_direction``)
+    :ivar solver_args: options of the cvxpylayers layers (None: the defaults)
+    """
+
+    target_kl: float
+    cg_max_steps: int = 10
+    dual_solver: str = "analytic"
+    line_search_max_iter: int = 10
+    line_search_shrinking_factor: float = 0.8
+    s_tol: float = 1e-8
+    solver_args: Mapping[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.dual_solver not in DUAL_SOLVERS:
+            raise ValueError(f"Unknown dual solver {self.dual_solver!r}; expected one of {DUAL_SOLVERS}")
+        if not 0 < self.line_search_shrinking_factor < 1:
+            raise ValueError(f"line_search_shrinking_factor must be in (0, 1), got {self.line_search_shrinking_factor}")
+        if self.line_search_max_iter < 0:
+            raise ValueError(f"line_search_max_iter must be >= 0, got {self.line_search_max_iter}")
+
+
+@dataclass(frozen=True)
+class LineSearch:
+    """Choose the step's fraction by backtracking: ``evaluate`` gives (KL, reward surrogate, cost surrogates) at the
+    current parameters plus a candidate step; ``reward`` and ``costs`` are the surrogates at the current parameters."""
+
+    evaluate: Evaluate
+    reward: float
+    costs: Sequence[float] = ()
+
+
+@dataclass(frozen=True)
+class FixedFraction:
+    """Apply this fraction of the step without a line search (replaying a stored update)."""
+
+    fraction: float
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """Everything one constrained step did.
+
+    :ivar step: the change to apply, ``fraction * direction`` (keeps the graph of ``direction``); exactly zero when
+        the step was rejected
+    :ivar direction: the full step x of the subproblem
+    :ivar fraction: the accepted fraction (0 if rejected)
+    :ivar accepted: whether a non-zero step is applied
+    :ivar case: ``"trpo"``, ``"dual"`` or ``"recovery"``
+    :ivar lam: trust-region multiplier
+    :ivar nu: one multiplier per constraint
+    :ivar informative: per constraint, whether it entered the step
+    :ivar kl: mean KL at the accepted step (line search), NaN when replayed
+    :ivar reward_improvement: measured change of the reward surrogate (line search), NaN when replayed
+    :ivar cost_changes: measured changes of the cost surrogates (line search)
+    :ivar expected_improvement: gᵀx
+    :ivar expected_cost_changes: a_jᵀx
+    :ivar n_backtracks: how many times the line search shrank the step
+    :ivar rejection: why the step was rejected or shrunk to nothing (None when accepted)
+    """
+
+    step: torch.Tensor
+    direction: torch.Tensor
+    fraction: float
+    accepted: bool
+    case: str
+    lam: float
+    nu: tuple[float, ...]
+    informative: tuple[bool, ...]
+    kl: float = math.nan
+    reward_improvement: float = math.nan
+    cost_changes: tuple[float, ...] = field(default_factory=tuple)
+    expected_improvement: float = math.nan
+    expected_cost_changes: tuple[float, ...] = field(default_factory=tuple)
+    n_backtracks: int = 0
+    rejection: str | None = None
+
+
+def constrained_step(
+    g: torch.Tensor,
+    A: torch.Tensor | None,
+    b: torch.Tensor | None,
+    fisher_product: Callable[[torch.Tensor], torch.Tensor],
+    config: StepConfig,
+    step_size: LineSearch | FixedFraction,
+) -> StepResult:
+    """One trust-region step maximising gᵀx subject to b_j + a_jᵀx ≤ 0 (see the module docstring).
+
+    Differentiable in g, A, b and whatever the Fisher product depends on (the line search's fraction is a constant).
+
+    :param g: reward gradient, shape (n,)
+    :param A: cost gradients, shape (m, n); None (or m = 0) for an unconstrained (TRPO) step
+    :param b: constraint values, shape (m,), in the units of the cost surrogates (> 0: violated)
+    :param fisher_product: v ↦ (F + damping·I)v
+    :param config: the step's settings
+    :param step_size: :class:`LineSearch` to choose the fraction, :class:`FixedFraction` to replay one
+    """
+    if A is not None and A.shape[0] == 0:
+        A, b = None, None
+    if (A is None) != (b is None):
+        raise ValueError("A and b are required together (both None for an unconstrained step)")
+    with phase("conjugate_gradient"):
+        v = conjugate_gradient(fisher_product, g, config.cg_max_steps)
+        W = None if A is None else torch.stack([conjugate_gradient(fisher_product, a, config.cg_max_steps) for a in A])
+    q = g @ v
+    if W is None or A is None or b is None:
+        with phase("dual_solve"):
+            solution = cpo_direction(v, None, q, None, None, None, config.target_kl, solver=config.dual_solver)
+    else:
+        with phase("dual_solve"):
+            solution = cpo_direction(
+                v,
+                W,
+                q,
+                W @ g,
+                A @ W.T,
+                b,
+                config.target_kl,
+                solver=config.dual_solver,
+                s_tol=config.s_tol,
+                solver_args=config.solver_args,
+            )
+    assert isinstance(solution.case, str)
+    x = solution.x
+    summary = {
+        "direction": x,
+        "case": solution.case,
+        "lam": float(solution.lam.detach()),
+        "nu": tuple(float(value) for value in solution.nu.detach()),
+        "informative": tuple(bool(value) for value in solution.informative),
+        "expected_improvement": float(solution.expected_improvement.detach()),
+        "expected_cost_changes": tuple(float(value) for value in solution.expected_cost_changes.detach()),
+    }
+    if not bool(torch.isfinite(x.detach()).all()):
+        return StepResult(step=torch.zeros_like(x), fraction=0.0, accepted=False, rejection="non-finite step", **summary)
+    if isinstance(step_size, FixedFraction):
+        fraction = float(step_size.fraction)
+        return StepResult(step=fraction * x, fraction=fraction, accepted=fraction > 0, **summary)
+
+    b_values = () if b is None else tuple(float(value) for value in b.detach())
+    scales = tuple(float(value) for value in solution.scale.detach())
+    with phase("line_search"):
+        outcome = backtracking_line_search(
+            step_size, x.detach(), solution.case, b_values, scales, summary["informative"], config
+        )
+    step = outcome.fraction * x if outcome.accepted else torch.zeros_like(x)
+    return StepResult(
+        step=step,
+        fraction=outcome.fraction,
+        accepted=outcome.accepted,
+        kl=outcome.kl,
+        reward_improvement=outcome.reward_improvement,
+        cost_changes=outcome.cost_changes,
+        n_backtracks=outcome.n_backtracks,
+        rejection=outcome.rejection,
+        **summary,
+    )
+
+
+@dataclass(frozen=True)
+class LineSearchOutcome:
+    """What :func:`backtracking_line_search` accepted (all zero when nothing passed, with the reason)."""
+
+    fraction: float
+    accepted: bool
+    n_backtracks: int
+    kl: float
+    reward_improvement: float
+    cost_changes: tuple[float, ...]
+    rejection: str | None
+
+
+def backtracking_line_search(
+    search: LineSearch,
+    direction: torch.Tensor,
+    case: str,
+    b: Sequence[float],
+    scales: Sequence[float],
+    informative: Sequence[bool],
+    config: StepConfig,
+) -> LineSearchOutcome:
+    """Accept the first fraction βʲ (j = 0, …, ``line_search_max_iter``) of the step that passes every check:
+
+    * the KL and surrogates are finite and the mean KL is at most δ;
+    * while some informative constraint is violated (b_j > 0, or the ``"recovery"`` case): the largest normalised
+      violation among the violated constraints, (b_j + Δ_j)/√(2δs_j), strictly decreases (a step back into the
+      feasible set may have to give up reward: demanding a reward gain there would leave the policy stuck above
+      the limit); otherwise the reward surrogate strictly improves;
+    * every informative constraint that is satisfied stays inside its linearised bound: Δ_j ≤ −b_j.
+
+    For m = 1 this is the classic CPO line search; with m = 0 (no constraint, or no cost information) only the
+    KL and the reward are checked.
+
+    :param search: the surrogates' evaluation and their current values
+    :param direction: the full step x (candidates are βʲx)
+    :param case: the CPO case of the step
+    :param b: constraint values; ``scales``: √(2δs_j) of each; ``informative``: which constraints count
+    :param config: δ, the number of backtracks and β
+    """
+    if case not in CPO_CASES:
+        raise ValueError(f"Unknown CPO case {case!r}; expected one of {CPO_CASES}")
+    violated = [j for j, (value, used) in enumerate(zip(b, informative, strict=True)) if used and value > 0]
+    restore = case == RECOVERY or bool(violated)
+    worst_now = max((b[j] / scales[j] for j in violated), default=0.0)
+    reason = "no candidate"
+    with torch.no_grad():
+        for n_backtracks in range(config.line_search_max_iter + 1):
+            fraction = config.line_search_shrinking_factor**n_backtracks
+            kl, reward, costs = search.evaluate(fraction * direction)
+            kl, reward_improvement = float(kl), float(reward) - float(search.reward)
+            # Only the constrained surrogates count (an unconstrained step may still be given the costs).
+            cost_changes = tuple(float(new) - float(old) for new, old in zip(costs, search.costs[: len(b)], strict=False))
+            if not all(math.isfinite(value) for value in (kl, reward_improvement, *cost_changes)):
+                reason = "line search: non-finite KL or surrogate"
+            elif kl > config.target_kl:
+                reason = "line search: KL above target_kl"
+            elif restore and not max((b[j] + cost_changes[j]) / scales[j] for j in violated) < worst_now:
+                reason = "line search: violation not reduced"
+            elif not restore and not reward_improvement > 0:
+                reason = "line search: no reward improvement"
+            elif any(
+                used and value <= 0 and change > -value
+                for value, change, used in zip(b, cost_changes, informative, strict=True)
+            ):
+                reason = "line search: a satisfied constraint left its linearised bound"
+            else:
+                return LineSearchOutcome(fraction, True, n_backtracks, kl, reward_improvement, cost_changes, None)
+    zeros = tuple(0.0 for _ in b)
+    return LineSearchOutcome(0.0, False, config.line_search_max_iter, 0.0, 0.0, zeros, reason)

@@ -1,0 +1,71 @@
+"""The cost constraints of an algorithm: which per-step cost signals of ``info`` are limited, and to what.
+
+``cost_limit`` is a float (one limit on ``info["cost"]``, the total cost every safe env reports) or a mapping from
+cost names to limits, e.g. ``{"cost_hazards": 10.0, "cost_gremlins": 5.0}``, each read from ``info[name]`` at every
+step. safety-gymnasium reports each cost type under its own name (``cost_hazards``, ``cost_vases``,
+``cost_gremlins``, ``cost_buttons``, ...) beside their sum ``cost``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from sb3_metacpo.tasks.monitor import TOTAL_COST
+
+
+def _check_limit(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"cost_limit: the limit of {name!r} must be a positive number, got {value!r}")
+    if not (math.isfinite(float(value)) and float(value) > 0):
+        raise ValueError(f"cost_limit: the limit of {name!r} must be finite and > 0 (an expected episode cost), got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class CostConstraints:
+    """m named cost signals, each with a limit on its expected undiscounted episode sum."""
+
+    names: tuple[str, ...]
+    limits: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if not self.names:
+            raise ValueError("cost_limit names no cost: give a float or a mapping with at least one entry")
+        if len(self.names) != len(self.limits):
+            raise ValueError(f"{len(self.names)} cost names but {len(self.limits)} limits")
+        if len(set(self.names)) != len(self.names):
+            raise ValueError(f"cost names must be distinct, got {self.names}")
+        for name, limit in zip(self.names, self.limits, strict=True):
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"cost names must be non-empty strings, got {name!r}")
+            _check_limit(name, limit)
+
+    @classmethod
+    def from_cost_limit(cls, cost_limit: float | Mapping[str, float]) -> CostConstraints:
+        """Parse a ``cost_limit`` argument (a float for ``info["cost"]``, or a mapping of names to limits)."""
+        if isinstance(cost_limit, Mapping):
+            if not cost_limit:
+                raise ValueError("cost_limit is an empty mapping: name at least one cost, e.g. {'cost_hazards': 10.0}")
+            names = tuple(cost_limit)
+            for name in names:
+                if not isinstance(name, str):
+                    raise ValueError(f"cost_limit's keys must be cost names (str), got {name!r}")
+            return cls(names, tuple(_check_limit(name, cost_limit[name]) for name in names))
+        return cls((TOTAL_COST,), (_check_limit(TOTAL_COST, cost_limit),))
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def check_reported(self, reported: Sequence[str], source: str) -> None:
+        """Raise a ``ValueError`` naming the costs that ``source`` does not report (``reported``: its cost names)."""
+        missing = [name for name in self.names if name not in reported]
+        if missing:
+            raise ValueError(f"cost_limit names {missing}, which {source} does not report; it reports {sorted(reported)}")
+
+    def log_suffix(self, index: int) -> str:
+        """The suffix of per-constraint logger keys: ``""`` for the total cost, ``"_<name>"`` otherwise."""
+        name = self.names[index]
+        return "" if name == TOTAL_COST else f"_{name}"

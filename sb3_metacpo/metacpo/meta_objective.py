@@ -1,0 +1,130 @@
+"""The meta-objective of Meta-CPO, defined once: its value and its gradient for the meta-gradient, and its value at
+candidate meta-parameters for the outer line search.
+
+F(θ) = mean over tasks of the reward surrogate of the adapted policy φᵢᴷ(θ) on its validation batch. The
+meta-constraints G(θ) are built from the cost surrogates and constraint values of the adapted policies; with
+``mode="mean"`` (the paper's) there is one per cost signal: the mean over tasks of the post-adaptation constraint
+value, b_j = mean_i (J_Cj(φᵢᴷ) − limit_j)/T, with gradient through the mean of the cost surrogates L_Cj(φᵢᴷ(θ)).
+
+φᵢᴷ(θ) is the replay of task i's stored inner updates from θ on its stored batches with the stored line-search
+fractions (:func:`~sb3_metacpo.common.cpo_update.replay_updates`): exactly differentiable in second-order mode; in
+first-order mode the update Jacobian is the identity, so φᵢᴷ(θ + Δ) = φᵢᴷ(θ) + Δ, the objective whose gradient the
+first-order meta-gradient is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch as th
+
+from sb3_metacpo.common.conjugate_gradient import flat_grad
+from sb3_metacpo.common.constrained_step import StepResult
+from sb3_metacpo.common.cpo_update import (
+    ActorFn,
+    CPOConfig,
+    FisherFn,
+    Params,
+    PreparedBatch,
+    add_flat,
+    constraint_values,
+    detached,
+    replay_updates,
+    surrogates,
+)
+
+META_CONSTRAINT_MODES = ("mean",)
+
+
+@dataclass
+class TaskAdaptation:
+    """One task's inner loop in a meta-iteration.
+
+    :ivar stages: the parameters φ⁰ = θ, φ¹, …, φᴷ (in second-order mode with their graph back to θ)
+    :ivar batches: the batch each stage collected: K inner batches, then the validation batch of φᴷ
+    :ivar fractions: the accepted line-search fraction of each inner update
+    :ivar steps: each inner update's step result (for logging)
+    """
+
+    stages: list[Params]
+    batches: list[PreparedBatch]
+    fractions: list[float] = field(default_factory=list)
+    steps: list[StepResult] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class MetaValue:
+    """The meta-objective at some meta-parameters: F (scalar), the meta-constraint surrogates L (c,) and the
+    meta-constraint values b (c,), which carry the gradient of L (b = b(data) + L − L(data))."""
+
+    reward: th.Tensor
+    cost_surrogates: th.Tensor
+    constraints: th.Tensor
+
+
+class MetaObjective:
+    """F(θ) and G(θ) of one meta-iteration's tasks (see the module docstring).
+
+    :param actor: the functional actor
+    :param tasks: the meta-iteration's inner loops, in task order
+    :param inner_config: the inner updates' settings (to replay them)
+    :param second_order: exact meta-gradient through the inner updates (else the identity Jacobian)
+    :param fisher: the Fisher-vector products of the inner updates
+    :param mode: how the meta-constraints are built (:data:`META_CONSTRAINT_MODES`)
+    """
+
+    def __init__(
+        self,
+        actor: ActorFn,
+        tasks: Sequence[TaskAdaptation],
+        inner_config: CPOConfig,
+        *,
+        second_order: bool,
+        fisher: FisherFn | None,
+        mode: str = "mean",
+    ) -> None:
+        if mode not in META_CONSTRAINT_MODES:
+            raise ValueError(f"Unknown meta-constraint mode {mode!r}; expected one of {META_CONSTRAINT_MODES}")
+        self.actor, self.tasks, self.inner_config = actor, list(tasks), inner_config
+        self.second_order, self.fisher, self.mode = second_order, fisher, mode
+
+    def value(self, stages_per_task: Sequence[Sequence[Params]]) -> MetaValue:
+        """F, L and b at the given stage parameters of every task (the live ones, or those of a candidate θ)."""
+        rewards, costs, constraints = [], [], []
+        for task, stages in zip(self.tasks, stages_per_task, strict=True):
+            validation = task.batches[-1]
+            reward, cost = surrogates(self.actor, stages[-1], validation)
+            rewards.append(reward)
+            costs.append(cost)
+            constraints.append(constraint_values(validation, cost))
+        return MetaValue(th.stack(rewards).mean(), th.stack(costs).mean(0), th.stack(constraints).mean(0))
+
+    def gradients(self, value: MetaValue, theta: Sequence[th.Tensor]) -> tuple[th.Tensor, th.Tensor]:
+        """dF/dθ and the rows dL_c/dθ: one vector-Jacobian product per scalar, never a loop over parameters."""
+        theta = list(theta)
+        reward_grad = flat_grad(value.reward, theta, retain_graph=True)
+        rows = [flat_grad(cost, theta, retain_graph=True) for cost in value.cost_surrogates]
+        return reward_grad, th.stack(rows) if rows else reward_grad.new_zeros(0, reward_grad.numel())
+
+    def stages_at(self, theta: Params, step: th.Tensor) -> list[list[Params]]:
+        """Every task's stage parameters at the candidate θ + ``step`` (no graph kept)."""
+        if not self.second_order:  # the inner steps held fixed
+            return [[add_flat(detached(params), step) for params in task.stages] for task in self.tasks]
+        candidate = add_flat(detached(theta), step)
+        with th.enable_grad():  # the replayed updates differentiate their surrogates (not the result)
+            return [
+                [
+                    detached(params)
+                    for params in replay_updates(
+                        self.actor,
+                        candidate,
+                        task.batches[:-1],
+                        self.inner_config,
+                        task.fractions,
+                        differentiable=False,
+                        fisher=self.fisher,
+                    )
+                ]
+                for task in self.tasks
+            ]
