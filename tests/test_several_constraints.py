@@ -1,0 +1,259 @@
+"""The CPO subproblem with m = 1, 2, 3 cost constraints against independent oracles: cvxpy on the primal problem
+with an explicit Fisher matrix (n = 5), the closed form for m = 1, central finite differences of the primal's
+solution; the recovery program against a direct cvxpy minimax; degenerate inputs; and a two-cost task learned by CPO.
+Everything numeric in float64 with fixed seeds."""
+
+import math
+
+import cvxpy as cp
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+from sb3_metacpo import CPO, make_task_distribution
+from sb3_metacpo.common.constraints import CostConstraints
+from sb3_metacpo.common.cpo_subproblem import cpo_direction, solve_dual_layer
+
+DTYPE = torch.float64
+N, DELTA = 5, 0.05
+# Tight enough for ~1e-7 accuracy with the trust region in second-order-cone form ‖Lᵀx‖ ≤ √(2δ) (H = LLᵀ).
+CLARABEL_TIGHT = {
+    "tol_gap_abs": 1e-11,
+    "tol_gap_rel": 1e-11,
+    "tol_feas": 1e-11,
+    "tol_ktratio": 1e-11,
+    "max_step_fraction": 0.95,
+}
+
+
+def random_spd(n, seed):
+    gen = torch.Generator().manual_seed(seed)
+    m = torch.randn(n, n, generator=gen, dtype=DTYPE)
+    return m @ m.T + 0.5 * torch.eye(n, dtype=DTYPE)
+
+
+H = random_spd(N, 42)
+L_FACTOR = torch.linalg.cholesky(H)
+
+
+def terms(g, A):
+    """v, W, q, r, S from an explicit H (independent of conjugate gradient)."""
+    v = torch.linalg.solve(H, g)
+    W = torch.linalg.solve(H, A.T).T
+    return v, W, g @ v, W @ g, A @ W.T
+
+
+def primal(g, A, b, delta=DELTA):
+    """x*, λ*, ν* of maximise gᵀx s.t. ½xᵀHx ≤ δ, b + Ax ≤ 0, by cvxpy (None when infeasible)."""
+    x = cp.Variable(N)
+    trust = cp.norm(L_FACTOR.numpy().T @ x) <= math.sqrt(2 * float(delta))
+    linear = b.numpy() + A.numpy() @ x <= 0
+    problem = cp.Problem(cp.Maximize(g.numpy() @ x), [trust, linear])
+    problem.solve(solver="CLARABEL", **CLARABEL_TIGHT)
+    if problem.status not in ("optimal", "optimal_inaccurate"):
+        return None
+    # The dual value μ of ‖Lᵀx‖ ≤ √(2δ) corresponds to λ = μ/√(2δ) in the convention ½xᵀHx ≤ δ.
+    lam = float(np.squeeze(trust.dual_value)) / math.sqrt(2 * float(delta))
+    return torch.from_numpy(x.value), lam, torch.from_numpy(np.atleast_1d(np.asarray(linear.dual_value)))
+
+
+def minimax(A, b, S, delta=DELTA):
+    """The recovery program by cvxpy: minimise the largest (b_j + a_jᵀx)/√(2δs_j) over the trust region."""
+    x, t = cp.Variable(N), cp.Variable()
+    scale = np.sqrt(2 * delta * np.diag(S.numpy()))
+    constraints = [cp.norm(L_FACTOR.numpy().T @ x) <= math.sqrt(2 * delta), (b.numpy() + A.numpy() @ x) / scale <= t]
+    problem = cp.Problem(cp.Minimize(t), constraints)
+    problem.solve(solver="CLARABEL", **CLARABEL_TIGHT)
+    return torch.from_numpy(x.value), float(t.value)
+
+
+def instance(m, kind, seed):
+    """g, A (m × n), b with b_j a multiple of √(2δs_j) (the largest decrease of cost j in the trust region)."""
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.randn(N, generator=gen, dtype=DTYPE)
+    noise = torch.randn(m, N, generator=gen, dtype=DTYPE)
+    # "binding": costs that rise with the reward (every constraint active at the optimum for the seeds used below)
+    A = g + 0.6 * noise if kind == "binding" else noise - 0.3 * g
+    _, _, _, _, S = terms(g, A)
+    radius = torch.sqrt(2 * DELTA * torch.diagonal(S))
+    ratios = {
+        "binding": torch.full((m,), 0.1, dtype=DTYPE),
+        "mixed": torch.tensor([0.4, -0.6, 0.2][:m], dtype=DTYPE),
+        "satisfied": torch.full((m,), -0.2, dtype=DTYPE),
+        "slack": torch.full((m,), -1.5, dtype=DTYPE),
+        "infeasible": torch.tensor([1.5, 0.9, 1.2][:m], dtype=DTYPE),
+    }[kind]
+    return g, A, ratios * radius
+
+
+@pytest.mark.parametrize("m", [1, 2, 3])
+@pytest.mark.parametrize("kind", ["binding", "mixed", "satisfied", "slack"])
+def test_step_matches_the_primal_solution(m, kind):
+    g, A, b = instance(m, kind, seed=10 * m + len(kind))
+    reference = primal(g, A, b)
+    assert reference is not None
+    x_ref, lam_ref, nu_ref = reference
+    v, W, q, r, S = terms(g, A)
+    solvers = ["cvxpylayers"] + (["analytic"] if m == 1 else [])
+    for solver in solvers:
+        result = cpo_direction(v, W, q, r, S, b, DELTA, solver=solver)
+        assert result.case == ("trpo" if kind == "slack" else "dual")
+        torch.testing.assert_close(result.x, x_ref, rtol=1e-6, atol=1e-6 * float(x_ref.abs().max()))
+        assert math.isclose(float(result.lam), lam_ref, rel_tol=1e-5)
+        torch.testing.assert_close(result.nu, nu_ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(result.expected_improvement, g @ result.x)
+        torch.testing.assert_close(result.expected_cost_changes, A @ result.x)
+
+
+def test_the_layer_agrees_with_the_closed_form_for_one_constraint():
+    gen = torch.Generator().manual_seed(3)
+    rows = []
+    for _ in range(40):
+        g, A = torch.randn(N, generator=gen, dtype=DTYPE), torch.randn(1, N, generator=gen, dtype=DTYPE)
+        _, _, q, r, S = terms(g, A)
+        b = (1.9 * torch.rand(1, generator=gen, dtype=DTYPE) - 0.95) * torch.sqrt(2 * DELTA * S[0, 0])
+        rows.append((q, r, S, b))
+    q, r, S, b = (torch.stack(column) for column in zip(*rows, strict=True))
+    delta = torch.full_like(q, DELTA)
+    lam_layer, nu_layer = solve_dual_layer(q, r, S, b, delta)
+    from sb3_metacpo.common.cpo_subproblem import solve_dual_analytic
+
+    lam_closed, nu_closed = solve_dual_analytic(q, r[:, 0], S[:, 0, 0], b[:, 0], delta)
+    assert torch.all((lam_layer - lam_closed).abs() <= 1e-6 * lam_closed)
+    assert torch.all((nu_layer[:, 0] - nu_closed).abs() <= 1e-6 * (nu_closed + torch.sqrt(q / S[:, 0, 0])))
+
+
+@pytest.mark.parametrize("m", [1, 2, 3])
+def test_recovery_minimises_the_largest_violation(m):
+    g, A, b = instance(m, "infeasible", seed=7 + m)
+    assert primal(g, A, b) is None  # no point of the trust region meets every constraint
+    v, W, q, r, S = terms(g, A)
+    result = cpo_direction(v, W, q, r, S, b, DELTA, solver="cvxpylayers")
+    assert result.case == "recovery"
+    x_ref, worst_ref = minimax(A, b, S)
+    scale = torch.sqrt(2 * DELTA * torch.diagonal(S))
+    worst = float(((b + A @ result.x) / scale).max())
+    assert worst == pytest.approx(worst_ref, abs=1e-6) and worst > 0
+    assert 0.5 * result.x @ H @ result.x <= DELTA * (1 + 1e-6)
+    if m == 1:  # the classic CPO recovery step −√(2δ/s)·w
+        torch.testing.assert_close(result.x, -torch.sqrt(2 * DELTA / S[0, 0]) * W[0])
+        torch.testing.assert_close(result.x, x_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_infeasibility_of_a_pair_each_feasible_alone_is_detected():
+    """Two constraints each satisfiable inside the trust region, but not together: a_2 = −a_1 with both violated."""
+    gen = torch.Generator().manual_seed(5)
+    g, a = torch.randn(N, generator=gen, dtype=DTYPE), torch.randn(N, generator=gen, dtype=DTYPE)
+    A = torch.stack([a, -a])
+    v, W, q, r, S = terms(g, A)
+    b = 0.5 * torch.sqrt(2 * DELTA * torch.diagonal(S))  # each alone needs half the trust region, in opposite ways
+    assert primal(g, A, b) is None
+    result = cpo_direction(v, W, q, r, S, b, DELTA, solver="cvxpylayers")
+    assert result.case == "recovery" and torch.isfinite(result.x).all()
+
+
+@pytest.mark.parametrize("m", [2, 3])
+def test_step_gradients_match_finite_differences_of_the_primal(m):
+    """d(cᵀx*)/d(g, A, b) through the layer against central differences of cvxpy's primal solution."""
+    g0, A0, b0 = instance(m, "binding", seed=19 + m)
+    weights = torch.randn(N, generator=torch.Generator().manual_seed(1), dtype=DTYPE)
+    packed0 = torch.cat([g0, A0.reshape(-1), b0])
+
+    def unpack(packed):
+        return packed[:N], packed[N : N + m * N].reshape(m, N), packed[N + m * N :]
+
+    packed = packed0.clone().requires_grad_()
+    g, A, b = unpack(packed)
+    v, W, q, r, S = terms(g, A)
+    result = cpo_direction(v, W, q, r, S, b, DELTA, solver="cvxpylayers")
+    assert result.case == "dual" and bool((result.nu > 1e-6).all())
+    (grad,) = torch.autograd.grad(weights @ result.x, packed)
+
+    h = 1e-5
+    numeric = torch.zeros_like(packed0)
+    for i in range(packed0.numel()):
+        values = []
+        for sign in (1, -1):
+            shifted = packed0.clone()
+            shifted[i] += sign * h
+            values.append(float(weights @ primal(*unpack(shifted))[0]))
+        numeric[i] = (values[0] - values[1]) / (2 * h)
+    torch.testing.assert_close(grad, numeric, rtol=1e-4, atol=1e-4 * float(numeric.abs().max()))
+
+
+def test_degenerate_problems_give_finite_steps_and_gradients():
+    """Parallel cost gradients, a zero cost gradient, g ∥ a, all constraints violated, none binding: no raise, no
+    NaN, finite gradients."""
+    gen = torch.Generator().manual_seed(9)
+    g, a = torch.randn(N, generator=gen, dtype=DTYPE), torch.randn(N, generator=gen, dtype=DTYPE)
+    problems = {
+        "parallel costs": torch.stack([a, 2 * a]),
+        "zero cost gradient": torch.stack([a, torch.zeros(N, dtype=DTYPE)]),
+        "cost parallel to reward": torch.stack([0.5 * g, a]),
+        "identical costs": torch.stack([a, a, a]),
+    }
+    for name, A in problems.items():
+        for ratio in (-2.0, -0.5, 0.0, 0.3, 0.99, 1.5):
+            packed = torch.cat([g, A.reshape(-1)]).clone().requires_grad_()
+            g_, A_ = packed[:N], packed[N:].reshape(A.shape)
+            v, W, q, r, S = terms(g_, A_)
+            b = ratio * torch.sqrt(2 * DELTA * torch.diagonal(S).detach().clamp_min(1e-12))
+            result = cpo_direction(v, W, q, r, S, b, DELTA, solver="cvxpylayers")
+            for value in (result.x, result.lam, result.nu, result.expected_cost_changes):
+                assert torch.isfinite(value).all(), (name, ratio)
+            (grad,) = torch.autograd.grad(result.x.sum() + result.lam, packed)
+            assert torch.isfinite(grad).all(), (name, ratio)
+
+
+def test_cost_limit_mappings_are_validated_before_any_step():
+    assert CostConstraints.from_cost_limit(3.0).names == ("cost",)
+    assert CostConstraints.from_cost_limit({"cost_a": 1, "cost_b": 2.5}).limits == (1.0, 2.5)
+    for bad, message in [
+        ({}, "empty mapping"),
+        ({"cost_a": 0.0}, "finite and > 0"),
+        ({"cost_a": float("inf")}, "finite and > 0"),
+        ({"cost_a": "1"}, "positive number"),
+        (float("nan"), "finite and > 0"),
+        (True, "positive number"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            CostConstraints.from_cost_limit(bad)
+    dist = make_task_distribution("Toy2DNav", seed=0)
+    with pytest.raises(ValueError, match=r"names \['cost_speed'\], which the task family Toy2DNav does not report"):
+        CPO("MlpPolicy", dist, cost_limit={"cost_hazards": 5.0, "cost_speed": 1.0})
+    with pytest.raises(ValueError, match="closed form of one constraint"):
+        CPO("MlpPolicy", dist, cost_limit={"cost": 5.0, "cost_hazards": 5.0}, dual_solver="analytic")
+
+
+class TwoCostBandit(gym.Env):
+    """Two independent costly bandits: reward a₀ + a₁, cost_a = 1 when a₀ > 0, cost_b = 1 when a₁ > 0. The reward
+    pulls each action into its own cost, so a limit on one cost says nothing about the other."""
+
+    observation_space = gym.spaces.Box(-1, 1, (1,), np.float32)
+    action_space = gym.spaces.Box(-3, 3, (2,), np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return np.zeros(1, np.float32), {}
+
+    def step(self, action):
+        cost_a, cost_b = float(action[0] > 0), float(action[1] > 0)
+        info = {"cost": cost_a + cost_b, "cost_a": cost_a, "cost_b": cost_b}
+        return np.zeros(1, np.float32), float(action[0] + action[1]), False, False, info
+
+
+def two_cost_stats(cost_limit):
+    env = gym.wrappers.TimeLimit(TwoCostBandit(), 10)
+    model = CPO("MlpPolicy", env, n_steps=500, cost_limit=cost_limit, target_kl=0.02, seed=0, policy_kwargs=dict(net_arch=[8]))
+    model.learn(10_000)
+    episodes = list(model.ep_info_buffer)[-50:]
+    return {name: float(np.mean([e["episode_costs"][name] for e in episodes])) for name in ("cost_a", "cost_b")}
+
+
+def test_cpo_with_both_limits_keeps_both_costs_where_one_limit_breaks_the_other():
+    # The initial policy costs 5 of each per episode, over both limits of 3.
+    both = two_cost_stats({"cost_a": 3.0, "cost_b": 3.0})
+    assert both["cost_a"] <= 3.5 and both["cost_b"] <= 3.5, both
+    a_only = two_cost_stats({"cost_a": 3.0})
+    assert a_only["cost_a"] <= 3.5 and a_only["cost_b"] >= 8.0, a_only
