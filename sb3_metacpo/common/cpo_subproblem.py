@@ -443,6 +443,9 @@ def cpo_direction(
             f"inconsistent shapes: v {tuple(v.shape)}, W {tuple(W.shape)}, r {tuple(r.shape)}, S {tuple(S.shape)}, "
             f"b {tuple(b.shape)}"
         )
+    # S = A·Wᵀ from conjugate gradient is symmetric only up to CG's accuracy: use its symmetric part (the layers'
+    # Cholesky factorisations read one triangle, and their derivatives assume a symmetric perturbation).
+    S = 0.5 * (S + S.transpose(-1, -2))
     if solver == "analytic" and m > 1:
         raise ValueError(
             f"the closed-form dual exists only for one constraint, got {m}: use dual_solver='cvxpylayers' "

@@ -32,8 +32,9 @@ from sb3_metacpo.common.rollouts import TaskBatch
 Params = dict[str, th.Tensor]
 #: ``actor(observations, params) -> (mean, log_std)`` of the diagonal Gaussian policy.
 ActorFn = Callable[[th.Tensor, Params], tuple[th.Tensor, th.Tensor]]
-#: ``values(observations) -> (reward values (n,), cost values (n, m))``, numpy; None selects the linear baseline.
-CriticFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+#: ``values(observations, time_fractions) -> (reward values (n,), cost values (n, m))``, numpy, the time fraction being
+#: step / episode length; None selects the linear baseline.
+CriticFn = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 #: ``fisher(params, observations, damping, create_graph) -> (v -> (F + damping I) v)``, as :func:`fisher_product`
 #: (e.g. :meth:`CPOPolicy.fisher_product`, its closed form for the MLP actor).
 FisherFn = Callable[[Params, th.Tensor, float, bool], Callable[[th.Tensor], th.Tensor]]
@@ -76,6 +77,8 @@ class PreparedBatch:
     n_episodes: int
     reward_returns: np.ndarray  # critic targets (GAE lambda-returns), flat
     cost_returns: np.ndarray  # (n, m)
+    time_fractions: th.Tensor | None = None  # step / episode length of each sample (the cost critic's time input)
+    episode_cost_sem: np.ndarray | None = None  # (m,): standard error of episode_costs (NaN with < 2 episodes)
 
 
 def gaussian_log_prob(mean: th.Tensor, log_std: th.Tensor, actions: th.Tensor) -> th.Tensor:
@@ -121,7 +124,11 @@ def prepare_batch(
 
     Cost advantages use ``cost_gamma`` (1 by default: the constraint is on the undiscounted episode cost, and a
     discounted cost advantage would understate the predicted cost change by a factor ~(1 - gamma^T) / ((1 - gamma) T)).
-    ``critic=None`` fits a :class:`LinearFeatureBaseline` to this batch for reward and for each cost. J_C is the mean
+    With ``cost_gamma = 1`` the cost-to-go is finite-horizon: an episode cut by the time limit has no cost left, so
+    the cost is not bootstrapped at truncation (only at the end of the batch, mid-episode); bootstrapping the
+    undiscounted cost there has no fixed point and made the cost critic diverge. The reward, discounted, is
+    bootstrapped at truncation as usual. ``critic=None`` fits a :class:`LinearFeatureBaseline` to this batch for
+    reward and for each cost; otherwise ``critic`` gets each observation's time within its episode. J_C is the mean
     cost of the batch's completed episodes; a batch without one uses its mean step cost times ``episode_length``.
     """
     dones = batch.dones
@@ -130,8 +137,11 @@ def prepare_batch(
         raise ValueError(f"{len(cost_limits)} cost limits for a batch of {n_costs} cost signals")
     signals = [batch.rewards, *(batch.costs[..., j] for j in range(n_costs))]
     discounts = [gamma] + [cost_gamma] * n_costs
+    cost_terminal = dones if cost_gamma == 1.0 else batch.terminated
+    terminals = [batch.terminated] + [cost_terminal] * n_costs
+    steps = batch.episode_steps if batch.episode_steps is not None else episode_steps(dones)
+    time_fractions = np.minimum(steps / episode_length, 1.0)
     if critic is None:
-        steps = episode_steps(dones)
         values, next_values = [], []
         for signal, discount in zip(signals, discounts, strict=True):
             baseline = LinearFeatureBaseline(episode_length)
@@ -140,13 +150,17 @@ def prepare_batch(
             next_values.append(baseline.predict(batch.next_observations, steps + 1))
     else:
         flat_obs = batch.observations.reshape(-1, batch.observations.shape[-1])
-        (value_r, value_c), (next_r, next_c) = critic(flat_obs), critic(batch.next_observations.reshape(flat_obs.shape))
+        next_time = np.minimum((steps + 1) / episode_length, 1.0).reshape(-1)
+        value_r, value_c = critic(flat_obs, time_fractions.reshape(-1))
+        next_r, next_c = critic(batch.next_observations.reshape(flat_obs.shape), next_time)
         shape = batch.rewards.shape
         values = [value_r.reshape(shape), *(value_c[:, j].reshape(shape) for j in range(n_costs))]
         next_values = [next_r.reshape(shape), *(next_c[:, j].reshape(shape) for j in range(n_costs))]
     advantages = [
-        compute_gae(signal, value, next_value, batch.terminated, dones, discount, gae_lambda)
-        for signal, value, next_value, discount in zip(signals, values, next_values, discounts, strict=True)
+        compute_gae(signal, value, next_value, terminal, dones, discount, gae_lambda)
+        for signal, value, next_value, terminal, discount in zip(
+            signals, values, next_values, terminals, discounts, strict=True
+        )
     ]
     returns = [advantage + value for advantage, value in zip(advantages, values, strict=True)]
 
@@ -166,11 +180,14 @@ def prepare_batch(
     cost_adv = cost_adv - cost_adv.mean(0)
 
     if batch.episodes:
-        episode_costs = batch.episode_constraint_costs.mean(0)
+        per_episode = batch.episode_constraint_costs
+        episode_costs = per_episode.mean(0)
+        sem = per_episode.std(0, ddof=1) / np.sqrt(len(per_episode)) if len(per_episode) > 1 else np.full(n_costs, np.nan)
         episode_reward = float(np.mean(batch.episode_rewards))
         length = float(np.mean([episode.length for episode in batch.episodes]))
     else:
         episode_costs = batch.costs.reshape(-1, n_costs).mean(0) * episode_length
+        sem = np.full(n_costs, np.nan)
         episode_reward = float(batch.rewards.mean()) * episode_length
         length = float(episode_length)
     return PreparedBatch(
@@ -185,6 +202,8 @@ def prepare_batch(
         n_episodes=len(batch.episodes),
         reward_returns=returns[0].reshape(-1),
         cost_returns=np.stack([ret.reshape(-1) for ret in returns[1:]], axis=-1),
+        time_fractions=to_tensor(time_fractions),
+        episode_cost_sem=sem,
     )
 
 

@@ -95,8 +95,16 @@ class CPOPolicy(ActorCriticPolicy):
     def _build(self, lr_schedule: Schedule) -> None:
         super()._build(lr_schedule)
         assert isinstance(self.action_dist, DiagGaussianDistribution)
+        # The cost critic sees the time within the episode (t / episode length) beside the features: the constraint
+        # is on the undiscounted, finite-horizon episode cost, whose cost-to-go depends on the time left.
         self.cost_mlp = copy.deepcopy(self.mlp_extractor.value_net)
-        self.cost_value_net = nn.Linear(self.mlp_extractor.latent_dim_vf, self.n_costs)
+        first = next((i for i, module in enumerate(self.cost_mlp) if isinstance(module, nn.Linear)), None)
+        if first is None:
+            self.cost_value_net = nn.Linear(self.mlp_extractor.latent_dim_vf + 1, self.n_costs)
+        else:
+            layer = self.cost_mlp[first]
+            self.cost_mlp[first] = nn.Linear(layer.in_features + 1, layer.out_features)
+            self.cost_value_net = nn.Linear(self.mlp_extractor.latent_dim_vf, self.n_costs)
         if self.ortho_init:
             self.cost_mlp.apply(partial(self.init_weights, gain=np.sqrt(2)))
             self.cost_value_net.apply(partial(self.init_weights, gain=1))
@@ -270,19 +278,28 @@ class CPOPolicy(ActorCriticPolicy):
         return mean + th.randn_like(mean) * log_std.exp()
 
     def fit_critics(
-        self, observations: th.Tensor, reward_targets: th.Tensor, cost_targets: th.Tensor, n_epochs: int, batch_size: int
+        self,
+        observations: th.Tensor,
+        reward_targets: th.Tensor,
+        cost_targets: th.Tensor,
+        n_epochs: int,
+        batch_size: int,
+        time_fractions: th.Tensor,
     ) -> float:
         """Regress the reward and cost critics on their targets (``n_epochs`` of Adam minibatches); mean loss.
 
-        ``cost_targets`` has one column per cost signal, shape (n, n_costs) (or (n,) for one)."""
+        ``cost_targets`` has one column per cost signal, shape (n, n_costs) (or (n,) for one); ``time_fractions``
+        is each sample's time within its episode (step / episode length), the cost critic's extra input."""
         cost_targets = cost_targets.reshape(len(observations), self.n_costs)
+        if not (th.isfinite(reward_targets).all() and th.isfinite(cost_targets).all()):
+            raise ValueError("non-finite critic targets: the critics were left unchanged")
         self.set_training_mode(True)
         losses = []
         for _ in range(n_epochs):
             for indices in th.randperm(len(observations), device=observations.device).split(batch_size):
                 obs = observations[indices]
                 loss = nn.functional.mse_loss(self.predict_values(obs).flatten(), reward_targets[indices])
-                loss = loss + nn.functional.mse_loss(self.predict_costs(obs), cost_targets[indices])
+                loss = loss + nn.functional.mse_loss(self.predict_costs(obs, time_fractions[indices]), cost_targets[indices])
                 self.optimizer.zero_grad()
                 loss.backward()
                 self.optimizer.step()
@@ -290,16 +307,20 @@ class CPOPolicy(ActorCriticPolicy):
         self.set_training_mode(False)
         return float(np.mean(losses))
 
-    def predict_costs(self, obs: th.Tensor) -> th.Tensor:
-        """Cost-value estimates, shape (n, n_costs)."""
+    def predict_costs(self, obs: th.Tensor, time_fractions: th.Tensor) -> th.Tensor:
+        """Cost-value estimates (expected cost to the end of the episode), shape (n, n_costs); ``time_fractions``:
+        each observation's time within its episode, step / episode length, shape (n,)."""
         features = self.extract_features(obs, self.vf_features_extractor)
-        return self.cost_value_net(self.cost_mlp(features))
+        time = time_fractions.reshape(-1, 1).to(features.dtype)
+        return self.cost_value_net(self.cost_mlp(th.cat([features, time], dim=-1)))
 
     @th.no_grad()
-    def critic_values(self, observations: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Reward and cost value estimates of raw observations ``(n, obs_dim)``: shapes (n,) and (n, n_costs)."""
+    def critic_values(self, observations: np.ndarray, time_fractions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Reward and cost value estimates of raw observations ``(n, obs_dim)`` at times ``time_fractions`` (n,)
+        within their episodes: shapes (n,) and (n, n_costs)."""
         obs = th.as_tensor(observations, device=self.device)
-        return self.predict_values(obs).cpu().numpy().reshape(-1), self.predict_costs(obs).cpu().numpy()
+        time = th.as_tensor(time_fractions, device=self.device)
+        return self.predict_values(obs).cpu().numpy().reshape(-1), self.predict_costs(obs, time).cpu().numpy()
 
 
 MlpPolicy = CPOPolicy

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
 
+from sb3_metacpo.common.advantages import episode_steps
 from sb3_metacpo.common.envs import EnvFactory
 from sb3_metacpo.tasks.base import Task, TaskDistribution
 from sb3_metacpo.tasks.monitor import TOTAL_COST, is_cost_key
@@ -52,6 +53,7 @@ class TaskBatch:
     truncated: np.ndarray  # the episode ended at this step by the time limit
     next_observations: np.ndarray  # observation after each step (the terminal one where an episode ended)
     episodes: list[EpisodeRecord] = field(default_factory=list)
+    episode_steps: np.ndarray | None = None  # (n_steps, n_envs): index of each step within its episode
 
     @property
     def n_steps(self) -> int:
@@ -156,8 +158,22 @@ class RolloutStorage:
                 ended.append((index, record))
         return ended
 
-    def batch(self, task: Task | None, columns: np.ndarray | slice, episodes: list[EpisodeRecord]) -> TaskBatch:
-        """The rollout of the envs selected by ``columns`` as a :class:`TaskBatch`."""
+    def batch(
+        self,
+        task: Task | None,
+        columns: np.ndarray | slice,
+        episodes: list[EpisodeRecord],
+        first_steps: np.ndarray | None = None,
+    ) -> TaskBatch:
+        """The rollout of the envs selected by ``columns`` as a :class:`TaskBatch`.
+
+        ``first_steps``: the index within its episode of each selected env's first step (default: 0, the rollout
+        starts fresh episodes)."""
+        dones = self.terminated[:, columns] | self.truncated[:, columns]
+        steps = episode_steps(dones)
+        if first_steps is not None:  # the first episode of each env continues from an earlier rollout
+            before_first_done = np.cumsum(np.vstack([np.zeros((1, dones.shape[1]), bool), dones[:-1]]), axis=0) == 0
+            steps = steps + np.where(before_first_done, np.asarray(first_steps)[None, :], 0)
         return TaskBatch(
             task=task,
             observations=self.observations[:, columns],
@@ -168,6 +184,7 @@ class RolloutStorage:
             truncated=self.truncated[:, columns],
             next_observations=self.next_observations[:, columns],
             episodes=episodes,
+            episode_steps=steps,
         )
 
 

@@ -208,6 +208,20 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):
     def _excluded_save_params(self) -> list[str]:
         return [*super()._excluded_save_params(), "task_distribution", "_rollout", "_adaptation_sampler_cache"]
 
+    def _setup_learn(
+        self,
+        total_timesteps: int,
+        callback: MaybeCallback = None,
+        reset_num_timesteps: bool = True,
+        tb_log_name: str = "run",
+        progress_bar: bool = False,
+    ) -> tuple[int, BaseCallback]:
+        resets = reset_num_timesteps or self._last_obs is None  # SB3 resets the envs then
+        result = super()._setup_learn(total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar)
+        if resets or getattr(self, "_episode_step_at_rollout_start", None) is None:
+            self._episode_step_at_rollout_start = np.zeros(self.n_envs, dtype=np.int64)
+        return result
+
     def set_env(self, env: SafeEnv, force_reset: bool = True) -> None:  # type: ignore[override]
         """Train on ``env`` from now on: anything the constructor accepts, including a task of the training family
         (fine-tuning on one task is how CPO adapts in the benchmark). The number of envs may change."""
@@ -251,7 +265,10 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):
                 episodes.extend(episode for _, episode in ended)
                 self._last_obs = new_obs  # type: ignore[assignment]
                 self._last_episode_starts = dones
-        self._rollout = storage.batch(None, slice(None), episodes)
+        self._rollout = storage.batch(None, slice(None), episodes, first_steps=self._episode_step_at_rollout_start)
+        # Episodes run on across rollouts: where each env's current episode stands for the next rollout.
+        self._episode_step_at_rollout_start = self._rollout.episode_steps[-1] + 1  # type: ignore[index]
+        self._episode_step_at_rollout_start[self._rollout.dones[-1]] = 0
         callback.update_locals(locals())
         callback.on_rollout_end()
         return True
@@ -280,6 +297,7 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):
                 th.as_tensor(prepared.cost_returns, device=self.device).float(),
                 self.n_critic_updates,
                 self.batch_size,
+                prepared.time_fractions.float(),  # type: ignore[union-attr]
             )
         self._n_updates += 1
         record = self.logger.record

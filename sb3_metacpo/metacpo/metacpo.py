@@ -463,8 +463,9 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):
         observations = th.cat([p.observations for p in prepared]).float()
         reward_targets = th.as_tensor(np.concatenate([p.reward_returns for p in prepared]), device=self.device).float()
         cost_targets = th.as_tensor(np.concatenate([p.cost_returns for p in prepared]), device=self.device).float()
+        times = th.cat([p.time_fractions for p in prepared]).float()  # type: ignore[misc]
         loss = self.policy.fit_critics(
-            observations, reward_targets, cost_targets, self.n_critic_updates, self.critic_batch_size
+            observations, reward_targets, cost_targets, self.n_critic_updates, self.critic_batch_size, times
         )
         self.logger.record("train/value_loss", loss)
 
