@@ -604,7 +604,8 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     _report_adaptation(records, folder, plan[0])
     from sb3_metacpo.plots import plot_learning_curves
 
-    _try_plot(lambda: plot_learning_curves(runs, folder / "learning_curves.png", title=f"{args.family}"), "learning curves")
+    if runs:
+        _try_plot(lambda: plot_learning_curves(runs, folder / "learning_curves.png", title=args.family), "learning curves")
     print(f"benchmark folder: {folder}")
     return 0
 

@@ -197,8 +197,9 @@ def plot_learning_curves(
         axis.set_xlabel("env steps")
         axis.set_ylabel(name)
         axis.grid(alpha=0.3)
-    axes[1].legend(fontsize=8)
-    axes[0].legend(fontsize=8)
+    for axis in axes:
+        if axis.get_legend_handles_labels()[0]:  # no curve when no episode ended yet
+            axis.legend(fontsize=8)
     if title:
         fig.suptitle(textwrap.fill(title, 130), fontsize=9)
     fig.tight_layout()

@@ -162,3 +162,10 @@ def test_module_entry_point_and_console_script():
     assert result.returncode == 0, result.stderr
     assert "--hyperparams KEY:VALUE" in result.stdout and "--log-folder" in result.stdout
     assert '"sb3-metacpo=sb3_metacpo.cli:main"' in (ROOT / "setup.py").read_text()
+
+
+def test_plot_command(run_folder, tmp_path):
+    out = tmp_path / "curves.png"
+    assert main(["plot", str(run_folder), str(run_folder), "-o", str(out), "--title", "twice"]) == 0
+    assert out.stat().st_size > 10_000
+    assert main(["plot", str(tmp_path)]) == 2  # nothing to plot there
