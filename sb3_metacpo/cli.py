@@ -27,6 +27,7 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
+import torch as th
 import yaml
 from stable_baselines3.common.logger import configure
 from stable_baselines3.common.vec_env import DummyVecEnv
@@ -676,6 +677,12 @@ def build_parser() -> argparse.ArgumentParser:
         f"{default_config_file('MetaCPO').parent}",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=1,
+        help="torch CPU threads (default: 1, fastest for these small networks and fair to the env stepping)",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
 
     train = commands.add_parser(
@@ -776,6 +783,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``sb3-metacpo`` and ``python -m sb3_metacpo``; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    th.set_num_threads(args.threads)
     try:
         return int(args.handler(args))
     except (ConfigError, CLIError) as error:
