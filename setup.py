@@ -15,7 +15,8 @@ setup(
     long_description=long_description,
     long_description_content_type="text/markdown",
     packages=find_packages(exclude=["tests", "tests.*", "benchmarks", "examples"]),
-    package_data={"sb3_metacpo": ["py.typed", "version.txt"]},
+    package_data={"sb3_metacpo": ["py.typed", "version.txt", "hyperparams/*.yml"]},
+    entry_points={"console_scripts": ["sb3-metacpo=sb3_metacpo.cli:main"]},
     python_requires=">=3.11",
     # safety-gymnasium 1.0.0 is deliberately absent: its own pins (gymnasium==0.28.1, pygame==2.1.0) cannot be
     # installed on Python 3.11 next to SB3 2.9. Install it with `pip install --no-deps safety-gymnasium==1.0.0`
@@ -38,8 +39,11 @@ setup(
         "rich",
     ],
     extras_require={
-        "tests": ["pytest>=8", "pytest-timeout", "ruff", "matplotlib"],
+        "tests": ["pytest>=8", "pytest-timeout", "ruff", "matplotlib", "tensorboard"],
+        # learning and adaptation curves, GIFs (imageio is already a dependency)
         "plots": ["matplotlib"],
+        # tensorboard_log= and the command line's TensorBoard logs
+        "tensorboard": ["tensorboard"],
         "docs": ["sphinx>=7", "sphinx-rtd-theme", "myst-parser"],
     },
     license="MIT",

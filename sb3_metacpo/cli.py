@@ -1,0 +1,795 @@
+"""The command line: ``sb3-metacpo`` (or ``python -m sb3_metacpo``) with ``train``, ``evaluate``, ``adapt``,
+``benchmark`` and ``plot``.
+
+Built on argparse (standard library: no dependency, and subcommands with per-option help are all it needs), with
+the RL Zoo's option names where they apply (``--algo``, ``--env``, ``-conf/--conf-file``, ``--hyperparams``,
+``-n/--n-timesteps``, ``--seed``, ``-f/--log-folder``). It uses only the algorithms' public API (constructors,
+``learn``, ``save``/``load``, ``predict``, ``adaptation_steps``, ``evaluate_params``, ``adapt``, ``set_logger``).
+
+A run folder ``<log-folder>/<algo>_<family>_<n>`` holds ``config.yml`` (everything resolved: algorithm, family,
+seed, budget, cost limit, hyperparameters, command), ``hyperparams.yml`` (the hyperparameters in the config-file
+format, reusable with ``-conf``), ``progress.csv`` (SB3's CSV logger), TensorBoard event files (when tensorboard is
+installed), ``model.zip`` and ``learning_curves.png``; ``evaluate`` and ``adapt`` add ``evaluation.csv``,
+``adaptation.csv`` and ``adaptation.png`` (and GIFs with ``--gif``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import re
+import shlex
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch as th
+import yaml
+from stable_baselines3.common.logger import configure
+from stable_baselines3.common.vec_env import DummyVecEnv
+from tqdm.auto import tqdm
+
+from sb3_metacpo.config import (
+    ALGOS,
+    ConfigError,
+    check_algo,
+    default_config_file,
+    load_hyperparams,
+    parse_overrides,
+    to_constructor,
+)
+from sb3_metacpo.cpo import CPO
+from sb3_metacpo.tasks.base import Task, TaskDistribution, list_task_distributions, make_task_distribution
+
+#: Held-out task i is evaluated on episodes seeded from EVAL_SEED + i (as in benchmarks/adaptation.py).
+EVAL_SEED = 10_000
+MODEL_FILE = "model.zip"
+META_ALGOS = ("MetaCPO", "MetaTRPO")
+BENCHMARK_METHODS = ("MetaCPO", "MetaTRPO", "CPO", "CPO-scratch")
+
+
+class CLIError(Exception):
+    """An error the command line reports in one line (exit status 2)."""
+
+
+# --- run folders -------------------------------------------------------------------------------------------------
+def new_run_folder(log_folder: str | Path, algo: str, key: str) -> Path:
+    """``<log_folder>/<algo>_<key>_<n>`` with n one more than the largest existing (from 1, as the RL Zoo)."""
+    root = Path(log_folder)
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"{algo}_{key}"
+    pattern = re.compile(rf"^{re.escape(name)}_(\d+)$")
+    numbers = [int(m.group(1)) for p in root.iterdir() if (m := pattern.match(p.name))]
+    while True:  # mkdir without exist_ok: two runs started at once cannot share a folder
+        folder = root / f"{name}_{max(numbers, default=0) + 1}"
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            numbers.append(max(numbers, default=0) + 1)
+
+
+def logger_formats(verbose: int, tensorboard: bool) -> list[str]:
+    """csv always; stdout when verbose; tensorboard when asked for and installed."""
+    formats = ["csv"]
+    if verbose >= 1:
+        formats.append("stdout")
+    if tensorboard and importlib.util.find_spec("tensorboard") is not None:
+        formats.append("tensorboard")
+    return formats
+
+
+def train_run(
+    algo: str,
+    family: str | None = None,
+    env_id: str | None = None,
+    conf_file: str | Path | None = None,
+    hyperparams: Sequence[str] | None = None,
+    n_timesteps: int | None = None,
+    seed: int | None = None,
+    log_folder: str | Path = "logs",
+    verbose: int = 1,
+    progress: bool = True,
+    tensorboard: bool = True,
+    plots: bool = True,
+    device: str | None = None,
+) -> Path:
+    """Train one model into a new run folder and return the folder (what ``sb3-metacpo train`` does).
+
+    Every configuration error is raised (as :class:`~sb3_metacpo.config.ConfigError` or :class:`CLIError`) before
+    anything is trained.
+    """
+    algo_cls = check_algo(algo)
+    if (family is None) == (env_id is None):
+        raise CLIError("give exactly one of --family (a task family) and --env (a gymnasium env id, CPO only)")
+    if env_id is not None and algo != "CPO":
+        raise CLIError(f"--env {env_id} trains on one env, which only CPO does; {algo} needs --family")
+    if family is not None and family not in list_task_distributions():
+        raise CLIError(f"unknown family {family!r}; valid choices: {', '.join(list_task_distributions())}")
+    key = family if family is not None else str(env_id)
+    overrides = parse_overrides(hyperparams)
+    resolved = load_hyperparams(algo, key, conf_file, overrides, allow_missing=env_id is not None)
+    policy, budget, env_kwargs, kwargs = to_constructor(resolved)
+    if device is not None:
+        kwargs["device"] = device
+    n_timesteps = n_timesteps if n_timesteps is not None else budget
+    if n_timesteps is None or n_timesteps < 1:
+        raise CLIError(f"no training budget for {key}: give -n/--n-timesteps (or n_timesteps in the config file)")
+    if env_kwargs and env_id is not None:
+        raise CLIError("env_kwargs apply to task families only (make_task_distribution arguments)")
+    resolved["n_timesteps"] = int(n_timesteps)  # so that hyperparams.yml (-conf) reproduces the run
+    if seed is None:
+        seed = int(np.random.SeedSequence().generate_state(1)[0] % 2**31)  # recorded in config.yml
+
+    env: Any = env_id
+    if family is not None:
+        try:
+            env = make_task_distribution(family, seed=seed, **env_kwargs)
+        except (TypeError, ValueError) as error:
+            raise CLIError(f"env_kwargs of {family}: {error}") from error
+    try:
+        model = algo_cls(policy, env, seed=seed, verbose=verbose, **kwargs)
+    except (TypeError, ValueError) as error:
+        source = conf_file or default_config_file(algo)
+        raise CLIError(f"invalid hyperparameters for {algo} on {key} (from {source} and --hyperparams): {error}") from error
+
+    folder = new_run_folder(log_folder, algo, key)
+    config = {
+        "algo": algo,
+        "family": family,
+        "env": env_id,
+        "seed": seed,
+        "n_timesteps": int(n_timesteps),
+        "cost_limit": _cost_limit(model, env if isinstance(env, TaskDistribution) else None),
+        "conf_file": str(Path(conf_file).resolve()) if conf_file is not None else str(default_config_file(algo)),
+        "overrides": overrides,
+        "hyperparams": resolved,
+        "command": _command_line(),
+        "sb3_metacpo_version": _version(),
+    }
+    (folder / "config.yml").write_text(yaml.safe_dump(config, sort_keys=False))
+    (folder / "hyperparams.yml").write_text(yaml.safe_dump({key: resolved}, sort_keys=False))
+    model.set_logger(configure(str(folder), logger_formats(verbose, tensorboard)))
+    print(f"training {algo} on {key} for {n_timesteps} env steps (seed {seed}) into {folder}", flush=True)
+    start = time.perf_counter()
+    model.learn(int(n_timesteps), progress_bar=progress)
+    seconds = time.perf_counter() - start
+    model.save(folder / MODEL_FILE)
+    model.logger.close()
+    print(f"trained {model.num_timesteps} env steps in {seconds:.1f} s; model: {folder / MODEL_FILE}", flush=True)
+    if plots:
+        _try_plot(lambda: _plot_learning(folder, f"{algo} on {key}, seed {seed}"), "learning curves")
+    return folder
+
+
+def _plot_learning(folder: Path, title: str) -> None:
+    from sb3_metacpo.plots import plot_learning_curves
+
+    plot_learning_curves(folder, folder / "learning_curves.png", title=title)
+    print(f"learning curves: {folder / 'learning_curves.png'}")
+
+
+def _try_plot(function: Any, what: str) -> None:
+    try:
+        function()
+    except ImportError as error:
+        print(f"no {what}: {error}", file=sys.stderr)
+
+
+def _cost_limit(model: Any, distribution: TaskDistribution | None) -> float | None:
+    limit = getattr(model, "effective_cost_limit", None)
+    if isinstance(limit, (int, float)):
+        return float(limit)
+    if getattr(model, "cost_limit", None) is not None:
+        return float(model.cost_limit)
+    return float(distribution.default_cost_limit) if distribution is not None else None
+
+
+def _command_line() -> str:
+    program = "python -m sb3_metacpo" if Path(sys.argv[0]).name == "__main__.py" else Path(sys.argv[0]).name
+    return " ".join([program, *(shlex.quote(a) for a in sys.argv[1:])])
+
+
+def _version() -> str:
+    from sb3_metacpo import __version__
+
+    return __version__
+
+
+# --- loading -----------------------------------------------------------------------------------------------------
+class LoadedRun:
+    """A model and what is known of its run: the algorithm, the family (or env id), the config, the folder."""
+
+    def __init__(self, target: str | Path, algo: str | None = None, family: str | None = None) -> None:
+        path = Path(target)
+        if path.is_dir():
+            model_path = path / MODEL_FILE
+            config_folder = path
+        else:
+            model_path = path if path.suffix == ".zip" or not path.with_suffix(".zip").exists() else path.with_suffix(".zip")
+            config_folder = model_path.parent
+        if not model_path.exists():
+            raise CLIError(f"no model at {model_path}: give a run folder of `sb3-metacpo train` or a saved model (.zip)")
+        config_path = config_folder / "config.yml"
+        self.config: dict[str, Any] = {}
+        if config_path.exists():
+            loaded = yaml.safe_load(config_path.read_text())
+            self.config = loaded if isinstance(loaded, dict) else {}
+        name = algo or self.config.get("algo")
+        if name is None:
+            raise CLIError(f"{model_path} has no config.yml beside it: give --algo ({', '.join(ALGOS)})")
+        check_algo(str(name))
+        self.algo = str(name)
+        self.family: str | None = family or self.config.get("family")
+        self.env_id: str | None = None if family else self.config.get("env")
+        self.seed = int(self.config.get("seed") or 0)
+        self.model_path = model_path
+        self.folder = config_folder
+        env_kwargs = (self.config.get("hyperparams") or {}).get("env_kwargs") or {}
+        self.distribution = (
+            make_task_distribution(self.family, seed=self.seed, **env_kwargs) if self.family is not None else None
+        )
+
+    def load(self, env: Any = None, **kwargs: Any) -> Any:
+        """The model, loaded with ``env`` (default: the run's task distribution, for MetaCPO and MetaTRPO)."""
+        if env is None and self.algo in META_ALGOS:
+            env = self.distribution
+        return ALGOS[self.algo].load(str(self.model_path), env=env, **kwargs)
+
+    def require_distribution(self, what: str) -> TaskDistribution:
+        if self.distribution is None:
+            model = self.load()
+            distribution = getattr(model, "task_distribution", None)
+            if not isinstance(distribution, TaskDistribution):
+                raise CLIError(f"{what} needs a model trained on a task family (give --family); {self.model_path} has none")
+            self.distribution = distribution
+        return self.distribution
+
+
+# --- evaluation and adaptation -----------------------------------------------------------------------------------
+def run_episodes(model: Any, env: gym.Env, n_episodes: int, seed: int, deterministic: bool) -> tuple[list[float], list[float]]:
+    """Returns and costs (``info["cost"]`` summed) of ``n_episodes`` episodes of ``model.predict`` on ``env``."""
+    returns, costs = [], []
+    observation, _ = env.reset(seed=seed)
+    for episode in range(n_episodes):
+        if episode > 0:
+            observation, _ = env.reset()
+        episode_return, episode_cost, done = 0.0, 0.0, False
+        while not done:
+            action, _ = model.predict(observation, deterministic=deterministic)
+            observation, reward, terminated, truncated, info = env.step(action)
+            if "cost" not in info:
+                raise CLIError("the env reports no info['cost']: evaluation needs a safety env")
+            episode_return += float(reward)
+            episode_cost += float(info["cost"])
+            done = bool(terminated or truncated)
+        returns.append(episode_return)
+        costs.append(episode_cost)
+    return returns, costs
+
+
+def adaptation_records(
+    method: str,
+    run: LoadedRun | None,
+    distribution: TaskDistribution,
+    tasks: Sequence[Task],
+    seed: int,
+    n_updates: int,
+    n_steps: int | None,
+    n_eval_episodes: int,
+    deterministic: bool,
+    target_kl: float = 0.05,
+    progress: bool = True,
+) -> Iterator[tuple[dict[str, Any], Any]]:
+    """Yield ``(record, model)`` after 0 .. n_updates adaptation updates on each task (records: see
+    :mod:`sb3_metacpo.plots`); ``model`` acts with that stage's policy only for CPO.
+
+    MetaCPO/MetaTRPO adapt with ``adaptation_steps`` from the meta-parameters and are evaluated with
+    ``evaluate_params`` (fresh episodes from the model's own seeded stream). CPO is fine-tuned on the task with
+    ``learn`` (``n_steps`` per update, trust region ``target_kl``, as benchmarks/adaptation.py) and evaluated with
+    ``predict`` on episodes seeded from ``EVAL_SEED + task index``; with ``run=None`` it starts from a random
+    policy (CPO-scratch).
+    """
+    bar = tqdm(total=len(tasks) * (n_updates + 1), desc=f"adapting {method}", disable=not progress)
+    for index, task in enumerate(tasks):
+        stages: Iterator[tuple[int, Any, tuple[float, float, int] | None]]
+        if run is not None and run.algo in META_ALGOS:
+            meta = run.load()
+            stages = (
+                (k, meta, meta.evaluate_params(task, params, n_eval_episodes, deterministic))
+                for k, params in meta.adaptation_steps(task, n_updates, n_steps)
+            )
+        else:
+            stages = _cpo_stages(run, distribution, task, seed, n_updates, n_steps, target_kl)
+        for k, model, evaluation in stages:
+            if evaluation is None:
+                returns, costs = run_episodes(
+                    model, distribution.make_env(task), n_eval_episodes, EVAL_SEED + index, deterministic
+                )
+                evaluation = (float(np.mean(returns)), float(np.mean(costs)), len(returns))
+            bar.update(1)
+            record = {
+                "method": method,
+                "task": index,
+                "seed": seed,
+                "update": k,
+                "return": evaluation[0],
+                "cost": evaluation[1],
+                "cost_limit": _cost_limit(model, distribution),
+                "n_episodes": evaluation[2],
+                "task_params": task.short(),
+            }
+            yield record, model
+    bar.close()
+
+
+def _cpo_stages(
+    run: LoadedRun | None,
+    distribution: TaskDistribution,
+    task: Task,
+    seed: int,
+    n_updates: int,
+    n_steps: int | None,
+    target_kl: float,
+) -> Iterator[tuple[int, Any, None]]:
+    env = DummyVecEnv([lambda: distribution.make_env(task)])
+    env.seed(seed)
+    if run is None:  # CPO-scratch
+        steps = n_steps or int(load_hyperparams("CPO", distribution.name, allow_missing=True).get("n_steps", 1000))
+        model: Any = CPO(
+            "MlpPolicy", env, n_steps=steps, target_kl=target_kl, cost_limit=distribution.default_cost_limit, seed=seed
+        )
+    else:
+        model = run.load(env=env, target_kl=target_kl, **({"n_steps": n_steps} if n_steps is not None else {}))
+    yield 0, model, None
+    for k in range(1, n_updates + 1):
+        model.learn(model.n_steps, reset_num_timesteps=k == 1)
+        yield k, model, None
+
+
+def _table(records: Sequence[dict[str, Any]]) -> str:
+    """Mean ± std over tasks and seeds per method and update, and the fraction of tasks at or under the limit."""
+    lines = ["method        updates  return            cost              under the limit"]
+    for method in dict.fromkeys(r["method"] for r in records):
+        for k in sorted({r["update"] for r in records if r["method"] == method}):
+            cell = [r for r in records if r["method"] == method and r["update"] == k]
+            returns, costs = np.array([r["return"] for r in cell]), np.array([r["cost"] for r in cell])
+            limit = cell[0].get("cost_limit")
+            line = (
+                f"{method:13} {k:7d}  {returns.mean():7.2f} ± {returns.std():6.2f}  {costs.mean():7.2f} ± {costs.std():6.2f}"
+            )
+            if limit is not None:
+                line += f"  {sum(r['cost'] <= limit for r in cell)}/{len(cell)} (limit {limit:g})"
+            lines.append(line)
+    return "\n".join(lines)
+
+
+# --- subcommands -------------------------------------------------------------------------------------------------
+def cmd_train(args: argparse.Namespace) -> int:
+    train_run(
+        args.algo,
+        args.family,
+        args.env,
+        args.conf_file,
+        args.hyperparams,
+        args.n_timesteps,
+        args.seed,
+        args.log_folder,
+        args.verbose,
+        args.progress,
+        args.tensorboard,
+        args.plots,
+        args.device,
+    )
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    run = LoadedRun(args.target, args.algo, args.family)
+    out = Path(args.out) if args.out else run.folder
+    model = run.load()
+    records = []
+    if run.env_id is not None and run.family is None:  # CPO on one env id
+        from sb3_metacpo.tasks.compat import import_safety_gymnasium
+
+        if run.env_id.startswith("Safety"):
+            import_safety_gymnasium()
+        targets: list[tuple[Any, str, gym.Env]] = [(run.env_id, run.env_id, gym.make(run.env_id))]
+        limit = _cost_limit(model, None)
+    else:
+        distribution = run.require_distribution("evaluate")
+        tasks = distribution.test_tasks(args.n_tasks)
+        targets = [(i, t.short(), distribution.make_env(t)) for i, t in enumerate(tasks)]
+        limit = _cost_limit(model, distribution)
+    for index, (task_id, description, env) in enumerate(tqdm(targets, desc="evaluating", disable=not args.progress)):
+        returns, costs = run_episodes(model, env, args.n_eval_episodes, EVAL_SEED + index, args.deterministic)
+        env.close()
+        records.append(
+            {
+                "method": run.algo,
+                "task": task_id,
+                "seed": run.seed,
+                "update": 0,
+                "return": float(np.mean(returns)),
+                "cost": float(np.mean(costs)),
+                "cost_limit": limit,
+                "return_std": float(np.std(returns)),
+                "cost_std": float(np.std(costs)),
+                "n_episodes": len(returns),
+                "task_params": description,
+            }
+        )
+    print(
+        f"{run.algo} from {run.model_path}, {args.n_eval_episodes} episodes per task, "
+        f"{'mean action' if args.deterministic else 'stochastic policy'}:"
+    )
+    for r in records:
+        print(
+            f"  task {r['task']}: return {r['return']:8.2f} ± {r['return_std']:.2f}   cost {r['cost']:7.2f} ± "
+            f"{r['cost_std']:.2f}   ({r['task_params']})"
+        )
+    print(_table(records))
+    from sb3_metacpo.plots import write_records
+
+    print(f"records: {write_records(records, out / 'evaluation.csv')}")
+    if args.gif:
+        _try_plot(lambda: _evaluation_gif(run, model, out, args), "GIF")
+    return 0
+
+
+def _evaluation_gif(run: LoadedRun, model: Any, out: Path, args: argparse.Namespace) -> None:
+    from sb3_metacpo.plots import policy_gif
+
+    if run.family is None and run.distribution is None:
+        env = gym.make(str(run.env_id), render_mode="rgb_array")
+    else:
+        distribution = run.require_distribution("a GIF")
+        env = distribution.make_env(distribution.test_tasks(1)[0], render_mode="rgb_array")
+    path = policy_gif(
+        model,
+        env,
+        out / "evaluation.gif",
+        seed=EVAL_SEED,
+        max_steps=args.gif_steps,
+        every=args.gif_every,
+        label=run.algo,
+        deterministic=args.deterministic,
+    )
+    env.close()
+    print(f"GIF: {path}")
+
+
+def cmd_adapt(args: argparse.Namespace) -> int:
+    run = LoadedRun(args.target, args.algo, args.family)
+    out = Path(args.out) if args.out else run.folder
+    distribution = run.require_distribution("adapt")
+    tasks = distribution.test_tasks(args.n_tasks)
+    records = []
+    final_model = None
+    for record, model in adaptation_records(
+        run.algo,
+        run,
+        distribution,
+        tasks,
+        run.seed,
+        args.n_updates,
+        args.n_steps,
+        args.n_eval_episodes,
+        args.deterministic,
+        args.cpo_target_kl,
+        args.progress,
+    ):
+        records.append(record)
+        if record["task"] == 0 and record["update"] == args.n_updates:
+            final_model = model
+    _report_adaptation(
+        records,
+        out,
+        f"{run.algo} from {run.model_path}: adaptation to {len(tasks)} held-out tasks of "
+        f"{distribution.name}, {args.n_updates} updates",
+    )
+    if args.gif:
+        _try_plot(lambda: _adaptation_gif(run, final_model, distribution, tasks[0], out, args), "GIF")
+    return 0
+
+
+def _report_adaptation(records: list[dict[str, Any]], out: Path, title: str) -> None:
+    from sb3_metacpo.plots import plot_adaptation_curves, write_records
+
+    print(title)
+    for task in dict.fromkeys((r["method"], r["task"]) for r in records):
+        mine = [r for r in records if (r["method"], r["task"]) == task]
+        curve = ", ".join(f"{r['return']:.1f}/{r['cost']:.2f}" for r in mine)
+        print(f"  {task[0]} task {task[1]} (return/cost after 0..{mine[-1]['update']} updates): {curve}")
+    print(_table(records))
+    print(f"records: {write_records(records, out / 'adaptation.csv')}")
+
+    def plot() -> None:
+        plot_adaptation_curves(records, out / "adaptation.png", title=title)
+        print(f"adaptation curves: {out / 'adaptation.png'}")
+
+    _try_plot(plot, "adaptation curves")
+
+
+def _adaptation_gif(
+    run: LoadedRun, model: Any, distribution: TaskDistribution, task: Task, out: Path, args: argparse.Namespace
+) -> None:
+    from sb3_metacpo.plots import policy_gif
+
+    if run.algo in META_ALGOS:  # act with the adapted policy (adapt re-runs the updates from the meta-parameters)
+        model = run.load().adapt(task, n_updates=args.n_updates, n_steps=args.n_steps)
+    env = distribution.make_env(task, render_mode="rgb_array")
+    path = policy_gif(
+        model,
+        env,
+        out / "adaptation.gif",
+        seed=EVAL_SEED,
+        max_steps=args.gif_steps,
+        every=args.gif_every,
+        label=f"{run.algo} after {args.n_updates} updates",
+        deterministic=args.deterministic,
+    )
+    env.close()
+    print(f"GIF: {path}")
+
+
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    methods = list(args.methods)
+    budgets = {}
+    for method in methods:
+        if method != "CPO-scratch":
+            hyperparams = load_hyperparams(method, args.family, None, parse_overrides(args.hyperparams))
+            budgets[method] = args.n_timesteps or hyperparams["n_timesteps"]
+    plan = [
+        f"benchmark on {args.family}: seeds {args.seeds}, {args.n_tasks} held-out tasks, {args.n_updates} adaptation "
+        f"updates, {args.n_eval_episodes} evaluation episodes per stage "
+        f"({'mean action' if args.deterministic else 'stochastic policy'})"
+    ]
+    for method in methods:
+        if method == "CPO-scratch":
+            plan.append("  CPO-scratch: no training; CPO from a random policy, adapted like the others")
+        else:
+            plan.append(f"  {method}: train {budgets[method]} env steps with {default_config_file(method).name}, then adapt")
+    plan.append(
+        "The same protocol as benchmarks/adaptation.py (the published results), on the shipped configs; "
+        "MetaCPO/MetaTRPO are evaluated on their own seeded episodes (evaluate_params), CPO on fixed seeds."
+    )
+    print("\n".join(plan))
+    if args.dry_run:
+        return 0
+    folder = new_run_folder(args.log_folder, "benchmark", args.family)
+    records: list[dict[str, Any]] = []
+    runs = []
+    distribution_kwargs: dict[str, Any] = {}
+    for seed in args.seeds:
+        for method in methods:
+            run: LoadedRun | None = None
+            if method != "CPO-scratch":
+                path = train_run(
+                    method,
+                    args.family,
+                    None,
+                    None,
+                    args.hyperparams,
+                    budgets[method],
+                    seed,
+                    folder,
+                    args.verbose,
+                    args.progress,
+                    True,
+                    True,
+                )
+                runs.append(path)
+                run = LoadedRun(path)
+                distribution_kwargs = (run.config.get("hyperparams") or {}).get("env_kwargs") or {}
+            distribution = make_task_distribution(args.family, seed=seed, **distribution_kwargs)
+            tasks = distribution.test_tasks(args.n_tasks)
+            for record, _ in adaptation_records(
+                method,
+                run,
+                distribution,
+                tasks,
+                seed,
+                args.n_updates,
+                None,
+                args.n_eval_episodes,
+                args.deterministic,
+                progress=args.progress,
+            ):
+                records.append(record)
+    (folder / "plan.txt").write_text("\n".join(plan) + "\n")
+    _report_adaptation(records, folder, plan[0])
+    from sb3_metacpo.plots import plot_learning_curves
+
+    if runs:
+        _try_plot(lambda: plot_learning_curves(runs, folder / "learning_curves.png", title=args.family), "learning curves")
+    print(f"benchmark folder: {folder}")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from sb3_metacpo.plots import plot_adaptation_curves, plot_learning_curves
+
+    runs = [Path(r) for r in args.runs]
+    with_progress = [r for r in runs if (r / "progress.csv").exists() or r.name == "progress.csv"]
+    written = []
+    if with_progress:
+        out = Path(args.out) if args.out else with_progress[0] / "learning_curves.png"
+        plot_learning_curves(with_progress, out, cost_limit=args.cost_limit, title=args.title)
+        written.append(out)
+    records = [r for r in runs if r.suffix == ".csv" and r.name != "progress.csv"]
+    records += [r / "adaptation.csv" for r in runs if (r / "adaptation.csv").exists()]
+    for index, source in enumerate(records):
+        out = source.with_suffix(".png") if not args.adaptation_out else Path(args.adaptation_out)
+        if args.adaptation_out and len(records) > 1:
+            out = out.with_name(f"{out.stem}_{index}{out.suffix}")
+        plot_adaptation_curves(source, out, cost_limit=args.cost_limit, title=args.title)
+        written.append(out)
+    if not written:
+        raise CLIError("nothing to plot: give run folders (with progress.csv) or adaptation records (.csv)")
+    for path in written:
+        print(path)
+    return 0
+
+
+# --- the parser --------------------------------------------------------------------------------------------------
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+
+def _add_evaluation_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("target", help="a run folder of `sb3-metacpo train`, or a saved model file (.zip)")
+    parser.add_argument("--algo", choices=list(ALGOS), help="the model's algorithm (default: from the run's config.yml)")
+    parser.add_argument("--family", choices=list_task_distributions(), help="task family to use (default: the one trained on)")
+    parser.add_argument("--n-tasks", type=_positive_int, default=5, help="held-out tasks of the family (default: 5)")
+    parser.add_argument(
+        "--n-eval-episodes", type=_positive_int, default=10, help="evaluation episodes per task and stage (default: 10)"
+    )
+    parser.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="act with the mean action (default: the stochastic policy, whose cost is what CPO constrains)",
+    )
+    parser.add_argument("-o", "--out", help="folder for the outputs (default: the run folder, or the model's folder)")
+    parser.add_argument("--gif", action="store_true", help="also write a GIF of one episode on the first held-out task")
+    parser.add_argument("--gif-steps", type=_positive_int, help="GIF: at most this many env steps (default: the episode)")
+    parser.add_argument("--gif-every", type=_positive_int, default=4, help="GIF: keep every n-th frame (default: 4)")
+    _add_common(parser)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``sb3-metacpo`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="sb3-metacpo",
+        description="Safe meta-RL (Meta-CPO) from the command line: train, evaluate, adapt, benchmark, plot.",
+        epilog="Run `sb3-metacpo <command> --help` for the options of a command. Hyperparameter files: "
+        f"{default_config_file('MetaCPO').parent}",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=1,
+        help="torch CPU threads (default: 1, fastest for these small networks and fair to the env stepping)",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="command")
+
+    train = commands.add_parser(
+        "train",
+        help="train a model into a new run folder",
+        description="Train MetaCPO, MetaTRPO or CPO with the hyperparameters of a YAML file (default: the one shipped "
+        "for the algorithm) into <log-folder>/<algo>_<family>_<n>: config.yml, hyperparams.yml, progress.csv, "
+        "TensorBoard events (when installed), model.zip and learning_curves.png.",
+    )
+    train.add_argument("--algo", required=True, choices=list(ALGOS), help="the algorithm")
+    where = train.add_mutually_exclusive_group(required=True)
+    where.add_argument("--family", choices=list_task_distributions(), help="the task family to (meta-)train on")
+    where.add_argument("--env", help="a gymnasium env id reporting info['cost'] (CPO only), e.g. SafetyPointGoal1Gymnasium-v0")
+    train.add_argument("-conf", "--conf-file", help="YAML hyperparameter file (default: sb3_metacpo/hyperparams/<algo>.yml)")
+    train.add_argument(
+        "--hyperparams",
+        nargs="+",
+        metavar="KEY:VALUE",
+        help="override hyperparameters; values are YAML (n_steps:200 policy_kwargs:'{net_arch: [16]}')",
+    )
+    train.add_argument(
+        "-n", "--n-timesteps", type=_positive_int, help="env steps of training (default: n_timesteps of the config)"
+    )
+    train.add_argument("--seed", type=int, help="random seed (default: a random one, recorded in config.yml)")
+    train.add_argument("-f", "--log-folder", default="logs", help="where run folders are created (default: logs)")
+    train.add_argument("--device", help="torch device (default: the config's, else auto)")
+    train.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2), help="0: quiet, 1: log tables (default)")
+    train.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", help="no TensorBoard logs")
+    train.add_argument("--no-plots", dest="plots", action="store_false", help="no learning_curves.png")
+    _add_common(train)
+    train.set_defaults(handler=cmd_train)
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="evaluate a model (no adaptation) on held-out tasks",
+        description="Evaluate a trained model as it is (MetaCPO/MetaTRPO: the meta-policy) on the held-out tasks of "
+        "its family (CPO on an env id: on that env): mean episode return and cost per task; writes evaluation.csv.",
+    )
+    _add_evaluation_options(evaluate)
+    evaluate.set_defaults(handler=cmd_evaluate)
+
+    adapt = commands.add_parser(
+        "adapt",
+        help="adapt a model to held-out tasks and evaluate it after every update",
+        description="Adapt a trained model to each held-out task of its family (MetaCPO/MetaTRPO: inner CPO/TRPO "
+        "updates from the meta-parameters; CPO: fine-tuning) and evaluate it before and after every update; writes "
+        "adaptation.csv (the records of sb3_metacpo.plots) and adaptation.png.",
+    )
+    _add_evaluation_options(adapt)
+    adapt.add_argument("--n-updates", type=int, default=3, help="adaptation updates per task (default: 3)")
+    adapt.add_argument("--n-steps", type=_positive_int, help="env steps per update (default: the model's n_steps)")
+    adapt.add_argument(
+        "--cpo-target-kl", type=float, default=0.05, help="CPO fine-tuning trust region (default: 0.05, as MetaCPO's inner)"
+    )
+    adapt.set_defaults(handler=cmd_adapt)
+
+    benchmark = commands.add_parser(
+        "benchmark",
+        help="train and adapt several methods with the same budget and compare them",
+        description="A small-budget run of the adaptation benchmark's protocol (benchmarks/adaptation.py, which made "
+        "the published results): train each method with the shipped config and the same budget, adapt each to the "
+        "same held-out tasks, evaluate before and after every update. Writes a folder benchmark_<family>_<n> with the "
+        "run folders, adaptation.csv, adaptation.png and learning_curves.png. --dry-run lists what it would run.",
+    )
+    benchmark.add_argument("--family", default="Toy2DNav", choices=list_task_distributions(), help="the task family")
+    benchmark.add_argument(
+        "--methods", nargs="+", default=list(BENCHMARK_METHODS), choices=BENCHMARK_METHODS, help="methods to compare"
+    )
+    benchmark.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds (default: 0)")
+    benchmark.add_argument("-n", "--n-timesteps", type=_positive_int, help="training budget of every method (default: config)")
+    benchmark.add_argument("--hyperparams", nargs="+", metavar="KEY:VALUE", help="overrides for every trained method")
+    benchmark.add_argument("--n-tasks", type=_positive_int, default=3, help="held-out tasks (default: 3)")
+    benchmark.add_argument("--n-updates", type=int, default=3, help="adaptation updates (default: 3)")
+    benchmark.add_argument("--n-eval-episodes", type=_positive_int, default=5, help="episodes per stage (default: 5)")
+    benchmark.add_argument("--deterministic", action="store_true", help="evaluate the mean action")
+    benchmark.add_argument("-f", "--log-folder", default="logs", help="where the benchmark folder goes (default: logs)")
+    benchmark.add_argument("--verbose", type=int, default=0, choices=(0, 1, 2), help="training log tables (default: 0)")
+    benchmark.add_argument("--dry-run", action="store_true", help="only print what would run")
+    _add_common(benchmark)
+    benchmark.set_defaults(handler=cmd_benchmark)
+
+    plot = commands.add_parser(
+        "plot",
+        help="plot learning curves of run folders and adaptation curves of records",
+        description="Learning curves (return and cost against env steps, with the cost limit) of one or several run "
+        "folders (same algorithm and family: mean ± std over seeds), and adaptation curves of adaptation.csv files.",
+    )
+    plot.add_argument("runs", nargs="+", help="run folders, progress.csv files or adaptation records (.csv)")
+    plot.add_argument("-o", "--out", help="learning-curve PNG (default: learning_curves.png in the first run folder)")
+    plot.add_argument("--adaptation-out", help="adaptation-curve PNG (default: beside each records file)")
+    plot.add_argument("--cost-limit", type=float, help="the limit to draw (default: from the logs or config)")
+    plot.add_argument("--title", help="figure title")
+    plot.set_defaults(handler=cmd_plot)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``sb3-metacpo`` and ``python -m sb3_metacpo``; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    th.set_num_threads(args.threads)
+    try:
+        return int(args.handler(args))
+    except (ConfigError, CLIError) as error:
+        print(f"sb3-metacpo {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

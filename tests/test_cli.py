@@ -1,0 +1,171 @@
+"""The command line: run folders, YAML hyperparameters and their errors, evaluate/adapt, help, TensorBoard logs.
+
+Training runs in-process through ``main(argv)`` at a tiny budget (a fresh interpreter costs seconds of imports); one
+test runs ``python -m sb3_metacpo`` in a subprocess.
+"""
+
+import argparse
+import csv
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sb3_metacpo import CPO, MetaCPO
+from sb3_metacpo.cli import build_parser, main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["meta_batch_size:2", "n_steps:100", "policy_kwargs:{net_arch: [16]}", "env_kwargs:{max_episode_steps: 50}"]
+
+
+def train(log_folder, *extra, algo="MetaCPO", hyperparams=TINY, n=400):
+    argv = ["train", "--algo", algo, "--family", "Toy2DNav", "-n", str(n), "--seed", "0", "-f", str(log_folder)]
+    argv += ["--verbose", "0", "--no-progress", *extra]
+    if hyperparams:
+        argv += ["--hyperparams", *hyperparams]
+    return main(argv)
+
+
+@pytest.fixture(scope="module")
+def run_folder(tmp_path_factory):
+    log_folder = tmp_path_factory.mktemp("runs")
+    assert train(log_folder) == 0
+    return log_folder / "MetaCPO_Toy2DNav_1"
+
+
+def test_train_writes_a_run_folder(run_folder):
+    for name in ("config.yml", "hyperparams.yml", "model.zip", "progress.csv", "learning_curves.png"):
+        assert (run_folder / name).stat().st_size > 0, name
+    config = yaml.safe_load((run_folder / "config.yml").read_text())
+    assert config["algo"] == "MetaCPO" and config["family"] == "Toy2DNav" and config["seed"] == 0
+    assert config["n_timesteps"] == 400 and config["cost_limit"] == 5.0
+    with open(run_folder / "progress.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert rows and {"rollout/ep_rew_mean", "rollout/ep_cost_mean", "time/total_timesteps"} <= set(rows[0])
+
+
+def test_hyperparams_override_reaches_the_model(run_folder):
+    model = MetaCPO.load(str(run_folder / "model.zip"))
+    assert model.n_steps == 100 and model.meta_batch_size == 2 and model.inner_target_kl == 0.05  # override, file
+    assert model.policy_kwargs["net_arch"] == [16]
+    assert model.task_distribution.max_episode_steps == 50  # env_kwargs
+    # hyperparams.yml reproduces the run with -conf
+    saved = yaml.safe_load((run_folder / "hyperparams.yml").read_text())
+    assert saved["Toy2DNav"]["n_steps"] == 100 and saved["Toy2DNav"]["n_timesteps"] == 400
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="needs tensorboard")
+def test_tensorboard_events_hold_cost_and_kl(run_folder):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert list(run_folder.glob("events.out.tfevents.*"))
+    accumulator = EventAccumulator(str(run_folder))
+    accumulator.Reload()
+    scalars = accumulator.Tags()["scalars"]
+    assert "rollout/ep_cost_mean" in scalars and "train/kl" in scalars
+    assert len(accumulator.Scalars("rollout/ep_cost_mean")) >= 1
+
+
+def test_evaluate_and_adapt_on_the_run_folder(run_folder, tmp_path):
+    common = ["--n-tasks", "2", "--n-eval-episodes", "1", "--no-progress", "-o", str(tmp_path)]
+    assert main(["evaluate", str(run_folder), *common]) == 0
+    with open(tmp_path / "evaluation.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["task"] for row in rows] == ["0", "1"] and all(row["method"] == "MetaCPO" for row in rows)
+
+    assert main(["adapt", str(run_folder / "model.zip"), "--n-updates", "1", "--n-steps", "100", *common]) == 0
+    with open(tmp_path / "adaptation.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(row["task"], row["update"]) for row in rows] == [("0", "0"), ("0", "1"), ("1", "0"), ("1", "1")]
+    assert (tmp_path / "adaptation.png").stat().st_size > 0
+
+
+def test_cpo_train_and_adapt(tmp_path):
+    assert train(tmp_path, "--no-tensorboard", algo="CPO", hyperparams=["n_envs:2", "n_steps:100"], n=200) == 0
+    folder = tmp_path / "CPO_Toy2DNav_1"
+    assert CPO.load(str(folder / "model.zip")).n_envs == 2
+    argv = ["adapt", str(folder), "--n-tasks", "1", "--n-updates", "1", "--n-eval-episodes", "1", "--no-progress"]
+    assert main(argv) == 0
+    with open(folder / "adaptation.csv", newline="") as handle:
+        assert [row["update"] for row in csv.DictReader(handle)] == ["0", "1"]
+
+
+@pytest.mark.parametrize(
+    ("content", "overrides", "expected"),
+    [
+        ("Toy2DNav: [unclosed\n", [], r"bad\.yml is not valid YAML"),
+        (
+            "Toy2DNav:\n  n_stepz: 100\n",
+            [],
+            r"bad\.yml \[Toy2DNav\]: unknown key 'n_stepz'.*did you mean 'n_steps'.*valid keys:",
+        ),
+        ("Toy2DNav:\n  n_steps: many\n", [], r"bad\.yml \[Toy2DNav\]: n_steps = 'many' has the wrong type; expected int"),
+        ("Toy2DNav:\n  n_steps: 100\n", ["dual_solver:exact"], r"dual_solver = 'exact'.*'analytic', 'cvxpylayers'"),
+        ("Toy2DNav:\n  seed: 3\n", [], r"'seed' cannot be set.*--seed"),
+        ("PointGoalHazard: {}\n", [], r"bad\.yml has no section 'Toy2DNav'; its sections: PointGoalHazard"),
+    ],
+)
+def test_config_errors_name_the_file_and_key(tmp_path, capsys, content, overrides, expected):
+    bad = tmp_path / "bad.yml"
+    bad.write_text(content)
+    assert train(tmp_path / "runs", "-conf", str(bad), hyperparams=overrides) == 2
+    assert re.search(expected, capsys.readouterr().err)
+    assert not (tmp_path / "runs").exists()  # nothing trained, no run folder
+
+
+def test_usage_errors(tmp_path, capsys):
+    assert main(["train", "--algo", "MetaCPO", "--env", "Pendulum-v1", "-f", str(tmp_path)]) == 2
+    assert "only CPO" in capsys.readouterr().err
+    assert train(tmp_path, hyperparams=["n_steps=100"]) == 2
+    assert "expected key:value" in capsys.readouterr().err
+    assert main(["evaluate", str(tmp_path / "missing")]) == 2
+    assert "no model at" in capsys.readouterr().err
+
+
+def test_benchmark_dry_run_lists_the_plan(capsys):
+    assert main(["benchmark", "--family", "Toy2DNav", "-n", "1000", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    for method in ("MetaCPO: train 1000 env steps", "MetaTRPO: train 1000", "CPO: train 1000", "CPO-scratch: no training"):
+        assert method in out
+    assert "benchmarks/adaptation.py" in out
+
+
+def test_every_option_has_help():
+    parser = build_parser()
+    (subparsers,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert set(subparsers.choices) == {"train", "evaluate", "adapt", "benchmark", "plot"}
+    for name, subparser in subparsers.choices.items():
+        for action in subparser._actions:
+            assert action.help, f"{name} {action.option_strings or action.dest} has no help"
+    train_options = {o for a in subparsers.choices["train"]._actions for o in a.option_strings}
+    assert {"--algo", "--family", "--env", "-conf", "--conf-file", "--hyperparams", "-n", "--n-timesteps", "--seed"} <= (
+        train_options
+    )
+    assert {"-f", "--log-folder"} <= train_options
+
+
+def test_module_entry_point_and_console_script():
+    environment = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-m", "sb3_metacpo", "train", "--help"],
+        cwd=ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "--hyperparams KEY:VALUE" in result.stdout and "--log-folder" in result.stdout
+    assert '"sb3-metacpo=sb3_metacpo.cli:main"' in (ROOT / "setup.py").read_text()
+
+
+def test_plot_command(run_folder, tmp_path):
+    out = tmp_path / "curves.png"
+    assert main(["plot", str(run_folder), str(run_folder), "-o", str(out), "--title", "twice"]) == 0
+    assert out.stat().st_size > 10_000
+    assert main(["plot", str(tmp_path)]) == 2  # nothing to plot there
