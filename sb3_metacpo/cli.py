@@ -30,7 +30,6 @@ import numpy as np
 import torch as th
 import yaml
 from stable_baselines3.common.logger import configure
-from stable_baselines3.common.vec_env import DummyVecEnv
 from tqdm.auto import tqdm
 
 from sb3_metacpo.config import (
@@ -288,67 +287,36 @@ def adaptation_records(
     """Yield ``(record, model)`` after 0 .. n_updates adaptation updates on each task (records: see
     :mod:`sb3_metacpo.plots`); ``model`` acts with that stage's policy only for CPO.
 
-    MetaCPO/MetaTRPO adapt with ``adaptation_steps`` from the meta-parameters and are evaluated with
-    ``evaluate_params`` (fresh episodes from the model's own seeded stream). CPO is fine-tuned on the task with
-    ``learn`` (``n_steps`` per update, trust region ``target_kl``, as benchmarks/adaptation.py) and evaluated with
-    ``predict`` on episodes seeded from ``EVAL_SEED + task index``; with ``run=None`` it starts from a random
-    policy (CPO-scratch).
+    Every method adapts through the same protocol (``adaptation_steps``: CPO updates from the model's parameters,
+    the meta-parameters for MetaCPO/MetaTRPO, CPO's own parameters for CPO) and is evaluated with
+    ``evaluate_params`` on fresh episodes; with ``run=None`` a randomly initialised CPO adapts (CPO-scratch).
     """
     bar = tqdm(total=len(tasks) * (n_updates + 1), desc=f"adapting {method}", disable=not progress)
     for index, task in enumerate(tasks):
-        stages: Iterator[tuple[int, Any, tuple[float, float, int] | None]]
-        if run is not None and run.algo in META_ALGOS:
-            meta = run.load()
-            stages = (
-                (k, meta, meta.evaluate_params(task, params, n_eval_episodes, deterministic))
-                for k, params in meta.adaptation_steps(task, n_updates, n_steps)
-            )
+        if run is None:  # CPO-scratch
+            steps = n_steps or int(load_hyperparams("CPO", distribution.name, allow_missing=True).get("n_steps", 1000))
+            model: Any = CPO("MlpPolicy", distribution, n_steps=steps, target_kl=target_kl, seed=seed)
         else:
-            stages = _cpo_stages(run, distribution, task, seed, n_updates, n_steps, target_kl)
-        for k, model, evaluation in stages:
-            if evaluation is None:
-                returns, costs = run_episodes(
-                    model, distribution.make_env(task), n_eval_episodes, EVAL_SEED + index, deterministic
-                )
-                evaluation = (float(np.mean(returns)), float(np.mean(costs)), len(returns))
+            model = run.load()
+        for k, params in model.adaptation_steps(task, n_updates, n_steps):
+            evaluation = model.evaluate_params(task, params, n_eval_episodes, deterministic)
             bar.update(1)
             record = {
                 "method": method,
                 "task": index,
                 "seed": seed,
                 "update": k,
-                "return": evaluation[0],
-                "cost": evaluation[1],
+                "return": evaluation.ep_rew_mean,
+                "cost": evaluation.ep_cost_mean,
                 "cost_limit": _cost_limit(model, distribution),
-                "n_episodes": evaluation[2],
+                "n_episodes": evaluation.n_episodes,
                 "task_params": task.short(),
             }
+            if k == n_updates and k > 0:
+                model.adapted_params = params
+                model.policy.set_actor_override(params)
             yield record, model
     bar.close()
-
-
-def _cpo_stages(
-    run: LoadedRun | None,
-    distribution: TaskDistribution,
-    task: Task,
-    seed: int,
-    n_updates: int,
-    n_steps: int | None,
-    target_kl: float,
-) -> Iterator[tuple[int, Any, None]]:
-    env = DummyVecEnv([lambda: distribution.make_env(task)])
-    env.seed(seed)
-    if run is None:  # CPO-scratch
-        steps = n_steps or int(load_hyperparams("CPO", distribution.name, allow_missing=True).get("n_steps", 1000))
-        model: Any = CPO(
-            "MlpPolicy", env, n_steps=steps, target_kl=target_kl, cost_limit=distribution.default_cost_limit, seed=seed
-        )
-    else:
-        model = run.load(env=env, target_kl=target_kl, **({"n_steps": n_steps} if n_steps is not None else {}))
-    yield 0, model, None
-    for k in range(1, n_updates + 1):
-        model.learn(model.n_steps, reset_num_timesteps=k == 1)
-        yield k, model, None
 
 
 def _table(records: Sequence[dict[str, Any]]) -> str:
