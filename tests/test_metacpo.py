@@ -55,7 +55,11 @@ def test_learn_logs_sb3_and_safety_keys(tmp_path):
         "train/kl",
         "train/cpo_case",
         "train/lambda",
-        "train/nu",
+        "train/nu_stage0_cost",  # the default meta-constraints: one per adaptation stage
+        "train/nu_stage1_cost",
+        "meta/constraint_stage0_cost",
+        "meta/constraint_stage1_cost",
+        "train/step_rejection",
         "train/line_search_fraction",
         "meta/pre_adapt_ep_cost_mean",
         "meta/post_adapt_ep_rew_mean",
@@ -65,6 +69,11 @@ def test_learn_logs_sb3_and_safety_keys(tmp_path):
         assert key in log[0], key
     assert {row["train/cpo_case"] for row in log} <= {"trpo", "dual", "recovery"}
     assert len(log) == 3
+    # The paper's meta-constraint: one, on the mean post-adaptation cost.
+    paper = MetaCPO("MlpPolicy", toy(), meta_constraint="mean", cost_confidence=0.0, **SMALL)
+    paper.set_logger(configure(str(tmp_path / "paper"), ["csv"]))
+    paper.learn(total_timesteps=400)
+    assert {"train/nu", "meta/constraint"} <= set(read_log(tmp_path / "paper")[0])
 
 
 def test_callback_can_stop_training_and_progress_bar_runs():

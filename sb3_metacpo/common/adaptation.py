@@ -208,15 +208,28 @@ class AdaptationMixin:
             yield k, params
 
     def evaluate_params(
-        self, env: AdaptationEnv, params: Params, n_episodes: int = 5, deterministic: bool = False
+        self,
+        env: AdaptationEnv,
+        params: Params,
+        n_episodes: int = 5,
+        deterministic: bool = False,
+        seed: int | None = None,
     ) -> PolicyEvaluation:
         """Episode reward and cost of the actor at ``params`` over at least ``n_episodes`` fresh episodes (the
-        stochastic policy by default: its cost is what the CPO updates constrain)."""
+        stochastic policy by default: its cost is what the CPO updates constrain).
+
+        :param seed: evaluate on the episodes of this seed (a fresh env stream: every model given the same seed sees
+            the same start states); None continues the model's own adaptation stream
+        """
         if isinstance(n_episodes, bool) or not isinstance(n_episodes, (int, np.integer)) or n_episodes < 1:
             raise ValueError(f"n_episodes must be a positive integer, got {n_episodes!r}")
-        sampler, task = self._adaptation_sampler(env)
+        sampler, task = self._adaptation_sampler(env, fresh_seed=seed)
         act = self._act_fn([params], deterministic=deterministic)
-        (batch,) = sampler.collect([task], act, int(n_episodes) * self._sampler_episode_length(sampler))
+        try:
+            (batch,) = sampler.collect([task], act, int(n_episodes) * self._sampler_episode_length(sampler))
+        finally:
+            if seed is not None and isinstance(env, (Task, str)):
+                sampler.close()
         costs = batch.episode_costs
         sem = float(costs.std(ddof=1) / np.sqrt(len(costs))) if len(costs) > 1 else float("nan")
         per_name = batch.episode_constraint_costs.mean(0) if batch.episodes else np.full(len(self.constraints), np.nan)
@@ -249,9 +262,10 @@ class AdaptationMixin:
             raise ValueError("cannot tell the episode length of this env: give it a TimeLimit (max_episode_steps)")
         return fallback
 
-    def _adaptation_sampler(self, env: AdaptationEnv) -> tuple[RolloutSampler, Task | None]:
-        """A one-env sampler for ``env`` (cached for tasks of the model's family: each env runs whole episodes)."""
-        seed = 0 if self.seed is None else self.seed
+    def _adaptation_sampler(self, env: AdaptationEnv, fresh_seed: int | None = None) -> tuple[RolloutSampler, Task | None]:
+        """A one-env sampler for ``env`` (cached for tasks of the model's family: each env runs whole episodes; a new
+        one seeded with ``fresh_seed`` when given)."""
+        seed = (0 if self.seed is None else self.seed) if fresh_seed is None else fresh_seed
         names = self.constraints.names
         if isinstance(env, str):
             env = make_task_distribution(env).test_tasks(1)[0]
@@ -262,6 +276,8 @@ class AdaptationMixin:
             if not isinstance(env, distribution.task_cls):
                 raise TypeError(f"a {type(env).__name__} is not a task of the model's family {distribution.name}")
             distribution.validate_task(env)
+            if fresh_seed is not None:
+                return RolloutSampler(distribution, n_envs=1, seed=seed, cost_names=names), env
             if self._adaptation_sampler_cache is None:
                 self._adaptation_sampler_cache = RolloutSampler(distribution, n_envs=1, seed=seed, cost_names=names)
             return self._adaptation_sampler_cache, env

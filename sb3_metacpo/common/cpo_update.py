@@ -119,8 +119,16 @@ def prepare_batch(
     cost_limits: Sequence[float],
     episode_length: int,
     cost_gamma: float = 1.0,
+    cost_confidence: float = 0.0,
 ) -> PreparedBatch:
     """Advantages (GAE for reward and each cost), behaviour log-probabilities and the constraint values of ``batch``.
+
+    ``cost_confidence`` (κ ≥ 0) makes the constraint value an upper confidence bound: J_C + κ·SE(J_C), SE the
+    standard error of the mean over the batch's completed episodes (no correction with fewer than two). With
+    κ = 1.64 the step is aimed so that J_C stays under the limit with ~95 % one-sided confidence under a normal
+    approximation; κ = 0 (default) is CPO's plain estimate. A batch whose episodes saw no cost has SE = 0: it is
+    evidence of slack only as strong as its number of episodes (size batches in episodes, see the algorithms'
+    ``n_steps``), and its cost gradient is zero, so its step cannot account for the cost.
 
     Cost advantages use ``cost_gamma`` (1 by default: the constraint is on the undiscounted episode cost, and a
     discounted cost advantage would understate the predicted cost change by a factor ~(1 - gamma^T) / ((1 - gamma) T)).
@@ -196,7 +204,12 @@ def prepare_batch(
         log_prob_behaviour=log_prob,
         reward_advantages=reward_adv,
         cost_advantages=cost_adv,
-        constraint=(np.asarray(episode_costs, dtype=np.float64) - np.asarray(cost_limits, dtype=np.float64)) / length,
+        constraint=(
+            np.asarray(episode_costs, dtype=np.float64)
+            + cost_confidence * np.nan_to_num(sem, nan=0.0)
+            - np.asarray(cost_limits, dtype=np.float64)
+        )
+        / length,
         episode_costs=np.asarray(episode_costs, dtype=np.float64),
         episode_reward=episode_reward,
         n_episodes=len(batch.episodes),

@@ -4,7 +4,7 @@ distribution, the settings of its CPO updates, writing an update back into the p
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -79,10 +79,13 @@ class SafeAlgorithmMixin:
             )
 
     # --- the CPO updates --------------------------------------------------------------------------------------
-    def _cpo_config(self, target_kl: float) -> CPOConfig:
+    def _cpo_config(self, target_kl: float, n_constraints: int | None = None) -> CPOConfig:
+        """The settings of a CPO update with ``n_constraints`` constraints (default: one per cost constraint), which
+        decides what ``dual_solver="auto"`` picks."""
         solver = self.dual_solver
         if solver == "auto":
-            solver = "analytic" if len(self.constraints) == 1 else "cvxpylayers"
+            count = len(self.constraints) if n_constraints is None else n_constraints
+            solver = "analytic" if count == 1 else "cvxpylayers"
         step = StepConfig(
             target_kl=target_kl,
             cg_max_steps=self.cg_max_steps,
@@ -102,15 +105,16 @@ class SafeAlgorithmMixin:
                 params[name].copy_(value)
 
     # --- logs ---------------------------------------------------------------------------------------------------
-    def _record_step(self, result: StepResult, prefix: str = "train/") -> None:
-        """``train/cpo_case``, ``train/lambda``, ``train/nu`` (``train/nu_<name>`` per named cost), ``train/kl``,
-        ``train/line_search_fraction`` and, when the step was rejected, its cause (``train/step_rejection``)."""
+    def _record_step(self, result: StepResult, names: Sequence[str] | None = None, prefix: str = "train/") -> None:
+        """``train/cpo_case``, ``train/lambda``, ``train/nu`` (``train/nu_<name>`` per constraint other than the
+        total cost; ``names`` default to the cost constraints'), ``train/kl``, ``train/line_search_fraction`` and
+        the cause of a rejected step (``train/step_rejection``, ``"none"`` when accepted)."""
         record = self.logger.record
-        constraints = self.constraints
+        names = list(self.constraints.names if names is None else names)
         record(f"{prefix}cpo_case", result.case)
         record(f"{prefix}lambda", result.lam)
-        for index, nu in enumerate(result.nu):
-            record(f"{prefix}nu{constraints.log_suffix(index)}", nu)
+        for name, nu in zip(names, result.nu, strict=False):
+            record(f"{prefix}nu" if name == "cost" else f"{prefix}nu_{name}", nu)
         record(f"{prefix}kl", 0.0 if not result.accepted else result.kl)
         record(f"{prefix}line_search_fraction", result.fraction)
         record(f"{prefix}step_rejection", result.rejection or "none", exclude=("tensorboard",))

@@ -19,7 +19,9 @@ from sb3_metacpo.common.checks import (
     check,
     check_cpo_step_hyperparameters,
     check_positive_ints,
+    check_positive_reals,
     is_int,
+    is_real,
 )
 from sb3_metacpo.common.cpo_update import CPOConfig, Params, PreparedBatch, cpo_update, prepare_batch
 from sb3_metacpo.common.envs import SafeEnv, make_safe_vec_env
@@ -71,6 +73,8 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):
     :param dual_solver: ``"auto"`` (default: the closed form for one constraint, the convex program for several),
         ``"analytic"`` (closed form of the CPO dual, one constraint) or ``"cvxpylayers"`` (the differentiable convex
         program, any number of constraints); they agree to solver precision
+    :param cost_confidence: κ ≥ 0: the constraint value is the upper confidence bound J_C + κ·SE(J_C) over the
+        rollout's completed episodes (0, the default: CPO's plain estimate)
     :param n_critic_updates: epochs of critic training per update
     :param n_envs: envs built for an env id or a task distribution (ignored for an env object)
     :param vec_env_cls: ``DummyVecEnv`` (default) or ``SubprocVecEnv``, for an env id or a task distribution
@@ -104,6 +108,7 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):
         line_search_max_iter: int = 10,
         line_search_shrinking_factor: float = 0.8,
         dual_solver: Literal["auto", "analytic", "cvxpylayers"] = "auto",
+        cost_confidence: float = 0.0,
         n_critic_updates: int = 10,
         n_envs: int = 1,
         vec_env_cls: type[DummyVecEnv] | type[SubprocVecEnv] | None = None,
@@ -157,6 +162,7 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):
         self.line_search_max_iter = line_search_max_iter
         self.line_search_shrinking_factor = line_search_shrinking_factor
         self.dual_solver = dual_solver
+        self.cost_confidence = cost_confidence
         self.n_critic_updates = n_critic_updates
         if _init_setup_model:
             self._validate_hyperparameters()
@@ -169,14 +175,13 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):
             is_int(self.n_steps) and self.n_steps >= 2,
             f"n_steps must be an integer >= 2 (env steps per env per update), got {self.n_steps!r}",
         )
-        check(
-            isinstance(self.target_kl, (int, float))
-            and not isinstance(self.target_kl, bool)
-            and 0 < self.target_kl < float("inf"),
-            f"target_kl must be a finite number > 0, got {self.target_kl!r}",
-        )
+        check_positive_reals(self, "target_kl")
         check(callable(self.learning_rate) or self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
         check_cpo_step_hyperparameters(self)
+        check(
+            is_real(self.cost_confidence) and self.cost_confidence >= 0,
+            f"cost_confidence must be a finite number >= 0, got {self.cost_confidence!r}",
+        )
         self._check_constraints()
 
     def _make_env(self, env: SafeEnv) -> VecEnv:
@@ -319,6 +324,7 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):
             self.constraints.limits,
             episode_length,
             self.cost_gamma,
+            self.cost_confidence,
         )
 
     def _update_info_buffer(self, infos: list[dict[str, Any]], dones: np.ndarray | None = None) -> None:

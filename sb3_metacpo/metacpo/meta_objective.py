@@ -2,9 +2,20 @@
 candidate meta-parameters for the outer line search.
 
 F(θ) = mean over tasks of the reward surrogate of the adapted policy φᵢᴷ(θ) on its validation batch. The
-meta-constraints G(θ) are built from the cost surrogates and constraint values of the adapted policies; with
-``mode="mean"`` (the paper's) there is one per cost signal: the mean over tasks of the post-adaptation constraint
-value, b_j = mean_i (J_Cj(φᵢᴷ) − limit_j)/T, with gradient through the mean of the cost surrogates L_Cj(φᵢᴷ(θ)).
+meta-constraints G(θ) are built from the cost surrogates L_Cj(φᵢᵏ(θ)) and constraint values b_ikj of every task i
+and adaptation stage k (φᵢ⁰ = θ; stage k's batch was collected by φᵢᵏ, stage K's is the validation batch), one
+set per cost signal j, according to ``mode``:
+
+* ``"mean"`` (the paper's): the mean over tasks of the post-adaptation constraint value, one constraint per cost;
+  θ itself and the intermediate policies are not constrained, and violations on some tasks average out with
+  slack on others.
+* ``"stages"``: the mean over tasks at *every* stage, K + 1 constraints per cost: what a user pays before and
+  during adaptation is constrained too.
+* ``"stages_cvar"``: at every stage, the mean over the worst ⌈α·M⌉ tasks (by constraint value, a CVaR over tasks):
+  a tail measure, so that the tasks that violate are not averaged away by the others.
+
+Each constraint's value is b = b(data) + L − L(data) with the mean (or CVaR) taken alike of both, so its gradient
+is that of the aggregated cost surrogates (for the CVaR, with the selected tasks held fixed).
 
 φᵢᴷ(θ) is the replay of task i's stored inner updates from θ on its stored batches with the stored line-search
 fractions (:func:`~sb3_metacpo.common.cpo_update.replay_updates`): exactly differentiable in second-order mode; in
@@ -14,6 +25,7 @@ first-order meta-gradient is.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -34,7 +46,7 @@ from sb3_metacpo.common.cpo_update import (
     surrogates,
 )
 
-META_CONSTRAINT_MODES = ("mean",)
+META_CONSTRAINT_MODES = ("mean", "stages", "stages_cvar")
 
 
 @dataclass
@@ -72,6 +84,8 @@ class MetaObjective:
     :param second_order: exact meta-gradient through the inner updates (else the identity Jacobian)
     :param fisher: the Fisher-vector products of the inner updates
     :param mode: how the meta-constraints are built (:data:`META_CONSTRAINT_MODES`)
+    :param cvar_alpha: the share of tasks ``"stages_cvar"`` averages over (the worst ones)
+    :param cost_names: names of the cost signals (for :attr:`constraint_names`)
     """
 
     def __init__(
@@ -83,22 +97,40 @@ class MetaObjective:
         second_order: bool,
         fisher: FisherFn | None,
         mode: str = "mean",
+        cvar_alpha: float = 0.5,
+        cost_names: Sequence[str] = ("cost",),
     ) -> None:
         if mode not in META_CONSTRAINT_MODES:
             raise ValueError(f"Unknown meta-constraint mode {mode!r}; expected one of {META_CONSTRAINT_MODES}")
+        if not 0 < cvar_alpha <= 1:
+            raise ValueError(f"cvar_alpha must be in (0, 1], got {cvar_alpha!r}")
         self.actor, self.tasks, self.inner_config = actor, list(tasks), inner_config
-        self.second_order, self.fisher, self.mode = second_order, fisher, mode
+        self.second_order, self.fisher, self.mode, self.cvar_alpha = second_order, fisher, mode, cvar_alpha
+        n_stages = len(self.tasks[0].stages) if self.tasks else 1
+        self.stages = [n_stages - 1] if mode == "mean" else list(range(n_stages))
+        #: One name per meta-constraint, in order: the cost name, prefixed by its stage except in ``"mean"`` mode.
+        self.constraint_names = [
+            name if mode == "mean" else f"stage{stage}_{name}" for stage in self.stages for name in cost_names
+        ]
 
     def value(self, stages_per_task: Sequence[Sequence[Params]]) -> MetaValue:
         """F, L and b at the given stage parameters of every task (the live ones, or those of a candidate θ)."""
-        rewards, costs, constraints = [], [], []
+        rewards, costs, constraints = [], [], []  # costs/constraints: [task][stage] -> (m,)
         for task, stages in zip(self.tasks, stages_per_task, strict=True):
-            validation = task.batches[-1]
-            reward, cost = surrogates(self.actor, stages[-1], validation)
-            rewards.append(reward)
-            costs.append(cost)
-            constraints.append(constraint_values(validation, cost))
-        return MetaValue(th.stack(rewards).mean(), th.stack(costs).mean(0), th.stack(constraints).mean(0))
+            task_costs, task_constraints = [], []
+            for stage in self.stages:
+                reward, cost = surrogates(self.actor, stages[stage], task.batches[stage])
+                task_costs.append(cost)
+                task_constraints.append(constraint_values(task.batches[stage], cost))
+            rewards.append(reward)  # the last stage's: the validation batch of φᴷ
+            costs.append(th.stack(task_costs))
+            constraints.append(th.stack(task_constraints))
+        cost, constraint = th.stack(costs), th.stack(constraints)  # (tasks, stages, m)
+        if self.mode == "stages_cvar":
+            n_worst = max(1, math.ceil(self.cvar_alpha * len(self.tasks)))
+            worst = constraint.detach().argsort(dim=0, descending=True)[:n_worst]  # the tasks held fixed
+            cost, constraint = cost.gather(0, worst), constraint.gather(0, worst)
+        return MetaValue(th.stack(rewards).mean(), cost.mean(0).reshape(-1), constraint.mean(0).reshape(-1))
 
     def gradients(self, value: MetaValue, theta: Sequence[th.Tensor]) -> tuple[th.Tensor, th.Tensor]:
         """dF/dθ and the rows dL_c/dθ: one vector-Jacobian product per scalar, never a loop over parameters."""

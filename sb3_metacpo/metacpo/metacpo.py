@@ -24,6 +24,7 @@ from sb3_metacpo.common.checks import (
     check_positive_ints,
     check_positive_reals,
     is_int,
+    is_real,
 )
 from sb3_metacpo.common.constrained_step import LineSearch, StepResult, constrained_step
 from sb3_metacpo.common.cpo_update import (
@@ -83,8 +84,13 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):
         ``"analytic"`` (closed form of the CPO dual, one constraint only, ~0.1 ms) or ``"cvxpylayers"`` (the dual
         as a differentiable convex program, any number of constraints, a few ms per solve); they agree to solver
         precision
-    :param meta_constraint: how the outer step's constraints are built from the adapted policies: ``"mean"`` (the
-        paper's: per cost, the mean over tasks of the post-adaptation constraint value)
+    :param meta_constraint: how the outer step's constraints are built from the tasks' adaptation (see
+        :mod:`sb3_metacpo.metacpo.meta_objective`): ``"stages"`` (default: per cost, the mean over tasks at every
+        stage, θ's own cost and each adapted policy's), ``"stages_cvar"`` (per stage, the mean over the worst
+        ``meta_constraint_alpha`` share of tasks) or ``"mean"`` (the paper's: the mean post-adaptation value only)
+    :param meta_constraint_alpha: the share of tasks ``"stages_cvar"`` averages over
+    :param cost_confidence: κ ≥ 0: every constraint value (inner, adaptation and outer) is the upper confidence
+        bound J_C + κ·SE(J_C) over the batch's episodes instead of J_C (0: the plain estimate, as in the paper)
     :param critic: ``"linear"``: a linear baseline fitted to each batch (task-specific even when the observation
         does not identify the task); ``"mlp"``: the policy's reward and cost critics, shared across tasks and trained
         on every batch
@@ -127,7 +133,9 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):
         line_search_shrinking_factor: float = 0.8,
         meta_gradient: Literal["second_order", "first_order"] = "second_order",
         dual_solver: Literal["auto", "analytic", "cvxpylayers"] = "auto",
-        meta_constraint: Literal["mean"] = "mean",
+        meta_constraint: Literal["stages", "stages_cvar", "mean"] = "stages",
+        meta_constraint_alpha: float = 0.5,
+        cost_confidence: float = 1.0,
         critic: Literal["linear", "mlp"] = "linear",
         critic_learning_rate: float = 1e-3,
         n_critic_updates: int = 5,
@@ -171,6 +179,8 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):
         self.meta_gradient = meta_gradient
         self.dual_solver = dual_solver
         self.meta_constraint = meta_constraint
+        self.meta_constraint_alpha = meta_constraint_alpha
+        self.cost_confidence = cost_confidence
         self.critic = critic
         self.critic_learning_rate = critic_learning_rate
         self.n_critic_updates = n_critic_updates
@@ -210,11 +220,21 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):
             f"meta_constraint must be one of {META_CONSTRAINT_MODES}, got {self.meta_constraint!r}",
         )
         check(self.critic in ("linear", "mlp"), f"critic must be 'linear' or 'mlp', got {self.critic!r}")
+        alpha = self.meta_constraint_alpha
+        check(is_real(alpha) and 0 < alpha <= 1, f"meta_constraint_alpha must be in (0, 1], got {alpha!r}")
+        confidence = self.cost_confidence
+        check(is_real(confidence) and confidence >= 0, f"cost_confidence must be a finite number >= 0, got {confidence!r}")
         check(
             self.n_envs_requested is None or (is_int(self.n_envs_requested) and self.n_envs_requested >= 1),
             f"n_envs must be a positive integer or None, got {self.n_envs_requested!r}",
         )
         self._check_constraints()
+        n_outer = len(self.constraints) * (1 if self.meta_constraint == "mean" else self.n_inner_updates + 1)
+        check(
+            not (self._constrained and self.dual_solver == "analytic" and n_outer > 1),
+            f"dual_solver='analytic' solves one constraint, but meta_constraint={self.meta_constraint!r} gives the outer "
+            f"step {n_outer}: use dual_solver='auto' (the closed form wherever one constraint allows it) or 'cvxpylayers'",
+        )
 
     def set_task_distribution(self, env: TaskDistribution | str) -> None:
         """Use ``env`` (a :class:`TaskDistribution` or a registered family name) for training and evaluation."""
@@ -291,6 +311,7 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):
                 self.constraints.limits,
                 episode_length or distribution.max_episode_steps,  # type: ignore[union-attr]
                 self.cost_gamma,
+                self.cost_confidence,
             )
 
     # --- adaptation (the inner updates' settings) -------------------------------------------------------------
@@ -379,6 +400,8 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):
             second_order=self.meta_gradient == "second_order",
             fisher=self.policy.fisher_product,
             mode=self.meta_constraint,
+            cvar_alpha=self.meta_constraint_alpha,
+            cost_names=self.constraints.names,
         )
         with phase("meta_gradient"):
             value = objective.value([adaptation.stages for adaptation in adaptations])
@@ -388,7 +411,7 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):
         with phase("critic_training"):
             self._update_statistics(raw_batches, adaptations)
         self._n_updates += 1
-        self._log_iteration(adaptations, value, result)
+        self._log_iteration(adaptations, value, result, objective.constraint_names)
         return not self._stop_requested
 
     def _adapt_to_tasks(
@@ -447,7 +470,7 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):
                 cost_grads if constrained else None,
                 value.constraints.detach() if constrained else None,
                 fvp,
-                self._cpo_config(self.outer_target_kl).step,
+                self._cpo_config(self.outer_target_kl, len(objective.constraint_names)).step,
                 search,
             )
 
@@ -469,7 +492,9 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):
         )
         self.logger.record("train/value_loss", loss)
 
-    def _log_iteration(self, adaptations: Sequence[TaskAdaptation], value: MetaValue, result: StepResult) -> None:
+    def _log_iteration(
+        self, adaptations: Sequence[TaskAdaptation], value: MetaValue, result: StepResult, names: Sequence[str]
+    ) -> None:
         record = self.logger.record
         constraints = self.constraints
         pre = [adaptation.batches[0] for adaptation in adaptations]
@@ -481,13 +506,14 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):
             record(f"meta/pre_adapt_ep_{name}_mean", float(np.mean([b.episode_costs[index] for b in pre])))
             record(f"meta/post_adapt_ep_{name}_mean", float(np.mean([b.episode_costs[index] for b in post])))
             record(f"meta/cost_limit{suffix}", constraints.limits[index])
-            record(f"meta/constraint{suffix}", float(value.constraints[index].detach()))
+        for name, constraint in zip(names, value.constraints.detach().tolist(), strict=True):
+            record("meta/constraint" if name == "cost" else f"meta/constraint_{name}", constraint)
         inner = [step for adaptation in adaptations for step in adaptation.steps]
         for case in ("trpo", "dual", "recovery"):
             record(f"train/inner_{case}_frac", float(np.mean([step.case == case for step in inner])))
         record("train/inner_accept_frac", float(np.mean([step.accepted for step in inner])))
         record("train/inner_kl", float(np.nanmean([step.kl if step.accepted else np.nan for step in inner] + [0.0])))
-        self._record_step(result)
+        self._record_step(result, names)
         record("train/n_updates", self._n_updates, exclude="tensorboard")
         record("train/std", self.policy.log_std.exp().mean().item())
 

@@ -158,6 +158,15 @@ class TaskDistribution(ABC):
         rng = np.random.default_rng(self.test_seed)
         return [self._draw(rng, self.test_ranges) for _ in range(n)]
 
+    def unseen_tasks(self, n: int = 5) -> list[Task]:
+        """The first ``n`` tasks of a fixed set drawn from the *training* ranges with their own seed (``test_seed``
+        + 1): unseen tasks of the training distribution, the paper's setting, beside the harder
+        :meth:`test_tasks`. Distinct from every training draw (continuous parameters and 31-bit layout seeds)."""
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        rng = np.random.default_rng((self.test_seed, 1))
+        return [self._draw(rng, self.train_ranges) for _ in range(n)]
+
     def is_training_task(self, task: Task) -> bool:
         """Whether ``task`` lies in the training ranges (held-out test tasks never do)."""
         return all(self.train_ranges[k].contains(getattr(task, k)) for k in self.limits)

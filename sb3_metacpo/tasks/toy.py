@@ -19,6 +19,8 @@ from sb3_metacpo.tasks.base import ParamRange, Task, TaskDistribution, register_
 ARENA = 2.0  # positions are clipped to [-ARENA, ARENA]^2
 START_RADIUS = 0.1  # episodes start uniformly in this disc around the origin
 STEP_SIZE = 0.1  # an action in [-1, 1]^2 moves the point by at most STEP_SIZE per axis
+LIDAR_BINS = 8  # observe_hazards: angular bins of the hazard lidar
+LIDAR_RANGE = 1.0  # observe_hazards: a hazard's edge this far away reads 0, touching it reads 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,11 +63,23 @@ class Toy2DNavEnv(gym.Env):
 
     metadata: ClassVar[dict[str, Any]] = {"render_modes": ["rgb_array"], "render_fps": 10}
 
-    def __init__(self, task: Toy2DNavTask, render_mode: str | None = None, speed_limit: float | None = None) -> None:
+    def __init__(
+        self,
+        task: Toy2DNavTask,
+        render_mode: str | None = None,
+        speed_limit: float | None = None,
+        observe_hazards: bool = False,
+    ) -> None:
         self.task = task
         self.speed_limit = speed_limit
+        self.observe_hazards = observe_hazards
         self.render_mode = render_mode
-        self.observation_space = gym.spaces.Box(-ARENA, ARENA, (2,), np.float32)
+        if observe_hazards:
+            low = np.r_[np.full(2, -ARENA), np.zeros(LIDAR_BINS)].astype(np.float32)
+            high = np.r_[np.full(2, ARENA), np.ones(LIDAR_BINS)].astype(np.float32)
+            self.observation_space = gym.spaces.Box(low, high, dtype=np.float32)
+        else:
+            self.observation_space = gym.spaces.Box(-ARENA, ARENA, (2,), np.float32)
         self.action_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
         self._goal = task.goal
         self._hazards = task.hazard_centers()
@@ -78,7 +92,22 @@ class Toy2DNavEnv(gym.Env):
         radius = START_RADIUS * math.sqrt(self.np_random.uniform())
         angle = self.np_random.uniform(0.0, 2 * math.pi)
         self._position = np.array([radius * math.cos(angle), radius * math.sin(angle)])
-        return self._position.astype(np.float32), {}
+        return self._observation(), {}
+
+    def _observation(self) -> np.ndarray:
+        """The position, and with ``observe_hazards`` a pseudo-lidar of the hazards (as safety-gymnasium's): per
+        angular bin, the closeness 1 − (distance to the hazard's edge)/LIDAR_RANGE of the nearest hazard in it."""
+        if not self.observe_hazards:
+            return self._position.astype(np.float32)
+        lidar = np.zeros(LIDAR_BINS)
+        if self._hazards.size:
+            offsets = self._hazards - self._position
+            gaps = np.maximum(np.linalg.norm(offsets, axis=1) - self.task.hazard_radius, 0.0)
+            bins = (np.floor(np.arctan2(offsets[:, 1], offsets[:, 0]) % (2 * math.pi) / (2 * math.pi / LIDAR_BINS))).astype(
+                int
+            )
+            np.maximum.at(lidar, bins % LIDAR_BINS, np.clip(1.0 - gaps / LIDAR_RANGE, 0.0, 1.0))
+        return np.r_[self._position, lidar].astype(np.float32)
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
         """Move by ``STEP_SIZE * clip(action)``; the episode only ends by the time limit."""
@@ -94,7 +123,7 @@ class Toy2DNavEnv(gym.Env):
             too_fast = float(np.linalg.norm(move) > self.speed_limit * STEP_SIZE)
             info["cost_speed"] = too_fast
             info["cost"] = in_hazard + too_fast
-        return self._position.astype(np.float32), reward, False, False, info
+        return self._observation(), reward, False, False, info
 
     def render(self) -> np.ndarray:
         """A top-down RGB image: goal green, hazards blue, the point red."""
@@ -115,6 +144,8 @@ class Toy2DNav(TaskDistribution):
     """Toy 2-D navigation. Training goals lie at distance 0.5-1.0 in any direction with 1-3 hazards; held-out tasks
     have 4-5 hazards.
 
+    :param observe_hazards: observe a pseudo-lidar of the hazards (8 angular bins, as safety-gymnasium's lidar)
+        beside the position; by default hazards are unobserved, so the only safe behaviour on a new task is caution
     :param speed_limit: adds a second cost signal, ``cost_speed``: 1 per step whose move is longer than
         ``speed_limit`` times the largest move per axis (e.g. 1.0: the diagonal full-speed moves are too fast). The
         hazard cost is ``cost_hazards``; ``cost`` is the sum. None (default): hazards only.
@@ -144,8 +175,11 @@ class Toy2DNav(TaskDistribution):
     default_max_episode_steps = 100
     default_cost_limit = 5.0
 
-    def __init__(self, *args: Any, speed_limit: float | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, speed_limit: float | None = None, observe_hazards: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if not isinstance(observe_hazards, bool):
+            raise ValueError(f"observe_hazards must be True or False, got {observe_hazards!r}")
+        self.observe_hazards = observe_hazards
         if speed_limit is not None and (
             isinstance(speed_limit, bool) or not isinstance(speed_limit, (int, float)) or not 0 < speed_limit < math.sqrt(2)
         ):
@@ -157,9 +191,9 @@ class Toy2DNav(TaskDistribution):
         return ("cost", "cost_hazards") if self.speed_limit is None else ("cost", "cost_hazards", "cost_speed")
 
     def get_params(self) -> dict[str, Any]:
-        return {**super().get_params(), "speed_limit": self.speed_limit}
+        return {**super().get_params(), "speed_limit": self.speed_limit, "observe_hazards": self.observe_hazards}
 
     def _make_base_env(self, task: Task, render_mode: str | None = None) -> gym.Env:
         assert isinstance(task, Toy2DNavTask)
-        env = Toy2DNavEnv(task, render_mode=render_mode, speed_limit=self.speed_limit)
+        env = Toy2DNavEnv(task, render_mode=render_mode, speed_limit=self.speed_limit, observe_hazards=self.observe_hazards)
         return gym.wrappers.TimeLimit(env, self.max_episode_steps)
