@@ -1,18 +1,24 @@
-"""The adaptation benchmark: Meta-CPO against Meta-TRPO, multi-task CPO pretraining and CPO from scratch.
+"""The adaptation benchmark: does Meta-CPO keep unseen tasks under the cost limit while it adapts?
 
-For every seed, Meta-CPO, Meta-TRPO and CPO (pretrained on the training tasks, a new task drawn at every episode)
-train with the same env-step budget; CPO from scratch starts from a random policy. Each then adapts to the same N
-held-out tasks with the same number of CPO (Meta-TRPO: TRPO) updates of the same batch size and trust region,
-and is evaluated on the same episode seeds before adaptation and after every update.
+For every seed, each trained method (Meta-CPO, the paper's Meta-CPO, Meta-TRPO, CPO pretrained on the training
+tasks, and any ablation variants) trains with the same env-step budget; CPO from scratch starts from a random
+policy. Every method then adapts through the same protocol (``adaptation_steps``: the same number K of CPO updates,
+of the same batch size and trust region, as in meta-training) to two held-out sets:
 
-    python benchmarks/adaptation.py --family Toy2DNav --seeds 0 1 2
-    python benchmarks/adaptation.py --family PointButtonHazard --seeds 0 1
+* ``unseen``: tasks drawn from the *training* ranges, never trained on (the paper's setting);
+* ``shifted``: the family's harder held-out tasks (outside the training ranges).
 
-Outputs in ``--out`` (default ``benchmarks/results/<family>``): ``results.csv`` and ``results.json`` (every number
-and the configuration), ``table.md`` (mean and spread over tasks and seeds after 0, 1 and all updates),
-``adaptation.png`` (the adaptation curves with the cost limit) and ``adaptation.gif`` (one held-out task after
-adaptation, the trained methods side by side). Trained models go to ``runs/adaptation/<family>``; ``--reuse``
-loads them instead of training again.
+Before adaptation and after every update, the *stochastic* policy is evaluated on the same ``--eval-episodes``
+episodes (the same start states for every method: ``evaluate_params(seed=...)``). The cost of the adaptation
+batches themselves (what a user pays while adapting) is recorded beside it.
+
+    python benchmarks/adaptation.py --family Toy2DNav --seeds 0 1 2 3 4
+    python benchmarks/adaptation.py --family Toy2DNav --seeds 0 1 2 3 4 --ablation --out benchmarks/results/Toy2DNav_ablation
+
+Summaries (``table.md``): per method, held-out set and update, the mean over seeds of the task-mean return and
+cost with a 95 % t-interval over the seeds, the cost paid during adaptation, and the share of task-seed pairs at
+or under the limit with a 95 % Wilson interval; plus each method's env steps and policy updates. Raw numbers in
+``results.csv`` / ``results.json``; curves in ``adaptation_<set>.png``.
 """
 
 from __future__ import annotations
@@ -20,327 +26,268 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
+import math
 import platform
-import textwrap
 import time
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("MUJOCO_GL", "egl")  # headless MuJoCo rendering for the GIFs
-
-import imageio.v2 as imageio
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 import torch as th
-from PIL import Image, ImageDraw
-from stable_baselines3.common.vec_env import DummyVecEnv
+from scipy import stats
 
 from sb3_metacpo import CPO, MetaCPO, MetaTRPO, make_task_distribution
-from sb3_metacpo.common.evaluation import evaluate_safe_policy
-from sb3_metacpo.tasks import Task, TaskDistribution, list_task_distributions
+from sb3_metacpo.plots import plot_adaptation_curves
+from sb3_metacpo.tasks import TaskDistribution, list_task_distributions
 
-METHODS = ("Meta-CPO", "Meta-TRPO", "CPO-pretrain", "CPO-scratch")
-META = {"Meta-CPO": MetaCPO, "Meta-TRPO": MetaTRPO}
-#: Budgets that finish on a 2-core machine (see the results page for the measured times).
+EVAL_SEED = 10_000  # held-out task i of a set is evaluated on the episodes of seed EVAL_SEED + i, by every method
+
+#: Budgets and settings per family (the same for every method): env steps per trained method, tasks per
+#: meta-iteration (CPO-pretrain: envs), env steps per task batch (meta-training and adaptation alike), K (inner
+#: updates in meta-training = adaptation updates at test time), the inner / adaptation trust region, held-out tasks
+#: per set and evaluation episodes.
 FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "Toy2DNav": {"budget": 150_000, "meta_batch_size": 8, "n_steps": 400, "n_test_tasks": 5, "eval_episodes": 10},
-    "PointButtonHazard": {"budget": 200_000, "meta_batch_size": 4, "n_steps": 1000, "n_test_tasks": 3, "eval_episodes": 3},
-    "HalfCheetahVelocity": {"budget": 200_000, "meta_batch_size": 8, "n_steps": 400, "n_test_tasks": 3, "eval_episodes": 3},
+    "Toy2DNav": {
+        "budget": 400_000,
+        "meta_batch_size": 8,
+        "n_steps": 1000,
+        "n_updates": 2,
+        "inner_target_kl": 0.02,
+        "n_test_tasks": 5,
+        "eval_episodes": 50,
+    },
+    "PointGoalHazard": {
+        "budget": 1_000_000,
+        "meta_batch_size": 4,
+        "n_steps": 5000,
+        "n_updates": 1,
+        "inner_target_kl": 0.02,
+        "n_test_tasks": 3,
+        "eval_episodes": 20,
+    },
+    "PointButtonHazard": {
+        "budget": 1_000_000,
+        "meta_batch_size": 4,
+        "n_steps": 5000,
+        "n_updates": 1,
+        "inner_target_kl": 0.02,
+        "n_test_tasks": 3,
+        "eval_episodes": 20,
+    },
 }
-EVAL_SEED = 10_000  # held-out task i is evaluated on the episodes of seed EVAL_SEED + i, by every method
+
+#: The methods: (class, constructor overrides). "Meta-CPO" is the library's default; "Meta-CPO (paper)" the paper's
+#: meta-constraint and CPO's plain constraint estimate.
+METHODS: dict[str, tuple[Any, dict[str, Any]]] = {
+    "Meta-CPO": (MetaCPO, {}),
+    "Meta-CPO (paper)": (MetaCPO, {"meta_constraint": "mean", "cost_confidence": 0.0}),
+    "Meta-TRPO": (MetaTRPO, {}),
+    "CPO-pretrain": (CPO, {}),
+    "CPO-scratch": (CPO, {}),
+}
+#: Ablation: the paper's Meta-CPO with each change alone, then together (the default is "Meta-CPO").
+ABLATION: dict[str, tuple[Any, dict[str, Any]]] = {
+    "paper": (MetaCPO, {"meta_constraint": "mean", "cost_confidence": 0.0}),
+    "paper, 4-episode batches": (MetaCPO, {"meta_constraint": "mean", "cost_confidence": 0.0, "n_steps": 400}),
+    "+ UCB (k=1)": (MetaCPO, {"meta_constraint": "mean", "cost_confidence": 1.0}),
+    "+ per-stage constraints": (MetaCPO, {"meta_constraint": "stages", "cost_confidence": 0.0}),
+    "+ per-stage CVaR": (MetaCPO, {"meta_constraint": "stages_cvar", "cost_confidence": 0.0}),
+    "+ per-stage + UCB (default)": (MetaCPO, {"meta_constraint": "stages", "cost_confidence": 1.0}),
+    "+ per-stage CVaR + UCB": (MetaCPO, {"meta_constraint": "stages_cvar", "cost_confidence": 1.0}),
+}
 
 
-def train(method: str, args: argparse.Namespace, seed: int, models: Path) -> Path | None:
-    """Train ``method`` with the env-step budget (CPO-scratch trains nothing); returns the saved model's path."""
-    if method == "CPO-scratch":
-        return None
-    path = models / f"{method}_seed{seed}.zip"
-    if args.reuse and path.exists():
-        return path
-    distribution = make_task_distribution(args.family, seed=seed)
-    start = time.perf_counter()
-    if method in META:
-        model: Any = META[method](
-            "MlpPolicy",
-            distribution,
-            meta_batch_size=args.meta_batch_size,
-            n_steps=args.n_steps,
-            inner_target_kl=args.inner_target_kl,
-            seed=seed,
+def build(name: str, spec: tuple[Any, dict[str, Any]], args: argparse.Namespace, seed: int) -> Any:
+    cls, overrides = spec
+    distribution = make_task_distribution(args.family, seed=seed, **args.env_kwargs)
+    n_steps = overrides.get("n_steps", args.n_steps)
+    if cls is CPO:
+        # Multi-task CPO: M envs, each drawing a new training task every episode, n_steps per env per update.
+        return CPO(
+            "MlpPolicy", distribution, n_steps=n_steps, n_envs=args.meta_batch_size, target_kl=args.inner_target_kl, seed=seed
         )
-    else:
-        model = CPO("MlpPolicy", distribution, n_steps=args.n_steps, n_envs=args.meta_batch_size, seed=seed)
-    model.learn(args.budget, progress_bar=args.progress)
-    model.save(path)
-    args.train_seconds[f"{method}_seed{seed}"] = time.perf_counter() - start
-    print(f"trained {method} seed {seed}: {model.num_timesteps} steps in {time.perf_counter() - start:.0f} s", flush=True)
-    return path
+    kwargs = dict(
+        meta_batch_size=args.meta_batch_size,
+        n_inner_updates=args.n_updates,
+        n_steps=n_steps,
+        inner_target_kl=args.inner_target_kl,
+        seed=seed,
+    )
+    kwargs.update({key: value for key, value in overrides.items() if key != "n_steps"})
+    return cls("MlpPolicy", distribution, **kwargs)
 
 
-def task_vec_env(distribution: TaskDistribution, task: Task, seed: int) -> DummyVecEnv:
-    env = DummyVecEnv([lambda: distribution.make_env(task)])
-    env.seed(seed)
-    return env
+def train(name: str, spec: tuple[Any, dict[str, Any]], args: argparse.Namespace, seed: int) -> tuple[Any, dict[str, Any]]:
+    model = build(name, spec, args, seed)
+    start = time.perf_counter()
+    if name != "CPO-scratch":
+        model.learn(args.budget)
+    info = {
+        "env_steps": int(model.num_timesteps),
+        "policy_updates": int(model._n_updates),
+        "train_seconds": time.perf_counter() - start,
+    }
+    print(f"  {name} seed {seed}: {info['env_steps']} steps, {info['policy_updates']} updates, {info['train_seconds']:.0f} s")
+    return model, info
 
 
-def evaluate(model: Any, distribution: TaskDistribution, task: Task, task_index: int, args: argparse.Namespace) -> tuple:
-    env = task_vec_env(distribution, task, EVAL_SEED + task_index)
-    reward, _, cost, _ = evaluate_safe_policy(model, env, args.eval_episodes, deterministic=args.deterministic)
-    env.close()
-    return reward, cost
-
-
-def adaptation_curve(
-    method: str, path: Path | None, distribution: TaskDistribution, task: Task, seed: int, args: argparse.Namespace
-) -> Any:
-    """Yield the model after 0, 1, ..., ``n_updates`` adaptation updates on ``task`` (acting with the adapted policy)."""
-    if method in META:
-        model = META[method].load(path, env=distribution)
-        for _, params in model.adaptation_steps(task, args.n_updates, args.n_steps):
-            model.policy.set_actor_override(params)
-            yield model
-        return
-    limit = distribution.default_cost_limit
-    if path is None:
-        env = task_vec_env(distribution, task, seed)
-        model = CPO("MlpPolicy", env, n_steps=args.n_steps, target_kl=args.inner_target_kl, cost_limit=limit, seed=seed)
-    else:
-        env = task_vec_env(distribution, task, seed)
-        model = CPO.load(path, env=env, n_steps=args.n_steps, target_kl=args.inner_target_kl)
-    yield model
-    for k in range(args.n_updates):
-        model.learn(args.n_steps, reset_num_timesteps=k == 0)
-        yield model
-
-
-def record_episode(model: Any, distribution: TaskDistribution, task: Task, label: str, args: argparse.Namespace) -> list:
-    """Frames of one episode of ``model`` on ``task`` (the first evaluation episode's seed), labelled."""
-    env = distribution.make_env(task, render_mode="rgb_array")
-    obs, _ = env.reset(seed=EVAL_SEED)
-    frames, done, t = [], False, 0
-    while not done:
-        if t % args.gif_every == 0:
-            image = Image.fromarray(env.render())
-            image = image.resize((args.gif_size, args.gif_size))
-            draw = ImageDraw.Draw(image)
-            draw.rectangle((0, 0, args.gif_size - 1, 13), fill=(0, 0, 0))  # a label band readable on any background
-            draw.rectangle((0, 0, args.gif_size - 1, args.gif_size - 1), outline=(0, 0, 0))
-            draw.text((4, 1), label, fill=(255, 255, 255))
-            frames.append(np.asarray(image))
-        action, _ = model.predict(obs, deterministic=args.deterministic)
-        obs, _, terminated, truncated, _ = env.step(action)
-        done, t = terminated or truncated, t + 1
-    env.close()
-    return frames
-
-
-def gif_only(args: argparse.Namespace) -> None:
-    """Adapt every method to the first held-out task (first seed) and write the side-by-side GIF."""
-    models, seed = Path("runs") / "adaptation" / args.family, args.seeds[0]
-    distribution = make_task_distribution(args.family, seed=seed)
-    task = distribution.test_tasks(1)[0]
-    frames = {}
-    for method in args.methods:
-        th.manual_seed(seed)
-        path = train(method, args, seed, models)
-        *_, model = adaptation_curve(method, path, distribution, task, seed, args)
-        frames[method] = record_episode(model, distribution, task, method, args)
-    write_gif(frames, args.out / "adaptation.gif")
-
-
-def run(args: argparse.Namespace) -> list[dict[str, Any]]:
-    models = Path("runs") / "adaptation" / args.family
-    models.mkdir(parents=True, exist_ok=True)
-    rows: list[dict[str, Any]] = []
-    gif_frames: dict[str, list] = {}
-    for seed in args.seeds:
-        distribution = make_task_distribution(args.family, seed=seed)
-        tasks = distribution.test_tasks(args.n_test_tasks)
-        limit = distribution.default_cost_limit
-        for method in args.methods:
-            th.manual_seed(seed)
-            path = train(method, args, seed, models)
-            if args.train_only:
-                continue
-            for task_index, task in enumerate(tasks):
-                for k, model in enumerate(adaptation_curve(method, path, distribution, task, seed, args)):
-                    reward, cost = evaluate(model, distribution, task, task_index, args)
-                    rows.append(
-                        {
-                            "family": args.family,
-                            "method": method,
-                            "seed": seed,
-                            "task": task_index,
-                            "task_params": task.short(),
-                            "updates": k,
-                            "return": reward,
-                            "cost": cost,
-                            "cost_limit": limit,
-                            "under_limit": cost <= limit,
-                        }
-                    )
-                    if args.gif and seed == args.seeds[0] and task_index == 0 and k == args.n_updates:
-                        gif_frames[method] = record_episode(model, distribution, task, method, args)
-                print(
-                    f"{method} seed {seed} task {task_index}: "
-                    + ", ".join(
-                        f"{r['return']:.1f}/{r['cost']:.1f}"
-                        for r in rows
-                        if r["method"] == method and r["seed"] == seed and r["task"] == task_index
-                    ),
-                    flush=True,
+def evaluate_method(
+    name: str, model: Any, distribution: TaskDistribution, args: argparse.Namespace, seed: int
+) -> list[dict[str, Any]]:
+    """Adapt to every held-out task of both sets and evaluate before and after every update (the same protocol for
+    every method)."""
+    rows = []
+    sets = {"unseen": distribution.unseen_tasks(args.n_test_tasks), "shifted": distribution.test_tasks(args.n_test_tasks)}
+    limit = model.constraints.limits[0]
+    n_steps = METHODS.get(name, ABLATION.get(name, (None, {})))[1].get("n_steps", args.n_steps)
+    for set_name, tasks in sets.items():
+        for index, task in enumerate(tasks):
+            for k, params in model.adaptation_steps(task, args.n_updates, n_steps):
+                result = model.evaluate_params(task, params, args.eval_episodes, deterministic=False, seed=EVAL_SEED + index)
+                paid = model.adaptation_history[k - 1]["ep_cost_mean"] if k > 0 else float("nan")
+                rows.append(
+                    {
+                        "method": name,
+                        "seed": seed,
+                        "set": set_name,
+                        "task": index,
+                        "update": k,
+                        "return": result.ep_rew_mean,
+                        "cost": result.ep_cost_mean,
+                        "cost_sem": result.ep_cost_sem,
+                        "n_episodes": result.n_episodes,
+                        "adaptation_batch_cost": paid,
+                        "cost_limit": limit,
+                        "task_params": task.short(),
+                    }
                 )
-    if gif_frames:
-        write_gif(gif_frames, args.out / "adaptation.gif")
     return rows
 
 
-def write_gif(frames: dict[str, list], path: Path) -> None:
-    """Side by side, one panel per method; shorter episodes hold their last frame."""
-    length = max(len(f) for f in frames.values())
-    padded = [f + [f[-1]] * (length - len(f)) for f in frames.values()]
-    imageio.mimsave(path, [np.hstack(panels) for panels in zip(*padded, strict=True)], duration=0.1, loop=0)
+def t_interval(values: np.ndarray) -> float:
+    """Half-width of the 95 % t-interval of the mean of ``values``."""
+    if len(values) < 2:
+        return float("nan")
+    return float(stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values)))
 
 
-def summarise(rows: list[dict[str, Any]], methods: list[str], n_updates: int) -> str:
-    """Markdown table: mean ± std over tasks and seeds of return and cost, and the fraction under the limit."""
-    checkpoints = sorted({0, 1, n_updates})
+def wilson(successes: int, n: int) -> tuple[float, float]:
+    """95 % Wilson interval of a proportion."""
+    if n == 0:
+        return float("nan"), float("nan")
+    z, p = 1.959964, successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+def summarise(rows: list[dict[str, Any]], training: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
+    methods = list(dict.fromkeys(row["method"] for row in rows))
     lines = [
-        "| method | updates | return | cost | under limit |",
-        "|---|---|---|---|---|",
+        f"# {args.family}: adaptation on held-out tasks",
+        "",
+        f"Seeds {args.seeds}; {args.n_test_tasks} tasks per held-out set; budget {args.budget} env steps per trained "
+        f"method; {args.meta_batch_size} tasks per meta-iteration; batches of {args.n_steps} env steps; K = "
+        f"{args.n_updates} inner updates in meta-training and {args.n_updates} adaptation updates; adaptation trust "
+        f"region {args.inner_target_kl}; {args.eval_episodes} evaluation episodes of the stochastic policy per task and "
+        "stage, on the same start states for every method.",
+        "",
+        "Return and cost: mean over seeds of the task means, ± the 95 % t-interval over seeds. Paid: the mean episode "
+        "cost of the batch each update was computed from (what a user pays while adapting). Under: share of "
+        "task-seed pairs whose evaluation cost is at or under the limit, with its 95 % Wilson interval.",
+        "",
+        "| method | env steps | policy updates | train s |",
+        "|---|---|---|---|",
     ]
     for method in methods:
-        for k in checkpoints:
-            cell = [r for r in rows if r["method"] == method and r["updates"] == k]
-            if not cell:
-                continue
-            returns, costs = np.array([r["return"] for r in cell]), np.array([r["cost"] for r in cell])
-            n_under = sum(r["under_limit"] for r in cell)
-            lines.append(
-                f"| {method} | {k} | {returns.mean():.1f} ± {returns.std():.1f} | {costs.mean():.2f} ± {costs.std():.2f} "
-                f"| {n_under / len(cell):.2f} ({n_under}/{len(cell)}) |"
-            )
-    return "\n".join(lines)
-
-
-def plot(rows: list[dict[str, Any]], methods: list[str], path: Path, title: str) -> None:
-    limit = rows[0]["cost_limit"]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for method in methods:
-        mine = [r for r in rows if r["method"] == method]
-        updates = sorted({r["updates"] for r in mine})
-        for axis, key in zip(axes, ("return", "cost"), strict=True):
-            values = [np.array([r[key] for r in mine if r["updates"] == k]) for k in updates]
-            mean, std = np.array([v.mean() for v in values]), np.array([v.std() for v in values])
-            axis.plot(updates, mean, "-o", label=method)
-            axis.fill_between(updates, mean - std, mean + std, alpha=0.15)
-    axes[1].axhline(limit, color="red", linestyle=":", label="cost limit")
-    for axis, key in zip(axes, ("episode return", "episode cost"), strict=True):
-        axis.set_xlabel("adaptation updates")
-        axis.set_ylabel(key)
-        axis.set_xticks(sorted({r["updates"] for r in rows}))
-    axes[1].legend(fontsize=8)
-    fig.suptitle(textwrap.fill(title, 130), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+        infos = [info for key, info in training.items() if key.startswith(f"{method}|")]
+        steps, updates = np.mean([i["env_steps"] for i in infos]), np.mean([i["policy_updates"] for i in infos])
+        lines.append(f"| {method} | {steps:.0f} | {updates:.0f} | {np.mean([i['train_seconds'] for i in infos]):.0f} |")
+    for set_name in ("unseen", "shifted"):
+        lines += [
+            "",
+            f"## {set_name} tasks",
+            "",
+            "| method | updates | return | cost | paid while adapting | under the limit |",
+            "|---|---|---|---|---|---|",
+        ]
+        for method in methods:
+            for k in range(args.n_updates + 1):
+                cell = [r for r in rows if r["method"] == method and r["set"] == set_name and r["update"] == k]
+                if not cell:
+                    continue
+                seeds = sorted({r["seed"] for r in cell})
+                per_seed = {
+                    key: np.array([np.mean([r[key] for r in cell if r["seed"] == s]) for s in seeds])
+                    for key in ("return", "cost", "adaptation_batch_cost")
+                }
+                under = sum(r["cost"] <= r["cost_limit"] for r in cell)
+                low, high = wilson(under, len(cell))
+                paid_per_seed = per_seed["adaptation_batch_cost"]
+                paid = "" if k == 0 else f"{paid_per_seed.mean():.2f} ± {t_interval(paid_per_seed):.2f}"
+                lines.append(
+                    f"| {method} | {k} | {per_seed['return'].mean():.1f} ± {t_interval(per_seed['return']):.1f} "
+                    f"| {per_seed['cost'].mean():.2f} ± {t_interval(per_seed['cost']):.2f} | {paid} "
+                    f"| {under}/{len(cell)} ({low:.2f}–{high:.2f}) |"
+                )
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", default="Toy2DNav", choices=list_task_distributions())
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--budget", type=int, help="env steps of training for each trained method")
-    parser.add_argument("--meta-batch-size", type=int, help="tasks per meta-iteration (CPO-pretrain: envs)")
-    parser.add_argument("--n-steps", type=int, help="env steps per task batch: inner updates and adaptation updates")
-    parser.add_argument("--inner-target-kl", type=float, default=0.05, help="trust region of every adaptation update")
-    parser.add_argument("--n-test-tasks", type=int)
-    parser.add_argument("--n-updates", type=int, default=3, help="adaptation updates per held-out task")
-    parser.add_argument("--eval-episodes", type=int)
-    parser.add_argument("--deterministic", action="store_true", help="evaluate the mean action (default: stochastic)")
-    parser.add_argument("--no-gif", dest="gif", action="store_false")
-    parser.add_argument("--gif-every", type=int, default=8, help="keep every n-th frame")
-    parser.add_argument("--gif-size", type=int, default=128, help="panel size in pixels")
-    parser.add_argument("--reuse", action="store_true", help="load trained models from runs/ instead of training")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--methods", nargs="+", help="a subset of the methods (default: all)")
+    parser.add_argument("--ablation", action="store_true", help="run the ablation variants instead of the methods")
+    parser.add_argument("--out", type=Path, help="output folder (default benchmarks/results/<family>)")
     parser.add_argument(
-        "--train-only",
-        action="store_true",
-        help="train and save the models, then stop (run seeds in "
-        "parallel processes, then adapt and evaluate them all with --reuse)",
+        "--env-kwargs", type=json.loads, default={}, help="family options as JSON, e.g. '{\"observe_hazards\": true}'"
     )
-    parser.add_argument("--progress", action="store_true", help="progress bars during training")
-    parser.add_argument("--gif-only", action="store_true", help="only redo the GIF (first seed, first task; with --reuse)")
-    parser.add_argument(
-        "--summarise-only",
-        action="store_true",
-        help="rewrite table.md and adaptation.png from --out's results.json without running anything",
-    )
-    parser.add_argument("--out", type=Path)
+    for key, value in FAMILY_DEFAULTS["Toy2DNav"].items():
+        parser.add_argument(f"--{key.replace('_', '-')}", type=type(value))
     args = parser.parse_args()
     for key, value in FAMILY_DEFAULTS.get(args.family, FAMILY_DEFAULTS["Toy2DNav"]).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.out = args.out or Path("benchmarks") / "results" / args.family
-    args.out.mkdir(parents=True, exist_ok=True)
-    args.train_seconds = {}
-    th.set_num_threads(1)  # small networks: one thread is fastest and leaves the other core to the simulator
+    th.set_num_threads(1)
+    catalogue = ABLATION if args.ablation else METHODS
+    names = args.methods or list(catalogue)
+    unknown = [name for name in names if name not in catalogue]
+    if unknown:
+        parser.error(f"unknown methods {unknown}; choose from {list(catalogue)}")
+    out = args.out or Path("benchmarks/results") / args.family
+    out.mkdir(parents=True, exist_ok=True)
 
-    if args.gif_only:
-        gif_only(args)
-        return
-    if args.summarise_only:
-        with open(args.out / "results.json") as handle:
-            results = json.load(handle)
-        rows, seconds = results["rows"], results["seconds"]
-        for key in (
-            "family",
-            "methods",
-            "budget",
-            "seeds",
-            "n_test_tasks",
-            "n_updates",
-            "n_steps",
-            "eval_episodes",
-            "deterministic",
-        ):
-            setattr(args, key, results["config"][key])
-    else:
-        start = time.perf_counter()
-        rows = run(args)
-        if args.train_only:
-            return
-        seconds = time.perf_counter() - start
-        config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-        with open(args.out / "results.json", "w") as handle:
-            json.dump({"config": config, "seconds": seconds, "machine": _machine(), "rows": rows}, handle, indent=1)
-        with open(args.out / "results.csv", "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-    table = summarise(rows, args.methods, args.n_updates)
-    header = (
-        f"{args.family}: budget {args.budget} env steps per trained method, {len(args.seeds)} seeds x "
-        f"{args.n_test_tasks} held-out tasks, {args.n_updates} adaptation updates of {args.n_steps} steps, "
-        f"{args.eval_episodes} evaluation episodes ({'mean action' if args.deterministic else 'stochastic policy'}), "
-        f"cost limit {rows[0]['cost_limit']:g}"
-    )
-    (args.out / "table.md").write_text(f"{header}\n\n{table}\n")
-    plot(rows, args.methods, args.out / "adaptation.png", header)
-    print(f"\n{header}\n\n{table}\n\ntotal {seconds:.0f} s; outputs in {args.out}")
-
-
-def _machine() -> dict[str, Any]:
-    return {
-        "cpus": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": th.__version__,
-    }
+    rows: list[dict[str, Any]] = []
+    training: dict[str, dict[str, Any]] = {}
+    start = time.perf_counter()
+    for seed in args.seeds:
+        print(f"seed {seed}", flush=True)
+        for name in names:
+            model, info = train(name, catalogue[name], args, seed)
+            training[f"{name}|{seed}"] = info
+            rows += evaluate_method(name, model, make_task_distribution(args.family, seed=seed, **args.env_kwargs), args, seed)
+            with open(out / "results.json", "w") as handle:  # after every method: a partial run keeps its numbers
+                json.dump(
+                    {"config": {k: v for k, v in vars(args).items() if k != "out"}, "training": training, "rows": rows},
+                    handle,
+                    default=str,
+                )
+    with open(out / "results.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    table = summarise(rows, training, args)
+    machine = f"{platform.machine()}, Python {platform.python_version()}, torch {th.__version__} (1 thread)"
+    table += f"\n{machine}; {time.perf_counter() - start:.0f} s in all.\n"
+    (out / "table.md").write_text(table)
+    for set_name in ("unseen", "shifted"):
+        plot_adaptation_curves(
+            [r for r in rows if r["set"] == set_name],
+            out / f"adaptation_{set_name}.png",
+            title=f"{args.family}, {set_name} held-out tasks (stochastic policy)",
+        )
+    print(table)
 
 
 if __name__ == "__main__":
