@@ -133,3 +133,43 @@ def test_errors_name_the_problem():
         make_safe_vec_env(42)
     vec = make_safe_vec_env(env)
     assert vec.env_is_wrapped(CostMonitor) == [True]
+
+
+class LateCostEnv(gym.Env):
+    """A cost of 1 at every step of the second half of each episode, whatever the agent does; a constant
+    observation, so only the time within the episode tells the cost-to-go (T − max(t, T/2) from step t)."""
+
+    observation_space = gym.spaces.Box(-1, 1, (1,), np.float32)
+    action_space = gym.spaces.Box(-1, 1, (1,), np.float32)
+    horizon = 20
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return np.zeros(1, np.float32), {}
+
+    def step(self, action):
+        cost = float(self.t >= self.horizon // 2)
+        self.t += 1
+        return np.zeros(1, np.float32), 0.0, False, False, {"cost": cost}
+
+
+def test_cost_critic_matches_monte_carlo_cost_to_go():
+    """The undiscounted cost-to-go of a time-limited task has a fixed point only without bootstrapping at the time
+    limit and with the time as an input: the trained cost critic matches the Monte-Carlo values at every step
+    (bootstrapping there made the start value grow without bound)."""
+    env = gym.wrappers.TimeLimit(LateCostEnv(), LateCostEnv.horizon)
+    model = CPO(
+        "MlpPolicy", env, n_steps=200, cost_limit=100.0, seed=0, n_critic_updates=20, policy_kwargs=dict(net_arch=[32])
+    )
+    model.learn(40_000)
+    times = np.arange(LateCostEnv.horizon)
+    monte_carlo = LateCostEnv.horizon - np.maximum(times, LateCostEnv.horizon // 2)
+    # The critic's regression targets (GAE lambda-returns) are the Monte-Carlo cost-to-go: a fixed point exists ...
+    batch = model._rollout
+    prepared = model._prepare_batch(batch, model.policy.actor_params(), LateCostEnv.horizon, with_critic=True)
+    targets = prepared.cost_returns[:, 0].reshape(batch.rewards.shape)
+    np.testing.assert_allclose(targets, monte_carlo[batch.episode_steps], atol=0.05)
+    # ... and the critic approaches it (the start value stays at 10, where bootstrapping made it grow without bound).
+    _, predicted = model.policy.critic_values(np.zeros((len(times), 1), np.float32), times / LateCostEnv.horizon)
+    assert np.abs(predicted[:, 0] - monte_carlo).max() < 1.5, np.round(predicted[:, 0], 2)

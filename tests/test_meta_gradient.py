@@ -197,3 +197,102 @@ def test_fvp_sample_freq_uses_every_kth_sample_for_the_fisher():
             steps[name, freq] = th.cat([(params[k] - theta[k]).reshape(-1) for k in theta])
     th.testing.assert_close(steps["doubled", 2], steps["doubled", 1], rtol=1e-9, atol=1e-12)
     assert float((steps["random", 2] - steps["random", 1]).norm() / steps["random", 1].norm()) > 1e-3
+
+
+def test_meta_gradient_matches_finite_differences_of_the_definition():
+    """The second-order meta-gradient against central differences of F(θ) computed *from its definition*, with none
+    of the library's CPO code: g, a by autograd, the Fisher matrix as the explicit Hessian of the KL, the step by
+    cvxpy on the primal problem, and the constraint value b(θ) = b(data) + L_C(θ) − L_C(θ_data). Holding b constant
+    in the library (as the code once did) moves its meta-gradient off this reference by far more than the tolerance:
+    the check would catch a dropped d(step)/db · db/dθ path."""
+    import cvxpy as cp
+
+    from sb3_metacpo.common import cpo_update as cpo_update_module
+    from sb3_metacpo.common.cpo_update import gaussian_kl
+
+    th.manual_seed(0)
+    policy = CPOPolicy(
+        spaces.Box(-1, 1, (OBS_DIM,), np.float32),
+        spaces.Box(-1, 1, (ACT_DIM,), np.float32),
+        lambda _: 1e-3,
+        net_arch=[4],
+        log_std_init=-0.3,
+        normalize_observations=False,
+    ).double()
+    with th.no_grad():
+        policy.action_net.weight.normal_(0, 0.5)
+    actor = policy.actor_mean_log_std
+    target_kl, damping, constraint = 0.02, 0.1, 0.02
+    config = CPOConfig(StepConfig(target_kl=target_kl, cg_max_steps=200), cg_damping=damping)
+    theta = {k: v.detach().clone() for k, v in policy.actor_params().items()}
+    names, shapes = list(theta), [v.shape for v in theta.values()]
+    batch = make_batch(policy, theta, seed=0, constraint=constraint)
+    _, result = cpo_update(actor, theta, batch, config)
+    assert result.case == "dual" and result.nu[0] > 1e-3 and result.fraction > 0  # the constraint binds
+    validation = make_batch(policy, theta, seed=100, constraint=constraint)
+
+    def unflatten(flat):
+        out, offset = {}, 0
+        for name, shape in zip(names, shapes, strict=True):
+            size = int(np.prod(shape))
+            out[name] = flat[offset : offset + size].view(shape)
+            offset += size
+        return out
+
+    def definition(flat):
+        """F(θ) = L_R(θ + α·x*(θ); validation), x* from cvxpy on the primal with b(θ) as defined."""
+        flat = flat.detach().clone().requires_grad_(True)
+        params = unflatten(flat)
+        reward, costs = surrogates(actor, params, batch)
+        g = th.autograd.grad(reward, flat, retain_graph=True)[0]
+        a = th.autograd.grad(costs[0], flat)[0]
+        b = float(batch.constraint[0] + costs[0].detach() - batch.cost_advantages[:, 0].mean())
+        fixed = tuple(value.detach() for value in actor(batch.observations[:: config.fvp_sample_freq], params))
+
+        def kl(z):
+            return gaussian_kl(*fixed, *actor(batch.observations, unflatten(z))).mean()
+
+        hessian = th.autograd.functional.hessian(kl, flat.detach()) + damping * th.eye(flat.numel(), dtype=th.float64)
+        factor = np.linalg.cholesky(hessian.numpy())
+        x = cp.Variable(flat.numel())
+        problem = cp.Problem(
+            cp.Maximize(g.numpy() @ x),
+            [cp.norm(factor.T @ x) <= np.sqrt(2 * target_kl), b + a.numpy() @ x <= 0],
+        )
+        problem.solve(
+            solver="CLARABEL", tol_gap_abs=1e-12, tol_gap_rel=1e-12, tol_feas=1e-12, tol_ktratio=1e-12, max_step_fraction=0.95
+        )
+        adapted = unflatten(flat.detach() + result.fraction * th.from_numpy(x.value))
+        return float(surrogates(actor, adapted, validation)[0])
+
+    flat0 = th.cat([v.reshape(-1) for v in theta.values()])
+    eps = 1e-4
+    numeric = th.tensor(
+        [
+            (
+                definition(flat0 + eps * th.eye(flat0.numel(), dtype=th.float64)[i])
+                - definition(flat0 - eps * th.eye(flat0.numel(), dtype=th.float64)[i])
+            )
+            / (2 * eps)
+            for i in range(flat0.numel())
+        ],
+        dtype=th.float64,
+    )
+
+    def library_gradient():
+        leaves = {k: v.clone().requires_grad_(True) for k, v in theta.items()}
+        stages = replay_updates(actor, leaves, [batch], config, [result.fraction], differentiable=True)
+        return flat_grad(surrogates(actor, stages[-1], validation)[0], list(leaves.values()))
+
+    error = float((library_gradient() - numeric).norm() / numeric.norm())
+    assert error <= 1e-3, f"relative error {error:.2e}"
+
+    # The library with b held constant (the dropped path) is far off the definition.
+    real = cpo_update_module.constraint_values
+    try:
+        cpo_update_module.constraint_values = lambda data, cost: real(data, cost).detach()
+        dropped = float((library_gradient() - numeric).norm() / numeric.norm())
+    finally:
+        cpo_update_module.constraint_values = real
+    print(f"meta-gradient vs the definition: {error:.2e} (b held constant: {dropped:.2e})")
+    assert dropped > 10 * max(error, 1e-4), (dropped, error)

@@ -235,13 +235,17 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):
         super().set_env(vec_env, force_reset)
 
     def _episode_length(self) -> int:
-        """Episode length for J_C when a rollout completes no episode: the env's time limit, else the rollout."""
+        """The episode length (the cost critic's time scale, and J_C's when a rollout completes no episode): the
+        env's registered time limit, the task family's, else the longest episode seen so far, else the rollout."""
         assert self.env is not None
         spec = self.env.get_attr("spec", indices=[0])[0]
         if spec is not None and spec.max_episode_steps is not None:
             return int(spec.max_episode_steps)
         distribution = self._get_task_distribution()
-        return distribution.max_episode_steps if distribution is not None else self.n_steps
+        if distribution is not None:
+            return distribution.max_episode_steps
+        lengths = [int(info["l"]) for info in self.ep_info_buffer or []]
+        return max(lengths) if lengths else self.n_steps
 
     # --- training ---------------------------------------------------------------------------------------------
     def collect_rollouts(  # type: ignore[override]
