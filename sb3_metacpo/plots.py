@@ -15,15 +15,15 @@ suffix) are different seeds: they are drawn as the mean with a ± one standard d
 **Adaptation records** (:func:`plot_adaptation_curves`, :func:`load_records`) are a list of dicts, or a CSV file
 with one row per dict, with the columns
 
-=============  =====================================================================================================
-``method``     the label of the curve (e.g. ``"MetaCPO"``)
-``task``       the held-out task (an index or any identifier)
-``seed``       the training seed
-``update``     adaptation updates made before the evaluation: 0 is the policy as trained
-``return``     mean undiscounted episode return of the evaluation episodes
-``cost``       mean undiscounted episode cost of the evaluation episodes
-``cost_limit`` optional: the limit to draw (else pass ``cost_limit=``)
-=============  =====================================================================================================
+==============  ====================================================================================================
+``method``      the label of the curve (e.g. ``"MetaCPO"``)
+``task``        the held-out task (an index or any identifier)
+``seed``        the training seed
+``update``      adaptation updates made before the evaluation: 0 is the policy as trained
+``return``      mean undiscounted episode return of the evaluation episodes
+``cost``        mean undiscounted episode cost of the evaluation episodes
+``cost_limit``  optional: the limit to draw (else pass ``cost_limit=``)
+==============  ====================================================================================================
 
 which is what ``sb3-metacpo adapt`` and ``sb3-metacpo benchmark`` write (``adaptation.csv``) and what
 :func:`records_from_history` makes of a model's ``adaptation_history`` (whose statistics are those of the

@@ -149,6 +149,7 @@ class Toy2DNav(TaskDistribution):
     :param speed_limit: adds a second cost signal, ``cost_speed``: 1 per step whose move is longer than
         ``speed_limit`` times the largest move per axis (e.g. 1.0: the diagonal full-speed moves are too fast). The
         hazard cost is ``cost_hazards``; ``cost`` is the sum. None (default): hazards only.
+
     Other arguments: see :class:`TaskDistribution`.
     """
 
