@@ -56,25 +56,18 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "n_test_tasks": 5,
         "eval_episodes": 50,
     },
-    "PointGoalHazard": {
-        "budget": 1_000_000,
-        "meta_batch_size": 4,
-        "n_steps": 5000,
-        "n_updates": 1,
-        "inner_target_kl": 0.02,
-        "n_test_tasks": 3,
-        "eval_episodes": 20,
-    },
-    "PointButtonHazard": {
-        "budget": 1_000_000,
-        "meta_batch_size": 4,
-        "n_steps": 5000,
-        "n_updates": 1,
-        "inner_target_kl": 0.02,
-        "n_test_tasks": 3,
-        "eval_episodes": 20,
-    },
 }
+#: Navigation families: 10 episodes of 500 steps per batch, 1M env steps per method.
+NAVIGATION = {
+    "budget": 1_000_000,
+    "meta_batch_size": 4,
+    "n_steps": 5000,
+    "n_updates": 1,
+    "inner_target_kl": 0.02,
+    "n_test_tasks": 3,
+    "eval_episodes": 20,
+}
+FAMILY_DEFAULTS.update({"PointGoalHazard": NAVIGATION, "PointButtonHazard": NAVIGATION, "CarCircle": NAVIGATION})
 
 #: The methods: (class, constructor overrides). "Meta-CPO" is the library's default; "Meta-CPO (paper)" the paper's
 #: meta-constraint and CPO's plain constraint estimate.

@@ -24,13 +24,13 @@ from sb3_metacpo.common.policies import CPOPolicy
 OBS_DIM, ACT_DIM, N = 3, 2, 64
 
 
-def make_policy():
+def make_policy(net_arch=(8,)):
     th.manual_seed(0)
     policy = CPOPolicy(
         spaces.Box(-1, 1, (OBS_DIM,), np.float32),
         spaces.Box(-1, 1, (ACT_DIM,), np.float32),
         lambda _: 1e-3,
-        net_arch=[8],
+        net_arch=list(net_arch),
         log_std_init=-0.3,
         normalize_observations=False,
     ).double()
@@ -210,17 +210,7 @@ def test_meta_gradient_matches_finite_differences_of_the_definition():
     from sb3_metacpo.common import cpo_update as cpo_update_module
     from sb3_metacpo.common.cpo_update import gaussian_kl
 
-    th.manual_seed(0)
-    policy = CPOPolicy(
-        spaces.Box(-1, 1, (OBS_DIM,), np.float32),
-        spaces.Box(-1, 1, (ACT_DIM,), np.float32),
-        lambda _: 1e-3,
-        net_arch=[4],
-        log_std_init=-0.3,
-        normalize_observations=False,
-    ).double()
-    with th.no_grad():
-        policy.action_net.weight.normal_(0, 0.5)
+    policy = make_policy(net_arch=(4,))
     actor = policy.actor_mean_log_std
     target_kl, damping, constraint = 0.02, 0.1, 0.02
     config = CPOConfig(StepConfig(target_kl=target_kl, cg_max_steps=200), cg_damping=damping)
