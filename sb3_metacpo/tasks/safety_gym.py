@@ -8,12 +8,17 @@ pose still comes from the episode's seed.
 Upstream compiles a new MuJoCo model from a new XML at every reset (~0.3 s, mostly decoding the skybox texture). With
 the layout pinned, consecutive XMLs differ only in poses, so the envs here move the bodies of the already compiled
 model instead (:func:`_reusing_world_class`); episodes are bitwise identical to upstream's.
+
+Upstream's step spends most of its time in Python loops (pseudo-lidar, contact costs, name look-ups). The envs here use
+task classes whose per-step methods compute the same values on arrays (:mod:`sb3_metacpo.tasks.fast_step`,
+``FAST_STEP``); :func:`fast_standard_env` gives the standard ids (``SafetyPointGoal1Gymnasium-v0``, ...) the same.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -22,11 +27,18 @@ import numpy as np
 
 from sb3_metacpo.tasks.base import ParamRange, Task, TaskDistribution, register_task_distribution
 from sb3_metacpo.tasks.compat import import_safety_gymnasium
+from sb3_metacpo.tasks.fast_step import FastStepMixin, fast_task_class
 
 FAST_RESET = True
 """Whether navigation envs made from now on reuse their compiled MuJoCo model across resets when only poses change.
 Set it to ``False`` (before making the envs) for upstream's reset, which recompiles the model every episode; the
 episodes are the same either way (``tests/test_fast_reset.py``), only slower."""
+
+FAST_STEP = True
+"""Whether navigation envs made from now on (the families here, and standard ids built by the library) compute their
+observations, costs and goal checks on arrays (:class:`~sb3_metacpo.tasks.fast_step.FastStepMixin`) instead of
+upstream's Python loops. Set it to ``False`` (before making the envs) for upstream's code; the episodes are the same
+either way (``tests/test_fast_step.py``), only slower."""
 
 
 def _pin_layout(task: Any, layout_seed: int) -> None:
@@ -228,6 +240,8 @@ def _make_navigation_env(kind: str, robot: str, task: Task, max_episode_steps: i
     from safety_gymnasium.wrappers import SafetyGymnasium2Gymnasium
 
     task_class = _task_classes()[kind]
+    if FAST_STEP:
+        task_class = fast_task_class(task_class)
     fast_reset = FAST_RESET
 
     class _TaskBuilder(Builder):
@@ -244,6 +258,32 @@ def _make_navigation_env(kind: str, robot: str, task: Task, max_episode_steps: i
     builder = _TaskBuilder(task_id=task_id, config={"agent_name": robot}, render_mode=render_mode, camera_name=camera)
     builder.spec = None
     return SafetyGymnasium2Gymnasium(builder)
+
+
+_STANDARD_TASKS = ("GoalLevel", "ButtonLevel", "CircleLevel")  # upstream task classes the fast step reproduces
+_STANDARD_AGENTS = ("Point", "Car")
+
+
+def fast_standard_env(env: gym.Env) -> gym.Env:
+    """Give a safety-gymnasium navigation env made from a standard id (``SafetyPointGoal1Gymnasium-v0``, Goal, Button
+    and Circle tasks of levels 0-2, Point and Car robots) the fast per-step methods, in place, when ``FAST_STEP`` is
+    on; returns ``env``. Other envs (other tasks or robots, vision or natural-lidar variants keep upstream's
+    observation code inside the fast class) are returned unchanged."""
+    if not FAST_STEP or "safety_gymnasium" not in sys.modules:
+        return env
+    from safety_gymnasium.builder import Builder
+
+    builder = env.unwrapped
+    if not isinstance(builder, Builder):
+        return env
+    task = builder.task
+    kind = type(task)
+    standard = kind.__module__.startswith("safety_gymnasium.tasks.safe_navigation.") and kind.__name__.startswith(
+        _STANDARD_TASKS
+    )
+    if standard and type(task.agent).__name__ in _STANDARD_AGENTS and not isinstance(task, FastStepMixin):
+        task.__class__ = fast_task_class(kind)
+    return env
 
 
 @dataclass(frozen=True, kw_only=True)
