@@ -290,12 +290,18 @@ class _ModelIndex:
 
 
 class FastStepMixin:
-    """Overrides of an upstream navigation task's per-step methods with the same results, computed on arrays.
+    """Replacements for an upstream navigation task's per-step methods with the same results, computed on arrays:
+    ``simulation_forward``, ``calculate_cost``, ``obs``, ``dist_goal``, ``goal_achieved`` (Button: the goal button's
+    contacts; Goal: the distance; Circle: never) and the Circle reward. Each falls back to upstream's method
+    (``_fast_upstream``'s) where the task is configured in a way it does not reproduce.
 
-    Put it first in the bases (``fast_task_class`` does): ``simulation_forward``, ``calculate_cost``, ``obs``,
-    ``dist_goal``, ``goal_achieved`` (Button: the goal button's contacts; Goal: the distance; Circle: never) and the
-    Circle reward. Each falls back to upstream's method where the task is configured in a way it does not
-    reproduce."""
+    :func:`fast_task_class` puts the mixin last in the bases, so that the fast class has the upstream class's
+    instance layout (an existing task object can take it: :func:`~sb3_metacpo.tasks.safety_gym.fast_standard_env`),
+    and copies the replacements into the class itself, where they take precedence."""
+
+    __slots__ = ()  # no instance layout of its own
+
+    _fast_upstream: Any = None  # the upstream class, whose methods are the fallbacks
 
     _fast_index_cache: _ModelIndex | None = None
     _fast_forwarded: bool = False  # mj_forward has run and nothing changed the state since
@@ -344,7 +350,7 @@ class FastStepMixin:
         """Upstream's ``BaseTask.calculate_cost``: the objects' costs (same keys, values and order) and their sum."""
         task: Any = self
         if task._is_load_static_geoms and task.static_geoms_contact_cost:
-            return super().calculate_cost()  # type: ignore[misc]
+            return self._fast_upstream.calculate_cost(self)
         index = self._fast_index()
         if not self._fast_forwarded:
             mujoco.mj_forward(task.model, task.data)
@@ -375,12 +381,12 @@ class FastStepMixin:
             return self.dist_goal() <= task.goal.size
         if self._fast_goal == "never":
             return False
-        return super().goal_achieved  # type: ignore[misc]
+        return self._fast_upstream.goal_achieved.fget(self)
 
     def calculate_reward(self) -> float:
         """Upstream's reward; for Circle tasks ``CircleLevel0.calculate_reward`` with the agent looked up by id."""
         if not self._fast_circle_reward:
-            return super().calculate_reward()  # type: ignore[misc]
+            return self._fast_upstream.calculate_reward(self)
         task: Any = self
         index = self._fast_index()
         model, data = task.model, task.data
@@ -399,7 +405,7 @@ class FastStepMixin:
         index = self._fast_index()
         if not (index.supported and task.lidar_conf.type == "pseudo" and task.observation_flatten and not task.observe_vision):
             self._fast_forwarded = False
-            return super().obs()  # type: ignore[misc]
+            return self._fast_upstream.obs(self)
         model, data = task.model, task.data
         if not self._fast_forwarded:
             mujoco.mj_forward(model, data)
@@ -436,31 +442,38 @@ class FastStepMixin:
         return out
 
 
+_REPLACED = ("simulation_forward", "calculate_cost", "obs", "dist_goal", "goal_achieved", "calculate_reward")
+
+
 @functools.cache
 def fast_task_class(base: type) -> type:
-    """``base`` (an upstream navigation task class, or a subclass) with :class:`FastStepMixin`'s per-step methods."""
+    """``base`` (an upstream navigation task class, or a subclass) with :class:`FastStepMixin`'s per-step methods
+    wherever ``base`` has upstream's own method (a method ``base`` overrides stays ``base``'s)."""
     import_safety_gymnasium()
     from safety_gymnasium.bases.base_task import BaseTask
+    from safety_gymnasium.bases.underlying import Underlying
     from safety_gymnasium.tasks.safe_navigation.button.button_level0 import ButtonLevel0
     from safety_gymnasium.tasks.safe_navigation.circle.circle_level0 import CircleLevel0
     from safety_gymnasium.tasks.safe_navigation.goal.goal_level0 import GoalLevel0
 
-    goal_property = base.goal_achieved
-    goal = {ButtonLevel0.goal_achieved: "button", GoalLevel0.goal_achieved: "distance", CircleLevel0.goal_achieved: "never"}
+    goals = {ButtonLevel0.goal_achieved: "button", GoalLevel0.goal_achieved: "distance", CircleLevel0.goal_achieved: "never"}
+    upstream = {  # the upstream versions each replacement reproduces
+        "simulation_forward": (Underlying.simulation_forward,),
+        "calculate_cost": (BaseTask.calculate_cost,),
+        "obs": (BaseTask.obs, ButtonLevel0.obs),
+        "dist_goal": (BaseTask.dist_goal,),
+        "goal_achieved": tuple(goals),
+        "calculate_reward": (CircleLevel0.calculate_reward,),
+    }
     attrs: dict[str, Any] = {
         "__module__": __name__,
         "__doc__": f"{base.__name__} with the fast per-step methods of :class:`FastStepMixin`.",
-        "_fast_goal": goal.get(goal_property, ""),
+        "_fast_upstream": base,
+        "_fast_goal": goals.get(base.goal_achieved, ""),
         "_fast_button_obs": base.obs is ButtonLevel0.obs,
         "_fast_circle_reward": base.calculate_reward is CircleLevel0.calculate_reward,
     }
-    upstream = {
-        "obs": (BaseTask.obs, ButtonLevel0.obs),
-        "calculate_cost": (BaseTask.calculate_cost,),
-        "dist_goal": (BaseTask.dist_goal,),
-    }
-    fast_class = type(f"Fast{base.__name__}", (FastStepMixin, base), attrs)
-    for name, known in upstream.items():  # a base overriding one of these keeps its own method
-        if getattr(base, name) not in known:
-            setattr(fast_class, name, getattr(base, name))
-    return fast_class
+    for name in _REPLACED:
+        if getattr(base, name) in upstream[name]:
+            attrs[name] = FastStepMixin.__dict__[name]
+    return type(f"Fast{base.__name__}", (base, FastStepMixin), attrs)

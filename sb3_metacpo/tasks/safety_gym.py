@@ -186,15 +186,20 @@ def _reusing_world_class() -> type:
 def _task_classes() -> dict[str, type]:
     """The configured upstream task subclasses (defined lazily: safety_gymnasium needs the compat patches first)."""
     import_safety_gymnasium()
+    from safety_gymnasium.assets.free_geoms import Vases
     from safety_gymnasium.assets.geoms import Hazards
+    from safety_gymnasium.assets.mocaps import Gremlins
     from safety_gymnasium.tasks.safe_navigation.button.button_level0 import ButtonLevel0
     from safety_gymnasium.tasks.safe_navigation.circle.circle_level1 import CircleLevel1
     from safety_gymnasium.tasks.safe_navigation.goal.goal_level0 import GoalLevel0
 
     class ButtonHazardTask(ButtonLevel0):
-        """Press the goal button among ``n_buttons``; cost for hazards and for pressing a wrong button."""
+        """Press the goal button among ``n_buttons``; cost for hazards and for pressing a wrong button (and, with
+        ``n_gremlins``, for touching a gremlin)."""
 
-        def __init__(self, config: dict, params: PointButtonHazardTask, max_episode_steps: int) -> None:
+        def __init__(
+            self, config: dict, params: PointButtonHazardTask, max_episode_steps: int, n_gremlins: int = 0
+        ) -> None:
             super().__init__(config=config)
             self.num_steps = max_episode_steps
             extent = params.extent
@@ -202,17 +207,22 @@ def _task_classes() -> dict[str, type]:
             self.buttons.num = params.n_buttons
             self.buttons.is_constrained = True
             self._add_geoms(Hazards(num=params.n_hazards, keepout=0.18))
+            if n_gremlins:  # as in upstream's ButtonLevel1
+                self._add_mocaps(Gremlins(num=n_gremlins, travel=0.35, keepout=0.4))
             _pin_layout(self, params.layout_seed)
 
     class GoalHazardTask(GoalLevel0):
-        """Reach a fixed goal while avoiding hazards; the episode ends when the goal is reached."""
+        """Reach a fixed goal while avoiding hazards (and, with ``n_vases``, constrained vases); the episode ends when
+        the goal is reached."""
 
-        def __init__(self, config: dict, params: PointGoalHazardTask, max_episode_steps: int) -> None:
+        def __init__(self, config: dict, params: PointGoalHazardTask, max_episode_steps: int, n_vases: int = 0) -> None:
             super().__init__(config=config)
             self.num_steps = max_episode_steps
             extent = params.extent
             self.placements_conf.extents = [-extent, -extent, extent, extent]
             self._add_geoms(Hazards(num=params.n_hazards, keepout=0.18))
+            if n_vases:  # as in upstream's GoalLevel2: contact and velocity costs
+                self._add_free_geoms(Vases(num=n_vases, is_constrained=True))
             # A pinned goal would respawn under the robot, paying the goal bonus every step: end the episode instead.
             self.mechanism_conf.continue_goal = False
             _pin_layout(self, params.layout_seed)
@@ -234,7 +244,11 @@ def _task_classes() -> dict[str, type]:
     return {"button": ButtonHazardTask, "goal": GoalHazardTask, "circle": CircleWallsTask}
 
 
-def _make_navigation_env(kind: str, robot: str, task: Task, max_episode_steps: int, render_mode: str | None) -> gym.Env:
+def _make_navigation_env(
+    kind: str, robot: str, task: Task, max_episode_steps: int, render_mode: str | None, **options: int
+) -> gym.Env:
+    """The env of ``task`` on the ``kind`` ("button", "goal", "circle") task class with ``robot`` ("Point", "Car");
+    ``options`` go to the task class (``n_gremlins`` for Button, ``n_vases`` for Goal)."""
     import_safety_gymnasium()
     from safety_gymnasium.builder import Builder
     from safety_gymnasium.wrappers import SafetyGymnasium2Gymnasium
@@ -246,7 +260,7 @@ def _make_navigation_env(kind: str, robot: str, task: Task, max_episode_steps: i
 
     class _TaskBuilder(Builder):
         def _get_task(self) -> Any:
-            navigation = task_class({"agent_name": robot}, task, max_episode_steps)
+            navigation = task_class({"agent_name": robot}, task, max_episode_steps, **options)
             navigation.build_observation_space()
             if fast_reset:  # upstream's resets rebuild an existing world (the first one creates a plain World if none)
                 navigation.world = _reusing_world_class()(navigation.agent, navigation._obstacles)
@@ -286,6 +300,18 @@ def fast_standard_env(env: gym.Env) -> gym.Env:
     return env
 
 
+def _object_count(name: str, value: int, high: int = 10) -> int:
+    """A family's count of optional objects, checked (an integer in ``[0, high]``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value <= high:
+        raise ValueError(f"{name} must be an integer in [0, {high}], got {value!r}")
+    return int(value)
+
+
+def _with_count(params: dict[str, Any], name: str, value: int) -> dict[str, Any]:
+    """``params`` with an optional-object count, left out at its default 0 (older parameter dicts stay valid)."""
+    return {**params, name: value} if value else params
+
+
 @dataclass(frozen=True, kw_only=True)
 class PointButtonHazardTask(Task):
     """Point robot, Button task: ``n_buttons`` buttons and ``n_hazards`` hazards in ``[-extent, extent]^2``."""
@@ -300,7 +326,17 @@ class PointButtonHazardTask(Task):
 class PointButtonHazard(TaskDistribution):
     """Point-Button-Hazard (the paper's showcase). Reward: progress towards the goal button, +1 for pressing it
     (a new goal button is then drawn). Cost 1 per step in a hazard or touching a wrong button.
-    Test tasks are harder than training tasks: more buttons and hazards in a larger arena."""
+    Test tasks are harder than training tasks: more buttons and hazards in a larger arena.
+
+    Per-type costs in ``info``: ``cost_hazards``, and ``cost_buttons`` while wrong buttons count (not during the
+    10 steps after a goal press, as upstream), besides their indicator ``cost_sum``.
+
+    :param n_gremlins: gremlins in every task (default 0: none), upstream's moving boxes circling their pinned spot
+        (as in ``SafetyPointButton1``); touching one costs, reported as ``info["cost_gremlins"]``. They are placed
+        by the same layout sampler after the other objects, which may then be placed differently (the sampler starts
+        over when an object does not fit).
+    :param kwargs: the :class:`TaskDistribution` arguments.
+    """
 
     name = "PointButtonHazard"
     task_cls = PointButtonHazardTask
@@ -322,8 +358,16 @@ class PointButtonHazard(TaskDistribution):
     default_max_episode_steps = 500
     default_cost_limit = 25.0
 
+    def __init__(self, *args: Any, n_gremlins: int = 0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.n_gremlins = _object_count("n_gremlins", n_gremlins)
+
+    def get_params(self) -> dict[str, Any]:
+        return _with_count(super().get_params(), "n_gremlins", self.n_gremlins)
+
     def _make_base_env(self, task: Task, render_mode: str | None = None) -> gym.Env:
-        return _make_navigation_env("button", "Point", task, self.max_episode_steps, render_mode)
+        options = {"n_gremlins": self.n_gremlins} if self.n_gremlins else {}
+        return _make_navigation_env("button", "Point", task, self.max_episode_steps, render_mode, **options)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -338,7 +382,16 @@ class PointGoalHazardTask(Task):
 @register_task_distribution
 class PointGoalHazard(TaskDistribution):
     """Point-Goal-Hazard: reach the task's goal (reward: progress towards it, +1 on arrival, which ends the episode)
-    while avoiding its hazards (cost 1 per step inside one). Test tasks have more hazards in a larger arena."""
+    while avoiding its hazards (cost 1 per step inside one). Test tasks have more hazards in a larger arena.
+
+    Per-type costs in ``info``: ``cost_hazards`` (and the vases' below), besides their indicator ``cost_sum``.
+
+    :param n_vases: constrained vases in every task (default 0: none), upstream's free boxes as in
+        ``SafetyPointGoal2``: touching one, or leaving one moving, costs, reported as ``info["cost_vases_contact"]``
+        and ``info["cost_vases_velocity"]``. They are placed by the same layout sampler after the other objects,
+        which may then be placed differently (the sampler starts over when an object does not fit).
+    :param kwargs: the :class:`TaskDistribution` arguments.
+    """
 
     name = "PointGoalHazard"
     task_cls = PointGoalHazardTask
@@ -357,8 +410,16 @@ class PointGoalHazard(TaskDistribution):
     default_max_episode_steps = 500
     default_cost_limit = 25.0
 
+    def __init__(self, *args: Any, n_vases: int = 0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.n_vases = _object_count("n_vases", n_vases)
+
+    def get_params(self) -> dict[str, Any]:
+        return _with_count(super().get_params(), "n_vases", self.n_vases)
+
     def _make_base_env(self, task: Task, render_mode: str | None = None) -> gym.Env:
-        return _make_navigation_env("goal", "Point", task, self.max_episode_steps, render_mode)
+        options = {"n_vases": self.n_vases} if self.n_vases else {}
+        return _make_navigation_env("goal", "Point", task, self.max_episode_steps, render_mode, **options)
 
 
 @dataclass(frozen=True, kw_only=True)
