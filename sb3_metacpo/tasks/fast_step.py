@@ -22,6 +22,7 @@ lidar, vision, static-geom costs, vase displacement costs, unknown object types)
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -42,34 +43,34 @@ def pseudo_lidar(
     Each object contributes to its bin and (with aliasing) to the two neighbours, and a bin reads the largest
     contribution, so the order in which objects are visited does not matter (all contributions are >= +0.0)."""
     num_bins = conf.num_bins
-    obs = np.zeros((n_groups, num_bins))
-    if len(positions) == 0:
-        return obs
-    world = np.zeros((len(positions), 1, 3))  # upstream: np.concatenate([pos, [0]]) - agent_pos
-    world[:, 0, :2] = positions
-    world -= agent_pos
-    ego = np.matmul(world, agent_mat)[:, 0]  # one gemv per row, as upstream's (3,) @ (3, 3)
-    z = np.empty(len(positions), dtype=np.complex128)
-    z.real = ego[:, 0]
-    z.imag = ego[:, 1]
-    dist = np.abs(z)
-    angle = np.angle(z) % _TWO_PI
-    bin_size = _TWO_PI / num_bins
-    bins = (angle / bin_size).astype(np.intp)  # int() of a non-negative float
-    if conf.max_dist is None:
-        sensor = np.exp(-conf.exp_gain * dist)
-    else:
-        sensor = np.maximum(0, conf.max_dist - dist) / conf.max_dist
-    rows = groups * num_bins
-    flat = obs.reshape(-1)
-    np.maximum.at(flat, rows + bins, sensor)
-    if conf.alias:
-        alias = (angle - bin_size * bins) / bin_size
-        if not (np.all(alias >= 0) and np.all(alias <= 1)):
-            raise AssertionError(f"bad alias {alias}, dist {dist}, angle {angle}, bin {bins}")
-        np.maximum.at(flat, rows + (bins + 1) % num_bins, alias * sensor)
-        np.maximum.at(flat, rows + (bins - 1) % num_bins, (1 - alias) * sensor)
-    return obs
+    obs = np.zeros(n_groups * num_bins)
+    n = len(positions)
+    if n:
+        world = np.zeros((n, 1, 3))  # upstream: np.concatenate([pos, [0]]) - agent_pos
+        world[:, 0, :2] = positions
+        world -= agent_pos
+        ego = np.matmul(world, agent_mat)  # one gemv per row, as upstream's (3,) @ (3, 3)
+        z = np.empty(n, dtype=np.complex128)  # upstream: complex(*ego_xy)
+        z.real = ego[:, 0, 0]
+        z.imag = ego[:, 0, 1]
+        dist = np.abs(z)
+        angle = np.arctan2(z.imag, z.real) % _TWO_PI  # np.angle(z), as upstream
+        bin_size = _TWO_PI / num_bins
+        bins = (angle / bin_size).astype(np.intp)  # int() of a non-negative float
+        if conf.max_dist is None:
+            sensor = np.exp(-conf.exp_gain * dist)
+        else:
+            sensor = np.maximum(0, conf.max_dist - dist) / conf.max_dist
+        rows = groups * num_bins
+        if conf.alias:
+            alias = (angle - bin_size * bins) / bin_size
+            if not ((alias >= 0).all() and (alias <= 1).all()):
+                raise AssertionError(f"bad alias {alias}, dist {dist}, angle {angle}, bin {bins}")
+            index = np.concatenate((rows + bins, rows + (bins + 1) % num_bins, rows + (bins - 1) % num_bins))
+            np.maximum.at(obs, index, np.concatenate((sensor, alias * sensor, (1 - alias) * sensor)))
+        else:
+            np.maximum.at(obs, rows + bins, sensor)
+    return obs.reshape(n_groups, num_bins)
 
 
 class _ModelIndex:
@@ -211,14 +212,24 @@ class _ModelIndex:
     def _agent_xy(self, task: Any) -> np.ndarray:
         return task.data.xpos[self.agent, :2]
 
-    def _contacts(self, task: Any) -> np.ndarray:
+    def agent_contacts(self, task: Any) -> np.ndarray:
+        """The geom pairs of the contacts that involve an agent geom (kept for the rest of the step, see
+        ``FastStepMixin._fast_window``)."""
+        window = task._fast_window
+        if window is not None and "contacts" in window:
+            return window["contacts"]
         data = task.data
-        return data.contact.geom[: data.ncon] if data.ncon else np.zeros((0, 2), dtype=np.intp)
+        pairs = data.contact.geom[: data.ncon] if data.ncon else np.zeros((0, 2), dtype=np.intp)
+        pairs = pairs[self.is_agent[pairs].any(axis=1)]
+        if window is not None:
+            window["contacts"] = pairs
+        return pairs
 
     def _hazards_cost(self, task: Any, hazards: Any, bodies: np.ndarray) -> dict:
         if not hazards.is_constrained:
             return {}
-        dist = np.sqrt(np.sum(np.square(task.data.xpos[bodies, :2] - self._agent_xy(task)), axis=1))
+        vec = task.data.xpos[bodies, :2] - self._agent_xy(task)
+        dist = np.sqrt(vec[:, 0] * vec[:, 0] + vec[:, 1] * vec[:, 1])  # upstream's sqrt(sum(square(...))) of 2
         total = 0
         for h_dist in dist[dist <= hazards.size]:  # upstream's order, one term at a time
             total += hazards.cost * (hazards.size - h_dist)
@@ -226,8 +237,8 @@ class _ModelIndex:
 
     def _count_agent_contacts(self, task: Any, mask: np.ndarray, exclude: int | None = None) -> int:
         """Contacts between an agent geom and a geom in ``mask`` where neither geom is ``exclude``."""
-        pairs = self._contacts(task)
-        hits = mask[pairs].any(axis=1) & self.is_agent[pairs].any(axis=1)
+        pairs = self.agent_contacts(task)
+        hits = mask[pairs].any(axis=1)
         if exclude is not None:
             hits &= ~(pairs == exclude).any(axis=1)
         return int(np.count_nonzero(hits))
@@ -305,6 +316,9 @@ class FastStepMixin:
 
     _fast_index_cache: _ModelIndex | None = None
     _fast_forwarded: bool = False  # mj_forward has run and nothing changed the state since
+    # Values kept from the physics step to the step's observation (contacts, the goal button check, which upstream
+    # calls twice); None outside that window, e.g. during a reset.
+    _fast_window: dict | None = None
     _fast_goal: str = ""  # how goal_achieved is computed: "button", "distance", "never" or "" (upstream)
     _fast_button_obs: bool = False  # obs() is ButtonLevel0's (buttons_lidar reads zero while the timer runs)
     _fast_circle_reward: bool = False
@@ -340,10 +354,12 @@ class FastStepMixin:
                 exception = True
                 break
         self._fast_forwarded = False
+        self._fast_window = None
         if exception:
             return exception
         mujoco.mj_forward(model, data)
         self._fast_forwarded = True
+        self._fast_window = {}
         return exception
 
     def calculate_cost(self) -> dict:
@@ -366,17 +382,25 @@ class FastStepMixin:
         task: Any = self
         index = self._fast_index()
         xpos = task.data.xpos
-        pos = xpos[task.model.body("goal").id, :2] if index.goal is None else xpos[index.goal, :2]
-        return np.sqrt(np.sum(np.square(pos - xpos[index.agent, :2])))
+        goal = task.model.body("goal").id if index.goal is None else index.goal
+        dx = float(xpos[goal, 0]) - float(xpos[index.agent, 0])  # the same IEEE operations as upstream's
+        dy = float(xpos[goal, 1]) - float(xpos[index.agent, 1])  # np.sqrt(np.sum(np.square(goal - agent)))
+        return np.float64(math.sqrt(dx * dx + dy * dy))
 
     @property
     def goal_achieved(self) -> bool:
         task: Any = self
         if self._fast_goal == "button":
+            window = self._fast_window
+            key = ("button goal", task.buttons.goal_button)
+            if window is not None and key in window:
+                return window[key]
             index = self._fast_index()
             goal = index.geom_id.get(f"button{task.buttons.goal_button}", -1)
-            pairs = index._contacts(task)
-            return bool(np.any((pairs == goal).any(axis=1) & index.is_agent[pairs].any(axis=1)))
+            achieved = bool((index.agent_contacts(task) == goal).any())
+            if window is not None:
+                window[key] = achieved
+            return achieved
         if self._fast_goal == "distance":
             return self.dist_goal() <= task.goal.size
         if self._fast_goal == "never":
@@ -405,11 +429,13 @@ class FastStepMixin:
         index = self._fast_index()
         if not (index.supported and task.lidar_conf.type == "pseudo" and task.observation_flatten and not task.observe_vision):
             self._fast_forwarded = False
+            self._fast_window = None
             return self._fast_upstream.obs(self)
         model, data = task.model, task.data
         if not self._fast_forwarded:
             mujoco.mj_forward(model, data)
         self._fast_forwarded = False
+        self._fast_window = None
         out = np.empty(index.size)
         sensordata = data.sensordata
         out[index.copy_dst] = sensordata[index.copy_src]
@@ -437,7 +463,7 @@ class FastStepMixin:
             out[where] = task._obs_compass(obstacle.pos)
         if self._fast_button_obs and task.buttons.timer != 0:
             out[index.slices["buttons_lidar"]] = 0.0
-        if not (np.all(out >= index.low) and np.all(out <= index.high)):
+        if not ((out >= index.low).all() and (out <= index.high).all()):  # upstream's obs_space_dict.contains
             raise AssertionError(f"Bad obs {out} {task.obs_info.obs_space_dict}")
         return out
 
