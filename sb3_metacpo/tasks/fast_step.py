@@ -64,7 +64,7 @@ def pseudo_lidar(
         rows = groups * num_bins
         if conf.alias:
             alias = (angle - bin_size * bins) / bin_size
-            if not ((alias >= 0).all() and (alias <= 1).all()):
+            if not (alias.min() >= 0 and alias.max() <= 1):  # (false for NaN, as upstream's assert)
                 raise AssertionError(f"bad alias {alias}, dist {dist}, angle {angle}, bin {bins}")
             index = np.concatenate((rows + bins, rows + (bins + 1) % num_bins, rows + (bins - 1) % num_bins))
             np.maximum.at(obs, index, np.concatenate((sensor, alias * sensor, (1 - alias) * sensor)))
@@ -157,7 +157,7 @@ class _ModelIndex:
                 elif kind is Goal:
                     lidar_positions.append(body_ids("goal", 1))
                 elif kind is Circle:
-                    lidar_positions.append(lambda: np.zeros((1, 2)))  # upstream's Circle.pos: [0, 0, 0]
+                    lidar_positions.append(np.zeros((1, 2)))  # upstream's Circle.pos: [0, 0, 0], not the body's
                 else:
                     lidar_positions.append(functools.partial(self._upstream_positions, obstacle))
                 producers[obstacle.name + "_lidar"] = ("lidar", len(lidar_positions) - 1)
@@ -165,12 +165,15 @@ class _ModelIndex:
                 producers[obstacle.name + "_comp"] = ("compass", obstacle)
 
         self.n_lidar = len(lidar_positions)
-        fixed = [ids for ids in lidar_positions if isinstance(ids, np.ndarray)]
-        self.lidar_ids = np.concatenate(fixed) if fixed else np.zeros(0, dtype=np.intp)
+        # bodies (integer arrays of ids), constant positions (float arrays) and upstream's positions (callables)
+        arrays = [(group, item) for group, item in enumerate(lidar_positions) if isinstance(item, np.ndarray)]
+        bodies = [(group, ids) for group, ids in arrays if ids.dtype == np.intp]
+        constants = [(group, pos) for group, pos in arrays if pos.dtype != np.intp]
+        self.lidar_ids = np.concatenate([ids for _, ids in bodies] or [np.zeros(0, dtype=np.intp)])
+        self.lidar_constants = np.concatenate([pos for _, pos in constants]) if constants else None
         self.lidar_groups = np.concatenate(
-            [np.full(len(ids), group) for group, ids in enumerate(lidar_positions) if isinstance(ids, np.ndarray)]
-            or [np.zeros(0, dtype=np.intp)]
-        ).astype(np.intp)
+            [np.full(len(ids), group, dtype=np.intp) for group, ids in [*bodies, *constants]] or [np.zeros(0, dtype=np.intp)]
+        )
         self.lidar_extra = [(group, fn) for group, fn in enumerate(lidar_positions) if not isinstance(fn, np.ndarray)]
 
         space = task.obs_info.obs_space_dict
@@ -344,15 +347,22 @@ class FastStepMixin:
         model, data = task.model, task.data
         exception = False
         n_substeps = task.random_generator.binomial(task.sim_conf.frameskip_binom_n, task.sim_conf.frameskip_binom_p)
-        for _ in range(n_substeps):
-            try:
-                for move in index.movers:
-                    move()
-                mujoco.mj_step(model, data)
+        if index.movers:
+            for _ in range(n_substeps):
+                try:
+                    for move in index.movers:
+                        move()
+                    mujoco.mj_step(model, data)
+                except MujocoException as me:
+                    print("MujocoException", me)
+                    exception = True
+                    break
+        elif n_substeps:
+            try:  # no mocaps to move between substeps: MuJoCo's own loop, the same substeps
+                mujoco.mj_step(model, data, nstep=n_substeps)
             except MujocoException as me:
                 print("MujocoException", me)
                 exception = True
-                break
         self._fast_forwarded = False
         self._fast_window = None
         if exception:
@@ -449,6 +459,8 @@ class FastStepMixin:
             out[start : start + 9] = mat
         if index.n_lidar:
             positions = data.xpos[index.lidar_ids, :2]
+            if index.lidar_constants is not None:
+                positions = np.concatenate((positions, index.lidar_constants)) if len(positions) else index.lidar_constants
             groups = index.lidar_groups
             if index.lidar_extra:
                 extra = [(group, fn()) for group, fn in index.lidar_extra]
