@@ -83,13 +83,15 @@ def compare_step(fast, stock, events: Counter) -> None:
     events.update(name for name, flag in (("terminated", stock[2]), ("truncated", stock[3])) if flag)
 
 
-def lockstep(fast_env, stock_env, n_steps: int, driver: Driver, events: Counter, seed: int | None) -> None:
+def lockstep(fast_env, stock_env, n_steps: int, driver: Driver, events: Counter, seed: int | None, on_reset=None):
     """Reset both envs (seeded or continuing their seed streams), then step them with the same actions, resetting
-    at episode ends, and compare everything."""
+    at episode ends, and compare everything (and call ``on_reset(fast_env, stock_env)`` after every reset)."""
     driver.new_episode()
     fast_obs, _ = fast_env.reset(seed=seed)
     stock_obs, _ = stock_env.reset(seed=seed)
     np.testing.assert_array_equal(fast_obs, stock_obs)
+    if on_reset is not None:
+        on_reset(fast_env, stock_env)
     for _ in range(n_steps):
         action = driver(stock_env.unwrapped.task)
         fast, stock = fast_env.step(action), stock_env.step(action)
@@ -100,6 +102,8 @@ def lockstep(fast_env, stock_env, n_steps: int, driver: Driver, events: Counter,
             fast_obs, _ = fast_env.reset()
             stock_obs, _ = stock_env.reset()
             np.testing.assert_array_equal(fast_obs, stock_obs)
+            if on_reset is not None:
+                on_reset(fast_env, stock_env)
 
 
 def navigation_env(name, robot, task, fast, monkeypatch, **options):
@@ -202,10 +206,11 @@ STANDARD_IDS = [f"Safety{robot}{task}" for task in ("Goal1", "Button1", "Circle1
 
 @pytest.mark.parametrize("env_id", [*STANDARD_IDS, "SafetyPointGoal2"])
 def test_standard_ids_built_by_the_library_match_stock(env_id, monkeypatch):
-    """``make_safe_vec_env``'s factory gives the standard ids the fast step; stock ``safety_gymnasium.make`` is the
-    oracle (same seeds, same actions), over random layouts re-drawn at every reset."""
+    """``make_safe_vec_env``'s factory gives the standard ids the fast step and reset; stock ``safety_gymnasium.make``
+    is the oracle (same seeds, same actions), over random layouts re-drawn at every reset."""
     safety_gymnasium = import_safety_gymnasium()
     monkeypatch.setattr(safety_gym, "FAST_STEP", True)
+    monkeypatch.setattr(safety_gym, "FAST_RESET", True)
     ours = EnvFactory(env_id=f"{env_id}Gymnasium-v0")()
     stock = safety_gymnasium.make(f"{env_id}-v0", max_episode_steps=MAX_STEPS)
     assert isinstance(ours.unwrapped.task, FastStepMixin) and not isinstance(stock.unwrapped.task, FastStepMixin)
@@ -221,9 +226,22 @@ def test_standard_ids_built_by_the_library_match_stock(env_id, monkeypatch):
             obs, reward, terminated, truncated, info = self.env.step(action)
             return obs, reward, terminated, truncated, {k: v for k, v in info.items() if k not in ("episode",)}
 
+    models = []
+
+    def same_models(fast_env, stock_env):  # FAST_RESET: poses set in the kept model, exactly as compiled
+        fast_model, stock_model = fast_env.unwrapped.task.model, stock_env.unwrapped.task.model
+        models.append(fast_model)
+        for key in dir(stock_model):
+            value = getattr(stock_model, key)
+            if key != "tex_data" and isinstance(value, np.ndarray):
+                np.testing.assert_array_equal(getattr(fast_model, key), value, err_msg=key)
+
     events = Counter()
-    lockstep(Ours(ours), Stock5(stock), 2 * MAX_STEPS + 10, Driver(seed=4, goal_steps=0), events, seed=5)
+    driver = Driver(seed=4, goal_steps=0)
+    lockstep(Ours(ours), Stock5(stock), 2 * MAX_STEPS + 10, driver, events, seed=5, on_reset=same_models)
     assert events["reset"] >= 2
+    reused = [later is models[0] for later in models[1:]]
+    assert all(reused) if "Button" not in env_id else not any(reused)  # gremlins' worlds are recompiled
     if "Point" in env_id:  # (the Car, slower to steer, touches nothing in these short random layouts)
         expected = "cost_out_of_boundary" if "Circle" in env_id else "cost_hazards"
         assert events[expected], events

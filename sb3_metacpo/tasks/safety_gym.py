@@ -67,11 +67,22 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _plain_free_body(name: str, config: dict) -> bool:
+    """Whether ``World.build`` writes a free geom as a plain free body (``pos``, ``quat`` from ``rot``, a free joint,
+    one geom): vases and gremlins' boxes, not the push box (five geoms) or meshes (oriented by ``euler``)."""
+    return name != "push_box" and config["type"] != "mesh"
+
+
 def _without_poses(config: dict) -> Any:
-    """A world config without the poses that :class:`ReusingWorld` sets in the compiled model: what else the XML holds."""
+    """A world config without the poses that :class:`ReusingWorld` sets in the compiled model: what else the XML holds.
+    Mocaps keep theirs (their poses go into the geoms, and a weld's reference pose, which are not reproduced here)."""
     fixed = {key: value for key, value in config.items() if key not in ("agent_xy", "agent_rot")}
     fixed["geoms"] = {
         name: {k: v for k, v in geom.items() if k not in ("pos", "rot")} for name, geom in config["geoms"].items()
+    }
+    fixed["free_geoms"] = {
+        name: {k: v for k, v in geom.items() if k not in ("pos", "rot")} if _plain_free_body(name, geom) else geom
+        for name, geom in config.get("free_geoms", {}).items()
     }
     return _plain(fixed)
 
@@ -159,7 +170,8 @@ def _reusing_world_class() -> type:
             agent = model.body("agent")
             agent.pos[:] = np.r_[self.agent_xy, self._agent.z_height]
             agent.quat[:] = rot2quat(self.agent_rot)
-            for name, geom in self.geoms.items():
+            free = [(name, geom) for name, geom in self.free_geoms.items() if _plain_free_body(name, geom)]
+            for name, geom in [*self.geoms.items(), *free]:
                 body = model.body(name)
                 body.pos[:] = geom["pos"]
                 if geom["type"] != "mesh":  # mesh geoms are oriented by a fixed ``euler`` instead
@@ -169,15 +181,21 @@ def _reusing_world_class() -> type:
                 if not np.any((model.geom_bodyid == body.id) & (model.geom_group <= 5)):
                     body.ipos[:] = body.pos
                     body.iquat[:] = body.quat
-            for joint in range(agent.jntadr[0], agent.jntadr[0] + agent.jntnum[0]):
-                if model.jnt_type[joint] == mujoco.mjtJoint.mjJNT_FREE:  # the Car's free joint starts at its body's pose
-                    start = model.jnt_qposadr[joint]
-                    model.qpos0[start : start + 7] = np.r_[agent.pos, agent.quat]
-                    model.qpos_spring[start : start + 7] = model.qpos0[start : start + 7]
+            for body in [agent, *[model.body(name) for name, _ in free]]:  # the Car's and the vases' free joints
+                self._start_free_joints(body)
             theta = self.agent_rot + np.pi  # the tracking camera, as World.build places it
             camera = model.camera("track")
             camera.pos[:] = [0 * np.cos(theta) + (-2) * np.sin(theta), 0 * (-np.sin(theta)) + (-2) * np.cos(theta), 2]
             camera.quat[:] = _xyaxes_to_quat([np.cos(theta), -np.sin(theta), 0], [np.sin(theta), np.cos(theta), 1])
+
+        def _start_free_joints(self, body: Any) -> None:
+            """A free joint of ``body`` starts at the body's pose (the compiler's ``qpos0``, and its spring pose)."""
+            model = self.model
+            for joint in range(body.jntadr[0], body.jntadr[0] + body.jntnum[0]):
+                if model.jnt_type[joint] == mujoco.mjtJoint.mjJNT_FREE:
+                    start = model.jnt_qposadr[joint]
+                    model.qpos0[start : start + 7] = np.r_[body.pos, body.quat]
+                    model.qpos_spring[start : start + 7] = model.qpos0[start : start + 7]
 
     return ReusingWorld
 
@@ -281,8 +299,10 @@ _STANDARD_AGENTS = ("Point", "Car")
 def fast_standard_env(env: gym.Env) -> gym.Env:
     """Give a safety-gymnasium navigation env made from a standard id (``SafetyPointGoal1Gymnasium-v0``, Goal, Button
     and Circle tasks of levels 0-2, Point and Car robots) the fast per-step methods, in place, when ``FAST_STEP`` is
-    on; returns ``env``. Other envs (other tasks or robots, vision or natural-lidar variants keep upstream's
-    observation code inside the fast class) are returned unchanged."""
+    on, and (with ``FAST_RESET``, before its first reset) the world that moves bodies instead of recompiling when only
+    poses change: every reset of Goal and Circle tasks (random layouts are poses), not those with gremlins (Button1-2),
+    which recompile as upstream. Returns ``env``. Other envs (other tasks or robots) are returned unchanged; vision or
+    natural-lidar variants keep upstream's observation code inside the fast class."""
     if not FAST_STEP or "safety_gymnasium" not in sys.modules:
         return env
     from safety_gymnasium.builder import Builder
@@ -297,6 +317,8 @@ def fast_standard_env(env: gym.Env) -> gym.Env:
     )
     if standard and type(task.agent).__name__ in _STANDARD_AGENTS and not isinstance(task, FastStepMixin):
         task.__class__ = fast_task_class(kind)
+        if FAST_RESET and task.world is None:  # (upstream's first reset then builds into this world)
+            task.world = _reusing_world_class()(task.agent, task._obstacles)
     return env
 
 
