@@ -306,8 +306,9 @@ class _ModelIndex:
 class FastStepMixin:
     """Replacements for an upstream navigation task's per-step methods with the same results, computed on arrays:
     ``simulation_forward``, ``calculate_cost``, ``obs``, ``dist_goal``, ``goal_achieved`` (Button: the goal button's
-    contacts; Goal: the distance; Circle: never) and the Circle reward. Each falls back to upstream's method
-    (``_fast_upstream``'s) where the task is configured in a way it does not reproduce.
+    contacts; Goal: the distance; Circle: never), the Circle reward, and ``reset`` (which forgets what a step kept).
+    Each falls back to upstream's method (``_fast_upstream``'s) where the task is configured in a way it does not
+    reproduce.
 
     :func:`fast_task_class` puts the mixin last in the bases, so that the fast class has the upstream class's
     instance layout (an existing task object can take it: :func:`~sb3_metacpo.tasks.safety_gym.fast_standard_env`),
@@ -332,6 +333,13 @@ class FastStepMixin:
         if index is None or index.model is not model:
             index = self._fast_index_cache = _ModelIndex(self, model)
         return index
+
+    def reset(self) -> None:
+        """Upstream's ``Underlying.reset`` (build or rebuild the world), forgetting what was kept from the last step
+        (a step that raised never reached its observation)."""
+        self._fast_forwarded = False
+        self._fast_window = None
+        self._fast_upstream.reset(self)
 
     def simulation_forward(self, action: np.ndarray) -> bool:
         """Upstream's ``Underlying.simulation_forward`` with the mocaps moved by precomputed ids."""
@@ -399,6 +407,8 @@ class FastStepMixin:
 
     @property
     def goal_achieved(self) -> bool:
+        """Upstream's goal check: Button (``ButtonLevel0``), an agent geom touches the goal button; Goal
+        (``GoalLevel0``), the agent is within the goal's size; Circle, never."""
         task: Any = self
         if self._fast_goal == "button":
             window = self._fast_window
@@ -480,7 +490,7 @@ class FastStepMixin:
         return out
 
 
-_REPLACED = ("simulation_forward", "calculate_cost", "obs", "dist_goal", "goal_achieved", "calculate_reward")
+_REPLACED = ("reset", "simulation_forward", "calculate_cost", "obs", "dist_goal", "goal_achieved", "calculate_reward")
 
 
 @functools.cache
@@ -496,6 +506,7 @@ def fast_task_class(base: type) -> type:
 
     goals = {ButtonLevel0.goal_achieved: "button", GoalLevel0.goal_achieved: "distance", CircleLevel0.goal_achieved: "never"}
     upstream = {  # the upstream versions each replacement reproduces
+        "reset": (Underlying.reset,),
         "simulation_forward": (Underlying.simulation_forward,),
         "calculate_cost": (BaseTask.calculate_cost,),
         "obs": (BaseTask.obs, ButtonLevel0.obs),
