@@ -11,6 +11,7 @@ import dataclasses
 from collections import Counter
 
 import gymnasium as gym
+import mujoco
 import numpy as np
 import pytest
 
@@ -254,3 +255,33 @@ def test_fast_step_switch_off_gives_upstream_classes(monkeypatch):
     dist = make_task_distribution("CarCircle", seed=0)
     assert not isinstance(dist.make_env(dist.sample(1)[0]).unwrapped.task, FastStepMixin)
     assert safety_gym.fast_standard_env(gym.make("CartPole-v1")).unwrapped.__class__.__name__ == "CartPoleEnv"
+
+
+@pytest.mark.parametrize(("max_dist", "alias"), [(3, True), (None, True), (6, False)])
+def test_batched_pseudo_lidar_is_upstreams(max_dist, alias, monkeypatch):
+    """The batched lidar against upstream's ``_obs_lidar_pseudo`` on random agent poses and object sets, also with the
+    exponential (``max_dist=None``) and non-aliased variants no family uses."""
+    from sb3_metacpo.tasks.fast_step import pseudo_lidar
+
+    dist = make_task_distribution("PointGoalHazard", seed=0)
+    env = navigation_env("PointGoalHazard", "Car", dist.sample(1)[0], False, monkeypatch)
+    env.reset(seed=0)
+    task = env.unwrapped.task
+    task.lidar_conf.max_dist, task.lidar_conf.alias = max_dist, alias
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        task.data.qpos[:2] = rng.uniform(-2, 2, 2)  # the car's free joint: position and a random orientation
+        quat = rng.normal(size=4)
+        task.data.qpos[3:7] = quat / np.linalg.norm(quat)
+        mujoco.mj_forward(task.model, task.data)
+        groups = [rng.uniform(-3, 3, (int(rng.integers(1, 6)), 3)) for _ in range(3)]
+        expected = [task._obs_lidar_pseudo(list(positions)) for positions in groups]
+        batch = pseudo_lidar(
+            np.concatenate(groups)[:, :2],
+            np.concatenate([np.full(len(positions), g) for g, positions in enumerate(groups)]),
+            3,
+            task.agent.pos,
+            task.agent.mat,
+            task.lidar_conf,
+        )
+        np.testing.assert_array_equal(batch, expected)
