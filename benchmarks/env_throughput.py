@@ -1,21 +1,40 @@
-"""Raw env throughput of every task family: random actions through the sampler (DummyVecEnv), resets included.
+"""Raw env throughput with random actions.
 
-python benchmarks/env_throughput.py                   # all families, 1 env, 2 episodes per task
-python benchmarks/env_throughput.py --n-envs 2 --families Toy2DNav PointButtonHazard
+Two tables, each measured within one run (the machine may be shared: compare ratios, not absolute speeds):
+
+* ``--mode fast-step``: our navigation envs (``FAST_STEP`` and ``FAST_RESET`` on) against upstream's code on the same
+  tasks, seeds and actions (both switches off: stock safety-gymnasium), for the families and for standard ids built
+  through the library (``EnvFactory``, what ``make_safe_vec_env`` uses), with physics alone (``mj_step`` with the
+  same frame skip on the same model, the same actions) beside them as the limit. Best of ``--repeats`` runs each,
+  ours and stock alternating.
+* ``--mode sampler``: every task family through the sampler (DummyVecEnv), resets included.
+
+python benchmarks/env_throughput.py | tee benchmarks/results/env_throughput/env_throughput.txt
+python benchmarks/env_throughput.py --mode sampler --n-envs 2 --families Toy2DNav PointButtonHazard
+python benchmarks/env_throughput.py --mode fast-step --profile PointButtonHazard   # cProfile of our step
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import cProfile
 import platform
+import pstats
 import time
 from collections.abc import Callable
 
+import gymnasium as gym
+import mujoco
 import numpy as np
 import torch
 
+from sb3_metacpo.common.envs import EnvFactory
 from sb3_metacpo.common.rollouts import RolloutSampler
-from sb3_metacpo.tasks import list_task_distributions, make_task_distribution
+from sb3_metacpo.tasks import list_task_distributions, make_task_distribution, safety_gym
+
+NAVIGATION_FAMILIES = ["PointButtonHazard", "PointGoalHazard", "CarCircle"]
+STANDARD_IDS = ["SafetyPointGoal1Gymnasium-v0", "SafetyPointButton1Gymnasium-v0", "SafetyCarCircle1Gymnasium-v0"]
 
 
 def random_actions(shape: tuple[int, ...]) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
@@ -23,14 +42,8 @@ def random_actions(shape: tuple[int, ...]) -> Callable[[np.ndarray, np.ndarray],
     return lambda observations, _tasks: rng.uniform(-1, 1, (len(observations), *shape))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--families", nargs="+", default=list_task_distributions(), choices=list_task_distributions())
-    parser.add_argument("--n-envs", type=int, default=1)
-    parser.add_argument("--episodes", type=int, default=2, help="episodes per env per measurement")
-    parser.add_argument("--tasks", type=int, default=2, help="training tasks measured (one after the other)")
-    args = parser.parse_args()
-    print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, n_envs={args.n_envs}")
+def sampler_table(args: argparse.Namespace) -> None:
+    print(f"Every family through the sampler, n_envs={args.n_envs}, {args.episodes} episodes per task, {args.tasks} tasks")
     print(f"{'family':<22} {'episode':>8} {'steps':>8} {'seconds':>8} {'steps/s':>9}")
     for name in args.families:
         dist = make_task_distribution(name, seed=0)
@@ -44,6 +57,110 @@ def main() -> None:
         elapsed = time.perf_counter() - start
         sampler.close()
         print(f"{name:<22} {dist.max_episode_steps:>8} {steps:>8} {elapsed:>8.2f} {steps / elapsed:>9.0f}")
+
+
+def make_env(name: str, fast: bool) -> gym.Env:
+    """A family's env of its first training task (seed 0), or a standard id's through the library's factory, with
+    the fast step and reset on or off (read when the env is made)."""
+    safety_gym.FAST_STEP = safety_gym.FAST_RESET = fast
+    if name in NAVIGATION_FAMILIES:
+        dist = make_task_distribution(name, seed=0)
+        return dist.make_env(dist.sample(1)[0])
+    return EnvFactory(env_id=name)()
+
+
+def run_env(env: gym.Env, actions: np.ndarray) -> tuple[float, float]:
+    """(seconds in ``step``, seconds in ``reset``) over ``actions`` from a seeded reset, resetting at episode ends."""
+    env.reset(seed=0)
+    step_time = reset_time = 0.0
+    for action in actions:
+        start = time.perf_counter()
+        *_, terminated, truncated, _ = env.step(action)
+        step_time += time.perf_counter() - start
+        if terminated or truncated:
+            start = time.perf_counter()
+            env.reset()
+            reset_time += time.perf_counter() - start
+    return step_time, reset_time
+
+
+def run_physics(env: gym.Env, actions: np.ndarray) -> float:
+    """Seconds of ``mj_step`` alone, with the env's frame skip, on its model from a copy of its state after a seeded
+    reset (gremlins' mocaps stay where the reset put them)."""
+    env.reset(seed=0)
+    task = env.unwrapped.task
+    model = task.model
+    data = copy.deepcopy(task.data)
+    frame_skip = task.sim_conf.frameskip_binom_n
+    low, high = model.actuator_ctrlrange.T
+    start = time.perf_counter()
+    for action in actions:
+        data.ctrl[:] = np.clip(action, low, high)
+        mujoco.mj_step(model, data, nstep=frame_skip)
+    return time.perf_counter() - start
+
+
+def fast_step_table(args: argparse.Namespace) -> None:
+    names = [*NAVIGATION_FAMILIES, *STANDARD_IDS]
+    print(f"Fast step against stock safety-gymnasium: {args.steps} random steps from a seeded reset, best of "
+          f"{args.repeats} (resets at episode ends: 500 steps, 1000 for Goal1/Button1)")
+    print("steps/s with resets | steps/s of step() alone | physics: mj_step x frame skip on the same model")
+    header = (f"{'env':<32} {'stock':>7} {'ours':>7} {'ratio':>6} | {'stock':>7} {'ours':>7} {'ratio':>6} | "
+              f"{'physics':>8} {'stock/ph':>8} {'ours/ph':>8}")
+    print(header)
+    print("-" * len(header))
+    for name in names:
+        envs = {fast: make_env(name, fast) for fast in (True, False)}
+        shape = envs[True].action_space.shape
+        actions = np.random.default_rng(0).uniform(-1, 1, (args.steps, *shape)).astype(envs[True].action_space.dtype)
+        best: dict[bool, tuple[float, float]] = {}
+        for _ in range(args.repeats):
+            for fast in (True, False):
+                step_time, reset_time = run_env(envs[fast], actions)
+                if fast not in best or step_time + reset_time < sum(best[fast]):
+                    best[fast] = (step_time, reset_time)
+        physics = min(run_physics(envs[True], actions) for _ in range(args.repeats))
+        for env in envs.values():
+            env.close()
+        total = {fast: args.steps / sum(best[fast]) for fast in best}
+        step_only = {fast: args.steps / best[fast][0] for fast in best}
+        limit = args.steps / physics
+        label = name.replace("Gymnasium-v0", " (library)")
+        print(f"{label:<32} {total[False]:>7.0f} {total[True]:>7.0f} {total[True] / total[False]:>5.2f}x | "
+              f"{step_only[False]:>7.0f} {step_only[True]:>7.0f} {step_only[True] / step_only[False]:>5.2f}x | "
+              f"{limit:>8.0f} {step_only[False] / limit:>8.2f} {step_only[True] / limit:>8.2f}")
+    safety_gym.FAST_STEP = safety_gym.FAST_RESET = True
+
+
+def profile(name: str, steps: int) -> None:
+    env = make_env(name, True)
+    actions = np.random.default_rng(0).uniform(-1, 1, (steps, *env.action_space.shape)).astype(env.action_space.dtype)
+    profiler = cProfile.Profile()
+    profiler.runcall(run_env, env, actions)
+    print(f"\ncProfile of our {name} env, {steps} random steps (tottime, top 15):")
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(15)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", choices=["fast-step", "sampler", "all"], default="all")
+    parser.add_argument("--families", nargs="+", default=list_task_distributions(), choices=list_task_distributions())
+    parser.add_argument("--n-envs", type=int, default=1)
+    parser.add_argument("--episodes", type=int, default=2, help="sampler: episodes per env per measurement")
+    parser.add_argument("--tasks", type=int, default=2, help="sampler: training tasks measured (one after the other)")
+    parser.add_argument("--steps", type=int, default=2000, help="fast-step: random steps per measurement")
+    parser.add_argument("--repeats", type=int, default=3, help="fast-step: measurements per env (best is kept)")
+    parser.add_argument("--profile", choices=[*NAVIGATION_FAMILIES, *STANDARD_IDS], help="cProfile our env's steps")
+    args = parser.parse_args()
+    print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+          f"numpy {np.__version__}, mujoco {mujoco.__version__}")
+    if args.mode in ("fast-step", "all"):
+        fast_step_table(args)
+    if args.mode in ("sampler", "all"):
+        print()
+        sampler_table(args)
+    if args.profile:
+        profile(args.profile, args.steps)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
 from sb3_metacpo.tasks.base import Task, TaskDistribution
 from sb3_metacpo.tasks.compat import import_safety_gymnasium
 from sb3_metacpo.tasks.monitor import CostMonitor
+from sb3_metacpo.tasks.safety_gym import fast_standard_env
 from sb3_metacpo.tasks.task_env import TaskEnv
 
 #: What the algorithms accept as an env: a gymnasium env, a VecEnv, an env id, a task distribution, or a task.
@@ -65,7 +66,7 @@ class EnvFactory:
         assert self.env_id is not None
         if self.env_id.startswith("Safety"):
             import_safety_gymnasium()  # registers the safety-gymnasium ids, after the compatibility patches
-        return CostMonitor(gym.make(self.env_id))
+        return CostMonitor(fast_standard_env(gym.make(self.env_id)))
 
 
 def make_safe_vec_env(

@@ -8,12 +8,17 @@ pose still comes from the episode's seed.
 Upstream compiles a new MuJoCo model from a new XML at every reset (~0.3 s, mostly decoding the skybox texture). With
 the layout pinned, consecutive XMLs differ only in poses, so the envs here move the bodies of the already compiled
 model instead (:func:`_reusing_world_class`); episodes are bitwise identical to upstream's.
+
+Upstream's step spends most of its time in Python loops (pseudo-lidar, contact costs, name look-ups). The envs here use
+task classes whose per-step methods compute the same values on arrays (:mod:`sb3_metacpo.tasks.fast_step`,
+``FAST_STEP``); :func:`fast_standard_env` gives the standard ids (``SafetyPointGoal1Gymnasium-v0``, ...) the same.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -22,11 +27,18 @@ import numpy as np
 
 from sb3_metacpo.tasks.base import ParamRange, Task, TaskDistribution, register_task_distribution
 from sb3_metacpo.tasks.compat import import_safety_gymnasium
+from sb3_metacpo.tasks.fast_step import FastStepMixin, fast_task_class
 
 FAST_RESET = True
 """Whether navigation envs made from now on reuse their compiled MuJoCo model across resets when only poses change.
 Set it to ``False`` (before making the envs) for upstream's reset, which recompiles the model every episode; the
 episodes are the same either way (``tests/test_fast_reset.py``), only slower."""
+
+FAST_STEP = True
+"""Whether navigation envs made from now on (the families here, and standard ids built by the library) compute their
+observations, costs and goal checks on arrays (:class:`~sb3_metacpo.tasks.fast_step.FastStepMixin`) instead of
+upstream's Python loops. Set it to ``False`` (before making the envs) for upstream's code; the episodes are the same
+either way (``tests/test_fast_step.py``), only slower."""
 
 
 def _pin_layout(task: Any, layout_seed: int) -> None:
@@ -55,11 +67,22 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _plain_free_body(name: str, config: dict) -> bool:
+    """Whether ``World.build`` writes a free geom as a plain free body (``pos``, ``quat`` from ``rot``, a free joint,
+    one geom): vases and gremlins' boxes, not the push box (five geoms) or meshes (oriented by ``euler``)."""
+    return name != "push_box" and config["type"] != "mesh"
+
+
 def _without_poses(config: dict) -> Any:
-    """A world config without the poses that :class:`ReusingWorld` sets in the compiled model: what else the XML holds."""
+    """A world config without the poses that :class:`ReusingWorld` sets in the compiled model: what else the XML holds.
+    Mocaps keep theirs (their poses go into the geoms, and a weld's reference pose, which are not reproduced here)."""
     fixed = {key: value for key, value in config.items() if key not in ("agent_xy", "agent_rot")}
     fixed["geoms"] = {
         name: {k: v for k, v in geom.items() if k not in ("pos", "rot")} for name, geom in config["geoms"].items()
+    }
+    fixed["free_geoms"] = {
+        name: {k: v for k, v in geom.items() if k not in ("pos", "rot")} if _plain_free_body(name, geom) else geom
+        for name, geom in config.get("free_geoms", {}).items()
     }
     return _plain(fixed)
 
@@ -147,7 +170,8 @@ def _reusing_world_class() -> type:
             agent = model.body("agent")
             agent.pos[:] = np.r_[self.agent_xy, self._agent.z_height]
             agent.quat[:] = rot2quat(self.agent_rot)
-            for name, geom in self.geoms.items():
+            free = [(name, geom) for name, geom in self.free_geoms.items() if _plain_free_body(name, geom)]
+            for name, geom in [*self.geoms.items(), *free]:
                 body = model.body(name)
                 body.pos[:] = geom["pos"]
                 if geom["type"] != "mesh":  # mesh geoms are oriented by a fixed ``euler`` instead
@@ -157,15 +181,21 @@ def _reusing_world_class() -> type:
                 if not np.any((model.geom_bodyid == body.id) & (model.geom_group <= 5)):
                     body.ipos[:] = body.pos
                     body.iquat[:] = body.quat
-            for joint in range(agent.jntadr[0], agent.jntadr[0] + agent.jntnum[0]):
-                if model.jnt_type[joint] == mujoco.mjtJoint.mjJNT_FREE:  # the Car's free joint starts at its body's pose
-                    start = model.jnt_qposadr[joint]
-                    model.qpos0[start : start + 7] = np.r_[agent.pos, agent.quat]
-                    model.qpos_spring[start : start + 7] = model.qpos0[start : start + 7]
+            for body in [agent, *[model.body(name) for name, _ in free]]:  # the Car's and the vases' free joints
+                self._start_free_joints(body)
             theta = self.agent_rot + np.pi  # the tracking camera, as World.build places it
             camera = model.camera("track")
             camera.pos[:] = [0 * np.cos(theta) + (-2) * np.sin(theta), 0 * (-np.sin(theta)) + (-2) * np.cos(theta), 2]
             camera.quat[:] = _xyaxes_to_quat([np.cos(theta), -np.sin(theta), 0], [np.sin(theta), np.cos(theta), 1])
+
+        def _start_free_joints(self, body: Any) -> None:
+            """A free joint of ``body`` starts at the body's pose (the compiler's ``qpos0``, and its spring pose)."""
+            model = self.model
+            for joint in range(body.jntadr[0], body.jntadr[0] + body.jntnum[0]):
+                if model.jnt_type[joint] == mujoco.mjtJoint.mjJNT_FREE:
+                    start = model.jnt_qposadr[joint]
+                    model.qpos0[start : start + 7] = np.r_[body.pos, body.quat]
+                    model.qpos_spring[start : start + 7] = model.qpos0[start : start + 7]
 
     return ReusingWorld
 
@@ -174,15 +204,18 @@ def _reusing_world_class() -> type:
 def _task_classes() -> dict[str, type]:
     """The configured upstream task subclasses (defined lazily: safety_gymnasium needs the compat patches first)."""
     import_safety_gymnasium()
+    from safety_gymnasium.assets.free_geoms import Vases
     from safety_gymnasium.assets.geoms import Hazards
+    from safety_gymnasium.assets.mocaps import Gremlins
     from safety_gymnasium.tasks.safe_navigation.button.button_level0 import ButtonLevel0
     from safety_gymnasium.tasks.safe_navigation.circle.circle_level1 import CircleLevel1
     from safety_gymnasium.tasks.safe_navigation.goal.goal_level0 import GoalLevel0
 
     class ButtonHazardTask(ButtonLevel0):
-        """Press the goal button among ``n_buttons``; cost for hazards and for pressing a wrong button."""
+        """Press the goal button among ``n_buttons``; cost for hazards and for pressing a wrong button (and, with
+        ``n_gremlins``, for touching a gremlin)."""
 
-        def __init__(self, config: dict, params: PointButtonHazardTask, max_episode_steps: int) -> None:
+        def __init__(self, config: dict, params: PointButtonHazardTask, max_episode_steps: int, n_gremlins: int = 0) -> None:
             super().__init__(config=config)
             self.num_steps = max_episode_steps
             extent = params.extent
@@ -190,17 +223,22 @@ def _task_classes() -> dict[str, type]:
             self.buttons.num = params.n_buttons
             self.buttons.is_constrained = True
             self._add_geoms(Hazards(num=params.n_hazards, keepout=0.18))
+            if n_gremlins:  # as in upstream's ButtonLevel1
+                self._add_mocaps(Gremlins(num=n_gremlins, travel=0.35, keepout=0.4))
             _pin_layout(self, params.layout_seed)
 
     class GoalHazardTask(GoalLevel0):
-        """Reach a fixed goal while avoiding hazards; the episode ends when the goal is reached."""
+        """Reach a fixed goal while avoiding hazards (and, with ``n_vases``, constrained vases); the episode ends when
+        the goal is reached."""
 
-        def __init__(self, config: dict, params: PointGoalHazardTask, max_episode_steps: int) -> None:
+        def __init__(self, config: dict, params: PointGoalHazardTask, max_episode_steps: int, n_vases: int = 0) -> None:
             super().__init__(config=config)
             self.num_steps = max_episode_steps
             extent = params.extent
             self.placements_conf.extents = [-extent, -extent, extent, extent]
             self._add_geoms(Hazards(num=params.n_hazards, keepout=0.18))
+            if n_vases:  # as in upstream's GoalLevel2: contact and velocity costs
+                self._add_free_geoms(Vases(num=n_vases, is_constrained=True))
             # A pinned goal would respawn under the robot, paying the goal bonus every step: end the episode instead.
             self.mechanism_conf.continue_goal = False
             _pin_layout(self, params.layout_seed)
@@ -222,17 +260,23 @@ def _task_classes() -> dict[str, type]:
     return {"button": ButtonHazardTask, "goal": GoalHazardTask, "circle": CircleWallsTask}
 
 
-def _make_navigation_env(kind: str, robot: str, task: Task, max_episode_steps: int, render_mode: str | None) -> gym.Env:
+def _make_navigation_env(
+    kind: str, robot: str, task: Task, max_episode_steps: int, render_mode: str | None, **options: int
+) -> gym.Env:
+    """The env of ``task`` on the ``kind`` ("button", "goal", "circle") task class with ``robot`` ("Point", "Car");
+    ``options`` go to the task class (``n_gremlins`` for Button, ``n_vases`` for Goal)."""
     import_safety_gymnasium()
     from safety_gymnasium.builder import Builder
     from safety_gymnasium.wrappers import SafetyGymnasium2Gymnasium
 
     task_class = _task_classes()[kind]
+    if FAST_STEP:
+        task_class = fast_task_class(task_class)
     fast_reset = FAST_RESET
 
     class _TaskBuilder(Builder):
         def _get_task(self) -> Any:
-            navigation = task_class({"agent_name": robot}, task, max_episode_steps)
+            navigation = task_class({"agent_name": robot}, task, max_episode_steps, **options)
             navigation.build_observation_space()
             if fast_reset:  # upstream's resets rebuild an existing world (the first one creates a plain World if none)
                 navigation.world = _reusing_world_class()(navigation.agent, navigation._obstacles)
@@ -244,6 +288,48 @@ def _make_navigation_env(kind: str, robot: str, task: Task, max_episode_steps: i
     builder = _TaskBuilder(task_id=task_id, config={"agent_name": robot}, render_mode=render_mode, camera_name=camera)
     builder.spec = None
     return SafetyGymnasium2Gymnasium(builder)
+
+
+_STANDARD_TASKS = ("GoalLevel", "ButtonLevel", "CircleLevel")  # upstream task classes the fast step reproduces
+_STANDARD_AGENTS = ("Point", "Car")
+
+
+def fast_standard_env(env: gym.Env) -> gym.Env:
+    """Give a safety-gymnasium navigation env made from a standard id (``SafetyPointGoal1Gymnasium-v0``, Goal, Button
+    and Circle tasks of levels 0-2, Point and Car robots) the fast per-step methods, in place, when ``FAST_STEP`` is
+    on, and (with ``FAST_RESET``, before its first reset) the world that moves bodies instead of recompiling when only
+    poses change: every reset of Goal and Circle tasks (random layouts are poses), not those with gremlins (Button1-2),
+    which recompile as upstream. Returns ``env``. Other envs (other tasks or robots) are returned unchanged; vision or
+    natural-lidar variants keep upstream's observation code inside the fast class."""
+    if not FAST_STEP or "safety_gymnasium" not in sys.modules:
+        return env
+    from safety_gymnasium.builder import Builder
+
+    builder = env.unwrapped
+    if not isinstance(builder, Builder):
+        return env
+    task = builder.task
+    kind = type(task)
+    standard = kind.__module__.startswith("safety_gymnasium.tasks.safe_navigation.") and kind.__name__.startswith(
+        _STANDARD_TASKS
+    )
+    if standard and type(task.agent).__name__ in _STANDARD_AGENTS and not isinstance(task, FastStepMixin):
+        task.__class__ = fast_task_class(kind)
+        if FAST_RESET and task.world is None:  # (upstream's first reset then builds into this world)
+            task.world = _reusing_world_class()(task.agent, task._obstacles)
+    return env
+
+
+def _object_count(name: str, value: int, high: int = 10) -> int:
+    """A family's count of optional objects, checked (an integer in ``[0, high]``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value <= high:
+        raise ValueError(f"{name} must be an integer in [0, {high}], got {value!r}")
+    return int(value)
+
+
+def _with_count(params: dict[str, Any], name: str, value: int) -> dict[str, Any]:
+    """``params`` with an optional-object count, left out at its default 0 (older parameter dicts stay valid)."""
+    return {**params, name: value} if value else params
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -260,7 +346,17 @@ class PointButtonHazardTask(Task):
 class PointButtonHazard(TaskDistribution):
     """Point-Button-Hazard (the paper's showcase). Reward: progress towards the goal button, +1 for pressing it
     (a new goal button is then drawn). Cost 1 per step in a hazard or touching a wrong button.
-    Test tasks are harder than training tasks: more buttons and hazards in a larger arena."""
+    Test tasks are harder than training tasks: more buttons and hazards in a larger arena.
+
+    Per-type costs in ``info``: ``cost_hazards``, and ``cost_buttons`` while wrong buttons count (not during the
+    10 steps after a goal press, as upstream), besides their indicator ``cost_sum``.
+
+    :param n_gremlins: gremlins in every task (default 0: none), upstream's moving boxes circling their pinned spot
+        (as in ``SafetyPointButton1``); touching one costs, reported as ``info["cost_gremlins"]``. They are placed
+        by the same layout sampler after the other objects, which may then be placed differently (the sampler starts
+        over when an object does not fit).
+    :param kwargs: the :class:`TaskDistribution` arguments.
+    """
 
     name = "PointButtonHazard"
     task_cls = PointButtonHazardTask
@@ -282,8 +378,20 @@ class PointButtonHazard(TaskDistribution):
     default_max_episode_steps = 500
     default_cost_limit = 25.0
 
+    def __init__(self, *args: Any, n_gremlins: int = 0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.n_gremlins = _object_count("n_gremlins", n_gremlins)
+
+    @property
+    def cost_names(self) -> tuple[str, ...]:  # type: ignore[override]
+        return ("cost", "cost_hazards", "cost_buttons", *(("cost_gremlins",) if self.n_gremlins else ()))
+
+    def get_params(self) -> dict[str, Any]:
+        return _with_count(super().get_params(), "n_gremlins", self.n_gremlins)
+
     def _make_base_env(self, task: Task, render_mode: str | None = None) -> gym.Env:
-        return _make_navigation_env("button", "Point", task, self.max_episode_steps, render_mode)
+        options = {"n_gremlins": self.n_gremlins} if self.n_gremlins else {}
+        return _make_navigation_env("button", "Point", task, self.max_episode_steps, render_mode, **options)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -298,7 +406,16 @@ class PointGoalHazardTask(Task):
 @register_task_distribution
 class PointGoalHazard(TaskDistribution):
     """Point-Goal-Hazard: reach the task's goal (reward: progress towards it, +1 on arrival, which ends the episode)
-    while avoiding its hazards (cost 1 per step inside one). Test tasks have more hazards in a larger arena."""
+    while avoiding its hazards (cost 1 per step inside one). Test tasks have more hazards in a larger arena.
+
+    Per-type costs in ``info``: ``cost_hazards`` (and the vases' below), besides their indicator ``cost_sum``.
+
+    :param n_vases: constrained vases in every task (default 0: none), upstream's free boxes as in
+        ``SafetyPointGoal2``: touching one, or leaving one moving, costs, reported as ``info["cost_vases_contact"]``
+        and ``info["cost_vases_velocity"]``. They are placed by the same layout sampler after the other objects,
+        which may then be placed differently (the sampler starts over when an object does not fit).
+    :param kwargs: the :class:`TaskDistribution` arguments.
+    """
 
     name = "PointGoalHazard"
     task_cls = PointGoalHazardTask
@@ -317,8 +434,21 @@ class PointGoalHazard(TaskDistribution):
     default_max_episode_steps = 500
     default_cost_limit = 25.0
 
+    def __init__(self, *args: Any, n_vases: int = 0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.n_vases = _object_count("n_vases", n_vases)
+
+    @property
+    def cost_names(self) -> tuple[str, ...]:  # type: ignore[override]
+        vases = ("cost_vases_contact", "cost_vases_velocity") if self.n_vases else ()
+        return ("cost", "cost_hazards", *vases)
+
+    def get_params(self) -> dict[str, Any]:
+        return _with_count(super().get_params(), "n_vases", self.n_vases)
+
     def _make_base_env(self, task: Task, render_mode: str | None = None) -> gym.Env:
-        return _make_navigation_env("goal", "Point", task, self.max_episode_steps, render_mode)
+        options = {"n_vases": self.n_vases} if self.n_vases else {}
+        return _make_navigation_env("goal", "Point", task, self.max_episode_steps, render_mode, **options)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -352,6 +482,7 @@ class CarCircle(TaskDistribution):
     }
     default_max_episode_steps = 500
     default_cost_limit = 25.0
+    cost_names: ClassVar[tuple[str, ...]] = ("cost", "cost_out_of_boundary")
 
     def _make_base_env(self, task: Task, render_mode: str | None = None) -> gym.Env:
         return _make_navigation_env("circle", "Car", task, self.max_episode_steps, render_mode)
