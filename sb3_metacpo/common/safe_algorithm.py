@@ -107,8 +107,9 @@ class SafeAlgorithmMixin:
     # --- logs ---------------------------------------------------------------------------------------------------
     def _record_step(self, result: StepResult, names: Sequence[str] | None = None, prefix: str = "train/") -> None:
         """``train/cpo_case``, ``train/lambda``, ``train/nu`` (``train/nu_<name>`` per constraint other than the
-        total cost; ``names`` default to the cost constraints'), ``train/kl``, ``train/line_search_fraction`` and
-        the cause of a rejected step (``train/step_rejection``, ``"none"`` when accepted)."""
+        total cost; ``names`` default to the cost constraints'), ``train/kl``, ``train/line_search_fraction``,
+        ``train/n_backtracks`` (how often the line search shrank the step) and the cause of a rejected step
+        (``train/step_rejection``, ``"none"`` when accepted)."""
         record = self.logger.record
         names = list(self.constraints.names if names is None else names)
         record(f"{prefix}cpo_case", result.case)
@@ -117,6 +118,7 @@ class SafeAlgorithmMixin:
             record(f"{prefix}nu" if name == "cost" else f"{prefix}nu_{name}", nu)
         record(f"{prefix}kl", 0.0 if not result.accepted else result.kl)
         record(f"{prefix}line_search_fraction", result.fraction)
+        record(f"{prefix}n_backtracks", result.n_backtracks)
         record(f"{prefix}step_rejection", result.rejection or "none", exclude=("tensorboard",))
 
     def _record_rollout_costs(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Literal, TypeVar
 
@@ -512,6 +513,9 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):
         for case in ("trpo", "dual", "recovery"):
             record(f"train/inner_{case}_frac", float(np.mean([step.case == case for step in inner])))
         record("train/inner_accept_frac", float(np.mean([step.accepted for step in inner])))
+        causes = Counter(step.rejection for step in inner if step.rejection is not None)
+        summary = "; ".join(f"{cause} x{count}" for cause, count in sorted(causes.items())) or "none"
+        record("train/inner_step_rejections", summary, exclude=("tensorboard",))
         record("train/inner_kl", float(np.nanmean([step.kl if step.accepted else np.nan for step in inner] + [0.0])))
         self._record_step(result, names)
         record("train/n_updates", self._n_updates, exclude="tensorboard")
