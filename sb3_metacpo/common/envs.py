@@ -100,7 +100,7 @@ def make_safe_vec_env(
                 )
             env = CostMonitor(env)
         return DummyVecEnv([lambda: env])
-    if not isinstance(n_envs, int) or n_envs < 1:
+    if isinstance(n_envs, bool) or not isinstance(n_envs, (int, np.integer)) or n_envs < 1:
         raise ValueError(f"n_envs must be a positive integer, got {n_envs!r}")
     if isinstance(env, TaskDistribution):
         factory = EnvFactory(distribution=env)
@@ -115,4 +115,4 @@ def make_safe_vec_env(
         raise TypeError(
             f"env must be a gymnasium env, a VecEnv, an env id, a TaskDistribution or a Task, got {type(env).__name__}"
         )
-    return (vec_env_cls or DummyVecEnv)([factory] * n_envs)  # type: ignore[arg-type]
+    return (vec_env_cls or DummyVecEnv)([factory] * int(n_envs))  # type: ignore[arg-type]

@@ -27,6 +27,41 @@ from sb3_metacpo.tasks.monitor import TOTAL_COST, is_cost_key
 ActFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
+@dataclass(frozen=True)
+class VecStep:
+    """One VecEnv step of a collect, as handed to its ``on_step`` callback (SB3's names for the ``locals`` of a
+    rollout): ``obs`` before the step, the raw ``actions`` (before clipping), ``new_obs`` (reset where done),
+    ``rewards``, ``dones``, ``infos``, the step index ``t`` of the round and each env's task index ``task_indices``."""
+
+    obs: np.ndarray
+    actions: np.ndarray
+    new_obs: np.ndarray
+    rewards: np.ndarray
+    dones: np.ndarray
+    infos: list[dict[str, Any]]
+    t: int
+    task_indices: np.ndarray
+
+
+#: ``on_step(step) -> bool | None``: called after every VecEnv step of a collect; returning ``False`` stops it.
+OnStep = Callable[[VecStep], object]
+
+
+class CollectionStopped(Exception):
+    """Raised by :meth:`RolloutSampler.collect` when its ``on_step`` returned False (e.g. an SB3 callback asked to
+    stop); the partial data are dropped."""
+
+
+class EnvWorkerError(RuntimeError):
+    """An env of a VecEnv failed while the sampler stepped, reset or reconfigured it; the message names the env
+    (worker) index and carries the original exception (also as ``__cause__``). The sampler rebuilds its VecEnv
+    at the next collect."""
+
+    def __init__(self, message: str, env_index: int | None = None) -> None:
+        super().__init__(message)
+        self.env_index = env_index
+
+
 @dataclass
 class EpisodeRecord:
     """A completed episode: undiscounted return and cost (``info["cost"]``), length, the seed of its start state, how
@@ -258,11 +293,12 @@ class RolloutSampler:
         return owners
 
     def collect(
-        self, tasks: Sequence[Task | None], act: ActFn, n_steps: int, on_step: Callable[[], object] | None = None
+        self, tasks: Sequence[Task | None], act: ActFn, n_steps: int, on_step: OnStep | None = None
     ) -> list[TaskBatch]:
         """Run ``act`` on every task for at least ``n_steps`` env steps each; return one batch per task, in order.
 
-        ``on_step`` is called after every VecEnv step (e.g. to drive SB3 callbacks and progress bars).
+        ``on_step`` is called with a :class:`VecStep` after every VecEnv step (e.g. to drive SB3 callbacks and
+        progress bars); if it returns ``False`` the collect stops and raises :class:`CollectionStopped`.
         """
         if not tasks:
             raise ValueError("collect needs at least one task")
@@ -273,9 +309,7 @@ class RolloutSampler:
             batches.extend(self._collect_round(list(tasks[start : start + self.n_envs]), act, n_steps, on_step))
         return batches
 
-    def _collect_round(
-        self, tasks: list[Task | None], act: ActFn, n_steps: int, on_step: Callable[[], object] | None
-    ) -> list[TaskBatch]:
+    def _collect_round(self, tasks: list[Task | None], act: ActFn, n_steps: int, on_step: OnStep | None) -> list[TaskBatch]:
         owners = self._assign(tasks)
         horizon = math.ceil(n_steps / (self.n_envs // len(tasks)))
         storage = RolloutStorage(horizon, self.n_envs, self.observation_space.shape, self.action_space.shape, self.cost_names)
@@ -289,9 +323,11 @@ class RolloutSampler:
             next_obs, rewards, dones, infos = self.vec_env.step(np.clip(raw_actions, low, high))
             for index, episode in storage.add(t, obs, raw_actions, rewards, next_obs, dones, infos):
                 episodes[owners[index]].append(episode)
-            obs = next_obs
             if on_step is not None:
-                on_step()
+                step = VecStep(obs, raw_actions, next_obs, rewards, dones, list(infos), t, owners)
+                if on_step(step) is False:
+                    raise CollectionStopped(f"a callback stopped the collect at step {t}")
+            obs = next_obs
         return [storage.batch(task, owners == index, episodes[index]) for index, task in enumerate(tasks)]
 
     def close(self) -> None:

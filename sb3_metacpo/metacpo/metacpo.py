@@ -18,12 +18,15 @@ from stable_baselines3.common.type_aliases import MaybeCallback
 from stable_baselines3.common.utils import safe_mean
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
 
-from sb3_metacpo.common.adaptation import AdaptationMixin
+from sb3_metacpo.common.adaptation import AdaptationMixin, step_locals
 from sb3_metacpo.common.checks import (
+    as_python_scalars,
     check,
     check_cpo_step_hyperparameters,
+    check_learn_arguments,
     check_positive_ints,
     check_positive_reals,
+    check_seed,
     is_int,
     is_real,
 )
@@ -40,12 +43,35 @@ from sb3_metacpo.common.cpo_update import (
 )
 from sb3_metacpo.common.policies import CPOPolicy
 from sb3_metacpo.common.profiling import phase
-from sb3_metacpo.common.rollouts import RolloutSampler, TaskBatch
+from sb3_metacpo.common.rollouts import CollectionStopped, RolloutSampler, TaskBatch, VecStep
 from sb3_metacpo.common.safe_algorithm import SafeAlgorithmMixin
 from sb3_metacpo.metacpo.meta_objective import META_CONSTRAINT_MODES, MetaObjective, MetaValue, TaskAdaptation
 from sb3_metacpo.tasks.base import Task, TaskDistribution, make_task_distribution
 
 SelfMetaCPO = TypeVar("SelfMetaCPO", bound="MetaCPO")
+#: Numeric constructor arguments (numpy scalars are turned into Python numbers once validated).
+_NUMERIC_HYPERPARAMETERS = (
+    "meta_batch_size",
+    "n_inner_updates",
+    "n_steps",
+    "inner_target_kl",
+    "outer_target_kl",
+    "cost_limit",
+    "gamma",
+    "cost_gamma",
+    "gae_lambda",
+    "cg_max_steps",
+    "cg_damping",
+    "fvp_sample_freq",
+    "line_search_max_iter",
+    "line_search_shrinking_factor",
+    "meta_constraint_alpha",
+    "cost_confidence",
+    "critic_learning_rate",
+    "n_critic_updates",
+    "critic_batch_size",
+    "n_envs_requested",
+)
 
 
 class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):
@@ -151,6 +177,8 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):
         device: th.device | str = "auto",
         _init_setup_model: bool = True,
     ) -> None:
+        check_seed(seed)  # the task distribution of a family name is seeded from it before anything else
+        seed = None if seed is None else int(seed)
         super().__init__(
             policy,
             None,
@@ -230,6 +258,7 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):
             f"n_envs must be a positive integer or None, got {self.n_envs_requested!r}",
         )
         self._check_constraints()
+        as_python_scalars(self, *_NUMERIC_HYPERPARAMETERS)
         n_outer = len(self.constraints) * (1 if self.meta_constraint == "mean" else self.n_inner_updates + 1)
         check(
             not (self._constrained and self.dual_solver == "analytic" and n_outer > 1),
@@ -347,36 +376,43 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):
         reset_num_timesteps: bool = True,
         progress_bar: bool = False,
     ) -> SelfMetaCPO:
-        """Meta-train for at least ``total_timesteps`` env steps (whole meta-iterations)."""
+        """Meta-train for at least ``total_timesteps`` env steps (whole meta-iterations).
+
+        A model adapted by :meth:`adapt` forgets its adaptation here: ``predict`` acts with the meta-parameters
+        again (the adapted parameters were computed from the θ that training is about to change); call
+        :meth:`adapt` again after training to act with an adapted policy.
+        """
+        check_learn_arguments(total_timesteps, log_interval)
+        total_timesteps = int(total_timesteps)
+        if self.adapted_params is not None:
+            self.reset_adaptation()
         total_timesteps, callback = self._setup_learn(
             total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar
         )
         callback.on_training_start(locals(), globals())
         iteration = 0
         while self.num_timesteps < total_timesteps:
-            continue_training = self._meta_iteration(callback)
+            if not self._meta_iteration(callback):
+                break
             iteration += 1
             self._update_current_progress_remaining(self.num_timesteps, total_timesteps)
             if log_interval is not None and iteration % log_interval == 0:
                 self.dump_logs(iteration)
-            if not continue_training:
-                break
         callback.on_training_end()
         return self
 
     def _collect(self, tasks: Sequence[Task], params: Sequence[Params], callback: BaseCallback) -> list[TaskBatch]:
+        """One batch per task; the callback gets SB3's ``locals`` at every env step. Raises
+        :class:`CollectionStopped` when it returns False."""
         sampler = self._get_sampler()
 
-        def on_step() -> None:
+        def on_step(step: VecStep) -> bool:
             self.num_timesteps += sampler.n_envs
-            callback.update_locals({"self": self})
-            if not callback.on_step():
-                self._stop_requested = True
+            callback.update_locals({"self": self, "tasks": tasks, **step_locals(step)})
+            return callback.on_step()
 
-        callback.on_rollout_start()
         with phase("sampling"):
             batches = sampler.collect(tasks, self._act_fn(params), self.n_steps, on_step)
-        callback.on_rollout_end()
         names = self.constraints.names
         for batch in batches:
             assert self.ep_info_buffer is not None
@@ -387,13 +423,21 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):
         return batches
 
     def _meta_iteration(self, callback: BaseCallback) -> bool:
-        """One meta-iteration; returns False when a callback asked to stop."""
-        self._stop_requested = False
+        """One meta-iteration; returns False, before any update, when a callback asked to stop.
+
+        The callback's rollout (``on_rollout_start`` … ``on_rollout_end``) is all the data of the meta-update, as
+        SB3's rollout is the data of one update."""
         self.policy.set_training_mode(False)
         distribution = self._get_task_distribution()
         assert distribution is not None
         theta = self.policy.actor_params()
-        adaptations, raw_batches = self._adapt_to_tasks(distribution.sample(self.meta_batch_size), theta, callback)
+        callback.on_rollout_start()
+        try:
+            adaptations, raw_batches = self._adapt_to_tasks(distribution.sample(self.meta_batch_size), theta, callback)
+        except CollectionStopped:
+            return False
+        callback.update_locals({"self": self})
+        callback.on_rollout_end()
         objective = MetaObjective(
             self._actor,
             adaptations,
@@ -413,7 +457,7 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):
             self._update_statistics(raw_batches, adaptations)
         self._n_updates += 1
         self._log_iteration(adaptations, value, result, objective.constraint_names)
-        return not self._stop_requested
+        return True
 
     def _adapt_to_tasks(
         self, tasks: Sequence[Task], theta: Params, callback: BaseCallback
