@@ -180,3 +180,40 @@ def test_degenerate_batches_are_handled() -> None:
     cpo.learn(6)
     for trained in (model, cpo):
         assert all(th.isfinite(v).all() for v in trained.policy.state_dict().values())
+
+
+def test_a_subprocess_worker_that_raises_or_dies_is_named_and_the_model_stays_usable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import os
+    import signal
+
+    from stable_baselines3.common.vec_env import SubprocVecEnv
+
+    from sb3_metacpo.common.envs import EnvWorkerError
+    from sb3_metacpo.tasks.toy import Toy2DNavTask
+
+    dist = toy()
+    model = MetaCPO("MlpPolicy", dist, vec_env_cls=SubprocVecEnv, **SMALL)
+    model.learn(400)
+    theta = snapshot(model)
+    # A worker raises: the main process's distribution hands out a task the workers refuse.
+    bad = Toy2DNavTask(goal_distance=99.0)
+    monkeypatch.setattr(type(dist), "sample", lambda self, n, rng=None: [bad] * n)
+    with pytest.raises(EnvWorkerError, match=r"env worker 0 raised ValueError: Toy2DNav: goal_distance=99.0") as info:
+        model.learn(400, reset_num_timesteps=False)
+    assert isinstance(info.value.__cause__, ValueError) and info.value.env_index == 0
+    assert same(theta, snapshot(model))
+    monkeypatch.undo()
+    model.learn(400, reset_num_timesteps=False)  # the sampler rebuilt its VecEnv
+    assert model._n_updates == 2 and model.sampler.n_rebuilds == 1
+    # A worker dies.
+    theta = snapshot(model)
+    os.kill(model.sampler.vec_env.processes[1].pid, signal.SIGKILL)
+    with pytest.raises(EnvWorkerError, match=r"env worker 1 died \(exit code -9"):
+        model.learn(400, reset_num_timesteps=False)
+    assert same(theta, snapshot(model))
+    model.set_task_distribution(toy())  # closes the broken VecEnv without raising
+    model.learn(400, reset_num_timesteps=False)
+    assert model._n_updates == 3
+    model.sampler.close()

@@ -17,7 +17,7 @@ import numpy as np
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
 
 from sb3_metacpo.common.advantages import episode_steps
-from sb3_metacpo.common.envs import EnvFactory
+from sb3_metacpo.common.envs import EnvFactory, EnvWorkerError, reporting_vec_env_cls
 from sb3_metacpo.tasks.base import Task, TaskDistribution
 from sb3_metacpo.tasks.monitor import TOTAL_COST, is_cost_key
 
@@ -50,16 +50,6 @@ OnStep = Callable[[VecStep], object]
 class CollectionStopped(Exception):
     """Raised by :meth:`RolloutSampler.collect` when its ``on_step`` returned False (e.g. an SB3 callback asked to
     stop); the partial data are dropped."""
-
-
-class EnvWorkerError(RuntimeError):
-    """An env of a VecEnv failed while the sampler stepped, reset or reconfigured it; the message names the env
-    (worker) index and carries the original exception (also as ``__cause__``). The sampler rebuilds its VecEnv
-    at the next collect."""
-
-    def __init__(self, message: str, env_index: int | None = None) -> None:
-        super().__init__(message)
-        self.env_index = env_index
 
 
 @dataclass
@@ -263,23 +253,49 @@ class RolloutSampler:
         cost_names: Sequence[str] = (TOTAL_COST,),
     ) -> None:
         self.cost_names = tuple(cost_names)
+        self._env_fns: list[EnvFactory] | None = None
         if vec_env is None:
             if not isinstance(distribution, TaskDistribution):
                 raise TypeError(f"distribution must be a TaskDistribution, got {type(distribution).__name__}")
-            if not isinstance(n_envs, int) or n_envs < 1:
+            if isinstance(n_envs, bool) or not isinstance(n_envs, (int, np.integer)) or n_envs < 1:
                 raise ValueError(f"n_envs must be a positive integer, got {n_envs!r}")
-            initial: Task | None = distribution.test_tasks(1)[0]
-            env_fns = [EnvFactory(distribution=distribution, task=initial)] * n_envs
-            vec_env = vec_env_cls(env_fns, **(vec_env_kwargs or {}))  # type: ignore[arg-type]
+            self._initial_task: Task | None = distribution.test_tasks(1)[0]
+            self._env_fns = [EnvFactory(distribution=distribution, task=self._initial_task)] * int(n_envs)
+            self._vec_env_cls = reporting_vec_env_cls(vec_env_cls)
+            self._vec_env_kwargs = dict(vec_env_kwargs or {})
+            vec_env = self._vec_env_cls(self._env_fns, **self._vec_env_kwargs)  # type: ignore[arg-type]
         else:
-            initial = None  # a given VecEnv runs whatever task its envs have: collect it with tasks=[None]
+            self._initial_task = None  # a given VecEnv runs whatever task its envs have: collect it with tasks=[None]
         self.distribution = distribution
+        self.seed = seed
+        self.n_rebuilds = 0
+        self._broken = False
         self.vec_env: VecEnv = vec_env
         self.n_envs = vec_env.num_envs
         self.vec_env.seed(seed)
-        self._env_tasks: list[Task | None] = [initial] * self.n_envs
+        self._env_tasks: list[Task | None] = [self._initial_task] * self.n_envs
         self.observation_space = self.vec_env.observation_space
         self.action_space = self.vec_env.action_space
+
+    def ensure_usable(self) -> None:
+        """Rebuild the VecEnv if an env failed in an earlier collect (done by :meth:`collect` itself)."""
+        if self._broken:
+            self._rebuild()
+
+    def _rebuild(self) -> None:
+        """Replace a VecEnv broken by a failed env (its worker dead or its state unknown) by a fresh one, seeded
+        with ``seed + n_rebuilds`` (fresh episodes, not a replay of the first ones)."""
+        if self._env_fns is None:
+            raise EnvWorkerError(
+                "an env of the VecEnv given to this sampler failed earlier and the sampler cannot rebuild a VecEnv "
+                "it did not build: pass a new one"
+            )
+        self.close()
+        self.n_rebuilds += 1
+        self.vec_env = self._vec_env_cls(self._env_fns, **self._vec_env_kwargs)  # type: ignore[arg-type]
+        self.vec_env.seed(self.seed + self.n_rebuilds)
+        self._env_tasks = [self._initial_task] * self.n_envs
+        self._broken = False
 
     def _assign(self, tasks: Sequence[Task | None]) -> np.ndarray:
         """Point env i at task ``owners[i]`` (tasks get ``n_envs // M`` envs each, remainder to the first ones)."""
@@ -304,9 +320,14 @@ class RolloutSampler:
             raise ValueError("collect needs at least one task")
         if n_steps < 1:
             raise ValueError(f"n_steps must be >= 1, got {n_steps}")
+        self.ensure_usable()
         batches: list[TaskBatch] = []
-        for start in range(0, len(tasks), self.n_envs):
-            batches.extend(self._collect_round(list(tasks[start : start + self.n_envs]), act, n_steps, on_step))
+        try:
+            for start in range(0, len(tasks), self.n_envs):
+                batches.extend(self._collect_round(list(tasks[start : start + self.n_envs]), act, n_steps, on_step))
+        except EnvWorkerError:
+            self._broken = True  # rebuilt at the next collect
+            raise
         return batches
 
     def _collect_round(self, tasks: list[Task | None], act: ActFn, n_steps: int, on_step: OnStep | None) -> list[TaskBatch]:
@@ -331,4 +352,8 @@ class RolloutSampler:
         return [storage.batch(task, owners == index, episodes[index]) for index, task in enumerate(tasks)]
 
     def close(self) -> None:
-        self.vec_env.close()
+        """Close the VecEnv (never raises for a broken one)."""
+        try:
+            self.vec_env.close()
+        except (EnvWorkerError, EOFError, BrokenPipeError, ConnectionResetError):
+            pass  # a broken VecEnv: its workers are gone already

@@ -319,8 +319,9 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):
                 seed=0 if self.seed is None else self.seed,
                 cost_names=self.constraints.names,
             )
-            self.env = self.sampler.vec_env
-            self.n_envs = self.env.num_envs
+        self.sampler.ensure_usable()  # a VecEnv broken by a failed env is rebuilt
+        self.env = self.sampler.vec_env
+        self.n_envs = self.env.num_envs
         return self.sampler
 
     # --- batches ----------------------------------------------------------------------------------------------
