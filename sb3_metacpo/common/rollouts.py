@@ -277,6 +277,18 @@ class RolloutSampler:
         self.observation_space = self.vec_env.observation_space
         self.action_space = self.vec_env.action_space
 
+    def episode_rng_states(self) -> list[dict[str, Any]]:
+        """The state of every env's episode-seed stream (JSON-serialisable), to continue it after a restart."""
+        return list(self.vec_env.env_method("episode_rng_state"))
+
+    def set_episode_rng_states(self, states: Sequence[dict[str, Any]]) -> None:
+        """Continue the episode-seed streams of :meth:`episode_rng_states` (seeds pending from ``seed`` dropped)."""
+        if len(states) != self.n_envs:
+            raise ValueError(f"{len(states)} episode-stream states for a sampler of {self.n_envs} envs")
+        self.vec_env._reset_seeds()  # seeds not yet applied would restart the streams at the next reset
+        for index, state in enumerate(states):
+            self.vec_env.env_method("set_episode_rng_state", state, indices=[index])
+
     def ensure_usable(self) -> None:
         """Rebuild the VecEnv if an env failed in an earlier collect (done by :meth:`collect` itself)."""
         if self._broken:

@@ -252,6 +252,7 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):
     ) -> tuple[int, BaseCallback]:
         resets = reset_num_timesteps or self._last_obs is None  # SB3 resets the envs then
         result = super()._setup_learn(total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar)
+        self._resume_random_streams(reset_num_timesteps)
         if resets or getattr(self, "_episode_step_at_rollout_start", None) is None:
             self._episode_step_at_rollout_start = np.zeros(self.n_envs, dtype=np.int64)
         return result
@@ -396,19 +397,5 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):
             self.reset_adaptation()
         return super().learn(int(total_timesteps), callback, log_interval, tb_log_name, reset_num_timesteps, progress_bar)
 
-    @classmethod
-    def load(  # type: ignore[override]
-        cls: type[SelfCPO],
-        path: str,
-        env: SafeEnv | None = None,
-        device: th.device | str = "auto",
-        custom_objects: dict[str, Any] | None = None,
-        print_system_info: bool = False,
-        force_reset: bool = True,
-        **kwargs: Any,
-    ) -> SelfCPO:
-        """Load a saved model; ``env`` (anything the constructor accepts, e.g. a held-out task) to train on."""
-        model = super().load(path, None, device, custom_objects, print_system_info, force_reset, **kwargs)
-        if env is not None:
-            model.set_env(env, force_reset)
-        return model
+    def _use_env_after_load(self, env: Any, force_reset: bool) -> None:
+        self.set_env(env, force_reset)

@@ -366,7 +366,9 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):
     ) -> tuple[int, BaseCallback]:
         self._get_sampler()
         self._last_obs = None  # the sampler resets its envs itself
-        return super()._setup_learn(total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar)
+        result = super()._setup_learn(total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar)
+        self._resume_random_streams(reset_num_timesteps)  # after SB3's env reset, which draws episode seeds
+        return result
 
     def learn(
         self: SelfMetaCPO,
@@ -582,19 +584,12 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):
         self.logger.record("time/total_timesteps", self.num_timesteps, exclude="tensorboard")
         self.logger.dump(step=self.num_timesteps)
 
-    @classmethod
-    def load(  # type: ignore[override]
-        cls: type[SelfMetaCPO],
-        path: str,
-        env: TaskDistribution | str | None = None,
-        device: th.device | str = "auto",
-        custom_objects: dict[str, Any] | None = None,
-        print_system_info: bool = False,
-        force_reset: bool = True,
-        **kwargs: Any,
-    ) -> SelfMetaCPO:
-        """Load a saved model; ``env`` optionally replaces the saved task distribution (same spaces)."""
-        model = super().load(path, None, device, custom_objects, print_system_info, force_reset, **kwargs)
-        if env is not None:
-            model.set_task_distribution(env)
-        return model
+    def _use_env_after_load(self, env: Any, force_reset: bool) -> None:
+        self.set_task_distribution(env)
+
+    def _sampler_rng_states(self) -> dict[str, Any]:
+        return {} if self.sampler is None else {"training": self.sampler.episode_rng_states()}
+
+    def _set_sampler_rng_states(self, states: Mapping[str, Any]) -> None:
+        if "training" in states:
+            self._get_sampler().set_episode_rng_states(states["training"])
