@@ -97,9 +97,7 @@ TAMPERINGS = {
 
 @pytest.mark.parametrize("algo", ["MetaCPO", "CPO"])
 @pytest.mark.parametrize("kind", sorted(TAMPERINGS))
-def test_a_tampered_archive_is_refused_and_runs_nothing(
-    algo: str, kind: str, saved: dict[str, Path], tmp_path: Path
-) -> None:
+def test_a_tampered_archive_is_refused_and_runs_nothing(algo: str, kind: str, saved: dict[str, Path], tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     path = _tampered(saved[algo], tmp_path, kind, marker)
     cls = {"MetaCPO": MetaCPO, "CPO": CPO}[algo]
