@@ -79,7 +79,8 @@ def test_learn_logs_sb3_and_safety_keys(tmp_path):
 def test_callback_can_stop_training_and_progress_bar_runs():
     model = MetaCPO("MlpPolicy", toy(), **SMALL)
     model.learn(total_timesteps=10_000, callback=CountingCallback(stop_after=5), progress_bar=True)
-    assert model._n_updates == 1 and model.num_timesteps == 400
+    # Stopped at the 5th env step: before any update (issue 12: not one meta-update later).
+    assert model._n_updates == 0 and model.num_timesteps == 10
 
 
 @pytest.mark.parametrize(

@@ -27,7 +27,7 @@ from sb3_metacpo.common.constraints import CostConstraints
 from sb3_metacpo.common.cpo_update import CPOConfig, Params, PreparedBatch, cpo_update
 from sb3_metacpo.common.envs import make_safe_vec_env
 from sb3_metacpo.common.policies import CPOPolicy
-from sb3_metacpo.common.rollouts import ActFn, RolloutSampler, TaskBatch
+from sb3_metacpo.common.rollouts import ActFn, CollectionStopped, OnStep, RolloutSampler, TaskBatch, VecStep
 from sb3_metacpo.tasks.base import Task, TaskDistribution, make_task_distribution
 
 SelfAdaptable = TypeVar("SelfAdaptable", bound="AdaptationMixin")
@@ -66,12 +66,26 @@ class Adaptable(Protocol):
         env: AdaptationEnv,
         n_updates: int | None = None,
         n_steps: int | None = None,
-        on_step: Callable[[], object] | None = None,
+        on_step: OnStep | None = None,
     ) -> Iterator[tuple[int, Params]]: ...
 
     def evaluate_params(
         self, env: AdaptationEnv, params: Params, n_episodes: int = 5, deterministic: bool = False
     ) -> PolicyEvaluation: ...
+
+
+def step_locals(step: VecStep) -> dict[str, Any]:
+    """The ``locals`` SB3 callbacks read at an env step (as in SB3's ``collect_rollouts``)."""
+    return {
+        "obs": step.obs,
+        "actions": step.actions,
+        "new_obs": step.new_obs,
+        "rewards": step.rewards,
+        "dones": step.dones,
+        "infos": step.infos,
+        "n_steps": step.t,
+        "task_indices": step.task_indices,
+    }
 
 
 class AdaptationMixin:
@@ -130,7 +144,12 @@ class AdaptationMixin:
         The model's own parameters are not changed (call :meth:`reset_adaptation` to act with them again). The
         per-update statistics are in :attr:`adaptation_history`: for each update, the batch it used (collected by
         the policy before the update): mean episode reward and cost, the CPO case, the accepted fraction and the KL.
-        If anything fails, the model is left as it was.
+        If anything fails, the model is left as it was: its adapted parameters, ``predict`` and
+        :attr:`adaptation_history` are those from before the call.
+
+        Callbacks get SB3's ``locals`` at every env step (``obs``, ``actions``, ``new_obs``, ``rewards``, ``dones``,
+        ``infos``); one that returns False stops the adaptation after the updates completed so far, which
+        ``predict`` then uses (none completed: the model's own parameters). :meth:`learn` forgets an adaptation.
 
         :param env: a gymnasium env or VecEnv reporting ``info["cost"]``, a task of the model's family, or the name
             of a registered family (its first held-out task)
@@ -141,7 +160,12 @@ class AdaptationMixin:
         """
         callback = self._init_callback(callback, progress_bar=False)  # type: ignore[attr-defined]
         callback.on_training_start(locals(), globals())
-        steps = self.adaptation_steps(env, n_updates, n_steps, on_step=callback.on_step)
+
+        def on_step(step: VecStep) -> bool:
+            callback.update_locals({"self": self, **step_locals(step)})
+            return callback.on_step()
+
+        steps = self.adaptation_steps(env, n_updates, n_steps, on_step=on_step)
         total = (self._adaptation_defaults()[0] if n_updates is None else n_updates) + 1
         history_before = list(self.adaptation_history)
         adapted: Params | None = None
@@ -161,11 +185,13 @@ class AdaptationMixin:
         env: AdaptationEnv,
         n_updates: int | None = None,
         n_steps: int | None = None,
-        on_step: Callable[[], object] | None = None,
+        on_step: OnStep | None = None,
     ) -> Iterator[tuple[int, Params]]:
         """Yield ``(k, parameters after k updates)`` for k = 0 .. n_updates, adapting from the model's parameters.
 
         :attr:`adaptation_history` is rebuilt along the way. Nothing else of the model changes (not even ``predict``).
+        ``on_step`` gets every env step (a :class:`~sb3_metacpo.common.rollouts.VecStep`); if it returns False
+        the iteration ends after the updates completed so far.
         """
         default_updates, default_steps = self._adaptation_defaults()
         n_updates = default_updates if n_updates is None else n_updates
@@ -185,7 +211,10 @@ class AdaptationMixin:
         self.adaptation_history = history
         yield 0, params
         for k in range(1, int(n_updates) + 1):
-            (batch,) = sampler.collect([task], self._act_fn([params]), int(n_steps), on_step)
+            try:
+                (batch,) = sampler.collect([task], self._act_fn([params]), int(n_steps), on_step)
+            except CollectionStopped:
+                return
             prepared = self._prepare_adaptation_batch(batch, params, episode_length)
             new_params, result = cpo_update(
                 self.policy.actor_mean_log_std, params, prepared, config, fisher=self.policy.fisher_product

@@ -28,6 +28,46 @@ def is_real(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
 
 
+def check_seed(seed: Any) -> None:
+    """``seed`` is None or an integer >= 0 (checked before anything uses it)."""
+    check(seed is None or (is_int(seed) and 0 <= seed < 2**63), f"seed must be None or an integer >= 0, got {seed!r}")
+
+
+def check_vec_env_cls(vec_env_cls: Any) -> None:
+    """``vec_env_cls`` is None, ``DummyVecEnv`` or ``SubprocVecEnv`` (or a subclass)."""
+    from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
+
+    check(
+        vec_env_cls is None or (isinstance(vec_env_cls, type) and issubclass(vec_env_cls, (DummyVecEnv, SubprocVecEnv))),
+        f"vec_env_cls must be DummyVecEnv, SubprocVecEnv or None, got {vec_env_cls!r}",
+    )
+
+
+def check_learn_arguments(total_timesteps: Any, log_interval: Any) -> None:
+    """``learn``'s step budget and log interval."""
+    check(
+        is_int(total_timesteps) and total_timesteps >= 1,
+        f"total_timesteps must be a positive integer, got {total_timesteps!r}",
+    )
+    check(
+        log_interval is None or (is_int(log_interval) and log_interval >= 1),
+        f"log_interval must be a positive integer or None, got {log_interval!r}",
+    )
+
+
+def as_python_scalars(model: Any, *names: str) -> None:
+    """Replace numpy scalars among the attributes ``names`` by Python ints and floats (after validation), so that
+    they behave like the Python numbers everywhere (e.g. in JSON metadata and ``isinstance(x, int)`` checks)."""
+    for name in names:
+        value = getattr(model, name, None)
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            setattr(model, name, int(value))
+        elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+            setattr(model, name, float(value))
+        elif isinstance(value, dict) and name == "cost_limit":
+            setattr(model, name, {key: float(limit) for key, limit in value.items()})
+
+
 def check_positive_ints(model: Any, *names: str) -> None:
     for name in names:
         value = getattr(model, name)
@@ -60,5 +100,5 @@ def check_cpo_step_hyperparameters(model: Any) -> None:
     )
     if model.cost_limit is not None:
         CostConstraints.from_cost_limit(model.cost_limit)  # raises naming the bad entry
-    seed = model.seed
-    check(seed is None or (is_int(seed) and seed >= 0), f"seed must be None or an integer >= 0, got {seed!r}")
+    check_seed(model.seed)
+    check_vec_env_cls(getattr(model, "vec_env_cls", None))

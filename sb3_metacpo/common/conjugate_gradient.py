@@ -6,18 +6,37 @@ differentiates through unrolled conjugate gradient and through the Fisher-vector
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
 
-def conjugate_gradient(
+@dataclass(frozen=True)
+class CGResult:
+    """What :func:`conjugate_gradient_solve` found.
+
+    :ivar x: the approximate solution of H x = b
+    :ivar status: ``"ok"`` (converged or ran its iterations), ``"non-finite"`` (a product Hp, a curvature or a
+        residual was NaN or inf: x is not a solution) or ``"not positive definite"`` (pᵀHp ≤ 0 on the first
+        direction, b itself: H is zero or indefinite along b and x = 0 says nothing)
+    :ivar iterations: iterations run
+    """
+
+    x: torch.Tensor
+    status: str
+    iterations: int
+
+
+def conjugate_gradient_solve(
     matvec: Callable[[torch.Tensor], torch.Tensor],
     b: torch.Tensor,
     n_iters: int = 10,
     residual_tol: float = 1e-10,
-) -> torch.Tensor:
-    """Approximately solve H x = b for a symmetric positive definite H known only through ``matvec(p) = H p``.
+) -> CGResult:
+    """Approximately solve H x = b for a symmetric positive definite H known only through ``matvec(p) = H p``,
+    and say whether the result can be trusted (see :class:`CGResult`).
 
     Only out-of-place operations are used, so if ``matvec`` and ``b`` carry autograd graphs the unrolled iterations
     are differentiable (as needed for the second-order meta-gradient). Stops early once the squared residual norm
@@ -30,29 +49,43 @@ def conjugate_gradient(
     :param b: the right-hand side (1-D)
     :param n_iters: maximum number of iterations
     :param residual_tol: tolerance on the squared residual norm ‖b − Hx‖²
-    :return: x, the same shape as ``b`` (zeros if ``b`` is zero)
     """
     x = torch.zeros_like(b)
     residual = b
     direction = b
     residual_sq = residual @ residual
+    if not math.isfinite(residual_sq.item()):
+        return CGResult(x, "non-finite", 0)
     # The backward pass divides by squared residuals, which must not underflow: whatever residual_tol says, stop at
     # ‖r‖²/‖b‖² = tiny^⅓ (3e-103 in float64, 2e-13 in float32), past the convergence of x and of its derivative.
     stop_at = max(residual_tol, torch.finfo(b.dtype).tiny ** (1 / 3) * residual_sq.item())
-    for _ in range(n_iters):
+    for iteration in range(n_iters):
         if not residual_sq.item() > stop_at:
-            break
+            return CGResult(x, "ok", iteration)
         h_direction = matvec(direction)
         curvature = direction @ h_direction
-        if not curvature.item() > 0:
-            break
+        value = curvature.item()
+        if not (math.isfinite(value) and bool(torch.isfinite(h_direction.detach()).all())):
+            return CGResult(x, "non-finite", iteration)
+        if not value > 0:
+            return CGResult(x, "not positive definite" if iteration == 0 else "ok", iteration)
         step = residual_sq / curvature
         x = x + step * direction
         residual = residual - step * h_direction
         new_residual_sq = residual @ residual
         direction = residual + (new_residual_sq / residual_sq) * direction
         residual_sq = new_residual_sq
-    return x
+    return CGResult(x, "ok", n_iters)
+
+
+def conjugate_gradient(
+    matvec: Callable[[torch.Tensor], torch.Tensor],
+    b: torch.Tensor,
+    n_iters: int = 10,
+    residual_tol: float = 1e-10,
+) -> torch.Tensor:
+    """x ≈ H⁻¹b by :func:`conjugate_gradient_solve` (zeros if ``b`` is zero), without its status."""
+    return conjugate_gradient_solve(matvec, b, n_iters, residual_tol).x
 
 
 def flat_grad(

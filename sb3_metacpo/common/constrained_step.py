@@ -7,9 +7,29 @@ and a Fisher-vector product; it runs conjugate gradient for H⁻¹g and every H�
 backtracking line search (:class:`LineSearch`) or applies a given fraction of the step (:class:`FixedFraction`, to
 replay a stored update), and returns one :class:`StepResult`.
 
-Nothing non-finite leaves this function as a step: a direction with NaN or inf entries (from a NaN gradient,
-constraint value or Fisher product) is rejected with its cause, and the returned ``step`` is then exactly zero
-(never ``0 * NaN``).
+Nothing non-finite leaves this function as a step. Every numerical fault makes the step a skipped update, its
+returned ``step`` exactly zero (never ``0 * NaN``) and its cause in :attr:`StepResult.rejection` (logged by the
+algorithms as ``train/step_rejection``):
+
+==========================================================  =====================================================
+fault                                                        ``rejection``
+==========================================================  =====================================================
+NaN or inf in g                                              ``"non-finite reward gradient"``
+NaN or inf in a row of A                                     ``"non-finite cost gradient"``
+NaN or inf in b                                              ``"non-finite constraint value"``
+NaN or inf from the Fisher product (in conjugate gradient)   ``"non-finite Fisher product"``
+a zero or indefinite Fisher product (pᵀHp ≤ 0 on g or a_j)   ``"Fisher product not positive definite"``
+reward and cost gradients parallel (cosine ≥ 1 − 1e-5 in     ``"parallel reward and cost gradients"``
+the H⁻¹ metric) where that constraint binds (dual case)
+NaN or inf in the subproblem's direction                     ``"non-finite step"``
+a zero direction (zero gradients, nothing to restore)        ``"zero step"``
+the line search accepts no fraction                          ``"line search: ..."`` (the check that failed last)
+==========================================================  =====================================================
+
+Parallel gradients: with g = c·a (c > 0, improving the reward costs as much) and the constraint binding, every point
+of the constraint's boundary in the trust region has the same objective; the dual's λ* → 0 and x = (v − νw)/λ is
+rounding error divided by a tiny λ (in float32 the "solution" violates its own linearised constraint). There is no
+well-defined step to take, so none is.
 """
 
 from __future__ import annotations
@@ -21,9 +41,13 @@ from typing import Any
 
 import torch
 
-from sb3_metacpo.common.conjugate_gradient import conjugate_gradient
+from sb3_metacpo.common.conjugate_gradient import conjugate_gradient_solve
 from sb3_metacpo.common.cpo_subproblem import CPO_CASES, DUAL_SOLVERS, RECOVERY, cpo_direction
 from sb3_metacpo.common.profiling import phase
+
+#: Reward and cost gradients whose cosine in the H⁻¹ metric, r_j/√(q·s_j), is at least this are parallel (see the
+#: module docstring); float32 rounding of r, q and s is ~1e-6 relative.
+PARALLEL_COSINE = 1.0 - 1e-5
 
 #: ``evaluate(step) -> (mean KL, reward surrogate, cost surrogates)`` at the current parameters plus ``step``.
 Evaluate = Callable[[torch.Tensor], tuple[float, float, Sequence[float]]]
@@ -85,7 +109,8 @@ class StepResult:
     :ivar direction: the full step x of the subproblem
     :ivar fraction: the accepted fraction (0 if rejected)
     :ivar accepted: whether a non-zero step is applied
-    :ivar case: ``"trpo"``, ``"dual"`` or ``"recovery"``
+    :ivar case: ``"trpo"``, ``"dual"`` or ``"recovery"``; ``"skipped"`` when a fault stopped the step before the
+        subproblem was solved
     :ivar lam: trust-region multiplier
     :ivar nu: one multiplier per constraint
     :ivar informative: per constraint, whether it entered the step
@@ -138,9 +163,21 @@ def constrained_step(
         A, b = None, None
     if (A is None) != (b is None):
         raise ValueError("A and b are required together (both None for an unconstrained step)")
+    m = 0 if A is None else A.shape[0]
+    fault = _input_fault(g, A, b)
+    if fault is not None:
+        return _skipped(g, m, fault)
     with phase("conjugate_gradient"):
-        v = conjugate_gradient(fisher_product, g, config.cg_max_steps)
-        W = None if A is None else torch.stack([conjugate_gradient(fisher_product, a, config.cg_max_steps) for a in A])
+        solves = [conjugate_gradient_solve(fisher_product, g, config.cg_max_steps)]
+        if A is not None:
+            solves.extend(conjugate_gradient_solve(fisher_product, a, config.cg_max_steps) for a in A)
+    statuses = {solve.status for solve in solves}
+    if "non-finite" in statuses:
+        return _skipped(g, m, "non-finite Fisher product")
+    if "not positive definite" in statuses:
+        return _skipped(g, m, "Fisher product not positive definite")
+    v = solves[0].x
+    W = None if A is None else torch.stack([solve.x for solve in solves[1:]])
     q = g @ v
     if W is None or A is None or b is None:
         with phase("dual_solve"):
@@ -172,6 +209,15 @@ def constrained_step(
     }
     if not bool(torch.isfinite(x.detach()).all()):
         return StepResult(step=torch.zeros_like(x), fraction=0.0, accepted=False, rejection="non-finite step", **summary)
+    if W is not None and A is not None and solution.case == "dual":
+        with torch.no_grad():
+            q_value, r, s = float(q), (W @ g).tolist(), torch.diagonal(A @ W.T).tolist()
+        for j, (r_j, s_j, nu_j, used) in enumerate(zip(r, s, summary["nu"], summary["informative"], strict=True)):
+            if used and nu_j > 0 and q_value > 0 and r_j / math.sqrt(q_value * s_j) >= PARALLEL_COSINE:
+                rejection = f"parallel reward and cost gradients (constraint {j})"
+                return StepResult(step=torch.zeros_like(x), fraction=0.0, accepted=False, rejection=rejection, **summary)
+    if not bool((x.detach() != 0).any()):
+        return StepResult(step=torch.zeros_like(x), fraction=0.0, accepted=False, rejection="zero step", **summary)
     if isinstance(step_size, FixedFraction):
         fraction = float(step_size.fraction)
         return StepResult(step=fraction * x, fraction=fraction, accepted=fraction > 0, **summary)
@@ -193,6 +239,35 @@ def constrained_step(
         n_backtracks=outcome.n_backtracks,
         rejection=outcome.rejection,
         **summary,
+    )
+
+
+def _input_fault(g: torch.Tensor, A: torch.Tensor | None, b: torch.Tensor | None) -> str | None:
+    """The first non-finite input of a step (its rejection), or None."""
+    if not bool(torch.isfinite(g.detach()).all()):
+        return "non-finite reward gradient"
+    if A is not None and not bool(torch.isfinite(A.detach()).all()):
+        return "non-finite cost gradient"
+    if b is not None and not bool(torch.isfinite(b.detach()).all()):
+        return "non-finite constraint value"
+    return None
+
+
+def _skipped(g: torch.Tensor, n_constraints: int, rejection: str) -> StepResult:
+    """A step skipped before the subproblem was solved: zero step and direction, NaN multipliers."""
+    zero = torch.zeros_like(g.detach())
+    return StepResult(
+        step=zero,
+        direction=zero,
+        fraction=0.0,
+        accepted=False,
+        case="skipped",
+        lam=math.nan,
+        nu=(math.nan,) * n_constraints,
+        informative=(False,) * n_constraints,
+        expected_improvement=math.nan,
+        expected_cost_changes=(math.nan,) * n_constraints,
+        rejection=rejection,
     )
 
 

@@ -7,6 +7,11 @@ patches) in their own process.
 
 from __future__ import annotations
 
+import multiprocessing as mp
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from typing import Any
 
 import gymnasium as gym
@@ -14,6 +19,8 @@ import numpy as np
 from stable_baselines3.common.env_util import is_wrapped
 from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
+from stable_baselines3.common.vec_env.base_vec_env import CloudpickleWrapper
+from stable_baselines3.common.vec_env.subproc_vec_env import _worker
 
 from sb3_metacpo.tasks.base import Task, TaskDistribution
 from sb3_metacpo.tasks.compat import import_safety_gymnasium
@@ -23,6 +30,131 @@ from sb3_metacpo.tasks.task_env import TaskEnv
 
 #: What the algorithms accept as an env: a gymnasium env, a VecEnv, an env id, a task distribution, or a task.
 SafeEnv = gym.Env | VecEnv | str | TaskDistribution | Task
+
+
+class EnvWorkerError(RuntimeError):
+    """An env of a VecEnv failed: the message names the env (worker) index and the original exception, which is
+    also the ``__cause__`` when it could be sent back from the worker process."""
+
+    def __init__(self, message: str, env_index: int | None = None) -> None:
+        super().__init__(message)
+        self.env_index = env_index
+
+
+@dataclass(frozen=True)
+class _WorkerFailure:
+    """What a worker of :class:`ReportingSubprocVecEnv` sends back instead of a reply when its env raised."""
+
+    type_name: str
+    message: str
+    traceback: str
+    exception: BaseException | None
+
+
+def _reporting_worker(remote: Connection, parent_remote: Connection, env_fn_wrapper: CloudpickleWrapper) -> None:
+    """SB3's worker loop; if it raises (the env failed), send the exception back before the process ends."""
+    try:
+        _worker(remote, parent_remote, env_fn_wrapper)
+    except Exception as error:  # anything the env raised: reported to the main process, which raises it there
+        text = "".join(traceback.format_exception(error))
+        try:
+            remote.send(_WorkerFailure(type(error).__name__, str(error), text, error))
+        except Exception:  # the exception itself does not pickle: send its description
+            remote.send(_WorkerFailure(type(error).__name__, str(error), text, None))
+
+
+class _CheckedRemote:
+    """The main process's end of a worker's pipe: a failure report or a dead worker becomes an
+    :class:`EnvWorkerError` naming the worker."""
+
+    def __init__(self, connection: Connection, index: int, process: Any) -> None:
+        self.connection, self.index, self.process = connection, index, process
+
+    def _died(self, error: BaseException) -> EnvWorkerError:
+        self.process.join(timeout=1.0)
+        return EnvWorkerError(
+            f"env worker {self.index} died (exit code {self.process.exitcode}, {type(error).__name__}): its env is "
+            "gone; the sampler rebuilds its VecEnv at the next collect",
+            self.index,
+        )
+
+    def send(self, data: Any) -> None:
+        try:
+            self.connection.send(data)
+        except (BrokenPipeError, ConnectionResetError, EOFError, OSError) as error:
+            raise self._died(error) from error
+
+    def recv(self) -> Any:
+        try:
+            data = self.connection.recv()
+        except (EOFError, ConnectionResetError, BrokenPipeError, OSError) as error:
+            raise self._died(error) from error
+        if isinstance(data, _WorkerFailure):
+            raise EnvWorkerError(
+                f"env worker {self.index} raised {data.type_name}: {data.message}\n"
+                f"--- traceback in the worker ---\n{data.traceback}",
+                self.index,
+            ) from data.exception
+        return data
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+class ReportingSubprocVecEnv(SubprocVecEnv):
+    """SB3's ``SubprocVecEnv`` whose failures are explicit: an env that raises in its worker, or a worker that dies,
+    gives an :class:`EnvWorkerError` naming the worker and carrying the exception and its traceback (SB3's gives
+    ``EOFError('')`` and then ``BrokenPipeError`` on every later call). :meth:`close` never raises. The algorithms
+    use it wherever ``SubprocVecEnv`` is asked for.
+
+    :param env_fns: env constructors, one per worker
+    :param start_method: multiprocessing start method (default: ``forkserver`` where available, else ``spawn``)
+    """
+
+    def __init__(self, env_fns: list[Callable[[], gym.Env]], start_method: str | None = None) -> None:
+        self.waiting = False
+        self.closed = False
+        if start_method is None:
+            start_method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+        context = mp.get_context(start_method)
+        remotes: list[_CheckedRemote] = []
+        self.processes = []
+        for index, env_fn in enumerate(env_fns):
+            parent_end, worker_end = context.Pipe()
+            process = context.Process(  # type: ignore[attr-defined]
+                target=_reporting_worker, args=(worker_end, parent_end, CloudpickleWrapper(env_fn)), daemon=True
+            )
+            process.start()
+            worker_end.close()
+            self.processes.append(process)
+            remotes.append(_CheckedRemote(parent_end, index, process))
+        self.remotes = remotes  # type: ignore[assignment]
+        self.remotes[0].send(("get_spaces", None))
+        observation_space, action_space = self.remotes[0].recv()
+        VecEnv.__init__(self, len(env_fns), observation_space, action_space)
+
+    def close(self) -> None:
+        """Close every worker; a broken one is terminated instead."""
+        if self.closed:
+            return
+        try:
+            super().close()
+        except EnvWorkerError:
+            for process in self.processes:
+                if process.is_alive():
+                    process.terminate()
+                process.join(timeout=1.0)
+            self.closed = True
+
+
+def reporting_vec_env_cls(
+    vec_env_cls: type[DummyVecEnv] | type[SubprocVecEnv] | None,
+) -> type[DummyVecEnv] | type[SubprocVecEnv]:
+    """The VecEnv class to build: :class:`ReportingSubprocVecEnv` for SB3's ``SubprocVecEnv``, ``DummyVecEnv`` for
+    None, any other class as given."""
+    if vec_env_cls is None:
+        return DummyVecEnv
+    return ReportingSubprocVecEnv if vec_env_cls is SubprocVecEnv else vec_env_cls
 
 
 class ResampleTaskOnReset(gym.Wrapper):
@@ -101,7 +233,7 @@ def make_safe_vec_env(
                 )
             env = CostMonitor(env)
         return DummyVecEnv([lambda: env])
-    if not isinstance(n_envs, int) or n_envs < 1:
+    if isinstance(n_envs, bool) or not isinstance(n_envs, (int, np.integer)) or n_envs < 1:
         raise ValueError(f"n_envs must be a positive integer, got {n_envs!r}")
     if isinstance(env, TaskDistribution):
         factory = EnvFactory(distribution=env)
@@ -116,4 +248,4 @@ def make_safe_vec_env(
         raise TypeError(
             f"env must be a gymnasium env, a VecEnv, an env id, a TaskDistribution or a Task, got {type(env).__name__}"
         )
-    return (vec_env_cls or DummyVecEnv)([factory] * n_envs)  # type: ignore[arg-type]
+    return reporting_vec_env_cls(vec_env_cls)([factory] * int(n_envs))  # type: ignore[arg-type]

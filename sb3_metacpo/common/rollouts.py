@@ -17,7 +17,7 @@ import numpy as np
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
 
 from sb3_metacpo.common.advantages import episode_steps
-from sb3_metacpo.common.envs import EnvFactory
+from sb3_metacpo.common.envs import EnvFactory, EnvWorkerError, reporting_vec_env_cls
 from sb3_metacpo.tasks.base import Task, TaskDistribution
 from sb3_metacpo.tasks.monitor import TOTAL_COST
 
@@ -25,6 +25,31 @@ from sb3_metacpo.tasks.monitor import TOTAL_COST
 #: index into the task list given to :meth:`RolloutSampler.collect`; returns raw (unclipped) actions
 #: ``(n_envs, *action_shape)``.
 ActFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class VecStep:
+    """One VecEnv step of a collect, as handed to its ``on_step`` callback (SB3's names for the ``locals`` of a
+    rollout): ``obs`` before the step, the raw ``actions`` (before clipping), ``new_obs`` (reset where done),
+    ``rewards``, ``dones``, ``infos``, the step index ``t`` of the round and each env's task index ``task_indices``."""
+
+    obs: np.ndarray
+    actions: np.ndarray
+    new_obs: np.ndarray
+    rewards: np.ndarray
+    dones: np.ndarray
+    infos: list[dict[str, Any]]
+    t: int
+    task_indices: np.ndarray
+
+
+#: ``on_step(step) -> bool | None``: called after every VecEnv step of a collect; returning ``False`` stops it.
+OnStep = Callable[[VecStep], object]
+
+
+class CollectionStopped(Exception):
+    """Raised by :meth:`RolloutSampler.collect` when its ``on_step`` returned False (e.g. an SB3 callback asked to
+    stop); the partial data are dropped."""
 
 
 @dataclass
@@ -236,23 +261,61 @@ class RolloutSampler:
         cost_names: Sequence[str] = (TOTAL_COST,),
     ) -> None:
         self.cost_names = tuple(cost_names)
+        self._env_fns: list[EnvFactory] | None = None
         if vec_env is None:
             if not isinstance(distribution, TaskDistribution):
                 raise TypeError(f"distribution must be a TaskDistribution, got {type(distribution).__name__}")
-            if not isinstance(n_envs, int) or n_envs < 1:
+            if isinstance(n_envs, bool) or not isinstance(n_envs, (int, np.integer)) or n_envs < 1:
                 raise ValueError(f"n_envs must be a positive integer, got {n_envs!r}")
-            initial: Task | None = distribution.test_tasks(1)[0]
-            env_fns = [EnvFactory(distribution=distribution, task=initial)] * n_envs
-            vec_env = vec_env_cls(env_fns, **(vec_env_kwargs or {}))  # type: ignore[arg-type]
+            self._initial_task: Task | None = distribution.test_tasks(1)[0]
+            self._env_fns = [EnvFactory(distribution=distribution, task=self._initial_task)] * int(n_envs)
+            self._vec_env_cls = reporting_vec_env_cls(vec_env_cls)
+            self._vec_env_kwargs = dict(vec_env_kwargs or {})
+            vec_env = self._vec_env_cls(self._env_fns, **self._vec_env_kwargs)  # type: ignore[arg-type]
         else:
-            initial = None  # a given VecEnv runs whatever task its envs have: collect it with tasks=[None]
+            self._initial_task = None  # a given VecEnv runs whatever task its envs have: collect it with tasks=[None]
         self.distribution = distribution
+        self.seed = seed
+        self.n_rebuilds = 0
+        self._broken = False
         self.vec_env: VecEnv = vec_env
         self.n_envs = vec_env.num_envs
         self.vec_env.seed(seed)
-        self._env_tasks: list[Task | None] = [initial] * self.n_envs
+        self._env_tasks: list[Task | None] = [self._initial_task] * self.n_envs
         self.observation_space = self.vec_env.observation_space
         self.action_space = self.vec_env.action_space
+
+    def episode_rng_states(self) -> list[dict[str, Any]]:
+        """The state of every env's episode-seed stream (JSON-serialisable), to continue it after a restart."""
+        return list(self.vec_env.env_method("episode_rng_state"))
+
+    def set_episode_rng_states(self, states: Sequence[dict[str, Any]]) -> None:
+        """Continue the episode-seed streams of :meth:`episode_rng_states` (seeds pending from ``seed`` dropped)."""
+        if len(states) != self.n_envs:
+            raise ValueError(f"{len(states)} episode-stream states for a sampler of {self.n_envs} envs")
+        self.vec_env._reset_seeds()  # seeds not yet applied would restart the streams at the next reset
+        for index, state in enumerate(states):
+            self.vec_env.env_method("set_episode_rng_state", state, indices=[index])
+
+    def ensure_usable(self) -> None:
+        """Rebuild the VecEnv if an env failed in an earlier collect (done by :meth:`collect` itself)."""
+        if self._broken:
+            self._rebuild()
+
+    def _rebuild(self) -> None:
+        """Replace a VecEnv broken by a failed env (its worker dead or its state unknown) by a fresh one, seeded
+        with ``seed + n_rebuilds`` (fresh episodes, not a replay of the first ones)."""
+        if self._env_fns is None:
+            raise EnvWorkerError(
+                "an env of the VecEnv given to this sampler failed earlier and the sampler cannot rebuild a VecEnv "
+                "it did not build: pass a new one"
+            )
+        self.close()
+        self.n_rebuilds += 1
+        self.vec_env = self._vec_env_cls(self._env_fns, **self._vec_env_kwargs)  # type: ignore[arg-type]
+        self.vec_env.seed(self.seed + self.n_rebuilds)
+        self._env_tasks = [self._initial_task] * self.n_envs
+        self._broken = False
 
     def _assign(self, tasks: Sequence[Task | None]) -> np.ndarray:
         """Point env i at task ``owners[i]`` (tasks get ``n_envs // M`` envs each, remainder to the first ones)."""
@@ -266,24 +329,28 @@ class RolloutSampler:
         return owners
 
     def collect(
-        self, tasks: Sequence[Task | None], act: ActFn, n_steps: int, on_step: Callable[[], object] | None = None
+        self, tasks: Sequence[Task | None], act: ActFn, n_steps: int, on_step: OnStep | None = None
     ) -> list[TaskBatch]:
         """Run ``act`` on every task for at least ``n_steps`` env steps each; return one batch per task, in order.
 
-        ``on_step`` is called after every VecEnv step (e.g. to drive SB3 callbacks and progress bars).
+        ``on_step`` is called with a :class:`VecStep` after every VecEnv step (e.g. to drive SB3 callbacks and
+        progress bars); if it returns ``False`` the collect stops and raises :class:`CollectionStopped`.
         """
         if not tasks:
             raise ValueError("collect needs at least one task")
         if n_steps < 1:
             raise ValueError(f"n_steps must be >= 1, got {n_steps}")
+        self.ensure_usable()
         batches: list[TaskBatch] = []
-        for start in range(0, len(tasks), self.n_envs):
-            batches.extend(self._collect_round(list(tasks[start : start + self.n_envs]), act, n_steps, on_step))
+        try:
+            for start in range(0, len(tasks), self.n_envs):
+                batches.extend(self._collect_round(list(tasks[start : start + self.n_envs]), act, n_steps, on_step))
+        except EnvWorkerError:
+            self._broken = True  # rebuilt at the next collect
+            raise
         return batches
 
-    def _collect_round(
-        self, tasks: list[Task | None], act: ActFn, n_steps: int, on_step: Callable[[], object] | None
-    ) -> list[TaskBatch]:
+    def _collect_round(self, tasks: list[Task | None], act: ActFn, n_steps: int, on_step: OnStep | None) -> list[TaskBatch]:
         owners = self._assign(tasks)
         horizon = math.ceil(n_steps / (self.n_envs // len(tasks)))
         storage = RolloutStorage(horizon, self.n_envs, self.observation_space.shape, self.action_space.shape, self.cost_names)
@@ -297,10 +364,16 @@ class RolloutSampler:
             next_obs, rewards, dones, infos = self.vec_env.step(np.clip(raw_actions, low, high))
             for index, episode in storage.add(t, obs, raw_actions, rewards, next_obs, dones, infos):
                 episodes[owners[index]].append(episode)
-            obs = next_obs
             if on_step is not None:
-                on_step()
+                step = VecStep(obs, raw_actions, next_obs, rewards, dones, list(infos), t, owners)
+                if on_step(step) is False:
+                    raise CollectionStopped(f"a callback stopped the collect at step {t}")
+            obs = next_obs
         return [storage.batch(task, owners == index, episodes[index]) for index, task in enumerate(tasks)]
 
     def close(self) -> None:
-        self.vec_env.close()
+        """Close the VecEnv (never raises for a broken one)."""
+        try:
+            self.vec_env.close()
+        except (EnvWorkerError, EOFError, BrokenPipeError, ConnectionResetError):
+            pass  # a broken VecEnv: its workers are gone already

@@ -4,8 +4,12 @@ distribution, the settings of its CPO updates, writing an update back into the p
 
 from __future__ import annotations
 
+import inspect
+import os
+from collections import deque
 from collections.abc import Mapping, Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import torch as th
@@ -14,7 +18,31 @@ from stable_baselines3.common.utils import safe_mean
 from sb3_metacpo.common.constrained_step import StepConfig, StepResult
 from sb3_metacpo.common.constraints import CostConstraints
 from sb3_metacpo.common.cpo_update import CPOConfig, Params
+from sb3_metacpo.common.serialization import (
+    ArchiveError,
+    decode_space,
+    decode_value,
+    encode_space,
+    encode_value,
+    global_rng_state,
+    lookup_class,
+    read_archive,
+    set_global_rng_state,
+    write_archive,
+)
 from sb3_metacpo.tasks.base import TaskDistribution, make_task_distribution
+
+SelfSafeAlgorithm = TypeVar("SelfSafeAlgorithm", bound="SafeAlgorithmMixin")
+#: Constructor arguments kept under another attribute name.
+_ATTRIBUTE_OF_ARGUMENT = {"n_envs": "n_envs_requested", "stats_window_size": "_stats_window_size"}
+#: Constructor arguments that are not saved (given again when loading).
+_NOT_SAVED = ("self", "policy", "env", "device", "_init_setup_model")
+
+
+def _package_version() -> str:
+    with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "version.txt")) as file:
+        return file.read().strip()
+
 
 #: Cost limit of plain envs (the safety-gymnasium benchmark's standard limit), when ``cost_limit`` is not given.
 DEFAULT_COST_LIMIT = 25.0
@@ -107,8 +135,9 @@ class SafeAlgorithmMixin:
     # --- logs ---------------------------------------------------------------------------------------------------
     def _record_step(self, result: StepResult, names: Sequence[str] | None = None, prefix: str = "train/") -> None:
         """``train/cpo_case``, ``train/lambda``, ``train/nu`` (``train/nu_<name>`` per constraint other than the
-        total cost; ``names`` default to the cost constraints'), ``train/kl``, ``train/line_search_fraction`` and
-        the cause of a rejected step (``train/step_rejection``, ``"none"`` when accepted)."""
+        total cost; ``names`` default to the cost constraints'), ``train/kl``, ``train/line_search_fraction``,
+        ``train/n_backtracks`` (how often the line search shrank the step) and the cause of a rejected step
+        (``train/step_rejection``, ``"none"`` when accepted)."""
         record = self.logger.record
         names = list(self.constraints.names if names is None else names)
         record(f"{prefix}cpo_case", result.case)
@@ -117,6 +146,7 @@ class SafeAlgorithmMixin:
             record(f"{prefix}nu" if name == "cost" else f"{prefix}nu_{name}", nu)
         record(f"{prefix}kl", 0.0 if not result.accepted else result.kl)
         record(f"{prefix}line_search_fraction", result.fraction)
+        record(f"{prefix}n_backtracks", result.n_backtracks)
         record(f"{prefix}step_rejection", result.rejection or "none", exclude=("tensorboard",))
 
     def _record_rollout_costs(self) -> None:
@@ -128,3 +158,180 @@ class SafeAlgorithmMixin:
             values = [info["episode_costs"][name] for info in self.ep_info_buffer if name in info.get("episode_costs", {})]
             if name != "cost" and values:
                 self.logger.record(f"rollout/ep_{name}_mean", float(np.mean(values)))
+
+    # --- saving and loading (data only; see sb3_metacpo.common.serialization) ----------------------------------
+    def _constructor_arguments(self) -> dict[str, Any]:
+        """The constructor arguments that rebuild this model, as JSON."""
+        arguments: dict[str, Any] = {}
+        for name in inspect.signature(type(self).__init__).parameters:
+            if name in _NOT_SAVED:
+                continue
+            value = getattr(self, _ATTRIBUTE_OF_ARGUMENT.get(name, name))
+            if name == "learning_rate" and callable(value):  # a schedule is saved as its current value
+                value = float(self.lr_schedule(self._current_progress_remaining))  # type: ignore[attr-defined]
+            if name == "policy_kwargs":
+                value = {key: item for key, item in (value or {}).items() if key != "n_costs"}  # set by _setup_model
+            arguments[name] = encode_value(value, name)
+        return arguments
+
+    def _sampler_rng_states(self) -> dict[str, Any]:
+        """The episode-seed streams of the algorithm's samplers (none by default)."""
+        return {}
+
+    def _set_sampler_rng_states(self, states: Mapping[str, Any]) -> None:
+        """Restore :meth:`_sampler_rng_states` (the samplers exist by then)."""
+
+    def save(self, path: str | os.PathLike[str], exclude: Any = None, include: Any = None) -> Path:  # type: ignore[override]
+        """Save everything needed to use the model and to continue training it exactly: constructor arguments,
+        policy parameters and buffers (critics, observation statistics), the critic optimiser's state, counters,
+        the adaptation, the task distribution with its stream's state and every random stream. Written atomically;
+        ``.zip`` is added when ``path`` has no suffix. Returns the path written.
+
+        The archive holds JSON and tensors only (see :mod:`sb3_metacpo.common.serialization`); ``exclude`` and
+        ``include`` (SB3's) are not supported.
+        """
+        if exclude is not None or include is not None:
+            raise ValueError("save(exclude=..., include=...) is not supported: the archive holds the whole model")
+        distribution = self._get_task_distribution()
+        json_rng, torch_rng = global_rng_state()
+        policy = self.policy  # type: ignore[attr-defined]
+        metadata = {
+            "algorithm": type(self).__name__,
+            "package_version": _package_version(),
+            "hyperparameters": self._constructor_arguments(),
+            "policy_class": encode_value(self.policy_class, "policy_class")["__class__"],  # type: ignore[attr-defined]
+            "observation_space": encode_space(self.observation_space),  # type: ignore[attr-defined]
+            "action_space": encode_space(self.action_space),  # type: ignore[attr-defined]
+            "task_distribution": None
+            if distribution is None
+            else {
+                "name": distribution.name,
+                "params": encode_value(distribution.get_params(), "task distribution parameters"),
+                "stream": distribution._rng.bit_generator.state,
+            },
+            "counters": {
+                "num_timesteps": int(self.num_timesteps),  # type: ignore[attr-defined]
+                "n_updates": int(self._n_updates),  # type: ignore[attr-defined]
+                "episode_num": int(self._episode_num),  # type: ignore[attr-defined]
+                "progress_remaining": float(self._current_progress_remaining),  # type: ignore[attr-defined]
+                "n_envs": None if getattr(self, "n_envs", None) is None else int(self.n_envs),  # type: ignore[attr-defined]
+            },
+            "adaptation_history": encode_value(self.adaptation_history, "adaptation_history"),  # type: ignore[attr-defined]
+            "ep_info_buffer": encode_value(list(self.ep_info_buffer or []), "ep_info_buffer"),
+            "rng": {**json_rng, "samplers": self._sampler_rng_states()},
+        }
+        adapted = self.adapted_params  # type: ignore[attr-defined]
+        tensors = {
+            "policy": policy.state_dict(),
+            "optimizer": policy.optimizer.state_dict(),
+            "adapted_params": {} if adapted is None else {name: value.detach() for name, value in adapted.items()},
+            "torch_rng": torch_rng,
+        }
+        return write_archive(path, metadata, tensors)
+
+    @classmethod
+    def load(  # type: ignore[override]
+        cls: type[SelfSafeAlgorithm],
+        path: str | os.PathLike[str],
+        env: Any = None,
+        device: th.device | str = "auto",
+        custom_objects: dict[str, Any] | None = None,
+        print_system_info: bool = False,
+        force_reset: bool = True,
+        **kwargs: Any,
+    ) -> SelfSafeAlgorithm:
+        """Load a model saved by :meth:`save`, running no code from the file: metadata as JSON, tensors with
+        ``torch.load(weights_only=True)``, classes from the registry of allowed classes. An archive of another
+        algorithm, of SB3's pickling format, or holding anything else is refused with an ``ArchiveError``.
+
+        :param env: what to train or adapt on from now on (MetaCPO: a task distribution; CPO: any env it accepts)
+        :param device: torch device
+        :param custom_objects: constructor arguments to replace (as SB3's; same as ``kwargs``)
+        :param kwargs: constructor arguments to replace, e.g. ``n_steps=100``
+        """
+        metadata, tensors = read_archive(path, "cpu")
+        algorithm = metadata.get("algorithm")
+        if algorithm != cls.__name__:
+            raise ArchiveError(
+                f"{path} holds a {algorithm} model, which {cls.__name__}.load does not load: use {algorithm}.load"
+            )
+        try:
+            arguments = decode_value(metadata["hyperparameters"])
+            policy_class = lookup_class(metadata["policy_class"])
+        except KeyError as error:
+            raise ArchiveError(f"{path}: the metadata has no {error}") from error
+        accepted = set(inspect.signature(cls.__init__).parameters) - set(_NOT_SAVED)
+        if not isinstance(arguments, dict) or not set(arguments) <= accepted:
+            raise ArchiveError(f"{path}: the metadata names constructor arguments {cls.__name__} does not have")
+        overrides = {**(custom_objects or {}), **kwargs}
+        unknown = sorted(set(overrides) - accepted)
+        if unknown:
+            raise ValueError(f"{cls.__name__}.load: unknown arguments {unknown}; it accepts {sorted(accepted)}")
+        model = cls(policy_class, None, device=device, _init_setup_model=False, **{**arguments, **overrides})  # type: ignore[call-arg]
+        model._restore(metadata, tensors)
+        if env is not None:
+            model._use_env_after_load(env, force_reset)
+        return model
+
+    @classmethod
+    def load_sb3_archive(cls: type[SelfSafeAlgorithm], path: str | os.PathLike[str], **kwargs: Any) -> SelfSafeAlgorithm:
+        """Load a model saved in Stable-Baselines3's format with SB3's loader, which unpickles (runs) the archive's
+        ``data``: only for files you trust, to convert them (:func:`~sb3_metacpo.common.serialization.convert_sb3_archive`)."""
+        sb3_load = super().load  # type: ignore[misc]
+        model = sb3_load(path, None, **kwargs)
+        distribution = model._get_task_distribution()
+        if distribution is not None:
+            model._remember_task_distribution(distribution)
+        return model
+
+    def _use_env_after_load(self, env: Any, force_reset: bool) -> None:
+        """Train and adapt on ``env`` after loading."""
+        raise NotImplementedError
+
+    def _restore(self, metadata: Mapping[str, Any], tensors: Mapping[str, Any]) -> None:
+        """Rebuild the model of an archive: spaces, task distribution (and its stream), networks, optimiser,
+        counters, adaptation; the random streams are applied when training resumes (``learn`` with
+        ``reset_num_timesteps=False``)."""
+        try:
+            self.observation_space = decode_space(metadata["observation_space"])
+            self.action_space = decode_space(metadata["action_space"])
+            described = metadata["task_distribution"]
+            if described is not None:
+                distribution = make_task_distribution(described["name"], **decode_value(described["params"]))
+                distribution._rng.bit_generator.state = described["stream"]
+                self._remember_task_distribution(distribution)
+            counters = metadata["counters"]
+            if counters.get("n_envs") is not None:
+                self.n_envs = int(counters["n_envs"])
+            self._validate_hyperparameters()  # type: ignore[attr-defined]
+            self._setup_model()  # type: ignore[attr-defined]
+            policy = self.policy  # type: ignore[attr-defined]
+            policy.load_state_dict(tensors["policy"])
+            policy.optimizer.load_state_dict(tensors["optimizer"])
+            self.num_timesteps = int(counters["num_timesteps"])
+            self._n_updates = int(counters["n_updates"])
+            self._episode_num = int(counters["episode_num"])
+            self._current_progress_remaining = float(counters["progress_remaining"])
+            adapted = tensors["adapted_params"]
+            device = policy.device
+            self.adapted_params = {name: value.to(device) for name, value in adapted.items()} if adapted else None
+            policy.set_actor_override(self.adapted_params)
+            self.adaptation_history = list(decode_value(metadata["adaptation_history"]))
+            self.ep_info_buffer = deque(decode_value(metadata["ep_info_buffer"]), maxlen=self._stats_window_size)
+            self.ep_success_buffer = deque(maxlen=self._stats_window_size)
+            self._resume_rng: tuple[Mapping[str, Any], th.Tensor] | None = (metadata["rng"], tensors["torch_rng"])
+        except ArchiveError:
+            raise
+        except (KeyError, TypeError, RuntimeError) as error:
+            raise ArchiveError(f"the archive does not describe a consistent {type(self).__name__} model: {error}") from error
+
+    def _resume_random_streams(self, reset_num_timesteps: bool) -> None:
+        """At the start of ``learn``: continue the saved random streams if training resumes a loaded model
+        (``reset_num_timesteps=False``); a fresh run (``True``) keeps the streams seeded from ``seed``."""
+        state = getattr(self, "_resume_rng", None)
+        self._resume_rng = None
+        if state is None or reset_num_timesteps:
+            return
+        json_state, torch_state = state
+        set_global_rng_state(json_state, torch_state)
+        self._set_sampler_rng_states(json_state.get("samplers", {}))

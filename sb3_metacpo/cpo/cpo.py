@@ -16,10 +16,13 @@ from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
 
 from sb3_metacpo.common.adaptation import AdaptationMixin
 from sb3_metacpo.common.checks import (
+    as_python_scalars,
     check,
     check_cpo_step_hyperparameters,
+    check_learn_arguments,
     check_positive_ints,
     check_positive_reals,
+    check_seed,
     is_int,
     is_real,
 )
@@ -32,6 +35,24 @@ from sb3_metacpo.common.safe_algorithm import DEFAULT_COST_LIMIT, SafeAlgorithmM
 from sb3_metacpo.tasks.base import TaskDistribution, list_task_distributions, make_task_distribution
 
 SelfCPO = TypeVar("SelfCPO", bound="CPO")
+#: Numeric constructor arguments (numpy scalars are turned into Python numbers once validated).
+_NUMERIC_HYPERPARAMETERS = (
+    "n_steps",
+    "batch_size",
+    "gamma",
+    "cost_gamma",
+    "gae_lambda",
+    "target_kl",
+    "cost_limit",
+    "cg_max_steps",
+    "cg_damping",
+    "fvp_sample_freq",
+    "line_search_max_iter",
+    "line_search_shrinking_factor",
+    "cost_confidence",
+    "n_critic_updates",
+    "n_envs_requested",
+)
 __all__ = ["CPO", "DEFAULT_COST_LIMIT"]
 
 
@@ -120,6 +141,10 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):
         device: th.device | str = "auto",
         _init_setup_model: bool = True,
     ) -> None:
+        check_seed(seed)  # envs and a family's task distribution are seeded from it before anything else
+        seed = None if seed is None else int(seed)
+        if is_int(n_envs):
+            n_envs = int(n_envs)
         self.seed = seed
         self.cost_limit = cost_limit
         self.n_envs_requested = n_envs
@@ -176,13 +201,17 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):
             f"n_steps must be an integer >= 2 (env steps per env per update), got {self.n_steps!r}",
         )
         check_positive_reals(self, "target_kl")
-        check(callable(self.learning_rate) or self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
+        check(
+            callable(self.learning_rate) or (is_real(self.learning_rate) and self.learning_rate > 0),
+            f"learning_rate must be > 0 (a finite number or a schedule), got {self.learning_rate!r}",
+        )
         check_cpo_step_hyperparameters(self)
         check(
             is_real(self.cost_confidence) and self.cost_confidence >= 0,
             f"cost_confidence must be a finite number >= 0, got {self.cost_confidence!r}",
         )
         self._check_constraints()
+        as_python_scalars(self, *_NUMERIC_HYPERPARAMETERS)
 
     def _make_env(self, env: SafeEnv) -> VecEnv:
         """A cost-monitored VecEnv for ``env``; a family name or a distribution becomes the training distribution."""
@@ -223,6 +252,7 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):
     ) -> tuple[int, BaseCallback]:
         resets = reset_num_timesteps or self._last_obs is None  # SB3 resets the envs then
         result = super()._setup_learn(total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar)
+        self._resume_random_streams(reset_num_timesteps)
         if resets or getattr(self, "_episode_step_at_rollout_start", None) is None:
             self._episode_step_at_rollout_start = np.zeros(self.n_envs, dtype=np.int64)
         return result
@@ -364,21 +394,12 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):
         reset_num_timesteps: bool = True,
         progress_bar: bool = False,
     ) -> SelfCPO:
-        return super().learn(total_timesteps, callback, log_interval, tb_log_name, reset_num_timesteps, progress_bar)
+        """Train for ``total_timesteps`` env steps (SB3's ``learn``). A model adapted by :meth:`adapt` forgets its
+        adaptation here: ``predict`` acts with the trained parameters again."""
+        check_learn_arguments(total_timesteps, log_interval)
+        if self.adapted_params is not None:
+            self.reset_adaptation()
+        return super().learn(int(total_timesteps), callback, log_interval, tb_log_name, reset_num_timesteps, progress_bar)
 
-    @classmethod
-    def load(  # type: ignore[override]
-        cls: type[SelfCPO],
-        path: str,
-        env: SafeEnv | None = None,
-        device: th.device | str = "auto",
-        custom_objects: dict[str, Any] | None = None,
-        print_system_info: bool = False,
-        force_reset: bool = True,
-        **kwargs: Any,
-    ) -> SelfCPO:
-        """Load a saved model; ``env`` (anything the constructor accepts, e.g. a held-out task) to train on."""
-        model = super().load(path, None, device, custom_objects, print_system_info, force_reset, **kwargs)
-        if env is not None:
-            model.set_env(env, force_reset)
-        return model
+    def _use_env_after_load(self, env: Any, force_reset: bool) -> None:
+        self.set_env(env, force_reset)

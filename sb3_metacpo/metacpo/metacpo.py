@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Literal, TypeVar
 
@@ -17,12 +18,15 @@ from stable_baselines3.common.type_aliases import MaybeCallback
 from stable_baselines3.common.utils import safe_mean
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
 
-from sb3_metacpo.common.adaptation import AdaptationMixin
+from sb3_metacpo.common.adaptation import AdaptationMixin, step_locals
 from sb3_metacpo.common.checks import (
+    as_python_scalars,
     check,
     check_cpo_step_hyperparameters,
+    check_learn_arguments,
     check_positive_ints,
     check_positive_reals,
+    check_seed,
     is_int,
     is_real,
 )
@@ -39,12 +43,35 @@ from sb3_metacpo.common.cpo_update import (
 )
 from sb3_metacpo.common.policies import CPOPolicy
 from sb3_metacpo.common.profiling import phase
-from sb3_metacpo.common.rollouts import RolloutSampler, TaskBatch
+from sb3_metacpo.common.rollouts import CollectionStopped, RolloutSampler, TaskBatch, VecStep
 from sb3_metacpo.common.safe_algorithm import SafeAlgorithmMixin
 from sb3_metacpo.metacpo.meta_objective import META_CONSTRAINT_MODES, MetaObjective, MetaValue, TaskAdaptation
 from sb3_metacpo.tasks.base import Task, TaskDistribution, make_task_distribution
 
 SelfMetaCPO = TypeVar("SelfMetaCPO", bound="MetaCPO")
+#: Numeric constructor arguments (numpy scalars are turned into Python numbers once validated).
+_NUMERIC_HYPERPARAMETERS = (
+    "meta_batch_size",
+    "n_inner_updates",
+    "n_steps",
+    "inner_target_kl",
+    "outer_target_kl",
+    "cost_limit",
+    "gamma",
+    "cost_gamma",
+    "gae_lambda",
+    "cg_max_steps",
+    "cg_damping",
+    "fvp_sample_freq",
+    "line_search_max_iter",
+    "line_search_shrinking_factor",
+    "meta_constraint_alpha",
+    "cost_confidence",
+    "critic_learning_rate",
+    "n_critic_updates",
+    "critic_batch_size",
+    "n_envs_requested",
+)
 
 
 class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):
@@ -150,6 +177,8 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):
         device: th.device | str = "auto",
         _init_setup_model: bool = True,
     ) -> None:
+        check_seed(seed)  # the task distribution of a family name is seeded from it before anything else
+        seed = None if seed is None else int(seed)
         super().__init__(
             policy,
             None,
@@ -229,6 +258,7 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):
             f"n_envs must be a positive integer or None, got {self.n_envs_requested!r}",
         )
         self._check_constraints()
+        as_python_scalars(self, *_NUMERIC_HYPERPARAMETERS)
         n_outer = len(self.constraints) * (1 if self.meta_constraint == "mean" else self.n_inner_updates + 1)
         check(
             not (self._constrained and self.dual_solver == "analytic" and n_outer > 1),
@@ -289,8 +319,9 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):
                 seed=0 if self.seed is None else self.seed,
                 cost_names=self.constraints.names,
             )
-            self.env = self.sampler.vec_env
-            self.n_envs = self.env.num_envs
+        self.sampler.ensure_usable()  # a VecEnv broken by a failed env is rebuilt
+        self.env = self.sampler.vec_env
+        self.n_envs = self.env.num_envs
         return self.sampler
 
     # --- batches ----------------------------------------------------------------------------------------------
@@ -335,7 +366,9 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):
     ) -> tuple[int, BaseCallback]:
         self._get_sampler()
         self._last_obs = None  # the sampler resets its envs itself
-        return super()._setup_learn(total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar)
+        result = super()._setup_learn(total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar)
+        self._resume_random_streams(reset_num_timesteps)  # after SB3's env reset, which draws episode seeds
+        return result
 
     def learn(
         self: SelfMetaCPO,
@@ -346,36 +379,43 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):
         reset_num_timesteps: bool = True,
         progress_bar: bool = False,
     ) -> SelfMetaCPO:
-        """Meta-train for at least ``total_timesteps`` env steps (whole meta-iterations)."""
+        """Meta-train for at least ``total_timesteps`` env steps (whole meta-iterations).
+
+        A model adapted by :meth:`adapt` forgets its adaptation here: ``predict`` acts with the meta-parameters
+        again (the adapted parameters were computed from the θ that training is about to change); call
+        :meth:`adapt` again after training to act with an adapted policy.
+        """
+        check_learn_arguments(total_timesteps, log_interval)
+        total_timesteps = int(total_timesteps)
+        if self.adapted_params is not None:
+            self.reset_adaptation()
         total_timesteps, callback = self._setup_learn(
             total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar
         )
         callback.on_training_start(locals(), globals())
         iteration = 0
         while self.num_timesteps < total_timesteps:
-            continue_training = self._meta_iteration(callback)
+            if not self._meta_iteration(callback):
+                break
             iteration += 1
             self._update_current_progress_remaining(self.num_timesteps, total_timesteps)
             if log_interval is not None and iteration % log_interval == 0:
                 self.dump_logs(iteration)
-            if not continue_training:
-                break
         callback.on_training_end()
         return self
 
     def _collect(self, tasks: Sequence[Task], params: Sequence[Params], callback: BaseCallback) -> list[TaskBatch]:
+        """One batch per task; the callback gets SB3's ``locals`` at every env step. Raises
+        :class:`CollectionStopped` when it returns False."""
         sampler = self._get_sampler()
 
-        def on_step() -> None:
+        def on_step(step: VecStep) -> bool:
             self.num_timesteps += sampler.n_envs
-            callback.update_locals({"self": self})
-            if not callback.on_step():
-                self._stop_requested = True
+            callback.update_locals({"self": self, "tasks": tasks, **step_locals(step)})
+            return callback.on_step()
 
-        callback.on_rollout_start()
         with phase("sampling"):
             batches = sampler.collect(tasks, self._act_fn(params), self.n_steps, on_step)
-        callback.on_rollout_end()
         names = self.constraints.names
         for batch in batches:
             assert self.ep_info_buffer is not None
@@ -386,13 +426,21 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):
         return batches
 
     def _meta_iteration(self, callback: BaseCallback) -> bool:
-        """One meta-iteration; returns False when a callback asked to stop."""
-        self._stop_requested = False
+        """One meta-iteration; returns False, before any update, when a callback asked to stop.
+
+        The callback's rollout (``on_rollout_start`` … ``on_rollout_end``) is all the data of the meta-update, as
+        SB3's rollout is the data of one update."""
         self.policy.set_training_mode(False)
         distribution = self._get_task_distribution()
         assert distribution is not None
         theta = self.policy.actor_params()
-        adaptations, raw_batches = self._adapt_to_tasks(distribution.sample(self.meta_batch_size), theta, callback)
+        callback.on_rollout_start()
+        try:
+            adaptations, raw_batches = self._adapt_to_tasks(distribution.sample(self.meta_batch_size), theta, callback)
+        except CollectionStopped:
+            return False
+        callback.update_locals({"self": self})
+        callback.on_rollout_end()
         objective = MetaObjective(
             self._actor,
             adaptations,
@@ -412,7 +460,7 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):
             self._update_statistics(raw_batches, adaptations)
         self._n_updates += 1
         self._log_iteration(adaptations, value, result, objective.constraint_names)
-        return not self._stop_requested
+        return True
 
     def _adapt_to_tasks(
         self, tasks: Sequence[Task], theta: Params, callback: BaseCallback
@@ -512,6 +560,9 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):
         for case in ("trpo", "dual", "recovery"):
             record(f"train/inner_{case}_frac", float(np.mean([step.case == case for step in inner])))
         record("train/inner_accept_frac", float(np.mean([step.accepted for step in inner])))
+        causes = Counter(step.rejection for step in inner if step.rejection is not None)
+        summary = "; ".join(f"{cause} x{count}" for cause, count in sorted(causes.items())) or "none"
+        record("train/inner_step_rejections", summary, exclude=("tensorboard",))
         record("train/inner_kl", float(np.nanmean([step.kl if step.accepted else np.nan for step in inner] + [0.0])))
         self._record_step(result, names)
         record("train/n_updates", self._n_updates, exclude="tensorboard")
@@ -533,19 +584,12 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):
         self.logger.record("time/total_timesteps", self.num_timesteps, exclude="tensorboard")
         self.logger.dump(step=self.num_timesteps)
 
-    @classmethod
-    def load(  # type: ignore[override]
-        cls: type[SelfMetaCPO],
-        path: str,
-        env: TaskDistribution | str | None = None,
-        device: th.device | str = "auto",
-        custom_objects: dict[str, Any] | None = None,
-        print_system_info: bool = False,
-        force_reset: bool = True,
-        **kwargs: Any,
-    ) -> SelfMetaCPO:
-        """Load a saved model; ``env`` optionally replaces the saved task distribution (same spaces)."""
-        model = super().load(path, None, device, custom_objects, print_system_info, force_reset, **kwargs)
-        if env is not None:
-            model.set_task_distribution(env)
-        return model
+    def _use_env_after_load(self, env: Any, force_reset: bool) -> None:
+        self.set_task_distribution(env)
+
+    def _sampler_rng_states(self) -> dict[str, Any]:
+        return {} if self.sampler is None else {"training": self.sampler.episode_rng_states()}
+
+    def _set_sampler_rng_states(self, states: Mapping[str, Any]) -> None:
+        if "training" in states:
+            self._get_sampler().set_episode_rng_states(states["training"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -110,12 +111,23 @@ class TaskDistribution(ABC):
         test_ranges: Mapping[str, ParamRange | Sequence[float]] | None = None,
         max_episode_steps: int | None = None,
     ) -> None:
+        for name, value in (("seed", seed), ("test_seed", test_seed)):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value < 2**63
+            ):
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
         self.seed = int(seed)
         self.test_seed = self.default_test_seed if test_seed is None else int(test_seed)
         self.train_ranges = self._merge_ranges(self.default_train_ranges, train_ranges, "train_ranges")
         self.test_ranges = self._merge_ranges(self.default_test_ranges, test_ranges, "test_ranges")
         self.max_episode_steps = self.default_max_episode_steps if max_episode_steps is None else max_episode_steps
-        if not isinstance(self.max_episode_steps, int) or self.max_episode_steps < 1:
+        if isinstance(self.max_episode_steps, numbers.Integral) and not isinstance(self.max_episode_steps, bool):
+            self.max_episode_steps = int(self.max_episode_steps)
+        if (
+            not isinstance(self.max_episode_steps, int)
+            or isinstance(self.max_episode_steps, bool)
+            or self.max_episode_steps < 1
+        ):
             raise ValueError(f"max_episode_steps must be a positive integer, got {self.max_episode_steps!r}")
         if all(self.train_ranges[k].overlaps(self.test_ranges[k]) for k in self.limits):
             raise ValueError(

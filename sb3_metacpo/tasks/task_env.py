@@ -49,6 +49,15 @@ class TaskEnv(gym.Wrapper):
         self.env = self.distribution._make_base_env(task, render_mode=self._render_mode)
         self.task = task
 
+    def episode_rng_state(self) -> dict[str, Any]:
+        """The state of the episode-seed stream (JSON-serialisable)."""
+        return self._episode_rng.bit_generator.state
+
+    def set_episode_rng_state(self, state: dict[str, Any]) -> None:
+        """Continue the episode-seed stream from ``state`` (of :meth:`episode_rng_state`)."""
+        self._episode_rng = np.random.default_rng()
+        self._episode_rng.bit_generator.state = state
+
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
         if seed is not None:
             self._episode_rng = np.random.default_rng(seed)

@@ -1,0 +1,258 @@
+"""Saving and loading models as data, never as code.
+
+An archive is a zip file with exactly two members:
+
+* ``metadata.json``: the format and its version, the algorithm's name, its constructor arguments, the policy class
+  and the spaces (as plain descriptions), the task distribution (name and parameters), the counters, the adaptation
+  history and every random stream (numpy, Python, the task stream, the samplers' episode streams);
+* ``tensors.pt``: the policy's parameters and buffers (observation statistics, critics), the critic optimiser's
+  state, the adapted parameters and torch's RNG state, read back with ``torch.load(..., weights_only=True)``.
+
+Classes (the policy, activation functions, optimisers, VecEnv classes) are written as names and looked up in a
+registry of allowed classes (:func:`register_class` adds one); nothing in an archive is unpickled. SB3's own format
+keeps constructor arguments it cannot write as JSON as cloudpickle, which runs code when loaded: archives in that
+format are refused, with the way to convert one you trust (:func:`convert_sb3_archive`).
+
+Archives are written atomically (a temporary file in the same folder, then ``os.replace``): a process killed while
+saving leaves the previous file intact.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import random
+import tempfile
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch as th
+
+FORMAT = "sb3_metacpo"
+FORMAT_VERSION = 1
+METADATA = "metadata.json"
+TENSORS = "tensors.pt"
+_SB3_MEMBERS = ("data", "policy.pth", "pytorch_variables.pth")
+
+_CLASSES: dict[str, type] = {}
+
+
+def _qualified_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def register_class(cls: type) -> type:
+    """Allow ``cls`` in archives (a policy subclass, an activation function, an optimiser...): it is written as its
+    qualified name and looked up by that name when loading. Usable as a class decorator."""
+    if not isinstance(cls, type):
+        raise TypeError(f"register_class takes a class, got {cls!r}")
+    _CLASSES[_qualified_name(cls)] = cls
+    return cls
+
+
+def lookup_class(name: Any) -> type:
+    """The registered class called ``name``; a ``ValueError`` for anything else (nothing is imported)."""
+    if not isinstance(name, str) or name not in _CLASSES:
+        raise ValueError(
+            f"the archive names the class {name!r}, which is not in the registry of allowed classes; if you trust "
+            "it, register it with sb3_metacpo.common.serialization.register_class before loading"
+        )
+    return _CLASSES[name]
+
+
+def _register_defaults() -> None:
+    from stable_baselines3.common.torch_layers import FlattenExtractor
+    from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
+
+    from sb3_metacpo.common.envs import ReportingSubprocVecEnv
+    from sb3_metacpo.common.policies import CPOPolicy
+
+    activations = (th.nn.Tanh, th.nn.ReLU, th.nn.ELU, th.nn.LeakyReLU, th.nn.SiLU, th.nn.GELU, th.nn.Sigmoid)
+    optimizers = (th.optim.Adam, th.optim.AdamW, th.optim.SGD, th.optim.RMSprop)
+    for cls in (CPOPolicy, FlattenExtractor, DummyVecEnv, SubprocVecEnv, ReportingSubprocVecEnv, *activations, *optimizers):
+        register_class(cls)
+
+
+# --- plain values -----------------------------------------------------------------------------------------------
+def encode_value(value: Any, where: str) -> Any:
+    """``value`` as JSON: numbers, strings, None, lists, string-keyed dicts and registered classes
+    (``{"__class__": name}``); a ``TypeError`` naming ``where`` for anything else."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value)
+    if isinstance(value, (list, tuple)):
+        return [encode_value(item, f"{where}[{index}]") for index, item in enumerate(value)]
+    if isinstance(value, Mapping):
+        if not all(isinstance(key, str) for key in value):
+            raise TypeError(f"{where} has keys that are not strings; it cannot be saved as data")
+        if "__class__" in value:
+            raise TypeError(f"{where} has a key '__class__', which the format reserves")
+        return {key: encode_value(item, f"{where}[{key!r}]") for key, item in value.items()}
+    if isinstance(value, type):
+        name = _qualified_name(value)
+        if _CLASSES.get(name) is not value:
+            raise TypeError(
+                f"{where} = {name} is not in the registry of allowed classes: register it with "
+                "sb3_metacpo.common.serialization.register_class to save it"
+            )
+        return {"__class__": name}
+    raise TypeError(f"{where} = {value!r} ({type(value).__name__}) cannot be saved as data")
+
+
+def decode_value(value: Any) -> Any:
+    """Inverse of :func:`encode_value` (classes looked up in the registry)."""
+    if isinstance(value, list):
+        return [decode_value(item) for item in value]
+    if isinstance(value, dict):
+        if set(value) == {"__class__"}:
+            return lookup_class(value["__class__"])
+        return {key: decode_value(item) for key, item in value.items()}
+    return value
+
+
+def encode_space(space: gym.Space) -> dict[str, Any]:
+    """A Box space as a plain description."""
+    if not isinstance(space, gym.spaces.Box):
+        raise TypeError(f"only Box spaces are saved, got {space}")
+    return {
+        "type": "Box",
+        "low": space.low.tolist(),
+        "high": space.high.tolist(),
+        "shape": list(space.shape),
+        "dtype": str(space.dtype),
+    }
+
+
+def decode_space(description: Any) -> gym.spaces.Box:
+    """The Box space of :func:`encode_space`'s description."""
+    if not isinstance(description, dict) or description.get("type") != "Box":
+        raise ValueError(f"the archive describes an unsupported space: {description!r}")
+    dtype = np.dtype(description["dtype"])
+    if dtype.kind != "f":
+        raise ValueError(f"the archive describes a Box of dtype {dtype}; only float Boxes are supported")
+    low = np.asarray(description["low"], dtype=dtype).reshape(description["shape"])
+    high = np.asarray(description["high"], dtype=dtype).reshape(description["shape"])
+    return gym.spaces.Box(low, high, tuple(description["shape"]), dtype)  # type: ignore[arg-type]
+
+
+# --- random streams ---------------------------------------------------------------------------------------------
+def global_rng_state() -> tuple[dict[str, Any], th.Tensor]:
+    """numpy's and Python's global RNG states (JSON) and torch's CPU RNG state (a tensor)."""
+    kind, keys, position, has_gauss, gauss = np.random.get_state()  # type: ignore[misc]
+    numpy_state = [kind, keys.tolist(), int(position), int(has_gauss), float(gauss)]
+    version, internal, gauss_next = random.getstate()
+    return {"numpy": numpy_state, "python": [version, list(internal), gauss_next]}, th.get_rng_state()
+
+
+def set_global_rng_state(state: Mapping[str, Any], torch_state: th.Tensor) -> None:
+    """Restore what :func:`global_rng_state` returned."""
+    kind, keys, position, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), position, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    th.set_rng_state(torch_state.to("cpu", th.uint8))
+
+
+# --- archives ---------------------------------------------------------------------------------------------------
+def archive_path(path: str | os.PathLike[str]) -> Path:
+    """``path`` with SB3's ``.zip`` suffix added when it has none."""
+    path = Path(path)
+    return path if path.suffix else path.with_suffix(".zip")
+
+
+def write_archive(path: str | os.PathLike[str], metadata: Mapping[str, Any], tensors: Mapping[str, Any]) -> Path:
+    """Write an archive atomically: into a temporary file of the same folder, synced, then renamed over ``path``."""
+    path = archive_path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    th.save(dict(tensors), buffer)
+    text = json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, **metadata}, indent=1, allow_nan=True)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            with zipfile.ZipFile(file, "w", zipfile.ZIP_DEFLATED) as archive:
+                archive.writestr(METADATA, text)
+                archive.writestr(TENSORS, buffer.getvalue())
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+class ArchiveError(ValueError):
+    """An archive that is not a valid sb3_metacpo archive, or holds something other than data."""
+
+
+def read_archive(path: str | os.PathLike[str], device: th.device | str = "cpu") -> tuple[dict[str, Any], dict[str, Any]]:
+    """The metadata and tensors of an archive, after checking that it holds exactly the two members of the format,
+    that the metadata is JSON of this format and that the tensors load with ``weights_only=True``."""
+    path = Path(path)
+    if not path.exists() and archive_path(path).exists():
+        path = archive_path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no saved model at {path}")
+    try:
+        archive = zipfile.ZipFile(path)
+    except zipfile.BadZipFile as error:
+        raise ArchiveError(f"{path} is not a zip archive of a saved model") from error
+    with archive:
+        names = set(archive.namelist())
+        if names != {METADATA, TENSORS}:
+            if METADATA not in names and any(name in names for name in _SB3_MEMBERS):
+                raise ArchiveError(
+                    f"{path} is in Stable-Baselines3's format, whose 'data' may hold pickled code that loading would "
+                    "run; it is not loaded. If you trust the file, convert it once with "
+                    "sb3_metacpo.common.serialization.convert_sb3_archive(path, output, Algorithm)"
+                )
+            raise ArchiveError(
+                f"{path} is not a valid archive: it holds {sorted(names)}, expected exactly {[METADATA, TENSORS]}"
+            )
+        try:
+            metadata = json.loads(archive.read(METADATA).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ArchiveError(f"{path}: {METADATA} is not valid JSON ({error})") from error
+        if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+            raise ArchiveError(f"{path}: {METADATA} does not describe an {FORMAT} archive")
+        if metadata.get("format_version") != FORMAT_VERSION:
+            raise ArchiveError(
+                f"{path} has format version {metadata.get('format_version')!r}; this version of {FORMAT} reads "
+                f"version {FORMAT_VERSION}"
+            )
+        try:
+            tensors = th.load(io.BytesIO(archive.read(TENSORS)), map_location=device, weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, TypeError, ValueError) as error:
+            raise ArchiveError(
+                f"{path}: {TENSORS} holds something other than plain tensors and containers; refused without "
+                f"running it ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+            ) from error
+    if not isinstance(tensors, dict):
+        raise ArchiveError(f"{path}: {TENSORS} does not hold a dictionary of tensors")
+    return metadata, tensors
+
+
+def convert_sb3_archive(path: str | os.PathLike[str], output: str | os.PathLike[str], algorithm: type) -> Path:
+    """Convert a model saved in Stable-Baselines3's format (sb3_metacpo before the safe format) into the safe one.
+
+    This runs SB3's loader, which unpickles the archive's ``data``: only do it for a file you trust.
+
+    :param path: the SB3-format archive
+    :param output: where to write the converted archive
+    :param algorithm: its class (``MetaCPO``, ``MetaTRPO`` or ``CPO``)
+    """
+    model = algorithm.load_sb3_archive(path)
+    return model.save(output)
+
+
+_register_defaults()

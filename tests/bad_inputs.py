@@ -1,0 +1,390 @@
+"""Every kind of bad input the package is tried with, and the error it must get.
+
+Run by ``tests/test_bad_inputs.py``; the reliability guide's table (``docs/guide/bad_inputs_table.inc``) is generated
+from :data:`CASES` by ``python tests/bad_inputs.py > docs/guide/bad_inputs_table.inc`` and a test keeps it in sync.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+from sb3_metacpo import CPO, MetaCPO, MetaTRPO, make_task_distribution
+
+SMALL: dict[str, Any] = dict(meta_batch_size=2, n_steps=100, seed=0, policy_kwargs=dict(net_arch=[16]))
+CPO_SMALL: dict[str, Any] = dict(n_steps=100, seed=0, policy_kwargs=dict(net_arch=[16]), n_critic_updates=1)
+
+
+def toy(**kwargs: Any) -> Any:
+    return make_task_distribution("Toy2DNav", seed=0, max_episode_steps=50, **kwargs)
+
+
+def metacpo(**kwargs: Any) -> MetaCPO:
+    return MetaCPO("MlpPolicy", toy(), **{**SMALL, **kwargs})
+
+
+def cpo(**kwargs: Any) -> CPO:
+    return CPO("MlpPolicy", "Toy2DNav", **{**CPO_SMALL, **kwargs})
+
+
+class FaultyEnv(gym.Env):
+    """A 2-D env reporting a cost; ``fault`` = (quantity, value, step) makes it emit ``value`` as that quantity."""
+
+    observation_space = gym.spaces.Box(-1, 1, (2,), np.float32)
+    action_space = gym.spaces.Box(-1, 1, (2,), np.float32)
+
+    def __init__(self, quantity: str = "", value: float = 0.0, at_step: int = 3) -> None:
+        self.quantity, self.value, self.at_step, self.t = quantity, value, at_step, 0
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
+        super().reset(seed=seed)
+        return np.zeros(2, np.float32), {}
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
+        self.t += 1
+        hit = self.t == self.at_step
+        if hit and self.quantity == "raise":
+            raise RuntimeError("the env broke")
+        obs = np.full(2, self.value if hit and self.quantity == "observation" else 0.1, np.float32)
+        reward = self.value if hit and self.quantity == "reward" else 0.0
+        cost = self.value if hit and self.quantity == "cost" else 0.0
+        return obs, reward, False, self.t % 20 == 0, {"cost": cost}
+
+
+class NoCostEnv(FaultyEnv):
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
+        obs, reward, terminated, truncated, _ = super().step(action)
+        return obs, reward, terminated, truncated, {}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One bad input: what is tried (``run``), how it is described, and the error it must get."""
+
+    where: str
+    bad_input: str
+    run: Callable[[], object]
+    error: type[BaseException]
+    message: str  # a regular expression the error message must match
+
+
+def _hyper(algo: str, bad: str, error: type[BaseException], message: str, **kwargs: Any) -> Case:
+    build = {"MetaCPO": metacpo, "CPO": cpo, "MetaTRPO": lambda **kw: MetaTRPO("MlpPolicy", toy(), **{**SMALL, **kw})}
+    return Case(f"{algo}(...)", bad, lambda: build[algo](**kwargs), error, message)
+
+
+def _learn(model_fn: Callable[[], Any], steps: Any) -> Callable[[], object]:
+    return lambda: model_fn().learn(steps)
+
+
+def _adapt(env_fn: Callable[[], Any], **kwargs: Any) -> Callable[[], object]:
+    return lambda: metacpo().adapt(env_fn(), **kwargs)
+
+
+CASES: list[Case] = [
+    # --- MetaCPO's constructor ---
+    _hyper("MetaCPO", "meta_batch_size=0", ValueError, "meta_batch_size must be a positive integer", meta_batch_size=0),
+    _hyper("MetaCPO", "meta_batch_size=True", ValueError, "meta_batch_size must be a positive integer", meta_batch_size=True),
+    _hyper("MetaCPO", "meta_batch_size=2.0", ValueError, "meta_batch_size must be a positive integer", meta_batch_size=2.0),
+    _hyper("MetaCPO", "n_inner_updates=0", ValueError, "n_inner_updates must be a positive integer", n_inner_updates=0),
+    _hyper("MetaCPO", "n_steps=1", ValueError, "n_steps must be an integer >= 2", n_steps=1),
+    _hyper("MetaCPO", "n_steps=1.5", ValueError, "n_steps must be an integer >= 2", n_steps=1.5),
+    _hyper(
+        "MetaCPO", "inner_target_kl=inf", ValueError, "inner_target_kl must be a finite number > 0", inner_target_kl=np.inf
+    ),
+    _hyper("MetaCPO", "outer_target_kl=-0.1", ValueError, "outer_target_kl must be a finite number > 0", outer_target_kl=-0.1),
+    _hyper(
+        "MetaCPO", "outer_target_kl='0.01'", ValueError, "outer_target_kl must be a finite number > 0", outer_target_kl="0.01"
+    ),
+    _hyper("MetaCPO", "cg_damping=inf", ValueError, "cg_damping must be a finite number >= 0", cg_damping=np.inf),
+    _hyper("MetaCPO", "cg_damping=-1", ValueError, "cg_damping must be a finite number >= 0", cg_damping=-1.0),
+    _hyper("MetaCPO", "cg_max_steps=0", ValueError, "cg_max_steps must be a positive integer", cg_max_steps=0),
+    _hyper(
+        "MetaCPO",
+        "line_search_max_iter=2.0",
+        ValueError,
+        "line_search_max_iter must be an integer >= 0",
+        line_search_max_iter=2.0,
+    ),
+    _hyper(
+        "MetaCPO",
+        "line_search_max_iter=-1",
+        ValueError,
+        "line_search_max_iter must be an integer >= 0",
+        line_search_max_iter=-1,
+    ),
+    _hyper(
+        "MetaCPO",
+        "line_search_shrinking_factor=1",
+        ValueError,
+        r"line_search_shrinking_factor must be in \(0, 1\)",
+        line_search_shrinking_factor=1.0,
+    ),
+    _hyper("MetaCPO", "gamma=0", ValueError, r"gamma must be in \(0, 1\]", gamma=0.0),
+    _hyper("MetaCPO", "gamma=nan", ValueError, r"gamma must be in \(0, 1\]", gamma=float("nan")),
+    _hyper("MetaCPO", "gae_lambda=1.5", ValueError, r"gae_lambda must be in \[0, 1\]", gae_lambda=1.5),
+    _hyper("MetaCPO", "cost_gamma=0", ValueError, r"cost_gamma must be in \(0, 1\]", cost_gamma=0.0),
+    _hyper(
+        "MetaCPO", "cost_limit=inf", ValueError, "cost_limit: the limit of 'cost' must be finite and > 0", cost_limit=np.inf
+    ),
+    _hyper("MetaCPO", "cost_limit=-1", ValueError, "cost_limit: the limit of 'cost' must be finite and > 0", cost_limit=-1.0),
+    _hyper(
+        "MetaCPO", "cost_limit='5'", ValueError, "cost_limit: the limit of 'cost' must be a positive number", cost_limit="5"
+    ),
+    _hyper("MetaCPO", "cost_limit={}", ValueError, "cost_limit is an empty mapping", cost_limit={}),
+    _hyper(
+        "MetaCPO",
+        "cost_limit={'cost_wind': 1.0}",
+        ValueError,
+        "which the task family Toy2DNav does not report",
+        cost_limit={"cost_wind": 1.0},
+    ),
+    _hyper("MetaCPO", "cost_limit={1: 1.0}", ValueError, "cost_limit's keys must be cost names", cost_limit={1: 1.0}),
+    _hyper("MetaCPO", "seed='0'", ValueError, "seed must be None or an integer >= 0", seed="0"),
+    _hyper("MetaCPO", "seed=-1", ValueError, "seed must be None or an integer >= 0", seed=-1),
+    _hyper("MetaCPO", "seed=1.5", ValueError, "seed must be None or an integer >= 0", seed=1.5),
+    _hyper(
+        "MetaCPO",
+        "meta_gradient='third_order'",
+        ValueError,
+        "meta_gradient must be 'second_order' or 'first_order'",
+        meta_gradient="third_order",
+    ),
+    _hyper("MetaCPO", "dual_solver='scipy'", ValueError, "dual_solver must be one of", dual_solver="scipy"),
+    _hyper(
+        "MetaCPO",
+        "dual_solver='analytic' with 2 outer constraints",
+        ValueError,
+        "dual_solver='analytic' solves one constraint",
+        dual_solver="analytic",
+    ),
+    _hyper("MetaCPO", "critic='gp'", ValueError, "critic must be 'linear' or 'mlp'", critic="gp"),
+    _hyper("MetaCPO", "meta_constraint='max'", ValueError, "meta_constraint must be one of", meta_constraint="max"),
+    _hyper(
+        "MetaCPO",
+        "meta_constraint_alpha=0",
+        ValueError,
+        r"meta_constraint_alpha must be in \(0, 1\]",
+        meta_constraint_alpha=0.0,
+    ),
+    _hyper("MetaCPO", "cost_confidence=-1", ValueError, "cost_confidence must be a finite number >= 0", cost_confidence=-1.0),
+    _hyper("MetaCPO", "n_envs=0", ValueError, "n_envs must be a positive integer or None", n_envs=0),
+    _hyper("MetaCPO", "fvp_sample_freq=0", ValueError, "fvp_sample_freq must be a positive integer", fvp_sample_freq=0),
+    _hyper(
+        "MetaCPO",
+        "critic_learning_rate=0",
+        ValueError,
+        "critic_learning_rate must be a finite number > 0",
+        critic_learning_rate=0.0,
+    ),
+    _hyper(
+        "MetaCPO", "vec_env_cls=list", ValueError, "vec_env_cls must be DummyVecEnv, SubprocVecEnv or None", vec_env_cls=list
+    ),
+    _hyper(
+        "MetaCPO",
+        "policy_kwargs=dict(activation_fn=PReLU)",
+        ValueError,
+        "parameter-free activations",
+        policy_kwargs=dict(activation_fn=__import__("torch").nn.PReLU),
+    ),
+    _hyper(
+        "MetaTRPO",
+        "outer_target_kl=nan",
+        ValueError,
+        "outer_target_kl must be a finite number > 0",
+        outer_target_kl=float("nan"),
+    ),
+    Case("MetaCPO(...)", "env=None", lambda: MetaCPO("MlpPolicy", None), ValueError, "env is required"),
+    Case(
+        "MetaCPO(...)",
+        "env=a gymnasium env",
+        lambda: MetaCPO("MlpPolicy", FaultyEnv()),
+        TypeError,
+        "trains on a task distribution",
+    ),
+    Case("MetaCPO(...)", "env='Toy'", lambda: MetaCPO("MlpPolicy", "Toy"), ValueError, "unknown task distribution 'Toy'"),
+    Case(
+        "MetaCPO(...)",
+        "seed='x' with env given by name",
+        lambda: MetaCPO("MlpPolicy", "Toy2DNav", seed="x"),
+        ValueError,
+        "seed must be None or an integer >= 0",
+    ),
+    # --- CPO's constructor ---
+    _hyper("CPO", "target_kl=inf", ValueError, "target_kl must be a finite number > 0", target_kl=np.inf),
+    _hyper("CPO", "n_steps=1", ValueError, "n_steps must be an integer >= 2", n_steps=1),
+    _hyper("CPO", "batch_size=0", ValueError, "batch_size must be a positive integer", batch_size=0),
+    _hyper("CPO", "learning_rate=-1", ValueError, "learning_rate must be > 0", learning_rate=-1.0),
+    _hyper("CPO", "learning_rate=inf", ValueError, "learning_rate must be > 0", learning_rate=np.inf),
+    _hyper("CPO", "n_envs=0", ValueError, "n_envs must be a positive integer", n_envs=0),
+    _hyper("CPO", "cost_limit=inf", ValueError, "cost_limit: the limit of 'cost' must be finite and > 0", cost_limit=np.inf),
+    _hyper("CPO", "seed=[0]", ValueError, "seed must be None or an integer >= 0", seed=[0]),
+    Case("CPO(...)", "env=42", lambda: CPO("MlpPolicy", 42), TypeError, "env must be a gymnasium env"),
+    # --- learn ---
+    Case("MetaCPO.learn", "total_timesteps=-5", _learn(metacpo, -5), ValueError, "total_timesteps must be a positive integer"),
+    Case("MetaCPO.learn", "total_timesteps=0", _learn(metacpo, 0), ValueError, "total_timesteps must be a positive integer"),
+    Case(
+        "MetaCPO.learn", "total_timesteps=2.5", _learn(metacpo, 2.5), ValueError, "total_timesteps must be a positive integer"
+    ),
+    Case(
+        "MetaCPO.learn",
+        "total_timesteps='100'",
+        _learn(metacpo, "100"),
+        ValueError,
+        "total_timesteps must be a positive integer",
+    ),
+    Case("CPO.learn", "total_timesteps=-5", _learn(cpo, -5), ValueError, "total_timesteps must be a positive integer"),
+    Case(
+        "MetaCPO.learn",
+        "log_interval=0",
+        lambda: metacpo().learn(400, log_interval=0),
+        ValueError,
+        "log_interval must be a positive integer or None",
+    ),
+    # --- adapt, evaluate ---
+    Case(
+        "MetaCPO.adapt",
+        "n_updates=-1",
+        _adapt(lambda: "Toy2DNav", n_updates=-1),
+        ValueError,
+        "n_updates must be an integer >= 0",
+    ),
+    Case(
+        "MetaCPO.adapt",
+        "n_updates=True",
+        _adapt(lambda: "Toy2DNav", n_updates=True),
+        ValueError,
+        "n_updates must be an integer >= 0",
+    ),
+    Case("MetaCPO.adapt", "n_steps=1", _adapt(lambda: "Toy2DNav", n_steps=1), ValueError, "n_steps must be an integer >= 2"),
+    Case("MetaCPO.adapt", "env=CartPole", _adapt(lambda: gym.make("CartPole-v1")), TypeError, "needs a Box action space"),
+    Case(
+        "MetaCPO.adapt",
+        "env=Pendulum (other shapes)",
+        _adapt(lambda: gym.make("Pendulum-v1")),
+        ValueError,
+        "observation/action shapes",
+    ),
+    Case(
+        "MetaCPO.adapt", "an env without info['cost']", _adapt(NoCostEnv, n_updates=1, n_steps=10), KeyError, "reports no cost"
+    ),
+    Case("MetaCPO.adapt", "env=3", _adapt(lambda: 3), TypeError, "adapt needs a gymnasium env"),
+    Case(
+        "MetaCPO.adapt",
+        "a task of another family",
+        _adapt(lambda: make_task_distribution("PointGoalHazard").test_tasks(1)[0]),
+        TypeError,
+        "is not a task of the model's family",
+    ),
+    Case(
+        "MetaCPO.evaluate_params",
+        "n_episodes=0",
+        lambda: metacpo().evaluate_params("Toy2DNav", metacpo().policy.actor_params(), n_episodes=0),
+        ValueError,
+        "n_episodes must be a positive integer",
+    ),
+    # --- envs emitting non-finite values ---
+    Case(
+        "MetaCPO.adapt",
+        "env emits a NaN observation",
+        _adapt(lambda: FaultyEnv("observation", float("nan")), n_updates=1, n_steps=10),
+        ValueError,
+        "env 0 returned a non-finite next observation at step 2",
+    ),
+    Case(
+        "MetaCPO.adapt",
+        "env emits an inf reward",
+        _adapt(lambda: FaultyEnv("reward", float("inf")), n_updates=1, n_steps=10),
+        ValueError,
+        "env 0 returned a non-finite reward at step 2",
+    ),
+    Case(
+        "MetaCPO.adapt",
+        "env emits a NaN cost",
+        _adapt(lambda: FaultyEnv("cost", float("nan")), n_updates=1, n_steps=10),
+        ValueError,
+        "non-finite cost .nan. at step 2",
+    ),
+    Case(
+        "CPO.learn",
+        "env emits an inf observation",
+        lambda: CPO("MlpPolicy", FaultyEnv("observation", float("inf")), **CPO_SMALL).learn(100),
+        ValueError,
+        "env 0 returned a non-finite next observation at step 2",
+    ),
+    Case(
+        "CPO.learn",
+        "env emits a NaN cost",
+        lambda: CPO("MlpPolicy", FaultyEnv("cost", float("nan")), **CPO_SMALL).learn(100),
+        ValueError,
+        "non-finite cost .nan. at step 2",
+    ),
+    Case(
+        "MetaCPO.adapt",
+        "env raises in step",
+        _adapt(lambda: FaultyEnv("raise"), n_updates=1, n_steps=10),
+        RuntimeError,
+        "the env broke",
+    ),
+    # --- task distributions ---
+    Case(
+        "make_task_distribution",
+        "max_episode_steps=0",
+        lambda: make_task_distribution("Toy2DNav", max_episode_steps=0),
+        ValueError,
+        "max_episode_steps must be a positive integer",
+    ),
+    Case(
+        "make_task_distribution",
+        "train_ranges={'bogus': (0, 1)}",
+        lambda: make_task_distribution("Toy2DNav", train_ranges={"bogus": (0, 1)}),
+        ValueError,
+        "has no parameter 'bogus'",
+    ),
+    Case(
+        "make_task_distribution",
+        "train_ranges={'goal_distance': (0, 9)}",
+        lambda: make_task_distribution("Toy2DNav", train_ranges={"goal_distance": (0, 9)}),
+        ValueError,
+        "outside the valid range",
+    ),
+    Case(
+        "make_task_distribution",
+        "seed='a'",
+        lambda: make_task_distribution("Toy2DNav", seed="a"),
+        ValueError,
+        "seed must be an integer",
+    ),
+]
+
+
+def rst_table() -> str:
+    """The reliability guide's table of :data:`CASES`, as a reStructuredText list-table."""
+    lines = [
+        ".. list-table:: Bad inputs and the errors they get (generated from tests/bad_inputs.py)",
+        "   :header-rows: 1",
+        "   :widths: 18 32 12 38",
+        "",
+        "   * - Where",
+        "     - Bad input",
+        "     - Error",
+        "     - Message (matches)",
+    ]
+    for case in CASES:
+        message = case.message.replace("\\", "").replace("`", "'")
+        lines += [
+            f"   * - ``{case.where}``",
+            f"     - ``{case.bad_input}``",
+            f"     - ``{case.error.__name__}``",
+            f"     - {message}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.stdout.write(rst_table())

@@ -1,0 +1,125 @@
+"""Checkpoints and resume: a run killed with SIGKILL in the middle of a meta-iteration resumes from its last
+checkpoint and reaches bit-identical parameters to the uninterrupted run; archives are written atomically and hold
+everything training needs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch as th
+
+from sb3_metacpo import CPO, MetaCPO, make_task_distribution
+from sb3_metacpo.common.callbacks import ResumableCheckpointCallback
+from sb3_metacpo.common.serialization import read_archive
+
+REPO = Path(__file__).resolve().parent.parent
+SMALL = dict(meta_batch_size=2, n_steps=100, seed=0, policy_kwargs=dict(net_arch=[16]))
+
+SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys
+    import torch
+    torch.set_num_threads(1)
+    from stable_baselines3.common.callbacks import BaseCallback, CallbackList
+    from sb3_metacpo import MetaCPO, make_task_distribution
+    from sb3_metacpo.common.callbacks import ResumableCheckpointCallback
+
+    mode, folder, total = sys.argv[1], sys.argv[2], int(sys.argv[3])
+
+    class KillAt(BaseCallback):
+        def __init__(self, step):
+            super().__init__()
+            self.step = step
+
+        def _on_step(self):
+            if self.step and self.model.num_timesteps >= self.step:
+                os.kill(os.getpid(), signal.SIGKILL)  # no clean-up, no final save
+            return True
+
+    checkpoints = ResumableCheckpointCallback(1, os.path.join(folder, "checkpoints"))
+    if mode == "resume":
+        model = MetaCPO.load(ResumableCheckpointCallback.latest(os.path.join(folder, "checkpoints")))
+        model.learn(total - model.num_timesteps, callback=checkpoints, reset_num_timesteps=False)
+    else:
+        dist = make_task_distribution("Toy2DNav", seed=0, max_episode_steps=50)
+        model = MetaCPO("MlpPolicy", dist, meta_batch_size=2, n_steps=100, seed=0, critic="mlp",
+                        n_critic_updates=2, policy_kwargs=dict(net_arch=[16]))
+        kill_at = int(sys.argv[4]) if len(sys.argv) > 4 else 0
+        model.learn(total, callback=CallbackList([checkpoints, KillAt(kill_at)]))
+    model.save(os.path.join(folder, "final.zip"))
+    """
+)
+
+
+def _run(script: Path, *args: object) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, str(script), *map(str, args)], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_a_run_killed_mid_iteration_resumes_bit_identically(tmp_path: Path) -> None:
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT)
+    total = 1600  # 4 meta-iterations of 400 env steps
+    full = _run(script, "full", tmp_path / "full", total)
+    assert full.returncode == 0, full.stderr[-3000:]
+    killed = _run(script, "full", tmp_path / "killed", total, 1000)  # in the 3rd meta-iteration
+    assert killed.returncode == -signal.SIGKILL
+    latest = ResumableCheckpointCallback.latest(tmp_path / "killed" / "checkpoints")
+    assert latest is not None and latest.name == "checkpoint_2_updates_800_steps.zip"  # lost < 1 interval
+    assert not list((tmp_path / "killed" / "checkpoints").glob(".*.tmp"))  # no temporary file left behind
+    resumed = _run(script, "resume", tmp_path / "killed", total)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _, expected = read_archive(tmp_path / "full" / "final.zip")
+    _, actual = read_archive(tmp_path / "killed" / "final.zip")
+    for key in ("policy", "optimizer"):  # θ, critics, observation statistics; the critic optimiser's state
+        flat_expected, flat_actual = _flatten(expected[key]), _flatten(actual[key])
+        assert flat_expected.keys() == flat_actual.keys()
+        for name, value in flat_expected.items():
+            assert th.equal(value, flat_actual[name]) if isinstance(value, th.Tensor) else value == flat_actual[name], name
+
+
+def _flatten(tree: object, prefix: str = "") -> dict[str, object]:
+    if isinstance(tree, dict):
+        return {k: v for key, item in tree.items() for k, v in _flatten(item, f"{prefix}{key}/").items()}
+    if isinstance(tree, (list, tuple)):
+        return {k: v for index, item in enumerate(tree) for k, v in _flatten(item, f"{prefix}{index}/").items()}
+    return {prefix: tree}
+
+
+def test_checkpoints_are_labelled_with_the_state_they_hold(tmp_path: Path) -> None:
+    model = MetaCPO("MlpPolicy", make_task_distribution("Toy2DNav", seed=0, max_episode_steps=50), **SMALL)
+    callback = ResumableCheckpointCallback(2, tmp_path, keep_last=2)
+    model.learn(2000, callback=callback)  # 5 updates: checkpoints after 2, 4 and at the end (5)
+    assert [path.name for path in sorted(tmp_path.glob("*.zip"))] == [
+        "checkpoint_4_updates_1600_steps.zip",
+        "checkpoint_5_updates_2000_steps.zip",
+    ]
+    metadata, tensors = read_archive(tmp_path / "checkpoint_4_updates_1600_steps.zip")
+    assert metadata["counters"]["num_timesteps"] == 1600 and metadata["counters"]["n_updates"] == 4
+    assert {"numpy", "python", "samplers"} <= set(metadata["rng"]) and "stream" in metadata["task_distribution"]
+    assert set(tensors) == {"policy", "optimizer", "adapted_params", "torch_rng"}
+    final = MetaCPO.load(ResumableCheckpointCallback.latest(tmp_path))
+    assert all(th.equal(final.policy.state_dict()[k], v) for k, v in model.policy.state_dict().items())
+    # The task stream continues where it was (not from its first draw).
+    assert final.task_distribution.sample(1) == model.task_distribution.sample(1)
+
+
+def test_save_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = CPO("MlpPolicy", "Toy2DNav", n_steps=100, seed=0, policy_kwargs=dict(net_arch=[16]))
+    path = model.save(tmp_path / "model")
+    before = path.read_bytes()
+
+    def crash(*args: object, **kwargs: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", crash)
+    model.learn(100)
+    with pytest.raises(OSError, match="disk full"):
+        model.save(path)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["model.zip"]

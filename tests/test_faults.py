@@ -1,0 +1,200 @@
+"""Fault injection: every numerical fault of a constrained step makes the update a skipped one, with its cause in
+``StepResult.rejection`` and in the logs; training goes on and no parameter ever becomes non-finite."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch as th
+from stable_baselines3.common.logger import configure
+
+import sb3_metacpo.common.constrained_step as constrained_step_module
+import sb3_metacpo.common.cpo_update as cpo_update_module
+import sb3_metacpo.metacpo.metacpo as metacpo_module
+from sb3_metacpo import CPO, MetaCPO, make_task_distribution
+from sb3_metacpo.common.constrained_step import FixedFraction, LineSearch, StepConfig, constrained_step
+from sb3_metacpo.common.cpo_subproblem import cpo_direction
+
+SMALL = dict(meta_batch_size=2, n_steps=100, seed=0, policy_kwargs=dict(net_arch=[16]))
+NAN, INF = float("nan"), float("inf")
+
+#: One injected fault: ``(g, A, b, fisher_product) -> (g, A, b, fisher_product)``.
+Fault = Callable[[th.Tensor, Any, Any, Callable[[th.Tensor], th.Tensor]], tuple[Any, Any, Any, Any]]
+
+
+def _poison(tensor: th.Tensor, value: float) -> th.Tensor:
+    poisoned = tensor.detach().clone()
+    poisoned.view(-1)[0] = value
+    return poisoned
+
+
+def _fisher_poisoned(value: float) -> Fault:
+    def fault(g, A, b, fvp):
+        return g, A, b, lambda v: _poison(fvp(v), value)
+
+    return fault
+
+
+#: fault name -> (fault, expected rejection). The direction's fault is injected into the subproblem (below).
+FAULTS: dict[str, tuple[Fault, str]] = {
+    "NaN in g (CG input)": (lambda g, A, b, f: (_poison(g, NAN), A, b, f), "non-finite reward gradient"),
+    "inf in g (CG input)": (lambda g, A, b, f: (_poison(g, INF), A, b, f), "non-finite reward gradient"),
+    "NaN in A (CG input)": (
+        lambda g, A, b, f: (g, None if A is None else _poison(A, NAN), b, f),
+        "non-finite cost gradient",
+    ),
+    "NaN constraint value": (
+        lambda g, A, b, f: (g, A, None if b is None else _poison(b, NAN), f),
+        "non-finite constraint value",
+    ),
+    "inf constraint value": (
+        lambda g, A, b, f: (g, A, None if b is None else _poison(b, INF), f),
+        "non-finite constraint value",
+    ),
+    "NaN Fisher product": (_fisher_poisoned(NAN), "non-finite Fisher product"),
+    "inf Fisher product": (_fisher_poisoned(INF), "non-finite Fisher product"),
+    "zero Fisher product": (lambda g, A, b, f: (g, A, b, lambda v: th.zeros_like(v)), "Fisher product not positive definite"),
+    "parallel reward and cost gradients": (
+        lambda g, A, b, f: (g, None if A is None else 3.0 * g.detach().expand_as(A).clone(), th.zeros_like(b), f),
+        "parallel reward and cost gradients",
+    ),
+}
+
+
+def _problem(n: int = 6, dtype: th.dtype = th.float64) -> tuple[th.Tensor, th.Tensor, th.Tensor, Callable]:
+    gen = th.Generator().manual_seed(0)
+    root = th.randn(n, n, generator=gen, dtype=dtype)
+    h = root @ root.T / n + 0.1 * th.eye(n, dtype=dtype)
+    g = th.randn(n, generator=gen, dtype=dtype)
+    A = th.randn(1, n, generator=gen, dtype=dtype)
+    return g, A, th.tensor([-0.001], dtype=dtype), lambda v: h @ v
+
+
+def _search(n: int) -> LineSearch:
+    return LineSearch(lambda step: (0.0, float(step.sum()), [0.0]), 0.0, [0.0])
+
+
+@pytest.mark.parametrize("name", sorted(FAULTS))
+@pytest.mark.parametrize("dtype", [th.float32, th.float64])
+def test_each_fault_skips_the_step_with_its_cause(name: str, dtype: th.dtype) -> None:
+    fault, expected = FAULTS[name]
+    g, A, b, fvp = fault(*_problem(dtype=dtype))
+    for step_size in (FixedFraction(1.0), _search(len(g))):
+        result = constrained_step(g, A, b, fvp, StepConfig(target_kl=0.01), step_size)
+        assert result.rejection is not None and result.rejection.startswith(expected), result.rejection
+        assert not result.accepted and result.fraction == 0.0
+        assert th.equal(result.step, th.zeros_like(g))  # exactly zero, never 0 * NaN
+
+
+def test_a_non_finite_direction_is_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
+    def nan_direction(*args: Any, **kwargs: Any) -> Any:
+        solution = cpo_direction(*args, **kwargs)
+        return dataclasses.replace(solution, x=th.full_like(solution.x, NAN))
+
+    monkeypatch.setattr(constrained_step_module, "cpo_direction", nan_direction)
+    g, A, b, fvp = _problem()
+    result = constrained_step(g, A, b, fvp, StepConfig(target_kl=0.01), FixedFraction(1.0))
+    assert result.rejection == "non-finite step" and th.equal(result.step, th.zeros_like(g))
+
+
+def test_unfaulted_problem_is_accepted_and_zero_gradient_is_a_zero_step() -> None:
+    g, A, b, fvp = _problem()
+    assert constrained_step(g, A, b, fvp, StepConfig(target_kl=0.01), FixedFraction(1.0)).rejection is None
+    result = constrained_step(th.zeros_like(g), None, None, fvp, StepConfig(target_kl=0.01), _search(len(g)))
+    assert result.rejection == "zero step" and not result.accepted
+    # Anti-parallel gradients (improving the reward lowers the cost) are no conflict: a TRPO step.
+    assert constrained_step(g, -g[None], b, fvp, StepConfig(target_kl=0.01), FixedFraction(1.0)).rejection is None
+
+
+def _inject(monkeypatch: pytest.MonkeyPatch, fault: Fault, calls: set[int]) -> list[str | None]:
+    """Corrupt the inputs of the ``calls``-th constrained steps (counting every step: inner, outer and CPO's);
+    returns the list that collects every step's rejection."""
+    rejections: list[str | None] = []
+    counter = {"n": 0}
+
+    def faulty(g, A, b, fisher_product, config, step_size):
+        index = counter["n"]
+        counter["n"] += 1
+        if index in calls:
+            g, A, b, fisher_product = fault(g, A, b, fisher_product)
+        result = constrained_step(g, A, b, fisher_product, config, step_size)
+        rejections.append(result.rejection)
+        return result
+
+    for module in (cpo_update_module, metacpo_module):
+        monkeypatch.setattr(module, "constrained_step", faulty)
+    return rejections
+
+
+def _finite(model: Any) -> bool:
+    return all(bool(th.isfinite(value).all()) for value in model.policy.state_dict().values())
+
+
+def _log(path: Path) -> list[dict[str, str]]:
+    with open(path / "progress.csv", newline="") as file:
+        return list(csv.DictReader(file))
+
+
+@pytest.mark.parametrize("name", sorted(FAULTS))
+def test_metacpo_outer_fault_is_skipped_logged_and_training_continues(
+    name: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    fault, expected = FAULTS[name]
+    model = MetaCPO(
+        "MlpPolicy",
+        make_task_distribution("Toy2DNav", seed=0, max_episode_steps=50),
+        meta_constraint="mean",
+        **SMALL,
+    )
+    model.set_logger(configure(str(tmp_path), ["csv"]))
+    theta = {k: v.clone() for k, v in model.policy.actor_params().items()}
+    # Steps 0, 1: the first iteration's inner steps (2 tasks); step 2: its outer step, faulted.
+    rejections = _inject(monkeypatch, fault, {2})
+    model.learn(800)
+    assert model._n_updates == 2 and _finite(model)
+    log = _log(tmp_path)
+    assert log[0]["train/step_rejection"].startswith(expected), log[0]["train/step_rejection"]
+    assert rejections[2] is not None and rejections[2].startswith(expected)
+    assert log[1]["train/step_rejection"] != log[0]["train/step_rejection"]  # the next update is computed afresh
+    assert any(not th.equal(theta[k], v) for k, v in model.policy.actor_params().items())  # training went on
+
+
+@pytest.mark.parametrize("name", ["NaN in g (CG input)", "NaN Fisher product", "zero Fisher product"])
+def test_metacpo_inner_fault_is_skipped_and_logged(name: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    fault, expected = FAULTS[name]
+    model = MetaCPO("MlpPolicy", make_task_distribution("Toy2DNav", seed=0, max_episode_steps=50), **SMALL)
+    model.set_logger(configure(str(tmp_path), ["csv"]))
+    _inject(monkeypatch, fault, {0})
+    model.learn(400)
+    assert _finite(model)
+    assert expected in _log(tmp_path)[0]["train/inner_step_rejections"]
+
+
+@pytest.mark.parametrize("name", sorted(FAULTS))
+def test_cpo_fault_is_skipped_logged_and_training_continues(
+    name: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    fault, expected = FAULTS[name]
+    model = CPO("MlpPolicy", "Toy2DNav", n_steps=100, seed=0, policy_kwargs=dict(net_arch=[16]), n_critic_updates=1)
+    model.set_logger(configure(str(tmp_path), ["csv"]))
+    rejections = _inject(monkeypatch, fault, {0})
+    model.learn(200)
+    assert model._n_updates == 2 and _finite(model)
+    assert rejections[0] is not None and rejections[0].startswith(expected)
+    # SB3 dumps the logs before train(): the first update's keys are in the second row.
+    assert _log(tmp_path)[1]["train/step_rejection"].startswith(expected)
+
+
+def test_fault_table_is_complete() -> None:
+    # Every fault the issue names has an entry (the docs' fault-injection table is generated from FAULTS).
+    names = " ".join(FAULTS)
+    for word in ("g (CG input)", "constraint value", "Fisher product", "zero Fisher", "parallel"):
+        assert word in names
+    assert math.isnan(NAN) and np.isinf(INF)

@@ -1,0 +1,219 @@
+"""Reliability: callbacks get SB3's locals and can stop learn and adapt; a failed adapt or a failing env leaves the
+model as it was; non-finite env outputs are caught where they enter; degenerate batches are handled."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch as th
+from stable_baselines3.common.callbacks import BaseCallback, StopTrainingOnMaxEpisodes
+
+from sb3_metacpo import CPO, MetaCPO, make_task_distribution
+from sb3_metacpo.tasks.toy import Toy2DNavEnv
+
+SMALL: dict[str, Any] = dict(meta_batch_size=2, n_steps=100, seed=0, policy_kwargs=dict(net_arch=[16]))
+
+
+def toy() -> Any:
+    return make_task_distribution("Toy2DNav", seed=0, max_episode_steps=50)
+
+
+def snapshot(model: Any) -> dict[str, th.Tensor]:
+    return {k: v.clone() for k, v in model.policy.state_dict().items()}
+
+
+def same(a: dict[str, th.Tensor], b: dict[str, th.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(th.equal(a[k], b[k]) for k in a)
+
+
+class InfoReader(BaseCallback):
+    """Reads what SB3 callbacks read at every step; stops after ``stop_after`` calls if given."""
+
+    def __init__(self, stop_after: int | None = None) -> None:
+        super().__init__()
+        self.stop_after, self.costs, self.episodes, self.calls = stop_after, 0.0, 0, 0
+
+    def _on_step(self) -> bool:
+        self.calls += 1
+        infos, dones = self.locals["infos"], self.locals["dones"]
+        assert len(infos) == len(dones) == len(self.locals["new_obs"]) == len(self.locals["rewards"])
+        assert self.locals["actions"].shape == (len(infos), 2)
+        self.costs += sum(info["cost"] for info in infos)
+        self.episodes += sum("episode" in info for info in infos)
+        return self.stop_after is None or self.calls < self.stop_after
+
+
+def test_callbacks_read_sb3_locals_in_learn_and_adapt() -> None:
+    model = MetaCPO("MlpPolicy", toy(), **SMALL)
+    reader = InfoReader()
+    model.learn(400, callback=reader)
+    assert reader.calls == 200 and reader.episodes == 8  # 2 envs x 200 steps, 50-step episodes
+    adapt_reader = InfoReader()
+    model.adapt("Toy2DNav", n_updates=1, n_steps=100, callback=adapt_reader)
+    assert adapt_reader.calls == 100 and adapt_reader.episodes == 2
+
+
+def test_stop_training_on_max_episodes_stops_learn_before_the_next_update() -> None:
+    model = MetaCPO("MlpPolicy", toy(), **SMALL)
+    theta = snapshot(model)
+    # 2 envs x 1 episode each: reached after 50 steps, in the middle of the first meta-iteration.
+    model.learn(10_000, callback=StopTrainingOnMaxEpisodes(max_episodes=1))
+    assert model._n_updates == 0 and model.num_timesteps == 100
+    assert same(theta, snapshot(model))  # no update was made from the partial data
+    model.learn(400)  # and the model trains afterwards
+    assert model._n_updates == 1
+
+
+def test_a_callback_returning_false_stops_learn_before_the_next_update() -> None:
+    model = MetaCPO("MlpPolicy", toy(), **SMALL)
+    model.learn(10_000, callback=InfoReader(stop_after=250))  # in the second meta-iteration (200 calls each)
+    assert model._n_updates == 1 and model.num_timesteps == 500
+
+
+def test_a_callback_returning_false_stops_adapt() -> None:
+    model = MetaCPO("MlpPolicy", toy(), **SMALL)
+    theta = model.policy.actor_params()
+    obs = np.zeros((1, 2), np.float32)
+    meta_action = model.predict(obs, deterministic=True)[0]
+    model.adapt("Toy2DNav", n_updates=3, n_steps=100, callback=InfoReader(stop_after=150))
+    # The first update completed (100 steps), the second's batch was cut: one update is kept.
+    assert [h["update"] for h in model.adaptation_history] == [1]
+    assert model.adapted_params is not None and not np.array_equal(model.predict(obs, deterministic=True)[0], meta_action)
+    stopped_at_once = MetaCPO("MlpPolicy", toy(), **SMALL).adapt("Toy2DNav", n_updates=3, callback=InfoReader(stop_after=1))
+    assert stopped_at_once.adaptation_history == []
+    assert all(th.equal(stopped_at_once.adapted_params[k], theta[k]) for k in theta)  # θ itself
+
+
+def test_failed_adapt_leaves_the_model_as_it_was(tmp_path: Path) -> None:
+    dist = toy()
+    model = MetaCPO("MlpPolicy", dist, **SMALL)
+    task = dist.test_tasks(1)[0]
+    model.adapt(task, n_updates=1, n_steps=100)
+    obs = np.random.default_rng(0).uniform(-1, 1, (8, 2)).astype(np.float32)
+    before = (model.predict(obs, deterministic=True)[0], list(model.adaptation_history), dict(model.adapted_params))
+    theta = snapshot(model)
+
+    class Broken(Toy2DNavEnv):
+        def step(self, action: np.ndarray) -> Any:
+            raise RuntimeError("the env broke")
+
+    from sb3_metacpo.tasks.monitor import CostMonitor
+
+    with pytest.raises(RuntimeError, match="the env broke"):
+        model.adapt(CostMonitor(Broken(task)), n_updates=2, n_steps=100)
+    np.testing.assert_array_equal(model.predict(obs, deterministic=True)[0], before[0])
+    assert model.adaptation_history == before[1]
+    assert all(th.equal(model.adapted_params[k], v) for k, v in before[2].items())
+    assert same(theta, snapshot(model))
+    model.save(tmp_path / "model")
+    np.testing.assert_array_equal(MetaCPO.load(tmp_path / "model").predict(obs, deterministic=True)[0], before[0])
+
+
+def test_learn_after_adapt_forgets_the_adaptation() -> None:
+    model = MetaCPO("MlpPolicy", toy(), **SMALL)
+    model.adapt("Toy2DNav", n_updates=1, n_steps=100)
+    assert model.adapted_params is not None
+    model.learn(400)
+    assert model.adapted_params is None and model.adaptation_history == []
+    obs = np.zeros((1, 2), np.float32)
+    with th.no_grad():
+        mean = model.policy.actor_mean_log_std(th.as_tensor(obs))[0].numpy()
+    np.testing.assert_allclose(model.predict(obs, deterministic=True)[0], np.clip(mean, -1, 1), rtol=1e-6)
+
+
+def test_env_raising_in_the_main_process_leaves_theta_unchanged(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = MetaCPO("MlpPolicy", toy(), **SMALL)
+    model.learn(400)
+    theta = snapshot(model)
+    calls = {"n": 0}
+    original = Toy2DNavEnv.step
+
+    def failing(self: Toy2DNavEnv, action: np.ndarray) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 300:  # in the validation batch of the next meta-iteration
+            raise RuntimeError("the env broke")
+        return original(self, action)
+
+    monkeypatch.setattr(Toy2DNavEnv, "step", failing)
+    with pytest.raises(RuntimeError, match="the env broke"):
+        model.learn(400, reset_num_timesteps=False)
+    assert same(theta, snapshot(model)) and model._n_updates == 1
+    model.learn(400, reset_num_timesteps=False)  # usable: the next collect resets the envs
+    assert model._n_updates == 2 and all(th.isfinite(v).all() for v in model.policy.state_dict().values())
+
+
+@pytest.mark.parametrize("algo", ["MetaCPO", "CPO"])
+def test_non_finite_env_output_leaves_statistics_critics_and_theta_finite(algo: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    if algo == "MetaCPO":
+        model: Any = MetaCPO("MlpPolicy", toy(), critic="mlp", n_critic_updates=1, **SMALL)
+    else:
+        model = CPO("MlpPolicy", "Toy2DNav", n_steps=100, seed=0, policy_kwargs=dict(net_arch=[16]), n_critic_updates=1)
+    model.learn(400 if algo == "MetaCPO" else 100)
+    state = snapshot(model)
+    original = Toy2DNavEnv.step
+    calls = {"n": 0}
+
+    def poisoned(self: Toy2DNavEnv, action: np.ndarray) -> Any:
+        obs, reward, terminated, truncated, info = original(self, action)
+        calls["n"] += 1
+        if calls["n"] == 37:
+            obs = np.array([np.inf, 0.0], np.float32)
+        return obs, reward, terminated, truncated, info
+
+    monkeypatch.setattr(Toy2DNavEnv, "step", poisoned)
+    with pytest.raises(ValueError, match="returned a non-finite next observation at step"):
+        model.learn(400, reset_num_timesteps=False)
+    assert same(state, snapshot(model))  # θ, critics and observation statistics untouched
+    monkeypatch.setattr(Toy2DNavEnv, "step", original)
+    model.learn(400 if algo == "MetaCPO" else 100, reset_num_timesteps=False)
+    assert all(th.isfinite(v).all() for v in model.policy.state_dict().values())
+
+
+def test_degenerate_batches_are_handled() -> None:
+    # The smallest batches validation allows: 2 env steps per task, no completed episode, one env per task.
+    model = MetaCPO("MlpPolicy", toy(), meta_batch_size=1, n_steps=2, seed=0, policy_kwargs=dict(net_arch=[16]))
+    model.learn(8)
+    cpo = CPO("MlpPolicy", "Toy2DNav", n_steps=2, batch_size=2, seed=0, policy_kwargs=dict(net_arch=[16]))
+    cpo.learn(6)
+    for trained in (model, cpo):
+        assert all(th.isfinite(v).all() for v in trained.policy.state_dict().values())
+
+
+def test_a_subprocess_worker_that_raises_or_dies_is_named_and_the_model_stays_usable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import os
+    import signal
+
+    from stable_baselines3.common.vec_env import SubprocVecEnv
+
+    from sb3_metacpo.common.envs import EnvWorkerError
+    from sb3_metacpo.tasks.toy import Toy2DNavTask
+
+    dist = toy()
+    model = MetaCPO("MlpPolicy", dist, vec_env_cls=SubprocVecEnv, **SMALL)
+    model.learn(400)
+    theta = snapshot(model)
+    # A worker raises: the main process's distribution hands out a task the workers refuse.
+    bad = Toy2DNavTask(goal_distance=99.0)
+    monkeypatch.setattr(type(dist), "sample", lambda self, n, rng=None: [bad] * n)
+    with pytest.raises(EnvWorkerError, match=r"env worker 0 raised ValueError: Toy2DNav: goal_distance=99.0") as info:
+        model.learn(400, reset_num_timesteps=False)
+    assert isinstance(info.value.__cause__, ValueError) and info.value.env_index == 0
+    assert same(theta, snapshot(model))
+    monkeypatch.undo()
+    model.learn(400, reset_num_timesteps=False)  # the sampler rebuilt its VecEnv
+    assert model._n_updates == 2 and model.sampler.n_rebuilds == 1
+    # A worker dies.
+    theta = snapshot(model)
+    os.kill(model.sampler.vec_env.processes[1].pid, signal.SIGKILL)
+    with pytest.raises(EnvWorkerError, match=r"env worker 1 died \(exit code -9"):
+        model.learn(400, reset_num_timesteps=False)
+    assert same(theta, snapshot(model))
+    model.set_task_distribution(toy())  # closes the broken VecEnv without raising
+    model.learn(400, reset_num_timesteps=False)
+    assert model._n_updates == 3
+    model.sampler.close()

@@ -1,0 +1,168 @@
+"""Loading runs no code from the file: crafted archives are refused with a clear error and nothing runs; another
+algorithm's file and SB3's pickling format are refused; save/load round trips for MetaCPO, MetaTRPO and CPO."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch as th
+from stable_baselines3.common.base_class import BaseAlgorithm
+
+from sb3_metacpo import CPO, MetaCPO, MetaTRPO, make_task_distribution
+from sb3_metacpo.common.serialization import METADATA, TENSORS, ArchiveError, convert_sb3_archive, register_class
+
+SMALL: dict[str, Any] = dict(meta_batch_size=2, n_steps=100, seed=0, policy_kwargs=dict(net_arch=[16]))
+CPO_SMALL: dict[str, Any] = dict(n_steps=100, seed=0, policy_kwargs=dict(net_arch=[16]))
+
+
+class Payload:
+    """Unpickling this creates the file ``path``: proof that loading ran code."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (str(self.path), "w"))
+
+
+def toy() -> Any:
+    return make_task_distribution("Toy2DNav", seed=0, max_episode_steps=50)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("saved")
+    return {
+        "MetaCPO": MetaCPO("MlpPolicy", toy(), **SMALL).save(folder / "metacpo"),
+        "MetaTRPO": MetaTRPO("MlpPolicy", toy(), **SMALL).save(folder / "metatrpo"),
+        "CPO": CPO("MlpPolicy", "Toy2DNav", **CPO_SMALL).save(folder / "cpo"),
+    }
+
+
+def _rewrite(source: Path, target: Path, replace: dict[str, bytes], extra: dict[str, bytes] | None = None) -> Path:
+    with zipfile.ZipFile(source) as archive:
+        members = {name: archive.read(name) for name in archive.namelist()}
+    members.update(replace)
+    members.update(extra or {})
+    with zipfile.ZipFile(target, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return target
+
+
+def _tampered(saved: Path, tmp_path: Path, kind: str, marker: Path) -> Path:
+    target = tmp_path / f"{kind}.zip"
+    if kind == "pickle payload in the tensors":
+        buffer = io.BytesIO()
+        th.save({"policy": Payload(marker)}, buffer)
+        return _rewrite(saved, target, {TENSORS: buffer.getvalue()})
+    if kind == "raw pickle as the tensors":
+        return _rewrite(saved, target, {TENSORS: pickle.dumps(Payload(marker))})
+    if kind == "SB3 cloudpickle 'data' member":
+        data = {"policy_class": {":serialized:": pickle.dumps(Payload(marker)).hex()}}
+        return _rewrite(saved, target, {}, {"data": json.dumps(data).encode()})
+    metadata = json.loads(zipfile.ZipFile(saved).read(METADATA))
+    if kind == "unregistered policy class":
+        metadata["policy_class"] = "os.system"
+    elif kind == "unregistered class in the arguments":
+        metadata["hyperparameters"]["policy_kwargs"]["activation_fn"] = {"__class__": "subprocess.Popen"}
+    elif kind == "unknown constructor argument":
+        metadata["hyperparameters"]["__reduce__"] = 1
+    elif kind == "bad hyperparameter value":
+        metadata["hyperparameters"]["n_steps"] = -3
+    elif kind == "other format version":
+        metadata["format_version"] = 99
+    return _rewrite(saved, target, {METADATA: json.dumps(metadata).encode()})
+
+
+TAMPERINGS = {
+    "pickle payload in the tensors": "holds something other than plain tensors",
+    "raw pickle as the tensors": "holds something other than plain tensors",
+    "SB3 cloudpickle 'data' member": "is not a valid archive: it holds",
+    "unregistered policy class": "'os.system', which is not in the registry of allowed classes",
+    "unregistered class in the arguments": "'subprocess.Popen', which is not in the registry",
+    "unknown constructor argument": "names constructor arguments",
+    "bad hyperparameter value": "n_steps must be an integer >= 2",
+    "other format version": "has format version 99",
+}
+
+
+@pytest.mark.parametrize("algo", ["MetaCPO", "CPO"])
+@pytest.mark.parametrize("kind", sorted(TAMPERINGS))
+def test_a_tampered_archive_is_refused_and_runs_nothing(algo: str, kind: str, saved: dict[str, Path], tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    path = _tampered(saved[algo], tmp_path, kind, marker)
+    cls = {"MetaCPO": MetaCPO, "CPO": CPO}[algo]
+    with pytest.raises(ValueError, match=TAMPERINGS[kind]):
+        cls.load(path)
+    assert not marker.exists()
+
+
+def test_sb3_format_is_refused_with_a_conversion_path(tmp_path: Path) -> None:
+    model = MetaCPO("MlpPolicy", toy(), **SMALL)
+    legacy = tmp_path / "legacy.zip"
+    BaseAlgorithm.save(model, legacy)  # what earlier versions wrote: SB3's format, with cloudpickled entries
+    with pytest.raises(ArchiveError, match=r"Stable-Baselines3.s format.*convert_sb3_archive"):
+        MetaCPO.load(legacy)
+    converted = convert_sb3_archive(legacy, tmp_path / "converted", MetaCPO)  # trusted: SB3's loader runs
+    loaded = MetaCPO.load(converted)
+    obs = np.zeros((3, 2), np.float32)
+    np.testing.assert_array_equal(loaded.predict(obs, deterministic=True)[0], model.predict(obs, deterministic=True)[0])
+
+
+@pytest.mark.parametrize(("source", "target"), [("CPO", "MetaCPO"), ("MetaCPO", "CPO"), ("MetaTRPO", "MetaCPO")])
+def test_another_algorithms_file_is_refused_naming_both(source: str, target: str, saved: dict[str, Path]) -> None:
+    cls = {"MetaCPO": MetaCPO, "CPO": CPO}[target]
+    with pytest.raises(ArchiveError, match=f"holds a {source} model, which {target}.load does not load"):
+        cls.load(saved[source])
+
+
+def test_not_a_zip_and_missing_files_are_clear(tmp_path: Path) -> None:
+    (tmp_path / "junk.zip").write_bytes(b"not a zip")
+    with pytest.raises(ArchiveError, match="is not a zip archive"):
+        MetaCPO.load(tmp_path / "junk.zip")
+    with pytest.raises(FileNotFoundError, match="no saved model"):
+        MetaCPO.load(tmp_path / "nothing")
+
+
+@pytest.mark.parametrize("algo", ["MetaCPO", "MetaTRPO", "CPO"])
+def test_round_trip_keeps_everything(algo: str, tmp_path: Path) -> None:
+    if algo == "CPO":
+        model: Any = CPO("MlpPolicy", "Toy2DNav", **CPO_SMALL)
+        model.learn(100)
+    else:
+        model = {"MetaCPO": MetaCPO, "MetaTRPO": MetaTRPO}[algo]("MlpPolicy", toy(), critic="mlp", **SMALL)
+        model.learn(400)
+    model.adapt("Toy2DNav", n_updates=1, n_steps=100)
+    path = model.save(tmp_path / "model")
+    assert path == tmp_path / "model.zip"
+    loaded = type(model).load(tmp_path / "model")
+    state, loaded_state = model.policy.state_dict(), loaded.policy.state_dict()
+    assert all(th.equal(state[k], loaded_state[k]) for k in state)
+    assert str(model.policy.optimizer.state_dict()) == str(loaded.policy.optimizer.state_dict())
+    assert (loaded.num_timesteps, loaded._n_updates) == (model.num_timesteps, model._n_updates)
+    assert loaded.adaptation_history == model.adaptation_history
+    obs = np.random.default_rng(0).normal(size=(4, 2)).astype(np.float32)
+    np.testing.assert_array_equal(loaded.predict(obs, deterministic=True)[0], model.predict(obs, deterministic=True)[0])
+    assert loaded._constructor_arguments() == model._constructor_arguments()
+
+
+def test_custom_classes_must_be_registered(tmp_path: Path) -> None:
+    class Softsign(th.nn.Softsign):
+        pass
+
+    model = MetaCPO("MlpPolicy", toy(), **{**SMALL, "policy_kwargs": dict(net_arch=[8], activation_fn=Softsign)})
+    with pytest.raises(TypeError, match="is not in the registry of allowed classes"):
+        model.save(tmp_path / "model")
+    register_class(Softsign)
+    model.save(tmp_path / "model")
+    assert MetaCPO.load(tmp_path / "model").policy_kwargs["activation_fn"] is Softsign
+    assert os.path.exists(tmp_path / "model.zip")
