@@ -448,8 +448,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         args.n_steps,
         args.n_eval_episodes,
         args.deterministic,
-        args.cpo_target_kl,
-        args.progress,
+        progress=args.progress,
     ):
         records.append(record)
         if record["task"] == 0 and record["update"] == args.n_updates:
@@ -695,16 +694,14 @@ def build_parser() -> argparse.ArgumentParser:
     adapt = commands.add_parser(
         "adapt",
         help="adapt a model to held-out tasks and evaluate it after every update",
-        description="Adapt a trained model to each held-out task of its family (MetaCPO/MetaTRPO: inner CPO/TRPO "
-        "updates from the meta-parameters; CPO: fine-tuning) and evaluate it before and after every update; writes "
+        description="Adapt a trained model to each held-out task of its family (MetaCPO/MetaTRPO: their inner CPO/TRPO "
+        "updates from the meta-parameters; CPO: the same CPO updates from its trained parameters, with its own target_kl) "
+        "and evaluate it before and after every update; writes "
         "adaptation.csv (the records of sb3_metacpo.plots) and adaptation.png.",
     )
     _add_evaluation_options(adapt)
     adapt.add_argument("--n-updates", type=int, default=3, help="adaptation updates per task (default: 3)")
     adapt.add_argument("--n-steps", type=_positive_int, help="env steps per update (default: the model's n_steps)")
-    adapt.add_argument(
-        "--cpo-target-kl", type=float, default=0.05, help="CPO fine-tuning trust region (default: 0.05, as MetaCPO's inner)"
-    )
     adapt.set_defaults(handler=cmd_adapt)
 
     benchmark = commands.add_parser(
