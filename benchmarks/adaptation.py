@@ -234,6 +234,12 @@ def main() -> None:
     parser.add_argument("--ablation", action="store_true", help="run the ablation variants instead of the methods")
     parser.add_argument("--out", type=Path, help="output folder (default benchmarks/results/<family>)")
     parser.add_argument(
+        "--summarise-from",
+        type=Path,
+        nargs="+",
+        help="only merge these results.json files (runs of other seeds) into --out's tables and plots",
+    )
+    parser.add_argument(
         "--env-kwargs", type=json.loads, default={}, help="family options as JSON, e.g. '{\"observe_hazards\": true}'"
     )
     for key, value in FAMILY_DEFAULTS["Toy2DNav"].items():
@@ -254,7 +260,13 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     training: dict[str, dict[str, Any]] = {}
     start = time.perf_counter()
-    for seed in args.seeds:
+    if args.summarise_from:
+        for path in args.summarise_from:
+            data = json.loads(path.read_text())
+            rows += data["rows"]
+            training.update(data["training"])
+        args.seeds = sorted({row["seed"] for row in rows})
+    for seed in [] if args.summarise_from else args.seeds:
         print(f"seed {seed}", flush=True)
         for name in names:
             model, info = train(name, catalogue[name], args, seed)
