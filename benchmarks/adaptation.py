@@ -278,6 +278,9 @@ def main() -> None:
                     handle,
                     default=str,
                 )
+    with open(out / "results.json", "w") as handle:
+        config = {key: value for key, value in vars(args).items() if key not in ("out", "summarise_from")}
+        json.dump({"config": config, "training": training, "rows": rows}, handle, default=str)
     with open(out / "results.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
