@@ -67,6 +67,18 @@ class AdaptationRecord:
     adaptation_ep_cost_mean: float = float("nan")
 
 
+def adaptable_model(model: BaseAlgorithm) -> tuple[Adaptable, float]:
+    """``model`` as an :class:`~sb3_metacpo.common.adaptation.Adaptable` algorithm and its cost limit (the total
+    cost's), or a ``TypeError`` for a model of another library (e.g. SB3's PPO given to a meta-evaluation callback)."""
+    from sb3_metacpo.common.safe_algorithm import SafeAlgorithmMixin
+
+    if not isinstance(model, Adaptable) or not isinstance(model, SafeAlgorithmMixin):
+        raise TypeError(
+            f"meta-evaluation needs a model of this package (MetaCPO, MetaTRPO or CPO), got {type(model).__name__}"
+        )
+    return model, model.effective_cost_limit
+
+
 def meta_evaluate(
     model: Adaptable,
     tasks: Sequence[Task],
@@ -150,7 +162,7 @@ class MetaEvalCallback(BaseCallback):
 
     def evaluate(self) -> list[AdaptationRecord]:
         """Meta-evaluate now and record the results in the logger."""
-        model = self.model
+        model, limit = adaptable_model(self.model)
         records = meta_evaluate(model, self.tasks, self.n_updates, self.n_steps, self.n_eval_episodes)
         self.history.append(records)
         last = max(record.n_updates for record in records)
@@ -159,6 +171,5 @@ class MetaEvalCallback(BaseCallback):
             self.logger.record(f"meta_test/ep_rew_mean_{k}", float(np.mean([r.ep_rew_mean for r in rows])))
             self.logger.record(f"meta_test/ep_cost_mean_{k}", float(np.mean([r.ep_cost_mean for r in rows])))
         final = [record for record in records if record.n_updates == last]
-        limit = model.effective_cost_limit
         self.logger.record("meta_test/under_limit_frac", float(np.mean([r.ep_cost_mean <= limit for r in final])))
         return records

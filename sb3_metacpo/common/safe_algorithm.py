@@ -9,8 +9,9 @@ import os
 from collections import deque
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
+import gymnasium as gym
 import numpy as np
 import torch as th
 from stable_baselines3.common.utils import safe_mean
@@ -62,8 +63,12 @@ class SafeAlgorithmMixin:
     task_distribution_name: str | None
     task_distribution_params: dict[str, Any] | None
     ep_info_buffer: Any
+    ep_success_buffer: deque[Any] | None
+    _stats_window_size: int
+    observation_space: gym.spaces.Space
+    action_space: gym.spaces.Space
     logger: Any
-    _constrained: bool = True
+    _constrained: ClassVar[bool] = True
 
     # --- task distribution ----------------------------------------------------------------------------------
     def _remember_task_distribution(self, distribution: TaskDistribution) -> None:
@@ -200,8 +205,8 @@ class SafeAlgorithmMixin:
             "package_version": _package_version(),
             "hyperparameters": self._constructor_arguments(),
             "policy_class": encode_value(self.policy_class, "policy_class")["__class__"],  # type: ignore[attr-defined]
-            "observation_space": encode_space(self.observation_space),  # type: ignore[attr-defined]
-            "action_space": encode_space(self.action_space),  # type: ignore[attr-defined]
+            "observation_space": encode_space(self.observation_space),
+            "action_space": encode_space(self.action_space),
             "task_distribution": None
             if distribution is None
             else {

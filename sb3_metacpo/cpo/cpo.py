@@ -30,7 +30,14 @@ from sb3_metacpo.common.cpo_update import CPOConfig, Params, PreparedBatch, cpo_
 from sb3_metacpo.common.envs import SafeEnv, make_safe_vec_env
 from sb3_metacpo.common.policies import CPOPolicy
 from sb3_metacpo.common.profiling import phase
-from sb3_metacpo.common.rollouts import EpisodeRecord, RolloutSampler, RolloutStorage, TaskBatch
+from sb3_metacpo.common.rollouts import (
+    EpisodeRecord,
+    RolloutSampler,
+    RolloutStorage,
+    TaskBatch,
+    array_observations,
+    box_space,
+)
 from sb3_metacpo.common.safe_algorithm import DEFAULT_COST_LIMIT, SafeAlgorithmMixin
 from sb3_metacpo.tasks.base import TaskDistribution, list_task_distributions, make_task_distribution
 
@@ -56,7 +63,9 @@ _NUMERIC_HYPERPARAMETERS = (
 __all__ = ["CPO", "DEFAULT_COST_LIMIT"]
 
 
-class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):
+# misc: save() returns the Path it wrote and save/load take paths only (the safe archive), deliberately narrower than
+# BaseAlgorithm's (None, file objects too); the mixin's own "type: ignore[override]" cannot reach the combined class.
+class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):  # type: ignore[misc]
     """Constrained Policy Optimization: trust-region policy steps that keep the expected episode cost under a limit.
 
     Every update solves CPO's convex program (the shared step of :mod:`sb3_metacpo.common.cpo_step`: the TRPO step
@@ -284,25 +293,29 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):
         """Collect ``n_rollout_steps`` steps per env into a :class:`RolloutStorage`; episodes run on across rollouts."""
         assert self._last_obs is not None
         self.policy.set_training_mode(False)
+        observation_space = box_space(self.observation_space, "observation")
+        action_space = box_space(self.action_space, "action")
         storage = RolloutStorage(
-            n_rollout_steps, env.num_envs, self.observation_space.shape, self.action_space.shape, self.constraints.names
+            n_rollout_steps, env.num_envs, observation_space.shape, action_space.shape, self.constraints.names
         )
         episodes: list[EpisodeRecord] = []
-        low, high = self.action_space.low, self.action_space.high  # type: ignore[attr-defined]
+        low, high = action_space.low, action_space.high
         callback.on_rollout_start()
         act = self.policy.numpy_actor({name: value.unsqueeze(0) for name, value in self.policy.actor_params().items()})
         with phase("sampling"):
             for t in range(n_rollout_steps):
-                actions = act(self._last_obs)  # type: ignore[arg-type]
-                new_obs, rewards, dones, infos = env.step(np.clip(actions, low, high))
+                last_obs = array_observations(self._last_obs)
+                actions = act(last_obs)
+                vec_obs, rewards, dones, infos = env.step(np.clip(actions, low, high))
+                new_obs = array_observations(vec_obs)
                 self.num_timesteps += env.num_envs
                 callback.update_locals(locals())
                 if not callback.on_step():
                     return False
                 self._update_info_buffer(infos, dones)
-                ended = storage.add(t, self._last_obs, actions, rewards, new_obs, dones, infos)
+                ended = storage.add(t, last_obs, actions, rewards, new_obs, dones, infos)
                 episodes.extend(episode for _, episode in ended)
-                self._last_obs = new_obs  # type: ignore[assignment]
+                self._last_obs = new_obs
                 self._last_episode_starts = dones
         self._rollout = storage.batch(None, slice(None), episodes, first_steps=self._episode_step_at_rollout_start)
         # Episodes run on across rollouts: where each env's current episode stands for the next rollout.
