@@ -122,7 +122,9 @@ class MetaEvalCallback(BaseCallback):
     under ``meta_test/``.
 
     Logs ``meta_test/ep_rew_mean_k`` and ``meta_test/ep_cost_mean_k`` after k = 0 .. n_updates adaptation updates,
-    and ``meta_test/under_limit_frac``, the fraction of tasks at or under the cost limit after the last update.
+    and ``meta_test/under_limit_frac``, the fraction of tasks at or under the cost limit after the last update. As
+    SB3's ``EvalCallback``, each evaluation is written to the logger's outputs (CSV, TensorBoard...) at once, at the
+    model's current timestep (so the one at the end of training is written too).
     """
 
     def __init__(
@@ -172,4 +174,6 @@ class MetaEvalCallback(BaseCallback):
             self.logger.record(f"meta_test/ep_cost_mean_{k}", float(np.mean([r.ep_cost_mean for r in rows])))
         final = [record for record in records if record.n_updates == last]
         self.logger.record("meta_test/under_limit_frac", float(np.mean([r.ep_cost_mean <= limit for r in final])))
+        self.logger.record("time/total_timesteps", self.num_timesteps, exclude="tensorboard")
+        self.logger.dump(self.num_timesteps)
         return records

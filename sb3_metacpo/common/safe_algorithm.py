@@ -45,6 +45,10 @@ def _package_version() -> str:
         return file.read().strip()
 
 
+#: ``train/cpo_case_code``: the CPO case as a number, for TensorBoard (which shows the ``train/cpo_case`` string as
+#: text, not as a curve) and other numeric-only readers. "skipped": a fault stopped the step before the subproblem.
+CPO_CASE_CODES: dict[str, int] = {"trpo": 0, "dual": 1, "recovery": 2, "skipped": -1}
+
 #: Cost limit of plain envs (the safety-gymnasium benchmark's standard limit), when ``cost_limit`` is not given.
 DEFAULT_COST_LIMIT = 25.0
 
@@ -139,13 +143,14 @@ class SafeAlgorithmMixin:
 
     # --- logs ---------------------------------------------------------------------------------------------------
     def _record_step(self, result: StepResult, names: Sequence[str] | None = None, prefix: str = "train/") -> None:
-        """``train/cpo_case``, ``train/lambda``, ``train/nu`` (``train/nu_<name>`` per constraint other than the
-        total cost; ``names`` default to the cost constraints'), ``train/kl``, ``train/line_search_fraction``,
-        ``train/n_backtracks`` (how often the line search shrank the step) and the cause of a rejected step
-        (``train/step_rejection``, ``"none"`` when accepted)."""
+        """``train/cpo_case`` (and its number ``train/cpo_case_code``, see :data:`CPO_CASE_CODES`), ``train/lambda``,
+        ``train/nu`` (``train/nu_<name>`` per constraint other than the total cost; ``names`` default to the cost
+        constraints'), ``train/kl``, ``train/line_search_fraction``, ``train/n_backtracks`` (how often the line search
+        shrank the step) and the cause of a rejected step (``train/step_rejection``, ``"none"`` when accepted)."""
         record = self.logger.record
         names = list(self.constraints.names if names is None else names)
         record(f"{prefix}cpo_case", result.case)
+        record(f"{prefix}cpo_case_code", CPO_CASE_CODES[result.case])
         record(f"{prefix}lambda", result.lam)
         for name, nu in zip(names, result.nu, strict=False):
             record(f"{prefix}nu" if name == "cost" else f"{prefix}nu_{name}", nu)
