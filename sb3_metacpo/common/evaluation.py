@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from sb3_metacpo.common.adaptation import Adaptable
 from sb3_metacpo.common.envs import make_safe_vec_env
 from sb3_metacpo.tasks.base import Task
+from sb3_metacpo.tasks.monitor import episode_cost
 
 
 def evaluate_safe_policy(
@@ -36,7 +37,10 @@ def evaluate_safe_policy(
     def record_costs(locals_: dict[str, Any], _globals: dict[str, Any]) -> None:
         info = locals_["info"]
         if locals_["done"] and "episode" in info:
-            costs.append(float(info["episode"]["c"]))
+            cost = episode_cost(info)
+            if cost is None:
+                raise KeyError("the env reports no episode cost: wrap it in sb3_metacpo.tasks.monitor.CostMonitor")
+            costs.append(cost)
 
     rewards, _ = evaluate_policy(
         model,

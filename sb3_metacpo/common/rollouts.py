@@ -21,7 +21,7 @@ from stable_baselines3.common.vec_env.base_vec_env import VecEnvObs
 from sb3_metacpo.common.advantages import episode_steps
 from sb3_metacpo.common.envs import EnvFactory, EnvWorkerError, reporting_vec_env_cls
 from sb3_metacpo.tasks.base import Task, TaskDistribution
-from sb3_metacpo.tasks.monitor import TOTAL_COST
+from sb3_metacpo.tasks.monitor import TOTAL_COST, episode_cost
 
 #: ``act(observations, task_indices) -> actions``: observations ``(n_envs, *obs_shape)``, task_indices ``(n_envs,)``
 #: index into the task list given to :meth:`RolloutSampler.collect`; returns raw (unclipped) actions
@@ -182,15 +182,16 @@ class RolloutStorage:
                 self.truncated[t, index] = is_truncated
                 self.terminated[t, index] = not is_truncated
                 self.next_observations[t, index] = info["terminal_observation"]
-                if "episode" not in info or "c" not in info["episode"]:
+                cost = episode_cost(info)
+                if "episode" not in info or cost is None:
                     raise KeyError(
                         "the env reports no episode cost: wrap each env in sb3_metacpo.tasks.monitor.CostMonitor "
-                        "(not SB3's Monitor), or build it with TaskDistribution.make_env"
+                        "(SB3's Monitor alone drops it), or build it with TaskDistribution.make_env"
                     )
                 if "terminal_observation" in info:
                     _check_finite(t, "terminal observation", np.asarray(info["terminal_observation"])[None], index)
                 episode = info["episode"]
-                episode_costs = info.get("episode_costs", {TOTAL_COST: episode["c"]})
+                episode_costs = info.get("episode_costs", {TOTAL_COST: cost})
                 missing = [name for name in self.cost_names if name not in episode_costs]
                 if missing:
                     raise KeyError(
@@ -199,7 +200,7 @@ class RolloutStorage:
                     )
                 record = EpisodeRecord(
                     episode["r"],
-                    episode["c"],
+                    cost,
                     episode["l"],
                     info.get("episode_seed"),
                     not is_truncated,

@@ -40,6 +40,7 @@ from sb3_metacpo.common.rollouts import (
 )
 from sb3_metacpo.common.safe_algorithm import DEFAULT_COST_LIMIT, SafeAlgorithmMixin
 from sb3_metacpo.tasks.base import TaskDistribution, list_task_distributions, make_task_distribution
+from sb3_metacpo.tasks.monitor import episode_cost
 
 SelfCPO = TypeVar("SelfCPO", bound="CPO")
 #: Numeric constructor arguments (numpy scalars are turned into Python numbers once validated).
@@ -375,13 +376,22 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):  # type: igno
         )
 
     def _update_info_buffer(self, infos: list[dict[str, Any]], dones: np.ndarray | None = None) -> None:
-        """SB3's episode statistics, plus each episode's named cost sums (``info["episode_costs"]``)."""
+        """SB3's episode statistics, plus each episode's cost (``"c"``, also when a plain SB3 ``Monitor`` outside the
+        :class:`CostMonitor` rebuilt ``info["episode"]`` without it, as ``make_vec_env`` does) and its named cost
+        sums (``info["episode_costs"]``)."""
         super()._update_info_buffer(infos, dones)
         assert self.ep_info_buffer is not None
         ended = [info for info in infos if "episode" in info]
         for offset, info in enumerate(ended):  # SB3 appended them in this order
             entry = self.ep_info_buffer[len(self.ep_info_buffer) - len(ended) + offset]
-            entry["episode_costs"] = info.get("episode_costs", {"cost": info["episode"]["c"]})
+            cost = episode_cost(info)
+            if cost is None:
+                raise KeyError(
+                    "the env reports no episode cost: wrap each env in sb3_metacpo.tasks.monitor.CostMonitor "
+                    "(SB3's Monitor alone drops it), or build it with TaskDistribution.make_env"
+                )
+            entry["c"] = cost
+            entry["episode_costs"] = info.get("episode_costs", {"cost": cost})
 
     # --- adaptation: fine-tuning by the same CPO updates, on a per-batch linear baseline ------------------------
     def _adaptation_defaults(self) -> tuple[int, int]:
