@@ -254,7 +254,10 @@ class SafeAlgorithmMixin:
         ``torch.load(weights_only=True)``, classes from the registry of allowed classes. An archive of another
         algorithm, of SB3's pickling format, or holding anything else is refused with an ``ArchiveError``.
 
-        :param env: what to train or adapt on from now on (MetaCPO: a task distribution; CPO: any env it accepts)
+        :param env: what to train or adapt on from now on (MetaCPO: a task distribution; CPO: any env it accepts; a
+            VecEnv or env object brings its own number of envs, which may differ from the saved model's, an env
+            the model builds, from an id, a task or a distribution, has ``n_envs`` envs, the saved number unless
+            given here)
         :param device: torch device
         :param custom_objects: constructor arguments to replace (as SB3's; same as ``kwargs``)
         :param kwargs: constructor arguments to replace, e.g. ``n_steps=100``
@@ -280,7 +283,7 @@ class SafeAlgorithmMixin:
         model = cls(policy_class, None, device=device, _init_setup_model=False, **{**arguments, **overrides})  # type: ignore[call-arg]
         model._restore(metadata, tensors)
         if env is not None:
-            model._use_env_after_load(env, force_reset)
+            model._use_env_after_load(env, force_reset, set(overrides))
         return model
 
     @classmethod
@@ -294,8 +297,8 @@ class SafeAlgorithmMixin:
             model._remember_task_distribution(distribution)
         return model
 
-    def _use_env_after_load(self, env: Any, force_reset: bool) -> None:
-        """Train and adapt on ``env`` after loading."""
+    def _use_env_after_load(self, env: Any, force_reset: bool, overridden: set[str]) -> None:
+        """Train and adapt on ``env`` after loading (``overridden``: the constructor arguments given to ``load``)."""
         raise NotImplementedError
 
     def _restore(self, metadata: Mapping[str, Any], tensors: Mapping[str, Any]) -> None:

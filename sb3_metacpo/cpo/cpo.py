@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any, ClassVar, Literal, TypeVar
 
@@ -424,5 +425,14 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):  # type: igno
             self.reset_adaptation()
         return super().learn(int(total_timesteps), callback, log_interval, tb_log_name, reset_num_timesteps, progress_bar)
 
-    def _use_env_after_load(self, env: Any, force_reset: bool) -> None:
+    def _use_env_after_load(self, env: Any, force_reset: bool, overridden: set[str]) -> None:
+        if self.n_envs_requested > 1 and "n_envs" not in overridden and not isinstance(env, (gym.Env, VecEnv)):
+            # An env the model builds (a task to fine-tune on, a distribution, an id) gets the saved number of envs,
+            # and an update is n_steps steps of each: say so, as a run meant for one env would take n_envs x longer.
+            warnings.warn(
+                f"{type(self).__name__}.load builds {self.n_envs_requested} envs for the {type(env).__name__} "
+                f"(the saved n_envs): one update is n_steps x n_envs = {self.n_steps * self.n_envs_requested} env "
+                "steps. Pass n_envs= to load to choose the number of envs",
+                stacklevel=3,
+            )
         self.set_env(env, force_reset)
