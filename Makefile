@@ -24,6 +24,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check sb3_metacpo tests examples benchmarks
+	$(BIN)/mypy sb3_metacpo
 	$(BIN)/python -m pytest tests -ra
 
 docs: $(STAMP)

@@ -39,7 +39,7 @@ setup(
         "rich",
     ],
     extras_require={
-        "tests": ["pytest>=8", "pytest-timeout", "ruff", "matplotlib", "tensorboard"],
+        "tests": ["pytest>=8", "pytest-timeout", "ruff", "mypy", "matplotlib", "tensorboard"],
         # learning and adaptation curves, GIFs (imageio is already a dependency)
         "plots": ["matplotlib"],
         # tensorboard_log= and the command line's TensorBoard logs

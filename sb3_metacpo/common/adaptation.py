@@ -19,6 +19,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 import gymnasium as gym
 import numpy as np
 import torch as th
+from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.type_aliases import MaybeCallback
 from stable_baselines3.common.vec_env import VecEnv
 from tqdm.auto import tqdm
@@ -158,12 +159,12 @@ class AdaptationMixin:
         :param callback: SB3 callback(s), called at every env step
         :param progress_bar: show a progress bar over the updates
         """
-        callback = self._init_callback(callback, progress_bar=False)  # type: ignore[attr-defined]
-        callback.on_training_start(locals(), globals())
+        callbacks: BaseCallback = self._init_callback(callback, progress_bar=False)  # type: ignore[attr-defined]
+        callbacks.on_training_start(locals(), globals())
 
         def on_step(step: VecStep) -> bool:
-            callback.update_locals({"self": self, **step_locals(step)})
-            return callback.on_step()
+            callbacks.update_locals({"self": self, **step_locals(step)})
+            return callbacks.on_step()
 
         steps = self.adaptation_steps(env, n_updates, n_steps, on_step=on_step)
         total = (self._adaptation_defaults()[0] if n_updates is None else n_updates) + 1
@@ -175,7 +176,7 @@ class AdaptationMixin:
         except BaseException:
             self.adaptation_history = history_before
             raise
-        callback.on_training_end()
+        callbacks.on_training_end()
         self.adapted_params = adapted
         self.policy.set_actor_override(adapted)
         return self

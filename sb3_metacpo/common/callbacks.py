@@ -1,14 +1,20 @@
-"""Periodic checkpoints that a killed run resumes from exactly."""
+"""Callbacks: periodic checkpoints that a killed run resumes from exactly, and a cost-aware evaluation on held-out
+tasks that keeps the best model under the cost limit."""
 
 from __future__ import annotations
 
+import math
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 from stable_baselines3.common.callbacks import BaseCallback
 
 from sb3_metacpo.common.checks import check, is_int
+from sb3_metacpo.common.evaluation import AdaptationRecord, adaptable_model, meta_evaluate
+from sb3_metacpo.tasks.base import Task
 
 
 class ResumableCheckpointCallback(BaseCallback):
@@ -97,3 +103,175 @@ class ResumableCheckpointCallback(BaseCallback):
             if (match := pattern.fullmatch(path.name))
         ]
         return max(found)[1] if found else None
+
+
+class SafeEvalCallback(BaseCallback):
+    """Every ``eval_freq`` updates (and at the end of training), evaluate reward *and* cost on held-out tasks and
+    keep the best model that is under the cost limit: SB3's ``EvalCallback`` for constrained (meta-)RL.
+
+    MetaCPO and MetaTRPO are evaluated after adapting to each task (their inner updates, from the meta-parameters,
+    which are left unchanged), CPO as it is; both through
+    :func:`~sb3_metacpo.common.evaluation.meta_evaluate`. An evaluation's reward and cost are the means over the tasks
+    of the mean episode return and cost after the last adaptation update. The best model is the one of highest
+    reward among the evaluations whose cost is at most the limit; an evaluation over the limit is never the best,
+    however high its reward (SB3's ``EvalCallback`` would keep it).
+
+    Logged (and dumped at once, as SB3's ``EvalCallback``): ``eval/mean_reward``, ``eval/mean_cost``,
+    ``eval/cost_limit``, ``eval/under_limit`` (1 or 0), ``eval/best_safe_reward`` (NaN until an evaluation is under
+    the limit) and, with adaptation, ``eval/pre_adapt_mean_reward`` and ``eval/pre_adapt_mean_cost``.
+
+    :param tasks: the held-out tasks (e.g. ``distribution.test_tasks(5)``)
+    :param eval_freq: updates between evaluations (meta-iterations for MetaCPO and MetaTRPO, rollouts for CPO)
+    :param n_updates: adaptation updates per task; None: MetaCPO's and MetaTRPO's own (``n_inner_updates``), none
+        for CPO
+    :param n_steps: env steps per adaptation update (None: the algorithm's)
+    :param n_eval_episodes: evaluation episodes per task (after adaptation; separate from the adaptation batches)
+    :param deterministic: evaluate the mean action (default: the stochastic policy, whose cost CPO constrains)
+    :param cost_limit: the limit an evaluation's cost must not exceed (None: the model's, of the total cost)
+    :param best_model_save_path: where to save ``best_model.zip`` (None: not saved)
+    :param log_path: where to write ``evaluations.npz`` (None: not written): ``timesteps`` (n_evals,), ``results``
+        and ``costs`` (n_evals, n_tasks) after adaptation, ``pre_adapt_results`` and ``pre_adapt_costs`` before it
+        (the same as ``results`` and ``costs`` without adaptation), ``under_limit`` (n_evals,) and ``cost_limit``
+    :param verbose: 1 prints each evaluation and each new best model
+    """
+
+    def __init__(
+        self,
+        tasks: Sequence[Task],
+        eval_freq: int = 10,
+        n_updates: int | None = None,
+        n_steps: int | None = None,
+        n_eval_episodes: int = 5,
+        deterministic: bool = False,
+        cost_limit: float | None = None,
+        best_model_save_path: str | os.PathLike[str] | None = None,
+        log_path: str | os.PathLike[str] | None = None,
+        verbose: int = 0,
+    ) -> None:
+        super().__init__(verbose)
+        check(len(tasks) >= 1, "SafeEvalCallback needs at least one held-out task")
+        check(is_int(eval_freq) and eval_freq >= 1, f"eval_freq must be a positive integer (updates), got {eval_freq!r}")
+        check(
+            n_updates is None or (is_int(n_updates) and n_updates >= 0),
+            f"n_updates must be None or an integer >= 0, got {n_updates!r}",
+        )
+        check(
+            is_int(n_eval_episodes) and n_eval_episodes >= 1,
+            f"n_eval_episodes must be a positive integer, got {n_eval_episodes!r}",
+        )
+        check(
+            cost_limit is None or (isinstance(cost_limit, (int, float)) and math.isfinite(cost_limit) and cost_limit >= 0),
+            f"cost_limit must be None or a finite number >= 0, got {cost_limit!r}",
+        )
+        self.tasks = list(tasks)
+        self.eval_freq = int(eval_freq)
+        self.n_updates = n_updates
+        self.n_steps = n_steps
+        self.n_eval_episodes = int(n_eval_episodes)
+        self.deterministic = deterministic
+        self.cost_limit = cost_limit
+        self.best_model_save_path = None if best_model_save_path is None else Path(best_model_save_path)
+        self.log_path = None if log_path is None else Path(log_path)
+        self.best_mean_reward = -math.inf
+        self.best_timestep: int | None = None
+        self.last_mean_reward = math.nan
+        self.last_mean_cost = math.nan
+        self.evaluations_timesteps: list[int] = []
+        self.evaluations_results: list[list[float]] = []
+        self.evaluations_costs: list[list[float]] = []
+        self.evaluations_pre_adapt_results: list[list[float]] = []
+        self.evaluations_pre_adapt_costs: list[list[float]] = []
+        self.evaluations_under_limit: list[bool] = []
+        self._last_evaluated = -1
+        self._limit = math.nan
+
+    @property
+    def best_model_path(self) -> Path | None:
+        """The file of the best model under the limit (None without ``best_model_save_path``)."""
+        return None if self.best_model_save_path is None else self.best_model_save_path / "best_model.zip"
+
+    def _init_callback(self) -> None:
+        from sb3_metacpo.metacpo import MetaCPO
+
+        _, model_limit = adaptable_model(self.model)  # a TypeError for a model of another library
+        self._limit = model_limit if self.cost_limit is None else float(self.cost_limit)
+        if self.n_updates is None and not isinstance(self.model, MetaCPO):
+            self.n_updates = 0  # CPO is evaluated as trained; pass n_updates to evaluate it fine-tuned
+        for folder in (self.best_model_save_path, self.log_path):
+            if folder is not None:
+                folder.mkdir(parents=True, exist_ok=True)
+        self._last_evaluated = self.model._n_updates  # a resumed run does not evaluate its starting point again
+
+    def _on_step(self) -> bool:
+        return True
+
+    def _on_rollout_start(self) -> None:
+        # A rollout starts after each update: the model is complete here.
+        n_updates = self.model._n_updates
+        if n_updates > self._last_evaluated and n_updates % self.eval_freq == 0:
+            self.evaluate()
+
+    def _on_training_end(self) -> None:
+        if self.model._n_updates > self._last_evaluated:
+            self.evaluate()
+
+    def evaluate(self) -> list[AdaptationRecord]:
+        """Evaluate now: log, append to ``evaluations.npz`` and save the model if it is the best under the limit."""
+        model, _ = adaptable_model(self.model)
+        self._last_evaluated = self.model._n_updates
+        records = meta_evaluate(
+            model, self.tasks, self.n_updates, self.n_steps, self.n_eval_episodes, deterministic=self.deterministic
+        )
+        last = max(record.n_updates for record in records)
+        after = [record for record in records if record.n_updates == last]
+        before = [record for record in records if record.n_updates == 0]
+        rewards, costs = [r.ep_rew_mean for r in after], [r.ep_cost_mean for r in after]
+        self.last_mean_reward, self.last_mean_cost = float(np.mean(rewards)), float(np.mean(costs))
+        under_limit = self.last_mean_cost <= self._limit
+        self.evaluations_timesteps.append(self.num_timesteps)
+        self.evaluations_results.append(rewards)
+        self.evaluations_costs.append(costs)
+        self.evaluations_pre_adapt_results.append([r.ep_rew_mean for r in before])
+        self.evaluations_pre_adapt_costs.append([r.ep_cost_mean for r in before])
+        self.evaluations_under_limit.append(under_limit)
+        if self.log_path is not None:
+            self._write_npz()
+
+        new_best = under_limit and self.last_mean_reward > self.best_mean_reward
+        if new_best:
+            self.best_mean_reward, self.best_timestep = self.last_mean_reward, self.num_timesteps
+            if self.best_model_path is not None:
+                self.model.save(self.best_model_path)
+        if self.verbose >= 1:
+            print(
+                f"Eval num_timesteps={self.num_timesteps}, reward={self.last_mean_reward:.2f}, "
+                f"cost={self.last_mean_cost:.2f} (limit {self._limit:g}{'' if under_limit else ', over'})"
+            )
+            if new_best:
+                print("New best mean reward under the cost limit!")
+
+        record = self.logger.record
+        record("eval/mean_reward", self.last_mean_reward)
+        record("eval/mean_cost", self.last_mean_cost)
+        record("eval/cost_limit", self._limit)
+        record("eval/under_limit", float(under_limit))
+        record("eval/best_safe_reward", self.best_mean_reward if self.best_timestep is not None else math.nan)
+        if last > 0:
+            record("eval/pre_adapt_mean_reward", float(np.mean(self.evaluations_pre_adapt_results[-1])))
+            record("eval/pre_adapt_mean_cost", float(np.mean(self.evaluations_pre_adapt_costs[-1])))
+        record("time/total_timesteps", self.num_timesteps, exclude="tensorboard")
+        self.logger.dump(self.num_timesteps)
+        return records
+
+    def _write_npz(self) -> None:
+        assert self.log_path is not None
+        np.savez(
+            self.log_path / "evaluations.npz",
+            timesteps=np.array(self.evaluations_timesteps),
+            results=np.array(self.evaluations_results),
+            costs=np.array(self.evaluations_costs),
+            pre_adapt_results=np.array(self.evaluations_pre_adapt_results),
+            pre_adapt_costs=np.array(self.evaluations_pre_adapt_costs),
+            under_limit=np.array(self.evaluations_under_limit),
+            cost_limit=np.array(self._limit),
+        )

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -198,38 +198,42 @@ def constrained_step(
             )
     assert isinstance(solution.case, str)
     x = solution.x
-    summary = {
-        "direction": x,
-        "case": solution.case,
-        "lam": float(solution.lam.detach()),
-        "nu": tuple(float(value) for value in solution.nu.detach()),
-        "informative": tuple(bool(value) for value in solution.informative),
-        "expected_improvement": float(solution.expected_improvement.detach()),
-        "expected_cost_changes": tuple(float(value) for value in solution.expected_cost_changes.detach()),
-    }
+    # What every outcome below shares: the subproblem's solution, with a zero step until one is accepted.
+    rejected = StepResult(
+        step=torch.zeros_like(x),
+        direction=x,
+        fraction=0.0,
+        accepted=False,
+        case=solution.case,
+        lam=float(solution.lam.detach()),
+        nu=tuple(float(value) for value in solution.nu.detach()),
+        informative=tuple(bool(value) for value in solution.informative),
+        expected_improvement=float(solution.expected_improvement.detach()),
+        expected_cost_changes=tuple(float(value) for value in solution.expected_cost_changes.detach()),
+    )
     if not bool(torch.isfinite(x.detach()).all()):
-        return StepResult(step=torch.zeros_like(x), fraction=0.0, accepted=False, rejection="non-finite step", **summary)
+        return replace(rejected, rejection="non-finite step")
     if W is not None and A is not None and solution.case == "dual":
         with torch.no_grad():
             q_value, r, s = float(q), (W @ g).tolist(), torch.diagonal(A @ W.T).tolist()
-        for j, (r_j, s_j, nu_j, used) in enumerate(zip(r, s, summary["nu"], summary["informative"], strict=True)):
+        for j, (r_j, s_j, nu_j, used) in enumerate(zip(r, s, rejected.nu, rejected.informative, strict=True)):
             if used and nu_j > 0 and q_value > 0 and r_j / math.sqrt(q_value * s_j) >= PARALLEL_COSINE:
-                rejection = f"parallel reward and cost gradients (constraint {j})"
-                return StepResult(step=torch.zeros_like(x), fraction=0.0, accepted=False, rejection=rejection, **summary)
+                return replace(rejected, rejection=f"parallel reward and cost gradients (constraint {j})")
     if not bool((x.detach() != 0).any()):
-        return StepResult(step=torch.zeros_like(x), fraction=0.0, accepted=False, rejection="zero step", **summary)
+        return replace(rejected, rejection="zero step")
     if isinstance(step_size, FixedFraction):
         fraction = float(step_size.fraction)
-        return StepResult(step=fraction * x, fraction=fraction, accepted=fraction > 0, **summary)
+        return replace(rejected, step=fraction * x, fraction=fraction, accepted=fraction > 0)
 
     b_values = () if b is None else tuple(float(value) for value in b.detach())
     scales = tuple(float(value) for value in solution.scale.detach())
     with phase("line_search"):
         outcome = backtracking_line_search(
-            step_size, x.detach(), solution.case, b_values, scales, summary["informative"], config
+            step_size, x.detach(), solution.case, b_values, scales, rejected.informative, config
         )
     step = outcome.fraction * x if outcome.accepted else torch.zeros_like(x)
-    return StepResult(
+    return replace(
+        rejected,
         step=step,
         fraction=outcome.fraction,
         accepted=outcome.accepted,
@@ -238,7 +242,6 @@ def constrained_step(
         cost_changes=outcome.cost_changes,
         n_backtracks=outcome.n_backtracks,
         rejection=outcome.rejection,
-        **summary,
     )
 
 

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from sb3_metacpo.common.adaptation import Adaptable
 from sb3_metacpo.common.envs import make_safe_vec_env
 from sb3_metacpo.tasks.base import Task
+from sb3_metacpo.tasks.monitor import episode_cost
 
 
 def evaluate_safe_policy(
@@ -36,7 +37,10 @@ def evaluate_safe_policy(
     def record_costs(locals_: dict[str, Any], _globals: dict[str, Any]) -> None:
         info = locals_["info"]
         if locals_["done"] and "episode" in info:
-            costs.append(float(info["episode"]["c"]))
+            cost = episode_cost(info)
+            if cost is None:
+                raise KeyError("the env reports no episode cost: wrap it in sb3_metacpo.tasks.monitor.CostMonitor")
+            costs.append(cost)
 
     rewards, _ = evaluate_policy(
         model,
@@ -65,6 +69,18 @@ class AdaptationRecord:
     ep_cost_sem: float = float("nan")
     ep_costs: dict[str, float] | None = None
     adaptation_ep_cost_mean: float = float("nan")
+
+
+def adaptable_model(model: BaseAlgorithm) -> tuple[Adaptable, float]:
+    """``model`` as an :class:`~sb3_metacpo.common.adaptation.Adaptable` algorithm and its cost limit (the total
+    cost's), or a ``TypeError`` for a model of another library (e.g. SB3's PPO given to a meta-evaluation callback)."""
+    from sb3_metacpo.common.safe_algorithm import SafeAlgorithmMixin
+
+    if not isinstance(model, Adaptable) or not isinstance(model, SafeAlgorithmMixin):
+        raise TypeError(
+            f"meta-evaluation needs a model of this package (MetaCPO, MetaTRPO or CPO), got {type(model).__name__}"
+        )
+    return model, model.effective_cost_limit
 
 
 def meta_evaluate(
@@ -110,7 +126,9 @@ class MetaEvalCallback(BaseCallback):
     under ``meta_test/``.
 
     Logs ``meta_test/ep_rew_mean_k`` and ``meta_test/ep_cost_mean_k`` after k = 0 .. n_updates adaptation updates,
-    and ``meta_test/under_limit_frac``, the fraction of tasks at or under the cost limit after the last update.
+    and ``meta_test/under_limit_frac``, the fraction of tasks at or under the cost limit after the last update. As
+    SB3's ``EvalCallback``, each evaluation is written to the logger's outputs (CSV, TensorBoard...) at once, at the
+    model's current timestep (so the one at the end of training is written too).
     """
 
     def __init__(
@@ -150,7 +168,7 @@ class MetaEvalCallback(BaseCallback):
 
     def evaluate(self) -> list[AdaptationRecord]:
         """Meta-evaluate now and record the results in the logger."""
-        model = self.model
+        model, limit = adaptable_model(self.model)
         records = meta_evaluate(model, self.tasks, self.n_updates, self.n_steps, self.n_eval_episodes)
         self.history.append(records)
         last = max(record.n_updates for record in records)
@@ -159,6 +177,7 @@ class MetaEvalCallback(BaseCallback):
             self.logger.record(f"meta_test/ep_rew_mean_{k}", float(np.mean([r.ep_rew_mean for r in rows])))
             self.logger.record(f"meta_test/ep_cost_mean_{k}", float(np.mean([r.ep_cost_mean for r in rows])))
         final = [record for record in records if record.n_updates == last]
-        limit = model.effective_cost_limit
         self.logger.record("meta_test/under_limit_frac", float(np.mean([r.ep_cost_mean <= limit for r in final])))
+        self.logger.record("time/total_timesteps", self.num_timesteps, exclude="tensorboard")
+        self.logger.dump(self.num_timesteps)
         return records

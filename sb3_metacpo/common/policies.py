@@ -52,6 +52,11 @@ class CPOPolicy(ActorCriticPolicy):
         their cost constraints).
     """
 
+    # running observation statistics (buffers registered in __init__)
+    obs_mean: th.Tensor
+    obs_var: th.Tensor
+    obs_count: th.Tensor
+
     def __init__(
         self,
         observation_space: spaces.Space,
@@ -103,6 +108,7 @@ class CPOPolicy(ActorCriticPolicy):
             self.cost_value_net = nn.Linear(self.mlp_extractor.latent_dim_vf + 1, self.n_costs)
         else:
             layer = self.cost_mlp[first]
+            assert isinstance(layer, nn.Linear)
             self.cost_mlp[first] = nn.Linear(layer.in_features + 1, layer.out_features)
             self.cost_value_net = nn.Linear(self.mlp_extractor.latent_dim_vf, self.n_costs)
         if self.ortho_init:
@@ -112,7 +118,8 @@ class CPOPolicy(ActorCriticPolicy):
             for module in self.cost_mlp.modules():
                 if isinstance(module, nn.Linear):
                     module.reset_parameters()
-        self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)
+        # SB3 types optimizer_class as the abstract Optimizer, whose __init__ takes no lr (SB3 ignores it the same way)
+        self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)  # type: ignore[call-arg]
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
         data = super()._get_constructor_parameters()

@@ -14,17 +14,34 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from gymnasium import spaces
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
+from stable_baselines3.common.vec_env.base_vec_env import VecEnvObs
 
 from sb3_metacpo.common.advantages import episode_steps
 from sb3_metacpo.common.envs import EnvFactory, EnvWorkerError, reporting_vec_env_cls
 from sb3_metacpo.tasks.base import Task, TaskDistribution
-from sb3_metacpo.tasks.monitor import TOTAL_COST
+from sb3_metacpo.tasks.monitor import TOTAL_COST, episode_cost
 
 #: ``act(observations, task_indices) -> actions``: observations ``(n_envs, *obs_shape)``, task_indices ``(n_envs,)``
 #: index into the task list given to :meth:`RolloutSampler.collect`; returns raw (unclipped) actions
 #: ``(n_envs, *action_shape)``.
 ActFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+def array_observations(obs: VecEnvObs) -> np.ndarray:
+    """A VecEnv's observations as the one array a flat Box observation space gives (dict and tuple spaces are not
+    supported: the policies need flat Box observations)."""
+    if not isinstance(obs, np.ndarray):
+        raise TypeError(f"expected the observations of a flat Box space (one array), got {type(obs).__name__}")
+    return obs
+
+
+def box_space(space: spaces.Space, what: str) -> spaces.Box:
+    """``space`` as a Box (the algorithms' observation and action spaces), or a ``TypeError`` naming ``what``."""
+    if not isinstance(space, spaces.Box):
+        raise TypeError(f"the {what} space must be a Box, got {space}")
+    return space
 
 
 @dataclass(frozen=True)
@@ -165,15 +182,16 @@ class RolloutStorage:
                 self.truncated[t, index] = is_truncated
                 self.terminated[t, index] = not is_truncated
                 self.next_observations[t, index] = info["terminal_observation"]
-                if "episode" not in info or "c" not in info["episode"]:
+                cost = episode_cost(info)
+                if "episode" not in info or cost is None:
                     raise KeyError(
                         "the env reports no episode cost: wrap each env in sb3_metacpo.tasks.monitor.CostMonitor "
-                        "(not SB3's Monitor), or build it with TaskDistribution.make_env"
+                        "(SB3's Monitor alone drops it), or build it with TaskDistribution.make_env"
                     )
                 if "terminal_observation" in info:
                     _check_finite(t, "terminal observation", np.asarray(info["terminal_observation"])[None], index)
                 episode = info["episode"]
-                episode_costs = info.get("episode_costs", {TOTAL_COST: episode["c"]})
+                episode_costs = info.get("episode_costs", {TOTAL_COST: cost})
                 missing = [name for name in self.cost_names if name not in episode_costs]
                 if missing:
                     raise KeyError(
@@ -182,7 +200,7 @@ class RolloutStorage:
                     )
                 record = EpisodeRecord(
                     episode["r"],
-                    episode["c"],
+                    cost,
                     episode["l"],
                     info.get("episode_seed"),
                     not is_truncated,
@@ -282,8 +300,8 @@ class RolloutSampler:
         self.n_envs = vec_env.num_envs
         self.vec_env.seed(seed)
         self._env_tasks: list[Task | None] = [self._initial_task] * self.n_envs
-        self.observation_space = self.vec_env.observation_space
-        self.action_space = self.vec_env.action_space
+        self.observation_space = box_space(self.vec_env.observation_space, "observation")
+        self.action_space = box_space(self.vec_env.action_space, "action")
 
     def episode_rng_states(self) -> list[dict[str, Any]]:
         """The state of every env's episode-seed stream (JSON-serialisable), to continue it after a restart."""
@@ -320,7 +338,7 @@ class RolloutSampler:
     def _assign(self, tasks: Sequence[Task | None]) -> np.ndarray:
         """Point env i at task ``owners[i]`` (tasks get ``n_envs // M`` envs each, remainder to the first ones)."""
         owners = np.arange(self.n_envs) % len(tasks)
-        for index, owner in enumerate(owners):
+        for index, owner in enumerate(owners.tolist()):
             if self._env_tasks[index] != tasks[owner]:
                 if self.distribution is None:
                     raise ValueError("this sampler wraps a given VecEnv and cannot switch tasks; collect with tasks=[None]")
@@ -357,11 +375,12 @@ class RolloutSampler:
         episodes: list[list[EpisodeRecord]] = [[] for _ in tasks]
         low, high = self.action_space.low, self.action_space.high
 
-        obs = self.vec_env.reset()
+        obs = array_observations(self.vec_env.reset())
         _check_finite(0, "observation after reset", obs)
         for t in range(horizon):
             raw_actions = np.asarray(act(obs, owners), dtype=np.float32).reshape(self.n_envs, *self.action_space.shape)
-            next_obs, rewards, dones, infos = self.vec_env.step(np.clip(raw_actions, low, high))
+            vec_obs, rewards, dones, infos = self.vec_env.step(np.clip(raw_actions, low, high))
+            next_obs = array_observations(vec_obs)
             for index, episode in storage.add(t, obs, raw_actions, rewards, next_obs, dones, infos):
                 episodes[owners[index]].append(episode)
             if on_step is not None:

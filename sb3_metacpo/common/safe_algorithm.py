@@ -9,8 +9,9 @@ import os
 from collections import deque
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
+import gymnasium as gym
 import numpy as np
 import torch as th
 from stable_baselines3.common.utils import safe_mean
@@ -44,6 +45,10 @@ def _package_version() -> str:
         return file.read().strip()
 
 
+#: ``train/cpo_case_code``: the CPO case as a number, for TensorBoard (which shows the ``train/cpo_case`` string as
+#: text, not as a curve) and other numeric-only readers. "skipped": a fault stopped the step before the subproblem.
+CPO_CASE_CODES: dict[str, int] = {"trpo": 0, "dual": 1, "recovery": 2, "skipped": -1}
+
 #: Cost limit of plain envs (the safety-gymnasium benchmark's standard limit), when ``cost_limit`` is not given.
 DEFAULT_COST_LIMIT = 25.0
 
@@ -62,8 +67,12 @@ class SafeAlgorithmMixin:
     task_distribution_name: str | None
     task_distribution_params: dict[str, Any] | None
     ep_info_buffer: Any
+    ep_success_buffer: deque[Any] | None
+    _stats_window_size: int
+    observation_space: gym.spaces.Space
+    action_space: gym.spaces.Space
     logger: Any
-    _constrained: bool = True
+    _constrained: ClassVar[bool] = True
 
     # --- task distribution ----------------------------------------------------------------------------------
     def _remember_task_distribution(self, distribution: TaskDistribution) -> None:
@@ -134,13 +143,14 @@ class SafeAlgorithmMixin:
 
     # --- logs ---------------------------------------------------------------------------------------------------
     def _record_step(self, result: StepResult, names: Sequence[str] | None = None, prefix: str = "train/") -> None:
-        """``train/cpo_case``, ``train/lambda``, ``train/nu`` (``train/nu_<name>`` per constraint other than the
-        total cost; ``names`` default to the cost constraints'), ``train/kl``, ``train/line_search_fraction``,
-        ``train/n_backtracks`` (how often the line search shrank the step) and the cause of a rejected step
-        (``train/step_rejection``, ``"none"`` when accepted)."""
+        """``train/cpo_case`` (and its number ``train/cpo_case_code``, see :data:`CPO_CASE_CODES`), ``train/lambda``,
+        ``train/nu`` (``train/nu_<name>`` per constraint other than the total cost; ``names`` default to the cost
+        constraints'), ``train/kl``, ``train/line_search_fraction``, ``train/n_backtracks`` (how often the line search
+        shrank the step) and the cause of a rejected step (``train/step_rejection``, ``"none"`` when accepted)."""
         record = self.logger.record
         names = list(self.constraints.names if names is None else names)
         record(f"{prefix}cpo_case", result.case)
+        record(f"{prefix}cpo_case_code", CPO_CASE_CODES[result.case])
         record(f"{prefix}lambda", result.lam)
         for name, nu in zip(names, result.nu, strict=False):
             record(f"{prefix}nu" if name == "cost" else f"{prefix}nu_{name}", nu)
@@ -200,8 +210,8 @@ class SafeAlgorithmMixin:
             "package_version": _package_version(),
             "hyperparameters": self._constructor_arguments(),
             "policy_class": encode_value(self.policy_class, "policy_class")["__class__"],  # type: ignore[attr-defined]
-            "observation_space": encode_space(self.observation_space),  # type: ignore[attr-defined]
-            "action_space": encode_space(self.action_space),  # type: ignore[attr-defined]
+            "observation_space": encode_space(self.observation_space),
+            "action_space": encode_space(self.action_space),
             "task_distribution": None
             if distribution is None
             else {
@@ -244,7 +254,10 @@ class SafeAlgorithmMixin:
         ``torch.load(weights_only=True)``, classes from the registry of allowed classes. An archive of another
         algorithm, of SB3's pickling format, or holding anything else is refused with an ``ArchiveError``.
 
-        :param env: what to train or adapt on from now on (MetaCPO: a task distribution; CPO: any env it accepts)
+        :param env: what to train or adapt on from now on (MetaCPO: a task distribution; CPO: any env it accepts; a
+            VecEnv or env object brings its own number of envs, which may differ from the saved model's, an env
+            the model builds, from an id, a task or a distribution, has ``n_envs`` envs, the saved number unless
+            given here)
         :param device: torch device
         :param custom_objects: constructor arguments to replace (as SB3's; same as ``kwargs``)
         :param kwargs: constructor arguments to replace, e.g. ``n_steps=100``
@@ -270,7 +283,7 @@ class SafeAlgorithmMixin:
         model = cls(policy_class, None, device=device, _init_setup_model=False, **{**arguments, **overrides})  # type: ignore[call-arg]
         model._restore(metadata, tensors)
         if env is not None:
-            model._use_env_after_load(env, force_reset)
+            model._use_env_after_load(env, force_reset, set(overrides))
         return model
 
     @classmethod
@@ -284,8 +297,8 @@ class SafeAlgorithmMixin:
             model._remember_task_distribution(distribution)
         return model
 
-    def _use_env_after_load(self, env: Any, force_reset: bool) -> None:
-        """Train and adapt on ``env`` after loading."""
+    def _use_env_after_load(self, env: Any, force_reset: bool, overridden: set[str]) -> None:
+        """Train and adapt on ``env`` after loading (``overridden``: the constructor arguments given to ``load``)."""
         raise NotImplementedError
 
     def _restore(self, metadata: Mapping[str, Any], tensors: Mapping[str, Any]) -> None:

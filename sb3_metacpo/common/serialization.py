@@ -28,11 +28,14 @@ import tempfile
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gymnasium as gym
 import numpy as np
 import torch as th
+
+if TYPE_CHECKING:  # the algorithms import this module
+    from sb3_metacpo.common.safe_algorithm import SafeAlgorithmMixin
 
 FORMAT = "sb3_metacpo"
 FORMAT_VERSION = 1
@@ -147,7 +150,10 @@ def decode_space(description: Any) -> gym.spaces.Box:
 # --- random streams ---------------------------------------------------------------------------------------------
 def global_rng_state() -> tuple[dict[str, Any], th.Tensor]:
     """numpy's and Python's global RNG states (JSON) and torch's CPU RNG state (a tensor)."""
-    kind, keys, position, has_gauss, gauss = np.random.get_state()  # type: ignore[misc]
+    state = np.random.get_state(legacy=True)
+    if not isinstance(state, tuple):  # only when numpy's global generator is not a Mersenne Twister
+        raise TypeError(f"numpy's global random state is not a legacy Mersenne Twister state: {type(state).__name__}")
+    kind, keys, position, has_gauss, gauss = state
     numpy_state = [kind, keys.tolist(), int(position), int(has_gauss), float(gauss)]
     version, internal, gauss_next = random.getstate()
     return {"numpy": numpy_state, "python": [version, list(internal), gauss_next]}, th.get_rng_state()
@@ -242,7 +248,9 @@ def read_archive(path: str | os.PathLike[str], device: th.device | str = "cpu") 
     return metadata, tensors
 
 
-def convert_sb3_archive(path: str | os.PathLike[str], output: str | os.PathLike[str], algorithm: type) -> Path:
+def convert_sb3_archive(
+    path: str | os.PathLike[str], output: str | os.PathLike[str], algorithm: type[SafeAlgorithmMixin]
+) -> Path:
     """Convert a model saved in Stable-Baselines3's format (sb3_metacpo before the safe format) into the safe one.
 
     This runs SB3's loader, which unpickles the archive's ``data``: only do it for a file you trust.

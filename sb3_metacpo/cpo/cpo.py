@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any, ClassVar, Literal, TypeVar
 
@@ -30,9 +31,17 @@ from sb3_metacpo.common.cpo_update import CPOConfig, Params, PreparedBatch, cpo_
 from sb3_metacpo.common.envs import SafeEnv, make_safe_vec_env
 from sb3_metacpo.common.policies import CPOPolicy
 from sb3_metacpo.common.profiling import phase
-from sb3_metacpo.common.rollouts import EpisodeRecord, RolloutSampler, RolloutStorage, TaskBatch
+from sb3_metacpo.common.rollouts import (
+    EpisodeRecord,
+    RolloutSampler,
+    RolloutStorage,
+    TaskBatch,
+    array_observations,
+    box_space,
+)
 from sb3_metacpo.common.safe_algorithm import DEFAULT_COST_LIMIT, SafeAlgorithmMixin
 from sb3_metacpo.tasks.base import TaskDistribution, list_task_distributions, make_task_distribution
+from sb3_metacpo.tasks.monitor import episode_cost
 
 SelfCPO = TypeVar("SelfCPO", bound="CPO")
 #: Numeric constructor arguments (numpy scalars are turned into Python numbers once validated).
@@ -56,7 +65,9 @@ _NUMERIC_HYPERPARAMETERS = (
 __all__ = ["CPO", "DEFAULT_COST_LIMIT"]
 
 
-class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):
+# misc: save() returns the Path it wrote and save/load take paths only (the safe archive), deliberately narrower than
+# BaseAlgorithm's (None, file objects too); the mixin's own "type: ignore[override]" cannot reach the combined class.
+class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):  # type: ignore[misc]
     """Constrained Policy Optimization: trust-region policy steps that keep the expected episode cost under a limit.
 
     Every update solves CPO's convex program (the shared step of :mod:`sb3_metacpo.common.cpo_step`: the TRPO step
@@ -284,25 +295,29 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):
         """Collect ``n_rollout_steps`` steps per env into a :class:`RolloutStorage`; episodes run on across rollouts."""
         assert self._last_obs is not None
         self.policy.set_training_mode(False)
+        observation_space = box_space(self.observation_space, "observation")
+        action_space = box_space(self.action_space, "action")
         storage = RolloutStorage(
-            n_rollout_steps, env.num_envs, self.observation_space.shape, self.action_space.shape, self.constraints.names
+            n_rollout_steps, env.num_envs, observation_space.shape, action_space.shape, self.constraints.names
         )
         episodes: list[EpisodeRecord] = []
-        low, high = self.action_space.low, self.action_space.high  # type: ignore[attr-defined]
+        low, high = action_space.low, action_space.high
         callback.on_rollout_start()
         act = self.policy.numpy_actor({name: value.unsqueeze(0) for name, value in self.policy.actor_params().items()})
         with phase("sampling"):
             for t in range(n_rollout_steps):
-                actions = act(self._last_obs)  # type: ignore[arg-type]
-                new_obs, rewards, dones, infos = env.step(np.clip(actions, low, high))
+                last_obs = array_observations(self._last_obs)
+                actions = act(last_obs)
+                vec_obs, rewards, dones, infos = env.step(np.clip(actions, low, high))
+                new_obs = array_observations(vec_obs)
                 self.num_timesteps += env.num_envs
                 callback.update_locals(locals())
                 if not callback.on_step():
                     return False
                 self._update_info_buffer(infos, dones)
-                ended = storage.add(t, self._last_obs, actions, rewards, new_obs, dones, infos)
+                ended = storage.add(t, last_obs, actions, rewards, new_obs, dones, infos)
                 episodes.extend(episode for _, episode in ended)
-                self._last_obs = new_obs  # type: ignore[assignment]
+                self._last_obs = new_obs
                 self._last_episode_starts = dones
         self._rollout = storage.batch(None, slice(None), episodes, first_steps=self._episode_step_at_rollout_start)
         # Episodes run on across rollouts: where each env's current episode stands for the next rollout.
@@ -362,13 +377,22 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):
         )
 
     def _update_info_buffer(self, infos: list[dict[str, Any]], dones: np.ndarray | None = None) -> None:
-        """SB3's episode statistics, plus each episode's named cost sums (``info["episode_costs"]``)."""
+        """SB3's episode statistics, plus each episode's cost (``"c"``, also when a plain SB3 ``Monitor`` outside the
+        :class:`CostMonitor` rebuilt ``info["episode"]`` without it, as ``make_vec_env`` does) and its named cost
+        sums (``info["episode_costs"]``)."""
         super()._update_info_buffer(infos, dones)
         assert self.ep_info_buffer is not None
         ended = [info for info in infos if "episode" in info]
         for offset, info in enumerate(ended):  # SB3 appended them in this order
             entry = self.ep_info_buffer[len(self.ep_info_buffer) - len(ended) + offset]
-            entry["episode_costs"] = info.get("episode_costs", {"cost": info["episode"]["c"]})
+            cost = episode_cost(info)
+            if cost is None:
+                raise KeyError(
+                    "the env reports no episode cost: wrap each env in sb3_metacpo.tasks.monitor.CostMonitor "
+                    "(SB3's Monitor alone drops it), or build it with TaskDistribution.make_env"
+                )
+            entry["c"] = cost
+            entry["episode_costs"] = info.get("episode_costs", {"cost": cost})
 
     # --- adaptation: fine-tuning by the same CPO updates, on a per-batch linear baseline ------------------------
     def _adaptation_defaults(self) -> tuple[int, int]:
@@ -401,5 +425,14 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):
             self.reset_adaptation()
         return super().learn(int(total_timesteps), callback, log_interval, tb_log_name, reset_num_timesteps, progress_bar)
 
-    def _use_env_after_load(self, env: Any, force_reset: bool) -> None:
+    def _use_env_after_load(self, env: Any, force_reset: bool, overridden: set[str]) -> None:
+        if self.n_envs_requested > 1 and "n_envs" not in overridden and not isinstance(env, (gym.Env, VecEnv)):
+            # An env the model builds (a task to fine-tune on, a distribution, an id) gets the saved number of envs,
+            # and an update is n_steps steps of each: say so, as a run meant for one env would take n_envs x longer.
+            warnings.warn(
+                f"{type(self).__name__}.load builds {self.n_envs_requested} envs for the {type(env).__name__} "
+                f"(the saved n_envs): one update is n_steps x n_envs = {self.n_steps * self.n_envs_requested} env "
+                "steps. Pass n_envs= to load to choose the number of envs",
+                stacklevel=3,
+            )
         self.set_env(env, force_reset)

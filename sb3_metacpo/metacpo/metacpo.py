@@ -74,7 +74,9 @@ _NUMERIC_HYPERPARAMETERS = (
 )
 
 
-class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):
+# misc: save() returns the Path it wrote and save/load take paths only (the safe archive), deliberately narrower than
+# BaseAlgorithm's (None, file objects too); the mixin's own "type: ignore[override]" cannot reach the combined class.
+class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):  # type: ignore[misc]
     """Meta-CPO (Cho & Sun, AAAI-24): MAML-style meta-learning where every inner and outer update is a CPO step.
 
     Each meta-iteration samples ``meta_batch_size`` training tasks. Per task, ``n_inner_updates`` CPO steps adapt a
@@ -453,7 +455,7 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):
         )
         with phase("meta_gradient"):
             value = objective.value([adaptation.stages for adaptation in adaptations])
-            reward_grad, cost_grads = objective.gradients(value, theta.values())
+            reward_grad, cost_grads = objective.gradients(value, list(theta.values()))
         result = self._outer_step(objective, theta, value, reward_grad, cost_grads)
         self._write_back(theta, add_flat(detached(theta), result.step.detach()))
         with phase("critic_training"):
@@ -584,7 +586,7 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):
         self.logger.record("time/total_timesteps", self.num_timesteps, exclude="tensorboard")
         self.logger.dump(step=self.num_timesteps)
 
-    def _use_env_after_load(self, env: Any, force_reset: bool) -> None:
+    def _use_env_after_load(self, env: Any, force_reset: bool, overridden: set[str]) -> None:
         self.set_task_distribution(env)
 
     def _sampler_rng_states(self) -> dict[str, Any]:

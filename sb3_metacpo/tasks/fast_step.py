@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mujoco
 import numpy as np
@@ -123,8 +123,8 @@ class _ModelIndex:
         self.movers: list[Callable[[], None]] = []
         for mocap in task._mocaps.values():
             if type(mocap) is Gremlins:
-                bodies = body_ids("gremlin{i}mocap", mocap.num)
-                self.movers.append(functools.partial(self._move_gremlins, task, mocap, model.body_mocapid[bodies]))
+                gremlins = body_ids("gremlin{i}mocap", mocap.num)
+                self.movers.append(functools.partial(self._move_gremlins, task, mocap, model.body_mocapid[gremlins]))
             else:
                 self.movers.append(mocap.move)
 
@@ -177,7 +177,8 @@ class _ModelIndex:
         self.lidar_extra = [(group, fn) for group, fn in enumerate(lidar_positions) if not isinstance(fn, np.ndarray)]
 
         space = task.obs_info.obs_space_dict
-        copy_src, copy_dst = [], []
+        copy_src: list[int] = []
+        copy_dst: list[int] = []
         self.angles: list[tuple[int, int]] = []  # (sensor address, first output index)
         self.quats: list[tuple[int, int]] = []
         self.lidar_dst: list[tuple[int, int]] = []  # (lidar group, first output index)
@@ -314,7 +315,8 @@ class FastStepMixin:
     instance layout (an existing task object can take it: :func:`~sb3_metacpo.tasks.safety_gym.fast_standard_env`),
     and copies the replacements into the class itself, where they take precedence."""
 
-    __slots__ = ()  # no instance layout of its own
+    if not TYPE_CHECKING:  # mypy reads the class without: the attributes below live in the upstream task's __dict__
+        __slots__ = ()  # no instance layout of its own
 
     _fast_upstream: Any = None  # the upstream class, whose methods are the fallbacks
 
@@ -494,7 +496,7 @@ _REPLACED = ("reset", "simulation_forward", "calculate_cost", "obs", "dist_goal"
 
 
 @functools.cache
-def fast_task_class(base: type) -> type:
+def fast_task_class(base: type[Any]) -> type:
     """``base`` (an upstream navigation task class, or a subclass) with :class:`FastStepMixin`'s per-step methods
     wherever ``base`` has upstream's own method (a method ``base`` overrides stays ``base``'s)."""
     import_safety_gymnasium()

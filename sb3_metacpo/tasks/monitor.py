@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Mapping
 from typing import Any, SupportsFloat
 
 import gymnasium as gym
@@ -16,6 +17,22 @@ TOTAL_COST = "cost"
 def is_cost_key(key: str) -> bool:
     """Whether an info key is a per-step cost signal: ``cost`` or ``cost_<type>`` (safety-gymnasium's names)."""
     return key == TOTAL_COST or key.startswith(f"{TOTAL_COST}_")
+
+
+def episode_cost(info: Mapping[str, Any]) -> float | None:
+    """The total cost of the episode that ended at this step (None when no :class:`CostMonitor` reported one).
+
+    :class:`CostMonitor` puts it in ``info["episode"]["c"]`` and, through :class:`EpisodeCostRecorder`, in
+    ``info["c"]``. The latter survives a plain SB3 ``Monitor`` wrapped *outside* the CostMonitor, which rebuilds
+    ``info["episode"]`` with ``r``, ``l`` and ``t`` only: SB3's ``make_vec_env`` adds one around every env, so
+    ``make_vec_env(lambda: distribution.make_env(task))`` has one.
+    """
+    episode = info.get("episode")
+    if isinstance(episode, Mapping) and "c" in episode:
+        return float(episode["c"])
+    if "c" in info:
+        return float(info["c"])
+    return None
 
 
 class EpisodeCostRecorder(gym.Wrapper):

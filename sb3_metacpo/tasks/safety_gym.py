@@ -309,7 +309,7 @@ def fast_standard_env(env: gym.Env) -> gym.Env:
     if not isinstance(builder, Builder):
         return env
     task = builder.task
-    kind = type(task)
+    kind: type = type(task)
     standard = kind.__module__.startswith("safety_gymnasium.tasks.safe_navigation.") and kind.__name__.startswith(
         _STANDARD_TASKS
     )

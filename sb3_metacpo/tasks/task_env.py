@@ -51,7 +51,7 @@ class TaskEnv(gym.Wrapper):
 
     def episode_rng_state(self) -> dict[str, Any]:
         """The state of the episode-seed stream (JSON-serialisable)."""
-        return self._episode_rng.bit_generator.state
+        return dict(self._episode_rng.bit_generator.state)
 
     def set_episode_rng_state(self, state: dict[str, Any]) -> None:
         """Continue the episode-seed stream from ``state`` (of :meth:`episode_rng_state`)."""

@@ -61,7 +61,7 @@ class Toy2DNavEnv(gym.Env):
     step whose move is longer than ``speed_limit * STEP_SIZE``); ``cost`` is their sum, as in safety-gymnasium.
     """
 
-    metadata: ClassVar[dict[str, Any]] = {"render_modes": ["rgb_array"], "render_fps": 10}
+    metadata: dict[str, Any] = {"render_modes": ["rgb_array"], "render_fps": 10}  # gymnasium: an instance variable
 
     def __init__(
         self,
@@ -125,7 +125,8 @@ class Toy2DNavEnv(gym.Env):
             info["cost"] = in_hazard + too_fast
         return self._observation(), reward, False, False, info
 
-    def render(self) -> np.ndarray:
+    # gymnasium types render() with a TypeVar (RenderFrame) bound nowhere, which no concrete frame type matches
+    def render(self) -> np.ndarray:  # type: ignore[override]
         """A top-down RGB image: goal green, hazards blue, the point red."""
         size = 128
         scale = size / (2 * ARENA)

@@ -1,0 +1,121 @@
+"""SafeEvalCallback: reward and cost on held-out tasks (after adaptation for the meta-algorithms), the best model under
+the cost limit, and an EvalCallback-style npz with the costs."""
+
+import csv
+
+import numpy as np
+import pytest
+from stable_baselines3 import PPO
+from stable_baselines3.common.logger import configure
+
+import sb3_metacpo.common.callbacks as callbacks_module
+from sb3_metacpo import CPO, MetaCPO, make_task_distribution
+from sb3_metacpo.common.callbacks import SafeEvalCallback
+from sb3_metacpo.common.evaluation import AdaptationRecord
+
+TINY_META = dict(meta_batch_size=2, n_steps=100, seed=0, policy_kwargs=dict(net_arch=[16]))
+
+
+def toy():
+    return make_task_distribution("Toy2DNav", seed=0, max_episode_steps=50)
+
+
+def test_meta_cpo_evaluated_after_adaptation_with_costs_in_the_npz(tmp_path):
+    dist = toy()
+    model = MetaCPO("MlpPolicy", dist, **TINY_META)
+    model.set_logger(configure(str(tmp_path / "log"), ["csv"]))
+    tasks = dist.test_tasks(2)
+    callback = SafeEvalCallback(
+        tasks,
+        eval_freq=1,
+        n_updates=1,
+        n_steps=100,
+        n_eval_episodes=1,
+        best_model_save_path=tmp_path / "best",
+        log_path=tmp_path / "evals",
+    )
+    model.learn(800, callback=callback)
+
+    data = np.load(tmp_path / "evals" / "evaluations.npz")
+    assert data["timesteps"].tolist() == [400, 800]  # after each of the 2 meta-iterations (the last at training end)
+    for key in ("results", "costs", "pre_adapt_results", "pre_adapt_costs"):
+        assert data[key].shape == (2, len(tasks)) and np.isfinite(data[key]).all(), key
+    assert (data["costs"] >= 0).all() and float(data["cost_limit"]) == model.effective_cost_limit
+    under = data["costs"].mean(axis=1) <= model.effective_cost_limit
+    assert data["under_limit"].tolist() == under.tolist()
+
+    # the best model is the best reward among the evaluations under the limit
+    means = data["results"].mean(axis=1)
+    if under.any():
+        best = int(np.flatnonzero(under)[np.argmax(means[under])])
+        assert callback.best_mean_reward == pytest.approx(means[best])
+        assert callback.best_timestep == data["timesteps"][best]
+        assert MetaCPO.load(callback.best_model_path).num_timesteps == data["timesteps"][best]
+    else:
+        assert callback.best_timestep is None and not callback.best_model_path.exists()
+
+    with open(tmp_path / "log" / "progress.csv", newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if row.get("eval/mean_cost")]
+    assert [int(row["time/total_timesteps"]) for row in rows] == [400, 800]
+    assert all(row["eval/pre_adapt_mean_reward"] and row["eval/under_limit"] in ("0.0", "1.0") for row in rows)
+
+
+def fake_meta_evaluate(outcomes):
+    """A meta_evaluate returning the given (reward, cost) per call, for both tasks and every update."""
+    queue = list(outcomes)
+
+    def evaluate(model, tasks, n_updates, n_steps, n_eval_episodes, deterministic=False):
+        reward, cost = queue.pop(0)
+        return [AdaptationRecord(task, k, reward, cost, 1) for task in tasks for k in range(n_updates + 1)]
+
+    return evaluate
+
+
+def test_the_best_model_is_the_best_reward_under_the_limit(tmp_path, monkeypatch):
+    # (reward, cost) of five evaluations against a limit of 5: the highest rewards are over the limit
+    outcomes = [(10.0, 9.0), (1.0, 2.0), (50.0, 5.5), (3.0, 5.0), (2.0, 0.0)]
+    monkeypatch.setattr(callbacks_module, "meta_evaluate", fake_meta_evaluate(outcomes))
+    dist = toy()
+    model = CPO("MlpPolicy", dist, n_steps=50, seed=0, policy_kwargs=dict(net_arch=[8]))
+    callback = SafeEvalCallback(
+        dist.test_tasks(2), eval_freq=1, cost_limit=5.0, best_model_save_path=tmp_path, log_path=tmp_path
+    )
+    saved = []
+    model.save = lambda path: saved.append((model.num_timesteps, path))
+    model.learn(250, callback=callback)
+
+    assert callback.n_updates == 0  # CPO is evaluated as trained
+    assert callback.evaluations_under_limit == [False, True, False, True, True]
+    assert callback.best_mean_reward == 3.0 and callback.best_timestep == 200
+    assert saved == [(100, tmp_path / "best_model.zip"), (200, tmp_path / "best_model.zip")]
+    data = np.load(tmp_path / "evaluations.npz")
+    assert data["results"][:, 0].tolist() == [r for r, _ in outcomes]
+    assert data["costs"][:, 1].tolist() == [c for _, c in outcomes]
+    assert np.array_equal(data["pre_adapt_costs"], data["costs"])  # no adaptation
+
+
+def test_nothing_is_saved_while_every_evaluation_is_over_the_limit(tmp_path, monkeypatch):
+    monkeypatch.setattr(callbacks_module, "meta_evaluate", fake_meta_evaluate([(100.0, 30.0), (200.0, 26.0)]))
+    dist = toy()
+    model = CPO("MlpPolicy", dist, n_steps=50, seed=0, policy_kwargs=dict(net_arch=[8]))
+    callback = SafeEvalCallback(dist.test_tasks(1), eval_freq=1, cost_limit=25.0, best_model_save_path=tmp_path)
+    model.learn(100, callback=callback)
+    assert callback.best_timestep is None and callback.best_mean_reward == -np.inf
+    assert not (tmp_path / "best_model.zip").exists()
+
+
+def test_bad_arguments_and_foreign_models():
+    tasks = toy().test_tasks(1)
+    for kwargs, message in [
+        (dict(eval_freq=0), "eval_freq must be a positive integer"),
+        (dict(n_updates=-1), "n_updates must be None or an integer >= 0"),
+        (dict(n_eval_episodes=0), "n_eval_episodes must be a positive integer"),
+        (dict(cost_limit=float("nan")), "cost_limit must be None or a finite number"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            SafeEvalCallback(tasks, **kwargs)
+    with pytest.raises(ValueError, match="at least one held-out task"):
+        SafeEvalCallback([])
+    model = PPO("MlpPolicy", "Pendulum-v1", n_steps=64, batch_size=64, seed=0)
+    with pytest.raises(TypeError, match="needs a model of this package"):
+        model.learn(64, callback=SafeEvalCallback(tasks))
