@@ -285,3 +285,29 @@ def test_batched_pseudo_lidar_is_upstreams(max_dist, alias, monkeypatch):
             task.lidar_conf,
         )
         np.testing.assert_array_equal(batch, expected)
+
+
+def test_a_replaced_world_is_freed_without_the_cyclic_garbage_collector():
+    """Switching task replaces the world: the old one (its MuJoCo model and data, hundreds of MB over a run) must be
+    freed by reference counting, not left to the cyclic collector (a reference cycle through the fast step's index
+    held one dead world per task switch until a full collection, GBs over a long meta-training run)."""
+    import gc
+    import weakref
+
+    from sb3_metacpo.tasks.task_env import TaskEnv
+
+    dist = make_task_distribution("PointGoalHazard", seed=0, max_episode_steps=20)
+    env = dist.make_env(dist.sample(1)[0])
+    task_env = env
+    while not isinstance(task_env, TaskEnv):
+        task_env = task_env.env
+    env.reset(seed=0)
+    env.step(env.action_space.sample())  # builds the fast step's index
+    old_world = weakref.ref(task_env.env.unwrapped.task)
+    gc.disable()
+    try:
+        task_env.set_task(dist.sample(1)[0])
+        assert old_world() is None
+    finally:
+        gc.enable()
+    env.close()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -79,6 +80,10 @@ class _ModelIndex:
     at every reset; ``FAST_RESET`` keeps it)."""
 
     def __init__(self, task: Any, model: Any) -> None:
+        # The task keeps this index (``_fast_index_cache``) and the index's bound functions keep the task: a weak
+        # proxy breaks that cycle, so a replaced world (a new task, a rebuilt model) is freed at once, not by the
+        # cyclic garbage collector (which let a long meta-training run hold one dead world per task switch: GBs).
+        task = weakref.proxy(task)
         from safety_gymnasium.assets.free_geoms import Vases
         from safety_gymnasium.assets.geoms import Buttons, Circle, Goal, Hazards, Sigwalls
         from safety_gymnasium.assets.mocaps import Gremlins
