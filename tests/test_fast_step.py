@@ -304,10 +304,12 @@ def test_a_replaced_world_is_freed_without_the_cyclic_garbage_collector():
     env.reset(seed=0)
     env.step(env.action_space.sample())  # builds the fast step's index
     old_world = weakref.ref(task_env.env.unwrapped.task)
+    old_index = weakref.ref(task_env.env.unwrapped.task._fast_index_cache)  # holds the compiled model
     gc.disable()
     try:
         task_env.set_task(dist.sample(1)[0])
         assert old_world() is None
+        assert old_index() is None
     finally:
         gc.enable()
     env.close()

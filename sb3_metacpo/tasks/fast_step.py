@@ -77,7 +77,15 @@ def pseudo_lidar(
 class _ModelIndex:
     """What the fast path needs to know about one compiled model: body, sensor and mocap ids, geom-name masks and the
     layout of the flat observation. Rebuilt whenever the task's model object changes (upstream compiles a new one
-    at every reset; ``FAST_RESET`` keeps it)."""
+    at every reset; ``FAST_RESET`` keeps it).
+
+    Its lists hold functions bound to itself (a reference cycle) and it holds the compiled model: :meth:`release`
+    empties it when it is replaced or its task dies, so the model is freed at once rather than by the cyclic
+    garbage collector."""
+
+    def release(self) -> None:
+        """Drop everything (the bound functions, the model): breaks the index's own reference cycle."""
+        self.__dict__.clear()
 
     def __init__(self, task: Any, model: Any) -> None:
         # The task keeps this index (``_fast_index_cache``) and the index's bound functions keep the task: a weak
@@ -338,7 +346,10 @@ class FastStepMixin:
         model = self.model  # type: ignore[attr-defined]
         index = self._fast_index_cache
         if index is None or index.model is not model:
+            if index is not None:
+                index.release()
             index = self._fast_index_cache = _ModelIndex(self, model)
+            weakref.finalize(self, index.release)  # the task dies: free the index and its model with it
         return index
 
     def reset(self) -> None:
