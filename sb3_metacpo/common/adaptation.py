@@ -12,6 +12,7 @@ settings); CPO adapts its policy (fine-tuning by the same CPO updates), so bench
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, runtime_checkable
@@ -89,7 +90,7 @@ def step_locals(step: VecStep) -> dict[str, Any]:
     }
 
 
-class AdaptationMixin:
+class AdaptationMixin(ABC):
     """The adaptation API of an algorithm with a :class:`CPOPolicy` (mixed into CPO and MetaCPO)."""
 
     policy: CPOPolicy
@@ -105,15 +106,17 @@ class AdaptationMixin:
     constraints: CostConstraints
     task_distribution: TaskDistribution | None
 
+    @abstractmethod
     def _adaptation_defaults(self) -> tuple[int, int]:
         """(updates, env steps per update) of :meth:`adapt` when not given."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _adaptation_config(self) -> CPOConfig:
-        raise NotImplementedError
+        """The settings of the adaptation updates (MetaCPO: its inner ones; CPO: its own)."""
 
+    @abstractmethod
     def _prepare_adaptation_batch(self, batch: TaskBatch, params: Params, episode_length: int) -> PreparedBatch:
-        raise NotImplementedError
+        """Advantages and constraint values of an adaptation batch (each algorithm picks its baseline)."""
 
     # --- acting -----------------------------------------------------------------------------------------------
     def _act_fn(self, params_per_task: Sequence[Params], deterministic: bool = False) -> ActFn:

@@ -179,17 +179,19 @@ def constrained_step(
     v = solves[0].x
     W = None if A is None else torch.stack([solve.x for solve in solves[1:]])
     q = g @ v
+    r = S = None
     if W is None or A is None or b is None:
         with phase("dual_solve"):
             solution = cpo_direction(v, None, q, None, None, None, config.target_kl, solver=config.dual_solver)
     else:
+        r, S = W @ g, A @ W.T
         with phase("dual_solve"):
             solution = cpo_direction(
                 v,
                 W,
                 q,
-                W @ g,
-                A @ W.T,
+                r,
+                S,
                 b,
                 config.target_kl,
                 solver=config.dual_solver,
@@ -213,10 +215,9 @@ def constrained_step(
     )
     if not bool(torch.isfinite(x.detach()).all()):
         return replace(rejected, rejection="non-finite step")
-    if W is not None and A is not None and solution.case == "dual":
-        with torch.no_grad():
-            q_value, r, s = float(q), (W @ g).tolist(), torch.diagonal(A @ W.T).tolist()
-        for j, (r_j, s_j, nu_j, used) in enumerate(zip(r, s, rejected.nu, rejected.informative, strict=True)):
+    if r is not None and S is not None and solution.case == "dual":
+        q_value, r_values, s_values = float(q.detach()), r.detach().tolist(), torch.diagonal(S.detach()).tolist()
+        for j, (r_j, s_j, nu_j, used) in enumerate(zip(r_values, s_values, rejected.nu, rejected.informative, strict=True)):
             if used and nu_j > 0 and q_value > 0 and r_j / math.sqrt(q_value * s_j) >= PARALLEL_COSINE:
                 return replace(rejected, rejection=f"parallel reward and cost gradients (constraint {j})")
     if not bool((x.detach() != 0).any()):

@@ -158,7 +158,8 @@ class RolloutStorage:
     ) -> list[tuple[int, EpisodeRecord]]:
         """Store step ``t`` (``next_observations`` as returned by the VecEnv, i.e. already reset where done);
         returns ``(env index, episode)`` for every episode that ended at this step."""
-        _check_finite(t, "observation", observations)
+        if t == 0:  # later observations are the previous step's next observations, checked there
+            _check_finite(t, "observation", observations)
         _check_finite(t, "reward", rewards)
         _check_finite(t, "next observation", next_observations)
         self.observations[t] = observations
@@ -181,6 +182,7 @@ class RolloutStorage:
                 is_truncated = info.get("TimeLimit.truncated", False)
                 self.truncated[t, index] = is_truncated
                 self.terminated[t, index] = not is_truncated
+                _check_finite(t, "terminal observation", np.asarray(info["terminal_observation"])[None], index)
                 self.next_observations[t, index] = info["terminal_observation"]
                 cost = episode_cost(info)
                 if "episode" not in info or cost is None:
@@ -188,8 +190,6 @@ class RolloutStorage:
                         "the env reports no episode cost: wrap each env in sb3_metacpo.tasks.monitor.CostMonitor "
                         "(SB3's Monitor alone drops it), or build it with TaskDistribution.make_env"
                     )
-                if "terminal_observation" in info:
-                    _check_finite(t, "terminal observation", np.asarray(info["terminal_observation"])[None], index)
                 episode = info["episode"]
                 episode_costs = info.get("episode_costs", {TOTAL_COST: cost})
                 missing = [name for name in self.cost_names if name not in episode_costs]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import os
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -53,7 +54,7 @@ CPO_CASE_CODES: dict[str, int] = {"trpo": 0, "dual": 1, "recovery": 2, "skipped"
 DEFAULT_COST_LIMIT = 25.0
 
 
-class SafeAlgorithmMixin:
+class SafeAlgorithmMixin(ABC):
     """Mixed into SB3 algorithms that update their actor by CPO steps; expects the hyperparameters as attributes."""
 
     cost_limit: float | Mapping[str, float] | None
@@ -189,7 +190,8 @@ class SafeAlgorithmMixin:
         return {}
 
     def _set_sampler_rng_states(self, states: Mapping[str, Any]) -> None:
-        """Restore :meth:`_sampler_rng_states` (the samplers exist by then)."""
+        """Restore :meth:`_sampler_rng_states` (the samplers exist by then); by default there is none to restore."""
+        del states
 
     def save(self, path: str | os.PathLike[str], exclude: Any = None, include: Any = None) -> Path:  # type: ignore[override]
         """Save everything needed to use the model and to continue training it exactly: constructor arguments,
@@ -297,9 +299,9 @@ class SafeAlgorithmMixin:
             model._remember_task_distribution(distribution)
         return model
 
+    @abstractmethod
     def _use_env_after_load(self, env: Any, force_reset: bool, overridden: set[str]) -> None:
         """Train and adapt on ``env`` after loading (``overridden``: the constructor arguments given to ``load``)."""
-        raise NotImplementedError
 
     def _restore(self, metadata: Mapping[str, Any], tensors: Mapping[str, Any]) -> None:
         """Rebuild the model of an archive: spaces, task distribution (and its stream), networks, optimiser,
