@@ -53,6 +53,7 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "n_steps": 1000,
         "n_updates": 2,
         "inner_target_kl": 0.02,
+        "outer_target_kl": 0.01,
         "n_test_tasks": 5,
         "eval_episodes": 50,
     },
@@ -64,6 +65,7 @@ NAVIGATION = {
     "n_steps": 5000,
     "n_updates": 1,
     "inner_target_kl": 0.02,
+    "outer_target_kl": 0.01,
     "n_test_tasks": 3,
     "eval_episodes": 20,
 }
@@ -104,6 +106,7 @@ def build(name: str, spec: tuple[Any, dict[str, Any]], args: argparse.Namespace,
         n_inner_updates=args.n_updates,
         n_steps=n_steps,
         inner_target_kl=args.inner_target_kl,
+        outer_target_kl=args.outer_target_kl,
         seed=seed,
     )
     kwargs.update({key: value for key, value in overrides.items() if key != "n_steps"})
@@ -182,7 +185,8 @@ def summarise(rows: list[dict[str, Any]], training: dict[str, dict[str, Any]], a
         f"Seeds {args.seeds}; {args.n_test_tasks} tasks per held-out set; budget {args.budget} env steps per trained "
         f"method; {args.meta_batch_size} tasks per meta-iteration; batches of {args.n_steps} env steps; K = "
         f"{args.n_updates} inner updates in meta-training and {args.n_updates} adaptation updates; adaptation trust "
-        f"region {args.inner_target_kl}; {args.eval_episodes} evaluation episodes of the stochastic policy per task and "
+        f"region {args.inner_target_kl} (CPO's training steps too), meta trust region "
+        f"{getattr(args, 'outer_target_kl', 0.01)}; {args.eval_episodes} evaluation episodes of the stochastic policy per task and "
         "stage, on the same start states for every method.",
         "",
         "Return and cost: mean over seeds of the task means, ± the 95 % t-interval over seeds. Paid: the mean episode "
