@@ -10,8 +10,9 @@ In one run, on the same M tasks with E DummyVecEnv envs per task (``--envs-per-t
    meta-gradient backward, outer step, outer line search), and the dual solve plus its backward against an inner
    update;
 4. with ``--scaling``, seconds per meta-iteration as tasks per iteration, inner updates and policy size grow;
-5. with ``--env-id``, CPO against sb3-contrib TRPO on one standard env, both with their defaults (1 env, 2048 steps
-   per update).
+5. with ``--env-id``, CPO and sb3-contrib TRPO on one standard id, both with their defaults (1 env, 2048 steps per
+   update), as ratios of the raw env (ours and stock safety-gymnasium), in CPU seconds; ``--env-id-only`` skips the
+   rest.
 
     python benchmarks/throughput.py --family PointGoalHazard --scaling --env-id SafetyPointGoal1Gymnasium-v0
     python benchmarks/throughput.py --family HalfCheetahVelocity --scaling
@@ -78,11 +79,60 @@ def timed_learn(model: Any, steps_per_iteration: int, iterations: int) -> tuple[
     return steps_per_iteration * iterations / seconds, times
 
 
-def cpo_against_trpo(env_id: str, iterations: int) -> tuple[float, float]:
-    """``learn()`` env steps/s of CPO and sb3-contrib TRPO on ``env_id`` (the same VecEnv stack, SB3 defaults)."""
-    cpo = CPO("MlpPolicy", env_id, seed=0)
-    trpo = TRPO("MlpPolicy", CPO("MlpPolicy", env_id, seed=0).env, seed=0)  # CPO's env stack: cost monitor and all
-    return timed_learn(cpo, cpo.n_steps, iterations)[0], timed_learn(trpo, trpo.n_steps, iterations)[0]
+def standard_env_table(env_id: str, iterations: int, rounds: int = 3) -> list[str]:
+    """CPO and sb3-contrib TRPO on one standard id against the raw env, in one run and in CPU seconds of this
+    process (this machine is shared; CPU time is what our code costs, whatever else runs), median of ``rounds``
+    interleaved rounds: the raw env with random actions through the library (fast step on) and stock
+    (safety-gymnasium's own code, ``FAST_STEP``/``FAST_RESET`` off), ``learn()`` of CPO and of TRPO on the library's
+    env stack (2048 steps per update, the defaults of both) and of TRPO on the stock env."""
+    from sb3_metacpo.tasks import safety_gym
+
+    def raw(fast: bool) -> float:
+        safety_gym.FAST_STEP = safety_gym.FAST_RESET = fast
+        env = CPO("MlpPolicy", env_id, seed=0).env  # the env stack CPO builds (cost monitor and all)
+        safety_gym.FAST_STEP = safety_gym.FAST_RESET = True
+        rng = np.random.default_rng(0)
+        env.reset()
+        steps = 2048 * iterations
+        start = time.process_time()
+        for _ in range(steps):
+            env.step(rng.uniform(-1, 1, (1, *env.action_space.shape)).astype(np.float32))
+        seconds = time.process_time() - start
+        env.close()
+        return steps / seconds
+
+    def learn(kind: str, fast: bool) -> float:
+        safety_gym.FAST_STEP = safety_gym.FAST_RESET = fast
+        env = CPO("MlpPolicy", env_id, seed=0).env
+        safety_gym.FAST_STEP = safety_gym.FAST_RESET = True
+        model = CPO("MlpPolicy", env, seed=0) if kind == "CPO" else TRPO("MlpPolicy", env, seed=0)
+        model.learn(model.n_steps)  # warm-up update
+        start = time.process_time()
+        model.learn(model.n_steps * iterations, reset_num_timesteps=False)
+        return model.n_steps * iterations / (time.process_time() - start)
+
+    runs = {
+        "raw env, random actions, ours (the limit)": lambda: raw(True),
+        "raw env, random actions, stock": lambda: raw(False),
+        "CPO learn(), ours": lambda: learn("CPO", True),
+        "sb3-contrib TRPO learn(), ours": lambda: learn("TRPO", True),
+        "sb3-contrib TRPO learn(), stock env": lambda: learn("TRPO", False),
+    }
+    measured: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            measured[name].append(run())
+    speeds = {name: float(np.median(values)) for name, values in measured.items()}
+    limit = speeds["raw env, random actions, ours (the limit)"]
+    lines = [
+        f"\n{env_id}, 1 env, 2048 steps per update; CPU seconds of this process, median of {rounds} interleaved rounds "
+        f"of {iterations} updates:",
+        f"{'':<40} {'steps/s':>9} {'x limit':>8}",
+    ]
+    lines += [f"{name:<40} {speed:>9.0f} {speed / limit:>8.2f}" for name, speed in speeds.items()]
+    cpo, trpo = speeds["CPO learn(), ours"], speeds["sb3-contrib TRPO learn(), stock env"]
+    lines.append(f"CPO on ours / TRPO on stock = {cpo / trpo:.2f}")
+    return lines
 
 
 def meta_model(dist: TaskDistribution, args: argparse.Namespace, mode: str, **overrides: Any) -> MetaCPO:
@@ -148,11 +198,18 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=2, help="timed iterations after one warm-up")
     parser.add_argument("--scaling", action="store_true", help="also time meta-iterations for growing M, K and net size")
     parser.add_argument("--env-id", help="also time CPO against TRPO on this safety-gymnasium id")
+    parser.add_argument("--env-id-only", action="store_true", help="only the --env-id table")
     parser.add_argument(
         "--fvp-sample-freq", type=int, default=1, help="Fisher products on every k-th sample (TRPO: sub_sampling_factor)"
     )
     args = parser.parse_args()
     th.set_num_threads(1)
+    if args.env_id_only:
+        if not args.env_id:
+            parser.error("--env-id-only needs --env-id")
+        print(f"{platform.machine()}, {platform.python_version()}, torch {th.__version__} (1 thread)")
+        print("\n".join(standard_env_table(args.env_id, args.iterations)))
+        return
     dist = make_task_distribution(args.family, seed=0)
     args.n_steps = args.n_steps or dist.max_episode_steps
     tasks = dist.sample(args.tasks)
@@ -207,11 +264,7 @@ def main() -> None:
     )
 
     if args.env_id:
-        cpo_speed, trpo_speed = cpo_against_trpo(args.env_id, args.iterations)
-        print(
-            f"\n{args.env_id}, 1 env, 2048 steps per update: CPO {cpo_speed:.0f} steps/s, sb3-contrib TRPO "
-            f"{trpo_speed:.0f} steps/s (CPO / TRPO = {cpo_speed / trpo_speed:.2f})"
-        )
+        print("\n".join(standard_env_table(args.env_id, args.iterations)))
 
     if args.scaling:
         print("\nSeconds per second-order meta-iteration (updates only: total minus sampling):")

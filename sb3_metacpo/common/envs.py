@@ -19,7 +19,7 @@ import numpy as np
 from stable_baselines3.common.env_util import is_wrapped
 from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
-from stable_baselines3.common.vec_env.base_vec_env import CloudpickleWrapper
+from stable_baselines3.common.vec_env.base_vec_env import CloudpickleWrapper, VecEnvStepReturn
 from stable_baselines3.common.vec_env.subproc_vec_env import _worker
 
 from sb3_metacpo.tasks.base import Task, TaskDistribution
@@ -147,13 +147,36 @@ class ReportingSubprocVecEnv(SubprocVecEnv):
             self.closed = True
 
 
+class LeanDummyVecEnv(DummyVecEnv):
+    """SB3's ``DummyVecEnv`` whose :meth:`step_wait` returns a shallow copy of each env's info dict where SB3 returns
+    a deep copy of all of them: the same observations, rewards, dones and info entries (``TimeLimit.truncated``,
+    ``terminal_observation``, the costs), without walking every info value at every step (13 % of a first-order
+    meta-iteration on HalfCheetahVelocity). Info dicts are new objects at every step, so later steps never change
+    the ones returned; an env that later mutates an object it returned (a nested info value, an observation array)
+    would show the change (SB3's deep copy would not). The algorithms build it wherever ``DummyVecEnv`` (or nothing)
+    is asked for."""
+
+    def step_wait(self) -> VecEnvStepReturn:
+        for index, env in enumerate(self.envs):
+            obs, reward, terminated, truncated, info = env.step(self.actions[index])
+            done = terminated or truncated
+            info["TimeLimit.truncated"] = truncated and not terminated
+            if done:  # the VecEnv convention: report the last observation in the info, return the next episode's
+                info["terminal_observation"] = obs
+                obs, self.reset_infos[index] = env.reset()
+            self.buf_rews[index], self.buf_dones[index], self.buf_infos[index] = reward, done, info
+            self._save_obs(index, obs)
+        infos = [dict(info) for info in self.buf_infos]
+        return self._obs_from_buf(), np.copy(self.buf_rews), np.copy(self.buf_dones), infos
+
+
 def reporting_vec_env_cls(
     vec_env_cls: type[DummyVecEnv] | type[SubprocVecEnv] | None,
 ) -> type[DummyVecEnv] | type[SubprocVecEnv]:
-    """The VecEnv class to build: :class:`ReportingSubprocVecEnv` for SB3's ``SubprocVecEnv``, ``DummyVecEnv`` for
-    None, any other class as given."""
-    if vec_env_cls is None:
-        return DummyVecEnv
+    """The VecEnv class to build: :class:`ReportingSubprocVecEnv` for SB3's ``SubprocVecEnv``,
+    :class:`LeanDummyVecEnv` for SB3's ``DummyVecEnv`` or None, any other class (e.g. a subclass) as given."""
+    if vec_env_cls is None or vec_env_cls is DummyVecEnv:
+        return LeanDummyVecEnv
     return ReportingSubprocVecEnv if vec_env_cls is SubprocVecEnv else vec_env_cls
 
 
@@ -232,7 +255,7 @@ def make_safe_vec_env(
                     "sb3_metacpo.tasks.monitor.CostMonitor instead"
                 )
             env = CostMonitor(env)
-        return DummyVecEnv([lambda: env])
+        return LeanDummyVecEnv([lambda: env])
     if isinstance(n_envs, bool) or not isinstance(n_envs, (int, np.integer)) or n_envs < 1:
         raise ValueError(f"n_envs must be a positive integer, got {n_envs!r}")
     if isinstance(env, TaskDistribution):

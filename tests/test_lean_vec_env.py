@@ -1,0 +1,59 @@
+"""LeanDummyVecEnv against SB3's DummyVecEnv (the oracle): the same observations, rewards, dones and infos, step by
+step, through terminations, time-limit truncations and resets; info dicts are copies."""
+
+import numpy as np
+from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
+
+from sb3_metacpo.common.envs import LeanDummyVecEnv, ReportingSubprocVecEnv, reporting_vec_env_cls
+from sb3_metacpo.tasks import make_task_distribution
+
+
+def _envs(n: int) -> list:
+    dist = make_task_distribution("Toy2DNav", seed=0)
+    tasks = dist.sample(n)
+    return [lambda task=task: dist.make_env(task) for task in tasks]
+
+
+def _compare(a, b, key: str = "") -> None:
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for name in a:
+            if not (key == "episode" and name == "t"):  # the monitor's wall-clock time
+                _compare(a[name], b[name], name)
+    elif isinstance(a, np.ndarray):
+        np.testing.assert_array_equal(a, b)
+    else:
+        assert a == b
+
+
+def test_lean_steps_exactly_as_sb3_dummy_vec_env():
+    lean, plain = LeanDummyVecEnv(_envs(3)), DummyVecEnv(_envs(3))
+    lean.seed(7)
+    plain.seed(7)
+    np.testing.assert_array_equal(lean.reset(), plain.reset())
+    rng = np.random.default_rng(0)
+    dones_seen = 0
+    for _ in range(250):  # Toy2DNav episodes last 100 steps: several ends per env
+        actions = rng.uniform(-1, 1, (3, *lean.action_space.shape)).astype(np.float32)
+        obs_a, rew_a, done_a, infos_a = lean.step(actions)
+        obs_b, rew_b, done_b, infos_b = plain.step(actions)
+        np.testing.assert_array_equal(obs_a, obs_b)
+        np.testing.assert_array_equal(rew_a, rew_b)
+        np.testing.assert_array_equal(done_a, done_b)
+        for info_a, info_b in zip(infos_a, infos_b, strict=True):
+            _compare(info_a, info_b)
+        dones_seen += int(done_a.sum())
+        for index, info in enumerate(infos_a):
+            assert info is not lean.buf_infos[index]  # the caller may change what it gets
+    assert dones_seen >= 6
+
+
+def test_the_algorithms_build_the_lean_class_for_dummy_vec_env():
+    assert reporting_vec_env_cls(None) is LeanDummyVecEnv
+    assert reporting_vec_env_cls(DummyVecEnv) is LeanDummyVecEnv
+    assert reporting_vec_env_cls(SubprocVecEnv) is ReportingSubprocVecEnv
+
+    class Mine(DummyVecEnv):
+        pass
+
+    assert reporting_vec_env_cls(Mine) is Mine  # a user's own class as given
