@@ -162,3 +162,11 @@ def test_every_python_block_of_the_page_runs(page, tmp_path, monkeypatch):
             exec(compile(shrink(code), f"{page.relative_to(ROOT)}:{line}", "exec"), namespace)
         except Exception as error:
             pytest.fail(f"the python block at {page.relative_to(ROOT)}:{line} fails: {type(error).__name__}: {error}")
+
+
+def test_the_changelog_has_the_current_version_and_is_in_the_toctree():
+    version = (ROOT / "sb3_metacpo" / "version.txt").read_text(encoding="utf-8").strip()
+    assert re.search(rf"^{re.escape(version)}\b", (DOCS / "changelog.rst").read_text(encoding="utf-8"), flags=re.MULTILINE)
+    index = (DOCS / "index.rst").read_text(encoding="utf-8")
+    for page in ("changelog", "guide/quickstart", "guide/custom_tasks", "guide/callbacks", "guide/resuming"):
+        assert re.search(rf"^\s+{page}$", index, flags=re.MULTILINE), page
