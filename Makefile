@@ -7,13 +7,13 @@ STAMP := $(VENV)/.installed
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install demo test docs clean
+.PHONY: install demo test docs docs-inventories clean
 
 $(STAMP): setup.py constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch first, from the constraint, so that nothing later resolves a CUDA build
 	$(BIN)/pip install torch==2.13.0
-	$(BIN)/pip install -e ".[tests,plots]"
+	$(BIN)/pip install -e ".[tests,plots,safety-gym,several-costs,tensorboard,benchmarks]"
 	$(BIN)/pip install --no-deps safety-gymnasium==1.0.0
 	touch $(STAMP)
 
@@ -25,11 +25,16 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check sb3_metacpo tests examples benchmarks
 	$(BIN)/mypy sb3_metacpo
+	$(BIN)/sphinx-build -W -q -b html docs docs/_build/html
 	$(BIN)/python -m pytest tests -ra
 
+# the docs (the tests extra installs what they need), warnings as errors; open docs/_build/html/index.html
 docs: $(STAMP)
-	$(BIN)/pip install -e ".[docs]"
 	$(BIN)/sphinx-build -W -b html docs docs/_build/html
+
+# refresh the intersphinx inventories committed under docs/_intersphinx (needs the network; the build reads them offline)
+docs-inventories:
+	bash docs/_intersphinx/fetch.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info docs/_build

@@ -8,6 +8,8 @@ with open(os.path.join("sb3_metacpo", "version.txt")) as file_handler:
 with open("README.md", encoding="utf-8") as file_handler:
     long_description = file_handler.read()
 
+DOCS = ["sphinx>=7", "sphinx-rtd-theme", "myst-parser"]
+
 setup(
     name="sb3-metacpo",
     version=__version__,
@@ -18,33 +20,51 @@ setup(
     package_data={"sb3_metacpo": ["py.typed", "version.txt", "hyperparams/*.yml"]},
     entry_points={"console_scripts": ["sb3-metacpo=sb3_metacpo.cli:main"]},
     python_requires=">=3.11",
-    # safety-gymnasium 1.0.0 is deliberately absent: its own pins (gymnasium==0.28.1, pygame==2.1.0) cannot be
-    # installed on Python 3.11 next to SB3 2.9. Install it with `pip install --no-deps safety-gymnasium==1.0.0`
-    # (the Makefile does); `sb3_metacpo.tasks.compat` makes it work on this stack.
+    # Required: what `import sb3_metacpo` and training on Toy2DNav need. mujoco is imported by the navigation
+    # families' fast step at import time; pyyaml by the configs; tqdm and rich by the progress bars.
     install_requires=[
         "stable-baselines3>=2.9.2,<3",
-        "sb3-contrib>=2.9.2,<3",
         "torch>=2.8",
-        "cvxpylayers[torch]>=1.2,<2",
-        "cvxpy>=1.9",
         "gymnasium>=0.29.1,<1.0",
         "numpy>=2.0,<2.4",
         "scipy>=1.11",
         "mujoco>=3.3,<3.4",
-        # runtime dependencies of safety-gymnasium (installed by hand because of --no-deps)
-        "xmltodict",
         "pyyaml",
-        "imageio",
         "tqdm",
         "rich",
     ],
     extras_require={
-        "tests": ["pytest>=8", "pytest-timeout", "ruff", "mypy", "matplotlib", "tensorboard"],
-        # learning and adaptation curves, GIFs (imageio is already a dependency)
-        "plots": ["matplotlib"],
+        # safety-gymnasium 1.0.0 itself is deliberately absent: its own pins (gymnasium==0.28.1, pygame==2.1.0)
+        # cannot be installed on Python 3.11 next to SB3 2.9. Install this extra, then
+        # `pip install --no-deps safety-gymnasium==1.0.0` (the Makefile does); `sb3_metacpo.tasks.compat` makes it
+        # work on this stack. These are its runtime dependencies.
+        "safety-gym": ["xmltodict", "pyyaml", "imageio"],
+        # several cost constraints, or dual_solver="cvxpylayers": the dual as a differentiable convex program (one
+        # constraint uses the closed form, dual_solver="auto")
+        "several-costs": ["cvxpylayers[torch]>=1.2,<2", "cvxpy>=1.9"],
+        # learning and adaptation curves (matplotlib), GIFs (imageio, Pillow)
+        "plots": ["matplotlib", "imageio", "pillow"],
         # tensorboard_log= and the command line's TensorBoard logs
         "tensorboard": ["tensorboard"],
-        "docs": ["sphinx>=7", "sphinx-rtd-theme", "myst-parser"],
+        # the baselines of benchmarks/ (sb3-contrib's TRPO)
+        "benchmarks": ["sb3-contrib>=2.9.2,<3"],
+        "docs": DOCS,
+        # everything the test suite (and `make test`, which also builds the docs) needs
+        "tests": [
+            "pytest>=8",
+            "pytest-timeout",
+            "ruff",
+            "mypy",
+            "tensorboard",
+            "sb3-contrib>=2.9.2,<3",
+            "cvxpylayers[torch]>=1.2,<2",
+            "cvxpy>=1.9",
+            "xmltodict",
+            "matplotlib",
+            "imageio",
+            "pillow",
+            *DOCS,
+        ],
     },
     license="MIT",
     classifiers=[

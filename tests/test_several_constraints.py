@@ -257,3 +257,37 @@ def test_cpo_with_both_limits_keeps_both_costs_where_one_limit_breaks_the_other(
     assert both["cost_a"] <= 3.5 and both["cost_b"] <= 3.5, both
     a_only = two_cost_stats({"cost_a": 3.0})
     assert a_only["cost_a"] <= 3.5 and a_only["cost_b"] >= 8.0, a_only
+
+
+def test_without_cvxpylayers_one_constraint_trains_and_several_name_the_extra():
+    """cvxpy and cvxpylayers are the ``several-costs`` extra: without them (hidden in a fresh interpreter) one cost
+    limit trains with the closed form, and several limits or ``dual_solver='cvxpylayers'`` fail at construction with
+    an ImportError naming the extra."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+sys.modules["cvxpy"] = None          # import cvxpy now raises ImportError, as when it is not installed
+sys.modules["cvxpylayers"] = None
+from sb3_metacpo import CPO
+from sb3_metacpo.common.cpo_subproblem import import_cvxpylayers
+model = CPO("MlpPolicy", "Toy2DNav", n_steps=100, seed=0, policy_kwargs=dict(net_arch=[8])).learn(200)
+print("one constraint trained", model._n_updates)
+for kwargs in ({"cost_limit": {"cost": 5.0, "cost_hazards": 5.0}}, {"dual_solver": "cvxpylayers"}):
+    try:
+        CPO("MlpPolicy", "Toy2DNav", n_steps=100, **kwargs)
+    except ImportError as error:
+        print("refused:", error)
+try:
+    import_cvxpylayers()
+except ImportError as error:
+    print("lazy import:", error)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "one constraint trained 2" in lines
+    refusals = [line for line in lines if line.startswith("refused:")]
+    assert len(refusals) == 2 and all("pip install sb3-metacpo[several-costs]" in line for line in refusals)
+    assert any(line.startswith("lazy import:") and "sb3-metacpo[several-costs]" in line for line in lines)

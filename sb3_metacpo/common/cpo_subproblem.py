@@ -38,6 +38,7 @@ where they are applied.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -48,6 +49,10 @@ import torch
 
 if TYPE_CHECKING:
     from cvxpylayers.torch import CvxpyLayer
+
+#: What to install for the convex-program layers (several constraints, or ``dual_solver="cvxpylayers"``): with one
+#: constraint the default ``dual_solver="auto"`` uses the closed form and needs neither cvxpy nor cvxpylayers.
+CVXPYLAYERS_EXTRA = "pip install sb3-metacpo[several-costs]"
 
 TRPO, RECOVERY, DUAL = "trpo", "recovery", "dual"
 CPO_CASES = (TRPO, RECOVERY, DUAL)
@@ -175,6 +180,24 @@ def solve_dual_analytic(
     return lam, nu
 
 
+def cvxpylayers_available() -> bool:
+    """Whether cvxpy and cvxpylayers can be imported (they are the ``several-costs`` extra)."""
+    return all(importlib.util.find_spec(name) is not None for name in ("cvxpy", "cvxpylayers"))
+
+
+def import_cvxpylayers() -> tuple[Any, type[CvxpyLayer]]:
+    """``(cvxpy, CvxpyLayer)``, imported on first use, or an ImportError naming the extra to install."""
+    try:
+        import cvxpy
+        from cvxpylayers.torch import CvxpyLayer
+    except ImportError as error:
+        raise ImportError(
+            f"several cost constraints (and dual_solver='cvxpylayers') need cvxpy and cvxpylayers: {CVXPYLAYERS_EXTRA} "
+            f"({error})"
+        ) from error
+    return cvxpy, CvxpyLayer
+
+
 @functools.cache
 def cpo_dual_layer(n_constraints: int) -> CvxpyLayer:
     """The normalised CPO dual with ``n_constraints`` constraints as a ``cvxpylayers`` layer, built once per process
@@ -185,8 +208,7 @@ def cpo_dual_layer(n_constraints: int) -> CvxpyLayer:
     the dual with q = 1, δ = ½ because ‖U[1, ν]ᵀ‖² = 1 − 2ρᵀν + νᵀRν. Written this way the problem is DPP (the
     literal expression is not even DCP). Call as ``layer(U, b, solver_args=...)``; returns (λ, ν).
     """
-    import cvxpy as cp
-    from cvxpylayers.torch import CvxpyLayer
+    cp, CvxpyLayer = import_cvxpylayers()
 
     lam, nu = cp.Variable(nonneg=True), cp.Variable(n_constraints, nonneg=True)
     factor, b = cp.Parameter((n_constraints + 1, n_constraints + 1)), cp.Parameter(n_constraints)
@@ -203,8 +225,7 @@ def cpo_recovery_layer(n_constraints: int) -> CvxpyLayer:
     μ_j = √(2δ/s_j)·μ̃_j this is: over the trust region, minimise the largest normalised violation
     (b_j + a_jᵀx)/√(2δs_j). Returns (μ̃, t); t ≤ 0 means the constraints can all be met.
     """
-    import cvxpy as cp
-    from cvxpylayers.torch import CvxpyLayer
+    cp, CvxpyLayer = import_cvxpylayers()
 
     mu, t = cp.Variable(n_constraints), cp.Variable()
     gram, factor, b = (

@@ -19,6 +19,7 @@ from stable_baselines3.common.utils import safe_mean
 
 from sb3_metacpo.common.constrained_step import StepConfig, StepResult
 from sb3_metacpo.common.constraints import CostConstraints
+from sb3_metacpo.common.cpo_subproblem import CVXPYLAYERS_EXTRA, cvxpylayers_available
 from sb3_metacpo.common.cpo_update import CPOConfig, Params
 from sb3_metacpo.common.serialization import (
     ArchiveError,
@@ -115,6 +116,9 @@ class SafeAlgorithmMixin(ABC):
                 f"dual_solver='analytic' is the closed form of one constraint; cost_limit names {len(constraints)}: "
                 "use dual_solver='cvxpylayers' or 'auto'"
             )
+        if (self.dual_solver == "cvxpylayers" or len(constraints) > 1) and not cvxpylayers_available():
+            what = f"cost_limit names {len(constraints)} costs" if len(constraints) > 1 else "dual_solver='cvxpylayers'"
+            raise ImportError(f"{what}, which needs cvxpy and cvxpylayers (not installed): {CVXPYLAYERS_EXTRA}")
 
     # --- the CPO updates --------------------------------------------------------------------------------------
     def _cpo_config(self, target_kl: float, n_constraints: int | None = None) -> CPOConfig:

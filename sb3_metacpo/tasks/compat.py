@@ -50,7 +50,7 @@ from typing import Any
 
 import numpy as np
 
-INSTALL_COMMAND = "pip install --no-deps safety-gymnasium==1.0.0 xmltodict pyyaml imageio"
+INSTALL_COMMAND = "pip install sb3-metacpo[safety-gym] && pip install --no-deps safety-gymnasium==1.0.0"
 
 _PACKAGE = "safety_gymnasium"
 _ROBOTICS_MODULES = (

@@ -1,0 +1,97 @@
+"""Compare Meta-CPO, Meta-TRPO, multi-task CPO and CPO from scratch on held-out tasks, at the same budget.
+
+    python examples/compare_methods.py                                   # ~5 minutes on 2 CPU cores
+    python examples/compare_methods.py --timesteps 2000 --n-steps 100 --meta-batch-size 2 --n-tasks 1 --eval-episodes 2
+
+Every trained method gets ``--timesteps`` env steps on the Toy2DNav training distribution; then each adapts to the
+same held-out tasks with the same number of CPO updates and batch size, through
+:func:`sb3_metacpo.common.evaluation.meta_evaluate` (evaluation episodes separate from the adaptation batches, the
+stochastic policy). ``CPO-scratch`` adapts from a random initialisation. Prints a table of return and cost before and
+after adapting, with the cost paid while adapting, and writes ``adaptation.csv`` and ``adaptation.png`` to ``--out``.
+This is the protocol of ``benchmarks/adaptation.py`` at a budget you choose (that script also fixes the episode
+seeds across methods and reports intervals over seeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import numpy as np
+import torch as th
+
+from sb3_metacpo import CPO, MetaCPO, MetaTRPO
+from sb3_metacpo.common.evaluation import meta_evaluate
+from sb3_metacpo.plots import plot_adaptation_curves, write_records
+from sb3_metacpo.tasks import make_task_distribution
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--timesteps", type=int, default=100_000, help="env steps for each trained method")
+    parser.add_argument("--n-steps", type=int, default=1000, help="env steps per batch (training and adaptation)")
+    parser.add_argument("--meta-batch-size", type=int, default=8, help="tasks per meta-iteration")
+    parser.add_argument("--n-updates", type=int, default=1, help="inner updates in meta-training = adaptation updates")
+    parser.add_argument("--n-tasks", type=int, default=5, help="held-out tasks")
+    parser.add_argument("--eval-episodes", type=int, default=20, help="evaluation episodes per task and stage")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=os.path.join("runs", "compare_methods"))
+    args = parser.parse_args()
+    th.set_num_threads(1)
+
+    def dist():  # every method gets its own copy of the same distribution (same seed, same training tasks)
+        return make_task_distribution("Toy2DNav", seed=args.seed)
+
+    meta = dict(meta_batch_size=args.meta_batch_size, n_inner_updates=args.n_updates, n_steps=args.n_steps, seed=args.seed)
+    methods = {
+        "Meta-CPO": MetaCPO("MlpPolicy", dist(), **meta),
+        "Meta-TRPO": MetaTRPO("MlpPolicy", dist(), **meta),
+        "CPO-pretrain": CPO("MlpPolicy", dist(), n_steps=args.n_steps, seed=args.seed),  # multi-task CPO
+    }
+    for name, model in methods.items():
+        print(f"training {name} for {args.timesteps} env steps")
+        model.learn(args.timesteps)
+    methods["CPO-scratch"] = CPO("MlpPolicy", dist(), n_steps=args.n_steps, seed=args.seed)  # adapts from scratch
+
+    tasks = dist().test_tasks(args.n_tasks)  # held out: never trained on
+    limit = methods["Meta-CPO"].effective_cost_limit
+    records = []
+    print(f"\n{len(tasks)} held-out tasks, {args.n_updates} update(s) of {args.n_steps} steps, cost limit {limit:g}")
+    print(f"{'method':14s} {'return before':>13s} {'after':>7s} {'cost before':>11s} {'paid':>6s} {'after':>6s} under")
+    for name, model in methods.items():
+        # CPO adapts with its own trust region (target_kl); the meta-methods with their inner settings
+        results = meta_evaluate(model, tasks, args.n_updates, args.n_steps, n_eval_episodes=args.eval_episodes)
+        for r in results:
+            records.append(
+                {
+                    "method": name,
+                    "task": tasks.index(r.task),
+                    "seed": args.seed,
+                    "update": r.n_updates,
+                    "return": r.ep_rew_mean,
+                    "cost": r.ep_cost_mean,
+                    "cost_limit": limit,
+                }
+            )
+        before = [r for r in results if r.n_updates == 0]
+        after = [r for r in results if r.n_updates == args.n_updates]
+        under = sum(r.ep_cost_mean <= limit for r in after)
+
+        def mean(rows, field):
+            return float(np.mean([getattr(r, field) for r in rows]))
+
+        print(
+            f"{name:14s} {mean(before, 'ep_rew_mean'):13.1f} {mean(after, 'ep_rew_mean'):7.1f} "
+            f"{mean(before, 'ep_cost_mean'):11.2f} {mean(after, 'adaptation_ep_cost_mean'):6.2f} "
+            f"{mean(after, 'ep_cost_mean'):6.2f} {under}/{len(after)}"
+        )
+
+    os.makedirs(args.out, exist_ok=True)
+    csv_path = write_records(records, os.path.join(args.out, "adaptation.csv"))
+    png_path = os.path.join(args.out, "adaptation.png")
+    plot_adaptation_curves(records, png_path, cost_limit=limit)
+    print(f"\nwrote {csv_path} and {png_path}")
+
+
+if __name__ == "__main__":
+    main()
