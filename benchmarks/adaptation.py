@@ -167,6 +167,13 @@ def t_interval(values: np.ndarray) -> float:
     return float(stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values)))
 
 
+def mean_and_interval(values: np.ndarray, digits: int) -> str:
+    """``mean ± 95 % t-interval`` over seeds, or ``mean (1 seed)`` where one seed gives no interval."""
+    if len(values) < 2:
+        return f"{values.mean():.{digits}f} (1 seed)"
+    return f"{values.mean():.{digits}f} ± {t_interval(values):.{digits}f}"
+
+
 def wilson(successes: int, n: int) -> tuple[float, float]:
     """95 % Wilson interval of a proportion."""
     if n == 0:
@@ -221,11 +228,10 @@ def summarise(rows: list[dict[str, Any]], training: dict[str, dict[str, Any]], a
                 }
                 under = sum(r["cost"] <= r["cost_limit"] for r in cell)
                 low, high = wilson(under, len(cell))
-                paid_per_seed = per_seed["adaptation_batch_cost"]
-                paid = "" if k == 0 else f"{paid_per_seed.mean():.2f} ± {t_interval(paid_per_seed):.2f}"
+                paid = "" if k == 0 else mean_and_interval(per_seed["adaptation_batch_cost"], 2)
                 lines.append(
-                    f"| {method} | {k} | {per_seed['return'].mean():.1f} ± {t_interval(per_seed['return']):.1f} "
-                    f"| {per_seed['cost'].mean():.2f} ± {t_interval(per_seed['cost']):.2f} | {paid} "
+                    f"| {method} | {k} | {mean_and_interval(per_seed['return'], 1)} "
+                    f"| {mean_and_interval(per_seed['cost'], 2)} | {paid} "
                     f"| {under}/{len(cell)} ({low:.2f}–{high:.2f}) |"
                 )
     return "\n".join(lines) + "\n"
