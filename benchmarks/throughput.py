@@ -1,6 +1,8 @@
 """Meta-training throughput against the simulator's limit, with a breakdown of one meta-iteration.
 
-In one run, on the same M tasks with E DummyVecEnv envs per task (``--envs-per-task``, default 1):
+Every time is CPU seconds of this process (``time.process_time``; torch on one thread, envs in-process), so the
+ratios measure what our code costs whatever else the shared machine runs. In one run, on the same M tasks with E
+DummyVecEnv envs per task (``--envs-per-task``, default 1):
 
 1. the limit: random actions on meta-training's env workload (new tasks every iteration, a reset per batch),
    stepping the same VecEnv without any of our code in the loop;
@@ -54,7 +56,7 @@ def limit_throughput(dist: TaskDistribution, n_tasks: int, envs_per_task: int, n
     horizon = n_steps // envs_per_task  # as the sampler: the task's envs share its n_steps
     seconds = 0.0
     for iteration in range(iterations + 1):  # the first one warms up
-        start = time.perf_counter()
+        start = time.process_time()
         tasks = dist.sample(n_tasks)
         for index in range(n_envs):
             env.env_method("set_task", tasks[index % n_tasks], indices=[index])
@@ -62,7 +64,7 @@ def limit_throughput(dist: TaskDistribution, n_tasks: int, envs_per_task: int, n
             env.reset()
             for _ in range(horizon):
                 env.step(rng.uniform(-1, 1, shape).astype(np.float32))
-        seconds += (time.perf_counter() - start) * (iteration > 0)
+        seconds += (time.process_time() - start) * (iteration > 0)
     sampler.close()
     return iterations * 2 * horizon * n_envs / seconds
 
@@ -70,10 +72,10 @@ def limit_throughput(dist: TaskDistribution, n_tasks: int, envs_per_task: int, n
 def timed_learn(model: Any, steps_per_iteration: int, iterations: int) -> tuple[float, dict[str, float]]:
     """Env steps per second of ``learn`` after one warm-up iteration, and the phase times per iteration."""
     model.learn(steps_per_iteration)
-    with phase_times() as times:
-        start = time.perf_counter()
+    with phase_times(time.process_time) as times:
+        start = time.process_time()
         model.learn(steps_per_iteration * iterations, reset_num_timesteps=False)
-        seconds = time.perf_counter() - start
+        seconds = time.process_time() - start
     times = {key: value / iterations for key, value in times.items()}
     times["total"] = seconds / iterations
     return steps_per_iteration * iterations / seconds, times
@@ -167,10 +169,10 @@ def dual_seconds(n_tasks: int, repeats: int = 200) -> float:
         b = -th.rand(n_tasks, generator=gen) * 0.1
         for tensor in (v, w, q, r, s, b):
             tensor.requires_grad_(True)
-        start = time.perf_counter()
+        start = time.process_time()
         result = cpo_direction(v, w.unsqueeze(1), q, r.unsqueeze(1), s.reshape(-1, 1, 1), b.unsqueeze(1), 0.05)
         result.x.sum().backward()
-        total += time.perf_counter() - start
+        total += time.process_time() - start
     return total / repeats
 
 
@@ -220,7 +222,8 @@ def main() -> None:
     print(
         f"{args.family}: M={args.tasks} tasks x {args.envs_per_task} env(s) (DummyVecEnv), {args.n_steps} steps per "
         f"task batch, K=1, fvp_sample_freq={args.fvp_sample_freq}; "
-        f"{platform.machine()}, {platform.python_version()}, torch {th.__version__} (1 thread)\n"
+        f"{platform.machine()}, {platform.python_version()}, torch {th.__version__} (1 thread); "
+        "CPU seconds of this process\n"
     )
 
     limit = limit_throughput(dist, args.tasks, args.envs_per_task, args.n_steps, args.iterations)

@@ -1,4 +1,4 @@
-"""Opt-in wall-clock breakdown of the algorithms' phases.
+"""Opt-in breakdown of the algorithms' phases, in wall-clock or CPU seconds.
 
 The algorithms mark their phases with :func:`phase`; nothing is measured (one global check per phase) unless a
 :func:`phase_times` block is active::
@@ -14,35 +14,40 @@ part of its parent's.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 _times: dict[str, float] | None = None
 _stack: list[str] = []
+_clock: Callable[[], float] = time.perf_counter
 
 
 @contextmanager
 def phase(name: str) -> Iterator[None]:
-    """Attribute the wall time of the block to ``name`` (under the enclosing phases) when recording."""
+    """Attribute the time of the block to ``name`` (under the enclosing phases) when recording."""
     if _times is None:
         yield
         return
     _stack.append(name)
     key = "/".join(_stack)
-    start = time.perf_counter()
+    start = _clock()
     try:
         yield
     finally:
-        _times[key] = _times.get(key, 0.0) + time.perf_counter() - start
+        _times[key] = _times.get(key, 0.0) + _clock() - start
         _stack.pop()
 
 
 @contextmanager
-def phase_times() -> Iterator[dict[str, float]]:
-    """Record the phases run inside the block; yields the dictionary of seconds per phase path, filled as it runs."""
-    global _times
-    previous, _times = _times, {}
+def phase_times(clock: Callable[[], float] = time.perf_counter) -> Iterator[dict[str, float]]:
+    """Record the phases run inside the block; yields the dictionary of seconds per phase path, filled as it runs.
+
+    :param clock: ``time.perf_counter`` (wall time, the default) or ``time.process_time`` (CPU time of this process:
+        on a shared machine, what the phases cost whatever else runs)
+    """
+    global _times, _clock
+    previous, previous_clock, _times, _clock = _times, _clock, {}, clock
     try:
         yield _times
     finally:
-        _times = previous
+        _times, _clock = previous, previous_clock
