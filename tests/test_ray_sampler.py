@@ -130,7 +130,9 @@ def test_rounds_of_more_tasks_than_envs_match_the_local_sampler():
                 remote.collect(tasks, actor(distribution, 7, seed), 60), local.collect(tasks, actor(distribution, 7, seed), 60)
             )
         assert remote.episode_rng_states() == local.episode_rng_states()
-        assert remote.last_transfer.sent > 0 and remote.last_transfer.received > remote.last_transfer.sent
+        stats = remote.last_collect
+        assert stats.sent > 0 and stats.received > stats.sent and 0 < stats.busiest_worker_seconds <= stats.worker_seconds
+        assert remote.totals.collects == 2 and remote.totals.received > stats.received
         with pytest.raises(TypeError, match="NumpyActor"):
             remote.collect(tasks, lambda obs, idx: np.zeros((len(obs), 2)), 10)
     finally:

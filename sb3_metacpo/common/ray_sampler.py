@@ -25,7 +25,7 @@ import os
 import pickle
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -193,13 +193,23 @@ class RolloutWorker:
 
 
 @dataclass
-class TransferStats:
-    """Bytes that crossed the wire in the last collect (measured when ``measure_transfer=True``): ``sent`` (the
-    actor snapshot once per worker, and each worker's request) and ``received`` (the workers' results, pickled)."""
+class CollectStats:
+    """What collects cost: bytes that crossed the wire (measured when ``measure_transfer=True``): ``sent`` (the actor
+    snapshot once per worker, and each worker's request) and ``received`` (the workers' results, pickled); the
+    seconds the workers spent running envs (``worker_seconds``: per worker for one collect, summed over workers for
+    :attr:`RaySampler.totals`; ``busiest_worker_seconds``: the slowest worker's, the part of a collect that more
+    workers shorten) and the seconds the driver waited for them (``wait_seconds``)."""
 
+    collects: int = 0
     sent: int = 0
     received: int = 0
-    worker_seconds: list[float] = field(default_factory=list)
+    worker_seconds: float = 0.0
+    busiest_worker_seconds: float = 0.0
+    wait_seconds: float = 0.0
+
+    def add(self, other: CollectStats) -> None:
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
 class RaySampler(Sampler):
@@ -226,8 +236,8 @@ class RaySampler(Sampler):
     :param max_retries: how often a worker's share of one collect is re-run after its worker died before the
         collect fails
     :param ray_init_kwargs: arguments of ``ray.init`` when this sampler starts Ray (e.g. ``{"num_cpus": 2}``)
-    :param measure_transfer: measure the bytes sent and received per collect (:attr:`last_transfer`; pickles the
-        results once more in the workers)
+    :param measure_transfer: measure the bytes sent and received per collect (:attr:`last_collect`, :attr:`totals`;
+        pickles the results once more in the workers)
     """
 
     def __init__(
@@ -279,7 +289,8 @@ class RaySampler(Sampler):
         self.workers = [self._new_worker(w) for w in range(self.num_workers)]
         ray.get([worker.ping.remote() for worker in self.workers])  # fail here, not in the first collect
         self._streams = initial_episode_streams(self.seed, self.n_envs)
-        self.last_transfer = TransferStats()
+        self.last_collect = CollectStats()
+        self.totals = CollectStats()  # of every collect so far
         self.n_worker_failures = 0
         self._crash_next: dict[int, int] = {}
 
@@ -341,14 +352,18 @@ class RaySampler(Sampler):
             ]
             streams = [self._streams[j] for j in block]
             requests.append(_WorkerRequest(block, streams, rounds, on_step is not None, self._crash_next.pop(worker, None)))
-        transfer = TransferStats()
+        stats = CollectStats(collects=1)
         if self.measure_transfer:
             actor_bytes = len(pickle.dumps(act, protocol=5))
-            transfer.sent = actor_bytes * self.num_workers + sum(len(pickle.dumps(r, protocol=5)) for r in requests)
+            stats.sent = actor_bytes * self.num_workers + sum(len(pickle.dumps(r, protocol=5)) for r in requests)
+        start = time.perf_counter()
         results = self._run(actor_ref, requests)
-        transfer.received = sum(result.nbytes for result in results)
-        transfer.worker_seconds = [result.seconds for result in results]
-        self.last_transfer = transfer
+        stats.wait_seconds = time.perf_counter() - start
+        stats.received = sum(result.nbytes for result in results)
+        stats.worker_seconds = sum(result.seconds for result in results)
+        stats.busiest_worker_seconds = max(result.seconds for result in results)
+        self.last_collect = stats
+        self.totals.add(stats)
         for block, result in zip(self.env_blocks, results, strict=True):
             for j, state in zip(block.tolist(), result.streams, strict=True):
                 self._streams[j] = state
