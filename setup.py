@@ -39,7 +39,10 @@ setup(
         "rich",
     ],
     extras_require={
-        "tests": ["pytest>=8", "pytest-timeout", "ruff", "mypy", "matplotlib", "tensorboard"],
+        # Ray is in the test set-up so that CI runs the Ray sampler's tests (on a local 2-CPU Ray)
+        "tests": ["pytest>=8", "pytest-timeout", "ruff", "mypy", "matplotlib", "tensorboard", "ray>=2.9"],
+        # sampler="ray": meta-training with the envs in Ray actors, on one machine or a cluster (tested with 2.60)
+        "ray": ["ray>=2.9"],
         # learning and adaptation curves, GIFs (imageio is already a dependency)
         "plots": ["matplotlib"],
         # tensorboard_log= and the command line's TensorBoard logs

@@ -104,7 +104,7 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]]) -> list[str]
     lines = [
         f"Meta-training on Ray: {args.family}, MetaCPO ({args.meta_gradient}), meta_batch_size={args.meta_batch_size}, "
         f"n_steps={args.n_steps}, n_envs={local['n_envs']}, 1 inner update; {args.iterations} measured meta-iterations "
-        "after 1 warm-up, seed 0.",
+        f"after 1 warm-up, seed 0; each configuration run {args.repeats} times, interleaved, the fastest run shown.",
         f"Machine: {os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}, Python "
         f"{platform.python_version()}, Ray {ray.__version__}, torch {th.__version__}; load average at start "
         f"{args.load_at_start:.2f}. LOADED: another benchmark occupied one of the 2 cores during this run, so absolute "
@@ -142,15 +142,19 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]]) -> list[str]
             f"Projection (Amdahl, from ray-1): per iteration S = {serial:.2f}s serial (driver work, transfers, waiting "
             f"overhead) and P = {parallel:.2f}s of env time in the worker, shared by min(N, n_envs = {n_envs}) workers; "
             f"serial share {serial / ray_one['iteration']:.0%}.",
-            "workers  projected s/iter  speed-up vs ray-1  vs local  measured s/iter",
+            f"Left: the envs as run (n_envs = {n_envs}, so at most {n_envs} useful workers). Right: the same env steps "
+            "split over n_envs >= N envs (more envs per task, shorter rollouts per env).",
+            "workers  measured s/iter | n_envs as run: s/iter  vs ray-1  vs local | n_envs >= N: s/iter  vs ray-1  vs local",
         ]
         measured = {result["workers"]: result["iteration"] for result in results if result["name"] != "local"}
         for n in PROJECTED_WORKERS:
-            projected = serial + parallel / min(n, n_envs)
+            capped = serial + parallel / min(n, n_envs)
+            free = serial + parallel / n
             seen = f"{measured[n]:.2f}" if n in measured else "-"
             lines.append(
-                f"{n:7d}  {projected:16.2f}  {ray_one['iteration'] / projected:16.2f}x  "
-                f"{local['iteration'] / projected:7.2f}x  {seen:>15}"
+                f"{n:7d}  {seen:>15} | {capped:21.2f}  {ray_one['iteration'] / capped:7.2f}x  "
+                f"{local['iteration'] / capped:7.2f}x | {free:19.2f}  {ray_one['iteration'] / free:7.2f}x  "
+                f"{local['iteration'] / free:7.2f}x"
             )
         lines += [
             f"Upper bound on the speed-up from workers: {ray_one['iteration'] / serial:.1f}x (P/N -> 0). What stays serial: "
@@ -171,6 +175,7 @@ def main() -> None:
     parser.add_argument("--meta-gradient", default="second_order", choices=["second_order", "first_order"])
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--workers", default="1,2", help="comma-separated Ray worker counts")
+    parser.add_argument("--repeats", type=int, default=2, help="runs per configuration, interleaved; the fastest counts")
     parser.add_argument("--ray-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
     parser.add_argument("--output", default=None, help="default: benchmarks/results/ray_scaling/<family>.txt")
     args = parser.parse_args()
@@ -178,9 +183,12 @@ def main() -> None:
     th.set_num_threads(1)
     if not ray.is_initialized():
         ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False)
-    results = [measure(args, "local", 0)]
-    for workers in (int(value) for value in args.workers.split(",")):
-        results.append(measure(args, "ray", workers))
+    configs = [("local", 0)] + [("ray", int(value)) for value in args.workers.split(",")]
+    runs: dict[tuple[str, int], list[dict[str, Any]]] = {config: [] for config in configs}
+    for _ in range(args.repeats):  # interleaved, so that a change of the machine's load hits every configuration
+        for config in configs:
+            runs[config].append(measure(args, *config))
+    results = [min(runs[config], key=lambda run: run["iteration"]) for config in configs]
     lines = report(args, results)
     print("\n".join(lines))
     output = Path(args.output or Path(__file__).parent / "results" / "ray_scaling" / f"{args.family}.txt")
