@@ -106,10 +106,11 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]]) -> list[str]
         f"n_steps={args.n_steps}, n_envs={local['n_envs']}, 1 inner update; {args.iterations} measured meta-iterations "
         f"after 1 warm-up, seed 0; each configuration run {args.repeats} times, interleaved, the fastest run shown.",
         f"Machine: {os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}, Python "
-        f"{platform.python_version()}, Ray {ray.__version__}, torch {th.__version__}; load average at start "
-        f"{args.load_at_start:.2f}. LOADED: another benchmark occupied one of the 2 cores during this run, so absolute "
-        "times are pessimistic and Ray at 2 workers competes with the driver and that benchmark for 2 cores; the "
-        "ratios within this run are what count.",
+        f"{platform.python_version()}, Ray {ray.__version__}, torch {th.__version__}.",
+        f"LOADED: load average {args.load_at_start:.1f} at the start and {os.getloadavg()[0]:.1f} at the end on "
+        f"{os.cpu_count()} cores (another benchmark held one core throughout, other jobs came and went; this run was "
+        "niced). Absolute times are pessimistic and Ray's workers compete with the driver for the same cores; only "
+        "ratios within this run count, and even they carry the load's noise.",
         "",
         "sampler  s/iter  env steps/s  vs local  wait for samples  driver work  driver share  sent/iter  received/iter  "
         "same params",

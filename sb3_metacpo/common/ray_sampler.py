@@ -194,10 +194,10 @@ class RolloutWorker:
 
 @dataclass
 class CollectStats:
-    """What collects cost: bytes that crossed the wire (measured when ``measure_transfer=True``): ``sent`` (the actor
-    snapshot once per worker, and each worker's request) and ``received`` (the workers' results, pickled); the
-    seconds the workers spent running envs (``worker_seconds``: per worker for one collect, summed over workers for
-    :attr:`RaySampler.totals`; ``busiest_worker_seconds``: the slowest worker's, the part of a collect that more
+    """What collects cost (one collect, or :attr:`RaySampler.totals` of all): the bytes that crossed the wire, measured
+    when ``measure_transfer=True`` (``sent``: the actor snapshot once per worker and each worker's request;
+    ``received``: the workers' results, pickled); the seconds the workers spent running envs (``worker_seconds``,
+    summed over the workers; ``busiest_worker_seconds``, the slowest worker's, the part of a collect that more
     workers shorten) and the seconds the driver waited for them (``wait_seconds``)."""
 
     collects: int = 0
