@@ -188,7 +188,7 @@ CASES: list[Case] = [
     _hyper("MetaCPO", "sampler='dask'", ValueError, "sampler must be 'local' or 'ray'", sampler="dask"),
     _hyper(
         "MetaCPO",
-        "sampler='ray', sampler_kwargs={'num_workers': 3} (2 envs)",
+        "sampler_kwargs={'num_workers': 3} with sampler='ray' and 2 envs",
         ValueError,
         "num_workers=3 is more than the 2 envs",
         sampler="ray",

@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 import ray
 import torch as th
-from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.callbacks import BaseCallback, EvalCallback
+from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import SubprocVecEnv
 
 from sb3_metacpo import MetaCPO, MetaTRPO
 from sb3_metacpo.common.policies import CPOPolicy
-from sb3_metacpo.common.ray_sampler import RaySampler, import_ray
+from sb3_metacpo.common.ray_sampler import RaySampler, RemoteEnvs, import_ray
 from sb3_metacpo.common.rollouts import RolloutSampler, TaskBatch
 from sb3_metacpo.tasks import make_task_distribution
 
@@ -92,7 +93,9 @@ def test_ray_training_gives_the_local_meta_parameters(local_run, num_workers):
             for a, b in zip(ours[1:-1], theirs[1:-1], strict=True):
                 np.testing.assert_array_equal(a, b)
         assert model.sampler.episode_rng_states() == local.sampler.episode_rng_states()  # type: ignore[union-attr]
-        assert model.env is None  # no env in the driver
+        assert isinstance(model.env, RemoteEnvs) and model.env.num_envs == 4  # no env in the driver
+        with pytest.raises(AttributeError, match="no env in the driver"):
+            model.env.step_async(np.zeros((4, 2)))
     finally:
         model.sampler.close()  # type: ignore[union-attr]
 
@@ -212,8 +215,14 @@ def test_a_worker_that_keeps_dying_fails_the_collect_with_its_cause():
 def test_meta_trpo_runs_on_ray_and_saves_its_sampler_choice(tmp_path):
     local = MetaTRPO("MlpPolicy", toy(), **SMALL).learn(800)  # the seed is torch's global one: one model at a time
     model = MetaTRPO("MlpPolicy", toy(), sampler="ray", sampler_kwargs={"num_workers": 2}, **SMALL)
+    distribution = toy()
+    evaluation = EvalCallback(
+        Monitor(distribution.make_env(distribution.test_tasks(1)[0])), eval_freq=100, n_eval_episodes=1, verbose=0
+    )
     try:
-        model.learn(800)
+        with pytest.warns(UserWarning, match="not of the same type"):  # SB3's: the training env is not a VecEnv here
+            model.learn(800, callback=evaluation)
+        assert evaluation.n_calls == 200 and np.isfinite(evaluation.last_mean_reward)  # it evaluated
         assert th.equal(flat_params(model), flat_params(local))
         path = model.save(tmp_path / "model")
     finally:

@@ -465,6 +465,36 @@ class RaySampler(Sampler):
         self.workers = []
 
 
+class RemoteEnvs:
+    """What ``model.env`` is with ``sampler="ray"``: the envs run in the Ray workers, so the driver has only their
+    number and spaces (what SB3's ``learn`` set-up and callbacks such as ``EvalCallback`` read). ``reset`` and
+    ``seed`` act on the episode-seed streams the driver holds, exactly as they act on a local VecEnv's envs; anything
+    else raises an ``AttributeError`` saying there is no env here."""
+
+    def __init__(self, sampler: RaySampler) -> None:
+        self.sampler = sampler
+        self.num_envs = sampler.n_envs
+        self.observation_space = sampler.observation_space
+        self.action_space = sampler.action_space
+
+    def reset(self) -> None:
+        """Each env draws the seed of a fresh episode (no observation comes back: the next collect resets anyway)."""
+        self.sampler.reset_envs()
+
+    def seed(self, seed: int | None = None) -> list[int | None]:
+        """Restart every env's episode stream from ``seed + index``, as ``VecEnv.seed`` does at the next reset."""
+        if seed is None:
+            return [None] * self.num_envs
+        self.sampler.set_episode_rng_states(initial_episode_streams(int(seed), self.num_envs))
+        return [int(seed) + index for index in range(self.num_envs)]
+
+    def __getattr__(self, name: str) -> Any:
+        raise AttributeError(
+            f"model.env has no {name!r}: with sampler='ray' the envs run in Ray workers and there is no env in the "
+            "driver (use sampler='local' for a VecEnv, or a separate env for evaluation)"
+        )
+
+
 def check_ray_sampler_options(n_envs: int, **options: Any) -> None:
     """Validate the options of :class:`RaySampler` (``sampler_kwargs``) with a ``ValueError`` naming the bad one."""
     from sb3_metacpo.common.checks import check, is_int, is_real

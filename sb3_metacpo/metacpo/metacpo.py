@@ -43,7 +43,7 @@ from sb3_metacpo.common.cpo_update import (
 )
 from sb3_metacpo.common.policies import CPOPolicy
 from sb3_metacpo.common.profiling import phase
-from sb3_metacpo.common.ray_sampler import RaySampler, check_ray_sampler_options, import_ray
+from sb3_metacpo.common.ray_sampler import RaySampler, RemoteEnvs, check_ray_sampler_options, import_ray
 from sb3_metacpo.common.rollouts import CollectionStopped, RolloutSampler, Sampler, TaskBatch, VecStep
 from sb3_metacpo.common.safe_algorithm import SafeAlgorithmMixin
 from sb3_metacpo.metacpo.meta_objective import META_CONSTRAINT_MODES, MetaObjective, MetaValue, TaskAdaptation
@@ -73,18 +73,6 @@ _NUMERIC_HYPERPARAMETERS = (
     "critic_batch_size",
     "n_envs_requested",
 )
-
-
-class _RemoteEnvs:
-    """What SB3's ``_setup_learn`` resets when the envs are remote (Ray): no observation comes back; each env's
-    episode stream advances by the seed a reset draws, as the local sampler's VecEnv's would."""
-
-    def __init__(self, sampler: Sampler) -> None:
-        self.sampler = sampler
-        self.num_envs = sampler.n_envs
-
-    def reset(self) -> None:
-        self.sampler.reset_envs()
 
 
 # misc: save() returns the Path it wrote and save/load take paths only (the safe archive), deliberately narrower than
@@ -372,8 +360,11 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):  # type: igno
                     cost_names=self.constraints.names,
                 )
         self.sampler.ensure_usable()  # a VecEnv broken by a failed env is rebuilt
-        # SB3's env: the local sampler's VecEnv; remote envs have none here (None outside learn's set-up)
-        self.env = self.sampler.vec_env if isinstance(self.sampler, RolloutSampler) else None
+        # SB3's env: the local sampler's VecEnv, or what the driver knows of remote envs (their number and spaces)
+        if isinstance(self.sampler, RolloutSampler):
+            self.env = self.sampler.vec_env
+        elif isinstance(self.sampler, RaySampler) and not isinstance(self.env, RemoteEnvs):
+            self.env = RemoteEnvs(self.sampler)  # type: ignore[assignment]
         self.n_envs = self.sampler.n_envs
         return self.sampler
 
@@ -417,15 +408,9 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):  # type: igno
         tb_log_name: str = "run",
         progress_bar: bool = False,
     ) -> tuple[int, BaseCallback]:
-        sampler = self._get_sampler()
-        self._last_obs = None  # the sampler resets its envs itself
-        if self.env is None:  # remote envs: SB3 resets its env here; the stand-in does to the streams what that does
-            self.env = _RemoteEnvs(sampler)  # type: ignore[assignment]
-        try:
-            result = super()._setup_learn(total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar)
-        finally:
-            if isinstance(self.env, _RemoteEnvs):
-                self.env = None
+        self._get_sampler()
+        self._last_obs = None  # the sampler resets its envs itself (SB3 resets self.env below: each env draws a seed)
+        result = super()._setup_learn(total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar)
         self._resume_random_streams(reset_num_timesteps)  # after SB3's env reset, which draws episode seeds
         return result
 
