@@ -55,10 +55,13 @@ class NumpyActor:
     """The Gaussian actor as numpy arrays, for acting in rollouts: picklable (a Ray worker receives it) and small.
 
     It holds ``n_sets`` parameter sets (e.g. one per task of a collect, stacked on a leading axis), the observation
-    normalisation and a ``noise_seed`` the driver drew. :meth:`bind` gives the function of one rollout round, where
-    env ``env_indices[i]`` acts with parameter set ``set_indices[i]``. The Gaussian noise of env ``j`` in round ``r``
-    comes from its own generator, seeded with ``(noise_seed, r, j)``: the actions of an env depend on the driver's
-    seed and the env's (global) index only, not on which process runs the env or which other envs run beside it.
+    normalisation and a ``noise_seed`` the driver drew. :meth:`bind` gives the function of one rollout round of a
+    sampler of ``n_envs`` envs, where env ``env_indices[i]`` acts with parameter set ``set_indices[i]``. The Gaussian
+    noise of round ``r`` is one stream per round (seeded with ``noise_seed`` for round 0, ``(noise_seed, r)`` after),
+    drawn as one ``(n_envs, action_dim)`` matrix per step, of which env ``j`` takes row ``j``: the actions of an env
+    depend on the driver's seed and the env's index only, not on which process runs it or which envs run beside it
+    (a worker with a share of the envs draws the whole matrix, ``n_envs * action_dim`` numbers a step, and keeps its
+    rows). With every env in one process this is the noise of one generator seeded with ``noise_seed``.
 
     :param layers: per linear layer ``(bias (n_sets, 1, out), weightᵀ (n_sets, in, out))``, else an element-wise
         numpy function (picklable)
@@ -102,16 +105,26 @@ class NumpyActor:
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_bound": {}}
 
-    def bind(self, set_indices: np.ndarray, env_indices: np.ndarray | None = None, round_index: int = 0) -> BoundActor:
-        """The policy of the envs ``env_indices`` (default ``0 .. n - 1``) in round ``round_index`` of a collect,
-        env ``env_indices[i]`` acting with parameter set ``set_indices[i]``."""
+    def bind(
+        self,
+        set_indices: np.ndarray,
+        env_indices: np.ndarray | None = None,
+        round_index: int = 0,
+        n_envs: int | None = None,
+    ) -> BoundActor:
+        """The policy of the envs ``env_indices`` (default: all, ``0 .. n - 1``) of a sampler of ``n_envs`` envs
+        (default: ``len(set_indices)``) in round ``round_index`` of a collect, env ``env_indices[i]`` acting with
+        parameter set ``set_indices[i]``."""
         set_indices = np.asarray(set_indices, dtype=np.int64)
         if set_indices.ndim != 1 or (len(set_indices) and (set_indices.min() < 0 or set_indices.max() >= self.n_sets)):
             raise ValueError(f"set indices must be a vector of integers in [0, {self.n_sets}), got {set_indices}")
         env_indices = np.arange(len(set_indices)) if env_indices is None else np.asarray(env_indices, dtype=np.int64)
+        n_envs = len(set_indices) if n_envs is None else int(n_envs)
         if env_indices.shape != set_indices.shape:
             raise ValueError(f"{len(env_indices)} env indices for {len(set_indices)} set indices")
-        return BoundActor(self, set_indices, env_indices, int(round_index))
+        if len(env_indices) and (env_indices.min() < 0 or env_indices.max() >= n_envs):
+            raise ValueError(f"env indices must be in [0, {n_envs}), got {env_indices}")
+        return BoundActor(self, set_indices, env_indices, int(round_index), n_envs)
 
     def __call__(self, observations: np.ndarray, set_indices: np.ndarray) -> np.ndarray:
         """The sampler's ``act(observations, task_indices)`` on envs ``0 .. n - 1`` in round 0 (successive calls
@@ -125,21 +138,26 @@ class NumpyActor:
 class BoundActor:
     """The actor of :meth:`NumpyActor.bind`: ``obs (n, obs_dim) -> actions (n, action_dim)``, one call per step."""
 
-    def __init__(self, actor: NumpyActor, set_indices: np.ndarray, env_indices: np.ndarray, round_index: int) -> None:
+    def __init__(
+        self, actor: NumpyActor, set_indices: np.ndarray, env_indices: np.ndarray, round_index: int, n_envs: int
+    ) -> None:
         self.actor = actor
         self.layers: list[NumpyLayer] = [
             (layer[0][set_indices], layer[1][set_indices]) if isinstance(layer, tuple) else layer for layer in actor.layers
         ]
         self.std = actor.std[set_indices]
         self.dtype = actor.std.dtype
-        self.generators = [np.random.default_rng([actor.noise_seed, round_index, int(j)]) for j in env_indices]
+        self.env_indices = env_indices
+        self.n_envs = n_envs
+        seed = actor.noise_seed if round_index == 0 else [actor.noise_seed, round_index]
+        self.generator = np.random.default_rng(seed)
         self._noise = np.zeros((0, len(env_indices), self.std.shape[-1]), dtype=self.dtype)
         self._next = 0
 
     def _noise_now(self) -> np.ndarray:
-        if self._next == len(self._noise):
-            shape = (_NOISE_BLOCK, self.std.shape[-1])
-            self._noise = np.stack([rng.standard_normal(shape, dtype=self.dtype) for rng in self.generators], axis=1)
+        if self._next == len(self._noise):  # a block of steps at once: the same stream as one draw per step
+            block = self.generator.standard_normal((_NOISE_BLOCK, self.n_envs, self.std.shape[-1]), dtype=self.dtype)
+            self._noise = block[:, self.env_indices]
             self._next = 0
         self._next += 1
         return self._noise[self._next - 1]
@@ -160,8 +178,8 @@ class BoundActor:
         return x[:, 0, :]
 
     def __call__(self, observations: np.ndarray) -> np.ndarray:
-        if len(observations) != len(self.generators):
-            raise ValueError(f"{len(observations)} observations for an actor bound to {len(self.generators)} envs")
+        if len(observations) != len(self.env_indices):
+            raise ValueError(f"{len(observations)} observations for an actor bound to {len(self.env_indices)} envs")
         mean = self.mean(observations)
         return mean if self.actor.deterministic else mean + self._noise_now() * self.std
 
@@ -336,8 +354,8 @@ class CPOPolicy(ActorCriticPolicy):
         """The policy as a numpy function ``obs (n, obs_dim) -> actions`` for the n envs of a rollout, one call per
         step, with the parameter set ``params`` (leading axis of size n, one set per env, or 1, one for all).
 
-        Env i's Gaussian noise comes from its own generator (see :class:`NumpyActor`), seeded from torch's global
-        generator when this is called, so sampling is as reproducible under ``set_random_seed`` as torch sampling.
+        The Gaussian noise comes from one numpy generator seeded from torch's global one when this is called (see
+        :class:`NumpyActor`), so sampling is as reproducible under ``set_random_seed`` as torch sampling.
         """
         actor = self.numpy_actor_sets(params, deterministic)
         bound: list[BoundActor] = []

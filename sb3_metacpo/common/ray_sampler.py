@@ -7,7 +7,7 @@ its envs' tasks (small values), their episode-seed stream states and one
 :class:`~sb3_metacpo.common.policies.NumpyActor` (the actor parameters of every task and the observation
 statistics, put once in Ray's object store); the worker runs its envs and returns their arrays, finished episodes,
 infos and new stream states. Task assignment (:func:`~sb3_metacpo.common.rollouts.round_plan`), episode seeds and
-action noise (seeded per env by the driver) do not depend on which worker runs an env or which answers first, so the
+action noise (seeded by the driver, one row per env) do not depend on which worker runs an env or which answers first, so the
 batches are those of the local sampler with the same seed, bit for bit.
 
 A worker that dies (its process killed, its node lost) is restarted by Ray (``max_restarts``) or, when that fails,
@@ -101,6 +101,7 @@ class _WorkerRequest:
     """A worker's share of a collect: its envs' global indices, their episode streams and the rounds."""
 
     env_indices: np.ndarray
+    n_envs: int  # of the whole sampler (the noise is drawn for all, each env takes its row)
     streams: list[dict[str, Any]]
     rounds: list[_RoundRequest]
     keep_infos: bool
@@ -173,7 +174,9 @@ class RolloutWorker:
                 if infos is not None:
                     infos.append(step[-1])
 
-            policy = actor.bind(round_request.owners + round_request.set_offset, request.env_indices, round_request.index)
+            policy = actor.bind(
+                round_request.owners + round_request.set_offset, request.env_indices, round_request.index, request.n_envs
+            )
             storage, ended, final_obs = run_round(
                 self.vec_env,
                 policy,
@@ -351,7 +354,8 @@ class RaySampler(Sampler):
                 for index, (start, owners, horizon) in enumerate(plan)
             ]
             streams = [self._streams[j] for j in block]
-            requests.append(_WorkerRequest(block, streams, rounds, on_step is not None, self._crash_next.pop(worker, None)))
+            crash = self._crash_next.pop(worker, None)
+            requests.append(_WorkerRequest(block, self.n_envs, streams, rounds, on_step is not None, crash))
         stats = CollectStats(collects=1)
         if self.measure_transfer:
             actor_bytes = len(pickle.dumps(act, protocol=5))

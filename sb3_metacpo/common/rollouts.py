@@ -274,11 +274,12 @@ def round_plan(n_tasks: int, n_envs: int, n_steps: int) -> list[tuple[int, np.nd
 
 
 def bind_policy(
-    act: RolloutPolicy, task_indices: np.ndarray, env_indices: np.ndarray, round_index: int
+    act: RolloutPolicy, task_indices: np.ndarray, env_indices: np.ndarray, round_index: int, n_envs: int
 ) -> Callable[[np.ndarray], np.ndarray]:
-    """The per-step function of one round: a :class:`NumpyActor` bound to its envs, or ``act(obs, task_indices)``."""
+    """The per-step function of one round of a sampler of ``n_envs`` envs: a :class:`NumpyActor` bound to the envs
+    ``env_indices``, or ``act(obs, task_indices)``."""
     if isinstance(act, NumpyActor):
-        return act.bind(task_indices, env_indices, round_index)
+        return act.bind(task_indices, env_indices, round_index, n_envs)
     return lambda observations: act(observations, task_indices)
 
 
@@ -481,7 +482,7 @@ class RolloutSampler(Sampler):
         try:
             for round_index, (start, owners, horizon) in enumerate(round_plan(len(tasks), self.n_envs, n_steps)):
                 round_tasks = list(tasks[start : start + self.n_envs])
-                policy = bind_policy(act, owners + start, np.arange(self.n_envs), round_index)
+                policy = bind_policy(act, owners + start, np.arange(self.n_envs), round_index, self.n_envs)
                 batches.extend(self._collect_round(round_tasks, owners, horizon, policy, on_step))
         except EnvWorkerError:
             self._broken = True  # rebuilt at the next collect
