@@ -229,6 +229,8 @@ def test_meta_trpo_runs_on_ray_and_saves_its_sampler_choice(tmp_path):
         model.sampler.close()  # type: ignore[union-attr]
     loaded = MetaTRPO.load(path, env=toy())
     assert loaded.sampler_type == "ray" and loaded.sampler_kwargs == {"num_workers": 2}
+    without_ray = MetaTRPO.load(path, env=toy(), sampler="local", sampler_kwargs=None)
+    assert without_ray.sampler_type == "local" and th.equal(flat_params(without_ray), flat_params(model))
 
 
 @pytest.mark.parametrize(

@@ -363,7 +363,9 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):  # type: igno
         # SB3's env: the local sampler's VecEnv, or what the driver knows of remote envs (their number and spaces)
         if isinstance(self.sampler, RolloutSampler):
             self.env = self.sampler.vec_env
-        elif isinstance(self.sampler, RaySampler) and not isinstance(self.env, RemoteEnvs):
+        elif isinstance(self.sampler, RaySampler) and not (
+            isinstance(self.env, RemoteEnvs) and self.env.sampler is self.sampler
+        ):
             self.env = RemoteEnvs(self.sampler)  # type: ignore[assignment]
         self.n_envs = self.sampler.n_envs
         return self.sampler
