@@ -44,6 +44,8 @@ setup(
         "several-costs": ["cvxpylayers[torch]>=1.2,<2", "cvxpy>=1.9"],
         # learning and adaptation curves (matplotlib), GIFs (imageio, Pillow)
         "plots": ["matplotlib", "imageio", "pillow"],
+        # sampler="ray": meta-training with the envs in Ray actors, on one machine or a cluster (tested with 2.60)
+        "ray": ["ray>=2.9"],
         # tensorboard_log= and the command line's TensorBoard logs
         "tensorboard": ["tensorboard"],
         # the baselines of benchmarks/ (sb3-contrib's TRPO)
@@ -63,6 +65,8 @@ setup(
             "matplotlib",
             "imageio",
             "pillow",
+            # Ray is in the test set-up so that CI runs the Ray sampler's tests (on a local 2-CPU Ray)
+            "ray>=2.9",
             *DOCS,
         ],
     },

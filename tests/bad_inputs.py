@@ -185,6 +185,15 @@ CASES: list[Case] = [
     _hyper(
         "MetaCPO", "vec_env_cls=list", ValueError, "vec_env_cls must be DummyVecEnv, SubprocVecEnv or None", vec_env_cls=list
     ),
+    _hyper("MetaCPO", "sampler='dask'", ValueError, "sampler must be 'local' or 'ray'", sampler="dask"),
+    _hyper(
+        "MetaCPO",
+        "sampler_kwargs={'num_workers': 3} with sampler='ray' and 2 envs",
+        ValueError,
+        "num_workers=3 is more than the 2 envs",
+        sampler="ray",
+        sampler_kwargs={"num_workers": 3},
+    ),
     _hyper(
         "MetaCPO",
         "policy_kwargs=dict(activation_fn=PReLU)",

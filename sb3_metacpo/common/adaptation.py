@@ -13,7 +13,7 @@ settings); CPO adapts its policy (fine-tuning by the same CPO updates), so bench
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
@@ -28,8 +28,8 @@ from tqdm.auto import tqdm
 from sb3_metacpo.common.constraints import CostConstraints
 from sb3_metacpo.common.cpo_update import CPOConfig, Params, PreparedBatch, cpo_update
 from sb3_metacpo.common.envs import make_safe_vec_env
-from sb3_metacpo.common.policies import CPOPolicy
-from sb3_metacpo.common.rollouts import ActFn, CollectionStopped, OnStep, RolloutSampler, TaskBatch, VecStep
+from sb3_metacpo.common.policies import CPOPolicy, NumpyActor
+from sb3_metacpo.common.rollouts import CollectionStopped, OnStep, RolloutSampler, TaskBatch, VecStep
 from sb3_metacpo.tasks.base import Task, TaskDistribution, make_task_distribution
 
 SelfAdaptable = TypeVar("SelfAdaptable", bound="AdaptationMixin")
@@ -119,20 +119,12 @@ class AdaptationMixin(ABC):
         """Advantages and constraint values of an adaptation batch (each algorithm picks its baseline)."""
 
     # --- acting -----------------------------------------------------------------------------------------------
-    def _act_fn(self, params_per_task: Sequence[Params], deterministic: bool = False) -> ActFn:
-        """The sampler's policy: one batched forward for all envs, each env acting with its task's parameters."""
+    def _act_fn(self, params_per_task: Sequence[Params], deterministic: bool = False) -> NumpyActor:
+        """The sampler's policy: one batched forward for all envs, each env acting with its task's parameters (a
+        picklable :class:`~sb3_metacpo.common.policies.NumpyActor`; its noise seed is drawn from torch's generator
+        now, and each env's noise is decided by that seed and the env's index, whichever process runs it)."""
         stacked = {name: th.stack([params[name].detach() for params in params_per_task]) for name in params_per_task[0]}
-        per_env_cache: dict[bytes, Callable[[np.ndarray], np.ndarray]] = {}  # fixed within a collect
-
-        def act(observations: np.ndarray, task_indices: np.ndarray) -> np.ndarray:
-            key = task_indices.tobytes()
-            if key not in per_env_cache:
-                index = th.as_tensor(task_indices, device=self.device)
-                per_env = {name: value[index] for name, value in stacked.items()}
-                per_env_cache[key] = self.policy.numpy_actor(per_env, deterministic)
-            return per_env_cache[key](observations)
-
-        return act
+        return self.policy.numpy_actor_sets(stacked, deterministic)
 
     # --- adaptation -------------------------------------------------------------------------------------------
     def adapt(

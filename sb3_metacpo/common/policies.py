@@ -23,11 +23,19 @@ from torch.func import functional_call
 ActorParams = dict[str, th.Tensor]
 
 _ACTOR_PREFIXES = ("mlp_extractor.policy_net.", "action_net.", "log_std")
+
+
 #: numpy versions of common activations for :meth:`CPOPolicy.numpy_actor` (others run through torch, a bit slower).
+def _relu(x: np.ndarray) -> np.ndarray:
+    return np.maximum(x, 0)
+
+
 _NUMPY_ACTIVATIONS: dict[type[nn.Module], Callable[[np.ndarray], np.ndarray]] = {
     nn.Tanh: np.tanh,
-    nn.ReLU: lambda x: np.maximum(x, 0),
+    nn.ReLU: _relu,
 }
+#: Noise draws per env and refill of :class:`BoundActor` (a block of draws is the same stream as single draws).
+_NOISE_BLOCK = 64
 
 
 def _sub_params(params: ActorParams, prefix: str) -> ActorParams:
@@ -37,6 +45,143 @@ def _sub_params(params: ActorParams, prefix: str) -> ActorParams:
 @th.no_grad()
 def _torch_on_numpy(module: nn.Module, x: np.ndarray) -> np.ndarray:
     return module(th.from_numpy(x)).numpy()
+
+
+#: A layer of :class:`NumpyActor`: ``(bias (n_sets, 1, out), weightᵀ (n_sets, in, out))`` or an element-wise function.
+NumpyLayer = tuple[np.ndarray, np.ndarray] | Callable[[np.ndarray], np.ndarray]
+
+
+class NumpyActor:
+    """The Gaussian actor as numpy arrays, for acting in rollouts: picklable (a Ray worker receives it) and small.
+
+    It holds ``n_sets`` parameter sets (e.g. one per task of a collect, stacked on a leading axis), the observation
+    normalisation and a ``noise_seed`` the driver drew. :meth:`bind` gives the function of one rollout round of a
+    sampler of ``n_envs`` envs, where env ``env_indices[i]`` acts with parameter set ``set_indices[i]``. The Gaussian
+    noise of round ``r`` is one stream per round (seeded with ``noise_seed`` for round 0, ``(noise_seed, r)`` after),
+    drawn as one ``(n_envs, action_dim)`` matrix per step, of which env ``j`` takes row ``j``: the actions of an env
+    depend on the driver's seed and the env's index only, not on which process runs it or which envs run beside it
+    (a worker with a share of the envs draws the whole matrix, ``n_envs * action_dim`` numbers a step, and keeps its
+    rows). With every env in one process this is the noise of one generator seeded with ``noise_seed``.
+
+    :param layers: per linear layer ``(bias (n_sets, 1, out), weightᵀ (n_sets, in, out))``, else an element-wise
+        numpy function (picklable)
+    :param std: the standard deviation of every set, ``(n_sets, action_dim)``
+    :param obs_mean: mean of the observation normalisation (None: observations are not normalised)
+    :param obs_std: its standard deviation
+    :param clip_observations: the clipping range of normalised observations
+    :param deterministic: act with the mean
+    :param noise_seed: seed of the noise generators
+    """
+
+    def __init__(
+        self,
+        layers: list[NumpyLayer],
+        std: np.ndarray,
+        obs_mean: np.ndarray | None,
+        obs_std: np.ndarray | None,
+        clip_observations: float,
+        deterministic: bool,
+        noise_seed: int,
+    ) -> None:
+        self.layers = layers
+        self.std = std
+        self.obs_mean, self.obs_std, self.clip_observations = obs_mean, obs_std, clip_observations
+        self.deterministic = deterministic
+        self.noise_seed = int(noise_seed)
+        self._bound: dict[bytes, BoundActor] = {}
+
+    @property
+    def n_sets(self) -> int:
+        """Number of parameter sets."""
+        return int(self.std.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the arrays (what a worker receives, besides a few numbers)."""
+        arrays = [self.std, *(part for layer in self.layers if isinstance(layer, tuple) for part in layer)]
+        arrays += [array for array in (self.obs_mean, self.obs_std) if array is not None]
+        return int(sum(array.nbytes for array in arrays))
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_bound": {}}
+
+    def bind(
+        self,
+        set_indices: np.ndarray,
+        env_indices: np.ndarray | None = None,
+        round_index: int = 0,
+        n_envs: int | None = None,
+    ) -> BoundActor:
+        """The policy of the envs ``env_indices`` (default: all, ``0 .. n - 1``) of a sampler of ``n_envs`` envs
+        (default: ``len(set_indices)``) in round ``round_index`` of a collect, env ``env_indices[i]`` acting with
+        parameter set ``set_indices[i]``."""
+        set_indices = np.asarray(set_indices, dtype=np.int64)
+        if set_indices.ndim != 1 or (len(set_indices) and (set_indices.min() < 0 or set_indices.max() >= self.n_sets)):
+            raise ValueError(f"set indices must be a vector of integers in [0, {self.n_sets}), got {set_indices}")
+        env_indices = np.arange(len(set_indices)) if env_indices is None else np.asarray(env_indices, dtype=np.int64)
+        n_envs = len(set_indices) if n_envs is None else int(n_envs)
+        if env_indices.shape != set_indices.shape:
+            raise ValueError(f"{len(env_indices)} env indices for {len(set_indices)} set indices")
+        if len(env_indices) and (env_indices.min() < 0 or env_indices.max() >= n_envs):
+            raise ValueError(f"env indices must be in [0, {n_envs}), got {env_indices}")
+        return BoundActor(self, set_indices, env_indices, int(round_index), n_envs)
+
+    def __call__(self, observations: np.ndarray, set_indices: np.ndarray) -> np.ndarray:
+        """The sampler's ``act(observations, task_indices)`` on envs ``0 .. n - 1`` in round 0 (successive calls
+        with the same indices are successive steps)."""
+        key = np.asarray(set_indices).tobytes()
+        if key not in self._bound:
+            self._bound[key] = self.bind(set_indices)
+        return self._bound[key](observations)
+
+
+class BoundActor:
+    """The actor of :meth:`NumpyActor.bind`: ``obs (n, obs_dim) -> actions (n, action_dim)``, one call per step."""
+
+    def __init__(
+        self, actor: NumpyActor, set_indices: np.ndarray, env_indices: np.ndarray, round_index: int, n_envs: int
+    ) -> None:
+        self.actor = actor
+        self.layers: list[NumpyLayer] = [
+            (layer[0][set_indices], layer[1][set_indices]) if isinstance(layer, tuple) else layer for layer in actor.layers
+        ]
+        self.std = actor.std[set_indices]
+        self.dtype = actor.std.dtype
+        self.env_indices = env_indices
+        self.n_envs = n_envs
+        seed = actor.noise_seed if round_index == 0 else [actor.noise_seed, round_index]
+        self.generator = np.random.default_rng(seed)
+        self._noise = np.zeros((0, len(env_indices), self.std.shape[-1]), dtype=self.dtype)
+        self._next = 0
+
+    def _noise_now(self) -> np.ndarray:
+        if self._next == len(self._noise):  # a block of steps at once: the same stream as one draw per step
+            block = self.generator.standard_normal((_NOISE_BLOCK, self.n_envs, self.std.shape[-1]), dtype=self.dtype)
+            self._noise = block[:, self.env_indices]
+            self._next = 0
+        self._next += 1
+        return self._noise[self._next - 1]
+
+    def mean(self, observations: np.ndarray) -> np.ndarray:
+        """The mean action of each env."""
+        actor = self.actor
+        x = observations.astype(self.dtype, copy=False)
+        if actor.obs_mean is not None and actor.obs_std is not None:
+            x = np.clip((x - actor.obs_mean) / actor.obs_std, -actor.clip_observations, actor.clip_observations)
+        x = x[:, None, :]
+        for layer in self.layers:
+            if isinstance(layer, tuple):
+                x = np.matmul(x, layer[1])
+                x += layer[0]
+            else:
+                x = layer(x)
+        return x[:, 0, :]
+
+    def __call__(self, observations: np.ndarray) -> np.ndarray:
+        if len(observations) != len(self.env_indices):
+            raise ValueError(f"{len(observations)} observations for an actor bound to {len(self.env_indices)} envs")
+        mean = self.mean(observations)
+        return mean if self.actor.deterministic else mean + self._noise_now() * self.std
 
 
 class CPOPolicy(ActorCriticPolicy):
@@ -169,23 +314,21 @@ class CPOPolicy(ActorCriticPolicy):
         mean = functional_call(self.action_net, _sub_params(params, "action_net."), (latent,))
         return mean, params["log_std"].expand_as(mean)
 
-    def numpy_actor(self, params: ActorParams, deterministic: bool = False) -> Callable[[np.ndarray], np.ndarray]:
-        """The policy as a numpy function ``obs -> actions`` for acting, with a parameter set per observation.
+    def numpy_actor_sets(self, params: ActorParams, deterministic: bool = False, noise_seed: int | None = None) -> NumpyActor:
+        """The policy as a :class:`NumpyActor` with a parameter set per row of ``params``.
 
-        Every tensor of ``params`` has a leading axis of size n (e.g. the stacked parameters of several tasks indexed
-        by each env's task) or 1 (one parameter set for all); ``obs`` is ``(n, obs_dim)``. Parameters and
-        normalisation statistics are copied now: the function is for a rollout during which they do not change.
-        Each linear layer is one batched ``matmul``; numpy's per-call overhead is a fraction of torch's, and acting
-        runs at every env step. The Gaussian noise comes from a numpy generator seeded from torch's global one, so
-        sampling is as reproducible under ``set_random_seed`` as torch sampling.
+        Every tensor of ``params`` has a leading axis of size n_sets (e.g. the stacked parameters of several tasks).
+        Parameters and normalisation statistics are copied now: the actor is for rollouts during which they do not
+        change. Each linear layer is one batched ``matmul``; numpy's per-call overhead is a fraction of torch's, and
+        acting runs at every env step. ``noise_seed`` (default: drawn from torch's global generator, so sampling is
+        as reproducible under ``set_random_seed`` as torch sampling) seeds each env's noise generator.
         """
         with th.no_grad():
             arrays = {name: value.detach().cpu().numpy() for name, value in params.items()}
             obs_mean = self.obs_mean.cpu().numpy()
             obs_std = th.sqrt(self.obs_var + 1e-8).cpu().numpy()
-        dtype = arrays["log_std"].dtype
         prefix = "mlp_extractor.policy_net."
-        layers: list[Any] = []  # (bias (n, 1, out), weightᵀ (n, in, out)) or an element-wise function
+        layers: list[NumpyLayer] = []
         for index, module in [*enumerate(self.mlp_extractor.policy_net), (None, self.action_net)]:
             name = "action_net." if index is None else f"{prefix}{index}."
             if isinstance(module, nn.Linear):
@@ -194,25 +337,36 @@ class CPOPolicy(ActorCriticPolicy):
             elif type(module) in _NUMPY_ACTIVATIONS:
                 layers.append(_NUMPY_ACTIVATIONS[type(module)])
             else:  # parameter-free and element-wise (checked at construction)
-                layers.append(lambda x, module=module: _torch_on_numpy(module, x))
-        std = np.exp(arrays["log_std"])
-        rng = np.random.default_rng(int(th.randint(2**62, ())))
+                layers.append(partial(_torch_on_numpy, module))
+        if noise_seed is None:
+            noise_seed = int(th.randint(2**62, ()))
+        return NumpyActor(
+            layers,
+            np.exp(arrays["log_std"]),
+            obs_mean if self.normalize_observations else None,
+            obs_std if self.normalize_observations else None,
+            self.clip_observations,
+            deterministic,
+            noise_seed,
+        )
 
-        def actor(obs: np.ndarray) -> np.ndarray:
-            x = obs.astype(dtype, copy=False)
-            if self.normalize_observations:
-                x = np.clip((x - obs_mean) / obs_std, -self.clip_observations, self.clip_observations)
-            x = x[:, None, :]
-            for layer in layers:
-                if isinstance(layer, tuple):
-                    x = np.matmul(x, layer[1])
-                    x += layer[0]
-                else:
-                    x = layer(x)
-            mean = x[:, 0, :]
-            return mean if deterministic else mean + rng.standard_normal(mean.shape, dtype=dtype) * std
+    def numpy_actor(self, params: ActorParams, deterministic: bool = False) -> Callable[[np.ndarray], np.ndarray]:
+        """The policy as a numpy function ``obs (n, obs_dim) -> actions`` for the n envs of a rollout, one call per
+        step, with the parameter set ``params`` (leading axis of size n, one set per env, or 1, one for all).
 
-        return actor
+        The Gaussian noise comes from one numpy generator seeded from torch's global one when this is called (see
+        :class:`NumpyActor`), so sampling is as reproducible under ``set_random_seed`` as torch sampling.
+        """
+        actor = self.numpy_actor_sets(params, deterministic)
+        bound: list[BoundActor] = []
+
+        def act(obs: np.ndarray) -> np.ndarray:
+            if not bound:
+                sets = np.zeros(len(obs), dtype=np.int64) if actor.n_sets == 1 else np.arange(len(obs))
+                bound.append(actor.bind(sets))
+            return bound[0](obs)
+
+        return act
 
     def fisher_product(
         self, params: ActorParams, obs: th.Tensor, damping: float, create_graph: bool = False

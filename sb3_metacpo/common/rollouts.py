@@ -9,6 +9,7 @@ terminal observation) and the batch end (bootstrap from the observation after th
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +21,7 @@ from stable_baselines3.common.vec_env.base_vec_env import VecEnvObs
 
 from sb3_metacpo.common.advantages import episode_steps
 from sb3_metacpo.common.envs import EnvFactory, EnvWorkerError, reporting_vec_env_cls
+from sb3_metacpo.common.policies import NumpyActor
 from sb3_metacpo.tasks.base import Task, TaskDistribution
 from sb3_metacpo.tasks.monitor import TOTAL_COST, episode_cost
 
@@ -27,6 +29,10 @@ from sb3_metacpo.tasks.monitor import TOTAL_COST, episode_cost
 #: index into the task list given to :meth:`RolloutSampler.collect`; returns raw (unclipped) actions
 #: ``(n_envs, *action_shape)``.
 ActFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
+#: What a sampler acts with: a :class:`~sb3_metacpo.common.policies.NumpyActor` (one parameter set per task of the
+#: collect; what every sampler accepts, and the only policy a remote sampler can ship to its workers) or an
+#: :data:`ActFn` (local samplers only).
+RolloutPolicy = NumpyActor | ActFn
 
 
 def array_observations(obs: VecEnvObs) -> np.ndarray:
@@ -250,7 +256,115 @@ def _check_finite(t: int, quantity: str, values: np.ndarray, env_offset: int = 0
         )
 
 
-class RolloutSampler:
+def initial_episode_streams(seed: int, n_envs: int) -> list[dict[str, Any]]:
+    """The episode-seed streams of ``n_envs`` envs seeded with ``seed`` (env ``j``: ``default_rng(seed + j)``, what
+    ``VecEnv.seed(seed)`` gives the envs at their next reset), as bit-generator states."""
+    return [dict(np.random.default_rng(seed + index).bit_generator.state) for index in range(n_envs)]
+
+
+def round_plan(n_tasks: int, n_envs: int, n_steps: int) -> list[tuple[int, np.ndarray, int]]:
+    """How a sampler of ``n_envs`` envs collects ``n_tasks`` tasks: per round, ``(index of its first task, each
+    env's task index within the round, horizon)``. Rounds take ``n_envs`` tasks each; in a round of M tasks env
+    ``j`` runs task ``j % M`` for ``ceil(n_steps / (n_envs // M))`` steps."""
+    plan = []
+    for start in range(0, n_tasks, n_envs):
+        m = min(n_envs, n_tasks - start)
+        plan.append((start, np.arange(n_envs) % m, math.ceil(n_steps / (n_envs // m))))
+    return plan
+
+
+def bind_policy(
+    act: RolloutPolicy, task_indices: np.ndarray, env_indices: np.ndarray, round_index: int, n_envs: int
+) -> Callable[[np.ndarray], np.ndarray]:
+    """The per-step function of one round of a sampler of ``n_envs`` envs: a :class:`NumpyActor` bound to the envs
+    ``env_indices``, or ``act(obs, task_indices)``."""
+    if isinstance(act, NumpyActor):
+        return act.bind(task_indices, env_indices, round_index, n_envs)
+    return lambda observations: act(observations, task_indices)
+
+
+#: ``hook(t, obs, raw_actions, new_obs, rewards, dones, infos) -> bool | None``: called after every step of
+#: :func:`run_round`; ``False`` stops the round with :class:`CollectionStopped`.
+StepHook = Callable[[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[dict[str, Any]]], object]
+
+
+def run_round(
+    vec_env: VecEnv,
+    act: Callable[[np.ndarray], np.ndarray],
+    horizon: int,
+    action_space: spaces.Box,
+    observation_space: spaces.Box,
+    cost_names: Sequence[str],
+    hook: StepHook | None = None,
+) -> tuple[RolloutStorage, list[tuple[int, int, EpisodeRecord]], np.ndarray]:
+    """Reset ``vec_env`` and run ``act`` for ``horizon`` steps: the storage, ``(t, env index, episode)`` of every
+    episode that ended (in step, then env order) and the VecEnv's observation after the last step."""
+    n_envs = vec_env.num_envs
+    storage = RolloutStorage(horizon, n_envs, observation_space.shape, action_space.shape, cost_names)
+    ended: list[tuple[int, int, EpisodeRecord]] = []
+    low, high = action_space.low, action_space.high
+    obs = array_observations(vec_env.reset())
+    _check_finite(0, "observation after reset", obs)
+    for t in range(horizon):
+        raw_actions = np.asarray(act(obs), dtype=np.float32).reshape(n_envs, *action_space.shape)
+        vec_obs, rewards, dones, infos = vec_env.step(np.clip(raw_actions, low, high))
+        next_obs = array_observations(vec_obs)
+        ended.extend(
+            (t, index, episode) for index, episode in storage.add(t, obs, raw_actions, rewards, next_obs, dones, infos)
+        )
+        if hook is not None and hook(t, obs, raw_actions, next_obs, rewards, dones, list(infos)) is False:
+            raise CollectionStopped(f"a callback stopped the collect at step {t}")
+        obs = next_obs
+    return storage, ended, obs
+
+
+class Sampler(ABC):
+    """What the algorithms collect rollouts with: a policy on several tasks of one :class:`TaskDistribution`.
+
+    Implementations: :class:`RolloutSampler` (the envs in this process or in ``SubprocVecEnv`` workers, the default)
+    and :class:`~sb3_metacpo.common.ray_sampler.RaySampler` (the envs in Ray actors). Every implementation runs the
+    same ``n_envs`` logical envs with the same task assignment (:func:`round_plan`), the same episode-seed streams
+    (:func:`initial_episode_streams`) and, given a :class:`NumpyActor`, the same action noise, so the same seed gives
+    the same batches whichever sampler collects them.
+    """
+
+    distribution: TaskDistribution | None
+    n_envs: int
+    seed: int
+    cost_names: tuple[str, ...]
+    observation_space: spaces.Box
+    action_space: spaces.Box
+
+    @abstractmethod
+    def collect(
+        self, tasks: Sequence[Task | None], act: RolloutPolicy, n_steps: int, on_step: OnStep | None = None
+    ) -> list[TaskBatch]:
+        """Run ``act`` on every task for at least ``n_steps`` env steps each; one batch per task, in order.
+        ``on_step`` gets every VecEnv step (a :class:`VecStep`); if it returns False, :class:`CollectionStopped`."""
+
+    @abstractmethod
+    def reset_envs(self) -> None:
+        """Start fresh episodes on every env now (each env draws a seed from its episode stream), as SB3's ``learn``
+        set-up does to an algorithm's env."""
+
+    @abstractmethod
+    def episode_rng_states(self) -> list[dict[str, Any]]:
+        """The state of every env's episode-seed stream (JSON-serialisable), to continue it after a restart."""
+
+    @abstractmethod
+    def set_episode_rng_states(self, states: Sequence[dict[str, Any]]) -> None:
+        """Continue the episode-seed streams of :meth:`episode_rng_states`."""
+
+    @abstractmethod
+    def ensure_usable(self) -> None:
+        """Repair what an earlier failed collect broke (e.g. rebuild a VecEnv whose worker died)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the envs (never raises for broken ones)."""
+
+
+class RolloutSampler(Sampler):
     """Rollouts of a policy on several tasks of one :class:`TaskDistribution`, through one VecEnv of ``n_envs`` envs.
 
     With M tasks in :meth:`collect`: if M <= n_envs, every task gets ``n_envs // M`` envs (the remainder goes to the
@@ -346,13 +460,18 @@ class RolloutSampler:
                 self._env_tasks[index] = tasks[owner]
         return owners
 
+    def reset_envs(self) -> None:
+        self.ensure_usable()
+        self.vec_env.reset()
+
     def collect(
-        self, tasks: Sequence[Task | None], act: ActFn, n_steps: int, on_step: OnStep | None = None
+        self, tasks: Sequence[Task | None], act: RolloutPolicy, n_steps: int, on_step: OnStep | None = None
     ) -> list[TaskBatch]:
         """Run ``act`` on every task for at least ``n_steps`` env steps each; return one batch per task, in order.
 
-        ``on_step`` is called with a :class:`VecStep` after every VecEnv step (e.g. to drive SB3 callbacks and
-        progress bars); if it returns ``False`` the collect stops and raises :class:`CollectionStopped`.
+        ``act`` is a :class:`~sb3_metacpo.common.policies.NumpyActor` with a parameter set per task, or an
+        :data:`ActFn`. ``on_step`` is called with a :class:`VecStep` after every VecEnv step (e.g. to drive SB3
+        callbacks and progress bars); if it returns ``False`` the collect stops and raises :class:`CollectionStopped`.
         """
         if not tasks:
             raise ValueError("collect needs at least one task")
@@ -361,33 +480,44 @@ class RolloutSampler:
         self.ensure_usable()
         batches: list[TaskBatch] = []
         try:
-            for start in range(0, len(tasks), self.n_envs):
-                batches.extend(self._collect_round(list(tasks[start : start + self.n_envs]), act, n_steps, on_step))
+            for round_index, (start, owners, horizon) in enumerate(round_plan(len(tasks), self.n_envs, n_steps)):
+                round_tasks = list(tasks[start : start + self.n_envs])
+                policy = bind_policy(act, owners + start, np.arange(self.n_envs), round_index, self.n_envs)
+                batches.extend(self._collect_round(round_tasks, owners, horizon, policy, on_step))
         except EnvWorkerError:
             self._broken = True  # rebuilt at the next collect
             raise
         return batches
 
-    def _collect_round(self, tasks: list[Task | None], act: ActFn, n_steps: int, on_step: OnStep | None) -> list[TaskBatch]:
-        owners = self._assign(tasks)
-        horizon = math.ceil(n_steps / (self.n_envs // len(tasks)))
-        storage = RolloutStorage(horizon, self.n_envs, self.observation_space.shape, self.action_space.shape, self.cost_names)
-        episodes: list[list[EpisodeRecord]] = [[] for _ in tasks]
-        low, high = self.action_space.low, self.action_space.high
+    def _collect_round(
+        self,
+        tasks: list[Task | None],
+        owners: np.ndarray,
+        horizon: int,
+        policy: Callable[[np.ndarray], np.ndarray],
+        on_step: OnStep | None,
+    ) -> list[TaskBatch]:
+        self._assign(tasks)
+        hook: StepHook | None = None
+        if on_step is not None:
 
-        obs = array_observations(self.vec_env.reset())
-        _check_finite(0, "observation after reset", obs)
-        for t in range(horizon):
-            raw_actions = np.asarray(act(obs, owners), dtype=np.float32).reshape(self.n_envs, *self.action_space.shape)
-            vec_obs, rewards, dones, infos = self.vec_env.step(np.clip(raw_actions, low, high))
-            next_obs = array_observations(vec_obs)
-            for index, episode in storage.add(t, obs, raw_actions, rewards, next_obs, dones, infos):
-                episodes[owners[index]].append(episode)
-            if on_step is not None:
-                step = VecStep(obs, raw_actions, next_obs, rewards, dones, list(infos), t, owners)
-                if on_step(step) is False:
-                    raise CollectionStopped(f"a callback stopped the collect at step {t}")
-            obs = next_obs
+            def hook(
+                t: int,
+                obs: np.ndarray,
+                actions: np.ndarray,
+                new_obs: np.ndarray,
+                rewards: np.ndarray,
+                dones: np.ndarray,
+                infos: list[dict[str, Any]],
+            ) -> object:
+                return on_step(VecStep(obs, actions, new_obs, rewards, dones, infos, t, owners))
+
+        storage, ended, _ = run_round(
+            self.vec_env, policy, horizon, self.action_space, self.observation_space, self.cost_names, hook
+        )
+        episodes: list[list[EpisodeRecord]] = [[] for _ in tasks]
+        for _, index, episode in ended:
+            episodes[owners[index]].append(episode)
         return [storage.batch(task, owners == index, episodes[index]) for index, task in enumerate(tasks)]
 
     def close(self) -> None:

@@ -37,7 +37,11 @@ from sb3_metacpo.tasks.base import TaskDistribution, make_task_distribution
 
 SelfSafeAlgorithm = TypeVar("SelfSafeAlgorithm", bound="SafeAlgorithmMixin")
 #: Constructor arguments kept under another attribute name.
-_ATTRIBUTE_OF_ARGUMENT = {"n_envs": "n_envs_requested", "stats_window_size": "_stats_window_size"}
+_ATTRIBUTE_OF_ARGUMENT = {
+    "n_envs": "n_envs_requested",
+    "stats_window_size": "_stats_window_size",
+    "sampler": "sampler_type",
+}
 #: Constructor arguments that are not saved (given again when loading).
 _NOT_SAVED = ("self", "policy", "env", "device", "_init_setup_model")
 

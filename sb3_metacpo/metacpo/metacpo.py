@@ -43,7 +43,8 @@ from sb3_metacpo.common.cpo_update import (
 )
 from sb3_metacpo.common.policies import CPOPolicy
 from sb3_metacpo.common.profiling import phase
-from sb3_metacpo.common.rollouts import CollectionStopped, RolloutSampler, TaskBatch, VecStep
+from sb3_metacpo.common.ray_sampler import RaySampler, RemoteEnvs, check_ray_sampler_options, import_ray
+from sb3_metacpo.common.rollouts import CollectionStopped, RolloutSampler, Sampler, TaskBatch, VecStep
 from sb3_metacpo.common.safe_algorithm import SafeAlgorithmMixin
 from sb3_metacpo.metacpo.meta_objective import META_CONSTRAINT_MODES, MetaObjective, MetaValue, TaskAdaptation
 from sb3_metacpo.tasks.base import Task, TaskDistribution, make_task_distribution
@@ -127,7 +128,14 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):  # type: igno
     :param n_critic_updates: epochs of critic training per meta-iteration (``critic="mlp"``)
     :param critic_batch_size: minibatch size of critic training (``critic="mlp"``)
     :param n_envs: envs sampling in parallel (default: ``meta_batch_size``, one env per task)
-    :param vec_env_cls: ``DummyVecEnv`` (default) or ``SubprocVecEnv``
+    :param vec_env_cls: ``DummyVecEnv`` (default) or ``SubprocVecEnv`` (local sampler only)
+    :param sampler: where the envs run: ``"local"`` (default: a VecEnv of ``vec_env_cls`` in this process or its
+        subprocesses) or ``"ray"`` (Ray actors, possibly on a cluster; ``pip install sb3-metacpo[ray]``, see
+        :class:`~sb3_metacpo.common.ray_sampler.RaySampler`). Both give the same batches, hence the same training,
+        for the same seed; with Ray, callbacks see each collect's steps after the workers answered
+    :param sampler_kwargs: options of the Ray sampler: ``num_workers`` (actors sharing the ``n_envs`` envs,
+        default 1), ``num_cpus_per_worker`` (1), ``max_restarts`` (3), ``max_retries`` (3), ``ray_init_kwargs``
+        (arguments of ``ray.init`` when no Ray is running), ``measure_transfer`` (False)
     :param policy_kwargs: extra arguments of the policy (e.g. ``net_arch``, ``normalize_observations``)
     :param stats_window_size: episodes averaged for the rollout logs
     :param tensorboard_log: tensorboard log directory (None: no tensorboard)
@@ -171,6 +179,8 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):  # type: igno
         critic_batch_size: int = 256,
         n_envs: int | None = None,
         vec_env_cls: type[DummyVecEnv] | type[SubprocVecEnv] | None = None,
+        sampler: Literal["local", "ray"] = "local",
+        sampler_kwargs: dict[str, Any] | None = None,
         policy_kwargs: dict[str, Any] | None = None,
         stats_window_size: int = 100,
         tensorboard_log: str | None = None,
@@ -218,10 +228,12 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):  # type: igno
         self.critic_batch_size = critic_batch_size
         self.n_envs_requested = n_envs
         self.vec_env_cls = vec_env_cls
+        self.sampler_type = sampler
+        self.sampler_kwargs = sampler_kwargs
         self.task_distribution: TaskDistribution | None = None
         self.task_distribution_name: str | None = None
         self.task_distribution_params: dict[str, Any] | None = None
-        self.sampler: RolloutSampler | None = None
+        self.sampler: Sampler | None = None
         self._adaptation_sampler_cache: RolloutSampler | None = None
         self.adapted_params: Params | None = None
         self.adaptation_history: list[dict[str, Any]] = []
@@ -259,6 +271,7 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):  # type: igno
             self.n_envs_requested is None or (is_int(self.n_envs_requested) and self.n_envs_requested >= 1),
             f"n_envs must be a positive integer or None, got {self.n_envs_requested!r}",
         )
+        self._check_sampler()
         self._check_constraints()
         as_python_scalars(self, *_NUMERIC_HYPERPARAMETERS)
         n_outer = len(self.constraints) * (1 if self.meta_constraint == "mean" else self.n_inner_updates + 1)
@@ -267,6 +280,24 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):  # type: igno
             f"dual_solver='analytic' solves one constraint, but meta_constraint={self.meta_constraint!r} gives the outer "
             f"step {n_outer}: use dual_solver='auto' (the closed form wherever one constraint allows it) or 'cvxpylayers'",
         )
+
+    def _check_sampler(self) -> None:
+        check(self.sampler_type in ("local", "ray"), f"sampler must be 'local' or 'ray', got {self.sampler_type!r}")
+        options = self.sampler_kwargs
+        check(
+            options is None or (isinstance(options, dict) and all(isinstance(key, str) for key in options)),
+            f"sampler_kwargs must be a dict of options or None, got {options!r}",
+        )
+        if self.sampler_type == "local":
+            check(not options, f"sampler_kwargs are options of sampler='ray'; the local sampler takes none, got {options!r}")
+            return
+        check(
+            self.vec_env_cls is None,
+            f"vec_env_cls chooses the local sampler's VecEnv; with sampler='ray' every worker runs a DummyVecEnv of its "
+            f"envs (leave vec_env_cls=None), got {self.vec_env_cls!r}",
+        )
+        check_ray_sampler_options(self.n_envs_requested or self.meta_batch_size, **(options or {}))
+        import_ray()  # a clear ImportError now rather than at the first learn
 
     def set_task_distribution(self, env: TaskDistribution | str) -> None:
         """Use ``env`` (a :class:`TaskDistribution` or a registered family name) for training and evaluation."""
@@ -309,21 +340,34 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):  # type: igno
     def _excluded_save_params(self) -> list[str]:
         return [*super()._excluded_save_params(), "task_distribution", "sampler", "_adaptation_sampler_cache"]
 
-    def _get_sampler(self) -> RolloutSampler:
+    def _get_sampler(self) -> Sampler:
         if self.sampler is None:
             distribution = self._get_task_distribution()
             if distribution is None:
                 raise ValueError("no task distribution: call set_task_distribution(...) first")
-            self.sampler = RolloutSampler(
-                distribution,
-                n_envs=self.n_envs_requested or self.meta_batch_size,
-                vec_env_cls=self.vec_env_cls or DummyVecEnv,
-                seed=0 if self.seed is None else self.seed,
-                cost_names=self.constraints.names,
-            )
+            n_envs = self.n_envs_requested or self.meta_batch_size
+            seed = 0 if self.seed is None else self.seed
+            if self.sampler_type == "ray":
+                self.sampler = RaySampler(
+                    distribution, n_envs=n_envs, seed=seed, cost_names=self.constraints.names, **(self.sampler_kwargs or {})
+                )
+            else:
+                self.sampler = RolloutSampler(
+                    distribution,
+                    n_envs=n_envs,
+                    vec_env_cls=self.vec_env_cls or DummyVecEnv,
+                    seed=seed,
+                    cost_names=self.constraints.names,
+                )
         self.sampler.ensure_usable()  # a VecEnv broken by a failed env is rebuilt
-        self.env = self.sampler.vec_env
-        self.n_envs = self.env.num_envs
+        # SB3's env: the local sampler's VecEnv, or what the driver knows of remote envs (their number and spaces)
+        if isinstance(self.sampler, RolloutSampler):
+            self.env = self.sampler.vec_env
+        elif isinstance(self.sampler, RaySampler) and not (
+            isinstance(self.env, RemoteEnvs) and self.env.sampler is self.sampler
+        ):
+            self.env = RemoteEnvs(self.sampler)  # type: ignore[assignment]
+        self.n_envs = self.sampler.n_envs
         return self.sampler
 
     # --- batches ----------------------------------------------------------------------------------------------
@@ -367,7 +411,7 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):  # type: igno
         progress_bar: bool = False,
     ) -> tuple[int, BaseCallback]:
         self._get_sampler()
-        self._last_obs = None  # the sampler resets its envs itself
+        self._last_obs = None  # the sampler resets its envs itself (SB3 resets self.env below: each env draws a seed)
         result = super()._setup_learn(total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar)
         self._resume_random_streams(reset_num_timesteps)  # after SB3's env reset, which draws episode seeds
         return result

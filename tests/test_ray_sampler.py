@@ -1,0 +1,259 @@
+"""The Ray sampler: the same batches and meta-parameters as the local sampler, workers that die mid-iteration
+restarted and their share re-run with the same result. One local Ray with 2 CPUs for the module (Ray is part of the
+test set-up: ``pip install -e .[tests]``)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import numpy as np
+import pytest
+import ray
+import torch as th
+from stable_baselines3.common.callbacks import BaseCallback, EvalCallback
+from stable_baselines3.common.monitor import Monitor
+from stable_baselines3.common.vec_env import SubprocVecEnv
+
+from sb3_metacpo import MetaCPO, MetaTRPO
+from sb3_metacpo.common.policies import CPOPolicy
+from sb3_metacpo.common.ray_sampler import RaySampler, RemoteEnvs, import_ray
+from sb3_metacpo.common.rollouts import RolloutSampler, TaskBatch
+from sb3_metacpo.tasks import make_task_distribution
+
+SMALL: dict[str, Any] = dict(meta_batch_size=4, n_steps=100, seed=3, policy_kwargs=dict(net_arch=[16]))
+#: 3 meta-iterations of SMALL (each: 4 tasks x 100 steps x 2 batches)
+THREE_ITERATIONS = 3 * 4 * 100 * 2
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(num_cpus=2, object_store_memory=300 * 2**20, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def toy():
+    return make_task_distribution("Toy2DNav", seed=0, max_episode_steps=50)
+
+
+def flat_params(model: MetaCPO) -> th.Tensor:
+    return th.cat([value.detach().flatten() for value in model.policy.state_dict().values()])
+
+
+class StepRecorder(BaseCallback):
+    """Records what SB3 callbacks see at every step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.steps: list[tuple[Any, ...]] = []
+
+    def _on_step(self) -> bool:
+        seeds = tuple(info.get("episode_seed") for info in self.locals["infos"])
+        self.steps.append(
+            (
+                self.num_timesteps,
+                self.locals["obs"].copy(),
+                self.locals["new_obs"].copy(),
+                self.locals["rewards"].copy(),
+                self.locals["dones"].copy(),
+                seeds,
+            )
+        )
+        return True
+
+
+def train(**kwargs: Any) -> tuple[MetaCPO, StepRecorder]:
+    model = MetaCPO("MlpPolicy", toy(), **{**SMALL, **kwargs})
+    recorder = StepRecorder()
+    model.learn(THREE_ITERATIONS, callback=recorder)
+    return model, recorder
+
+
+@pytest.fixture(scope="module")
+def local_run() -> tuple[th.Tensor, MetaCPO, StepRecorder]:
+    model, recorder = train()
+    return flat_params(model), model, recorder
+
+
+@pytest.mark.parametrize("num_workers", [1, 2])
+def test_ray_training_gives_the_local_meta_parameters(local_run, num_workers):
+    expected, local, local_steps = local_run
+    model, recorder = train(sampler="ray", sampler_kwargs={"num_workers": num_workers})
+    try:
+        assert isinstance(model.sampler, RaySampler) and len(model.sampler.workers) == num_workers
+        assert model._n_updates == local._n_updates == 3
+        assert th.equal(flat_params(model), expected)
+        assert model.num_timesteps == local.num_timesteps == THREE_ITERATIONS
+        # callbacks see the same steps (replayed after the workers answered)
+        assert len(recorder.steps) == len(local_steps.steps)
+        for ours, theirs in zip(recorder.steps, local_steps.steps, strict=True):
+            assert ours[0] == theirs[0] and ours[-1] == theirs[-1]
+            for a, b in zip(ours[1:-1], theirs[1:-1], strict=True):
+                np.testing.assert_array_equal(a, b)
+        assert model.sampler.episode_rng_states() == local.sampler.episode_rng_states()  # type: ignore[union-attr]
+        assert isinstance(model.env, RemoteEnvs) and model.env.num_envs == 4  # no env in the driver
+        with pytest.raises(AttributeError, match="no env in the driver"):
+            model.env.step_async(np.zeros((4, 2)))
+    finally:
+        model.sampler.close()  # type: ignore[union-attr]
+
+
+def actor(distribution, n_sets: int, seed: int) -> Any:
+    observation_space, action_space = distribution.spaces
+    th.manual_seed(seed)
+    policy = CPOPolicy(observation_space, action_space, lambda _: 1e-3, net_arch=[8])
+    generator = th.Generator().manual_seed(seed)
+    params = {
+        k: v.detach() + 0.3 * th.randn((n_sets, *v.shape), generator=generator) for k, v in policy.actor_params().items()
+    }
+    return policy.numpy_actor_sets(params, noise_seed=seed)
+
+
+def assert_same_batches(ours: list[TaskBatch], theirs: list[TaskBatch]) -> None:
+    assert len(ours) == len(theirs)
+    for a, b in zip(ours, theirs, strict=True):
+        assert a.task == b.task
+        for name in ("observations", "actions", "rewards", "costs", "terminated", "truncated", "next_observations"):
+            np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+        np.testing.assert_array_equal(a.episode_steps, b.episode_steps)  # type: ignore[arg-type]
+        assert a.episodes == b.episodes
+
+
+def test_rounds_of_more_tasks_than_envs_match_the_local_sampler():
+    """7 tasks on 3 envs (rounds of 3, 3 and 1 tasks), 2 workers of 2 and 1 envs, two collects in a row."""
+    distribution = toy()
+    tasks = distribution.sample(7)
+    local = RolloutSampler(toy(), n_envs=3, seed=5)
+    remote = RaySampler(toy(), n_envs=3, num_workers=2, seed=5, measure_transfer=True)
+    try:
+        for seed in (1, 2):
+            assert_same_batches(
+                remote.collect(tasks, actor(distribution, 7, seed), 60), local.collect(tasks, actor(distribution, 7, seed), 60)
+            )
+        assert remote.episode_rng_states() == local.episode_rng_states()
+        stats = remote.last_collect
+        assert stats.sent > 0 and stats.received > stats.sent and 0 < stats.busiest_worker_seconds <= stats.worker_seconds
+        assert remote.totals.collects == 2 and remote.totals.received > stats.received
+        with pytest.raises(TypeError, match="NumpyActor"):
+            remote.collect(tasks, lambda obs, idx: np.zeros((len(obs), 2)), 10)
+    finally:
+        remote.close()
+        local.close()
+
+
+def test_an_env_of_a_round_acts_with_its_own_task_parameters():
+    """Deterministic actors whose sets differ: in the second round the env of task 3 must act with set 3."""
+    distribution = toy()
+    tasks = distribution.sample(4)
+    local = RolloutSampler(toy(), n_envs=2, seed=0)
+    act = actor(distribution, 4, 0)
+    act.deterministic = True
+    batches = local.collect(tasks, act, 10)
+    for index, batch in enumerate(batches):
+        bound = act.bind(np.array([index]))
+        np.testing.assert_allclose(batch.actions[:, 0], np.stack([bound.mean(o[None])[0] for o in batch.observations[:, 0]]))
+    local.close()
+
+
+class KillWorker(BaseCallback):
+    """Kills Ray worker 0 (Ray restarts it) once, after the first collect of the given iteration."""
+
+    def __init__(self, iteration: int) -> None:
+        super().__init__()
+        self.iteration, self.rollouts, self.killed = iteration, 0, False
+
+    def _on_rollout_start(self) -> None:
+        self.rollouts += 1
+
+    def _on_step(self) -> bool:
+        sampler = self.model.sampler
+        if not self.killed and self.rollouts == self.iteration and self.locals["n_steps"] == 0:
+            ray.kill(sampler.workers[0], no_restart=False)
+            self.killed = True
+        return True
+
+
+def test_a_killed_worker_is_restarted_and_the_iteration_completes_with_the_same_result(local_run, caplog):
+    """Worker 1's process exits 30 steps into the first collect; worker 0 is killed by Ray between the two collects
+    of the third meta-iteration. Both are restarted, their shares re-run, and training ends where the undisturbed
+    local run ends."""
+    expected = local_run[0]
+    model = MetaCPO("MlpPolicy", toy(), sampler="ray", sampler_kwargs={"num_workers": 2}, **SMALL)
+    try:
+        sampler = model._get_sampler()
+        assert isinstance(sampler, RaySampler)
+        pids = ray.get([worker.ping.remote() for worker in sampler.workers])
+        sampler.crash_worker_during_next_collect(1, after_steps=30)
+        callback = KillWorker(iteration=3)
+        with caplog.at_level(logging.WARNING, logger="sb3_metacpo.common.ray_sampler"):
+            model.learn(THREE_ITERATIONS, callback=callback)
+        assert callback.killed
+        messages = [record.getMessage() for record in caplog.records]
+        assert any("worker 1 (envs 2-3) died during a collect" in message for message in messages), messages
+        assert sampler.n_worker_failures >= 1
+        new_pids = ray.get([worker.ping.remote() for worker in sampler.workers])
+        assert new_pids[0] != pids[0] and new_pids[1] != pids[1]  # both processes were replaced
+        assert model._n_updates == 3
+        assert th.equal(flat_params(model), expected)
+    finally:
+        model.sampler.close()  # type: ignore[union-attr]
+
+
+def test_a_worker_that_keeps_dying_fails_the_collect_with_its_cause():
+    distribution = toy()
+    sampler = RaySampler(toy(), n_envs=2, num_workers=2, max_retries=0)
+    try:
+        sampler.crash_worker_during_next_collect(0, after_steps=1)
+        with pytest.raises(RuntimeError, match=r"worker 0 \(envs 0-0\) failed 1 times"):
+            sampler.collect(distribution.sample(2), actor(distribution, 2, 0), 10)
+    finally:
+        sampler.close()
+
+
+def test_meta_trpo_runs_on_ray_and_saves_its_sampler_choice(tmp_path):
+    local = MetaTRPO("MlpPolicy", toy(), **SMALL).learn(800)  # the seed is torch's global one: one model at a time
+    model = MetaTRPO("MlpPolicy", toy(), sampler="ray", sampler_kwargs={"num_workers": 2}, **SMALL)
+    distribution = toy()
+    evaluation = EvalCallback(
+        Monitor(distribution.make_env(distribution.test_tasks(1)[0])), eval_freq=100, n_eval_episodes=1, verbose=0
+    )
+    try:
+        with pytest.warns(UserWarning, match="not of the same type"):  # SB3's: the training env is not a VecEnv here
+            model.learn(800, callback=evaluation)
+        assert evaluation.n_calls == 200 and np.isfinite(evaluation.last_mean_reward)  # it evaluated
+        assert th.equal(flat_params(model), flat_params(local))
+        path = model.save(tmp_path / "model")
+    finally:
+        model.sampler.close()  # type: ignore[union-attr]
+    loaded = MetaTRPO.load(path, env=toy())
+    assert loaded.sampler_type == "ray" and loaded.sampler_kwargs == {"num_workers": 2}
+    without_ray = MetaTRPO.load(path, env=toy(), sampler="local", sampler_kwargs=None)
+    assert without_ray.sampler_type == "local" and th.equal(flat_params(without_ray), flat_params(model))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(sampler="dask"), "sampler must be 'local' or 'ray'"),
+        (dict(sampler_kwargs={"num_workers": 2}), "options of sampler='ray'"),
+        (dict(sampler="ray", sampler_kwargs={"num_workers": 5}), "num_workers=5 is more than the 4 envs"),
+        (dict(sampler="ray", sampler_kwargs={"num_workers": 0}), "num_workers must be a positive integer"),
+        (dict(sampler="ray", sampler_kwargs={"workers": 2}), r"unknown Ray sampler options \['workers'\]"),
+        (dict(sampler="ray", sampler_kwargs={"max_restarts": -1}), "max_restarts must be an integer >= 0"),
+        (dict(sampler="ray", sampler_kwargs=[("num_workers", 2)]), "sampler_kwargs must be a dict"),
+        (dict(sampler="ray", vec_env_cls=SubprocVecEnv), "leave vec_env_cls=None"),
+    ],
+)
+def test_bad_sampler_arguments_are_refused_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MetaCPO("MlpPolicy", toy(), **{**SMALL, **kwargs})
+
+
+def test_missing_ray_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(ImportError, match=r"pip install sb3-metacpo\[ray\]"):
+        import_ray()
+    with pytest.raises(ImportError, match=r"sb3-metacpo\[ray\]"):
+        MetaCPO("MlpPolicy", toy(), sampler="ray", **SMALL)
