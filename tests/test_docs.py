@@ -140,6 +140,7 @@ def test_intersphinx_reads_local_inventories_only():
     exec(compile((DOCS / "conf.py").read_text(encoding="utf-8"), "conf.py", "exec"), namespace)
     assert "sphinx.ext.intersphinx" in namespace["extensions"]
     assert {"stable_baselines3", "gymnasium", "torch", "numpy"} <= set(namespace["INTERSPHINX_PROJECTS"])
+    assert "stable_baselines3" in namespace["intersphinx_mapping"]  # the API reference links into SB3's docs
     for name, (_url, inventory) in namespace["intersphinx_mapping"].items():
         assert inventory is not None and Path(inventory).is_file(), name
     fetch = (DOCS / "_intersphinx" / "fetch.sh").read_text(encoding="utf-8")
