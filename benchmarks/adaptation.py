@@ -181,7 +181,7 @@ def wilson(successes: int, n: int) -> tuple[float, float]:
     z, p = 1.959964, successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return centre - half, centre + half
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def summarise(rows: list[dict[str, Any]], training: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
