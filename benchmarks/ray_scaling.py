@@ -107,10 +107,9 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]]) -> list[str]
         f"after 1 warm-up, seed 0; each configuration run {args.repeats} times, interleaved, the fastest run shown.",
         f"Machine: {os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}, Python "
         f"{platform.python_version()}, Ray {ray.__version__}, torch {th.__version__}.",
-        f"LOADED: load average {args.load_at_start:.1f} at the start and {os.getloadavg()[0]:.1f} at the end on "
-        f"{os.cpu_count()} cores (another benchmark held one core throughout, other jobs came and went; this run was "
-        "niced). Absolute times are pessimistic and Ray's workers compete with the driver for the same cores; only "
-        "ratios within this run count, and even they carry the load's noise.",
+        f"Load average {args.load_at_start:.1f} at the start and {os.getloadavg()[0]:.1f} at the end on "
+        f"{os.cpu_count()} cores{f' ({args.note})' if args.note else ''}. Ray's workers and the driver share these "
+        "cores; only ratios within this run count, and a load above the core count makes even them noisy.",
         "",
         "sampler  s/iter  env steps/s  vs local  wait for samples  driver work  driver share  sent/iter  received/iter  "
         "same params",
@@ -178,6 +177,7 @@ def main() -> None:
     parser.add_argument("--workers", default="1,2", help="comma-separated Ray worker counts")
     parser.add_argument("--repeats", type=int, default=2, help="runs per configuration, interleaved; the fastest counts")
     parser.add_argument("--ray-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    parser.add_argument("--note", default="", help="what else ran on the machine, printed with the load average")
     parser.add_argument("--output", default=None, help="default: benchmarks/results/ray_scaling/<family>.txt")
     args = parser.parse_args()
     args.load_at_start = os.getloadavg()[0]
