@@ -44,6 +44,7 @@ from sb3_metacpo.common.rollouts import (
     VecStep,
     box_space,
     initial_episode_streams,
+    round_batches,
     round_plan,
     run_round,
 )
@@ -453,10 +454,7 @@ class RaySampler(Sampler):
                 )
                 if on_step(step) is False:
                     raise CollectionStopped(f"a callback stopped the collect at step {t}")
-        episodes: list[list[EpisodeRecord]] = [[] for _ in tasks]
-        for _, index, episode in ended:
-            episodes[owners[index]].append(episode)
-        return [storage.batch(task, owners == index, episodes[index]) for index, task in enumerate(tasks)]
+        return round_batches(storage, tasks, owners, ended)
 
     def close(self) -> None:
         """Stop the workers (Ray itself keeps running, also when this sampler started it)."""

@@ -318,6 +318,20 @@ def run_round(
     return storage, ended, obs
 
 
+def round_batches(
+    storage: RolloutStorage,
+    tasks: Sequence[Task | None],
+    owners: np.ndarray,
+    ended: Sequence[tuple[int, int, EpisodeRecord]],
+) -> list[TaskBatch]:
+    """One batch per task of a round: env ``j``'s samples go to task ``owners[j]``, with the episodes that ended on
+    its envs (``ended``: ``(t, env index, episode)`` in step, then env order)."""
+    episodes: list[list[EpisodeRecord]] = [[] for _ in tasks]
+    for _, index, episode in ended:
+        episodes[owners[index]].append(episode)
+    return [storage.batch(task, owners == index, episodes[index]) for index, task in enumerate(tasks)]
+
+
 class Sampler(ABC):
     """What the algorithms collect rollouts with: a policy on several tasks of one :class:`TaskDistribution`.
 
@@ -515,10 +529,7 @@ class RolloutSampler(Sampler):
         storage, ended, _ = run_round(
             self.vec_env, policy, horizon, self.action_space, self.observation_space, self.cost_names, hook
         )
-        episodes: list[list[EpisodeRecord]] = [[] for _ in tasks]
-        for _, index, episode in ended:
-            episodes[owners[index]].append(episode)
-        return [storage.batch(task, owners == index, episodes[index]) for index, task in enumerate(tasks)]
+        return round_batches(storage, tasks, owners, ended)
 
     def close(self) -> None:
         """Close the VecEnv (never raises for a broken one)."""
