@@ -76,10 +76,14 @@ FAMILY_DEFAULTS.update({"PointGoalHazard": NAVIGATION, "PointButtonHazard": NAVI
 METHODS: dict[str, tuple[Any, dict[str, Any]]] = {
     "Meta-CPO": (MetaCPO, {}),
     "Meta-CPO (paper)": (MetaCPO, {"meta_constraint": "mean", "cost_confidence": 0.0}),
+    "Meta-CPO (recovery)": (MetaCPO, {"recovery": "violated"}),
     "Meta-TRPO": (MetaTRPO, {}),
     "CPO-pretrain": (CPO, {}),
+    "CPO-pretrain (recovery)": (CPO, {"recovery": "violated"}),
     "CPO-scratch": (CPO, {}),
 }
+#: Run by default (the "(recovery)" variants on request, with --methods).
+DEFAULT_METHODS = ("Meta-CPO", "Meta-CPO (paper)", "Meta-TRPO", "CPO-pretrain", "CPO-scratch")
 #: Ablation: the paper's Meta-CPO with each change alone, then together (the default is "Meta-CPO").
 ABLATION: dict[str, tuple[Any, dict[str, Any]]] = {
     "paper": (MetaCPO, {"meta_constraint": "mean", "cost_confidence": 0.0}),
@@ -89,6 +93,8 @@ ABLATION: dict[str, tuple[Any, dict[str, Any]]] = {
     "+ per-stage CVaR": (MetaCPO, {"meta_constraint": "stages_cvar", "cost_confidence": 0.0}),
     "+ per-stage + UCB (default)": (MetaCPO, {"meta_constraint": "stages", "cost_confidence": 1.0}),
     "+ per-stage CVaR + UCB": (MetaCPO, {"meta_constraint": "stages_cvar", "cost_confidence": 1.0}),
+    "+ recovery when violated": (MetaCPO, {"meta_constraint": "mean", "cost_confidence": 0.0, "recovery": "violated"}),
+    "+ per-stage + UCB + recovery": (MetaCPO, {"meta_constraint": "stages", "cost_confidence": 1.0, "recovery": "violated"}),
 }
 
 
@@ -99,7 +105,13 @@ def build(name: str, spec: tuple[Any, dict[str, Any]], args: argparse.Namespace,
     if cls is CPO:
         # Multi-task CPO: M envs, each drawing a new training task every episode, n_steps per env per update.
         return CPO(
-            "MlpPolicy", distribution, n_steps=n_steps, n_envs=args.meta_batch_size, target_kl=args.inner_target_kl, seed=seed
+            "MlpPolicy",
+            distribution,
+            n_steps=n_steps,
+            n_envs=args.meta_batch_size,
+            target_kl=args.inner_target_kl,
+            seed=seed,
+            **{key: value for key, value in overrides.items() if key != "n_steps"},
         )
     kwargs = dict(
         meta_batch_size=args.meta_batch_size,
@@ -261,7 +273,7 @@ def main() -> None:
             setattr(args, key, value)
     th.set_num_threads(1)
     catalogue = ABLATION if args.ablation else METHODS
-    names = args.methods or list(catalogue)
+    names = args.methods or (list(catalogue) if args.ablation else list(DEFAULT_METHODS))
     unknown = [name for name in names if name not in catalogue]
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {list(catalogue)}")

@@ -163,6 +163,7 @@ CASES: list[Case] = [
         "dual_solver='analytic' solves one constraint",
         dual_solver="analytic",
     ),
+    _hyper("MetaCPO", "recovery='always'", ValueError, "recovery must be one of", recovery="always"),
     _hyper("MetaCPO", "critic='gp'", ValueError, "critic must be 'linear' or 'mlp'", critic="gp"),
     _hyper("MetaCPO", "meta_constraint='max'", ValueError, "meta_constraint must be one of", meta_constraint="max"),
     _hyper(

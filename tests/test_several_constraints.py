@@ -141,6 +141,35 @@ def test_recovery_minimises_the_largest_violation(m):
         torch.testing.assert_close(result.x, x_ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("m", [1, 2, 3])
+@pytest.mark.parametrize("kind", ["binding", "mixed", "satisfied"])
+def test_recover_violated_takes_the_recovery_step_whenever_a_constraint_is_violated(m, kind):
+    """recover_violated=True: a problem with some b_j > 0 gets the minimax recovery step (against cvxpy's own
+    minimax program) although the trust region holds feasible points (CPO's rule gives the dual step); a problem
+    with every constraint satisfied is solved as before."""
+    g, A, b = instance(m, kind, seed=10 * m + len(kind))
+    assert primal(g, A, b) is not None  # CPO's rule: a feasible point exists, so no recovery
+    v, W, q, r, S = terms(g, A)
+    solvers = ["cvxpylayers"] + (["analytic"] if m == 1 else [])
+    for solver in solvers:
+        plain = cpo_direction(v, W, q, r, S, b, DELTA, solver=solver)
+        result = cpo_direction(v, W, q, r, S, b, DELTA, solver=solver, recover_violated=True)
+        assert plain.case == "dual"
+        if not bool((b > 0).any()):
+            assert result.case == "dual"
+            torch.testing.assert_close(result.x, plain.x)
+            continue
+        assert result.case == "recovery"
+        _, worst_ref = minimax(A, b, S)
+        scale = torch.sqrt(2 * DELTA * torch.diagonal(S))
+        worst = float(((b + A @ result.x) / scale).max())
+        assert worst == pytest.approx(worst_ref, abs=1e-6) and worst < 0
+        assert 0.5 * result.x @ H @ result.x <= DELTA * (1 + 1e-6)
+        torch.testing.assert_close(result.expected_cost_changes, A @ result.x)
+        if m == 1:  # the classic CPO recovery step −√(2δ/s)·w
+            torch.testing.assert_close(result.x, -torch.sqrt(2 * DELTA / S[0, 0]) * W[0])
+
+
 def test_infeasibility_of_a_pair_each_feasible_alone_is_detected():
     """Two constraints each satisfiable inside the trust region, but not together: a_2 = −a_1 with both violated."""
     gen = torch.Generator().manual_seed(5)

@@ -64,6 +64,8 @@ class StepConfig:
     :ivar line_search_shrinking_factor: the factor it shrinks by
     :ivar s_tol: a cost gradient with a_jᵀH⁻¹a_j ≤ s_tol carries no information (see ``cpo_direction``)
     :ivar solver_args: options of the cvxpylayers layers (None: the defaults)
+    :ivar recover_violated: take the recovery step whenever a constraint is violated, not only when the linearised
+        constraints cannot be met inside the trust region (see ``cpo_direction``)
     """
 
     target_kl: float
@@ -73,6 +75,7 @@ class StepConfig:
     line_search_shrinking_factor: float = 0.8
     s_tol: float = 1e-8
     solver_args: Mapping[str, Any] | None = None
+    recover_violated: bool = False
 
     def __post_init__(self) -> None:
         if self.dual_solver not in DUAL_SOLVERS:
@@ -197,6 +200,7 @@ def constrained_step(
                 solver=config.dual_solver,
                 s_tol=config.s_tol,
                 solver_args=config.solver_args,
+                recover_violated=config.recover_violated,
             )
     assert isinstance(solution.case, str)
     x = solution.x

@@ -69,6 +69,7 @@ class SafeAlgorithmMixin(ABC):
     fvp_sample_freq: int
     line_search_max_iter: int
     line_search_shrinking_factor: float
+    recovery: str
     task_distribution: TaskDistribution | None
     task_distribution_name: str | None
     task_distribution_params: dict[str, Any] | None
@@ -138,6 +139,7 @@ class SafeAlgorithmMixin(ABC):
             dual_solver=solver,
             line_search_max_iter=self.line_search_max_iter,
             line_search_shrinking_factor=self.line_search_shrinking_factor,
+            recover_violated=self.recovery == "violated",
         )
         return CPOConfig(step, self._constrained, self.cg_damping, self.fvp_sample_freq)
 
