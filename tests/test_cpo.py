@@ -50,6 +50,31 @@ def test_cpo_keeps_the_cost_under_the_limit_where_trpo_does_not():
     assert cost_free >= 9.0 and reward_free > 10.0
 
 
+def test_recovery_violated_recovers_whenever_the_batch_is_over_the_limit(tmp_path):
+    """The bandit's initial policy pays about 5 against a limit of 4.5, a violation the trust region can undo: CPO's
+    rule takes the dual step (reward and cost traded), recovery='violated' the recovery step, which lowers the cost
+    surrogate by the whole trust region (√(2δs)) and so moves the action's mean further down."""
+    env = gym.wrappers.TimeLimit(CostlyBandit(), 10)
+    cases, means = {}, {}
+    for recovery in ("linearised", "violated"):
+        model = CPO(
+            "MlpPolicy",
+            env,
+            n_steps=500,
+            cost_limit=4.5,
+            target_kl=0.2,
+            seed=0,
+            recovery=recovery,
+            policy_kwargs=dict(net_arch=[8]),
+        )
+        model.set_logger(configure(str(tmp_path / recovery), ["csv"]))
+        model.learn(500)  # one update; its logs are recorded, dumped at the next rollout
+        cases[recovery] = model.logger.name_to_value["train/cpo_case"]
+        means[recovery] = float(model.predict(np.zeros(1, np.float32), deterministic=True)[0][0])
+    assert cases == {"linearised": "dual", "violated": "recovery"}
+    assert means["violated"] < means["linearised"]
+
+
 def test_learn_logs_safety_keys(tmp_path):
     dist = make_task_distribution("Toy2DNav", seed=0, max_episode_steps=50)
     model = CPO("MlpPolicy", dist, n_envs=2, **SMALL)
