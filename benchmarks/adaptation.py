@@ -77,6 +77,7 @@ METHODS: dict[str, tuple[Any, dict[str, Any]]] = {
     "Meta-CPO": (MetaCPO, {}),
     "Meta-CPO (paper)": (MetaCPO, {"meta_constraint": "mean", "cost_confidence": 0.0}),
     "Meta-CPO (recovery)": (MetaCPO, {"recovery": "violated"}),
+    "Meta-CPO (confident recovery)": (MetaCPO, {"recovery": "confident"}),
     "Meta-TRPO": (MetaTRPO, {}),
     "CPO-pretrain": (CPO, {}),
     "CPO-pretrain (recovery)": (CPO, {"recovery": "violated"}),
@@ -95,6 +96,10 @@ ABLATION: dict[str, tuple[Any, dict[str, Any]]] = {
     "+ per-stage CVaR + UCB": (MetaCPO, {"meta_constraint": "stages_cvar", "cost_confidence": 1.0}),
     "+ recovery when violated": (MetaCPO, {"meta_constraint": "mean", "cost_confidence": 0.0, "recovery": "violated"}),
     "+ per-stage + UCB + recovery": (MetaCPO, {"meta_constraint": "stages", "cost_confidence": 1.0, "recovery": "violated"}),
+    "+ per-stage + UCB + confident recovery": (
+        MetaCPO,
+        {"meta_constraint": "stages", "cost_confidence": 1.0, "recovery": "confident"},
+    ),
 }
 
 

@@ -92,6 +92,8 @@ def test_callback_can_stop_training_and_progress_bar_runs():
         dict(critic="mlp", n_critic_updates=2),
         dict(n_inner_updates=2, n_envs=4),
         dict(vec_env_cls=SubprocVecEnv),
+        dict(recovery="violated"),
+        dict(recovery="confident", meta_constraint="stages_cvar"),
     ],
 )
 def test_variants_train(kwargs):

@@ -143,8 +143,8 @@ def test_recovery_minimises_the_largest_violation(m):
 
 @pytest.mark.parametrize("m", [1, 2, 3])
 @pytest.mark.parametrize("kind", ["binding", "mixed", "satisfied"])
-def test_recover_violated_takes_the_recovery_step_whenever_a_constraint_is_violated(m, kind):
-    """recover_violated=True: a problem with some b_j > 0 gets the minimax recovery step (against cvxpy's own
+def test_a_zero_recovery_margin_takes_the_recovery_step_whenever_a_constraint_is_violated(m, kind):
+    """recovery_margin=0: a problem with some b_j > 0 gets the minimax recovery step (against cvxpy's own
     minimax program) although the trust region holds feasible points (CPO's rule gives the dual step); a problem
     with every constraint satisfied is solved as before."""
     g, A, b = instance(m, kind, seed=10 * m + len(kind))
@@ -153,7 +153,7 @@ def test_recover_violated_takes_the_recovery_step_whenever_a_constraint_is_viola
     solvers = ["cvxpylayers"] + (["analytic"] if m == 1 else [])
     for solver in solvers:
         plain = cpo_direction(v, W, q, r, S, b, DELTA, solver=solver)
-        result = cpo_direction(v, W, q, r, S, b, DELTA, solver=solver, recover_violated=True)
+        result = cpo_direction(v, W, q, r, S, b, DELTA, solver=solver, recovery_margin=0.0)
         assert plain.case == "dual"
         if not bool((b > 0).any()):
             assert result.case == "dual"

@@ -7,10 +7,10 @@ import numbers
 from typing import Any
 
 from sb3_metacpo.common.constraints import CostConstraints
+from sb3_metacpo.common.cpo_update import RECOVERY_RULES
 
 #: ``dual_solver`` values: ``"auto"`` is the closed form for one constraint and the convex program for several.
 DUAL_SOLVER_CHOICES = ("auto", "analytic", "cvxpylayers")
-RECOVERY_CHOICES = ("linearised", "violated")
 
 
 def check(condition: bool, message: str) -> None:
@@ -100,8 +100,8 @@ def check_cpo_step_hyperparameters(model: Any) -> None:
         f"dual_solver must be one of {DUAL_SOLVER_CHOICES}, got {model.dual_solver!r}",
     )
     check(
-        model.recovery in RECOVERY_CHOICES,
-        f"recovery must be one of {RECOVERY_CHOICES}, got {model.recovery!r}",
+        model.recovery in RECOVERY_RULES,
+        f"recovery must be one of {RECOVERY_RULES}, got {model.recovery!r}",
     )
     if model.cost_limit is not None:
         CostConstraints.from_cost_limit(model.cost_limit)  # raises naming the bad entry

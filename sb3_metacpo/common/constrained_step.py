@@ -64,8 +64,6 @@ class StepConfig:
     :ivar line_search_shrinking_factor: the factor it shrinks by
     :ivar s_tol: a cost gradient with a_jᵀH⁻¹a_j ≤ s_tol carries no information (see ``cpo_direction``)
     :ivar solver_args: options of the cvxpylayers layers (None: the defaults)
-    :ivar recover_violated: take the recovery step whenever a constraint is violated, not only when the linearised
-        constraints cannot be met inside the trust region (see ``cpo_direction``)
     """
 
     target_kl: float
@@ -75,7 +73,6 @@ class StepConfig:
     line_search_shrinking_factor: float = 0.8
     s_tol: float = 1e-8
     solver_args: Mapping[str, Any] | None = None
-    recover_violated: bool = False
 
     def __post_init__(self) -> None:
         if self.dual_solver not in DUAL_SOLVERS:
@@ -150,6 +147,7 @@ def constrained_step(
     fisher_product: Callable[[torch.Tensor], torch.Tensor],
     config: StepConfig,
     step_size: LineSearch | FixedFraction,
+    recovery_margin: torch.Tensor | None = None,
 ) -> StepResult:
     """One trust-region step maximising gᵀx subject to b_j + a_jᵀx ≤ 0 (see the module docstring).
 
@@ -161,6 +159,7 @@ def constrained_step(
     :param fisher_product: v ↦ (F + damping·I)v
     :param config: the step's settings
     :param step_size: :class:`LineSearch` to choose the fraction, :class:`FixedFraction` to replay one
+    :param recovery_margin: (m,) recover whenever some b_j exceeds its margin (``cpo_direction``); None: CPO's rule
     """
     if A is not None and A.shape[0] == 0:
         A, b = None, None
@@ -200,7 +199,7 @@ def constrained_step(
                 solver=config.dual_solver,
                 s_tol=config.s_tol,
                 solver_args=config.solver_args,
-                recover_violated=config.recover_violated,
+                recovery_margin=recovery_margin,
             )
     assert isinstance(solution.case, str)
     x = solution.x

@@ -415,7 +415,7 @@ def cpo_direction(
     solver: str = "analytic",
     s_tol: float = 1e-8,
     solver_args: Mapping[str, Any] | None = None,
-    recover_violated: bool = False,
+    recovery_margin: torch.Tensor | float | None = None,
 ) -> SubproblemSolution:
     """Pick the CPO case and return the step x, differentiable in v, W, q, r, S, b and δ.
 
@@ -438,11 +438,12 @@ def cpo_direction(
     :param s_tol: s_j ≤ s_tol counts as no information on constraint j (a_j ≈ 0, e.g. no cost in the batch): a step
         along a numerically zero w_j would be noise. s has the units of a²/H; adjust if the cost surrogate is scaled.
     :param solver_args: options of the layers, replacing :data:`DEFAULT_LAYER_SOLVER_ARGS`
-    :param recover_violated: also take the recovery step whenever an informative constraint is violated (b_j > 0),
-        not only when no point of the trust region satisfies the linearised constraints (CPO's rule, the default).
-        Starting far outside the feasible set, CPO's rule lets the dual step spend the trust region on the reward as
-        soon as the linear model *claims* the limit is reachable; with noisy cost gradients that claim is optimistic
-        (s = aᵀH⁻¹a is inflated by the noise), and the cost then falls much more slowly than the model predicts.
+    :param recovery_margin: also take the recovery step whenever an informative constraint's value exceeds its
+        margin, b_j > margin_j (shape (m,) or (B, m), or a number for all; 0: whenever a constraint is violated), not
+        only when no point of the trust region satisfies the linearised constraints (CPO's rule, ``None``, the
+        default). Starting far outside the feasible set, CPO's rule lets the dual step spend the trust region on the
+        reward as soon as the linear model *claims* the limit is reachable; with noisy cost gradients that claim is
+        optimistic (s = aᵀH⁻¹a is inflated by the noise), and the cost then falls much more slowly than predicted.
     """
     if solver not in DUAL_SOLVERS:
         raise ValueError(f"Unknown dual solver {solver!r}; expected one of {DUAL_SOLVERS}")
@@ -488,8 +489,10 @@ def cpo_direction(
     one_sided = b * b > 2 * delta.unsqueeze(-1) * s  # b²/s > 2δ written without the division (s may be 0)
     slack = ~informative | ((b < 0) & one_sided)
     trpo = slack.all(-1)
-    violated = informative & (b > 0)
-    recovery = (violated & (one_sided | recover_violated)).any(-1)
+    forced = torch.zeros_like(one_sided)
+    if recovery_margin is not None:
+        forced = b > torch.as_tensor(recovery_margin, dtype=dtype, device=b.device).expand_as(b)
+    recovery = (informative & (b > 0) & (one_sided | forced)).any(-1)
     mu = torch.zeros_like(b)
     if m == 1:
         mu = torch.where(recovery.unsqueeze(-1), -torch.sqrt(2 * delta_safe.unsqueeze(-1) / s_safe), mu)

@@ -30,6 +30,8 @@ from sb3_metacpo.common.profiling import phase
 from sb3_metacpo.common.rollouts import TaskBatch
 
 Params = dict[str, th.Tensor]
+#: When a CPO step takes the recovery step (see :func:`prepare_batch`).
+RECOVERY_RULES = ("linearised", "violated", "confident")
 #: ``actor(observations, params) -> (mean, log_std)`` of the diagonal Gaussian policy.
 ActorFn = Callable[[th.Tensor, Params], tuple[th.Tensor, th.Tensor]]
 #: ``values(observations, time_fractions) -> (reward values (n,), cost values (n, m))``, numpy, the time fraction being
@@ -79,6 +81,8 @@ class PreparedBatch:
     cost_returns: np.ndarray  # (n, m)
     time_fractions: th.Tensor | None = None  # step / episode length of each sample (the cost critic's time input)
     episode_cost_sem: np.ndarray | None = None  # (m,): standard error of episode_costs (NaN with < 2 episodes)
+    #: (m,): a step recovers whenever constraint[j] exceeds recovery_margin[j] (None: CPO's rule, see ``prepare_batch``)
+    recovery_margin: np.ndarray | None = None
 
 
 def gaussian_log_prob(mean: th.Tensor, log_std: th.Tensor, actions: th.Tensor) -> th.Tensor:
@@ -120,6 +124,7 @@ def prepare_batch(
     episode_length: int,
     cost_gamma: float = 1.0,
     cost_confidence: float = 0.0,
+    recovery: str = "linearised",
 ) -> PreparedBatch:
     """Advantages (GAE for reward and each cost), behaviour log-probabilities and the constraint values of ``batch``.
 
@@ -138,7 +143,15 @@ def prepare_batch(
     bootstrapped at truncation as usual. ``critic=None`` fits a :class:`LinearFeatureBaseline` to this batch for
     reward and for each cost; otherwise ``critic`` gets each observation's time within its episode. J_C is the mean
     cost of the batch's completed episodes; a batch without one uses its mean step cost times ``episode_length``.
+
+    ``recovery`` sets when a CPO step on this batch takes the recovery step (:data:`RECOVERY_RULES`):
+    ``"linearised"`` only when the linearised constraint cannot be met inside the trust region (CPO's rule);
+    ``"violated"`` also whenever the constraint value is above its limit; ``"confident"`` also whenever the *lower*
+    confidence bound J_C − κ·SE is above the limit (the batch is over the limit beyond its noise; with κ = 0 the
+    same as ``"violated"``).
     """
+    if recovery not in RECOVERY_RULES:
+        raise ValueError(f"Unknown recovery rule {recovery!r}; expected one of {RECOVERY_RULES}")
     dones = batch.dones
     n_costs = batch.costs.shape[-1]
     if len(cost_limits) != n_costs:
@@ -198,6 +211,11 @@ def prepare_batch(
         sem = np.full(n_costs, np.nan)
         episode_reward = float(batch.rewards.mean()) * episode_length
         length = float(episode_length)
+    if recovery == "linearised":
+        margin = None
+    else:  # b = (J_C + κ·SE − limit)/length exceeds 2κ·SE/length exactly when J_C − κ·SE exceeds the limit
+        spread = 2 * cost_confidence * np.nan_to_num(sem, nan=0.0) if recovery == "confident" else np.zeros(n_costs)
+        margin = np.asarray(spread, dtype=np.float64) / length
     return PreparedBatch(
         observations=observations,
         actions=actions,
@@ -217,6 +235,7 @@ def prepare_batch(
         cost_returns=np.stack([ret.reshape(-1) for ret in returns[1:]], axis=-1),
         time_fractions=to_tensor(time_fractions),
         episode_cost_sem=sem,
+        recovery_margin=margin,
     )
 
 
@@ -308,7 +327,10 @@ def cpo_update(
         )
     else:
         step_size = FixedFraction(float(fraction))
-    result = constrained_step(g, A, b, fvp, config.step, step_size)
+    margin = None
+    if b is not None and batch.recovery_margin is not None:
+        margin = th.as_tensor(batch.recovery_margin, dtype=b.dtype, device=b.device)
+    result = constrained_step(g, A, b, fvp, config.step, step_size, margin)
     new_params = add_flat(params, result.step if differentiable else result.step.detach())
     return new_params, result
 

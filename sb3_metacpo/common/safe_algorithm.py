@@ -139,7 +139,6 @@ class SafeAlgorithmMixin(ABC):
             dual_solver=solver,
             line_search_max_iter=self.line_search_max_iter,
             line_search_shrinking_factor=self.line_search_shrinking_factor,
-            recover_violated=self.recovery == "violated",
         )
         return CPOConfig(step, self._constrained, self.cg_damping, self.fvp_sample_freq)
 

@@ -109,9 +109,10 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):  # type: igno
         rollout's completed episodes (0, the default: CPO's plain estimate)
     :param recovery: when to take CPO's recovery step (the step that lowers the cost most, ignoring the reward):
         ``"linearised"`` (CPO's rule, the default) only when no point of the trust region meets the linearised
-        constraint; ``"violated"`` whenever the constraint value (with ``cost_confidence``) is above its limit. A
-        policy that starts far above the limit can stay there under CPO's rule: the linear model of a noisy cost
-        gradient claims the limit is within reach, and the dual step spends most of the trust region on the reward
+        constraint; ``"violated"`` also whenever the constraint value (with ``cost_confidence``) is above its limit;
+        ``"confident"`` also whenever the lower confidence bound J_C − κ·SE is above it. A policy that starts far
+        above the limit can stay there under CPO's rule: the linear model of a noisy cost gradient claims the limit
+        is within reach, and the dual step spends most of the trust region on the reward
     :param n_critic_updates: epochs of critic training per update
     :param n_envs: envs built for an env id or a task distribution (ignored for an env object)
     :param vec_env_cls: ``DummyVecEnv`` (default) or ``SubprocVecEnv``, for an env id or a task distribution
@@ -146,7 +147,7 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):  # type: igno
         line_search_shrinking_factor: float = 0.8,
         dual_solver: Literal["auto", "analytic", "cvxpylayers"] = "auto",
         cost_confidence: float = 0.0,
-        recovery: Literal["linearised", "violated"] = "linearised",
+        recovery: Literal["linearised", "violated", "confident"] = "linearised",
         n_critic_updates: int = 10,
         n_envs: int = 1,
         vec_env_cls: type[DummyVecEnv] | type[SubprocVecEnv] | None = None,
@@ -381,6 +382,7 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):  # type: igno
             episode_length,
             self.cost_gamma,
             self.cost_confidence,
+            self.recovery,
         )
 
     def _update_info_buffer(self, infos: list[dict[str, Any]], dones: np.ndarray | None = None) -> None:

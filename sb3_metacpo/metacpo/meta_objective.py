@@ -29,6 +29,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch as th
 
 from sb3_metacpo.common.conjugate_gradient import flat_grad
@@ -73,6 +74,9 @@ class MetaValue:
     reward: th.Tensor
     cost_surrogates: th.Tensor
     constraints: th.Tensor
+    #: (c,) the outer step recovers whenever a constraint value exceeds its margin, aggregated over tasks as the
+    #: constraint values are (None: CPO's rule; see ``prepare_batch``'s ``recovery``)
+    recovery_margins: th.Tensor | None = None
 
 
 class MetaObjective:
@@ -126,11 +130,21 @@ class MetaObjective:
             costs.append(th.stack(task_costs))
             constraints.append(th.stack(task_constraints))
         cost, constraint = th.stack(costs), th.stack(constraints)  # (tasks, stages, m)
+        margins = [[task.batches[stage].recovery_margin for stage in self.stages] for task in self.tasks]
+        margin = None
+        if not any(value is None for stage_margins in margins for value in stage_margins):
+            margin = th.as_tensor(np.asarray(margins, dtype=np.float64), dtype=constraint.dtype, device=constraint.device)
         if self.mode == "stages_cvar":
             n_worst = max(1, math.ceil(self.cvar_alpha * len(self.tasks)))
             worst = constraint.detach().argsort(dim=0, descending=True)[:n_worst]  # the tasks held fixed
             cost, constraint = cost.gather(0, worst), constraint.gather(0, worst)
-        return MetaValue(th.stack(rewards).mean(), cost.mean(0).reshape(-1), constraint.mean(0).reshape(-1))
+            margin = None if margin is None else margin.gather(0, worst)
+        return MetaValue(
+            th.stack(rewards).mean(),
+            cost.mean(0).reshape(-1),
+            constraint.mean(0).reshape(-1),
+            None if margin is None else margin.mean(0).reshape(-1),
+        )
 
     def gradients(self, value: MetaValue, theta: Sequence[th.Tensor]) -> tuple[th.Tensor, th.Tensor]:
         """dF/dθ and the rows dL_c/dθ: one vector-Jacobian product per scalar, never a loop over parameters."""

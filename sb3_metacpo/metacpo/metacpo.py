@@ -121,12 +121,13 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):  # type: igno
     :param meta_constraint_alpha: the share of tasks ``"stages_cvar"`` averages over
     :param cost_confidence: κ ≥ 0: every constraint value (inner, adaptation and outer) is the upper confidence
         bound J_C + κ·SE(J_C) over the batch's episodes instead of J_C (0: the plain estimate, as in the paper)
-    :param recovery: when to take CPO's recovery step (the step that lowers the cost most, ignoring the reward):
-        ``"linearised"`` (CPO's rule, the default) only when no point of the trust region meets the linearised
-        constraint; ``"violated"`` whenever the constraint value (with ``cost_confidence``) of a step, inner or
-        outer, is above its limit. A policy that starts far above the limit can stay there under CPO's rule: the
-        linear model of a noisy cost gradient claims the limit is within reach, and the dual step spends most of
-        the trust region on the reward
+    :param recovery: when a step, inner or outer, takes CPO's recovery step (the step that lowers the cost most,
+        ignoring the reward): ``"linearised"`` (CPO's rule, the default) only when no point of the trust region meets
+        the linearised constraint; ``"violated"`` also whenever the constraint value (with ``cost_confidence``) is
+        above its limit; ``"confident"`` also whenever the lower confidence bound J_C − κ·SE is above it (the outer
+        step: its per-task bounds aggregated as the meta-constraint aggregates the values). A policy that starts far
+        above the limit can stay there under CPO's rule: the linear model of a noisy cost gradient claims the limit
+        is within reach, and the dual step spends most of the trust region on the reward
     :param critic: ``"linear"``: a linear baseline fitted to each batch (task-specific even when the observation
         does not identify the task); ``"mlp"``: the policy's reward and cost critics, shared across tasks and trained
         on every batch
@@ -179,7 +180,7 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):  # type: igno
         meta_constraint: Literal["stages", "stages_cvar", "mean"] = "stages",
         meta_constraint_alpha: float = 0.5,
         cost_confidence: float = 1.0,
-        recovery: Literal["linearised", "violated"] = "linearised",
+        recovery: Literal["linearised", "violated", "confident"] = "linearised",
         critic: Literal["linear", "mlp"] = "linear",
         critic_learning_rate: float = 1e-3,
         n_critic_updates: int = 5,
@@ -397,6 +398,7 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):  # type: igno
                 episode_length or distribution.max_episode_steps,  # type: ignore[union-attr]
                 self.cost_gamma,
                 self.cost_confidence,
+                self.recovery,
             )
 
     # --- adaptation (the inner updates' settings) -------------------------------------------------------------
@@ -574,6 +576,7 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):  # type: igno
                 fvp,
                 self._cpo_config(self.outer_target_kl, len(objective.constraint_names)).step,
                 search,
+                value.recovery_margins if constrained else None,
             )
 
     def _update_statistics(self, raw_batches: Sequence[TaskBatch], adaptations: Sequence[TaskAdaptation]) -> None:
