@@ -212,7 +212,7 @@ def _reusing_world_class() -> type:
             agent = model.body("agent")
             agent.pos[:] = np.r_[self.agent_xy, self._agent.z_height]
             agent.quat[:] = rot2quat(self.agent_rot)
-            framed = []  # bodies whose inertial frame follows the poses set here
+            framed = []  # bodies whose inertial frame, or whose geoms' frames, follow the poses set here
             free = [(name, geom) for name, geom in self.free_geoms.items() if _plain_free_body(name, geom)]
             for name, geom in [*self.geoms.items(), *free]:
                 body = model.body(name)
@@ -227,7 +227,7 @@ def _reusing_world_class() -> type:
                     framed.append(body)
             for name, mocap in self.mocaps.items():
                 if mocap["type"] != "mesh":  # (_without_poses keeps a mesh's pose: any change recompiles)
-                    framed.extend(self._set_mocap_pose(name, mocap))
+                    framed.append(self._set_mocap_pose(name, mocap))
             for body in [agent, *[model.body(name) for name, _ in free]]:  # the Car's, vases' and gremlins' free joints
                 self._start_free_joints(body)
             theta = self.agent_rot + np.pi  # the tracking camera, as World.build places it
@@ -236,13 +236,13 @@ def _reusing_world_class() -> type:
             camera.quat[:] = _xyaxes_to_quat([np.cos(theta), -np.sin(theta), 0], [np.sin(theta), np.cos(theta), 1])
             return self._set_same_frames(framed)
 
-        def _set_mocap_pose(self, name: str, mocap: dict) -> list[Any]:
+        def _set_mocap_pose(self, name: str, mocap: dict) -> Any:
             """A mocap as ``World.build`` writes it: a body at the world's origin (its pose, and so the data's initial
             ``mocap_pos``, never change) holding one geom at the mocap's pose, and a weld to its free body without a
             ``relpose``. The compiler copies a body's single massive geom's frame (in an inertia group) as its
             inertial frame (``mjCBody::InertiaFromGeom``), and leaves the weld's reference pose zero for
             ``mj_setConst`` to compute from qpos0 (``eq_data[3:10]``: body2's pose in body1's frame). Returns the
-            body when its inertial frame moved."""
+            body."""
             model = self.model
             body, geom = model.body(name), model.geom(name)
             geom.pos[:] = mocap["pos"]
@@ -251,12 +251,11 @@ def _reusing_world_class() -> type:
             if body.geomnum[0] == 1 and 0 <= geom.group[0] <= 5 and body.mass[0] > 1e-14:  # mjEPS
                 body.ipos[:] = geom.pos
                 body.iquat[:] = geom.quat
-                return [body]
-            return []
+            return body  # (otherwise the body's own frame stays its inertial frame)
 
         def _set_same_frames(self, bodies: list[Any]) -> bool:
             """The compiler's ``sameframe`` flags (which frames coincide within 1e-6, read by ``mj_kinematics``) of
-            ``bodies``, whose inertial frames moved, and of their geoms; False where a body's would change to or from
+            ``bodies``, whose inertial frames or geoms moved, and of their geoms; False where a body's would change to or from
             ``mjSAMEFRAME_BODY``, on which ``body_simple`` depends (then the model must be compiled)."""
             model = self.model
             body_frame = int(mujoco.mjtSameFrame.mjSAMEFRAME_BODY)
@@ -381,8 +380,8 @@ def fast_standard_env(env: gym.Env) -> gym.Env:
     """Give a safety-gymnasium navigation env made from a standard id (``SafetyPointGoal1Gymnasium-v0``, Goal, Button
     and Circle tasks of levels 0-2, Point and Car robots) the fast per-step methods, in place, when ``FAST_STEP`` is
     on, and (with ``FAST_RESET``, before its first reset) the world that moves bodies instead of recompiling when only
-    poses change: every reset of Goal and Circle tasks (random layouts are poses), not those with gremlins (Button1-2),
-    which recompile as upstream. Returns ``env``. Other envs (other tasks or robots) are returned unchanged; vision or
+    poses change: every reset of Goal, Button and Circle tasks (random layouts are poses, gremlins' included). Returns
+    ``env``. Other envs (other tasks or robots) are returned unchanged; vision or
     natural-lidar variants keep upstream's observation code inside the fast class."""
     if not FAST_STEP or "safety_gymnasium" not in sys.modules:
         return env
