@@ -12,6 +12,7 @@ Two tables, each measured within one run (the machine may be shared: compare rat
 python benchmarks/env_throughput.py | tee benchmarks/results/env_throughput/env_throughput.txt
 python benchmarks/env_throughput.py --mode sampler --n-envs 2 --families Toy2DNav PointButtonHazard
 python benchmarks/env_throughput.py --mode fast-step --profile PointButtonHazard   # cProfile of our step
+python benchmarks/env_throughput.py --mode fast-step --envs SafetyPointButton1Gymnasium-v0 --n-gremlins 3 --cpu-time
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from sb3_metacpo.tasks import list_task_distributions, make_task_distribution, s
 
 NAVIGATION_FAMILIES = ["PointButtonHazard", "PointGoalHazard", "CarCircle"]
 STANDARD_IDS = ["SafetyPointGoal1Gymnasium-v0", "SafetyPointButton1Gymnasium-v0", "SafetyCarCircle1Gymnasium-v0"]
+GREMLINS = "PointButtonHazard+gremlins"  # the family with ``n_gremlins`` (--n-gremlins) gremlins
+CLOCK = time.perf_counter  # --cpu-time: time.process_time
 
 
 def random_actions(shape: tuple[int, ...]) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
@@ -50,21 +53,22 @@ def sampler_table(args: argparse.Namespace) -> None:
         act = random_actions(dist.spaces[1].shape)
         sampler = RolloutSampler(dist, n_envs=args.n_envs, seed=0)
         sampler.collect(dist.sample(1), act, 1)  # warm-up
-        steps, start = 0, time.perf_counter()
+        steps, start = 0, CLOCK()
         for task in dist.sample(args.tasks):
             (batch,) = sampler.collect([task], act, args.episodes * args.n_envs * dist.max_episode_steps)
             steps += batch.n_steps
-        elapsed = time.perf_counter() - start
+        elapsed = CLOCK() - start
         sampler.close()
         print(f"{name:<22} {dist.max_episode_steps:>8} {steps:>8} {elapsed:>8.2f} {steps / elapsed:>9.0f}")
 
 
-def make_env(name: str, fast: bool) -> gym.Env:
-    """A family's env of its first training task (seed 0), or a standard id's through the library's factory, with
-    the fast step and reset on or off (read when the env is made)."""
+def make_env(name: str, fast: bool, n_gremlins: int = 0) -> gym.Env:
+    """A family's env of its first training task (seed 0; ``GREMLINS``: PointButtonHazard's with ``n_gremlins``), or a
+    standard id's through the library's factory, with the fast step and reset on or off (read when the env is made)."""
     safety_gym.FAST_STEP = safety_gym.FAST_RESET = fast
-    if name in NAVIGATION_FAMILIES:
-        dist = make_task_distribution(name, seed=0)
+    if name in NAVIGATION_FAMILIES or name == GREMLINS:
+        options = {"n_gremlins": n_gremlins} if name == GREMLINS else {}
+        dist = make_task_distribution(name.split("+")[0], seed=0, **options)
         return dist.make_env(dist.sample(1)[0])
     return EnvFactory(env_id=name)()
 
@@ -74,13 +78,13 @@ def run_env(env: gym.Env, actions: np.ndarray) -> tuple[float, float]:
     env.reset(seed=0)
     step_time = reset_time = 0.0
     for action in actions:
-        start = time.perf_counter()
+        start = CLOCK()
         *_, terminated, truncated, _ = env.step(action)
-        step_time += time.perf_counter() - start
+        step_time += CLOCK() - start
         if terminated or truncated:
-            start = time.perf_counter()
+            start = CLOCK()
             env.reset()
-            reset_time += time.perf_counter() - start
+            reset_time += CLOCK() - start
     return step_time, reset_time
 
 
@@ -93,24 +97,25 @@ def run_physics(env: gym.Env, actions: np.ndarray) -> float:
     data = copy.deepcopy(task.data)
     frame_skip = task.sim_conf.frameskip_binom_n
     low, high = model.actuator_ctrlrange.T
-    start = time.perf_counter()
+    start = CLOCK()
     for action in actions:
         data.ctrl[:] = np.clip(action, low, high)
         mujoco.mj_step(model, data, nstep=frame_skip)
-    return time.perf_counter() - start
+    return CLOCK() - start
 
 
 def fast_step_table(args: argparse.Namespace) -> None:
-    names = [*NAVIGATION_FAMILIES, *STANDARD_IDS]
+    names = args.envs or [*NAVIGATION_FAMILIES, *([GREMLINS] if args.n_gremlins else []), *STANDARD_IDS]
     print(f"Fast step against stock safety-gymnasium: {args.steps} random steps from a seeded reset, best of "
           f"{args.repeats} (resets at episode ends: 500 steps, 1000 for Goal1/Button1)")
-    print("steps/s with resets | steps/s of step() alone | physics: mj_step x frame skip on the same model")
+    print("steps/s with resets | steps/s of step() alone | physics: mj_step x frame skip on the same model"
+          + (" (CPU seconds)" if CLOCK is time.process_time else ""))
     header = (f"{'env':<32} {'stock':>7} {'ours':>7} {'ratio':>6} | {'stock':>7} {'ours':>7} {'ratio':>6} | "
               f"{'physics':>8} {'stock/ph':>8} {'ours/ph':>8}")
     print(header)
     print("-" * len(header))
     for name in names:
-        envs = {fast: make_env(name, fast) for fast in (True, False)}
+        envs = {fast: make_env(name, fast, args.n_gremlins) for fast in (True, False)}
         shape = envs[True].action_space.shape
         actions = np.random.default_rng(0).uniform(-1, 1, (args.steps, *shape)).astype(envs[True].action_space.dtype)
         best: dict[bool, tuple[float, float]] = {}
@@ -125,7 +130,7 @@ def fast_step_table(args: argparse.Namespace) -> None:
         total = {fast: args.steps / sum(best[fast]) for fast in best}
         step_only = {fast: args.steps / best[fast][0] for fast in best}
         limit = args.steps / physics
-        label = name.replace("Gymnasium-v0", " (library)")
+        label = name.replace("Gymnasium-v0", " (library)").replace("+gremlins", f" {args.n_gremlins} gremlins")
         print(f"{label:<32} {total[False]:>7.0f} {total[True]:>7.0f} {total[True] / total[False]:>5.2f}x | "
               f"{step_only[False]:>7.0f} {step_only[True]:>7.0f} {step_only[True] / step_only[False]:>5.2f}x | "
               f"{limit:>8.0f} {step_only[False] / limit:>8.2f} {step_only[True] / limit:>8.2f}")
@@ -151,7 +156,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2000, help="fast-step: random steps per measurement")
     parser.add_argument("--repeats", type=int, default=3, help="fast-step: measurements per env (best is kept)")
     parser.add_argument("--profile", choices=[*NAVIGATION_FAMILIES, *STANDARD_IDS], help="cProfile our env's steps")
+    parser.add_argument("--envs", nargs="+", choices=[*NAVIGATION_FAMILIES, GREMLINS, *STANDARD_IDS],
+                        help="fast-step: only these rows (default: all)")
+    parser.add_argument("--n-gremlins", type=int, default=0,
+                        help=f"fast-step: gremlins of the {GREMLINS} row (shown when > 0)")
+    parser.add_argument("--cpu-time", action="store_true", help="time in CPU seconds of this process (shared machines)")
     args = parser.parse_args()
+    if args.cpu_time:
+        global CLOCK
+        CLOCK = time.process_time
     print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
           f"numpy {np.__version__}, mujoco {mujoco.__version__}")
     if args.mode in ("fast-step", "all"):

@@ -3,27 +3,22 @@ episodes must be bitwise identical to upstream's reset, which compiles a new mod
 
 import os
 
+import mujoco
 import numpy as np
 import pytest
+from model_compare import assert_bitwise, model_arrays
 
 from sb3_metacpo.tasks import make_task_distribution, safety_gym
 
-FAMILIES = ["PointButtonHazard", "PointGoalHazard", "CarCircle"]
+FAMILIES = [("PointButtonHazard", {}), ("PointButtonHazard", {"n_gremlins": 3}), ("PointGoalHazard", {}), ("CarCircle", {})]
 MAX_STEPS = 50
 EPISODES = [60, 20, 60, 60]  # steps tried per episode: 60 is cut at MAX_STEPS (truncation), 20 resets mid-episode
 
 
-def make_env(name, fast, monkeypatch, render_mode=None):
+def make_env(name, fast, monkeypatch, render_mode=None, **options):
     monkeypatch.setattr(safety_gym, "FAST_RESET", fast)  # read when the env is made
-    dist = make_task_distribution(name, seed=0, max_episode_steps=MAX_STEPS)
+    dist = make_task_distribution(name, seed=0, max_episode_steps=MAX_STEPS, **options)
     return dist.make_env(dist.sample(1)[0], render_mode=render_mode)
-
-
-def model_arrays(env):
-    """Copies of the model's arrays but the textures' pixels (~190 MB of skybox that no reset changes)."""
-    model = env.unwrapped.task.model
-    names = [name for name in dir(model) if name != "tex_data" and isinstance(getattr(model, name), np.ndarray)]
-    return {name: getattr(model, name).copy() for name in names}
 
 
 def rollout(env):
@@ -34,7 +29,7 @@ def rollout(env):
     for episode, n_steps in enumerate(EPISODES):
         obs, info = env.reset(seed=7) if episode == 0 else env.reset()
         transitions.append((obs, info["episode_seed"]))
-        models.append(model_arrays(env))
+        models.append(model_arrays(env.unwrapped.task.model))
         if model is not None:
             kept.append(env.unwrapped.task.model is model)
         model = env.unwrapped.task.model
@@ -46,9 +41,12 @@ def rollout(env):
     return transitions, models, kept
 
 
-@pytest.mark.parametrize("name", FAMILIES)
-def test_fast_reset_replays_upstream_episodes_exactly(name, monkeypatch):
-    fast_env, stock_env = make_env(name, True, monkeypatch), make_env(name, False, monkeypatch)
+@pytest.mark.parametrize(("name", "options"), FAMILIES)
+def test_fast_reset_replays_upstream_episodes_exactly(name, options, monkeypatch):
+    """Also with gremlins: their mocap geoms, inertial frames and welds' reference poses are set in place, and the
+    episodes' resets come after the gremlins have moved."""
+    fast_env = make_env(name, True, monkeypatch, **options)
+    stock_env = make_env(name, False, monkeypatch, **options)
     fast, fast_models, fast_kept = rollout(fast_env)
     stock, stock_models, stock_kept = rollout(stock_env)
     assert all(fast_kept) and not any(stock_kept)  # only the stock resets recompiled
@@ -56,11 +54,13 @@ def test_fast_reset_replays_upstream_episodes_exactly(name, monkeypatch):
     for fast_step, stock_step in zip(fast, stock, strict=True):
         assert len(fast_step) == len(stock_step)
         np.testing.assert_array_equal(fast_step[0], stock_step[0])
+        assert fast_step[0].tobytes() == stock_step[0].tobytes()
         assert fast_step[1:] == stock_step[1:]
-    # the poses, inertial frames, qpos0 and camera set in place are exactly the compiled ones
+    # the poses, inertial frames, qpos0, welds, camera and constants set in place are exactly the compiled ones
     for fast_model, stock_model in zip(fast_models, stock_models, strict=True):
-        for key, value in stock_model.items():
-            np.testing.assert_array_equal(fast_model[key], value, err_msg=key)
+        assert_bitwise(fast_model, stock_model)
+    if options.get("n_gremlins"):  # the gremlins did move away from where the next reset puts them
+        assert not np.array_equal(fast_env.unwrapped.task.data.mocap_pos, 0.0)
 
 
 def test_reset_reuses_the_model_until_the_xml_changes(monkeypatch):
@@ -116,3 +116,39 @@ def test_rendering_after_fast_reset(monkeypatch):
     assert frames[0].shape == (256, 256, 3)
     np.testing.assert_array_equal(frames[0], frames[2])  # the reused model renders the new episode as upstream's does
     np.testing.assert_array_equal(frames[1], frames[3])
+
+
+def test_identity_rotations_give_the_compilers_frame_flags(monkeypatch):
+    """Rotations of 0 and 2 pi (identity quaternions of either sign) make inertial frames and gremlins' mocap geoms
+    coincide in rotation with their bodies' frames within the compiler's 1e-6 (``mjSAMEFRAME_BODYROT``, which
+    ``mj_kinematics`` reads), where random rotations do not: the flags set in place follow the compiler's, both ways."""
+    envs = [make_env("PointButtonHazard", fast, monkeypatch, n_gremlins=3) for fast in (True, False)]
+    identity = {"on": False}
+
+    def rotations(random_rots):
+        def generate_rots(num):
+            return [2 * np.pi * (i % 2) for i in range(num)] if identity["on"] else random_rots(num)
+
+        return generate_rots
+
+    for env in envs:
+        generator = env.unwrapped.task.random_generator
+        monkeypatch.setattr(generator, "generate_rots", rotations(generator.generate_rots))
+        env.reset(seed=3)
+    model = envs[0].unwrapped.task.model
+    actions = np.random.default_rng(0).uniform(-1, 1, (40, 2))  # (episodes of 50 steps)
+    flags = []
+    for on in (True, False, True):
+        identity["on"] = on
+        for env in envs:
+            env.reset()
+        assert envs[0].unwrapped.task.model is model
+        assert_bitwise(model_arrays(model), model_arrays(envs[1].unwrapped.task.model))
+        mocaps = [model.body(f"gremlin{i}mocap") for i in range(3)]
+        flags.append([int(model.body_sameframe[body.id]) for body in mocaps])
+        flags[-1] += [int(model.geom_sameframe[body.geomadr[0]]) for body in mocaps]
+        for action in actions:  # the same episode; the gremlins move away before the next reset
+            fast_step, stock_step = (env.step(action) for env in envs)
+            assert fast_step[0].tobytes() == stock_step[0].tobytes() and fast_step[1:4] == stock_step[1:4]
+    bodyrot = int(mujoco.mjtSameFrame.mjSAMEFRAME_BODYROT)
+    assert flags[0] == flags[2] == [bodyrot] * 6 and bodyrot not in flags[1]

@@ -75,7 +75,7 @@ def _plain_free_body(name: str, config: dict) -> bool:
 
 def _without_poses(config: dict) -> Any:
     """A world config without the poses that :class:`ReusingWorld` sets in the compiled model: what else the XML holds.
-    Mocaps keep theirs (their poses go into the geoms, and a weld's reference pose, which are not reproduced here)."""
+    Mocaps (gremlins) lose theirs too, but for meshes, whose geom frame the compiler combines with the mesh's."""
     fixed = {key: value for key, value in config.items() if key not in ("agent_xy", "agent_rot")}
     fixed["geoms"] = {
         name: {k: v for k, v in geom.items() if k not in ("pos", "rot")} for name, geom in config["geoms"].items()
@@ -84,7 +84,40 @@ def _without_poses(config: dict) -> Any:
         name: {k: v for k, v in geom.items() if k not in ("pos", "rot")} if _plain_free_body(name, geom) else geom
         for name, geom in config.get("free_geoms", {}).items()
     }
+    fixed["mocaps"] = {
+        name: {k: v for k, v in mocap.items() if k not in ("pos", "rot")} if mocap["type"] != "mesh" else mocap
+        for name, mocap in config.get("mocaps", {}).items()
+    }
     return _plain(fixed)
+
+
+_FRAME_EPS = 1e-6  # the compiler's kFrameEps (user_model.cc): frames closer than this, element-wise, are the same
+
+
+def _same_quat(quat1: np.ndarray, quat2: np.ndarray) -> bool:
+    """The compiler's ``IsSameQuat``: element-wise within ``_FRAME_EPS``, either sign (double cover)."""
+    return bool(np.all(np.abs(quat1 - quat2) < _FRAME_EPS) or np.all(np.abs(quat1 + quat2) < _FRAME_EPS))
+
+
+def _same_frame(pos: np.ndarray, quat: np.ndarray, ipos: np.ndarray | None = None, iquat: np.ndarray | None = None) -> int:
+    """The compiler's ``sameframe`` of a body (``ipos``, ``iquat`` not given: of its inertial frame ``pos``, ``quat``)
+    or of a geom (``pos``, ``quat`` in its body with inertial frame ``ipos``, ``iquat``): ``mjtSameFrame``, tested in
+    the compiler's order."""
+    import mujoco
+
+    frame = mujoco.mjtSameFrame
+    identity = np.array([1.0, 0.0, 0.0, 0.0])
+    if np.all(np.abs(pos) < _FRAME_EPS) and _same_quat(quat, identity):
+        return int(frame.mjSAMEFRAME_BODY)
+    if _same_quat(quat, identity):
+        return int(frame.mjSAMEFRAME_BODYROT)
+    if ipos is None or iquat is None:
+        return int(frame.mjSAMEFRAME_NONE)
+    if np.all(np.abs(pos - ipos) < _FRAME_EPS) and _same_quat(quat, iquat):
+        return int(frame.mjSAMEFRAME_INERTIA)
+    if _same_quat(quat, iquat):
+        return int(frame.mjSAMEFRAME_INERTIAROT)
+    return int(frame.mjSAMEFRAME_NONE)
 
 
 def _xyaxes_to_quat(x: list[float], y: list[float]) -> list[float]:
@@ -141,8 +174,9 @@ def _reusing_world_class() -> type:
     class ReusingWorld(World):
         """Upstream's reset samples a layout and start pose, writes them into a new XML and compiles it (``rebuild``).
         When that XML would differ from the compiled one only in body poses (the agent's start pose and its tracking
-        camera, the pinned objects, which upstream re-samples within 1e-9 of their locations, and their random
-        rotations), this sets those poses in the compiled model, as the compiler would read them from the XML, and
+        camera, the pinned objects, which upstream re-samples within 1e-9 of their locations, their random rotations,
+        and gremlins: a mocap body's geom and the free body welded to it), this sets those poses in the compiled model,
+        as the compiler would read them from the XML, derives what the compiler derives from them the way it does, and
         resets the data instead. The rest of the reset is upstream's own code, before ``rebuild`` (every random draw:
         layout, start pose, rotations) and after it (goal choice, last goal distance, button timer)."""
 
@@ -152,24 +186,33 @@ def _reusing_world_class() -> type:
             if config is not None:
                 self.parse(config)
             fixed = _without_poses(self.config)
-            if state or fixed != self._compiled:  # first build, a kept state or a different XML: upstream's path
+            # first build, a kept state, a different XML or (rarely) a frame flag the poses cannot set: upstream's path
+            if state or fixed != self._compiled or not self._set_poses():
                 super().rebuild(state=state)
                 self._compiled = fixed
                 return
-            self._set_poses()
-            mujoco.mj_setConst(self.model, self.data)  # the constants the compiler derives from the initial pose
-            mujoco.mj_resetData(self.model, self.data)  # what a fresh MjData holds
-            mujoco.mj_forward(self.model, self.data)
+            model, data = self.model, self.data
+            # The compiler's last step (mjCModel::TryCompile, user_model.cc): mj_setConst on fresh data
+            # (mocap bodies at their model pose, not where the last episode left them), contacts disabled.
+            mujoco.mj_resetData(model, data)
+            flags = model.opt.disableflags
+            model.opt.disableflags = flags | mujoco.mjtDisableBit.mjDSBL_CONTACT
+            mujoco.mj_setConst(model, data)  # the constants (and welds' reference poses) derived from qpos0
+            model.opt.disableflags = flags
+            mujoco.mj_resetData(model, data)  # what a fresh MjData holds
+            mujoco.mj_forward(model, data)
 
-        def _set_poses(self) -> None:
+        def _set_poses(self) -> bool:
             """The poses ``World.build`` writes into the XML, as the compiler reads them: XML numbers are Python's
             shortest round-trip repr, so the doubles come back unchanged; ``rot2quat`` is unit length within 1e-14, so
             the compiler does not renormalise it; the tracking camera's ``xyaxes`` go through the compiler's own
-            conversion."""
+            conversion. False (the model then half set, to be replaced by a compiled one) where a body's inertial
+            frame would start or stop coinciding with its frame, which changes which bodies are "simple"."""
             model = self.model
             agent = model.body("agent")
             agent.pos[:] = np.r_[self.agent_xy, self._agent.z_height]
             agent.quat[:] = rot2quat(self.agent_rot)
+            framed = []  # bodies whose inertial frame, or whose geoms' frames, follow the poses set here
             free = [(name, geom) for name, geom in self.free_geoms.items() if _plain_free_body(name, geom)]
             for name, geom in [*self.geoms.items(), *free]:
                 body = model.body(name)
@@ -181,12 +224,51 @@ def _reusing_world_class() -> type:
                 if not np.any((model.geom_bodyid == body.id) & (model.geom_group <= 5)):
                     body.ipos[:] = body.pos
                     body.iquat[:] = body.quat
-            for body in [agent, *[model.body(name) for name, _ in free]]:  # the Car's and the vases' free joints
+                    framed.append(body)
+            for name, mocap in self.mocaps.items():
+                if mocap["type"] != "mesh":  # (_without_poses keeps a mesh's pose: any change recompiles)
+                    framed.append(self._set_mocap_pose(name, mocap))
+            for body in [agent, *[model.body(name) for name, _ in free]]:  # the Car's, vases' and gremlins' free joints
                 self._start_free_joints(body)
             theta = self.agent_rot + np.pi  # the tracking camera, as World.build places it
             camera = model.camera("track")
             camera.pos[:] = [0 * np.cos(theta) + (-2) * np.sin(theta), 0 * (-np.sin(theta)) + (-2) * np.cos(theta), 2]
             camera.quat[:] = _xyaxes_to_quat([np.cos(theta), -np.sin(theta), 0], [np.sin(theta), np.cos(theta), 1])
+            return self._set_same_frames(framed)
+
+        def _set_mocap_pose(self, name: str, mocap: dict) -> Any:
+            """A mocap as ``World.build`` writes it: a body at the world's origin (its pose, and so the data's initial
+            ``mocap_pos``, never change) holding one geom at the mocap's pose, and a weld to its free body without a
+            ``relpose``. The compiler copies a body's single massive geom's frame (in an inertia group) as its
+            inertial frame (``mjCBody::InertiaFromGeom``), and leaves the weld's reference pose zero for
+            ``mj_setConst`` to compute from qpos0 (``eq_data[3:10]``: body2's pose in body1's frame). Returns the
+            body."""
+            model = self.model
+            body, geom = model.body(name), model.geom(name)
+            geom.pos[:] = mocap["pos"]
+            geom.quat[:] = rot2quat(mocap["rot"])
+            model.eq_data[model.equality(name).id, 3:10] = 0.0
+            if body.geomnum[0] == 1 and 0 <= geom.group[0] <= 5 and body.mass[0] > 1e-14:  # mjEPS
+                body.ipos[:] = geom.pos
+                body.iquat[:] = geom.quat
+            return body  # (otherwise the body's own frame stays its inertial frame)
+
+        def _set_same_frames(self, bodies: list[Any]) -> bool:
+            """The compiler's ``sameframe`` flags (which frames coincide within 1e-6, read by ``mj_kinematics``) of
+            ``bodies``, whose inertial frames or geoms moved, and of their geoms; False where a body's would change to or from
+            ``mjSAMEFRAME_BODY``, on which ``body_simple`` depends (then the model must be compiled)."""
+            model = self.model
+            body_frame = int(mujoco.mjtSameFrame.mjSAMEFRAME_BODY)
+            for body in bodies:
+                flag = _same_frame(body.ipos, body.iquat)
+                if flag != model.body_sameframe[body.id] and body_frame in (flag, model.body_sameframe[body.id]):
+                    return False
+                model.body_sameframe[body.id] = flag
+                for geom in range(body.geomadr[0], body.geomadr[0] + body.geomnum[0]):
+                    model.geom_sameframe[geom] = _same_frame(
+                        model.geom_pos[geom], model.geom_quat[geom], body.ipos, body.iquat
+                    )
+            return True
 
         def _start_free_joints(self, body: Any) -> None:
             """A free joint of ``body`` starts at the body's pose (the compiler's ``qpos0``, and its spring pose)."""
@@ -298,8 +380,8 @@ def fast_standard_env(env: gym.Env) -> gym.Env:
     """Give a safety-gymnasium navigation env made from a standard id (``SafetyPointGoal1Gymnasium-v0``, Goal, Button
     and Circle tasks of levels 0-2, Point and Car robots) the fast per-step methods, in place, when ``FAST_STEP`` is
     on, and (with ``FAST_RESET``, before its first reset) the world that moves bodies instead of recompiling when only
-    poses change: every reset of Goal and Circle tasks (random layouts are poses), not those with gremlins (Button1-2),
-    which recompile as upstream. Returns ``env``. Other envs (other tasks or robots) are returned unchanged; vision or
+    poses change: every reset of Goal, Button and Circle tasks (random layouts are poses, gremlins' included). Returns
+    ``env``. Other envs (other tasks or robots) are returned unchanged; vision or
     natural-lidar variants keep upstream's observation code inside the fast class."""
     if not FAST_STEP or "safety_gymnasium" not in sys.modules:
         return env
