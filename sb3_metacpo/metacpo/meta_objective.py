@@ -69,7 +69,11 @@ class TaskAdaptation:
 @dataclass(frozen=True)
 class MetaValue:
     """The meta-objective at some meta-parameters: F (scalar), the meta-constraint surrogates L (c,) and the
-    meta-constraint values b (c,), which carry the gradient of L (b = b(data) + L − L(data))."""
+    meta-constraint values b (c,), which carry the gradient of L (b = b(data) + L − L(data)).
+
+    ``reward_terms`` (one per task) and ``cost_terms`` (per task and constrained stage, (m,)) are the terms F and L
+    aggregate, stacked into ``reward_stack`` (tasks,) and ``cost_stack`` (tasks, stages, m); kept for
+    :meth:`MetaObjective.gradients`."""
 
     reward: th.Tensor
     cost_surrogates: th.Tensor
@@ -77,6 +81,10 @@ class MetaValue:
     #: (c,) the outer step recovers whenever a constraint value exceeds its margin, aggregated over tasks as the
     #: constraint values are (None: CPO's rule; see ``prepare_batch``'s ``recovery``)
     recovery_margins: th.Tensor | None = None
+    reward_stack: th.Tensor | None = None
+    cost_stack: th.Tensor | None = None
+    reward_terms: tuple[th.Tensor, ...] = ()
+    cost_terms: tuple[tuple[th.Tensor, ...], ...] = ()
 
 
 class MetaObjective:
@@ -127,9 +135,10 @@ class MetaObjective:
                 task_costs.append(cost)
                 task_constraints.append(constraint_values(task.batches[stage], cost))
             rewards.append(reward)  # the last stage's: the validation batch of φᴷ
-            costs.append(th.stack(task_costs))
+            costs.append(tuple(task_costs))
             constraints.append(th.stack(task_constraints))
-        cost, constraint = th.stack(costs), th.stack(constraints)  # (tasks, stages, m)
+        reward_stack, cost_stack = th.stack(rewards), th.stack([th.stack(task_costs) for task_costs in costs])
+        cost, constraint = cost_stack, th.stack(constraints)  # (tasks, stages, m)
         margins = [[task.batches[stage].recovery_margin for stage in self.stages] for task in self.tasks]
         margin = None
         if not any(value is None for stage_margins in margins for value in stage_margins):
@@ -140,17 +149,42 @@ class MetaObjective:
             cost, constraint = cost.gather(0, worst), constraint.gather(0, worst)
             margin = None if margin is None else margin.gather(0, worst)
         return MetaValue(
-            th.stack(rewards).mean(),
+            reward_stack.mean(),
             cost.mean(0).reshape(-1),
             constraint.mean(0).reshape(-1),
             None if margin is None else margin.mean(0).reshape(-1),
+            reward_stack,
+            cost_stack,
+            tuple(rewards),
+            tuple(costs),
         )
 
     def gradients(self, value: MetaValue, theta: Sequence[th.Tensor]) -> tuple[th.Tensor, th.Tensor]:
-        """dF/dθ and the rows dL_c/dθ: one vector-Jacobian product per scalar, never a loop over parameters."""
+        """dF/dθ and the rows dL_c/dθ: one vector-Jacobian product per scalar, never a loop over parameters.
+
+        Each product starts from the per-task terms its scalar depends on, weighted by the aggregation's derivative
+        (a cheap backward through the mean or the CVaR's selection): a backward from the aggregate itself would also
+        run, with zero cotangents, through every other term's graph, e.g. through every task's inner updates for the
+        constraint on θ's own cost. The same vector-Jacobian products, summed in another order."""
         theta = list(theta)
-        reward_grad = flat_grad(value.reward, theta, retain_graph=True)
-        rows = [flat_grad(cost, theta, retain_graph=True) for cost in value.cost_surrogates]
+        if value.reward_stack is None or value.cost_stack is None:  # built elsewhere: from the aggregates
+            reward_grad = flat_grad(value.reward, theta, retain_graph=True)
+            rows = [flat_grad(cost, theta, retain_graph=True) for cost in value.cost_surrogates]
+            return reward_grad, th.stack(rows) if rows else reward_grad.new_zeros(0, reward_grad.numel())
+        # The weights come from the stacks; the products start from the terms themselves (indexing a stack would
+        # lead the backward through the stack to every term again).
+        (reward_weights,) = th.autograd.grad(value.reward, value.reward_stack, retain_graph=True)
+        reward_grad = _weighted_grad(list(zip(value.reward_terms, reward_weights, strict=True)), theta)
+        rows = []
+        for cost in value.cost_surrogates:
+            (weights,) = th.autograd.grad(cost, value.cost_stack, retain_graph=True)
+            terms = [
+                (term, weights[i, k])
+                for i, task_terms in enumerate(value.cost_terms)
+                for k, term in enumerate(task_terms)
+                if bool(weights[i, k].any())
+            ]
+            rows.append(_weighted_grad(terms, theta))
         return reward_grad, th.stack(rows) if rows else reward_grad.new_zeros(0, reward_grad.numel())
 
     def stages_at(self, theta: Params, step: th.Tensor) -> list[list[Params]]:
@@ -174,3 +208,14 @@ class MetaObjective:
                 ]
                 for task in self.tasks
             ]
+
+
+def _weighted_grad(terms: Sequence[tuple[th.Tensor, th.Tensor]], theta: list[th.Tensor]) -> th.Tensor:
+    """Σ wᵀ d(term)/dθ over the ``(term, w)`` pairs, flat (zeros where no term depends on a parameter)."""
+    used = [(term, weight) for term, weight in terms if term.requires_grad]
+    if not used:
+        return th.cat([param.detach().new_zeros(param.numel()) for param in theta])
+    grads = th.autograd.grad(
+        [term for term, _ in used], theta, [weight for _, weight in used], retain_graph=True, allow_unused=True
+    )
+    return th.cat([(th.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(theta, grads, strict=True)])
