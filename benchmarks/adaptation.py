@@ -315,7 +315,10 @@ def main() -> None:
         writer.writerows(rows)
     table = summarise(rows, training, args)
     machine = f"{platform.machine()}, Python {platform.python_version()}, torch {th.__version__} (1 thread)"
-    table += f"\n{machine}; {time.perf_counter() - start:.0f} s in all.\n"
+    if args.summarise_from:
+        table += f"\n{machine}; merged from {len(args.summarise_from)} result files (train s: each run's own wall time).\n"
+    else:
+        table += f"\n{machine}; {time.perf_counter() - start:.0f} s in all.\n"
     (out / "table.md").write_text(table)
     for set_name in ("unseen", "shifted"):
         plot_adaptation_curves(
