@@ -21,7 +21,9 @@ left out of the problem. Each step falls in one of three cases, named as logged 
   of the largest decrease the trust region allows it, b̃_j + a_jᵀx/√(2δs_j) with b̃_j = b_j/√(2δs_j). Minimising the
   largest (rather than the total) violation treats every constraint alike whatever its units, and for m = 1 it is
   the classic CPO recovery step x = −√(2δ/s)·w, the step that decreases the cost surrogate most. The minimiser lies
-  in the span of the w_j, so the program has m + 1 variables (:func:`cpo_recovery_layer`).
+  in the span of the w_j, so the program has m + 1 variables (:func:`cpo_recovery_layer`). With a
+  ``recovery_margin``, also whenever some informative b_j is above 0 and above its margin (the algorithms'
+  ``recovery="violated"`` and ``"confident"``), feasible points or not.
 * ``"dual"``: otherwise; the dual is solved by :func:`solve_dual_analytic` (m = 1 only: the closed form) or by the
   convex program of :func:`solve_dual_layer` (any m).
 
