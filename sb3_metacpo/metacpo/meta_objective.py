@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch as th
 
-from sb3_metacpo.common.conjugate_gradient import flat_grad
 from sb3_metacpo.common.constrained_step import StepResult
 from sb3_metacpo.common.cpo_update import (
     ActorFn,
@@ -78,13 +77,13 @@ class MetaValue:
     reward: th.Tensor
     cost_surrogates: th.Tensor
     constraints: th.Tensor
+    reward_stack: th.Tensor
+    cost_stack: th.Tensor
+    reward_terms: tuple[th.Tensor, ...]
+    cost_terms: tuple[tuple[th.Tensor, ...], ...]
     #: (c,) the outer step recovers whenever a constraint value exceeds its margin, aggregated over tasks as the
     #: constraint values are (None: CPO's rule; see ``prepare_batch``'s ``recovery``)
     recovery_margins: th.Tensor | None = None
-    reward_stack: th.Tensor | None = None
-    cost_stack: th.Tensor | None = None
-    reward_terms: tuple[th.Tensor, ...] = ()
-    cost_terms: tuple[tuple[th.Tensor, ...], ...] = ()
 
 
 class MetaObjective:
@@ -152,11 +151,11 @@ class MetaObjective:
             reward_stack.mean(),
             cost.mean(0).reshape(-1),
             constraint.mean(0).reshape(-1),
-            None if margin is None else margin.mean(0).reshape(-1),
             reward_stack,
             cost_stack,
             tuple(rewards),
             tuple(costs),
+            None if margin is None else margin.mean(0).reshape(-1),
         )
 
     def gradients(self, value: MetaValue, theta: Sequence[th.Tensor]) -> tuple[th.Tensor, th.Tensor]:
@@ -167,10 +166,6 @@ class MetaObjective:
         run, with zero cotangents, through every other term's graph, e.g. through every task's inner updates for the
         constraint on θ's own cost. The same vector-Jacobian products, summed in another order."""
         theta = list(theta)
-        if value.reward_stack is None or value.cost_stack is None:  # built elsewhere: from the aggregates
-            reward_grad = flat_grad(value.reward, theta, retain_graph=True)
-            rows = [flat_grad(cost, theta, retain_graph=True) for cost in value.cost_surrogates]
-            return reward_grad, th.stack(rows) if rows else reward_grad.new_zeros(0, reward_grad.numel())
         # The weights come from the stacks; the products start from the terms themselves (indexing a stack would
         # lead the backward through the stack to every term again).
         (reward_weights,) = th.autograd.grad(value.reward, value.reward_stack, retain_graph=True)
