@@ -3,7 +3,13 @@
 import numpy as np
 import pytest
 
-from sb3_metacpo.common.advantages import LinearFeatureBaseline, compute_gae, discounted_returns, episode_steps
+from sb3_metacpo.common.advantages import (
+    LinearFeatureBaseline,
+    compute_gae,
+    discounted_returns,
+    episode_steps,
+    linear_baseline_values,
+)
 
 
 def random_batch(seed, T=37, E=3):
@@ -63,3 +69,27 @@ def test_linear_baseline_recovers_a_linear_function_of_its_features():
     np.testing.assert_allclose(baseline.predict(obs, steps), target, atol=1e-4)
     with pytest.raises(RuntimeError, match="fit the baseline"):
         LinearFeatureBaseline(10).predict(obs, steps)
+
+
+def test_linear_baseline_values_equal_one_ridge_regression_per_target():
+    """The shared features and Gram matrix give, bit for bit, one baseline fitted per target; and each fit is the
+    ridge regression written out with numpy (the normal equations on the documented features)."""
+    rng = np.random.default_rng(1)
+    obs, next_obs = rng.normal(size=(40, 3, 4)), rng.normal(size=(40, 3, 4))
+    steps = np.tile(np.arange(40)[:, None], (1, 3))
+    targets = [rng.normal(size=(40, 3)) for _ in range(3)]
+    fitted = linear_baseline_values(obs, next_obs, steps, targets, episode_length=40)
+    for target, (values, next_values) in zip(targets, fitted, strict=True):
+        baseline = LinearFeatureBaseline(episode_length=40)
+        baseline.fit(obs, steps, target)
+        np.testing.assert_array_equal(values, baseline.predict(obs, steps))
+        np.testing.assert_array_equal(next_values, baseline.predict(next_obs, steps + 1))
+
+        def features(o: np.ndarray, s: np.ndarray) -> np.ndarray:
+            x, tau = np.clip(o.reshape(-1, 4), -10, 10), s.reshape(-1, 1) / 40
+            return np.hstack([x, x**2, tau, tau**2, tau**3, np.ones_like(tau)])
+
+        phi = features(obs, steps)
+        coefficients = np.linalg.solve(phi.T @ phi + 1e-5 * np.eye(phi.shape[1]), phi.T @ target.reshape(-1))
+        np.testing.assert_allclose(values.reshape(-1), phi @ coefficients, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(next_values.reshape(-1), features(next_obs, steps + 1) @ coefficients, atol=1e-6)

@@ -28,7 +28,7 @@ SHRINK = [
     (r"\bn_steps=\d[\d_]*", "n_steps=100"),
     (r"\bn_eval_episodes=\d[\d_]*", "n_eval_episodes=1"),
     (r"\bn_episodes=\d[\d_]*", "n_episodes=1"),
-    (r"\"num_workers\": \d+", "\"num_workers\": 1"),
+    (r"\"num_workers\": \d+", '"num_workers": 1'),
 ]
 DIRECTIVE = re.compile(r"^(?P<indent>[ \t]*)\.\. (?P<name>code-block|code|sourcecode)::[ \t]*(?P<lang>\S*)[ \t]*$")
 LITERAL = re.compile(r"(?<!:)::[ \t]*$")  # a paragraph ending in "::" starts a literal block (not "x ::" of a directive)

@@ -118,8 +118,14 @@ def navigation_env(name, robot, task, fast, monkeypatch, **options):
 
 @pytest.mark.parametrize(
     ("name", "robot"),
-    [("PointButtonHazard", "Point"), ("PointButtonHazard", "Car"), ("PointGoalHazard", "Point"),
-     ("PointGoalHazard", "Car"), ("CarCircle", "Car"), ("CarCircle", "Point")],
+    [
+        ("PointButtonHazard", "Point"),
+        ("PointButtonHazard", "Car"),
+        ("PointGoalHazard", "Point"),
+        ("PointGoalHazard", "Car"),
+        ("CarCircle", "Car"),
+        ("CarCircle", "Point"),
+    ],
 )
 def test_fast_step_replays_upstream_episodes_exactly(name, robot, monkeypatch):
     """Two tasks of the family (a switch rebuilds the env, as ``TaskEnv.set_task`` does), several episodes each.
@@ -135,8 +141,11 @@ def test_fast_step_replays_upstream_episodes_exactly(name, robot, monkeypatch):
         stock_env = navigation_env(name, robot, task, False, monkeypatch)
         lockstep(fast_env, stock_env, 210, driver, events, seed=task_number)
     assert events["truncated"] and events["reset"] >= 3
-    expected = {"button": ["cost_hazards", "cost_buttons", "goal_met"], "goal": ["cost_hazards", "goal_met"],
-                "circle": ["cost_out_of_boundary"]}[KINDS[name]]
+    expected = {
+        "button": ["cost_hazards", "cost_buttons", "goal_met"],
+        "goal": ["cost_hazards", "goal_met"],
+        "circle": ["cost_out_of_boundary"],
+    }[KINDS[name]]
     assert all(events[key] for key in expected), events  # the episodes did exercise every cost and the goal check
 
 

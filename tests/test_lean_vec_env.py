@@ -45,7 +45,43 @@ def test_lean_steps_exactly_as_sb3_dummy_vec_env():
         dones_seen += int(done_a.sum())
         for index, info in enumerate(infos_a):
             assert info is not lean.buf_infos[index]  # the caller may change what it gets
+        assert not np.shares_memory(obs_a, lean.buf_obs[None])  # a copy, as SB3's: the next step must not change it
     assert dones_seen >= 6
+
+
+def test_lean_copies_dict_observations_as_sb3():
+    """A Dict observation space (not what the algorithms use, but what the VecEnv accepts) gives SB3's copies."""
+    import gymnasium as gym
+
+    class DictEnv(gym.Env):
+        observation_space = gym.spaces.Dict({"x": gym.spaces.Box(-1, 1, (3,)), "n": gym.spaces.Discrete(5)})
+        action_space = gym.spaces.Box(-1, 1, (1,))
+
+        def _obs(self) -> dict:
+            return {"x": self.np_random.uniform(-1, 1, 3).astype(np.float32), "n": int(self.np_random.integers(5))}
+
+        def reset(self, *, seed=None, options=None):
+            super().reset(seed=seed)
+            self.t = 0
+            return self._obs(), {}
+
+        def step(self, action):
+            self.t += 1
+            return self._obs(), float(action[0]), False, self.t == 4, {}
+
+    lean, plain = LeanDummyVecEnv([DictEnv] * 2), DummyVecEnv([DictEnv] * 2)
+    for env in (lean, plain):
+        env.seed(3)
+    obs_a, obs_b = lean.reset(), plain.reset()
+    for _ in range(6):
+        actions = np.full((2, 1), 0.5, dtype=np.float32)
+        obs_a, _, done_a, _ = lean.step(actions)
+        obs_b, _, done_b, _ = plain.step(actions)
+        np.testing.assert_array_equal(done_a, done_b)
+        assert obs_a.keys() == obs_b.keys()
+        for key in obs_a:
+            np.testing.assert_array_equal(obs_a[key], obs_b[key])
+            assert not np.shares_memory(obs_a[key], lean.buf_obs[key])
 
 
 def test_the_algorithms_build_the_lean_class_for_dummy_vec_env():

@@ -69,12 +69,43 @@ class LinearFeatureBaseline:
         tau = steps.reshape(-1, 1).astype(np.float64) / self.episode_length
         return np.concatenate([obs, obs**2, tau, tau**2, tau**3, np.ones_like(tau)], axis=1)
 
-    def fit(self, observations: np.ndarray, steps: np.ndarray, returns: np.ndarray) -> None:
-        features = self._features(observations, steps)
-        gram = features.T @ features + self.reg_coeff * np.eye(features.shape[1])
+    def _gram(self, features: np.ndarray) -> np.ndarray:
+        return features.T @ features + self.reg_coeff * np.eye(features.shape[1])
+
+    def _solve(self, gram: np.ndarray, features: np.ndarray, returns: np.ndarray) -> None:
         self.coefficients = np.linalg.lstsq(gram, features.T @ returns.reshape(-1), rcond=None)[0]
 
-    def predict(self, observations: np.ndarray, steps: np.ndarray) -> np.ndarray:
+    def _predict(self, features: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         if self.coefficients is None:
             raise RuntimeError("fit the baseline before predicting")
-        return (self._features(observations, steps) @ self.coefficients).reshape(steps.shape)
+        return (features @ self.coefficients).reshape(shape)
+
+    def fit(self, observations: np.ndarray, steps: np.ndarray, returns: np.ndarray) -> None:
+        features = self._features(observations, steps)
+        self._solve(self._gram(features), features, returns)
+
+    def predict(self, observations: np.ndarray, steps: np.ndarray) -> np.ndarray:
+        return self._predict(self._features(observations, steps), steps.shape)
+
+
+def linear_baseline_values(
+    observations: np.ndarray,
+    next_observations: np.ndarray,
+    steps: np.ndarray,
+    targets: list[np.ndarray],
+    episode_length: int,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per target (returns shaped like ``steps``), a :class:`LinearFeatureBaseline` fitted to it: its values of
+    ``observations`` (at ``steps``) and of ``next_observations`` (at ``steps + 1``).
+
+    The same numbers as fitting and predicting with one baseline per target, with the features and their Gram matrix,
+    which do not depend on the target, computed once for all targets."""
+    baseline = LinearFeatureBaseline(episode_length)
+    features = baseline._features(observations, steps)
+    next_features = baseline._features(next_observations, steps + 1)
+    gram = baseline._gram(features)
+    values = []
+    for target in targets:
+        baseline._solve(gram, features, target)
+        values.append((baseline._predict(features, steps.shape), baseline._predict(next_features, steps.shape)))
+    return values

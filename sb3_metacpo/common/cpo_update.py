@@ -23,7 +23,7 @@ from typing import Literal
 import numpy as np
 import torch as th
 
-from sb3_metacpo.common.advantages import LinearFeatureBaseline, compute_gae, discounted_returns, episode_steps
+from sb3_metacpo.common.advantages import compute_gae, discounted_returns, episode_steps, linear_baseline_values
 from sb3_metacpo.common.conjugate_gradient import fisher_vector_product_fn, flat_grad
 from sb3_metacpo.common.constrained_step import FixedFraction, LineSearch, StepConfig, StepResult, constrained_step
 from sb3_metacpo.common.profiling import phase
@@ -163,12 +163,9 @@ def prepare_batch(
     steps = batch.episode_steps if batch.episode_steps is not None else episode_steps(dones)
     time_fractions = np.minimum(steps / episode_length, 1.0)
     if critic is None:
-        values, next_values = [], []
-        for signal, discount in zip(signals, discounts, strict=True):
-            baseline = LinearFeatureBaseline(episode_length)
-            baseline.fit(batch.observations, steps, discounted_returns(signal, dones, discount))
-            values.append(baseline.predict(batch.observations, steps))
-            next_values.append(baseline.predict(batch.next_observations, steps + 1))
+        targets = [discounted_returns(signal, dones, discount) for signal, discount in zip(signals, discounts, strict=True)]
+        fitted = linear_baseline_values(batch.observations, batch.next_observations, steps, targets, episode_length)
+        values, next_values = [value for value, _ in fitted], [next_value for _, next_value in fitted]
     else:
         flat_obs = batch.observations.reshape(-1, batch.observations.shape[-1])
         next_time = np.minimum((steps + 1) / episode_length, 1.0).reshape(-1)
