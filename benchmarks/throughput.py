@@ -10,7 +10,8 @@ DummyVecEnv envs per task (``--envs-per-task``, default 1):
    limit (CPO and TRPO train on M fixed task envs, so they never pay for new worlds);
 3. where a meta-iteration's time goes (sampling, advantages and critics, inner CPO steps and their parts,
    meta-gradient backward, outer step, outer line search), and the dual solve plus its backward against an inner
-   update;
+   update; the *ceiling*: the ratio if everything but the env and the updates' matrix products were free (what
+   any implementation of the same computation could reach on this CPU);
 4. with ``--scaling``, seconds per meta-iteration as tasks per iteration, inner updates and policy size grow;
 5. with ``--env-id``, CPO and sb3-contrib TRPO on one standard id, both with their defaults (1 env, 2048 steps per
    update), as ratios of the raw env (ours and stock safety-gymnasium), in CPU seconds; ``--env-id-only`` skips the
@@ -81,6 +82,29 @@ def timed_learn(model: Any, steps_per_iteration: int, iterations: int) -> tuple[
     return steps_per_iteration * iterations / seconds, times
 
 
+#: The matrix products of the updates (torch ops): time a faster implementation of the same computation on this CPU
+#: would still spend (MKL's kernels run them at the machine's matrix-product speed).
+MATRIX_PRODUCTS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::mv", "aten::addmv", "aten::dot")
+
+
+def matrix_product_seconds(model: Any, steps_per_iteration: int, iterations: int) -> float:
+    """CPU seconds per iteration of ``learn`` spent inside torch's matrix-product kernels (their self time under the
+    torch profiler, which slows the small operations around them, not the kernels themselves)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        model.learn(steps_per_iteration * iterations, reset_num_timesteps=False)
+    micros = sum(event.self_cpu_time_total for event in prof.key_averages() if event.key in MATRIX_PRODUCTS)
+    return micros / 1e6 / iterations
+
+
+def ceiling(limit: float, steps_per_iteration: int, product_seconds: float) -> float:
+    """The ratio to the limit that ``learn`` would reach if everything but the env (at the limit's speed) and the
+    updates' matrix products were free: the most any implementation of the same computation can reach here."""
+    env_seconds = steps_per_iteration / limit
+    return env_seconds / (env_seconds + product_seconds)
+
+
 def standard_env_table(env_id: str, iterations: int, rounds: int = 3) -> list[str]:
     """CPO and sb3-contrib TRPO on one standard id against the raw env, in one run and in CPU seconds of this
     process (this machine is shared; CPU time is what our code costs, whatever else runs), median of ``rounds``
@@ -103,6 +127,8 @@ def standard_env_table(env_id: str, iterations: int, rounds: int = 3) -> list[st
         env.close()
         return steps / seconds
 
+    cpo_products: list[float] = []
+
     def learn(kind: str, fast: bool) -> float:
         safety_gym.FAST_STEP = safety_gym.FAST_RESET = fast
         env = CPO("MlpPolicy", env_id, seed=0).env
@@ -111,7 +137,10 @@ def standard_env_table(env_id: str, iterations: int, rounds: int = 3) -> list[st
         model.learn(model.n_steps)  # warm-up update
         start = time.process_time()
         model.learn(model.n_steps * iterations, reset_num_timesteps=False)
-        return model.n_steps * iterations / (time.process_time() - start)
+        seconds = time.process_time() - start
+        if kind == "CPO" and not cpo_products:
+            cpo_products.append(matrix_product_seconds(model, model.n_steps, 1))
+        return model.n_steps * iterations / seconds
 
     runs = {
         "raw env, random actions, ours (the limit)": lambda: raw(True),
@@ -134,6 +163,10 @@ def standard_env_table(env_id: str, iterations: int, rounds: int = 3) -> list[st
     lines += [f"{name:<40} {speed:>9.0f} {speed / limit:>8.2f}" for name, speed in speeds.items()]
     cpo, trpo = speeds["CPO learn(), ours"], speeds["sb3-contrib TRPO learn(), stock env"]
     lines.append(f"CPO on ours / TRPO on stock = {cpo / trpo:.2f}")
+    lines.append(
+        f"CPO's ceiling (everything but the env and the update's matrix products free; {cpo_products[0]:.3f} s of "
+        f"matrix products per 2048-step update): {ceiling(limit, 2048, cpo_products[0]):.2f}"
+    )
     return lines
 
 
@@ -229,8 +262,11 @@ def main() -> None:
     limit = limit_throughput(dist, args.tasks, args.envs_per_task, args.n_steps, args.iterations)
     rows = [("raw env, random actions (the limit)", limit, None)]
     phases = {}
+    products = {}
     for mode in ("first_order", "second_order"):
-        speed, phases[mode] = timed_learn(meta_model(dist, args, mode), per_meta_iteration, args.iterations)
+        model = meta_model(dist, args, mode)
+        speed, phases[mode] = timed_learn(model, per_meta_iteration, args.iterations)
+        products[mode] = matrix_product_seconds(model, per_meta_iteration, args.iterations)
         rows.append((f"MetaCPO learn(), {mode.replace('_', '-')}", speed, phases[mode]))
     vec_env = task_vec_env(dist, tasks, args.envs_per_task)
     cpo = CPO(
@@ -255,6 +291,19 @@ def main() -> None:
     print(f"{'':<40} {'steps/s':>9} {'x limit':>8}")
     for name, speed, _ in rows:
         print(f"{name:<40} {speed:>9.0f} {speed / limit:>8.2f}")
+
+    print(
+        "\nThe ceiling: the ratio if everything but the env and the updates' matrix products (torch's mm/addmm/bmm "
+        "kernels,\nself CPU time under the torch profiler) were free, the most the same computation can reach here:"
+    )
+    print(f"  {'':<38} {'products s/iter':>16} {'other s/iter':>13} {'x limit':>8} {'ceiling':>8}")
+    for mode, product_seconds in products.items():
+        total = phases[mode]["total"]
+        other = total - per_meta_iteration / limit - product_seconds
+        print(
+            f"  {'MetaCPO, ' + mode.replace('_', '-'):<38} {product_seconds:>16.3f} {other:>13.3f} "
+            f"{per_meta_iteration / limit / total:>8.2f} {ceiling(limit, per_meta_iteration, product_seconds):>8.2f}"
+        )
 
     for mode, times in phases.items():
         print(f"\nOne meta-iteration, {mode.replace('_', '-')} ({per_meta_iteration} env steps):")
