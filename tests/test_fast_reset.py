@@ -6,7 +6,7 @@ import os
 import mujoco
 import numpy as np
 import pytest
-from model_compare import assert_bitwise, model_arrays
+from model_compare import assert_bitwise, model_arrays, skybox_arrays
 
 from sb3_metacpo.tasks import make_task_distribution, safety_gym
 
@@ -15,8 +15,11 @@ MAX_STEPS = 50
 EPISODES = [60, 20, 60, 60]  # steps tried per episode: 60 is cut at MAX_STEPS (truncation), 20 resets mid-episode
 
 
-def make_env(name, fast, monkeypatch, render_mode=None, **options):
+def make_env(name, fast, monkeypatch, render_mode=None, skybox=True, **options):
+    """The env of a task of ``name``; with the skybox by default, so that models compare bit for bit with upstream's
+    compile of its XML (``test_worlds_never_rendered_compile_without_the_skybox`` compares those without)."""
     monkeypatch.setattr(safety_gym, "FAST_RESET", fast)  # read when the env is made
+    monkeypatch.setattr(safety_gym, "UNRENDERED_SKYBOX", skybox)
     dist = make_task_distribution(name, seed=0, max_episode_steps=MAX_STEPS, **options)
     return dist.make_env(dist.sample(1)[0], render_mode=render_mode)
 
@@ -61,6 +64,36 @@ def test_fast_reset_replays_upstream_episodes_exactly(name, options, monkeypatch
         assert_bitwise(fast_model, stock_model)
     if options.get("n_gremlins"):  # the gremlins did move away from where the next reset puts them
         assert not np.array_equal(fast_env.unwrapped.task.data.mocap_pos, 0.0)
+
+
+@pytest.mark.parametrize("name", ["PointButtonHazard", "PointGoalHazard", "CarCircle"])
+def test_worlds_never_rendered_compile_without_the_skybox(name, monkeypatch):
+    """Without a render mode the world leaves out the 191 MB skybox (a compile of a new world is then ~1 ms instead of
+    ~0.27 s): every other model array is bit for bit upstream's compile with it, and so are the episodes."""
+    plain = make_env(name, True, monkeypatch, skybox=False)
+    full = make_env(name, True, monkeypatch, skybox=True)
+    stock = make_env(name, False, monkeypatch)  # upstream's world: always with the skybox
+    runs = [rollout(env) for env in (plain, stock, full)]
+    for model in (plain, stock, full):
+        assert model.unwrapped.task.world.xml_string.count('type="skybox"') == (model is not plain)
+    assert plain.unwrapped.task.model.ntex == full.unwrapped.task.model.ntex - 1
+    sizes = ("nq", "nv", "nu", "nbody", "njnt", "ngeom", "nsite", "ncam", "nmat", "nsensor", "nsensordata", "neq", "nmocap")
+    for size in sizes:
+        assert getattr(plain.unwrapped.task.model, size) == getattr(full.unwrapped.task.model, size), size
+    assert plain.unwrapped.task.model.tex_data.nbytes < 1e6 < 1e8 < full.unwrapped.task.model.tex_data.nbytes
+    (plain_steps, plain_models, kept), (stock_steps, stock_models, _) = runs[0][:3], runs[1][:3]
+    assert all(kept)
+    for plain_step, stock_step in zip(plain_steps, stock_steps, strict=True):
+        assert plain_step[0].tobytes() == stock_step[0].tobytes()
+        assert plain_step[1:] == stock_step[1:]
+    for plain_model, stock_model in zip(plain_models, stock_models, strict=True):
+        differ = {key for key, value in stock_model.items() if plain_model[key].tobytes() != value.tobytes()}
+        assert plain_model.keys() == stock_model.keys()
+        assert differ <= skybox_arrays(stock_model), differ - skybox_arrays(stock_model)
+        assert "mat_texid" in differ  # the comparison did see the missing texture
+    # A rendered env, and the module switch, keep it.
+    assert make_env(name, True, monkeypatch, render_mode="rgb_array", skybox=False).unwrapped.task.world.skybox
+    assert make_env(name, True, monkeypatch, skybox=True).unwrapped.task.world.skybox
 
 
 def test_reset_reuses_the_model_until_the_xml_changes(monkeypatch):

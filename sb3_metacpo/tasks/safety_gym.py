@@ -34,6 +34,15 @@ FAST_RESET = True
 Set it to ``False`` (before making the envs) for upstream's reset, which recompiles the model every episode; the
 episodes are the same either way (``tests/test_fast_reset.py``), only slower."""
 
+UNRENDERED_SKYBOX = False
+"""Whether navigation worlds that are never rendered (made without a ``render_mode`` and without vision
+observations) still compile upstream's skybox: six 3259x3259 star photographs, 191 MB of texture per model, whose
+decoding is ~0.27 s of every compile of a new world (a new task) against ~1 ms for the rest. Without it, every other
+model array (the physics, the geoms, materials, sensors) is the same and episodes are bitwise identical
+(``tests/test_fast_reset.py``). Set it to ``True`` (before making the envs) to compile it anyway, e.g. to render a
+world's model with your own renderer; envs made with a ``render_mode`` always have it. Applies with ``FAST_RESET``
+(upstream's own world, ``FAST_RESET = False``, is left as it is)."""
+
 FAST_STEP = True
 """Whether navigation envs made from now on (the families here, and standard ids built by the library) compute their
 observations, costs and goal checks on arrays (:class:`~sb3_metacpo.tasks.fast_step.FastStepMixin`) instead of
@@ -163,6 +172,33 @@ def _xyaxes_to_quat(x: list[float], y: list[float]) -> list[float]:
     return normalize(quat)
 
 
+class _XmlWithoutSkybox:
+    """``xmltodict`` as upstream's ``World.build`` uses it, but ``unparse`` leaves the skybox texture out of the XML
+    it writes (the world's own dict keeps it)."""
+
+    def __init__(self, module: Any) -> None:
+        self._module = module
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._module, name)
+
+    def unparse(self, document: dict, *args: Any, **kwargs: Any) -> str:
+        root = document["mujoco"]
+        textures = root.get("asset", {}).get("texture")
+        if isinstance(textures, list):
+            kept = [texture for texture in textures if texture.get("@type") != "skybox"]
+            document = {**document, "mujoco": {**root, "asset": {**root["asset"], "texture": kept}}}
+        return str(self._module.unparse(document, *args, **kwargs))
+
+
+def _reusing_world(agent: Any, obstacles: Any, rendered: bool) -> Any:
+    """A :class:`ReusingWorld` for ``agent`` and ``obstacles``; without the skybox unless ``rendered`` (or
+    ``UNRENDERED_SKYBOX``)."""
+    world = _reusing_world_class()(agent, obstacles)
+    world.skybox = rendered or UNRENDERED_SKYBOX
+    return world
+
+
 @functools.cache
 def _reusing_world_class() -> type:
     """A safety-gymnasium ``World`` that skips the recompile when only poses change (defined lazily, like the tasks)."""
@@ -181,6 +217,22 @@ def _reusing_world_class() -> type:
         layout, start pose, rotations) and after it (goal choice, last goal distance, button timer)."""
 
         _compiled: Any = None  # _without_poses of the config the model was compiled from
+        #: Compile the skybox texture (set False for a world that is never rendered: see ``UNRENDERED_SKYBOX``).
+        skybox: bool = True
+
+        def build(self) -> None:
+            """Upstream's build; a world without ``skybox`` writes its XML (and so compiles its model) without the
+            skybox texture, through a stand-in for ``xmltodict`` in upstream's world module while it builds."""
+            if self.skybox:
+                super().build()
+                return
+            module = sys.modules[World.__module__]
+            xml_module = getattr(module, "xmltodict")  # noqa: B009 (the module's global, which mypy does not know)
+            setattr(module, "xmltodict", _XmlWithoutSkybox(xml_module))  # noqa: B010
+            try:
+                super().build()
+            finally:
+                setattr(module, "xmltodict", xml_module)  # noqa: B010
 
         def rebuild(self, config: dict | None = None, state: bool = True) -> None:
             if config is not None:
@@ -361,7 +413,8 @@ def _make_navigation_env(
             navigation = task_class({"agent_name": robot}, task, max_episode_steps, **options)
             navigation.build_observation_space()
             if fast_reset:  # upstream's resets rebuild an existing world (the first one creates a plain World if none)
-                navigation.world = _reusing_world_class()(navigation.agent, navigation._obstacles)
+                rendered = render_mode is not None or navigation.observe_vision
+                navigation.world = _reusing_world(navigation.agent, navigation._obstacles, rendered)
             return navigation
 
     task_id = f"Safety{robot}{type(task).family}-v0"
@@ -398,7 +451,8 @@ def fast_standard_env(env: gym.Env) -> gym.Env:
     if standard and type(task.agent).__name__ in _STANDARD_AGENTS and not isinstance(task, FastStepMixin):
         task.__class__ = fast_task_class(kind)
         if FAST_RESET and task.world is None:  # (upstream's first reset then builds into this world)
-            task.world = _reusing_world_class()(task.agent, task._obstacles)
+            rendered = builder.render_mode is not None or task.observe_vision
+            task.world = _reusing_world(task.agent, task._obstacles, rendered)
     return env
 
 
