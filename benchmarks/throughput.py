@@ -259,12 +259,15 @@ def main() -> None:
         "CPU seconds of this process\n"
     )
 
-    limit = limit_throughput(dist, args.tasks, args.envs_per_task, args.n_steps, args.iterations)
+    # The limit and each learn() draw their tasks from a fresh copy of the distribution with the same seed, so that
+    # they run the same worlds (a navigation step's cost depends on the task's objects), iteration for iteration.
+    fresh = lambda: make_task_distribution(args.family, seed=0)  # noqa: E731
+    limit = limit_throughput(fresh(), args.tasks, args.envs_per_task, args.n_steps, args.iterations)
     rows = [("raw env, random actions (the limit)", limit, None)]
     phases = {}
     products = {}
     for mode in ("first_order", "second_order"):
-        model = meta_model(dist, args, mode)
+        model = meta_model(fresh(), args, mode)
         speed, phases[mode] = timed_learn(model, per_meta_iteration, args.iterations)
         products[mode] = matrix_product_seconds(model, per_meta_iteration, args.iterations)
         rows.append((f"MetaCPO learn(), {mode.replace('_', '-')}", speed, phases[mode]))
