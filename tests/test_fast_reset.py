@@ -185,3 +185,23 @@ def test_identity_rotations_give_the_compilers_frame_flags(monkeypatch):
             assert fast_step[0].tobytes() == stock_step[0].tobytes() and fast_step[1:4] == stock_step[1:4]
     bodyrot = int(mujoco.mjtSameFrame.mjSAMEFRAME_BODYROT)
     assert flags[0] == flags[2] == [bodyrot] * 6 and bodyrot not in flags[1]
+
+
+def test_worlds_built_in_threads_keep_their_own_skybox_choice(monkeypatch):
+    """The skybox-free build swaps ``xmltodict`` in upstream's world module while it builds: worlds built at the same
+    time in threads, with and without the skybox, each get what they asked for, and the module is restored."""
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    import xmltodict
+
+    envs = [make_env("PointGoalHazard", True, monkeypatch, skybox=index % 2 == 0) for index in range(6)]
+
+    def first_reset(env):
+        env.reset(seed=0)
+        return env.unwrapped.task.model.ntex
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        counts = list(pool.map(first_reset, envs))
+    assert counts == [2, 1, 2, 1, 2, 1]
+    assert sys.modules["safety_gymnasium.world"].xmltodict is xmltodict

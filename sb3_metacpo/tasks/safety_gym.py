@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import math
 import sys
+import threading
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -174,6 +175,10 @@ def _xyaxes_to_quat(x: list[float], y: list[float]) -> list[float]:
     return normalize(quat)
 
 
+#: Held while a world without the skybox builds with its stand-in for ``xmltodict`` in upstream's world module.
+_WORLD_MODULE_LOCK = threading.RLock()
+
+
 class _XmlWithoutSkybox:
     """``xmltodict`` as upstream's ``World.build`` uses it, but ``unparse`` leaves the skybox texture out of the XML
     it writes (the world's own dict keeps it)."""
@@ -225,16 +230,17 @@ def _reusing_world_class() -> type:
         def build(self) -> None:
             """Upstream's build; a world without ``skybox`` writes its XML (and so compiles its model) without the
             skybox texture, through a stand-in for ``xmltodict`` in upstream's world module while it builds."""
-            if self.skybox:
-                super().build()
-                return
             module = sys.modules[World.__module__]
-            xml_module = getattr(module, "xmltodict")  # noqa: B009 (the module's global, which mypy does not know)
-            setattr(module, "xmltodict", _XmlWithoutSkybox(xml_module))  # noqa: B010
-            try:
-                super().build()
-            finally:
-                setattr(module, "xmltodict", xml_module)  # noqa: B010
+            with _WORLD_MODULE_LOCK:  # envs built in threads: one stand-in at a time, no world builds beside it
+                if self.skybox:
+                    super().build()
+                    return
+                xml_module = getattr(module, "xmltodict")  # noqa: B009 (the module's global, unknown to mypy)
+                setattr(module, "xmltodict", _XmlWithoutSkybox(xml_module))  # noqa: B010
+                try:
+                    super().build()
+                finally:
+                    setattr(module, "xmltodict", xml_module)  # noqa: B010
 
         def rebuild(self, config: dict | None = None, state: bool = True) -> None:
             if config is not None:
