@@ -198,11 +198,11 @@ class _XmlWithoutSkybox:
         return str(self._module.unparse(document, *args, **kwargs))
 
 
-def _reusing_world(agent: Any, obstacles: Any, rendered: bool) -> Any:
-    """A :class:`ReusingWorld` for ``agent`` and ``obstacles``; without the skybox unless ``rendered`` (or
-    ``UNRENDERED_SKYBOX``)."""
-    world = _reusing_world_class()(agent, obstacles)
-    world.skybox = rendered or UNRENDERED_SKYBOX
+def _reusing_world(task: Any, render_mode: str | None) -> Any:
+    """A :class:`ReusingWorld` for an upstream navigation ``task``; without the skybox unless the env renders (a
+    ``render_mode``, or vision observations) or ``UNRENDERED_SKYBOX``."""
+    world = _reusing_world_class()(task.agent, task._obstacles)
+    world.skybox = render_mode is not None or task.observe_vision or UNRENDERED_SKYBOX
     return world
 
 
@@ -421,8 +421,7 @@ def _make_navigation_env(
             navigation = task_class({"agent_name": robot}, task, max_episode_steps, **options)
             navigation.build_observation_space()
             if fast_reset:  # upstream's resets rebuild an existing world (the first one creates a plain World if none)
-                rendered = render_mode is not None or navigation.observe_vision
-                navigation.world = _reusing_world(navigation.agent, navigation._obstacles, rendered)
+                navigation.world = _reusing_world(navigation, render_mode)
             return navigation
 
     task_id = f"Safety{robot}{type(task).family}-v0"
@@ -459,8 +458,7 @@ def fast_standard_env(env: gym.Env) -> gym.Env:
     if standard and type(task.agent).__name__ in _STANDARD_AGENTS and not isinstance(task, FastStepMixin):
         task.__class__ = fast_task_class(kind)
         if FAST_RESET and task.world is None:  # (upstream's first reset then builds into this world)
-            rendered = builder.render_mode is not None or task.observe_vision
-            task.world = _reusing_world(task.agent, task._obstacles, rendered)
+            task.world = _reusing_world(task, builder.render_mode)
     return env
 
 
