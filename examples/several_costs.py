@@ -5,7 +5,7 @@
 
 ``speed_limit=1.0`` adds ``info["cost_speed"]`` (1 per step whose move is faster than a full step along one axis)
 beside ``info["cost_hazards"]``; ``cost_limit`` maps each name to its limit, and every update solves the CPO dual
-with both constraints (a cvxpylayers convex program: ``pip install sb3-metacpo[several-costs]``). Prints each
+with both constraints (exactly: the closed form on each set of active constraints). Prints each
 cost's mean over the last training episodes and the multipliers of the last update, and writes ``progress.csv``.
 """
 

@@ -158,10 +158,11 @@ CASES: list[Case] = [
     _hyper("MetaCPO", "dual_solver='scipy'", ValueError, "dual_solver must be one of", dual_solver="scipy"),
     _hyper(
         "MetaCPO",
-        "dual_solver='analytic' with 2 outer constraints",
+        "dual_solver='analytic' with 9 outer constraints",
         ValueError,
-        "dual_solver='analytic' solves one constraint",
+        "dual_solver='analytic' solves at most 8 constraints exactly; meta_constraint='stages' gives the outer step 9",
         dual_solver="analytic",
+        n_inner_updates=8,
     ),
     _hyper("MetaCPO", "recovery='always'", ValueError, "recovery must be one of", recovery="always"),
     _hyper("MetaCPO", "critic='gp'", ValueError, "critic must be 'linear' or 'mlp'", critic="gp"),

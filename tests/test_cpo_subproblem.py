@@ -474,8 +474,17 @@ def test_invalid_arguments_are_rejected():
         cpo_direction(v, v, t(1.0), t(0.0), t(1.0), t(0.0), 0.1, solver="newton")
     with pytest.raises(ValueError, match="required"):
         cpo_direction_m(v, None, t(1.0), t([0.0]), None, None, 0.1)
-    with pytest.raises(ValueError, match="closed-form dual exists only for one constraint"):
-        cpo_direction_m(v, torch.ones(2, 3, dtype=DTYPE), t(1.0), t([0.0, 0.0]), torch.eye(2, dtype=DTYPE), t([0.0, 0.0]), 0.1)
+    m = 9  # more constraints than the exact solver enumerates
+    with pytest.raises(ValueError, match="at most 8 constraints, got 9"):
+        cpo_direction_m(
+            v,
+            torch.ones(m, 3, dtype=DTYPE),
+            t(1.0),
+            torch.zeros(m, dtype=DTYPE),
+            torch.eye(m, dtype=DTYPE),
+            -torch.ones(m, dtype=DTYPE),
+            0.1,
+        )
 
 
 # ------------------------------------------------------------------------------------------ the two dual solvers

@@ -117,7 +117,9 @@ def finite_difference(function, theta, eps=1e-5):
         (0.02, 2, "analytic", "dual", False),  # two inner updates
         (0.02, 2, "analytic", "dual", True),  # Fisher products in closed form (CPOPolicy.fisher_product), as trained
         ((0.01, 0.005), 1, "cvxpylayers", "dual", False),  # two constraints, both violated now
+        ((0.01, 0.005), 1, "analytic", "dual", False),  # the same through the exact active-set solver
         ((0.01, -0.01), 2, "cvxpylayers", "dual", True),  # one violated, one satisfied; two inner updates
+        ((0.01, -0.01), 2, "analytic", "dual", True),
     ],
 )
 def test_second_order_meta_gradient_matches_finite_differences(constraint, n_inner, solver, expected_case, closed_form_fisher):

@@ -1,7 +1,8 @@
-"""The CPO subproblem with m = 1, 2, 3 cost constraints against independent oracles: cvxpy on the primal problem
-with an explicit Fisher matrix (n = 5), the closed form for m = 1, central finite differences of the primal's
-solution; the recovery program against a direct cvxpy minimax; degenerate inputs; and a two-cost task learned by CPO.
-Everything numeric in float64 with fixed seeds."""
+"""The CPO subproblem with m = 1, 2, 3 cost constraints, by both solvers (the exact active-set one, ``"analytic"``,
+and the cvxpylayers convex programs), against independent oracles: cvxpy on the primal problem with an explicit
+Fisher matrix (n = 5), the closed form for m = 1, central finite differences of the primal's solution; the recovery
+program against a direct cvxpy minimax; degenerate inputs; and a two-cost task learned by CPO. Everything numeric in
+float64 with fixed seeds."""
 
 import math
 
@@ -13,7 +14,14 @@ import torch
 
 from sb3_metacpo import CPO, make_task_distribution
 from sb3_metacpo.common.constraints import CostConstraints
-from sb3_metacpo.common.cpo_subproblem import cpo_direction, solve_dual_layer
+from sb3_metacpo.common.cpo_subproblem import (
+    MAX_ACTIVE_SET_CONSTRAINTS,
+    cpo_direction,
+    solve_dual_active_set,
+    solve_dual_layer,
+)
+
+SOLVERS = ("analytic", "cvxpylayers")
 
 DTYPE = torch.float64
 N, DELTA = 5, 0.05
@@ -95,8 +103,7 @@ def test_step_matches_the_primal_solution(m, kind):
     assert reference is not None
     x_ref, lam_ref, nu_ref = reference
     v, W, q, r, S = terms(g, A)
-    solvers = ["cvxpylayers"] + (["analytic"] if m == 1 else [])
-    for solver in solvers:
+    for solver in SOLVERS:
         result = cpo_direction(v, W, q, r, S, b, DELTA, solver=solver)
         assert result.case == ("trpo" if kind == "slack" else "dual")
         torch.testing.assert_close(result.x, x_ref, rtol=1e-6, atol=1e-6 * float(x_ref.abs().max()))
@@ -124,12 +131,13 @@ def test_the_layer_agrees_with_the_closed_form_for_one_constraint():
     assert torch.all((nu_layer[:, 0] - nu_closed).abs() <= 1e-6 * (nu_closed + torch.sqrt(q / S[:, 0, 0])))
 
 
+@pytest.mark.parametrize("solver", SOLVERS)
 @pytest.mark.parametrize("m", [1, 2, 3])
-def test_recovery_minimises_the_largest_violation(m):
+def test_recovery_minimises_the_largest_violation(m, solver):
     g, A, b = instance(m, "infeasible", seed=7 + m)
     assert primal(g, A, b) is None  # no point of the trust region meets every constraint
     v, W, q, r, S = terms(g, A)
-    result = cpo_direction(v, W, q, r, S, b, DELTA, solver="cvxpylayers")
+    result = cpo_direction(v, W, q, r, S, b, DELTA, solver=solver)
     assert result.case == "recovery"
     x_ref, worst_ref = minimax(A, b, S)
     scale = torch.sqrt(2 * DELTA * torch.diagonal(S))
@@ -150,8 +158,7 @@ def test_a_zero_recovery_margin_takes_the_recovery_step_whenever_a_constraint_is
     g, A, b = instance(m, kind, seed=10 * m + len(kind))
     assert primal(g, A, b) is not None  # CPO's rule: a feasible point exists, so no recovery
     v, W, q, r, S = terms(g, A)
-    solvers = ["cvxpylayers"] + (["analytic"] if m == 1 else [])
-    for solver in solvers:
+    for solver in SOLVERS:
         plain = cpo_direction(v, W, q, r, S, b, DELTA, solver=solver)
         result = cpo_direction(v, W, q, r, S, b, DELTA, solver=solver, recovery_margin=0.0)
         assert plain.case == "dual"
@@ -178,13 +185,17 @@ def test_infeasibility_of_a_pair_each_feasible_alone_is_detected():
     v, W, q, r, S = terms(g, A)
     b = 0.5 * torch.sqrt(2 * DELTA * torch.diagonal(S))  # each alone needs half the trust region, in opposite ways
     assert primal(g, A, b) is None
-    result = cpo_direction(v, W, q, r, S, b, DELTA, solver="cvxpylayers")
-    assert result.case == "recovery" and torch.isfinite(result.x).all()
+    for solver in SOLVERS:
+        result = cpo_direction(v, W, q, r, S, b, DELTA, solver=solver)
+        assert result.case == "recovery" and torch.isfinite(result.x).all()
+        # 0 is in the convex hull of the gradients: the least largest violation (b̃ = ½ for both) is at x = 0.
+        torch.testing.assert_close(result.x, torch.zeros_like(result.x), rtol=0, atol=1e-4 * float(W.abs().max()))
 
 
+@pytest.mark.parametrize("solver", SOLVERS)
 @pytest.mark.parametrize("m", [2, 3])
-def test_step_gradients_match_finite_differences_of_the_primal(m):
-    """d(cᵀx*)/d(g, A, b) through the layer against central differences of cvxpy's primal solution."""
+def test_step_gradients_match_finite_differences_of_the_primal(m, solver):
+    """d(cᵀx*)/d(g, A, b) through each solver against central differences of cvxpy's primal solution."""
     g0, A0, b0 = instance(m, "binding", seed=19 + m)
     weights = torch.randn(N, generator=torch.Generator().manual_seed(1), dtype=DTYPE)
     packed0 = torch.cat([g0, A0.reshape(-1), b0])
@@ -195,7 +206,7 @@ def test_step_gradients_match_finite_differences_of_the_primal(m):
     packed = packed0.clone().requires_grad_()
     g, A, b = unpack(packed)
     v, W, q, r, S = terms(g, A)
-    result = cpo_direction(v, W, q, r, S, b, DELTA, solver="cvxpylayers")
+    result = cpo_direction(v, W, q, r, S, b, DELTA, solver=solver)
     assert result.case == "dual" and bool((result.nu > 1e-6).all())
     (grad,) = torch.autograd.grad(weights @ result.x, packed)
 
@@ -228,11 +239,12 @@ def test_degenerate_problems_give_finite_steps_and_gradients():
             g_, A_ = packed[:N], packed[N:].reshape(A.shape)
             v, W, q, r, S = terms(g_, A_)
             b = ratio * torch.sqrt(2 * DELTA * torch.diagonal(S).detach().clamp_min(1e-12))
-            result = cpo_direction(v, W, q, r, S, b, DELTA, solver="cvxpylayers")
-            for value in (result.x, result.lam, result.nu, result.expected_cost_changes):
-                assert torch.isfinite(value).all(), (name, ratio)
-            (grad,) = torch.autograd.grad(result.x.sum() + result.lam, packed)
-            assert torch.isfinite(grad).all(), (name, ratio)
+            for solver in SOLVERS:
+                result = cpo_direction(v, W, q, r, S, b, DELTA, solver=solver)
+                for value in (result.x, result.lam, result.nu, result.expected_cost_changes):
+                    assert torch.isfinite(value).all(), (name, ratio, solver)
+                (grad,) = torch.autograd.grad(result.x.sum() + result.lam, packed, retain_graph=True)
+                assert torch.isfinite(grad).all(), (name, ratio, solver)
 
 
 def test_cost_limit_mappings_are_validated_before_any_step():
@@ -251,8 +263,53 @@ def test_cost_limit_mappings_are_validated_before_any_step():
     dist = make_task_distribution("Toy2DNav", seed=0)
     with pytest.raises(ValueError, match=r"names \['cost_speed'\], which the task family Toy2DNav does not report"):
         CPO("MlpPolicy", dist, cost_limit={"cost_hazards": 5.0, "cost_speed": 1.0})
-    with pytest.raises(ValueError, match="closed form of one constraint"):
-        CPO("MlpPolicy", dist, cost_limit={"cost": 5.0, "cost_hazards": 5.0}, dual_solver="analytic")
+    CPO("MlpPolicy", dist, cost_limit={"cost": 5.0, "cost_hazards": 5.0}, dual_solver="analytic")  # exact for m ≤ 8
+    m = MAX_ACTIVE_SET_CONSTRAINTS + 1
+    with pytest.raises(ValueError, match=f"enumerate the 2\\^m supports of at most {m - 1} constraints, got {m}"):
+        cpo_direction(torch.ones(2), torch.ones(m, 2), 1.0, torch.ones(m), torch.eye(m), -torch.ones(m), DELTA)
+
+
+def random_problems(m, count, seed):
+    """A batch of ``count`` problems (n = 8) whose cases cover TRPO, dual and recovery: v, W, q, r, S, b."""
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.randn(count, 8, generator=gen, dtype=DTYPE)
+    A = torch.randn(count, m, 8, generator=gen, dtype=DTYPE) + 0.5 * g.unsqueeze(1)
+    q, r, S = (g * g).sum(-1), (A @ g.unsqueeze(-1)).squeeze(-1), A @ A.transpose(-1, -2)
+    ratios = 2.4 * torch.rand(count, m, generator=gen, dtype=DTYPE) - 1.2
+    return g, A, q, r, S, ratios * torch.sqrt(2 * DELTA * torch.diagonal(S, dim1=-2, dim2=-1))
+
+
+@pytest.mark.parametrize("m", [2, 3, 4])
+def test_the_exact_solver_and_the_layers_agree_on_random_batches(m):
+    """200 random problems per m (n = 8, H = I): the same case for every problem, and steps, multipliers and
+    predicted changes equal to the convex solver's precision (SCS at eps 1e-10)."""
+    v, W, q, r, S, b = random_problems(m, 200, seed=m)
+    exact = cpo_direction(v, W, q, r, S, b, DELTA, solver="analytic")
+    layer = cpo_direction(v, W, q, r, S, b, DELTA, solver="cvxpylayers")
+    assert exact.case == layer.case and {"dual", "recovery"} <= set(exact.case)
+    size = layer.x.norm(dim=-1, keepdim=True)
+    assert float(((exact.x - layer.x).abs() / size).max()) < 1e-7
+    torch.testing.assert_close(exact.lam, layer.lam, rtol=1e-6, atol=0)
+    torch.testing.assert_close(exact.nu, layer.nu, rtol=1e-6, atol=1e-7 * float(layer.nu.abs().max()))
+    torch.testing.assert_close(exact.expected_cost_changes, layer.expected_cost_changes, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("m", [2, 3])
+def test_the_exact_dual_meets_the_kkt_conditions(m):
+    """The dual solutions of :func:`solve_dual_active_set` against the definition of optimality, to rounding: the
+    primal step x = (v − Wᵀν)/λ fills the trust region (½xᵀx = δ), meets every constraint with complementary slackness
+    (ν_j ≥ 0, b_j + a_jᵀx ≤ 0, ν_j(b_j + a_jᵀx) = 0), in the problems of the dual case."""
+    v, W, q, r, S, b = random_problems(m, 200, seed=10 + m)
+    case = cpo_direction(v, W, q, r, S, b, DELTA, solver="analytic").case
+    dual = torch.tensor([c == "dual" for c in case])
+    v, W, q, r, S, b = (value[dual] for value in (v, W, q, r, S, b))
+    lam, nu = solve_dual_active_set(q, r, S, b, torch.full_like(q, DELTA))
+    x = (v - (nu.unsqueeze(-1) * W).sum(-2)) / lam.unsqueeze(-1)  # H = I: W = A
+    values = b + (W @ x.unsqueeze(-1)).squeeze(-1)
+    scale = torch.sqrt(2 * DELTA * torch.diagonal(S, dim1=-2, dim2=-1))
+    torch.testing.assert_close(0.5 * (x * x).sum(-1), torch.full_like(q, DELTA), rtol=1e-10, atol=0)
+    assert bool((nu >= 0).all()) and bool((values <= 1e-10 * scale).all())
+    assert float((nu * values / (nu.abs().amax(-1, keepdim=True) + 1) / scale).abs().max()) < 1e-10
 
 
 class TwoCostBandit(gym.Env):
@@ -288,9 +345,9 @@ def test_cpo_with_both_limits_keeps_both_costs_where_one_limit_breaks_the_other(
     assert a_only["cost_a"] <= 3.5 and a_only["cost_b"] >= 8.0, a_only
 
 
-def test_without_cvxpylayers_one_constraint_trains_and_several_name_the_extra():
+def test_without_cvxpylayers_the_exact_solver_trains_and_the_layers_name_the_extra():
     """cvxpy and cvxpylayers are the ``several-costs`` extra: without them (hidden in a fresh interpreter) one cost
-    limit trains with the closed form, and several limits or ``dual_solver='cvxpylayers'`` fail at construction with
+    limit and two limits train with the exact solver, and ``dual_solver='cvxpylayers'`` fails at construction with
     an ImportError naming the extra."""
     import subprocess
     import sys
@@ -303,11 +360,13 @@ from sb3_metacpo import CPO
 from sb3_metacpo.common.cpo_subproblem import import_cvxpylayers
 model = CPO("MlpPolicy", "Toy2DNav", n_steps=100, seed=0, policy_kwargs=dict(net_arch=[8])).learn(200)
 print("one constraint trained", model._n_updates)
-for kwargs in ({"cost_limit": {"cost": 5.0, "cost_hazards": 5.0}}, {"dual_solver": "cvxpylayers"}):
-    try:
-        CPO("MlpPolicy", "Toy2DNav", n_steps=100, **kwargs)
-    except ImportError as error:
-        print("refused:", error)
+limits = {"cost": 5.0, "cost_hazards": 5.0}
+model = CPO("MlpPolicy", "Toy2DNav", n_steps=100, cost_limit=limits, seed=0, policy_kwargs=dict(net_arch=[8])).learn(200)
+print("two constraints trained", model._n_updates)
+try:
+    CPO("MlpPolicy", "Toy2DNav", n_steps=100, dual_solver="cvxpylayers")
+except ImportError as error:
+    print("refused:", error)
 try:
     import_cvxpylayers()
 except ImportError as error:
@@ -316,7 +375,7 @@ except ImportError as error:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert "one constraint trained 2" in lines
+    assert "one constraint trained 2" in lines and "two constraints trained 2" in lines
     refusals = [line for line in lines if line.startswith("refused:")]
-    assert len(refusals) == 2 and all("pip install sb3-metacpo[several-costs]" in line for line in refusals)
+    assert len(refusals) == 1 and all("pip install sb3-metacpo[several-costs]" in line for line in refusals)
     assert any(line.startswith("lazy import:") and "sb3-metacpo[several-costs]" in line for line in lines)

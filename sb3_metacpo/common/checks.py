@@ -9,7 +9,7 @@ from typing import Any
 from sb3_metacpo.common.constraints import CostConstraints
 from sb3_metacpo.common.cpo_update import RECOVERY_RULES
 
-#: ``dual_solver`` values: ``"auto"`` is the closed form for one constraint and the convex program for several.
+#: ``dual_solver`` values: ``"auto"`` is the exact ``"analytic"`` solver up to 8 constraints, the convex program above.
 DUAL_SOLVER_CHOICES = ("auto", "analytic", "cvxpylayers")
 
 

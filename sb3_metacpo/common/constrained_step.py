@@ -59,7 +59,8 @@ class StepConfig:
 
     :ivar target_kl: trust-region size δ (½ xᵀHx ≤ δ; the line search checks the mean KL against it)
     :ivar cg_max_steps: conjugate-gradient iterations for each of H⁻¹g and H⁻¹a_j
-    :ivar dual_solver: ``"analytic"`` (one constraint) or ``"cvxpylayers"`` (any number)
+    :ivar dual_solver: ``"analytic"`` (exact, up to :data:`~sb3_metacpo.common.cpo_subproblem.MAX_ACTIVE_SET_CONSTRAINTS`
+        constraints) or ``"cvxpylayers"`` (the convex program, any number)
     :ivar line_search_max_iter: times the line search may shrink the step
     :ivar line_search_shrinking_factor: the factor it shrinks by
     :ivar s_tol: a cost gradient with a_jᵀH⁻¹a_j ≤ s_tol carries no information (see ``cpo_direction``)

@@ -24,12 +24,14 @@ left out of the problem. Each step falls in one of three cases, named as logged 
   in the span of the w_j, so the program has m + 1 variables (:func:`cpo_recovery_layer`). With a
   ``recovery_margin``, also whenever some informative b_j is above 0 and above its margin (the algorithms'
   ``recovery="violated"`` and ``"confident"``), feasible points or not.
-* ``"dual"``: otherwise; the dual is solved by :func:`solve_dual_analytic` (m = 1 only: the closed form) or by the
-  convex program of :func:`solve_dual_layer` (any m).
+* ``"dual"``: otherwise; the dual is solved exactly (``solver="analytic"``: :func:`solve_dual_analytic`, the closed
+  form, for m = 1; :func:`solve_dual_active_set`, the closed form on each support of ν, for 2 ≤ m ≤
+  :data:`MAX_ACTIVE_SET_CONSTRAINTS`) or by the convex program of :func:`solve_dual_layer` (``"cvxpylayers"``, any m).
 
 For m = 1 the case follows from b and s alone (infeasible iff b > 0 and b²/s > 2δ); for m ≥ 2 a problem is
 infeasible when one constraint alone is, or when the recovery program's optimal largest violation is above
-−``FEASIBILITY_MARGIN``.
+−``FEASIBILITY_MARGIN`` (the recovery program solved exactly by :func:`solve_recovery_active_set`, or by the layer of
+:func:`solve_recovery_layer`).
 
 All functions are plain torch and differentiable (the second-order meta-gradient goes through CG, the Fisher-vector
 products and the dual solution). On finite inputs the dual solvers and :func:`cpo_direction` neither raise nor return
@@ -378,6 +380,160 @@ def solve_recovery_layer(
     return torch.where(informative, mu, torch.zeros_like(mu)), worst.to(dtype).reshape(delta.shape)
 
 
+#: Most constraints the exact active-set solvers take (:func:`solve_dual_active_set`, :func:`solve_recovery_active_set`
+#: enumerate all 2^m supports, one batched Cholesky solve for all of them); ``dual_solver="auto"`` uses the convex
+#: program above this.
+MAX_ACTIVE_SET_CONSTRAINTS = 8
+
+# The dual leaves out a support whose normalised Gram matrix has a Cholesky pivot below this (squared: 1 − cos² of
+# the angle between a constraint's gradient and the span of the others, in the H⁻¹ metric): its constraints are
+# collinear to about 1e-5 rad, and a smaller support (one of the collinear constraints) carries the solution. The
+# recovery program cannot: with gradients whose convex hull holds 0 (a_2 = −a_1, both violated) its optimum is
+# inside the trust region, on a singular support; it adds the layer's jitter (_CHOLESKY_JITTER) instead, which
+# leaves that solution good to ~1e-5 (relative) and every other one unchanged to ~1e-11.
+_MIN_SUPPORT_PIVOT_SQUARED = 1e-10
+
+
+def _supports(m: int, device: torch.device | None) -> torch.Tensor:
+    """Every subset of the m constraints as a boolean mask, shape (2^m, m); row 0 is the empty set."""
+    codes = torch.arange(2**m, device=device)
+    return (codes.unsqueeze(-1) >> torch.arange(m, device=device)) & 1 == 1
+
+
+def _support_solves(
+    gram: torch.Tensor, supports: torch.Tensor, *vectors: torch.Tensor, jitter: float = 0.0
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """(R_AA + jitter·I)⁻¹ v_A for every support A (zero outside A) and whether R_AA is well conditioned (every
+    Cholesky pivot² above :data:`_MIN_SUPPORT_PIVOT_SQUARED`, or, with a jitter, the factorisation succeeded).
+
+    :param gram: R, shape (B, m, m), unit diagonal
+    :param supports: masks, shape (K, m)
+    :param vectors: each of shape (B, m)
+    :return: the solutions, each of shape (K, B, m), and a mask (K, B)
+    """
+    pair = (supports.unsqueeze(-1) & supports.unsqueeze(-2)).unsqueeze(1)  # (K, 1, m, m)
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    matrices = torch.where(pair, gram.unsqueeze(0) + jitter * eye, eye)  # R_AA, the identity outside A
+    with torch.no_grad():
+        factor, info = torch.linalg.cholesky_ex(matrices)
+        pivots = torch.diagonal(factor, dim1=-2, dim2=-1)
+        conditioned = (info == 0) & ((pivots**2 > _MIN_SUPPORT_PIVOT_SQUARED).all(-1) | (jitter > 0))
+    # Ill-conditioned supports are solved with the identity in place of R_AA (finite values and gradients, never
+    # selected); the others are factorised again, now differentiably.
+    factor = torch.linalg.cholesky(torch.where(conditioned.unsqueeze(-1).unsqueeze(-1), matrices, eye))
+    mask = supports.unsqueeze(1).to(gram.dtype)  # (K, 1, m)
+    rhs = torch.stack([torch.broadcast_to(vector, gram.shape[:-1]).unsqueeze(0) * mask for vector in vectors], -1)
+    solutions = torch.cholesky_solve(rhs, factor)
+    return [solutions[..., i] * mask for i in range(len(vectors))], conditioned
+
+
+def _pick(score: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Index (B,) of the best-scoring valid candidate per problem (of all candidates where none is valid)."""
+    score = score.detach()
+    any_valid = valid.any(0, keepdim=True)
+    return torch.where(valid | ~any_valid, score, torch.full_like(score, -torch.inf)).argmax(0)
+
+
+def _take(candidates: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """candidates[index[b], b, ...] for each problem b, differentiably (only the picked candidate gets gradients)."""
+    shape = (1, *index.shape, *candidates.shape[2:])
+    expanded = index.reshape(1, -1, *([1] * (candidates.dim() - 2))).expand(shape)
+    return candidates.gather(0, expanded).squeeze(0)
+
+
+def solve_dual_active_set(
+    q: torch.Tensor,
+    r: torch.Tensor,
+    S: torch.Tensor,
+    b: torch.Tensor,
+    delta: torch.Tensor,
+    informative: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(λ*, ν*) of the CPO dual with m constraints, exactly: the closed form on each support of ν, the best one kept.
+
+    In the normalised problem of :func:`solve_dual_layer` (q = 1, δ = ½, unit-diagonal R, ρ, b̃) maximising over λ
+    first gives λ = √Q(ν) with Q(ν) = 1 − 2ρᵀν + νᵀRν, and the dual becomes the concave g(ν) = −√Q(ν) + b̃ᵀν over
+    ν ≥ 0. On a support A (ν_A > 0, the rest 0) its stationary point is ν_A = R_AA⁻¹(ρ_A + λb̃_A), and substituting
+    it into λ² = Q(ν) gives λ² = (1 − ρ_AᵀR_AA⁻¹ρ_A)/(1 − b̃_AᵀR_AA⁻¹b̃_A): the m = 1 closed form (A/B of
+    :func:`solve_dual_analytic`) on every face. Each of the 2^m candidates, projected onto ν ≥ 0, is a point of the
+    dual, so g at it is a lower bound of the optimum, and the stationary point of the optimal support attains it:
+    the candidate with ν_A ≥ 0 and the largest g is the solution (exact, up to rounding; no solver tolerance).
+    The same floors as the closed form (trust slack at :data:`_MIN_TRUST_SLACK`, λ̃ ≥ √eps) and the same clamps of b̃
+    as the layer, so that the three solve the same problem. Differentiable (autograd through the picked support's
+    formula: the derivative of the solution while the active set does not change, as the layer's). Same arguments and
+    return values as :func:`solve_dual_layer`; m ≤ :data:`MAX_ACTIVE_SET_CONSTRAINTS`.
+    """
+    if informative is None:
+        informative = torch.ones_like(b, dtype=torch.bool)
+    if q.numel() == 0:
+        return torch.zeros_like(q), torch.zeros_like(b)
+    dtype, floor, eps = q.dtype, _floor(q.dtype), torch.finfo(q.dtype).eps
+    q_safe, delta_safe = q.clamp_min(floor), delta.clamp_min(eps)
+    rho, gram, b_scaled, scale = _normalised_terms(q, r, S, b, delta, informative)
+    b_scaled = b_scaled.clamp_max(math.sqrt(1 - _MIN_TRUST_SLACK))
+    supports = _supports(b.shape[-1], b.device)
+    (alpha, beta), conditioned = _support_solves(gram, supports, rho, b_scaled)
+    numerator = (1 - (rho * alpha).sum(-1)).clamp_min(0)  # ≥ 0 by Cauchy-Schwarz; clamp the rounding
+    slack = (1 - (b_scaled * beta).sum(-1)).clamp_min(_MIN_TRUST_SLACK)
+    lam = torch.sqrt(numerator / slack + eps)  # (K, B); the empty support gives 1, the unconstrained (TRPO) λ̃
+    nu = alpha + lam.unsqueeze(-1) * beta  # (K, B, m), zero outside each support
+    with torch.no_grad():
+        point = nu.clamp_min(0)
+        quadratic = 1 - 2 * (rho * point).sum(-1) + (point * (gram @ point.unsqueeze(-1)).squeeze(-1)).sum(-1)
+        value = -torch.sqrt(quadratic.clamp_min(0)) + (b_scaled * point).sum(-1)
+        nonnegative = (nu >= -1e-9 * (1 + nu.abs().amax(-1, keepdim=True))).all(-1)
+        best = _pick(value, conditioned & nonnegative)
+    lam_scaled, nu_scaled = _take(lam, best), _take(nu, best).clamp_min(0)
+    lam = torch.sqrt(q_safe / (2 * delta_safe)) * lam_scaled
+    nu = torch.sqrt(q_safe).unsqueeze(-1) / scale * nu_scaled
+    return lam.clamp_min(floor), torch.where(informative, nu, torch.zeros_like(nu)).to(dtype)
+
+
+def solve_recovery_active_set(
+    S: torch.Tensor,
+    b: torch.Tensor,
+    delta: torch.Tensor,
+    informative: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The recovery program of :func:`cpo_recovery_layer` exactly: the closed form on each set of binding
+    constraints, the best one kept. Same arguments and return values as :func:`solve_recovery_layer`.
+
+    Normalised (R unit-diagonal, b̃_j = b_j/√(2δs_j)): minimise t subject to b̃ + Rμ̃ ≤ t·1 and μ̃ᵀRμ̃ ≤ 1. Its KKT
+    conditions give μ̃ = −y/κ with y ≥ 0, Σy = 1 the multipliers of the binding set A and κ that of the trust region;
+    on A, b̃_A − R_AA y_A/κ = t·1, so y_A = κR_AA⁻¹(b̃_A − t·1), and μ̃ᵀRμ̃ = 1 with Σy = 1 leave the quadratic
+    u t² − 2v t + w − 1 = 0 (u = 1ᵀR_AA⁻¹1, v = 1ᵀR_AA⁻¹b̃_A, w = b̃_AᵀR_AA⁻¹b̃_A), whose root with κ > 0 is
+    t = (v − √(v² − u(w − 1)))/u (for m = 1: t = b̃ − 1, μ̃ = −1, the classic recovery step). Every candidate,
+    shrunk into the trust region if it is outside, is a feasible point, its largest violation an upper bound of t*,
+    and the optimal binding set attains it: the candidate with y_A ≥ 0 and the smallest largest violation is the
+    solution. m ≤ :data:`MAX_ACTIVE_SET_CONSTRAINTS`.
+    """
+    if informative is None:
+        informative = torch.ones_like(b, dtype=torch.bool)
+    if b.shape[0] == 0:
+        return torch.zeros_like(b), torch.zeros_like(delta)
+    dtype, floor = b.dtype, _floor(b.dtype)
+    ones = torch.ones_like(b)
+    _, gram, b_scaled, scale = _normalised_terms(ones[..., 0], torch.zeros_like(b), S, b, delta, informative)
+    supports = _supports(b.shape[-1], b.device)[1:]  # a binding set is never empty (Σy = 1)
+    (gamma, beta), conditioned = _support_solves(gram, supports, ones, b_scaled, jitter=_CHOLESKY_JITTER)
+    mask = supports.unsqueeze(1).to(dtype)
+    u = (gamma * mask).sum(-1)  # ≥ 1 for a non-empty support
+    v = (beta * mask).sum(-1)
+    w = (b_scaled * beta).sum(-1)
+    worst = (v - torch.sqrt((v * v - u * (w - 1)).clamp_min(0) + floor)) / u
+    mu = -(beta - worst.unsqueeze(-1) * gamma)  # (K, B, m): −y/κ, zero outside each support
+    with torch.no_grad():
+        norm = torch.sqrt((mu * (gram @ mu.unsqueeze(-1)).squeeze(-1)).sum(-1).clamp_min(0))
+        point = mu / norm.clamp_min(1).unsqueeze(-1)
+        violation = (b_scaled + (gram @ point.unsqueeze(-1)).squeeze(-1)).amax(-1)
+        nonnegative = (mu <= 1e-9 * (1 + mu.abs().amax(-1, keepdim=True))).all(-1)
+        best = _pick(-violation, conditioned & nonnegative)
+        largest = _take(violation, best)
+    delta_safe = delta.clamp_min(torch.finfo(dtype).eps)
+    mu = torch.sqrt(2 * delta_safe).unsqueeze(-1) / scale * _take(mu, best)
+    return torch.where(informative, mu, torch.zeros_like(mu)), largest
+
+
 @dataclass(frozen=True)
 class SubproblemSolution:
     """The solution of the CPO subproblem (:func:`cpo_direction`); tensors have the batch shape, plus n for ``x`` and
@@ -434,9 +590,12 @@ def cpo_direction(
     :param S: a_jᵀH⁻¹a_k
     :param b: constraint values J_Cj − limit_j, in the units of the cost surrogates (> 0: violated)
     :param delta: trust-region size (½ xᵀHx ≤ δ)
-    :param solver: ``"analytic"`` (the closed form, m ≤ 1 only: about 0.15 ms forward, 0.6 ms forward+backward,
-        whatever B) or ``"cvxpylayers"`` (the convex program of :func:`solve_dual_layer`: about 1 ms forward, 3 ms
-        forward+backward for one problem with m = 1; medians on 2 shared CPU cores, float64)
+    :param solver: ``"analytic"`` (exact, m ≤ :data:`MAX_ACTIVE_SET_CONSTRAINTS`: the closed form for m = 1, about
+        0.15 ms forward, 0.6 ms forward+backward, whatever B; the closed form on each support for m ≥ 2, about 5 ms
+        forward for 200 problems with m = 2 to 4, recovery program included) or ``"cvxpylayers"`` (the convex
+        programs of :func:`solve_dual_layer` and :func:`solve_recovery_layer`: about 1 ms forward, 3 ms
+        forward+backward for one problem with m = 1; 0.2-0.4 s forward for 200 problems with m = 2 to 4; CPU
+        seconds, float64)
     :param s_tol: s_j ≤ s_tol counts as no information on constraint j (a_j ≈ 0, e.g. no cost in the batch): a step
         along a numerically zero w_j would be noise. s has the units of a²/H; adjust if the cost surrogate is scaled.
     :param solver_args: options of the layers, replacing :data:`DEFAULT_LAYER_SOLVER_ARGS`
@@ -476,10 +635,10 @@ def cpo_direction(
     # S = A·Wᵀ from conjugate gradient is symmetric only up to CG's accuracy: use its symmetric part (the layers'
     # Cholesky factorisations read one triangle, and their derivatives assume a symmetric perturbation).
     S = 0.5 * (S + S.transpose(-1, -2))
-    if solver == "analytic" and m > 1:
+    if solver == "analytic" and m > MAX_ACTIVE_SET_CONSTRAINTS:
         raise ValueError(
-            f"the closed-form dual exists only for one constraint, got {m}: use dual_solver='cvxpylayers' "
-            "(or 'auto', which picks it for several constraints)"
+            f"the exact solvers enumerate the 2^m supports of at most {MAX_ACTIVE_SET_CONSTRAINTS} constraints, got "
+            f"{m}: use dual_solver='cvxpylayers' (or 'auto', which picks it for more constraints)"
         )
     floor = _floor(dtype)
     q_safe, delta_safe = q.clamp_min(floor), delta.clamp_min(torch.finfo(dtype).eps)
@@ -501,9 +660,11 @@ def cpo_direction(
     else:
         undecided = ~trpo
         if bool(undecided.any()):
-            mu_sub, worst = solve_recovery_layer(
-                S[undecided], b[undecided], delta[undecided], informative[undecided], solver_args
-            )
+            recovery_terms = (S[undecided], b[undecided], delta[undecided], informative[undecided])
+            if solver == "analytic":
+                mu_sub, worst = solve_recovery_active_set(*recovery_terms)
+            else:
+                mu_sub, worst = solve_recovery_layer(*recovery_terms, solver_args)
             mu = mu.index_put((undecided,), mu_sub)
             infeasible = torch.zeros_like(trpo).index_put((undecided,), worst.detach() > -FEASIBILITY_MARGIN)
             recovery = recovery | infeasible
@@ -512,7 +673,7 @@ def cpo_direction(
     lam = torch.sqrt(q_safe / (2 * delta_safe))
     nu = torch.zeros_like(b)
     if bool(dual.any()):
-        if solver == "analytic":
+        if solver == "analytic" and m == 1:
             # Other cases get a harmless stand-in problem: their (unused) solution would otherwise feed inf·0 = NaN
             # into the gradients of the whole batch (e.g. ν ~ b/s with s = 0).
             one, zero = torch.ones_like(q), torch.zeros_like(q)
@@ -524,7 +685,11 @@ def cpo_direction(
             nu_dual = nu_dual.unsqueeze(-1)
         else:
             # Solve only the dual-case problems, then scatter them back (index_put is differentiable).
-            lam_sub, nu_sub = solve_dual_layer(q[dual], r[dual], S[dual], b[dual], delta[dual], informative[dual], solver_args)
+            dual_terms = (q[dual], r[dual], S[dual], b[dual], delta[dual], informative[dual])
+            if solver == "analytic":
+                lam_sub, nu_sub = solve_dual_active_set(*dual_terms)
+            else:
+                lam_sub, nu_sub = solve_dual_layer(*dual_terms, solver_args)
             lam_dual, nu_dual = lam.index_put((dual,), lam_sub), nu.index_put((dual,), nu_sub)
         lam = torch.where(dual, lam_dual, lam)
         nu = torch.where(dual.unsqueeze(-1), nu_dual, nu)

@@ -19,7 +19,7 @@ from stable_baselines3.common.utils import safe_mean
 
 from sb3_metacpo.common.constrained_step import StepConfig, StepResult
 from sb3_metacpo.common.constraints import CostConstraints
-from sb3_metacpo.common.cpo_subproblem import CVXPYLAYERS_EXTRA, cvxpylayers_available
+from sb3_metacpo.common.cpo_subproblem import CVXPYLAYERS_EXTRA, MAX_ACTIVE_SET_CONSTRAINTS, cvxpylayers_available
 from sb3_metacpo.common.cpo_update import CPOConfig, Params
 from sb3_metacpo.common.serialization import (
     ArchiveError,
@@ -116,14 +116,21 @@ class SafeAlgorithmMixin(ABC):
         distribution = self._get_task_distribution()
         if distribution is not None:
             constraints.check_reported(distribution.cost_names, f"the task family {distribution.name}")
-        if self.dual_solver == "analytic" and len(constraints) > 1:
+        self._check_dual_solver(len(constraints), f"cost_limit names {len(constraints)} costs")
+
+    def _check_dual_solver(self, n_constraints: int, what: str) -> None:
+        """That ``dual_solver`` can solve steps with ``n_constraints`` constraints (``what`` says where they come
+        from), and that cvxpylayers is installed where it is needed."""
+        many = n_constraints > MAX_ACTIVE_SET_CONSTRAINTS
+        if self.dual_solver == "analytic" and many:
             raise ValueError(
-                f"dual_solver='analytic' is the closed form of one constraint; cost_limit names {len(constraints)}: "
-                "use dual_solver='cvxpylayers' or 'auto'"
+                f"dual_solver='analytic' solves at most {MAX_ACTIVE_SET_CONSTRAINTS} constraints exactly; {what}: use "
+                "dual_solver='cvxpylayers' or 'auto'"
             )
-        if (self.dual_solver == "cvxpylayers" or len(constraints) > 1) and not cvxpylayers_available():
-            what = f"cost_limit names {len(constraints)} costs" if len(constraints) > 1 else "dual_solver='cvxpylayers'"
-            raise ImportError(f"{what}, which needs cvxpy and cvxpylayers (not installed): {CVXPYLAYERS_EXTRA}")
+        layers = self.dual_solver == "cvxpylayers" or (self.dual_solver == "auto" and many)
+        if layers and not cvxpylayers_available():
+            reason = what if many else "dual_solver='cvxpylayers'"
+            raise ImportError(f"{reason}, which needs cvxpy and cvxpylayers (not installed): {CVXPYLAYERS_EXTRA}")
 
     # --- the CPO updates --------------------------------------------------------------------------------------
     def _cpo_config(self, target_kl: float, n_constraints: int | None = None) -> CPOConfig:
@@ -132,7 +139,7 @@ class SafeAlgorithmMixin(ABC):
         solver = self.dual_solver
         if solver == "auto":
             count = len(self.constraints) if n_constraints is None else n_constraints
-            solver = "analytic" if count == 1 else "cvxpylayers"
+            solver = "analytic" if count <= MAX_ACTIVE_SET_CONSTRAINTS else "cvxpylayers"
         step = StepConfig(
             target_kl=target_kl,
             cg_max_steps=self.cg_max_steps,

@@ -102,9 +102,11 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):  # type: igno
         ``fvp_sample_freq``; the TRPO paper used 10 % of the data): cheaper conjugate gradient on large batches
     :param line_search_max_iter: backtracking steps of the line search
     :param line_search_shrinking_factor: step shrinking factor of the line search
-    :param dual_solver: ``"auto"`` (default: the closed form for one constraint, the convex program for several),
-        ``"analytic"`` (closed form of the CPO dual, one constraint) or ``"cvxpylayers"`` (the differentiable convex
-        program, any number of constraints); they agree to solver precision
+    :param dual_solver: ``"auto"`` (default: ``"analytic"`` up to 8 constraints, the convex program above),
+        ``"analytic"`` (exact: the closed form of the CPO dual on each set of active constraints, the best kept; up to
+        8 constraints, about 0.2 ms for one, 1-3 ms for a batch with several) or ``"cvxpylayers"`` (the dual as a
+        differentiable convex program solved by SCS, any number of constraints, tens of ms with several; the
+        paper's solver); they agree to the convex solver's precision (~1e-9 relative)
     :param cost_confidence: κ ≥ 0: the constraint value is the upper confidence bound J_C + κ·SE(J_C) over the
         rollout's completed episodes (0, the default: CPO's plain estimate)
     :param recovery: when to take CPO's recovery step (the step that lowers the cost most, ignoring the reward):

@@ -110,10 +110,11 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):  # type: igno
     :param meta_gradient: ``"second_order"`` (exact: differentiate through the inner CPO updates, including
         conjugate gradient and the dual solution) or ``"first_order"`` (inner Jacobian taken as the identity, also in
         the outer line search; cheaper)
-    :param dual_solver: ``"auto"`` (default: the closed form for one constraint, the convex program for several),
-        ``"analytic"`` (closed form of the CPO dual, one constraint only, ~0.1 ms) or ``"cvxpylayers"`` (the dual
-        as a differentiable convex program, any number of constraints, a few ms per solve); they agree to solver
-        precision
+    :param dual_solver: ``"auto"`` (default: ``"analytic"`` up to 8 constraints, the convex program above),
+        ``"analytic"`` (exact: the closed form of the CPO dual on each set of active constraints, the best kept; up to
+        8 constraints, about 0.2 ms for one, 1-3 ms for a batch with several) or ``"cvxpylayers"`` (the dual as a
+        differentiable convex program solved by SCS, any number of constraints, tens of ms with several; the
+        paper's solver); they agree to the convex solver's precision (~1e-9 relative)
     :param meta_constraint: how the outer step's constraints are built from the tasks' adaptation (see
         :mod:`sb3_metacpo.metacpo.meta_objective`): ``"stages"`` (default: per cost, the mean over tasks at every
         stage, θ's own cost and each adapted policy's), ``"stages_cvar"`` (per stage, the mean over the worst
@@ -284,11 +285,8 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):  # type: igno
         self._check_constraints()
         as_python_scalars(self, *_NUMERIC_HYPERPARAMETERS)
         n_outer = len(self.constraints) * (1 if self.meta_constraint == "mean" else self.n_inner_updates + 1)
-        check(
-            not (self._constrained and self.dual_solver == "analytic" and n_outer > 1),
-            f"dual_solver='analytic' solves one constraint, but meta_constraint={self.meta_constraint!r} gives the outer "
-            f"step {n_outer}: use dual_solver='auto' (the closed form wherever one constraint allows it) or 'cvxpylayers'",
-        )
+        if self._constrained:
+            self._check_dual_solver(n_outer, f"meta_constraint={self.meta_constraint!r} gives the outer step {n_outer}")
 
     def _check_sampler(self) -> None:
         check(self.sampler_type in ("local", "ray"), f"sampler must be 'local' or 'ray', got {self.sampler_type!r}")
