@@ -12,13 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from sb3_metacpo.common.conjugate_gradient import (
-    conjugate_gradient,
-    conjugate_gradient_solve,
-    conjugate_gradient_solves,
-    fisher_vector_product_fn,
-    flat_grad,
-)
+from sb3_metacpo.common.conjugate_gradient import conjugate_gradient, fisher_vector_product_fn, flat_grad
 from sb3_metacpo.common.constrained_step import LineSearch, StepConfig
 from sb3_metacpo.common.constrained_step import backtracking_line_search as line_search_m
 from sb3_metacpo.common.cpo_subproblem import CPO_CASES, solve_dual_analytic, solve_dual_cvxpylayers
@@ -151,45 +145,6 @@ def test_conjugate_gradient_zero_rhs_and_early_stop():
     # With an exact-arithmetic solve after n = 4 iterations the residual is ~0: at most 4 (+1 rounding) products.
     conjugate_gradient(matvec, torch.randn(4, dtype=DTYPE), n_iters=50, residual_tol=1e-20)
     assert 4 <= len(calls) <= 5
-
-
-def test_several_systems_are_solved_as_each_alone():
-    """conjugate_gradient_solves against conjugate_gradient_solve per right-hand side, with a batched product whose
-    rows are the one-vector products: the same solutions bit for bit, statuses and iteration counts, also where the
-    systems stop at different iterations (an eigenvector converges in one), one is zero, one meets an indefinite H
-    or a non-finite product; and the products are batched (one call per iteration for all running systems)."""
-    h = random_spd(6, seed=3)
-    eigenvector = torch.linalg.eigh(h).eigenvectors[:, 0]
-    rhs = [torch.randn(6, dtype=DTYPE), eigenvector, torch.zeros(6, dtype=DTYPE), torch.randn(6, dtype=DTYPE)]
-
-    def one(p):
-        return h @ p
-
-    calls = []
-
-    def batched(stack):
-        calls.append(len(stack))
-        return torch.stack([h @ p for p in stack])
-
-    batched.accepts_batches = True
-    results = conjugate_gradient_solves(batched, rhs, n_iters=6, residual_tol=1e-20)
-    for b, result in zip(rhs, results, strict=True):
-        alone = conjugate_gradient_solve(one, b, n_iters=6, residual_tol=1e-20)
-        assert torch.equal(result.x, alone.x) and (result.status, result.iterations) == (alone.status, alone.iterations)
-    assert [r.iterations for r in results[1:3]] == [1, 0] and calls[0] == 3 and calls[1] == 2 and len(calls) == 6
-    # An indefinite H along one right-hand side and a NaN product for another leave the others untouched.
-    indefinite = torch.diag(torch.tensor([1.0, -1.0, 1.0, 1.0, 1.0, 1.0], dtype=DTYPE))
-    unit = torch.eye(6, dtype=DTYPE)
-
-    def faulty(stack):
-        rows = [indefinite @ p if p[1] != 0 and p[0] == 0 else h @ p for p in stack]
-        return torch.stack([row * math.nan if p[5] == 7 else row for row, p in zip(rows, stack, strict=True)])
-
-    faulty.accepts_batches = True
-    special = [unit[1], 7 * unit[5], rhs[0]]
-    results = conjugate_gradient_solves(faulty, special, n_iters=6, residual_tol=1e-20)
-    assert [r.status for r in results] == ["not positive definite", "non-finite", "ok"]
-    assert torch.equal(results[2].x, conjugate_gradient_solve(one, rhs[0], n_iters=6, residual_tol=1e-20).x)
 
 
 def test_conjugate_gradient_is_differentiable():

@@ -9,7 +9,7 @@ import torch as th
 from gymnasium import spaces
 
 from sb3_metacpo.common.conjugate_gradient import flat_grad
-from sb3_metacpo.common.constrained_step import FixedFraction, StepConfig, constrained_step
+from sb3_metacpo.common.constrained_step import StepConfig
 from sb3_metacpo.common.cpo_update import (
     CPOConfig,
     PreparedBatch,
@@ -182,52 +182,6 @@ def test_closed_form_fisher_product_equals_the_double_backward_of_the_kl(net_arc
         products.append((product, th.cat([g.reshape(-1) for g in grads])))
     th.testing.assert_close(products[1][0], products[0][0], rtol=1e-12, atol=1e-12)
     th.testing.assert_close(products[1][1], products[0][1], rtol=1e-10, atol=1e-10)
-
-
-@pytest.mark.parametrize("dtype", [th.float32, th.float64])
-@pytest.mark.parametrize("net_arch", [[8], [64, 64], []])
-def test_a_batch_of_fisher_products_is_the_products_one_by_one_bit_for_bit(net_arch, dtype):
-    """A (k, n) stack through the closed-form Fisher product gives, row by row, exactly the one-vector products (the
-    batched conjugate gradient relies on it to leave every number unchanged), with observation normalisation and
-    the input of every hidden layer carrying a graph as it does in training; only without a graph is it offered
-    to conjugate gradient (accepts_batches)."""
-    th.manual_seed(2)
-    policy = CPOPolicy(
-        spaces.Box(-1, 1, (17,), np.float32),
-        spaces.Box(-1, 1, (6,), np.float32),
-        lambda _: 1e-3,
-        net_arch=net_arch,
-        log_std_init=-0.3,
-    ).to(dtype)
-    policy.update_obs_stats(np.random.default_rng(0).normal(0.5, 2.0, (50, 17)))
-    params = {k: v.detach() for k, v in policy.actor_params().items()}
-    size = sum(p.numel() for p in params.values())
-    for n in (200, 800):
-        obs = th.randn(n, 17, dtype=dtype)
-        fisher = policy.fisher_product(params, obs, 0.1)
-        leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
-        assert fisher.accepts_batches and not policy.fisher_product(leaves, obs, 0.1, create_graph=True).accepts_batches
-        for k in (1, 3):
-            vectors = th.randn(k, size, dtype=dtype)
-            batch = fisher(vectors)
-            for row, vector in zip(batch, vectors, strict=True):
-                assert th.equal(row, fisher(vector))
-
-
-def test_a_constrained_step_is_the_same_with_batched_fisher_products():
-    """One constrained step (two constraints) with the closed-form Fisher product offered in batches and with the same
-    product one vector at a time: the same step, multipliers and case, bit for bit (float32, as trained)."""
-    th.manual_seed(3)
-    policy = CPOPolicy(spaces.Box(-1, 1, (17,), np.float32), spaces.Box(-1, 1, (6,), np.float32), lambda _: 1e-3)
-    params = {k: v.detach() for k, v in policy.actor_params().items()}
-    size = sum(p.numel() for p in params.values())
-    fisher = policy.fisher_product(params, th.randn(400, 17), 0.1)
-    g, A = th.randn(size), th.randn(2, size)
-    b = th.tensor([0.01, -0.02])
-    config = StepConfig(target_kl=0.01)
-    results = [constrained_step(g, A, b, product, config, FixedFraction(1.0)) for product in (fisher, lambda v: fisher(v))]
-    assert th.equal(results[0].step, results[1].step) and results[0].case == results[1].case
-    assert results[0].nu == results[1].nu and results[0].lam == results[1].lam
 
 
 def test_fvp_sample_freq_uses_every_kth_sample_for_the_fisher():

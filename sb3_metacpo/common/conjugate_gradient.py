@@ -50,84 +50,32 @@ def conjugate_gradient_solve(
     :param n_iters: maximum number of iterations
     :param residual_tol: tolerance on the squared residual norm ‖b − Hx‖²
     """
-    return conjugate_gradient_solves(matvec, [b], n_iters, residual_tol)[0]
-
-
-def conjugate_gradient_solves(
-    matvec: Callable[[torch.Tensor], torch.Tensor],
-    rhs: Sequence[torch.Tensor],
-    n_iters: int = 10,
-    residual_tol: float = 1e-10,
-) -> list[CGResult]:
-    """:func:`conjugate_gradient_solve` for each of the k right-hand sides ``rhs`` (one H), with one product per
-    iteration for all the systems still running.
-
-    Every system runs exactly the iterations, checks and arithmetic it would run alone (its dot products one by one,
-    as ``@`` on its own vectors); only the products with H are batched: ``matvec`` gets a (k', n) stack of the
-    running systems' directions when it accepts batches (a ``accepts_batches`` attribute set to True, as the
-    closed-form Fisher product of :meth:`~sb3_metacpo.common.policies.CPOPolicy.fisher_product` has without a
-    graph). A batched product whose rows equal the one-vector products (the closed-form Fisher product's do bit for
-    bit: see its tests) gives every system the result it gets alone. A ``matvec`` that does not accept batches
-    solves the systems one after the other, as separate calls would (with graphs, the order in which they are built
-    is the order in which the backward pass sums their contributions).
-
-    :param matvec: the product with H, (n,) → (n,), or (k', n) → (k', n) when it accepts batches
-    :param rhs: the right-hand sides, each of shape (n,)
-    :return: one :class:`CGResult` per right-hand side, in order
-    """
-    if not getattr(matvec, "accepts_batches", False):
-        return [_solve_together(lambda directions: [matvec(directions[0])], [b], n_iters, residual_tol)[0] for b in rhs]
-    return _solve_together(lambda directions: list(matvec(torch.stack(directions))), rhs, n_iters, residual_tol)
-
-
-def _solve_together(
-    products: Callable[[list[torch.Tensor]], list[torch.Tensor]],
-    rhs: Sequence[torch.Tensor],
-    n_iters: int,
-    residual_tol: float,
-) -> list[CGResult]:
-    """The iterations of :func:`conjugate_gradient_solves`, with ``products`` mapping the running systems'
-    directions to their products with H."""
-    results: list[CGResult | None] = [None] * len(rhs)
-    xs, residuals, directions, squares, stops = [], [], [], [], []
-    for index, b in enumerate(rhs):
-        residual_sq = b @ b
-        xs.append(torch.zeros_like(b))
-        residuals.append(b)
-        directions.append(b)
-        squares.append(residual_sq)
-        if not math.isfinite(residual_sq.item()):
-            results[index] = CGResult(xs[index], "non-finite", 0)
-        # The backward pass divides by squared residuals, which must not underflow: whatever residual_tol says,
-        # stop at ‖r‖²/‖b‖² = tiny^⅓ (3e-103 in float64, 2e-13 in float32), past the convergence of x and of its
-        # derivative.
-        stops.append(max(residual_tol, torch.finfo(b.dtype).tiny ** (1 / 3) * residual_sq.item()))
+    x = torch.zeros_like(b)
+    residual = b
+    direction = b
+    residual_sq = residual @ residual
+    if not math.isfinite(residual_sq.item()):
+        return CGResult(x, "non-finite", 0)
+    # The backward pass divides by squared residuals, which must not underflow: whatever residual_tol says, stop at
+    # ‖r‖²/‖b‖² = tiny^⅓ (3e-103 in float64, 2e-13 in float32), past the convergence of x and of its derivative.
+    stop_at = max(residual_tol, torch.finfo(b.dtype).tiny ** (1 / 3) * residual_sq.item())
     for iteration in range(n_iters):
-        running = []
-        for index in range(len(rhs)):
-            if results[index] is None and not squares[index].item() > stops[index]:
-                results[index] = CGResult(xs[index], "ok", iteration)
-            if results[index] is None:
-                running.append(index)
-        if not running:
-            break
-        for index, h_direction in zip(running, products([directions[index] for index in running]), strict=True):
-            direction, residual, residual_sq = directions[index], residuals[index], squares[index]
-            curvature = direction @ h_direction
-            value = curvature.item()
-            if not (math.isfinite(value) and bool(torch.isfinite(h_direction.detach()).all())):
-                results[index] = CGResult(xs[index], "non-finite", iteration)
-                continue
-            if not value > 0:
-                results[index] = CGResult(xs[index], "not positive definite" if iteration == 0 else "ok", iteration)
-                continue
-            step = residual_sq / curvature
-            xs[index] = xs[index] + step * direction
-            residual = residual - step * h_direction
-            new_residual_sq = residual @ residual
-            directions[index] = residual + (new_residual_sq / residual_sq) * direction
-            residuals[index], squares[index] = residual, new_residual_sq
-    return [CGResult(xs[index], "ok", n_iters) if result is None else result for index, result in enumerate(results)]
+        if not residual_sq.item() > stop_at:
+            return CGResult(x, "ok", iteration)
+        h_direction = matvec(direction)
+        curvature = direction @ h_direction
+        value = curvature.item()
+        if not (math.isfinite(value) and bool(torch.isfinite(h_direction.detach()).all())):
+            return CGResult(x, "non-finite", iteration)
+        if not value > 0:
+            return CGResult(x, "not positive definite" if iteration == 0 else "ok", iteration)
+        step = residual_sq / curvature
+        x = x + step * direction
+        residual = residual - step * h_direction
+        new_residual_sq = residual @ residual
+        direction = residual + (new_residual_sq / residual_sq) * direction
+        residual_sq = new_residual_sq
+    return CGResult(x, "ok", n_iters)
 
 
 def conjugate_gradient(

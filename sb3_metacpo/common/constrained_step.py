@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from sb3_metacpo.common.conjugate_gradient import conjugate_gradient_solves
+from sb3_metacpo.common.conjugate_gradient import conjugate_gradient_solve
 from sb3_metacpo.common.cpo_subproblem import CPO_CASES, DUAL_SOLVERS, RECOVERY, cpo_direction
 from sb3_metacpo.common.profiling import phase
 
@@ -170,8 +170,10 @@ def constrained_step(
     fault = _input_fault(g, A, b)
     if fault is not None:
         return _skipped(g, m, fault)
-    with phase("conjugate_gradient"):  # H⁻¹g and every H⁻¹a_j, with one Fisher product per iteration for all
-        solves = conjugate_gradient_solves(fisher_product, [g, *([] if A is None else A)], config.cg_max_steps)
+    with phase("conjugate_gradient"):
+        solves = [conjugate_gradient_solve(fisher_product, g, config.cg_max_steps)]
+        if A is not None:
+            solves.extend(conjugate_gradient_solve(fisher_product, a, config.cg_max_steps) for a in A)
     statuses = {solve.status for solve in solves}
     if "non-finite" in statuses:
         return _skipped(g, m, "non-finite Fisher product")

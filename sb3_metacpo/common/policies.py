@@ -378,10 +378,7 @@ class CPOPolicy(ActorCriticPolicy):
         one reverse-mode pass through the MLP, written out on activations cached here, about half the cost of the
         double backward of the KL (:func:`~sb3_metacpo.common.cpo_update.fisher_product`, which it equals). With
         ``create_graph`` the products stay differentiable w.r.t. ``params`` (second-order meta-gradient). ``v`` is
-        flat, in the order of ``params``, or a (k, n) stack of k vectors, whose products are computed together (the
-        same operations with a leading dimension k: batched matrix products of the same shapes, whose rows are the
-        one-vector products bit for bit with MKL on x86-64; the function's ``accepts_batches`` attribute tells
-        :func:`~sb3_metacpo.common.conjugate_gradient.conjugate_gradient_solves`).
+        flat, in the order of ``params``.
         """
         prefix = "mlp_extractor.policy_net."
         layers = [f"{prefix}{i}." for i, m in enumerate(self.mlp_extractor.policy_net) if isinstance(m, nn.Linear)]
@@ -408,8 +405,6 @@ class CPOPolicy(ActorCriticPolicy):
         sizes = [value.numel() for value in params.values()]
 
         def fisher_vector_product(vector: th.Tensor) -> th.Tensor:
-            if vector.dim() == 2:
-                return fisher_vector_products(vector)
             with th.set_grad_enabled(create_graph):
                 parts = vector.split(sizes)
                 tangent = {name: part.view_as(value) for (name, value), part in zip(params.items(), parts, strict=True)}
@@ -431,43 +426,6 @@ class CPOPolicy(ActorCriticPolicy):
                         upstream = upstream if slope is None else upstream * slope
                 return th.cat([product[name].reshape(-1) for name in params]) + damping * vector
 
-        def fisher_vector_products(vectors: th.Tensor) -> th.Tensor:
-            """The products of a (k, n) stack: the operations above with a leading dimension k, each one chosen so
-            that row i is bit for bit ``fisher_vector_product(vectors[i])`` (checked by the tests)."""
-            k = len(vectors)
-            with th.set_grad_enabled(create_graph):
-                parts = vectors.split(sizes, dim=-1)
-                tangent = {
-                    name: part.reshape(k, *value.shape) for (name, value), part in zip(params.items(), parts, strict=True)
-                }
-                d_out = None  # shape (k, n, width)
-                for name, layer_input, weight, slope in zip(layers, inputs, weights, slopes, strict=True):
-                    # addmm per vector as nn.functional.linear (th.matmul of the 2-D input with the 3-D tangent may
-                    # take another kernel path, e.g. when the input carries a graph)
-                    linear = th.baddbmm(
-                        tangent[name + "bias"].unsqueeze(-2),
-                        layer_input.expand(k, *layer_input.shape),
-                        tangent[name + "weight"].transpose(-1, -2),
-                    )
-                    d_out = linear if d_out is None else linear + d_out @ weight.T
-                    d_out = d_out if slope is None else d_out * slope
-                assert d_out is not None
-                upstream = d_out * inverse_variance
-                product = {"log_std": 2 * tangent["log_std"]}
-                for index in reversed(range(len(layers))):
-                    # one mm per vector: a batched product of these narrow shapes may sum in another order
-                    product[layers[index] + "weight"] = th.stack([row.T @ inputs[index] for row in upstream])
-                    product[layers[index] + "bias"] = upstream.sum(-2)
-                    if index > 0:
-                        upstream = upstream @ weights[index]
-                        slope = slopes[index - 1]
-                        upstream = upstream if slope is None else upstream * slope
-                return th.cat([product[name].reshape(k, -1) for name in params], dim=-1) + damping * vectors
-
-        # With a graph, a batch's backward would sum the vectors' contributions to the parameters' gradients in one
-        # matrix product instead of one by one: the second-order meta-gradient would change by rounding. One vector
-        # at a time there keeps every number as it was.
-        fisher_vector_product.accepts_batches = not create_graph  # type: ignore[attr-defined]
         return fisher_vector_product
 
     def set_actor_override(self, params: ActorParams | None) -> None:
