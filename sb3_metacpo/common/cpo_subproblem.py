@@ -467,7 +467,7 @@ def solve_dual_active_set(
         informative = torch.ones_like(b, dtype=torch.bool)
     if q.numel() == 0:
         return torch.zeros_like(q), torch.zeros_like(b)
-    dtype, floor, eps = q.dtype, _floor(q.dtype), torch.finfo(q.dtype).eps
+    floor, eps = _floor(q.dtype), torch.finfo(q.dtype).eps
     q_safe, delta_safe = q.clamp_min(floor), delta.clamp_min(eps)
     rho, gram, b_scaled, scale = _normalised_terms(q, r, S, b, delta, informative)
     b_scaled = b_scaled.clamp_max(math.sqrt(1 - _MIN_TRUST_SLACK))
@@ -486,7 +486,7 @@ def solve_dual_active_set(
     lam_scaled, nu_scaled = _take(lam, best), _take(nu, best).clamp_min(0)
     lam = torch.sqrt(q_safe / (2 * delta_safe)) * lam_scaled
     nu = torch.sqrt(q_safe).unsqueeze(-1) / scale * nu_scaled
-    return lam.clamp_min(floor), torch.where(informative, nu, torch.zeros_like(nu)).to(dtype)
+    return lam.clamp_min(floor), torch.where(informative, nu, torch.zeros_like(nu))
 
 
 def solve_recovery_active_set(
@@ -591,11 +591,11 @@ def cpo_direction(
     :param b: constraint values J_Cj − limit_j, in the units of the cost surrogates (> 0: violated)
     :param delta: trust-region size (½ xᵀHx ≤ δ)
     :param solver: ``"analytic"`` (exact, m ≤ :data:`MAX_ACTIVE_SET_CONSTRAINTS`: the closed form for m = 1, about
-        0.15 ms forward, 0.6 ms forward+backward, whatever B; the closed form on each support for m ≥ 2, about 5 ms
-        forward for 200 problems with m = 2 to 4, recovery program included) or ``"cvxpylayers"`` (the convex
-        programs of :func:`solve_dual_layer` and :func:`solve_recovery_layer`: about 1 ms forward, 3 ms
-        forward+backward for one problem with m = 1; 0.2-0.4 s forward for 200 problems with m = 2 to 4; CPU
-        seconds, float64)
+        0.15 ms forward, 0.6 ms forward+backward, whatever B; the closed form on each support for m ≥ 2, recovery
+        program included, about 2.5 ms per call of 1 or 4 dual-case problems with m = 2 or 3, 5-11 ms for 200 with
+        m = 2 to 4) or ``"cvxpylayers"`` (the convex programs of :func:`solve_dual_layer` and
+        :func:`solve_recovery_layer`: about 1 ms forward, 3 ms forward+backward for one problem with m = 1; 5-9 ms
+        per call of 1 or 4 with m = 2 or 3, 0.2-0.4 s for 200 with m = 2 to 4; CPU seconds, float64)
     :param s_tol: s_j ≤ s_tol counts as no information on constraint j (a_j ≈ 0, e.g. no cost in the batch): a step
         along a numerically zero w_j would be noise. s has the units of a²/H; adjust if the cost surrogate is scaled.
     :param solver_args: options of the layers, replacing :data:`DEFAULT_LAYER_SOLVER_ARGS`

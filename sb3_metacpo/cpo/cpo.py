@@ -104,9 +104,9 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):  # type: igno
     :param line_search_shrinking_factor: step shrinking factor of the line search
     :param dual_solver: ``"auto"`` (default: ``"analytic"`` up to 8 constraints, the convex program above),
         ``"analytic"`` (exact: the closed form of the CPO dual on each set of active constraints, the best kept; up to
-        8 constraints, about 0.2 ms for one, 1-3 ms for a batch with several) or ``"cvxpylayers"`` (the dual as a
-        differentiable convex program solved by SCS, any number of constraints, tens of ms with several; the
-        paper's solver); they agree to the convex solver's precision (~1e-9 relative)
+        8 constraints; about 0.5 ms per step with one, 2.5 ms with several) or ``"cvxpylayers"`` (the dual as a
+        differentiable convex program solved by SCS, any number of constraints; 3-10 ms per step, tens of ms where
+        SCS needs many iterations; the paper's solver); they agree to the convex solver's precision (~1e-9 relative)
     :param cost_confidence: κ ≥ 0: the constraint value is the upper confidence bound J_C + κ·SE(J_C) over the
         rollout's completed episodes (0, the default: CPO's plain estimate)
     :param recovery: when to take CPO's recovery step (the step that lowers the cost most, ignoring the reward):

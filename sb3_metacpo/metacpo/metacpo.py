@@ -112,9 +112,9 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):  # type: igno
         the outer line search; cheaper)
     :param dual_solver: ``"auto"`` (default: ``"analytic"`` up to 8 constraints, the convex program above),
         ``"analytic"`` (exact: the closed form of the CPO dual on each set of active constraints, the best kept; up to
-        8 constraints, about 0.2 ms for one, 1-3 ms for a batch with several) or ``"cvxpylayers"`` (the dual as a
-        differentiable convex program solved by SCS, any number of constraints, tens of ms with several; the
-        paper's solver); they agree to the convex solver's precision (~1e-9 relative)
+        8 constraints; about 0.5 ms per step with one, 2.5 ms with several) or ``"cvxpylayers"`` (the dual as a
+        differentiable convex program solved by SCS, any number of constraints; 3-10 ms per step, tens of ms where
+        SCS needs many iterations; the paper's solver); they agree to the convex solver's precision (~1e-9 relative)
     :param meta_constraint: how the outer step's constraints are built from the tasks' adaptation (see
         :mod:`sb3_metacpo.metacpo.meta_objective`): ``"stages"`` (default: per cost, the mean over tasks at every
         stage, θ's own cost and each adapted policy's), ``"stages_cvar"`` (per stage, the mean over the worst
