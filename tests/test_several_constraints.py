@@ -269,6 +269,15 @@ def test_cost_limit_mappings_are_validated_before_any_step():
         cpo_direction(torch.ones(2), torch.ones(m, 2), 1.0, torch.ones(m), torch.eye(m), -torch.ones(m), DELTA)
 
 
+def test_auto_picks_the_exact_solver_up_to_its_limit_and_the_layers_above():
+    model = CPO("MlpPolicy", make_task_distribution("Toy2DNav", seed=0), n_steps=100)
+    solvers = {count: model._cpo_config(0.01, count).step.dual_solver for count in (1, 2, MAX_ACTIVE_SET_CONSTRAINTS)}
+    assert set(solvers.values()) == {"analytic"}
+    assert model._cpo_config(0.01, MAX_ACTIVE_SET_CONSTRAINTS + 1).step.dual_solver == "cvxpylayers"
+    model.dual_solver = "cvxpylayers"
+    assert model._cpo_config(0.01, 2).step.dual_solver == "cvxpylayers"
+
+
 def random_problems(m, count, seed):
     """A batch of ``count`` problems (n = 8) whose cases cover TRPO, dual and recovery: v, W, q, r, S, b."""
     gen = torch.Generator().manual_seed(seed)
