@@ -78,3 +78,14 @@ def test_plain_safety_gymnasium_import_after_sb3_metacpo():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("ok")
+
+
+def test_import_leaves_the_heavy_optional_modules_unloaded():
+    """``import sb3_metacpo`` (in a fresh interpreter) loads none of the modules it needs only later or optionally:
+    scipy.signal (advantages), the solvers of the several-costs extra, safety-gymnasium and MuJoCo (navigation
+    envs), Ray, matplotlib."""
+    heavy = ["scipy.signal", "cvxpy", "cvxpylayers", "safety_gymnasium", "mujoco", "ray", "matplotlib"]
+    code = f"import sys, sb3_metacpo; print([m for m in {heavy!r} if m in sys.modules])"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

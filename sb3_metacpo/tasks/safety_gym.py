@@ -30,7 +30,6 @@ import numpy as np
 
 from sb3_metacpo.tasks.base import ParamRange, Task, TaskDistribution, register_task_distribution
 from sb3_metacpo.tasks.compat import import_safety_gymnasium
-from sb3_metacpo.tasks.fast_step import FastStepMixin, fast_task_class
 
 FAST_RESET = True
 """Whether navigation envs made from now on reuse their compiled MuJoCo model across resets when only poses change.
@@ -413,6 +412,8 @@ def _make_navigation_env(
 
     task_class = _task_classes()[kind]
     if FAST_STEP:
+        from sb3_metacpo.tasks.fast_step import fast_task_class  # imports MuJoCo: only once an env is built
+
         task_class = fast_task_class(task_class)
     fast_reset = FAST_RESET
 
@@ -446,6 +447,8 @@ def fast_standard_env(env: gym.Env) -> gym.Env:
     if not FAST_STEP or "safety_gymnasium" not in sys.modules:
         return env
     from safety_gymnasium.builder import Builder
+
+    from sb3_metacpo.tasks.fast_step import FastStepMixin, fast_task_class
 
     builder = env.unwrapped
     if not isinstance(builder, Builder):
