@@ -269,6 +269,24 @@ def test_cost_limit_mappings_are_validated_before_any_step():
         cpo_direction(torch.ones(2), torch.ones(m, 2), 1.0, torch.ones(m), torch.eye(m), -torch.ones(m), DELTA)
 
 
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+def test_a_constraint_given_twice_gives_the_one_constraint_step(dtype, tol):
+    """a_2 = c·a_1 and b_2 = c·b_1 (e.g. ``cost`` and ``cost_hazards`` on a task whose only cost is hazards): the same
+    step as the constraint alone (the closed form), in float32 as trained and in float64."""
+    gen = torch.Generator().manual_seed(4)
+    for index in range(20):
+        g = torch.randn(50, generator=gen, dtype=torch.float64)
+        a = torch.randn(50, generator=gen, dtype=torch.float64) + 0.5 * g
+        c = 1.0 if index % 2 else 0.5 + 1.5 * float(torch.rand((), generator=gen, dtype=torch.float64))
+        b1 = (1.8 * float(torch.rand((), generator=gen, dtype=torch.float64)) - 0.9) * torch.sqrt(2 * 0.01 * a @ a)
+        g, a, b1 = g.to(dtype), a.to(dtype), b1.to(dtype)
+        A, b = torch.stack([a, c * a]), torch.stack([b1, c * b1])
+        alone = cpo_direction(g, a[None], g @ g, (a @ g)[None], (a @ a).reshape(1, 1), b1[None], 0.01)
+        twice = cpo_direction(g, A, g @ g, A @ g, A @ A.T, b, 0.01)
+        assert twice.case == alone.case
+        assert float((twice.x - alone.x).norm() / alone.x.norm()) < tol
+
+
 def test_auto_picks_the_exact_solver_up_to_its_limit_and_the_layers_above():
     model = CPO("MlpPolicy", make_task_distribution("Toy2DNav", seed=0), n_steps=100)
     solvers = {count: model._cpo_config(0.01, count).step.dual_solver for count in (1, 2, MAX_ACTIVE_SET_CONSTRAINTS)}
