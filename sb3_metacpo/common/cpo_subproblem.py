@@ -44,7 +44,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -54,8 +54,9 @@ import torch
 if TYPE_CHECKING:
     from cvxpylayers.torch import CvxpyLayer
 
-#: What to install for the convex-program layers (several constraints, or ``dual_solver="cvxpylayers"``): with one
-#: constraint the default ``dual_solver="auto"`` uses the closed form and needs neither cvxpy nor cvxpylayers.
+#: What to install for the convex-program layers (``dual_solver="cvxpylayers"``, or more than
+#: :data:`MAX_ACTIVE_SET_CONSTRAINTS` constraints): otherwise the default ``dual_solver="auto"`` solves exactly and needs
+#: neither cvxpy nor cvxpylayers.
 CVXPYLAYERS_EXTRA = "pip install sb3-metacpo[several-costs]"
 
 TRPO, RECOVERY, DUAL = "trpo", "recovery", "dual"
@@ -307,27 +308,54 @@ def solve_dual_layer(
     :param solver_args: diffcp/solver options replacing :data:`DEFAULT_LAYER_SOLVER_ARGS`
     :return: λ of shape (B,) and ν of shape (B, m)
     """
+    return _solve_dual(q, r, S, b, delta, informative, functools.partial(_layer_dual, solver_args=solver_args))
+
+
+#: A solver of the normalised dual (q = 1, δ = ½): (ρ (B, m), R (B, m, m), b̃ (B, m)) ↦ (λ̃ (B,), ν̃ (B, m)).
+NormalisedDual = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+#: A solver of the normalised recovery program: (R (B, m, m), b̃ (B, m)) ↦ (μ̃ (B, m), t* (B,)).
+NormalisedRecovery = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _solve_dual(
+    q: torch.Tensor,
+    r: torch.Tensor,
+    S: torch.Tensor,
+    b: torch.Tensor,
+    delta: torch.Tensor,
+    informative: torch.Tensor | None,
+    solve: NormalisedDual,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What every dual solver shares: the problem scaled to unit size (see :func:`solve_dual_layer`), solved by
+    ``solve``, and scaled back, with the floors on λ and ν = 0 for constraints that are not informative."""
     if informative is None:
         informative = torch.ones_like(b, dtype=torch.bool)
     if q.numel() == 0:
         return torch.zeros_like(q), torch.zeros_like(b)
-    dtype, floor = q.dtype, _floor(q.dtype)
-    q_safe, delta_safe = q.clamp_min(floor), delta.clamp_min(torch.finfo(dtype).eps)
+    floor = _floor(q.dtype)
+    q_safe, delta_safe = q.clamp_min(floor), delta.clamp_min(torch.finfo(q.dtype).eps)
     rho, gram, b_scaled, scale = _normalised_terms(q, r, S, b, delta, informative)
-    b_scaled = b_scaled.clamp_max(math.sqrt(1 - _MIN_TRUST_SLACK))
-    m = b.shape[-1]
-    full = torch.empty((*q.shape, m + 1, m + 1), dtype=dtype, device=q.device)
+    lam_scaled, nu_scaled = solve(rho, gram, b_scaled.clamp_max(math.sqrt(1 - _MIN_TRUST_SLACK)))
+    lam = torch.sqrt(q_safe / (2 * delta_safe)) * lam_scaled
+    nu = torch.sqrt(q_safe).unsqueeze(-1) / scale * nu_scaled
+    return lam.clamp_min(floor), torch.where(informative, nu.clamp_min(0), torch.zeros_like(nu))
+
+
+def _layer_dual(
+    rho: torch.Tensor, gram: torch.Tensor, b_scaled: torch.Tensor, solver_args: Mapping[str, Any] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normalised dual by :func:`cpo_dual_layer` (a :data:`NormalisedDual`)."""
+    m = rho.shape[-1]
+    full = torch.empty((*rho.shape[:-1], m + 1, m + 1), dtype=rho.dtype, device=rho.device)
     full[..., 0, 0] = 1
     full[..., 0, 1:] = -rho
     full[..., 1:, 0] = -rho
     full[..., 1:, 1:] = gram
     upper = _cholesky(full).transpose(-1, -2)
-    args = _layer_args(solver_args, q, r, S, b, delta)
+    args = _layer_args(solver_args, rho, gram, b_scaled)
     # diffcp works in float64; cast there and back (differentiably).
     lam_scaled, nu_scaled = cpo_dual_layer(m)(upper.double(), b_scaled.double(), solver_args=args)
-    lam = torch.sqrt(q_safe / (2 * delta_safe)) * lam_scaled.to(dtype).reshape(q.shape)
-    nu = torch.sqrt(q_safe).unsqueeze(-1) / scale * nu_scaled.to(dtype).reshape(b.shape)
-    return lam.clamp_min(floor), torch.where(informative, nu.clamp_min(0), torch.zeros_like(nu))
+    return lam_scaled.to(rho.dtype).reshape(rho.shape[:-1]), nu_scaled.to(rho.dtype).reshape(rho.shape)
 
 
 def solve_dual_cvxpylayers(
@@ -365,19 +393,34 @@ def solve_recovery_layer(
     :param informative: which constraints take part, shape (B, m) (default: all); the others get μ = 0
     :return: μ of shape (B, m) and t* of shape (B,)
     """
+    return _solve_recovery(S, b, delta, informative, functools.partial(_layer_recovery, solver_args=solver_args))
+
+
+def _solve_recovery(
+    S: torch.Tensor, b: torch.Tensor, delta: torch.Tensor, informative: torch.Tensor | None, solve: NormalisedRecovery
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What every recovery solver shares: the program in normalised units (R, b̃), solved by ``solve``, and μ scaled
+    back, 0 for constraints that are not informative."""
     if informative is None:
         informative = torch.ones_like(b, dtype=torch.bool)
     if b.shape[0] == 0:
         return torch.zeros_like(b), torch.zeros_like(delta)
-    dtype = b.dtype
-    zeros = torch.zeros_like(delta)
-    _, gram, b_scaled, scale = _normalised_terms(zeros + 1, torch.zeros_like(b), S, b, delta, informative)
+    _, gram, b_scaled, scale = _normalised_terms(torch.ones_like(delta), torch.zeros_like(b), S, b, delta, informative)
+    mu_scaled, worst = solve(gram, b_scaled)
+    delta_safe = delta.clamp_min(torch.finfo(b.dtype).eps)
+    mu = torch.sqrt(2 * delta_safe).unsqueeze(-1) / scale * mu_scaled
+    return torch.where(informative, mu, torch.zeros_like(mu)), worst
+
+
+def _layer_recovery(
+    gram: torch.Tensor, b_scaled: torch.Tensor, solver_args: Mapping[str, Any] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normalised recovery program by :func:`cpo_recovery_layer` (a :data:`NormalisedRecovery`)."""
     factor = _cholesky(gram)
-    args = _layer_args(solver_args, S, b, delta)
-    mu_scaled, worst = cpo_recovery_layer(b.shape[-1])(gram.double(), factor.double(), b_scaled.double(), solver_args=args)
-    delta_safe = delta.clamp_min(torch.finfo(dtype).eps)
-    mu = torch.sqrt(2 * delta_safe).unsqueeze(-1) / scale * mu_scaled.to(dtype).reshape(b.shape)
-    return torch.where(informative, mu, torch.zeros_like(mu)), worst.to(dtype).reshape(delta.shape)
+    args = _layer_args(solver_args, gram, b_scaled)
+    layer = cpo_recovery_layer(b_scaled.shape[-1])
+    mu_scaled, worst = layer(gram.double(), factor.double(), b_scaled.double(), solver_args=args)
+    return mu_scaled.to(b_scaled.dtype).reshape(b_scaled.shape), worst.to(b_scaled.dtype).reshape(b_scaled.shape[:-1])
 
 
 #: Most constraints the exact active-set solvers take (:func:`solve_dual_active_set`, :func:`solve_recovery_active_set`
@@ -463,15 +506,14 @@ def solve_dual_active_set(
     formula: the derivative of the solution while the active set does not change, as the layer's). Same arguments and
     return values as :func:`solve_dual_layer`; m ≤ :data:`MAX_ACTIVE_SET_CONSTRAINTS`.
     """
-    if informative is None:
-        informative = torch.ones_like(b, dtype=torch.bool)
-    if q.numel() == 0:
-        return torch.zeros_like(q), torch.zeros_like(b)
-    floor, eps = _floor(q.dtype), torch.finfo(q.dtype).eps
-    q_safe, delta_safe = q.clamp_min(floor), delta.clamp_min(eps)
-    rho, gram, b_scaled, scale = _normalised_terms(q, r, S, b, delta, informative)
-    b_scaled = b_scaled.clamp_max(math.sqrt(1 - _MIN_TRUST_SLACK))
-    supports = _supports(b.shape[-1], b.device)
+    return _solve_dual(q, r, S, b, delta, informative, _active_set_dual)
+
+
+def _active_set_dual(rho: torch.Tensor, gram: torch.Tensor, b_scaled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normalised dual on every support, the best candidate kept (a :data:`NormalisedDual`; see
+    :func:`solve_dual_active_set`)."""
+    eps = torch.finfo(rho.dtype).eps
+    supports = _supports(rho.shape[-1], rho.device)
     (alpha, beta), conditioned = _support_solves(gram, supports, rho, b_scaled)
     numerator = (1 - (rho * alpha).sum(-1)).clamp_min(0)  # ≥ 0 by Cauchy-Schwarz; clamp the rounding
     slack = (1 - (b_scaled * beta).sum(-1)).clamp_min(_MIN_TRUST_SLACK)
@@ -483,10 +525,7 @@ def solve_dual_active_set(
         value = -torch.sqrt(quadratic.clamp_min(0)) + (b_scaled * point).sum(-1)
         nonnegative = (nu >= -1e-9 * (1 + nu.abs().amax(-1, keepdim=True))).all(-1)
         best = _pick(value, conditioned & nonnegative)
-    lam_scaled, nu_scaled = _take(lam, best), _take(nu, best).clamp_min(0)
-    lam = torch.sqrt(q_safe / (2 * delta_safe)) * lam_scaled
-    nu = torch.sqrt(q_safe).unsqueeze(-1) / scale * nu_scaled
-    return lam.clamp_min(floor), torch.where(informative, nu, torch.zeros_like(nu))
+    return _take(lam, best), _take(nu, best).clamp_min(0)
 
 
 def solve_recovery_active_set(
@@ -507,16 +546,17 @@ def solve_recovery_active_set(
     and the optimal binding set attains it: the candidate with y_A ≥ 0 and the smallest largest violation is the
     solution. m ≤ :data:`MAX_ACTIVE_SET_CONSTRAINTS`.
     """
-    if informative is None:
-        informative = torch.ones_like(b, dtype=torch.bool)
-    if b.shape[0] == 0:
-        return torch.zeros_like(b), torch.zeros_like(delta)
-    dtype, floor = b.dtype, _floor(b.dtype)
-    ones = torch.ones_like(b)
-    _, gram, b_scaled, scale = _normalised_terms(ones[..., 0], torch.zeros_like(b), S, b, delta, informative)
-    supports = _supports(b.shape[-1], b.device)[1:]  # a binding set is never empty (Σy = 1)
+    return _solve_recovery(S, b, delta, informative, _active_set_recovery)
+
+
+def _active_set_recovery(gram: torch.Tensor, b_scaled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normalised recovery program on every binding set, the best candidate kept (a :data:`NormalisedRecovery`;
+    see :func:`solve_recovery_active_set`)."""
+    floor = _floor(b_scaled.dtype)
+    supports = _supports(b_scaled.shape[-1], b_scaled.device)[1:]  # a binding set is never empty (Σy = 1)
+    ones = torch.ones_like(b_scaled)
     (gamma, beta), conditioned = _support_solves(gram, supports, ones, b_scaled, jitter=_CHOLESKY_JITTER)
-    mask = supports.unsqueeze(1).to(dtype)
+    mask = supports.unsqueeze(1).to(b_scaled.dtype)
     u = (gamma * mask).sum(-1)  # ≥ 1 for a non-empty support
     v = (beta * mask).sum(-1)
     w = (b_scaled * beta).sum(-1)
@@ -528,10 +568,7 @@ def solve_recovery_active_set(
         violation = (b_scaled + (gram @ point.unsqueeze(-1)).squeeze(-1)).amax(-1)
         nonnegative = (mu <= 1e-9 * (1 + mu.abs().amax(-1, keepdim=True))).all(-1)
         best = _pick(-violation, conditioned & nonnegative)
-        largest = _take(violation, best)
-    delta_safe = delta.clamp_min(torch.finfo(dtype).eps)
-    mu = torch.sqrt(2 * delta_safe).unsqueeze(-1) / scale * _take(mu, best)
-    return torch.where(informative, mu, torch.zeros_like(mu)), largest
+    return _take(mu, best), _take(violation, best)
 
 
 @dataclass(frozen=True)
@@ -640,6 +677,9 @@ def cpo_direction(
             f"the exact solvers enumerate the 2^m supports of at most {MAX_ACTIVE_SET_CONSTRAINTS} constraints, got "
             f"{m}: use dual_solver='cvxpylayers' (or 'auto', which picks it for more constraints)"
         )
+    exact = solver == "analytic"
+    solve_dual = solve_dual_active_set if exact else functools.partial(solve_dual_layer, solver_args=solver_args)
+    solve_recovery = solve_recovery_active_set if exact else functools.partial(solve_recovery_layer, solver_args=solver_args)
     floor = _floor(dtype)
     q_safe, delta_safe = q.clamp_min(floor), delta.clamp_min(torch.finfo(dtype).eps)
     s = torch.diagonal(S, dim1=-2, dim2=-1)
@@ -660,11 +700,7 @@ def cpo_direction(
     else:
         undecided = ~trpo
         if bool(undecided.any()):
-            recovery_terms = (S[undecided], b[undecided], delta[undecided], informative[undecided])
-            if solver == "analytic":
-                mu_sub, worst = solve_recovery_active_set(*recovery_terms)
-            else:
-                mu_sub, worst = solve_recovery_layer(*recovery_terms, solver_args)
+            mu_sub, worst = solve_recovery(S[undecided], b[undecided], delta[undecided], informative[undecided])
             mu = mu.index_put((undecided,), mu_sub)
             infeasible = torch.zeros_like(trpo).index_put((undecided,), worst.detach() > -FEASIBILITY_MARGIN)
             recovery = recovery | infeasible
@@ -685,11 +721,7 @@ def cpo_direction(
             nu_dual = nu_dual.unsqueeze(-1)
         else:
             # Solve only the dual-case problems, then scatter them back (index_put is differentiable).
-            dual_terms = (q[dual], r[dual], S[dual], b[dual], delta[dual], informative[dual])
-            if solver == "analytic":
-                lam_sub, nu_sub = solve_dual_active_set(*dual_terms)
-            else:
-                lam_sub, nu_sub = solve_dual_layer(*dual_terms, solver_args)
+            lam_sub, nu_sub = solve_dual(q[dual], r[dual], S[dual], b[dual], delta[dual], informative[dual])
             lam_dual, nu_dual = lam.index_put((dual,), lam_sub), nu.index_put((dual,), nu_sub)
         lam = torch.where(dual, lam_dual, lam)
         nu = torch.where(dual.unsqueeze(-1), nu_dual, nu)
