@@ -205,3 +205,28 @@ def test_worlds_built_in_threads_keep_their_own_skybox_choice(monkeypatch):
         counts = list(pool.map(first_reset, envs))
     assert counts == [2, 1, 2, 1, 2, 1]
     assert sys.modules["safety_gymnasium.world"].xmltodict is xmltodict
+
+
+def test_worlds_parse_upstreams_assets_once_and_write_the_same_xml(monkeypatch):
+    """A world's build reads upstream's ``configs/assets.yaml`` through a stand-in that parses it once per process and
+    hands each build a deep copy: worlds of several tasks, built one after the other (and built again), write the XML
+    that upstream's build of the same task writes, so no build changed what the next one reads."""
+    import sys
+
+    import yaml
+
+    from sb3_metacpo.tasks.safety_gym import _YamlParsingOnce
+
+    cases = [("PointButtonHazard", {"n_gremlins": 2}), ("PointGoalHazard", {"n_vases": 2}), ("CarCircle", {})]
+    for _ in range(2):
+        for name, options in cases:
+            worlds = []
+            for fast in (True, False):
+                env = make_env(name, fast, monkeypatch, **options)
+                env.reset(seed=0)
+                worlds.append(env.unwrapped.task.world)
+            assert type(worlds[0]).__name__ == "ReusingWorld" and type(worlds[1]).__name__ == "World"
+            assert worlds[0].xml_string == worlds[1].xml_string
+            assert worlds[0].xml == worlds[1].xml
+    assert sys.modules["safety_gymnasium.world"].yaml is yaml  # the stand-in is only there while a world builds
+    assert len(_YamlParsingOnce._parsed) == 1
