@@ -24,6 +24,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check sb3_metacpo tests examples benchmarks
+	$(BIN)/ruff format --check sb3_metacpo tests examples benchmarks
 	$(BIN)/mypy sb3_metacpo
 	$(BIN)/sphinx-build -W -q -b html docs docs/_build/html
 	$(BIN)/python -m pytest tests -ra

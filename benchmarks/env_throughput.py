@@ -106,12 +106,18 @@ def run_physics(env: gym.Env, actions: np.ndarray) -> float:
 
 def fast_step_table(args: argparse.Namespace) -> None:
     names = args.envs or [*NAVIGATION_FAMILIES, *([GREMLINS] if args.n_gremlins else []), *STANDARD_IDS]
-    print(f"Fast step against stock safety-gymnasium: {args.steps} random steps from a seeded reset, best of "
-          f"{args.repeats} (resets at episode ends: 500 steps, 1000 for Goal1/Button1)")
-    print("steps/s with resets | steps/s of step() alone | physics: mj_step x frame skip on the same model"
-          + (" (CPU seconds)" if CLOCK is time.process_time else ""))
-    header = (f"{'env':<32} {'stock':>7} {'ours':>7} {'ratio':>6} | {'stock':>7} {'ours':>7} {'ratio':>6} | "
-              f"{'physics':>8} {'stock/ph':>8} {'ours/ph':>8}")
+    print(
+        f"Fast step against stock safety-gymnasium: {args.steps} random steps from a seeded reset, best of "
+        f"{args.repeats} (resets at episode ends: 500 steps, 1000 for Goal1/Button1)"
+    )
+    print(
+        "steps/s with resets | steps/s of step() alone | physics: mj_step x frame skip on the same model"
+        + (" (CPU seconds)" if CLOCK is time.process_time else "")
+    )
+    header = (
+        f"{'env':<32} {'stock':>7} {'ours':>7} {'ratio':>6} | {'stock':>7} {'ours':>7} {'ratio':>6} | "
+        f"{'physics':>8} {'stock/ph':>8} {'ours/ph':>8}"
+    )
     print(header)
     print("-" * len(header))
     for name in names:
@@ -131,9 +137,11 @@ def fast_step_table(args: argparse.Namespace) -> None:
         step_only = {fast: args.steps / best[fast][0] for fast in best}
         limit = args.steps / physics
         label = name.replace("Gymnasium-v0", " (library)").replace("+gremlins", f" {args.n_gremlins} gremlins")
-        print(f"{label:<32} {total[False]:>7.0f} {total[True]:>7.0f} {total[True] / total[False]:>5.2f}x | "
-              f"{step_only[False]:>7.0f} {step_only[True]:>7.0f} {step_only[True] / step_only[False]:>5.2f}x | "
-              f"{limit:>8.0f} {step_only[False] / limit:>8.2f} {step_only[True] / limit:>8.2f}")
+        print(
+            f"{label:<32} {total[False]:>7.0f} {total[True]:>7.0f} {total[True] / total[False]:>5.2f}x | "
+            f"{step_only[False]:>7.0f} {step_only[True]:>7.0f} {step_only[True] / step_only[False]:>5.2f}x | "
+            f"{limit:>8.0f} {step_only[False] / limit:>8.2f} {step_only[True] / limit:>8.2f}"
+        )
     safety_gym.FAST_STEP = safety_gym.FAST_RESET = True
 
 
@@ -156,17 +164,24 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2000, help="fast-step: random steps per measurement")
     parser.add_argument("--repeats", type=int, default=3, help="fast-step: measurements per env (best is kept)")
     parser.add_argument("--profile", choices=[*NAVIGATION_FAMILIES, *STANDARD_IDS], help="cProfile our env's steps")
-    parser.add_argument("--envs", nargs="+", choices=[*NAVIGATION_FAMILIES, GREMLINS, *STANDARD_IDS],
-                        help="fast-step: only these rows (default: all)")
-    parser.add_argument("--n-gremlins", type=int, default=0,
-                        help=f"fast-step: gremlins of the {GREMLINS} row (shown when > 0)")
+    parser.add_argument(
+        "--envs",
+        nargs="+",
+        choices=[*NAVIGATION_FAMILIES, GREMLINS, *STANDARD_IDS],
+        help="fast-step: only these rows (default: all)",
+    )
+    parser.add_argument(
+        "--n-gremlins", type=int, default=0, help=f"fast-step: gremlins of the {GREMLINS} row (shown when > 0)"
+    )
     parser.add_argument("--cpu-time", action="store_true", help="time in CPU seconds of this process (shared machines)")
     args = parser.parse_args()
     if args.cpu_time:
         global CLOCK
         CLOCK = time.process_time
-    print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-          f"numpy {np.__version__}, mujoco {mujoco.__version__}")
+    print(
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+        f"numpy {np.__version__}, mujoco {mujoco.__version__}"
+    )
     if args.mode in ("fast-step", "all"):
         fast_step_table(args)
     if args.mode in ("sampler", "all"):

@@ -89,8 +89,10 @@ def main() -> None:
     print(f"trained {model.num_timesteps} env steps in all")
 
     evaluations = np.load(os.path.join(args.out, "evals", "evaluations.npz"))
-    print(f"evaluations.npz after the resume: timesteps {evaluations['timesteps'].tolist()}, mean costs "
-          f"{np.round(evaluations['costs'].mean(axis=1), 2).tolist()}, under the limit {evaluations['under_limit'].tolist()}")
+    print(
+        f"evaluations.npz after the resume: timesteps {evaluations['timesteps'].tolist()}, mean costs "
+        f"{np.round(evaluations['costs'].mean(axis=1), 2).tolist()}, under the limit {evaluations['under_limit'].tolist()}"
+    )
     best = os.path.join(args.out, "best", "best_model.zip")
     print(f"best model under the cost limit: {best if os.path.exists(best) else 'none yet (no evaluation under the limit)'}")
     run_folder = model.logger.dir  # tb/MetaCPO_1: the resumed run writes into the same folder
