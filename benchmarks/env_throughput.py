@@ -8,9 +8,12 @@ Two tables, each measured within one run (the machine may be shared: compare rat
   same frame skip on the same model, the same actions) beside them as the limit. Best of ``--repeats`` runs each,
   ours and stock alternating.
 * ``--mode sampler``: every task family through the sampler (DummyVecEnv), resets included.
+* ``--mode resets``: meta-training's task switches and resets (``set_task`` on every env of a 4-env sampler, the first
+  reset, which builds the new world, and a later one), CPU ms per env, ours against upstream's reset.
 
 python benchmarks/env_throughput.py | tee benchmarks/results/env_throughput/env_throughput.txt
 python benchmarks/env_throughput.py --mode sampler --n-envs 2 --families Toy2DNav PointButtonHazard
+python benchmarks/env_throughput.py --mode resets --switches 10
 python benchmarks/env_throughput.py --mode fast-step --profile PointButtonHazard   # cProfile of our step
 python benchmarks/env_throughput.py --mode fast-step --envs SafetyPointButton1Gymnasium-v0 --n-gremlins 3 --cpu-time
 """
@@ -60,6 +63,58 @@ def sampler_table(args: argparse.Namespace) -> None:
         elapsed = CLOCK() - start
         sampler.close()
         print(f"{name:<22} {dist.max_episode_steps:>8} {steps:>8} {elapsed:>8.2f} {steps / elapsed:>9.0f}")
+
+
+def task_switch_costs(name: str, fast: bool, n_envs: int, iterations: int) -> tuple[float, float, float]:
+    """Meta-training's env work besides steps, ms per env (CPU): switching the envs of a ``n_envs``-env sampler to new
+    tasks (``set_task``: upstream's task object, its pinned layout), the first reset after it (a new world: its XML
+    and compile) and a later reset (a new episode of the same task), the mean over ``iterations`` switches after
+    one untimed. ``fast``: ``FAST_RESET`` (and ``FAST_STEP``) on, else upstream's reset."""
+    safety_gym.FAST_STEP = safety_gym.FAST_RESET = fast
+    dist = make_task_distribution(name.split("+")[0], seed=0, **({"n_gremlins": 3} if name == GREMLINS else {}))
+    sampler = RolloutSampler(dist, n_envs=n_envs, seed=0)
+    env = sampler.vec_env
+    totals = np.zeros(3)
+    for iteration in range(iterations + 1):
+        tasks = dist.sample(n_envs)
+        times = [time.process_time()]
+        for index in range(n_envs):
+            env.env_method("set_task", tasks[index], indices=[index])
+        times.append(time.process_time())
+        env.reset()
+        times.append(time.process_time())
+        env.reset()
+        times.append(time.process_time())
+        totals += np.diff(times) * (iteration > 0)
+    sampler.close()
+    ms = totals / iterations / n_envs * 1000
+    return float(ms[0]), float(ms[1]), float(ms[2])
+
+
+def resets_table(args: argparse.Namespace) -> None:
+    print(
+        f"Task switches and resets as meta-training does them: {args.n_envs} envs switched to new tasks, then two resets;"
+        f" CPU ms per env, mean of {args.switches} switches; ours (FAST_RESET) against upstream's reset in one run"
+    )
+    print(f"{'family':<28} {'':>6} {'set_task':>9} {'1st reset':>10} {'2nd reset':>10} {'total':>8}")
+    for name in args.reset_families:
+        rows = {fast: task_switch_costs(name, fast, args.n_envs, args.switches) for fast in (False, True)}
+        for fast in (False, True):
+            costs = rows[fast]
+            print(
+                f"{name if not fast else '':<28} {'ours' if fast else 'stock':>6} "
+                + " ".join(f"{value:>{width}.2f}" for value, width in zip((*costs, sum(costs)), (9, 10, 10, 8), strict=True))
+            )
+        print(
+            f"{'':<28} {'ratio':>6} "
+            + " ".join(
+                f"{a / b:>{width - 1}.1f}x"
+                for a, b, width in zip(
+                    (*rows[False], sum(rows[False])), (*rows[True], sum(rows[True])), (9, 10, 10, 8), strict=True
+                )
+            )
+        )
+    safety_gym.FAST_STEP = safety_gym.FAST_RESET = True
 
 
 def make_env(name: str, fast: bool, n_gremlins: int = 0) -> gym.Env:
@@ -156,9 +211,17 @@ def profile(name: str, steps: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", choices=["fast-step", "sampler", "all"], default="all")
+    parser.add_argument("--mode", choices=["fast-step", "sampler", "resets", "all"], default="all")
     parser.add_argument("--families", nargs="+", default=list_task_distributions(), choices=list_task_distributions())
-    parser.add_argument("--n-envs", type=int, default=1)
+    parser.add_argument("--n-envs", type=int, default=None, help="envs of the sampler (default: sampler 1, resets 4)")
+    parser.add_argument("--switches", type=int, default=5, help="resets: task switches measured")
+    parser.add_argument(
+        "--reset-families",
+        nargs="+",
+        default=[*NAVIGATION_FAMILIES, GREMLINS],
+        choices=[*NAVIGATION_FAMILIES, GREMLINS],
+        help=f"resets: the families ({GREMLINS}: with 3 gremlins)",
+    )
     parser.add_argument("--episodes", type=int, default=2, help="sampler: episodes per env per measurement")
     parser.add_argument("--tasks", type=int, default=2, help="sampler: training tasks measured (one after the other)")
     parser.add_argument("--steps", type=int, default=2000, help="fast-step: random steps per measurement")
@@ -184,9 +247,15 @@ def main() -> None:
     )
     if args.mode in ("fast-step", "all"):
         fast_step_table(args)
+    n_envs = args.n_envs
     if args.mode in ("sampler", "all"):
         print()
+        args.n_envs = n_envs or 1
         sampler_table(args)
+    if args.mode in ("resets", "all"):
+        print()
+        args.n_envs = n_envs or 4
+        resets_table(args)
     if args.profile:
         profile(args.profile, args.steps)
 
