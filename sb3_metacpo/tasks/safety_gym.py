@@ -11,7 +11,7 @@ model instead (:func:`_reusing_world_class`); episodes are bitwise identical to 
 a compile; a world that is never rendered compiles without the skybox (``UNRENDERED_SKYBOX``), ~1 ms instead of
 ~0.27 s, and upstream's asset list (``configs/assets.yaml``) is parsed once per process instead of at every build
 (~7.5 ms). Each reset's layout is drawn by upstream's rejection sampler with its runs of rejected tries batched
-(:mod:`sb3_metacpo.tasks.fast_layout`): the same draws, ~4 ms less per PointGoalHazard reset.
+(:mod:`sb3_metacpo.tasks.fast_layout`): the same draws, a PointGoalHazard reset ~4 → ~1.4 ms.
 
 Upstream's step spends most of its time in Python loops (pseudo-lidar, contact costs, name look-ups). The envs here use
 task classes whose per-step methods compute the same values on arrays (:mod:`sb3_metacpo.tasks.fast_step`,
@@ -260,8 +260,9 @@ def _reusing_world_class() -> type:
         skybox: bool = True
 
         def build(self) -> None:
-            """Upstream's build; a world without ``skybox`` writes its XML (and so compiles its model) without the
-            skybox texture, through a stand-in for ``xmltodict`` in upstream's world module while it builds."""
+            """Upstream's build, with stand-ins in upstream's world module while it builds: ``yaml``, whose asset list
+            is parsed once per process (:class:`_YamlParsingOnce`), and for a world without ``skybox`` ``xmltodict``,
+            which writes its XML (and so compiles its model) without the skybox texture."""
             module = sys.modules[World.__module__]
             with _WORLD_MODULE_LOCK:  # envs built in threads: one stand-in at a time, no world builds beside it
                 xml_module, yaml_module = getattr(module, "xmltodict"), getattr(module, "yaml")  # noqa: B009
@@ -475,7 +476,8 @@ def fast_standard_env(env: gym.Env) -> gym.Env:
     """Give a safety-gymnasium navigation env made from a standard id (``SafetyPointGoal1Gymnasium-v0``, Goal, Button
     and Circle tasks of levels 0-2, Point and Car robots) the fast per-step methods, in place, when ``FAST_STEP`` is
     on, and (with ``FAST_RESET``, before its first reset) the world that moves bodies instead of recompiling when only
-    poses change: every reset of Goal, Button and Circle tasks (random layouts are poses, gremlins' included). Returns
+    poses change: every reset of Goal, Button and Circle tasks (random layouts are poses, gremlins' included), and the
+    layout sampler with batched tries (:mod:`~sb3_metacpo.tasks.fast_layout`, the same draws). Returns
     ``env``. Other envs (other tasks or robots) are returned unchanged; vision or
     natural-lidar variants keep upstream's observation code inside the fast class."""
     if not FAST_STEP or "safety_gymnasium" not in sys.modules:
