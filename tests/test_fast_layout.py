@@ -6,7 +6,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 
-from sb3_metacpo.tasks import make_task_distribution
+from sb3_metacpo.tasks import fast_layout, make_task_distribution
 from sb3_metacpo.tasks.compat import import_safety_gymnasium
 from sb3_metacpo.tasks.fast_layout import fast_layout_class, first_valid_draw
 
@@ -76,9 +76,18 @@ def same_state(first, second):
 
 
 @pytest.mark.parametrize(("name", "config"), list(cases()), ids=[name for name, _ in cases()])
-def test_layouts_and_random_stream_are_upstreams(name, config):
+def test_layouts_and_random_stream_are_upstreams(name, config, monkeypatch):
     config = config()
     attempts = failures = 0
+    blocks = {"accepted": 0, "rejected": 0}  # the blocks after the tries made one by one
+
+    def counted(*args):
+        xy = fast_layout.first_valid_draw.__wrapped__(*args)
+        blocks["accepted" if xy is not None else "rejected"] += 1
+        return xy
+
+    counted.__wrapped__ = fast_layout.first_valid_draw
+    monkeypatch.setattr(fast_layout, "first_valid_draw", counted)
     for seed in range(60):
         stock, fast = generators(config, seed)
         for _ in range(4):  # successive layouts from one stream, as successive resets draw them
@@ -95,6 +104,8 @@ def test_layouts_and_random_stream_are_upstreams(name, config):
         assert stock.random_rot() == fast.random_rot()  # the draws after a layout
     if name in ("PointGoalHazard", "PointButtonHazard with gremlins", "crowded"):
         assert 0 < failures < attempts  # it did cover layouts drawn again (an object rejected 100 times) and kept ones
+    if name in ("SafetyCarButton1", "crowded"):
+        assert blocks["accepted"] > 0 and blocks["rejected"] > 0  # and objects placed by a block, rewound
     assert attempts == 240
 
 
