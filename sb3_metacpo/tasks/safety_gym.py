@@ -11,7 +11,7 @@ model instead (:func:`_reusing_world_class`); episodes are bitwise identical to 
 a compile; a world that is never rendered compiles without the skybox (``UNRENDERED_SKYBOX``), ~1 ms instead of
 ~0.27 s, and upstream's asset list (``configs/assets.yaml``) is parsed once per process instead of at every build
 (~7.5 ms). Each reset's layout is drawn by upstream's rejection sampler with its runs of rejected tries batched
-(:mod:`sb3_metacpo.tasks.fast_layout`): the same draws, a PointGoalHazard reset ~4 → ~1.4 ms.
+(:mod:`sb3_metacpo.tasks.fast_layout`): the same draws, a PointGoalHazard reset ~4 → ~1.2 ms.
 
 Upstream's step spends most of its time in Python loops (pseudo-lidar, contact costs, name look-ups). The envs here use
 task classes whose per-step methods compute the same values on arrays (:mod:`sb3_metacpo.tasks.fast_step`,
