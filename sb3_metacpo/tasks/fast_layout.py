@@ -4,11 +4,10 @@ safety-gymnasium places a world's objects one after the other (``RandomGenerator
 draws per object until one keeps its distance from every object placed before, else the whole layout is drawn again.
 With a task's objects pinned to their locations (the families here) a pinned object whose spot the robot's random
 start took fails all 100 of its draws, every time: a PointGoalHazard reset makes ~900 draws, each a few Python calls
-(~2.6 ms of a ~4 ms reset, which takes ~1.2 ms without those Python calls). An object's first ``SCALAR_TRIES`` tries are made
-one by one in Python floats (:func:`first_try`), and :func:`first_valid_draw` makes the rest as one block from the
-same ``RandomState`` stream and tests them all at once; the generator is then left exactly where upstream's loop
-leaves it (having drawn up to and including the accepted candidate), so every later draw of the episode is
-upstream's.
+(~2.6 ms of a ~4 ms reset, which now takes ~1.2 ms). An object's first ``SCALAR_TRIES`` tries are made one by one
+in Python floats (:func:`first_try`), and :func:`first_valid_draw` makes the rest as one block from the same
+``RandomState`` stream and tests them all at once; the generator is then left exactly where upstream's loop leaves
+it (having drawn up to and including the accepted candidate), so every later draw of the episode is upstream's.
 
 The values are bitwise upstream's (``tests/test_fast_layout.py``): a draw is ``low + (high - low) * u`` for the
 stream's next double ``u`` (``RandomState.uniform``'s arithmetic), and a distance is ``sqrt(dx² + dy²)`` compared with
