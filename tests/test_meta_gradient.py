@@ -184,6 +184,33 @@ def test_closed_form_fisher_product_equals_the_double_backward_of_the_kl(net_arc
     th.testing.assert_close(products[1][1], products[0][1], rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("net_arch", [[8], [8, 6], []])
+@pytest.mark.parametrize("activation_fn", [th.nn.Tanh, th.nn.ReLU])
+@pytest.mark.parametrize("dtype", [th.float32, th.float64])
+def test_fisher_products_without_a_graph_are_those_with_one_bit_for_bit(net_arch, activation_fn, dtype):
+    """Without a graph the products write their (n, width) arrays into buffers kept between calls: the same
+    operations on the same operands, so the same bits as the graph-keeping products, call after call."""
+    th.manual_seed(2)
+    policy = CPOPolicy(
+        spaces.Box(-1, 1, (OBS_DIM,), np.float32),
+        spaces.Box(-1, 1, (ACT_DIM,), np.float32),
+        lambda _: 1e-3,
+        net_arch=net_arch,
+        activation_fn=activation_fn,
+        log_std_init=-0.3,
+    ).to(dtype)
+    policy.update_obs_stats(np.random.default_rng(0).normal(0.5, 2.0, (50, OBS_DIM)))
+    params = {k: v.detach().clone().requires_grad_(True) for k, v in policy.actor_params().items()}
+    obs = 3 * th.randn(N, OBS_DIM, dtype=dtype)
+    buffered = policy.fisher_product(params, obs, 0.1)
+    with_graph = policy.fisher_product(params, obs, 0.1, create_graph=True)
+    for _ in range(3):  # the buffers are reused
+        vector = th.randn(sum(p.numel() for p in params.values()), dtype=dtype)
+        product = buffered(vector)
+        assert not product.requires_grad
+        assert product.numpy().tobytes() == with_graph(vector).detach().numpy().tobytes()
+
+
 def test_fvp_sample_freq_uses_every_kth_sample_for_the_fisher():
     policy = make_policy()
     theta = {k: v.detach().clone() for k, v in policy.actor_params().items()}

@@ -403,8 +403,11 @@ class CPOPolicy(ActorCriticPolicy):
             weights = [params[name + "weight"] for name in layers]
             inverse_variance = (-2 * params["log_std"]).exp() / len(obs)
         sizes = [value.numel() for value in params.values()]
+        buffers: list[th.Tensor] = []  # without a graph: the large per-product arrays, allocated once
 
         def fisher_vector_product(vector: th.Tensor) -> th.Tensor:
+            if not create_graph:
+                return _fisher_vector_product_into(vector)
             with th.set_grad_enabled(create_graph):
                 parts = vector.split(sizes)
                 tangent = {name: part.view_as(value) for (name, value), part in zip(params.items(), parts, strict=True)}
@@ -424,6 +427,39 @@ class CPOPolicy(ActorCriticPolicy):
                         upstream = upstream @ weights[index]
                         slope = slopes[index - 1]
                         upstream = upstream if slope is None else upstream * slope
+                return th.cat([product[name].reshape(-1) for name in params]) + damping * vector
+
+        def _fisher_vector_product_into(vector: th.Tensor) -> th.Tensor:
+            """The same operations on the same operands, writing the (n, width) arrays into ``buffers``."""
+            with th.no_grad():
+                if not buffers:
+                    for weight in weights:  # per layer: J v, the mm term beside it, then the reverse-mode array
+                        buffers.extend(inputs[0].new_empty(len(obs), weight.shape[0]) for _ in range(3))
+                parts = vector.split(sizes)
+                tangent = {name: part.view_as(value) for (name, value), part in zip(params.items(), parts, strict=True)}
+                d_out = None
+                for index, (name, layer_input, weight, slope) in enumerate(zip(layers, inputs, weights, slopes, strict=True)):
+                    out, term = buffers[3 * index], buffers[3 * index + 1]
+                    th.addmm(tangent[name + "bias"], layer_input, tangent[name + "weight"].t(), out=out)  # = linear
+                    if d_out is None:
+                        out.add_(0)
+                    else:
+                        th.mm(d_out, weight.T, out=term)
+                        out.add_(term)
+                    if slope is not None:
+                        out.mul_(slope)
+                    d_out = out
+                assert d_out is not None
+                upstream = th.mul(d_out, inverse_variance, out=buffers[3 * (len(layers) - 1) + 2])
+                product = {"log_std": 2 * tangent["log_std"]}
+                for index in reversed(range(len(layers))):
+                    product[layers[index] + "weight"] = upstream.T @ inputs[index]
+                    product[layers[index] + "bias"] = upstream.sum(0)
+                    if index > 0:
+                        upstream = th.mm(upstream, weights[index], out=buffers[3 * (index - 1) + 2])
+                        slope = slopes[index - 1]
+                        if slope is not None:
+                            upstream.mul_(slope)
                 return th.cat([product[name].reshape(-1) for name in params]) + damping * vector
 
         return fisher_vector_product
