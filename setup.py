@@ -31,6 +31,7 @@ setup(
         "mujoco>=3.3,<3.4",
         "pyyaml",
         "tqdm",
+        "threadpoolctl>=3.1",
         "rich",
     ],
     extras_require={

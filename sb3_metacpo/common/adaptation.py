@@ -30,6 +30,7 @@ from sb3_metacpo.common.cpo_update import CPOConfig, Params, PreparedBatch, cpo_
 from sb3_metacpo.common.envs import make_safe_vec_env
 from sb3_metacpo.common.policies import CPOPolicy, NumpyActor
 from sb3_metacpo.common.rollouts import CollectionStopped, OnStep, RolloutSampler, TaskBatch, VecStep
+from sb3_metacpo.common.threads import with_limited_blas_threads
 from sb3_metacpo.tasks.base import Task, TaskDistribution, make_task_distribution
 
 SelfAdaptable = TypeVar("SelfAdaptable", bound="AdaptationMixin")
@@ -127,6 +128,7 @@ class AdaptationMixin(ABC):
         return self.policy.numpy_actor_sets(stacked, deterministic)
 
     # --- adaptation -------------------------------------------------------------------------------------------
+    @with_limited_blas_threads
     def adapt(
         self: SelfAdaptable,
         env: AdaptationEnv,
@@ -176,6 +178,7 @@ class AdaptationMixin(ABC):
         self.policy.set_actor_override(adapted)
         return self
 
+    @with_limited_blas_threads
     def adaptation_steps(
         self,
         env: AdaptationEnv,
@@ -232,6 +235,7 @@ class AdaptationMixin(ABC):
             )
             yield k, params
 
+    @with_limited_blas_threads
     def evaluate_params(
         self,
         env: AdaptationEnv,

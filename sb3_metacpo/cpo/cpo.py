@@ -40,6 +40,7 @@ from sb3_metacpo.common.rollouts import (
     box_space,
 )
 from sb3_metacpo.common.safe_algorithm import DEFAULT_COST_LIMIT, SafeAlgorithmMixin
+from sb3_metacpo.common.threads import with_limited_blas_threads
 from sb3_metacpo.tasks.base import TaskDistribution, list_task_distributions, make_task_distribution
 from sb3_metacpo.tasks.monitor import episode_cost
 
@@ -420,6 +421,7 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):  # type: igno
         self._record_rollout_costs()
         super().dump_logs(iteration)
 
+    @with_limited_blas_threads
     def learn(
         self: SelfCPO,
         total_timesteps: int,

@@ -46,6 +46,7 @@ from sb3_metacpo.common.profiling import phase
 from sb3_metacpo.common.ray_sampler import RaySampler, RemoteEnvs, check_ray_sampler_options, import_ray
 from sb3_metacpo.common.rollouts import CollectionStopped, RolloutSampler, Sampler, TaskBatch, VecStep
 from sb3_metacpo.common.safe_algorithm import SafeAlgorithmMixin
+from sb3_metacpo.common.threads import with_limited_blas_threads
 from sb3_metacpo.metacpo.meta_objective import META_CONSTRAINT_MODES, MetaObjective, MetaValue, TaskAdaptation
 from sb3_metacpo.tasks.base import Task, TaskDistribution, make_task_distribution
 
@@ -424,6 +425,7 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):  # type: igno
         self._resume_random_streams(reset_num_timesteps)  # after SB3's env reset, which draws episode seeds
         return result
 
+    @with_limited_blas_threads
     def learn(
         self: SelfMetaCPO,
         total_timesteps: int,
