@@ -1,8 +1,8 @@
 """Meta-training throughput against the simulator's limit, with a breakdown of one meta-iteration.
 
-Every time is CPU seconds of this process (``time.process_time``; torch on one thread, envs in-process), so the
-ratios measure what our code costs whatever else the shared machine runs. In one run, on the same M tasks with E
-DummyVecEnv envs per task (``--envs-per-task``, default 1):
+Every time is CPU seconds of this process (``time.process_time``; torch and numpy's BLAS on one thread, envs
+in-process), so the ratios measure what our code costs whatever else the shared machine runs. In one run, on the
+same M tasks with E DummyVecEnv envs per task (``--envs-per-task``, default 1):
 
 1. the limit: random actions on meta-training's env workload (new tasks every iteration, a reset per batch),
    stepping the same VecEnv without any of our code in the loop;
@@ -34,6 +34,7 @@ import numpy as np
 import torch as th
 from sb3_contrib import TRPO
 from stable_baselines3.common.vec_env import DummyVecEnv
+from threadpoolctl import threadpool_limits
 
 from sb3_metacpo import CPO, MetaCPO
 from sb3_metacpo.common.cpo_subproblem import cpo_direction
@@ -240,10 +241,13 @@ def main() -> None:
     )
     args = parser.parse_args()
     th.set_num_threads(1)
+    # numpy's BLAS on one thread for the whole run, as torch: the limit, our learn() (which limits it itself) and
+    # sb3-contrib's alike; with OpenBLAS's default, a second core's busy-waiting would count in some rows only
+    threadpool_limits(limits=1, user_api="blas")
     if args.env_id_only:
         if not args.env_id:
             parser.error("--env-id-only needs --env-id")
-        print(f"{platform.machine()}, {platform.python_version()}, torch {th.__version__} (1 thread)")
+        print(f"{platform.machine()}, {platform.python_version()}, torch {th.__version__} (1 thread), numpy BLAS 1 thread")
         print("\n".join(standard_env_table(args.env_id, args.iterations)))
         return
     dist = make_task_distribution(args.family, seed=0)
@@ -256,7 +260,7 @@ def main() -> None:
     print(
         f"{args.family}: M={args.tasks} tasks x {args.envs_per_task} env(s) (DummyVecEnv), {args.n_steps} steps per "
         f"task batch, K=1, fvp_sample_freq={args.fvp_sample_freq}; "
-        f"{platform.machine()}, {platform.python_version()}, torch {th.__version__} (1 thread); "
+        f"{platform.machine()}, {platform.python_version()}, torch {th.__version__} (1 thread), numpy BLAS 1 thread; "
         "CPU seconds of this process\n"
     )
 
