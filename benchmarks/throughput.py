@@ -15,12 +15,15 @@ same M tasks with E DummyVecEnv envs per task (``--envs-per-task``, default 1):
 4. with ``--scaling``, seconds per meta-iteration as tasks per iteration, inner updates and policy size grow;
 5. with ``--env-id``, CPO and sb3-contrib TRPO on one standard id, both with their defaults (1 env, 2048 steps per
    update), as ratios of the raw env (ours and stock safety-gymnasium), in CPU seconds; ``--env-id-only`` skips the
-   rest.
+   rest;
+6. with ``--blas-threads-only`` (alone), MetaCPO first-order ``learn()`` with numpy's BLAS on all cores against one
+   thread (``sb3_metacpo.common.threads``), in CPU and in wall-clock seconds.
 
     python benchmarks/throughput.py --family PointGoalHazard --scaling --env-id SafetyPointGoal1Gymnasium-v0
     python benchmarks/throughput.py --family HalfCheetahVelocity --scaling
     python benchmarks/throughput.py --family HalfCheetahVelocity --envs-per-task 4 --n-steps 3200
     python benchmarks/throughput.py --family HalfCheetahVelocity --envs-per-task 4 --n-steps 3200 --fvp-sample-freq 4
+    python benchmarks/throughput.py --family PointGoalHazard --iterations 4 --blas-threads-only
 """
 
 from __future__ import annotations
@@ -226,6 +229,38 @@ def breakdown(times: dict[str, float]) -> list[str]:
     return lines
 
 
+def blas_threads_table(args: argparse.Namespace, rounds: int = 3) -> list[str]:
+    """MetaCPO first-order ``learn()`` with numpy's BLAS as OpenBLAS sets it (all cores: ``BLAS_THREADS = None``)
+    and on one thread (the default), in CPU and in wall-clock seconds, median of ``rounds`` alternating rounds."""
+    from threadpoolctl import threadpool_info
+
+    from sb3_metacpo.common import threads
+
+    cores = max(info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas")
+    per_iteration = args.tasks * 2 * args.n_steps
+    speeds: dict[Any, list[tuple[float, float]]] = {None: [], 1: []}
+    for _ in range(rounds):
+        for setting in speeds:
+            threads.BLAS_THREADS = setting
+            model = meta_model(make_task_distribution(args.family, seed=0), args, "first_order")
+            model.learn(per_iteration)  # warm-up
+            cpu, wall = time.process_time(), time.perf_counter()
+            model.learn(per_iteration * args.iterations, reset_num_timesteps=False)
+            steps = per_iteration * args.iterations
+            speeds[setting].append((steps / (time.process_time() - cpu), steps / (time.perf_counter() - wall)))
+    threads.BLAS_THREADS = 1
+    lines = [
+        f"\nMetaCPO first-order learn() on {args.family} with numpy's BLAS on {cores} threads (OpenBLAS's default here) "
+        f"and on 1 (BLAS_THREADS = 1); env steps/s, median of {rounds} alternating rounds:",
+        f"{'':<30} {'CPU seconds':>12} {'wall clock':>11}",
+    ]
+    for setting, label in ((None, f"BLAS on {cores} threads"), (1, "BLAS on 1 thread")):
+        cpu_speed = float(np.median([speed[0] for speed in speeds[setting]]))
+        wall_speed = float(np.median([speed[1] for speed in speeds[setting]]))
+        lines.append(f"{label:<30} {cpu_speed:>12.0f} {wall_speed:>11.0f}")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", default="PointGoalHazard", choices=list_task_distributions())
@@ -239,8 +274,18 @@ def main() -> None:
     parser.add_argument(
         "--fvp-sample-freq", type=int, default=1, help="Fisher products on every k-th sample (TRPO: sub_sampling_factor)"
     )
+    parser.add_argument(
+        "--blas-threads-only",
+        action="store_true",
+        help="only MetaCPO first-order learn() with numpy's BLAS on all cores against one thread (CPU and wall clock)",
+    )
     args = parser.parse_args()
     th.set_num_threads(1)
+    if args.blas_threads_only:
+        args.n_steps = args.n_steps or make_task_distribution(args.family, seed=0).max_episode_steps
+        print(f"{platform.machine()}, {platform.python_version()}, torch {th.__version__} (1 thread)")
+        print("\n".join(blas_threads_table(args)))
+        return
     # numpy's BLAS on one thread for the whole run, as torch: the limit, our learn() (which limits it itself) and
     # sb3-contrib's alike; with OpenBLAS's default, a second core's busy-waiting would count in some rows only
     threadpool_limits(limits=1, user_api="blas")
