@@ -57,8 +57,20 @@ def test_learn_and_adaptation_run_with_one_blas_thread_and_restore_the_setting(t
 
     monkeypatch.setattr(adaptation, "cpo_update", recording_update)
     model = MetaCPO("MlpPolicy", dist, meta_batch_size=2, n_steps=100, seed=0)
-    model.adapt(dist.make_env(dist.unseen_tasks(1)[0]), n_updates=1)
+    task = dist.unseen_tasks(1)[0]
+    model.adapt(task, n_updates=1)
     assert updates == [1]
+    assert blas_threads() == two_blas_threads
+    # a generator: limited while it computes each value, the caller's code in between is not
+    acting = []  # the threads when a collect builds its actor (adaptation batches, evaluation episodes)
+    act_fn = model._act_fn
+    monkeypatch.setattr(model, "_act_fn", lambda *args, **kwargs: (acting.append(blas_threads()), act_fn(*args, **kwargs))[1])
+    between = []
+    for _, params in model.adaptation_steps(task, n_updates=2):
+        between.append(blas_threads())
+        model.evaluate_params(task, params, n_episodes=1)
+    assert updates == [1, 1, 1] and between == [2, 2, 2]
+    assert len(acting) == 5 and set(acting) == {1}  # 2 adaptation batches, 3 evaluations
     assert blas_threads() == two_blas_threads
 
 

@@ -19,6 +19,7 @@ type: OpenBLAS picks its kernels by CPU). ``tests/test_threads.py``.
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar, cast
@@ -47,7 +48,25 @@ def limited_blas_threads() -> Iterator[None]:
 
 
 def with_limited_blas_threads(method: F) -> F:
-    """Run ``method`` inside :func:`limited_blas_threads`."""
+    """Run ``method`` inside :func:`limited_blas_threads`. A generator function runs each of its steps (up to the
+    next value it yields) inside it, so that the caller's own code between two values is left alone."""
+    if inspect.isgeneratorfunction(method):
+
+        @functools.wraps(method)
+        def generator(*args: Any, **kwargs: Any) -> Iterator[Any]:
+            steps = method(*args, **kwargs)
+            try:
+                while True:
+                    with limited_blas_threads():
+                        try:
+                            value = next(steps)
+                        except StopIteration as stop:
+                            return stop.value
+                    yield value
+            finally:
+                steps.close()
+
+        return cast(F, generator)
 
     @functools.wraps(method)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
