@@ -7,7 +7,9 @@ PointGoalHazard meta-training (500-step batches, 2 cores) the second core spun f
 CPU time, for the same wall-clock time, and was not free for anything else (another seed, the envs' workers). So
 ``learn``, ``adapt``, ``adaptation_steps`` and ``evaluate_params`` run with numpy's BLAS limited to ``BLAS_THREADS``
 threads (through ``threadpoolctl``, for the BLAS libraries loaded when the call starts) and restore the previous
-setting afterwards. torch's own threads are left to the user (``torch.set_num_threads``), as in SB3.
+setting afterwards. torch's own threads are left to the user (``torch.set_num_threads``), as in SB3. The setting is
+process-wide: algorithms trained in several Python threads of one process share it (the first to finish restores
+the setting found at its start while the others still run).
 
 The numbers: OpenBLAS's threaded Gram matrix (``features.T @ features``) equals the single-threaded one up to 92
 features here (PointGoalHazard's, CarCircle's, HalfCheetahVelocity's and Toy2DNav's: trained parameters bit for bit
