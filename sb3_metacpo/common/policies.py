@@ -47,6 +47,26 @@ def _torch_on_numpy(module: nn.Module, x: np.ndarray) -> np.ndarray:
     return module(th.from_numpy(x)).numpy()
 
 
+def _linear(x: th.Tensor, weight: th.Tensor, bias: th.Tensor, out: th.Tensor | None) -> th.Tensor:
+    """``linear(x, weight, bias)``, into ``out`` if given (``addmm``, what ``linear`` runs for a 2-D input)."""
+    return nn.functional.linear(x, weight, bias) if out is None else th.addmm(bias, x, weight.t(), out=out)
+
+
+def _mm(a: th.Tensor, b: th.Tensor, out: th.Tensor | None) -> th.Tensor:
+    """``a @ b``, into ``out`` if given."""
+    return a @ b if out is None else th.mm(a, b, out=out)
+
+
+def _add(a: th.Tensor, b: th.Tensor | float, in_place: bool) -> th.Tensor:
+    """``a + b``, into ``a`` if ``in_place``."""
+    return a.add_(b) if in_place else a + b
+
+
+def _mul(a: th.Tensor, b: th.Tensor, in_place: bool) -> th.Tensor:
+    """``a * b``, into ``a`` if ``in_place``."""
+    return a.mul_(b) if in_place else a * b
+
+
 #: A layer of :class:`NumpyActor`: ``(bias (n_sets, 1, out), weightᵀ (n_sets, in, out))`` or an element-wise function.
 NumpyLayer = tuple[np.ndarray, np.ndarray] | Callable[[np.ndarray], np.ndarray]
 
@@ -403,63 +423,37 @@ class CPOPolicy(ActorCriticPolicy):
             weights = [params[name + "weight"] for name in layers]
             inverse_variance = (-2 * params["log_std"]).exp() / len(obs)
         sizes = [value.numel() for value in params.values()]
-        buffers: list[th.Tensor] = []  # without a graph: the large per-product arrays, allocated once
+        # Without a graph (the outer step, first-order inner steps) the (n, width) arrays are written into buffers
+        # allocated at the first product, in place or with out=: the same operations on the same operands, without
+        # fresh pages for every product; with a graph every array is a new tensor.
+        into = not create_graph
+        buffers: list[th.Tensor] = []  # per layer: J v, the mm term beside it, the reverse-mode array
 
         def fisher_vector_product(vector: th.Tensor) -> th.Tensor:
-            if not create_graph:
-                return _fisher_vector_product_into(vector)
             with th.set_grad_enabled(create_graph):
+                if into and not buffers:
+                    buffers.extend(inputs[0].new_empty(len(obs), w.shape[0]) for w in weights for _ in range(3))
+
+                def buffer(index: int) -> th.Tensor | None:
+                    return buffers[index] if into else None
+
                 parts = vector.split(sizes)
                 tangent = {name: part.view_as(value) for (name, value), part in zip(params.items(), parts, strict=True)}
                 d_out = None  # forward mode: J v, layer by layer
-                for name, layer_input, weight, slope in zip(layers, inputs, weights, slopes, strict=True):
-                    d_out = nn.functional.linear(layer_input, tangent[name + "weight"], tangent[name + "bias"]) + (
-                        0 if d_out is None else d_out @ weight.T
-                    )
-                    d_out = d_out if slope is None else d_out * slope
-                assert d_out is not None
-                upstream = d_out * inverse_variance  # reverse mode: Jᵀ diag(σ⁻²) J v / n
-                product = {"log_std": 2 * tangent["log_std"]}
-                for index in reversed(range(len(layers))):
-                    product[layers[index] + "weight"] = upstream.T @ inputs[index]
-                    product[layers[index] + "bias"] = upstream.sum(0)
-                    if index > 0:
-                        upstream = upstream @ weights[index]
-                        slope = slopes[index - 1]
-                        upstream = upstream if slope is None else upstream * slope
-                return th.cat([product[name].reshape(-1) for name in params]) + damping * vector
-
-        def _fisher_vector_product_into(vector: th.Tensor) -> th.Tensor:
-            """The same operations on the same operands, writing the (n, width) arrays into ``buffers``."""
-            with th.no_grad():
-                if not buffers:
-                    for weight in weights:  # per layer: J v, the mm term beside it, then the reverse-mode array
-                        buffers.extend(inputs[0].new_empty(len(obs), weight.shape[0]) for _ in range(3))
-                parts = vector.split(sizes)
-                tangent = {name: part.view_as(value) for (name, value), part in zip(params.items(), parts, strict=True)}
-                d_out = None
                 for index, (name, layer_input, weight, slope) in enumerate(zip(layers, inputs, weights, slopes, strict=True)):
-                    out, term = buffers[3 * index], buffers[3 * index + 1]
-                    th.addmm(tangent[name + "bias"], layer_input, tangent[name + "weight"].t(), out=out)  # = linear
-                    if d_out is None:
-                        out.add_(0)
-                    else:
-                        th.mm(d_out, weight.T, out=term)
-                        out.add_(term)
-                    if slope is not None:
-                        out.mul_(slope)
-                    d_out = out
+                    linear = _linear(layer_input, tangent[name + "weight"], tangent[name + "bias"], buffer(3 * index))
+                    d_out = _add(linear, 0 if d_out is None else _mm(d_out, weight.T, buffer(3 * index + 1)), into)
+                    d_out = d_out if slope is None else _mul(d_out, slope, into)
                 assert d_out is not None
-                upstream = th.mul(d_out, inverse_variance, out=buffers[3 * (len(layers) - 1) + 2])
+                upstream = _mul(d_out, inverse_variance, into)  # reverse mode: Jᵀ diag(σ⁻²) J v / n
                 product = {"log_std": 2 * tangent["log_std"]}
                 for index in reversed(range(len(layers))):
                     product[layers[index] + "weight"] = upstream.T @ inputs[index]
                     product[layers[index] + "bias"] = upstream.sum(0)
                     if index > 0:
-                        upstream = th.mm(upstream, weights[index], out=buffers[3 * (index - 1) + 2])
+                        upstream = _mm(upstream, weights[index], buffer(3 * (index - 1) + 2))
                         slope = slopes[index - 1]
-                        if slope is not None:
-                            upstream.mul_(slope)
+                        upstream = upstream if slope is None else _mul(upstream, slope, into)
                 return th.cat([product[name].reshape(-1) for name in params]) + damping * vector
 
         return fisher_vector_product
