@@ -156,11 +156,8 @@ def test_first_order_meta_gradient_is_the_post_adaptation_gradient():
     assert float((exact - meta_grad).norm() / exact.norm()) > 1e-2
 
 
-@pytest.mark.parametrize("net_arch", [[8], [8, 6], []])
-@pytest.mark.parametrize("activation_fn", [th.nn.Tanh, th.nn.ReLU])
-def test_closed_form_fisher_product_equals_the_double_backward_of_the_kl(net_arch, activation_fn):
-    """Products and their derivatives w.r.t. the parameters (second order), with observation normalisation."""
-    th.manual_seed(1)
+def normalising_policy(net_arch, activation_fn, dtype, **kwargs):
+    """A policy with observation normalisation fitted to off-centre observations, in ``dtype``."""
     policy = CPOPolicy(
         spaces.Box(-1, 1, (OBS_DIM,), np.float32),
         spaces.Box(-1, 1, (ACT_DIM,), np.float32),
@@ -168,9 +165,18 @@ def test_closed_form_fisher_product_equals_the_double_backward_of_the_kl(net_arc
         net_arch=net_arch,
         activation_fn=activation_fn,
         log_std_init=-0.3,
-        clip_observations=1.0,
-    ).double()
+        **kwargs,
+    ).to(dtype)
     policy.update_obs_stats(np.random.default_rng(0).normal(0.5, 2.0, (50, OBS_DIM)))
+    return policy
+
+
+@pytest.mark.parametrize("net_arch", [[8], [8, 6], []])
+@pytest.mark.parametrize("activation_fn", [th.nn.Tanh, th.nn.ReLU])
+def test_closed_form_fisher_product_equals_the_double_backward_of_the_kl(net_arch, activation_fn):
+    """Products and their derivatives w.r.t. the parameters (second order), with observation normalisation."""
+    th.manual_seed(1)
+    policy = normalising_policy(net_arch, activation_fn, th.float64, clip_observations=1.0)
     obs = 3 * th.randn(N, OBS_DIM, dtype=th.float64)  # many normalised values clipped
     vector = th.randn(sum(p.numel() for p in policy.actor_params().values()), dtype=th.float64)
     products = []
@@ -191,15 +197,7 @@ def test_fisher_products_without_a_graph_are_those_with_one_bit_for_bit(net_arch
     """Without a graph the products write their (n, width) arrays into buffers kept between calls: the same
     operations on the same operands, so the same bits as the graph-keeping products, call after call."""
     th.manual_seed(2)
-    policy = CPOPolicy(
-        spaces.Box(-1, 1, (OBS_DIM,), np.float32),
-        spaces.Box(-1, 1, (ACT_DIM,), np.float32),
-        lambda _: 1e-3,
-        net_arch=net_arch,
-        activation_fn=activation_fn,
-        log_std_init=-0.3,
-    ).to(dtype)
-    policy.update_obs_stats(np.random.default_rng(0).normal(0.5, 2.0, (50, OBS_DIM)))
+    policy = normalising_policy(net_arch, activation_fn, dtype)
     params = {k: v.detach().clone().requires_grad_(True) for k, v in policy.actor_params().items()}
     obs = 3 * th.randn(N, OBS_DIM, dtype=dtype)
     buffered = policy.fisher_product(params, obs, 0.1)
