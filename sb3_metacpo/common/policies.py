@@ -7,6 +7,7 @@ Observation normalisation statistics live in the policy's buffers, so they trave
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -20,9 +21,13 @@ from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
 from torch import nn
 from torch.func import functional_call
 
+from sb3_metacpo.common.flat_adam import FlatAdam, pack_parameters, packed_view
+
 ActorParams = dict[str, th.Tensor]
 
 _ACTOR_PREFIXES = ("mlp_extractor.policy_net.", "action_net.", "log_std")
+#: index of ``optimizer_class`` among ``ActorCriticPolicy``'s positional arguments after ``lr_schedule``
+_OPTIMIZER_CLASS_ARG = list(inspect.signature(ActorCriticPolicy.__init__).parameters).index("optimizer_class") - 4
 
 
 #: numpy versions of common activations for :meth:`CPOPolicy.numpy_actor` (others run through torch, a bit slower).
@@ -237,6 +242,10 @@ class CPOPolicy(ActorCriticPolicy):
             raise TypeError(f"CPOPolicy needs a Box (continuous) action space, got {action_space}")
         if not isinstance(observation_space, spaces.Box) or len(observation_space.shape) != 1:
             raise TypeError(f"CPOPolicy needs a flat Box observation space, got {observation_space}")
+        if len(args) <= _OPTIMIZER_CLASS_ARG:  # not given positionally: FlatAdam unless given by name
+            kwargs.setdefault("optimizer_class", FlatAdam)
+            if kwargs["optimizer_class"] is FlatAdam and kwargs.get("optimizer_kwargs") is None:
+                kwargs["optimizer_kwargs"] = {"eps": 1e-5}  # what SB3 gives torch's Adam when no kwargs are given
         if kwargs.get("use_sde", False):
             raise ValueError("gSDE is not supported by CPOPolicy: the CPO step needs a diagonal Gaussian actor")
         self.normalize_observations = normalize_observations
@@ -283,8 +292,17 @@ class CPOPolicy(ActorCriticPolicy):
             for module in self.cost_mlp.modules():
                 if isinstance(module, nn.Linear):
                     module.reset_parameters()
+        self._pack_critics()
         # SB3 types optimizer_class as the abstract Optimizer, whose __init__ takes no lr (SB3 ignores it the same way)
         self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)  # type: ignore[call-arg]
+
+    def _pack_critics(self) -> None:
+        """The critics' parameters (everything but the actor) in one storage, in parameter order, if they are not
+        (after construction, or a ``copy.deepcopy`` of the policy): :class:`FlatAdam` then updates them with one set
+        of operations per minibatch, torch's Adam bit for bit."""
+        critics = [p for name, p in self.named_parameters() if not name.startswith(_ACTOR_PREFIXES)]
+        if critics and packed_view(critics) is None:
+            pack_parameters(critics)
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
         data = super()._get_constructor_parameters()
@@ -484,6 +502,7 @@ class CPOPolicy(ActorCriticPolicy):
         cost_targets = cost_targets.reshape(len(observations), self.n_costs)
         if not (th.isfinite(reward_targets).all() and th.isfinite(cost_targets).all()):
             raise ValueError("non-finite critic targets: the critics were left unchanged")
+        self._pack_critics()
         self.set_training_mode(True)
         losses = []
         for _ in range(n_epochs):

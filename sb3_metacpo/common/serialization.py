@@ -74,10 +74,11 @@ def _register_defaults() -> None:
     from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
 
     from sb3_metacpo.common.envs import LeanDummyVecEnv, ReportingSubprocVecEnv
+    from sb3_metacpo.common.flat_adam import FlatAdam
     from sb3_metacpo.common.policies import CPOPolicy
 
     activations = (th.nn.Tanh, th.nn.ReLU, th.nn.ELU, th.nn.LeakyReLU, th.nn.SiLU, th.nn.GELU, th.nn.Sigmoid)
-    optimizers = (th.optim.Adam, th.optim.AdamW, th.optim.SGD, th.optim.RMSprop)
+    optimizers = (FlatAdam, th.optim.Adam, th.optim.AdamW, th.optim.SGD, th.optim.RMSprop)
     vec_envs = (DummyVecEnv, LeanDummyVecEnv, SubprocVecEnv, ReportingSubprocVecEnv)
     for cls in (CPOPolicy, FlattenExtractor, *vec_envs, *activations, *optimizers):
         register_class(cls)
