@@ -198,3 +198,21 @@ def test_cost_critic_matches_monte_carlo_cost_to_go():
     # ... and the critic approaches it (the start value stays at 10, where bootstrapping made it grow without bound).
     _, predicted = model.policy.critic_values(np.zeros((len(times), 1), np.float32), times / LateCostEnv.horizon)
     assert np.abs(predicted[:, 0] - monte_carlo).max() < 1.5, np.round(predicted[:, 0], 2)
+
+
+def test_reward_critic_sees_normalised_observations_like_the_rest():
+    """SB3's predict_values runs the base class's feature extraction, which skipped the policy's observation
+    normalisation: the reward critic saw raw observations while the actor, the cost critic and forward() saw
+    normalised ones. All of them normalise now (the definition written out as the oracle)."""
+    model = CPO("MlpPolicy", gym.wrappers.TimeLimit(CostlyBandit(), 10), **SMALL)
+    policy = model.policy
+    with th.no_grad():
+        policy.obs_mean.fill_(50.0)
+        policy.obs_var.fill_(400.0)
+        obs = th.linspace(-100.0, 300.0, 9).reshape(-1, 1)
+        normalised = th.clamp((obs - 50.0) / th.sqrt(th.tensor(400.0) + 1e-8), -10.0, 10.0)
+        expected = policy.value_net(policy.mlp_extractor.forward_critic(normalised))
+        assert th.equal(policy.predict_values(obs), expected)
+        assert th.equal(policy.forward(obs)[1], expected)
+        values, _ = policy.critic_values(obs.numpy(), np.zeros(len(obs)))
+        np.testing.assert_array_equal(values, expected.numpy().reshape(-1))

@@ -517,6 +517,12 @@ class CPOPolicy(ActorCriticPolicy):
         self.set_training_mode(False)
         return float(np.mean(losses))
 
+    def predict_values(self, obs: PyTorchObs) -> th.Tensor:
+        """Reward-value estimates, shape (n, 1), of normalised observations (SB3's ``predict_values`` calls the base
+        class's feature extraction, which would skip the normalisation the actor and the cost critic get)."""
+        features = self.extract_features(obs, self.vf_features_extractor)
+        return self.value_net(self.mlp_extractor.forward_critic(features))
+
     def predict_costs(self, obs: th.Tensor, time_fractions: th.Tensor) -> th.Tensor:
         """Cost-value estimates (expected cost to the end of the episode), shape (n, n_costs); ``time_fractions``:
         each observation's time within its episode, step / episode length, shape (n,)."""
