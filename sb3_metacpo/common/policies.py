@@ -504,12 +504,16 @@ class CPOPolicy(ActorCriticPolicy):
             raise ValueError("non-finite critic targets: the critics were left unchanged")
         self._pack_critics()
         self.set_training_mode(True)
+        # The critics' inputs once for all samples: normalisation and concatenation are element-wise, so a minibatch's
+        # rows are the values predict_values / predict_costs would compute from its observations
+        with th.no_grad():
+            features = self.extract_features(observations, self.vf_features_extractor)
+            cost_inputs = self._cost_inputs(features, time_fractions)
         losses = []
         for _ in range(n_epochs):
             for indices in th.randperm(len(observations), device=observations.device).split(batch_size):
-                obs = observations[indices]
-                loss = nn.functional.mse_loss(self.predict_values(obs).flatten(), reward_targets[indices])
-                loss = loss + nn.functional.mse_loss(self.predict_costs(obs, time_fractions[indices]), cost_targets[indices])
+                loss = nn.functional.mse_loss(self._values_of(features[indices]).flatten(), reward_targets[indices])
+                loss = loss + nn.functional.mse_loss(self._costs_of(cost_inputs[indices]), cost_targets[indices])
                 self.optimizer.zero_grad()
                 loss.backward()
                 self.optimizer.step()
@@ -520,15 +524,26 @@ class CPOPolicy(ActorCriticPolicy):
     def predict_values(self, obs: PyTorchObs) -> th.Tensor:
         """Reward-value estimates, shape (n, 1), of normalised observations (SB3's ``predict_values`` calls the base
         class's feature extraction, which would skip the normalisation the actor and the cost critic get)."""
-        features = self.extract_features(obs, self.vf_features_extractor)
-        return self.value_net(self.mlp_extractor.forward_critic(features))
+        return self._values_of(self.extract_features(obs, self.vf_features_extractor))
 
     def predict_costs(self, obs: th.Tensor, time_fractions: th.Tensor) -> th.Tensor:
         """Cost-value estimates (expected cost to the end of the episode), shape (n, n_costs); ``time_fractions``:
         each observation's time within its episode, step / episode length, shape (n,)."""
         features = self.extract_features(obs, self.vf_features_extractor)
-        time = time_fractions.reshape(-1, 1).to(features.dtype)
-        return self.cost_value_net(self.cost_mlp(th.cat([features, time], dim=-1)))
+        return self._costs_of(self._cost_inputs(features, time_fractions))
+
+    def _values_of(self, features: th.Tensor) -> th.Tensor:
+        """The reward critic on (normalised) features."""
+        return self.value_net(self.mlp_extractor.forward_critic(features))
+
+    @staticmethod
+    def _cost_inputs(features: th.Tensor, time_fractions: th.Tensor) -> th.Tensor:
+        """The cost critic's input: the features and the time within the episode."""
+        return th.cat([features, time_fractions.reshape(-1, 1).to(features.dtype)], dim=-1)
+
+    def _costs_of(self, cost_inputs: th.Tensor) -> th.Tensor:
+        """The cost critic on its inputs (:meth:`_cost_inputs`)."""
+        return self.cost_value_net(self.cost_mlp(cost_inputs))
 
     @th.no_grad()
     def critic_values(self, observations: np.ndarray, time_fractions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
