@@ -58,6 +58,22 @@ def test_packed_step_is_torch_adam(dtype: th.dtype, kwargs: dict) -> None:
     assert flat.state[b[0]]["step"].item() == 6 and flat.state[b[2]]["step"].item() == 5
 
 
+def test_many_sizes_and_alignments() -> None:
+    """Tensors of random sizes put every element at some point of a vector block or a tail, in one and the other."""
+    gen = th.Generator().manual_seed(7)
+    for _ in range(25):
+        sizes = th.randint(1, 300, (int(th.randint(2, 9, (), generator=gen)),), generator=gen).tolist()
+        values = [th.randn(size, generator=gen) for size in sizes]
+        a, b = [th.nn.Parameter(v.clone()) for v in values], [th.nn.Parameter(v.clone()) for v in values]
+        pack_parameters(b)
+        reference, flat = th.optim.Adam(a, eps=1e-5), FlatAdam(b, eps=1e-5)
+        for step in range(3):
+            set_grads(a, b, step)
+            reference.step()
+            flat.step()
+        assert_same(reference, flat, a, b)
+
+
 def test_one_set_path_runs() -> None:
     """The state of packed parameters is packed too (the path under test is the flat one, not torch's)."""
     a, b = twin_parameters()

@@ -5,9 +5,11 @@ critics' 12 tensors make 84 operations of a few microseconds each per 128-sample
 training step. :class:`FlatAdam` runs the same operations, with the same scalars, once over all of a group's
 parameters when they lie one after another in one storage (:func:`pack_parameters` lays them out so;
 :class:`~sb3_metacpo.common.policies.CPOPolicy` packs its critics at construction). Adam's arithmetic is
-element-wise, so each element gets the same floating-point operations on the same operands either way (tested
-against ``torch.optim.Adam``). Anything else (other options, parameters not packed, tensors at different step counts,
-a closure) runs torch's own step.
+element-wise, so each element gets the same floating-point operations on the same operands either way, provided
+torch's CPU kernels compute an element alike wherever it falls (in a vectorised block or a tensor's tail): the
+tests check that against ``torch.optim.Adam`` on tensors of several sizes and shapes, float32 and float64. Anything
+else (other options, other devices, parameters not packed, tensors at different step counts, a closure) runs
+torch's own step.
 
 The state is torch's: per parameter ``step``, ``exp_avg`` and ``exp_avg_sq`` (views into one buffer per group), so
 ``state_dict`` and ``load_state_dict`` are ``torch.optim.Adam``'s and archives move between the two classes.
@@ -114,8 +116,8 @@ class FlatAdam(th.optim.Adam):
 
     The one-set path runs for groups with Adam's defaults besides ``lr``, ``betas`` and ``eps`` (no weight decay,
     ``amsgrad``, ``maximize``, ``foreach``, ``fused``, ``capturable`` or ``differentiable``), float learning rate
-    and betas, dense real gradients, and parameters with gradients that are packed and all at the same step count;
-    any other step is torch's own.
+    and betas, dense real gradients, and parameters with gradients that are packed, on the CPU (where torch's
+    default is its single-tensor Adam) and all at the same step count; any other step is torch's own.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -191,7 +193,8 @@ class FlatAdam(th.optim.Adam):
         """A plan for ``params``, with their state packed into flat buffers (torch's lazy initialisation when they
         have none); None when they are not packed or their state cannot be."""
         flat_params = packed_view(params)
-        if flat_params is None:
+        if flat_params is None or flat_params.device.type != "cpu":
+            # elsewhere (CUDA...) torch's default is its multi-tensor Adam, which this does not reproduce
             return None
         states = [self.state[p] for p in params]
         if all(len(state) == 0 for state in states):
