@@ -213,7 +213,10 @@ class CPOPolicy(ActorCriticPolicy):
     """Actor-critic policy for CPO-style algorithms (SB3 ``ActorCriticPolicy`` plus a cost critic).
 
     All of ``ActorCriticPolicy``'s arguments (``net_arch``, ``activation_fn``, ``log_std_init``, ``ortho_init``...)
-    work through ``policy_kwargs``. The cost critic copies the reward critic's architecture.
+    work through ``policy_kwargs``. The cost critic copies the reward critic's architecture. The critics' optimiser
+    defaults to :class:`~sb3_metacpo.common.flat_adam.FlatAdam` (torch's Adam bit for bit, with SB3's ``eps=1e-5``
+    when no ``optimizer_kwargs`` are given, as SB3 does for Adam), over the critics' parameters packed into one
+    storage; ``optimizer_class`` and ``optimizer_kwargs`` choose another.
 
     :param normalize_observations: normalise observations with running mean/std statistics (clipped to
         ``[-clip_observations, clip_observations]``); the algorithms update them from the collected data.
