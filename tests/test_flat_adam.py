@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import torch as th
@@ -41,19 +44,44 @@ def set_grads(a: list, b: list, step: int, skip: tuple[int, ...] = ()) -> None:
         q.grad = None if index in skip else grad.clone()
 
 
+@dataclass
+class Twins:
+    """Torch's Adam on parameters ``a`` and FlatAdam on equal parameters ``b`` (packed unless told not to)."""
+
+    a: list
+    b: list
+    reference: th.optim.Adam
+    flat: FlatAdam
+
+    @classmethod
+    def make(cls, a: list | None = None, b: list | None = None, pack: bool = True, **kwargs: Any) -> Twins:
+        if a is None or b is None:
+            a, b = twin_parameters()
+        if pack:
+            pack_parameters(b)
+        return cls(a, b, th.optim.Adam(a, **kwargs), FlatAdam(b, **kwargs))
+
+    def run(self, steps: Iterable[int], check_each: bool = False, skip_at: dict[int, tuple[int, ...]] | None = None) -> None:
+        """Both optimisers' steps on the same gradients (``set_grads`` of each step number)."""
+        for step in steps:
+            set_grads(self.a, self.b, step, skip=(skip_at or {}).get(step, ()))
+            self.reference.step()
+            self.flat.step()
+            if check_each:
+                self.check()
+
+    def check(self) -> None:
+        assert_same(self.reference, self.flat, self.a, self.b)
+
+
 @pytest.mark.parametrize("dtype", [th.float32, th.float64])
 @pytest.mark.parametrize("kwargs", [{}, {"lr": 3e-4, "betas": (0.8, 0.99), "eps": 1e-5}])
 def test_packed_step_is_torch_adam(dtype: th.dtype, kwargs: dict) -> None:
-    a, b = twin_parameters(dtype=dtype)
-    pack_parameters(b)
-    assert packed_view(b) is not None
-    reference, flat = th.optim.Adam(a, **kwargs), FlatAdam(b, **kwargs)
-    for step in range(6):
-        set_grads(a, b, step, skip=(2,) if step == 4 else ())  # a step where one tensor has no gradient
-        reference.step()
-        flat.step()
-        assert_same(reference, flat, a, b)
+    twins = Twins.make(*twin_parameters(dtype=dtype), **kwargs)
+    assert packed_view(twins.b) is not None
+    twins.run(range(6), check_each=True, skip_at={4: (2,)})  # a step where one tensor has no gradient
     # the step without b[2]'s gradient was torch's (the others do not lie one after another), on the packed state
+    b, flat = twins.b, twins.flat
     assert packed_view([flat.state[q]["exp_avg"] for q in b]) is not None
     assert flat.state[b[0]]["step"].item() == 6 and flat.state[b[2]]["step"].item() == 5
 
@@ -64,142 +92,93 @@ def test_many_sizes_and_alignments() -> None:
     for _ in range(25):
         sizes = th.randint(1, 300, (int(th.randint(2, 9, (), generator=gen)),), generator=gen).tolist()
         values = [th.randn(size, generator=gen) for size in sizes]
-        a, b = [th.nn.Parameter(v.clone()) for v in values], [th.nn.Parameter(v.clone()) for v in values]
-        pack_parameters(b)
-        reference, flat = th.optim.Adam(a, eps=1e-5), FlatAdam(b, eps=1e-5)
-        for step in range(3):
-            set_grads(a, b, step)
-            reference.step()
-            flat.step()
-        assert_same(reference, flat, a, b)
+        twins = Twins.make(
+            [th.nn.Parameter(v.clone()) for v in values], [th.nn.Parameter(v.clone()) for v in values], eps=1e-5
+        )
+        twins.run(range(3))
+        twins.check()
 
 
 def test_one_set_path_runs() -> None:
     """The state of packed parameters is packed too (the path under test is the flat one, not torch's)."""
-    a, b = twin_parameters()
-    pack_parameters(b)
-    reference, flat = th.optim.Adam(a), FlatAdam(b)
-    for step in range(3):
-        set_grads(a, b, step)
-        reference.step()
-        flat.step()
-    assert_same(reference, flat, a, b)
-    assert packed_view([flat.state[q]["exp_avg"] for q in b]) is not None
-    assert packed_view([flat.state[q]["exp_avg_sq"] for q in b]) is not None
+    twins = Twins.make()
+    twins.run(range(3))
+    twins.check()
+    assert packed_view([twins.flat.state[q]["exp_avg"] for q in twins.b]) is not None
+    assert packed_view([twins.flat.state[q]["exp_avg_sq"] for q in twins.b]) is not None
 
 
 @pytest.mark.parametrize(
     "kwargs", [{"amsgrad": True}, {"weight_decay": 0.1}, {"maximize": True}, {"foreach": True}, {"lr": th.tensor(1e-3)}]
 )
 def test_other_options_run_torch_step(kwargs: dict) -> None:
-    a, b = twin_parameters()
-    pack_parameters(b)
-    reference, flat = th.optim.Adam(a, **kwargs), FlatAdam(b, **kwargs)
-    for step in range(3):
-        set_grads(a, b, step)
-        reference.step()
-        flat.step()
-    assert_same(reference, flat, a, b)
+    twins = Twins.make(**kwargs)
+    twins.run(range(3))
+    twins.check()
 
 
 def test_unpacked_parameters_run_torch_step() -> None:
-    a, b = twin_parameters()
-    reference, flat = th.optim.Adam(a), FlatAdam(b)  # b not packed
-    assert packed_view(b) is None
-    for step in range(3):
-        set_grads(a, b, step)
-        reference.step()
-        flat.step()
-    assert_same(reference, flat, a, b)
+    twins = Twins.make(pack=False)
+    assert packed_view(twins.b) is None
+    twins.run(range(3))
+    twins.check()
 
 
 def test_closure_and_hooks() -> None:
-    a, b = twin_parameters()
-    pack_parameters(b)
-    reference, flat = th.optim.Adam(a), FlatAdam(b)
+    twins = Twins.make()
     calls = []
-    flat.register_step_pre_hook(lambda *args: calls.append("pre"))
-    flat.register_step_post_hook(lambda *args: calls.append("post"))
-    set_grads(a, b, 0)
-    reference.step()
-    flat.step()
+    twins.flat.register_step_pre_hook(lambda *args: calls.append("pre"))
+    twins.flat.register_step_post_hook(lambda *args: calls.append("post"))
+    twins.run([0])
     assert calls == ["pre", "post"]
-    set_grads(a, b, 1)
-    assert reference.step(lambda: 1.0) == flat.step(lambda: 1.0) == 1.0
+    set_grads(twins.a, twins.b, 1)
+    assert twins.reference.step(lambda: 1.0) == twins.flat.step(lambda: 1.0) == 1.0
     assert calls == ["pre", "post", "pre", "post"]
-    assert_same(reference, flat, a, b)
+    twins.check()
 
 
 def test_closure_with_fewer_gradients_then_one_set_step() -> None:
     """A closure's step on part of the parameters leaves their step counts apart: the next step is torch's too."""
-    a, b = twin_parameters()
-    pack_parameters(b)
-    reference, flat = th.optim.Adam(a), FlatAdam(b)
-    for step in range(2):
-        set_grads(a, b, step)
-        reference.step()
-        flat.step()
+    twins = Twins.make()
+    twins.run(range(2))
 
     def closure(params: list) -> float:
         params[0].grad = None
         return 0.0
 
-    reference.step(lambda: closure(a))
-    flat.step(lambda: closure(b))
-    for step in range(2, 5):
-        set_grads(a, b, step)
-        reference.step()
-        flat.step()
-        assert_same(reference, flat, a, b)
+    twins.reference.step(lambda: closure(twins.a))
+    twins.flat.step(lambda: closure(twins.b))
+    twins.run(range(2, 5), check_each=True)
 
 
 def test_state_dict_round_trip_and_from_torch_adam() -> None:
     """Saved and loaded (torch.save), FlatAdam's state continues as torch's; torch's Adam state loads into it."""
-    a, b = twin_parameters()
-    pack_parameters(b)
-    reference, flat = th.optim.Adam(a), FlatAdam(b)
-    for step in range(3):
-        set_grads(a, b, step)
-        reference.step()
-        flat.step()
-    for source in (flat, reference):  # our own archive, and one of torch's Adam
+    twins = Twins.make()
+    twins.run(range(3))
+    for source in (twins.flat, twins.reference):  # our own archive, and one of torch's Adam
         buffer = io.BytesIO()
         th.save(source.state_dict(), buffer)
         buffer.seek(0)
-        a2, b2 = [th.nn.Parameter(p.detach().clone()) for p in a], [th.nn.Parameter(q.detach().clone()) for q in b]
-        pack_parameters(b2)
-        reference2, flat2 = th.optim.Adam(a2), FlatAdam(b2)
-        reference2.load_state_dict(reference.state_dict())
-        flat2.load_state_dict(th.load(buffer, weights_only=True))
-        for step in range(3, 6):
-            set_grads(a2, b2, step)
-            reference2.step()
-            flat2.step()
-            assert_same(reference2, flat2, a2, b2)
-        assert packed_view([flat2.state[q]["exp_avg"] for q in b2]) is not None
+        copies = [[th.nn.Parameter(p.detach().clone()) for p in side] for side in (twins.a, twins.b)]
+        loaded = Twins.make(*copies)
+        loaded.reference.load_state_dict(twins.reference.state_dict())
+        loaded.flat.load_state_dict(th.load(buffer, weights_only=True))
+        loaded.run(range(3, 6), check_each=True)
+        assert packed_view([loaded.flat.state[q]["exp_avg"] for q in loaded.b]) is not None
 
 
 def test_replaced_state_or_parameters_are_noticed() -> None:
     """State replaced in place, a parameter re-pointed: the next step still equals torch's."""
-    a, b = twin_parameters()
-    pack_parameters(b)
-    reference, flat = th.optim.Adam(a), FlatAdam(b)
-    set_grads(a, b, 0)
-    reference.step()
-    flat.step()
-    reference.state[a[1]]["exp_avg"] = th.ones_like(a[1])
-    flat.state[b[1]]["exp_avg"] = th.ones_like(b[1])
-    set_grads(a, b, 1)
-    reference.step()
-    flat.step()
-    assert_same(reference, flat, a, b)
+    twins = Twins.make()
+    a, b = twins.a, twins.b
+    twins.run([0])
+    twins.reference.state[a[1]]["exp_avg"] = th.ones_like(a[1])
+    twins.flat.state[b[1]]["exp_avg"] = th.ones_like(b[1])
+    twins.run([1])
+    twins.check()
     with th.no_grad():
         b[3].data = b[3].detach().clone()  # out of the packed storage: torch's step from now on, still equal
-    for step in range(2, 4):
-        set_grads(a, b, step)
-        reference.step()
-        flat.step()
-        assert_same(reference, flat, a, b)
+    twins.run(range(2, 4), check_each=True)
 
 
 def test_pack_parameters_keeps_values_and_refuses_mixed_dtypes() -> None:

@@ -37,10 +37,13 @@ def pack_parameters(parameters: Sequence[th.Tensor]) -> None:
         raise ValueError("pack_parameters needs parameters of one dtype and device")
     with th.no_grad():
         flat = th.cat([p.detach().reshape(-1) for p in parameters])
-        offset = 0
-        for p in parameters:
-            p.data = flat[offset : offset + p.numel()].view_as(p)
-            offset += p.numel()
+        for p, view in zip(parameters, _views_like(flat, parameters), strict=True):
+            p.data = view
+
+
+def _views_like(flat: th.Tensor, tensors: Sequence[th.Tensor]) -> list[th.Tensor]:
+    """Consecutive views of ``flat`` shaped as ``tensors``, in order."""
+    return [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors, strict=True)]
 
 
 def packed_view(tensors: Sequence[th.Tensor]) -> th.Tensor | None:
@@ -219,16 +222,10 @@ class FlatAdam(th.optim.Adam):
             steps = th.stack([t.detach().clone() for t in step_tensors])
             exp_avg = th.cat([state["exp_avg"].detach().reshape(-1) for state in states])
             exp_avg_sq = th.cat([state["exp_avg_sq"].detach().reshape(-1) for state in states])
-        offset = 0
         entries = []
-        for index, p in enumerate(params):
-            n = p.numel()
-            self.state[p] = {
-                "step": steps[index],
-                "exp_avg": exp_avg[offset : offset + n].view_as(p),
-                "exp_avg_sq": exp_avg_sq[offset : offset + n].view_as(p),
-            }
+        views = zip(params, steps, _views_like(exp_avg, params), _views_like(exp_avg_sq, params), strict=True)
+        for p, step, average, average_sq in views:
+            self.state[p] = {"step": step, "exp_avg": average, "exp_avg_sq": average_sq}
             entries.append(dict(self.state[p]))  # the tensors, to notice any of them replaced in the state
-            offset += n
         layouts = [(p.data_ptr(), p.shape) for p in params]
         return _Plan(params, layouts, flat_params, steps, exp_avg, exp_avg_sq, entries)
