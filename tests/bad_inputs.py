@@ -204,6 +204,13 @@ CASES: list[Case] = [
         policy_kwargs=dict(activation_fn=__import__("torch").nn.PReLU),
     ),
     _hyper(
+        "CPO",
+        "policy_kwargs=dict(share_features_extractor=False)",
+        ValueError,
+        "share_features_extractor=False is not supported",
+        policy_kwargs=dict(share_features_extractor=False),
+    ),
+    _hyper(
         "MetaTRPO",
         "outer_target_kl=nan",
         ValueError,

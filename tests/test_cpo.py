@@ -216,3 +216,49 @@ def test_reward_critic_sees_normalised_observations_like_the_rest():
         assert th.equal(policy.forward(obs)[1], expected)
         values, _ = policy.critic_values(obs.numpy(), np.zeros(len(obs)))
         np.testing.assert_array_equal(values, expected.numpy().reshape(-1))
+
+
+def test_sb3_actor_paths_normalise_and_follow_the_override():
+    """SB3's get_distribution, forward and evaluate_actions ran the base class's feature extraction (raw
+    observations) and the module's own actor, also after adapt() had set adapted parameters for predict. All of them
+    now give the Gaussian of the definition written out here: normalised observations through the actor at the
+    override's parameters (the module's own without one)."""
+    model = CPO("MlpPolicy", gym.wrappers.TimeLimit(CostlyBandit(), 10), **SMALL)
+    policy = model.policy
+    with th.no_grad():
+        policy.obs_mean.fill_(0.5)
+        policy.obs_var.fill_(0.04)
+    obs = th.linspace(-1.0, 1.0, 7).reshape(-1, 1)
+    actions = th.linspace(-2.0, 2.0, 7).reshape(-1, 1)
+    generator = th.Generator().manual_seed(0)
+    own = {name: value.detach() for name, value in policy.actor_params().items()}
+    override = {name: value + 0.3 * th.randn(value.shape, generator=generator) for name, value in own.items()}
+
+    def gaussian(params):  # net_arch [16], tanh: one hidden layer, a linear mean head, a state-independent std
+        x = th.clamp((obs - 0.5) / th.sqrt(th.tensor(0.04) + 1e-8), -10.0, 10.0)
+        hidden = th.tanh(x @ params["mlp_extractor.policy_net.0.weight"].T + params["mlp_extractor.policy_net.0.bias"])
+        mean = hidden @ params["action_net.weight"].T + params["action_net.bias"]
+        return mean, params["log_std"].exp().expand_as(mean)
+
+    def log_density(points, mean, std):
+        return (-0.5 * ((points - mean) / std) ** 2 - std.log() - 0.5 * np.log(2 * np.pi)).sum(-1)
+
+    for params in (None, override):
+        policy.set_actor_override(params)
+        with th.no_grad():
+            mean, std = gaussian(params or own)
+            distribution = policy.get_distribution(obs).distribution
+            th.testing.assert_close(distribution.mean, mean)
+            th.testing.assert_close(distribution.stddev, std)
+            sampled, values, log_prob = policy.forward(obs, deterministic=True)
+            th.testing.assert_close(sampled, mean)
+            th.testing.assert_close(log_prob, log_density(mean, mean, std))
+            assert th.equal(values, policy.predict_values(obs))
+            values, log_prob, entropy = policy.evaluate_actions(obs, actions)
+            th.testing.assert_close(log_prob, log_density(actions, mean, std))
+            th.testing.assert_close(entropy, (0.5 + 0.5 * np.log(2 * np.pi) + std.log()).sum(-1))
+            assert th.equal(values, policy.predict_values(obs))
+            predicted, _ = policy.predict(obs.numpy(), deterministic=True)
+            np.testing.assert_allclose(predicted, mean.clamp(-3.0, 3.0).numpy(), rtol=1e-6)
+    # the mean differs with and without the override, so the loop checked two different actors
+    assert not th.allclose(gaussian(override)[0], gaussian(own)[0])

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch as th
 from gymnasium import spaces
-from stable_baselines3.common.distributions import DiagGaussianDistribution
+from stable_baselines3.common.distributions import DiagGaussianDistribution, Distribution
 from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
 from torch import nn
@@ -251,6 +251,12 @@ class CPOPolicy(ActorCriticPolicy):
                 kwargs["optimizer_kwargs"] = {"eps": 1e-5}  # what SB3 gives torch's Adam when no kwargs are given
         if kwargs.get("use_sde", False):
             raise ValueError("gSDE is not supported by CPOPolicy: the CPO step needs a diagonal Gaussian actor")
+        if not kwargs.get("share_features_extractor", True):
+            raise ValueError(
+                "share_features_extractor=False is not supported by CPOPolicy: its features extractor has no "
+                "parameters (the observation normalisation is in the policy), so a separate one for the critics would "
+                "change nothing; leave share_features_extractor at its default (True)"
+            )
         self.normalize_observations = normalize_observations
         self.clip_observations = clip_observations
         if not isinstance(n_costs, int) or n_costs < 1:
@@ -480,8 +486,29 @@ class CPOPolicy(ActorCriticPolicy):
         return fisher_vector_product
 
     def set_actor_override(self, params: ActorParams | None) -> None:
-        """Act with ``params`` (e.g. adapted parameters) in ``predict``; None restores the module's own."""
+        """Act with ``params`` (e.g. adapted parameters) in ``predict``, ``forward``, ``get_distribution`` and
+        ``evaluate_actions``; None restores the module's own."""
         self._actor_override = None if params is None else {k: v.detach() for k, v in params.items()}
+
+    # SB3's get_distribution, forward and evaluate_actions run the base class's feature extraction (no observation
+    # normalisation) and the module's own actor parameters: all three go through actor_mean_log_std here.
+    def get_distribution(self, obs: PyTorchObs) -> Distribution:
+        """The actor's Gaussian at (normalised) ``obs``, with the override's parameters if one is set."""
+        mean, log_std = self.actor_mean_log_std(obs, self._actor_override)  # type: ignore[arg-type]
+        assert isinstance(self.action_dist, DiagGaussianDistribution)
+        return self.action_dist.proba_distribution(mean, log_std)
+
+    def forward(self, obs: th.Tensor, deterministic: bool = False) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
+        """Actions, reward values and the actions' log-probabilities (SB3's ``forward``)."""
+        distribution = self.get_distribution(obs)
+        actions = distribution.get_actions(deterministic=deterministic)
+        log_prob = distribution.log_prob(actions)
+        return actions.reshape((-1, *self.action_space.shape)), self.predict_values(obs), log_prob  # type: ignore[misc]
+
+    def evaluate_actions(self, obs: PyTorchObs, actions: th.Tensor) -> tuple[th.Tensor, th.Tensor, th.Tensor | None]:
+        """Reward values, log-probabilities and entropy of ``actions`` at ``obs`` (SB3's ``evaluate_actions``)."""
+        distribution = self.get_distribution(obs)
+        return self.predict_values(obs), distribution.log_prob(actions), distribution.entropy()
 
     def _predict(self, observation: PyTorchObs, deterministic: bool = False) -> th.Tensor:
         mean, log_std = self.actor_mean_log_std(observation, self._actor_override)  # type: ignore[arg-type]
