@@ -180,10 +180,12 @@ def _try_plot(function: Any, what: str) -> None:
 
 
 def _cost_limit(model: Any, distribution: TaskDistribution | None) -> float | None:
-    limit = getattr(model, "effective_cost_limit", None)
-    if isinstance(limit, (int, float)):
-        return float(limit)
-    if getattr(model, "cost_limit", None) is not None:
+    """The limit the records' total cost is compared with: the model's limit on ``info["cost"]``; None when it limits
+    only named costs (each has its own limit, which the total cost cannot be judged against)."""
+    if hasattr(model, "total_cost_limit"):
+        limit = model.total_cost_limit
+        return None if limit is None else float(limit)
+    if isinstance(getattr(model, "cost_limit", None), (int, float)):
         return float(model.cost_limit)
     return float(distribution.default_cost_limit) if distribution is not None else None
 

@@ -272,7 +272,7 @@ def records_from_history(
             "update": int(entry["update"]) - 1,
             "return": float(entry["ep_rew_mean"]),
             "cost": float(entry["ep_cost_mean"]),
-            **({"cost_limit": float(entry["cost_limit"])} if "cost_limit" in entry else {}),
+            **({"cost_limit": float(entry["cost_limit"])} if entry.get("cost_limit") is not None else {}),
         }
         for entry in history
     ]

@@ -10,8 +10,9 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import configure
 from stable_baselines3.common.vec_env import SubprocVecEnv
 
+import sb3_metacpo.common.evaluation as evaluation_module
 from sb3_metacpo import MetaCPO, make_task_distribution
-from sb3_metacpo.common.evaluation import MetaEvalCallback, evaluate_safe_policy, meta_evaluate
+from sb3_metacpo.common.evaluation import AdaptationRecord, MetaEvalCallback, evaluate_safe_policy, meta_evaluate
 
 SMALL = dict(meta_batch_size=2, n_steps=100, seed=0, policy_kwargs=dict(net_arch=[16]))
 
@@ -176,6 +177,28 @@ def test_meta_eval_callback_logs_meta_test(tmp_path):
     rows = [row for row in read_log(tmp_path) if row.get("meta_test/under_limit_frac")]
     assert [int(row["time/total_timesteps"]) for row in rows] == [400, 800]
     assert all(row["meta_test/ep_rew_mean_0"] and row["meta_test/ep_cost_mean_1"] for row in rows)
+
+
+def test_meta_eval_callback_counts_a_task_under_the_limits_only_when_every_cost_is(tmp_path, monkeypatch):
+    """With cost_limit a mapping, a task is under the limits when each named cost is under its own: the second task's
+    total cost (4) is under the first limit (5, what was compared before), its cost_speed (3) over its limit (2)."""
+    dist = make_task_distribution("Toy2DNav", seed=0, max_episode_steps=50, speed_limit=0.05)
+    tasks = dist.test_tasks(2)
+    named = [{"cost_hazards": 3.0, "cost_speed": 1.0}, {"cost_hazards": 1.0, "cost_speed": 3.0}]
+
+    def evaluate(model, tasks, n_updates, n_steps, n_eval_episodes, deterministic=False):
+        return [
+            AdaptationRecord(task, k, 1.0, 4.0, 1, ep_costs=costs)
+            for task, costs in zip(tasks, named, strict=True)
+            for k in range(n_updates + 1)
+        ]
+
+    monkeypatch.setattr(evaluation_module, "meta_evaluate", evaluate)
+    model = MetaCPO("MlpPolicy", dist, cost_limit={"cost_hazards": 5.0, "cost_speed": 2.0}, **SMALL)
+    model.set_logger(configure(str(tmp_path), ["csv"]))
+    model.learn(400, callback=MetaEvalCallback(tasks, eval_freq=1, n_updates=1))
+    rows = [row for row in read_log(tmp_path) if row.get("meta_test/under_limit_frac")]
+    assert [float(row["meta_test/under_limit_frac"]) for row in rows] == [0.5]
 
 
 @pytest.mark.parametrize(

@@ -94,6 +94,43 @@ def test_the_best_model_is_the_best_reward_under_the_limit(tmp_path, monkeypatch
     assert np.array_equal(data["pre_adapt_costs"], data["costs"])  # no adaptation
 
 
+def test_several_constraints_each_cost_against_its_own_limit(tmp_path, monkeypatch):
+    """With cost_limit a mapping, an evaluation is under the limits when every named cost is under its own: the
+    total cost against the first limit (what was compared before) says the opposite in evaluations 2 and 4."""
+    limits = {"cost_hazards": 5.0, "cost_speed": 2.0}
+    # (reward, total cost, cost_hazards, cost_speed)
+    outcomes = [(10.0, 4.0, 3.0, 1.0), (40.0, 4.5, 1.5, 3.0), (50.0, 6.0, 6.0, 0.0), (30.0, 6.5, 4.9, 1.6)]
+    queue = list(outcomes)
+
+    def evaluate(model, tasks, n_updates, n_steps, n_eval_episodes, deterministic=False):
+        reward, total, hazards, speed = queue.pop(0)
+        costs = {"cost_hazards": hazards, "cost_speed": speed}
+        return [AdaptationRecord(task, k, reward, total, 1, ep_costs=costs) for task in tasks for k in range(n_updates + 1)]
+
+    monkeypatch.setattr(callbacks_module, "meta_evaluate", evaluate)
+    dist = make_task_distribution("Toy2DNav", seed=0, max_episode_steps=50, speed_limit=0.05)
+    model = CPO("MlpPolicy", dist, n_steps=50, seed=0, cost_limit=limits, policy_kwargs=dict(net_arch=[8]))
+    model.set_logger(configure(str(tmp_path / "log"), ["csv"]))
+    callback = SafeEvalCallback(dist.test_tasks(2), eval_freq=1, log_path=tmp_path)
+    model.learn(200, callback=callback)
+
+    assert callback.evaluations_under_limit == [True, False, False, True]
+    assert callback.best_mean_reward == 30.0 and callback.best_timestep == 200
+    data = np.load(tmp_path / "evaluations.npz")
+    assert data["constraint_names"].tolist() == list(limits) and data["constraint_limits"].tolist() == list(limits.values())
+    assert data["constraint_costs"].tolist() == [[h, s] for _, _, h, s in outcomes]
+    assert np.isnan(data["cost_limit"])  # the total cost has no limit here
+    with open(tmp_path / "log" / "progress.csv", newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if row.get("eval/mean_cost")]
+    assert [float(row["eval/mean_cost_cost_speed"]) for row in rows] == [s for *_, s in outcomes]
+    assert {row["eval/cost_limit_cost_hazards"] for row in rows} == {"5.0"}
+    # an explicit cost_limit is a limit on the total cost
+    queue.extend(outcomes)
+    callback = SafeEvalCallback(dist.test_tasks(2), eval_freq=1, cost_limit=5.0)
+    model.learn(200, callback=callback)
+    assert callback.evaluations_under_limit == [True, True, False, False]
+
+
 def test_nothing_is_saved_while_every_evaluation_is_over_the_limit(tmp_path, monkeypatch):
     monkeypatch.setattr(callbacks_module, "meta_evaluate", fake_meta_evaluate([(100.0, 30.0), (200.0, 26.0)]))
     dist = toy()

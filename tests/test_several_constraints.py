@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from sb3_metacpo import CPO, make_task_distribution
+from sb3_metacpo.cli import _cost_limit
 from sb3_metacpo.common.constraints import CostConstraints
 from sb3_metacpo.common.cpo_subproblem import (
     MAX_ACTIVE_SET_CONSTRAINTS,
@@ -245,6 +246,21 @@ def test_degenerate_problems_give_finite_steps_and_gradients():
                     assert torch.isfinite(value).all(), (name, ratio, solver)
                 (grad,) = torch.autograd.grad(result.x.sum() + result.lam, packed, retain_graph=True)
                 assert torch.isfinite(grad).all(), (name, ratio, solver)
+
+
+def test_costs_are_judged_each_against_its_own_limit():
+    constraints = CostConstraints.from_cost_limit({"cost_hazards": 5.0, "cost_speed": 2.0})
+    assert constraints.limit_of("cost_speed") == 2.0 and constraints.limit_of("cost") is None
+    assert constraints.satisfied_by({"cost": 4.0, "cost_hazards": 5.0, "cost_speed": 2.0})  # at the limits
+    assert not constraints.satisfied_by({"cost": 4.0, "cost_hazards": 1.0, "cost_speed": 3.0})  # total 4 < 5
+    assert constraints.satisfied_by({"cost": 6.5, "cost_hazards": 4.9, "cost_speed": 1.6})  # total 6.5 > 5
+    assert not constraints.satisfied_by({"cost_hazards": math.nan, "cost_speed": 0.0})
+    # what a total episode cost is compared with (records, plots, the CLI's tables): the total cost's limit, if any
+    dist = make_task_distribution("Toy2DNav", seed=0, speed_limit=0.05)
+    assert CPO("MlpPolicy", dist, cost_limit=3.0).total_cost_limit == 3.0
+    assert CPO("MlpPolicy", dist, cost_limit={"cost_hazards": 5.0, "cost_speed": 2.0}).total_cost_limit is None
+    assert CPO("MlpPolicy", dist, cost_limit={"cost_speed": 2.0, "cost": 7.0}).total_cost_limit == 7.0
+    assert _cost_limit(CPO("MlpPolicy", dist, cost_limit={"cost_hazards": 5.0}), dist) is None
 
 
 def test_cost_limit_mappings_are_validated_before_any_step():

@@ -32,6 +32,7 @@ from sb3_metacpo.common.policies import CPOPolicy, NumpyActor
 from sb3_metacpo.common.rollouts import CollectionStopped, OnStep, RolloutSampler, TaskBatch, VecStep
 from sb3_metacpo.common.threads import with_limited_blas_threads
 from sb3_metacpo.tasks.base import Task, TaskDistribution, make_task_distribution
+from sb3_metacpo.tasks.monitor import TOTAL_COST
 
 SelfAdaptable = TypeVar("SelfAdaptable", bound="AdaptationMixin")
 #: What adaptation and evaluation accept as a task: an env, a VecEnv, a task of the model's family or a family name.
@@ -226,7 +227,7 @@ class AdaptationMixin(ABC):
                     "ep_cost_mean": float(batch.episode_costs.mean()) if batch.episodes else float("nan"),
                     "ep_costs": dict(zip(self.constraints.names, prepared.episode_costs.tolist(), strict=True)),
                     "n_episodes": prepared.n_episodes,
-                    "cost_limit": self.constraints.limits[0],
+                    "cost_limit": self.constraints.limit_of(TOTAL_COST),  # None if only named costs are limited
                     "cpo_case": result.case,
                     "fraction": result.fraction,
                     "kl": result.kl,

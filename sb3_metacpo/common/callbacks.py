@@ -13,8 +13,9 @@ import numpy as np
 from stable_baselines3.common.callbacks import BaseCallback
 
 from sb3_metacpo.common.checks import check, is_int
-from sb3_metacpo.common.evaluation import AdaptationRecord, adaptable_model, meta_evaluate
+from sb3_metacpo.common.evaluation import AdaptationRecord, adaptable_model, mean_costs, meta_evaluate
 from sb3_metacpo.tasks.base import Task
+from sb3_metacpo.tasks.monitor import TOTAL_COST
 
 
 class ResumableCheckpointCallback(BaseCallback):
@@ -113,12 +114,15 @@ class SafeEvalCallback(BaseCallback):
     which are left unchanged), CPO as it is; both through
     :func:`~sb3_metacpo.common.evaluation.meta_evaluate`. An evaluation's reward and cost are the means over the tasks
     of the mean episode return and cost after the last adaptation update. The best model is the one of highest
-    reward among the evaluations whose cost is at most the limit; an evaluation over the limit is never the best,
-    however high its reward (SB3's ``EvalCallback`` would keep it).
+    reward among the evaluations under the limits (each of the model's constrained costs, by name, at most its own
+    limit); an evaluation over a limit is never the best, however high its reward (SB3's ``EvalCallback`` would
+    keep it).
 
-    Logged (and dumped at once, as SB3's ``EvalCallback``): ``eval/mean_reward``, ``eval/mean_cost``,
-    ``eval/cost_limit``, ``eval/under_limit`` (1 or 0), ``eval/best_safe_reward`` (NaN until an evaluation is under
-    the limit) and, with adaptation, ``eval/pre_adapt_mean_reward`` and ``eval/pre_adapt_mean_cost``.
+    Logged (and dumped at once, as SB3's ``EvalCallback``): ``eval/mean_reward``, ``eval/mean_cost`` (the total
+    cost), ``eval/cost_limit`` (the total cost's limit; NaN when only named costs are constrained), for every other
+    constrained cost ``eval/mean_cost_<name>`` and ``eval/cost_limit_<name>``, ``eval/under_limit`` (1 or 0),
+    ``eval/best_safe_reward`` (NaN until an evaluation is under the limits) and, with adaptation,
+    ``eval/pre_adapt_mean_reward`` and ``eval/pre_adapt_mean_cost``.
 
     :param tasks: the held-out tasks (e.g. ``distribution.test_tasks(5)``)
     :param eval_freq: updates between evaluations (meta-iterations for MetaCPO and MetaTRPO, rollouts for CPO)
@@ -127,11 +131,14 @@ class SafeEvalCallback(BaseCallback):
     :param n_steps: env steps per adaptation update (None: the algorithm's)
     :param n_eval_episodes: evaluation episodes per task (after adaptation; separate from the adaptation batches)
     :param deterministic: evaluate the mean action (default: the stochastic policy, whose cost CPO constrains)
-    :param cost_limit: the limit an evaluation's cost must not exceed (None: the model's, of the total cost)
+    :param cost_limit: a limit on the total cost (``info["cost"]``) an evaluation must not exceed, instead of the
+        model's constraints (None: the model's, every constrained cost under its own limit)
     :param best_model_save_path: where to save ``best_model.zip`` (None: not saved)
     :param log_path: where to write ``evaluations.npz`` (None: not written): ``timesteps`` (n_evals,), ``results``
         and ``costs`` (n_evals, n_tasks) after adaptation, ``pre_adapt_results`` and ``pre_adapt_costs`` before it
-        (the same as ``results`` and ``costs`` without adaptation), ``under_limit`` (n_evals,) and ``cost_limit``
+        (the same as ``results`` and ``costs`` without adaptation), ``under_limit`` (n_evals,), ``cost_limit`` (the
+        total cost's limit, NaN if it has none), ``constraint_names`` and ``constraint_limits`` (m,) and
+        ``constraint_costs`` (n_evals, m), each constrained cost's mean over the tasks
     :param verbose: 1 prints each evaluation and each new best model
     """
 
@@ -182,8 +189,9 @@ class SafeEvalCallback(BaseCallback):
         self.evaluations_pre_adapt_results: list[list[float]] = []
         self.evaluations_pre_adapt_costs: list[list[float]] = []
         self.evaluations_under_limit: list[bool] = []
+        self.evaluations_constraint_costs: list[list[float]] = []
         self._last_evaluated = -1
-        self._limit = math.nan
+        self._limits: dict[str, float] = {}  # cost name -> limit
 
     @property
     def best_model_path(self) -> Path | None:
@@ -193,8 +201,11 @@ class SafeEvalCallback(BaseCallback):
     def _init_callback(self) -> None:
         from sb3_metacpo.metacpo import MetaCPO
 
-        _, model_limit = adaptable_model(self.model)  # a TypeError for a model of another library
-        self._limit = model_limit if self.cost_limit is None else float(self.cost_limit)
+        _, constraints = adaptable_model(self.model)  # a TypeError for a model of another library
+        if self.cost_limit is None:
+            self._limits = dict(zip(constraints.names, constraints.limits, strict=True))
+        else:
+            self._limits = {TOTAL_COST: float(self.cost_limit)}
         if self.n_updates is None and not isinstance(self.model, MetaCPO):
             self.n_updates = 0  # CPO is evaluated as trained; pass n_updates to evaluate it fine-tuned
         for folder in (self.best_model_save_path, self.log_path):
@@ -227,13 +238,15 @@ class SafeEvalCallback(BaseCallback):
         before = [record for record in records if record.n_updates == 0]
         rewards, costs = [r.ep_rew_mean for r in after], [r.ep_cost_mean for r in after]
         self.last_mean_reward, self.last_mean_cost = float(np.mean(rewards)), float(np.mean(costs))
-        under_limit = self.last_mean_cost <= self._limit
+        constrained = mean_costs(after, list(self._limits))  # each constrained cost's mean over the tasks
+        under_limit = all(constrained[name] <= limit for name, limit in self._limits.items())
         self.evaluations_timesteps.append(self.num_timesteps)
         self.evaluations_results.append(rewards)
         self.evaluations_costs.append(costs)
         self.evaluations_pre_adapt_results.append([r.ep_rew_mean for r in before])
         self.evaluations_pre_adapt_costs.append([r.ep_cost_mean for r in before])
         self.evaluations_under_limit.append(under_limit)
+        self.evaluations_constraint_costs.append(list(constrained.values()))
         if self.log_path is not None:
             self._write_npz()
 
@@ -243,17 +256,22 @@ class SafeEvalCallback(BaseCallback):
             if self.best_model_path is not None:
                 self.model.save(self.best_model_path)
         if self.verbose >= 1:
-            print(
-                f"Eval num_timesteps={self.num_timesteps}, reward={self.last_mean_reward:.2f}, "
-                f"cost={self.last_mean_cost:.2f} (limit {self._limit:g}{'' if under_limit else ', over'})"
+            limits = ", ".join(
+                f"{name}={constrained[name]:.2f} (limit {limit:g}{'' if constrained[name] <= limit else ', over'})"
+                for name, limit in self._limits.items()
             )
+            print(f"Eval num_timesteps={self.num_timesteps}, reward={self.last_mean_reward:.2f}, {limits}")
             if new_best:
                 print("New best mean reward under the cost limit!")
 
         record = self.logger.record
         record("eval/mean_reward", self.last_mean_reward)
         record("eval/mean_cost", self.last_mean_cost)
-        record("eval/cost_limit", self._limit)
+        record("eval/cost_limit", self._limits.get(TOTAL_COST, math.nan))
+        for name, limit in self._limits.items():
+            if name != TOTAL_COST:
+                record(f"eval/mean_cost_{name}", constrained[name])
+                record(f"eval/cost_limit_{name}", limit)
         record("eval/under_limit", float(under_limit))
         record("eval/best_safe_reward", self.best_mean_reward if self.best_timestep is not None else math.nan)
         if last > 0:
@@ -273,5 +291,8 @@ class SafeEvalCallback(BaseCallback):
             pre_adapt_results=np.array(self.evaluations_pre_adapt_results),
             pre_adapt_costs=np.array(self.evaluations_pre_adapt_costs),
             under_limit=np.array(self.evaluations_under_limit),
-            cost_limit=np.array(self._limit),
+            cost_limit=np.array(self._limits.get(TOTAL_COST, math.nan)),
+            constraint_names=np.array(list(self._limits)),
+            constraint_limits=np.array(list(self._limits.values())),
+            constraint_costs=np.array(self.evaluations_constraint_costs),
         )

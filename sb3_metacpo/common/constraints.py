@@ -65,6 +65,15 @@ class CostConstraints:
         if missing:
             raise ValueError(f"cost_limit names {missing}, which {source} does not report; it reports {sorted(reported)}")
 
+    def limit_of(self, name: str) -> float | None:
+        """The limit of the cost ``name``, None if it is not constrained."""
+        return self.limits[self.names.index(name)] if name in self.names else None
+
+    def satisfied_by(self, costs: Mapping[str, float]) -> bool:
+        """Whether every constrained cost's expected episode sum in ``costs`` (by name) is at most its limit (a NaN
+        cost is not)."""
+        return all(costs[name] <= limit for name, limit in zip(self.names, self.limits, strict=True))
+
     def log_suffix(self, index: int) -> str:
         """The suffix of per-constraint logger keys: ``""`` for the total cost, ``"_<name>"`` otherwise."""
         name = self.names[index]

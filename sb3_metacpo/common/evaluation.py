@@ -15,9 +15,10 @@ from stable_baselines3.common.vec_env import VecEnv
 from tqdm.auto import tqdm
 
 from sb3_metacpo.common.adaptation import Adaptable
+from sb3_metacpo.common.constraints import CostConstraints
 from sb3_metacpo.common.envs import make_safe_vec_env
 from sb3_metacpo.tasks.base import Task
-from sb3_metacpo.tasks.monitor import episode_cost
+from sb3_metacpo.tasks.monitor import TOTAL_COST, episode_cost
 
 
 def evaluate_safe_policy(
@@ -71,16 +72,27 @@ class AdaptationRecord:
     adaptation_ep_cost_mean: float = float("nan")
 
 
-def adaptable_model(model: BaseAlgorithm) -> tuple[Adaptable, float]:
-    """``model`` as an :class:`~sb3_metacpo.common.adaptation.Adaptable` algorithm and its cost limit (the total
-    cost's), or a ``TypeError`` for a model of another library (e.g. SB3's PPO given to a meta-evaluation callback)."""
+def adaptable_model(model: BaseAlgorithm) -> tuple[Adaptable, CostConstraints]:
+    """``model`` as an :class:`~sb3_metacpo.common.adaptation.Adaptable` algorithm and its cost constraints (every
+    named cost and its limit), or a ``TypeError`` for a model of another library (e.g. SB3's PPO given to a
+    meta-evaluation callback)."""
     from sb3_metacpo.common.safe_algorithm import SafeAlgorithmMixin
 
     if not isinstance(model, Adaptable) or not isinstance(model, SafeAlgorithmMixin):
         raise TypeError(
             f"meta-evaluation needs a model of this package (MetaCPO, MetaTRPO or CPO), got {type(model).__name__}"
         )
-    return model, model.effective_cost_limit
+    return model, model.constraints
+
+
+def record_costs(record: AdaptationRecord) -> dict[str, float]:
+    """A record's mean episode cost by name: the total cost ``cost`` and every constrained cost."""
+    return {TOTAL_COST: record.ep_cost_mean, **(record.ep_costs or {})}
+
+
+def mean_costs(records: Sequence[AdaptationRecord], names: Sequence[str]) -> dict[str, float]:
+    """The mean over ``records`` (e.g. tasks) of each named cost's mean episode sum."""
+    return {name: float(np.mean([record_costs(record)[name] for record in records])) for name in names}
 
 
 def meta_evaluate(
@@ -126,9 +138,10 @@ class MetaEvalCallback(BaseCallback):
     under ``meta_test/``.
 
     Logs ``meta_test/ep_rew_mean_k`` and ``meta_test/ep_cost_mean_k`` after k = 0 .. n_updates adaptation updates,
-    and ``meta_test/under_limit_frac``, the fraction of tasks at or under the cost limit after the last update. As
-    SB3's ``EvalCallback``, each evaluation is written to the logger's outputs (CSV, TensorBoard...) at once, at the
-    model's current timestep (so the one at the end of training is written too).
+    and ``meta_test/under_limit_frac``, the fraction of tasks at or under every cost limit of the model (each named
+    cost against its own limit) after the last update. As SB3's ``EvalCallback``, each evaluation is written to the
+    logger's outputs (CSV, TensorBoard...) at once, at the model's current timestep (so the one at the end of
+    training is written too).
     """
 
     def __init__(
@@ -168,7 +181,7 @@ class MetaEvalCallback(BaseCallback):
 
     def evaluate(self) -> list[AdaptationRecord]:
         """Meta-evaluate now and record the results in the logger."""
-        model, limit = adaptable_model(self.model)
+        model, constraints = adaptable_model(self.model)
         records = meta_evaluate(model, self.tasks, self.n_updates, self.n_steps, self.n_eval_episodes)
         self.history.append(records)
         last = max(record.n_updates for record in records)
@@ -177,7 +190,8 @@ class MetaEvalCallback(BaseCallback):
             self.logger.record(f"meta_test/ep_rew_mean_{k}", float(np.mean([r.ep_rew_mean for r in rows])))
             self.logger.record(f"meta_test/ep_cost_mean_{k}", float(np.mean([r.ep_cost_mean for r in rows])))
         final = [record for record in records if record.n_updates == last]
-        self.logger.record("meta_test/under_limit_frac", float(np.mean([r.ep_cost_mean <= limit for r in final])))
+        under = [constraints.satisfied_by(record_costs(record)) for record in final]  # every constraint, per task
+        self.logger.record("meta_test/under_limit_frac", float(np.mean(under)))
         self.logger.record("time/total_timesteps", self.num_timesteps, exclude="tensorboard")
         self.logger.dump(self.num_timesteps)
         return records

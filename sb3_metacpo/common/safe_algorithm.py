@@ -34,6 +34,7 @@ from sb3_metacpo.common.serialization import (
     write_archive,
 )
 from sb3_metacpo.tasks.base import TaskDistribution, make_task_distribution
+from sb3_metacpo.tasks.monitor import TOTAL_COST
 
 SelfSafeAlgorithm = TypeVar("SelfSafeAlgorithm", bound="SafeAlgorithmMixin")
 #: Constructor arguments kept under another attribute name.
@@ -109,6 +110,12 @@ class SafeAlgorithmMixin(ABC):
     def effective_cost_limit(self) -> float:
         """The limit of the first constraint (the only one unless ``cost_limit`` is a mapping)."""
         return self.constraints.limits[0]
+
+    @property
+    def total_cost_limit(self) -> float | None:
+        """The limit of the total cost ``info["cost"]`` if it is constrained (a float ``cost_limit``, or a mapping
+        naming ``"cost"``), else None: what a total episode cost may be compared with."""
+        return self.constraints.limit_of(TOTAL_COST)
 
     def _check_constraints(self) -> None:
         """Validate ``cost_limit`` (and, for a task family, that it reports every named cost), before any env step."""
