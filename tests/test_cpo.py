@@ -6,12 +6,13 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch as th
+from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import configure
 from stable_baselines3.common.monitor import Monitor
-from stable_baselines3.common.vec_env import DummyVecEnv
+from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
 
 from sb3_metacpo import CPO, make_task_distribution
-from sb3_metacpo.common.envs import ResampleTaskOnReset, make_safe_vec_env
+from sb3_metacpo.common.envs import ResampleTaskOnReset, make_safe_vec_env, vec_env_time_limit
 from sb3_metacpo.tasks.monitor import CostMonitor
 
 SMALL = dict(n_steps=200, seed=0, policy_kwargs=dict(net_arch=[16]))
@@ -262,3 +263,66 @@ def test_sb3_actor_paths_normalise_and_follow_the_override():
             np.testing.assert_allclose(predicted, mean.clamp(-3.0, 3.0).numpy(), rtol=1e-6)
     # the mean differs with and without the override, so the loop checked two different actors
     assert not th.allclose(gaussian(override)[0], gaussian(own)[0])
+
+
+class StepCounter(gym.Env):
+    """Observes its own step index within the episode (ended by a TimeLimit)."""
+
+    observation_space = gym.spaces.Box(0, 100, (1,), np.float32)
+    action_space = gym.spaces.Box(-1, 1, (1,), np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return np.zeros(1, np.float32), {}
+
+    def step(self, action):
+        self.t += 1
+        return np.full(1, self.t, np.float32), 0.0, False, False, {"cost": 0.0}
+
+
+class StopAtStep(BaseCallback):
+    def __init__(self, n_calls):
+        super().__init__()
+        self.stop_at = n_calls
+
+    def _on_step(self):
+        return self.n_calls != self.stop_at
+
+
+def test_a_callback_stop_leaves_the_envs_where_a_later_learn_goes_on():
+    """A callback that stops training mid-rollout after the envs stepped: the next learn() goes on from the envs'
+    current observations and episode times (it went on from the observation before the last step, with the episode
+    times of the rollout's start, so the cost critic's time input was off by the stopped rollout's steps)."""
+    env = DummyVecEnv([lambda: CostMonitor(gym.wrappers.TimeLimit(StepCounter(), 7))] * 2)
+    model = CPO("MlpPolicy", env, n_steps=5, seed=0, n_critic_updates=1, batch_size=8, policy_kwargs=dict(net_arch=[8]))
+    batches, train = [], model.train
+
+    def recording_train():
+        batches.append(model._rollout)
+        train()
+
+    model.train = recording_train
+    model.learn(30, callback=StopAtStep(7))  # one rollout of 5 steps, the second stopped after its 2nd step
+    assert len(batches) == 1 and model.num_timesteps == 14
+    model.learn(20, reset_num_timesteps=False)
+    assert len(batches) == 3
+    for batch in batches:
+        np.testing.assert_array_equal(batch.episode_steps, batch.observations[..., 0])
+        going_on = ~(batch.terminated | batch.truncated)
+        np.testing.assert_array_equal(batch.next_observations[..., 0][going_on], batch.observations[..., 0][going_on] + 1)
+
+
+def test_the_episode_length_is_a_hand_wrapped_time_limit():
+    """An env object wrapped in a TimeLimit by hand has no registered spec: its limit sets the cost critic's time
+    scale from the first update on (the longest episode seen so far stood in for it, e.g. the rollout's 200 steps
+    before the first episode ended, then growing)."""
+    limited = [lambda: CostMonitor(gym.wrappers.TimeLimit(StepCounter(), 7))]
+    assert vec_env_time_limit(DummyVecEnv(limited)) == 7
+    workers = SubprocVecEnv(limited, start_method="fork")
+    assert vec_env_time_limit(workers) == 7
+    workers.close()
+    assert vec_env_time_limit(DummyVecEnv([lambda: CostMonitor(StepCounter())])) is None
+    assert vec_env_time_limit(make_safe_vec_env("SafetyPointGoal1Gymnasium-v0")) == 1000  # the registered spec's
+    model = CPO("MlpPolicy", DummyVecEnv(limited), n_steps=200, seed=0)
+    assert model._episode_length() == 7

@@ -1,11 +1,13 @@
 """The multi-task sampler against a plain loop over the same env, on real envs."""
 
+import gymnasium as gym
 import numpy as np
 import pytest
 from stable_baselines3.common.vec_env import SubprocVecEnv
 
-from sb3_metacpo.common.rollouts import RolloutSampler
+from sb3_metacpo.common.rollouts import RolloutSampler, RolloutStorage
 from sb3_metacpo.tasks import make_task_distribution
+from sb3_metacpo.tasks.monitor import CostMonitor
 
 
 def linear_policy(obs_dim, act_dim, seed=0):
@@ -115,3 +117,43 @@ def test_bad_arguments():
     sampler = RolloutSampler(dist)
     with pytest.raises(ValueError, match="at least one task"):
         sampler.collect([], lambda o, i: o, 10)
+
+
+class NumpyCosts(gym.Env):
+    """Reports ``cost_h`` (1 on odd steps) as a numpy bool, a Python bool, a float and a 0-d array in turn."""
+
+    observation_space = gym.spaces.Box(-1, 1, (1,), np.float32)
+    action_space = gym.spaces.Box(-1, 1, (1,), np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return np.zeros(1, np.float32), {}
+
+    def step(self, action):
+        self.t += 1
+        hit = self.t % 2 == 1
+        value = [np.bool_(hit), hit, float(hit), np.array(float(hit))][self.t % 4]
+        return np.zeros(1, np.float32), 0.0, False, False, {"cost": 0.0, "cost_h": value}
+
+
+def test_numpy_and_python_cost_values_count_alike():
+    """The monitor's episode sums took only numbers.Real (not numpy bools or 0-d arrays) while the rollout storage
+    took anything float() converts: the advantages and J_C then disagreed. Both count every numeric kind now, and a
+    constrained cost that is not a number is an error naming it."""
+    env = CostMonitor(gym.wrappers.TimeLimit(NumpyCosts(), 8))
+    env.reset(seed=0)
+    storage = RolloutStorage(8, 1, (1,), (1,), ("cost_h",))
+    ended = []
+    for t in range(8):
+        observation, _, terminated, truncated, info = env.step(np.zeros(1, np.float32))
+        done = terminated or truncated
+        if done:
+            info.update(terminal_observation=observation, **{"TimeLimit.truncated": truncated})
+        ended += storage.add(t, np.zeros((1, 1)), np.zeros((1, 1)), np.zeros(1), observation[None], np.array([done]), [info])
+    assert storage.costs[:, 0, 0].sum() == 4.0 and info["episode_costs"]["cost_h"] == 4.0
+    assert [record.costs for _, record in ended] == [(4.0,)]
+    with pytest.raises(TypeError, match=r"env 0 reported cost_h='high' at step 0 of the rollout: a constrained cost"):
+        storage.add(
+            0, np.zeros((1, 1)), np.zeros((1, 1)), np.zeros(1), np.zeros((1, 1)), np.array([False]), [{"cost_h": "high"}]
+        )

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from sb3_metacpo.common.constraints import CostConstraints
 from sb3_metacpo.common.cpo_update import CPOConfig, Params, PreparedBatch, cpo_update
-from sb3_metacpo.common.envs import make_safe_vec_env
+from sb3_metacpo.common.envs import make_safe_vec_env, vec_env_time_limit
 from sb3_metacpo.common.policies import CPOPolicy, NumpyActor
 from sb3_metacpo.common.rollouts import CollectionStopped, OnStep, RolloutSampler, TaskBatch, VecStep
 from sb3_metacpo.common.threads import with_limited_blas_threads
@@ -249,7 +249,10 @@ class AdaptationMixin(ABC):
         stochastic policy by default: its cost is what the CPO updates constrain).
 
         :param seed: evaluate on the episodes of this seed (a fresh env stream: every model given the same seed sees
-            the same start states); None continues the model's own adaptation stream
+            the same start states); None: for a task of the model's family, the model's own adaptation stream goes
+            on (new start states); for an env object, the env is seeded with the model's seed at every call, so the
+            start states are those of every other call with ``seed=None`` (:meth:`adapt`'s first batch included):
+            pass a seed of its own for evaluation episodes apart from the adaptation's
         """
         if isinstance(n_episodes, bool) or not isinstance(n_episodes, (int, np.integer)) or n_episodes < 1:
             raise ValueError(f"n_episodes must be a positive integer, got {n_episodes!r}")
@@ -285,9 +288,9 @@ class AdaptationMixin(ABC):
         """The episode length of the sampler's envs: the family's, the env's time limit, else ``fallback``."""
         if sampler.distribution is not None:
             return sampler.distribution.max_episode_steps
-        spec = sampler.vec_env.get_attr("spec")[0]
-        if spec is not None and spec.max_episode_steps is not None:
-            return int(spec.max_episode_steps)
+        limit = vec_env_time_limit(sampler.vec_env)
+        if limit is not None:
+            return limit
         if fallback is None:
             raise ValueError("cannot tell the episode length of this env: give it a TimeLimit (max_episode_steps)")
         return fallback

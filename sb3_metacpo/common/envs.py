@@ -187,6 +187,17 @@ def reporting_vec_env_cls(
     return ReportingSubprocVecEnv if vec_env_cls is SubprocVecEnv else vec_env_cls
 
 
+def vec_env_time_limit(vec_env: VecEnv) -> int | None:
+    """The episode length of ``vec_env``'s first env: its registered spec's ``max_episode_steps``, else that of a
+    ``TimeLimit`` in its wrappers (an env object wrapped by hand has no spec to carry it); None without either."""
+    spec = vec_env.get_attr("spec", indices=[0])[0]
+    if spec is not None and spec.max_episode_steps is not None:
+        return int(spec.max_episode_steps)
+    if vec_env.env_is_wrapped(gym.wrappers.TimeLimit, indices=[0])[0]:
+        return int(vec_env.env_method("get_wrapper_attr", "_max_episode_steps", indices=[0])[0])
+    return None
+
+
 class ResampleTaskOnReset(gym.Wrapper):
     """A task env that switches to a freshly drawn training task of its distribution at every reset.
 

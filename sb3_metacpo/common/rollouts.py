@@ -23,7 +23,7 @@ from sb3_metacpo.common.advantages import episode_steps
 from sb3_metacpo.common.envs import EnvFactory, EnvWorkerError, reporting_vec_env_cls
 from sb3_metacpo.common.policies import NumpyActor
 from sb3_metacpo.tasks.base import Task, TaskDistribution
-from sb3_metacpo.tasks.monitor import TOTAL_COST, episode_cost
+from sb3_metacpo.tasks.monitor import TOTAL_COST, cost_number, episode_cost
 
 #: ``act(observations, task_indices) -> actions``: observations ``(n_envs, *obs_shape)``, task_indices ``(n_envs,)``
 #: index into the task list given to :meth:`RolloutSampler.collect`; returns raw (unclipped) actions
@@ -180,7 +180,12 @@ class RolloutStorage:
                     # after a press): 0 there, but an episode that never reports it is an error (below).
                     self.costs[t, index, column] = 0.0
                     continue
-                value = float(info[name])
+                value = cost_number(info[name])
+                if value is None:
+                    raise TypeError(
+                        f"env {index} reported {name}={info[name]!r} at step {t} of the rollout: a constrained cost "
+                        "signal must be a number (a Python or numpy number or bool) at every step"
+                    )
                 if not math.isfinite(value):
                     raise ValueError(f"env {index} reported a non-finite {name} ({value}) at step {t} of the rollout")
                 self.costs[t, index, column] = value

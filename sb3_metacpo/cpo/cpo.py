@@ -28,7 +28,7 @@ from sb3_metacpo.common.checks import (
     is_real,
 )
 from sb3_metacpo.common.cpo_update import CPOConfig, Params, PreparedBatch, cpo_update, prepare_batch
-from sb3_metacpo.common.envs import SafeEnv, make_safe_vec_env
+from sb3_metacpo.common.envs import SafeEnv, make_safe_vec_env, vec_env_time_limit
 from sb3_metacpo.common.policies import CPOPolicy
 from sb3_metacpo.common.profiling import phase
 from sb3_metacpo.common.rollouts import (
@@ -288,11 +288,12 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):  # type: igno
 
     def _episode_length(self) -> int:
         """The episode length (the cost critic's time scale, and J_C's when a rollout completes no episode): the
-        env's registered time limit, the task family's, else the longest episode seen so far, else the rollout."""
+        env's time limit (registered, or a ``TimeLimit`` wrapper's), the task family's, else the longest episode seen
+        so far, else the rollout."""
         assert self.env is not None
-        spec = self.env.get_attr("spec", indices=[0])[0]
-        if spec is not None and spec.max_episode_steps is not None:
-            return int(spec.max_episode_steps)
+        limit = vec_env_time_limit(self.env)
+        if limit is not None:
+            return limit
         distribution = self._get_task_distribution()
         if distribution is not None:
             return distribution.max_episode_steps
@@ -322,21 +323,29 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):  # type: igno
                 vec_obs, rewards, dones, infos = env.step(np.clip(actions, low, high))
                 new_obs = array_observations(vec_obs)
                 self.num_timesteps += env.num_envs
-                callback.update_locals(locals())
-                if not callback.on_step():
-                    return False
                 self._update_info_buffer(infos, dones)
                 ended = storage.add(t, last_obs, actions, rewards, new_obs, dones, infos)
                 episodes.extend(episode for _, episode in ended)
                 self._last_obs = new_obs
                 self._last_episode_starts = dones
+                callback.update_locals(locals())
+                if not callback.on_step():  # the envs have stepped: a later learn() goes on from where they are
+                    self._episode_step_at_rollout_start = self._episode_steps_after(storage, t + 1)
+                    return False
         self._rollout = storage.batch(None, slice(None), episodes, first_steps=self._episode_step_at_rollout_start)
         # Episodes run on across rollouts: where each env's current episode stands for the next rollout.
-        self._episode_step_at_rollout_start = self._rollout.episode_steps[-1] + 1  # type: ignore[index]
-        self._episode_step_at_rollout_start[self._rollout.dones[-1]] = 0
+        self._episode_step_at_rollout_start = self._episode_steps_after(storage, n_rollout_steps)
         callback.update_locals(locals())
         callback.on_rollout_end()
         return True
+
+    def _episode_steps_after(self, storage: RolloutStorage, n_rows: int) -> np.ndarray:
+        """Each env's step index within its episode after the first ``n_rows`` steps of ``storage`` (a rollout that
+        began at ``_episode_step_at_rollout_start``): the steps since its last episode end, else its start plus
+        ``n_rows``."""
+        dones = storage.terminated[:n_rows] | storage.truncated[:n_rows]
+        since_last_done = np.argmax(dones[::-1], axis=0)  # rows after each env's last episode end
+        return np.where(dones.any(axis=0), since_last_done, self._episode_step_at_rollout_start + n_rows)
 
     def train(self) -> None:
         """One CPO update of the actor on the last rollout, then critic regression and normalisation statistics."""

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any, SupportsFloat
 
 import gymnasium as gym
+import numpy as np
 from stable_baselines3.common.monitor import Monitor
 
 #: The name of the total per-step cost every safe env reports in ``info`` (the one a float ``cost_limit`` limits).
@@ -17,6 +18,16 @@ TOTAL_COST = "cost"
 def is_cost_key(key: str) -> bool:
     """Whether an info key is a per-step cost signal: ``cost`` or ``cost_<type>`` (safety-gymnasium's names)."""
     return key == TOTAL_COST or key.startswith(f"{TOTAL_COST}_")
+
+
+def cost_number(value: Any) -> float | None:
+    """A cost signal's value as a float: a Python or numpy number or bool, or a 0-d numeric array; None for anything
+    else (the monitor leaves such ``cost_*`` entries out of its sums, and a constrained one is an error)."""
+    if isinstance(value, (numbers.Real, np.bool_)):
+        return float(value)
+    if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "biuf":
+        return float(value)
+    return None
 
 
 def episode_cost(info: Mapping[str, Any]) -> float | None:
@@ -60,9 +71,9 @@ class EpisodeCostRecorder(gym.Wrapper):
                 f"{self.env} reports no cost: a safe-RL env must put the per-step cost in info['cost']. For "
                 "safety-gymnasium use the 'Safety...Gymnasium-v0' ids or wrap with SafetyGymnasium2Gymnasium"
             )
-        for key, value in info.items():
-            if is_cost_key(key) and isinstance(value, numbers.Real):
-                value = float(value)
+        for key, raw in info.items():
+            value = cost_number(raw) if is_cost_key(key) else None
+            if value is not None:
                 if not math.isfinite(value):
                     raise ValueError(f"the env reported a non-finite {key} ({value}) at step {self._steps} of the episode")
                 self._episode_costs[key] = self._episode_costs.get(key, 0.0) + value
