@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import re
 import shlex
 import sys
@@ -44,7 +45,8 @@ from sb3_metacpo.config import (
 from sb3_metacpo.cpo import CPO
 from sb3_metacpo.tasks.base import Task, TaskDistribution, list_task_distributions, make_task_distribution
 
-#: Held-out task i is evaluated on episodes seeded from EVAL_SEED + i (as in benchmarks/adaptation.py).
+#: ``evaluate`` (and the GIFs) run held-out task i on episodes seeded from EVAL_SEED + i (as benchmarks/adaptation.py);
+#: ``adapt`` and ``benchmark`` evaluate with ``evaluate_params`` on each model's seeded adaptation stream.
 EVAL_SEED = 10_000
 MODEL_FILE = "model.zip"
 META_ALGOS = ("MetaCPO", "MetaTRPO")
@@ -283,24 +285,26 @@ def adaptation_records(
     n_steps: int | None,
     n_eval_episodes: int,
     deterministic: bool,
-    target_kl: float = 0.05,
+    target_kl: float | None = None,
     progress: bool = True,
 ) -> Iterator[tuple[dict[str, Any], Any]]:
     """Yield ``(record, model)`` after 0 .. n_updates adaptation updates on each task (records: see
     :mod:`sb3_metacpo.plots`); ``model`` acts with that stage's policy only for CPO.
 
     Every method adapts through the same protocol (``adaptation_steps``: CPO updates from the model's parameters,
-    the meta-parameters for MetaCPO/MetaTRPO, CPO's own parameters for CPO) and is evaluated with
-    ``evaluate_params`` on fresh episodes; with ``run=None`` a randomly initialised CPO adapts (CPO-scratch).
+    the meta-parameters for MetaCPO/MetaTRPO, CPO's own parameters for CPO) with ``n_steps`` env steps per update and
+    the trust region ``target_kl`` (None: each model's own) and is evaluated with ``evaluate_params`` on fresh
+    episodes; with ``run=None`` a randomly initialised CPO adapts (CPO-scratch).
     """
     bar = tqdm(total=len(tasks) * (n_updates + 1), desc=f"adapting {method}", disable=not progress)
     for index, task in enumerate(tasks):
         if run is None:  # CPO-scratch
             steps = n_steps or int(load_hyperparams("CPO", distribution.name, allow_missing=True).get("n_steps", 1000))
-            model: Any = CPO("MlpPolicy", distribution, n_steps=steps, target_kl=target_kl, seed=seed)
+            scratch_kl: dict[str, Any] = {} if target_kl is None else {"target_kl": target_kl}
+            model: Any = CPO("MlpPolicy", distribution, n_steps=steps, seed=seed, **scratch_kl)
         else:
             model = run.load()
-        for k, params in model.adaptation_steps(task, n_updates, n_steps):
+        for k, params in model.adaptation_steps(task, n_updates, n_steps, target_kl=target_kl):
             evaluation = model.evaluate_params(task, params, n_eval_episodes, deterministic)
             bar.update(1)
             record = {
@@ -513,10 +517,18 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         if method != "CPO-scratch":
             hyperparams = load_hyperparams(method, args.family, None, parse_overrides(args.hyperparams))
             budgets[method] = args.n_timesteps or hyperparams["n_timesteps"]
+    from sb3_metacpo.metacpo import MetaCPO
+
+    # One adaptation protocol for every method: MetaCPO's batch and inner trust region for the family (or the options)
+    reference = load_hyperparams("MetaCPO", args.family, None, parse_overrides(args.hyperparams))
+    adapt_steps = args.n_steps or int(reference["n_steps"])
+    adapt_kl = args.adapt_target_kl or float(
+        reference.get("inner_target_kl", inspect.signature(MetaCPO.__init__).parameters["inner_target_kl"].default)
+    )
     plan = [
         f"benchmark on {args.family}: seeds {args.seeds}, {args.n_tasks} held-out tasks, {args.n_updates} adaptation "
-        f"updates, {args.n_eval_episodes} evaluation episodes per stage "
-        f"({'mean action' if args.deterministic else 'stochastic policy'})"
+        f"updates of {adapt_steps} env steps with trust region {adapt_kl} for every method, {args.n_eval_episodes} "
+        f"evaluation episodes per stage ({'mean action' if args.deterministic else 'stochastic policy'})"
     ]
     for method in methods:
         if method == "CPO-scratch":
@@ -524,8 +536,9 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         else:
             plan.append(f"  {method}: train {budgets[method]} env steps with {default_config_file(method).name}, then adapt")
     plan.append(
-        "The same protocol as benchmarks/adaptation.py (the published results), on the shipped configs; "
-        "MetaCPO/MetaTRPO are evaluated on their own seeded episodes (evaluate_params), CPO on fixed seeds."
+        "The adaptation protocol of benchmarks/adaptation.py (the published results): the same batch, trust region, "
+        "tasks and seeded episode stream (so the same start states) for every method; training follows each method's "
+        "shipped config (the published results also train CPO with the adaptation trust region, at larger budgets)."
     )
     print("\n".join(plan))
     if args.dry_run:
@@ -564,9 +577,10 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
                 tasks,
                 seed,
                 args.n_updates,
-                None,
+                adapt_steps,
                 args.n_eval_episodes,
                 args.deterministic,
+                target_kl=adapt_kl,
                 progress=args.progress,
             ):
                 records.append(record)
@@ -703,7 +717,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_evaluation_options(adapt)
     adapt.add_argument("--n-updates", type=int, default=3, help="adaptation updates per task (default: 3)")
-    adapt.add_argument("--n-steps", type=_positive_int, help="env steps per update (default: the model's n_steps)")
+    adapt.add_argument(
+        "--n-steps",
+        type=_positive_int,
+        help="env steps per update (default: the model's: MetaCPO/MetaTRPO's n_steps, CPO's n_steps x n_envs)",
+    )
     adapt.set_defaults(handler=cmd_adapt)
 
     benchmark = commands.add_parser(
@@ -724,6 +742,14 @@ def build_parser() -> argparse.ArgumentParser:
     benchmark.add_argument("--n-tasks", type=_positive_int, default=3, help="held-out tasks (default: 3)")
     benchmark.add_argument("--n-updates", type=int, default=3, help="adaptation updates (default: 3)")
     benchmark.add_argument("--n-eval-episodes", type=_positive_int, default=5, help="episodes per stage (default: 5)")
+    benchmark.add_argument(
+        "--n-steps", type=_positive_int, help="env steps per adaptation update, every method (default: MetaCPO's n_steps)"
+    )
+    benchmark.add_argument(
+        "--adapt-target-kl",
+        type=float,
+        help="trust region of the adaptation updates, every method (default: MetaCPO's inner_target_kl)",
+    )
     benchmark.add_argument("--deterministic", action="store_true", help="evaluate the mean action")
     benchmark.add_argument("-f", "--log-folder", default="logs", help="where the benchmark folder goes (default: logs)")
     benchmark.add_argument("--verbose", type=int, default=0, choices=(0, 1, 2), help="training log tables (default: 0)")

@@ -18,6 +18,7 @@ import yaml
 
 from sb3_metacpo import CPO, MetaCPO
 from sb3_metacpo.cli import build_parser, main
+from sb3_metacpo.common.adaptation import AdaptationMixin
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["meta_batch_size:2", "n_steps:100", "policy_kwargs:{net_arch: [16]}", "env_kwargs:{max_episode_steps: 50}"]
@@ -133,6 +134,24 @@ def test_benchmark_dry_run_lists_the_plan(capsys):
     for method in ("MetaCPO: train 1000 env steps", "MetaTRPO: train 1000", "CPO: train 1000", "CPO-scratch: no training"):
         assert method in out
     assert "benchmarks/adaptation.py" in out
+    assert "adaptation updates of 400 env steps with trust region 0.05 for every method" in out  # metacpo.yml's
+
+
+def test_benchmark_adapts_every_method_with_the_same_batch_and_trust_region(tmp_path, monkeypatch):
+    """CPO's own adaptation batch is a rollout of all its envs (n_steps x n_envs) and its trust region its target_kl:
+    the benchmark gave it 3200 steps and 0.01 where MetaCPO got 400 and 0.05. Every method gets the same now."""
+    calls = []
+    original = AdaptationMixin.adaptation_steps
+
+    def recording(self, env, n_updates=None, n_steps=None, on_step=None, target_kl=None):
+        calls.append((type(self).__name__, n_steps, target_kl))
+        return original(self, env, n_updates, n_steps, on_step, target_kl)
+
+    monkeypatch.setattr(AdaptationMixin, "adaptation_steps", recording)
+    argv = ["benchmark", "--methods", "MetaCPO", "CPO", "CPO-scratch", "-n", "800", "--n-tasks", "1", "--n-updates", "1"]
+    argv += ["--n-eval-episodes", "1", "--n-steps", "200", "--adapt-target-kl", "0.03", "-f", str(tmp_path)]
+    assert main(argv) == 0
+    assert calls == [("MetaCPO", 200, 0.03), ("CPO", 200, 0.03), ("CPO", 200, 0.03)]
 
 
 def test_every_option_has_help():

@@ -8,7 +8,7 @@ import pytest
 import torch as th
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import configure
-from stable_baselines3.common.vec_env import SubprocVecEnv
+from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
 
 import sb3_metacpo.common.evaluation as evaluation_module
 from sb3_metacpo import MetaCPO, make_task_distribution
@@ -127,6 +127,25 @@ def test_adapt_keeps_theta_and_changes_predict():
     model.adapt(task, n_updates=1, n_steps=100)
     model.adapt("Toy2DNav", n_updates=1, n_steps=100)
     assert all(th.equal(theta[k], v) for k, v in model.policy.state_dict().items())
+
+
+def test_adaptation_trust_region_and_evaluation_episodes():
+    """adapt's target_kl is the adaptation updates' trust region (the accepted step's KL stays under it, the default
+    being inner_target_kl); evaluate_params gives at least n_episodes on a VecEnv of several envs too (each env ran
+    its share of n_episodes episodes' steps: 2 envs gave 0, 2 and 4 episodes for 1, 3 and 5)."""
+    dist = toy()
+    model = MetaCPO("MlpPolicy", dist, **SMALL)
+    task = dist.test_tasks(1)[0]
+    kls = {}
+    for target_kl in (None, 0.001, 0.2):
+        model.adapt(task, n_updates=1, n_steps=200, target_kl=target_kl)
+        kls[target_kl] = model.adaptation_history[0]["kl"]
+    assert 0 < kls[0.001] <= 0.001 < kls[None] <= model.inner_target_kl < kls[0.2] <= 0.2
+    with pytest.raises(ValueError, match="target_kl must be None or a finite number > 0"):
+        model.adapt(task, n_updates=1, n_steps=200, target_kl=0.0)
+    env = DummyVecEnv([lambda: dist.make_env(task)] * 2)
+    for n_episodes in (1, 3, 5):
+        assert model.evaluate_params(env, model.policy.actor_params(), n_episodes, seed=1).n_episodes >= n_episodes
 
 
 def test_save_load_round_trip(tmp_path):

@@ -12,6 +12,7 @@ settings); CPO adapts its policy (fine-tuning by the same CPO updates), so bench
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -71,6 +72,7 @@ class Adaptable(Protocol):
         n_updates: int | None = None,
         n_steps: int | None = None,
         on_step: OnStep | None = None,
+        target_kl: float | None = None,
     ) -> Iterator[tuple[int, Params]]: ...
 
     def evaluate_params(
@@ -113,8 +115,9 @@ class AdaptationMixin(ABC):
         """(updates, env steps per update) of :meth:`adapt` when not given."""
 
     @abstractmethod
-    def _adaptation_config(self) -> CPOConfig:
-        """The settings of the adaptation updates (MetaCPO: its inner ones; CPO: its own)."""
+    def _adaptation_config(self, target_kl: float | None = None) -> CPOConfig:
+        """The settings of the adaptation updates (MetaCPO: its inner ones; CPO: its own), with the trust region
+        ``target_kl`` if given."""
 
     @abstractmethod
     def _prepare_adaptation_batch(self, batch: TaskBatch, params: Params, episode_length: int) -> PreparedBatch:
@@ -137,6 +140,7 @@ class AdaptationMixin(ABC):
         n_steps: int | None = None,
         callback: MaybeCallback = None,
         progress_bar: bool = False,
+        target_kl: float | None = None,
     ) -> SelfAdaptable:
         """Run ``n_updates`` CPO updates from the model's parameters on ``env`` and act with the result in ``predict``.
 
@@ -156,6 +160,8 @@ class AdaptationMixin(ABC):
         :param n_steps: env steps per update (default: the algorithm's ``n_steps``)
         :param callback: SB3 callback(s), called at every env step
         :param progress_bar: show a progress bar over the updates
+        :param target_kl: the updates' trust region (default: the algorithm's, MetaCPO's ``inner_target_kl``, CPO's
+            ``target_kl``), e.g. one for every method of a comparison
         """
         callbacks: BaseCallback = self._init_callback(callback, progress_bar=False)  # type: ignore[attr-defined]
         callbacks.on_training_start(locals(), globals())
@@ -164,7 +170,7 @@ class AdaptationMixin(ABC):
             callbacks.update_locals({"self": self, **step_locals(step)})
             return callbacks.on_step()
 
-        steps = self.adaptation_steps(env, n_updates, n_steps, on_step=on_step)
+        steps = self.adaptation_steps(env, n_updates, n_steps, on_step=on_step, target_kl=target_kl)
         total = (self._adaptation_defaults()[0] if n_updates is None else n_updates) + 1
         history_before = list(self.adaptation_history)
         adapted: Params | None = None
@@ -186,12 +192,14 @@ class AdaptationMixin(ABC):
         n_updates: int | None = None,
         n_steps: int | None = None,
         on_step: OnStep | None = None,
+        target_kl: float | None = None,
     ) -> Iterator[tuple[int, Params]]:
         """Yield ``(k, parameters after k updates)`` for k = 0 .. n_updates, adapting from the model's parameters.
 
         :attr:`adaptation_history` is rebuilt along the way. Nothing else of the model changes (not even ``predict``).
         ``on_step`` gets every env step (a :class:`~sb3_metacpo.common.rollouts.VecStep`); if it returns False
-        the iteration ends after the updates completed so far.
+        the iteration ends after the updates completed so far. ``n_updates``, ``n_steps`` and ``target_kl`` as in
+        :meth:`adapt`.
         """
         default_updates, default_steps = self._adaptation_defaults()
         n_updates = default_updates if n_updates is None else n_updates
@@ -200,13 +208,15 @@ class AdaptationMixin(ABC):
             raise ValueError(f"n_updates must be an integer >= 0, got {n_updates!r}")
         if isinstance(n_steps, bool) or not isinstance(n_steps, (int, np.integer)) or n_steps < 2:
             raise ValueError(f"n_steps must be an integer >= 2, got {n_steps!r}")
+        if target_kl is not None and not (isinstance(target_kl, (int, float)) and math.isfinite(target_kl) and target_kl > 0):
+            raise ValueError(f"target_kl must be None or a finite number > 0, got {target_kl!r}")
         sampler, task = self._adaptation_sampler(env)
         # J_C of a batch without a completed episode is its mean step cost times the episode length.
         distribution = self.task_distribution
         fallback = distribution.max_episode_steps if distribution is not None else int(n_steps)
         episode_length = self._sampler_episode_length(sampler, fallback)
         params = {name: value.detach().clone() for name, value in self.policy.actor_params().items()}
-        config = self._adaptation_config()
+        config = self._adaptation_config(target_kl)
         history: list[dict[str, Any]] = []
         self.adaptation_history = history
         yield 0, params
@@ -259,7 +269,10 @@ class AdaptationMixin(ABC):
         sampler, task = self._adaptation_sampler(env, fresh_seed=seed)
         act = self._act_fn([params], deterministic=deterministic)
         try:
-            (batch,) = sampler.collect([task], act, int(n_episodes) * self._sampler_episode_length(sampler))
+            # each of the sampler's envs runs whole episodes of its share of the steps: enough for n_episodes in all
+            per_env = math.ceil(int(n_episodes) / sampler.vec_env.num_envs)
+            n_steps = per_env * sampler.vec_env.num_envs * self._sampler_episode_length(sampler)
+            (batch,) = sampler.collect([task], act, n_steps)
         finally:
             if seed is not None and isinstance(env, (Task, str)):
                 sampler.close()

@@ -419,8 +419,8 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):  # type: igno
     def _adaptation_defaults(self) -> tuple[int, int]:
         return 1, self.n_steps * self.n_envs
 
-    def _adaptation_config(self) -> CPOConfig:
-        return self._cpo_config(self.target_kl)
+    def _adaptation_config(self, target_kl: float | None = None) -> CPOConfig:
+        return self._cpo_config(self.target_kl if target_kl is None else target_kl)
 
     def _prepare_adaptation_batch(self, batch: TaskBatch, params: Params, episode_length: int) -> PreparedBatch:
         return self._prepare_batch(batch, params, episode_length, with_critic=False)

@@ -404,8 +404,8 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):  # type: igno
     def _adaptation_defaults(self) -> tuple[int, int]:
         return self.n_inner_updates, self.n_steps
 
-    def _adaptation_config(self) -> CPOConfig:
-        return self._cpo_config(self.inner_target_kl)
+    def _adaptation_config(self, target_kl: float | None = None) -> CPOConfig:
+        return self._cpo_config(self.inner_target_kl if target_kl is None else target_kl)
 
     def _prepare_adaptation_batch(self, batch: TaskBatch, params: Params, episode_length: int) -> PreparedBatch:
         return self._prepare(batch, params, episode_length)
