@@ -340,3 +340,47 @@ def test_meta_objective_gradients_equal_the_backward_of_its_aggregates(mode):
     th.testing.assert_close(reward_grad, expected_reward, rtol=1e-12, atol=1e-14)
     th.testing.assert_close(cost_grads, expected_costs, rtol=1e-12, atol=1e-14)
     assert float(cost_grads.norm()) > 0
+
+
+def test_cvar_candidates_are_valued_with_the_live_tasks():
+    """ "stages_cvar" averages the worst tasks, and its gradient holds them fixed; the outer line search adds
+    L(candidate) − L(θ) to b(θ), so a candidate must be valued with θ's tasks too. Oracle: each task's own
+    constraint values (a one-task "stages" objective), averaged over θ's worst tasks. At a candidate whose own worst
+    tasks differ, the candidate's CVaR would mix two sets of tasks (a violation the line search then saw as not
+    reduced, rejecting steps that reduced it)."""
+    from sb3_metacpo.metacpo.meta_objective import MetaObjective, TaskAdaptation
+
+    policy, config, theta, *_ = build_problem(0.02, 1)
+    actor = policy.actor_mean_log_std
+    tasks = []
+    for index, constraint in enumerate((0.02, -0.01, 0.01, 0.0)):  # each task its own data
+        batch = make_batch(policy, theta, seed=10 * index, constraint=constraint)
+        adapted, info = cpo_update(actor, theta, batch, config)
+        validation = make_batch(policy, adapted, seed=10 * index + 5, constraint=constraint)
+        tasks.append(TaskAdaptation(stages=[theta, adapted], batches=[batch, validation], fractions=[info.fraction]))
+    cvar = MetaObjective(actor, tasks, config, second_order=False, fisher=None, mode="stages_cvar", cvar_alpha=0.5)
+    singles = [MetaObjective(actor, [task], config, second_order=False, fisher=None, mode="stages") for task in tasks]
+
+    def per_task(stages_per_task):  # (tasks, stages) constraint values, one task at a time
+        return th.stack([single.value([stages]).constraints for single, stages in zip(singles, stages_per_task, strict=True)])
+
+    live = cvar.value([task.stages for task in tasks])
+    at_theta = per_task([task.stages for task in tasks])
+    worst = at_theta.argsort(dim=0, descending=True)[:2]
+    th.testing.assert_close(live.constraints, at_theta.gather(0, worst).mean(0), rtol=0, atol=1e-12)
+    generator = th.Generator().manual_seed(0)
+    n_params = sum(value.numel() for value in theta.values())
+    for scale in (0.01, 0.03, 0.1, 0.3, 1.0, 3.0):
+        step = scale * th.randn(n_params, generator=generator, dtype=th.float64)
+        candidate = cvar.stages_at(theta, step)
+        values = per_task(candidate)
+        if not th.equal(values.argsort(dim=0, descending=True)[:2].sort(0).values, worst.sort(0).values):
+            break
+    else:
+        pytest.fail("no candidate changed the worst tasks: the check would not tell")
+    held = cvar.value(candidate, selection=live.selection)
+    th.testing.assert_close(held.constraints, values.gather(0, worst).mean(0), rtol=0, atol=1e-12)
+    # b(θ) + L(candidate) − L(θ), what the line search computes, is the held value
+    line_search = live.constraints + held.cost_surrogates - live.cost_surrogates
+    th.testing.assert_close(line_search, held.constraints, rtol=0, atol=1e-12)
+    assert not th.allclose(cvar.value(candidate).constraints, held.constraints)

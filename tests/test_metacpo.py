@@ -148,6 +148,25 @@ def test_adaptation_trust_region_and_evaluation_episodes():
         assert model.evaluate_params(env, model.policy.actor_params(), n_episodes, seed=1).n_episodes >= n_episodes
 
 
+def test_inner_kl_is_the_mean_kl_of_the_accepted_inner_steps(tmp_path, monkeypatch):
+    """train/inner_kl averaged a made-up zero beside the accepted steps' KLs (1/(n+1) of their sum: 11 % low with the
+    default 8 tasks); the oracle is the mean over the iteration's accepted inner steps."""
+    kls = []
+    original = MetaCPO._log_iteration
+
+    def recording(self, adaptations, *args):
+        kls.append([step.kl for adaptation in adaptations for step in adaptation.steps if step.accepted])
+        return original(self, adaptations, *args)
+
+    monkeypatch.setattr(MetaCPO, "_log_iteration", recording)
+    model = MetaCPO("MlpPolicy", toy(), **{**SMALL, "n_inner_updates": 2})
+    model.set_logger(configure(str(tmp_path), ["csv"]))
+    model.learn(1200)
+    logged = [float(row["train/inner_kl"]) for row in read_log(tmp_path)]
+    assert len(logged) == len(kls) == 2 and all(len(accepted) > 0 for accepted in kls)
+    np.testing.assert_allclose(logged, [np.mean(accepted) for accepted in kls], rtol=1e-6)
+
+
 def test_save_load_round_trip(tmp_path):
     dist = toy()
     model = MetaCPO("MlpPolicy", dist, **SMALL)

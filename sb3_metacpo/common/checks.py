@@ -82,8 +82,14 @@ def check_positive_reals(model: Any, *names: str) -> None:
 
 
 def check_cpo_step_hyperparameters(model: Any) -> None:
-    """The arguments every CPO-step algorithm has: conjugate gradient, line search, discounting, dual, cost limit."""
+    """The arguments every CPO-step algorithm has: conjugate gradient, line search, discounting, dual, cost limit,
+    and the logs' episode window."""
     check_positive_ints(model, "cg_max_steps", "fvp_sample_freq")
+    window = model._stats_window_size  # SB3 keeps stats_window_size under this name
+    check(
+        is_int(window) and window >= 1,
+        f"stats_window_size must be a positive integer (episodes averaged for the rollout logs), got {window!r}",
+    )
     value = model.line_search_max_iter
     check(is_int(value) and value >= 0, f"line_search_max_iter must be an integer >= 0, got {value!r}")
     check(

@@ -15,7 +15,8 @@ set per cost signal j, according to ``mode``:
   a tail measure, so that the tasks that violate are not averaged away by the others.
 
 Each constraint's value is b = b(data) + L − L(data) with the mean (or CVaR) taken alike of both, so its gradient
-is that of the aggregated cost surrogates (for the CVaR, with the selected tasks held fixed).
+is that of the aggregated cost surrogates (for the CVaR, with the selected tasks held fixed; the outer line search
+evaluates its candidates with the same tasks, so that b(θ) + L(candidate) − L(θ) is that function's value).
 
 φᵢᴷ(θ) is the replay of task i's stored inner updates from θ on its stored batches with the stored line-search
 fractions (:func:`~sb3_metacpo.common.cpo_update.replay_updates`): exactly differentiable in second-order mode; in
@@ -84,6 +85,8 @@ class MetaValue:
     #: (c,) the outer step recovers whenever a constraint value exceeds its margin, aggregated over tasks as the
     #: constraint values are (None: CPO's rule; see ``prepare_batch``'s ``recovery``)
     recovery_margins: th.Tensor | None = None
+    #: ``"stages_cvar"``: the tasks the CVaR averages, (⌈α·M⌉, stages, m) indices into the tasks (None otherwise)
+    selection: th.Tensor | None = None
 
 
 class MetaObjective:
@@ -124,8 +127,12 @@ class MetaObjective:
             name if mode == "mean" else f"stage{stage}_{name}" for stage in self.stages for name in cost_names
         ]
 
-    def value(self, stages_per_task: Sequence[Sequence[Params]]) -> MetaValue:
-        """F, L and b at the given stage parameters of every task (the live ones, or those of a candidate θ)."""
+    def value(self, stages_per_task: Sequence[Sequence[Params]], selection: th.Tensor | None = None) -> MetaValue:
+        """F, L and b at the given stage parameters of every task (the live ones, or those of a candidate θ).
+
+        ``selection`` (``"stages_cvar"``): the tasks to average, e.g. the live value's, so that a candidate's b and L
+        are those of the function whose gradient the outer step follows, with θ's worst tasks held fixed (None: the
+        worst tasks at these parameters)."""
         rewards, costs, constraints = [], [], []  # costs/constraints: [task][stage] -> (m,)
         for task, stages in zip(self.tasks, stages_per_task, strict=True):
             task_costs, task_constraints = [], []
@@ -142,9 +149,10 @@ class MetaObjective:
         margin = None
         if not any(value is None for stage_margins in margins for value in stage_margins):
             margin = th.as_tensor(np.asarray(margins, dtype=np.float64), dtype=constraint.dtype, device=constraint.device)
+        worst = None
         if self.mode == "stages_cvar":
             n_worst = max(1, math.ceil(self.cvar_alpha * len(self.tasks)))
-            worst = constraint.detach().argsort(dim=0, descending=True)[:n_worst]  # the tasks held fixed
+            worst = constraint.detach().argsort(dim=0, descending=True)[:n_worst] if selection is None else selection
             cost, constraint = cost.gather(0, worst), constraint.gather(0, worst)
             margin = None if margin is None else margin.gather(0, worst)
         return MetaValue(
@@ -156,6 +164,7 @@ class MetaObjective:
             tuple(rewards),
             tuple(costs),
             None if margin is None else margin.mean(0).reshape(-1),
+            worst,
         )
 
     def gradients(self, value: MetaValue, theta: Sequence[th.Tensor]) -> tuple[th.Tensor, th.Tensor]:

@@ -559,7 +559,8 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):  # type: igno
             reference = self._actor(pre_observations, start)
 
         def evaluate(step: th.Tensor) -> tuple[float, float, list[float]]:
-            candidate = objective.value(objective.stages_at(start, step))
+            # with the live value's CVaR tasks: the line search adds L(candidate) − L(θ) to b(θ), task for task
+            candidate = objective.value(objective.stages_at(start, step), selection=value.selection)
             mean, log_std = self._actor(pre_observations, add_flat(start, step))
             kl = float(gaussian_kl(*reference, mean, log_std).mean())
             return kl, float(candidate.reward), candidate.cost_surrogates.tolist()
@@ -620,7 +621,8 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):  # type: igno
         causes = Counter(step.rejection for step in inner if step.rejection is not None)
         summary = "; ".join(f"{cause} x{count}" for cause, count in sorted(causes.items())) or "none"
         record("train/inner_step_rejections", summary, exclude=("tensorboard",))
-        record("train/inner_kl", float(np.nanmean([step.kl if step.accepted else np.nan for step in inner] + [0.0])))
+        accepted_kls = [step.kl for step in inner if step.accepted]
+        record("train/inner_kl", float(np.mean(accepted_kls)) if accepted_kls else 0.0)
         self._record_step(result, names)
         record("train/n_updates", self._n_updates, exclude="tensorboard")
         record("train/std", self.policy.log_std.exp().mean().item())
