@@ -13,6 +13,7 @@ import numpy as np
 from stable_baselines3.common.callbacks import BaseCallback
 
 from sb3_metacpo.common.checks import check, is_int
+from sb3_metacpo.common.constraints import within_limits
 from sb3_metacpo.common.evaluation import AdaptationRecord, adaptable_model, mean_costs, meta_evaluate
 from sb3_metacpo.tasks.base import Task
 from sb3_metacpo.tasks.monitor import TOTAL_COST
@@ -203,7 +204,7 @@ class SafeEvalCallback(BaseCallback):
 
         _, constraints = adaptable_model(self.model)  # a TypeError for a model of another library
         if self.cost_limit is None:
-            self._limits = dict(zip(constraints.names, constraints.limits, strict=True))
+            self._limits = constraints.as_mapping()
         else:
             self._limits = {TOTAL_COST: float(self.cost_limit)}
         if self.n_updates is None and not isinstance(self.model, MetaCPO):
@@ -239,7 +240,7 @@ class SafeEvalCallback(BaseCallback):
         rewards, costs = [r.ep_rew_mean for r in after], [r.ep_cost_mean for r in after]
         self.last_mean_reward, self.last_mean_cost = float(np.mean(rewards)), float(np.mean(costs))
         constrained = mean_costs(after, list(self._limits))  # each constrained cost's mean over the tasks
-        under_limit = all(constrained[name] <= limit for name, limit in self._limits.items())
+        under_limit = within_limits(constrained, self._limits)
         self.evaluations_timesteps.append(self.num_timesteps)
         self.evaluations_results.append(rewards)
         self.evaluations_costs.append(costs)

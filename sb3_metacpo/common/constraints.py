@@ -24,6 +24,12 @@ def _check_limit(name: str, value: object) -> float:
     return float(value)
 
 
+def within_limits(costs: Mapping[str, float], limits: Mapping[str, float]) -> bool:
+    """Whether each cost named in ``limits`` is at most its limit in ``costs`` (expected episode sums, by name; a NaN
+    cost is not)."""
+    return all(costs[name] <= limit for name, limit in limits.items())
+
+
 @dataclass(frozen=True)
 class CostConstraints:
     """m named cost signals, each with a limit on its expected undiscounted episode sum."""
@@ -72,7 +78,11 @@ class CostConstraints:
     def satisfied_by(self, costs: Mapping[str, float]) -> bool:
         """Whether every constrained cost's expected episode sum in ``costs`` (by name) is at most its limit (a NaN
         cost is not)."""
-        return all(costs[name] <= limit for name, limit in zip(self.names, self.limits, strict=True))
+        return within_limits(costs, self.as_mapping())
+
+    def as_mapping(self) -> dict[str, float]:
+        """The limits by cost name, in constraint order."""
+        return dict(zip(self.names, self.limits, strict=True))
 
     def log_suffix(self, index: int) -> str:
         """The suffix of per-constraint logger keys: ``""`` for the total cost, ``"_<name>"`` otherwise."""
