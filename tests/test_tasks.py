@@ -275,3 +275,65 @@ def test_a_family_builds_first_thing_in_a_fresh_process(family):
         f"from sb3_metacpo import make_task_distribution as m; d = m({family!r}); d.make_env(d.test_tasks(1)[0]).reset(seed=0)"
     )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=120)
+
+
+def test_integer_ranges_draw_only_the_integers_inside_them():
+    """An integer range with fractional bounds drew int(low) (2.3..2.7 gave 2, outside it), and the disjointness
+    check compared the real bounds: held-out n_hazards 8.5..12 passed as disjoint from training 4..8 and drew 8."""
+    with pytest.raises(ValueError, match=r"integer range \[2.3, 2.7\] contains no integer"):
+        ParamRange(2.3, 2.7, integer=True)
+    rng = np.random.default_rng(0)
+    assert {ParamRange(2.5, 4.2, integer=True).sample(rng) for _ in range(200)} == {3, 4}
+    assert not ParamRange(4.5, 6, integer=True).overlaps(ParamRange(1, 4.9, integer=True))  # {5, 6} and {1..4}
+    assert ParamRange(4.5, 6).overlaps(ParamRange(1, 4.9))  # real ranges: by their bounds
+    dist = make_task_distribution("PointGoalHazard", test_ranges={"n_hazards": (8.5, 12), "extent": (1.25, 1.75)})
+    held_out = dist.test_tasks(40)
+    assert not any(dist.is_training_task(task) for task in held_out)
+    assert {task.n_hazards for task in held_out} <= set(range(9, 13))
+
+
+def test_a_toy_task_without_room_for_its_hazards_is_an_error_not_a_hang():
+    dist = make_task_distribution("Toy2DNav", seed=0)
+    task = dataclasses.replace(dist.test_tasks(1)[0], goal_distance=0.3, hazard_radius=0.02)
+    dist.validate_task(task)  # within the family's limits
+    with pytest.raises(ValueError, match="no place for its hazards clear of the start and the goal"):
+        dist.make_env(task)
+
+
+@pytest.mark.parametrize("family", ["Toy2DNav", "PointGoalHazard"])
+def test_an_episode_is_replayed_from_its_seed(family):
+    """info["episode_seed"] promised replays, but reset(seed=s) seeds the stream that draws episode seeds:
+    reset(options={"episode_seed": s}) starts episode s again, and leaves the stream where it was."""
+    dist = make_task_distribution(family, seed=0)
+    task = dist.test_tasks(1)[0]
+    actions = np.random.default_rng(1).uniform(-1, 1, (20, *dist.spaces[1].shape)).astype(np.float32)
+
+    def episode(env, **reset_kwargs):
+        observation, info = env.reset(**reset_kwargs)
+        trace = [observation]
+        for action in actions:
+            observation, reward, *_ = env.step(action)
+            trace += [observation, np.float32(reward)]
+        return info["episode_seed"], np.concatenate([np.ravel(x) for x in trace])
+
+    env, reference = dist.make_env(task), dist.make_env(task)
+    seed, first = episode(env, seed=5)
+    episode(env)  # a second episode
+    replayed_seed, replayed = episode(env, options={"episode_seed": seed})
+    assert replayed_seed == seed
+    np.testing.assert_array_equal(replayed, first)
+    # the stream went on as if the replay had not happened: the next episode is the third of a fresh run
+    episode(reference, seed=5)
+    episode(reference)
+    np.testing.assert_array_equal(episode(env)[1], episode(reference)[1])
+    with pytest.raises(ValueError, match=r"options\['episode_seed'\] must be an episode seed"):
+        env.reset(options={"episode_seed": -1})
+
+
+def test_distribution_seeds_stay_below_2_to_the_32():
+    """numpy splits larger seeds into 32-bit words: seed 2024 + 2**32 drew the unseen tasks' (2024, 1) stream, so
+    the training tasks were the unseen ones."""
+    with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*32\)"):
+        make_task_distribution("Toy2DNav", seed=2024 + 2**32)
+    dist = make_task_distribution("Toy2DNav", seed=2**32 - 1)
+    assert dist.sample(3) != dist.unseen_tasks(3)

@@ -54,17 +54,26 @@ class ParamRange:
     def __post_init__(self) -> None:
         if not (math.isfinite(self.low) and math.isfinite(self.high)) or self.low > self.high:
             raise ValueError(f"invalid range [{self.low}, {self.high}]: need finite low <= high")
+        if self.integer and math.ceil(self.low) > math.floor(self.high):
+            raise ValueError(f"integer range [{self.low}, {self.high}] contains no integer")
+
+    def _extent(self) -> tuple[float, float]:
+        """The values it can take: the integers' first and last for an integer range."""
+        return (math.ceil(self.low), math.floor(self.high)) if self.integer else (self.low, self.high)
 
     def sample(self, rng: np.random.Generator) -> int | float:
         if self.integer:
-            return int(rng.integers(int(self.low), int(self.high), endpoint=True))
+            return int(rng.integers(math.ceil(self.low), math.floor(self.high), endpoint=True))
         return float(rng.uniform(self.low, self.high))
 
     def contains(self, value: float) -> bool:
         return self.low <= value <= self.high
 
     def overlaps(self, other: ParamRange) -> bool:
-        return self.low <= other.high and other.low <= self.high
+        """Whether a value of one can be a value of the other (integer ranges: by the integers they contain)."""
+        low, high = self._extent()
+        other_low, other_high = other._extent()
+        return low <= other_high and other_low <= high
 
     def __str__(self) -> str:
         return f"[{self.low:g}, {self.high:g}]" + (" (integer)" if self.integer else "")
@@ -112,10 +121,12 @@ class TaskDistribution(ABC):
         max_episode_steps: int | None = None,
     ) -> None:
         for name, value in (("seed", seed), ("test_seed", test_seed)):
+            # Below 2**32: numpy splits larger seeds into 32-bit words, so seed = test_seed + 2**32 would draw the
+            # stream of the unseen tasks' (test_seed, 1).
             if value is not None and (
-                isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value < 2**63
+                isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value < 2**32
             ):
-                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+                raise ValueError(f"{name} must be an integer in [0, 2**32), got {value!r}")
         self.seed = int(seed)
         self.test_seed = self.default_test_seed if test_seed is None else int(test_seed)
         self.train_ranges = self._merge_ranges(self.default_train_ranges, train_ranges, "train_ranges")
@@ -171,9 +182,10 @@ class TaskDistribution(ABC):
         return [self._draw(rng, self.test_ranges) for _ in range(n)]
 
     def unseen_tasks(self, n: int = 5) -> list[Task]:
-        """The first ``n`` tasks of a fixed set drawn from the *training* ranges with their own seed (``test_seed``
-        + 1): unseen tasks of the training distribution, the paper's setting, beside the harder
-        :meth:`test_tasks`. Distinct from every training draw (continuous parameters and 31-bit layout seeds)."""
+        """The first ``n`` tasks of a fixed set drawn from the *training* ranges with their own seed (the pair
+        ``(test_seed, 1)``, a stream no training seed below 2**32 draws): unseen tasks of the training distribution,
+        the paper's setting, beside the harder :meth:`test_tasks`. Distinct from every training draw (continuous
+        parameters and 31-bit layout seeds)."""
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         rng = np.random.default_rng((self.test_seed, 1))

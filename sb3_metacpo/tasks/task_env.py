@@ -11,6 +11,10 @@ if TYPE_CHECKING:
     from sb3_metacpo.tasks.base import Task, TaskDistribution
 
 
+#: ``reset(options={REPLAY_OPTION: seed})`` replays the episode whose ``info["episode_seed"]`` was ``seed``.
+REPLAY_OPTION = "episode_seed"
+
+
 def _float32_box(space: gym.Space) -> gym.spaces.Box:
     if not isinstance(space, gym.spaces.Box):
         raise TypeError(f"task envs must have Box spaces, got {space}")
@@ -22,7 +26,8 @@ class TaskEnv(gym.Wrapper):
 
     * Every episode gets its own seed for the start state, drawn from a generator that ``reset(seed=...)`` seeds
       (gymnasium convention: seed once, then later resets continue the stream). The seed is reported as
-      ``info["episode_seed"]`` on reset and on every step, so any episode can be replayed.
+      ``info["episode_seed"]`` on reset and on every step, and ``reset(options={"episode_seed": s})`` replays the
+      episode of seed ``s`` (the same start state; the stream is left where it was).
     * The task's layout does not depend on episode seeds: it is fixed by the task's parameters and ``layout_seed``.
     * Observations and actions are exposed as float32 (what the policy uses); the world keeps its own dtype.
     * :meth:`set_task` switches to another task of the same family in place, so vectorised workers need not be
@@ -59,10 +64,17 @@ class TaskEnv(gym.Wrapper):
         self._episode_rng.bit_generator.state = state
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
+        options = dict(options) if options else {}
+        replay = options.pop(REPLAY_OPTION, None)
         if seed is not None:
             self._episode_rng = np.random.default_rng(seed)
-        self.episode_seed = int(self._episode_rng.integers(2**31 - 1))
-        observation, info = self.env.reset(seed=self.episode_seed, options=options)
+        if replay is None:
+            self.episode_seed = int(self._episode_rng.integers(2**31 - 1))
+        elif isinstance(replay, (int, np.integer)) and not isinstance(replay, bool) and 0 <= replay < 2**31 - 1:
+            self.episode_seed = int(replay)
+        else:
+            raise ValueError(f"options['{REPLAY_OPTION}'] must be an episode seed (info['episode_seed']), got {replay!r}")
+        observation, info = self.env.reset(seed=self.episode_seed, options=options or None)
         info["episode_seed"] = self.episode_seed
         return observation.astype(np.float32), info
 

@@ -21,6 +21,7 @@ START_RADIUS = 0.1  # episodes start uniformly in this disc around the origin
 STEP_SIZE = 0.1  # an action in [-1, 1]^2 moves the point by at most STEP_SIZE per axis
 LIDAR_BINS = 8  # observe_hazards: angular bins of the hazard lidar
 LIDAR_RANGE = 1.0  # observe_hazards: a hazard's edge this far away reads 0, touching it reads 1
+_MAX_HAZARD_TRIES = 10_000  # hazard placements tried before a task is declared impossible to lay out
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,11 +47,19 @@ class Toy2DNavTask(Task):
         # Far enough from the goal that a policy jittering there does not brush a hazard.
         clearance = self.hazard_radius + 0.15
         centers: list[np.ndarray] = []
-        while len(centers) < self.n_hazards:
+        for _ in range(_MAX_HAZARD_TRIES):
+            if len(centers) == self.n_hazards:
+                break
             candidate = rng.uniform(0.3, 0.7) * goal + rng.uniform(-2.0, 2.0) * self.hazard_radius * normal
             if np.linalg.norm(candidate) < clearance + START_RADIUS or np.linalg.norm(candidate - goal) < clearance:
                 continue
             centers.append(candidate)
+        if len(centers) < self.n_hazards:
+            raise ValueError(
+                f"Toy2DNav task ({self.short()}): no place for its hazards clear of the start and the goal in "
+                f"{_MAX_HAZARD_TRIES} tries: the goal is too close for hazards of this radius; use a larger "
+                "goal_distance (the default ranges use 0.5 to 1.0) or a smaller hazard_radius"
+            )
         return np.array(centers, dtype=np.float64).reshape(self.n_hazards, 2)
 
 
