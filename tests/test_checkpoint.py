@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch as th
+from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 
 from sb3_metacpo import CPO, MetaCPO, make_task_distribution
 from sb3_metacpo.common.callbacks import ResumableCheckpointCallback
@@ -123,3 +124,37 @@ def test_save_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     with pytest.raises(OSError, match="disk full"):
         model.save(path)
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["model.zip"]
+
+
+class StopAt(BaseCallback):
+    def __init__(self, step: int) -> None:
+        super().__init__()
+        self.step = step
+
+    def _on_step(self) -> bool:
+        return self.model.num_timesteps < self.step
+
+
+def test_a_stopped_run_resumes_from_its_last_update_and_a_loaded_model_saves_its_streams(tmp_path: Path) -> None:
+    """A callback stop inside the 4th meta-iteration left a final checkpoint labelled 3 updates and 1400 steps whose
+    envs and streams had moved past the 3rd update (a resume ended off the straight run, 200 steps late); none is
+    written now, and the latest is the one at the last boundary saved. MetaCPO.load(p).save(q) wrote this process's streams instead of the archive's held-back ones, so a
+    resume from q differed from one from p; both resume the straight run bit for bit now."""
+
+    def make() -> MetaCPO:
+        return MetaCPO("MlpPolicy", make_task_distribution("Toy2DNav", seed=0, max_episode_steps=50), **SMALL)
+
+    straight = make()
+    straight.learn(1600)
+    stopped = make()
+    stopped.learn(1600, callback=CallbackList([ResumableCheckpointCallback(2, tmp_path), StopAt(1400)]))
+    assert [path.name for path in tmp_path.glob("*.zip")] == ["checkpoint_2_updates_800_steps.zip"]
+    latest = ResumableCheckpointCallback.latest(tmp_path)
+    assert latest is not None and latest.name == "checkpoint_2_updates_800_steps.zip"
+    resaved = MetaCPO.load(latest).save(tmp_path / "resaved.zip")
+    for archive in (latest, resaved):
+        resumed = MetaCPO.load(archive)
+        resumed.learn(1600 - resumed.num_timesteps, reset_num_timesteps=False)
+        assert resumed.num_timesteps == 1600
+        for name, value in straight.policy.state_dict().items():
+            assert th.equal(resumed.policy.state_dict()[name], value), (archive.name, name)

@@ -21,7 +21,8 @@ from sb3_metacpo.tasks.monitor import TOTAL_COST
 
 class ResumableCheckpointCallback(BaseCallback):
     """Save the model every ``save_freq`` updates (meta-iterations for MetaCPO and MetaTRPO, rollouts for CPO), at
-    the boundary between two updates, and at the end of training.
+    the boundary between two updates, and at the end of training (unless a callback stopped it inside a rollout: the
+    envs and random streams have then moved past the last update, so the last checkpoint stays the latest).
 
     Unlike SB3's ``CheckpointCallback`` (which saves every n env steps, in the middle of a rollout, so a file
     labelled 2400 steps holds the parameters of step 2000), a checkpoint here is taken where the model's state is
@@ -66,6 +67,7 @@ class ResumableCheckpointCallback(BaseCallback):
         self.name_prefix, self.keep_last = name_prefix, keep_last
         self.last_saved_update = -1
         self.saved: list[Path] = []
+        self._in_rollout = False  # between a rollout's start and its end: the state is not an update boundary
 
     def _init_callback(self) -> None:
         self.save_path.mkdir(parents=True, exist_ok=True)
@@ -78,9 +80,13 @@ class ResumableCheckpointCallback(BaseCallback):
         # A rollout starts after an update (or at the start of training): the model's state is complete here.
         if self.model._n_updates - self.last_saved_update >= self.save_freq:
             self._save()
+        self._in_rollout = True
+
+    def _on_rollout_end(self) -> None:
+        self._in_rollout = False  # the update follows; training ends only after it, or at the next rollout's start
 
     def _on_training_end(self) -> None:
-        if self.model._n_updates > self.last_saved_update:
+        if self.model._n_updates > self.last_saved_update and not self._in_rollout:
             self._save()
 
     def _save(self) -> None:

@@ -228,7 +228,12 @@ class SafeAlgorithmMixin(ABC):
         if exclude is not None or include is not None:
             raise ValueError("save(exclude=..., include=...) is not supported: the archive holds the whole model")
         distribution = self._get_task_distribution()
-        json_rng, torch_rng = global_rng_state()
+        pending = getattr(self, "_resume_rng", None)
+        if pending is None:
+            json_rng, torch_rng = global_rng_state()
+            rng = {**json_rng, "samplers": self._sampler_rng_states()}
+        else:  # loaded and not resumed yet: the streams to continue are still the archive's, not this process's
+            rng, torch_rng = dict(pending[0]), pending[1]
         policy = self.policy  # type: ignore[attr-defined]
         metadata = {
             "algorithm": type(self).__name__,
@@ -253,7 +258,7 @@ class SafeAlgorithmMixin(ABC):
             },
             "adaptation_history": encode_value(self.adaptation_history, "adaptation_history"),  # type: ignore[attr-defined]
             "ep_info_buffer": encode_value(list(self.ep_info_buffer or []), "ep_info_buffer"),
-            "rng": {**json_rng, "samplers": self._sampler_rng_states()},
+            "rng": rng,
         }
         adapted = self.adapted_params  # type: ignore[attr-defined]
         tensors = {
