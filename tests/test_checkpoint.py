@@ -138,8 +138,9 @@ class StopAt(BaseCallback):
 def test_a_stopped_run_resumes_from_its_last_update_and_a_loaded_model_saves_its_streams(tmp_path: Path) -> None:
     """A callback stop inside the 4th meta-iteration left a final checkpoint labelled 3 updates and 1400 steps whose
     envs and streams had moved past the 3rd update (a resume ended off the straight run, 200 steps late); none is
-    written now, and the latest is the one at the last boundary saved. MetaCPO.load(p).save(q) wrote this process's streams instead of the archive's held-back ones, so a
-    resume from q differed from one from p; both resume the straight run bit for bit now."""
+    written now, and the latest is the one at the last boundary saved. MetaCPO.load(p).save(q) wrote this process's
+    streams instead of the archive's held-back ones, so a resume from q differed from one from p; both resume the
+    straight run bit for bit now."""
 
     def make() -> MetaCPO:
         return MetaCPO("MlpPolicy", make_task_distribution("Toy2DNav", seed=0, max_episode_steps=50), **SMALL)

@@ -101,7 +101,7 @@ def test_a_tampered_archive_is_refused_and_runs_nothing(algo: str, kind: str, sa
     marker = tmp_path / "pwned"
     path = _tampered(saved[algo], tmp_path, kind, marker)
     cls = {"MetaCPO": MetaCPO, "CPO": CPO}[algo]
-    with pytest.raises(ValueError, match=TAMPERINGS[kind]):
+    with pytest.raises(ArchiveError, match=TAMPERINGS[kind]):
         cls.load(path)
     assert not marker.exists()
 
@@ -166,3 +166,22 @@ def test_custom_classes_must_be_registered(tmp_path: Path) -> None:
     model.save(tmp_path / "model")
     assert MetaCPO.load(tmp_path / "model").policy_kwargs["activation_fn"] is Softsign
     assert os.path.exists(tmp_path / "model.zip")
+
+
+def test_ray_connection_settings_never_travel_in_an_archive(tmp_path: Path) -> None:
+    """ray_init_kwargs went into the archive and to ray.init when training resumed: a file could run a shell command
+    then (runtime_env's py_executable) or point the driver at another cluster. They are not saved, and an archive
+    holding them is refused before anything runs; load(..., sampler_kwargs=...) gives them again."""
+    options = {"num_workers": 2, "ray_init_kwargs": {"num_cpus": 2, "include_dashboard": False}}
+    model = MetaCPO("MlpPolicy", toy(), sampler="ray", sampler_kwargs=options, **SMALL)
+    path = model.save(tmp_path / "ray")
+    assert json.loads(zipfile.ZipFile(path).read(METADATA))["hyperparameters"]["sampler_kwargs"] == {"num_workers": 2}
+    assert MetaCPO.load(path).sampler_kwargs == {"num_workers": 2}
+    assert MetaCPO.load(path, sampler_kwargs=options).sampler_kwargs == options
+    marker = tmp_path / "pwned"
+    metadata = json.loads(zipfile.ZipFile(path).read(METADATA))
+    metadata["hyperparameters"]["sampler_kwargs"]["ray_init_kwargs"] = {"runtime_env": {"py_executable": f"touch {marker}"}}
+    tampered = _rewrite(path, tmp_path / "tampered.zip", {METADATA: json.dumps(metadata).encode()})
+    with pytest.raises(ArchiveError, match=r"holds sampler_kwargs \['ray_init_kwargs'\], which archives never hold"):
+        MetaCPO.load(tampered)
+    assert not marker.exists()

@@ -45,6 +45,10 @@ _ATTRIBUTE_OF_ARGUMENT = {
 }
 #: Constructor arguments that are not saved (given again when loading).
 _NOT_SAVED = ("self", "policy", "env", "device", "_init_setup_model")
+#: ``sampler_kwargs`` entries that are not saved either: how to reach or start Ray (``ray.init``'s ``address``,
+#: ``runtime_env``...) is the machine's, not the model's, and would let a file run code (e.g. a runtime environment's
+#: ``py_executable``) when training resumes. Give them again to ``load``.
+_NOT_SAVED_SAMPLER_OPTIONS = ("ray_init_kwargs",)
 
 
 def _package_version() -> str:
@@ -205,6 +209,8 @@ class SafeAlgorithmMixin(ABC):
                 value = float(self.lr_schedule(self._current_progress_remaining))  # type: ignore[attr-defined]
             if name == "policy_kwargs":
                 value = {key: item for key, item in (value or {}).items() if key != "n_costs"}  # set by _setup_model
+            if name == "sampler_kwargs" and value is not None:
+                value = {key: item for key, item in value.items() if key not in _NOT_SAVED_SAMPLER_OPTIONS}
             arguments[name] = encode_value(value, name)
         return arguments
 
@@ -303,6 +309,16 @@ class SafeAlgorithmMixin(ABC):
             policy_class = lookup_class(metadata["policy_class"])
         except KeyError as error:
             raise ArchiveError(f"{path}: the metadata has no {error}") from error
+        except ArchiveError:
+            raise
+        except ValueError as error:  # e.g. an unregistered class name
+            raise ArchiveError(f"{path}: {error}") from error
+        refused = [key for key in _NOT_SAVED_SAMPLER_OPTIONS if ((arguments or {}).get("sampler_kwargs") or {}).get(key)]
+        if refused:
+            raise ArchiveError(
+                f"{path} holds sampler_kwargs {refused}, which archives never hold (they could run code when training "
+                "resumes): pass them to load, e.g. load(path, sampler_kwargs={...})"
+            )
         accepted = set(inspect.signature(cls.__init__).parameters) - set(_NOT_SAVED)
         if not isinstance(arguments, dict) or not set(arguments) <= accepted:
             raise ArchiveError(f"{path}: the metadata names constructor arguments {cls.__name__} does not have")
@@ -365,7 +381,7 @@ class SafeAlgorithmMixin(ABC):
             self._resume_rng: tuple[Mapping[str, Any], th.Tensor] | None = (metadata["rng"], tensors["torch_rng"])
         except ArchiveError:
             raise
-        except (KeyError, TypeError, RuntimeError) as error:
+        except (KeyError, TypeError, RuntimeError, ValueError) as error:
             raise ArchiveError(f"the archive does not describe a consistent {type(self).__name__} model: {error}") from error
 
     def _resume_random_streams(self, reset_num_timesteps: bool) -> None:
