@@ -4,11 +4,13 @@ everything training needs."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,7 @@ from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 
 from sb3_metacpo import CPO, MetaCPO, make_task_distribution
 from sb3_metacpo.common.callbacks import ResumableCheckpointCallback
-from sb3_metacpo.common.serialization import read_archive
+from sb3_metacpo.common.serialization import METADATA, ArchiveError, read_archive
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = dict(meta_batch_size=2, n_steps=100, seed=0, policy_kwargs=dict(net_arch=[16]))
@@ -159,3 +161,80 @@ def test_a_stopped_run_resumes_from_its_last_update_and_a_loaded_model_saves_its
         assert resumed.num_timesteps == 1600
         for name, value in straight.policy.state_dict().items():
             assert th.equal(resumed.policy.state_dict()[name], value), (archive.name, name)
+
+
+def _cpo(max_episode_steps: int, n_steps: int) -> CPO:
+    distribution = make_task_distribution("Toy2DNav", seed=0, max_episode_steps=max_episode_steps)
+    return CPO(
+        "MlpPolicy", distribution, n_envs=2, n_steps=n_steps, seed=0, n_critic_updates=2, policy_kwargs=dict(net_arch=[8])
+    )
+
+
+def _episode_seeds(model: CPO) -> list[int]:
+    """Records the seeds of the episodes each rollout completes."""
+    seeds: list[int] = []
+    train = model.train
+
+    def recording_train() -> None:
+        assert model._rollout is not None
+        seeds.extend(int(episode.seed) for episode in model._rollout.episodes if episode.seed is not None)
+        train()
+
+    model.train = recording_train  # type: ignore[method-assign]
+    return seeds
+
+
+def test_cpo_resumes_its_envs_streams(tmp_path: Path) -> None:
+    """CPO.load without an env could not train (SB3's bare AssertionError), and a resumed CPO re-seeded its envs from
+    ``seed``, so its first episodes were the run's first ones again. It rebuilds its envs now and continues their
+    episode and task streams, restarting the episodes in flight: with episodes that end at the rollout boundary the
+    resumed run is the straight run's twin, bit for bit; otherwise no episode of the first half comes back."""
+    straight = _cpo(50, 100)
+    straight_seeds = _episode_seeds(straight)
+    straight.learn(800)
+    half = _cpo(50, 100)
+    first_seeds = _episode_seeds(half)
+    half.learn(400)
+    resumed = CPO.load(half.save(tmp_path / "half"))
+    resumed_seeds = _episode_seeds(resumed)
+    resumed.learn(400, reset_num_timesteps=False)
+    assert first_seeds + resumed_seeds == straight_seeds
+    for name, value in straight.policy.state_dict().items():
+        assert th.equal(resumed.policy.state_dict()[name], value), name
+    # episodes in flight at the checkpoint (30-step rollouts of 50-step episodes): restarted, then new ones
+    half = _cpo(50, 30)
+    first_seeds = _episode_seeds(half)
+    half.learn(300)
+    resumed = CPO.load(half.save(tmp_path / "mid"))
+    resumed_seeds = _episode_seeds(resumed)
+    resumed.learn(300, reset_num_timesteps=False)
+    assert resumed_seeds and not set(first_seeds) & set(resumed_seeds)
+
+
+@pytest.mark.parametrize("env", ["Toy2DNav", "task", "SafetyPointGoal1Gymnasium-v0"])
+def test_cpo_load_rebuilds_the_envs_it_was_built_on(env: str, tmp_path: Path) -> None:
+    distribution = make_task_distribution("Toy2DNav", seed=0, max_episode_steps=50)
+    task = distribution.test_tasks(1)[0]
+    model = CPO("MlpPolicy", distribution if env == "task" else env, n_steps=64, seed=0, policy_kwargs=dict(net_arch=[8]))
+    if env == "task":
+        model.set_env(task)
+    loaded = CPO.load(model.save(tmp_path / "model"))
+    assert loaded.env is not None and loaded.env_source == model.env_source
+    if env == "task":
+        assert loaded.env.get_attr("task") == [task]
+    loaded.learn(64, reset_num_timesteps=False)
+    assert loaded.num_timesteps == 64
+
+
+def test_a_saved_env_id_that_names_a_module_is_refused(tmp_path: Path) -> None:
+    """An id "module:Env" would make gymnasium import the module: an archive's env id must be a plain one."""
+    path = CPO("MlpPolicy", "SafetyPointGoal1Gymnasium-v0", n_steps=64, seed=0).save(tmp_path / "model")
+    metadata = json.loads(zipfile.ZipFile(path).read(METADATA))
+    metadata["env_source"] = {"id": "antigravity:Env-v0"}
+    members = {name: zipfile.ZipFile(path).read(name) for name in zipfile.ZipFile(path).namelist()}
+    members[METADATA] = json.dumps(metadata).encode()
+    with zipfile.ZipFile(tmp_path / "tampered.zip", "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    with pytest.raises(ArchiveError, match="does not name an env id"):
+        CPO.load(tmp_path / "tampered.zip")

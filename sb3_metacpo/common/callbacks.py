@@ -35,8 +35,9 @@ class ResumableCheckpointCallback(BaseCallback):
         model = MetaCPO.load(ResumableCheckpointCallback.latest(folder))
         model.learn(total_timesteps - model.num_timesteps, callback=..., reset_num_timesteps=False)
 
-    and MetaCPO and MetaTRPO then reach bit-identical parameters to the uninterrupted run (CPO's episodes run across
-    rollouts, so its envs restart their episodes on resuming). Files are written atomically.
+    and MetaCPO and MetaTRPO then reach bit-identical parameters to the uninterrupted run (CPO on a task family too
+    when its envs were at episode boundaries; its episodes run across rollouts, and those in flight restart on
+    resuming). Files are written atomically.
 
     :param save_freq: updates between checkpoints
     :param save_path: the folder of the checkpoints

@@ -28,7 +28,7 @@ from sb3_metacpo.tasks.base import Task, TaskDistribution
 from sb3_metacpo.tasks.compat import import_safety_gymnasium
 from sb3_metacpo.tasks.monitor import CostMonitor
 from sb3_metacpo.tasks.safety_gym import fast_standard_env
-from sb3_metacpo.tasks.task_env import TaskEnv
+from sb3_metacpo.tasks.task_env import REPLAY_OPTION, TaskEnv
 
 #: What the algorithms accept as an env: a gymnasium env, a VecEnv, an env id, a task distribution, or a task.
 SafeEnv = gym.Env | VecEnv | str | TaskDistribution | Task
@@ -202,7 +202,8 @@ class ResampleTaskOnReset(gym.Wrapper):
     """A task env that switches to a freshly drawn training task of its distribution at every reset.
 
     Task draws come from their own stream, seeded by the first ``reset(seed=...)`` (separately from the episode
-    seeds), so a seeded VecEnv sees the same task sequence on every run.
+    seeds), so a seeded VecEnv sees the same task sequence on every run. ``reset(options={"episode_seed": s})``
+    replays episode ``s`` of the current task (no new task is drawn).
     """
 
     def __init__(self, distribution: TaskDistribution) -> None:
@@ -218,10 +219,20 @@ class ResampleTaskOnReset(gym.Wrapper):
     def task(self) -> Task:
         return self._task_env.task
 
+    def task_rng_state(self) -> dict[str, Any]:
+        """The state of the task stream (JSON-serialisable)."""
+        return dict(self._rng.bit_generator.state)
+
+    def set_task_rng_state(self, state: dict[str, Any]) -> None:
+        """Continue the task stream from ``state`` (of :meth:`task_rng_state`)."""
+        self._rng = np.random.default_rng()
+        self._rng.bit_generator.state = state
+
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Any, dict]:
         if seed is not None:
             self._rng = np.random.default_rng((seed, 1))
-        self._task_env.set_task(self.distribution.sample(1, self._rng)[0])
+        if not (options and REPLAY_OPTION in options):
+            self._task_env.set_task(self.distribution.sample(1, self._rng)[0])
         return self.env.reset(seed=seed, options=options)
 
 

@@ -262,6 +262,7 @@ class SafeAlgorithmMixin(ABC):
                 "progress_remaining": float(self._current_progress_remaining),  # type: ignore[attr-defined]
                 "n_envs": None if getattr(self, "n_envs", None) is None else int(self.n_envs),  # type: ignore[attr-defined]
             },
+            "env_source": getattr(self, "env_source", None),
             "adaptation_history": encode_value(self.adaptation_history, "adaptation_history"),  # type: ignore[attr-defined]
             "ep_info_buffer": encode_value(list(self.ep_info_buffer or []), "ep_info_buffer"),
             "rng": rng,
@@ -328,9 +329,35 @@ class SafeAlgorithmMixin(ABC):
             raise ValueError(f"{cls.__name__}.load: unknown arguments {unknown}; it accepts {sorted(accepted)}")
         model = cls(policy_class, None, device=device, _init_setup_model=False, **{**arguments, **overrides})  # type: ignore[call-arg]
         model._restore(metadata, tensors)
+        saved = env is None
+        if saved:
+            env = model._saved_env(metadata.get("env_source"), path)
         if env is not None:
-            model._use_env_after_load(env, force_reset, set(overrides))
+            model._use_env_after_load(env, force_reset, set(overrides), saved)
         return model
+
+    def _saved_env(self, source: Any, path: str | os.PathLike[str]) -> Any:
+        """What a loaded model trains on when ``load`` is given no env, from the archive's ``env_source`` (CPO's: an
+        env id, its task distribution or a task of it); None for none (MetaCPO's distribution is restored as its
+        own; env objects were not saved)."""
+        if source is None:
+            return None
+        distribution = self._get_task_distribution()
+        if isinstance(source, dict) and set(source) == {"id"}:
+            env_id = source["id"]
+            # only a plain id: an "entry:point" id would make gymnasium import a module the file names
+            if isinstance(env_id, str) and ":" not in env_id:
+                return env_id
+        elif isinstance(source, dict) and source == {"task_distribution": True} and distribution is not None:
+            return distribution
+        elif isinstance(source, dict) and set(source) == {"task"} and distribution is not None:
+            try:
+                task = distribution.task_from_dict(source["task"])
+                distribution.validate_task(task)
+            except (TypeError, ValueError) as error:
+                raise ArchiveError(f"{path}: the saved task is not one of {distribution.name}: {error}") from error
+            return task
+        raise ArchiveError(f"{path}: env_source {source!r} does not name an env id, the task distribution or a task")
 
     @classmethod
     def load_sb3_archive(cls: type[SelfSafeAlgorithm], path: str | os.PathLike[str], **kwargs: Any) -> SelfSafeAlgorithm:
@@ -344,8 +371,9 @@ class SafeAlgorithmMixin(ABC):
         return model
 
     @abstractmethod
-    def _use_env_after_load(self, env: Any, force_reset: bool, overridden: set[str]) -> None:
-        """Train and adapt on ``env`` after loading (``overridden``: the constructor arguments given to ``load``)."""
+    def _use_env_after_load(self, env: Any, force_reset: bool, overridden: set[str], saved: bool = False) -> None:
+        """Train and adapt on ``env`` after loading (``overridden``: the constructor arguments given to ``load``;
+        ``saved``: the env is the one the archive describes, rebuilt)."""
 
     def _restore(self, metadata: Mapping[str, Any], tensors: Mapping[str, Any]) -> None:
         """Rebuild the model of an archive: spaces, task distribution (and its stream), networks, optimiser,

@@ -28,7 +28,7 @@ from sb3_metacpo.common.checks import (
     is_real,
 )
 from sb3_metacpo.common.cpo_update import CPOConfig, Params, PreparedBatch, cpo_update, prepare_batch
-from sb3_metacpo.common.envs import SafeEnv, make_safe_vec_env, vec_env_time_limit
+from sb3_metacpo.common.envs import ResampleTaskOnReset, SafeEnv, make_safe_vec_env, vec_env_time_limit
 from sb3_metacpo.common.policies import CPOPolicy
 from sb3_metacpo.common.profiling import phase
 from sb3_metacpo.common.rollouts import (
@@ -41,8 +41,9 @@ from sb3_metacpo.common.rollouts import (
 )
 from sb3_metacpo.common.safe_algorithm import DEFAULT_COST_LIMIT, SafeAlgorithmMixin
 from sb3_metacpo.common.threads import with_limited_blas_threads
-from sb3_metacpo.tasks.base import TaskDistribution, list_task_distributions, make_task_distribution
+from sb3_metacpo.tasks.base import Task, TaskDistribution, list_task_distributions, make_task_distribution
 from sb3_metacpo.tasks.monitor import episode_cost
+from sb3_metacpo.tasks.task_env import REPLAY_OPTION, TaskEnv
 
 SelfCPO = TypeVar("SelfCPO", bound="CPO")
 #: Numeric constructor arguments (numpy scalars are turned into Python numbers once validated).
@@ -171,6 +172,9 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):  # type: igno
         self.n_envs_requested = n_envs
         self.vec_env_cls = vec_env_cls
         self.task_distribution: TaskDistribution | None = None
+        #: what its envs were built from, as JSON (an id, its task distribution or a task of it; None for env objects
+        #: and VecEnvs): saved, so that ``load`` without an env builds them again
+        self.env_source: dict[str, Any] | None = None
         self.task_distribution_name: str | None = None
         self.task_distribution_params: dict[str, Any] | None = None
         self.adapted_params: Params | None = None
@@ -242,6 +246,14 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):  # type: igno
         if isinstance(env, TaskDistribution):
             self._remember_task_distribution(env)
         distribution = self._get_task_distribution()
+        if isinstance(env, str):
+            self.env_source = {"id": env}
+        elif isinstance(env, TaskDistribution):
+            self.env_source = {"task_distribution": True}
+        elif isinstance(env, Task):
+            self.env_source = {"task": env.to_dict()}
+        else:
+            self.env_source = None
         vec_env = make_safe_vec_env(env, self.n_envs_requested, self.vec_env_cls, distribution)
         if self.seed is not None and not isinstance(env, (gym.Env, VecEnv)):
             vec_env.seed(self.seed)
@@ -447,8 +459,64 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):  # type: igno
             self.reset_adaptation()
         return super().learn(int(total_timesteps), callback, log_interval, tb_log_name, reset_num_timesteps, progress_bar)
 
-    def _use_env_after_load(self, env: Any, force_reset: bool, overridden: set[str]) -> None:
-        if self.n_envs_requested > 1 and "n_envs" not in overridden and not isinstance(env, (gym.Env, VecEnv)):
+    # --- random streams of the envs, for a resumed run ------------------------------------------------------------
+    def _sampler_rng_states(self) -> dict[str, Any]:
+        """For envs of a task family: each env's episode-seed stream, its task stream when it draws a task per
+        episode, and the episode in flight (its seed and task), so that a resumed run restarts that episode and then
+        continues the streams instead of drawing the first episodes of ``seed`` again. None for other envs (ids,
+        env objects), whose random state is their own."""
+        env = self.env
+        if env is None or not all(env.env_is_wrapped(TaskEnv)):
+            return {}
+        in_flight = env.get_attr("episode_seed")
+        if any(seed is None for seed in in_flight):  # not reset yet: the streams are still to be seeded from seed
+            return {}
+        resampling = env.env_is_wrapped(ResampleTaskOnReset)
+        episode_streams = env.env_method("episode_rng_state")
+        tasks = [task.to_dict() for task in env.get_attr("task")]
+        task_streams = [
+            env.env_method("task_rng_state", indices=[index])[0] if draws else None for index, draws in enumerate(resampling)
+        ]
+        return {
+            "envs": [
+                {"episode_stream": stream, "task_stream": task_stream, "episode_seed": seed, "task": task}
+                for stream, task_stream, seed, task in zip(episode_streams, task_streams, in_flight, tasks, strict=True)
+            ]
+        }
+
+    def _set_sampler_rng_states(self, states: Mapping[str, Any]) -> None:
+        """Continue :meth:`_sampler_rng_states` on resuming: the envs, just reset from ``seed`` by SB3's
+        ``_setup_learn``, are set back to the saved streams and restart their episodes in flight."""
+        saved = states.get("envs")
+        env = self.env
+        if not saved or env is None:
+            return
+        distribution = self._get_task_distribution()
+        resampling = env.env_is_wrapped(ResampleTaskOnReset) if len(saved) == env.num_envs else []
+        same_kind = [(state["task_stream"] is not None) == draws for state, draws in zip(saved, resampling, strict=False)]
+        if len(saved) != env.num_envs or distribution is None or not all(env.env_is_wrapped(TaskEnv)) or not all(same_kind):
+            warnings.warn(
+                f"the archive's env streams are for {len(saved)} task envs, this model has {env.num_envs} envs of "
+                "another kind: they start from the model's seed, and the first episodes repeat the run's first ones",
+                stacklevel=3,
+            )
+            return
+        for index, state in enumerate(saved):
+            env.env_method("set_task", distribution.task_from_dict(state["task"]), indices=[index])
+            env.env_method("set_episode_rng_state", state["episode_stream"], indices=[index])
+            if state["task_stream"] is not None:
+                env.env_method("set_task_rng_state", state["task_stream"], indices=[index])
+        env.set_options([{REPLAY_OPTION: int(state["episode_seed"])} for state in saved])
+        self._last_obs = env.reset()  # type: ignore[assignment]
+        self._last_episode_starts = np.ones((env.num_envs,), dtype=bool)
+
+    def _use_env_after_load(self, env: Any, force_reset: bool, overridden: set[str], saved: bool = False) -> None:
+        pending = getattr(self, "_resume_rng", None)
+        if not saved and pending is not None:  # another env than the archive's: its streams are not this env's
+            json_state, torch_state = pending
+            samplers = {key: value for key, value in json_state.get("samplers", {}).items() if key != "envs"}
+            self._resume_rng = ({**json_state, "samplers": samplers}, torch_state)
+        if not saved and self.n_envs_requested > 1 and "n_envs" not in overridden and not isinstance(env, (gym.Env, VecEnv)):
             # An env the model builds (a task to fine-tune on, a distribution, an id) gets the saved number of envs,
             # and an update is n_steps steps of each: say so, as a run meant for one env would take n_envs x longer.
             warnings.warn(

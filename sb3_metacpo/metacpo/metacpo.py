@@ -643,7 +643,7 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):  # type: igno
         self.logger.record("time/total_timesteps", self.num_timesteps, exclude="tensorboard")
         self.logger.dump(step=self.num_timesteps)
 
-    def _use_env_after_load(self, env: Any, force_reset: bool, overridden: set[str]) -> None:
+    def _use_env_after_load(self, env: Any, force_reset: bool, overridden: set[str], saved: bool = False) -> None:
         self.set_task_distribution(env)
 
     def _sampler_rng_states(self) -> dict[str, Any]:
