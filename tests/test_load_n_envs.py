@@ -6,7 +6,7 @@ import warnings
 import pytest
 from stable_baselines3.common.env_util import make_vec_env
 
-from sb3_metacpo import CPO, make_task_distribution
+from sb3_metacpo import CPO, MetaCPO, make_task_distribution
 
 
 @pytest.fixture(scope="module")
@@ -56,3 +56,15 @@ def test_load_says_when_it_builds_the_saved_number_of_envs(saved):
     with pytest.warns(UserWarning, match=r"builds 4 envs .*the saved n_envs.*= 4000 env steps.*Pass n_envs="):
         model = CPO.load(path, env=task, n_steps=1000)
     assert model.n_envs == 4
+
+
+def test_meta_cpo_loaded_with_another_number_of_envs_resumes_from_its_seed(tmp_path):
+    """MetaCPO.load(path, n_envs=4) of a 2-env model failed on resuming ("2 episode-stream states for a sampler of 4
+    envs"): the saved streams are not those envs', so they start from the seed, and it says so."""
+    dist = make_task_distribution("Toy2DNav", seed=0, max_episode_steps=50)
+    model = MetaCPO("MlpPolicy", dist, meta_batch_size=2, n_steps=100, seed=0, policy_kwargs=dict(net_arch=[8]))
+    model.learn(400)
+    loaded = MetaCPO.load(model.save(tmp_path / "model"), n_envs=4)
+    with pytest.warns(UserWarning, match="episode streams are for 2 envs, this model has 4"):
+        loaded.learn(400, reset_num_timesteps=False)
+    assert loaded.num_timesteps == 800 and loaded._n_updates == 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Literal, TypeVar
@@ -650,5 +651,14 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):  # type: igno
         return {} if self.sampler is None else {"training": self.sampler.episode_rng_states()}
 
     def _set_sampler_rng_states(self, states: Mapping[str, Any]) -> None:
-        if "training" in states:
-            self._get_sampler().set_episode_rng_states(states["training"])
+        if "training" not in states:
+            return
+        sampler = self._get_sampler()
+        if len(states["training"]) != sampler.n_envs:  # loaded with another n_envs: the streams are not these envs'
+            warnings.warn(
+                f"the archive's episode streams are for {len(states['training'])} envs, this model has {sampler.n_envs}: "
+                "its envs start from the model's seed (the resumed run is not the uninterrupted one's continuation)",
+                stacklevel=3,
+            )
+            return
+        sampler.set_episode_rng_states(states["training"])
