@@ -212,9 +212,9 @@ def summarise(rows: list[dict[str, Any]], training: dict[str, dict[str, Any]], a
         f"method; {args.meta_batch_size} tasks per meta-iteration; batches of {args.n_steps} env steps; K = "
         f"{args.n_updates} inner updates in meta-training and {args.n_updates} adaptation updates; adaptation trust "
         f"region {args.inner_target_kl} (CPO's training steps too), meta trust region "
-        f"{getattr(args, 'outer_target_kl', 0.01)}; {args.eval_episodes} evaluation episodes of the stochastic policy "
-        "per task and "
-        "stage, on the same start states for every method.",
+        f"{getattr(args, 'outer_target_kl', 0.01)}; evaluation of the stochastic policy on {args.eval_episodes} "
+        "episode lengths of env steps per task and stage (at least that many episodes; more where episodes end early, "
+        "see n_episodes in results.csv), on the same start states for every method.",
         "",
         "Return and cost: mean over seeds of the task means, ± the 95 % t-interval over seeds. Paid: the mean episode "
         "cost of the batch each update was computed from (what a user pays while adapting). Under: share of "
