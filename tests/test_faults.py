@@ -58,9 +58,23 @@ FAULTS: dict[str, tuple[Fault, str]] = {
         lambda g, A, b, f: (g, A, None if b is None else _poison(b, INF), f),
         "non-finite constraint value",
     ),
+    "overflowing g (finite, squared norm inf)": (
+        lambda g, A, b, f: (g * th.finfo(g.dtype).max ** 0.75, A, b, f),
+        "reward gradient too large",
+    ),
+    "overflowing A (finite, squared norm inf)": (
+        lambda g, A, b, f: (g, None if A is None else A * th.finfo(A.dtype).max ** 0.75, b, f),
+        "cost gradient too large",
+    ),
     "NaN Fisher product": (_fisher_poisoned(NAN), "non-finite Fisher product"),
     "inf Fisher product": (_fisher_poisoned(INF), "non-finite Fisher product"),
     "zero Fisher product": (lambda g, A, b, f: (g, A, b, lambda v: th.zeros_like(v)), "Fisher product not positive definite"),
+    # positive curvature along g (the first search direction), negative along a later one: conjugate gradient stopped
+    # there and reported "ok" with a partial x, and the step was taken
+    "indefinite Fisher product (after the first CG step)": (
+        lambda g, A, b, f: (g, A, b, lambda v: f(v) - 0.9 * float(g @ f(g) / (g @ g)) * v),
+        "Fisher product not positive definite",
+    ),
     "parallel reward and cost gradients": (
         lambda g, A, b, f: (g, None if A is None else 3.0 * g.detach().expand_as(A).clone(), th.zeros_like(b), f),
         "parallel reward and cost gradients",
@@ -198,3 +212,19 @@ def test_fault_table_is_complete() -> None:
     for word in ("g (CG input)", "constraint value", "Fisher product", "zero Fisher", "parallel"):
         assert word in names
     assert math.isnan(NAN) and np.isinf(INF)
+
+
+@pytest.mark.parametrize("solver", ["analytic", "cvxpylayers"])
+def test_opposing_satisfied_constraints_do_not_raise(solver: str) -> None:
+    """Two opposing constraints (a₂ = −2a₁), both satisfied or at their limits: the feasible set is a slice of the
+    trust region, which the subproblem classes as recovery; the line search then took the largest violation of an
+    empty set of violated constraints and raised ValueError mid-training. It judges the step on the informative
+    constraints now: no exception, and a finite step that moves no constraint past its bound."""
+    g, A, _, fvp = _problem()
+    A = th.cat([A, -2.0 * A])
+    search = LineSearch(lambda step: (0.0, float(g @ step), [float(a @ step) for a in A]), 0.0, [0.0, 0.0])
+    for values in ([0.0, 0.0], [-1e-9, -1e-9], [-1e-12, -1e-12]):
+        b = th.tensor(values, dtype=th.float64)
+        result = constrained_step(g, A, b, fvp, StepConfig(target_kl=0.01, dual_solver=solver), search)
+        assert th.isfinite(result.step).all()
+        assert bool((b + A @ result.step <= 1e-9).all()), (values, result.case, result.rejection)

@@ -19,8 +19,8 @@ class CGResult:
 
     :ivar x: the approximate solution of H x = b
     :ivar status: ``"ok"`` (converged or ran its iterations), ``"non-finite"`` (a product Hp, a curvature or a
-        residual was NaN or inf: x is not a solution) or ``"not positive definite"`` (pᵀHp ≤ 0 on the first
-        direction, b itself: H is zero or indefinite along b and x = 0 says nothing)
+        residual was NaN or inf: x is not a solution) or ``"not positive definite"`` (pᵀHp ≤ 0 on a search
+        direction: H is zero or indefinite there, and x is not a solution of H x = b)
     :ivar iterations: iterations run
     """
 
@@ -68,7 +68,7 @@ def conjugate_gradient_solve(
         if not (math.isfinite(value) and bool(torch.isfinite(h_direction.detach()).all())):
             return CGResult(x, "non-finite", iteration)
         if not value > 0:
-            return CGResult(x, "not positive definite" if iteration == 0 else "ok", iteration)
+            return CGResult(x, "not positive definite", iteration)
         step = residual_sq / curvature
         x = x + step * direction
         residual = residual - step * h_direction

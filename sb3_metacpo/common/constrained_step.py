@@ -17,8 +17,10 @@ fault                                                        ``rejection``
 NaN or inf in g                                              ``"non-finite reward gradient"``
 NaN or inf in a row of A                                     ``"non-finite cost gradient"``
 NaN or inf in b                                              ``"non-finite constraint value"``
+g or a_j so large that its squared norm overflows            ``"reward gradient too large ..."`` / ``"cost ..."``
 NaN or inf from the Fisher product (in conjugate gradient)   ``"non-finite Fisher product"``
-a zero or indefinite Fisher product (pᵀHp ≤ 0 on g or a_j)   ``"Fisher product not positive definite"``
+a zero or indefinite Fisher product (pᵀHp ≤ 0 on a search    ``"Fisher product not positive definite"``
+direction of conjugate gradient, for g or a_j)
 reward and cost gradients parallel (cosine ≥ 1 − 1e-5 in     ``"parallel reward and cost gradients"``
 the H⁻¹ metric) where that constraint binds (dual case)
 NaN or inf in the subproblem's direction                     ``"non-finite step"``
@@ -258,6 +260,11 @@ def _input_fault(g: torch.Tensor, A: torch.Tensor | None, b: torch.Tensor | None
         return "non-finite cost gradient"
     if b is not None and not bool(torch.isfinite(b.detach()).all()):
         return "non-finite constraint value"
+    # finite, but conjugate gradient's squared norms would overflow (e.g. 1e20 in float32)
+    if not math.isfinite(float(g.detach() @ g.detach())):
+        return "reward gradient too large (its squared norm overflows)"
+    if A is not None and not bool(torch.isfinite((A.detach() * A.detach()).sum(-1)).all()):
+        return "cost gradient too large (its squared norm overflows)"
     return None
 
 
@@ -305,7 +312,8 @@ def backtracking_line_search(
 
     * the KL and surrogates are finite and the mean KL is at most δ;
     * while some informative constraint is violated (b_j > 0, or the ``"recovery"`` case): the largest normalised
-      violation among the violated constraints, (b_j + Δ_j)/√(2δs_j), strictly decreases (a step back into the
+      violation among the violated constraints (in the recovery case with none violated, a feasible set too thin to
+      step in: among all informative ones), (b_j + Δ_j)/√(2δs_j), strictly decreases (a step back into the
       feasible set may have to give up reward: demanding a reward gain there would leave the policy stuck above
       the limit); otherwise the reward surrogate strictly improves;
     * every informative constraint that is satisfied stays inside its linearised bound: Δ_j ≤ −b_j.
@@ -323,6 +331,8 @@ def backtracking_line_search(
         raise ValueError(f"Unknown CPO case {case!r}; expected one of {CPO_CASES}")
     violated = [j for j, (value, used) in enumerate(zip(b, informative, strict=True)) if used and value > 0]
     restore = case == RECOVERY or bool(violated)
+    if restore and not violated:  # the recovery case with every constraint satisfied (a sliver of a feasible set):
+        violated = [j for j, used in enumerate(informative) if used]  # the recovery program's worst one must drop
     worst_now = max((b[j] / scales[j] for j in violated), default=0.0)
     reason = "no candidate"
     with torch.no_grad():
@@ -336,7 +346,7 @@ def backtracking_line_search(
                 reason = "line search: non-finite KL or surrogate"
             elif kl > config.target_kl:
                 reason = "line search: KL above target_kl"
-            elif restore and not max((b[j] + cost_changes[j]) / scales[j] for j in violated) < worst_now:
+            elif restore and not max(((b[j] + cost_changes[j]) / scales[j] for j in violated), default=-math.inf) < worst_now:
                 reason = "line search: violation not reduced"
             elif not restore and not reward_improvement > 0:
                 reason = "line search: no reward improvement"
