@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import inspect
+import math
 import re
 import shlex
 import sys
@@ -134,7 +135,7 @@ def train_run(
             raise CLIError(f"env_kwargs of {family}: {error}") from error
     try:
         model = algo_cls(policy, env, seed=seed, verbose=verbose, **kwargs)
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, gym.error.Error) as error:  # gymnasium's: e.g. an env id it does not know
         source = conf_file or default_config_file(algo)
         raise CLIError(f"invalid hyperparameters for {algo} on {key} (from {source} and --hyperparams): {error}") from error
 
@@ -289,7 +290,7 @@ def adaptation_records(
     progress: bool = True,
 ) -> Iterator[tuple[dict[str, Any], Any]]:
     """Yield ``(record, model)`` after 0 .. n_updates adaptation updates on each task (records: see
-    :mod:`sb3_metacpo.plots`); ``model`` acts with that stage's policy only for CPO.
+    :mod:`sb3_metacpo.plots`); after the last update (k = ``n_updates`` > 0), ``model`` acts with the evaluated parameters.
 
     Every method adapts through the same protocol (``adaptation_steps``: CPO updates from the model's parameters,
     the meta-parameters for MetaCPO/MetaTRPO, CPO's own parameters for CPO) with ``n_steps`` env steps per update and
@@ -493,8 +494,8 @@ def _adaptation_gif(
 ) -> None:
     from sb3_metacpo.plots import policy_gif
 
-    if run.algo in META_ALGOS:  # act with the adapted policy (adapt re-runs the updates from the meta-parameters)
-        model = run.load().adapt(task, n_updates=args.n_updates, n_steps=args.n_steps)
+    # ``model`` acts with the parameters the records evaluated after the last update (adapting again would draw
+    # other batches and give another policy)
     env = distribution.make_env(task, render_mode="rgb_array")
     path = policy_gif(
         model,
@@ -520,7 +521,8 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     from sb3_metacpo.metacpo import MetaCPO
 
     # One adaptation protocol for every method: MetaCPO's batch and inner trust region for the family (or the options)
-    reference = load_hyperparams("MetaCPO", args.family, None, parse_overrides(args.hyperparams))
+    overrides = parse_overrides(args.hyperparams) if "MetaCPO" in methods else None  # they are checked per method
+    reference = load_hyperparams("MetaCPO", args.family, None, overrides)
     adapt_steps = args.n_steps or int(reference["n_steps"])
     adapt_kl = args.adapt_target_kl or float(
         reference.get("inner_target_kl", inspect.signature(MetaCPO.__init__).parameters["inner_target_kl"].default)
@@ -601,7 +603,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
     with_progress = [r for r in runs if (r / "progress.csv").exists() or r.name == "progress.csv"]
     written = []
     if with_progress:
-        out = Path(args.out) if args.out else with_progress[0] / "learning_curves.png"
+        first = with_progress[0]
+        out = Path(args.out) if args.out else (first.parent if first.name == "progress.csv" else first) / "learning_curves.png"
         plot_learning_curves(with_progress, out, cost_limit=args.cost_limit, title=args.title)
         written.append(out)
     records = [r for r in runs if r.suffix == ".csv" and r.name != "progress.csv"]
@@ -624,6 +627,20 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
 
 
@@ -716,7 +733,7 @@ def build_parser() -> argparse.ArgumentParser:
         "adaptation.csv (the records of sb3_metacpo.plots) and adaptation.png.",
     )
     _add_evaluation_options(adapt)
-    adapt.add_argument("--n-updates", type=int, default=3, help="adaptation updates per task (default: 3)")
+    adapt.add_argument("--n-updates", type=_non_negative_int, default=3, help="adaptation updates per task (default: 3)")
     adapt.add_argument(
         "--n-steps",
         type=_positive_int,
@@ -740,14 +757,14 @@ def build_parser() -> argparse.ArgumentParser:
     benchmark.add_argument("-n", "--n-timesteps", type=_positive_int, help="training budget of every method (default: config)")
     benchmark.add_argument("--hyperparams", nargs="+", metavar="KEY:VALUE", help="overrides for every trained method")
     benchmark.add_argument("--n-tasks", type=_positive_int, default=3, help="held-out tasks (default: 3)")
-    benchmark.add_argument("--n-updates", type=int, default=3, help="adaptation updates (default: 3)")
+    benchmark.add_argument("--n-updates", type=_non_negative_int, default=3, help="adaptation updates (default: 3)")
     benchmark.add_argument("--n-eval-episodes", type=_positive_int, default=5, help="episodes per stage (default: 5)")
     benchmark.add_argument(
         "--n-steps", type=_positive_int, help="env steps per adaptation update, every method (default: MetaCPO's n_steps)"
     )
     benchmark.add_argument(
         "--adapt-target-kl",
-        type=float,
+        type=_positive_float,
         help="trust region of the adaptation updates, every method (default: MetaCPO's inner_target_kl)",
     )
     benchmark.add_argument("--deterministic", action="store_true", help="evaluate the mean action")

@@ -36,7 +36,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
 from sb3_metacpo.cpo import CPO
 from sb3_metacpo.meta_trpo import MetaTRPO
 from sb3_metacpo.metacpo import MetaCPO
-from sb3_metacpo.tasks.base import TaskDistribution
+from sb3_metacpo.tasks.base import TaskDistribution, list_task_distributions, task_distribution_class
 
 #: The algorithms of the command line, by name.
 ALGOS: dict[str, type[BaseAlgorithm]] = {"MetaCPO": MetaCPO, "MetaTRPO": MetaTRPO, "CPO": CPO}
@@ -139,7 +139,8 @@ def load_hyperparams(
     else:
         valid = ", ".join(map(str, sections)) or "none"
         raise ConfigError(f"{path} has no section {key!r}; its sections: {valid}")
-    hyperparams = validate_hyperparams(algo, {**section, **(overrides or {})}, f"{path} [{key}]")
+    family = key if key in list_task_distributions() else None
+    hyperparams = validate_hyperparams(algo, {**section, **(overrides or {})}, f"{path} [{key}]", family)
     hyperparams.setdefault("policy", "MlpPolicy")
     return hyperparams
 
@@ -155,8 +156,9 @@ def constructor_parameters(algo: str) -> dict[str, inspect.Parameter]:
     }
 
 
-def validate_hyperparams(algo: str, hyperparams: Mapping[str, Any], source: str) -> dict[str, Any]:
-    """Raise a ConfigError naming ``source`` and the key for an unknown key or a value of the wrong type.
+def validate_hyperparams(algo: str, hyperparams: Mapping[str, Any], source: str, family: str | None = None) -> dict[str, Any]:
+    """Raise a ConfigError naming ``source`` and the key for an unknown key or a value of the wrong type
+    (``env_kwargs`` against the arguments of ``family``'s constructor, or of every family's when None).
 
     :return: the hyperparameters with numbers written as strings (``1e6``, ``3e-4``: YAML 1.1 reads a number
         without a dot as a string) converted where a number is expected
@@ -182,7 +184,7 @@ def validate_hyperparams(algo: str, hyperparams: Mapping[str, Any], source: str)
             if not isinstance(value, str):
                 raise ConfigError(f"{source}: policy = {value!r} must be a policy alias string such as 'MlpPolicy'")
         elif key == "env_kwargs":
-            _check_env_kwargs(value, source)
+            _check_env_kwargs(value, source, family)
         else:
             converted = _convert(key, value, source)
             if not _matches(converted, hint_type):
@@ -229,13 +231,21 @@ def _coerce_number(value: Any, hint: Any) -> Any:
     return value
 
 
-def _check_env_kwargs(value: Any, source: str) -> None:
+def _check_env_kwargs(value: Any, source: str, family: str | None) -> None:
     if value is None:
         return
     if not isinstance(value, dict):
         raise ConfigError(f"{source}: env_kwargs = {value!r} must be a mapping of make_task_distribution arguments")
-    valid = [n for n in inspect.signature(TaskDistribution.__init__).parameters if n != "self"]
+    cls = TaskDistribution if family is None else task_distribution_class(family)
+    # the family's own arguments and those it passes on to TaskDistribution's (through **kwargs)
+    constructors = [
+        klass.__init__ for klass in cls.__mro__ if issubclass(klass, TaskDistribution) and "__init__" in vars(klass)
+    ]
+    skip = ("self", "seed", "args", "kwargs")
+    valid = list(dict.fromkeys(n for init in constructors for n in inspect.signature(init).parameters if n not in skip))
     for key in value:
+        if key == "seed":
+            raise ConfigError(f"{source}: env_kwargs.seed cannot be set in a hyperparameter file; it is set by --seed")
         if key not in valid:
             raise ConfigError(f"{source}: unknown key env_kwargs.{key}; valid keys: {', '.join(valid)}")
 

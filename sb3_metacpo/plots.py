@@ -7,8 +7,8 @@ raise an ImportError naming the extra to install: ``pip install sb3-metacpo[plot
 folder (``sb3-metacpo train`` writes one per run; in Python, ``model.set_logger(configure(folder, ["csv"]))``).
 Columns used: ``time/total_timesteps`` (x), ``rollout/ep_rew_mean`` and ``rollout/ep_cost_mean`` (the mean over
 the last episodes of every batch: for MetaCPO/MetaTRPO these mix pre- and post-adaptation batches), and, when
-present (MetaCPO, MetaTRPO), ``meta/pre_adapt_ep_{rew,cost}_mean`` and ``meta/post_adapt_ep_{rew,cost}_mean`` (the
-training tasks' batches before and after the inner updates) and ``meta/cost_limit``. Runs with the same label
+present (MetaCPO, MetaTRPO), ``meta/post_adapt_ep_{rew,cost}_mean`` (the training tasks' batches after the inner
+updates) and ``meta/cost_limit``. Runs with the same label
 (by default the algorithm and family of the run's ``config.yml``, else the folder name without its ``_<n>``
 suffix) are different seeds: they are drawn as the mean with a ± one standard deviation band.
 
@@ -62,7 +62,6 @@ X_KEY = "time/total_timesteps"
 REWARD_KEY = "rollout/ep_rew_mean"
 COST_KEY = "rollout/ep_cost_mean"
 POST_ADAPT_KEYS = ("meta/post_adapt_ep_rew_mean", "meta/post_adapt_ep_cost_mean")
-PRE_ADAPT_KEYS = ("meta/pre_adapt_ep_rew_mean", "meta/pre_adapt_ep_cost_mean")
 
 
 def _pyplot() -> Any:

@@ -188,3 +188,39 @@ def test_plot_command(run_folder, tmp_path):
     assert main(["plot", str(run_folder), str(run_folder), "-o", str(out), "--title", "twice"]) == 0
     assert out.stat().st_size > 10_000
     assert main(["plot", str(tmp_path)]) == 2  # nothing to plot there
+
+
+def test_plot_of_a_progress_file_writes_beside_it(run_folder, tmp_path):
+    """plot logs/<run>/progress.csv made its default output a path under the file itself (FileExistsError)."""
+    progress = tmp_path / "run" / "progress.csv"
+    progress.parent.mkdir()
+    progress.write_bytes((run_folder / "progress.csv").read_bytes())
+    assert main(["plot", str(progress)]) == 0
+    assert (progress.parent / "learning_curves.png").stat().st_size > 0
+
+
+def test_env_kwargs_take_the_familys_own_arguments(tmp_path, capsys):
+    """env_kwargs were checked against TaskDistribution's arguments only: Toy2DNav's speed_limit was refused, and
+    seed passed the check and failed later without naming the file and key."""
+    family_options = ["meta_batch_size:2", "n_steps:100", "policy_kwargs:{net_arch: [16]}"]
+    speed = [*family_options, "env_kwargs:{max_episode_steps: 50, speed_limit: 1.0}"]
+    assert train(tmp_path / "speed", hyperparams=speed) == 0
+    assert MetaCPO.load(str(tmp_path / "speed" / "MetaCPO_Toy2DNav_1" / "model.zip")).task_distribution.speed_limit == 1.0
+    assert train(tmp_path / "seed", hyperparams=[*family_options, "env_kwargs:{seed: 3}"]) == 2
+    assert "env_kwargs.seed cannot be set in a hyperparameter file; it is set by --seed" in capsys.readouterr().err
+
+
+def test_usage_errors_exit_2_before_training(tmp_path, capsys):
+    """A negative --n-updates or --adapt-target-kl and an unknown env id gave tracebacks and exit 1 (the benchmark
+    after training every method); --hyperparams of a benchmark without MetaCPO were checked against MetaCPO."""
+    for argv in (
+        ["adapt", str(tmp_path), "--n-updates", "-1"],
+        ["benchmark", "--adapt-target-kl", "-1", "--dry-run"],
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+    assert main(["train", "--algo", "CPO", "--env", "Foo-v0", "-f", str(tmp_path), "--no-progress"]) == 2
+    assert "Foo" in capsys.readouterr().err
+    argv = ["benchmark", "--methods", "CPO", "--hyperparams", "target_kl:0.02", "--dry-run"]
+    assert main(argv) == 0

@@ -264,8 +264,14 @@ def list_task_distributions() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def make_task_distribution(name: str, **overrides: Any) -> TaskDistribution:
-    """Build the registered family ``name``; ``overrides`` go to its constructor (seed, ranges, episode length)."""
+def task_distribution_class(name: str) -> type[TaskDistribution]:
+    """The class of the registered family ``name`` (its constructor's arguments are what
+    :func:`make_task_distribution` accepts for it)."""
     if not isinstance(name, str) or name not in _REGISTRY:
         raise ValueError(f"unknown task distribution {name!r}; known ones are: {', '.join(list_task_distributions())}")
-    return _REGISTRY[name](**overrides)
+    return _REGISTRY[name]
+
+
+def make_task_distribution(name: str, **overrides: Any) -> TaskDistribution:
+    """Build the registered family ``name``; ``overrides`` go to its constructor (seed, ranges, episode length)."""
+    return task_distribution_class(name)(**overrides)
