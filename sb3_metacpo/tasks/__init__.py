@@ -7,6 +7,7 @@ from sb3_metacpo.tasks.base import (
     list_task_distributions,
     make_task_distribution,
     register_task_distribution,
+    task_distribution_class,
 )
 from sb3_metacpo.tasks.safety_gym import (
     CarCircle,
@@ -38,4 +39,5 @@ __all__ = [
     "list_task_distributions",
     "make_task_distribution",
     "register_task_distribution",
+    "task_distribution_class",
 ]
