@@ -46,14 +46,17 @@ def main() -> None:
 
     # Adapt a second copy (the meta-policy keeps acting as trained), evaluating before and after every update.
     adapted = MetaCPO.load(path)
-    records = []
+    records, last = [], None
     for k, params in adapted.adaptation_steps(task, n_updates=args.n_updates):
+        last = params
         result = adapted.evaluate_params(task, params, args.eval_episodes, seed=1)
         records.append(
             {"method": "MetaCPO", "task": 0, "seed": 0, "update": k, "return": result.ep_rew_mean, "cost": result.ep_cost_mean}
         )
         print(f"after {k} update(s): return {result.ep_rew_mean:.1f}, cost {result.ep_cost_mean:.2f}")
-    adapted.adapt(task, n_updates=args.n_updates)  # keep the adapted parameters for predict()
+    # act with the parameters just evaluated (adapting again would draw new batches and give another policy)
+    adapted.adapted_params = last
+    adapted.policy.set_actor_override(last)
 
     curves = os.path.join(args.out, "adaptation.png")
     plot_adaptation_curves(records, curves, cost_limit=adapted.effective_cost_limit)

@@ -3,13 +3,16 @@
     python examples/compare_methods.py                                   # ~5 minutes on 2 CPU cores
     python examples/compare_methods.py --timesteps 2000 --n-steps 100 --meta-batch-size 2 --n-tasks 1 --eval-episodes 2
 
-Every trained method gets ``--timesteps`` env steps on the Toy2DNav training distribution; then each adapts to the
-same held-out tasks with the same number of CPO updates and batch size, through
-:func:`sb3_metacpo.common.evaluation.meta_evaluate` (evaluation episodes separate from the adaptation batches, the
-stochastic policy). ``CPO-scratch`` adapts from a random initialisation. Prints a table of return and cost before and
-after adapting, with the cost paid while adapting, and writes ``adaptation.csv`` and ``adaptation.png`` to ``--out``.
-This is the protocol of ``benchmarks/adaptation.py`` at a budget you choose (that script also fixes the episode
-seeds across methods and reports intervals over seeds).
+Every trained method gets at least ``--timesteps`` env steps on the Toy2DNav training distribution (the meta-methods
+in whole meta-iterations: the steps and updates each got are printed); then each adapts to the same held-out tasks
+with the same number of CPO updates, batch size and trust region (``--target-kl``, also the meta-methods' inner and
+CPO-pretrain's training trust region), through :func:`sb3_metacpo.common.evaluation.meta_evaluate` (evaluation
+episodes separate from the adaptation batches, the stochastic policy). ``CPO-pretrain`` trains on as many envs as
+the meta-methods have tasks per meta-iteration; ``CPO-scratch`` adapts from a random initialisation. Prints a table
+of return and cost before and after adapting, with the cost paid while adapting, and writes ``adaptation.csv`` and
+``adaptation.png`` to ``--out``. ``benchmarks/adaptation.py`` (the published results) uses this protocol, and also
+evaluates the unseen tasks of the training ranges beside these shifted ones, fixes the evaluation episodes' seeds
+across methods and reports intervals over seeds.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ def main() -> None:
     parser.add_argument("--n-updates", type=int, default=1, help="inner updates in meta-training = adaptation updates")
     parser.add_argument("--n-tasks", type=int, default=5, help="held-out tasks")
     parser.add_argument("--eval-episodes", type=int, default=20, help="evaluation episodes per task and stage")
+    parser.add_argument("--target-kl", type=float, default=0.02, help="trust region of every adaptation update")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=os.path.join("runs", "compare_methods"))
     args = parser.parse_args()
@@ -42,16 +46,23 @@ def main() -> None:
     def dist():  # every method gets its own copy of the same distribution (same seed, same training tasks)
         return make_task_distribution("Toy2DNav", seed=args.seed)
 
-    meta = dict(meta_batch_size=args.meta_batch_size, n_inner_updates=args.n_updates, n_steps=args.n_steps, seed=args.seed)
+    meta = dict(
+        meta_batch_size=args.meta_batch_size,
+        n_inner_updates=args.n_updates,
+        n_steps=args.n_steps,
+        inner_target_kl=args.target_kl,
+        seed=args.seed,
+    )
+    cpo = dict(n_envs=args.meta_batch_size, n_steps=args.n_steps, target_kl=args.target_kl, seed=args.seed)
     methods = {
         "Meta-CPO": MetaCPO("MlpPolicy", dist(), **meta),
         "Meta-TRPO": MetaTRPO("MlpPolicy", dist(), **meta),
-        "CPO-pretrain": CPO("MlpPolicy", dist(), n_steps=args.n_steps, seed=args.seed),  # multi-task CPO
+        "CPO-pretrain": CPO("MlpPolicy", dist(), **cpo),  # multi-task CPO
     }
     for name, model in methods.items():
-        print(f"training {name} for {args.timesteps} env steps")
         model.learn(args.timesteps)
-    methods["CPO-scratch"] = CPO("MlpPolicy", dist(), n_steps=args.n_steps, seed=args.seed)  # adapts from scratch
+        print(f"trained {name}: {model.num_timesteps} env steps, {model._n_updates} policy updates")
+    methods["CPO-scratch"] = CPO("MlpPolicy", dist(), **cpo)  # adapts from scratch
 
     tasks = dist().test_tasks(args.n_tasks)  # held out: never trained on
     limit = methods["Meta-CPO"].effective_cost_limit
@@ -59,8 +70,9 @@ def main() -> None:
     print(f"\n{len(tasks)} held-out tasks, {args.n_updates} update(s) of {args.n_steps} steps, cost limit {limit:g}")
     print(f"{'method':14s} {'return before':>13s} {'after':>7s} {'cost before':>11s} {'paid':>6s} {'after':>6s} under")
     for name, model in methods.items():
-        # CPO adapts with its own trust region (target_kl); the meta-methods with their inner settings
-        results = meta_evaluate(model, tasks, args.n_updates, args.n_steps, n_eval_episodes=args.eval_episodes)
+        results = meta_evaluate(
+            model, tasks, args.n_updates, args.n_steps, n_eval_episodes=args.eval_episodes, target_kl=args.target_kl
+        )
         for r in results:
             records.append(
                 {

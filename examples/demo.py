@@ -6,7 +6,9 @@
 For each unseen task (drawn from the training ranges, never trained on) the meta-trained policy adapts with the
 same number of CPO updates and batch size as in meta-training; the *stochastic* policy (the one CPO constrains) is
 evaluated before and after every update on ``--eval-episodes`` episodes, and the cost of the adaptation batches (what
-a user pays while adapting) is shown beside it. A randomly initialised policy adapts the same way for comparison.
+a user pays while adapting) is shown beside it. A randomly initialised policy adapts the same way for comparison
+(CPO with MetaCPO's adaptation settings: the same updates, batch size, trust region, upper-confidence margin and
+conjugate-gradient steps).
 Outputs go to ``--out`` (default ``runs/demo``): the trained model and ``adaptation.png``.
 """
 
@@ -47,7 +49,10 @@ def main() -> None:
     print(f"Meta-training MetaCPO on {dist.name} for {args.timesteps} env steps (cost limit {limit:g} per episode)")
     start = time.perf_counter()
     model.learn(args.timesteps, progress_bar=True)
-    print(f"meta-training took {time.perf_counter() - start:.0f} s ({model._n_updates} meta-updates)")
+    print(
+        f"meta-training took {time.perf_counter() - start:.0f} s ({model._n_updates} meta-updates, "
+        f"{model.num_timesteps} env steps: whole meta-iterations)"
+    )
     model.save(os.path.join(args.out, f"metacpo_{dist.name}"))
 
     tasks = dist.unseen_tasks(args.n_test)
@@ -57,11 +62,20 @@ def main() -> None:
         "before and after every update"
     )
     records = meta_evaluate(model, tasks, args.n_updates, n_steps, args.eval_episodes, progress_bar=True)
-    scratch = CPO("MlpPolicy", make_task_distribution(args.family, seed=args.seed), target_kl=0.02, seed=args.seed)
+    # the baseline adapts with MetaCPO's adaptation settings, so that only the initial policy differs
+    scratch = CPO(
+        "MlpPolicy",
+        make_task_distribution(args.family, seed=args.seed),
+        target_kl=model.inner_target_kl,
+        cost_confidence=model.cost_confidence,
+        cg_max_steps=model.cg_max_steps,
+        seed=args.seed,
+    )
     baseline = meta_evaluate(scratch, tasks, args.n_updates, n_steps, args.eval_episodes, progress_bar=True)
 
+    width = max(len(task.short()) for task in tasks)
     header = (
-        f"{'unseen task':<58} {'return before':>13} {'after':>7} {'cost before':>12} {'paid':>6} {'after (± s.e.)':>15}"
+        f"{'unseen task':<{width}} {'return before':>13} {'after':>7} {'cost before':>12} {'paid':>6} {'after (± s.e.)':>15}"
         f" | {'random init: return':>19} {'cost':>5}"
     )
     print("\n" + header + "\n" + "-" * len(header))
@@ -71,7 +85,7 @@ def main() -> None:
         paid = np.mean([row.adaptation_ep_cost_mean for row in rows[1:]])
         other = [record for record in baseline if record.task == task][-1]
         print(
-            f"{task.short():<58} {before.ep_rew_mean:>13.1f} {after.ep_rew_mean:>7.1f} {before.ep_cost_mean:>12.2f} "
+            f"{task.short():<{width}} {before.ep_rew_mean:>13.1f} {after.ep_rew_mean:>7.1f} {before.ep_cost_mean:>12.2f} "
             f"{paid:>6.2f} {after.ep_cost_mean:>7.2f} ± {after.ep_cost_sem:<5.2f} | {other.ep_rew_mean:>19.1f} "
             f"{other.ep_cost_mean:>5.2f}"
         )
@@ -86,10 +100,10 @@ def main() -> None:
         f"cost {np.mean([r.ep_cost_mean for r in final_baseline]):.2f}"
     )
     print(
-        "These figures come from one seed and a few tasks: each cost carries its standard error over the evaluation "
-        "episodes, and the spread over seeds is of the same order (benchmarks/adaptation.py measures it). The run is "
-        "bit-for-bit reproducible on one machine and set of library versions; another CPU or BLAS build changes the "
-        "random streams and so the numbers, by about that spread."
+        "These figures come from one seed and a few tasks: the adapted cost carries its standard error over the "
+        "evaluation episodes, and the spread over seeds is of the same order (benchmarks/adaptation.py measures it). "
+        "The run is bit-for-bit reproducible on one machine and set of library versions; another CPU or BLAS build "
+        "changes the random streams and so the numbers, by about that spread."
     )
     rows = [
         {"method": label, "task": t, "seed": args.seed, "update": r.n_updates, "return": r.ep_rew_mean, "cost": r.ep_cost_mean}

@@ -40,7 +40,10 @@ def main() -> None:
         inner_target_kl=0.02,
         seed=args.seed,
     )
-    print(f"meta-training on {task_dist.name} for {args.timesteps} env steps, cost limit {model.effective_cost_limit:g}")
+    print(
+        f"meta-training on {task_dist.name} for at least {args.timesteps} env steps (whole meta-iterations), cost limit "
+        f"{model.effective_cost_limit:g}"
+    )
     model.learn(total_timesteps=args.timesteps)
 
     # An unseen task of the training distribution: evaluate the meta-policy, adapt, evaluate the adapted policy.

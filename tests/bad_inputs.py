@@ -203,6 +203,13 @@ CASES: list[Case] = [
         "parameter-free activations",
         policy_kwargs=dict(activation_fn=__import__("torch").nn.PReLU),
     ),
+    _hyper(
+        "CPO",
+        "policy_kwargs=dict(activation_fn=Softmax)",
+        ValueError,
+        "needs element-wise activations",
+        policy_kwargs=dict(activation_fn=__import__("torch").nn.Softmax),
+    ),
     _hyper("MetaCPO", "stats_window_size=0", ValueError, "stats_window_size must be a positive integer", stats_window_size=0),
     _hyper("CPO", "stats_window_size=2.5", ValueError, "stats_window_size must be a positive integer", stats_window_size=2.5),
     _hyper(

@@ -157,3 +157,35 @@ def test_numpy_and_python_cost_values_count_alike():
         storage.add(
             0, np.zeros((1, 1)), np.zeros((1, 1)), np.zeros(1), np.zeros((1, 1)), np.array([False]), [{"cost_h": "high"}]
         )
+
+
+def test_callbacks_get_task_indices_into_the_collects_task_list():
+    """With more tasks than envs (rounds), VecStep.task_indices counted within the round: in round 1, indices
+    [0, 1] meant tasks 2 and 3 of the collect. Standing still, each step's reward is minus the distance of the
+    position to the goal of the task its index names."""
+    dist = make_task_distribution("Toy2DNav", seed=0, max_episode_steps=20)
+    tasks = dist.sample(4)
+    steps = []
+    sampler = RolloutSampler(dist, n_envs=2, seed=0)
+    sampler.collect(tasks, lambda obs, idx: np.zeros((obs.shape[0], 2)), n_steps=20, on_step=steps.append)
+    sampler.close()
+    assert {tuple(step.task_indices) for step in steps} == {(0, 1), (2, 3)}
+    for step in steps:
+        goals = np.array([tasks[index].goal for index in step.task_indices])
+        going_on = ~step.dones  # at an episode's end new_obs is the next episode's first observation
+        distances = np.linalg.norm(step.new_obs - goals, axis=-1)
+        np.testing.assert_allclose(step.rewards[going_on], -distances[going_on], rtol=1e-5, atol=1e-6)
+
+
+def test_a_rebuilt_vec_env_draws_episode_streams_no_env_had():
+    """A rebuild seeded the new VecEnv with seed + 1, so env j took env j + 1's stream of episode seeds (start
+    states repeated); it takes seed + n_envs now: env j's stream is default_rng(seed + n_envs + j)."""
+    dist = make_task_distribution("Toy2DNav", seed=0, max_episode_steps=20)
+    sampler = RolloutSampler(dist, n_envs=2, seed=100)
+    sampler._rebuild()  # what collect does after an env failed
+    (batch,) = sampler.collect(dist.sample(1), lambda obs, idx: np.zeros((obs.shape[0], 2)), n_steps=40)
+    sampler.close()
+    first_seeds = [int(np.random.default_rng(100 + 2 + j).integers(2**31 - 1)) for j in range(2)]
+    assert set(first_seeds) <= {episode.seed for episode in batch.episodes}
+    old_streams = {int(np.random.default_rng(100 + j).integers(2**31 - 1)) for j in range(2)}
+    assert not old_streams & {episode.seed for episode in batch.episodes}

@@ -103,17 +103,20 @@ def meta_evaluate(
     n_eval_episodes: int = 5,
     deterministic: bool = False,
     progress_bar: bool = False,
+    target_kl: float | None = None,
 ) -> list[AdaptationRecord]:
     """Evaluate on each task before adaptation and after every adaptation update (as garage's MetaEvaluator).
 
     Works for every :class:`~sb3_metacpo.common.adaptation.Adaptable` algorithm (MetaCPO, MetaTRPO, CPO).
     Adaptation starts from the model's parameters on each task and never changes them; evaluation episodes are
     separate from the adaptation batches. The stochastic policy is evaluated by default, as its cost is what the
-    CPO updates constrain.
+    CPO updates constrain. ``n_updates``, ``n_steps`` and ``target_kl`` (the adaptation updates' trust region) are
+    those of :meth:`~sb3_metacpo.common.adaptation.AdaptationMixin.adapt` (None: the model's own): give every method
+    of a comparison the same ones.
     """
     records = []
     for task in tqdm(tasks, desc="meta-evaluating", disable=not progress_bar):
-        steps = model.adaptation_steps(task, n_updates, n_steps)
+        steps = model.adaptation_steps(task, n_updates, n_steps, target_kl=target_kl)
         for k, params in steps:
             result = model.evaluate_params(task, params, n_eval_episodes, deterministic)
             history = getattr(model, "adaptation_history", [])

@@ -43,6 +43,14 @@ _NUMPY_ACTIVATIONS: dict[type[nn.Module], Callable[[np.ndarray], np.ndarray]] = 
 _NOISE_BLOCK = 64
 
 
+def _acts_element_wise(module: nn.Module) -> bool:
+    """Whether ``module`` maps every entry on its own: the same values on a batch of rows as entry by entry (a
+    softmax, which mixes a row's entries, is not)."""
+    with th.no_grad():
+        x = th.linspace(-3.0, 3.0, 12, dtype=th.float64).reshape(3, 4)
+        return bool(th.allclose(module(x), module(x.reshape(-1, 1)).reshape(x.shape)))
+
+
 def _sub_params(params: ActorParams, prefix: str) -> ActorParams:
     return {name[len(prefix) :]: value for name, value in params.items() if name.startswith(prefix)}
 
@@ -86,7 +94,7 @@ class NumpyActor:
     drawn as one ``(n_envs, action_dim)`` matrix per step, of which env ``j`` takes row ``j``: the actions of an env
     depend on the driver's seed and the env's index only, not on which process runs it or which envs run beside it
     (a worker with a share of the envs draws the whole matrix, ``n_envs * action_dim`` numbers a step, and keeps its
-    rows). With every env in one process this is the noise of one generator seeded with ``noise_seed``.
+    rows). With every env in one process, round 0's noise is that of one generator seeded with ``noise_seed``.
 
     :param layers: per linear layer ``(bias (n_sets, 1, out), weightᵀ (n_sets, in, out))``, else an element-wise
         numpy function (picklable)
@@ -274,6 +282,11 @@ class CPOPolicy(ActorCriticPolicy):
                     f"CPOPolicy's actor must be linear layers and parameter-free activations, got {module}: "
                     "use net_arch and activation_fn to shape it"
                 )
+            if not isinstance(module, nn.Linear) and not _acts_element_wise(module):
+                raise ValueError(
+                    f"CPOPolicy's actor needs element-wise activations (the rollouts' numpy actor and the closed-form "
+                    f"Fisher product apply them entry by entry), got {module}: use e.g. nn.Tanh or nn.ReLU"
+                )
         dim = int(np.prod(observation_space.shape))
         self.register_buffer("obs_mean", th.zeros(dim))
         self.register_buffer("obs_var", th.ones(dim))
@@ -368,7 +381,8 @@ class CPOPolicy(ActorCriticPolicy):
         Parameters and normalisation statistics are copied now: the actor is for rollouts during which they do not
         change. Each linear layer is one batched ``matmul``; numpy's per-call overhead is a fraction of torch's, and
         acting runs at every env step. ``noise_seed`` (default: drawn from torch's global generator, so sampling is
-        as reproducible under ``set_random_seed`` as torch sampling) seeds each env's noise generator.
+        as reproducible under ``set_random_seed`` as torch sampling) seeds the noise streams (one per round, see
+        :class:`NumpyActor`).
         """
         with th.no_grad():
             arrays = {name: value.detach().cpu().numpy() for name, value in params.items()}

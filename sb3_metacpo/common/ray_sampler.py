@@ -376,7 +376,7 @@ class RaySampler(Sampler):
         for index, (start, owners, horizon) in enumerate(plan):
             round_tasks = list(tasks[start : start + self.n_envs])
             parts = [result.rounds[index] for result in results]
-            batches.extend(self._assemble(round_tasks, owners, horizon, parts, on_step))
+            batches.extend(self._assemble(round_tasks, owners, horizon, parts, on_step, start))
         return batches
 
     def _run(self, actor_ref: Any, requests: list[_WorkerRequest]) -> list[_WorkerResult]:
@@ -430,8 +430,10 @@ class RaySampler(Sampler):
         horizon: int,
         parts: list[_RoundResult],
         on_step: OnStep | None,
+        task_offset: int = 0,
     ) -> list[TaskBatch]:
-        """The batches of one round from the workers' parts (env blocks in order), replaying ``on_step``."""
+        """The batches of one round from the workers' parts (env blocks in order), replaying ``on_step`` (with task
+        indices into the collect's list: ``owners`` plus the round's first task, ``task_offset``)."""
         storage = RolloutStorage(horizon, self.n_envs, self.observation_space.shape, self.action_space.shape, self.cost_names)
         for name in _STORAGE_ARRAYS:
             setattr(storage, name, np.concatenate([part.arrays[name] for part in parts], axis=1))
@@ -450,7 +452,14 @@ class RaySampler(Sampler):
                 infos = [info for part in parts for info in (part.infos or [[]] * horizon)[t]]
                 dones = storage.terminated[t] | storage.truncated[t]
                 step = VecStep(
-                    storage.observations[t], storage.actions[t], new_obs, storage.rewards[t], dones, infos, t, owners
+                    storage.observations[t],
+                    storage.actions[t],
+                    new_obs,
+                    storage.rewards[t],
+                    dones,
+                    infos,
+                    t,
+                    owners + task_offset,
                 )
                 if on_step(step) is False:
                     raise CollectionStopped(f"a callback stopped the collect at step {t}")

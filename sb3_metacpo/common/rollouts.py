@@ -455,7 +455,8 @@ class RolloutSampler(Sampler):
 
     def _rebuild(self) -> None:
         """Replace a VecEnv broken by a failed env (its worker dead or its state unknown) by a fresh one, seeded
-        with ``seed + n_rebuilds`` (fresh episodes, not a replay of the first ones)."""
+        with ``seed + n_rebuilds * n_envs`` (env ``j`` gets ``seed + n_rebuilds * n_envs + j``: fresh episode streams,
+        neither a replay of the first ones nor another env's)."""
         if self._env_fns is None:
             raise EnvWorkerError(
                 "an env of the VecEnv given to this sampler failed earlier and the sampler cannot rebuild a VecEnv "
@@ -464,7 +465,7 @@ class RolloutSampler(Sampler):
         self.close()
         self.n_rebuilds += 1
         self.vec_env = self._vec_env_cls(self._env_fns, **self._vec_env_kwargs)  # type: ignore[arg-type]
-        self.vec_env.seed(self.seed + self.n_rebuilds)
+        self.vec_env.seed(self.seed + self.n_rebuilds * self.n_envs)
         self._env_tasks = [self._initial_task] * self.n_envs
         self._broken = False
 
@@ -502,7 +503,7 @@ class RolloutSampler(Sampler):
             for round_index, (start, owners, horizon) in enumerate(round_plan(len(tasks), self.n_envs, n_steps)):
                 round_tasks = list(tasks[start : start + self.n_envs])
                 policy = bind_policy(act, owners + start, np.arange(self.n_envs), round_index, self.n_envs)
-                batches.extend(self._collect_round(round_tasks, owners, horizon, policy, on_step))
+                batches.extend(self._collect_round(round_tasks, owners, horizon, policy, on_step, start))
         except EnvWorkerError:
             self._broken = True  # rebuilt at the next collect
             raise
@@ -515,7 +516,10 @@ class RolloutSampler(Sampler):
         horizon: int,
         policy: Callable[[np.ndarray], np.ndarray],
         on_step: OnStep | None,
+        task_offset: int = 0,
     ) -> list[TaskBatch]:
+        """One round: ``owners`` index into the round's ``tasks``; ``task_offset`` is the round's first task in the
+        collect's list (callbacks get task indices into that list)."""
         self._assign(tasks)
         hook: StepHook | None = None
         if on_step is not None:
@@ -529,7 +533,7 @@ class RolloutSampler(Sampler):
                 dones: np.ndarray,
                 infos: list[dict[str, Any]],
             ) -> object:
-                return on_step(VecStep(obs, actions, new_obs, rewards, dones, infos, t, owners))
+                return on_step(VecStep(obs, actions, new_obs, rewards, dones, infos, t, owners + task_offset))
 
         storage, ended, _ = run_round(
             self.vec_env, policy, horizon, self.action_space, self.observation_space, self.cost_names, hook
