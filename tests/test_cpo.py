@@ -326,3 +326,29 @@ def test_the_episode_length_is_a_hand_wrapped_time_limit():
     assert vec_env_time_limit(make_safe_vec_env("SafetyPointGoal1Gymnasium-v0")) == 1000  # the registered spec's
     model = CPO("MlpPolicy", DummyVecEnv(limited), n_steps=200, seed=0)
     assert model._episode_length() == 7
+
+
+def test_the_critics_learning_rate_follows_its_schedule_and_load(tmp_path):
+    """CPO built its critic optimiser at lr_schedule(1) and never applied the schedule again (nor logged
+    train/learning_rate); a schedule at its end saved 0.0 (or below), which load refused; a learning_rate given to
+    load was ignored (the optimiser's saved state kept the old one)."""
+    env = gym.wrappers.TimeLimit(CostlyBandit(), 10)
+    model = CPO("MlpPolicy", env, n_steps=100, seed=0, learning_rate=lambda progress: 1e-3 * progress)
+    model.set_logger(configure(str(tmp_path / "log"), ["csv"]))
+    model.learn(300)
+    # SB3's: the schedule at the progress of the last update (1 - 300/300 = 0 here, after 2/3 and 1/3)
+    assert model.policy.optimizer.param_groups[0]["lr"] == 1e-3 * model._current_progress_remaining == 0.0
+    with open(tmp_path / "log" / "progress.csv", newline="") as handle:
+        assert {"train/learning_rate"} <= set(next(csv.DictReader(handle)))
+    path = model.save(tmp_path / "model")  # the schedule ended at progress <= 0: saved as 0.0, not refused
+    loaded = CPO.load(path, env=env, learning_rate=1e-5)
+    loaded.learn(100, reset_num_timesteps=False)
+    assert loaded.policy.optimizer.param_groups[0]["lr"] == 1e-5
+
+
+def test_many_episodes_ending_together_with_a_small_stats_window():
+    """More episodes ending on one step than twice stats_window_size indexed below the start of the episode buffer
+    (IndexError); each episode record gets its cost before SB3 appends it now."""
+    model = CPO("MlpPolicy", "Toy2DNav", n_envs=3, n_steps=100, stats_window_size=1, seed=0, policy_kwargs=dict(net_arch=[8]))
+    model.learn(300)
+    assert len(model.ep_info_buffer) == 1 and "c" in model.ep_info_buffer[0] and "episode_costs" in model.ep_info_buffer[0]

@@ -205,8 +205,10 @@ class SafeAlgorithmMixin(ABC):
             if name in _NOT_SAVED:
                 continue
             value = getattr(self, _ATTRIBUTE_OF_ARGUMENT.get(name, name))
-            if name == "learning_rate" and callable(value):  # a schedule is saved as its current value
-                value = float(self.lr_schedule(self._current_progress_remaining))  # type: ignore[attr-defined]
+            if name == "learning_rate" and callable(value):  # a schedule is saved as its current value (SB3's
+                # progress overshoots below 0 at the end of training, where a linear schedule would go negative)
+                progress = max(float(self._current_progress_remaining), 0.0)  # type: ignore[attr-defined]
+                value = float(self.lr_schedule(progress))  # type: ignore[attr-defined]
             if name == "policy_kwargs":
                 value = {key: item for key, item in (value or {}).items() if key != "n_costs"}  # set by _setup_model
             if name == "sampler_kwargs" and value is not None:

@@ -84,7 +84,8 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):  # type: igno
 
     :param policy: the policy class or alias (``"MlpPolicy"``: Gaussian actor, reward critic, cost critic)
     :param env: the env or task distribution to train on (see above)
-    :param learning_rate: Adam learning rate of the critics (the actor moves by CPO steps, not by a learning rate)
+    :param learning_rate: Adam learning rate of the critics, or a schedule of the progress remaining (SB3's: applied
+        before every critic fit, logged as ``train/learning_rate``); the actor moves by CPO steps, not by a learning rate
     :param n_steps: env steps per env per update. The constraint value is the mean cost of the episodes a rollout
         completes, so let ``n_steps * n_envs`` cover several episodes: with 2 episodes per update on
         SafetyPointGoal1 (the default 2048 steps) the estimate is too noisy for the limit to hold (docs: Results);
@@ -228,8 +229,8 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):  # type: igno
         )
         check_positive_reals(self, "target_kl")
         check(
-            callable(self.learning_rate) or (is_real(self.learning_rate) and self.learning_rate > 0),
-            f"learning_rate must be > 0 (a finite number or a schedule), got {self.learning_rate!r}",
+            callable(self.learning_rate) or (is_real(self.learning_rate) and self.learning_rate >= 0),
+            f"learning_rate must be >= 0 (a finite number or a schedule), got {self.learning_rate!r}",
         )
         check_cpo_step_hyperparameters(self)
         check(
@@ -377,6 +378,7 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):  # type: igno
         self._write_back(params, new_params)
         with phase("critic_training"):
             self.policy.update_obs_stats(batch.observations.reshape(-1, batch.observations.shape[-1]))
+            self._update_learning_rate(self.policy.optimizer)  # SB3's: the schedule's value now (train/learning_rate)
             loss = self.policy.fit_critics(
                 prepared.observations.float(),
                 th.as_tensor(prepared.reward_returns, device=self.device).float(),
@@ -413,11 +415,10 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):  # type: igno
         """SB3's episode statistics, plus each episode's cost (``"c"``, also when a plain SB3 ``Monitor`` outside the
         :class:`CostMonitor` rebuilt ``info["episode"]`` without it, as ``make_vec_env`` does) and its named cost
         sums (``info["episode_costs"]``)."""
-        super()._update_info_buffer(infos, dones)
-        assert self.ep_info_buffer is not None
-        ended = [info for info in infos if "episode" in info]
-        for offset, info in enumerate(ended):  # SB3 appended them in this order
-            entry = self.ep_info_buffer[len(self.ep_info_buffer) - len(ended) + offset]
+        for info in infos:  # SB3 appends each info["episode"] itself: complete it first
+            entry = info.get("episode")
+            if entry is None:
+                continue
             cost = episode_cost(info)
             if cost is None:
                 raise KeyError(
@@ -426,6 +427,7 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):  # type: igno
                 )
             entry["c"] = cost
             entry["episode_costs"] = info.get("episode_costs", {"cost": cost})
+        super()._update_info_buffer(infos, dones)
 
     # --- adaptation: fine-tuning by the same CPO updates, on a per-batch linear baseline ------------------------
     def _adaptation_defaults(self) -> tuple[int, int]:

@@ -594,6 +594,7 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):  # type: igno
         reward_targets = th.as_tensor(np.concatenate([p.reward_returns for p in prepared]), device=self.device).float()
         cost_targets = th.as_tensor(np.concatenate([p.cost_returns for p in prepared]), device=self.device).float()
         times = th.cat([p.time_fractions for p in prepared]).float()  # type: ignore[misc]
+        self._update_learning_rate(self.policy.optimizer)  # critic_learning_rate (e.g. given to load) now
         loss = self.policy.fit_critics(
             observations, reward_targets, cost_targets, self.n_critic_updates, self.critic_batch_size, times
         )
