@@ -329,3 +329,13 @@ def test_actor_layers_with_parameters_are_rejected():
             policy_kwargs=dict(activation_fn=th.nn.PReLU),
             **{k: v for k, v in SMALL.items() if k != "policy_kwargs"},
         )
+
+
+def test_a_critic_learning_rate_given_to_load_takes_effect(tmp_path):
+    """The critic optimiser's saved state brought back the old learning rate: load(..., critic_learning_rate=...)
+    changed the attribute, not the rate used."""
+    model = MetaCPO("MlpPolicy", toy(), critic="mlp", critic_learning_rate=1e-3, **SMALL)
+    model.learn(400)
+    loaded = MetaCPO.load(model.save(tmp_path / "model"), critic_learning_rate=1e-5)
+    loaded.learn(400, reset_num_timesteps=False)
+    assert loaded.policy.optimizer.param_groups[0]["lr"] == 1e-5
