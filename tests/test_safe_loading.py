@@ -8,9 +8,11 @@ import json
 import os
 import pickle
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch as th
@@ -185,3 +187,85 @@ def test_ray_connection_settings_never_travel_in_an_archive(tmp_path: Path) -> N
     with pytest.raises(ArchiveError, match=r"holds sampler_kwargs \['ray_init_kwargs'\], which archives never hold"):
         MetaCPO.load(tampered)
     assert not marker.exists()
+
+
+def _with_metadata(saved: Path, target: Path, edit: Callable[[str], str]) -> Path:
+    text = zipfile.ZipFile(saved).read(METADATA).decode()
+    return _rewrite(saved, target, {METADATA: edit(text).encode()})
+
+
+def _edited(key_path: tuple[str, ...], value: Any) -> Callable[[str], str]:
+    def edit(text: str) -> str:
+        metadata = json.loads(text)
+        node = metadata
+        for key in key_path[:-1]:
+            node = node[key]
+        node[key_path[-1]] = value
+        return json.dumps(metadata)
+
+    return edit
+
+
+CORRUPTIONS: dict[str, tuple[Callable[[str], str], str]] = {
+    "JSON nested 3000 deep": (lambda text: text[:-1] + ', "deep": ' + "[" * 3000 + "]" * 3000 + "}", "is not valid JSON"),
+    "duplicated key": (lambda text: text[:-1] + ', "format": "sb3_metacpo"}', "duplicated keys"),
+    "integer of 5000 digits": (lambda text: text[:-1] + ', "huge": ' + "9" * 5000 + "}", "is not valid JSON"),
+    "negative num_timesteps": (_edited(("counters", "num_timesteps"), -5), "counters.num_timesteps must be"),
+    "fractional num_timesteps": (_edited(("counters", "num_timesteps"), 3.7), "counters.num_timesteps must be"),
+    "bool n_updates": (_edited(("counters", "n_updates"), True), "counters.n_updates must be"),
+    "zero n_envs": (_edited(("counters", "n_envs"), 0), "counters.n_envs must be"),
+    "NaN progress": (_edited(("counters", "progress_remaining"), float("nan")), "progress_remaining must be"),
+    "history not a list of records": (_edited(("adaptation_history",), "abc"), "adaptation_history must be a list"),
+    "junk numpy random state": (_edited(("rng", "numpy"), "junk"), "random states are not valid"),
+    "invalid seed": (_edited(("hyperparameters", "seed"), -1), "constructor arguments .* are invalid"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(CORRUPTIONS))
+def test_a_corrupt_or_tampered_archive_is_an_archive_error(kind: str, saved: dict[str, Path], tmp_path: Path) -> None:
+    """Each gave another exception (RecursionError, a plain ValueError, OverflowError...) or was silently accepted
+    (the last of duplicated keys; a negative, fractional or boolean counter; a string as the adaptation history,
+    split into letters; a random state that failed only when training resumed)."""
+    edit, message = CORRUPTIONS[kind]
+    path = _with_metadata(saved["MetaCPO"], tmp_path / "corrupt.zip", edit)
+    with pytest.raises(ArchiveError, match=message):
+        MetaCPO.load(path)
+
+
+def test_unusual_files_and_values_save_and_load(tmp_path: Path) -> None:
+    """A directory or a member with a bad checksum is an ArchiveError; archives get a plain file's permissions (mkstemp
+    gave 0600); an np.bool_ constructor argument saves; a Box of integers saves and loads (load refused it)."""
+    (tmp_path / "folder.zip").mkdir()
+    with pytest.raises(ArchiveError, match="is not a file"):
+        MetaCPO.load(tmp_path / "folder.zip")
+    umask = os.umask(0o022)
+    try:
+        path = MetaCPO("MlpPolicy", toy(), **{**SMALL, "policy_kwargs": dict(net_arch=[8], ortho_init=np.bool_(False))}).save(
+            tmp_path / "model"
+        )
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert MetaCPO.load(path).policy_kwargs["ortho_init"] is False
+    corrupt = bytearray(path.read_bytes())
+    corrupt[zipfile.ZipFile(path).getinfo(TENSORS).header_offset + 200] ^= 0xFF  # inside the tensors' data
+    (tmp_path / "crc.zip").write_bytes(bytes(corrupt))
+    with pytest.raises(ArchiveError):
+        MetaCPO.load(tmp_path / "crc.zip")
+    integers = CPO("MlpPolicy", IntegerObservations(), **CPO_SMALL)
+    loaded = CPO.load(integers.save(tmp_path / "integers"), env=IntegerObservations())
+    assert loaded.observation_space == integers.observation_space and loaded.observation_space.dtype == np.int64
+
+
+class IntegerObservations(gym.Env):
+    """A safe env whose observations are a Box of int64."""
+
+    observation_space = gym.spaces.Box(0, 10, (2,), np.int64)
+    action_space = gym.spaces.Box(-1, 1, (1,), np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return np.zeros(2, np.int64), {}
+
+    def step(self, action):
+        return np.ones(2, np.int64), 0.0, False, False, {"cost": 0.0}

@@ -337,3 +337,14 @@ def test_distribution_seeds_stay_below_2_to_the_32():
         make_task_distribution("Toy2DNav", seed=2024 + 2**32)
     dist = make_task_distribution("Toy2DNav", seed=2**32 - 1)
     assert dist.sample(3) != dist.unseen_tasks(3)
+
+
+def test_a_range_with_another_integer_flag_than_its_parameter_is_refused():
+    """The flag of a ParamRange given by the user did not survive get_params (bounds only): a reloaded distribution
+    sampled integers where the original sampled reals, or the reverse."""
+    with pytest.raises(ValueError, match="goal_distance is a real parameter"):
+        make_task_distribution("Toy2DNav", train_ranges={"goal_distance": ParamRange(0.5, 1.5, integer=True)})
+    with pytest.raises(ValueError, match="n_hazards is an integer parameter"):
+        make_task_distribution("Toy2DNav", train_ranges={"n_hazards": ParamRange(1, 3)})
+    dist = make_task_distribution("Toy2DNav", train_ranges={"n_hazards": ParamRange(1, 3, integer=True)})
+    assert make_task_distribution("Toy2DNav", **dist.get_params()).sample(5) == dist.sample(5)

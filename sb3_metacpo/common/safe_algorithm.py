@@ -5,6 +5,7 @@ distribution, the settings of its CPO updates, writing an update back into the p
 from __future__ import annotations
 
 import inspect
+import math
 import os
 from abc import ABC, abstractmethod
 from collections import deque
@@ -23,6 +24,7 @@ from sb3_metacpo.common.cpo_subproblem import CVXPYLAYERS_EXTRA, MAX_ACTIVE_SET_
 from sb3_metacpo.common.cpo_update import CPOConfig, Params
 from sb3_metacpo.common.serialization import (
     ArchiveError,
+    check_rng_state,
     decode_space,
     decode_value,
     encode_space,
@@ -49,6 +51,23 @@ _NOT_SAVED = ("self", "policy", "env", "device", "_init_setup_model")
 #: ``runtime_env``...) is the machine's, not the model's, and would let a file run code (e.g. a runtime environment's
 #: ``py_executable``) when training resumes. Give them again to ``load``.
 _NOT_SAVED_SAMPLER_OPTIONS = ("ray_init_kwargs",)
+
+
+def _check_counters(counters: Any) -> None:
+    """Raise a ``ValueError`` unless the archive's counters are what ``save`` writes: non-negative integers (``n_envs``
+    positive or None) and a finite progress."""
+    if not isinstance(counters, dict):
+        raise ValueError("counters must be a mapping")
+    for name in ("num_timesteps", "n_updates", "episode_num"):
+        value = counters[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"counters.{name} must be an integer >= 0, got {value!r}")
+    n_envs = counters.get("n_envs")
+    if n_envs is not None and (isinstance(n_envs, bool) or not isinstance(n_envs, int) or n_envs < 1):
+        raise ValueError(f"counters.n_envs must be None or an integer >= 1, got {n_envs!r}")
+    progress = counters["progress_remaining"]
+    if isinstance(progress, bool) or not isinstance(progress, (int, float)) or not math.isfinite(progress):
+        raise ValueError(f"counters.progress_remaining must be a finite number, got {progress!r}")
 
 
 def _package_version() -> str:
@@ -329,7 +348,12 @@ class SafeAlgorithmMixin(ABC):
         unknown = sorted(set(overrides) - accepted)
         if unknown:
             raise ValueError(f"{cls.__name__}.load: unknown arguments {unknown}; it accepts {sorted(accepted)}")
-        model = cls(policy_class, None, device=device, _init_setup_model=False, **{**arguments, **overrides})  # type: ignore[call-arg]
+        try:
+            model = cls(policy_class, None, device=device, _init_setup_model=False, **{**arguments, **overrides})  # type: ignore[call-arg]
+        except (TypeError, ValueError, OverflowError) as error:
+            raise ArchiveError(
+                f"{path}: the constructor arguments (the archive's, with load's) are invalid: {error}"
+            ) from error
         model._restore(metadata, tensors)
         saved = env is None
         if saved:
@@ -390,6 +414,7 @@ class SafeAlgorithmMixin(ABC):
                 distribution._rng.bit_generator.state = described["stream"]
                 self._remember_task_distribution(distribution)
             counters = metadata["counters"]
+            _check_counters(counters)
             if counters.get("n_envs") is not None:
                 self.n_envs = int(counters["n_envs"])
             self._validate_hyperparameters()  # type: ignore[attr-defined]
@@ -405,13 +430,18 @@ class SafeAlgorithmMixin(ABC):
             device = policy.device
             self.adapted_params = {name: value.to(device) for name, value in adapted.items()} if adapted else None
             policy.set_actor_override(self.adapted_params)
-            self.adaptation_history = list(decode_value(metadata["adaptation_history"]))
-            self.ep_info_buffer = deque(decode_value(metadata["ep_info_buffer"]), maxlen=self._stats_window_size)
+            history, episodes = decode_value(metadata["adaptation_history"]), decode_value(metadata["ep_info_buffer"])
+            for name, records in (("adaptation_history", history), ("ep_info_buffer", episodes)):
+                if not (isinstance(records, list) and all(isinstance(record, dict) for record in records)):
+                    raise ValueError(f"{name} must be a list of records (dicts)")
+            self.adaptation_history = history
+            self.ep_info_buffer = deque(episodes, maxlen=self._stats_window_size)
             self.ep_success_buffer = deque(maxlen=self._stats_window_size)
+            check_rng_state(metadata["rng"], tensors["torch_rng"])
             self._resume_rng: tuple[Mapping[str, Any], th.Tensor] | None = (metadata["rng"], tensors["torch_rng"])
         except ArchiveError:
             raise
-        except (KeyError, TypeError, RuntimeError, ValueError) as error:
+        except (KeyError, TypeError, RuntimeError, ValueError, OverflowError, AttributeError) as error:
             raise ArchiveError(f"the archive does not describe a consistent {type(self).__name__} model: {error}") from error
 
     def _resume_random_streams(self, reset_num_timesteps: bool) -> None:

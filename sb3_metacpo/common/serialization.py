@@ -26,6 +26,7 @@ import pickle
 import random
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -90,6 +91,8 @@ def encode_value(value: Any, where: str) -> Any:
     (``{"__class__": name}``); a ``TypeError`` naming ``where`` for anything else."""
     if value is None or isinstance(value, (bool, str)):
         return value
+    if isinstance(value, np.bool_):
+        return bool(value)
     if isinstance(value, (int, np.integer)):
         return int(value)
     if isinstance(value, (float, np.floating)):
@@ -142,8 +145,8 @@ def decode_space(description: Any) -> gym.spaces.Box:
     if not isinstance(description, dict) or description.get("type") != "Box":
         raise ValueError(f"the archive describes an unsupported space: {description!r}")
     dtype = np.dtype(description["dtype"])
-    if dtype.kind != "f":
-        raise ValueError(f"the archive describes a Box of dtype {dtype}; only float Boxes are supported")
+    if dtype.kind not in "fiu":
+        raise ValueError(f"the archive describes a Box of dtype {dtype}; only number Boxes are supported")
     low = np.asarray(description["low"], dtype=dtype).reshape(description["shape"])
     high = np.asarray(description["high"], dtype=dtype).reshape(description["shape"])
     return gym.spaces.Box(low, high, tuple(description["shape"]), dtype)  # type: ignore[arg-type]
@@ -170,6 +173,19 @@ def set_global_rng_state(state: Mapping[str, Any], torch_state: th.Tensor) -> No
     th.set_rng_state(torch_state.to("cpu", th.uint8))
 
 
+def check_rng_state(state: Any, torch_state: Any) -> None:
+    """Raise a ``ValueError`` unless :func:`set_global_rng_state` would accept these states (tried on scratch
+    generators: nothing global changes)."""
+    try:
+        kind, keys, position, has_gauss, gauss = state["numpy"]
+        np.random.RandomState().set_state((kind, np.asarray(keys, dtype=np.uint32), position, has_gauss, gauss))
+        version, internal, gauss_next = state["python"]
+        random.Random().setstate((version, tuple(internal), gauss_next))
+        th.Generator().set_state(torch_state.to("cpu", th.uint8))
+    except (KeyError, TypeError, ValueError, OverflowError, RuntimeError, AttributeError) as error:
+        raise ValueError(f"the saved random states are not valid: {error}") from error
+
+
 # --- archives ---------------------------------------------------------------------------------------------------
 def archive_path(path: str | os.PathLike[str]) -> Path:
     """``path`` with SB3's ``.zip`` suffix added when it has none."""
@@ -185,7 +201,10 @@ def write_archive(path: str | os.PathLike[str], metadata: Mapping[str, Any], ten
     th.save(dict(tensors), buffer)
     text = json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, **metadata}, indent=1, allow_nan=True)
     descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.chmod(temporary, 0o666 & ~umask)  # a plain file's mode (mkstemp makes it 0600)
         with os.fdopen(descriptor, "wb") as file:
             with zipfile.ZipFile(file, "w", zipfile.ZIP_DEFLATED) as archive:
                 archive.writestr(METADATA, text)
@@ -203,6 +222,15 @@ class ArchiveError(ValueError):
     """An archive that is not a valid sb3_metacpo archive, or holds something other than data."""
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are all different (json keeps the last of duplicated ones silently)."""
+    keys = [key for key, _ in pairs]
+    duplicated = sorted({key for key in keys if keys.count(key) > 1})
+    if duplicated:
+        raise ValueError(f"duplicated keys {duplicated}")
+    return dict(pairs)
+
+
 def read_archive(path: str | os.PathLike[str], device: th.device | str = "cpu") -> tuple[dict[str, Any], dict[str, Any]]:
     """The metadata and tensors of an archive, after checking that it holds exactly the two members of the format,
     that the metadata is JSON of this format and that the tensors load with ``weights_only=True``."""
@@ -211,6 +239,8 @@ def read_archive(path: str | os.PathLike[str], device: th.device | str = "cpu") 
         path = archive_path(path)
     if not path.exists():
         raise FileNotFoundError(f"no saved model at {path}")
+    if not path.is_file():
+        raise ArchiveError(f"{path} is not a file")
     try:
         archive = zipfile.ZipFile(path)
     except zipfile.BadZipFile as error:
@@ -228,9 +258,9 @@ def read_archive(path: str | os.PathLike[str], device: th.device | str = "cpu") 
                 f"{path} is not a valid archive: it holds {sorted(names)}, expected exactly {[METADATA, TENSORS]}"
             )
         try:
-            metadata = json.loads(archive.read(METADATA).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise ArchiveError(f"{path}: {METADATA} is not valid JSON ({error})") from error
+            metadata = json.loads(archive.read(METADATA).decode("utf-8"), object_pairs_hook=_unique_keys)
+        except (zipfile.BadZipFile, zlib.error, UnicodeDecodeError, ValueError, RecursionError) as error:
+            raise ArchiveError(f"{path}: {METADATA} is not valid JSON of a saved model ({error})") from error
         if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
             raise ArchiveError(f"{path}: {METADATA} does not describe an {FORMAT} archive")
         if metadata.get("format_version") != FORMAT_VERSION:
@@ -240,7 +270,16 @@ def read_archive(path: str | os.PathLike[str], device: th.device | str = "cpu") 
             )
         try:
             tensors = th.load(io.BytesIO(archive.read(TENSORS)), map_location=device, weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, TypeError, ValueError) as error:
+        except (
+            pickle.UnpicklingError,
+            RuntimeError,
+            EOFError,
+            AttributeError,
+            TypeError,
+            ValueError,
+            zipfile.BadZipFile,
+            zlib.error,
+        ) as error:
             raise ArchiveError(
                 f"{path}: {TENSORS} holds something other than plain tensors and containers; refused without "
                 f"running it ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"

@@ -155,7 +155,14 @@ class TaskDistribution(ABC):
         for key, value in (overrides or {}).items():
             if key not in self.limits:
                 raise ValueError(f"{self.name} has no parameter {key!r} in {what}; its parameters are {sorted(self.limits)}")
-            ranges[key] = _as_range(value, self.limits[key].integer)
+            integer = self.limits[key].integer
+            if isinstance(value, ParamRange) and value.integer != integer:
+                # the family decides (and get_params saves only the bounds): a flag of its own would not survive
+                raise ValueError(
+                    f"{self.name}: {what}[{key!r}] = {value}, but {key} is {'an integer' if integer else 'a real'} "
+                    f"parameter: give ParamRange({value.low:g}, {value.high:g}, integer={integer}) or a (low, high) pair"
+                )
+            ranges[key] = _as_range(value, integer)
         for key, value in ranges.items():
             limit = self.limits[key]
             if not (limit.contains(value.low) and limit.contains(value.high)):
