@@ -6,6 +6,10 @@ measure of OmniSafe's benchmark table (research/anchors.md section 3: CPO 20.46 
 
     python benchmarks/pointgoal1.py --timesteps 1000000 --seed 0                  # each one's defaults (2048 steps)
     python benchmarks/pointgoal1.py --timesteps 1000000 --seed 0 --n-steps 20000  # OmniSafe's steps per epoch
+    python benchmarks/pointgoal1.py --summarise --last 100   # the last-100 statistics of --out's monitor files
+
+The summary gives each mean with its standard error over those episodes (ddof=1) and the share of them at or under
+the cost limit.
 """
 
 from __future__ import annotations
@@ -68,6 +72,35 @@ def read_monitor(path: Path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
+def episode_statistics(episodes: list[dict], last: int, cost_limit: float) -> dict:
+    """Mean return and cost of the last ``last`` episodes, their standard errors (ddof=1) and the share of them at
+    or under ``cost_limit``."""
+    tail = episodes[-last:]
+    returns, costs = np.array([float(e["r"]) for e in tail]), np.array([float(e["c"]) for e in tail])
+    n = len(tail)
+    return {
+        "last": n,
+        "return": float(returns.mean()),
+        "return_se": float(returns.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan"),
+        "cost": float(costs.mean()),
+        "cost_se": float(costs.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan"),
+        "under_limit": float(np.mean(costs <= cost_limit)),
+    }
+
+
+def summarise(out: Path, last: int, cost_limit: float) -> None:
+    """Print :func:`episode_statistics` of every monitor file in ``out``."""
+    print(f"| run | episodes | return (last {last}) | cost (last {last}) | at or under {cost_limit:g} |")
+    print("|---|---|---|---|---|")
+    for path in sorted(out.glob("*.monitor.csv")):
+        episodes = read_monitor(path)
+        stats = episode_statistics(episodes, last, cost_limit)
+        print(
+            f"| {path.name.removesuffix('.monitor.csv')} | {len(episodes)} | {stats['return']:.2f} ± {stats['return_se']:.2f} "
+            f"| {stats['cost']:.2f} ± {stats['cost_se']:.2f} | {stats['under_limit']:.0%} |"
+        )
+
+
 def plot(out: Path, cost_limit: float, window: int = 20) -> None:
     """Learning curves of every monitor file in ``out`` (moving averages over ``window`` episodes)."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -84,7 +117,7 @@ def plot(out: Path, cost_limit: float, window: int = 20) -> None:
         axis.set_xlabel("env steps")
         axis.set_ylabel(f"{name} ({window}-episode mean)")
     axes[1].legend(fontsize=8)
-    fig.suptitle(f"{ENV_ID}, seed 0, training episodes", fontsize=10)
+    fig.suptitle(f"{ENV_ID}, training episodes", fontsize=10)
     fig.tight_layout()
     fig.savefig(out / "learning_curves.png", dpi=100)
     plt.close(fig)
@@ -114,9 +147,13 @@ def main() -> None:
     parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=list(ALGORITHMS))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/pointgoal1"))
     parser.add_argument("--plot-only", action="store_true", help="redraw learning_curves.png from --out's monitor files")
+    parser.add_argument("--summarise", action="store_true", help="only print the --last statistics of --out's monitor files")
     args = parser.parse_args()
     if args.plot_only:
         plot(args.out, args.cost_limit)
+        return
+    if args.summarise:
+        summarise(args.out, args.last, args.cost_limit)
         return
     th.set_num_threads(1)  # one core per run: the simulator is single-threaded and a 64x64 MLP gains nothing from more
     args.out.mkdir(parents=True, exist_ok=True)

@@ -61,7 +61,9 @@ def measure(args: argparse.Namespace, sampler: str, workers: int) -> dict[str, A
         sampler=sampler,  # type: ignore[arg-type]
         sampler_kwargs=kwargs or None,
     )
-    per_iteration = model.meta_batch_size * model.n_steps * (model.n_inner_updates + 1)
+    # the sampler runs every env for ceil(n_steps / envs per task) steps per batch (n_envs >= M, a multiple or not)
+    per_batch = model.n_envs * -(-model.n_steps // (model.n_envs // model.meta_batch_size))
+    per_iteration = per_batch * (model.n_inner_updates + 1)
     model.learn(per_iteration)  # warm-up: Ray actors, imports, first compilations
     ray_sampler = model.sampler if isinstance(model.sampler, RaySampler) else None
     before = None if ray_sampler is None else dataclass_copy(ray_sampler.totals)

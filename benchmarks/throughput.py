@@ -41,7 +41,7 @@ from threadpoolctl import threadpool_limits
 
 from sb3_metacpo import CPO, MetaCPO
 from sb3_metacpo.common.cpo_subproblem import cpo_direction
-from sb3_metacpo.common.envs import EnvFactory
+from sb3_metacpo.common.envs import EnvFactory, LeanDummyVecEnv
 from sb3_metacpo.common.profiling import phase_times
 from sb3_metacpo.common.rollouts import RolloutSampler
 from sb3_metacpo.tasks import TaskDistribution, list_task_distributions, make_task_distribution
@@ -190,7 +190,9 @@ def meta_model(dist: TaskDistribution, args: argparse.Namespace, mode: str, **ov
 
 
 def task_vec_env(dist: TaskDistribution, tasks: list, envs_per_task: int) -> DummyVecEnv:
-    env = DummyVecEnv([EnvFactory(distribution=dist, task=tasks[i % len(tasks)]) for i in range(len(tasks) * envs_per_task)])
+    """The fixed-task envs of CPO's and TRPO's rows, in the VecEnv class the limit and the algorithms use."""
+    factories = [EnvFactory(distribution=dist, task=tasks[i % len(tasks)]) for i in range(len(tasks) * envs_per_task)]
+    env = LeanDummyVecEnv(factories)
     env.seed(0)
     return env
 
