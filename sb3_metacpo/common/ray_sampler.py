@@ -76,6 +76,10 @@ def import_ray() -> Any:
     return ray
 
 
+#: Seconds a sampler waits for Ray to restart a dead worker (max_restarts) before it re-creates the worker itself.
+_RESTART_WAIT_S = 60.0
+
+
 def _ray_failures(ray: Any) -> tuple[type[BaseException], ...]:
     """The exceptions of a lost worker (not of an env that raised): retried."""
     exceptions = ray.exceptions
@@ -320,7 +324,13 @@ class RaySampler(Sampler):
             self._streams[index] = dict(rng.bit_generator.state)
 
     def ensure_usable(self) -> None:
-        """Nothing to repair between collects: a dead worker is replaced during the collect that met it."""
+        """Nothing to repair between collects (a dead worker is replaced during the collect that met it); a closed
+        sampler is an error naming the fix."""
+        if not self.workers:
+            raise RuntimeError(
+                "this Ray sampler was closed (its workers are gone): build a new one; a model builds its sampler again "
+                "when its sampler attribute is reset (model.sampler = None)"
+            )
 
     # --- testing ---------------------------------------------------------------------------------------------
     def crash_worker_during_next_collect(self, worker: int, after_steps: int = 1) -> None:
@@ -418,10 +428,30 @@ class RaySampler(Sampler):
                     if recreate:
                         ray.kill(self.workers[worker], no_restart=True)
                         self.workers[worker] = self._new_worker(worker)
+                    else:  # a retry sent while Ray restarts the actor would fail again ("the actor is restarting")
+                        self._wait_until_restarted(worker, failures)
                     retry = _WorkerRequest(**{**requests[worker].__dict__, "crash_after_steps": None})
                     pending[self.workers[worker].run.remote(actor_ref, retry)] = worker
         assert all(result is not None for result in results)
         return results  # type: ignore[return-value]
+
+    def _wait_until_restarted(self, worker: int, failures: tuple[type[BaseException], ...]) -> None:
+        """Wait until Ray has restarted worker ``worker`` (it answers a ping); re-create it if it does not come back
+        within ``_RESTART_WAIT_S`` or cannot (no restart left, killed for good): one death costs one attempt."""
+        ray = self._ray
+        deadline = time.monotonic() + _RESTART_WAIT_S
+        while time.monotonic() < deadline:
+            try:
+                ray.get(self.workers[worker].ping.remote(), timeout=max(deadline - time.monotonic(), 0.1))
+                return
+            except failures as error:
+                if type(error).__name__ != "ActorUnavailableError":  # dead for good (ActorDiedError...)
+                    break
+                time.sleep(0.1)  # still restarting
+            except ray.exceptions.GetTimeoutError:
+                break
+        ray.kill(self.workers[worker], no_restart=True)
+        self.workers[worker] = self._new_worker(worker)
 
     def _assemble(
         self,
