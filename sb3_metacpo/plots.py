@@ -385,9 +385,9 @@ def _frame(image: Any, size: int, label: str | None, Image: Any, ImageDraw: Any)
 
 
 def save_gif(frames: Sequence[np.ndarray] | Mapping[str, Sequence[np.ndarray]], path: str | Path, fps: float = 10.0) -> Path:
-    """Write frames as a looping GIF; a mapping of frame lists is drawn side by side (shorter ones hold their last
-    frame)."""
-    imageio, _, _ = _imaging()
+    """Write frames as a looping GIF at ``fps`` frames per second; a mapping of frame lists is drawn side by side
+    (shorter ones hold their last frame)."""
+    _, Image, _ = _imaging()
     panels = list(frames.values()) if isinstance(frames, Mapping) else [frames]
     if not panels or any(len(panel) == 0 for panel in panels):
         raise ValueError("save_gif needs at least one frame per panel")
@@ -395,8 +395,9 @@ def save_gif(frames: Sequence[np.ndarray] | Mapping[str, Sequence[np.ndarray]], 
     padded = [list(panel) + [panel[-1]] * (length - len(panel)) for panel in panels]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    images = [np.hstack(step) for step in zip(*padded, strict=True)]
-    imageio.mimsave(path, images, duration=1.0 / fps, loop=0)
+    images = [Image.fromarray(np.hstack(step)) for step in zip(*padded, strict=True)]
+    # Pillow's GIF writer takes the frame duration in milliseconds (imageio's meaning of duration= changed units)
+    images[0].save(path, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
     return path
 
 
@@ -415,11 +416,20 @@ def side_by_side_gif(
     """One episode per model on the same env and reset seed, side by side, labelled with the mapping's keys.
 
     :param models: label -> model (e.g. ``{"MetaCPO": adapted_meta_cpo, "CPO": cpo}``)
-    :param env: an env made with ``render_mode="rgb_array"``, or a function making one (called once per model)
-    :param kwargs: arguments of :func:`record_frames` (``seed``, ``max_steps``, ``every``, ``size``, ...)
+    :param env: an env made with ``render_mode="rgb_array"``, or a function making one (called once per model; the
+        envs it makes are closed)
+    :param kwargs: arguments of :func:`record_frames` (``seed``, ``max_steps``, ``every``, ``size``, ...); with
+        ``seed=None`` one seed is drawn for all the panels
     """
+    if "seed" in kwargs and kwargs["seed"] is None:  # every panel from the same start state all the same
+        kwargs["seed"] = int(np.random.default_rng().integers(2**31 - 1))
     frames = {}
     for label, model in models.items():
-        episode_env = env() if callable(env) and not hasattr(env, "step") else env
-        frames[label] = record_frames(model, episode_env, label=label, **kwargs)  # type: ignore[arg-type]
+        made = callable(env) and not hasattr(env, "step")
+        episode_env = env() if made else env  # type: ignore[operator]
+        try:
+            frames[label] = record_frames(model, episode_env, label=label, **kwargs)  # type: ignore[arg-type]
+        finally:
+            if made:
+                episode_env.close()  # type: ignore[union-attr]
     return save_gif(frames, path, fps)

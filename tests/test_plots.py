@@ -4,6 +4,7 @@ import csv
 import importlib.util
 import sys
 
+import gymnasium as gym
 import imageio.v2 as imageio
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from sb3_metacpo.plots import (
     read_progress,
     record_frames,
     records_from_history,
+    save_gif,
     side_by_side_gif,
     write_records,
 )
@@ -111,6 +113,42 @@ def test_toy_gif_single_and_side_by_side(tmp_path):
     assert imageio.mimread(path)[0].shape[:2] == (64, 128)  # two panels
     with pytest.raises(ValueError, match="render_mode='rgb_array'"):
         policy_gif(models["a"], distribution.make_env(task), tmp_path / "no.gif")
+
+
+def test_gifs_play_at_their_fps_and_side_by_side_panels_share_a_start(tmp_path):
+    """imageio's mimsave took duration= in milliseconds, so 1/fps seconds became a delay of 0 ms; side_by_side_gif
+    left the envs it made open, and with seed=None its panels started from different states."""
+    from PIL import Image
+
+    frames = [np.full((8, 8, 3), value, np.uint8) for value in (0, 80, 160, 240)]
+    with Image.open(save_gif(frames, tmp_path / "slow.gif", fps=2)) as gif:
+        assert gif.info["duration"] == 500
+    distribution = make_task_distribution("Toy2DNav", seed=0, max_episode_steps=20)
+    task = distribution.test_tasks(1)[0]
+    made, starts = [], []
+
+    class Closing(gym.Wrapper):
+        closed = False
+
+        def close(self):
+            self.closed = True
+            super().close()
+
+    def make_env():
+        env = Closing(distribution.make_env(task, render_mode="rgb_array"))
+        made.append(env)
+        return env
+
+    class StartRecorder(RandomPolicy):
+        def predict(self, observation, deterministic=False):
+            if len(starts) < len(made):
+                starts.append(np.array(observation))
+            return super().predict(observation, deterministic)
+
+    models = {"a": StartRecorder(distribution.spaces[1]), "b": StartRecorder(distribution.spaces[1])}
+    side_by_side_gif(models, make_env, tmp_path / "pair.gif", seed=None, max_steps=3, size=32)
+    assert len(made) == 2 and all(env.closed for env in made)
+    np.testing.assert_array_equal(starts[0], starts[1])
 
 
 class RandomPolicy:
