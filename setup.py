@@ -43,8 +43,8 @@ setup(
         # several cost constraints, or dual_solver="cvxpylayers": the dual as a differentiable convex program (one
         # constraint uses the closed form, dual_solver="auto")
         "several-costs": ["cvxpylayers[torch]>=1.2,<2", "cvxpy>=1.9"],
-        # learning and adaptation curves (matplotlib), GIFs (imageio, Pillow)
-        "plots": ["matplotlib", "imageio", "pillow"],
+        # learning and adaptation curves (matplotlib), GIFs (Pillow)
+        "plots": ["matplotlib", "pillow"],
         # sampler="ray": meta-training with the envs in Ray actors, on one machine or a cluster (tested with 2.60)
         "ray": ["ray>=2.9"],
         # tensorboard_log= and the command line's TensorBoard logs

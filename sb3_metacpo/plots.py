@@ -1,6 +1,6 @@
 """Plots and GIFs: learning curves, adaptation curves and policies acting on a task.
 
-matplotlib (curves) and imageio with Pillow (GIFs) are imported inside the functions; without them the functions
+matplotlib (curves) and Pillow (GIFs) are imported inside the functions; without them the functions
 raise an ImportError naming the extra to install: ``pip install sb3-metacpo[plots]``.
 
 **Learning curves** (:func:`plot_learning_curves`) read the ``progress.csv`` that SB3's CSV logger writes in a run
@@ -321,13 +321,12 @@ def plot_adaptation_curves(
 
 
 # --- GIFs --------------------------------------------------------------------------------------------------------
-def _imaging() -> tuple[Any, Any, Any]:
+def _imaging() -> tuple[Any, Any]:
     try:
-        import imageio.v2 as imageio
         from PIL import Image, ImageDraw
     except ImportError as error:
-        raise ImportError(f"GIFs need imageio and Pillow: {PLOTS_EXTRA}") from error
-    return imageio, Image, ImageDraw
+        raise ImportError(f"GIFs need Pillow: {PLOTS_EXTRA}") from error
+    return Image, ImageDraw
 
 
 def record_frames(
@@ -350,7 +349,7 @@ def record_frames(
     :param label: text drawn on a band at the top of each frame
     :param deterministic: act with the policy's mean action
     """
-    _, Image, ImageDraw = _imaging()
+    Image, ImageDraw = _imaging()
     if getattr(env, "render_mode", None) != "rgb_array":
         raise ValueError(
             "record_frames needs an env made with render_mode='rgb_array', e.g. "
@@ -387,7 +386,7 @@ def _frame(image: Any, size: int, label: str | None, Image: Any, ImageDraw: Any)
 def save_gif(frames: Sequence[np.ndarray] | Mapping[str, Sequence[np.ndarray]], path: str | Path, fps: float = 10.0) -> Path:
     """Write frames as a looping GIF at ``fps`` frames per second; a mapping of frame lists is drawn side by side
     (shorter ones hold their last frame)."""
-    _, Image, _ = _imaging()
+    Image, _ = _imaging()
     panels = list(frames.values()) if isinstance(frames, Mapping) else [frames]
     if not panels or any(len(panel) == 0 for panel in panels):
         raise ValueError("save_gif needs at least one frame per panel")
@@ -396,7 +395,7 @@ def save_gif(frames: Sequence[np.ndarray] | Mapping[str, Sequence[np.ndarray]], 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     images = [Image.fromarray(np.hstack(step)) for step in zip(*padded, strict=True)]
-    # Pillow's GIF writer takes the frame duration in milliseconds (imageio's meaning of duration= changed units)
+    # Pillow's GIF writer takes the frame duration in milliseconds
     images[0].save(path, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
     return path
 

@@ -184,6 +184,18 @@ def _episode_seeds(model: CPO) -> list[int]:
     return seeds
 
 
+def _resumed_half(path: Path, n_steps: int, half: int) -> tuple[list[int], list[int], CPO]:
+    """Train ``half`` steps, save to ``path``, load and train ``half`` more: the episode seeds of each half and the
+    resumed model."""
+    model = _cpo(50, n_steps)
+    first_seeds = _episode_seeds(model)
+    model.learn(half)
+    resumed = CPO.load(model.save(path))
+    resumed_seeds = _episode_seeds(resumed)
+    resumed.learn(half, reset_num_timesteps=False)
+    return first_seeds, resumed_seeds, resumed
+
+
 def test_cpo_resumes_its_envs_streams(tmp_path: Path) -> None:
     """CPO.load without an env could not train (SB3's bare AssertionError), and a resumed CPO re-seeded its envs from
     ``seed``, so its first episodes were the run's first ones again. It rebuilds its envs now and continues their
@@ -192,22 +204,12 @@ def test_cpo_resumes_its_envs_streams(tmp_path: Path) -> None:
     straight = _cpo(50, 100)
     straight_seeds = _episode_seeds(straight)
     straight.learn(800)
-    half = _cpo(50, 100)
-    first_seeds = _episode_seeds(half)
-    half.learn(400)
-    resumed = CPO.load(half.save(tmp_path / "half"))
-    resumed_seeds = _episode_seeds(resumed)
-    resumed.learn(400, reset_num_timesteps=False)
+    first_seeds, resumed_seeds, resumed = _resumed_half(tmp_path / "half", 100, 400)
     assert first_seeds + resumed_seeds == straight_seeds
     for name, value in straight.policy.state_dict().items():
         assert th.equal(resumed.policy.state_dict()[name], value), name
     # episodes in flight at the checkpoint (30-step rollouts of 50-step episodes): restarted, then new ones
-    half = _cpo(50, 30)
-    first_seeds = _episode_seeds(half)
-    half.learn(300)
-    resumed = CPO.load(half.save(tmp_path / "mid"))
-    resumed_seeds = _episode_seeds(resumed)
-    resumed.learn(300, reset_num_timesteps=False)
+    first_seeds, resumed_seeds, _ = _resumed_half(tmp_path / "mid", 30, 300)
     assert resumed_seeds and not set(first_seeds) & set(resumed_seeds)
 
 

@@ -26,6 +26,7 @@ from stable_baselines3.common.type_aliases import MaybeCallback
 from stable_baselines3.common.vec_env import VecEnv
 from tqdm.auto import tqdm
 
+from sb3_metacpo.common.checks import is_real
 from sb3_metacpo.common.constraints import CostConstraints
 from sb3_metacpo.common.cpo_update import CPOConfig, Params, PreparedBatch, cpo_update
 from sb3_metacpo.common.envs import make_safe_vec_env, vec_env_time_limit
@@ -208,7 +209,7 @@ class AdaptationMixin(ABC):
             raise ValueError(f"n_updates must be an integer >= 0, got {n_updates!r}")
         if isinstance(n_steps, bool) or not isinstance(n_steps, (int, np.integer)) or n_steps < 2:
             raise ValueError(f"n_steps must be an integer >= 2, got {n_steps!r}")
-        if target_kl is not None and not (isinstance(target_kl, (int, float)) and math.isfinite(target_kl) and target_kl > 0):
+        if target_kl is not None and not (is_real(target_kl) and target_kl > 0):
             raise ValueError(f"target_kl must be None or a finite number > 0, got {target_kl!r}")
         sampler, task = self._adaptation_sampler(env)
         # J_C of a batch without a completed episode is its mean step cost times the episode length.

@@ -439,16 +439,15 @@ class RaySampler(Sampler):
         """Wait until Ray has restarted worker ``worker`` (it answers a ping); re-create it if it does not come back
         within ``_RESTART_WAIT_S`` or cannot (no restart left, killed for good): one death costs one attempt."""
         ray = self._ray
+        restarting = getattr(ray.exceptions, "ActorUnavailableError", ())  # Ray >= 2.24; older Rays wait on the get
         deadline = time.monotonic() + _RESTART_WAIT_S
         while time.monotonic() < deadline:
             try:
                 ray.get(self.workers[worker].ping.remote(), timeout=max(deadline - time.monotonic(), 0.1))
                 return
-            except failures as error:
-                if type(error).__name__ != "ActorUnavailableError":  # dead for good (ActorDiedError...)
-                    break
-                time.sleep(0.1)  # still restarting
-            except ray.exceptions.GetTimeoutError:
+            except restarting:
+                time.sleep(0.1)
+            except (*failures, ray.exceptions.GetTimeoutError):  # dead for good, or not back in time
                 break
         ray.kill(self.workers[worker], no_restart=True)
         self.workers[worker] = self._new_worker(worker)

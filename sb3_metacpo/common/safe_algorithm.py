@@ -363,27 +363,10 @@ class SafeAlgorithmMixin(ABC):
         return model
 
     def _saved_env(self, source: Any, path: str | os.PathLike[str]) -> Any:
-        """What a loaded model trains on when ``load`` is given no env, from the archive's ``env_source`` (CPO's: an
-        env id, its task distribution or a task of it); None for none (MetaCPO's distribution is restored as its
-        own; env objects were not saved)."""
-        if source is None:
-            return None
-        distribution = self._get_task_distribution()
-        if isinstance(source, dict) and set(source) == {"id"}:
-            env_id = source["id"]
-            # only a plain id: an "entry:point" id would make gymnasium import a module the file names
-            if isinstance(env_id, str) and ":" not in env_id:
-                return env_id
-        elif isinstance(source, dict) and source == {"task_distribution": True} and distribution is not None:
-            return distribution
-        elif isinstance(source, dict) and set(source) == {"task"} and distribution is not None:
-            try:
-                task = distribution.task_from_dict(source["task"])
-                distribution.validate_task(task)
-            except (TypeError, ValueError) as error:
-                raise ArchiveError(f"{path}: the saved task is not one of {distribution.name}: {error}") from error
-            return task
-        raise ArchiveError(f"{path}: env_source {source!r} does not name an env id, the task distribution or a task")
+        """What a loaded model trains on when ``load`` is given no env, from the archive's ``env_source`` (None:
+        nothing; MetaCPO's task distribution is restored as its own, and CPO overrides this)."""
+        del source, path
+        return None
 
     @classmethod
     def load_sb3_archive(cls: type[SelfSafeAlgorithm], path: str | os.PathLike[str], **kwargs: Any) -> SelfSafeAlgorithm:

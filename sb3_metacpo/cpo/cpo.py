@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Mapping
 from typing import Any, ClassVar, Literal, TypeVar
@@ -40,6 +41,7 @@ from sb3_metacpo.common.rollouts import (
     box_space,
 )
 from sb3_metacpo.common.safe_algorithm import DEFAULT_COST_LIMIT, SafeAlgorithmMixin
+from sb3_metacpo.common.serialization import ArchiveError
 from sb3_metacpo.common.threads import with_limited_blas_threads
 from sb3_metacpo.tasks.base import Task, TaskDistribution, list_task_distributions, make_task_distribution
 from sb3_metacpo.tasks.monitor import episode_cost
@@ -494,15 +496,20 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):  # type: igno
         if not saved or env is None:
             return
         distribution = self._get_task_distribution()
-        resampling = env.env_is_wrapped(ResampleTaskOnReset) if len(saved) == env.num_envs else []
-        same_kind = [(state["task_stream"] is not None) == draws for state, draws in zip(saved, resampling, strict=False)]
-        if len(saved) != env.num_envs or distribution is None or not all(env.env_is_wrapped(TaskEnv)) or not all(same_kind):
+        same_kind = (
+            len(saved) == env.num_envs
+            and distribution is not None
+            and all(env.env_is_wrapped(TaskEnv))
+            and [state["task_stream"] is not None for state in saved] == env.env_is_wrapped(ResampleTaskOnReset)
+        )
+        if not same_kind:
             warnings.warn(
                 f"the archive's env streams are for {len(saved)} task envs, this model has {env.num_envs} envs of "
                 "another kind: they start from the model's seed, and the first episodes repeat the run's first ones",
                 stacklevel=3,
             )
             return
+        assert distribution is not None
         for index, state in enumerate(saved):
             env.env_method("set_task", distribution.task_from_dict(state["task"]), indices=[index])
             env.env_method("set_episode_rng_state", state["episode_stream"], indices=[index])
@@ -511,6 +518,28 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):  # type: igno
         env.set_options([{REPLAY_OPTION: int(state["episode_seed"])} for state in saved])
         self._last_obs = env.reset()  # type: ignore[assignment]
         self._last_episode_starts = np.ones((env.num_envs,), dtype=bool)
+
+    def _saved_env(self, source: Any, path: str | os.PathLike[str]) -> Any:
+        """The env of the archive's ``env_source`` (:attr:`env_source`: an env id, the task distribution or a task
+        of it; None for an env object or a VecEnv, which were not saved)."""
+        if source is None:
+            return None
+        distribution = self._get_task_distribution()
+        if isinstance(source, dict) and set(source) == {"id"}:
+            env_id = source["id"]
+            # only a plain id: an "entry:point" id would make gymnasium import a module the file names
+            if isinstance(env_id, str) and ":" not in env_id:
+                return env_id
+        elif isinstance(source, dict) and source == {"task_distribution": True} and distribution is not None:
+            return distribution
+        elif isinstance(source, dict) and set(source) == {"task"} and distribution is not None:
+            try:
+                task = distribution.task_from_dict(source["task"])
+                distribution.validate_task(task)
+            except (TypeError, ValueError) as error:
+                raise ArchiveError(f"{path}: the saved task is not one of {distribution.name}: {error}") from error
+            return task
+        raise ArchiveError(f"{path}: env_source {source!r} does not name an env id, the task distribution or a task")
 
     def _use_env_after_load(self, env: Any, force_reset: bool, overridden: set[str], saved: bool = False) -> None:
         pending = getattr(self, "_resume_rng", None)

@@ -23,6 +23,8 @@ def is_cost_key(key: str) -> bool:
 def cost_number(value: Any) -> float | None:
     """A cost signal's value as a float: a Python or numpy number or bool, or a 0-d numeric array; None for anything
     else (the monitor leaves such ``cost_*`` entries out of its sums, and a constrained one is an error)."""
+    if type(value) is float:  # the common case, checked first: this runs for every cost of every env step
+        return value
     if isinstance(value, (numbers.Real, np.bool_)):
         return float(value)
     if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "biuf":
