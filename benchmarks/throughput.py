@@ -305,7 +305,7 @@ def main() -> None:
         parser.error("--n-steps must be a multiple of --envs-per-task")
     per_env = args.n_steps // args.envs_per_task
     print(
-        f"{args.family}: M={args.tasks} tasks x {args.envs_per_task} env(s) (DummyVecEnv), {args.n_steps} steps per "
+        f"{args.family}: M={args.tasks} tasks x {args.envs_per_task} env(s) (LeanDummyVecEnv), {args.n_steps} steps per "
         f"task batch, K=1, fvp_sample_freq={args.fvp_sample_freq}; "
         f"{platform.machine()}, {platform.python_version()}, torch {th.__version__} (1 thread), numpy BLAS 1 thread; "
         "CPU seconds of this process\n"
