@@ -13,8 +13,11 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
+import torch
 
 from sb3_metacpo import CPO, MetaCPO, MetaTRPO, make_task_distribution
+from sb3_metacpo.common.callbacks import SafeEvalCallback
+from sb3_metacpo.common.evaluation import MetaEvalCallback, evaluate_safe_policy, meta_evaluate
 
 SMALL: dict[str, Any] = dict(meta_batch_size=2, n_steps=100, seed=0, policy_kwargs=dict(net_arch=[16]))
 CPO_SMALL: dict[str, Any] = dict(n_steps=100, seed=0, policy_kwargs=dict(net_arch=[16]), n_critic_updates=1)
@@ -145,6 +148,13 @@ CASES: list[Case] = [
         cost_limit={"cost_wind": 1.0},
     ),
     _hyper("MetaCPO", "cost_limit={1: 1.0}", ValueError, "cost_limit's keys must be cost names", cost_limit={1: 1.0}),
+    _hyper(
+        "CPO",
+        "cost_limit={'hazard': 5.0}",
+        ValueError,
+        "'hazard', which is not a cost signal's name",
+        cost_limit={"hazard": 5.0},
+    ),
     _hyper("MetaCPO", "seed='0'", ValueError, "seed must be None or an integer >= 0", seed="0"),
     _hyper("MetaCPO", "seed=-1", ValueError, "seed must be None or an integer >= 0", seed=-1),
     _hyper("MetaCPO", "seed=1.5", ValueError, "seed must be None or an integer >= 0", seed=1.5),
@@ -279,16 +289,29 @@ CASES: list[Case] = [
         "n_updates=-1",
         _adapt(lambda: "Toy2DNav", n_updates=-1),
         ValueError,
-        "n_updates must be an integer >= 0",
+        "n_updates must be None or an integer >= 0",
     ),
     Case(
         "MetaCPO.adapt",
         "n_updates=True",
         _adapt(lambda: "Toy2DNav", n_updates=True),
         ValueError,
-        "n_updates must be an integer >= 0",
+        "n_updates must be None or an integer >= 0",
     ),
-    Case("MetaCPO.adapt", "n_steps=1", _adapt(lambda: "Toy2DNav", n_steps=1), ValueError, "n_steps must be an integer >= 2"),
+    Case(
+        "MetaCPO.adapt",
+        "n_updates='2'",
+        _adapt(lambda: "Toy2DNav", n_updates="2"),
+        ValueError,
+        "n_updates must be None or an integer >= 0",
+    ),
+    Case(
+        "MetaCPO.adapt",
+        "n_steps=1",
+        _adapt(lambda: "Toy2DNav", n_steps=1),
+        ValueError,
+        "n_steps must be None or an integer >= 2",
+    ),
     Case("MetaCPO.adapt", "env=CartPole", _adapt(lambda: gym.make("CartPole-v1")), TypeError, "needs a Box action space"),
     Case(
         "MetaCPO.adapt",
@@ -314,6 +337,80 @@ CASES: list[Case] = [
         lambda: metacpo().evaluate_params("Toy2DNav", metacpo().policy.actor_params(), n_episodes=0),
         ValueError,
         "n_episodes must be a positive integer",
+    ),
+    Case(
+        "MetaCPO.evaluate_params",
+        "seed=-1",
+        lambda: metacpo().evaluate_params("Toy2DNav", metacpo().policy.actor_params(), seed=-1),
+        ValueError,
+        "seed must be None or an integer >= 0",
+    ),
+    Case(
+        "MetaCPO.evaluate_params",
+        "params with a NaN log_std",
+        lambda: metacpo().evaluate_params(
+            "Toy2DNav", {**metacpo().policy.actor_params(), "log_std": torch.full((2,), np.nan)}
+        ),
+        ValueError,
+        r"params\['log_std'\] has non-finite values",
+    ),
+    Case(
+        "MetaCPO.evaluate_params",
+        "params without log_std",
+        lambda: metacpo().evaluate_params(
+            "Toy2DNav", {k: v for k, v in metacpo().policy.actor_params().items() if k != "log_std"}
+        ),
+        ValueError,
+        "params must map the actor's parameter names",
+    ),
+    Case(
+        "meta_evaluate",
+        "n_eval_episodes=0",
+        lambda: meta_evaluate(metacpo(), toy().test_tasks(1), n_eval_episodes=0),
+        ValueError,
+        "n_eval_episodes must be a positive integer",
+    ),
+    Case(
+        "meta_evaluate",
+        "an env instead of tasks",
+        lambda: meta_evaluate(metacpo(), [toy().make_env(toy().test_tasks(1)[0])]),
+        ValueError,
+        "meta-evaluation takes tasks of the model's family",
+    ),
+    Case(
+        "MetaEvalCallback",
+        "tasks=[]",
+        lambda: MetaEvalCallback([]),
+        ValueError,
+        "meta-evaluation needs at least one held-out task",
+    ),
+    Case(
+        "MetaEvalCallback",
+        "n_eval_episodes=0",
+        lambda: MetaEvalCallback(toy().test_tasks(1), n_eval_episodes=0),
+        ValueError,
+        "n_eval_episodes must be a positive integer",
+    ),
+    Case(
+        "MetaEvalCallback",
+        "eval_freq=1.5",
+        lambda: MetaEvalCallback(toy().test_tasks(1), eval_freq=1.5),
+        ValueError,
+        "eval_freq must be a positive integer",
+    ),
+    Case(
+        "SafeEvalCallback",
+        "n_steps=1",
+        lambda: SafeEvalCallback(toy().test_tasks(1), n_steps=1),
+        ValueError,
+        "n_steps must be None or an integer >= 2",
+    ),
+    Case(
+        "evaluate_safe_policy",
+        "n_eval_episodes=0",
+        lambda: evaluate_safe_policy(metacpo(), toy().make_env(toy().test_tasks(1)[0]), n_eval_episodes=0),
+        ValueError,
+        "n_eval_episodes must be a positive integer",
     ),
     # --- envs emitting non-finite values ---
     Case(

@@ -41,10 +41,12 @@ def test_numpy_scalars_are_accepted_where_python_ones_are(tmp_path: Path) -> Non
         line_search_max_iter=np.int64(5),
         seed=np.int64(0),
         n_envs=np.int64(2),
+        stats_window_size=np.int32(10),
         policy_kwargs=SMALL["policy_kwargs"],
     )
     model.learn(np.int64(400))
     assert model.num_timesteps == 400 and type(model.n_steps) is int and type(model.inner_target_kl) is float
+    assert type(model._stats_window_size) is int  # SB3's name of stats_window_size
     model.save(tmp_path / "model")  # the saved metadata is plain JSON
     assert MetaCPO.load(tmp_path / "model").n_steps == 100
     cpo = CPO("MlpPolicy", "Toy2DNav", **{**CPO_SMALL, "n_steps": np.int64(100), "n_envs": np.int64(1)})

@@ -1,6 +1,7 @@
 """MetaCPO behind the SB3 API: training, callbacks, logging, adaptation, save/load and input validation."""
 
 import csv
+import math
 
 import gymnasium as gym
 import numpy as np
@@ -129,6 +130,22 @@ def test_adapt_keeps_theta_and_changes_predict():
     assert all(th.equal(theta[k], v) for k, v in model.policy.state_dict().items())
 
 
+def test_the_history_of_a_batch_without_a_completed_episode_has_no_episode_means():
+    """Its return and named costs used to be the step means times the episode length, its total cost NaN."""
+    dist = toy()
+    model = MetaCPO("MlpPolicy", dist, **SMALL)
+    task = dist.test_tasks(1)[0]
+    model.adapt(task, n_updates=1, n_steps=20)  # 20 steps of 50-step episodes
+    (record,) = model.adaptation_history
+    assert record["n_episodes"] == 0
+    assert math.isnan(record["ep_rew_mean"]) and math.isnan(record["ep_cost_mean"])
+    assert all(math.isnan(cost) for cost in record["ep_costs"].values())
+    model.adapt(task, n_updates=1, n_steps=100)
+    (record,) = model.adaptation_history
+    assert record["n_episodes"] >= 2 and math.isfinite(record["ep_rew_mean"]) and math.isfinite(record["ep_cost_mean"])
+    assert record["ep_costs"] == {"cost": record["ep_cost_mean"]}
+
+
 def test_adaptation_trust_region_and_evaluation_episodes():
     """adapt's target_kl is the adaptation updates' trust region (the accepted step's KL stays under it, the default
     being inner_target_kl); evaluate_params gives at least n_episodes on a VecEnv of several envs too (each env ran
@@ -217,6 +234,47 @@ def test_meta_eval_callback_logs_meta_test(tmp_path):
     assert all(row["meta_test/ep_rew_mean_0"] and row["meta_test/ep_cost_mean_1"] for row in rows)
 
 
+def test_meta_eval_callback_does_not_evaluate_a_resumed_models_starting_point_again():
+    dist = toy()
+    model = MetaCPO("MlpPolicy", dist, **SMALL)
+    model.learn(800)  # 2 meta-iterations (its own run's last evaluation would be at 2)
+    callback = MetaEvalCallback(dist.test_tasks(1), eval_freq=2, n_updates=0, n_eval_episodes=1)
+    model.learn(800, reset_num_timesteps=False, callback=callback)
+    assert model._n_updates == 4 and len(callback.history) == 1  # at 4 only (was 2 and 4)
+
+
+def test_set_env_takes_a_task_distribution_and_refuses_a_single_env():
+    """SB3's set_env was inherited: AttributeError on a fresh model, SB3's misleading Gym error for a distribution, and
+    a VecEnv was accepted, then ignored by learn."""
+    model = MetaCPO("MlpPolicy", toy(), **SMALL)
+    other = make_task_distribution("Toy2DNav", seed=1, max_episode_steps=20)
+    model.set_env(other)
+    assert model.task_distribution is other
+    model.learn(160)
+    assert model._n_updates == 1 and model.sampler is not None and model.sampler.distribution is other
+    with pytest.raises(TypeError, match="set_env takes a TaskDistribution or a registered family name"):
+        model.set_env(DummyVecEnv([lambda: other.make_env(other.test_tasks(1)[0])]))
+
+
+def test_meta_evaluate_keeps_the_models_adaptation_and_its_history():
+    dist = toy()
+    model = MetaCPO("MlpPolicy", dist, **SMALL)
+    task = dist.test_tasks(1)[0]
+    model.adapt(task, n_updates=2, n_steps=100)
+    history, adapted = list(model.adaptation_history), dict(model.adapted_params)
+    meta_evaluate(model, dist.test_tasks(2), n_updates=1, n_steps=100, n_eval_episodes=1)
+    assert model.adaptation_history == history and model.adapted_params == adapted
+    with pytest.raises(ValueError, match="n_eval_episodes must be a positive integer"):
+        meta_evaluate(model, [task], n_eval_episodes=0)
+    assert model.adaptation_history == history and model.adapted_params == adapted
+
+
+def test_adapting_to_the_models_own_family_by_name_uses_its_held_out_task():
+    dist = toy(test_seed=7)
+    model = MetaCPO("MlpPolicy", dist, **SMALL)
+    assert model._adaptation_sampler("Toy2DNav")[1] == dist.test_tasks(1)[0]  # not the default family's
+
+
 def test_meta_eval_callback_counts_a_task_under_the_limits_only_when_every_cost_is(tmp_path, monkeypatch):
     """With cost_limit a mapping, a task is under the limits when each named cost is under its own: the second task's
     total cost (4) is under the first limit (5, what was compared before), its cost_speed (3) over its limit (2)."""
@@ -284,7 +342,7 @@ def test_bad_envs_are_rejected():
 
     with pytest.raises(KeyError, match="reports no cost"):
         model.adapt(NoCost(), n_updates=1, n_steps=10)
-    with pytest.raises(ValueError, match="n_updates must be an integer >= 0"):
+    with pytest.raises(ValueError, match="n_updates must be None or an integer >= 0"):
         model.adapt("Toy2DNav", n_updates=-1)
 
 

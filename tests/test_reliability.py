@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch as th
@@ -145,8 +146,19 @@ def test_env_raising_in_the_main_process_leaves_theta_unchanged(monkeypatch: pyt
     assert model._n_updates == 2 and all(th.isfinite(v).all() for v in model.policy.state_dict().values())
 
 
+# what the env returns at its 37th step: an inf observation; a finite float64 cost beyond float32's range (the storage's
+# dtype, where it would be stored as inf)
+POISONS = {
+    "inf observation": ("observation", np.array([np.inf, 0.0], np.float32), "returned a non-finite next observation at step"),
+    "float64 cost": ("cost", 1e39, r"reported a non-finite cost \(1e\+39; the storage is float32"),
+}
+
+
+@pytest.mark.parametrize("poison", list(POISONS))
 @pytest.mark.parametrize("algo", ["MetaCPO", "CPO"])
-def test_non_finite_env_output_leaves_statistics_critics_and_theta_finite(algo: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_non_finite_env_output_leaves_statistics_critics_and_theta_finite(
+    algo: str, poison: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     if algo == "MetaCPO":
         model: Any = MetaCPO("MlpPolicy", toy(), critic="mlp", n_critic_updates=1, **SMALL)
     else:
@@ -160,16 +172,44 @@ def test_non_finite_env_output_leaves_statistics_critics_and_theta_finite(algo: 
         obs, reward, terminated, truncated, info = original(self, action)
         calls["n"] += 1
         if calls["n"] == 37:
-            obs = np.array([np.inf, 0.0], np.float32)
+            if where == "observation":
+                obs = value
+            else:
+                info = {**info, "cost": value}
         return obs, reward, terminated, truncated, info
 
+    where, value, message = POISONS[poison]
     monkeypatch.setattr(Toy2DNavEnv, "step", poisoned)
-    with pytest.raises(ValueError, match="returned a non-finite next observation at step"):
+    with pytest.raises(ValueError, match=message):
         model.learn(400, reset_num_timesteps=False)
     assert same(state, snapshot(model))  # θ, critics and observation statistics untouched
     monkeypatch.setattr(Toy2DNavEnv, "step", original)
     model.learn(400 if algo == "MetaCPO" else 100, reset_num_timesteps=False)
     assert all(th.isfinite(v).all() for v in model.policy.state_dict().values())
+
+
+def test_a_float64_observation_beyond_float32_is_refused_before_the_statistics() -> None:
+    """safety-gymnasium's observation spaces are float64: a diverging simulation's finite 1e39 passed a float64 check and
+    was stored as inf in the float32 rollout, then poisoned the observation statistics and the critics."""
+
+    class BlowUp(gym.Env):
+        observation_space = gym.spaces.Box(-np.inf, np.inf, (1,), np.float64)
+        action_space = gym.spaces.Box(-1, 1, (1,), np.float32)
+
+        def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
+            super().reset(seed=seed)
+            self.t = 0
+            return np.zeros(1), {}
+
+        def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
+            self.t += 1
+            return np.full(1, 1e39 if self.t == 3 else 0.0), 0.0, False, False, {"cost": 0.0}
+
+    model = CPO("MlpPolicy", gym.wrappers.TimeLimit(BlowUp(), 10), n_steps=8, seed=0, policy_kwargs=dict(net_arch=[8]))
+    state = snapshot(model)
+    with pytest.raises(ValueError, match="env 0 returned a non-finite next observation at step 2"):
+        model.learn(8)
+    assert same(state, snapshot(model))
 
 
 def test_degenerate_batches_are_handled() -> None:

@@ -273,6 +273,7 @@ def test_cost_limit_mappings_are_validated_before_any_step():
         ({"cost_a": "1"}, "positive number"),
         (float("nan"), "finite and > 0"),
         (True, "positive number"),
+        ({"hazard": 5.0}, "'hazard', which is not a cost signal's name"),  # the monitors sum only cost and cost_<type>
     ]:
         with pytest.raises(ValueError, match=message):
             CostConstraints.from_cost_limit(bad)
@@ -386,6 +387,29 @@ def test_cpo_with_both_limits_keeps_both_costs_where_one_limit_breaks_the_other(
     assert both["cost_a"] <= 3.5 and both["cost_b"] <= 3.5, both
     a_only = two_cost_stats({"cost_a": 3.0})
     assert a_only["cost_a"] <= 3.5 and a_only["cost_b"] >= 8.0, a_only
+
+
+def test_a_cost_name_a_plain_env_never_reports_is_an_error_before_any_update():
+    """A misspelled name (``cost_hazard`` for ``cost_hazards``) on episodes longer than the rollout: the rollout's
+    stored costs were 0 and updates ran with J_C = 0 until the first episode ended."""
+
+    class Costly(gym.Env):
+        observation_space = gym.spaces.Box(-1, 1, (1,), np.float32)
+        action_space = gym.spaces.Box(-1, 1, (1,), np.float32)
+
+        def reset(self, *, seed=None, options=None):
+            super().reset(seed=seed)
+            return np.zeros(1, np.float32), {}
+
+        def step(self, action):
+            return np.zeros(1, np.float32), 0.0, False, False, {"cost": 1.0, "cost_hazards": 1.0}
+
+    env = gym.wrappers.TimeLimit(Costly(), 200)
+    model = CPO("MlpPolicy", env, n_steps=50, cost_limit={"cost_hazard": 5.0}, seed=0, policy_kwargs=dict(net_arch=[8]))
+    with pytest.raises(KeyError, match=r"no env reported \['cost_hazard'\] in its info at any of the rollout's 50 steps"):
+        model.learn(150)
+    assert model._n_updates == 0
+    CPO("MlpPolicy", env, n_steps=50, cost_limit={"cost_hazards": 5.0}, seed=0, policy_kwargs=dict(net_arch=[8])).learn(100)
 
 
 def test_without_cvxpylayers_the_exact_solver_trains_and_the_layers_name_the_extra():

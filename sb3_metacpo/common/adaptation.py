@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
@@ -26,7 +26,7 @@ from stable_baselines3.common.type_aliases import MaybeCallback
 from stable_baselines3.common.vec_env import VecEnv
 from tqdm.auto import tqdm
 
-from sb3_metacpo.common.checks import is_real
+from sb3_metacpo.common.checks import check_adaptation_arguments, check_seed
 from sb3_metacpo.common.constraints import CostConstraints
 from sb3_metacpo.common.cpo_update import CPOConfig, Params, PreparedBatch, cpo_update
 from sb3_metacpo.common.envs import make_safe_vec_env, vec_env_time_limit
@@ -147,7 +147,8 @@ class AdaptationMixin(ABC):
 
         The model's own parameters are not changed (call :meth:`reset_adaptation` to act with them again). The
         per-update statistics are in :attr:`adaptation_history`: for each update, the batch it used (collected by
-        the policy before the update): mean episode reward and cost, the CPO case, the accepted fraction and the KL.
+        the policy before the update): mean episode reward and cost (NaN when the batch completed no episode), the
+        CPO case, the accepted fraction and the KL.
         If anything fails, the model is left as it was: its adapted parameters, ``predict`` and
         :attr:`adaptation_history` are those from before the call.
 
@@ -156,7 +157,8 @@ class AdaptationMixin(ABC):
         ``predict`` then uses (none completed: the model's own parameters). :meth:`learn` forgets an adaptation.
 
         :param env: a gymnasium env or VecEnv reporting ``info["cost"]``, a task of the model's family, or the name
-            of a registered family (its first held-out task)
+            of a registered family (its first held-out task: for the model's own family, that of the model's
+            distribution, with its ``test_seed`` and ranges)
         :param n_updates: CPO updates (default: the algorithm's, e.g. MetaCPO's ``n_inner_updates``)
         :param n_steps: env steps per update (default: the algorithm's ``n_steps``)
         :param callback: SB3 callback(s), called at every env step
@@ -164,6 +166,7 @@ class AdaptationMixin(ABC):
         :param target_kl: the updates' trust region (default: the algorithm's, MetaCPO's ``inner_target_kl``, CPO's
             ``target_kl``), e.g. one for every method of a comparison
         """
+        check_adaptation_arguments(n_updates, n_steps, target_kl)  # before the callbacks start
         callbacks: BaseCallback = self._init_callback(callback, progress_bar=False)  # type: ignore[attr-defined]
         callbacks.on_training_start(locals(), globals())
 
@@ -202,15 +205,10 @@ class AdaptationMixin(ABC):
         the iteration ends after the updates completed so far. ``n_updates``, ``n_steps`` and ``target_kl`` as in
         :meth:`adapt`.
         """
+        check_adaptation_arguments(n_updates, n_steps, target_kl)
         default_updates, default_steps = self._adaptation_defaults()
         n_updates = default_updates if n_updates is None else n_updates
         n_steps = default_steps if n_steps is None else n_steps
-        if isinstance(n_updates, bool) or not isinstance(n_updates, (int, np.integer)) or n_updates < 0:
-            raise ValueError(f"n_updates must be an integer >= 0, got {n_updates!r}")
-        if isinstance(n_steps, bool) or not isinstance(n_steps, (int, np.integer)) or n_steps < 2:
-            raise ValueError(f"n_steps must be an integer >= 2, got {n_steps!r}")
-        if target_kl is not None and not (is_real(target_kl) and target_kl > 0):
-            raise ValueError(f"target_kl must be None or a finite number > 0, got {target_kl!r}")
         sampler, task = self._adaptation_sampler(env)
         # J_C of a batch without a completed episode is its mean step cost times the episode length.
         distribution = self.task_distribution
@@ -231,12 +229,18 @@ class AdaptationMixin(ABC):
                 self.policy.actor_mean_log_std, params, prepared, config, fisher=self.policy.fisher_product
             )
             params = {name: value.detach() for name, value in new_params.items()}
+            # Episode means of the batch; NaN, all three, when it completed no episode (the update then used the
+            # step means times the episode length, which are not episode means)
+            completed = bool(batch.episodes)
             history.append(
                 {
                     "update": k,
-                    "ep_rew_mean": prepared.episode_reward,
-                    "ep_cost_mean": float(batch.episode_costs.mean()) if batch.episodes else float("nan"),
-                    "ep_costs": dict(zip(self.constraints.names, prepared.episode_costs.tolist(), strict=True)),
+                    "ep_rew_mean": prepared.episode_reward if completed else float("nan"),
+                    "ep_cost_mean": float(batch.episode_costs.mean()) if completed else float("nan"),
+                    "ep_costs": {
+                        name: cost if completed else float("nan")
+                        for name, cost in zip(self.constraints.names, prepared.episode_costs.tolist(), strict=True)
+                    },
                     "n_episodes": prepared.n_episodes,
                     "cost_limit": self.constraints.limit_of(TOTAL_COST),  # None if only named costs are limited
                     "cpo_case": result.case,
@@ -267,6 +271,8 @@ class AdaptationMixin(ABC):
         """
         if isinstance(n_episodes, bool) or not isinstance(n_episodes, (int, np.integer)) or n_episodes < 1:
             raise ValueError(f"n_episodes must be a positive integer, got {n_episodes!r}")
+        check_seed(seed)
+        self._check_actor_params(params)
         sampler, task = self._adaptation_sampler(env, fresh_seed=seed)
         act = self._act_fn([params], deterministic=deterministic)
         try:
@@ -289,6 +295,24 @@ class AdaptationMixin(ABC):
             episode_costs=tuple(costs.tolist()),
             episode_rewards=tuple(batch.episode_rewards.tolist()),
         )
+
+    def _check_actor_params(self, params: Any) -> None:
+        """``params`` are finite actor parameters with the actor's names and shapes (else a ``ValueError`` naming
+        the problem, before any env step)."""
+        expected = self.policy.actor_params()
+        if not isinstance(params, Mapping) or set(params) != set(expected):
+            given = sorted(params) if isinstance(params, Mapping) else type(params).__name__
+            raise ValueError(
+                f"params must map the actor's parameter names {sorted(expected)} to tensors (e.g. from "
+                f"adaptation_steps or policy.actor_params()), got {given}"
+            )
+        for name, value in expected.items():
+            given = params[name]
+            if not isinstance(given, th.Tensor) or given.shape != value.shape:
+                shape = tuple(given.shape) if isinstance(given, th.Tensor) else type(given).__name__
+                raise ValueError(f"params[{name!r}] must be a tensor of shape {tuple(value.shape)}, got {shape}")
+            if not bool(th.isfinite(given).all()):
+                raise ValueError(f"params[{name!r}] has non-finite values: the actor cannot act with them")
 
     def reset_adaptation(self) -> None:
         """Forget the adapted parameters: ``predict`` acts with the model's own parameters again."""
@@ -314,8 +338,9 @@ class AdaptationMixin(ABC):
         one seeded with ``fresh_seed`` when given)."""
         seed = (0 if self.seed is None else self.seed) if fresh_seed is None else fresh_seed
         names = self.constraints.names
-        if isinstance(env, str):
-            env = make_task_distribution(env).test_tasks(1)[0]
+        if isinstance(env, str):  # the family's first held-out task: the model's own family's, if it is that family
+            own = self.task_distribution
+            env = (own if own is not None and own.name == env else make_task_distribution(env)).test_tasks(1)[0]
         if isinstance(env, Task):
             distribution = self.task_distribution
             if distribution is None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from stable_baselines3.common.callbacks import BaseCallback
 
-from sb3_metacpo.common.checks import check, is_int
+from sb3_metacpo.common.checks import check, check_meta_evaluation_arguments, is_int
 from sb3_metacpo.common.constraints import within_limits
 from sb3_metacpo.common.evaluation import AdaptationRecord, adaptable_model, mean_costs, meta_evaluate
 from sb3_metacpo.tasks.base import Task
@@ -164,21 +164,14 @@ class SafeEvalCallback(BaseCallback):
         verbose: int = 0,
     ) -> None:
         super().__init__(verbose)
-        check(len(tasks) >= 1, "SafeEvalCallback needs at least one held-out task")
+        tasks = list(tasks)
+        check_meta_evaluation_arguments(tasks, n_updates, n_steps, n_eval_episodes)
         check(is_int(eval_freq) and eval_freq >= 1, f"eval_freq must be a positive integer (updates), got {eval_freq!r}")
-        check(
-            n_updates is None or (is_int(n_updates) and n_updates >= 0),
-            f"n_updates must be None or an integer >= 0, got {n_updates!r}",
-        )
-        check(
-            is_int(n_eval_episodes) and n_eval_episodes >= 1,
-            f"n_eval_episodes must be a positive integer, got {n_eval_episodes!r}",
-        )
         check(
             cost_limit is None or (isinstance(cost_limit, (int, float)) and math.isfinite(cost_limit) and cost_limit >= 0),
             f"cost_limit must be None or a finite number >= 0, got {cost_limit!r}",
         )
-        self.tasks = list(tasks)
+        self.tasks = tasks
         self.eval_freq = int(eval_freq)
         self.n_updates = n_updates
         self.n_steps = n_steps

@@ -34,6 +34,39 @@ def check_seed(seed: Any) -> None:
     check(seed is None or (is_int(seed) and 0 <= seed < 2**63), f"seed must be None or an integer >= 0, got {seed!r}")
 
 
+def check_adaptation_arguments(n_updates: Any, n_steps: Any, target_kl: Any = None) -> None:
+    """Adaptation's ``n_updates`` (None or an integer >= 0), ``n_steps`` (None or an integer >= 2) and ``target_kl``
+    (None or a finite number > 0); None means the model's own."""
+    check(
+        n_updates is None or (is_int(n_updates) and n_updates >= 0),
+        f"n_updates must be None or an integer >= 0, got {n_updates!r}",
+    )
+    check(n_steps is None or (is_int(n_steps) and n_steps >= 2), f"n_steps must be None or an integer >= 2, got {n_steps!r}")
+    check(
+        target_kl is None or (is_real(target_kl) and target_kl > 0),
+        f"target_kl must be None or a finite number > 0, got {target_kl!r}",
+    )
+
+
+def check_meta_evaluation_arguments(tasks: Any, n_updates: Any, n_steps: Any, n_eval_episodes: Any) -> None:
+    """What :func:`~sb3_metacpo.common.evaluation.meta_evaluate` and the evaluation callbacks take: tasks of the
+    model's family (at least one), the adaptation's arguments and ``n_eval_episodes`` (an integer >= 1)."""
+    from sb3_metacpo.tasks.base import Task
+
+    check(len(tasks) >= 1, "meta-evaluation needs at least one held-out task")
+    check(
+        all(isinstance(task, Task) for task in tasks),
+        "meta-evaluation takes tasks of the model's family (e.g. distribution.test_tasks(5)), got "
+        f"{sorted({type(task).__name__ for task in tasks if not isinstance(task, Task)})}: an env object would be "
+        "evaluated on its adaptation batches' own start states",
+    )
+    check_adaptation_arguments(n_updates, n_steps)
+    check(
+        is_int(n_eval_episodes) and n_eval_episodes >= 1,
+        f"n_eval_episodes must be a positive integer, got {n_eval_episodes!r}",
+    )
+
+
 def check_vec_env_cls(vec_env_cls: Any) -> None:
     """``vec_env_cls`` is None, ``DummyVecEnv`` or ``SubprocVecEnv`` (or a subclass)."""
     from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv

@@ -13,7 +13,7 @@ import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from sb3_metacpo.tasks.monitor import TOTAL_COST
+from sb3_metacpo.tasks.monitor import TOTAL_COST, is_cost_key
 
 
 def _check_limit(name: str, value: object) -> float:
@@ -47,6 +47,12 @@ class CostConstraints:
         for name, limit in zip(self.names, self.limits, strict=True):
             if not isinstance(name, str) or not name:
                 raise ValueError(f"cost names must be non-empty strings, got {name!r}")
+            if not is_cost_key(name):
+                raise ValueError(
+                    f"cost_limit names {name!r}, which is not a cost signal's name: the episode monitors sum the info "
+                    f"keys 'cost' and 'cost_<type>' (safety-gymnasium's names); report it as 'cost_{name}' in the "
+                    "env's info and limit that"
+                )
             _check_limit(name, limit)
 
     @classmethod

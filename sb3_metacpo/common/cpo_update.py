@@ -63,9 +63,10 @@ class PreparedBatch:
     """A task batch as flat tensors with advantages and constraint values, ready for a CPO update.
 
     ``cost_advantages`` (one column per constrained cost) stay in cost units (only centred): the linearised
-    constraint ``b_j + a_jᵀx <= 0`` compares them with ``constraint[j] = (J_Cj - limit_j) / episode_length``, the
-    episode-cost excess per step. The reward advantages are standardised, which does not change the direction of a
-    trust-region step.
+    constraint ``b_j + a_jᵀx <= 0`` compares them with ``constraint[j] = (J_Cj + κ·SE_j - limit_j) / L``, the
+    episode-cost excess per step: κ the ``cost_confidence`` margin on the standard error of J_Cj, L the mean length of
+    the batch's completed episodes (``episode_length`` when none completed). The reward advantages are standardised,
+    which does not change the direction of a trust-region step.
     """
 
     observations: th.Tensor

@@ -15,6 +15,7 @@ from stable_baselines3.common.vec_env import VecEnv
 from tqdm.auto import tqdm
 
 from sb3_metacpo.common.adaptation import Adaptable
+from sb3_metacpo.common.checks import check, check_adaptation_arguments, check_meta_evaluation_arguments, is_int
 from sb3_metacpo.common.constraints import CostConstraints
 from sb3_metacpo.common.envs import make_safe_vec_env
 from sb3_metacpo.tasks.base import Task
@@ -32,6 +33,10 @@ def evaluate_safe_policy(
     ``env`` must report ``info["cost"]``; it is wrapped in a :class:`CostMonitor` when it has none.
     :return: (mean reward, std reward, mean cost, std cost)
     """
+    check(
+        is_int(n_eval_episodes) and n_eval_episodes >= 1,
+        f"n_eval_episodes must be a positive integer, got {n_eval_episodes!r}",
+    )
     env = make_safe_vec_env(env)
     costs: list[float] = []
 
@@ -60,7 +65,7 @@ class AdaptationRecord:
     """Performance on one held-out task after ``n_updates`` adaptation updates (0: before adaptation).
 
     ``adaptation_ep_cost_mean`` is the mean episode cost of the batch the ``n_updates``-th update was computed from
-    (the cost paid while adapting; NaN for 0 updates)."""
+    (the cost paid while adapting; NaN for 0 updates and when that batch completed no episode)."""
 
     task: Task
     n_updates: int
@@ -108,31 +113,40 @@ def meta_evaluate(
     """Evaluate on each task before adaptation and after every adaptation update (as garage's MetaEvaluator).
 
     Works for every :class:`~sb3_metacpo.common.adaptation.Adaptable` algorithm (MetaCPO, MetaTRPO, CPO).
-    Adaptation starts from the model's parameters on each task and never changes them; evaluation episodes are
-    separate from the adaptation batches. The stochastic policy is evaluated by default, as its cost is what the
-    CPO updates constrain. ``n_updates``, ``n_steps`` and ``target_kl`` (the adaptation updates' trust region) are
-    those of :meth:`~sb3_metacpo.common.adaptation.AdaptationMixin.adapt` (None: the model's own): give every method
-    of a comparison the same ones.
+    Adaptation starts from the model's parameters on each task and never changes them, nor the model's adapted
+    parameters and ``adaptation_history`` from an earlier :meth:`adapt`; evaluation episodes are separate from the
+    adaptation batches. ``tasks`` are tasks of the model's family. The stochastic policy is evaluated by default, as
+    its cost is what the CPO updates constrain. ``n_updates``, ``n_steps`` and ``target_kl`` (the adaptation
+    updates' trust region) are those of :meth:`~sb3_metacpo.common.adaptation.AdaptationMixin.adapt` (None: the
+    model's own): give every method of a comparison the same ones.
     """
+    tasks = list(tasks)
+    check_meta_evaluation_arguments(tasks, n_updates, n_steps, n_eval_episodes)  # before any adaptation changes the model
+    check_adaptation_arguments(None, None, target_kl)
     records = []
-    for task in tqdm(tasks, desc="meta-evaluating", disable=not progress_bar):
-        steps = model.adaptation_steps(task, n_updates, n_steps, target_kl=target_kl)
-        for k, params in steps:
-            result = model.evaluate_params(task, params, n_eval_episodes, deterministic)
-            history = getattr(model, "adaptation_history", [])
-            paid = history[k - 1]["ep_cost_mean"] if 0 < k <= len(history) else float("nan")
-            records.append(
-                AdaptationRecord(
-                    task,
-                    k,
-                    result.ep_rew_mean,
-                    result.ep_cost_mean,
-                    result.n_episodes,
-                    result.ep_cost_sem,
-                    result.ep_costs,
-                    paid,
+    history_before = list(getattr(model, "adaptation_history", []))  # the model's adapt() keeps its own history
+    try:
+        for task in tqdm(tasks, desc="meta-evaluating", disable=not progress_bar):
+            steps = model.adaptation_steps(task, n_updates, n_steps, target_kl=target_kl)
+            for k, params in steps:
+                result = model.evaluate_params(task, params, n_eval_episodes, deterministic)
+                history = getattr(model, "adaptation_history", [])
+                paid = history[k - 1]["ep_cost_mean"] if 0 < k <= len(history) else float("nan")
+                records.append(
+                    AdaptationRecord(
+                        task,
+                        k,
+                        result.ep_rew_mean,
+                        result.ep_cost_mean,
+                        result.n_episodes,
+                        result.ep_cost_sem,
+                        result.ep_costs,
+                        paid,
+                    )
                 )
-            )
+    finally:
+        if hasattr(model, "adaptation_history"):
+            model.adaptation_history = history_before
     return records
 
 
@@ -157,15 +171,21 @@ class MetaEvalCallback(BaseCallback):
         verbose: int = 0,
     ) -> None:
         super().__init__(verbose)
-        if eval_freq < 1:
-            raise ValueError(f"eval_freq must be >= 1 meta-iteration, got {eval_freq}")
-        self.tasks = list(tasks)
-        self.eval_freq = eval_freq
+        tasks = list(tasks)
+        check_meta_evaluation_arguments(tasks, n_updates, n_steps, n_eval_episodes)
+        check(
+            is_int(eval_freq) and eval_freq >= 1, f"eval_freq must be a positive integer (meta-iterations), got {eval_freq!r}"
+        )
+        self.tasks = tasks
+        self.eval_freq = int(eval_freq)
         self.n_updates = n_updates
         self.n_steps = n_steps
-        self.n_eval_episodes = n_eval_episodes
+        self.n_eval_episodes = int(n_eval_episodes)
         self.history: list[list[AdaptationRecord]] = []
         self._last_evaluated = 0
+
+    def _init_callback(self) -> None:
+        self._last_evaluated = self.model._n_updates  # a resumed run does not evaluate its starting point again
 
     def _on_step(self) -> bool:
         return True

@@ -132,7 +132,17 @@ class _WorkerResult:
     nbytes: int = 0  # size of this result pickled (only when the driver measures transfers)
 
 
-_STORAGE_ARRAYS = ("observations", "next_observations", "actions", "rewards", "costs", "terminated", "truncated")
+# every array has the envs on axis 1 (cost_missing: one row per cost name)
+_STORAGE_ARRAYS = (
+    "observations",
+    "next_observations",
+    "actions",
+    "rewards",
+    "costs",
+    "terminated",
+    "truncated",
+    "cost_missing",
+)
 
 
 class RolloutWorker:

@@ -25,6 +25,8 @@ from sb3_metacpo.common.policies import NumpyActor
 from sb3_metacpo.tasks.base import Task, TaskDistribution
 from sb3_metacpo.tasks.monitor import TOTAL_COST, cost_number, episode_cost
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
 #: ``act(observations, task_indices) -> actions``: observations ``(n_envs, *obs_shape)``, task_indices ``(n_envs,)``
 #: index into the task list given to :meth:`RolloutSampler.collect`; returns raw (unclipped) actions
 #: ``(n_envs, *action_shape)``.
@@ -151,6 +153,9 @@ class RolloutStorage:
         self.costs = np.zeros((horizon, n_envs, len(self.cost_names)), dtype=np.float32)
         self.terminated = np.zeros((horizon, n_envs), dtype=bool)
         self.truncated = np.zeros((horizon, n_envs), dtype=bool)
+        # per cost name and env: the steps whose info lacked the name (a name missing at every step of every env of a
+        # batch is an error there, before any update: a misspelled cost_limit name on a plain env)
+        self.cost_missing = np.zeros((len(self.cost_names), n_envs), dtype=np.int64)
 
     def add(
         self,
@@ -164,14 +169,15 @@ class RolloutStorage:
     ) -> list[tuple[int, EpisodeRecord]]:
         """Store step ``t`` (``next_observations`` as returned by the VecEnv, i.e. already reset where done);
         returns ``(env index, episode)`` for every episode that ended at this step."""
-        if t == 0:  # later observations are the previous step's next observations, checked there
-            _check_finite(t, "observation", observations)
-        _check_finite(t, "reward", rewards)
-        _check_finite(t, "next observation", next_observations)
+        # Checked as stored, in float32: a finite float64 beyond float32's range would be stored as inf.
         self.observations[t] = observations
         self.actions[t] = actions
         self.rewards[t] = rewards
         self.next_observations[t] = next_observations
+        if t == 0:  # later observations are the previous step's next observations, checked there
+            _check_finite(t, "observation", self.observations[t])
+        _check_finite(t, "reward", self.rewards[t])
+        _check_finite(t, "next observation", self.next_observations[t])
         ended = []
         for index, info in enumerate(infos):
             for column, name in enumerate(self.cost_names):
@@ -179,6 +185,7 @@ class RolloutStorage:
                     # A per-type cost may skip steps (safety-gymnasium's Button task omits cost_buttons for a few steps
                     # after a press): 0 there, but an episode that never reports it is an error (below).
                     self.costs[t, index, column] = 0.0
+                    self.cost_missing[column, index] += 1
                     continue
                 value = cost_number(info[name])
                 if value is None:
@@ -186,15 +193,18 @@ class RolloutStorage:
                         f"env {index} reported {name}={info[name]!r} at step {t} of the rollout: a constrained cost "
                         "signal must be a number (a Python or numpy number or bool) at every step"
                     )
-                if not math.isfinite(value):
-                    raise ValueError(f"env {index} reported a non-finite {name} ({value}) at step {t} of the rollout")
+                if not abs(value) <= _FLOAT32_MAX:  # NaN, inf, or beyond the float32 storage's range
+                    raise ValueError(
+                        f"env {index} reported a non-finite {name} ({value}; the storage is float32, finite up to "
+                        f"{_FLOAT32_MAX:.4g}) at step {t} of the rollout"
+                    )
                 self.costs[t, index, column] = value
             if dones[index]:
                 is_truncated = info.get("TimeLimit.truncated", False)
                 self.truncated[t, index] = is_truncated
                 self.terminated[t, index] = not is_truncated
-                _check_finite(t, "terminal observation", np.asarray(info["terminal_observation"])[None], index)
                 self.next_observations[t, index] = info["terminal_observation"]
+                _check_finite(t, "terminal observation", self.next_observations[t, index][None], index)
                 cost = episode_cost(info)
                 if "episode" not in info or cost is None:
                     raise KeyError(
@@ -230,7 +240,16 @@ class RolloutStorage:
         """The rollout of the envs selected by ``columns`` as a :class:`TaskBatch`.
 
         ``first_steps``: the index within its episode of each selected env's first step (default: 0, the rollout
-        starts fresh episodes)."""
+        starts fresh episodes). A constrained cost that no selected env reported at any step raises a ``KeyError``
+        (a ``cost_limit`` name the envs do not report, caught here before any update even when no episode ended)."""
+        never = (self.cost_missing[:, columns] == len(self.rewards)).all(axis=1)
+        if never.any():
+            names = [name for name, missing in zip(self.cost_names, never, strict=True) if missing]
+            raise KeyError(
+                f"no env reported {names} in its info at any of the rollout's {len(self.rewards)} steps: cost_limit "
+                "may name only costs the envs report (safety-gymnasium's: 'cost' and 'cost_<type>', e.g. "
+                "'cost_hazards'); nothing was updated"
+            )
         dones = self.terminated[:, columns] | self.truncated[:, columns]
         steps = episode_steps(dones)
         if first_steps is not None:  # the first episode of each env continues from an earlier rollout
@@ -251,7 +270,8 @@ class RolloutStorage:
 
 
 def _check_finite(t: int, quantity: str, values: np.ndarray, env_offset: int = 0) -> None:
-    """Raise a ``ValueError`` naming the first env whose ``quantity`` at step ``t`` is not finite."""
+    """Raise a ``ValueError`` naming the first env whose ``quantity`` at step ``t`` is not finite (pass the values as
+    stored: a finite float64 beyond float32's range is inf in the float32 storage)."""
     values = np.asarray(values)
     if not np.isfinite(values).all():
         bad = np.flatnonzero(~np.isfinite(values.reshape(len(values), -1)).all(axis=1))

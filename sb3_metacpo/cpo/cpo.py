@@ -65,6 +65,7 @@ _NUMERIC_HYPERPARAMETERS = (
     "cost_confidence",
     "n_critic_updates",
     "n_envs_requested",
+    "_stats_window_size",  # SB3's name of stats_window_size
 )
 __all__ = ["CPO", "DEFAULT_COST_LIMIT"]
 

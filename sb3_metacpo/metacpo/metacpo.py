@@ -74,6 +74,7 @@ _NUMERIC_HYPERPARAMETERS = (
     "n_critic_updates",
     "critic_batch_size",
     "n_envs_requested",
+    "_stats_window_size",  # SB3's name of stats_window_size
 )
 
 
@@ -307,6 +308,18 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):  # type: igno
         )
         check_ray_sampler_options(self.n_envs_requested or self.meta_batch_size, **(options or {}))
         import_ray()  # a clear ImportError now rather than at the first learn
+
+    def set_env(self, env: TaskDistribution | str, force_reset: bool = True) -> None:  # type: ignore[override]
+        """SB3's ``set_env`` for a meta-learner: train on ``env``, a :class:`TaskDistribution` or a registered family
+        name, from now on (:meth:`set_task_distribution`; every collect starts fresh episodes, so ``force_reset``
+        changes nothing). A single env is refused: meta-training draws new tasks every iteration; adapt to one env
+        with :meth:`adapt`."""
+        if not isinstance(env, (TaskDistribution, str)):
+            raise TypeError(
+                f"{type(self).__name__}.set_env takes a TaskDistribution or a registered family name (meta-training "
+                f"draws new tasks every iteration; adapt(env) adapts to one env), got {type(env).__name__}"
+            )
+        self.set_task_distribution(env)
 
     def set_task_distribution(self, env: TaskDistribution | str) -> None:
         """Use ``env`` (a :class:`TaskDistribution` or a registered family name) for training and evaluation."""
