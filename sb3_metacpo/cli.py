@@ -34,6 +34,7 @@ import yaml
 from stable_baselines3.common.logger import configure
 from tqdm.auto import tqdm
 
+from sb3_metacpo.common.serialization import ArchiveError
 from sb3_metacpo.config import (
     ALGOS,
     ConfigError,
@@ -63,7 +64,7 @@ def new_run_folder(log_folder: str | Path, algo: str, key: str) -> Path:
     """``<log_folder>/<algo>_<key>_<n>`` with n one more than the largest existing (from 1, as the RL Zoo)."""
     root = Path(log_folder)
     root.mkdir(parents=True, exist_ok=True)
-    name = f"{algo}_{key}"
+    name = f"{algo}_{re.sub(r'[^A-Za-z0-9_.-]', '-', key)}"  # a namespaced id (ns/Env-v0) names one folder
     pattern = re.compile(rf"^{re.escape(name)}_(\d+)$")
     numbers = [int(m.group(1)) for p in root.iterdir() if (m := pattern.match(p.name))]
     while True:  # mkdir without exist_ok: two runs started at once cannot share a folder
@@ -110,6 +111,8 @@ def train_run(
         raise CLIError("give exactly one of --family (a task family) and --env (a gymnasium env id, CPO only)")
     if env_id is not None and algo != "CPO":
         raise CLIError(f"--env {env_id} trains on one env, which only CPO does; {algo} needs --family")
+    if env_id is not None and env_id in list_task_distributions():  # the run could not be evaluated (no such env id)
+        raise CLIError(f"{env_id} is a task family, not an env id: use --family {env_id}")
     if family is not None and family not in list_task_distributions():
         raise CLIError(f"unknown family {family!r}; valid choices: {', '.join(list_task_distributions())}")
     key = family if family is not None else str(env_id)
@@ -117,7 +120,13 @@ def train_run(
     resolved = load_hyperparams(algo, key, conf_file, overrides, allow_missing=env_id is not None)
     policy, budget, env_kwargs, kwargs = to_constructor(resolved)
     if device is not None:
+        try:
+            th.device(device)
+        except RuntimeError as error:  # torch's message lists the device types it knows
+            raise CLIError(f"--device {device}: {error}") from error
         kwargs["device"] = device
+    if Path(log_folder).exists() and not Path(log_folder).is_dir():
+        raise CLIError(f"--log-folder {log_folder} is a file: give a folder for the run folders")
     n_timesteps = n_timesteps if n_timesteps is not None else budget
     if n_timesteps is None or n_timesteps < 1:
         raise CLIError(f"no training budget for {key}: give -n/--n-timesteps (or n_timesteps in the config file)")
@@ -242,7 +251,10 @@ class LoadedRun:
         """The model, loaded with ``env`` (default: the run's task distribution, for MetaCPO and MetaTRPO)."""
         if env is None and self.algo in META_ALGOS:
             env = self.distribution
-        return ALGOS[self.algo].load(str(self.model_path), env=env, **kwargs)
+        try:
+            return ALGOS[self.algo].load(str(self.model_path), env=env, **kwargs)
+        except ArchiveError as error:  # e.g. --algo names another algorithm than the archive's
+            raise CLIError(f"{self.model_path}: {error}") from error
 
     def require_distribution(self, what: str) -> TaskDistribution:
         if self.distribution is None:
@@ -514,10 +526,21 @@ def _adaptation_gif(
 def cmd_benchmark(args: argparse.Namespace) -> int:
     methods = list(args.methods)
     budgets = {}
+    env_kwargs_of: dict[str, dict[str, Any]] = {}  # each trained method's task-distribution arguments
     for method in methods:
         if method != "CPO-scratch":
             hyperparams = load_hyperparams(method, args.family, None, parse_overrides(args.hyperparams))
             budgets[method] = args.n_timesteps or hyperparams["n_timesteps"]
+            env_kwargs_of[method] = dict(hyperparams.get("env_kwargs") or {})
+    if args.hyperparams and not env_kwargs_of:
+        raise CLIError("--hyperparams sets the trained methods' options, and --methods trains none (CPO-scratch only)")
+    # One task distribution (held-out tasks, episode length) for every method, CPO-scratch included
+    distribution_kwargs = next(iter(env_kwargs_of.values()), {})
+    if any(kwargs != distribution_kwargs for kwargs in env_kwargs_of.values()):
+        raise CLIError(
+            f"the methods' configs give different env_kwargs {env_kwargs_of}: the benchmark compares them on one task "
+            "distribution; set it for all with --hyperparams env_kwargs:..."
+        )
     from sb3_metacpo.metacpo import MetaCPO
 
     # One adaptation protocol for every method: MetaCPO's batch and inner trust region for the family (or the options)
@@ -548,7 +571,6 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     folder = new_run_folder(args.log_folder, "benchmark", args.family)
     records: list[dict[str, Any]] = []
     runs = []
-    distribution_kwargs: dict[str, Any] = {}
     for seed in args.seeds:
         for method in methods:
             run: LoadedRun | None = None
@@ -569,7 +591,6 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
                 )
                 runs.append(path)
                 run = LoadedRun(path)
-                distribution_kwargs = (run.config.get("hyperparams") or {}).get("env_kwargs") or {}
             distribution = make_task_distribution(args.family, seed=seed, **distribution_kwargs)
             tasks = distribution.test_tasks(args.n_tasks)
             for record, _ in adaptation_records(
@@ -600,6 +621,9 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from sb3_metacpo.plots import plot_adaptation_curves, plot_learning_curves
 
     runs = [Path(r) for r in args.runs]
+    missing = [str(r) for r in runs if not r.exists()]
+    if missing:  # a misspelled run folder was skipped, and the plot showed fewer runs than asked for
+        raise CLIError(f"no such run folder or file: {', '.join(missing)}")
     with_progress = [r for r in runs if (r / "progress.csv").exists() or r.name == "progress.csv"]
     written = []
     if with_progress:
@@ -627,6 +651,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _batch_steps(text: str) -> int:
+    value = int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 2 (env steps per adaptation update), got {text}")
     return value
 
 
@@ -736,7 +767,7 @@ def build_parser() -> argparse.ArgumentParser:
     adapt.add_argument("--n-updates", type=_non_negative_int, default=3, help="adaptation updates per task (default: 3)")
     adapt.add_argument(
         "--n-steps",
-        type=_positive_int,
+        type=_batch_steps,
         help="env steps per update (default: the model's: MetaCPO/MetaTRPO's n_steps, CPO's n_steps x n_envs)",
     )
     adapt.set_defaults(handler=cmd_adapt)
@@ -760,7 +791,7 @@ def build_parser() -> argparse.ArgumentParser:
     benchmark.add_argument("--n-updates", type=_non_negative_int, default=3, help="adaptation updates (default: 3)")
     benchmark.add_argument("--n-eval-episodes", type=_positive_int, default=5, help="episodes per stage (default: 5)")
     benchmark.add_argument(
-        "--n-steps", type=_positive_int, help="env steps per adaptation update, every method (default: MetaCPO's n_steps)"
+        "--n-steps", type=_batch_steps, help="env steps per adaptation update, every method (default: MetaCPO's n_steps)"
     )
     benchmark.add_argument(
         "--adapt-target-kl",

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import math
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -168,6 +169,10 @@ def validate_hyperparams(algo: str, hyperparams: Mapping[str, Any], source: str,
     valid = sorted([*parameters, *EXTRA_KEYS])
     hints = _type_hints(check_algo(algo).__init__)
     for key, value in hyperparams.items():
+        if not isinstance(key, str):
+            raise ConfigError(
+                f"{source}: key {key!r} is not a name (YAML reads unquoted 1, on, null as a number, a boolean, None)"
+            )
         if key in RESERVED_KEYS:
             raise ConfigError(f"{source}: {key!r} cannot be set in a hyperparameter file; it is set by {RESERVED_KEYS[key]}")
         if key not in valid:
@@ -178,7 +183,8 @@ def validate_hyperparams(algo: str, hyperparams: Mapping[str, Any], source: str,
         value = _coerce_number(value, hint_type)
         checked[key] = value
         if key == "n_timesteps":
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 1 or int(value) != value:
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not (number and 1 <= value < math.inf and int(value) == value):
                 raise ConfigError(f"{source}: n_timesteps = {value!r} must be a positive integer (e.g. 100_000)")
         elif key == "policy":
             if not isinstance(value, str):

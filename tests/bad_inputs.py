@@ -18,6 +18,7 @@ import torch
 from sb3_metacpo import CPO, MetaCPO, MetaTRPO, make_task_distribution
 from sb3_metacpo.common.callbacks import SafeEvalCallback
 from sb3_metacpo.common.evaluation import MetaEvalCallback, evaluate_safe_policy, meta_evaluate
+from sb3_metacpo.tasks import PointButtonHazardTask, Toy2DNavTask
 
 SMALL: dict[str, Any] = dict(meta_batch_size=2, n_steps=100, seed=0, policy_kwargs=dict(net_arch=[16]))
 CPO_SMALL: dict[str, Any] = dict(n_steps=100, seed=0, policy_kwargs=dict(net_arch=[16]), n_critic_updates=1)
@@ -469,6 +470,36 @@ CASES: list[Case] = [
         lambda: make_task_distribution("Toy2DNav", train_ranges={"bogus": (0, 1)}),
         ValueError,
         "has no parameter 'bogus'",
+    ),
+    Case(
+        "TaskDistribution.make_env",
+        "PointButtonHazardTask(n_buttons=1)",
+        lambda: make_task_distribution("PointButtonHazard").make_env(PointButtonHazardTask(n_buttons=1)),
+        ValueError,
+        r"n_buttons=1 is out of range; valid range is \[2, 10\]",
+    ),
+    Case(
+        "TaskDistribution.make_env",
+        "Toy2DNavTask(n_hazards=2.0)",
+        lambda: make_task_distribution("Toy2DNav").make_env(Toy2DNavTask(n_hazards=2.0)),
+        ValueError,
+        r"n_hazards=2.0 must be an integer \(an int, not a float\)",
+    ),
+    Case(
+        "TaskDistribution.make_env",
+        "Toy2DNavTask(layout_seed=-1)",
+        lambda: make_task_distribution("Toy2DNav").make_env(Toy2DNavTask(layout_seed=-1)),
+        ValueError,
+        r"layout_seed=-1 must be an integer in \[0, 2\*\*32\)",
+    ),
+    Case(
+        "TaskDistribution.make_env",
+        "a Button task whose objects do not fit its arena",
+        lambda: make_task_distribution("PointButtonHazard").make_env(
+            PointButtonHazardTask(n_buttons=6, n_hazards=8, extent=1.0)
+        ),
+        ValueError,
+        "no layout of this task's objects .* fits its arena",
     ),
     Case(
         "make_task_distribution",

@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import gymnasium as gym
+import numpy as np
 import pytest
 import yaml
 
@@ -109,6 +111,11 @@ def test_cpo_train_and_adapt(tmp_path):
         ("Toy2DNav:\n  n_steps: 100\n", ["dual_solver:exact"], r"dual_solver = 'exact'.*'analytic', 'cvxpylayers'"),
         ("Toy2DNav:\n  seed: 3\n", [], r"'seed' cannot be set.*--seed"),
         ("PointGoalHazard: {}\n", [], r"bad\.yml has no section 'Toy2DNav'; its sections: PointGoalHazard"),
+        # each was a traceback and exit 1
+        ("Toy2DNav:\n  n_timesteps: .inf\n", [], r"n_timesteps = inf must be a positive integer"),
+        ("Toy2DNav:\n  n_timesteps: .nan\n", [], r"n_timesteps = nan must be a positive integer"),
+        ("Toy2DNav:\n  1: 3\n", [], r"key 1 is not a name"),
+        ("Toy2DNav:\n  policy_kwargs: {log_std_init: .nan}\n", [], r"log_std_init must be a finite number"),
     ],
 )
 def test_config_errors_name_the_file_and_key(tmp_path, capsys, content, overrides, expected):
@@ -154,6 +161,25 @@ def test_benchmark_adapts_every_method_with_the_same_batch_and_trust_region(tmp_
     assert calls == [("MetaCPO", 200, 0.03), ("CPO", 200, 0.03), ("CPO", 200, 0.03)]
 
 
+def test_benchmark_gives_every_method_one_task_distribution(tmp_path, monkeypatch, capsys):
+    """The env_kwargs came from the last trained run: a CPO-scratch listed first ran the first seed on the family's
+    defaults (100-step episodes) while MetaCPO ran on --hyperparams' (20)."""
+    lengths = []
+    original = AdaptationMixin.adaptation_steps
+
+    def recording(self, env, n_updates=None, n_steps=None, on_step=None, target_kl=None):
+        lengths.append((type(self).__name__, self.task_distribution.max_episode_steps))
+        return original(self, env, n_updates, n_steps, on_step, target_kl)
+
+    monkeypatch.setattr(AdaptationMixin, "adaptation_steps", recording)
+    argv = ["benchmark", "--methods", "CPO-scratch", "MetaCPO", "-n", "160", "--n-tasks", "1", "--n-updates", "1"]
+    argv += ["--n-eval-episodes", "1", "--n-steps", "40", "-f", str(tmp_path), "--hyperparams"]
+    assert main([*argv, "env_kwargs:{max_episode_steps: 20}", "n_steps:40"]) == 0
+    assert lengths == [("CPO", 20), ("MetaCPO", 20)]
+    assert main(["benchmark", "--methods", "CPO-scratch", "--hyperparams", "n_steps:40", "-f", str(tmp_path)]) == 2
+    assert "--methods trains none" in capsys.readouterr().err
+
+
 def test_every_option_has_help():
     parser = build_parser()
     (subparsers,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
@@ -188,6 +214,12 @@ def test_plot_command(run_folder, tmp_path):
     assert main(["plot", str(run_folder), str(run_folder), "-o", str(out), "--title", "twice"]) == 0
     assert out.stat().st_size > 10_000
     assert main(["plot", str(tmp_path)]) == 2  # nothing to plot there
+    assert main(["plot", str(run_folder), str(tmp_path / "RUN_99"), "-o", str(out)]) == 2  # was skipped: one run plotted
+
+
+def test_evaluating_a_run_with_another_algo_is_a_usage_error(run_folder, capsys):
+    assert main(["evaluate", str(run_folder), "--algo", "CPO", "--n-eval-episodes", "1"]) == 2  # was a traceback
+    assert "model.zip" in capsys.readouterr().err
 
 
 def test_plot_of_a_progress_file_writes_beside_it(run_folder, tmp_path):
@@ -210,6 +242,28 @@ def test_env_kwargs_take_the_familys_own_arguments(tmp_path, capsys):
     assert "env_kwargs.seed cannot be set in a hyperparameter file; it is set by --seed" in capsys.readouterr().err
 
 
+class _SafeLine(gym.Env):
+    observation_space = gym.spaces.Box(-1, 1, (1,), np.float32)
+    action_space = gym.spaces.Box(-1, 1, (1,), np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return np.zeros(1, np.float32), {}
+
+    def step(self, action):
+        return np.zeros(1, np.float32), float(-abs(action[0])), False, False, {"cost": float(action[0] > 0.5)}
+
+
+def test_a_namespaced_env_id_trains_into_one_run_folder(tmp_path):
+    """ns/Env-v0 (as gymnasium's phys2d/... ids): the run folder's name held a '/', and the run failed after building
+    the model."""
+    gym.register("sb3metacpotest/SafeLine-v0", entry_point=_SafeLine, max_episode_steps=20)
+    argv = ["train", "--algo", "CPO", "--env", "sb3metacpotest/SafeLine-v0", "-n", "64", "-f", str(tmp_path)]
+    assert main([*argv, "--no-progress", "--hyperparams", "n_steps:32", "n_critic_updates:1"]) == 0
+    (folder,) = tmp_path.iterdir()
+    assert folder.name == "CPO_sb3metacpotest-SafeLine-v0_1" and (folder / "model.zip").exists()
+
+
 def test_usage_errors_exit_2_before_training(tmp_path, capsys):
     """A negative --n-updates or --adapt-target-kl and an unknown env id gave tracebacks and exit 1 (the benchmark
     after training every method); --hyperparams of a benchmark without MetaCPO were checked against MetaCPO."""
@@ -222,5 +276,12 @@ def test_usage_errors_exit_2_before_training(tmp_path, capsys):
         assert exit_info.value.code == 2
     assert main(["train", "--algo", "CPO", "--env", "Foo-v0", "-f", str(tmp_path), "--no-progress"]) == 2
     assert "Foo" in capsys.readouterr().err
+    # a family given as --env trained, then its run could not be evaluated; n_steps 1 failed after training
+    assert main(["train", "--algo", "CPO", "--env", "Toy2DNav", "-f", str(tmp_path), "--no-progress"]) == 2
+    assert "Toy2DNav is a task family, not an env id: use --family Toy2DNav" in capsys.readouterr().err
+    for argv in (["adapt", str(tmp_path), "--n-steps", "1"], ["benchmark", "--n-steps", "1", "--dry-run"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
     argv = ["benchmark", "--methods", "CPO", "--hyperparams", "target_kl:0.02", "--dry-run"]
     assert main(argv) == 0

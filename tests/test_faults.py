@@ -75,6 +75,11 @@ FAULTS: dict[str, tuple[Fault, str]] = {
         lambda g, A, b, f: (g, A, b, lambda v: f(v) - 0.9 * float(g @ f(g) / (g @ g)) * v),
         "Fisher product not positive definite",
     ),
+    # positive but denormal curvature: conjugate gradient's step overflowed and it reported "ok" with an inf/NaN x
+    "denormal Fisher product": (
+        lambda g, A, b, f: (g, A, b, lambda v: v * (th.finfo(v.dtype).tiny * 1e-3)),
+        "non-finite Fisher product",
+    ),
     "parallel reward and cost gradients": (
         lambda g, A, b, f: (g, None if A is None else 3.0 * g.detach().expand_as(A).clone(), th.zeros_like(b), f),
         "parallel reward and cost gradients",
@@ -125,6 +130,49 @@ def test_unfaulted_problem_is_accepted_and_zero_gradient_is_a_zero_step() -> Non
     assert result.rejection == "zero step" and not result.accepted
     # Anti-parallel gradients (improving the reward lowers the cost) are no conflict: a TRPO step.
     assert constrained_step(g, -g[None], b, fvp, StepConfig(target_kl=0.01), FixedFraction(1.0)).rejection is None
+
+
+@pytest.mark.parametrize("m", [2, 3])
+def test_a_reward_gradient_within_conjugate_gradients_tolerance_gives_no_step_outside_the_trust_region(m: int) -> None:
+    """‖g‖² below CG's absolute tolerance: v = 0 and q = 0, but r = W g was not 0, and with several binding
+    constraints the dual step's ½xᵀHx came out ~1e15 δ, accepted when replayed (FixedFraction)."""
+    gen = th.Generator().manual_seed(1)
+    n, delta = 20, 0.01
+    root = th.randn(n, n, generator=gen, dtype=th.float64)
+    h = root @ root.T / n + 0.1 * th.eye(n, dtype=th.float64)
+    g = th.randn(n, generator=gen, dtype=th.float64)
+    A = th.randn(m, n, generator=gen, dtype=th.float64)
+    A[0] += 0.8 * g
+    A[1:] -= 0.3 * g
+    s = th.einsum("ij,ij->i", A, th.linalg.solve(h, A.T).T)
+    b = th.tensor([0.3, -0.2, 0.1][:m], dtype=th.float64) * th.sqrt(2 * delta * s)  # every constraint binds
+    config = StepConfig(target_kl=delta, cg_max_steps=n)
+    assert constrained_step(g, A, b, lambda v: h @ v, config, FixedFraction(1.0)).case == "dual"
+    result = constrained_step(1e-6 * g, A, b, lambda v: h @ v, config, FixedFraction(1.0))
+    x = result.direction.detach()
+    assert float(0.5 * x @ h @ x) <= delta * (1 + 1e-6), result.rejection
+
+
+def test_step_settings_and_replayed_fractions_are_validated() -> None:
+    for bad in (
+        dict(target_kl=-1.0),
+        dict(target_kl=NAN),
+        dict(target_kl=0.01, cg_max_steps=0),
+        dict(target_kl=0.01, s_tol=NAN),
+    ):
+        with pytest.raises(ValueError, match="must be"):
+            StepConfig(**bad)
+    for fraction in (NAN, INF, -0.5, 1.5):
+        with pytest.raises(ValueError, match=r"a replayed step's fraction must be in \[0, 1\]"):
+            FixedFraction(fraction)
+    v, W, q = th.ones(1, 3), th.ones(1, 2, 3), th.ones(1)
+    r, S, b = th.ones(1, 2), th.eye(2)[None], th.ones(1, 2)
+    with pytest.raises(ValueError, match="s_tol must be a finite number"):
+        cpo_direction(v, W, q, r, S, b, 0.01, s_tol=NAN)
+    with pytest.raises(ValueError, match="recovery_margin must be finite"):
+        cpo_direction(v, W, q, r, S, b, 0.01, recovery_margin=NAN)
+    with pytest.raises(ValueError, match="does not fit the 2 constraints"):
+        cpo_direction(v, W, q, r, S, b, 0.01, recovery_margin=th.zeros(3))
 
 
 def _inject(monkeypatch: pytest.MonkeyPatch, fault: Fault, calls: set[int]) -> list[str | None]:

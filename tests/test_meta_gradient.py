@@ -384,3 +384,59 @@ def test_cvar_candidates_are_valued_with_the_live_tasks():
     line_search = live.constraints + held.cost_surrogates - live.cost_surrogates
     th.testing.assert_close(line_search, held.constraints, rtol=0, atol=1e-12)
     assert not th.allclose(cvar.value(candidate).constraints, held.constraints)
+
+
+def test_the_second_order_meta_gradient_of_a_training_run_matches_differences_of_its_inner_updates(monkeypatch):
+    """On Toy2DNav batches the inner conjugate gradients met their absolute tolerance after a few iterations, a number
+    that depended on θ: autograd differentiated the iterations run at θ, whose derivative had not converged (off the
+    central differences of the inner updates by up to 8x, with sign flips). With the second-order meta-gradient the
+    inner solves now run all their iterations, in training and in the outer line search's replays alike."""
+    from sb3_metacpo import MetaCPO, make_task_distribution
+    from sb3_metacpo.common.cpo_update import add_flat, detached
+
+    pairs: list[tuple[float, float]] = []
+    real_outer = MetaCPO._outer_step
+
+    def outer(self, objective, theta, value, reward_grad, cost_grads):
+        result = real_outer(self, objective, theta, value, reward_grad, cost_grads)
+        if pairs:
+            return result
+        start, x, params = detached(theta), result.direction.detach(), list(theta.values())
+        for task in objective.tasks:
+            for k in range(1, len(task.stages)):
+                cost = surrogates(self._actor, task.stages[k], task.batches[k])[1][0]
+                live = float(flat_grad(cost, params, retain_graph=True) @ x)
+
+                def replayed(eps, task=task, k=k):
+                    stages = replay_updates(
+                        self._actor,
+                        add_flat(start, eps * x),
+                        task.batches[:-1],
+                        objective.inner_config,
+                        task.fractions,
+                        differentiable=False,
+                        fisher=objective.fisher,
+                    )
+                    return float(surrogates(self._actor, stages[k], task.batches[k])[1][0])
+
+                pairs.append((live, (replayed(1e-3) - replayed(-1e-3)) / 2e-3))
+        return result
+
+    monkeypatch.setattr(MetaCPO, "_outer_step", outer)
+    distribution = make_task_distribution("Toy2DNav", seed=0, max_episode_steps=50)
+    model = MetaCPO(
+        "MlpPolicy",
+        distribution,
+        meta_batch_size=4,
+        n_steps=200,
+        seed=1,
+        policy_kwargs=dict(net_arch=[16]),
+        meta_constraint="stages_cvar",
+        recovery="confident",
+        cost_limit=1.0,
+        n_inner_updates=2,
+    )
+    model.learn(200 * 4 * 3)
+    assert len(pairs) == 8
+    worst = max(abs(live - numeric) / max(abs(numeric), 1e-3) for live, numeric in pairs)
+    assert worst < 0.25, pairs

@@ -304,6 +304,21 @@ def test_a_constraint_given_twice_gives_the_one_constraint_step(dtype, tol):
         assert float((twice.x - alone.x).norm() / alone.x.norm()) < tol
 
 
+@pytest.mark.parametrize("gap", [1e-5, 5e-7, 1e-8])
+def test_a_constraint_given_twice_or_beside_an_uninformative_one_has_the_same_case_at_the_boundary(gap):
+    """b̃ = b/√(2δs) just below 1: one constraint was judged by 1 − b̃² (floor 1e-8), several by the recovery
+    program's margin (1e-6), so at b̃ = 1 − 5e-7 one was ``dual`` and the same constraint twice ``recovery``."""
+    gen = torch.Generator().manual_seed(4)
+    g = torch.randn(10, generator=gen, dtype=torch.float64)
+    a = torch.randn(10, generator=gen, dtype=torch.float64) + 0.5 * g
+    b1 = (1 - gap) * torch.sqrt(2 * 0.01 * a @ a)
+    alone = cpo_direction(g, a[None], g @ g, (a @ g)[None], (a @ a).reshape(1, 1), b1[None], 0.01)
+    for A, b in ((torch.stack([a, a]), torch.stack([b1, b1])), (torch.stack([a, 0 * a]), torch.stack([b1, b1**0]))):
+        other = cpo_direction(g, A, g @ g, A @ g, A @ A.T, b, 0.01)
+        assert other.case == alone.case
+        assert float((other.x - alone.x).norm() / alone.x.norm()) < 1e-9
+
+
 def test_auto_picks_the_exact_solver_up_to_its_limit_and_the_layers_above():
     model = CPO("MlpPolicy", make_task_distribution("Toy2DNav", seed=0), n_steps=100)
     solvers = {count: model._cpo_config(0.01, count).step.dual_solver for count in (1, 2, MAX_ACTIVE_SET_CONSTRAINTS)}

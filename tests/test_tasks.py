@@ -214,7 +214,7 @@ def test_unknown_family_lists_known_ones():
 
 def test_out_of_range_task_names_parameter_and_range():
     dist = make_task_distribution("PointButtonHazard")
-    with pytest.raises(ValueError, match=r"n_buttons=0 is out of range; valid range is \[1, 10\]"):
+    with pytest.raises(ValueError, match=r"n_buttons=0 is out of range; valid range is \[2, 10\]"):
         dist.make_env(PointButtonHazardTask(n_buttons=0, n_hazards=3, extent=1.5))
     with pytest.raises(ValueError, match=r"n_hazards=2.5 must be an integer"):
         dist.validate_task(PointButtonHazardTask(n_buttons=3, n_hazards=2.5, extent=1.5))

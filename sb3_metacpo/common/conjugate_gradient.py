@@ -48,19 +48,21 @@ def conjugate_gradient_solve(
     :param matvec: the product with H (1-D tensor to 1-D tensor)
     :param b: the right-hand side (1-D)
     :param n_iters: maximum number of iterations
-    :param residual_tol: tolerance on the squared residual norm ‖b − Hx‖²
+    :param residual_tol: tolerance on the squared residual norm ‖b − Hx‖², absolute as in sb3-contrib's TRPO and
+        OmniSafe: a right-hand side with ‖b‖² ≤ ``residual_tol`` gets x = 0, and a small one few iterations
     """
     x = torch.zeros_like(b)
     residual = b
     direction = b
     residual_sq = residual @ residual
-    if not math.isfinite(residual_sq.item()):
+    residual_value = residual_sq.item()
+    if not math.isfinite(residual_value):
         return CGResult(x, "non-finite", 0)
     # The backward pass divides by squared residuals, which must not underflow: whatever residual_tol says, stop at
     # ‖r‖²/‖b‖² = tiny^⅓ (3e-103 in float64, 2e-13 in float32), past the convergence of x and of its derivative.
-    stop_at = max(residual_tol, torch.finfo(b.dtype).tiny ** (1 / 3) * residual_sq.item())
+    stop_at = max(residual_tol, torch.finfo(b.dtype).tiny ** (1 / 3) * residual_value)
     for iteration in range(n_iters):
-        if not residual_sq.item() > stop_at:
+        if not residual_value > stop_at:
             return CGResult(x, "ok", iteration)
         h_direction = matvec(direction)
         curvature = direction @ h_direction
@@ -73,6 +75,9 @@ def conjugate_gradient_solve(
         x = x + step * direction
         residual = residual - step * h_direction
         new_residual_sq = residual @ residual
+        residual_value = new_residual_sq.item()
+        if not math.isfinite(residual_value):  # e.g. a denormal curvature: the step overflowed
+            return CGResult(x, "non-finite", iteration + 1)
         direction = residual + (new_residual_sq / residual_sq) * direction
         residual_sq = new_residual_sq
     return CGResult(x, "ok", n_iters)

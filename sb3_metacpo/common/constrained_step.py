@@ -66,6 +66,10 @@ class StepConfig:
     :ivar line_search_max_iter: times the line search may shrink the step
     :ivar line_search_shrinking_factor: the factor it shrinks by
     :ivar s_tol: a cost gradient with a_jᵀH⁻¹a_j ≤ s_tol carries no information (see ``cpo_direction``)
+    :ivar cg_residual_tol: conjugate gradient stops once the squared residual is below it (absolute, as sb3-contrib's
+        TRPO and OmniSafe); 0 runs every iteration (up to an underflow guard), so that the number of iterations does
+        not depend on the parameters: what a step differentiated for the second-order meta-gradient needs (the
+        derivative of a solve stopped early follows the iterations run, not H⁻¹)
     :ivar solver_args: options of the cvxpylayers layers (None: the defaults)
     """
 
@@ -76,6 +80,7 @@ class StepConfig:
     line_search_shrinking_factor: float = 0.8
     s_tol: float = 1e-8
     solver_args: Mapping[str, Any] | None = None
+    cg_residual_tol: float = 1e-10
 
     def __post_init__(self) -> None:
         if self.dual_solver not in DUAL_SOLVERS:
@@ -84,6 +89,14 @@ class StepConfig:
             raise ValueError(f"line_search_shrinking_factor must be in (0, 1), got {self.line_search_shrinking_factor}")
         if self.line_search_max_iter < 0:
             raise ValueError(f"line_search_max_iter must be >= 0, got {self.line_search_max_iter}")
+        if not (math.isfinite(self.target_kl) and self.target_kl > 0):
+            raise ValueError(f"target_kl must be a finite number > 0, got {self.target_kl}")
+        if self.cg_max_steps < 1:
+            raise ValueError(f"cg_max_steps must be >= 1, got {self.cg_max_steps}")
+        if not (math.isfinite(self.s_tol) and self.s_tol >= 0):
+            raise ValueError(f"s_tol must be a finite number >= 0, got {self.s_tol}")
+        if not (math.isfinite(self.cg_residual_tol) and self.cg_residual_tol >= 0):
+            raise ValueError(f"cg_residual_tol must be a finite number >= 0, got {self.cg_residual_tol}")
 
 
 @dataclass(frozen=True)
@@ -101,6 +114,10 @@ class FixedFraction:
     """Apply this fraction of the step without a line search (replaying a stored update)."""
 
     fraction: float
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.fraction) and 0 <= self.fraction <= 1):
+            raise ValueError(f"a replayed step's fraction must be in [0, 1], got {self.fraction}")
 
 
 @dataclass(frozen=True)
@@ -169,13 +186,16 @@ def constrained_step(
     if (A is None) != (b is None):
         raise ValueError("A and b are required together (both None for an unconstrained step)")
     m = 0 if A is None else A.shape[0]
+    if isinstance(step_size, LineSearch) and len(step_size.costs) < m:
+        raise ValueError(f"LineSearch.costs has {len(step_size.costs)} cost surrogates for {m} constraints: give one each")
     fault = _input_fault(g, A, b)
     if fault is not None:
         return _skipped(g, m, fault)
     with phase("conjugate_gradient"):
-        solves = [conjugate_gradient_solve(fisher_product, g, config.cg_max_steps)]
+        tol = config.cg_residual_tol
+        solves = [conjugate_gradient_solve(fisher_product, g, config.cg_max_steps, tol)]
         if A is not None:
-            solves.extend(conjugate_gradient_solve(fisher_product, a, config.cg_max_steps) for a in A)
+            solves.extend(conjugate_gradient_solve(fisher_product, a, config.cg_max_steps, tol) for a in A)
     statuses = {solve.status for solve in solves}
     if "non-finite" in statuses:
         return _skipped(g, m, "non-finite Fisher product")
@@ -189,7 +209,9 @@ def constrained_step(
         with phase("dual_solve"):
             solution = cpo_direction(v, None, q, None, None, None, config.target_kl, solver=config.dual_solver)
     else:
-        r, S = W @ g, A @ W.T
+        # r = W g = A H⁻¹g; a reward gradient within conjugate gradient's (absolute) tolerance gets v = 0, q = 0, and
+        # then r = A v = 0 too (W g would pair a non-zero r with q = 0: a step far outside the trust region)
+        r, S = (W @ g if solves[0].iterations > 0 else torch.zeros_like(b)), A @ W.T
         with phase("dual_solve"):
             solution = cpo_direction(
                 v,

@@ -2,7 +2,7 @@
 
 ``cost_limit`` is a float (one limit on ``info["cost"]``, the total cost every safe env reports) or a mapping from
 cost names to limits, e.g. ``{"cost_hazards": 10.0, "cost_gremlins": 5.0}``, each read from ``info[name]`` at every
-step. safety-gymnasium reports each cost type under its own name (``cost_hazards``, ``cost_vases``,
+step. safety-gymnasium reports each cost type under its own name (``cost_hazards``, ``cost_vases_contact``,
 ``cost_gremlins``, ``cost_buttons``, ...) beside their sum ``cost``.
 """
 

@@ -94,9 +94,8 @@ _CHOLESKY_JITTER = 1e-11
 # its size in that degenerate case only. Shared by both dual solvers so that they solve the same problem.
 _MIN_TRUST_SLACK = 1e-8
 
-#: m ≥ 2: a problem whose recovery program cannot push the largest normalised violation below −FEASIBILITY_MARGIN
-#: is treated as infeasible (its feasible set is a sliver where λ* would blow up). The m = 1 analogue is the floor
-#: ``_MIN_TRUST_SLACK`` on 1 − b̃².
+#: A problem whose recovery program cannot push the largest normalised violation below −FEASIBILITY_MARGIN is treated
+#: as infeasible (its feasible set is a sliver where λ* would blow up); for m = 1, b̃ = b/√(2δs) > 1 − FEASIBILITY_MARGIN.
 FEASIBILITY_MARGIN = 1e-6
 
 # b̃_j = b_j/√(2δs_j) is clamped below at this value: any b̃_j ≤ −1 is slack over the whole trust region, and a
@@ -578,8 +577,9 @@ class SubproblemSolution:
 
     :ivar x: the step (apply θ + fraction·x after the line search)
     :ivar case: ``"trpo"``, ``"recovery"`` or ``"dual"``; a tuple of them for a batch
-    :ivar lam: trust-region multiplier λ: λ* in the dual case, √(q/2δ) for TRPO; in recovery, the trust-region
-        multiplier of the recovery program (√(s/2δ) for m = 1)
+    :ivar lam: trust-region multiplier λ: λ* in the dual case, √(q/2δ) for TRPO; in recovery, 1/(−Σ_j μ_j) for the
+        step x = Σ_j μ_j w_j (√(s/2δ) for m = 1, the classic recovery step's): a scale of that step in the constraints'
+        own units, not a multiplier of the recovery program (it changes when a constraint is rescaled, x does not)
     :ivar nu: constraint multipliers ν (0 outside the dual case and for constraints that are not informative)
     :ivar expected_improvement: gᵀx, the predicted change of the reward surrogate
     :ivar expected_cost_changes: a_jᵀx, the predicted changes of the cost surrogates (0 where not informative)
@@ -645,6 +645,8 @@ def cpo_direction(
     """
     if solver not in DUAL_SOLVERS:
         raise ValueError(f"Unknown dual solver {solver!r}; expected one of {DUAL_SOLVERS}")
+    if not (math.isfinite(s_tol) and s_tol >= 0):  # NaN dropped every constraint (s > NaN is False)
+        raise ValueError(f"s_tol must be a finite number >= 0, got {s_tol}")
     constraint_terms = (W, r, S, b)
     if any(term is None for term in constraint_terms) and not all(term is None for term in constraint_terms):
         raise ValueError("W, r, S and b are required together (all None for a problem without constraints)")
@@ -692,7 +694,18 @@ def cpo_direction(
     trpo = slack.all(-1)
     forced = torch.zeros_like(one_sided)
     if recovery_margin is not None:
-        forced = b > torch.as_tensor(recovery_margin, dtype=dtype, device=b.device).expand_as(b)
+        margin = torch.as_tensor(recovery_margin, dtype=dtype, device=b.device)
+        if not bool(torch.isfinite(margin).all()):  # NaN silently fell back to CPO's rule (b > NaN is False)
+            raise ValueError(f"recovery_margin must be finite, got {recovery_margin}")
+        try:
+            forced = b > margin.expand_as(b)
+        except RuntimeError as error:
+            raise ValueError(
+                f"recovery_margin of shape {tuple(margin.shape)} does not fit the {m} constraints (b {tuple(b.shape)})"
+            ) from error
+    if m == 1:  # infeasible as m ≥ 2 judges it (below): b̃ = b/√(2δs) > 1 − FEASIBILITY_MARGIN, so that a constraint
+        # given twice, or beside an uninformative one, gets the same case and step
+        one_sided = b * b > (1 - FEASIBILITY_MARGIN) ** 2 * 2 * delta.unsqueeze(-1) * s
     recovery = (informative & (b > 0) & (one_sided | forced)).any(-1)
     mu = torch.zeros_like(b)
     if m == 1:
@@ -730,7 +743,7 @@ def cpo_direction(
     recovery_x = (mu.unsqueeze(-1) * W).sum(-2)
     dual_x = (v - (nu.unsqueeze(-1) * W).sum(-2)) / lam.unsqueeze(-1)
     x = torch.where(recovery.unsqueeze(-1), recovery_x, dual_x)
-    # The recovery program's trust-region multiplier: μ = −y/κ with Σ y = 1, so κ = −1/Σμ (√(s/2δ) for m = 1).
+    # Recovery's λ (logged): 1/(−Σμ), √(s/2δ) for m = 1; with several constraints it depends on their units.
     lam = torch.where(recovery, 1 / (-mu.sum(-1)).clamp_min(floor), lam)
     expected_improvement = torch.where(recovery, (mu * r).sum(-1), (q - (nu * r).sum(-1)) / lam)
     recovery_changes = (S @ mu.unsqueeze(-1)).squeeze(-1)

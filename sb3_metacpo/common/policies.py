@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
+import numbers
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -265,6 +267,9 @@ class CPOPolicy(ActorCriticPolicy):
                 "parameters (the observation normalisation is in the policy), so a separate one for the critics would "
                 "change nothing; leave share_features_extractor at its default (True)"
             )
+        log_std_init = kwargs.get("log_std_init", 0.0)
+        if isinstance(log_std_init, bool) or not isinstance(log_std_init, numbers.Real) or not math.isfinite(log_std_init):
+            raise ValueError(f"log_std_init must be a finite number (the actor's initial log-std), got {log_std_init!r}")
         self.normalize_observations = normalize_observations
         self.clip_observations = clip_observations
         if not isinstance(n_costs, int) or n_costs < 1:

@@ -101,7 +101,7 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):  # type: igno
     :param target_kl: trust-region size delta, in mean KL between the old and the new policy
     :param cost_limit: limit on the expected undiscounted episode cost of ``info["cost"]`` (default: the family's
         suggestion for a task distribution, 25 otherwise), or a mapping from cost names to limits, e.g.
-        ``{"cost_hazards": 10.0, "cost_vases": 5.0}``: one constraint per name, each read from ``info[name]``
+        ``{"cost_hazards": 10.0, "cost_vases_contact": 5.0}``: one constraint per name, each read from ``info[name]``
     :param cg_max_steps: conjugate-gradient iterations for H^-1 g and H^-1 a
     :param cg_damping: damping added to the Fisher matrix
     :param fvp_sample_freq: Fisher-vector products use every ``fvp_sample_freq``-th sample of a batch (OmniSafe's

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 import warnings
@@ -86,7 +87,9 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):  # type: igno
     Each meta-iteration samples ``meta_batch_size`` training tasks. Per task, ``n_inner_updates`` CPO steps adapt a
     functional copy of the meta-parameters theta (never theta itself), each on a fresh batch of ``n_steps`` env steps;
     a validation batch is then collected with the adapted policy. The meta-objective is the mean validation reward
-    surrogate, the meta-constraint the mean post-adaptation constraint value; the outer update is a CPO step on theta
+    surrogate; the meta-constraints are, by default (``meta_constraint="stages"``), the mean constraint value of every
+    stage (before and after each inner update; ``"stages_cvar"``: over the worst tasks; ``"mean"``, the paper's: the
+    mean post-adaptation value only); the outer update is a CPO step on theta
     (trust region ``outer_target_kl`` in the Fisher metric of pi_theta on the pre-adaptation data), whose line search
     re-runs the inner updates from each candidate theta on the stored batches.
 
@@ -418,6 +421,16 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):  # type: igno
     def _adaptation_defaults(self) -> tuple[int, int]:
         return self.n_inner_updates, self.n_steps
 
+    def _inner_config(self) -> CPOConfig:
+        """The inner updates' settings in meta-training (and in the outer line search's replays of them): with the
+        second-order meta-gradient, conjugate gradient runs all its iterations (``cg_residual_tol=0``), so that the
+        inner update is one smooth function of θ whose derivative the meta-gradient is; :meth:`adapt` keeps the
+        tolerance (every method adapts alike)."""
+        config = self._cpo_config(self.inner_target_kl)
+        if self.meta_gradient != "second_order":
+            return config
+        return dataclasses.replace(config, step=dataclasses.replace(config.step, cg_residual_tol=0.0))
+
     def _adaptation_config(self, target_kl: float | None = None) -> CPOConfig:
         return self._cpo_config(self.inner_target_kl if target_kl is None else target_kl)
 
@@ -514,7 +527,7 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):  # type: igno
         objective = MetaObjective(
             self._actor,
             adaptations,
-            self._cpo_config(self.inner_target_kl),
+            self._inner_config(),
             second_order=self.meta_gradient == "second_order",
             fisher=self.policy.fisher_product,
             mode=self.meta_constraint,
@@ -537,7 +550,7 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):  # type: igno
     ) -> tuple[list[TaskAdaptation], list[TaskBatch]]:
         """The inner loop: per task, K CPO updates from θ, each on a fresh batch, then a validation batch."""
         differentiable = self.meta_gradient == "second_order"
-        config = self._cpo_config(self.inner_target_kl)
+        config = self._inner_config()
         adaptations = [TaskAdaptation(stages=[theta], batches=[]) for _ in tasks]
         raw_batches: list[TaskBatch] = []
         for stage in range(self.n_inner_updates + 1):

@@ -206,10 +206,15 @@ class TaskDistribution(ABC):
         """Raise a ValueError naming the first parameter of ``task`` outside its valid range."""
         if not isinstance(task, self.task_cls):
             raise TypeError(f"{self.name} builds {self.task_cls.__name__} tasks, got {type(task).__name__}")
+        seed = task.layout_seed
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**32:
+            raise ValueError(f"{self.name}: layout_seed={seed!r} must be an integer in [0, 2**32)")
         for key, limit in self.limits.items():
             value = getattr(task, key)
-            if limit.integer and int(value) != value:
-                raise ValueError(f"{self.name}: {key}={value!r} must be an integer in {limit}")
+            if not isinstance(value, numbers.Real) or isinstance(value, bool):
+                raise ValueError(f"{self.name}: {key}={value!r} must be a number in {limit}")
+            if limit.integer and not isinstance(value, numbers.Integral):  # 2.0 fails where an int is needed
+                raise ValueError(f"{self.name}: {key}={value!r} must be an integer (an int, not a float) in {limit}")
             if not limit.contains(value):
                 raise ValueError(f"{self.name}: {key}={value!r} is out of range; valid range is {limit}")
 

@@ -59,13 +59,22 @@ either way (``tests/test_fast_step.py``), only slower."""
 
 def _pin_layout(task: Any, layout_seed: int) -> None:
     """Sample the objects' positions from ``layout_seed`` with upstream's sampler and fix them as ``locations``."""
+    from safety_gymnasium.utils.common_utils import ResamplingError
     from safety_gymnasium.utils.random_generator import RandomGenerator
 
     task._build_placements_dict()
     sampler = fast_layout_class()() if FAST_RESET else RandomGenerator()
     sampler.set_placements_info(task.placements_conf.placements, task.placements_conf.extents, task.placements_conf.margin)
     sampler.set_random_seed(layout_seed)
-    layout = sampler.build_layout()
+    try:
+        layout = sampler.build_layout()
+    except ResamplingError as error:  # upstream's bare "Failed to sample layout of objects"
+        counts = {obstacle.name: getattr(obstacle, "num", 1) for obstacle in task._obstacles}
+        raise ValueError(
+            f"no layout of this task's objects {counts} fits its arena [{', '.join(map(str, task.placements_conf.extents))}] "
+            f"(upstream's sampler gave up after its tries, layout_seed={layout_seed}): give the task a larger extent or "
+            "fewer objects (and keep the distribution's ranges to tasks that fit)"
+        ) from error
     for obstacle in task._obstacles:
         if hasattr(obstacle, "num"):
             obstacle.locations = [tuple(layout[f"{obstacle.name[:-1]}{i}"]) for i in range(obstacle.num)]
@@ -544,7 +553,9 @@ class PointButtonHazard(TaskDistribution):
     name = "PointButtonHazard"
     task_cls = PointButtonHazardTask
     limits: ClassVar[dict[str, ParamRange]] = {
-        "n_buttons": ParamRange(1, 10, integer=True),
+        # at least 2: upstream draws the next goal among all buttons, the one just pressed (and still touched)
+        # included, and pays +1 at every step of contact with the goal: with one button, every step on it
+        "n_buttons": ParamRange(2, 10, integer=True),
         "n_hazards": ParamRange(0, 16, integer=True),
         "extent": ParamRange(1.0, 3.0),
     }

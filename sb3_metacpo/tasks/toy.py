@@ -57,8 +57,9 @@ class Toy2DNavTask(Task):
         if len(centers) < self.n_hazards:
             raise ValueError(
                 f"Toy2DNav task ({self.short()}): no place for its hazards clear of the start and the goal in "
-                f"{_MAX_HAZARD_TRIES} tries: the goal is too close for hazards of this radius; use a larger "
-                "goal_distance (the default ranges use 0.5 to 1.0) or a smaller hazard_radius"
+                f"{_MAX_HAZARD_TRIES} tries: the goal is too close for hazards of this radius (they lie within 2 radii "
+                "of the start-goal line, 0.3 to 0.7 of the way); use a larger goal_distance (the default ranges use 0.5 "
+                "to 1.0)"
             )
         return np.array(centers, dtype=np.float64).reshape(self.n_hazards, 2)
 
