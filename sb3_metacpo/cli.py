@@ -661,6 +661,13 @@ def _batch_steps(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2**32:  # what the task families and safety-gymnasium's worlds take
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**32), got {text}")
+    return value
+
+
 def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -737,7 +744,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "-n", "--n-timesteps", type=_positive_int, help="env steps of training (default: n_timesteps of the config)"
     )
-    train.add_argument("--seed", type=int, help="random seed (default: a random one, recorded in config.yml)")
+    train.add_argument("--seed", type=_seed, help="random seed (default: a random one, recorded in config.yml)")
     train.add_argument("-f", "--log-folder", default="logs", help="where run folders are created (default: logs)")
     train.add_argument("--device", help="torch device (default: the config's, else auto)")
     train.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2), help="0: quiet, 1: log tables (default)")
@@ -784,7 +791,7 @@ def build_parser() -> argparse.ArgumentParser:
     benchmark.add_argument(
         "--methods", nargs="+", default=list(BENCHMARK_METHODS), choices=BENCHMARK_METHODS, help="methods to compare"
     )
-    benchmark.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds (default: 0)")
+    benchmark.add_argument("--seeds", type=_seed, nargs="+", default=[0], help="training seeds (default: 0)")
     benchmark.add_argument("-n", "--n-timesteps", type=_positive_int, help="training budget of every method (default: config)")
     benchmark.add_argument("--hyperparams", nargs="+", metavar="KEY:VALUE", help="overrides for every trained method")
     benchmark.add_argument("--n-tasks", type=_positive_int, default=3, help="held-out tasks (default: 3)")

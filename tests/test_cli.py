@@ -279,7 +279,12 @@ def test_usage_errors_exit_2_before_training(tmp_path, capsys):
     # a family given as --env trained, then its run could not be evaluated; n_steps 1 failed after training
     assert main(["train", "--algo", "CPO", "--env", "Toy2DNav", "-f", str(tmp_path), "--no-progress"]) == 2
     assert "Toy2DNav is a task family, not an env id: use --family Toy2DNav" in capsys.readouterr().err
-    for argv in (["adapt", str(tmp_path), "--n-steps", "1"], ["benchmark", "--n-steps", "1", "--dry-run"]):
+    for argv in (
+        ["adapt", str(tmp_path), "--n-steps", "1"],
+        ["benchmark", "--n-steps", "1", "--dry-run"],
+        ["train", "--family", "Toy2DNav", "--seed", str(2**32)],  # was blamed on env_kwargs
+        ["benchmark", "--seeds", "-1", "--dry-run"],
+    ):
         with pytest.raises(SystemExit) as exit_info:
             main(argv)
         assert exit_info.value.code == 2
