@@ -3,6 +3,7 @@
 import csv
 
 import numpy as np
+import pytest
 import torch as th
 from stable_baselines3.common.logger import configure
 
@@ -35,3 +36,13 @@ def test_every_update_is_a_trpo_step(tmp_path):
     loaded = MetaTRPO.load(tmp_path / "meta_trpo")
     obs = np.zeros((3, 2), dtype=np.float32)
     np.testing.assert_array_equal(loaded.predict(obs, deterministic=True)[0], model.predict(obs, deterministic=True)[0])
+
+
+def test_dual_solver_needs_nothing_installed_for_meta_trpo(monkeypatch):
+    """MetaTRPO solves no dual (its dual_solver has no effect), yet dual_solver='cvxpylayers' required cvxpylayers."""
+    import sb3_metacpo.common.safe_algorithm as safe_algorithm
+
+    monkeypatch.setattr(safe_algorithm, "cvxpylayers_available", lambda: False)
+    MetaTRPO("MlpPolicy", make_task_distribution("Toy2DNav", seed=0), dual_solver="cvxpylayers")
+    with pytest.raises(ImportError, match="needs cvxpy and cvxpylayers"):
+        MetaCPO("MlpPolicy", make_task_distribution("Toy2DNav", seed=0), dual_solver="cvxpylayers")

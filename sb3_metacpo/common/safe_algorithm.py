@@ -146,7 +146,8 @@ class SafeAlgorithmMixin(ABC):
         distribution = self._get_task_distribution()
         if distribution is not None:
             constraints.check_reported(distribution.cost_names, f"the task family {distribution.name}")
-        self._check_dual_solver(len(constraints), f"cost_limit names {len(constraints)} costs")
+        if self._constrained:  # MetaTRPO solves no dual: its dual_solver has no effect, and needs nothing installed
+            self._check_dual_solver(len(constraints), f"cost_limit names {len(constraints)} costs")
 
     def _check_dual_solver(self, n_constraints: int, what: str) -> None:
         """That ``dual_solver`` can solve steps with ``n_constraints`` constraints (``what`` says where they come
