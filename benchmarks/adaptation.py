@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import inspect
 import json
 import math
 import platform
@@ -144,11 +145,22 @@ def train(name: str, spec: tuple[Any, dict[str, Any]], args: argparse.Namespace,
     return model, info
 
 
+#: What CPO's adaptation takes from the library's Meta-CPO (its constructor defaults), so that CPO-pretrain and
+#: CPO-scratch adapt with the same cost margin and conjugate-gradient iterations (CPO's own defaults are 0 and 15).
+ADAPTATION_SETTINGS = {
+    key: inspect.signature(MetaCPO.__init__).parameters[key].default for key in ("cost_confidence", "cg_max_steps")
+}
+
+
 def evaluate_method(
     name: str, model: Any, distribution: TaskDistribution, args: argparse.Namespace, seed: int
 ) -> list[dict[str, Any]]:
     """Adapt to every held-out task of both sets and evaluate before and after every update (the same protocol for
-    every method)."""
+    every method: batch, K, trust region; CPO's baselines also take Meta-CPO's cost margin and CG iterations; the
+    paper's Meta-CPO keeps its own margin, 0)."""
+    if isinstance(model, CPO):
+        for key, value in ADAPTATION_SETTINGS.items():
+            setattr(model, key, value)
     rows = []
     sets = {"unseen": distribution.unseen_tasks(args.n_test_tasks), "shifted": distribution.test_tasks(args.n_test_tasks)}
     limit = model.total_cost_limit  # the rows' cost is the total cost
@@ -211,7 +223,8 @@ def summarise(rows: list[dict[str, Any]], training: dict[str, dict[str, Any]], a
         f"Seeds {args.seeds}; {args.n_test_tasks} tasks per held-out set; budget {args.budget} env steps per trained "
         f"method; {args.meta_batch_size} tasks per meta-iteration; batches of {args.n_steps} env steps; K = "
         f"{args.n_updates} inner updates in meta-training and {args.n_updates} adaptation updates; adaptation trust "
-        f"region {args.inner_target_kl} (CPO's training steps too), meta trust region "
+        f"region {args.inner_target_kl} (CPO's training steps too; CPO adapts with Meta-CPO's cost margin and CG "
+        f"iterations, {ADAPTATION_SETTINGS}), meta trust region "
         f"{getattr(args, 'outer_target_kl', 0.01)}; evaluation of the stochastic policy on {args.eval_episodes} "
         "episode lengths of env steps per task and stage (at least that many episodes; more where episodes end early, "
         "see n_episodes in results.csv), on the same start states for every method.",
