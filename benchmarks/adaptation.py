@@ -217,21 +217,28 @@ def wilson(successes: int, n: int) -> tuple[float, float]:
 
 def summarise(rows: list[dict[str, Any]], training: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
     methods = list(dict.fromkeys(row["method"] for row in rows))
+    settings = getattr(args, "cpo_adaptation", None)
+    cpo_adaptation = (
+        f"CPO adapts with Meta-CPO's cost margin and CG iterations, {settings}"
+        if settings
+        else "CPO adapts with its own cost_confidence 0 and 15 CG iterations, Meta-CPO with 1.0 and 10"
+    )
     lines = [
         f"# {args.family}: adaptation on held-out tasks",
         "",
         f"Seeds {args.seeds}; {args.n_test_tasks} tasks per held-out set; budget {args.budget} env steps per trained "
         f"method; {args.meta_batch_size} tasks per meta-iteration; batches of {args.n_steps} env steps; K = "
         f"{args.n_updates} inner updates in meta-training and {args.n_updates} adaptation updates; adaptation trust "
-        f"region {args.inner_target_kl} (CPO's training steps too; CPO adapts with Meta-CPO's cost margin and CG "
-        f"iterations, {ADAPTATION_SETTINGS}), meta trust region "
+        f"region {args.inner_target_kl} (CPO's training steps too; {cpo_adaptation}), meta trust region "
         f"{getattr(args, 'outer_target_kl', 0.01)}; evaluation of the stochastic policy on {args.eval_episodes} "
         "episode lengths of env steps per task and stage (at least that many episodes; more where episodes end early, "
         "see n_episodes in results.csv), on the same start states for every method.",
         "",
         "Return and cost: mean over seeds of the task means, ± the 95 % t-interval over seeds. Paid: the mean episode "
         "cost of the batch each update was computed from (what a user pays while adapting). Under: share of "
-        "task-seed pairs whose evaluation cost is at or under the limit, with its 95 % Wilson interval.",
+        "task-seed pairs whose evaluation cost is at or under the limit, with its 95 % Wilson interval (which treats "
+        "the pairs as independent: every seed adapts to the same tasks, so an interval that also resamples the "
+        "tasks is wider).",
         "",
         "| method | env steps | policy updates | train s |",
         "|---|---|---|---|",
@@ -303,12 +310,38 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     training: dict[str, dict[str, Any]] = {}
     start = time.perf_counter()
+    if len(set(args.seeds)) != len(args.seeds):
+        parser.error(f"--seeds repeats a seed: {args.seeds} (each would count as another seed in the intervals)")
     if args.summarise_from:
+        configs = []
         for path in args.summarise_from:
             data = json.loads(path.read_text())
             rows += data["rows"]
             training.update(data["training"])
+            configs.append(data.get("config", {}))
+        keys = [(r["method"], r["seed"], r["set"], r["task"], r["update"]) for r in rows]
+        repeated = sorted({key for key in keys if keys.count(key) > 1})
+        if repeated:  # a file given twice, or two runs of one method and seed: counted twice in the intervals
+            parser.error(
+                f"the merged files repeat {len(repeated)} rows (method, seed, set, task, update), e.g. {repeated[:3]}"
+            )
+        # The tables describe the data's protocol: the merged files must agree on it, and it replaces the flags'
+        protocol = ["family", "env_kwargs", "cpo_adaptation", *FAMILY_DEFAULTS["Toy2DNav"]]
+        configs = [{"cpo_adaptation": None, **config} for config in configs]  # runs before it: CPO's own settings
+        args.cpo_adaptation = None
+        shared = [key for key in protocol if all(key in config for config in configs)]
+        differing = {
+            key: [config[key] for config in configs]
+            for key in shared
+            if len({json.dumps(c[key], sort_keys=True) for c in configs}) > 1
+        }
+        if differing:
+            parser.error(f"the merged files were run with different settings: {differing}")
+        for key in shared:
+            setattr(args, key, configs[0][key])
         args.seeds = sorted({row["seed"] for row in rows})
+    if not args.summarise_from:
+        args.cpo_adaptation = ADAPTATION_SETTINGS
     for seed in [] if args.summarise_from else args.seeds:
         print(f"seed {seed}", flush=True)
         for name in names:
