@@ -240,3 +240,38 @@ def test_a_saved_env_id_that_names_a_module_is_refused(tmp_path: Path) -> None:
             archive.writestr(name, data)
     with pytest.raises(ArchiveError, match="does not name an env id"):
         CPO.load(tmp_path / "tampered.zip")
+
+
+def _parameters(model) -> dict[str, th.Tensor]:
+    return {name: value.detach().clone() for name, value in model.policy.state_dict().items()}
+
+
+def test_training_continued_in_the_process_is_the_resumed_runs_twin(tmp_path):
+    """learn(); learn(reset_num_timesteps=False) reset the envs again at the second call (each drew an episode seed),
+    so it was not the continuation that save/load/learn gives."""
+    distribution = lambda: make_task_distribution("Toy2DNav", seed=0, max_episode_steps=50)  # noqa: E731
+    straight = MetaCPO("MlpPolicy", distribution(), **SMALL).learn(800)
+    in_process = MetaCPO("MlpPolicy", distribution(), **SMALL).learn(400)
+    in_process.learn(400, reset_num_timesteps=False)
+    first = MetaCPO("MlpPolicy", distribution(), **SMALL).learn(400)
+    path = first.save(tmp_path / "first")
+    resumed = MetaCPO.load(path).learn(400, reset_num_timesteps=False)  # the archive's distribution and streams
+    for other in (resumed, straight):
+        assert all(th.equal(a, b) for a, b in zip(_parameters(other).values(), _parameters(in_process).values(), strict=True))
+
+
+@pytest.mark.parametrize("which", ["MetaEvalCallback", "SafeEvalCallback"])
+def test_evaluation_callbacks_do_not_change_training(which):
+    """Their adaptations drew the actors' noise seeds from training's torch stream: training with an evaluation
+    callback ended elsewhere than without, and a checkpoint written before an evaluation did not resume bit for bit."""
+    from sb3_metacpo.common.callbacks import SafeEvalCallback
+    from sb3_metacpo.common.evaluation import MetaEvalCallback
+
+    distribution = lambda: make_task_distribution("Toy2DNav", seed=0, max_episode_steps=50)  # noqa: E731
+    plain = MetaCPO("MlpPolicy", distribution(), **SMALL).learn(1200)
+    tasks = distribution().test_tasks(1)
+    callback = {"MetaEvalCallback": MetaEvalCallback, "SafeEvalCallback": SafeEvalCallback}[which](
+        tasks, eval_freq=1, n_updates=1, n_steps=50, n_eval_episodes=1
+    )
+    watched = MetaCPO("MlpPolicy", distribution(), **SMALL).learn(1200, callback=callback)
+    assert all(th.equal(a, b) for a, b in zip(_parameters(plain).values(), _parameters(watched).values(), strict=True))

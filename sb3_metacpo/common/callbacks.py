@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torch as th
 from stable_baselines3.common.callbacks import BaseCallback
 
 from sb3_metacpo.common.checks import check, check_meta_evaluation_arguments, is_int
@@ -231,9 +232,10 @@ class SafeEvalCallback(BaseCallback):
         """Evaluate now: log, append to ``evaluations.npz`` and save the model if it is the best under the limit."""
         model, _ = adaptable_model(self.model)
         self._last_evaluated = self.model._n_updates
-        records = meta_evaluate(
-            model, self.tasks, self.n_updates, self.n_steps, self.n_eval_episodes, deterministic=self.deterministic
-        )
+        with th.random.fork_rng(devices=[]):  # the actors' noise seeds: training's torch stream stays as it was
+            records = meta_evaluate(
+                model, self.tasks, self.n_updates, self.n_steps, self.n_eval_episodes, deterministic=self.deterministic
+            )
         last = max(record.n_updates for record in records)
         after = [record for record in records if record.n_updates == last]
         before = [record for record in records if record.n_updates == 0]

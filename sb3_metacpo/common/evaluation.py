@@ -8,6 +8,7 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
+import torch as th
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.evaluation import evaluate_policy
@@ -205,7 +206,8 @@ class MetaEvalCallback(BaseCallback):
     def evaluate(self) -> list[AdaptationRecord]:
         """Meta-evaluate now and record the results in the logger."""
         model, constraints = adaptable_model(self.model)
-        records = meta_evaluate(model, self.tasks, self.n_updates, self.n_steps, self.n_eval_episodes)
+        with th.random.fork_rng(devices=[]):  # the actors' noise seeds: training's torch stream stays as it was
+            records = meta_evaluate(model, self.tasks, self.n_updates, self.n_steps, self.n_eval_episodes)
         self.history.append(records)
         last = max(record.n_updates for record in records)
         for k in range(last + 1):

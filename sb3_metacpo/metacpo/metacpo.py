@@ -447,9 +447,15 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):  # type: igno
         progress_bar: bool = False,
     ) -> tuple[int, BaseCallback]:
         self._get_sampler()
+        # Training continued in this process: keep the episode streams where it left them, as a resumed archive does
+        # (SB3's env reset below draws a seed from each env's stream, and the next collect starts fresh episodes)
+        continued = not reset_num_timesteps and self.num_timesteps > 0 and getattr(self, "_resume_rng", None) is None
+        streams = self._sampler_rng_states() if continued else None
         self._last_obs = None  # the sampler resets its envs itself (SB3 resets self.env below: each env draws a seed)
         result = super()._setup_learn(total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar)
         self._resume_random_streams(reset_num_timesteps)  # after SB3's env reset, which draws episode seeds
+        if streams is not None:
+            self._set_sampler_rng_states(streams)
         return result
 
     @with_limited_blas_threads
