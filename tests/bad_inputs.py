@@ -60,6 +60,10 @@ class FaultyEnv(gym.Env):
         return obs, reward, False, self.t % 20 == 0, {"cost": cost}
 
 
+class SquareActionEnv(FaultyEnv):
+    action_space = gym.spaces.Box(-1, 1, (2, 2), np.float32)
+
+
 class NoCostEnv(FaultyEnv):
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
         obs, reward, terminated, truncated, _ = super().step(action)
@@ -149,6 +153,29 @@ CASES: list[Case] = [
         cost_limit={"cost_wind": 1.0},
     ),
     _hyper("MetaCPO", "cost_limit={1: 1.0}", ValueError, "cost_limit's keys must be cost names", cost_limit={1: 1.0}),
+    _hyper("CPO", "seed=2**32", ValueError, r"seed must be None or an integer in \[0, 2\*\*32\)", seed=2**32),
+    _hyper("CPO", "vec_env_cls=list", ValueError, "vec_env_cls must be DummyVecEnv, SubprocVecEnv or None", vec_env_cls=list),
+    _hyper(
+        "CPO",
+        "policy_kwargs={'clip_observations': -1.0}",
+        ValueError,
+        "clip_observations must be a finite number > 0",
+        policy_kwargs=dict(clip_observations=-1.0),
+    ),
+    _hyper(
+        "CPO",
+        "policy_kwargs={'normalize_observations': 'no'}",
+        ValueError,
+        "normalize_observations must be True or False",
+        policy_kwargs=dict(normalize_observations="no"),
+    ),
+    Case(
+        "CPO(...)",
+        "an env with a (2, 2) Box action space",
+        lambda: CPO("MlpPolicy", SquareActionEnv(), n_steps=8),
+        TypeError,
+        r"CPOPolicy needs a flat Box action space, got shape \(2, 2\)",
+    ),
     _hyper(
         "CPO",
         "cost_limit={'hazard': 5.0}",
@@ -156,9 +183,9 @@ CASES: list[Case] = [
         "'hazard', which is not a cost signal's name",
         cost_limit={"hazard": 5.0},
     ),
-    _hyper("MetaCPO", "seed='0'", ValueError, "seed must be None or an integer >= 0", seed="0"),
-    _hyper("MetaCPO", "seed=-1", ValueError, "seed must be None or an integer >= 0", seed=-1),
-    _hyper("MetaCPO", "seed=1.5", ValueError, "seed must be None or an integer >= 0", seed=1.5),
+    _hyper("MetaCPO", "seed='0'", ValueError, r"seed must be None or an integer in \[0, 2\*\*32\)", seed="0"),
+    _hyper("MetaCPO", "seed=-1", ValueError, r"seed must be None or an integer in \[0, 2\*\*32\)", seed=-1),
+    _hyper("MetaCPO", "seed=1.5", ValueError, r"seed must be None or an integer in \[0, 2\*\*32\)", seed=1.5),
     _hyper(
         "MetaCPO",
         "meta_gradient='third_order'",
@@ -251,7 +278,7 @@ CASES: list[Case] = [
         "seed='x' with env given by name",
         lambda: MetaCPO("MlpPolicy", "Toy2DNav", seed="x"),
         ValueError,
-        "seed must be None or an integer >= 0",
+        r"seed must be None or an integer in \[0, 2\*\*32\)",
     ),
     # --- CPO's constructor ---
     _hyper("CPO", "target_kl=inf", ValueError, "target_kl must be a finite number > 0", target_kl=np.inf),
@@ -261,7 +288,7 @@ CASES: list[Case] = [
     _hyper("CPO", "learning_rate=inf", ValueError, "learning_rate must be >= 0", learning_rate=np.inf),
     _hyper("CPO", "n_envs=0", ValueError, "n_envs must be a positive integer", n_envs=0),
     _hyper("CPO", "cost_limit=inf", ValueError, "cost_limit: the limit of 'cost' must be finite and > 0", cost_limit=np.inf),
-    _hyper("CPO", "seed=[0]", ValueError, "seed must be None or an integer >= 0", seed=[0]),
+    _hyper("CPO", "seed=[0]", ValueError, r"seed must be None or an integer in \[0, 2\*\*32\)", seed=[0]),
     Case("CPO(...)", "env=42", lambda: CPO("MlpPolicy", 42), TypeError, "env must be a gymnasium env"),
     # --- learn ---
     Case("MetaCPO.learn", "total_timesteps=-5", _learn(metacpo, -5), ValueError, "total_timesteps must be a positive integer"),
@@ -344,7 +371,7 @@ CASES: list[Case] = [
         "seed=-1",
         lambda: metacpo().evaluate_params("Toy2DNav", metacpo().policy.actor_params(), seed=-1),
         ValueError,
-        "seed must be None or an integer >= 0",
+        r"seed must be None or an integer in \[0, 2\*\*32\)",
     ),
     Case(
         "MetaCPO.evaluate_params",

@@ -346,6 +346,39 @@ def test_the_critics_learning_rate_follows_its_schedule_and_load(tmp_path):
     assert loaded.policy.optimizer.param_groups[0]["lr"] == 1e-5
 
 
+def test_a_refused_set_env_leaves_the_model_as_it_was(tmp_path):
+    """The refused env's family (and its cost limit) and env source were kept: training went on against another
+    limit, and the saved model could not be loaded."""
+    model = CPO("MlpPolicy", "Toy2DNav", n_steps=50, seed=0, policy_kwargs=dict(net_arch=[8]))
+    before = (model.task_distribution, model.effective_cost_limit, model.env_source, model.n_envs)
+    for other in ("PointGoalHazard", "Pendulum-v1"):
+        with pytest.raises(ValueError, match="spaces do not match"):
+            model.set_env(other)
+        assert (model.task_distribution, model.effective_cost_limit, model.env_source, model.n_envs) == before
+    CPO.load(model.save(tmp_path / "model")).learn(50)
+
+
+def test_a_schedule_is_never_read_past_its_end(tmp_path):
+    """A budget that is not a whole number of rollouts ends past progress 0: the last update applied a linear
+    schedule's negative value (gradient ascent on the critics' loss)."""
+    env = gym.wrappers.TimeLimit(CostlyBandit(), 10)
+    rates = []
+
+    def schedule(progress):
+        rates.append(progress)
+        return 1e-3 * progress
+
+    model = CPO("MlpPolicy", env, n_steps=100, seed=0, learning_rate=schedule)
+    model.learn(250)  # 3 updates: progress 0.6, 0.2, -0.2
+    assert model.policy.optimizer.param_groups[0]["lr"] == 0.0 and min(rates) >= 0.0
+
+
+def test_a_loaded_model_without_its_env_object_says_how_to_train(tmp_path):
+    path = CPO("MlpPolicy", gym.wrappers.TimeLimit(CostlyBandit(), 10), n_steps=50, seed=0).save(tmp_path / "model")
+    with pytest.raises(ValueError, match=r"pass env= to CPO\.load, or call set_env"):
+        CPO.load(path).learn(50)  # an env object is not saved (SB3 asserted without a message)
+
+
 def test_many_episodes_ending_together_with_a_small_stats_window():
     """More episodes ending on one step than twice stats_window_size indexed below the start of the episode buffer
     (IndexError); each episode record gets its cost before SB3 appends it now."""

@@ -30,8 +30,11 @@ def is_real(value: Any) -> bool:
 
 
 def check_seed(seed: Any) -> None:
-    """``seed`` is None or an integer >= 0 (checked before anything uses it)."""
-    check(seed is None or (is_int(seed) and 0 <= seed < 2**63), f"seed must be None or an integer >= 0, got {seed!r}")
+    """``seed`` is None or an integer in [0, 2**32) (checked before anything uses it)."""
+    check(
+        seed is None or (is_int(seed) and 0 <= seed < 2**32),  # numpy's legacy seeding (SB3's set_random_seed)
+        f"seed must be None or an integer in [0, 2**32), got {seed!r}",
+    )
 
 
 def check_adaptation_arguments(n_updates: Any, n_steps: Any, target_kl: Any = None) -> None:

@@ -219,6 +219,11 @@ class BoundActor:
         return mean if self.actor.deterministic else mean + self._noise_now() * self.std
 
 
+def _finite_real(value: Any) -> bool:
+    """A finite Python or numpy real number, not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
+
+
 class CPOPolicy(ActorCriticPolicy):
     """Actor-critic policy for CPO-style algorithms (SB3 ``ActorCriticPolicy`` plus a cost critic).
 
@@ -253,6 +258,11 @@ class CPOPolicy(ActorCriticPolicy):
     ) -> None:
         if not isinstance(action_space, spaces.Box):
             raise TypeError(f"CPOPolicy needs a Box (continuous) action space, got {action_space}")
+        if len(action_space.shape) != 1:  # the rollouts clip and store flat actions
+            raise TypeError(
+                f"CPOPolicy needs a flat Box action space, got shape {action_space.shape}: give the env a flat one "
+                "(a gymnasium.ActionWrapper whose action(flat) reshapes it)"
+            )
         if not isinstance(observation_space, spaces.Box) or len(observation_space.shape) != 1:
             raise TypeError(f"CPOPolicy needs a flat Box observation space, got {observation_space}")
         if len(args) <= _OPTIMIZER_CLASS_ARG:  # not given positionally: FlatAdam unless given by name
@@ -267,8 +277,12 @@ class CPOPolicy(ActorCriticPolicy):
                 "parameters (the observation normalisation is in the policy), so a separate one for the critics would "
                 "change nothing; leave share_features_extractor at its default (True)"
             )
+        if not isinstance(normalize_observations, bool):
+            raise ValueError(f"normalize_observations must be True or False, got {normalize_observations!r}")
+        if not (_finite_real(clip_observations) and clip_observations > 0):
+            raise ValueError(f"clip_observations must be a finite number > 0, got {clip_observations!r}")
         log_std_init = kwargs.get("log_std_init", 0.0)
-        if isinstance(log_std_init, bool) or not isinstance(log_std_init, numbers.Real) or not math.isfinite(log_std_init):
+        if not _finite_real(log_std_init):
             raise ValueError(f"log_std_init must be a finite number (the actor's initial log-std), got {log_std_init!r}")
         self.normalize_observations = normalize_observations
         self.clip_observations = clip_observations

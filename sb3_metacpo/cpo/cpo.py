@@ -25,6 +25,7 @@ from sb3_metacpo.common.checks import (
     check_positive_ints,
     check_positive_reals,
     check_seed,
+    check_vec_env_cls,
     is_int,
     is_real,
 )
@@ -168,6 +169,7 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):  # type: igno
         _init_setup_model: bool = True,
     ) -> None:
         check_seed(seed)  # envs and a family's task distribution are seeded from it before anything else
+        check_vec_env_cls(vec_env_cls)  # used to build the envs, before the other hyperparameters are validated
         seed = None if seed is None else int(seed)
         if is_int(n_envs):
             n_envs = int(n_envs)
@@ -297,10 +299,21 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):  # type: igno
 
     def set_env(self, env: SafeEnv, force_reset: bool = True) -> None:  # type: ignore[override]
         """Train on ``env`` from now on: anything the constructor accepts, including a task of the training family
-        (fine-tuning on one task is how CPO adapts in the benchmark). The number of envs may change."""
-        vec_env = self._make_env(env)
-        self.n_envs = vec_env.num_envs
-        super().set_env(vec_env, force_reset)
+        (fine-tuning on one task is how CPO adapts in the benchmark). The number of envs may change. An env that is
+        refused (e.g. other spaces) leaves the model as it was."""
+        names = ("task_distribution", "task_distribution_name", "task_distribution_params", "env_source", "n_envs")
+        before = {name: getattr(self, name) for name in names}
+        vec_env: VecEnv | None = None
+        try:
+            vec_env = self._make_env(env)
+            self.n_envs = vec_env.num_envs
+            super().set_env(vec_env, force_reset)
+        except BaseException:
+            for name, value in before.items():  # the family, its cost limit and the saved env source stay the old ones
+                setattr(self, name, value)
+            if vec_env is not None:
+                vec_env.close()
+            raise
 
     def _episode_length(self) -> int:
         """The episode length (the cost critic's time scale, and J_C's when a rollout completes no episode): the
@@ -381,7 +394,10 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):  # type: igno
         self._write_back(params, new_params)
         with phase("critic_training"):
             self.policy.update_obs_stats(batch.observations.reshape(-1, batch.observations.shape[-1]))
-            self._update_learning_rate(self.policy.optimizer)  # SB3's: the schedule's value now (train/learning_rate)
+            # SB3's: the schedule's value now (train/learning_rate), at progress >= 0 (the last update of a run that
+            # overshoots its budget would otherwise read the schedule past its end, e.g. a negative linear rate)
+            self._current_progress_remaining = max(self._current_progress_remaining, 0.0)
+            self._update_learning_rate(self.policy.optimizer)
             loss = self.policy.fit_critics(
                 prepared.observations.float(),
                 th.as_tensor(prepared.reward_returns, device=self.device).float(),
@@ -460,6 +476,11 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):  # type: igno
         """Train for ``total_timesteps`` env steps (SB3's ``learn``). A model adapted by :meth:`adapt` forgets its
         adaptation here: ``predict`` acts with the trained parameters again."""
         check_learn_arguments(total_timesteps, log_interval)
+        if self.env is None:  # SB3 asserted without a message
+            raise ValueError(
+                "this CPO has no env to train on (a model loaded from an archive of one trained on an env object, which "
+                "is not saved): pass env= to CPO.load, or call set_env"
+            )
         if self.adapted_params is not None:
             self.reset_adaptation()
         return super().learn(int(total_timesteps), callback, log_interval, tb_log_name, reset_num_timesteps, progress_bar)
