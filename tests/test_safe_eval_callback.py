@@ -156,3 +156,15 @@ def test_bad_arguments_and_foreign_models():
     model = PPO("MlpPolicy", "Pendulum-v1", n_steps=64, batch_size=64, seed=0)
     with pytest.raises(TypeError, match="needs a model of this package"):
         model.learn(64, callback=SafeEvalCallback(tasks))
+
+
+def test_held_out_tasks_of_another_family_are_refused_when_training_starts():
+    """They were refused at the first evaluation, eval_freq meta-iterations of real training later."""
+    from sb3_metacpo.common.evaluation import MetaEvalCallback
+
+    foreign = make_task_distribution("CarCircle", seed=0).test_tasks(1)
+    for callback_cls in (SafeEvalCallback, MetaEvalCallback):
+        model = MetaCPO("MlpPolicy", make_task_distribution("Toy2DNav", seed=0), meta_batch_size=2, n_steps=100, seed=0)
+        with pytest.raises(TypeError, match="builds Toy2DNavTask tasks, got CarCircleTask"):
+            model.learn(1200, callback=callback_cls(foreign, eval_freq=3))
+        assert model.num_timesteps == 0

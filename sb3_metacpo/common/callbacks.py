@@ -15,7 +15,13 @@ from stable_baselines3.common.callbacks import BaseCallback
 
 from sb3_metacpo.common.checks import check, check_meta_evaluation_arguments, is_int
 from sb3_metacpo.common.constraints import within_limits
-from sb3_metacpo.common.evaluation import AdaptationRecord, adaptable_model, mean_costs, meta_evaluate
+from sb3_metacpo.common.evaluation import (
+    AdaptationRecord,
+    adaptable_model,
+    check_tasks_of_model,
+    mean_costs,
+    meta_evaluate,
+)
 from sb3_metacpo.tasks.base import Task
 from sb3_metacpo.tasks.monitor import TOTAL_COST
 
@@ -204,6 +210,7 @@ class SafeEvalCallback(BaseCallback):
         from sb3_metacpo.metacpo import MetaCPO
 
         _, constraints = adaptable_model(self.model)  # a TypeError for a model of another library
+        check_tasks_of_model(self.model, self.tasks)
         if self.cost_limit is None:
             self._limits = constraints.as_mapping()
         else:

@@ -78,6 +78,18 @@ class AdaptationRecord:
     adaptation_ep_cost_mean: float = float("nan")
 
 
+def check_tasks_of_model(model: BaseAlgorithm, tasks: Sequence[Task]) -> None:
+    """The evaluation callbacks' held-out ``tasks`` are tasks of ``model``'s family (checked when training starts,
+    not at the first evaluation, ``eval_freq`` iterations into training)."""
+    distribution = getattr(model, "task_distribution", None)
+    if distribution is None and hasattr(model, "_get_task_distribution"):
+        distribution = model._get_task_distribution()
+    if distribution is None:
+        raise ValueError(f"the {type(model).__name__} has no task distribution to evaluate held-out tasks of")
+    for task in tasks:
+        distribution.validate_task(task)  # a TypeError names another family's task
+
+
 def adaptable_model(model: BaseAlgorithm) -> tuple[Adaptable, CostConstraints]:
     """``model`` as an :class:`~sb3_metacpo.common.adaptation.Adaptable` algorithm and its cost constraints (every
     named cost and its limit), or a ``TypeError`` for a model of another library (e.g. SB3's PPO given to a
@@ -186,6 +198,7 @@ class MetaEvalCallback(BaseCallback):
         self._last_evaluated = 0
 
     def _init_callback(self) -> None:
+        check_tasks_of_model(self.model, self.tasks)
         self._last_evaluated = self.model._n_updates  # a resumed run does not evaluate its starting point again
 
     def _on_step(self) -> bool:
