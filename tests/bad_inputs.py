@@ -292,6 +292,27 @@ CASES: list[Case] = [
     Case("CPO(...)", "env=42", lambda: CPO("MlpPolicy", 42), TypeError, "env must be a gymnasium env"),
     # --- learn ---
     Case("MetaCPO.learn", "total_timesteps=-5", _learn(metacpo, -5), ValueError, "total_timesteps must be a positive integer"),
+    Case(
+        "MetaCPO.learn",
+        "callback=5",
+        lambda: metacpo().learn(400, callback=5),
+        ValueError,
+        "callback must be None, a BaseCallback, a list of them or a function",
+    ),
+    Case(
+        "CPO.learn",
+        "reset_num_timesteps='False'",
+        lambda: cpo().learn(100, reset_num_timesteps="False"),
+        ValueError,
+        "reset_num_timesteps must be True or False",
+    ),
+    Case(
+        "CPO.learn",
+        "progress_bar=1",
+        lambda: cpo().learn(100, progress_bar=1),
+        ValueError,
+        "progress_bar must be True or False",
+    ),
     Case("MetaCPO.learn", "total_timesteps=0", _learn(metacpo, 0), ValueError, "total_timesteps must be a positive integer"),
     Case(
         "MetaCPO.learn", "total_timesteps=2.5", _learn(metacpo, 2.5), ValueError, "total_timesteps must be a positive integer"

@@ -269,3 +269,31 @@ class IntegerObservations(gym.Env):
 
     def step(self, action):
         return np.ones(2, np.int64), 0.0, False, False, {"cost": 0.0}
+
+
+@pytest.mark.parametrize("algo", ["MetaCPO", "CPO"])
+def test_set_parameters_reads_the_archive_refuses_nan_and_forgets_an_adaptation(algo, tmp_path):
+    """SB3's set_parameters could not read the package's own archive, kept a stale adaptation (predict acted with the
+    old adapted parameters) and accepted NaN (blamed on the env at the next learn)."""
+
+    def build(seed):
+        distribution = make_task_distribution("Toy2DNav", seed=0, max_episode_steps=20)
+        if algo == "MetaCPO":
+            return MetaCPO("MlpPolicy", distribution, meta_batch_size=2, n_steps=40, seed=seed)
+        return CPO("MlpPolicy", distribution, n_steps=40, seed=seed)
+
+    source, target = build(0).learn(80), build(1)
+    obs = np.zeros((3, 2), np.float32)
+    target.adapt(make_task_distribution("Toy2DNav", seed=0, max_episode_steps=20).test_tasks(1)[0], n_updates=1, n_steps=40)
+    target.set_parameters(source.get_parameters())
+    assert target.adapted_params is None
+    np.testing.assert_array_equal(target.predict(obs, deterministic=True)[0], source.predict(obs, deterministic=True)[0])
+    fresh = build(1)
+    fresh.set_parameters(str(source.save(tmp_path / "source")))
+    np.testing.assert_array_equal(fresh.predict(obs, deterministic=True)[0], source.predict(obs, deterministic=True)[0])
+    poisoned = source.get_parameters()
+    poisoned["policy"]["action_net.weight"] = th.full_like(poisoned["policy"]["action_net.weight"], float("nan"))
+    before = fresh.predict(obs, deterministic=True)[0]
+    with pytest.raises(ValueError, match=r"policy\[action_net.weight\] has non-finite values"):
+        fresh.set_parameters(poisoned)
+    np.testing.assert_array_equal(fresh.predict(obs, deterministic=True)[0], before)

@@ -80,8 +80,21 @@ def check_vec_env_cls(vec_env_cls: Any) -> None:
     )
 
 
-def check_learn_arguments(total_timesteps: Any, log_interval: Any) -> None:
-    """``learn``'s step budget and log interval."""
+def check_learn_arguments(
+    total_timesteps: Any, log_interval: Any, callback: Any = None, reset_num_timesteps: Any = True, progress_bar: Any = False
+) -> None:
+    """``learn``'s arguments, before it changes anything (a model's adaptation, its counters, the envs)."""
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    check(
+        callback is None
+        or isinstance(callback, BaseCallback)
+        or callable(callback)
+        or (isinstance(callback, list) and all(isinstance(item, BaseCallback) for item in callback)),
+        f"callback must be None, a BaseCallback, a list of them or a function (locals, globals) -> bool, got {callback!r}",
+    )
+    for name, flag in (("reset_num_timesteps", reset_num_timesteps), ("progress_bar", progress_bar)):
+        check(isinstance(flag, bool), f"{name} must be True or False, got {flag!r}")
     check(
         is_int(total_timesteps) and total_timesteps >= 1,
         f"total_timesteps must be a positive integer, got {total_timesteps!r}",

@@ -83,6 +83,17 @@ CPO_CASE_CODES: dict[str, int] = {"trpo": 0, "dual": 1, "recovery": 2, "skipped"
 DEFAULT_COST_LIMIT = 25.0
 
 
+def _tensors_in(state: Any, prefix: str = "") -> list[tuple[str, th.Tensor]]:
+    """Every floating-point tensor in a (nested) state dict, with its key path."""
+    if isinstance(state, th.Tensor):
+        return [(prefix, state)] if state.is_floating_point() else []
+    if isinstance(state, Mapping):
+        return [item for key, value in state.items() for item in _tensors_in(value, f"{prefix}.{key}" if prefix else str(key))]
+    if isinstance(state, (list, tuple)):
+        return [item for index, value in enumerate(state) for item in _tensors_in(value, f"{prefix}[{index}]")]
+    return []
+
+
 class SafeAlgorithmMixin(ABC):
     """Mixed into SB3 algorithms that update their actor by CPO steps; expects the hyperparameters as attributes."""
 
@@ -243,6 +254,26 @@ class SafeAlgorithmMixin(ABC):
     def _set_sampler_rng_states(self, states: Mapping[str, Any]) -> None:
         """Restore :meth:`_sampler_rng_states` (the samplers exist by then); by default there is none to restore."""
         del states
+
+    def set_parameters(
+        self, load_path_or_dict: str | os.PathLike[str] | dict[str, Any], exact_match: bool = True, device: Any = "auto"
+    ) -> None:
+        """SB3's ``set_parameters`` (e.g. ``model.set_parameters(other.get_parameters())``): a path is read as this
+        package's archive (its policy and optimiser tensors, running no code from the file); non-finite tensors are
+        refused before anything changes; an adaptation is forgotten (``predict`` acts with the new parameters)."""
+        if isinstance(load_path_or_dict, (str, os.PathLike)):
+            _, tensors = read_archive(load_path_or_dict, "cpu")
+            stored = {"policy": tensors["policy"], "policy.optimizer": tensors["optimizer"]}
+            params = {name: stored[name] for name in self.get_parameters() if name in stored}  # type: ignore[attr-defined]
+        else:
+            params = load_path_or_dict
+        for name, state in params.items():
+            for key, value in _tensors_in(state):
+                if not bool(th.isfinite(value).all()):
+                    raise ValueError(f"set_parameters: {name}[{key}] has non-finite values; nothing was changed")
+        super().set_parameters(params, exact_match, device)  # type: ignore[misc]
+        if self.adapted_params is not None:  # type: ignore[attr-defined]
+            self.reset_adaptation()  # type: ignore[attr-defined]
 
     def save(self, path: str | os.PathLike[str], exclude: Any = None, include: Any = None) -> Path:  # type: ignore[override]
         """Save everything needed to use the model and to continue training it exactly: constructor arguments,

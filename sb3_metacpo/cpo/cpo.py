@@ -475,7 +475,7 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):  # type: igno
     ) -> SelfCPO:
         """Train for ``total_timesteps`` env steps (SB3's ``learn``). A model adapted by :meth:`adapt` forgets its
         adaptation here: ``predict`` acts with the trained parameters again."""
-        check_learn_arguments(total_timesteps, log_interval)
+        check_learn_arguments(total_timesteps, log_interval, callback, reset_num_timesteps, progress_bar)
         if self.env is None:  # SB3 asserted without a message
             raise ValueError(
                 "this CPO has no env to train on (a model loaded from an archive of one trained on an env object, which "

@@ -474,7 +474,7 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):  # type: igno
         again (the adapted parameters were computed from the θ that training is about to change); call
         :meth:`adapt` again after training to act with an adapted policy.
         """
-        check_learn_arguments(total_timesteps, log_interval)
+        check_learn_arguments(total_timesteps, log_interval, callback, reset_num_timesteps, progress_bar)
         total_timesteps = int(total_timesteps)
         if self.adapted_params is not None:
             self.reset_adaptation()
