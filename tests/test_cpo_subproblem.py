@@ -452,10 +452,21 @@ def test_without_cost_information_the_step_is_trpo(solver):
 
 @pytest.mark.parametrize(
     ("ratio", "expected_case"),
-    [(-1.01, "trpo"), (-0.99, "dual"), (0.0, "dual"), (0.99, "dual"), (1.0, "dual"), (1.01, "recovery")],
+    [
+        (-1.01, "trpo"),
+        (-0.99, "dual"),
+        (0.0, "dual"),
+        (0.99, "dual"),
+        (1 - 2e-6, "dual"),
+        (1 - 5e-7, "recovery"),
+        (1.0, "recovery"),
+        (1.01, "recovery"),
+    ],
 )
 def test_case_boundaries(ratio, expected_case):
-    """b relative to √(2δs), the largest |aᵀx| in the trust region, decides the case (1.0: tangent, still feasible)."""
+    """b relative to √(2δs), the largest |aᵀx| in the trust region, decides the case: above 1 − FEASIBILITY_MARGIN
+    (1e-6) the feasible set is a sliver (at 1.0, tangent: one point, which the recovery step reaches), judged as
+    several constraints are (``cpo_direction``)."""
     g, a, _ = make_problem("binding_b_pos")
     v, w, q, r, s = problem_terms(g, a)
     b = ratio * torch.sqrt(2 * DELTA * s)

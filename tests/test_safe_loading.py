@@ -297,3 +297,17 @@ def test_set_parameters_reads_the_archive_refuses_nan_and_forgets_an_adaptation(
     with pytest.raises(ValueError, match=r"policy\[action_net.weight\] has non-finite values"):
         fresh.set_parameters(poisoned)
     np.testing.assert_array_equal(fresh.predict(obs, deterministic=True)[0], before)
+
+
+def test_a_bad_argument_of_load_is_named_as_such_not_as_a_bad_archive(tmp_path):
+    from sb3_metacpo.common.safe_algorithm import LoadArgumentError
+
+    path = CPO("MlpPolicy", "Toy2DNav", n_steps=40, seed=0).save(tmp_path / "model")
+    for bad, message in [
+        (dict(n_steps=1), r"CPO\.load: invalid arguments \['n_steps'\]"),
+        (dict(target_kl=-1.0), r"CPO\.load: invalid arguments \['target_kl'\]"),
+        (dict(cost_limit={"cost": 5.0, "cost_hazards": 3.0}), "cost_limit names 2 costs, the saved model 1"),
+    ]:
+        with pytest.raises(LoadArgumentError, match=message):
+            CPO.load(path, **bad)
+    CPO.load(path, n_steps=20)  # a valid one

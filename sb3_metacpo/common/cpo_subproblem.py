@@ -28,7 +28,8 @@ left out of the problem. Each step falls in one of three cases, named as logged 
   form, for m = 1; :func:`solve_dual_active_set`, the closed form on each support of ν, for 2 ≤ m ≤
   :data:`MAX_ACTIVE_SET_CONSTRAINTS`) or by the convex program of :func:`solve_dual_layer` (``"cvxpylayers"``, any m).
 
-For m = 1 the case follows from b and s alone (infeasible iff b > 0 and b²/s > 2δ); for m ≥ 2 a problem is
+For m = 1 the case follows from b and s alone (infeasible iff b > 0 and b/√(2δs) > 1 − ``FEASIBILITY_MARGIN``, the
+feasible set then being at most a sliver of the trust region; CPO's paper has b²/s > 2δ); for m ≥ 2 a problem is
 infeasible when one constraint alone is, or when the recovery program's optimal largest violation is above
 −``FEASIBILITY_MARGIN`` (the recovery program solved exactly by :func:`solve_recovery_active_set`, or by the layer of
 :func:`solve_recovery_layer`).

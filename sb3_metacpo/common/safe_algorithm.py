@@ -83,6 +83,10 @@ CPO_CASE_CODES: dict[str, int] = {"trpo": 0, "dual": 1, "recovery": 2, "skipped"
 DEFAULT_COST_LIMIT = 25.0
 
 
+class LoadArgumentError(ValueError):
+    """An argument given to ``load`` does not fit the saved model (the archive itself is sound)."""
+
+
 def _tensors_in(state: Any, prefix: str = "") -> list[tuple[str, th.Tensor]]:
     """Every floating-point tensor in a (nested) state dict, with its key path."""
     if isinstance(state, th.Tensor):
@@ -383,9 +387,10 @@ class SafeAlgorithmMixin(ABC):
         try:
             model = cls(policy_class, None, device=device, _init_setup_model=False, **{**arguments, **overrides})  # type: ignore[call-arg]
         except (TypeError, ValueError, OverflowError) as error:
-            raise ArchiveError(
-                f"{path}: the constructor arguments (the archive's, with load's) are invalid: {error}"
-            ) from error
+            if overrides:
+                raise LoadArgumentError(f"{cls.__name__}.load: invalid arguments {sorted(overrides)}: {error}") from error
+            raise ArchiveError(f"{path}: the constructor arguments it holds are invalid: {error}") from error
+        model._load_overrides = sorted(overrides)  # type: ignore[attr-defined]  # for _restore's errors: a bad argument of load is not a bad archive
         model._restore(metadata, tensors)
         saved = env is None
         if saved:
@@ -432,9 +437,21 @@ class SafeAlgorithmMixin(ABC):
             _check_counters(counters)
             if counters.get("n_envs") is not None:
                 self.n_envs = int(counters["n_envs"])
-            self._validate_hyperparameters()  # type: ignore[attr-defined]
+            overrides = getattr(self, "_load_overrides", [])
+            try:
+                self._validate_hyperparameters()  # type: ignore[attr-defined]
+            except ValueError as error:
+                if overrides:  # the archive's own arguments were valid when it was saved
+                    raise LoadArgumentError(f"{type(self).__name__}.load: invalid arguments {overrides}: {error}") from error
+                raise
             self._setup_model()  # type: ignore[attr-defined]
             policy = self.policy  # type: ignore[attr-defined]
+            saved_costs = tensors["policy"].get("cost_value_net.weight")
+            if "cost_limit" in overrides and saved_costs is not None and saved_costs.shape[0] != len(self.constraints):
+                raise LoadArgumentError(
+                    f"{type(self).__name__}.load: cost_limit names {len(self.constraints)} costs, the saved model "
+                    f"{saved_costs.shape[0]} (its cost critic has one output per cost): give as many"
+                )
             policy.load_state_dict(tensors["policy"])
             policy.optimizer.load_state_dict(tensors["optimizer"])
             self.num_timesteps = int(counters["num_timesteps"])
@@ -454,7 +471,7 @@ class SafeAlgorithmMixin(ABC):
             self.ep_success_buffer = deque(maxlen=self._stats_window_size)
             check_rng_state(metadata["rng"], tensors["torch_rng"])
             self._resume_rng: tuple[Mapping[str, Any], th.Tensor] | None = (metadata["rng"], tensors["torch_rng"])
-        except ArchiveError:
+        except (ArchiveError, LoadArgumentError):
             raise
         except (KeyError, TypeError, RuntimeError, ValueError, OverflowError, AttributeError) as error:
             raise ArchiveError(f"the archive does not describe a consistent {type(self).__name__} model: {error}") from error
