@@ -304,8 +304,6 @@ def main() -> None:
     unknown = [name for name in names if name not in catalogue]
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {list(catalogue)}")
-    out = args.out or Path("benchmarks/results") / args.family
-    out.mkdir(parents=True, exist_ok=True)
 
     rows: list[dict[str, Any]] = []
     training: dict[str, dict[str, Any]] = {}
@@ -340,6 +338,8 @@ def main() -> None:
         for key in shared:
             setattr(args, key, configs[0][key])
         args.seeds = sorted({row["seed"] for row in rows})
+    out = args.out or Path("benchmarks/results") / args.family  # a merge's family is its files'
+    out.mkdir(parents=True, exist_ok=True)
     if not args.summarise_from:
         args.cpo_adaptation = ADAPTATION_SETTINGS
     for seed in [] if args.summarise_from else args.seeds:

@@ -32,6 +32,7 @@ import numpy as np
 import torch as th
 import yaml
 from stable_baselines3.common.logger import configure
+from stable_baselines3.common.utils import get_device
 from tqdm.auto import tqdm
 
 from sb3_metacpo.common.serialization import ArchiveError
@@ -121,7 +122,7 @@ def train_run(
     policy, budget, env_kwargs, kwargs = to_constructor(resolved)
     if device is not None:
         try:
-            th.device(device)
+            get_device(device)  # SB3's: "auto" too
         except RuntimeError as error:  # torch's message lists the device types it knows
             raise CLIError(f"--device {device}: {error}") from error
         kwargs["device"] = device
@@ -300,6 +301,7 @@ def adaptation_records(
     deterministic: bool,
     target_kl: float | None = None,
     progress: bool = True,
+    cpo_settings: dict[str, Any] | None = None,
 ) -> Iterator[tuple[dict[str, Any], Any]]:
     """Yield ``(record, model)`` after 0 .. n_updates adaptation updates on each task (records: see
     :mod:`sb3_metacpo.plots`); after the last update (k = ``n_updates`` > 0), ``model`` acts with the evaluated parameters.
@@ -307,7 +309,8 @@ def adaptation_records(
     Every method adapts through the same protocol (``adaptation_steps``: CPO updates from the model's parameters,
     the meta-parameters for MetaCPO/MetaTRPO, CPO's own parameters for CPO) with ``n_steps`` env steps per update and
     the trust region ``target_kl`` (None: each model's own) and is evaluated with ``evaluate_params`` on fresh
-    episodes; with ``run=None`` a randomly initialised CPO adapts (CPO-scratch).
+    episodes; with ``run=None`` a randomly initialised CPO adapts (CPO-scratch). ``cpo_settings`` (e.g. MetaCPO's
+    ``cost_confidence`` and ``cg_max_steps``) are given to CPO models before they adapt.
     """
     bar = tqdm(total=len(tasks) * (n_updates + 1), desc=f"adapting {method}", disable=not progress)
     for index, task in enumerate(tasks):
@@ -317,6 +320,9 @@ def adaptation_records(
             model: Any = CPO("MlpPolicy", distribution, n_steps=steps, seed=seed, **scratch_kl)
         else:
             model = run.load()
+        if isinstance(model, CPO):
+            for key, value in (cpo_settings or {}).items():
+                setattr(model, key, value)
         for k, params in model.adaptation_steps(task, n_updates, n_steps, target_kl=target_kl):
             evaluation = model.evaluate_params(task, params, n_eval_episodes, deterministic)
             bar.update(1)
@@ -550,9 +556,15 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     adapt_kl = args.adapt_target_kl or float(
         reference.get("inner_target_kl", inspect.signature(MetaCPO.__init__).parameters["inner_target_kl"].default)
     )
+    # CPO adapts with MetaCPO's cost margin and conjugate-gradient iterations too (benchmarks/adaptation.py's protocol)
+    cpo_settings = {
+        key: reference.get(key, inspect.signature(MetaCPO.__init__).parameters[key].default)
+        for key in ("cost_confidence", "cg_max_steps")
+    }
     plan = [
         f"benchmark on {args.family}: seeds {args.seeds}, {args.n_tasks} held-out tasks, {args.n_updates} adaptation "
-        f"updates of {adapt_steps} env steps with trust region {adapt_kl} for every method, {args.n_eval_episodes} "
+        f"updates of {adapt_steps} env steps with trust region {adapt_kl} for every method (CPO with MetaCPO's "
+        f"{cpo_settings}), {args.n_eval_episodes} "
         f"evaluation episodes per stage ({'mean action' if args.deterministic else 'stochastic policy'})"
     ]
     for method in methods:
@@ -605,6 +617,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
                 args.deterministic,
                 target_kl=adapt_kl,
                 progress=args.progress,
+                cpo_settings=cpo_settings,
             ):
                 records.append(record)
     (folder / "plan.txt").write_text("\n".join(plan) + "\n")

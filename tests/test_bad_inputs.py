@@ -44,15 +44,18 @@ def test_numpy_scalars_are_accepted_where_python_ones_are(tmp_path: Path) -> Non
         stats_window_size=np.int32(10),
         policy_kwargs=SMALL["policy_kwargs"],
     )
-    model.learn(np.int64(400))
+    model.learn(np.int64(400), reset_num_timesteps=np.True_, progress_bar=np.False_)
     assert model.num_timesteps == 400 and type(model.n_steps) is int and type(model.inner_target_kl) is float
     assert type(model._stats_window_size) is int  # SB3's name of stats_window_size
     model.save(tmp_path / "model")  # the saved metadata is plain JSON
     assert MetaCPO.load(tmp_path / "model").n_steps == 100
-    cpo = CPO("MlpPolicy", "Toy2DNav", **{**CPO_SMALL, "n_steps": np.int64(100), "n_envs": np.int64(1)})
+    small = {**CPO_SMALL, "n_steps": np.int64(100), "n_envs": np.int64(1)}
+    small["policy_kwargs"] = {**small["policy_kwargs"], "normalize_observations": np.True_, "clip_observations": np.inf}
+    cpo = CPO("MlpPolicy", "Toy2DNav", **small)  # inf: no clipping
     cpo.learn(np.int64(100))
     assert cpo.num_timesteps == 100
     cpo.adapt("Toy2DNav", n_updates=np.int64(1), n_steps=np.int64(50))
+    assert cpo.evaluate_params("Toy2DNav", cpo.policy.actor_params(), n_episodes=1, seed=2**40).n_episodes >= 1
     assert all(th.isfinite(v).all() for v in cpo.policy.state_dict().values())
 
 

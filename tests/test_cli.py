@@ -151,14 +151,15 @@ def test_benchmark_adapts_every_method_with_the_same_batch_and_trust_region(tmp_
     original = AdaptationMixin.adaptation_steps
 
     def recording(self, env, n_updates=None, n_steps=None, on_step=None, target_kl=None):
-        calls.append((type(self).__name__, n_steps, target_kl))
+        calls.append((type(self).__name__, n_steps, target_kl, self.cost_confidence, self.cg_max_steps))
         return original(self, env, n_updates, n_steps, on_step, target_kl)
 
     monkeypatch.setattr(AdaptationMixin, "adaptation_steps", recording)
     argv = ["benchmark", "--methods", "MetaCPO", "CPO", "CPO-scratch", "-n", "800", "--n-tasks", "1", "--n-updates", "1"]
     argv += ["--n-eval-episodes", "1", "--n-steps", "200", "--adapt-target-kl", "0.03", "-f", str(tmp_path)]
     assert main(argv) == 0
-    assert calls == [("MetaCPO", 200, 0.03), ("CPO", 200, 0.03), ("CPO", 200, 0.03)]
+    # CPO adapts with MetaCPO's cost margin and CG iterations too (it had CPO's own 0.0 and 15)
+    assert calls == [("MetaCPO", 200, 0.03, 1.0, 10), ("CPO", 200, 0.03, 1.0, 10), ("CPO", 200, 0.03, 1.0, 10)]
 
 
 def test_benchmark_gives_every_method_one_task_distribution(tmp_path, monkeypatch, capsys):
@@ -288,5 +289,12 @@ def test_usage_errors_exit_2_before_training(tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_info:
             main(argv)
         assert exit_info.value.code == 2
+    # tracebacks after the model was built: an unknown device, a file as the log folder
+    assert train(tmp_path / "device", "--device", "foo") == 2
+    assert "--device foo" in capsys.readouterr().err
+    assert train(tmp_path / "auto", "--device", "auto") == 0  # SB3's "auto" stays valid
+    (tmp_path / "a_file").write_text("")
+    assert train(tmp_path / "a_file") == 2
+    assert "is a file" in capsys.readouterr().err
     argv = ["benchmark", "--methods", "CPO", "--hyperparams", "target_kl:0.02", "--dry-run"]
     assert main(argv) == 0

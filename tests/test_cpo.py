@@ -356,6 +356,24 @@ def test_a_refused_set_env_leaves_the_model_as_it_was(tmp_path):
             model.set_env(other)
         assert (model.task_distribution, model.effective_cost_limit, model.env_source, model.n_envs) == before
     CPO.load(model.save(tmp_path / "model")).learn(50)
+    # a refused env of the user's own is left open (the refused-env path closed it)
+    closed = []
+
+    class PendulumWithCost(gym.Wrapper):
+        def step(self, action):
+            obs, reward, terminated, truncated, info = self.env.step(action)
+            return obs, reward, terminated, truncated, {**info, "cost": 0.0}
+
+        def close(self):
+            closed.append(True)
+            super().close()
+
+    user_env = DummyVecEnv([lambda: CostMonitor(PendulumWithCost(gym.make("Pendulum-v1")))])
+    with pytest.raises(ValueError, match="spaces do not match"):
+        model.set_env(user_env)
+    assert not closed
+    user_env.close()
+    assert closed
 
 
 def test_a_schedule_is_never_read_past_its_end(tmp_path):

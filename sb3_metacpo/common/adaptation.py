@@ -26,7 +26,7 @@ from stable_baselines3.common.type_aliases import MaybeCallback
 from stable_baselines3.common.vec_env import VecEnv
 from tqdm.auto import tqdm
 
-from sb3_metacpo.common.checks import check_adaptation_arguments, check_seed
+from sb3_metacpo.common.checks import check_adaptation_arguments, is_int
 from sb3_metacpo.common.constraints import CostConstraints
 from sb3_metacpo.common.cpo_update import CPOConfig, Params, PreparedBatch, cpo_update
 from sb3_metacpo.common.envs import make_safe_vec_env, vec_env_time_limit
@@ -271,7 +271,8 @@ class AdaptationMixin(ABC):
         """
         if isinstance(n_episodes, bool) or not isinstance(n_episodes, (int, np.integer)) or n_episodes < 1:
             raise ValueError(f"n_episodes must be a positive integer, got {n_episodes!r}")
-        check_seed(seed)
+        if not (seed is None or (is_int(seed) and 0 <= seed < 2**63)):  # it seeds the episode streams only
+            raise ValueError(f"seed must be None or an integer >= 0, got {seed!r}")
         self._check_actor_params(params)
         sampler, task = self._adaptation_sampler(env, fresh_seed=seed)
         act = self._act_fn([params], deterministic=deterministic)

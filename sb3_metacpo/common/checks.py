@@ -6,6 +6,8 @@ import math
 import numbers
 from typing import Any
 
+import numpy as np
+
 from sb3_metacpo.common.constraints import CostConstraints
 from sb3_metacpo.common.cpo_update import RECOVERY_RULES
 
@@ -22,6 +24,11 @@ def check(condition: bool, message: str) -> None:
 def is_int(value: Any) -> bool:
     """A Python or numpy integer, not a bool."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_bool(value: Any) -> bool:
+    """A Python or numpy bool."""
+    return isinstance(value, (bool, np.bool_))
 
 
 def is_real(value: Any) -> bool:
@@ -94,7 +101,7 @@ def check_learn_arguments(
         f"callback must be None, a BaseCallback, a list of them or a function (locals, globals) -> bool, got {callback!r}",
     )
     for name, flag in (("reset_num_timesteps", reset_num_timesteps), ("progress_bar", progress_bar)):
-        check(isinstance(flag, bool), f"{name} must be True or False, got {flag!r}")
+        check(is_bool(flag), f"{name} must be True or False, got {flag!r}")
     check(
         is_int(total_timesteps) and total_timesteps >= 1,
         f"total_timesteps must be a positive integer, got {total_timesteps!r}",

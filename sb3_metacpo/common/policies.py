@@ -219,6 +219,16 @@ class BoundActor:
         return mean if self.actor.deterministic else mean + self._noise_now() * self.std
 
 
+def _is_flag(value: Any) -> bool:
+    """A Python or numpy bool."""
+    return isinstance(value, (bool, np.bool_))
+
+
+def _positive_number(value: Any) -> bool:
+    """A Python or numpy real number > 0 (inf included), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and float(value) > 0
+
+
 def _finite_real(value: Any) -> bool:
     """A finite Python or numpy real number, not a bool."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
@@ -277,14 +287,14 @@ class CPOPolicy(ActorCriticPolicy):
                 "parameters (the observation normalisation is in the policy), so a separate one for the critics would "
                 "change nothing; leave share_features_extractor at its default (True)"
             )
-        if not isinstance(normalize_observations, bool):
+        if not _is_flag(normalize_observations):
             raise ValueError(f"normalize_observations must be True or False, got {normalize_observations!r}")
-        if not (_finite_real(clip_observations) and clip_observations > 0):
-            raise ValueError(f"clip_observations must be a finite number > 0, got {clip_observations!r}")
+        if not _positive_number(clip_observations):
+            raise ValueError(f"clip_observations must be a number > 0 (inf: no clipping), got {clip_observations!r}")
         log_std_init = kwargs.get("log_std_init", 0.0)
         if not _finite_real(log_std_init):
             raise ValueError(f"log_std_init must be a finite number (the actor's initial log-std), got {log_std_init!r}")
-        self.normalize_observations = normalize_observations
+        self.normalize_observations = bool(normalize_observations)
         self.clip_observations = clip_observations
         if not isinstance(n_costs, int) or n_costs < 1:
             raise ValueError(f"n_costs must be a positive integer, got {n_costs!r}")

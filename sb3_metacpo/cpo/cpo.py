@@ -311,7 +311,7 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):  # type: igno
         except BaseException:
             for name, value in before.items():  # the family, its cost limit and the saved env source stay the old ones
                 setattr(self, name, value)
-            if vec_env is not None:
+            if vec_env is not None and not isinstance(env, (VecEnv, gym.Env)):  # the user's own env stays open
                 vec_env.close()
             raise
 
