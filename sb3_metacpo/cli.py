@@ -23,7 +23,7 @@ import re
 import shlex
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -660,32 +660,23 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 # --- the parser --------------------------------------------------------------------------------------------------
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+def _int_in(low: int, high: float, requirement: str) -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high), else ``must be <requirement>``."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if not low <= value < high:
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
+        return value
+
+    parse.__name__ = "int"  # argparse's "invalid int value: 'x'" for a non-integer
+    return parse
 
 
-def _batch_steps(text: str) -> int:
-    value = int(text)
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 2 (env steps per adaptation update), got {text}")
-    return value
-
-
-def _seed(text: str) -> int:
-    value = int(text)
-    if not 0 <= value < 2**32:  # what the task families and safety-gymnasium's worlds take
-        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**32), got {text}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
-    return value
+_positive_int = _int_in(1, math.inf, "a positive integer")
+_non_negative_int = _int_in(0, math.inf, "an integer >= 0")
+_batch_steps = _int_in(2, math.inf, "an integer >= 2 (env steps per adaptation update)")
+_seed = _int_in(0, 2**32, "an integer in [0, 2**32)")  # what the task families and safety-gymnasium's worlds take
 
 
 def _positive_float(text: str) -> float:
