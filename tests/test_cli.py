@@ -14,9 +14,9 @@ import sys
 from pathlib import Path
 
 import gymnasium as gym
-import numpy as np
 import pytest
 import yaml
+from bandits import Bandit
 
 from sb3_metacpo import CPO, MetaCPO
 from sb3_metacpo.cli import build_parser, main
@@ -243,22 +243,11 @@ def test_env_kwargs_take_the_familys_own_arguments(tmp_path, capsys):
     assert "env_kwargs.seed cannot be set in a hyperparameter file; it is set by --seed" in capsys.readouterr().err
 
 
-class _SafeLine(gym.Env):
-    observation_space = gym.spaces.Box(-1, 1, (1,), np.float32)
-    action_space = gym.spaces.Box(-1, 1, (1,), np.float32)
-
-    def reset(self, *, seed=None, options=None):
-        super().reset(seed=seed)
-        return np.zeros(1, np.float32), {}
-
-    def step(self, action):
-        return np.zeros(1, np.float32), float(-abs(action[0])), False, False, {"cost": float(action[0] > 0.5)}
-
-
 def test_a_namespaced_env_id_trains_into_one_run_folder(tmp_path):
     """ns/Env-v0 (as gymnasium's phys2d/... ids): the run folder's name held a '/', and the run failed after building
     the model."""
-    gym.register("sb3metacpotest/SafeLine-v0", entry_point=_SafeLine, max_episode_steps=20)
+    line = lambda: Bandit(lambda a: -abs(a[0]), lambda a: {"cost": float(a[0] > 0.5)})  # noqa: E731
+    gym.register("sb3metacpotest/SafeLine-v0", entry_point=line, max_episode_steps=20)
     argv = ["train", "--algo", "CPO", "--env", "sb3metacpotest/SafeLine-v0", "-n", "64", "-f", str(tmp_path)]
     assert main([*argv, "--no-progress", "--hyperparams", "n_steps:32", "n_critic_updates:1"]) == 0
     (folder,) = tmp_path.iterdir()

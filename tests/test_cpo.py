@@ -6,6 +6,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch as th
+from bandits import costly_bandit
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import configure
 from stable_baselines3.common.monitor import Monitor
@@ -18,22 +19,8 @@ from sb3_metacpo.tasks.monitor import CostMonitor
 SMALL = dict(n_steps=200, seed=0, policy_kwargs=dict(net_arch=[16]))
 
 
-class CostlyBandit(gym.Env):
-    """Reward = action, cost 1 whenever the action is positive: the reward pulls straight into the cost."""
-
-    observation_space = gym.spaces.Box(-1, 1, (1,), np.float32)
-    action_space = gym.spaces.Box(-3, 3, (1,), np.float32)
-
-    def reset(self, *, seed=None, options=None):
-        super().reset(seed=seed)
-        return np.zeros(1, np.float32), {}
-
-    def step(self, action):
-        return np.zeros(1, np.float32), float(action[0]), False, False, {"cost": float(action[0] > 0)}
-
-
 def bandit_episode_stats(cost_limit):
-    env = gym.wrappers.TimeLimit(CostlyBandit(), 10)
+    env = gym.wrappers.TimeLimit(costly_bandit(), 10)
     model = CPO("MlpPolicy", env, n_steps=500, cost_limit=cost_limit, target_kl=0.02, seed=0, policy_kwargs=dict(net_arch=[8]))
     model.learn(10_000)
     episodes = list(model.ep_info_buffer)[-50:]
@@ -55,7 +42,7 @@ def test_recovery_violated_recovers_whenever_the_batch_is_over_the_limit(tmp_pat
     """The bandit's initial policy pays about 5 against a limit of 4.5, a violation the trust region can undo: CPO's
     rule takes the dual step (reward and cost traded), recovery='violated' the recovery step, which lowers the cost
     surrogate by the whole trust region (√(2δs)) and so moves the action's mean further down."""
-    env = gym.wrappers.TimeLimit(CostlyBandit(), 10)
+    env = gym.wrappers.TimeLimit(costly_bandit(), 10)
     cases, means = {}, {}
     for recovery in ("linearised", "violated"):
         model = CPO(
@@ -140,11 +127,11 @@ def test_safety_gymnasium_id(tmp_path):
 
 
 def test_errors_name_the_problem():
-    env = gym.wrappers.TimeLimit(CostlyBandit(), 10)
+    env = gym.wrappers.TimeLimit(costly_bandit(), 10)
     with pytest.raises(ValueError, match="CostMonitor"):
         CPO("MlpPolicy", Monitor(env))
     with pytest.raises(ValueError, match="CostMonitor"):
-        CPO("MlpPolicy", DummyVecEnv([lambda: gym.wrappers.TimeLimit(CostlyBandit(), 10)]))
+        CPO("MlpPolicy", DummyVecEnv([lambda: gym.wrappers.TimeLimit(costly_bandit(), 10)]))
     with pytest.raises(ValueError, match="target_kl"):
         CPO("MlpPolicy", env, target_kl=0)
     with pytest.raises(ValueError, match="cost_limit"):
@@ -205,7 +192,7 @@ def test_reward_critic_sees_normalised_observations_like_the_rest():
     """SB3's predict_values runs the base class's feature extraction, which skipped the policy's observation
     normalisation: the reward critic saw raw observations while the actor, the cost critic and forward() saw
     normalised ones. All of them normalise now (the definition written out as the oracle)."""
-    model = CPO("MlpPolicy", gym.wrappers.TimeLimit(CostlyBandit(), 10), **SMALL)
+    model = CPO("MlpPolicy", gym.wrappers.TimeLimit(costly_bandit(), 10), **SMALL)
     policy = model.policy
     with th.no_grad():
         policy.obs_mean.fill_(50.0)
@@ -224,7 +211,7 @@ def test_sb3_actor_paths_normalise_and_follow_the_override():
     observations) and the module's own actor, also after adapt() had set adapted parameters for predict. All of them
     now give the Gaussian of the definition written out here: normalised observations through the actor at the
     override's parameters (the module's own without one)."""
-    model = CPO("MlpPolicy", gym.wrappers.TimeLimit(CostlyBandit(), 10), **SMALL)
+    model = CPO("MlpPolicy", gym.wrappers.TimeLimit(costly_bandit(), 10), **SMALL)
     policy = model.policy
     with th.no_grad():
         policy.obs_mean.fill_(0.5)
@@ -332,7 +319,7 @@ def test_the_critics_learning_rate_follows_its_schedule_and_load(tmp_path):
     """CPO built its critic optimiser at lr_schedule(1) and never applied the schedule again (nor logged
     train/learning_rate); a schedule at its end saved 0.0 (or below), which load refused; a learning_rate given to
     load was ignored (the optimiser's saved state kept the old one)."""
-    env = gym.wrappers.TimeLimit(CostlyBandit(), 10)
+    env = gym.wrappers.TimeLimit(costly_bandit(), 10)
     model = CPO("MlpPolicy", env, n_steps=100, seed=0, learning_rate=lambda progress: 1e-3 * progress)
     model.set_logger(configure(str(tmp_path / "log"), ["csv"]))
     model.learn(300)
@@ -379,7 +366,7 @@ def test_a_refused_set_env_leaves_the_model_as_it_was(tmp_path):
 def test_a_schedule_is_never_read_past_its_end(tmp_path):
     """A budget that is not a whole number of rollouts ends past progress 0: the last update applied a linear
     schedule's negative value (gradient ascent on the critics' loss)."""
-    env = gym.wrappers.TimeLimit(CostlyBandit(), 10)
+    env = gym.wrappers.TimeLimit(costly_bandit(), 10)
     rates = []
 
     def schedule(progress):
@@ -392,7 +379,7 @@ def test_a_schedule_is_never_read_past_its_end(tmp_path):
 
 
 def test_a_loaded_model_without_its_env_object_says_how_to_train(tmp_path):
-    path = CPO("MlpPolicy", gym.wrappers.TimeLimit(CostlyBandit(), 10), n_steps=50, seed=0).save(tmp_path / "model")
+    path = CPO("MlpPolicy", gym.wrappers.TimeLimit(costly_bandit(), 10), n_steps=50, seed=0).save(tmp_path / "model")
     with pytest.raises(ValueError, match=r"pass env= to CPO\.load, or call set_env"):
         CPO.load(path).learn(50)  # an env object is not saved (SB3 asserted without a message)
 

@@ -11,6 +11,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from bandits import Bandit, two_cost_bandit
 
 from sb3_metacpo import CPO, make_task_distribution
 from sb3_metacpo.cli import _cost_limit
@@ -371,25 +372,8 @@ def test_the_exact_dual_meets_the_kkt_conditions(m):
     assert float((nu * values / (nu.abs().amax(-1, keepdim=True) + 1) / scale).abs().max()) < 1e-10
 
 
-class TwoCostBandit(gym.Env):
-    """Two independent costly bandits: reward a₀ + a₁, cost_a = 1 when a₀ > 0, cost_b = 1 when a₁ > 0. The reward
-    pulls each action into its own cost, so a limit on one cost says nothing about the other."""
-
-    observation_space = gym.spaces.Box(-1, 1, (1,), np.float32)
-    action_space = gym.spaces.Box(-3, 3, (2,), np.float32)
-
-    def reset(self, *, seed=None, options=None):
-        super().reset(seed=seed)
-        return np.zeros(1, np.float32), {}
-
-    def step(self, action):
-        cost_a, cost_b = float(action[0] > 0), float(action[1] > 0)
-        info = {"cost": cost_a + cost_b, "cost_a": cost_a, "cost_b": cost_b}
-        return np.zeros(1, np.float32), float(action[0] + action[1]), False, False, info
-
-
 def two_cost_stats(cost_limit):
-    env = gym.wrappers.TimeLimit(TwoCostBandit(), 10)
+    env = gym.wrappers.TimeLimit(two_cost_bandit(), 10)
     model = CPO("MlpPolicy", env, n_steps=500, cost_limit=cost_limit, target_kl=0.02, seed=0, policy_kwargs=dict(net_arch=[8]))
     model.learn(10_000)
     episodes = list(model.ep_info_buffer)[-50:]
@@ -408,18 +392,8 @@ def test_a_cost_name_a_plain_env_never_reports_is_an_error_before_any_update():
     """A misspelled name (``cost_hazard`` for ``cost_hazards``) on episodes longer than the rollout: the rollout's
     stored costs were 0 and updates ran with J_C = 0 until the first episode ended."""
 
-    class Costly(gym.Env):
-        observation_space = gym.spaces.Box(-1, 1, (1,), np.float32)
-        action_space = gym.spaces.Box(-1, 1, (1,), np.float32)
-
-        def reset(self, *, seed=None, options=None):
-            super().reset(seed=seed)
-            return np.zeros(1, np.float32), {}
-
-        def step(self, action):
-            return np.zeros(1, np.float32), 0.0, False, False, {"cost": 1.0, "cost_hazards": 1.0}
-
-    env = gym.wrappers.TimeLimit(Costly(), 200)
+    reports = {"cost": 1.0, "cost_hazards": 1.0}
+    env = gym.wrappers.TimeLimit(Bandit(lambda a: 0.0, lambda a: reports), 200)
     model = CPO("MlpPolicy", env, n_steps=50, cost_limit={"cost_hazard": 5.0}, seed=0, policy_kwargs=dict(net_arch=[8]))
     with pytest.raises(KeyError, match=r"no env reported \['cost_hazard'\] in its info at any of the rollout's 50 steps"):
         model.learn(150)
