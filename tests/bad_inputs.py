@@ -550,6 +550,27 @@ CASES: list[Case] = [
         "no layout of this task's objects .* fits its arena",
     ),
     Case(
+        "CPO.predict",
+        "an observation with a NaN",
+        lambda: cpo().predict(np.array([np.nan, 0.0], np.float32)),
+        ValueError,
+        "the policy's action is not finite, for observations with non-finite values",
+    ),
+    Case(
+        "MetaCPO.predict",
+        "an observation with a NaN",
+        lambda: metacpo().predict(np.array([[0.0, np.nan]], np.float32), deterministic=True),
+        ValueError,
+        "the policy's action is not finite, for observations with non-finite values",
+    ),
+    Case(
+        "CPO.set_env",
+        "3 envs for a 1-env model that has stepped, force_reset=False",
+        lambda: cpo().learn(100).set_env(CPO("MlpPolicy", "Toy2DNav", n_envs=3).get_env(), force_reset=False),
+        ValueError,
+        "a different number of envs needs force_reset=True",
+    ),
+    Case(
         "make_task_distribution",
         "train_ranges={'goal_distance': (0, 9)}",
         lambda: make_task_distribution("Toy2DNav", train_ranges={"goal_distance": (0, 9)}),

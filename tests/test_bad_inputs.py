@@ -68,3 +68,11 @@ def test_error_messages_name_the_value() -> None:
                 with pytest.raises(case.error) as info:
                     case.run()
                 assert re.sub(r"\s", "", value) in re.sub(r"\s", "", str(info.value)), (case.bad_input, str(info.value))
+
+
+def test_a_whole_number_written_as_a_float_is_a_budget() -> None:
+    """learn(1e5) is SB3's idiom; it was refused as not an integer (2.5 still is)."""
+    model = MetaCPO("MlpPolicy", toy(), **SMALL).learn(4e2)
+    assert model.num_timesteps == 400
+    cpo = CPO("MlpPolicy", "Toy2DNav", **CPO_SMALL).learn(np.float64(1e2))
+    assert cpo.num_timesteps == 100

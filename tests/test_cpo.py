@@ -363,6 +363,20 @@ def test_a_refused_set_env_leaves_the_model_as_it_was(tmp_path):
     assert closed
 
 
+def test_set_env_with_another_number_of_envs_needs_a_reset():
+    """force_reset=False kept the old envs' last observation: the next learn crashed with an IndexError."""
+    model = CPO("MlpPolicy", gym.wrappers.TimeLimit(costly_bandit(), 10), n_steps=20, batch_size=10, seed=0)
+    model.learn(20)
+    three = DummyVecEnv([lambda: CostMonitor(gym.wrappers.TimeLimit(costly_bandit(), 10))] * 3)
+    last_obs = model._last_obs
+    with pytest.raises(ValueError, match="needs force_reset=True"):
+        model.set_env(three, force_reset=False)
+    assert model.n_envs == 1 and model._last_obs is last_obs and model.get_env().num_envs == 1
+    model.set_env(three)
+    model.learn(60, reset_num_timesteps=False)
+    assert model.num_timesteps == 80
+
+
 def test_a_schedule_is_never_read_past_its_end(tmp_path):
     """A budget that is not a whole number of rollouts ends past progress 0: the last update applied a linear
     schedule's negative value (gradient ascent on the critics' loss)."""

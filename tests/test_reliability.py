@@ -88,6 +88,46 @@ def test_a_callback_returning_false_stops_adapt() -> None:
     assert all(th.equal(stopped_at_once.adapted_params[k], theta[k]) for k in theta)  # θ itself
 
 
+class EnvReader(BaseCallback):
+    """Records the number of envs of its training_env at the start and at every step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.n_envs: list[int] = []
+
+    def _on_training_start(self) -> None:
+        self.n_envs.append(self.training_env.num_envs)
+
+    def _on_step(self) -> bool:
+        self.n_envs.append(self.training_env.num_envs)
+        return True
+
+
+@pytest.mark.parametrize("fresh", [True, False])
+def test_adapt_shows_callbacks_the_adaptation_env_as_their_training_env(fresh: bool) -> None:
+    # SB3's callbacks read training_env (model.get_env()) when they start and at every step: during adapt it must be
+    # the one-env adaptation env, not the 4-env training env (StopTrainingOnMaxEpisodes(1) let 4 episodes run) or
+    # None (a fresh or loaded model: SB3's "initialize the model with an environment" assertion)
+    model = MetaCPO("MlpPolicy", toy(), **{**SMALL, "meta_batch_size": 4})
+    if not fresh:
+        model.learn(400)
+    training_env = model.env
+    reader, stop = EnvReader(), StopTrainingOnMaxEpisodes(max_episodes=1)
+    model.adapt("Toy2DNav", n_updates=3, n_steps=50, callback=[reader, stop])
+    assert set(reader.n_envs) == {1} and len(reader.n_envs) == 1 + 50
+    assert model.adaptation_history == []  # stopped at the end of the first 50-step episode, before any update
+    assert model.env is training_env
+
+
+def test_progress_bar_callback_in_adapt_counts_the_adaptation_steps() -> None:
+    from stable_baselines3.common.callbacks import ProgressBarCallback
+
+    model = MetaCPO("MlpPolicy", toy(), **SMALL)
+    bar = ProgressBarCallback()
+    model.adapt("Toy2DNav", n_updates=2, n_steps=50, callback=bar)
+    assert bar.pbar.total == 100 and bar.pbar.n == 100
+
+
 def test_failed_adapt_leaves_the_model_as_it_was(tmp_path: Path) -> None:
     dist = toy()
     model = MetaCPO("MlpPolicy", dist, **SMALL)

@@ -161,13 +161,26 @@ def test_custom_classes_must_be_registered(tmp_path: Path) -> None:
     class Softsign(th.nn.Softsign):
         pass
 
-    model = MetaCPO("MlpPolicy", toy(), **{**SMALL, "policy_kwargs": dict(net_arch=[8], activation_fn=Softsign)})
+    # told at construction, not at the first checkpoint after hours of training
+    with pytest.warns(UserWarning, match="cannot be saved .*Softsign is not in the registry of allowed classes"):
+        model = MetaCPO("MlpPolicy", toy(), **{**SMALL, "policy_kwargs": dict(net_arch=[8], activation_fn=Softsign)})
     with pytest.raises(TypeError, match="is not in the registry of allowed classes"):
         model.save(tmp_path / "model")
     register_class(Softsign)
     model.save(tmp_path / "model")
     assert MetaCPO.load(tmp_path / "model").policy_kwargs["activation_fn"] is Softsign
     assert os.path.exists(tmp_path / "model.zip")
+
+
+@pytest.mark.parametrize("activation", ["Softplus", "Mish", "SELU", "Hardswish", "Identity"])
+def test_torchs_parameter_free_activations_save_and_load(activation: str, tmp_path: Path) -> None:
+    """The policy accepts any element-wise activation; these were refused by the first save (a checkpoint)."""
+    activation_fn = getattr(th.nn, activation)
+    model = CPO("MlpPolicy", "Toy2DNav", n_steps=50, seed=0, policy_kwargs=dict(net_arch=[8], activation_fn=activation_fn))
+    loaded = CPO.load(model.save(tmp_path / "model"))
+    assert loaded.policy_kwargs["activation_fn"] is activation_fn
+    obs = np.random.default_rng(0).normal(size=(4, 2)).astype(np.float32)
+    np.testing.assert_array_equal(loaded.predict(obs, deterministic=True)[0], model.predict(obs, deterministic=True)[0])
 
 
 def test_ray_connection_settings_never_travel_in_an_archive(tmp_path: Path) -> None:
@@ -311,3 +324,26 @@ def test_a_bad_argument_of_load_is_named_as_such_not_as_a_bad_archive(tmp_path):
         with pytest.raises(LoadArgumentError, match=message):
             CPO.load(path, **bad)
     CPO.load(path, n_steps=20)  # a valid one
+
+
+def test_load_takes_sb3_and_rl_zoo_arguments_as_sb3_does(tmp_path, capsys):
+    """The RL Zoo's custom_objects (lr_schedule, clip_range) were refused, print_system_info printed nothing, and a
+    file object got pathlib's TypeError."""
+    model = CPO("MlpPolicy", "Toy2DNav", n_steps=40, seed=0)
+    path = model.save(tmp_path / "model")
+    zoo = {"learning_rate": 0.0, "lr_schedule": lambda _: 0.0, "clip_range": lambda _: 0.0}
+    with pytest.warns(UserWarning, match=r"custom_objects \['clip_range', 'lr_schedule'\] are not arguments of CPO"):
+        loaded = CPO.load(path, custom_objects=zoo)
+    assert loaded.learning_rate == 0.0
+    with pytest.raises(ValueError, match=r"unknown arguments \['clip_range'\]"):  # **kwargs stay strict
+        CPO.load(path, clip_range=0.2)
+    with pytest.raises(TypeError, match="custom_objects must be a dict"):
+        CPO.load(path, custom_objects=["learning_rate"])
+    capsys.readouterr()
+    CPO.load(path, print_system_info=True)
+    printed = capsys.readouterr().out
+    assert "== CURRENT SYSTEM INFO ==" in printed and "== SAVED MODEL SYSTEM INFO ==" in printed
+    assert f"- PyTorch: {th.__version__!r}" in printed and "- sb3-metacpo: " in printed
+    for call in (lambda: model.save(io.BytesIO()), lambda: CPO.load(io.BytesIO(path.read_bytes()))):
+        with pytest.raises(TypeError, match=r"save and load take a path \(str or os.PathLike\), got BytesIO"):
+            call()

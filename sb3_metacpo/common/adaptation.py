@@ -106,6 +106,8 @@ class AdaptationMixin(ABC):
     adapted_params: Params | None
     adaptation_history: list[dict[str, Any]]
     _adaptation_sampler_cache: RolloutSampler | None
+    env: VecEnv | None
+    num_timesteps: int
 
     # Provided by the algorithm.
     constraints: CostConstraints
@@ -154,7 +156,10 @@ class AdaptationMixin(ABC):
 
         Callbacks get SB3's ``locals`` at every env step (``obs``, ``actions``, ``new_obs``, ``rewards``, ``dones``,
         ``infos``); one that returns False stops the adaptation after the updates completed so far, which
-        ``predict`` then uses (none completed: the model's own parameters). :meth:`learn` forgets an adaptation.
+        ``predict`` then uses (none completed: the model's own parameters). While the model adapts, its env
+        (``get_env()``, the callbacks' ``training_env``) is the adaptation's one-env VecEnv, and ``locals`` hold
+        ``total_timesteps`` (``num_timesteps`` plus the steps of the call) for SB3's ``ProgressBarCallback``.
+        :meth:`learn` forgets an adaptation.
 
         :param env: a gymnasium env or VecEnv reporting ``info["cost"]``, a task of the model's family, or the name
             of a registered family (its first held-out task: for the model's own family, that of the model's
@@ -167,24 +172,34 @@ class AdaptationMixin(ABC):
             ``target_kl``), e.g. one for every method of a comparison
         """
         check_adaptation_arguments(n_updates, n_steps, target_kl)  # before the callbacks start
-        callbacks: BaseCallback = self._init_callback(callback, progress_bar=False)  # type: ignore[attr-defined]
-        callbacks.on_training_start(locals(), globals())
-
-        def on_step(step: VecStep) -> bool:
-            callbacks.update_locals({"self": self, **step_locals(step)})
-            return callbacks.on_step()
-
-        steps = self.adaptation_steps(env, n_updates, n_steps, on_step=on_step, target_kl=target_kl)
-        total = (self._adaptation_defaults()[0] if n_updates is None else n_updates) + 1
+        default_updates, default_steps = self._adaptation_defaults()
+        n_updates = default_updates if n_updates is None else int(n_updates)
+        n_steps = default_steps if n_steps is None else int(n_steps)
+        sampler, task = self._adaptation_sampler(env)
         history_before = list(self.adaptation_history)
-        adapted: Params | None = None
+        # While it adapts, the model's env is the adaptation's, whose steps the callbacks are shown: SB3's callbacks
+        # read it (training_env) at every step, e.g. StopTrainingOnMaxEpisodes counts episodes per env of it
+        training_env = self.env
+        self.env = sampler.vec_env
         try:
-            for _, params in tqdm(steps, total=total, desc="adapting", disable=not progress_bar):
+            callbacks: BaseCallback = self._init_callback(callback, progress_bar=False)  # type: ignore[attr-defined]
+            total_timesteps = self.num_timesteps + n_updates * n_steps  # SB3's callbacks read it in locals()
+            callbacks.on_training_start(locals(), globals())
+
+            def on_step(step: VecStep) -> bool:
+                callbacks.update_locals({"self": self, **step_locals(step)})
+                return callbacks.on_step()
+
+            steps = self._adaptation_steps(sampler, task, n_updates, n_steps, on_step, target_kl)
+            adapted: Params | None = None
+            for _, params in tqdm(steps, total=n_updates + 1, desc="adapting", disable=not progress_bar):
                 adapted = params
+            callbacks.on_training_end()
         except BaseException:
             self.adaptation_history = history_before
             raise
-        callbacks.on_training_end()
+        finally:
+            self.env = training_env
         self.adapted_params = adapted
         self.policy.set_actor_override(adapted)
         return self
@@ -206,10 +221,23 @@ class AdaptationMixin(ABC):
         :meth:`adapt`.
         """
         check_adaptation_arguments(n_updates, n_steps, target_kl)
+        sampler, task = self._adaptation_sampler(env)
+        return self._adaptation_steps(sampler, task, n_updates, n_steps, on_step, target_kl)
+
+    @with_limited_blas_threads
+    def _adaptation_steps(
+        self,
+        sampler: RolloutSampler,
+        task: Task | None,
+        n_updates: int | None,
+        n_steps: int | None,
+        on_step: OnStep | None,
+        target_kl: float | None,
+    ) -> Iterator[tuple[int, Params]]:
+        """:meth:`adaptation_steps` on the one-env sampler of the env to adapt to (``task``: its task, if any)."""
         default_updates, default_steps = self._adaptation_defaults()
         n_updates = default_updates if n_updates is None else n_updates
         n_steps = default_steps if n_steps is None else n_steps
-        sampler, task = self._adaptation_sampler(env)
         # J_C of a batch without a completed episode is its mean step cost times the episode length.
         distribution = self.task_distribution
         fallback = distribution.max_episode_steps if distribution is not None else int(n_steps)

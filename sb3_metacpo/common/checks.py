@@ -102,9 +102,10 @@ def check_learn_arguments(
     )
     for name, flag in (("reset_num_timesteps", reset_num_timesteps), ("progress_bar", progress_bar)):
         check(is_bool(flag), f"{name} must be True or False, got {flag!r}")
-    check(
-        is_int(total_timesteps) and total_timesteps >= 1,
-        f"total_timesteps must be a positive integer, got {total_timesteps!r}",
+    whole_float = isinstance(total_timesteps, (float, np.floating)) and float(total_timesteps).is_integer()
+    check(  # 1e5, SB3's idiom, is a whole number written as a float
+        (is_int(total_timesteps) or whole_float) and total_timesteps >= 1,
+        f"total_timesteps must be a positive integer (or a float of one, e.g. 1e5), got {total_timesteps!r}",
     )
     check(
         log_interval is None or (is_int(log_interval) and log_interval >= 1),

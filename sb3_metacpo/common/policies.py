@@ -555,6 +555,11 @@ class CPOPolicy(ActorCriticPolicy):
 
     def _predict(self, observation: PyTorchObs, deterministic: bool = False) -> th.Tensor:
         mean, log_std = self.actor_mean_log_std(observation, self._actor_override)  # type: ignore[arg-type]
+        if not bool(th.isfinite(mean).all()):  # SB3's policies raise here too (its distribution checks its mean)
+            raise ValueError(
+                "predict: the policy's action is not finite, for observations with non-finite values (NaN, or inf "
+                "where observations are not normalised): check the env's observations"
+            )
         if deterministic:
             return mean
         return mean + th.randn_like(mean) * log_std.exp()

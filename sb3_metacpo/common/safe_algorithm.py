@@ -7,6 +7,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
+import warnings
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -16,7 +17,7 @@ from typing import Any, ClassVar, TypeVar
 import gymnasium as gym
 import numpy as np
 import torch as th
-from stable_baselines3.common.utils import safe_mean
+from stable_baselines3.common.utils import get_system_info, safe_mean
 
 from sb3_metacpo.common.constrained_step import StepConfig, StepResult
 from sb3_metacpo.common.constraints import CostConstraints
@@ -73,6 +74,23 @@ def _check_counters(counters: Any) -> None:
 def _package_version() -> str:
     with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "version.txt")) as file:
         return file.read().strip()
+
+
+def _system_info() -> dict[str, str]:
+    """SB3's system description (OS, Python, SB3, PyTorch, GPU, numpy, gymnasium versions) and this package's."""
+    info, _ = get_system_info(print_info=False)
+    return {**{str(key): str(value) for key, value in info.items()}, "sb3-metacpo": _package_version()}
+
+
+def _print_system_info(saved: Any) -> None:
+    """SB3's ``load(print_system_info=True)`` printout: this system's description and the saved model's."""
+    print("== CURRENT SYSTEM INFO ==")
+    print("".join(f"- {key}: {value}\n" for key, value in _system_info().items()), end="")
+    print("== SAVED MODEL SYSTEM INFO ==")
+    if isinstance(saved, dict) and all(isinstance(key, str) and isinstance(value, str) for key, value in saved.items()):
+        print("".join(f"- {key}: {value!r}\n" for key, value in saved.items()), end="")
+    else:
+        print("- not in the archive (saved by an earlier version)")
 
 
 #: ``train/cpo_case_code``: the CPO case as a number, for TensorBoard (which shows the ``train/cpo_case`` string as
@@ -251,6 +269,14 @@ class SafeAlgorithmMixin(ABC):
             arguments[name] = encode_value(value, name)
         return arguments
 
+    def _warn_if_not_savable(self) -> None:
+        """Warn at construction, not at the first checkpoint after hours of training, when an argument (e.g. an
+        unregistered activation or policy class) cannot be written to an archive."""
+        try:
+            self._constructor_arguments()
+        except TypeError as error:
+            warnings.warn(f"this model cannot be saved (save, checkpoints, best-model callbacks): {error}", stacklevel=3)
+
     def _sampler_rng_states(self) -> dict[str, Any]:
         """The episode-seed streams of the algorithm's samplers (none by default)."""
         return {}
@@ -301,6 +327,7 @@ class SafeAlgorithmMixin(ABC):
         metadata = {
             "algorithm": type(self).__name__,
             "package_version": _package_version(),
+            "system_info": _system_info(),
             "hyperparameters": self._constructor_arguments(),
             "policy_class": encode_value(self.policy_class, "policy_class")["__class__"],  # type: ignore[attr-defined]
             "observation_space": encode_space(self.observation_space),
@@ -353,10 +380,15 @@ class SafeAlgorithmMixin(ABC):
             the model builds, from an id, a task or a distribution, has ``n_envs`` envs, the saved number unless
             given here)
         :param device: torch device
-        :param custom_objects: constructor arguments to replace (as SB3's; same as ``kwargs``)
+        :param custom_objects: constructor arguments to replace (as SB3's; names that are not constructor
+            arguments, e.g. the RL Zoo's ``lr_schedule``, are ignored with a warning, as SB3 ignores names the
+            archive does not hold)
+        :param print_system_info: print this system's and the saved model's OS, Python and package versions (as SB3)
         :param kwargs: constructor arguments to replace, e.g. ``n_steps=100``
         """
         metadata, tensors = read_archive(path, "cpu")
+        if print_system_info:
+            _print_system_info(metadata.get("system_info"))
         algorithm = metadata.get("algorithm")
         if algorithm != cls.__name__:
             raise ArchiveError(
@@ -380,10 +412,20 @@ class SafeAlgorithmMixin(ABC):
         accepted = set(inspect.signature(cls.__init__).parameters) - set(_NOT_SAVED)
         if not isinstance(arguments, dict) or not set(arguments) <= accepted:
             raise ArchiveError(f"{path}: the metadata names constructor arguments {cls.__name__} does not have")
-        overrides = {**(custom_objects or {}), **kwargs}
-        unknown = sorted(set(overrides) - accepted)
+        if custom_objects is not None and not isinstance(custom_objects, Mapping):
+            raise TypeError(f"custom_objects must be a dict of constructor arguments, got {type(custom_objects).__name__}")
+        unknown = sorted(set(kwargs) - accepted)
         if unknown:
             raise ValueError(f"{cls.__name__}.load: unknown arguments {unknown}; it accepts {sorted(accepted)}")
+        # custom_objects replace saved values and, as in SB3, names the archive does not hold are ignored (e.g. the
+        # RL Zoo's lr_schedule and clip_range)
+        ignored = sorted(set(custom_objects or {}) - accepted)
+        if ignored:
+            warnings.warn(
+                f"{cls.__name__}.load: custom_objects {ignored} are not arguments of {cls.__name__}: ignored", stacklevel=2
+            )
+        custom = {key: value for key, value in (custom_objects or {}).items() if key in accepted}
+        overrides = {**custom, **kwargs}
         try:
             model = cls(policy_class, None, device=device, _init_setup_model=False, **{**arguments, **overrides})  # type: ignore[call-arg]
         except (TypeError, ValueError, OverflowError) as error:

@@ -78,7 +78,12 @@ def _register_defaults() -> None:
     from sb3_metacpo.common.flat_adam import FlatAdam
     from sb3_metacpo.common.policies import CPOPolicy
 
-    activations = (th.nn.Tanh, th.nn.ReLU, th.nn.ELU, th.nn.LeakyReLU, th.nn.SiLU, th.nn.GELU, th.nn.Sigmoid)
+    # torch's activations without parameters or random draws, all element-wise (what CPOPolicy accepts)
+    activation_names = (
+        "Tanh ReLU ELU LeakyReLU SiLU GELU Sigmoid Softplus Mish SELU CELU ReLU6 Hardtanh Hardswish Hardsigmoid "
+        "Softsign Tanhshrink LogSigmoid Hardshrink Softshrink Identity"
+    )
+    activations = tuple(getattr(th.nn, name) for name in activation_names.split())
     optimizers = (FlatAdam, th.optim.Adam, th.optim.AdamW, th.optim.SGD, th.optim.RMSprop)
     vec_envs = (DummyVecEnv, LeanDummyVecEnv, SubprocVecEnv, ReportingSubprocVecEnv)
     for cls in (CPOPolicy, FlattenExtractor, *vec_envs, *activations, *optimizers):
@@ -187,9 +192,19 @@ def check_rng_state(state: Any, torch_state: Any) -> None:
 
 
 # --- archives ---------------------------------------------------------------------------------------------------
+def _checked_path(path: Any) -> str | os.PathLike[str]:
+    """``path`` if it is a path (a ``TypeError`` saying what is accepted otherwise, e.g. for a file object)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(
+            f"save and load take a path (str or os.PathLike), got {type(path).__name__}: archives are written "
+            "atomically to a file, not to a file object; save to a temporary file and copy its bytes instead"
+        )
+    return path
+
+
 def archive_path(path: str | os.PathLike[str]) -> Path:
     """``path`` with SB3's ``.zip`` suffix added when it has none."""
-    path = Path(path)
+    path = Path(_checked_path(path))
     return path if path.suffix else path.with_suffix(".zip")
 
 
@@ -234,7 +249,7 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def read_archive(path: str | os.PathLike[str], device: th.device | str = "cpu") -> tuple[dict[str, Any], dict[str, Any]]:
     """The metadata and tensors of an archive, after checking that it holds exactly the two members of the format,
     that the metadata is JSON of this format and that the tensors load with ``weights_only=True``."""
-    path = Path(path)
+    path = Path(_checked_path(path))
     if not path.exists() and archive_path(path).exists():
         path = archive_path(path)
     if not path.exists():

@@ -224,6 +224,7 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):  # type: igno
         if _init_setup_model:
             self._validate_hyperparameters()
             self._setup_model()
+            self._warn_if_not_savable()
 
     # --- set-up -----------------------------------------------------------------------------------------------
     def _validate_hyperparameters(self) -> None:
@@ -299,13 +300,18 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):  # type: igno
 
     def set_env(self, env: SafeEnv, force_reset: bool = True) -> None:  # type: ignore[override]
         """Train on ``env`` from now on: anything the constructor accepts, including a task of the training family
-        (fine-tuning on one task is how CPO adapts in the benchmark). The number of envs may change. An env that is
-        refused (e.g. other spaces) leaves the model as it was."""
+        (fine-tuning on one task is how CPO adapts in the benchmark). The number of envs may change, with
+        ``force_reset=True`` (the default). An env that is refused (e.g. other spaces) leaves the model as it was."""
         names = ("task_distribution", "task_distribution_name", "task_distribution_params", "env_source", "n_envs")
         before = {name: getattr(self, name) for name in names}
         vec_env: VecEnv | None = None
         try:
             vec_env = self._make_env(env)
+            if not force_reset and self._last_obs is not None and vec_env.num_envs != self.n_envs:
+                raise ValueError(
+                    f"set_env(force_reset=False) with {vec_env.num_envs} envs: the model's last observations are those "
+                    f"of its {self.n_envs} envs, so a different number of envs needs force_reset=True"
+                )
             self.n_envs = vec_env.num_envs
             super().set_env(vec_env, force_reset)
         except BaseException:

@@ -260,6 +260,7 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):  # type: igno
         if _init_setup_model:
             self._validate_hyperparameters()
             self._setup_model()
+            self._warn_if_not_savable()
 
     # --- set-up -----------------------------------------------------------------------------------------------
     def _validate_hyperparameters(self) -> None:
