@@ -109,8 +109,9 @@ CASES: list[Case] = [
     _hyper(
         "MetaCPO", "outer_target_kl='0.01'", ValueError, "outer_target_kl must be a finite number > 0", outer_target_kl="0.01"
     ),
-    _hyper("MetaCPO", "cg_damping=inf", ValueError, "cg_damping must be a finite number >= 0", cg_damping=np.inf),
-    _hyper("MetaCPO", "cg_damping=-1", ValueError, "cg_damping must be a finite number >= 0", cg_damping=-1.0),
+    _hyper("MetaCPO", "cg_damping=inf", ValueError, r"cg_damping must be a number in \[0, 1e6\]", cg_damping=np.inf),
+    _hyper("MetaCPO", "cg_damping=-1", ValueError, r"cg_damping must be a number in \[0, 1e6\]", cg_damping=-1.0),
+    _hyper("MetaCPO", "cg_damping=1e39", ValueError, "larger ones overflow float32 Fisher products", cg_damping=1e39),
     _hyper("MetaCPO", "cg_max_steps=0", ValueError, "cg_max_steps must be a positive integer", cg_max_steps=0),
     _hyper(
         "MetaCPO",
@@ -212,7 +213,20 @@ CASES: list[Case] = [
         r"meta_constraint_alpha must be in \(0, 1\]",
         meta_constraint_alpha=0.0,
     ),
-    _hyper("MetaCPO", "cost_confidence=-1", ValueError, "cost_confidence must be a finite number >= 0", cost_confidence=-1.0),
+    _hyper(
+        "MetaCPO", "cost_confidence=-1", ValueError, r"cost_confidence must be a number in \[0, 1e6\]", cost_confidence=-1.0
+    ),
+    _hyper(
+        "MetaCPO", "cost_confidence=1e40", ValueError, r"cost_confidence must be a number in \[0, 1e6\]", cost_confidence=1e40
+    ),
+    _hyper("MetaCPO", "cost_limit=1e300", ValueError, "must be at most 1e\\+30 \\(larger limits overflow", cost_limit=1e300),
+    _hyper(
+        "MetaCPO",
+        "policy_kwargs log_std_init=100",
+        ValueError,
+        r"log_std_init must be a number in \(-44.36, 44.36\)",
+        policy_kwargs=dict(log_std_init=100.0),
+    ),
     _hyper("MetaCPO", "n_envs=0", ValueError, "n_envs must be a positive integer or None", n_envs=0),
     _hyper("MetaCPO", "fvp_sample_freq=0", ValueError, "fvp_sample_freq must be a positive integer", fvp_sample_freq=0),
     _hyper(

@@ -404,3 +404,20 @@ def test_many_episodes_ending_together_with_a_small_stats_window():
     model = CPO("MlpPolicy", "Toy2DNav", n_envs=3, n_steps=100, stats_window_size=1, seed=0, policy_kwargs=dict(net_arch=[8]))
     model.learn(300)
     assert len(model.ep_info_buffer) == 1 and "c" in model.ep_info_buffer[0] and "episode_costs" in model.ep_info_buffer[0]
+
+
+def test_a_refused_constructor_closes_the_envs_it_built():
+    """A bad hyperparameter was reported after n_envs SubprocVecEnv workers had started, which stayed alive."""
+    closed = []
+
+    class Recording(DummyVecEnv):
+        def close(self):
+            closed.append(True)
+            super().close()
+
+    with pytest.raises(ValueError, match=r"gae_lambda must be in \[0, 1\]"):
+        CPO("MlpPolicy", "Toy2DNav", n_envs=2, vec_env_cls=Recording, gae_lambda=1.5)
+    assert closed == [True]
+    env = gym.wrappers.TimeLimit(costly_bandit(), 10)  # the user's own env is left open
+    with pytest.raises(ValueError, match="n_envs must be a positive integer, got 0"):
+        CPO("MlpPolicy", env, n_envs=0)

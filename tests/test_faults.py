@@ -276,3 +276,40 @@ def test_opposing_satisfied_constraints_do_not_raise(solver: str) -> None:
         result = constrained_step(g, A, b, fvp, StepConfig(target_kl=0.01, dual_solver=solver), search)
         assert th.isfinite(result.step).all()
         assert bool((b + A @ result.step <= 1e-9).all()), (values, result.case, result.rejection)
+
+
+@pytest.mark.parametrize("dtype", [th.float32, th.float64])
+def test_representable_std_is_where_the_variance_and_its_inverse_are_finite(dtype: th.dtype) -> None:
+    from sb3_metacpo.common.cpo_update import representable_std
+
+    bound = th.tensor(math.log(th.finfo(dtype).max) / 2, dtype=dtype)
+    for x in (th.nextafter(bound, th.tensor(0.0, dtype=dtype)), th.tensor(0.0, dtype=dtype), th.tensor(-3.5, dtype=dtype)):
+        for log_std in (x, -x):
+            variance, inverse = (2 * log_std).exp(), (-2 * log_std).exp()
+            assert representable_std(log_std.reshape(1))
+            assert bool(th.isfinite(variance) & th.isfinite(inverse) & (variance > 0) & (inverse > 0))
+    outside = th.nextafter(bound, th.tensor(math.inf, dtype=dtype)) * 1.001
+    for log_std in (outside, -outside):
+        assert not representable_std(log_std.reshape(1))
+        assert not bool(th.isfinite((2 * log_std.abs()).exp()))
+
+
+@pytest.mark.parametrize("algo", ["CPO", "MetaCPO"])
+def test_a_step_to_a_std_beyond_float32_is_rejected_not_taken(algo: str) -> None:
+    """A huge trust region: one accepted step put log_std near 9448 (the KL of an infinite variance looked finite), and
+    every later update was skipped as non-finite, silently. Now such candidates fail the line search."""
+    import gymnasium as gym
+    from bandits import costly_bandit
+
+    from sb3_metacpo.common.cpo_update import representable_std
+
+    if algo == "CPO":
+        env = gym.wrappers.TimeLimit(costly_bandit(), 10)
+        model: Any = CPO("MlpPolicy", env, n_steps=50, seed=0, target_kl=1e8, policy_kwargs=dict(net_arch=[8]))
+        model.learn(300)
+    else:
+        toy = make_task_distribution("Toy2DNav", seed=0, max_episode_steps=20)
+        model = MetaCPO("MlpPolicy", toy, meta_batch_size=2, n_steps=40, seed=0, inner_target_kl=1e8, outer_target_kl=1e8)
+        model.learn(320)
+    log_std = model.policy.actor_params()["log_std"]
+    assert representable_std(log_std) and bool(th.isfinite(log_std).all())

@@ -2,6 +2,7 @@
 
 import csv
 import math
+import warnings
 
 import gymnasium as gym
 import numpy as np
@@ -397,3 +398,16 @@ def test_a_critic_learning_rate_given_to_load_takes_effect(tmp_path):
     loaded = MetaCPO.load(model.save(tmp_path / "model"), critic_learning_rate=1e-5)
     loaded.learn(400, reset_num_timesteps=False)
     assert loaded.policy.optimizer.param_groups[0]["lr"] == 1e-5
+
+
+def test_a_batch_shorter_than_an_episode_is_warned_about():
+    """Each collect starts fresh episodes: with n_steps below the episode length no batch ever completes one."""
+    short = make_task_distribution("Toy2DNav", seed=0)  # 100-step episodes
+    with pytest.warns(UserWarning, match=r"n_steps=20 gives each env 20 steps per batch, fewer than an episode"):
+        MetaCPO("MlpPolicy", short, meta_batch_size=2, n_steps=20, seed=0)
+    with pytest.warns(UserWarning, match=r"n_steps=150 gives each env 75 steps per batch"):
+        MetaCPO("MlpPolicy", short, meta_batch_size=2, n_envs=4, n_steps=150, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MetaCPO("MlpPolicy", short, meta_batch_size=2, n_steps=100, seed=0)
+        MetaCPO("MlpPolicy", short, meta_batch_size=4, n_envs=2, n_steps=100, seed=0)

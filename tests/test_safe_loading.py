@@ -347,3 +347,16 @@ def test_load_takes_sb3_and_rl_zoo_arguments_as_sb3_does(tmp_path, capsys):
     for call in (lambda: model.save(io.BytesIO()), lambda: CPO.load(io.BytesIO(path.read_bytes()))):
         with pytest.raises(TypeError, match=r"save and load take a path \(str or os.PathLike\), got BytesIO"):
             call()
+
+
+def test_load_refuses_policy_kwargs_other_than_the_saved_ones(tmp_path):
+    """Another net_arch was reported as a corrupt archive; another activation (same shapes) was accepted, and the
+    loaded model acted differently from the saved one."""
+    from sb3_metacpo.common.safe_algorithm import LoadArgumentError
+
+    model = MetaCPO("MlpPolicy", toy(), **{**SMALL, "policy_kwargs": dict(net_arch=[8])})
+    path = model.save(tmp_path / "model")
+    for other in (dict(net_arch=[16]), dict(net_arch=[8], activation_fn=th.nn.ReLU)):
+        with pytest.raises(LoadArgumentError, match="differ from the saved model's"):
+            MetaCPO.load(path, policy_kwargs=other)
+    MetaCPO.load(path, policy_kwargs=dict(net_arch=(8,)))  # the same (a tuple is saved as a list)

@@ -149,9 +149,15 @@ def check_cpo_step_hyperparameters(model: Any) -> None:
     )
     value = model.line_search_max_iter
     check(is_int(value) and value >= 0, f"line_search_max_iter must be an integer >= 0, got {value!r}")
+    # The steps are computed in the policy's float32: larger values overflow it and every update is skipped
     check(
-        is_real(model.cg_damping) and model.cg_damping >= 0,
-        f"cg_damping must be a finite number >= 0, got {model.cg_damping!r}",
+        is_real(model.cg_damping) and 0 <= model.cg_damping <= 1e6,
+        f"cg_damping must be a number in [0, 1e6] (larger ones overflow float32 Fisher products), got {model.cg_damping!r}",
+    )
+    confidence = model.cost_confidence
+    check(
+        is_real(confidence) and 0 <= confidence <= 1e6,
+        f"cost_confidence must be a number in [0, 1e6] (standard errors of margin), got {confidence!r}",
     )
     check(is_real(model.gamma) and 0 < model.gamma <= 1, f"gamma must be in (0, 1], got {model.gamma!r}")
     check(is_real(model.cost_gamma) and 0 < model.cost_gamma <= 1, f"cost_gamma must be in (0, 1], got {model.cost_gamma!r}")

@@ -97,6 +97,14 @@ def gaussian_kl(mean_p: th.Tensor, log_std_p: th.Tensor, mean_q: th.Tensor, log_
     return (log_std_q - log_std_p + (var_p + (mean_p - mean_q) ** 2) / (2 * var_q) - 0.5).sum(-1)
 
 
+def representable_std(log_std: th.Tensor) -> bool:
+    """Whether the variances exp(2·log_std) and their inverses are finite and non-zero in ``log_std``'s dtype (in
+    float32, |log_std| < 44.36): outside, the Gaussian's density, KL and Fisher products are inf or NaN, and a
+    policy there can never be updated again (a line search rejects such candidates)."""
+    bound = math.log(th.finfo(log_std.dtype).max) / 2
+    return bool((log_std.detach().abs() < bound).all())
+
+
 def flatten(params: Params) -> th.Tensor:
     return th.cat([value.reshape(-1) for value in params.values()])
 
@@ -275,7 +283,8 @@ def kl_and_surrogates(
     mean, log_std = actor(batch.observations, params)
     kl = gaussian_kl(*reference, mean, log_std).mean()
     reward, costs = surrogates(actor, params, batch)
-    return float(kl), float(reward), costs.tolist()
+    # a std beyond the dtype's range: its KL can look finite (an infinite variance divides to 0), the policy is lost
+    return float(kl) if representable_std(log_std) else math.inf, float(reward), costs.tolist()
 
 
 def cpo_update(

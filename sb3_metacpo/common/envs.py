@@ -291,7 +291,10 @@ def make_safe_vec_env(
         factory = EnvFactory(distribution=env)
     elif isinstance(env, Task):
         if distribution is None:
-            raise ValueError(f"a {type(env).__name__} needs its TaskDistribution to build its env")
+            raise ValueError(
+                f"a {type(env).__name__} needs its TaskDistribution to build its env: build the model on the family "
+                "(the TaskDistribution or its registered name), then call set_env(task) to train on this task"
+            )
         distribution.validate_task(env)
         factory = EnvFactory(distribution=distribution, task=env)
     elif isinstance(env, str):

@@ -41,6 +41,8 @@ _NUMPY_ACTIVATIONS: dict[type[nn.Module], Callable[[np.ndarray], np.ndarray]] = 
     nn.Tanh: np.tanh,
     nn.ReLU: _relu,
 }
+#: |log_std| below this keeps exp(±2·log_std), the variance and its inverse, finite in float32
+LOG_STD_BOUND = math.log(float(np.finfo(np.float32).max)) / 2
 #: Noise draws per env and refill of :class:`BoundActor` (a block of draws is the same stream as single draws).
 _NOISE_BLOCK = 64
 
@@ -292,8 +294,11 @@ class CPOPolicy(ActorCriticPolicy):
         if not _positive_number(clip_observations):
             raise ValueError(f"clip_observations must be a number > 0 (inf: no clipping), got {clip_observations!r}")
         log_std_init = kwargs.get("log_std_init", 0.0)
-        if not _finite_real(log_std_init):
-            raise ValueError(f"log_std_init must be a finite number (the actor's initial log-std), got {log_std_init!r}")
+        if not (_finite_real(log_std_init) and abs(log_std_init) < LOG_STD_BOUND):
+            raise ValueError(
+                f"log_std_init must be a number in (-{LOG_STD_BOUND:.2f}, {LOG_STD_BOUND:.2f}) (the actor's initial "
+                f"log-std; beyond it the variance or its inverse overflows float32), got {log_std_init!r}"
+            )
         self.normalize_observations = bool(normalize_observations)
         self.clip_observations = clip_observations
         if not isinstance(n_costs, int) or n_costs < 1:

@@ -426,6 +426,17 @@ class SafeAlgorithmMixin(ABC):
             )
         custom = {key: value for key, value in (custom_objects or {}).items() if key in accepted}
         overrides = {**custom, **kwargs}
+        if "policy_kwargs" in overrides:  # as SB3: the saved parameters are those of the saved network
+            try:
+                given = encode_value(overrides["policy_kwargs"] or {}, "policy_kwargs")
+            except TypeError as error:
+                raise LoadArgumentError(f"{cls.__name__}.load: invalid arguments ['policy_kwargs']: {error}") from error
+            stored = metadata["hyperparameters"].get("policy_kwargs") or {}
+            if given != stored:
+                raise LoadArgumentError(
+                    f"{cls.__name__}.load: policy_kwargs {given} differ from the saved model's {stored}: its parameters "
+                    "belong to that network (leave policy_kwargs out)"
+                )
         try:
             model = cls(policy_class, None, device=device, _init_setup_model=False, **{**arguments, **overrides})  # type: ignore[call-arg]
         except (TypeError, ValueError, OverflowError) as error:

@@ -187,48 +187,55 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):  # type: igno
         self.adaptation_history: list[dict[str, Any]] = []
         self._adaptation_sampler_cache: RolloutSampler | None = None
         vec_env = None if env is None else self._make_env(env)
-        super().__init__(
-            policy,
-            vec_env,  # type: ignore[arg-type]
-            learning_rate=learning_rate,
-            n_steps=n_steps,
-            gamma=gamma,
-            gae_lambda=gae_lambda,
-            ent_coef=0.0,
-            vf_coef=0.0,
-            max_grad_norm=0.0,
-            use_sde=False,
-            sde_sample_freq=-1,
-            stats_window_size=stats_window_size,
-            tensorboard_log=tensorboard_log,
-            policy_kwargs=policy_kwargs,
-            verbose=verbose,
-            seed=seed,
-            device=device,
-            _init_setup_model=False,
-            supported_action_spaces=(gym.spaces.Box,),
-        )
-        self.batch_size = batch_size
-        self.cost_gamma = cost_gamma
-        self.target_kl = target_kl
-        self.cost_limit = cost_limit
-        self.cg_max_steps = cg_max_steps
-        self.cg_damping = cg_damping
-        self.fvp_sample_freq = fvp_sample_freq
-        self.line_search_max_iter = line_search_max_iter
-        self.line_search_shrinking_factor = line_search_shrinking_factor
-        self.dual_solver = dual_solver
-        self.cost_confidence = cost_confidence
-        self.recovery = recovery
-        self.n_critic_updates = n_critic_updates
-        if _init_setup_model:
-            self._validate_hyperparameters()
-            self._setup_model()
-            self._warn_if_not_savable()
+        try:  # a refused argument closes again the envs built from an id, a family or a task
+            super().__init__(
+                policy,
+                vec_env,  # type: ignore[arg-type]
+                learning_rate=learning_rate,
+                n_steps=n_steps,
+                gamma=gamma,
+                gae_lambda=gae_lambda,
+                ent_coef=0.0,
+                vf_coef=0.0,
+                max_grad_norm=0.0,
+                use_sde=False,
+                sde_sample_freq=-1,
+                stats_window_size=stats_window_size,
+                tensorboard_log=tensorboard_log,
+                policy_kwargs=policy_kwargs,
+                verbose=verbose,
+                seed=seed,
+                device=device,
+                _init_setup_model=False,
+                supported_action_spaces=(gym.spaces.Box,),
+            )
+            self.batch_size = batch_size
+            self.cost_gamma = cost_gamma
+            self.target_kl = target_kl
+            self.cost_limit = cost_limit
+            self.cg_max_steps = cg_max_steps
+            self.cg_damping = cg_damping
+            self.fvp_sample_freq = fvp_sample_freq
+            self.line_search_max_iter = line_search_max_iter
+            self.line_search_shrinking_factor = line_search_shrinking_factor
+            self.dual_solver = dual_solver
+            self.cost_confidence = cost_confidence
+            self.recovery = recovery
+            self.n_critic_updates = n_critic_updates
+            if _init_setup_model:
+                self._validate_hyperparameters()
+                self._setup_model()
+                self._warn_if_not_savable()
+        except BaseException:
+            if vec_env is not None and not isinstance(env, (VecEnv, gym.Env)):
+                vec_env.close()
+            raise
 
     # --- set-up -----------------------------------------------------------------------------------------------
     def _validate_hyperparameters(self) -> None:
-        check_positive_ints(self, "batch_size", "n_critic_updates", "n_envs_requested")
+        check_positive_ints(self, "batch_size", "n_critic_updates")
+        n_envs = self.n_envs_requested
+        check(is_int(n_envs) and n_envs >= 1, f"n_envs must be a positive integer, got {n_envs!r}")
         check(
             is_int(self.n_steps) and self.n_steps >= 2,
             f"n_steps must be an integer >= 2 (env steps per env per update), got {self.n_steps!r}",
@@ -239,10 +246,6 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):  # type: igno
             f"learning_rate must be >= 0 (a finite number or a schedule), got {self.learning_rate!r}",
         )
         check_cpo_step_hyperparameters(self)
-        check(
-            is_real(self.cost_confidence) and self.cost_confidence >= 0,
-            f"cost_confidence must be a finite number >= 0, got {self.cost_confidence!r}",
-        )
         self._check_constraints()
         as_python_scalars(self, *_NUMERIC_HYPERPARAMETERS)
 
@@ -299,7 +302,7 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):  # type: igno
         return result
 
     def set_env(self, env: SafeEnv, force_reset: bool = True) -> None:  # type: ignore[override]
-        """Train on ``env`` from now on: anything the constructor accepts, including a task of the training family
+        """Train on ``env`` from now on: anything the constructor accepts, or a task of the model's family
         (fine-tuning on one task is how CPO adapts in the benchmark). The number of envs may change, with
         ``force_reset=True`` (the default). An env that is refused (e.g. other spaces) leaves the model as it was."""
         names = ("task_distribution", "task_distribution_name", "task_distribution_params", "env_source", "n_envs")

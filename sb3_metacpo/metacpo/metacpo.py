@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import time
 import warnings
@@ -42,11 +43,12 @@ from sb3_metacpo.common.cpo_update import (
     detached,
     gaussian_kl,
     prepare_batch,
+    representable_std,
 )
 from sb3_metacpo.common.policies import CPOPolicy
 from sb3_metacpo.common.profiling import phase
 from sb3_metacpo.common.ray_sampler import RaySampler, RemoteEnvs, check_ray_sampler_options, import_ray
-from sb3_metacpo.common.rollouts import CollectionStopped, RolloutSampler, Sampler, TaskBatch, VecStep
+from sb3_metacpo.common.rollouts import CollectionStopped, RolloutSampler, Sampler, TaskBatch, VecStep, round_plan
 from sb3_metacpo.common.safe_algorithm import SafeAlgorithmMixin
 from sb3_metacpo.common.threads import with_limited_blas_threads
 from sb3_metacpo.metacpo.meta_objective import META_CONSTRAINT_MODES, MetaObjective, MetaValue, TaskAdaptation
@@ -261,6 +263,7 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):  # type: igno
             self._validate_hyperparameters()
             self._setup_model()
             self._warn_if_not_savable()
+            self._warn_if_no_episode_completes()
 
     # --- set-up -----------------------------------------------------------------------------------------------
     def _validate_hyperparameters(self) -> None:
@@ -282,8 +285,6 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):  # type: igno
         check(self.critic in ("linear", "mlp"), f"critic must be 'linear' or 'mlp', got {self.critic!r}")
         alpha = self.meta_constraint_alpha
         check(is_real(alpha) and 0 < alpha <= 1, f"meta_constraint_alpha must be in (0, 1], got {alpha!r}")
-        confidence = self.cost_confidence
-        check(is_real(confidence) and confidence >= 0, f"cost_confidence must be a finite number >= 0, got {confidence!r}")
         check(
             self.n_envs_requested is None or (is_int(self.n_envs_requested) and self.n_envs_requested >= 1),
             f"n_envs must be a positive integer or None, got {self.n_envs_requested!r}",
@@ -365,6 +366,22 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):  # type: igno
 
     def _excluded_save_params(self) -> list[str]:
         return [*super()._excluded_save_params(), "task_distribution", "sampler", "_adaptation_sampler_cache"]
+
+    def _warn_if_no_episode_completes(self) -> None:
+        """Every batch starts fresh episodes: with fewer steps per env than an episode, none completes."""
+        distribution = self._get_task_distribution()
+        if distribution is None:
+            return
+        n_envs = self.n_envs_requested or self.meta_batch_size
+        horizon = round_plan(self.meta_batch_size, n_envs, self.n_steps)[0][2]  # the longest of a collect's rounds
+        if horizon < distribution.max_episode_steps:
+            warnings.warn(
+                f"n_steps={self.n_steps} gives each env {horizon} steps per batch, fewer than an episode of "
+                f"{distribution.name} ({distribution.max_episode_steps} steps): no batch completes an episode, so "
+                f"meta-training sees only the first {horizon} steps of each and J_C is their mean step cost times the "
+                "episode length; size n_steps in whole episodes per env",
+                stacklevel=3,
+            )
 
     def _get_sampler(self) -> Sampler:
         if self.sampler is None:
@@ -593,9 +610,11 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):  # type: igno
             reference = self._actor(pre_observations, start)
 
         def evaluate(step: th.Tensor) -> tuple[float, float, list[float]]:
+            mean, log_std = self._actor(pre_observations, add_flat(start, step))
+            if not representable_std(log_std):  # rejected: no policy update could ever leave such a std again
+                return math.inf, math.nan, [math.nan] * len(value.cost_surrogates)
             # with the live value's CVaR tasks: the line search adds L(candidate) − L(θ) to b(θ), task for task
             candidate = objective.value(objective.stages_at(start, step), selection=value.selection)
-            mean, log_std = self._actor(pre_observations, add_flat(start, step))
             kl = float(gaussian_kl(*reference, mean, log_std).mean())
             return kl, float(candidate.reward), candidate.cost_surrogates.tolist()
 
