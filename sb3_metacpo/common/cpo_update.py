@@ -99,7 +99,7 @@ def gaussian_kl(mean_p: th.Tensor, log_std_p: th.Tensor, mean_q: th.Tensor, log_
 
 def representable_std(log_std: th.Tensor) -> bool:
     """Whether the variances exp(2·log_std) and their inverses are finite and non-zero in ``log_std``'s dtype (in
-    float32, |log_std| < 44.36): outside, the Gaussian's density, KL and Fisher products are inf or NaN, and a
+    float32, ``abs(log_std) < 44.36``): outside, the Gaussian's density, KL and Fisher products are inf or NaN, and a
     policy there can never be updated again (a line search rejects such candidates)."""
     bound = math.log(th.finfo(log_std.dtype).max) / 2
     return bool((log_std.detach().abs() < bound).all())

@@ -41,7 +41,7 @@ _NUMPY_ACTIVATIONS: dict[type[nn.Module], Callable[[np.ndarray], np.ndarray]] = 
     nn.Tanh: np.tanh,
     nn.ReLU: _relu,
 }
-#: |log_std| below this keeps exp(±2·log_std), the variance and its inverse, finite in float32
+#: ``abs(log_std)`` below this keeps exp(±2·log_std), the variance and its inverse, finite in float32
 LOG_STD_BOUND = math.log(float(np.finfo(np.float32).max)) / 2
 #: Noise draws per env and refill of :class:`BoundActor` (a block of draws is the same stream as single draws).
 _NOISE_BLOCK = 64
