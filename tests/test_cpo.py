@@ -421,3 +421,28 @@ def test_a_refused_constructor_closes_the_envs_it_built():
     env = gym.wrappers.TimeLimit(costly_bandit(), 10)  # the user's own env is left open
     with pytest.raises(ValueError, match="n_envs must be a positive integer, got 0"):
         CPO("MlpPolicy", env, n_envs=0)
+
+
+def test_a_save_inside_adapt_describes_the_training_envs(tmp_path):
+    """While adapting, the model's env is the adaptation's (for SB3's callbacks): a checkpoint saved by a callback
+    there must still hold the training envs' streams, or a resume from it continues the wrong envs."""
+    import json
+    import zipfile
+
+    model = CPO("MlpPolicy", "Toy2DNav", n_envs=2, n_steps=50, seed=0, policy_kwargs=dict(net_arch=[8]))
+    model.learn(100)
+    before = model.save(tmp_path / "before")
+
+    class SaveOnce(BaseCallback):
+        def _on_step(self) -> bool:
+            if self.n_calls == 1:
+                self.model.save(tmp_path / "inside")
+            return True
+
+    model.adapt("Toy2DNav", n_updates=1, n_steps=50, callback=SaveOnce())
+
+    def sampler_states(path):
+        with zipfile.ZipFile(path) as archive:
+            return json.loads(archive.read("metadata.json"))["rng"]["samplers"]
+
+    assert sampler_states(before)["envs"] and sampler_states(tmp_path / "inside.zip") == sampler_states(before)

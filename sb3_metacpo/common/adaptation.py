@@ -108,6 +108,8 @@ class AdaptationMixin(ABC):
     _adaptation_sampler_cache: RolloutSampler | None
     env: VecEnv | None
     num_timesteps: int
+    #: the model's own env while :meth:`adapt` shows the adaptation's as ``env`` (what a save inside it describes)
+    _training_env: VecEnv | None = None
 
     # Provided by the algorithm.
     constraints: CostConstraints
@@ -179,7 +181,7 @@ class AdaptationMixin(ABC):
         history_before = list(self.adaptation_history)
         # While it adapts, the model's env is the adaptation's, whose steps the callbacks are shown: SB3's callbacks
         # read it (training_env) at every step, e.g. StopTrainingOnMaxEpisodes counts episodes per env of it
-        training_env = self.env
+        training_env = self._training_env = self.env
         self.env = sampler.vec_env
         try:
             callbacks: BaseCallback = self._init_callback(callback, progress_bar=False)  # type: ignore[attr-defined]
@@ -199,7 +201,7 @@ class AdaptationMixin(ABC):
             self.adaptation_history = history_before
             raise
         finally:
-            self.env = training_env
+            self.env, self._training_env = training_env, None
         self.adapted_params = adapted
         self.policy.set_actor_override(adapted)
         return self

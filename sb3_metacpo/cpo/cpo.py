@@ -499,8 +499,9 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):  # type: igno
         """For envs of a task family: each env's episode-seed stream, its task stream when it draws a task per
         episode, and the episode in flight (its seed and task), so that a resumed run restarts that episode and then
         continues the streams instead of drawing the first episodes of ``seed`` again. None for other envs (ids,
-        env objects), whose random state is their own."""
-        env = self.env
+        env objects), whose random state is their own. A save inside :meth:`adapt` (a callback's) describes the
+        training envs, not the adaptation's."""
+        env = self.env if self._training_env is None else self._training_env
         if env is None or not all(env.env_is_wrapped(TaskEnv)):
             return {}
         in_flight = env.get_attr("episode_seed")
