@@ -215,7 +215,11 @@ def _save(fig: Figure, path: str | Path | None, plt: Any) -> Figure:
 
 # --- adaptation curves -------------------------------------------------------------------------------------------
 def load_records(source: str | Path | Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Adaptation records (see the module docstring) from a CSV file or an iterable of dicts, checked and typed."""
+    """Adaptation records (see the module docstring) from a CSV file or an iterable of dicts, checked and typed.
+
+    :param source: a CSV file written by :func:`write_records` (or the CLI), or the records as dicts
+    :return: the records, with ``update`` an int and ``return``, ``cost`` (and ``cost_limit``) floats
+    """
     if isinstance(source, (str, Path)):
         with open(source, newline="") as handle:
             rows: list[dict[str, Any]] = list(csv.DictReader(handle))
@@ -246,7 +250,12 @@ def load_records(source: str | Path | Iterable[Mapping[str, Any]]) -> list[dict[
 
 
 def write_records(records: Iterable[Mapping[str, Any]], path: str | Path) -> Path:
-    """Write adaptation records as CSV (the columns of the first record, the record columns first)."""
+    """Write adaptation records as CSV (the columns of the first record, the record columns first).
+
+    :param records: adaptation records (dicts with at least :data:`RECORD_COLUMNS`)
+    :param path: the CSV file to write (its folder is created)
+    :return: ``path``
+    """
     rows = [dict(r) for r in records]
     columns = list(RECORD_COLUMNS) + [c for c in rows[0] if c not in RECORD_COLUMNS] if rows else list(RECORD_COLUMNS)
     path = Path(path)
@@ -262,7 +271,13 @@ def records_from_history(
     history: Sequence[Mapping[str, Any]], method: str, task: Any = 0, seed: Any = 0
 ) -> list[dict[str, Any]]:
     """Records from a MetaCPO/MetaTRPO ``adaptation_history`` (one entry per update k, whose ``ep_rew_mean`` and
-    ``ep_cost_mean`` are those of the batch collected *before* update k, i.e. by the policy after k - 1 updates)."""
+    ``ep_cost_mean`` are those of the batch collected *before* update k, i.e. by the policy after k - 1 updates).
+
+    :param history: a model's ``adaptation_history``
+    :param method: the records' ``method`` label
+    :param task: the records' ``task`` label
+    :param seed: the records' ``seed`` label
+    """
     return [
         {
             "method": method,
@@ -288,6 +303,7 @@ def plot_adaptation_curves(
     :param records: adaptation records (list of dicts or a CSV file, see the module docstring)
     :param path: where to save the figure (PNG); None: only return it
     :param cost_limit: the limit to draw (default: the records' ``cost_limit``)
+    :param title: the figure's title (None: none)
     """
     plt = _pyplot()
     rows = load_records(records)
@@ -341,6 +357,7 @@ def record_frames(
 ) -> list[np.ndarray]:
     """Frames of one episode of ``model`` (anything with SB3's ``predict``) on ``env``, resized and labelled.
 
+    :param model: what acts (its ``predict``; an adapted model acts with its adapted parameters)
     :param env: an env made with ``render_mode="rgb_array"``
     :param seed: the episode's reset seed (None: continue the env's stream)
     :param max_steps: stop after this many steps (default: the end of the episode)
@@ -385,7 +402,13 @@ def _frame(image: Any, size: int, label: str | None, Image: Any, ImageDraw: Any)
 
 def save_gif(frames: Sequence[np.ndarray] | Mapping[str, Sequence[np.ndarray]], path: str | Path, fps: float = 10.0) -> Path:
     """Write frames as a looping GIF at ``fps`` frames per second; a mapping of frame lists is drawn side by side
-    (shorter ones hold their last frame)."""
+    (shorter ones hold their last frame).
+
+    :param frames: a list of frames (RGB arrays of one size), or label -> list of frames for side-by-side panels
+    :param path: the GIF file to write (its folder is created)
+    :param fps: frames per second
+    :return: ``path``
+    """
     Image, _ = _imaging()
     panels = list(frames.values()) if isinstance(frames, Mapping) else [frames]
     if not panels or any(len(panel) == 0 for panel in panels):
@@ -401,7 +424,15 @@ def save_gif(frames: Sequence[np.ndarray] | Mapping[str, Sequence[np.ndarray]], 
 
 
 def policy_gif(model: Any, env: gym.Env, path: str | Path, fps: float = 10.0, **kwargs: Any) -> Path:
-    """One episode of ``model`` on ``env`` as a GIF (``kwargs`` go to :func:`record_frames`)."""
+    """One episode of ``model`` on ``env`` as a GIF.
+
+    :param model: what acts (its ``predict``)
+    :param env: an env made with ``render_mode="rgb_array"``
+    :param path: the GIF file to write
+    :param fps: frames per second
+    :param kwargs: arguments of :func:`record_frames` (``seed``, ``max_steps``, ``every``, ``size``, ...)
+    :return: ``path``
+    """
     return save_gif(record_frames(model, env, **kwargs), path, fps)
 
 
@@ -417,6 +448,8 @@ def side_by_side_gif(
     :param models: label -> model (e.g. ``{"MetaCPO": adapted_meta_cpo, "CPO": cpo}``)
     :param env: an env made with ``render_mode="rgb_array"``, or a function making one (called once per model; the
         envs it makes are closed)
+    :param path: the GIF file to write
+    :param fps: frames per second
     :param kwargs: arguments of :func:`record_frames` (``seed``, ``max_steps``, ``every``, ``size``, ...); with
         ``seed=None`` one seed is drawn for all the panels
     """

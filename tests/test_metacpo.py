@@ -235,6 +235,41 @@ def test_meta_eval_callback_logs_meta_test(tmp_path):
     assert all(row["meta_test/ep_rew_mean_0"] and row["meta_test/ep_cost_mean_1"] for row in rows)
 
 
+def test_meta_eval_callback_passes_deterministic_and_target_kl_to_meta_evaluate(monkeypatch):
+    """The callbacks page offered deterministic=True for both callbacks; MetaEvalCallback refused it."""
+    dist = toy()
+    model = MetaCPO("MlpPolicy", dist, **SMALL)
+    seen = []
+    real = evaluation_module.meta_evaluate
+
+    def recording(*args, **kwargs):
+        seen.append((kwargs["deterministic"], kwargs["target_kl"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation_module, "meta_evaluate", recording)
+    callback = MetaEvalCallback(dist.test_tasks(1), eval_freq=1, n_updates=0, n_eval_episodes=1, deterministic=True)
+    model.learn(400, callback=callback)
+    callback = MetaEvalCallback(dist.test_tasks(1), eval_freq=1, n_updates=1, n_steps=100, target_kl=0.05)
+    model.learn(400, callback=callback)
+    assert seen == [(True, None), (False, 0.05)]
+    with pytest.raises(ValueError, match="deterministic must be True or False"):
+        MetaEvalCallback(dist.test_tasks(1), deterministic="yes")
+
+
+def test_the_total_cost_is_logged_before_and_after_adaptation_when_only_named_costs_are_limited(tmp_path):
+    """With a cost_limit mapping only the per-name keys were logged: the learning-curve plot lost its cost curve
+    after adaptation."""
+    dist = make_task_distribution("Toy2DNav", seed=0, max_episode_steps=50, speed_limit=1.0)
+    model = MetaCPO("MlpPolicy", dist, **{**SMALL, "cost_limit": {"cost_hazards": 5.0}})
+    model.set_logger(configure(str(tmp_path), ["csv"]))
+    model.learn(400)
+    (row,) = read_log(tmp_path)
+    for stage in ("pre", "post"):
+        total, hazards = float(row[f"meta/{stage}_adapt_ep_cost_mean"]), float(row[f"meta/{stage}_adapt_ep_cost_hazards_mean"])
+        assert np.isfinite(total) and total >= hazards  # the total sums the hazards and the speed costs
+    assert "meta/cost_limit" not in row and float(row["meta/cost_limit_cost_hazards"]) == 5.0
+
+
 def test_meta_eval_callback_does_not_evaluate_a_resumed_models_starting_point_again():
     dist = toy()
     model = MetaCPO("MlpPolicy", dist, **SMALL)
@@ -283,7 +318,7 @@ def test_meta_eval_callback_counts_a_task_under_the_limits_only_when_every_cost_
     tasks = dist.test_tasks(2)
     named = [{"cost_hazards": 3.0, "cost_speed": 1.0}, {"cost_hazards": 1.0, "cost_speed": 3.0}]
 
-    def evaluate(model, tasks, n_updates, n_steps, n_eval_episodes, deterministic=False):
+    def evaluate(model, tasks, n_updates, n_steps, n_eval_episodes, deterministic=False, target_kl=None):
         return [
             AdaptationRecord(task, k, 1.0, 4.0, 1, ep_costs=costs)
             for task, costs in zip(tasks, named, strict=True)

@@ -395,7 +395,9 @@ def test_a_cost_name_a_plain_env_never_reports_is_an_error_before_any_update():
     reports = {"cost": 1.0, "cost_hazards": 1.0}
     env = gym.wrappers.TimeLimit(Bandit(lambda a: 0.0, lambda a: reports), 200)
     model = CPO("MlpPolicy", env, n_steps=50, cost_limit={"cost_hazard": 5.0}, seed=0, policy_kwargs=dict(net_arch=[8]))
-    with pytest.raises(KeyError, match=r"no env reported \['cost_hazard'\] in its info at any of the rollout's 50 steps"):
+    expected = r"no env reported \['cost_hazard'\] in its info at any of the rollout's 50 steps \(envs \[0\]; at the "
+    expected += r"last step they reported \['cost', 'cost_hazards'\]\)"
+    with pytest.raises(KeyError, match=expected):
         model.learn(150)
     assert model._n_updates == 0
     CPO("MlpPolicy", env, n_steps=50, cost_limit={"cost_hazards": 5.0}, seed=0, policy_kwargs=dict(net_arch=[8])).learn(100)

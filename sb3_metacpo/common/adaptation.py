@@ -293,6 +293,10 @@ class AdaptationMixin(ABC):
         """Episode reward and cost of the actor at ``params`` over at least ``n_episodes`` fresh episodes (the
         stochastic policy by default: its cost is what the CPO updates constrain).
 
+        :param env: what :meth:`adapt` takes (an env, a VecEnv, a task of the model's family or a family name)
+        :param params: actor parameters, e.g. from :meth:`adaptation_steps` or ``policy.actor_params()``
+        :param n_episodes: the least number of completed episodes (each env of a VecEnv runs whole episodes)
+        :param deterministic: act with the mean action instead of sampling
         :param seed: evaluate on the episodes of this seed (a fresh env stream: every model given the same seed sees
             the same start states); None: for a task of the model's family, the model's own adaptation stream goes
             on (new start states); for an env object, the env is seeded with the model's seed at every call, so the

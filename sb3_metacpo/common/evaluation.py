@@ -16,7 +16,13 @@ from stable_baselines3.common.vec_env import VecEnv
 from tqdm.auto import tqdm
 
 from sb3_metacpo.common.adaptation import Adaptable
-from sb3_metacpo.common.checks import check, check_adaptation_arguments, check_meta_evaluation_arguments, is_int
+from sb3_metacpo.common.checks import (
+    check,
+    check_adaptation_arguments,
+    check_meta_evaluation_arguments,
+    is_bool,
+    is_int,
+)
 from sb3_metacpo.common.constraints import CostConstraints
 from sb3_metacpo.common.envs import make_safe_vec_env
 from sb3_metacpo.tasks.base import Task
@@ -132,6 +138,16 @@ def meta_evaluate(
     its cost is what the CPO updates constrain. ``n_updates``, ``n_steps`` and ``target_kl`` (the adaptation
     updates' trust region) are those of :meth:`~sb3_metacpo.common.adaptation.AdaptationMixin.adapt` (None: the
     model's own): give every method of a comparison the same ones.
+
+    :param model: the algorithm to adapt and evaluate
+    :param tasks: tasks of the model's family
+    :param n_updates: adaptation updates per task (None: the model's own)
+    :param n_steps: env steps per adaptation update (None: the model's ``n_steps``)
+    :param n_eval_episodes: evaluation episodes per task and stage
+    :param deterministic: evaluate the mean action instead of the stochastic policy
+    :param progress_bar: show a progress bar over the tasks
+    :param target_kl: the adaptation updates' trust region (None: the model's own)
+    :return: one record per task and stage (k = 0 .. n_updates), in task order
     """
     tasks = list(tasks)
     check_meta_evaluation_arguments(tasks, n_updates, n_steps, n_eval_episodes)  # before any adaptation changes the model
@@ -172,6 +188,15 @@ class MetaEvalCallback(BaseCallback):
     cost against its own limit) after the last update. As SB3's ``EvalCallback``, each evaluation is written to the
     logger's outputs (CSV, TensorBoard...) at once, at the model's current timestep (so the one at the end of
     training is written too).
+
+    :param tasks: held-out tasks of the model's family
+    :param eval_freq: evaluate every ``eval_freq`` meta-iterations (updates, for CPO)
+    :param n_updates: adaptation updates per task (None: the model's own, as :meth:`adapt`'s)
+    :param n_steps: env steps per adaptation update (None: the model's ``n_steps``)
+    :param n_eval_episodes: evaluation episodes per task and stage
+    :param deterministic: evaluate the mean action instead of the stochastic policy (whose cost CPO constrains)
+    :param target_kl: the adaptation updates' trust region (None: the model's own, as :meth:`adapt`'s)
+    :param verbose: SB3's verbosity
     """
 
     def __init__(
@@ -182,18 +207,24 @@ class MetaEvalCallback(BaseCallback):
         n_steps: int | None = None,
         n_eval_episodes: int = 5,
         verbose: int = 0,
+        deterministic: bool = False,
+        target_kl: float | None = None,
     ) -> None:
         super().__init__(verbose)
         tasks = list(tasks)
         check_meta_evaluation_arguments(tasks, n_updates, n_steps, n_eval_episodes)
+        check_adaptation_arguments(None, None, target_kl)
         check(
             is_int(eval_freq) and eval_freq >= 1, f"eval_freq must be a positive integer (meta-iterations), got {eval_freq!r}"
         )
+        check(is_bool(deterministic), f"deterministic must be True or False, got {deterministic!r}")
         self.tasks = tasks
         self.eval_freq = int(eval_freq)
         self.n_updates = n_updates
         self.n_steps = n_steps
         self.n_eval_episodes = int(n_eval_episodes)
+        self.deterministic = bool(deterministic)
+        self.target_kl = target_kl
         self.history: list[list[AdaptationRecord]] = []
         self._last_evaluated = 0
 
@@ -220,7 +251,15 @@ class MetaEvalCallback(BaseCallback):
         """Meta-evaluate now and record the results in the logger."""
         model, constraints = adaptable_model(self.model)
         with th.random.fork_rng(devices=[]):  # the actors' noise seeds: training's torch stream stays as it was
-            records = meta_evaluate(model, self.tasks, self.n_updates, self.n_steps, self.n_eval_episodes)
+            records = meta_evaluate(
+                model,
+                self.tasks,
+                self.n_updates,
+                self.n_steps,
+                self.n_eval_episodes,
+                deterministic=self.deterministic,
+                target_kl=self.target_kl,
+            )
         self.history.append(records)
         last = max(record.n_updates for record in records)
         for k in range(last + 1):

@@ -23,7 +23,7 @@ from sb3_metacpo.common.advantages import episode_steps
 from sb3_metacpo.common.envs import EnvFactory, EnvWorkerError, reporting_vec_env_cls
 from sb3_metacpo.common.policies import NumpyActor
 from sb3_metacpo.tasks.base import Task, TaskDistribution
-from sb3_metacpo.tasks.monitor import TOTAL_COST, cost_number, episode_cost
+from sb3_metacpo.tasks.monitor import TOTAL_COST, cost_number, episode_cost, is_cost_key
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
@@ -156,6 +156,7 @@ class RolloutStorage:
         # per cost name and env: the steps whose info lacked the name (a name missing at every step of every env of a
         # batch is an error there, before any update: a misspelled cost_limit name on a plain env)
         self.cost_missing = np.zeros((len(self.cost_names), n_envs), dtype=np.int64)
+        self._last_infos: Sequence[dict[str, Any]] = []
 
     def add(
         self,
@@ -178,6 +179,7 @@ class RolloutStorage:
             _check_finite(t, "observation", self.observations[t])
         _check_finite(t, "reward", self.rewards[t])
         _check_finite(t, "next observation", self.next_observations[t])
+        self._last_infos = infos  # what the envs report, for batch()'s error
         ended = []
         for index, info in enumerate(infos):
             for column, name in enumerate(self.cost_names):
@@ -245,10 +247,13 @@ class RolloutStorage:
         never = (self.cost_missing[:, columns] == len(self.rewards)).all(axis=1)
         if never.any():
             names = [name for name, missing in zip(self.cost_names, never, strict=True) if missing]
+            indices = np.arange(self.rewards.shape[1])[columns]
+            infos = self._last_infos
+            reported = sorted({key for i in indices if i < len(infos) for key in infos[i] if is_cost_key(key)})
             raise KeyError(
-                f"no env reported {names} in its info at any of the rollout's {len(self.rewards)} steps: cost_limit "
-                "may name only costs the envs report (safety-gymnasium's: 'cost' and 'cost_<type>', e.g. "
-                "'cost_hazards'); nothing was updated"
+                f"no env reported {names} in its info at any of the rollout's {len(self.rewards)} steps (envs "
+                f"{indices.tolist()}; at the last step they reported {reported}): cost_limit may name only costs the "
+                "envs report (safety-gymnasium's: 'cost' and 'cost_<type>', e.g. 'cost_hazards'); nothing was updated"
             )
         dones = self.terminated[:, columns] | self.truncated[:, columns]
         steps = episode_steps(dones)

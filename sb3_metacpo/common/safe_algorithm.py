@@ -375,6 +375,7 @@ class SafeAlgorithmMixin(ABC):
         ``torch.load(weights_only=True)``, classes from the registry of allowed classes. An archive of another
         algorithm, of SB3's pickling format, or holding anything else is refused with an ``ArchiveError``.
 
+        :param path: the archive (``.zip`` is added when the path has no suffix and the file without it is absent)
         :param env: what to train or adapt on from now on (MetaCPO: a task distribution; CPO: any env it accepts; a
             VecEnv or env object brings its own number of envs, which may differ from the saved model's, an env
             the model builds, from an id, a task or a distribution, has ``n_envs`` envs, the saved number unless
@@ -384,6 +385,8 @@ class SafeAlgorithmMixin(ABC):
             arguments, e.g. the RL Zoo's ``lr_schedule``, are ignored with a warning, as SB3 ignores names the
             archive does not hold)
         :param print_system_info: print this system's and the saved model's OS, Python and package versions (as SB3)
+        :param force_reset: SB3's: reset the given env before training (CPO; a MetaCPO batch always starts fresh
+            episodes, so MetaCPO ignores it)
         :param kwargs: constructor arguments to replace, e.g. ``n_steps=100``
         """
         metadata, tensors = read_archive(path, "cpu")

@@ -76,10 +76,11 @@ __all__ = ["CPO", "DEFAULT_COST_LIMIT"]
 class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):  # type: ignore[misc]
     """Constrained Policy Optimization: trust-region policy steps that keep the expected episode cost under a limit.
 
-    Every update solves CPO's convex program (the shared step of :mod:`sb3_metacpo.common.cpo_step`: the TRPO step
-    when the whole trust region is feasible, the dual solution when the constraint binds, a pure cost-decreasing
-    recovery step when it cannot be met) with a backtracking line search. The reward and cost critics are MLPs
-    trained by regression on GAE lambda-returns after each update.
+    Every update solves CPO's convex program (the shared step,
+    :func:`~sb3_metacpo.common.constrained_step.constrained_step`: the TRPO step when the whole trust region is
+    feasible, the dual solution when the constraint binds, a pure cost-decreasing recovery step when it cannot be met)
+    with a backtracking line search. The reward and cost critics are MLPs trained by regression on GAE lambda-returns
+    after each update.
 
     ``env`` may be a single env (a gymnasium env, a VecEnv of :class:`~sb3_metacpo.tasks.monitor.CostMonitor`-
     wrapped envs, or an id such as ``"SafetyPointGoal1Gymnasium-v0"``) or a task distribution (a

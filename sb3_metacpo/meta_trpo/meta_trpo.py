@@ -16,7 +16,8 @@ class MetaTRPO(MetaCPO):
 
     The cost is still measured and logged (``rollout/ep_cost_mean``, ``meta/*_cost_mean``) against ``cost_limit``,
     but it never constrains an update: this is the unconstrained baseline of the Meta-CPO paper. The arguments are
-    those of :class:`MetaCPO`; the cost-specific ones (``dual_solver``, ``cost_gamma``) have no effect on the updates.
+    those of :class:`MetaCPO`; the cost-specific ones (``dual_solver``, ``cost_gamma``, ``cost_confidence``,
+    ``recovery``, ``meta_constraint``, ``meta_constraint_alpha``) have no effect on the updates.
     """
 
     _constrained: ClassVar[bool] = False

@@ -53,6 +53,7 @@ from sb3_metacpo.common.safe_algorithm import SafeAlgorithmMixin
 from sb3_metacpo.common.threads import with_limited_blas_threads
 from sb3_metacpo.metacpo.meta_objective import META_CONSTRAINT_MODES, MetaObjective, MetaValue, TaskAdaptation
 from sb3_metacpo.tasks.base import Task, TaskDistribution, make_task_distribution
+from sb3_metacpo.tasks.monitor import TOTAL_COST
 
 SelfMetaCPO = TypeVar("SelfMetaCPO", bound="MetaCPO")
 #: Numeric constructor arguments (numpy scalars are turned into Python numbers once validated).
@@ -566,7 +567,7 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):  # type: igno
         with phase("critic_training"):
             self._update_statistics(raw_batches, adaptations)
         self._n_updates += 1
-        self._log_iteration(adaptations, value, result, objective.constraint_names)
+        self._log_iteration(adaptations, raw_batches, value, result, objective.constraint_names)
         return True
 
     def _adapt_to_tasks(
@@ -653,7 +654,12 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):  # type: igno
         self.logger.record("train/value_loss", loss)
 
     def _log_iteration(
-        self, adaptations: Sequence[TaskAdaptation], value: MetaValue, result: StepResult, names: Sequence[str]
+        self,
+        adaptations: Sequence[TaskAdaptation],
+        raw_batches: Sequence[TaskBatch],
+        value: MetaValue,
+        result: StepResult,
+        names: Sequence[str],
     ) -> None:
         record = self.logger.record
         constraints = self.constraints
@@ -661,6 +667,11 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):  # type: igno
         post = [adaptation.batches[-1] for adaptation in adaptations]
         record("meta/pre_adapt_ep_rew_mean", float(np.mean([b.episode_reward for b in pre])))
         record("meta/post_adapt_ep_rew_mean", float(np.mean([b.episode_reward for b in post])))
+        if TOTAL_COST not in constraints.names:  # the total cost too, as rollout/ep_cost_mean (unconstrained here)
+            n_tasks = len(adaptations)  # raw_batches: stage after stage, the tasks in order
+            for key, batches in (("pre", raw_batches[:n_tasks]), ("post", raw_batches[-n_tasks:])):
+                task_means = [float(np.mean(batch.episode_costs)) for batch in batches if batch.episodes]
+                record(f"meta/{key}_adapt_ep_cost_mean", float(np.mean(task_means)) if task_means else float("nan"))
         for index, name in enumerate(constraints.names):
             suffix = constraints.log_suffix(index)
             record(f"meta/pre_adapt_ep_{name}_mean", float(np.mean([b.episode_costs[index] for b in pre])))
