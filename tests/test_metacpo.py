@@ -446,3 +446,12 @@ def test_a_batch_shorter_than_an_episode_is_warned_about():
         warnings.simplefilter("error")
         MetaCPO("MlpPolicy", short, meta_batch_size=2, n_steps=100, seed=0)
         MetaCPO("MlpPolicy", short, meta_batch_size=4, n_envs=2, n_steps=100, seed=0)
+
+
+def test_n_envs_is_known_before_the_first_learn():
+    """SB3's n_envs was missing (AttributeError) until learn built the sampler."""
+    assert MetaCPO("MlpPolicy", toy(), **SMALL).n_envs == 2
+    model = MetaCPO("MlpPolicy", toy(), **{**SMALL, "n_envs": 4})
+    assert model.n_envs == 4
+    model.learn(400)
+    assert model.n_envs == 4 and model.get_env().num_envs == 4

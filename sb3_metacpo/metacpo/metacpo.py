@@ -355,6 +355,7 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):  # type: igno
         self._get_task_distribution()
         self._setup_lr_schedule()
         self.set_random_seed(self.seed)
+        self.n_envs = self.n_envs_requested or self.meta_batch_size  # the sampler's, built at the first learn
         self.policy_kwargs = {**self.policy_kwargs, "n_costs": len(self.constraints)}
         self.policy = self.policy_class(  # type: ignore[assignment]
             self.observation_space, self.action_space, self.lr_schedule, **self.policy_kwargs
