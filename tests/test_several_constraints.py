@@ -151,6 +151,45 @@ def test_recovery_minimises_the_largest_violation(m, solver):
         torch.testing.assert_close(result.x, x_ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("c", [0.7, 1.0, 1.6])
+def test_recovery_with_exactly_opposed_cost_gradients_minimises_the_largest_violation(solver, c):
+    """a₂ = −c·a₁ with both violated: no step decreases both, so the optimum of the recovery program lies inside the
+    trust region (where the two normalised violations are equal), not on its boundary as in the generic case."""
+    gen = torch.Generator().manual_seed(5)
+    g, a1, a3 = (torch.randn(N, generator=gen, dtype=DTYPE) for _ in range(3))
+    A = torch.stack([a1, -c * a1, a3])
+    _, _, _, _, S = terms(g, A)
+    scale = torch.sqrt(2 * DELTA * torch.diagonal(S))
+    b = torch.tensor([0.3, 0.5, -0.4], dtype=DTYPE) * scale
+    assert primal(g, A, b) is None
+    v, W, q, r, S = terms(g, A)
+    result = cpo_direction(v, W, q, r, S, b, DELTA, solver=solver)
+    assert result.case == "recovery"
+    _, worst_ref = minimax(A, b, S)
+    worst = float(((b + A @ result.x) / scale).max())
+    # The exact solver's binding set {1, 2} has a singular Gram matrix here (its Cholesky jitter, 1e-11, leaves the
+    # closed form 9e-6 above the optimum, 0.4); the layers solve the convex program itself
+    assert worst == pytest.approx(worst_ref, abs=1e-4 if solver == "analytic" else 1e-6)
+    assert 0.5 * result.x @ H @ result.x <= DELTA * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("m", [2, 3])
+@pytest.mark.parametrize("kind", ["binding", "mixed"])
+def test_a_non_symmetric_S_as_conjugate_gradient_gives_it_is_solved_by_its_symmetric_part(m, kind):
+    """Inexact conjugate gradient gives S = A·Wᵀ with W ≈ H⁻¹Aᵀ, not exactly symmetric; the subproblem's quadratic
+    forms see only the symmetric part, so a 5 % antisymmetric error must leave the step the primal's."""
+    g, A, b = instance(m, kind, seed=10 * m + len(kind))
+    x_ref, _, _ = primal(g, A, b)
+    v, W, q, r, S = terms(g, A)
+    gen = torch.Generator().manual_seed(m)
+    E = torch.randn(m, m, generator=gen, dtype=DTYPE)
+    E = 0.05 * float(S.abs().max()) * (E - E.T)
+    for solver in SOLVERS:
+        result = cpo_direction(v, W, q, r, S + E, b, DELTA, solver=solver)
+        torch.testing.assert_close(result.x, x_ref, rtol=1e-6, atol=1e-6 * float(x_ref.abs().max()))
+
+
 @pytest.mark.parametrize("m", [1, 2, 3])
 @pytest.mark.parametrize("kind", ["binding", "mixed", "satisfied"])
 def test_a_zero_recovery_margin_takes_the_recovery_step_whenever_a_constraint_is_violated(m, kind):
