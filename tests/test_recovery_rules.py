@@ -83,6 +83,30 @@ def test_the_outer_margins_aggregate_over_tasks_as_the_constraint_values(mode):
     assert objective.value([task.stages for task in tasks]).recovery_margins is None
 
 
+@pytest.mark.parametrize("alpha, n_worst", [(0.3, 2), (0.25, 1), (0.6, 3), (1.0, 4)])
+def test_the_cvar_averages_the_ceiling_of_alpha_m_worst_tasks(alpha, n_worst):
+    """stages_cvar: the constraint of each stage is the mean over the ⌈αM⌉ tasks with the largest constraint values
+    (at least one), written out from the tasks' own values."""
+    policy = make_policy()
+    theta = {name: value.detach().clone() for name, value in policy.actor_params().items()}
+    rng = np.random.default_rng(2)
+    tasks = [
+        TaskAdaptation(
+            stages=[theta, theta],
+            batches=[make_batch(policy, theta, 10 * t + k, rng.normal(0, 0.1)) for k in range(2)],
+            fractions=[0.0],
+        )
+        for t in range(4)
+    ]
+    objective = MetaObjective(
+        policy.actor_mean_log_std, tasks, None, second_order=False, fisher=None, mode="stages_cvar", cvar_alpha=alpha
+    )  # type: ignore[arg-type]
+    value = objective.value([task.stages for task in tasks])
+    for k in range(2):
+        values = np.sort([task.batches[k].constraint[0] for task in tasks])[::-1]
+        assert float(value.constraints[k]) == pytest.approx(values[:n_worst].mean(), rel=1e-12)
+
+
 def test_a_margin_switches_the_case_only_above_it():
     v, w = th.tensor([1.0, 0.0], dtype=th.float64), th.tensor([[0.0, 1.0]], dtype=th.float64)
     q, r, S = th.tensor(1.0, dtype=th.float64), th.tensor([0.0], dtype=th.float64), th.tensor([[1.0]], dtype=th.float64)

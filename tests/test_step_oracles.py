@@ -104,7 +104,8 @@ def batch_of(episode_lengths: list[int], episode_costs: list[float], tail: int, 
         t += length
         terminated[t - 1, 0] = True
         costs[t - 1, 0, 0] = cost
-        episodes.append(EpisodeRecord(reward=0.0, cost=cost, length=length, seed=None, terminated=True, costs=(cost,)))
+        reward = float(length) / 2  # a return of its own per episode
+        episodes.append(EpisodeRecord(reward=reward, cost=cost, length=length, seed=None, terminated=True, costs=(cost,)))
     costs[t:, 0, 0] = tail_cost
     observations = rng.normal(size=(steps, 1, 2)).astype(np.float32)
     return TaskBatch(
@@ -136,6 +137,7 @@ def test_constraint_values_of_episodes_of_unequal_lengths(kappa):
     sem = np.std([3.0, 5.0], ddof=1) / math.sqrt(2)  # = 1
     assert prepared.constraint[0] == pytest.approx((4.0 + kappa * sem - 2.0) / 11.0, rel=1e-12)
     assert prepared.episode_costs[0] == pytest.approx(4.0) and prepared.n_episodes == 2
+    assert prepared.episode_reward == pytest.approx((5.0 + 6.0) / 2)  # the mean return of the completed episodes
 
 
 def test_constraint_value_of_a_batch_without_a_completed_episode():
@@ -155,3 +157,28 @@ def test_reward_advantages_are_standardised_and_cost_advantages_centred():
     reward, cost = prepared.reward_advantages, prepared.cost_advantages
     assert abs(float(reward.mean())) < 1e-12 and float(reward.std()) == pytest.approx(1.0, rel=1e-6)
     assert abs(float(cost.mean(0)[0])) < 1e-12 and float(cost.abs().max()) > 0.1  # centred, not rescaled
+
+
+@pytest.mark.parametrize("freq", [1, 3])
+def test_the_fisher_products_of_an_update_use_every_freq_th_sample_from_the_first(freq):
+    """``fvp_sample_freq=k``: the Fisher matrix of the step is that of observations[::k] (all of them for k = 1)."""
+    from sb3_metacpo.common.cpo_update import CPOConfig, cpo_update
+
+    batch = batch_of([10, 12], [3.0, 5.0], tail=8)
+    weight = torch.zeros(2, 2, dtype=DTYPE, requires_grad=True)
+    params = {"weight": weight, "log_std": torch.zeros(2, dtype=DTYPE)}
+
+    def actor(observations, p):
+        return observations.to(DTYPE) @ p["weight"], p["log_std"]
+
+    prepared = prepare_batch(batch, actor, params, None, 0.99, 0.95, [2.0], 50)
+    seen = []
+
+    def fisher(p, observations, damping, graph):
+        seen.append(observations)
+        return lambda v: v + damping * v
+
+    config = CPOConfig(StepConfig(target_kl=0.01), True, 0.1, freq)
+    cpo_update(actor, params, prepared, config, fisher=fisher)
+    (used,) = seen
+    torch.testing.assert_close(used, prepared.observations[::freq])
