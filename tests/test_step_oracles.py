@@ -182,3 +182,13 @@ def test_the_fisher_products_of_an_update_use_every_freq_th_sample_from_the_firs
     cpo_update(actor, params, prepared, config, fisher=fisher)
     (used,) = seen
     torch.testing.assert_close(used, prepared.observations[::freq])
+
+
+def test_the_time_fraction_of_a_step_past_the_episode_length_is_one():
+    """The cost critic's time input is step / episode length, clipped at 1 for steps past the length the algorithm
+    assumes (an env whose episodes outlast it)."""
+    batch = batch_of([30], [1.0], tail=10)
+    prepared = prepare_batch(batch, zero_actor, PARAMS, None, 0.99, 0.95, [2.0], 20)
+    steps = np.concatenate([np.arange(30), np.arange(10)])
+    expected = np.minimum(steps / 20, 1.0)
+    np.testing.assert_allclose(prepared.time_fractions.numpy(), expected)
