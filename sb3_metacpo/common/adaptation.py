@@ -220,7 +220,8 @@ class AdaptationMixin(ABC):
         :attr:`adaptation_history` is rebuilt along the way. Nothing else of the model changes (not even ``predict``).
         ``on_step`` gets every env step (a :class:`~sb3_metacpo.common.rollouts.VecStep`); if it returns False
         the iteration ends after the updates completed so far. ``n_updates``, ``n_steps`` and ``target_kl`` as in
-        :meth:`adapt`.
+        :meth:`adapt`. The arguments are checked and the env is set up at the call, before the first value is asked
+        for.
         """
         check_adaptation_arguments(n_updates, n_steps, target_kl)
         sampler, task = self._adaptation_sampler(env)
