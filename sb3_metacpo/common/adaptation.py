@@ -174,15 +174,12 @@ class AdaptationMixin(ABC):
             ``target_kl``), e.g. one for every method of a comparison
         """
         check_adaptation_arguments(n_updates, n_steps, target_kl)  # before the callbacks start
-        default_updates, default_steps = self._adaptation_defaults()
-        n_updates = default_updates if n_updates is None else int(n_updates)
-        n_steps = default_steps if n_steps is None else int(n_steps)
+        n_updates, n_steps = self._adaptation_sizes(n_updates, n_steps)
         sampler, task = self._adaptation_sampler(env)
         history_before = list(self.adaptation_history)
         # While it adapts, the model's env is the adaptation's, whose steps the callbacks are shown: SB3's callbacks
         # read it (training_env) at every step, e.g. StopTrainingOnMaxEpisodes counts episodes per env of it
-        training_env = self._training_env = self.env
-        self.env = sampler.vec_env
+        self._training_env, self.env = self.env, sampler.vec_env
         try:
             callbacks: BaseCallback = self._init_callback(callback, progress_bar=False)  # type: ignore[attr-defined]
             total_timesteps = self.num_timesteps + n_updates * n_steps  # SB3's callbacks read it in locals()
@@ -201,7 +198,7 @@ class AdaptationMixin(ABC):
             self.adaptation_history = history_before
             raise
         finally:
-            self.env, self._training_env = training_env, None
+            self.env, self._training_env = self._training_env, None
         self.adapted_params = adapted
         self.policy.set_actor_override(adapted)
         return self
@@ -224,35 +221,41 @@ class AdaptationMixin(ABC):
         for.
         """
         check_adaptation_arguments(n_updates, n_steps, target_kl)
+        n_updates, n_steps = self._adaptation_sizes(n_updates, n_steps)
         sampler, task = self._adaptation_sampler(env)
         return self._adaptation_steps(sampler, task, n_updates, n_steps, on_step, target_kl)
+
+    def _adaptation_sizes(self, n_updates: int | None, n_steps: int | None) -> tuple[int, int]:
+        """``n_updates`` and ``n_steps`` of an adaptation, None standing for the algorithm's own."""
+        default_updates, default_steps = self._adaptation_defaults()
+        return (
+            default_updates if n_updates is None else int(n_updates),
+            default_steps if n_steps is None else int(n_steps),
+        )
 
     @with_limited_blas_threads
     def _adaptation_steps(
         self,
         sampler: RolloutSampler,
         task: Task | None,
-        n_updates: int | None,
-        n_steps: int | None,
+        n_updates: int,
+        n_steps: int,
         on_step: OnStep | None,
         target_kl: float | None,
     ) -> Iterator[tuple[int, Params]]:
         """:meth:`adaptation_steps` on the one-env sampler of the env to adapt to (``task``: its task, if any)."""
-        default_updates, default_steps = self._adaptation_defaults()
-        n_updates = default_updates if n_updates is None else n_updates
-        n_steps = default_steps if n_steps is None else n_steps
         # J_C of a batch without a completed episode is its mean step cost times the episode length.
         distribution = self.task_distribution
-        fallback = distribution.max_episode_steps if distribution is not None else int(n_steps)
+        fallback = distribution.max_episode_steps if distribution is not None else n_steps
         episode_length = self._sampler_episode_length(sampler, fallback)
         params = {name: value.detach().clone() for name, value in self.policy.actor_params().items()}
         config = self._adaptation_config(target_kl)
         history: list[dict[str, Any]] = []
         self.adaptation_history = history
         yield 0, params
-        for k in range(1, int(n_updates) + 1):
+        for k in range(1, n_updates + 1):
             try:
-                (batch,) = sampler.collect([task], self._act_fn([params]), int(n_steps), on_step)
+                (batch,) = sampler.collect([task], self._act_fn([params]), n_steps, on_step)
             except CollectionStopped:
                 return
             prepared = self._prepare_adaptation_batch(batch, params, episode_length)

@@ -26,6 +26,7 @@ import torch as th
 from sb3_metacpo.common.advantages import compute_gae, discounted_returns, episode_steps, linear_baseline_values
 from sb3_metacpo.common.conjugate_gradient import fisher_vector_product_fn, flat_grad
 from sb3_metacpo.common.constrained_step import FixedFraction, LineSearch, StepConfig, StepResult, constrained_step
+from sb3_metacpo.common.policies import log_std_bound
 from sb3_metacpo.common.profiling import phase
 from sb3_metacpo.common.rollouts import TaskBatch
 
@@ -101,8 +102,7 @@ def representable_std(log_std: th.Tensor) -> bool:
     """Whether the variances exp(2·log_std) and their inverses are finite and non-zero in ``log_std``'s dtype (in
     float32, ``abs(log_std) < 44.36``): outside, the Gaussian's density, KL and Fisher products are inf or NaN, and a
     policy there can never be updated again (a line search rejects such candidates)."""
-    bound = math.log(th.finfo(log_std.dtype).max) / 2
-    return bool((log_std.detach().abs() < bound).all())
+    return bool((log_std.detach().abs() < log_std_bound(log_std.dtype)).all())
 
 
 def flatten(params: Params) -> th.Tensor:

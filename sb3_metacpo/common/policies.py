@@ -41,8 +41,16 @@ _NUMPY_ACTIVATIONS: dict[type[nn.Module], Callable[[np.ndarray], np.ndarray]] = 
     nn.Tanh: np.tanh,
     nn.ReLU: _relu,
 }
-#: ``abs(log_std)`` below this keeps exp(±2·log_std), the variance and its inverse, finite in float32
-LOG_STD_BOUND = math.log(float(np.finfo(np.float32).max)) / 2
+
+
+def log_std_bound(dtype: th.dtype) -> float:
+    """``abs(log_std)`` below this keeps exp(±2·log_std), the variance and its inverse, finite and non-zero in
+    ``dtype`` (44.36 in float32)."""
+    return math.log(th.finfo(dtype).max) / 2
+
+
+#: the bound of the policy's float32 parameters (``log_std_init`` is checked against it)
+LOG_STD_BOUND = log_std_bound(th.float32)
 #: Noise draws per env and refill of :class:`BoundActor` (a block of draws is the same stream as single draws).
 _NOISE_BLOCK = 64
 

@@ -374,8 +374,7 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):  # type: igno
         distribution = self._get_task_distribution()
         if distribution is None:
             return
-        n_envs = self.n_envs_requested or self.meta_batch_size
-        horizon = round_plan(self.meta_batch_size, n_envs, self.n_steps)[0][2]  # the longest of a collect's rounds
+        horizon = round_plan(self.meta_batch_size, self.n_envs, self.n_steps)[0][2]  # the longest of a collect's rounds
         if horizon < distribution.max_episode_steps:
             warnings.warn(
                 f"n_steps={self.n_steps} gives each env {horizon} steps per batch, fewer than an episode of "
