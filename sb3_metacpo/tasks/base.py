@@ -223,6 +223,13 @@ class TaskDistribution(ABC):
     def _make_base_env(self, task: Task, render_mode: str | None = None) -> gym.Env:
         """Build the raw gymnasium env of ``task`` (5-tuple API, cost in ``info["cost"]``, own time limit)."""
 
+    def _switch_base_env(self, env: gym.Env, task: Task) -> bool:
+        """Switch ``env`` (of :meth:`_make_base_env`) to ``task`` in place, where the family can do so without
+        rebuilding it and with every later episode the same as a rebuilt env's; ``False`` (the default) when it
+        cannot, and :meth:`TaskEnv.set_task <sb3_metacpo.tasks.task_env.TaskEnv.set_task>` builds a new env. The
+        env is reset before its next step either way."""
+        return False
+
     def make_env(self, task: Task, render_mode: str | None = None, monitor_file: str | None = None) -> gym.Env:
         """Build the env of ``task``: the family's env with per-episode seeds and an episode-cost monitor."""
         self.validate_task(task)

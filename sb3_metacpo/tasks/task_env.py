@@ -46,12 +46,16 @@ class TaskEnv(gym.Wrapper):
         self.episode_seed: int | None = None
 
     def set_task(self, task: Task) -> None:
-        """Rebuild the world for ``task`` (a no-op when it is the current task); call ``reset`` afterwards."""
+        """Switch the world to ``task`` (a no-op when it is the current task); call ``reset`` afterwards.
+
+        Families that can switch an env in place do so (e.g. HalfCheetahVelocity, where a task is two numbers of the
+        reward and the cost); the others build the new task's env."""
         if task == self.task:
             return
         self.distribution.validate_task(task)
-        self.env.close()
-        self.env = self.distribution._make_base_env(task, render_mode=self._render_mode)
+        if not self.distribution._switch_base_env(self.env, task):
+            self.env.close()
+            self.env = self.distribution._make_base_env(task, render_mode=self._render_mode)
         self.task = task
 
     def episode_rng_state(self) -> dict[str, Any]:

@@ -12,6 +12,12 @@ from gymnasium.wrappers import TimeLimit
 from sb3_metacpo.tasks.base import ParamRange, Task, TaskDistribution, register_task_distribution
 from sb3_metacpo.tasks.compat import import_safety_gymnasium
 
+SWITCH_IN_PLACE = True
+"""Whether :meth:`TaskEnv.set_task <sb3_metacpo.tasks.task_env.TaskEnv.set_task>` switches a HalfCheetahVelocity env
+to another task by setting its target velocity and velocity threshold, instead of building a new env (~3 ms: the
+MuJoCo model compiled again from its XML, the same model). The episodes are bitwise the same either way
+(``tests/test_velocity_switch.py``); set it to ``False`` to rebuild."""
+
 
 @dataclass(frozen=True, kw_only=True)
 class HalfCheetahVelocityTask(Task):
@@ -32,6 +38,12 @@ def _env_class() -> type:
 
         def __init__(self, target_velocity: float, velocity_threshold: float, **kwargs: Any) -> None:
             super().__init__(**kwargs)
+            self._target_velocity = target_velocity
+            self._velocity_threshold = velocity_threshold
+
+        def set_targets(self, target_velocity: float, velocity_threshold: float) -> None:
+            """Switch to another task of the family: the reward's target and the cost's threshold (nothing else
+            depends on the task)."""
             self._target_velocity = target_velocity
             self._velocity_threshold = velocity_threshold
 
@@ -73,3 +85,11 @@ class HalfCheetahVelocity(TaskDistribution):
         assert isinstance(task, HalfCheetahVelocityTask)
         env = _env_class()(task.target_velocity, task.velocity_threshold, render_mode=render_mode)
         return TimeLimit(SafetyGymnasium2Gymnasium(env), self.max_episode_steps)
+
+    def _switch_base_env(self, env: gym.Env, task: Task) -> bool:
+        assert isinstance(task, HalfCheetahVelocityTask)
+        base: Any = env.unwrapped
+        if not SWITCH_IN_PLACE or type(base) is not _env_class():
+            return False
+        base.set_targets(task.target_velocity, task.velocity_threshold)
+        return True

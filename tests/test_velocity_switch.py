@@ -1,0 +1,92 @@
+"""HalfCheetahVelocity switches tasks in place: episodes bit for bit those of an env built for the task."""
+
+import numpy as np
+import pytest
+
+from sb3_metacpo.tasks import TaskEnv, make_task_distribution, velocity
+from sb3_metacpo.tasks.velocity import HalfCheetahVelocityTask
+
+
+def _episodes(env, seed, n_steps=90):
+    """Observations, rewards, infos and flags of ``n_steps`` seeded random steps from a seeded reset (60-step
+    episodes, so one reset on the way)."""
+    actions = np.random.default_rng(seed).uniform(-1, 1, size=(n_steps, 6)).astype(np.float32)
+    obs, info = env.reset(seed=seed)
+    trace = [obs.tobytes(), sorted(info.items())]
+    for action in actions:
+        obs, reward, terminated, truncated, info = env.step(action)
+        trace += [obs.tobytes(), np.float64(reward).tobytes(), terminated, truncated]
+        trace += [(key, _bits(value)) for key, value in sorted(info.items()) if key != "episode"]
+        if terminated or truncated:
+            obs, info = env.reset()
+            trace += [obs.tobytes(), sorted(info.items())]
+    return trace
+
+
+def _bits(value):
+    """A value of ``info`` as comparable bits (dicts, e.g. ``episode_costs``, entry by entry)."""
+    if isinstance(value, dict):
+        return sorted((key, _bits(item)) for key, item in value.items())
+    array = np.asarray(value)
+    return array.dtype.str, array.tobytes()
+
+
+def _task_env(env):
+    task_env = env.env.env  # CostMonitor -> EpisodeCostRecorder -> TaskEnv
+    assert isinstance(task_env, TaskEnv)
+    return task_env
+
+
+def test_switch_in_place_gives_the_built_envs_episodes():
+    dist = make_task_distribution("HalfCheetahVelocity", max_episode_steps=60)
+    tasks = [*dist.sample(3, np.random.default_rng(0)), *dist.test_tasks(1)]
+    switched = dist.make_env(tasks[0])
+    base = switched.unwrapped
+    _episodes(switched, 11, n_steps=25)  # the switch comes mid-episode: the reset after it starts afresh
+    for seed, task in enumerate(tasks[1:]):
+        _task_env(switched).set_task(task)
+        assert switched.unwrapped is base  # switched in place, not rebuilt
+        built = dist.make_env(task)
+        assert _episodes(switched, seed) == _episodes(built, seed)
+        # the task's reward and cost, not the first task's
+        assert (built.unwrapped._target_velocity, built.unwrapped._velocity_threshold) == (
+            task.target_velocity,
+            task.velocity_threshold,
+        )
+        assert (base._target_velocity, base._velocity_threshold) == (task.target_velocity, task.velocity_threshold)
+        built.close()
+    switched.close()
+
+
+def test_switch_in_place_can_be_turned_off(monkeypatch):
+    monkeypatch.setattr(velocity, "SWITCH_IN_PLACE", False)
+    dist = make_task_distribution("HalfCheetahVelocity", max_episode_steps=60)
+    task_a, task_b = dist.sample(2, np.random.default_rng(1))
+    env = dist.make_env(task_a)
+    base = env.unwrapped
+    _task_env(env).set_task(task_b)
+    assert env.unwrapped is not base  # rebuilt
+    built = dist.make_env(task_b)
+    assert _episodes(env, 3) == _episodes(built, 3)
+    env.close()
+    built.close()
+
+
+@pytest.mark.parametrize("switch_in_place", [True, False])
+def test_rewards_and_costs_follow_the_new_task(monkeypatch, switch_in_place):
+    """An independent check of the switched env's reward and cost: the task's formulas on the step's velocity."""
+    monkeypatch.setattr(velocity, "SWITCH_IN_PLACE", switch_in_place)
+    dist = make_task_distribution("HalfCheetahVelocity", max_episode_steps=60)
+    task_a = HalfCheetahVelocityTask(target_velocity=4.0, velocity_threshold=5.0)
+    task_b = HalfCheetahVelocityTask(target_velocity=0.5, velocity_threshold=0.1)
+    env = dist.make_env(task_a)
+    _task_env(env).set_task(task_b)
+    env.reset(seed=4)
+    costs = []
+    for action in np.random.default_rng(4).uniform(-1, 1, size=(60, 6)).astype(np.float32):
+        _, reward, _, _, info = env.step(action)
+        assert reward == -abs(info["x_velocity"] - task_b.target_velocity) + info["reward_ctrl"]
+        assert info["cost"] == float(info["x_velocity"] > task_b.velocity_threshold)
+        costs.append(info["cost"])
+    assert 0 < sum(costs) < len(costs)  # the new threshold is crossed, and not at every step
+    env.close()
