@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import gymnasium as gym
 from gymnasium.wrappers import TimeLimit
@@ -88,8 +88,8 @@ class HalfCheetahVelocity(TaskDistribution):
 
     def _switch_base_env(self, env: gym.Env, task: Task) -> bool:
         assert isinstance(task, HalfCheetahVelocityTask)
-        base: Any = env.unwrapped
+        base = env.unwrapped
         if not SWITCH_IN_PLACE or type(base) is not _env_class():
             return False
-        base.set_targets(task.target_velocity, task.velocity_threshold)
+        cast(Any, base).set_targets(task.target_velocity, task.velocity_threshold)
         return True
