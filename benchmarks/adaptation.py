@@ -215,6 +215,46 @@ def wilson(successes: int, n: int) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def two_way_bootstrap_means(matrix: np.ndarray, n_resamples: int, rng: np.random.Generator) -> np.ndarray:
+    """Bootstrap replicates of the mean of a (seeds, tasks) matrix, resampling the seeds (rows) and the tasks
+    (columns) with replacement, independently: ``n_resamples`` means of ``matrix[seeds][:, tasks]``.
+
+    Their variance is ``S_seeds / n_seeds + S_tasks / n_tasks + S_interaction / (n_seeds * n_tasks)`` (the population
+    variances of the two-way decomposition's row effects, column effects and residuals), so task-to-task spread widens
+    the interval where a t-interval over seeds of the task means ignores it."""
+    matrix = np.asarray(matrix, dtype=np.float64)
+    if matrix.ndim != 2 or 0 in matrix.shape:
+        raise ValueError(f"need a non-empty (seeds, tasks) matrix, got shape {matrix.shape}")
+    n_seeds, n_tasks = matrix.shape
+    seeds = rng.integers(n_seeds, size=(n_resamples, n_seeds))
+    tasks = rng.integers(n_tasks, size=(n_resamples, n_tasks))
+    return matrix[seeds[:, :, None], tasks[:, None, :]].mean(axis=(1, 2))
+
+
+def seeds_tasks_interval(matrix: np.ndarray, n_resamples: int = 10_000, seed: int = 0) -> tuple[float, float]:
+    """95 % percentile interval of the mean of a (seeds, tasks) matrix under :func:`two_way_bootstrap_means` (a fixed
+    ``seed``: a table's intervals are the same at every summary)."""
+    replicates = two_way_bootstrap_means(matrix, n_resamples, np.random.default_rng(seed))
+    low, high = np.percentile(replicates, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def seeds_tasks_cell(cell: list[dict[str, Any]]) -> str:
+    """The seeds × tasks interval of a table cell's cost and share under the limit, or "" when the cell is not a full
+    grid (a seed without every task)."""
+    seeds, tasks = sorted({r["seed"] for r in cell}), sorted({r["task"] for r in cell})
+    if len(cell) != len(seeds) * len(tasks) or len(seeds) < 2 or len(tasks) < 2:
+        return ""
+    cost, under = np.full((len(seeds), len(tasks)), np.nan), np.full((len(seeds), len(tasks)), np.nan)
+    for r in cell:
+        i, j = seeds.index(r["seed"]), tasks.index(r["task"])
+        cost[i, j], under[i, j] = r["cost"], float(r["cost"] <= r["cost_limit"])
+    if np.isnan(cost).any():
+        return ""
+    (cost_low, cost_high), (under_low, under_high) = seeds_tasks_interval(cost), seeds_tasks_interval(under)
+    return f"{cost_low:.2f}–{cost_high:.2f}; {under_low:.2f}–{under_high:.2f}"
+
+
 def summarise(rows: list[dict[str, Any]], training: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
     methods = list(dict.fromkeys(row["method"] for row in rows))
     settings = getattr(args, "cpo_adaptation", None)
@@ -237,8 +277,11 @@ def summarise(rows: list[dict[str, Any]], training: dict[str, dict[str, Any]], a
         "Return and cost: mean over seeds of the task means, ± the 95 % t-interval over seeds. Paid: the mean episode "
         "cost of the batch each update was computed from (what a user pays while adapting). Under: share of "
         "task-seed pairs whose evaluation cost is at or under the limit, with its 95 % Wilson interval (which treats "
-        "the pairs as independent: every seed adapts to the same tasks, so an interval that also resamples the "
-        "tasks is wider).",
+        "the pairs as independent: every seed adapts to the same tasks). Seeds × tasks: 95 % intervals of the mean "
+        "cost and of the share under the limit from a bootstrap that resamples the seeds and the tasks (10,000 "
+        "resamples, percentile interval), so that they also cover the spread between tasks; with few seeds and tasks "
+        "a percentile bootstrap is still too narrow rather than too wide, and a share of 1 (or 0) gives 1.00–1.00: "
+        "it cannot see failures that did not occur (read the Wilson interval there).",
         "",
         "| method | env steps | policy updates | train s |",
         "|---|---|---|---|",
@@ -252,8 +295,8 @@ def summarise(rows: list[dict[str, Any]], training: dict[str, dict[str, Any]], a
             "",
             f"## {set_name} tasks",
             "",
-            "| method | updates | return | cost | paid while adapting | under the limit |",
-            "|---|---|---|---|---|---|",
+            "| method | updates | return | cost | paid while adapting | under the limit | seeds × tasks: cost; under |",
+            "|---|---|---|---|---|---|---|",
         ]
         for method in methods:
             for k in range(args.n_updates + 1):
@@ -271,7 +314,7 @@ def summarise(rows: list[dict[str, Any]], training: dict[str, dict[str, Any]], a
                 lines.append(
                     f"| {method} | {k} | {mean_and_interval(per_seed['return'], 1)} "
                     f"| {mean_and_interval(per_seed['cost'], 2)} | {paid} "
-                    f"| {under}/{len(cell)} ({low:.2f}–{high:.2f}) |"
+                    f"| {under}/{len(cell)} ({low:.2f}–{high:.2f}) | {seeds_tasks_cell(cell)} |"
                 )
     return "\n".join(lines) + "\n"
 
@@ -354,20 +397,36 @@ def main() -> None:
                     handle,
                     default=str,
                 )
-    with open(out / "results.json", "w") as handle:
-        config = {key: value for key, value in vars(args).items() if key not in ("out", "summarise_from")}
-        json.dump({"config": config, "training": training, "rows": rows}, handle, default=str)
-    with open(out / "results.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    # A folder's own results.json again (a later version of the tables): its data, plots and footer stay as they are
+    in_place = args.summarise_from is not None and [p.resolve() for p in args.summarise_from] == [
+        (out / "results.json").resolve()
+    ]
+    footer = ""
+    if in_place and (out / "table.md").exists():
+        old_lines = (out / "table.md").read_text().rstrip("\n").split("\n")
+        ends = [i for i, line in enumerate(old_lines) if line.startswith("| ")]
+        kept = [line for line in old_lines[ends[-1] + 1 :] if not line.startswith("(Tables summarised again")] if ends else []
+        footer = "\n".join(kept).strip()
+    if not in_place:
+        with open(out / "results.json", "w") as handle:
+            config = {key: value for key, value in vars(args).items() if key not in ("out", "summarise_from")}
+            json.dump({"config": config, "training": training, "rows": rows}, handle, default=str)
+        with open(out / "results.csv", "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
     table = summarise(rows, training, args)
     machine = f"{platform.machine()}, Python {platform.python_version()}, torch {th.__version__} (1 thread)"
-    if args.summarise_from:
+    if in_place:
+        table += f"\n{footer}\n\n(Tables summarised again from this folder's results.json by a later version of the script.)\n"
+    elif args.summarise_from:
         table += f"\n{machine}; merged from {len(args.summarise_from)} result files (train s: each run's own wall time).\n"
     else:
         table += f"\n{machine}; {time.perf_counter() - start:.0f} s in all.\n"
     (out / "table.md").write_text(table)
+    if in_place:
+        print(table)
+        return
     for set_name in ("unseen", "shifted"):
         plot_adaptation_curves(
             [r for r in rows if r["set"] == set_name],

@@ -1,0 +1,83 @@
+"""The adaptation benchmark's intervals against independent oracles: the t-interval against scipy's, Wilson's
+against the roots of its defining quadratic, the seeds × tasks bootstrap against the closed-form variance of its
+resampling and against coverage on simulated seeds × tasks data."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+_SPEC = importlib.util.spec_from_file_location(
+    "adaptation_benchmark", Path(__file__).resolve().parents[1] / "benchmarks" / "adaptation.py"
+)
+assert _SPEC is not None and _SPEC.loader is not None
+bench = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(bench)
+
+
+def test_t_interval_is_scipys():
+    values = np.array([2.41, 3.1, 1.7, 2.9, 2.2])
+    low, high = stats.t.interval(0.95, len(values) - 1, loc=values.mean(), scale=stats.sem(values))
+    assert bench.t_interval(values) == pytest.approx((high - low) / 2, rel=1e-12)
+
+
+@pytest.mark.parametrize(("successes", "n"), [(21, 25), (0, 9), (9, 9), (12, 25), (1, 3)])
+def test_wilson_is_the_roots_of_its_quadratic(successes, n):
+    """Wilson's interval: the p with (p̂ - p)² = z² p (1 - p) / n."""
+    z, p_hat = stats.norm.ppf(0.975), successes / n
+    a, b, c = 1 + z * z / n, -(2 * p_hat + z * z / n), p_hat * p_hat
+    roots = np.sort(np.roots([a, b, c]).real)
+    assert bench.wilson(successes, n) == pytest.approx(tuple(np.clip(roots, 0, 1)), abs=1e-6)
+
+
+def _closed_form_variance(matrix):
+    """Variance of the mean under resampling rows and columns independently (derived from the two-way decomposition
+    x = m + a_s + b_t + g_st: the three parts are uncorrelated under the resampling)."""
+    n_s, n_t = matrix.shape
+    m = matrix.mean()
+    a = matrix.mean(axis=1) - m
+    b = matrix.mean(axis=0) - m
+    g = matrix - m - a[:, None] - b[None, :]
+    return (a**2).mean() / n_s + (b**2).mean() / n_t + (g**2).mean() / (n_s * n_t)
+
+
+@pytest.mark.parametrize("shape", [(5, 5), (3, 3), (3, 7)])
+def test_bootstrap_variance_matches_its_closed_form(shape):
+    matrix = np.random.default_rng(sum(shape)).gamma(2.0, 2.0, size=shape)
+    replicates = bench.two_way_bootstrap_means(matrix, 200_000, np.random.default_rng(1))
+    assert replicates.mean() == pytest.approx(matrix.mean(), rel=2e-3)
+    assert replicates.var() == pytest.approx(_closed_form_variance(matrix), rel=0.02)
+
+
+def test_bootstrap_covers_task_spread_that_a_seed_interval_misses():
+    """Simulated seeds × tasks data whose spread is mostly between tasks: the seeds × tasks interval covers the
+    true mean far more often than the t-interval over seeds of the task means (which sees no task spread)."""
+    rng = np.random.default_rng(0)
+    covered_bootstrap = covered_seeds = 0
+    n_datasets = 200
+    for _ in range(n_datasets):
+        data = rng.normal(0, 0.2, size=(5, 1)) + rng.normal(0, 1.0, size=(1, 5)) + rng.normal(0, 0.2, size=(5, 5))
+        low, high = bench.seeds_tasks_interval(data, n_resamples=2_000, seed=int(rng.integers(2**31)))
+        covered_bootstrap += low <= 0 <= high
+        per_seed = data.mean(axis=1)
+        half = bench.t_interval(per_seed)
+        covered_seeds += abs(per_seed.mean()) <= half
+    assert covered_bootstrap / n_datasets > 0.75  # a percentile bootstrap of 5 x 5 is somewhat narrow
+    assert covered_seeds / n_datasets < 0.5
+
+
+def test_bootstrap_refuses_an_empty_or_flat_input():
+    with pytest.raises(ValueError, match="seeds, tasks"):
+        bench.two_way_bootstrap_means(np.zeros(5), 10, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="seeds, tasks"):
+        bench.two_way_bootstrap_means(np.zeros((0, 3)), 10, np.random.default_rng(0))
+
+
+def test_cell_needs_a_full_grid():
+    cell = [{"seed": s, "task": t, "cost": float(s + t), "cost_limit": 2.0} for s in range(3) for t in range(3)]
+    text = bench.seeds_tasks_cell(cell)
+    cost, under = (tuple(float(x) for x in part.split("–")) for part in text.split("; "))
+    assert cost[0] < 2.0 < cost[1] and 0 <= under[0] < 6 / 9 < under[1] <= 1
+    assert bench.seeds_tasks_cell(cell[:-1]) == ""  # a seed without every task
