@@ -90,3 +90,30 @@ def test_rewards_and_costs_follow_the_new_task(monkeypatch, switch_in_place):
         costs.append(info["cost"])
     assert 0 < sum(costs) < len(costs)  # the new threshold is crossed, and not at every step
     env.close()
+
+
+@pytest.mark.parametrize("fast_step", [True, False])
+def test_step_is_upstreams_step_bit_for_bit(monkeypatch, fast_step):
+    """The written-out step gives upstream's (safety-gymnasium's step, gymnasium's simulation, control cost and
+    observation) with the target-velocity reward: the same observations, reward, cost, flags, info and MuJoCo state,
+    bit for bit, and the same error for a wrong action shape (FAST_STEP = False: upstream's own step, the same)."""
+    monkeypatch.setattr(velocity, "FAST_STEP", fast_step)
+    dist = make_task_distribution("HalfCheetahVelocity", max_episode_steps=60)
+    task = HalfCheetahVelocityTask(target_velocity=1.0, velocity_threshold=0.8)
+    ours, upstream = dist.make_env(task).unwrapped, dist.make_env(task).unwrapped
+    upstream_step = type(ours).__mro__[1].step  # safety-gymnasium's SafetyHalfCheetahVelocityEnv.step
+    ours.reset(seed=5)
+    upstream.reset(seed=5)
+    for action in np.random.default_rng(5).uniform(-1.5, 1.5, size=(80, 6)):
+        mine = ours.step(action)
+        observation, _, cost, terminated, truncated, info = upstream_step(upstream, action)
+        reward = -abs(info["x_velocity"] - task.target_velocity) + info["reward_ctrl"]
+        assert _bits(mine[0]) == _bits(observation) and _bits(mine[1]) == _bits(reward)
+        assert mine[2:5] == (cost, terminated, truncated) and type(mine[2]) is type(cost)
+        assert list(mine[5]) == list(info) and all(_bits(mine[5][key]) == _bits(info[key]) for key in info)
+        assert _bits(ours.data.qpos) == _bits(upstream.data.qpos) and _bits(ours.data.qvel) == _bits(upstream.data.qvel)
+        assert _bits(ours.data.cacc) == _bits(upstream.data.cacc)  # mj_rnePostConstraint ran too
+    with pytest.raises(ValueError, match=r"Action dimension mismatch. Expected \(6,\), found \(5,\)"):
+        ours.step(np.zeros(5))
+    ours.close()
+    upstream.close()

@@ -159,6 +159,8 @@ class LeanDummyVecEnv(DummyVecEnv):
     deep copy of their buffer dict. The algorithms build it wherever ``DummyVecEnv`` (or nothing) is asked for."""
 
     def step_wait(self) -> VecEnvStepReturn:
+        # an unstructured (e.g. Box) space has the one buffer buf_obs[None]: stored into directly, as _save_obs does
+        flat_obs = self.buf_obs[None] if self.keys == [None] else None  # type: ignore[index]  # SB3 types keys as str
         for index, env in enumerate(self.envs):
             obs, reward, terminated, truncated, info = env.step(self.actions[index])
             done = terminated or truncated
@@ -167,13 +169,19 @@ class LeanDummyVecEnv(DummyVecEnv):
                 info["terminal_observation"] = obs
                 obs, self.reset_infos[index] = env.reset()
             self.buf_rews[index], self.buf_dones[index], self.buf_infos[index] = reward, done, info
-            self._save_obs(index, obs)
+            if flat_obs is not None:
+                flat_obs[index] = obs
+            else:
+                self._save_obs(index, obs)
         infos = [dict(info) for info in self.buf_infos]
         return self._obs_from_buf(), np.copy(self.buf_rews), np.copy(self.buf_dones), infos
 
     def _obs_from_buf(self) -> VecEnvObs:
         """A copy of the observation buffers, as SB3's, by ``np.copy`` of each array instead of a ``deepcopy`` of
-        their dict (numeric arrays: the same copies, without the generic deep-copy walk at every step)."""
+        their dict (numeric arrays: the same copies, without the generic deep-copy walk at every step); for an
+        unstructured space, the copy of its one buffer (what ``dict_to_obs`` returns of the dict)."""
+        if self.keys == [None]:
+            return np.copy(self.buf_obs[None])  # type: ignore[index]
         return dict_to_obs(self.observation_space, OrderedDict((key, np.copy(value)) for key, value in self.buf_obs.items()))
 
 

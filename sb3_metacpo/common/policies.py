@@ -212,7 +212,8 @@ class BoundActor:
         actor = self.actor
         x = observations.astype(self.dtype, copy=False)
         if actor.obs_mean is not None and actor.obs_std is not None:
-            x = np.clip((x - actor.obs_mean) / actor.obs_std, -actor.clip_observations, actor.clip_observations)
+            # ndarray.clip: np.clip's computation without its dispatch layers (this runs at every env step)
+            x = ((x - actor.obs_mean) / actor.obs_std).clip(-actor.clip_observations, actor.clip_observations)
         x = x[:, None, :]
         for layer in self.layers:
             if isinstance(layer, tuple):

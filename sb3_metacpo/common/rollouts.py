@@ -337,7 +337,7 @@ def run_round(
     _check_finite(0, "observation after reset", obs)
     for t in range(horizon):
         raw_actions = np.asarray(act(obs), dtype=np.float32).reshape(n_envs, *action_space.shape)
-        vec_obs, rewards, dones, infos = vec_env.step(np.clip(raw_actions, low, high))
+        vec_obs, rewards, dones, infos = vec_env.step(raw_actions.clip(low, high))  # np.clip, without its dispatch
         next_obs = array_observations(vec_obs)
         ended.extend(
             (t, index, episode) for index, episode in storage.add(t, obs, raw_actions, rewards, next_obs, dones, infos)

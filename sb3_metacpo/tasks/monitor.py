@@ -15,9 +15,12 @@ from stable_baselines3.common.monitor import Monitor
 TOTAL_COST = "cost"
 
 
+_COST_PREFIX = f"{TOTAL_COST}_"
+
+
 def is_cost_key(key: str) -> bool:
     """Whether an info key is a per-step cost signal: ``cost`` or ``cost_<type>`` (safety-gymnasium's names)."""
-    return key == TOTAL_COST or key.startswith(f"{TOTAL_COST}_")
+    return key == TOTAL_COST or key.startswith(_COST_PREFIX)
 
 
 def cost_number(value: Any) -> float | None:
@@ -74,7 +77,9 @@ class EpisodeCostRecorder(gym.Wrapper):
                 "safety-gymnasium use the 'Safety...Gymnasium-v0' ids or wrap with SafetyGymnasium2Gymnasium"
             )
         for key, raw in info.items():
-            value = cost_number(raw) if is_cost_key(key) else None
+            if key != TOTAL_COST and not key.startswith(_COST_PREFIX):  # is_cost_key, inlined: every key of every step
+                continue
+            value = cost_number(raw)
             if value is not None:
                 if not math.isfinite(value):
                     raise ValueError(f"the env reported a non-finite {key} ({value}) at step {self._steps} of the episode")
