@@ -1,0 +1,93 @@
+"""``learn()`` throughput of two versions of the library, interleaved: the before/after of a change, in one run.
+
+Each round runs one process per version (``--before`` and ``--after``: source trees of the package, e.g. a ``git
+worktree`` of the old commit and the working tree), alternating, and each process times MetaCPO (first and second
+order) and CPO ``learn()`` on the same family, seeds and tasks in CPU seconds of its own process (torch and numpy's
+BLAS on one thread). It prints every round and the medians, and the ratio after / before of each: on a shared
+machine whose speed varies between runs, the interleaving is what makes the ratio mean something.
+
+    git worktree add /tmp/before <old commit>
+    python benchmarks/learn_ab.py --before /tmp/before --after . | tee benchmarks/results/throughput/ab.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def measure(family: str, tasks: int, n_steps: int, iterations: int) -> dict[str, float]:
+    """Env steps per CPU second of MetaCPO (first and second order; ``tasks`` tasks of ``n_steps`` steps, one inner
+    update) and of CPO on ``tasks`` envs of the family's training tasks, after one warm-up iteration each."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    from sb3_metacpo import CPO, MetaCPO
+    from sb3_metacpo.tasks import make_task_distribution
+
+    torch.set_num_threads(1)
+    per_iteration = 2 * tasks * n_steps  # the pre- and post-adaptation batches
+    speeds = {}
+    with threadpool_limits(1):
+        for mode in ("first_order", "second_order"):
+            dist = make_task_distribution(family, seed=0)
+            model = MetaCPO(
+                "MlpPolicy", dist, meta_batch_size=tasks, n_inner_updates=1, n_steps=n_steps, meta_gradient=mode, seed=0
+            )
+            model.learn(per_iteration)
+            start = time.process_time()
+            model.learn(iterations * per_iteration, reset_num_timesteps=False)
+            speeds[f"MetaCPO, {mode.replace('_', ' ')}"] = iterations * per_iteration / (time.process_time() - start)
+        cpo = CPO("MlpPolicy", make_task_distribution(family, seed=0), n_envs=tasks, n_steps=n_steps, seed=0)
+        cpo.learn(tasks * n_steps)
+        start = time.process_time()
+        cpo.learn(2 * iterations * tasks * n_steps, reset_num_timesteps=False)
+        speeds["CPO"] = 2 * iterations * tasks * n_steps / (time.process_time() - start)
+    return speeds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--before", type=Path, help="source tree of the old version")
+    parser.add_argument("--after", type=Path, help="source tree of the new version")
+    parser.add_argument("--family", default="HalfCheetahVelocity")
+    parser.add_argument("--tasks", type=int, default=4)
+    parser.add_argument("--n-steps", type=int, default=200)
+    parser.add_argument("--iterations", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(measure(args.family, args.tasks, args.n_steps, args.iterations)))
+        return
+    if args.before is None or args.after is None:
+        parser.error("--before and --after name the two source trees")
+    results: dict[str, list[dict[str, float]]] = {"before": [], "after": []}
+    print(
+        f"{args.family}: M = {args.tasks} tasks x {args.n_steps} steps, {args.iterations} timed iterations; "
+        "env steps per CPU second"
+    )
+    for round_index in range(args.rounds):
+        for label, tree in (("before", args.before), ("after", args.after)):
+            env = {**os.environ, "PYTHONPATH": str(tree.resolve())}
+            command = [sys.executable, __file__, "--child", "--family", args.family, "--tasks", str(args.tasks)]
+            command += ["--n-steps", str(args.n_steps), "--iterations", str(args.iterations)]
+            line = subprocess.run(command, env=env, cwd=tree, check=True, capture_output=True, text=True).stdout
+            speeds = json.loads(line.strip().splitlines()[-1])
+            results[label].append(speeds)
+            print(f"round {round_index} {label:<6} " + "  ".join(f"{k}: {v:.0f}" for k, v in speeds.items()), flush=True)
+    print(f"\n{'median':<26} {'before':>8} {'after':>8} {'after / before':>15}")
+    for key in results["before"][0]:
+        before = statistics.median(r[key] for r in results["before"])
+        after = statistics.median(r[key] for r in results["after"])
+        print(f"{key:<26} {before:>8.0f} {after:>8.0f} {after / before:>15.3f}")
+
+
+if __name__ == "__main__":
+    main()
