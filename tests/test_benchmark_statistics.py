@@ -81,3 +81,15 @@ def test_cell_needs_a_full_grid():
     cost, under = (tuple(float(x) for x in part.split("–")) for part in text.split("; "))
     assert cost[0] < 2.0 < cost[1] and 0 <= under[0] < 6 / 9 < under[1] <= 1
     assert bench.seeds_tasks_cell(cell[:-1]) == ""  # a seed without every task
+
+
+def test_interval_is_the_95_percent_percentile_interval_of_the_replicates():
+    matrix = np.random.default_rng(4).normal(size=(4, 5))
+    replicates = bench.two_way_bootstrap_means(matrix, 5_000, np.random.default_rng(9))
+    expected = tuple(np.percentile(replicates, [2.5, 97.5]))
+    assert bench.seeds_tasks_interval(matrix, n_resamples=5_000, seed=9) == pytest.approx(expected, abs=0)
+
+
+def test_cell_counts_a_cost_at_the_limit_as_under():
+    cell = [{"seed": s, "task": t, "cost": 2.0, "cost_limit": 2.0} for s in range(3) for t in range(3)]
+    assert bench.seeds_tasks_cell(cell) == "2.00–2.00; 1.00–1.00"

@@ -1,5 +1,7 @@
 """HalfCheetahVelocity switches tasks in place: episodes bit for bit those of an env built for the task."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -104,7 +106,8 @@ def test_step_is_upstreams_step_bit_for_bit(monkeypatch, fast_step):
     upstream_step = type(ours).__mro__[1].step  # safety-gymnasium's SafetyHalfCheetahVelocityEnv.step
     ours.reset(seed=5)
     upstream.reset(seed=5)
-    for action in np.random.default_rng(5).uniform(-1.5, 1.5, size=(80, 6)):
+    actions = np.random.default_rng(5).uniform(-1.5, 1.5, size=(80, 6))
+    for action in [*actions[:40], *actions[40:].astype(np.float32)]:  # float64, then float32 as training passes
         mine = ours.step(action)
         observation, _, cost, terminated, truncated, info = upstream_step(upstream, action)
         reward = -abs(info["x_velocity"] - task.target_velocity) + info["reward_ctrl"]
@@ -117,3 +120,58 @@ def test_step_is_upstreams_step_bit_for_bit(monkeypatch, fast_step):
         ours.step(np.zeros(5))
     ours.close()
     upstream.close()
+
+
+def test_step_after_set_task_needs_a_reset():
+    dist = make_task_distribution("HalfCheetahVelocity", max_episode_steps=60)
+    task_a, task_b = dist.sample(2, np.random.default_rng(3))
+    env = dist.make_env(task_a)
+    env.reset(seed=0)
+    env.step(np.zeros(6, dtype=np.float32))
+    _task_env(env).set_task(task_a)  # the same task: nothing switched
+    env.step(np.zeros(6, dtype=np.float32))
+    _task_env(env).set_task(task_b)
+    with pytest.raises(RuntimeError, match=r"call reset\(\) before the next step"):
+        env.step(np.zeros(6, dtype=np.float32))
+    env.reset()
+    env.step(np.zeros(6, dtype=np.float32))
+    env.close()
+
+
+def test_rendered_steps_draw_the_velocity_marker_as_upstream(monkeypatch):
+    """Rendering with safety-gymnasium's velocity marker works on mujoco >= 3.2 (gymnasium 0.29's marker code sets the
+    removed MjvGeom.texid), and the written-out step renders upstream's frames, also after a switch in place."""
+    monkeypatch.setenv("MUJOCO_GL", os.environ.get("MUJOCO_GL", "egl"))  # headless rendering
+    dist = make_task_distribution("HalfCheetahVelocity", max_episode_steps=60)
+    task_a = HalfCheetahVelocityTask(target_velocity=1.0, velocity_threshold=0.3)
+    task_b = HalfCheetahVelocityTask(target_velocity=2.0, velocity_threshold=2.4)
+    actions = np.random.default_rng(0).uniform(-1, 1, size=(8, 6)).astype(np.float32)
+    frames = {}
+    for fast in (True, False):
+        monkeypatch.setattr(velocity, "FAST_STEP", fast)
+        env = dist.make_env(task_a, render_mode="rgb_array")
+        env.reset(seed=1)
+        try:
+            env.render()
+        except Exception as error:  # whichever way OpenGL is missing, there is nothing to test
+            pytest.skip(f"no OpenGL rendering here: {error}")
+        frames[fast] = []
+        for action in actions:
+            env.step(action)
+            frames[fast].append(env.render())  # the marker is drawn from the second rendered step on
+        _task_env(env).set_task(task_b)
+        env.reset(seed=2)
+        for action in actions[:3]:
+            env.step(action)
+            frames[fast].append(env.render())
+        env.close()
+    built = dist.make_env(task_b, render_mode="rgb_array")
+    built.reset(seed=2)
+    built.render()
+    rebuilt_frames = []
+    for action in actions[:3]:
+        built.step(action)
+        rebuilt_frames.append(built.render())
+    built.close()
+    assert all(np.array_equal(a, b) for a, b in zip(frames[True], frames[False], strict=True))
+    assert all(np.array_equal(a, b) for a, b in zip(frames[True][-3:], rebuilt_frames, strict=True))

@@ -162,6 +162,29 @@ def _add_marker_to_scene(self: Any, marker: dict) -> None:
     self.scn.ngeom += 1
 
 
+_FIXED_VIEWER_CLASSES: dict[type, type] = {}
+
+
+def _marker_fixed_class(viewer_cls: type) -> type:
+    """``viewer_cls`` with :func:`_add_marker_to_scene` (one subclass per class)."""
+    if viewer_cls not in _FIXED_VIEWER_CLASSES:
+        _FIXED_VIEWER_CLASSES[viewer_cls] = _subclass_with_marker_fix(viewer_cls)
+    return _FIXED_VIEWER_CLASSES[viewer_cls]
+
+
+def _subclass_with_marker_fix(viewer_cls: type) -> type:
+    return type(
+        viewer_cls.__name__,
+        (viewer_cls,),
+        {
+            "__doc__": f"{viewer_cls.__name__} whose markers render on mujoco >= 3.2 (see sb3_metacpo.tasks.compat).",
+            "__module__": __name__,
+            "_add_marker_to_scene": _add_marker_to_scene,
+            "_sb3_metacpo_marker_fix": True,
+        },
+    )
+
+
 def _fix_marker_rendering(module: types.ModuleType) -> None:
     import mujoco
 
@@ -171,17 +194,19 @@ def _fix_marker_rendering(module: types.ModuleType) -> None:
         viewer_cls = getattr(module, name, None)
         if not isinstance(viewer_cls, type) or getattr(viewer_cls, "_sb3_metacpo_marker_fix", False):
             continue
-        fixed = type(
-            viewer_cls.__name__,
-            (viewer_cls,),
-            {
-                "__doc__": f"{viewer_cls.__name__} whose markers render on mujoco >= 3.2 (see sb3_metacpo.tasks.compat).",
-                "__module__": __name__,
-                "_add_marker_to_scene": _add_marker_to_scene,
-                "_sb3_metacpo_marker_fix": True,
-            },
-        )
-        setattr(module, name, fixed)
+        setattr(module, name, _marker_fixed_class(viewer_cls))
+
+
+def fix_viewer_markers(viewer: Any) -> None:
+    """Make a gymnasium MuJoCo viewer (``OffScreenViewer``, ``WindowViewer``) draw markers on mujoco >= 3.2, where
+    gymnasium 0.29's ``_add_marker_to_scene`` fails on the removed ``MjvGeom.texid`` (e.g. safety-gymnasium's velocity
+    marker on a rendered HalfCheetah): the viewer becomes an instance of a subclass with the fixed method. A no-op
+    where mujoco still has ``texid`` or the viewer is fixed already."""
+    import mujoco
+
+    if viewer is None or getattr(viewer, "_sb3_metacpo_marker_fix", False) or hasattr(mujoco.MjvGeom(), "texid"):
+        return
+    viewer.__class__ = _marker_fixed_class(type(viewer))
 
 
 _POST_EXEC = {_MARKER_MODULE: _fix_marker_rendering}

@@ -44,12 +44,14 @@ class TaskEnv(gym.Wrapper):
         self._action_dtype = self.env.action_space.dtype
         self._episode_rng = np.random.default_rng()
         self.episode_seed: int | None = None
+        self._switched = False  # set_task ran since the last reset: the next call must be a reset
 
     def set_task(self, task: Task) -> None:
         """Switch the world to ``task`` (a no-op when it is the current task); call ``reset`` afterwards.
 
         Families that can switch an env in place do so (e.g. HalfCheetahVelocity, where a task is two numbers of the
-        reward and the cost); the others build the new task's env."""
+        reward and the cost); the others build the new task's env. A ``step`` before the next ``reset`` raises a
+        ``RuntimeError`` either way (the old episode does not go on under the new task)."""
         if task == self.task:
             return
         self.distribution.validate_task(task)
@@ -57,6 +59,7 @@ class TaskEnv(gym.Wrapper):
             self.env.close()
             self.env = self.distribution._make_base_env(task, render_mode=self._render_mode)
         self.task = task
+        self._switched = True
 
     def episode_rng_state(self) -> dict[str, Any]:
         """The state of the episode-seed stream (JSON-serialisable)."""
@@ -79,10 +82,13 @@ class TaskEnv(gym.Wrapper):
         else:
             raise ValueError(f"options['{REPLAY_OPTION}'] must be an episode seed (info['episode_seed']), got {replay!r}")
         observation, info = self.env.reset(seed=self.episode_seed, options=options or None)
+        self._switched = False
         info["episode_seed"] = self.episode_seed
         return observation.astype(np.float32), info
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, SupportsFloat, bool, bool, dict[str, Any]]:
+        if self._switched:
+            raise RuntimeError(f"set_task switched this env to {self.task}: call reset() before the next step")
         observation, reward, terminated, truncated, info = self.env.step(np.asarray(action, dtype=self._action_dtype))
         info["episode_seed"] = self.episode_seed
         return observation.astype(np.float32), float(reward), bool(terminated), bool(truncated), info

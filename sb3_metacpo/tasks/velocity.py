@@ -11,7 +11,7 @@ import numpy as np
 from gymnasium.wrappers import TimeLimit
 
 from sb3_metacpo.tasks.base import ParamRange, Task, TaskDistribution, register_task_distribution
-from sb3_metacpo.tasks.compat import import_safety_gymnasium
+from sb3_metacpo.tasks.compat import fix_viewer_markers, import_safety_gymnasium
 
 FAST_STEP = True
 """Whether HalfCheetahVelocity envs step with upstream's step written out in one method (safety-gymnasium's
@@ -56,6 +56,7 @@ def _env_class() -> type:
             self._velocity_threshold = velocity_threshold
 
         def step(self, action: Any) -> tuple:
+            fix_viewer_markers(self.mujoco_renderer.viewer)  # safety-gymnasium's velocity marker, on mujoco >= 3.2
             if not FAST_STEP:
                 observation, _, cost, terminated, truncated, info = super().step(action)
                 reward = -abs(info["x_velocity"] - self._target_velocity) + info["reward_ctrl"]
