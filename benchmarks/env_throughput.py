@@ -27,6 +27,7 @@ import platform
 import pstats
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import gymnasium as gym
 import mujoco
@@ -159,6 +160,45 @@ def run_physics(env: gym.Env, actions: np.ndarray) -> float:
     return CLOCK() - start
 
 
+@dataclass(frozen=True)
+class FastStepRow:
+    """One env's steps/s, ours (fast step and reset) and stock (upstream's code), and of physics alone."""
+
+    name: str
+    with_resets: dict[bool, float]  # fast -> steps/s, resets at episode ends included
+    step_only: dict[bool, float]  # fast -> steps/s of step() alone
+    physics: float  # mj_step x frame skip on the same model and actions
+
+    def ratio(self, resets: bool = True) -> float:
+        """Ours / stock."""
+        speeds = self.with_resets if resets else self.step_only
+        return speeds[True] / speeds[False]
+
+
+def measure_fast_step(name: str, steps: int, repeats: int, n_gremlins: int = 0) -> FastStepRow:
+    """Ours against stock on the same task, seed and random actions, best of ``repeats`` (alternating), and physics
+    alone with the same frame skip (the limit), in ``CLOCK`` seconds."""
+    envs = {fast: make_env(name, fast, n_gremlins) for fast in (True, False)}
+    shape = envs[True].action_space.shape
+    actions = np.random.default_rng(0).uniform(-1, 1, (steps, *shape)).astype(envs[True].action_space.dtype)
+    best: dict[bool, tuple[float, float]] = {}
+    for _ in range(repeats):
+        for fast in (True, False):
+            step_time, reset_time = run_env(envs[fast], actions)
+            if fast not in best or step_time + reset_time < sum(best[fast]):
+                best[fast] = (step_time, reset_time)
+    physics = min(run_physics(envs[True], actions) for _ in range(repeats))
+    for env in envs.values():
+        env.close()
+    safety_gym.FAST_STEP = safety_gym.FAST_RESET = True
+    return FastStepRow(
+        name=name,
+        with_resets={fast: steps / sum(best[fast]) for fast in best},
+        step_only={fast: steps / best[fast][0] for fast in best},
+        physics=steps / physics,
+    )
+
+
 def fast_step_table(args: argparse.Namespace) -> None:
     names = args.envs or [*NAVIGATION_FAMILIES, *([GREMLINS] if args.n_gremlins else []), *STANDARD_IDS]
     print(
@@ -176,28 +216,14 @@ def fast_step_table(args: argparse.Namespace) -> None:
     print(header)
     print("-" * len(header))
     for name in names:
-        envs = {fast: make_env(name, fast, args.n_gremlins) for fast in (True, False)}
-        shape = envs[True].action_space.shape
-        actions = np.random.default_rng(0).uniform(-1, 1, (args.steps, *shape)).astype(envs[True].action_space.dtype)
-        best: dict[bool, tuple[float, float]] = {}
-        for _ in range(args.repeats):
-            for fast in (True, False):
-                step_time, reset_time = run_env(envs[fast], actions)
-                if fast not in best or step_time + reset_time < sum(best[fast]):
-                    best[fast] = (step_time, reset_time)
-        physics = min(run_physics(envs[True], actions) for _ in range(args.repeats))
-        for env in envs.values():
-            env.close()
-        total = {fast: args.steps / sum(best[fast]) for fast in best}
-        step_only = {fast: args.steps / best[fast][0] for fast in best}
-        limit = args.steps / physics
+        row = measure_fast_step(name, args.steps, args.repeats, args.n_gremlins)
+        total, step_only, limit = row.with_resets, row.step_only, row.physics
         label = name.replace("Gymnasium-v0", " (library)").replace("+gremlins", f" {args.n_gremlins} gremlins")
         print(
-            f"{label:<32} {total[False]:>7.0f} {total[True]:>7.0f} {total[True] / total[False]:>5.2f}x | "
-            f"{step_only[False]:>7.0f} {step_only[True]:>7.0f} {step_only[True] / step_only[False]:>5.2f}x | "
+            f"{label:<32} {total[False]:>7.0f} {total[True]:>7.0f} {row.ratio():>5.2f}x | "
+            f"{step_only[False]:>7.0f} {step_only[True]:>7.0f} {row.ratio(resets=False):>5.2f}x | "
             f"{limit:>8.0f} {step_only[False] / limit:>8.2f} {step_only[True] / limit:>8.2f}"
         )
-    safety_gym.FAST_STEP = safety_gym.FAST_RESET = True
 
 
 def profile(name: str, steps: int) -> None:

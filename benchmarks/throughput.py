@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import platform
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -109,7 +110,28 @@ def ceiling(limit: float, steps_per_iteration: int, product_seconds: float) -> f
     return env_seconds / (env_seconds + product_seconds)
 
 
-def standard_env_table(env_id: str, iterations: int, rounds: int = 3) -> list[str]:
+#: The rows of :func:`measure_standard_env`.
+RAW_OURS, RAW_STOCK = "raw env, random actions, ours (the limit)", "raw env, random actions, stock"
+CPO_OURS, TRPO_OURS, TRPO_STOCK = "CPO learn(), ours", "sb3-contrib TRPO learn(), ours", "sb3-contrib TRPO learn(), stock env"
+
+
+@dataclass(frozen=True)
+class StandardEnvThroughput:
+    """Env steps/s of each row of :func:`measure_standard_env`, and CPO's matrix products per update."""
+
+    speeds: dict[str, float]
+    cpo_product_seconds: float
+    steps_per_update: int
+
+    def ratio(self, row: str) -> float:
+        """The row's speed as a ratio of the raw env built by the library (the limit)."""
+        return self.speeds[row] / self.speeds[RAW_OURS]
+
+    def cpo_ceiling(self) -> float:
+        return ceiling(self.speeds[RAW_OURS], self.steps_per_update, self.cpo_product_seconds)
+
+
+def measure_standard_env(env_id: str, iterations: int, rounds: int = 3) -> StandardEnvThroughput:
     """CPO and sb3-contrib TRPO on one standard id against the raw env, in one run and in CPU seconds of this
     process (this machine is shared; CPU time is what our code costs, whatever else runs), median of ``rounds``
     interleaved rounds: the raw env with random actions through the library (fast step on) and stock
@@ -147,30 +169,33 @@ def standard_env_table(env_id: str, iterations: int, rounds: int = 3) -> list[st
         return model.n_steps * iterations / seconds
 
     runs = {
-        "raw env, random actions, ours (the limit)": lambda: raw(True),
-        "raw env, random actions, stock": lambda: raw(False),
-        "CPO learn(), ours": lambda: learn("CPO", True),
-        "sb3-contrib TRPO learn(), ours": lambda: learn("TRPO", True),
-        "sb3-contrib TRPO learn(), stock env": lambda: learn("TRPO", False),
+        RAW_OURS: lambda: raw(True),
+        RAW_STOCK: lambda: raw(False),
+        CPO_OURS: lambda: learn("CPO", True),
+        TRPO_OURS: lambda: learn("TRPO", True),
+        TRPO_STOCK: lambda: learn("TRPO", False),
     }
     measured: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(rounds):
         for name, run in runs.items():
             measured[name].append(run())
-    speeds = {name: float(np.median(values)) for name, values in measured.items()}
-    limit = speeds["raw env, random actions, ours (the limit)"]
+    product_seconds, steps = cpo_products[0]
+    return StandardEnvThroughput({name: float(np.median(values)) for name, values in measured.items()}, product_seconds, steps)
+
+
+def standard_env_table(env_id: str, iterations: int, rounds: int = 3) -> list[str]:
+    """:func:`measure_standard_env`'s table."""
+    result = measure_standard_env(env_id, iterations, rounds)
     lines = [
         f"\n{env_id}, 1 env, 2048 steps per update; CPU seconds of this process, median of {rounds} interleaved rounds "
         f"of {iterations} updates:",
         f"{'':<40} {'steps/s':>9} {'x limit':>8}",
     ]
-    lines += [f"{name:<40} {speed:>9.0f} {speed / limit:>8.2f}" for name, speed in speeds.items()]
-    cpo, trpo = speeds["CPO learn(), ours"], speeds["sb3-contrib TRPO learn(), stock env"]
-    lines.append(f"CPO on ours / TRPO on stock = {cpo / trpo:.2f}")
-    product_seconds, steps = cpo_products[0]
+    lines += [f"{name:<40} {speed:>9.0f} {result.ratio(name):>8.2f}" for name, speed in result.speeds.items()]
+    lines.append(f"CPO on ours / TRPO on stock = {result.speeds[CPO_OURS] / result.speeds[TRPO_STOCK]:.2f}")
     lines.append(
-        f"CPO's ceiling (everything but the env and the update's matrix products free; {product_seconds:.3f} s of "
-        f"matrix products per {steps}-step update): {ceiling(limit, steps, product_seconds):.2f}"
+        f"CPO's ceiling (everything but the env and the update's matrix products free; {result.cpo_product_seconds:.3f} "
+        f"s of matrix products per {result.steps_per_update}-step update): {result.cpo_ceiling():.2f}"
     )
     return lines
 
@@ -187,6 +212,43 @@ def meta_model(dist: TaskDistribution, args: argparse.Namespace, mode: str, **ov
     kwargs.update(overrides)
     kwargs["n_envs"] = kwargs["meta_batch_size"] * args.envs_per_task
     return MetaCPO("MlpPolicy", dist, **kwargs)
+
+
+META_MODES = ("first_order", "second_order")
+
+
+@dataclass(frozen=True)
+class MetaThroughput:
+    """The limit and MetaCPO's ``learn()`` (each mode) on one workload, in env steps per CPU second, with each mode's
+    phase times and matrix-product seconds per meta-iteration."""
+
+    limit: float
+    speeds: dict[str, float]
+    phases: dict[str, dict[str, float]]
+    products: dict[str, float]
+    steps_per_iteration: int
+
+    def ratio(self, mode: str) -> float:
+        return self.speeds[mode] / self.limit
+
+    def ceiling(self, mode: str) -> float:
+        return ceiling(self.limit, self.steps_per_iteration, self.products[mode])
+
+
+def measure_meta(args: argparse.Namespace) -> MetaThroughput:
+    """The limit and MetaCPO first- and second-order ``learn()`` on ``args.family`` (``tasks``, ``envs_per_task``,
+    ``n_steps`` per task batch, ``iterations`` timed after a warm-up, ``fvp_sample_freq``), K = 1."""
+    # The limit and each learn() draw their tasks from a fresh copy of the distribution with the same seed, so that
+    # they run the same worlds (a navigation step's cost depends on the task's objects), iteration for iteration.
+    fresh = lambda: make_task_distribution(args.family, seed=0)  # noqa: E731
+    per_iteration = args.tasks * 2 * args.n_steps  # K = 1: one inner and one validation batch per task
+    limit = limit_throughput(fresh(), args.tasks, args.envs_per_task, args.n_steps, args.iterations)
+    speeds, phases, products = {}, {}, {}
+    for mode in META_MODES:
+        model = meta_model(fresh(), args, mode)
+        speeds[mode], phases[mode] = timed_learn(model, per_iteration, args.iterations)
+        products[mode] = matrix_product_seconds(model, per_iteration, args.iterations)
+    return MetaThroughput(limit, speeds, phases, products, per_iteration)
 
 
 def task_vec_env(dist: TaskDistribution, tasks: list, envs_per_task: int) -> DummyVecEnv:
@@ -311,18 +373,10 @@ def main() -> None:
         "CPU seconds of this process\n"
     )
 
-    # The limit and each learn() draw their tasks from a fresh copy of the distribution with the same seed, so that
-    # they run the same worlds (a navigation step's cost depends on the task's objects), iteration for iteration.
-    fresh = lambda: make_task_distribution(args.family, seed=0)  # noqa: E731
-    limit = limit_throughput(fresh(), args.tasks, args.envs_per_task, args.n_steps, args.iterations)
+    meta = measure_meta(args)
+    limit, phases, products = meta.limit, meta.phases, meta.products
     rows = [("raw env, random actions (the limit)", limit, None)]
-    phases = {}
-    products = {}
-    for mode in ("first_order", "second_order"):
-        model = meta_model(fresh(), args, mode)
-        speed, phases[mode] = timed_learn(model, per_meta_iteration, args.iterations)
-        products[mode] = matrix_product_seconds(model, per_meta_iteration, args.iterations)
-        rows.append((f"MetaCPO learn(), {mode.replace('_', '-')}", speed, phases[mode]))
+    rows += [(f"MetaCPO learn(), {mode.replace('_', '-')}", meta.speeds[mode], phases[mode]) for mode in META_MODES]
     vec_env = task_vec_env(dist, tasks, args.envs_per_task)
     cpo = CPO(
         "MlpPolicy",
@@ -353,11 +407,10 @@ def main() -> None:
     )
     print(f"  {'':<38} {'products s/iter':>16} {'other s/iter':>13} {'x limit':>8} {'ceiling':>8}")
     for mode, product_seconds in products.items():
-        total = phases[mode]["total"]
-        other = total - per_meta_iteration / limit - product_seconds
+        other = phases[mode]["total"] - per_meta_iteration / limit - product_seconds
         print(
             f"  {'MetaCPO, ' + mode.replace('_', '-'):<38} {product_seconds:>16.3f} {other:>13.3f} "
-            f"{per_meta_iteration / limit / total:>8.2f} {ceiling(limit, per_meta_iteration, product_seconds):>8.2f}"
+            f"{meta.ratio(mode):>8.2f} {meta.ceiling(mode):>8.2f}"
         )
 
     for mode, times in phases.items():
