@@ -10,7 +10,7 @@ within this run against a baseline of the same run:
 * MetaCPO's ``learn()`` (first and second order) on PointGoalHazard and HalfCheetahVelocity, 4 tasks of one episode
   per batch, K = 1, as a ratio of the raw env on meta-training's own workload (new tasks every iteration, a reset per
   batch; ``throughput.measure_meta``), with the *ceiling*: the ratio if everything but the env and the updates'
-  matrix products were free;
+  matrix products were free (the products of the timed iterations, replayed alone: ``throughput.matrix_product_seconds``);
 * CPO's ``learn()`` on ``SafetyPointGoal1Gymnasium-v0`` (the defaults: 1 env, 2048 steps per update) as a ratio of
   the raw env built by the library, with sb3-contrib TRPO on the library's env and on the stock env for comparison
   (``throughput.measure_standard_env``).

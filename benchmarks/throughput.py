@@ -11,7 +11,8 @@ same M tasks with E DummyVecEnv envs per task (``--envs-per-task``, default 1):
 3. where a meta-iteration's time goes (sampling, advantages and critics, inner CPO steps and their parts,
    meta-gradient backward, outer step, outer line search), and the dual solve plus its backward against an inner
    update; the *ceiling*: the ratio if everything but the env and the updates' matrix products were free (what
-   any implementation of the same computation could reach on this CPU);
+   any implementation of the same computation with the same kernels could reach on this CPU; the products are those
+   of the timed iterations, run again by a twin of the timed model under the profiler and replayed alone);
 4. with ``--scaling``, seconds per meta-iteration as tasks per iteration, inner updates and policy size grow;
 5. with ``--env-id``, CPO and sb3-contrib TRPO on one standard id, both with their defaults (1 env, 2048 steps per
    update), as ratios of the raw env (ours and stock safety-gymnasium), in CPU seconds; ``--env-id-only`` skips the
