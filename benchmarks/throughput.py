@@ -130,7 +130,7 @@ def _product_call(name: str, shapes: list, strides: list, dtypes: list, scalars:
     if name in ("aten::addmm", "aten::baddbmm", "aten::addmv") and len(tensors) in (5, 6):
         op = getattr(th, name.split("::")[1])
         bias, a, b = tensors[:3]
-        beta, alpha = scalars[3], scalars[4]
+        beta, alpha = (scalars[3], scalars[4]) if len(scalars) >= 5 else (None, None)  # not recorded: not replayed
         if None in (bias, a, b) or beta is None or alpha is None:
             return None
         if len(tensors) == 6 and tensors[5] is not None:
