@@ -50,9 +50,10 @@ def row(label: str, measured: str, target: str, met: bool | str | None, note: st
 
 
 def twin_note(products: throughput.ProductTimes) -> str:
-    """The ceiling's products: seconds per iteration replayed alone, and a warning if the profiled twin did not run the
-    timed computation bit for bit."""
-    return f" ({products.replayed:.3f} s of products{'' if products.same_computation else ', NOT the timed bits'})"
+    """The ceiling's products: seconds per iteration replayed alone, the calls that could not be replayed (counted with
+    their profiled time), and a warning if the profiled twin did not run the timed computation bit for bit."""
+    unreplayed = f", {products.not_replayed} calls not replayed" if products.not_replayed else ""
+    return f" ({products.replayed:.3f} s of products{unreplayed}{'' if products.same_computation else ', NOT the timed bits'})"
 
 
 def main() -> None:

@@ -10,9 +10,9 @@ same M tasks with E DummyVecEnv envs per task (``--envs-per-task``, default 1):
    limit (CPO and TRPO train on M fixed task envs, so they never pay for new worlds);
 3. where a meta-iteration's time goes (sampling, advantages and critics, inner CPO steps and their parts,
    meta-gradient backward, outer step, outer line search), and the dual solve plus its backward against an inner
-   update; the *ceiling*: the ratio if everything but the env and the updates' matrix products were free (what
-   any implementation of the same computation with the same kernels could reach on this CPU; the products are those
-   of the timed iterations, run again by a twin of the timed model under the profiler and replayed alone);
+   update; the *ceiling*: the ratio if everything but the env and the updates' matrix products were free (about
+   what an implementation making the same product calls could reach on this CPU; the products are those of the
+   timed iterations, run again by a twin of the timed model under the profiler and replayed alone);
 4. with ``--scaling``, seconds per meta-iteration as tasks per iteration, inner updates and policy size grow;
 5. with ``--env-id``, CPO and sb3-contrib TRPO on one standard id, both with their defaults (1 env, 2048 steps per
    update), as ratios of the raw env (ours and stock safety-gymnasium), in CPU seconds; ``--env-id-only`` skips the
@@ -160,9 +160,10 @@ def matrix_product_seconds(
     timed model was built, it warms up as :func:`timed_learn` does, then runs the timed iterations under the torch
     profiler (recording every product's operands); ``reference``: the timed model's final policy parameters.
 
-    The replayed figure is the floor: each product alone, back to back, in hot caches, so no implementation of the same
-    computation with the same kernels spends less in them here (the profiler's self time adds its own bookkeeping to
-    each call)."""
+    The replayed figure is about the floor of those calls: each product alone, back to back, in hot caches (with
+    Python's ~0.5 µs of dispatch per call still in it), so an implementation making the same product calls spends
+    about as much in them at least (the profiler's self time adds its own bookkeeping to each call, by an amount that
+    varies between runs)."""
     from torch.profiler import ProfilerActivity, profile
 
     model = make_model()
@@ -170,7 +171,7 @@ def matrix_product_seconds(
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         model.learn(steps_per_iteration * iterations, reset_num_timesteps=False)
     state = model.policy.state_dict()
-    same = state.keys() == reference.keys() and all(th.equal(state[key], reference[key]) for key in reference)
+    same = state.keys() == reference.keys() and all(_same_bits(state[key], reference[key]) for key in reference)
     profiled = 0.0
     groups: dict[tuple, list] = {}
     for event in prof.events():
@@ -198,6 +199,13 @@ def matrix_product_seconds(
     return ProductTimes(profiled / iterations, replayed / iterations, same, not_replayed)
 
 
+def _same_bits(a: th.Tensor, b: th.Tensor) -> bool:
+    """Bit-for-bit equality (NaN equal to the same NaN, -0.0 unequal to 0.0), which ``torch.equal`` is not."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return a.detach().cpu().contiguous().numpy().tobytes() == b.detach().cpu().contiguous().numpy().tobytes()
+
+
 def policy_state(model: Any) -> dict[str, th.Tensor]:
     """A copy of the model's policy parameters and buffers."""
     return {key: value.detach().clone() for key, value in model.policy.state_dict().items()}
@@ -205,7 +213,7 @@ def policy_state(model: Any) -> dict[str, th.Tensor]:
 
 def ceiling(limit: float, steps_per_iteration: int, product_seconds: float) -> float:
     """The ratio to the limit that ``learn`` would reach if everything but the env (at the limit's speed) and the
-    updates' matrix products were free: the most any implementation of the same computation can reach here."""
+    updates' matrix products were free: about the most an implementation making the same product calls can reach."""
     env_seconds = steps_per_iteration / limit
     return env_seconds / (env_seconds + product_seconds)
 
@@ -301,7 +309,8 @@ def standard_env_table(env_id: str, iterations: int, rounds: int = 3) -> list[st
     lines.append(
         f"CPO's ceiling (everything but the env and the update's matrix products free; {products.replayed:.3f} s of "
         f"matrix products per {result.steps_per_update}-step update replayed alone, {products.profiled:.3f} s under "
-        f"the profiler; the profiled twin ran the timed updates bit for bit: {'yes' if products.same_computation else 'NO'}"
+        f"the profiler ({products.not_replayed} calls not replayed); the profiled twin ran the timed updates bit for bit: "
+        f"{'yes' if products.same_computation else 'NO'}"
         f"): {result.cpo_ceiling():.2f}"
     )
     return lines
@@ -511,20 +520,21 @@ def main() -> None:
 
     print(
         "\nThe ceiling: the ratio if everything but the env and the updates' matrix products (torch's mm/addmm/bmm "
-        "kernels)\nwere free, the most the same computation with the same kernels can reach here. The products are those "
-        "of the\ntimed iterations, run again by a twin of the timed model under the torch profiler (their self time) and "
-        "replayed\nalone (each call's shapes, strides and dtypes, back to back, hot caches: the floor, used for the "
-        "ceiling):"
+        "kernels)\nwere free, about the most an implementation making the same product calls can reach. The "
+        "products are those\nof the timed iterations, run again by a twin of the timed model under the torch "
+        "profiler (their self time)\nand replayed alone (each call's shapes, strides and dtypes, back to back, hot "
+        "caches: about their floor,\nused for the ceiling):"
     )
     print(
         f"  {'':<30} {'profiled s/iter':>16} {'replayed s/iter':>16} {'other s/iter':>13} {'x limit':>8} "
-        f"{'ceiling':>8} {'same bits':>9}"
+        f"{'ceiling':>8} {'same bits':>9} {'not replayed':>12}"
     )
     for mode, times in products.items():
         other = phases[mode]["total"] - per_meta_iteration / limit - times.replayed
         print(
             f"  {'MetaCPO, ' + mode.replace('_', '-'):<30} {times.profiled:>16.3f} {times.replayed:>16.3f} {other:>13.3f} "
-            f"{meta.ratio(mode):>8.2f} {meta.ceiling(mode):>8.2f} {'yes' if times.same_computation else 'NO':>9}"
+            f"{meta.ratio(mode):>8.2f} {meta.ceiling(mode):>8.2f} {'yes' if times.same_computation else 'NO':>9} "
+            f"{times.not_replayed:>12}"
         )
 
     for mode, times in phases.items():
