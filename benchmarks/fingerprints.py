@@ -5,8 +5,8 @@ Run it before and after the change on the same machine and compare the lines: eq
 those runs computed the same bits. Float results depend on the CPU's kernels, so hashes are comparable between two
 versions of the library on one host, not between hosts.
 
-    python benchmarks/fingerprints.py > /tmp/before.txt      # at the old commit
-    python benchmarks/fingerprints.py | diff /tmp/before.txt -
+    python benchmarks/fingerprints.py > fingerprints_before.txt      # at the old commit (any file outside git)
+    python benchmarks/fingerprints.py | diff fingerprints_before.txt -
 
 The runs: MetaCPO first and second order on Toy2DNav, HalfCheetahVelocity and PointGoalHazard (one inner update;
 second order also with two on Toy2DNav), MetaTRPO and CPO on Toy2DNav, each a few iterations from seed 0, torch and

@@ -6,8 +6,8 @@ order) and CPO ``learn()`` on the same family, seeds and tasks in CPU seconds of
 BLAS on one thread). It prints every round and the medians, and the ratio after / before of each: on a shared
 machine whose speed varies between runs, the interleaving is what makes the ratio mean something.
 
-    git worktree add /tmp/before <old commit>
-    python benchmarks/learn_ab.py --before /tmp/before --after . | tee benchmarks/results/throughput/ab.txt
+    git worktree add ../before <old commit>
+    python benchmarks/learn_ab.py --before ../before --after . | tee benchmarks/results/throughput/ab.txt
 """
 
 from __future__ import annotations
