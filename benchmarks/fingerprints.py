@@ -28,7 +28,8 @@ from sb3_metacpo.tasks import make_task_distribution
 
 
 def policy_hash(model: Any) -> str:
-    """SHA-256 of the policy's parameters and buffers (names and bytes, in name order), first 16 hex digits."""
+    """SHA-256 of the policy's parameters and buffers (names and bytes, in name order), first 16 hex digits: equal
+    hashes mean the same bits (a NaN equals the same NaN, -0.0 differs from 0.0)."""
     digest = hashlib.sha256()
     for name, value in sorted(model.policy.state_dict().items()):
         digest.update(name.encode())

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 import torch as th
+from fingerprints import policy_hash
 from sb3_contrib import TRPO
 from stable_baselines3.common.vec_env import DummyVecEnv
 from threadpoolctl import threadpool_limits
@@ -153,12 +154,10 @@ def _seconds_per_call(call: Any, count: int) -> float:
     return best
 
 
-def matrix_product_seconds(
-    make_model: Any, steps_per_iteration: int, iterations: int, reference: dict[str, th.Tensor]
-) -> ProductTimes:
+def matrix_product_seconds(make_model: Any, steps_per_iteration: int, iterations: int, reference: str) -> ProductTimes:
     """The matrix products of the timed iterations, on a twin of the timed model: ``make_model()`` builds it as the
     timed model was built, it warms up as :func:`timed_learn` does, then runs the timed iterations under the torch
-    profiler (recording every product's operands); ``reference``: the timed model's final policy parameters.
+    profiler (recording every product's operands); ``reference``: the timed model's final :func:`policy_hash`.
 
     The replayed figure is about the floor of those calls: each product alone, back to back, in hot caches (with
     Python's ~0.5 µs of dispatch per call still in it), so an implementation making the same product calls spends
@@ -170,8 +169,7 @@ def matrix_product_seconds(
     model.learn(steps_per_iteration)
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         model.learn(steps_per_iteration * iterations, reset_num_timesteps=False)
-    state = model.policy.state_dict()
-    same = state.keys() == reference.keys() and all(_same_bits(state[key], reference[key]) for key in reference)
+    same = policy_hash(model) == reference
     profiled = 0.0
     groups: dict[tuple, list] = {}
     for event in prof.events():
@@ -197,18 +195,6 @@ def matrix_product_seconds(
         replayed += self_seconds if call is None else count * _seconds_per_call(call, count)
         not_replayed += count if call is None else 0
     return ProductTimes(profiled / iterations, replayed / iterations, same, not_replayed)
-
-
-def _same_bits(a: th.Tensor, b: th.Tensor) -> bool:
-    """Bit-for-bit equality (NaN equal to the same NaN, -0.0 unequal to 0.0), which ``torch.equal`` is not."""
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    return a.detach().cpu().contiguous().numpy().tobytes() == b.detach().cpu().contiguous().numpy().tobytes()
-
-
-def policy_state(model: Any) -> dict[str, th.Tensor]:
-    """A copy of the model's policy parameters and buffers."""
-    return {key: value.detach().clone() for key, value in model.policy.state_dict().items()}
 
 
 def ceiling(limit: float, steps_per_iteration: int, product_seconds: float) -> float:
@@ -276,7 +262,7 @@ def measure_standard_env(env_id: str, iterations: int, rounds: int = 3) -> Stand
         model.learn(model.n_steps * iterations, reset_num_timesteps=False)
         seconds = time.process_time() - start
         if kind == "CPO" and not cpo_products:  # the first round's timed updates again, on a twin, profiled
-            products = matrix_product_seconds(lambda: build(kind, fast), model.n_steps, iterations, policy_state(model))
+            products = matrix_product_seconds(lambda: build(kind, fast), model.n_steps, iterations, policy_hash(model))
             cpo_products.append((products, model.n_steps))
         return model.n_steps * iterations / seconds
 
@@ -364,7 +350,7 @@ def measure_meta(args: argparse.Namespace) -> MetaThroughput:
         model = meta_model(fresh(), args, mode)
         speeds[mode], phases[mode] = timed_learn(model, per_iteration, args.iterations)
         twin = lambda mode=mode: meta_model(fresh(), args, mode)  # noqa: E731
-        products[mode] = matrix_product_seconds(twin, per_iteration, args.iterations, policy_state(model))
+        products[mode] = matrix_product_seconds(twin, per_iteration, args.iterations, policy_hash(model))
     return MetaThroughput(limit, speeds, phases, products, per_iteration)
 
 
