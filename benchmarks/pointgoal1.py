@@ -7,6 +7,11 @@ measure of OmniSafe's benchmark table (research/anchors.md section 3: CPO 20.46 
     python benchmarks/pointgoal1.py --timesteps 1000000 --seed 0                  # each one's defaults (2048 steps)
     python benchmarks/pointgoal1.py --timesteps 1000000 --seed 0 --n-steps 20000  # OmniSafe's steps per epoch
     python benchmarks/pointgoal1.py --summarise --last 100   # the last-100 statistics of --out's monitor files
+    # three seeds of each, with the final policies' evaluations and the table over seeds:
+    for s in 0 1 2; do python benchmarks/pointgoal1.py --seed $s --out benchmarks/results/pointgoal1_seeds --last 100; done
+    for s in 0 1 2; do python benchmarks/pointgoal1.py --seed $s --algorithms CPO --n-steps 20000 \
+        --out benchmarks/results/pointgoal1_seeds --last 100; done
+    python benchmarks/pointgoal1.py --summarise --last 100 --out benchmarks/results/pointgoal1_seeds
 
 The summary gives each mean with its standard error over those episodes (ddof=1) and the share of them at or under
 the cost limit.
@@ -17,8 +22,10 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
 import time
 from pathlib import Path
+from typing import Any
 
 import gymnasium as gym
 import matplotlib
@@ -28,11 +35,15 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch as th
 from sb3_contrib import TRPO
+from scipy.stats import t as stats_t
 from stable_baselines3.common.vec_env import DummyVecEnv
 
 from sb3_metacpo import CPO
+from sb3_metacpo.common.envs import make_safe_vec_env
+from sb3_metacpo.common.evaluation import evaluate_safe_policy
 from sb3_metacpo.tasks.compat import import_safety_gymnasium
 from sb3_metacpo.tasks.monitor import CostMonitor
+from sb3_metacpo.tasks.safety_gym import fast_standard_env
 
 ENV_ID = "SafetyPointGoal1Gymnasium-v0"
 ALGORITHMS = {"CPO": CPO, "TRPO": TRPO}
@@ -42,10 +53,26 @@ def run_name(name: str, seed: int, n_steps: int | None) -> str:
     return f"{name}_seed{seed}" + ("" if n_steps is None else f"_nsteps{n_steps}")
 
 
-def run(name: str, timesteps: int, seed: int, cost_limit: float, n_steps: int | None, out: Path) -> dict:
+def run(
+    name: str,
+    timesteps: int,
+    seed: int,
+    cost_limit: float,
+    n_steps: int | None,
+    out: Path,
+    stock_env: bool = False,
+    eval_episodes: int = 50,
+) -> dict:
+    """Train ``name`` on one env of :data:`ENV_ID`: the library's fast env (the same episodes as upstream's, bit for
+    bit: ``tests/test_fast_step.py``), or with ``stock_env`` safety-gymnasium's own; then :func:`evaluate_final`."""
     import_safety_gymnasium()
     monitor_file = out / run_name(name, seed, n_steps)
-    env = DummyVecEnv([lambda: CostMonitor(gym.make(ENV_ID), filename=str(monitor_file))])
+
+    def make() -> gym.Env:
+        env = gym.make(ENV_ID)
+        return CostMonitor(env if stock_env else fast_standard_env(env), filename=str(monitor_file))
+
+    env = DummyVecEnv([make])
     kwargs: dict = {"cost_limit": cost_limit} if name == "CPO" else {}
     if n_steps is not None:
         kwargs["n_steps"] = n_steps
@@ -55,15 +82,31 @@ def run(name: str, timesteps: int, seed: int, cost_limit: float, n_steps: int | 
     seconds = time.perf_counter() - start
     env.close()
     episodes = read_monitor(Path(f"{monitor_file}.monitor.csv"))
-    n_steps = model.n_steps
     return {
         "algorithm": name,
         "seed": seed,
-        "n_steps": n_steps,
+        "n_steps": model.n_steps,
         "timesteps": timesteps,
+        "updates": model.num_timesteps // model.n_steps,
         "seconds": seconds,
         "episodes": episodes,
+        "evaluation": evaluate_final(model, seed, eval_episodes),
     }
+
+
+def evaluate_final(model: Any, seed: int, episodes: int) -> dict:
+    """The final policy on ``episodes`` episodes of a fresh env seeded apart from training (``10000 + seed``, as
+    ``cpo_eval.py``): the stochastic policy (what CPO constrains) and the mean action, each with its mean and
+    population standard deviation of the episode return and cost."""
+    result = {}
+    for deterministic, key in ((False, "stochastic"), (True, "mean_action")):
+        env = make_safe_vec_env(ENV_ID)
+        env.seed(10_000 + seed)
+        th.manual_seed(10_000 + seed)
+        reward, reward_sd, cost, cost_sd = evaluate_safe_policy(model, env, episodes, deterministic)
+        result[key] = {"return": reward, "return_sd": reward_sd, "cost": cost, "cost_sd": cost_sd, "episodes": episodes}
+        env.close()
+    return result
 
 
 def read_monitor(path: Path) -> list[dict]:
@@ -99,17 +142,82 @@ def summarise(out: Path, last: int, cost_limit: float) -> None:
             f"| {path.name.removesuffix('.monitor.csv')} | {len(episodes)} | {stats['return']:.2f} ± {stats['return_se']:.2f} "
             f"| {stats['cost']:.2f} ± {stats['cost_se']:.2f} | {stats['under_limit']:.0%} |"
         )
+    seed_table(out, last, cost_limit)
+
+
+def interval(values: list[float]) -> str:
+    """Mean ± the 95 % t-interval's half-width over ``values`` (one per seed; no interval for one seed)."""
+    mean = float(np.mean(values))
+    if len(values) < 2:
+        return f"{mean:.2f} (1 seed)"
+    half = float(stats_t.ppf(0.975, len(values) - 1) * np.std(values, ddof=1) / np.sqrt(len(values)))
+    return f"{mean:.2f} ± {half:.2f}"
+
+
+def seed_table(out: Path, last: int, cost_limit: float) -> None:
+    """Per configuration (algorithm and steps per update) with a result file, over its seeds: the mean of each seed's
+    last-``last`` training episodes and of each seed's final-policy evaluation (stochastic policy and mean action),
+    ± the 95 % t-interval over the seeds, and how many seeds are at or under ``cost_limit``."""
+    runs: dict[tuple[str, int], list[dict]] = {}
+    for path in sorted(out.glob("*.json")):
+        with open(path) as handle:
+            result = json.load(handle)
+        if "evaluation" not in result:  # written before the script evaluated the final policy
+            continue
+        result["training"] = episode_statistics(read_monitor(path.with_suffix(".monitor.csv")), last, cost_limit)
+        runs.setdefault((result["algorithm"], result["n_steps"]), []).append(result)
+    if not runs:
+        return
+    print(f"\nOver seeds (± 95 % t-interval over the seeds; seeds at or under {cost_limit:g} in brackets):\n")
+    print(
+        f"| algorithm | steps/update | updates | seeds | return, last {last} | cost, last {last} "
+        "| return, final policy | cost, final policy | cost, final mean action |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for (name, n_steps), results in sorted(runs.items()):
+        training = [r["training"] for r in results]
+        final = [r["evaluation"]["stochastic"] for r in results]
+        mean_action = [r["evaluation"]["mean_action"] for r in results]
+
+        def cost_cell(rows: list[dict]) -> str:
+            under = sum(row["cost"] <= cost_limit for row in rows)
+            return f"{interval([row['cost'] for row in rows])} ({under}/{len(rows)})"
+
+        print(
+            f"| {name} | {n_steps} | {results[0]['updates']} | {', '.join(str(r['seed']) for r in results)} "
+            f"| {interval([row['return'] for row in training])} | {cost_cell(training)} "
+            f"| {interval([row['return'] for row in final])} | {cost_cell(final)} | {cost_cell(mean_action)} |"
+        )
+    episodes = sorted({row["episodes"] for r in runs.values() for result in r for row in result["evaluation"].values()})
+    print(f"\n(final policy: {', '.join(map(str, episodes))} episodes per seed on an env seeded 10000 + seed)")
 
 
 def plot(out: Path, cost_limit: float, window: int = 20) -> None:
-    """Learning curves of every monitor file in ``out`` (moving averages over ``window`` episodes)."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    """Learning curves of the runs in ``out`` (moving averages over ``window`` episodes), one line per configuration
+    (the file name without its ``_seedN``): a run's own curve, or with several seeds their mean and, shaded, the
+    lowest and highest seed (up to the shortest run)."""
+    curves: dict[str, list[tuple[np.ndarray, dict[str, np.ndarray]]]] = {}
     for path in sorted(out.glob("*.monitor.csv")):
         episodes = read_monitor(path)
-        steps = np.cumsum([int(e["l"]) for e in episodes])
+        width = min(window, len(episodes))  # a short run (fewer episodes than the window) gets one wide mean
+        if width == 0:
+            continue
+        steps = np.cumsum([int(e["l"]) for e in episodes])[width - 1 :]
+        values = {
+            key: np.convolve([float(e[key]) for e in episodes], np.ones(width) / width, mode="valid") for key in ("r", "c")
+        }
+        curves.setdefault(re.sub(r"_seed\d+", "", path.name.removesuffix(".monitor.csv")), []).append((steps, values))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for name, runs in curves.items():
+        length = min(len(steps) for steps, _ in runs)
+        label = name if len(runs) == 1 else f"{name} ({len(runs)} seeds)"
         for axis, key in zip(axes, ("r", "c"), strict=True):
-            values = np.convolve([float(e[key]) for e in episodes], np.ones(window) / window, mode="valid")
-            axis.plot(steps[window - 1 :], values, label=path.name.removesuffix(".monitor.csv"))
+            stacked = np.stack([values[key][:length] for _, values in runs])
+            (line,) = axis.plot(runs[0][0][:length], stacked.mean(0), label=label)
+            if len(runs) > 1:
+                axis.fill_between(
+                    runs[0][0][:length], stacked.min(0), stacked.max(0), color=line.get_color(), alpha=0.2, linewidth=0
+                )
     axes[0].axhline(20.46, color="gray", linestyle="--", label="OmniSafe CPO at 1e7 steps")
     axes[1].axhline(28.84, color="gray", linestyle="--", label="OmniSafe CPO at 1e7 steps")
     axes[1].axhline(cost_limit, color="red", linestyle=":", label="cost limit")
@@ -134,6 +242,8 @@ def summary(result: dict, last: int) -> dict:
         "return": float(np.mean([float(e["r"]) for e in tail])),
         "cost": float(np.mean([float(e["c"]) for e in tail])),
         "steps_per_s": result["timesteps"] / result["seconds"],
+        "updates": result["updates"],
+        "evaluation": result["evaluation"],
     }
 
 
@@ -146,6 +256,8 @@ def main() -> None:
     parser.add_argument("--last", type=int, default=20, help="training episodes averaged for the summary")
     parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=list(ALGORITHMS))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/pointgoal1"))
+    parser.add_argument("--stock-env", action="store_true", help="upstream's env (same episodes, slower)")
+    parser.add_argument("--eval-episodes", type=int, default=50, help="episodes of each final-policy evaluation")
     parser.add_argument("--plot-only", action="store_true", help="redraw learning_curves.png from --out's monitor files")
     parser.add_argument("--summarise", action="store_true", help="only print the --last statistics of --out's monitor files")
     args = parser.parse_args()
@@ -159,7 +271,10 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in args.algorithms:
-        row = summary(run(name, args.timesteps, args.seed, args.cost_limit, args.n_steps, args.out), args.last)
+        row = summary(
+            run(name, args.timesteps, args.seed, args.cost_limit, args.n_steps, args.out, args.stock_env, args.eval_episodes),
+            args.last,
+        )
         rows.append(row)
         print(json.dumps(row), flush=True)
         with open(args.out / f"{run_name(name, args.seed, args.n_steps)}.json", "w") as handle:
