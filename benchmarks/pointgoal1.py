@@ -49,8 +49,21 @@ ENV_ID = "SafetyPointGoal1Gymnasium-v0"
 ALGORITHMS = {"CPO": CPO, "TRPO": TRPO}
 
 
-def run_name(name: str, seed: int, n_steps: int | None) -> str:
-    return f"{name}_seed{seed}" + ("" if n_steps is None else f"_nsteps{n_steps}")
+def _value_text(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def variant(name: str, options: dict[str, Any]) -> str:
+    """The run's label: the algorithm, with its non-default CPO options (``CPO (recovery=violated)``)."""
+    if not options:
+        return name
+    return f"{name} ({', '.join(f'{key}={_value_text(value)}' for key, value in options.items())})"
+
+
+def run_name(name: str, seed: int, n_steps: int | None, options: dict[str, Any] | None = None) -> str:
+    """The file name of a run: ``CPO_seed0``, ``CPO_seed0_nsteps20000``, ``CPO-recovery-violated_seed0``."""
+    tags = "".join(f"-{key.replace('_', '-')}-{_value_text(value)}" for key, value in (options or {}).items())
+    return f"{name}{tags}_seed{seed}" + ("" if n_steps is None else f"_nsteps{n_steps}")
 
 
 def run(
@@ -62,18 +75,21 @@ def run(
     out: Path,
     stock_env: bool = False,
     eval_episodes: int = 50,
+    options: dict[str, Any] | None = None,
 ) -> dict:
-    """Train ``name`` on one env of :data:`ENV_ID`: the library's fast env (the same episodes as upstream's, bit for
-    bit: ``tests/test_fast_step.py``), or with ``stock_env`` safety-gymnasium's own; then :func:`evaluate_final`."""
+    """Train ``name`` (with the constructor ``options``, CPO only) on one env of :data:`ENV_ID`: the library's fast
+    env (the same episodes as upstream's, bit for bit: ``tests/test_fast_step.py``), or with ``stock_env``
+    safety-gymnasium's own; then :func:`evaluate_final`."""
     import_safety_gymnasium()
-    monitor_file = out / run_name(name, seed, n_steps)
+    options = options or {}
+    monitor_file = out / run_name(name, seed, n_steps, options)
 
     def make() -> gym.Env:
         env = gym.make(ENV_ID)
         return CostMonitor(env if stock_env else fast_standard_env(env), filename=str(monitor_file))
 
     env = DummyVecEnv([make])
-    kwargs: dict = {"cost_limit": cost_limit} if name == "CPO" else {}
+    kwargs: dict = {"cost_limit": cost_limit, **options} if name == "CPO" else {}
     if n_steps is not None:
         kwargs["n_steps"] = n_steps
     model = ALGORITHMS[name]("MlpPolicy", env, seed=seed, **kwargs)
@@ -84,6 +100,7 @@ def run(
     episodes = read_monitor(Path(f"{monitor_file}.monitor.csv"))
     return {
         "algorithm": name,
+        "variant": variant(name, options),
         "seed": seed,
         "n_steps": model.n_steps,
         "timesteps": timesteps,
@@ -165,7 +182,7 @@ def seed_table(out: Path, last: int, cost_limit: float) -> None:
         if "evaluation" not in result:  # written before the script evaluated the final policy
             continue
         result["training"] = episode_statistics(read_monitor(path.with_suffix(".monitor.csv")), last, cost_limit)
-        runs.setdefault((result["algorithm"], result["n_steps"]), []).append(result)
+        runs.setdefault((result.get("variant", result["algorithm"]), result["n_steps"]), []).append(result)
     if not runs:
         return
     print(f"\nOver seeds (± 95 % t-interval over the seeds; seeds at or under {cost_limit:g} in brackets):\n")
@@ -235,6 +252,7 @@ def summary(result: dict, last: int) -> dict:
     tail = result["episodes"][-last:]
     return {
         "algorithm": result["algorithm"],
+        "variant": result["variant"],
         "seed": result["seed"],
         "n_steps": result["n_steps"],
         "timesteps": result["timesteps"],
@@ -258,6 +276,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/pointgoal1"))
     parser.add_argument("--stock-env", action="store_true", help="upstream's env (same episodes, slower)")
     parser.add_argument("--eval-episodes", type=int, default=50, help="episodes of each final-policy evaluation")
+    parser.add_argument("--cpo-recovery", choices=("linearised", "violated", "confident"), help="CPO's recovery rule")
+    parser.add_argument("--cpo-cost-confidence", type=float, help="CPO's cost_confidence (kappa)")
     parser.add_argument("--plot-only", action="store_true", help="redraw learning_curves.png from --out's monitor files")
     parser.add_argument("--summarise", action="store_true", help="only print the --last statistics of --out's monitor files")
     args = parser.parse_args()
@@ -269,15 +289,30 @@ def main() -> None:
         return
     th.set_num_threads(1)  # one core per run: the simulator is single-threaded and a 64x64 MLP gains nothing from more
     args.out.mkdir(parents=True, exist_ok=True)
+    options: dict[str, Any] = {}
+    if args.cpo_recovery is not None:
+        options["recovery"] = args.cpo_recovery
+    if args.cpo_cost_confidence is not None:
+        options["cost_confidence"] = args.cpo_cost_confidence
+    if options and args.algorithms != ["CPO"]:
+        parser.error("--cpo-recovery and --cpo-cost-confidence need --algorithms CPO")
     rows = []
     for name in args.algorithms:
-        row = summary(
-            run(name, args.timesteps, args.seed, args.cost_limit, args.n_steps, args.out, args.stock_env, args.eval_episodes),
-            args.last,
+        result = run(
+            name,
+            args.timesteps,
+            args.seed,
+            args.cost_limit,
+            args.n_steps,
+            args.out,
+            args.stock_env,
+            args.eval_episodes,
+            options,
         )
+        row = summary(result, args.last)
         rows.append(row)
         print(json.dumps(row), flush=True)
-        with open(args.out / f"{run_name(name, args.seed, args.n_steps)}.json", "w") as handle:
+        with open(args.out / f"{run_name(name, args.seed, args.n_steps, options)}.json", "w") as handle:
             json.dump(row, handle, indent=1)
     last = args.last
     print(
@@ -286,7 +321,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(
-            f"| {row['algorithm']} | {row['seed']} | {row['n_steps']} | {row['timesteps']} | {row['episodes']} "
+            f"| {row['variant']} | {row['seed']} | {row['n_steps']} | {row['timesteps']} | {row['episodes']} "
             f"| {row['return']:.2f} | {row['cost']:.2f} | {row['steps_per_s']:.0f} |"
         )
     print("| OmniSafe CPO (published) | | 20000 | 10000000 | | 20.46 | 28.84 | |")
