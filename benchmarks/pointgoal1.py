@@ -34,8 +34,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import torch as th
+from adaptation import mean_and_interval
 from sb3_contrib import TRPO
-from scipy.stats import t as stats_t
 from stable_baselines3.common.vec_env import DummyVecEnv
 
 from sb3_metacpo import CPO
@@ -162,15 +162,6 @@ def summarise(out: Path, last: int, cost_limit: float) -> None:
     seed_table(out, last, cost_limit)
 
 
-def interval(values: list[float]) -> str:
-    """Mean ± the 95 % t-interval's half-width over ``values`` (one per seed; no interval for one seed)."""
-    mean = float(np.mean(values))
-    if len(values) < 2:
-        return f"{mean:.2f} (1 seed)"
-    half = float(stats_t.ppf(0.975, len(values) - 1) * np.std(values, ddof=1) / np.sqrt(len(values)))
-    return f"{mean:.2f} ± {half:.2f}"
-
-
 def seed_table(out: Path, last: int, cost_limit: float) -> None:
     """Per configuration (algorithm and steps per update) with a result file, over its seeds: the mean of each seed's
     last-``last`` training episodes and of each seed's final-policy evaluation (stochastic policy and mean action),
@@ -196,14 +187,15 @@ def seed_table(out: Path, last: int, cost_limit: float) -> None:
         final = [r["evaluation"]["stochastic"] for r in results]
         mean_action = [r["evaluation"]["mean_action"] for r in results]
 
-        def cost_cell(rows: list[dict]) -> str:
-            under = sum(row["cost"] <= cost_limit for row in rows)
-            return f"{interval([row['cost'] for row in rows])} ({under}/{len(rows)})"
+        def column(rows: list[dict], key: str) -> str:
+            """Mean ± interval over the seeds of ``key``; for the cost also the seeds at or under the limit."""
+            cell = mean_and_interval(np.array([row[key] for row in rows]), 2)
+            return cell if key == "return" else f"{cell} ({sum(row[key] <= cost_limit for row in rows)}/{len(rows)})"
 
         print(
             f"| {name} | {n_steps} | {results[0]['updates']} | {', '.join(str(r['seed']) for r in results)} "
-            f"| {interval([row['return'] for row in training])} | {cost_cell(training)} "
-            f"| {interval([row['return'] for row in final])} | {cost_cell(final)} | {cost_cell(mean_action)} |"
+            f"| {column(training, 'return')} | {column(training, 'cost')} | {column(final, 'return')} "
+            f"| {column(final, 'cost')} | {column(mean_action, 'cost')} |"
         )
     episodes = sorted({row["episodes"] for r in runs.values() for result in r for row in result["evaluation"].values()})
     print(f"\n(final policy: {', '.join(map(str, episodes))} episodes per seed on an env seeded 10000 + seed)")
