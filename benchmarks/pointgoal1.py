@@ -199,6 +199,29 @@ def seed_table(out: Path, last: int, cost_limit: float) -> None:
         )
     episodes = sorted({row["episodes"] for r in runs.values() for result in r for row in result["evaluation"].values()})
     print(f"\n(final policy: {', '.join(map(str, episodes))} episodes per seed on an env seeded 10000 + seed)")
+    paired_table(runs, last)
+
+
+def paired_table(runs: dict[tuple[str, int], list[dict]], last: int) -> None:
+    """Each configuration minus CPO with its defaults at the same steps per update, seed by seed (the seeds both
+    have): mean difference ± the 95 % t-interval over the seeds, of the last-``last`` means and of the final policy."""
+    lines = []
+    for (name, n_steps), results in sorted(runs.items()):
+        baseline = {r["seed"]: r for r in runs.get(("CPO", n_steps), [])}
+        pairs = [(r, baseline[r["seed"]]) for r in results if r["seed"] in baseline]
+        if name == "CPO" or not pairs:
+            continue
+        cells = [
+            mean_and_interval(np.array([part(r)[key] - part(b)[key] for r, b in pairs]), 2)
+            for part in (lambda result: result["training"], lambda result: result["evaluation"]["stochastic"])
+            for key in ("return", "cost")
+        ]
+        lines.append(f"| {name} | {n_steps} | {', '.join(str(r['seed']) for r, _ in pairs)} | {' | '.join(cells)} |")
+    if lines:
+        print("\nPaired by seed, minus CPO with its defaults at the same steps per update (± 95 % t-interval):\n")
+        print(f"| run | steps/update | seeds | return, last {last} | cost, last {last} | return, final | cost, final |")
+        print("|---|---|---|---|---|---|---|")
+        print("\n".join(lines))
 
 
 def plot(out: Path, cost_limit: float, window: int = 20) -> None:
