@@ -12,6 +12,9 @@ measure of OmniSafe's benchmark table (research/anchors.md section 3: CPO 20.46 
     for s in 0 1 2; do python benchmarks/pointgoal1.py --seed $s --algorithms CPO --n-steps 20000 \
         --out benchmarks/results/pointgoal1_seeds --last 100; done
     python benchmarks/pointgoal1.py --summarise --last 100 --out benchmarks/results/pointgoal1_seeds
+    # the ablation of CPO's options (docs/guide/results.rst lists the runs): e.g.
+    python benchmarks/pointgoal1.py --seed 0 --algorithms CPO --cpo-recovery violated --cpo-cost-confidence 1 \
+        --out benchmarks/results/pointgoal1_seeds --last 100
 
 The summary gives each mean with its standard error over those episodes (ddof=1) and the share of them at or under
 the cost limit.
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import inspect
 import json
 import re
 import time
@@ -53,16 +57,34 @@ def _value_text(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def variant(name: str, options: dict[str, Any]) -> str:
-    """The run's label: the algorithm, with its non-default CPO options (``CPO (recovery=violated)``)."""
-    if not options:
-        return name
-    return f"{name} ({', '.join(f'{key}={_value_text(value)}' for key, value in options.items())})"
+DEFAULT_TIMESTEPS = 1_000_000
 
 
-def run_name(name: str, seed: int, n_steps: int | None, options: dict[str, Any] | None = None) -> str:
+def _settings(options: dict[str, Any], timesteps: int, stock_env: bool) -> list[tuple[str, str]]:
+    """A run's settings besides the algorithm, seed and steps per update that its name and label carry: CPO's options,
+    a budget other than :data:`DEFAULT_TIMESTEPS` and the stock env."""
+    settings = [(key, f"{value:g}" if isinstance(value, float) else str(value)) for key, value in options.items()]
+    if timesteps != DEFAULT_TIMESTEPS:
+        settings.append(("timesteps", str(timesteps)))
+    return settings + ([("env", "stock")] if stock_env else [])
+
+
+def variant(name: str, options: dict[str, Any], timesteps: int = DEFAULT_TIMESTEPS, stock_env: bool = False) -> str:
+    """The run's label: the algorithm with its other settings (``CPO (recovery=violated)``)."""
+    settings = _settings(options, timesteps, stock_env)
+    return name if not settings else f"{name} ({', '.join(f'{key}={value}' for key, value in settings)})"
+
+
+def run_name(
+    name: str,
+    seed: int,
+    n_steps: int | None,
+    options: dict[str, Any] | None = None,
+    timesteps: int = DEFAULT_TIMESTEPS,
+    stock_env: bool = False,
+) -> str:
     """The file name of a run: ``CPO_seed0``, ``CPO_seed0_nsteps20000``, ``CPO-recovery-violated_seed0``."""
-    tags = "".join(f"-{key.replace('_', '-')}-{_value_text(value)}" for key, value in (options or {}).items())
+    tags = "".join(f"-{key.replace('_', '-')}-{value}" for key, value in _settings(options or {}, timesteps, stock_env))
     return f"{name}{tags}_seed{seed}" + ("" if n_steps is None else f"_nsteps{n_steps}")
 
 
@@ -82,7 +104,7 @@ def run(
     safety-gymnasium's own; then :func:`evaluate_final`."""
     import_safety_gymnasium()
     options = options or {}
-    monitor_file = out / run_name(name, seed, n_steps, options)
+    monitor_file = out / run_name(name, seed, n_steps, options, timesteps, stock_env)
 
     def make() -> gym.Env:
         env = gym.make(ENV_ID)
@@ -100,7 +122,7 @@ def run(
     episodes = read_monitor(Path(f"{monitor_file}.monitor.csv"))
     return {
         "algorithm": name,
-        "variant": variant(name, options),
+        "variant": variant(name, options, timesteps, stock_env),
         "seed": seed,
         "n_steps": model.n_steps,
         "timesteps": timesteps,
@@ -211,16 +233,24 @@ def paired_table(runs: dict[tuple[str, int], list[dict]], last: int) -> None:
         pairs = [(r, baseline[r["seed"]]) for r in results if r["seed"] in baseline]
         if name == "CPO" or not pairs:
             continue
+        parts = (
+            lambda result: result["training"],
+            lambda result: result["evaluation"]["stochastic"],
+            lambda result: result["evaluation"]["mean_action"],
+        )
         cells = [
             mean_and_interval(np.array([part(r)[key] - part(b)[key] for r, b in pairs]), 2)
-            for part in (lambda result: result["training"], lambda result: result["evaluation"]["stochastic"])
+            for part in parts
             for key in ("return", "cost")
         ]
         lines.append(f"| {name} | {n_steps} | {', '.join(str(r['seed']) for r, _ in pairs)} | {' | '.join(cells)} |")
     if lines:
         print("\nPaired by seed, minus CPO with its defaults at the same steps per update (± 95 % t-interval):\n")
-        print(f"| run | steps/update | seeds | return, last {last} | cost, last {last} | return, final | cost, final |")
-        print("|---|---|---|---|---|---|---|")
+        print(
+            f"| run | steps/update | seeds | return, last {last} | cost, last {last} | return, final | cost, final "
+            "| return, final mean action | cost, final mean action |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|")
         print("\n".join(lines))
 
 
@@ -282,7 +312,7 @@ def summary(result: dict, last: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--timesteps", type=int, default=1_000_000)
+    parser.add_argument("--timesteps", type=int, default=DEFAULT_TIMESTEPS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cost-limit", type=float, default=25.0)
     parser.add_argument("--n-steps", type=int, help="env steps per update for both (default: each one's default, 2048)")
@@ -309,6 +339,8 @@ def main() -> None:
         options["recovery"] = args.cpo_recovery
     if args.cpo_cost_confidence is not None:
         options["cost_confidence"] = args.cpo_cost_confidence
+    defaults = inspect.signature(CPO.__init__).parameters
+    options = {key: value for key, value in options.items() if value != defaults[key].default}  # CPO's own: no variant
     if options and args.algorithms != ["CPO"]:
         parser.error("--cpo-recovery and --cpo-cost-confidence need --algorithms CPO")
     rows = []
@@ -327,7 +359,8 @@ def main() -> None:
         row = summary(result, args.last)
         rows.append(row)
         print(json.dumps(row), flush=True)
-        with open(args.out / f"{run_name(name, args.seed, args.n_steps, options)}.json", "w") as handle:
+        file_name = run_name(name, args.seed, args.n_steps, options, args.timesteps, args.stock_env)
+        with open(args.out / f"{file_name}.json", "w") as handle:
             json.dump(row, handle, indent=1)
     last = args.last
     print(
