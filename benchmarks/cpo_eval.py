@@ -14,6 +14,7 @@ import json
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import torch as th
 
@@ -38,6 +39,21 @@ def commit() -> str:
     return out.stdout.strip()
 
 
+def evaluate_final(model: Any, env_id: str, seed: int, episodes: int) -> dict[str, dict[str, float]]:
+    """The final policy on ``episodes`` episodes of a fresh ``env_id`` env seeded apart from training (``10000 +
+    seed``, torch too): ``"stochastic"`` (what CPO constrains) and ``"mean_action"``, each with the mean and population
+    standard deviation of the episode return and cost."""
+    result = {}
+    for deterministic, key in ((False, "stochastic"), (True, "mean_action")):
+        env = make_safe_vec_env(env_id)
+        env.seed(10_000 + seed)
+        th.manual_seed(10_000 + seed)
+        reward, reward_sd, cost, cost_sd = evaluate_safe_policy(model, env, episodes, deterministic)
+        result[key] = {"return": reward, "return_sd": reward_sd, "cost": cost, "cost_sd": cost_sd, "episodes": episodes}
+        env.close()
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--env-id", default="SafetyPointGoal1Gymnasium-v0")
@@ -60,13 +76,7 @@ def main() -> None:
         "updates": model.num_timesteps // (model.n_steps * model.n_envs),
         "train_cpu_s": round(time.process_time() - start, 1),
     }
-    for deterministic, key in ((False, "stochastic"), (True, "mean_action")):
-        env = make_safe_vec_env(args.env_id)
-        env.seed(10_000 + args.seed)
-        th.manual_seed(10_000 + args.seed)
-        reward, reward_sd, cost, cost_sd = evaluate_safe_policy(model, env, args.episodes, deterministic)
-        result[key] = {"return": reward, "return_sd": reward_sd, "cost": cost, "cost_sd": cost_sd, "episodes": args.episodes}
-        env.close()
+    result.update(evaluate_final(model, args.env_id, args.seed, args.episodes))
     print(json.dumps(result), flush=True)
 
 

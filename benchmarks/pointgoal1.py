@@ -39,12 +39,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch as th
 from adaptation import mean_and_interval
+from cpo_eval import evaluate_final
 from sb3_contrib import TRPO
 from stable_baselines3.common.vec_env import DummyVecEnv
 
 from sb3_metacpo import CPO
-from sb3_metacpo.common.envs import make_safe_vec_env
-from sb3_metacpo.common.evaluation import evaluate_safe_policy
 from sb3_metacpo.tasks.compat import import_safety_gymnasium
 from sb3_metacpo.tasks.monitor import CostMonitor
 from sb3_metacpo.tasks.safety_gym import fast_standard_env
@@ -53,17 +52,17 @@ ENV_ID = "SafetyPointGoal1Gymnasium-v0"
 ALGORITHMS = {"CPO": CPO, "TRPO": TRPO}
 
 
+DEFAULT_TIMESTEPS = 1_000_000
+
+
 def _value_text(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-DEFAULT_TIMESTEPS = 1_000_000
 
 
 def _settings(options: dict[str, Any], timesteps: int, stock_env: bool) -> list[tuple[str, str]]:
     """A run's settings besides the algorithm, seed and steps per update that its name and label carry: CPO's options,
     a budget other than :data:`DEFAULT_TIMESTEPS` and the stock env."""
-    settings = [(key, f"{value:g}" if isinstance(value, float) else str(value)) for key, value in options.items()]
+    settings = [(key, _value_text(value)) for key, value in options.items()]
     if timesteps != DEFAULT_TIMESTEPS:
         settings.append(("timesteps", str(timesteps)))
     return settings + ([("env", "stock")] if stock_env else [])
@@ -121,6 +120,7 @@ def run(
     env.close()
     episodes = read_monitor(Path(f"{monitor_file}.monitor.csv"))
     return {
+        "file": monitor_file.name,
         "algorithm": name,
         "variant": variant(name, options, timesteps, stock_env),
         "seed": seed,
@@ -129,23 +129,8 @@ def run(
         "updates": model.num_timesteps // model.n_steps,
         "seconds": seconds,
         "episodes": episodes,
-        "evaluation": evaluate_final(model, seed, eval_episodes),
+        "evaluation": evaluate_final(model, ENV_ID, seed, eval_episodes),
     }
-
-
-def evaluate_final(model: Any, seed: int, episodes: int) -> dict:
-    """The final policy on ``episodes`` episodes of a fresh env seeded apart from training (``10000 + seed``, as
-    ``cpo_eval.py``): the stochastic policy (what CPO constrains) and the mean action, each with its mean and
-    population standard deviation of the episode return and cost."""
-    result = {}
-    for deterministic, key in ((False, "stochastic"), (True, "mean_action")):
-        env = make_safe_vec_env(ENV_ID)
-        env.seed(10_000 + seed)
-        th.manual_seed(10_000 + seed)
-        reward, reward_sd, cost, cost_sd = evaluate_safe_policy(model, env, episodes, deterministic)
-        result[key] = {"return": reward, "return_sd": reward_sd, "cost": cost, "cost_sd": cost_sd, "episodes": episodes}
-        env.close()
-    return result
 
 
 def read_monitor(path: Path) -> list[dict]:
@@ -227,17 +212,17 @@ def seed_table(out: Path, last: int, cost_limit: float) -> None:
 def paired_table(runs: dict[tuple[str, int], list[dict]], last: int) -> None:
     """Each configuration minus CPO with its defaults at the same steps per update, seed by seed (the seeds both
     have): mean difference ± the 95 % t-interval over the seeds, of the last-``last`` means and of the final policy."""
+    parts = (
+        lambda result: result["training"],
+        lambda result: result["evaluation"]["stochastic"],
+        lambda result: result["evaluation"]["mean_action"],
+    )
     lines = []
     for (name, n_steps), results in sorted(runs.items()):
         baseline = {r["seed"]: r for r in runs.get(("CPO", n_steps), [])}
         pairs = [(r, baseline[r["seed"]]) for r in results if r["seed"] in baseline]
         if name == "CPO" or not pairs:
             continue
-        parts = (
-            lambda result: result["training"],
-            lambda result: result["evaluation"]["stochastic"],
-            lambda result: result["evaluation"]["mean_action"],
-        )
         cells = [
             mean_and_interval(np.array([part(r)[key] - part(b)[key] for r, b in pairs]), 2)
             for part in parts
@@ -359,8 +344,7 @@ def main() -> None:
         row = summary(result, args.last)
         rows.append(row)
         print(json.dumps(row), flush=True)
-        file_name = run_name(name, args.seed, args.n_steps, options, args.timesteps, args.stock_env)
-        with open(args.out / f"{file_name}.json", "w") as handle:
+        with open(args.out / f"{result['file']}.json", "w") as handle:
             json.dump(row, handle, indent=1)
     last = args.last
     print(
