@@ -41,7 +41,8 @@ class InfoReader(BaseCallback):
         self.calls += 1
         infos, dones = self.locals["infos"], self.locals["dones"]
         assert len(infos) == len(dones) == len(self.locals["new_obs"]) == len(self.locals["rewards"])
-        assert self.locals["actions"].shape == (len(infos), 2)
+        assert self.locals["actions"].shape == self.locals["obs"].shape == (len(infos), 2)
+        assert self.locals["n_steps"] >= 0  # the step's index in its batch, as SB3's collect_rollouts names it
         self.costs += sum(info["cost"] for info in infos)
         self.episodes += sum("episode" in info for info in infos)
         return self.stop_after is None or self.calls < self.stop_after
@@ -55,6 +56,24 @@ def test_callbacks_read_sb3_locals_in_learn_and_adapt() -> None:
     adapt_reader = InfoReader()
     model.adapt("Toy2DNav", n_updates=1, n_steps=100, callback=adapt_reader)
     assert adapt_reader.calls == 100 and adapt_reader.episodes == 2
+
+
+def test_cpo_callbacks_read_sb3_locals() -> None:
+    class Steps(InfoReader):
+        def __init__(self) -> None:
+            super().__init__()
+            self.indices: list[int] = []
+
+        def _on_step(self) -> bool:
+            clipped = self.locals["clipped_actions"]
+            assert np.all(np.abs(clipped) <= 1.0) and clipped.shape == self.locals["actions"].shape
+            self.indices.append(self.locals["n_steps"])
+            return super()._on_step()
+
+    reader = Steps()
+    CPO("MlpPolicy", toy(), n_envs=2, n_steps=100, seed=0).learn(400, callback=reader)
+    assert reader.calls == 200 and reader.episodes == 8  # 2 envs x 200 steps, 50-step episodes
+    assert reader.indices == list(range(100)) * 2  # n_steps: the index within each 100-step rollout
 
 
 def test_stop_training_on_max_episodes_stops_learn_before_the_next_update() -> None:

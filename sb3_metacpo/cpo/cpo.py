@@ -356,20 +356,22 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):  # type: igno
         callback.on_rollout_start()
         act = self.policy.numpy_actor({name: value.unsqueeze(0) for name, value in self.policy.actor_params().items()})
         with phase("sampling"):
-            for t in range(n_rollout_steps):
-                last_obs = array_observations(self._last_obs)
-                actions = act(last_obs)
-                vec_obs, rewards, dones, infos = env.step(np.clip(actions, low, high))
+            # Callbacks read SB3's locals: obs, actions, clipped_actions, new_obs, rewards, dones, infos, n_steps.
+            for n_steps in range(n_rollout_steps):
+                obs = array_observations(self._last_obs)
+                actions = act(obs)
+                clipped_actions = np.clip(actions, low, high)
+                vec_obs, rewards, dones, infos = env.step(clipped_actions)
                 new_obs = array_observations(vec_obs)
                 self.num_timesteps += env.num_envs
                 self._update_info_buffer(infos, dones)
-                ended = storage.add(t, last_obs, actions, rewards, new_obs, dones, infos)
+                ended = storage.add(n_steps, obs, actions, rewards, new_obs, dones, infos)
                 episodes.extend(episode for _, episode in ended)
                 self._last_obs = new_obs
                 self._last_episode_starts = dones
                 callback.update_locals(locals())
                 if not callback.on_step():  # the envs have stepped: a later learn() goes on from where they are
-                    self._episode_step_at_rollout_start = self._episode_steps_after(storage, t + 1)
+                    self._episode_step_at_rollout_start = self._episode_steps_after(storage, n_steps + 1)
                     return False
         self._rollout = storage.batch(None, slice(None), episodes, first_steps=self._episode_step_at_rollout_start)
         # Episodes run on across rollouts: where each env's current episode stands for the next rollout.
