@@ -204,6 +204,21 @@ def ceiling(limit: float, steps_per_iteration: int, product_seconds: float) -> f
     return env_seconds / (env_seconds + product_seconds)
 
 
+#: The phases of a meta-iteration that run once per task: the M tasks' advantages, inner updates, meta-gradient terms
+#: and the outer line search's replays of the inner updates (the work that batching the tasks would merge).
+PER_TASK_PHASES = ("advantages", "inner_update", "meta_gradient", "outer_step/line_search")
+
+
+def batched_bound(limit: float, steps_per_iteration: int, times: dict[str, float], tasks: int) -> float:
+    """The ratio to the limit that ``learn`` would reach if its per-task phases (:data:`PER_TASK_PHASES`, CPU seconds
+    per iteration in ``times``) cost one task's share, 1/M of what they cost, and everything else what it cost: about
+    the most that running the M tasks' updates as one batch of operations could give. It is optimistic: a batched
+    operation on M tasks' data costs at least what one task's does (its matrix products M times as much), and the
+    phases still include the little of the outer step that is not per task (its policy's KL on all the data)."""
+    per_task = sum(times.get(name, 0.0) for name in PER_TASK_PHASES)
+    return steps_per_iteration / limit / (times["total"] - (1 - 1 / tasks) * per_task)
+
+
 #: The rows of :func:`measure_standard_env`.
 RAW_OURS, RAW_STOCK = "raw env, random actions, ours (the limit)", "raw env, random actions, stock"
 CPO_OURS, TRPO_OURS, TRPO_STOCK = "CPO learn(), ours", "sb3-contrib TRPO learn(), ours", "sb3-contrib TRPO learn(), stock env"
@@ -329,12 +344,16 @@ class MetaThroughput:
     phases: dict[str, dict[str, float]]
     products: dict[str, ProductTimes]
     steps_per_iteration: int
+    tasks: int
 
     def ratio(self, mode: str) -> float:
         return self.speeds[mode] / self.limit
 
     def ceiling(self, mode: str) -> float:
         return ceiling(self.limit, self.steps_per_iteration, self.products[mode].replayed)
+
+    def batched_bound(self, mode: str) -> float:
+        return batched_bound(self.limit, self.steps_per_iteration, self.phases[mode], self.tasks)
 
 
 def measure_meta(args: argparse.Namespace) -> MetaThroughput:
@@ -351,7 +370,7 @@ def measure_meta(args: argparse.Namespace) -> MetaThroughput:
         speeds[mode], phases[mode] = timed_learn(model, per_iteration, args.iterations)
         twin = lambda mode=mode: meta_model(fresh(), args, mode)  # noqa: E731
         products[mode] = matrix_product_seconds(twin, per_iteration, args.iterations, policy_hash(model))
-    return MetaThroughput(limit, speeds, phases, products, per_iteration)
+    return MetaThroughput(limit, speeds, phases, products, per_iteration, args.tasks)
 
 
 def task_vec_env(dist: TaskDistribution, tasks: list, envs_per_task: int) -> DummyVecEnv:
@@ -509,18 +528,21 @@ def main() -> None:
         "kernels)\nwere free, about the most an implementation making the same product calls can reach. The "
         "products are those\nof the timed iterations, run again by a twin of the timed model under the torch "
         "profiler (their self time)\nand replayed alone (each call's shapes, strides and dtypes, back to back, hot "
-        "caches: about their floor,\nused for the ceiling):"
+        "caches: about their floor,\nused for the ceiling).\n'batched': the ratio if the per-task phases ("
+        + ", ".join(PER_TASK_PHASES)
+        + ")\ncost 1/M of their time, everything else unchanged: about the most batching the M tasks' updates "
+        "could give:"
     )
     print(
         f"  {'':<30} {'profiled s/iter':>16} {'replayed s/iter':>16} {'other s/iter':>13} {'x limit':>8} "
-        f"{'ceiling':>8} {'same bits':>9} {'not replayed':>12}"
+        f"{'ceiling':>8} {'batched':>8} {'same bits':>9} {'not replayed':>12}"
     )
     for mode, times in products.items():
         other = phases[mode]["total"] - per_meta_iteration / limit - times.replayed
         print(
             f"  {'MetaCPO, ' + mode.replace('_', '-'):<30} {times.profiled:>16.3f} {times.replayed:>16.3f} {other:>13.3f} "
-            f"{meta.ratio(mode):>8.2f} {meta.ceiling(mode):>8.2f} {'yes' if times.same_computation else 'NO':>9} "
-            f"{times.not_replayed:>12}"
+            f"{meta.ratio(mode):>8.2f} {meta.ceiling(mode):>8.2f} {meta.batched_bound(mode):>8.2f} "
+            f"{'yes' if times.same_computation else 'NO':>9} {times.not_replayed:>12}"
         )
 
     for mode, times in phases.items():

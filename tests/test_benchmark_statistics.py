@@ -2,19 +2,18 @@
 against the roots of its defining quadratic, the seeds × tasks bootstrap against the closed-form variance of its
 resampling and against coverage on simulated seeds × tasks data."""
 
-import importlib.util
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy import stats
 
-_SPEC = importlib.util.spec_from_file_location(
-    "adaptation_benchmark", Path(__file__).resolve().parents[1] / "benchmarks" / "adaptation.py"
-)
-assert _SPEC is not None and _SPEC.loader is not None
-bench = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(bench)
+sys.path.insert(0, str(Path(__file__).parent))
+
+from benchmark_modules import load_benchmark
+
+bench = load_benchmark("adaptation")
 
 
 def test_t_interval_is_scipys():

@@ -1,0 +1,36 @@
+"""The throughput benchmark's two bounds against hand-computed values: the ceiling (everything but the env and the
+matrix products free) and the batched-tasks bound (the per-task phases at 1/M of their time)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from benchmark_modules import load_benchmark
+
+throughput = load_benchmark("throughput")
+
+
+def test_ceiling_is_env_time_over_env_and_products_time():
+    # 1000 steps/s, 200 steps per iteration: 0.2 s of env; 0.05 s of products: 0.2 / 0.25
+    assert throughput.ceiling(1000.0, 200, 0.05) == pytest.approx(0.8)
+
+
+def test_batched_bound_divides_only_the_per_task_phases_by_the_tasks():
+    times = {
+        "total": 0.5,
+        "sampling": 0.25,
+        "advantages": 0.02,
+        "inner_update": 0.06,
+        "inner_update/conjugate_gradient": 0.04,  # part of inner_update: not counted twice
+        "meta_gradient": 0.08,
+        "outer_step": 0.07,  # once per iteration, but for its line search (per task)
+        "outer_step/line_search": 0.04,
+    }
+    # per-task phases 0.02 + 0.06 + 0.08 + 0.04 = 0.2; with M = 4 they would cost 0.05: 0.5 - 0.15 = 0.35 s.
+    # 1000 steps/s, 200 steps per iteration: 0.2 s of env, so 0.2 / 0.35.
+    assert throughput.batched_bound(1000.0, 200, times, 4) == pytest.approx(0.2 / 0.35)
+    # one task: nothing to batch, the measured ratio (0.2 / 0.5)
+    assert throughput.batched_bound(1000.0, 200, times, 1) == pytest.approx(0.4)
