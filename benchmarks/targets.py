@@ -46,7 +46,8 @@ CPO_ENV_ID, CPO_TARGET = "SafetyPointGoal1Gymnasium-v0", 0.9
 
 
 def row(label: str, measured: str, target: str, met: bool | str | None, note: str) -> str:
-    """One line of the table; ``met``: whether the target is met (None: no target; a string: a header)."""
+    """One line of the table; ``met``: whether the target is met (None: no target; a string: a header). The
+    ``learn()`` ratios are printed to three decimals, so that a ratio just under its target does not read as it."""
     verdict = met if isinstance(met, str) else "" if met is None else "yes" if met else "NO"
     return f"{label:<54} {measured:>9} {target:>8} {verdict:>4}   {note}"
 
@@ -98,7 +99,7 @@ def main() -> None:
             lines.append(
                 row(
                     f"{family} MetaCPO {mode.replace('_', '-')} / raw env",
-                    f"{meta.ratio(mode):.2f}",
+                    f"{meta.ratio(mode):.3f}",
                     f">= {target:g}",
                     meta.ratio(mode) >= target,
                     f"ceiling {meta.ceiling(mode):.2f}{twin_note(meta.products[mode])}; tasks batched at best "
@@ -110,7 +111,7 @@ def main() -> None:
     lines.append(
         row(
             "SafetyPointGoal1 CPO / raw env (ours)",
-            f"{standard.ratio(throughput.CPO_OURS):.2f}",
+            f"{standard.ratio(throughput.CPO_OURS):.3f}",
             f">= {CPO_TARGET:g}",
             standard.ratio(throughput.CPO_OURS) >= CPO_TARGET,
             f"ceiling {standard.cpo_ceiling():.2f}{twin_note(standard.cpo_products)}; "
@@ -122,7 +123,7 @@ def main() -> None:
         ("SafetyPointGoal1 sb3-contrib TRPO, our env / raw env", throughput.TRPO_OURS),
         ("SafetyPointGoal1 sb3-contrib TRPO, stock env / raw env", throughput.TRPO_STOCK),
     ):
-        lines.append(row(label, f"{standard.ratio(name):.2f}", "", None, f"{standard.speeds[name]:.0f} steps/s"))
+        lines.append(row(label, f"{standard.ratio(name):.3f}", "", None, f"{standard.speeds[name]:.0f} steps/s"))
     cpo_over_trpo = standard.speeds[throughput.CPO_OURS] / standard.speeds[throughput.TRPO_STOCK]
     lines.append(row("SafetyPointGoal1 CPO on ours / TRPO on stock", f"{cpo_over_trpo:.2f}x", "", None, ""))
     print("\n".join(lines))
