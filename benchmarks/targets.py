@@ -9,10 +9,11 @@ within this run against a baseline of the same run:
   skip on the same model) as the limit (``env_throughput.measure_fast_step``);
 * MetaCPO's ``learn()`` (first and second order) on PointGoalHazard and HalfCheetahVelocity, 4 tasks of one episode
   per batch, K = 1, as a ratio of the raw env on meta-training's own workload (new tasks every iteration, a reset per
-  batch; ``throughput.measure_meta``), with the *ceiling*: the ratio if everything but the env and the updates'
-  matrix products were free (the products of the timed iterations, replayed alone: ``throughput.matrix_product_seconds``),
-  and the most that batching the M tasks' updates could give (the per-task phases at 1/M of their time:
-  ``throughput.batched_bound``);
+  batch; ``throughput.measure_meta``: measured before, between and after the two modes' runs, each mode against the
+  mean of the two measurements around it, since the host's speed drifts), with the *ceiling*: the ratio if everything
+  but the env and the updates' matrix products were free (the products of the timed iterations, replayed alone:
+  ``throughput.matrix_product_seconds``), and the most that batching the M tasks' updates could give (the per-task
+  phases at 1/M of their time: ``throughput.batched_bound``);
 * CPO's ``learn()`` on ``SafetyPointGoal1Gymnasium-v0`` (the defaults: 1 env, 2048 steps per update) as a ratio of
   the raw env built by the library, with sb3-contrib TRPO on the library's env and on the stock env for comparison
   (``throughput.measure_standard_env``).
@@ -103,7 +104,8 @@ def main() -> None:
                     f">= {target:g}",
                     meta.ratio(mode) >= target,
                     f"ceiling {meta.ceiling(mode):.2f}{twin_note(meta.products[mode])}; tasks batched at best "
-                    f"{meta.batched_bound(mode):.2f}; limit {meta.limit:.0f} steps/s, learn() {meta.speeds[mode]:.0f}",
+                    f"{meta.batched_bound(mode):.2f}; limit {meta.mode_limit(mode):.0f} steps/s (measurements "
+                    f"{', '.join(f'{value:.0f}' for value in meta.limits)}), learn() {meta.speeds[mode]:.0f}",
                 )
             )
 

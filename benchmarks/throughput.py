@@ -337,23 +337,41 @@ META_MODES = ("first_order", "second_order")
 @dataclass(frozen=True)
 class MetaThroughput:
     """The limit and MetaCPO's ``learn()`` (each mode) on one workload, in env steps per CPU second, with each mode's
-    phase times and matrix products per meta-iteration."""
+    phase times and matrix products per meta-iteration.
 
-    limit: float
+    The host's speed per CPU second drifts on a shared machine, so the limit is measured before the first mode's
+    ``learn()``, between the modes and after the last (``limits``, in that order), and each mode's ratio, ceiling and
+    bound are taken against the mean of the two measurements around it."""
+
+    limits: list[float]
     speeds: dict[str, float]
     phases: dict[str, dict[str, float]]
     products: dict[str, ProductTimes]
     steps_per_iteration: int
     tasks: int
 
+    @property
+    def limit(self) -> float:
+        """The median of the limit's measurements (for display)."""
+        return float(np.median(self.limits))
+
+    def drift(self) -> float:
+        """How far apart the limit's measurements are: the largest over the smallest, minus 1."""
+        return max(self.limits) / min(self.limits) - 1
+
+    def mode_limit(self, mode: str) -> float:
+        """The limit ``mode``'s ``learn()`` is compared with: the mean of the measurements before and after it."""
+        index = META_MODES.index(mode)
+        return (self.limits[index] + self.limits[index + 1]) / 2
+
     def ratio(self, mode: str) -> float:
-        return self.speeds[mode] / self.limit
+        return self.speeds[mode] / self.mode_limit(mode)
 
     def ceiling(self, mode: str) -> float:
-        return ceiling(self.limit, self.steps_per_iteration, self.products[mode].replayed)
+        return ceiling(self.mode_limit(mode), self.steps_per_iteration, self.products[mode].replayed)
 
     def batched_bound(self, mode: str) -> float:
-        return batched_bound(self.limit, self.steps_per_iteration, self.phases[mode], self.tasks)
+        return batched_bound(self.mode_limit(mode), self.steps_per_iteration, self.phases[mode], self.tasks)
 
 
 def measure_meta(args: argparse.Namespace) -> MetaThroughput:
@@ -363,14 +381,16 @@ def measure_meta(args: argparse.Namespace) -> MetaThroughput:
     # they run the same worlds (a navigation step's cost depends on the task's objects), iteration for iteration.
     fresh = lambda: make_task_distribution(args.family, seed=0)  # noqa: E731
     per_iteration = args.tasks * 2 * args.n_steps  # K = 1: one inner and one validation batch per task
-    limit = limit_throughput(fresh(), args.tasks, args.envs_per_task, args.n_steps, args.iterations)
+    measure_limit = lambda: limit_throughput(fresh(), args.tasks, args.envs_per_task, args.n_steps, args.iterations)  # noqa: E731
+    limits = [measure_limit()]
     speeds, phases, products = {}, {}, {}
     for mode in META_MODES:
         model = meta_model(fresh(), args, mode)
         speeds[mode], phases[mode] = timed_learn(model, per_iteration, args.iterations)
+        limits.append(measure_limit())  # right after the timed learn(), before the profiled twin
         twin = lambda mode=mode: meta_model(fresh(), args, mode)  # noqa: E731
         products[mode] = matrix_product_seconds(twin, per_iteration, args.iterations, policy_hash(model))
-    return MetaThroughput(limit, speeds, phases, products, per_iteration, args.tasks)
+    return MetaThroughput(limits, speeds, phases, products, per_iteration, args.tasks)
 
 
 def task_vec_env(dist: TaskDistribution, tasks: list, envs_per_task: int) -> DummyVecEnv:
@@ -497,8 +517,8 @@ def main() -> None:
 
     meta = measure_meta(args)
     limit, phases, products = meta.limit, meta.phases, meta.products
-    rows = [("raw env, random actions (the limit)", limit, None)]
-    rows += [(f"MetaCPO learn(), {mode.replace('_', '-')}", meta.speeds[mode], phases[mode]) for mode in META_MODES]
+    rows: list[tuple[str, float, str | None]] = [("raw env, random actions (the limit)", limit, None)]
+    rows += [(f"MetaCPO learn(), {mode.replace('_', '-')}", meta.speeds[mode], mode) for mode in META_MODES]
     vec_env = task_vec_env(dist, tasks, args.envs_per_task)
     cpo = CPO(
         "MlpPolicy",
@@ -520,8 +540,13 @@ def main() -> None:
     rows.append(("sb3-contrib TRPO learn()", timed_learn(trpo, args.tasks * args.n_steps, args.iterations)[0], None))
 
     print(f"{'':<40} {'steps/s':>9} {'x limit':>8}")
-    for name, speed, _ in rows:
-        print(f"{name:<40} {speed:>9.0f} {speed / limit:>8.2f}")
+    for name, speed, mode in rows:
+        print(f"{name:<40} {speed:>9.0f} {speed / (meta.mode_limit(mode) if mode else limit):>8.2f}")
+    print(
+        f"(the limit: the median of {len(meta.limits)} measurements, before, between and after the MetaCPO runs: "
+        + ", ".join(f"{value:.0f}" for value in meta.limits)
+        + f" steps/s, {100 * meta.drift():.0f} % apart; each MetaCPO row against the mean of the two around it)"
+    )
 
     print(
         "\nThe ceiling: the ratio if everything but the env and the updates' matrix products (torch's mm/addmm/bmm "
@@ -538,7 +563,7 @@ def main() -> None:
         f"{'ceiling':>8} {'batched':>8} {'same bits':>9} {'not replayed':>12}"
     )
     for mode, times in products.items():
-        other = phases[mode]["total"] - per_meta_iteration / limit - times.replayed
+        other = phases[mode]["total"] - per_meta_iteration / meta.mode_limit(mode) - times.replayed
         print(
             f"  {'MetaCPO, ' + mode.replace('_', '-'):<30} {times.profiled:>16.3f} {times.replayed:>16.3f} {other:>13.3f} "
             f"{meta.ratio(mode):>8.2f} {meta.ceiling(mode):>8.2f} {meta.batched_bound(mode):>8.2f} "

@@ -34,3 +34,21 @@ def test_batched_bound_divides_only_the_per_task_phases_by_the_tasks():
     assert throughput.batched_bound(1000.0, 200, times, 4) == pytest.approx(0.2 / 0.35)
     # one task: nothing to batch, the measured ratio (0.2 / 0.5)
     assert throughput.batched_bound(1000.0, 200, times, 1) == pytest.approx(0.4)
+
+
+def test_each_mode_is_compared_with_the_limit_measured_around_it():
+    times = {"total": 0.5}
+    products = throughput.ProductTimes(profiled=0.1, replayed=0.05, same_computation=True)
+    meta = throughput.MetaThroughput(
+        limits=[1000.0, 800.0, 400.0],  # before the first mode, between the modes, after the second
+        speeds={"first_order": 450.0, "second_order": 300.0},
+        phases={"first_order": times, "second_order": times},
+        products={"first_order": products, "second_order": products},
+        steps_per_iteration=200,
+        tasks=4,
+    )
+    assert meta.mode_limit("first_order") == 900.0 and meta.mode_limit("second_order") == 600.0
+    assert meta.ratio("first_order") == pytest.approx(0.5) and meta.ratio("second_order") == pytest.approx(0.5)
+    # ceiling of the second order: 200 / 600 s of env, 0.05 s of products
+    assert meta.ceiling("second_order") == pytest.approx((1 / 3) / (1 / 3 + 0.05))
+    assert meta.limit == 800.0 and meta.drift() == pytest.approx(1.5)
