@@ -381,7 +381,10 @@ def measure_meta(args: argparse.Namespace) -> MetaThroughput:
     # they run the same worlds (a navigation step's cost depends on the task's objects), iteration for iteration.
     fresh = lambda: make_task_distribution(args.family, seed=0)  # noqa: E731
     per_iteration = args.tasks * 2 * args.n_steps  # K = 1: one inner and one validation batch per task
-    measure_limit = lambda: limit_throughput(fresh(), args.tasks, args.envs_per_task, args.n_steps, args.iterations)  # noqa: E731
+
+    def measure_limit() -> float:
+        return limit_throughput(fresh(), args.tasks, args.envs_per_task, args.n_steps, args.iterations)
+
     limits = [measure_limit()]
     speeds, phases, products = {}, {}, {}
     for mode in META_MODES:

@@ -356,7 +356,8 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):  # type: igno
         callback.on_rollout_start()
         act = self.policy.numpy_actor({name: value.unsqueeze(0) for name, value in self.policy.actor_params().items()})
         with phase("sampling"):
-            # Callbacks read SB3's locals: obs, actions, clipped_actions, new_obs, rewards, dones, infos, n_steps.
+            # Callbacks read these locals: SB3's names (actions, clipped_actions, new_obs, rewards, dones, infos,
+            # n_steps) and MetaCPO's obs (SB3's obs_tensor, as a numpy array).
             for n_steps in range(n_rollout_steps):
                 obs = array_observations(self._last_obs)
                 actions = act(obs)
