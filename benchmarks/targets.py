@@ -9,8 +9,9 @@ within this run against a baseline of the same run:
   skip on the same model) as the limit (``env_throughput.measure_fast_step``);
 * MetaCPO's ``learn()`` (first and second order) on PointGoalHazard and HalfCheetahVelocity, 4 tasks of one episode
   per batch, K = 1, as a ratio of the raw env on meta-training's own workload (new tasks every iteration, a reset per
-  batch; ``throughput.measure_meta``: measured before, between and after the two modes' runs, each mode against the
-  mean of the two measurements around it, since the host's speed drifts), with the *ceiling*: the ratio if everything
+  batch; ``throughput.measure_meta``: 3 interleaved rounds of both modes, the limit measured before every run and
+  after the last, each run against the mean of the two measurements around it, since the host's speed drifts; the
+  median ratio decides, each round's is printed), with the *ceiling*: the ratio if everything
   but the env and the updates' matrix products were free (the products of the timed iterations, replayed alone:
   ``throughput.matrix_product_seconds``), and the most that batching the M tasks' updates could give (the per-task
   phases at 1/M of their time: ``throughput.batched_bound``);
@@ -65,6 +66,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2000, help="raw env: random steps per measurement")
     parser.add_argument("--repeats", type=int, default=3, help="raw env: measurements per env (best is kept)")
     parser.add_argument("--iterations", type=int, default=6, help="MetaCPO: timed meta-iterations after a warm-up")
+    parser.add_argument(
+        "--meta-rounds", type=int, default=3, help="MetaCPO: interleaved rounds of both modes (median, range shown)"
+    )
     parser.add_argument("--updates", type=int, default=2, help="CPO and TRPO: timed updates per round")
     parser.add_argument("--rounds", type=int, default=3, help="CPO and TRPO: interleaved rounds (median)")
     args = parser.parse_args()
@@ -93,7 +97,13 @@ def main() -> None:
     for family, first, second in META_TARGETS:
         n_steps = make_task_distribution(family, seed=0).max_episode_steps
         namespace = argparse.Namespace(
-            family=family, tasks=4, envs_per_task=1, n_steps=n_steps, iterations=args.iterations, fvp_sample_freq=1
+            family=family,
+            tasks=4,
+            envs_per_task=1,
+            n_steps=n_steps,
+            iterations=args.iterations,
+            fvp_sample_freq=1,
+            rounds=args.meta_rounds,
         )
         meta = throughput.measure_meta(namespace)
         for mode, target in zip(throughput.META_MODES, (first, second), strict=True):
@@ -103,9 +113,10 @@ def main() -> None:
                     f"{meta.ratio(mode):.3f}",
                     f">= {target:g}",
                     meta.ratio(mode) >= target,
-                    f"ceiling {meta.ceiling(mode):.2f}{twin_note(meta.products[mode])}; tasks batched at best "
+                    f"rounds {', '.join(f'{value:.3f}' for value in meta.ratios(mode))}; ceiling "
+                    f"{meta.ceiling(mode):.2f}{twin_note(meta.products[mode])}; tasks batched at best "
                     f"{meta.batched_bound(mode):.2f}; limit {meta.mode_limit(mode):.0f} steps/s (measurements "
-                    f"{', '.join(f'{value:.0f}' for value in meta.limits)}), learn() {meta.speeds[mode]:.0f}",
+                    f"{', '.join(f'{value:.0f}' for value in meta.limits)}), learn() {meta.speed(mode):.0f}",
                 )
             )
 

@@ -336,19 +336,27 @@ META_MODES = ("first_order", "second_order")
 
 @dataclass(frozen=True)
 class MetaThroughput:
-    """The limit and MetaCPO's ``learn()`` (each mode) on one workload, in env steps per CPU second, with each mode's
-    phase times and matrix products per meta-iteration.
+    """The limit and MetaCPO's ``learn()`` (each mode) on one workload, in env steps per CPU second, over R interleaved
+    rounds, with each mode's phase times per round and matrix products per meta-iteration.
 
-    The host's speed per CPU second drifts on a shared machine, so the limit is measured before the first mode's
-    ``learn()``, between the modes and after the last (``limits``, in that order), and each mode's ratio, ceiling and
-    bound are taken against the mean of the two measurements around it."""
+    The host's speed per CPU second drifts on a shared machine, so the limit is measured before every ``learn()`` run
+    and after the last (``limits``: L, first order, L, second order, L, first order, ... L; 2R + 1 measurements), and
+    each run's ratio and bound are taken against the mean of the two measurements around it. A mode's figure is the
+    median over the rounds, with their range beside it: every round runs the same computation (a fresh model with the
+    same seed), so the rounds differ only by the host."""
 
     limits: list[float]
-    speeds: dict[str, float]
-    phases: dict[str, dict[str, float]]
+    #: per mode, env steps per CPU second of each round's ``learn()``
+    speeds: dict[str, list[float]]
+    #: per mode, each round's CPU seconds per meta-iteration by phase
+    phases: dict[str, list[dict[str, float]]]
     products: dict[str, ProductTimes]
     steps_per_iteration: int
     tasks: int
+
+    @property
+    def rounds(self) -> int:
+        return len(self.speeds[META_MODES[0]])
 
     @property
     def limit(self) -> float:
@@ -359,40 +367,75 @@ class MetaThroughput:
         """How far apart the limit's measurements are: the largest over the smallest, minus 1."""
         return max(self.limits) / min(self.limits) - 1
 
-    def mode_limit(self, mode: str) -> float:
-        """The limit ``mode``'s ``learn()`` is compared with: the mean of the measurements before and after it."""
-        index = META_MODES.index(mode)
+    def run_limit(self, mode: str, round_index: int) -> float:
+        """The limit a run is compared with: the mean of the measurements before and after it."""
+        index = round_index * len(META_MODES) + META_MODES.index(mode)
         return (self.limits[index] + self.limits[index + 1]) / 2
 
+    def mode_limit(self, mode: str) -> float:
+        """The median over the rounds of :meth:`run_limit` (the ceiling's env speed, and for display)."""
+        return float(np.median([self.run_limit(mode, r) for r in range(self.rounds)]))
+
+    def ratios(self, mode: str) -> list[float]:
+        """Each round's ``learn()`` speed over its :meth:`run_limit`."""
+        return [speed / self.run_limit(mode, r) for r, speed in enumerate(self.speeds[mode])]
+
     def ratio(self, mode: str) -> float:
-        return self.speeds[mode] / self.mode_limit(mode)
+        """The median of :meth:`ratios`."""
+        return float(np.median(self.ratios(mode)))
+
+    def speed(self, mode: str) -> float:
+        """The median ``learn()`` speed over the rounds (for display)."""
+        return float(np.median(self.speeds[mode]))
+
+    def mean_phases(self, mode: str) -> dict[str, float]:
+        """Each phase's CPU seconds per meta-iteration, averaged over the rounds."""
+        runs = self.phases[mode]
+        return {key: float(np.mean([run.get(key, 0.0) for run in runs])) for key in runs[0]}
 
     def ceiling(self, mode: str) -> float:
         return ceiling(self.mode_limit(mode), self.steps_per_iteration, self.products[mode].replayed)
 
     def batched_bound(self, mode: str) -> float:
-        return batched_bound(self.mode_limit(mode), self.steps_per_iteration, self.phases[mode], self.tasks)
+        """The median over the rounds of each run's :func:`batched_bound`."""
+        bounds = [
+            batched_bound(self.run_limit(mode, r), self.steps_per_iteration, times, self.tasks)
+            for r, times in enumerate(self.phases[mode])
+        ]
+        return float(np.median(bounds))
 
 
 def measure_meta(args: argparse.Namespace) -> MetaThroughput:
     """The limit and MetaCPO first- and second-order ``learn()`` on ``args.family`` (``tasks``, ``envs_per_task``,
-    ``n_steps`` per task batch, ``iterations`` timed after a warm-up, ``fvp_sample_freq``), K = 1."""
+    ``n_steps`` per task batch, ``iterations`` timed after a warm-up, ``fvp_sample_freq``), K = 1, in ``rounds``
+    interleaved rounds (default 1), the limit measured around every run; the matrix products once per mode."""
     # The limit and each learn() draw their tasks from a fresh copy of the distribution with the same seed, so that
     # they run the same worlds (a navigation step's cost depends on the task's objects), iteration for iteration.
     fresh = lambda: make_task_distribution(args.family, seed=0)  # noqa: E731
     per_iteration = args.tasks * 2 * args.n_steps  # K = 1: one inner and one validation batch per task
+    rounds = getattr(args, "rounds", 1)
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
 
     def measure_limit() -> float:
         return limit_throughput(fresh(), args.tasks, args.envs_per_task, args.n_steps, args.iterations)
 
     limits = [measure_limit()]
-    speeds, phases, products = {}, {}, {}
+    speeds: dict[str, list[float]] = {mode: [] for mode in META_MODES}
+    phases: dict[str, list[dict[str, float]]] = {mode: [] for mode in META_MODES}
+    hashes: dict[str, str] = {}
+    for _ in range(rounds):
+        for mode in META_MODES:
+            model = meta_model(fresh(), args, mode)
+            speed, times = timed_learn(model, per_iteration, args.iterations)
+            limits.append(measure_limit())  # right after the timed learn()
+            speeds[mode].append(speed)
+            phases[mode].append(times)
+            hashes[mode] = policy_hash(model)
+    products = {}
     for mode in META_MODES:
-        model = meta_model(fresh(), args, mode)
-        speeds[mode], phases[mode] = timed_learn(model, per_iteration, args.iterations)
-        limits.append(measure_limit())  # right after the timed learn(), before the profiled twin
         twin = lambda mode=mode: meta_model(fresh(), args, mode)  # noqa: E731
-        products[mode] = matrix_product_seconds(twin, per_iteration, args.iterations, policy_hash(model))
+        products[mode] = matrix_product_seconds(twin, per_iteration, args.iterations, hashes[mode])
     return MetaThroughput(limits, speeds, phases, products, per_iteration, args.tasks)
 
 
@@ -477,6 +520,9 @@ def main() -> None:
     parser.add_argument("--envs-per-task", type=int, default=1, help="envs sampling each task (E)")
     parser.add_argument("--n-steps", type=int, help="env steps per task batch (default: one episode)")
     parser.add_argument("--iterations", type=int, default=2, help="timed iterations after one warm-up")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="MetaCPO: interleaved rounds of both modes (median ratio, range shown)"
+    )
     parser.add_argument("--scaling", action="store_true", help="also time meta-iterations for growing M, K and net size")
     parser.add_argument("--env-id", help="also time CPO against TRPO on this safety-gymnasium id")
     parser.add_argument("--env-id-only", action="store_true", help="only the --env-id table")
@@ -519,9 +565,10 @@ def main() -> None:
     )
 
     meta = measure_meta(args)
-    limit, phases, products = meta.limit, meta.phases, meta.products
+    limit, products = meta.limit, meta.products
+    phases = {mode: meta.mean_phases(mode) for mode in META_MODES}
     rows: list[tuple[str, float, str | None]] = [("raw env, random actions (the limit)", limit, None)]
-    rows += [(f"MetaCPO learn(), {mode.replace('_', '-')}", meta.speeds[mode], mode) for mode in META_MODES]
+    rows += [(f"MetaCPO learn(), {mode.replace('_', '-')}", meta.speed(mode), mode) for mode in META_MODES]
     vec_env = task_vec_env(dist, tasks, args.envs_per_task)
     cpo = CPO(
         "MlpPolicy",
@@ -544,11 +591,15 @@ def main() -> None:
 
     print(f"{'':<40} {'steps/s':>9} {'x limit':>8}")
     for name, speed, mode in rows:
-        print(f"{name:<40} {speed:>9.0f} {speed / (meta.mode_limit(mode) if mode else limit):>8.2f}")
+        ratio = meta.ratio(mode) if mode else speed / limit
+        spread = f"  (rounds {', '.join(f'{r:.3f}' for r in meta.ratios(mode))})" if mode and meta.rounds > 1 else ""
+        print(f"{name:<40} {speed:>9.0f} {ratio:>8.2f}{spread}")
     print(
         f"(the limit: the median of {len(meta.limits)} measurements, before, between and after the MetaCPO runs: "
         + ", ".join(f"{value:.0f}" for value in meta.limits)
-        + f" steps/s, {100 * meta.drift():.0f} % apart; each MetaCPO row against the mean of the two around it)"
+        + f" steps/s, {100 * meta.drift():.0f} % apart; each MetaCPO run against the mean of the two around it"
+        + (f", the median over {meta.rounds} interleaved rounds" if meta.rounds > 1 else "")
+        + ")"
     )
 
     print(

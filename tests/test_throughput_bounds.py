@@ -41,8 +41,8 @@ def test_each_mode_is_compared_with_the_limit_measured_around_it():
     products = throughput.ProductTimes(profiled=0.1, replayed=0.05, same_computation=True)
     meta = throughput.MetaThroughput(
         limits=[1000.0, 800.0, 400.0],  # before the first mode, between the modes, after the second
-        speeds={"first_order": 450.0, "second_order": 300.0},
-        phases={"first_order": times, "second_order": times},
+        speeds={"first_order": [450.0], "second_order": [300.0]},
+        phases={"first_order": [times], "second_order": [times]},
         products={"first_order": products, "second_order": products},
         steps_per_iteration=200,
         tasks=4,
@@ -52,3 +52,29 @@ def test_each_mode_is_compared_with_the_limit_measured_around_it():
     # ceiling of the second order: 200 / 600 s of env, 0.05 s of products
     assert meta.ceiling("second_order") == pytest.approx((1 / 3) / (1 / 3 + 0.05))
     assert meta.limit == 800.0 and meta.drift() == pytest.approx(1.5)
+
+
+def test_interleaved_rounds_take_each_run_against_its_own_limits_and_the_median():
+    products = throughput.ProductTimes(profiled=0.1, replayed=0.05, same_computation=True)
+    first = [{"total": 0.5, "advantages": 0.1}, {"total": 0.4, "advantages": 0.2}, {"total": 0.6, "advantages": 0.0}]
+    meta = throughput.MetaThroughput(
+        # L, first order, L, second order, L, first order, L, ...: run r of mode m sits between limits 2r+m and 2r+m+1
+        limits=[1000.0, 1000.0, 600.0, 600.0, 800.0, 800.0, 400.0],
+        speeds={"first_order": [500.0, 540.0, 160.0], "second_order": [300.0, 210.0, 100.0]},
+        phases={"first_order": first, "second_order": first},
+        products={"first_order": products, "second_order": products},
+        steps_per_iteration=200,
+        tasks=2,
+    )
+    assert meta.rounds == 3
+    # first order: 500 / 1000, 540 / 600, 160 / 800; second order: 300 / 800, 210 / 700, 100 / 600
+    assert meta.ratios("first_order") == pytest.approx([0.5, 0.9, 0.2])
+    assert meta.ratio("first_order") == pytest.approx(0.5)
+    assert meta.ratios("second_order") == pytest.approx([0.375, 0.3, 1 / 6])
+    assert meta.ratio("second_order") == pytest.approx(0.3)
+    assert meta.mode_limit("first_order") == 800.0 and meta.mode_limit("second_order") == 700.0
+    assert meta.speed("first_order") == 500.0
+    assert meta.mean_phases("first_order") == pytest.approx({"total": 0.5, "advantages": 0.1})
+    # each run's bound against its own limit: 0.2 s / (0.5 - 0.05), 200 / 600 / (0.4 - 0.1), 0.25 / 0.6; the median
+    bounds = [0.2 / 0.45, (1 / 3) / 0.3, 0.25 / 0.6]
+    assert meta.batched_bound("first_order") == pytest.approx(sorted(bounds)[1])
