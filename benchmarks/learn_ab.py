@@ -8,6 +8,11 @@ machine whose speed varies between runs, the interleaving is what makes the rati
 
     git worktree add ../before <old commit>
     python benchmarks/learn_ab.py --before ../before --after . | tee benchmarks/results/throughput/ab.txt
+
+With ``--env-id`` it times CPO alone, with its defaults (1 env, 2048 steps per update) on that standard id, over
+``--iterations`` updates after a warm-up one:
+
+    python benchmarks/learn_ab.py --before ../before --after . --env-id SafetyPointGoal1Gymnasium-v0 --iterations 3
 """
 
 from __future__ import annotations
@@ -52,6 +57,30 @@ def measure(family: str, tasks: int, n_steps: int, iterations: int) -> dict[str,
     return speeds
 
 
+def measure_cpo(env_id: str, updates: int) -> dict[str, float]:
+    """Env steps per CPU second of CPO with its defaults on the standard id ``env_id``, over ``updates`` updates after
+    a warm-up one, and the speed of each phase of an update (updates per CPU second of the phase alone: a change to
+    one phase shows there beyond the noise of the whole)."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    from sb3_metacpo import CPO
+    from sb3_metacpo.common.profiling import phase_times
+
+    torch.set_num_threads(1)
+    with threadpool_limits(1):
+        cpo = CPO("MlpPolicy", env_id, seed=0)
+        cpo.learn(cpo.n_steps)
+        with phase_times(time.process_time) as times:
+            start = time.process_time()
+            cpo.learn(updates * cpo.n_steps, reset_num_timesteps=False)
+            seconds = time.process_time() - start
+    speeds = {f"CPO on {env_id}": updates * cpo.n_steps / seconds}
+    for phase in ("sampling", "advantages", "cpo_update", "critic_training"):
+        speeds[f"  {phase}, updates/s"] = updates / times[phase]
+    return speeds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--before", type=Path, help="source tree of the old version")
@@ -61,32 +90,41 @@ def main() -> None:
     parser.add_argument("--n-steps", type=int, default=200)
     parser.add_argument("--iterations", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--env-id", help="time only CPO, with its defaults, on this standard id")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure(args.family, args.tasks, args.n_steps, args.iterations)))
+        if args.env_id:
+            print(json.dumps(measure_cpo(args.env_id, args.iterations)))
+        else:
+            print(json.dumps(measure(args.family, args.tasks, args.n_steps, args.iterations)))
         return
     if args.before is None or args.after is None:
         parser.error("--before and --after name the two source trees")
     results: dict[str, list[dict[str, float]]] = {"before": [], "after": []}
-    print(
-        f"{args.family}: M = {args.tasks} tasks x {args.n_steps} steps, {args.iterations} timed iterations; "
-        "env steps per CPU second"
-    )
+    if args.env_id:
+        print(f"CPO on {args.env_id} with its defaults, {args.iterations} timed updates; env steps per CPU second")
+    else:
+        print(
+            f"{args.family}: M = {args.tasks} tasks x {args.n_steps} steps, {args.iterations} timed iterations; "
+            "env steps per CPU second"
+        )
     for round_index in range(args.rounds):
         for label, tree in (("before", args.before), ("after", args.after)):
             env = {**os.environ, "PYTHONPATH": str(tree.resolve())}
             command = [sys.executable, __file__, "--child", "--family", args.family, "--tasks", str(args.tasks)]
             command += ["--n-steps", str(args.n_steps), "--iterations", str(args.iterations)]
+            command += ["--env-id", args.env_id] if args.env_id else []
             line = subprocess.run(command, env=env, cwd=tree, check=True, capture_output=True, text=True).stdout
             speeds = json.loads(line.strip().splitlines()[-1])
             results[label].append(speeds)
-            print(f"round {round_index} {label:<6} " + "  ".join(f"{k}: {v:.0f}" for k, v in speeds.items()), flush=True)
-    print(f"\n{'median':<26} {'before':>8} {'after':>8} {'after / before':>15}")
+            print(f"round {round_index} {label:<6} " + "  ".join(f"{k}: {v:.1f}" for k, v in speeds.items()), flush=True)
+    width = max(26, *(len(key) for key in results["before"][0]))
+    print(f"\n{'median':<{width}} {'before':>8} {'after':>8} {'after / before':>15}")
     for key in results["before"][0]:
         before = statistics.median(r[key] for r in results["before"])
         after = statistics.median(r[key] for r in results["after"])
-        print(f"{key:<26} {before:>8.0f} {after:>8.0f} {after / before:>15.3f}")
+        print(f"{key:<{width}} {before:>8.1f} {after:>8.1f} {after / before:>15.3f}")
 
 
 if __name__ == "__main__":

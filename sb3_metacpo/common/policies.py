@@ -19,10 +19,12 @@ import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.distributions import DiagGaussianDistribution, Distribution
 from stable_baselines3.common.policies import ActorCriticPolicy
+from stable_baselines3.common.torch_layers import MlpExtractor
 from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
 from torch import nn
 from torch.func import functional_call
 
+from sb3_metacpo.common import critic_gradients
 from sb3_metacpo.common.flat_adam import FlatAdam, pack_parameters, packed_view
 
 ActorParams = dict[str, th.Tensor]
@@ -602,16 +604,43 @@ class CPOPolicy(ActorCriticPolicy):
             features = self.extract_features(observations, self.vf_features_extractor)
             cost_inputs = self._cost_inputs(features, time_fractions)
         losses = []
+        critics = self._critic_layers() if critic_gradients.FAST_CRITIC_GRADIENTS else None
         for _ in range(n_epochs):
             for indices in th.randperm(len(observations), device=observations.device).split(batch_size):
-                loss = nn.functional.mse_loss(self._values_of(features[indices]).flatten(), reward_targets[indices])
-                loss = loss + nn.functional.mse_loss(self._costs_of(cost_inputs[indices]), cost_targets[indices])
                 self.optimizer.zero_grad()
-                loss.backward()
+                if critics is not None:  # autograd's gradients bit for bit, without its graph and engine
+                    reward_mlp, cost_mlp = critics
+                    loss, grads = critic_gradients.mse_gradients(
+                        [
+                            (reward_mlp, features[indices], reward_targets[indices]),
+                            (cost_mlp, cost_inputs[indices], cost_targets[indices]),
+                        ]
+                    )
+                    for parameter, grad in grads.items():
+                        parameter.grad = grad
+                else:
+                    loss = nn.functional.mse_loss(self._values_of(features[indices]).flatten(), reward_targets[indices])
+                    loss = loss + nn.functional.mse_loss(self._costs_of(cost_inputs[indices]), cost_targets[indices])
+                    loss.backward()
                 self.optimizer.step()
                 losses.append(loss.item())
         self.set_training_mode(False)
         return float(np.mean(losses))
+
+    def _critic_layers(self) -> tuple[critic_gradients.MlpLayers, critic_gradients.MlpLayers] | None:
+        """The reward and cost critics as :class:`~sb3_metacpo.common.critic_gradients.MlpLayers` (what
+        :meth:`_values_of` and :meth:`_costs_of` apply), or None when either is not a plain MLP or those methods
+        (or the extractor's ``forward_critic``) are overridden."""
+        overridden = (
+            type(self)._values_of is not CPOPolicy._values_of
+            or type(self)._costs_of is not CPOPolicy._costs_of
+            or type(self.mlp_extractor).forward_critic is not MlpExtractor.forward_critic
+        )
+        if overridden:
+            return None
+        reward = critic_gradients.mlp_layers([self.mlp_extractor.value_net, self.value_net])
+        cost = critic_gradients.mlp_layers([self.cost_mlp, self.cost_value_net])
+        return None if reward is None or cost is None else (reward, cost)
 
     def predict_values(self, obs: PyTorchObs) -> th.Tensor:
         """Reward-value estimates, shape (n, 1), of normalised observations (SB3's ``predict_values`` calls the base
