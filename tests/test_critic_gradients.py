@@ -3,6 +3,8 @@ bit, and against central differences of the loss's definition; whole critic fits
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch as th
 from torch import nn
@@ -20,7 +22,7 @@ def bits(t: th.Tensor) -> bytes:
 def mlp(sizes: list[int], activation: type[nn.Module], dtype: th.dtype, seed: int) -> nn.Sequential:
     th.manual_seed(seed)
     modules: list[nn.Module] = []
-    for index, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+    for index, (n_in, n_out) in enumerate(itertools.pairwise(sizes)):
         modules.append(nn.Linear(n_in, n_out))
         if index < len(sizes) - 2:
             modules.append(activation())
@@ -142,7 +144,7 @@ def test_critics_it_cannot_run_go_through_autograd():
     assert mlp_layers([nn.Linear(3, 1)]) is not None
 
 
-def fit(fast: bool, policy_kwargs: dict, n_costs: int = 1) -> tuple[float, dict, list]:
+def fit(fast: bool, policy_kwargs: dict, n_costs: int = 1, target_dtype: th.dtype = th.float32) -> tuple:
     critic_gradients.FAST_CRITIC_GRADIENTS = fast
     try:
         cost_limit = 5.0 if n_costs == 1 else {"cost": 5.0, "cost_hazards": 5.0}
@@ -160,7 +162,12 @@ def fit(fast: bool, policy_kwargs: dict, n_costs: int = 1) -> tuple[float, dict,
         obs = th.randn(n, policy.observation_space.shape[0], generator=gen) * 2
         losses = [
             policy.fit_critics(
-                obs, th.randn(n, generator=gen), th.rand(n, n_costs, generator=gen) * 3, 2, 64, th.rand(n, generator=gen)
+                obs,
+                th.randn(n, generator=gen).to(target_dtype),
+                th.rand(n, n_costs, generator=gen).to(target_dtype) * 3,
+                2,
+                64,
+                th.rand(n, generator=gen),
             )
             for _ in range(2)
         ]
@@ -198,3 +205,5 @@ def test_policy_with_other_critics_fits_through_autograd():
     assert fit(True, {"activation_fn": nn.ELU}) == fit(False, {"activation_fn": nn.ELU})
     default = CPO("MlpPolicy", make_task_distribution("Toy2DNav", seed=0), n_steps=128, seed=0)
     assert default.policy._critic_layers() is not None
+    # float64 targets for float32 critics: autograd's path, where the loss is promoted to float64
+    assert fit(True, {}, target_dtype=th.float64) == fit(False, {}, target_dtype=th.float64)

@@ -604,7 +604,9 @@ class CPOPolicy(ActorCriticPolicy):
             features = self.extract_features(observations, self.vf_features_extractor)
             cost_inputs = self._cost_inputs(features, time_fractions)
         losses = []
-        critics = self._critic_layers() if critic_gradients.FAST_CRITIC_GRADIENTS else None
+        # written out for one dtype throughout (mixed dtypes promote in autograd's path)
+        same_dtype = reward_targets.dtype == cost_targets.dtype == features.dtype == cost_inputs.dtype
+        critics = self._critic_layers() if critic_gradients.FAST_CRITIC_GRADIENTS and same_dtype else None
         for _ in range(n_epochs):
             for indices in th.randperm(len(observations), device=observations.device).split(batch_size):
                 self.optimizer.zero_grad()
@@ -640,7 +642,10 @@ class CPOPolicy(ActorCriticPolicy):
             return None
         reward = critic_gradients.mlp_layers([self.mlp_extractor.value_net, self.value_net])
         cost = critic_gradients.mlp_layers([self.cost_mlp, self.cost_value_net])
-        return None if reward is None or cost is None else (reward, cost)
+        if reward is None or cost is None:
+            return None
+        dtypes = {p.dtype for layers in (reward, cost) for m in layers.modules for p in m.parameters()}
+        return (reward, cost) if dtypes == {self.obs_mean.dtype} else None
 
     def predict_values(self, obs: PyTorchObs) -> th.Tensor:
         """Reward-value estimates, shape (n, 1), of normalised observations (SB3's ``predict_values`` calls the base
