@@ -391,7 +391,8 @@ class MetaThroughput:
     def mean_phases(self, mode: str) -> dict[str, float]:
         """Each phase's CPU seconds per meta-iteration, averaged over the rounds."""
         runs = self.phases[mode]
-        return {key: float(np.mean([run.get(key, 0.0) for run in runs])) for key in runs[0]}
+        keys = dict.fromkeys(key for run in runs for key in run)  # every round's phases, in order of appearance
+        return {key: float(np.mean([run.get(key, 0.0) for run in runs])) for key in keys}
 
     def ceiling(self, mode: str) -> float:
         return ceiling(self.mode_limit(mode), self.steps_per_iteration, self.products[mode].replayed)
@@ -423,7 +424,7 @@ def measure_meta(args: argparse.Namespace) -> MetaThroughput:
     limits = [measure_limit()]
     speeds: dict[str, list[float]] = {mode: [] for mode in META_MODES}
     phases: dict[str, list[dict[str, float]]] = {mode: [] for mode in META_MODES}
-    hashes: dict[str, str] = {}
+    hashes: dict[str, set[str]] = {mode: set() for mode in META_MODES}
     for _ in range(rounds):
         for mode in META_MODES:
             model = meta_model(fresh(), args, mode)
@@ -431,11 +432,14 @@ def measure_meta(args: argparse.Namespace) -> MetaThroughput:
             limits.append(measure_limit())  # right after the timed learn()
             speeds[mode].append(speed)
             phases[mode].append(times)
-            hashes[mode] = policy_hash(model)
+            hashes[mode].add(policy_hash(model))
     products = {}
     for mode in META_MODES:
         twin = lambda mode=mode: meta_model(fresh(), args, mode)  # noqa: E731
-        products[mode] = matrix_product_seconds(twin, per_iteration, args.iterations, hashes[mode])
+        # rounds that ended with different parameters did not run one computation: then no reference matches, and
+        # the table says "NOT the timed bits"
+        reference = hashes[mode].pop() if len(hashes[mode]) == 1 else "rounds differ"
+        products[mode] = matrix_product_seconds(twin, per_iteration, args.iterations, reference)
     return MetaThroughput(limits, speeds, phases, products, per_iteration, args.tasks)
 
 

@@ -144,6 +144,20 @@ def test_critics_it_cannot_run_go_through_autograd():
     assert mlp_layers([nn.Linear(3, 1)]) is not None
 
 
+class CountedPath:
+    """Counts the calls of the written-out gradient while in use."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls = 0
+        original = critic_gradients.mse_gradients
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(critic_gradients, "mse_gradients", counted)
+
+
 def fit(fast: bool, policy_kwargs: dict, n_costs: int = 1, target_dtype: th.dtype = th.float32) -> tuple:
     critic_gradients.FAST_CRITIC_GRADIENTS = fast
     try:
@@ -187,13 +201,18 @@ def fit(fast: bool, policy_kwargs: dict, n_costs: int = 1, target_dtype: th.dtyp
         ({}, 2),
     ],
 )
-def test_policy_fits_its_critics_as_with_autograd(policy_kwargs, n_costs):
+def test_policy_fits_its_critics_as_with_autograd(policy_kwargs, n_costs, monkeypatch):
     """Whole fits (two calls of two epochs, FlatAdam's state carried between them): the losses, every parameter and
     buffer, and the optimiser's state are autograd's bit for bit."""
-    assert fit(True, policy_kwargs, n_costs) == fit(False, policy_kwargs, n_costs)
+    path = CountedPath(monkeypatch)
+    fast = fit(True, policy_kwargs, n_costs)
+    assert path.calls == 2 * 2 * 5  # two fits of two epochs of five minibatches (300 samples, 64 per minibatch)
+    reference = fit(False, policy_kwargs, n_costs)
+    assert path.calls == 20  # FAST_CRITIC_GRADIENTS = False: autograd only
+    assert fast == reference
 
 
-def test_policy_with_other_critics_fits_through_autograd():
+def test_policy_with_other_critics_fits_through_autograd(monkeypatch):
     model = CPO(
         "MlpPolicy",
         make_task_distribution("Toy2DNav", seed=0),
@@ -202,8 +221,37 @@ def test_policy_with_other_critics_fits_through_autograd():
         policy_kwargs={"activation_fn": nn.ELU},
     )
     assert model.policy._critic_layers() is None
-    assert fit(True, {"activation_fn": nn.ELU}) == fit(False, {"activation_fn": nn.ELU})
+    path = CountedPath(monkeypatch)
+    fit(True, {"activation_fn": nn.ELU})
+    # float64 targets for float32 critics: autograd's path, where the loss is promoted to float64
+    fit(True, {}, target_dtype=th.float64)
+    assert path.calls == 0
     default = CPO("MlpPolicy", make_task_distribution("Toy2DNav", seed=0), n_steps=128, seed=0)
     assert default.policy._critic_layers() is not None
-    # float64 targets for float32 critics: autograd's path, where the loss is promoted to float64
-    assert fit(True, {}, target_dtype=th.float64) == fit(False, {}, target_dtype=th.float64)
+    # a layer shared by the two critics: autograd sums its two gradients
+    default.policy.cost_mlp[2] = default.policy.mlp_extractor.value_net[2]
+    assert default.policy._critic_layers() is None
+
+
+def test_a_module_used_twice_goes_through_autograd():
+    layer = nn.Linear(4, 4)
+    assert mlp_layers([nn.Sequential(layer, nn.Tanh(), layer, nn.Tanh(), nn.Linear(4, 1))]) is None
+
+
+def test_fits_where_autograd_would_behave_otherwise_go_through_it(monkeypatch):
+    model = CPO("MlpPolicy", make_task_distribution("Toy2DNav", seed=0), n_steps=128, seed=0)
+    policy = model.policy
+    n = 100
+    gen = th.Generator().manual_seed(6)
+    obs = th.randn(n, policy.observation_space.shape[0], generator=gen)
+    args = (obs, th.randn(n, generator=gen), th.rand(n, generator=gen), 1, 64, th.rand(n, generator=gen))
+    path = CountedPath(monkeypatch)
+    with th.no_grad(), pytest.raises(RuntimeError, match="does not require grad"):
+        policy.fit_critics(*args)  # as loss.backward() without gradients
+    with th.autograd.detect_anomaly():
+        policy.fit_critics(*args)
+    with th.autograd.graph.saved_tensors_hooks(lambda x: x, lambda x: x):
+        policy.fit_critics(*args)
+    assert path.calls == 0
+    policy.fit_critics(*args)
+    assert path.calls == 2

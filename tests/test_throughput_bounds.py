@@ -75,6 +75,16 @@ def test_interleaved_rounds_take_each_run_against_its_own_limits_and_the_median(
     assert meta.mode_limit("first_order") == 800.0 and meta.mode_limit("second_order") == 700.0
     assert meta.speed("first_order") == 500.0
     assert meta.mean_phases("first_order") == pytest.approx({"total": 0.5, "advantages": 0.1})
+    # a phase that one round lacks counts as 0 there
+    partial = throughput.MetaThroughput(
+        limits=[1.0, 1.0, 1.0, 1.0, 1.0],
+        speeds={"first_order": [1.0, 1.0], "second_order": [1.0, 1.0]},
+        phases={"first_order": [{"total": 0.2}, {"total": 0.4, "x": 0.2}], "second_order": [{"total": 1.0}] * 2},
+        products={"first_order": products, "second_order": products},
+        steps_per_iteration=1,
+        tasks=1,
+    )
+    assert partial.mean_phases("first_order") == pytest.approx({"total": 0.3, "x": 0.1})
     # each run's bound against its own limit: 0.2 s / (0.5 - 0.05), 200 / 600 / (0.4 - 0.1), 0.25 / 0.6; the median
     bounds = [0.2 / 0.45, (1 / 3) / 0.3, 0.25 / 0.6]
     assert meta.batched_bound("first_order") == pytest.approx(sorted(bounds)[1])

@@ -1,10 +1,10 @@
 """The critics' regression gradient written out: autograd's values, bit for bit, without its engine.
 
-The critics are refitted with Adam on small minibatches (10 epochs of 64 samples: 320 steps per CPO update at the
-defaults), where a step's arithmetic is tiny and eager PyTorch's bookkeeping is most of its time: building the graph,
-then the autograd engine's walk over it. For critics that are plain MLPs (``nn.Linear`` layers and ``nn.Tanh`` or
-``nn.ReLU`` activations, as SB3's ``MlpExtractor`` builds them), :func:`mse_gradients` runs the forward pass without
-a graph and the backward pass as the kernels autograd itself calls, with the same operands:
+The critics are refitted with Adam on small minibatches (CPO's defaults: 10 epochs of 128 samples, 160 steps per
+update of 2,048 samples), where a step's arithmetic is small and eager PyTorch's bookkeeping is much of its time:
+building the graph, then the autograd engine's walk over it. For critics that are plain MLPs (``nn.Linear`` layers
+and ``nn.Tanh`` or ``nn.ReLU`` activations, as SB3's ``MlpExtractor`` builds them), :func:`mse_gradients` runs the
+forward pass without a graph and the backward pass as the kernels autograd itself calls, with the same operands:
 
 * the mean squared error: ``aten::mse_loss_backward`` (autograd's derivative of ``mse_loss``) with a gradient of 1;
 * a linear layer ``y = x Wᵀ + b`` (``addmm(b, x, Wᵀ)``): the weight's gradient ``gᵀ x``, the bias's ``g`` summed
@@ -15,7 +15,8 @@ a graph and the backward pass as the kernels autograd itself calls, with the sam
 So the gradients equal ``loss.backward()``'s bit for bit (``tests/test_critic_gradients.py`` checks that over
 architectures, activations, dtypes and several costs, and whole critic fits against the autograd path);
 :data:`FAST_CRITIC_GRADIENTS` ``= False`` restores ``loss.backward()``. Any other critic (another activation or layer
-type, a module with hooks, a parameter frozen) runs through autograd.
+type, a module with hooks, a parameter frozen, a parameter used twice) runs through autograd, and so does every fit
+while autograd would behave otherwise (gradients disabled, anomaly detection, saved-tensor hooks).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 import torch as th
 from torch import nn
 
-__all__ = ["FAST_CRITIC_GRADIENTS", "MlpLayers", "mlp_layers", "mse_gradients"]
+__all__ = ["FAST_CRITIC_GRADIENTS", "MlpLayers", "autograd_as_usual", "mlp_layers", "mse_gradients", "shares_no_parameter"]
 
 #: Whether :meth:`~sb3_metacpo.common.policies.CPOPolicy.fit_critics` uses :func:`mse_gradients` for MLP critics.
 FAST_CRITIC_GRADIENTS = True
@@ -75,7 +76,8 @@ def _global_hooks() -> bool:
 
 def mlp_layers(modules: Sequence[nn.Module]) -> MlpLayers | None:
     """``modules`` (applied in this order) as :class:`MlpLayers`, or None if :func:`mse_gradients` cannot run them
-    (another module type, a linear layer without bias, hooks, a parameter that does not require a gradient)."""
+    (another module type, a linear layer without bias, hooks, a parameter that does not require a gradient, a module
+    used twice)."""
     if _global_hooks():
         return None
     flat: list[nn.Module] = []
@@ -86,7 +88,7 @@ def mlp_layers(modules: Sequence[nn.Module]) -> MlpLayers | None:
             flat.extend(module)
         else:
             flat.append(module)
-    if not flat or type(flat[0]) is not nn.Linear:
+    if not flat or type(flat[0]) is not nn.Linear or len({id(module) for module in flat}) != len(flat):
         return None
     for module in flat:
         if type(module) is nn.Linear:
@@ -97,6 +99,21 @@ def mlp_layers(modules: Sequence[nn.Module]) -> MlpLayers | None:
         if not _plain(module):
             return None
     return MlpLayers(tuple(flat))
+
+
+def shares_no_parameter(*mlps: MlpLayers) -> bool:
+    """Whether every parameter appears once across ``mlps`` (autograd sums the gradients of a parameter used twice,
+    which :func:`mse_gradients` does not)."""
+    params = [p for layers in mlps for module in layers.modules for p in module.parameters(recurse=False)]
+    return len({id(p) for p in params}) == len(params)
+
+
+def autograd_as_usual() -> bool:
+    """Whether ``loss.backward()`` would run now as :func:`mse_gradients` does: gradients enabled (else it raises),
+    no anomaly detection and no saved-tensor hooks (which may change what the backward pass reads)."""
+    top_hooks = getattr(th._C._autograd, "_top_saved_tensors_default_hooks", None)
+    hooked = top_hooks is None or top_hooks(False) is not None
+    return th.is_grad_enabled() and not th.is_anomaly_enabled() and not hooked
 
 
 def _forward(layers: MlpLayers, x: th.Tensor) -> tuple[th.Tensor, list[th.Tensor]]:

@@ -606,7 +606,8 @@ class CPOPolicy(ActorCriticPolicy):
         losses = []
         # written out for one dtype throughout (mixed dtypes promote in autograd's path)
         same_dtype = reward_targets.dtype == cost_targets.dtype == features.dtype == cost_inputs.dtype
-        critics = self._critic_layers() if critic_gradients.FAST_CRITIC_GRADIENTS and same_dtype else None
+        fast = critic_gradients.FAST_CRITIC_GRADIENTS and same_dtype and critic_gradients.autograd_as_usual()
+        critics = self._critic_layers() if fast else None
         for _ in range(n_epochs):
             for indices in th.randperm(len(observations), device=observations.device).split(batch_size):
                 self.optimizer.zero_grad()
@@ -642,7 +643,7 @@ class CPOPolicy(ActorCriticPolicy):
             return None
         reward = critic_gradients.mlp_layers([self.mlp_extractor.value_net, self.value_net])
         cost = critic_gradients.mlp_layers([self.cost_mlp, self.cost_value_net])
-        if reward is None or cost is None:
+        if reward is None or cost is None or not critic_gradients.shares_no_parameter(reward, cost):
             return None
         dtypes = {p.dtype for layers in (reward, cost) for m in layers.modules for p in m.parameters()}
         return (reward, cost) if dtypes == {self.obs_mean.dtype} else None
