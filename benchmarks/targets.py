@@ -127,6 +127,7 @@ def main() -> None:
             f"{standard.ratio(throughput.CPO_OURS):.3f}",
             f">= {CPO_TARGET:g}",
             standard.ratio(throughput.CPO_OURS) >= CPO_TARGET,
+            f"rounds {', '.join(f'{value:.3f}' for value in standard.round_ratios(throughput.CPO_OURS))}; "
             f"ceiling {standard.cpo_ceiling():.2f}{twin_note(standard.cpo_products)}; "
             f"raw env {standard.speeds[throughput.RAW_OURS]:.0f} steps/s, "
             f"stock {standard.speeds[throughput.RAW_STOCK]:.0f}",

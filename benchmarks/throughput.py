@@ -226,15 +226,25 @@ CPO_OURS, TRPO_OURS, TRPO_STOCK = "CPO learn(), ours", "sb3-contrib TRPO learn()
 
 @dataclass(frozen=True)
 class StandardEnvThroughput:
-    """Env steps/s of each row of :func:`measure_standard_env`, and CPO's matrix products per update."""
+    """Env steps/s of each row of :func:`measure_standard_env` in each interleaved round, and CPO's matrix products per
+    update."""
 
-    speeds: dict[str, float]
+    rounds: dict[str, list[float]]
     cpo_products: ProductTimes
     steps_per_update: int
 
+    @property
+    def speeds(self) -> dict[str, float]:
+        """Each row's median speed over the rounds."""
+        return {name: float(np.median(values)) for name, values in self.rounds.items()}
+
+    def round_ratios(self, row: str) -> list[float]:
+        """The row's speed in each round over the raw env's in the same round (measured just before it)."""
+        return [speed / raw for speed, raw in zip(self.rounds[row], self.rounds[RAW_OURS], strict=True)]
+
     def ratio(self, row: str) -> float:
-        """The row's speed as a ratio of the raw env built by the library (the limit)."""
-        return self.speeds[row] / self.speeds[RAW_OURS]
+        """The median of :meth:`round_ratios`: the row as a ratio of the raw env built by the library (the limit)."""
+        return float(np.median(self.round_ratios(row)))
 
     def cpo_ceiling(self) -> float:
         return ceiling(self.speeds[RAW_OURS], self.steps_per_update, self.cpo_products.replayed)
@@ -242,10 +252,11 @@ class StandardEnvThroughput:
 
 def measure_standard_env(env_id: str, iterations: int, rounds: int = 3) -> StandardEnvThroughput:
     """CPO and sb3-contrib TRPO on one standard id against the raw env, in one run and in CPU seconds of this
-    process (this machine is shared; CPU time is what our code costs, whatever else runs), median of ``rounds``
-    interleaved rounds: the raw env with random actions through the library (fast step on) and stock
-    (safety-gymnasium's own code, ``FAST_STEP``/``FAST_RESET`` off), ``learn()`` of CPO and of TRPO on the library's
-    env stack (2048 steps per update, the defaults of both) and of TRPO on the stock env."""
+    process (this machine is shared; CPU time is what our code costs, whatever else runs), in ``rounds`` interleaved
+    rounds (each row's ratio: the median of its per-round ratios to the raw env of the same round): the raw env with
+    random actions through the library (fast step on) and stock (safety-gymnasium's own code,
+    ``FAST_STEP``/``FAST_RESET`` off), ``learn()`` of CPO and of TRPO on the library's env stack (2048 steps per
+    update, the defaults of both) and of TRPO on the stock env."""
     from sb3_metacpo.tasks import safety_gym
 
     def raw(fast: bool) -> float:
@@ -293,7 +304,7 @@ def measure_standard_env(env_id: str, iterations: int, rounds: int = 3) -> Stand
         for name, run in runs.items():
             measured[name].append(run())
     products, steps = cpo_products[0]
-    return StandardEnvThroughput({name: float(np.median(values)) for name, values in measured.items()}, products, steps)
+    return StandardEnvThroughput(measured, products, steps)
 
 
 def standard_env_table(env_id: str, iterations: int, rounds: int = 3) -> list[str]:
@@ -304,7 +315,12 @@ def standard_env_table(env_id: str, iterations: int, rounds: int = 3) -> list[st
         f"of {iterations} updates:",
         f"{'':<40} {'steps/s':>9} {'x limit':>8}",
     ]
-    lines += [f"{name:<40} {speed:>9.0f} {result.ratio(name):>8.2f}" for name, speed in result.speeds.items()]
+    lines += [
+        f"{name:<40} {speed:>9.0f} {result.ratio(name):>8.2f}  (rounds "
+        + ", ".join(f"{value:.3f}" for value in result.round_ratios(name))
+        + ")"
+        for name, speed in result.speeds.items()
+    ]
     lines.append(f"CPO on ours / TRPO on stock = {result.speeds[CPO_OURS] / result.speeds[TRPO_STOCK]:.2f}")
     products = result.cpo_products
     lines.append(

@@ -88,3 +88,17 @@ def test_interleaved_rounds_take_each_run_against_its_own_limits_and_the_median(
     # each run's bound against its own limit: 0.2 s / (0.5 - 0.05), 200 / 600 / (0.4 - 0.1), 0.25 / 0.6; the median
     bounds = [0.2 / 0.45, (1 / 3) / 0.3, 0.25 / 0.6]
     assert meta.batched_bound("first_order") == pytest.approx(sorted(bounds)[1])
+
+
+def test_standard_env_rows_are_the_median_of_ratios_to_the_raw_env_of_the_same_round():
+    products = throughput.ProductTimes(profiled=0.1, replayed=0.05, same_computation=True)
+    result = throughput.StandardEnvThroughput(
+        rounds={throughput.RAW_OURS: [1000.0, 2000.0, 500.0], throughput.CPO_OURS: [900.0, 1000.0, 300.0]},
+        cpo_products=products,
+        steps_per_update=200,
+    )
+    assert result.round_ratios(throughput.CPO_OURS) == pytest.approx([0.9, 0.5, 0.6])
+    assert result.ratio(throughput.CPO_OURS) == pytest.approx(0.6)  # not 900 / 1000, the ratio of the medians
+    assert result.speeds == {throughput.RAW_OURS: 1000.0, throughput.CPO_OURS: 900.0}
+    # the ceiling at the median raw env: 0.2 s of env and 0.05 s of products per update
+    assert result.cpo_ceiling() == pytest.approx(0.2 / 0.25)
