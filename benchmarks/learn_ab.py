@@ -25,20 +25,33 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 
 def measure(family: str, tasks: int, n_steps: int, iterations: int) -> dict[str, float]:
     """Env steps per CPU second of MetaCPO (first and second order; ``tasks`` tasks of ``n_steps`` steps, one inner
-    update) and of CPO on ``tasks`` envs of the family's training tasks, after one warm-up iteration each."""
+    update) and of CPO on ``tasks`` envs of the family's training tasks, after one warm-up iteration each; and, for
+    each, the speed of its conjugate gradients alone (iterations or updates per CPU second of that phase: a change to
+    one phase shows there beyond the noise of the whole)."""
     import torch
     from threadpoolctl import threadpool_limits
 
     from sb3_metacpo import CPO, MetaCPO
+    from sb3_metacpo.common.profiling import phase_times
     from sb3_metacpo.tasks import make_task_distribution
 
     torch.set_num_threads(1)
     per_iteration = 2 * tasks * n_steps  # the pre- and post-adaptation batches
     speeds = {}
+
+    def timed(label: str, model: Any, steps: int, updates: int) -> None:
+        with phase_times(time.process_time) as times:
+            start = time.process_time()
+            model.learn(steps, reset_num_timesteps=False)
+            speeds[label] = steps / (time.process_time() - start)
+        solves = sum(seconds for name, seconds in times.items() if name.endswith("conjugate_gradient"))
+        speeds[f"  {label}: conjugate gradient, updates/s"] = updates / solves
+
     with threadpool_limits(1):
         for mode in ("first_order", "second_order"):
             dist = make_task_distribution(family, seed=0)
@@ -46,14 +59,10 @@ def measure(family: str, tasks: int, n_steps: int, iterations: int) -> dict[str,
                 "MlpPolicy", dist, meta_batch_size=tasks, n_inner_updates=1, n_steps=n_steps, meta_gradient=mode, seed=0
             )
             model.learn(per_iteration)
-            start = time.process_time()
-            model.learn(iterations * per_iteration, reset_num_timesteps=False)
-            speeds[f"MetaCPO, {mode.replace('_', ' ')}"] = iterations * per_iteration / (time.process_time() - start)
+            timed(f"MetaCPO, {mode.replace('_', ' ')}", model, iterations * per_iteration, iterations)
         cpo = CPO("MlpPolicy", make_task_distribution(family, seed=0), n_envs=tasks, n_steps=n_steps, seed=0)
         cpo.learn(tasks * n_steps)
-        start = time.process_time()
-        cpo.learn(2 * iterations * tasks * n_steps, reset_num_timesteps=False)
-        speeds["CPO"] = 2 * iterations * tasks * n_steps / (time.process_time() - start)
+        timed("CPO", cpo, 2 * iterations * tasks * n_steps, 2 * iterations)
     return speeds
 
 
