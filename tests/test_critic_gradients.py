@@ -236,6 +236,13 @@ def test_policy_with_other_critics_fits_through_autograd(monkeypatch):
 def test_a_module_used_twice_goes_through_autograd():
     layer = nn.Linear(4, 4)
     assert mlp_layers([nn.Sequential(layer, nn.Tanh(), layer, nn.Tanh(), nn.Linear(4, 1))]) is None
+    first, second = mlp_layers([nn.Sequential(layer, nn.Tanh(), nn.Linear(4, 1))]), mlp_layers([layer])
+    assert first is not None and second is not None
+    x, targets = th.randn(5, 4), th.randn(5)
+    with pytest.raises(ValueError, match="share a parameter"):
+        mse_gradients([(first, x, targets), (second, x, th.randn(5, 4))])
+    with pytest.raises(ValueError, match="at least one"):
+        mse_gradients([])
 
 
 def test_fits_where_autograd_would_behave_otherwise_go_through_it(monkeypatch):

@@ -152,7 +152,12 @@ def mse_gradients(
 ) -> tuple[th.Tensor, dict[th.Tensor, th.Tensor]]:
     """The sum over ``terms`` ``(mlp, inputs, targets)`` of ``mse_loss(mlp(inputs), targets)`` and its gradient with
     respect to every MLP's parameters, bit for bit what ``loss.backward()`` gives. An MLP output of one column is
-    compared with 1-D targets (SB3's ``values.flatten()``)."""
+    compared with 1-D targets (SB3's ``values.flatten()``). The MLPs must not share a parameter (autograd would sum
+    its gradients: see :func:`shares_no_parameter`)."""
+    if not terms:
+        raise ValueError("mse_gradients needs at least one (mlp, inputs, targets) term")
+    if len(terms) > 1 and not shares_no_parameter(*(layers for layers, _, _ in terms)):
+        raise ValueError("the MLPs of mse_gradients share a parameter, whose gradients autograd would sum: use autograd")
     loss: th.Tensor | None = None
     grads: dict[th.Tensor, th.Tensor] = {}
     passes = []
@@ -162,7 +167,7 @@ def mse_gradients(
         term = nn.functional.mse_loss(prediction, targets)
         loss = term if loss is None else loss + term
         passes.append((layers, saved, output, prediction, targets))
-    assert loss is not None, "mse_gradients needs at least one term"
+    assert loss is not None
     one = th.ones((), dtype=loss.dtype, device=loss.device)
     for layers, saved, output, prediction, targets in passes:
         grad = th.ops.aten.mse_loss_backward(one, prediction, targets, 1)  # reduction 1: the mean
