@@ -361,7 +361,7 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):  # type: igno
             for n_steps in range(n_rollout_steps):
                 obs = array_observations(self._last_obs)
                 actions = act(obs)
-                clipped_actions = np.clip(actions, low, high)
+                clipped_actions = actions.clip(low, high)  # np.clip, without its dispatch (every step)
                 vec_obs, rewards, dones, infos = env.step(clipped_actions)
                 new_obs = array_observations(vec_obs)
                 self.num_timesteps += env.num_envs
