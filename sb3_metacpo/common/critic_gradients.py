@@ -16,7 +16,9 @@ So the gradients equal ``loss.backward()``'s bit for bit (``tests/test_critic_gr
 architectures, activations, dtypes and several costs, and whole critic fits against the autograd path);
 :data:`FAST_CRITIC_GRADIENTS` ``= False`` restores ``loss.backward()``. Any other critic (another activation or layer
 type, a module with hooks, a parameter frozen, a parameter used twice) runs through autograd, and so does every fit
-while autograd would behave otherwise (gradients disabled, anomaly detection, saved-tensor hooks).
+while autograd would behave otherwise (gradients disabled, anomaly detection, saved-tensor hooks) and every fit off
+the CPU (the bits are tested on the CPU; another device's libraries may order a product's sums by the call's
+layout).
 """
 
 from __future__ import annotations

@@ -606,9 +606,11 @@ class CPOPolicy(ActorCriticPolicy):
             features = self.extract_features(observations, self.vf_features_extractor)
             cost_inputs = self._cost_inputs(features, time_fractions)
         losses = []
-        # written out for one dtype throughout (mixed dtypes promote in autograd's path)
+        # written out for one dtype throughout (mixed dtypes promote in autograd's path), on the CPU (where the bits
+        # are tested; other devices' libraries may order a product's sums by the call's layout)
         same_dtype = reward_targets.dtype == cost_targets.dtype == features.dtype == cost_inputs.dtype
-        fast = critic_gradients.FAST_CRITIC_GRADIENTS and same_dtype and critic_gradients.autograd_as_usual()
+        on_cpu = features.device.type == "cpu"
+        fast = critic_gradients.FAST_CRITIC_GRADIENTS and same_dtype and on_cpu and critic_gradients.autograd_as_usual()
         critics = self._critic_layers() if fast else None
         for _ in range(n_epochs):
             for indices in th.randperm(len(observations), device=observations.device).split(batch_size):
