@@ -28,6 +28,17 @@ from pathlib import Path
 from typing import Any
 
 
+def timed_learn(model: Any, steps: int) -> tuple[float, dict[str, float]]:
+    """Env steps per CPU second of ``model.learn(steps)`` (continuing its run), and its CPU seconds by phase."""
+    from sb3_metacpo.common.profiling import phase_times
+
+    with phase_times(time.process_time) as times:
+        start = time.process_time()
+        model.learn(steps, reset_num_timesteps=False)
+        seconds = time.process_time() - start
+    return steps / seconds, times
+
+
 def measure(family: str, tasks: int, n_steps: int, iterations: int) -> dict[str, float]:
     """Env steps per CPU second of MetaCPO (first and second order; ``tasks`` tasks of ``n_steps`` steps, one inner
     update) and of CPO on ``tasks`` envs of the family's training tasks, after one warm-up iteration each; and, for
@@ -37,7 +48,6 @@ def measure(family: str, tasks: int, n_steps: int, iterations: int) -> dict[str,
     from threadpoolctl import threadpool_limits
 
     from sb3_metacpo import CPO, MetaCPO
-    from sb3_metacpo.common.profiling import phase_times
     from sb3_metacpo.tasks import make_task_distribution
 
     torch.set_num_threads(1)
@@ -45,10 +55,7 @@ def measure(family: str, tasks: int, n_steps: int, iterations: int) -> dict[str,
     speeds = {}
 
     def timed(label: str, model: Any, steps: int, updates: int) -> None:
-        with phase_times(time.process_time) as times:
-            start = time.process_time()
-            model.learn(steps, reset_num_timesteps=False)
-            speeds[label] = steps / (time.process_time() - start)
+        speeds[label], times = timed_learn(model, steps)
         solves = sum(seconds for name, seconds in times.items() if name.endswith("conjugate_gradient"))
         speeds[f"  {label}: conjugate gradient, updates/s"] = updates / solves
 
@@ -74,17 +81,13 @@ def measure_cpo(env_id: str, updates: int) -> dict[str, float]:
     from threadpoolctl import threadpool_limits
 
     from sb3_metacpo import CPO
-    from sb3_metacpo.common.profiling import phase_times
 
     torch.set_num_threads(1)
     with threadpool_limits(1):
         cpo = CPO("MlpPolicy", env_id, seed=0)
         cpo.learn(cpo.n_steps)
-        with phase_times(time.process_time) as times:
-            start = time.process_time()
-            cpo.learn(updates * cpo.n_steps, reset_num_timesteps=False)
-            seconds = time.process_time() - start
-    speeds = {f"CPO on {env_id}": updates * cpo.n_steps / seconds}
+        speed, times = timed_learn(cpo, updates * cpo.n_steps)
+    speeds = {f"CPO on {env_id}": speed}
     for phase in ("sampling", "advantages", "cpo_update", "critic_training"):
         speeds[f"  {phase}, updates/s"] = updates / times[phase]
     return speeds

@@ -113,7 +113,7 @@ def main() -> None:
                     f"{meta.ratio(mode):.3f}",
                     f">= {target:g}",
                     meta.ratio(mode) >= target,
-                    f"rounds {', '.join(f'{value:.3f}' for value in meta.ratios(mode))}; ceiling "
+                    f"rounds {throughput.rounds_text(meta.ratios(mode))}; ceiling "
                     f"{meta.ceiling(mode):.2f}{twin_note(meta.products[mode])}; tasks batched at best "
                     f"{meta.batched_bound(mode):.2f}; limit {meta.mode_limit(mode):.0f} steps/s (measurements "
                     f"{', '.join(f'{value:.0f}' for value in meta.limits)}), learn() {meta.speed(mode):.0f}",
@@ -127,7 +127,7 @@ def main() -> None:
             f"{standard.ratio(throughput.CPO_OURS):.3f}",
             f">= {CPO_TARGET:g}",
             standard.ratio(throughput.CPO_OURS) >= CPO_TARGET,
-            f"rounds {', '.join(f'{value:.3f}' for value in standard.round_ratios(throughput.CPO_OURS))}; "
+            f"rounds {throughput.rounds_text(standard.round_ratios(throughput.CPO_OURS))}; "
             f"ceiling {standard.cpo_ceiling():.2f}{twin_note(standard.cpo_products)}; "
             f"raw env {standard.speeds[throughput.RAW_OURS]:.0f} steps/s, "
             f"stock {standard.speeds[throughput.RAW_STOCK]:.0f}",

@@ -197,6 +197,11 @@ def matrix_product_seconds(make_model: Any, steps_per_iteration: int, iterations
     return ProductTimes(profiled / iterations, replayed / iterations, same, not_replayed)
 
 
+def rounds_text(values: list[float]) -> str:
+    """Each round's ratio, as the tables print them."""
+    return ", ".join(f"{value:.3f}" for value in values)
+
+
 def ceiling(limit: float, steps_per_iteration: int, product_seconds: float) -> float:
     """The ratio to the limit that ``learn`` would reach if everything but the env (at the limit's speed) and the
     updates' matrix products were free: about the most an implementation making the same product calls can reach."""
@@ -316,9 +321,7 @@ def standard_env_table(env_id: str, iterations: int, rounds: int = 3) -> list[st
         f"{'':<40} {'steps/s':>9} {'x limit':>8}",
     ]
     lines += [
-        f"{name:<40} {speed:>9.0f} {result.ratio(name):>8.2f}  (rounds "
-        + ", ".join(f"{value:.3f}" for value in result.round_ratios(name))
-        + ")"
+        f"{name:<40} {speed:>9.0f} {result.ratio(name):>8.2f}  (rounds {rounds_text(result.round_ratios(name))})"
         for name, speed in result.speeds.items()
     ]
     lines.append(f"CPO on ours / TRPO on stock = {result.speeds[CPO_OURS] / result.speeds[TRPO_STOCK]:.2f}")
@@ -612,7 +615,7 @@ def main() -> None:
     print(f"{'':<40} {'steps/s':>9} {'x limit':>8}")
     for name, speed, mode in rows:
         ratio = meta.ratio(mode) if mode else speed / limit
-        spread = f"  (rounds {', '.join(f'{r:.3f}' for r in meta.ratios(mode))})" if mode and meta.rounds > 1 else ""
+        spread = f"  (rounds {rounds_text(meta.ratios(mode))})" if mode and meta.rounds > 1 else ""
         print(f"{name:<40} {speed:>9.0f} {ratio:>8.2f}{spread}")
     print(
         f"(the limit: the median of {len(meta.limits)} measurements, before, between and after the MetaCPO runs: "

@@ -608,7 +608,7 @@ class CPOPolicy(ActorCriticPolicy):
         losses = []
         # written out for one dtype throughout (mixed dtypes promote in autograd's path), on the CPU (where the bits
         # are tested; other devices' libraries may order a product's sums by the call's layout)
-        same_dtype = reward_targets.dtype == cost_targets.dtype == features.dtype == cost_inputs.dtype
+        same_dtype = reward_targets.dtype == cost_targets.dtype == features.dtype  # cost_inputs: features' dtype
         on_cpu = features.device.type == "cpu"
         fast = critic_gradients.FAST_CRITIC_GRADIENTS and same_dtype and on_cpu and critic_gradients.autograd_as_usual()
         critics = self._critic_layers() if fast else None
