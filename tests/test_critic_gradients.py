@@ -259,6 +259,31 @@ def test_fits_where_autograd_would_behave_otherwise_go_through_it(monkeypatch):
         policy.fit_critics(*args)
     with th.autograd.graph.saved_tensors_hooks(lambda x: x, lambda x: x):
         policy.fit_critics(*args)
+    with th.autocast("cpu", dtype=th.bfloat16):  # bfloat16 gradients would not fit the float32 parameters
+        policy.fit_critics(*args)
     assert path.calls == 0
     policy.fit_critics(*args)
     assert path.calls == 2
+
+
+def test_reward_targets_of_shape_n_by_1_fit_as_flat_ones_on_both_paths():
+    """(n, 1) reward targets once broadcast against the (n,) values to an (n, n) loss in autograd's path: both paths
+    must fit them exactly as the same targets flat."""
+    n = 100
+
+    def fit_with(shape: tuple[int, ...], fast: bool) -> dict:
+        critic_gradients.FAST_CRITIC_GRADIENTS = fast
+        try:
+            policy = CPO("MlpPolicy", make_task_distribution("Toy2DNav", seed=0), n_steps=128, seed=0).policy
+            gen = th.Generator().manual_seed(7)
+            obs = th.randn(n, policy.observation_space.shape[0], generator=gen)
+            targets = th.randn(n, generator=gen).reshape(shape)
+            th.manual_seed(3)
+            policy.fit_critics(obs, targets, th.rand(n, generator=gen), 2, 32, th.rand(n, generator=gen))
+            return {k: bits(v) for k, v in policy.state_dict().items()}
+        finally:
+            critic_gradients.FAST_CRITIC_GRADIENTS = True
+
+    flat = fit_with((n,), True)
+    assert fit_with((n, 1), True) == flat
+    assert fit_with((n, 1), False) == flat

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import cvxpy as cp
 import numpy as np
 import pytest
 import torch
@@ -192,3 +193,76 @@ def test_the_time_fraction_of_a_step_past_the_episode_length_is_one():
     steps = np.concatenate([np.arange(30), np.arange(10)])
     expected = np.minimum(steps / 20, 1.0)
     np.testing.assert_allclose(prepared.time_fractions.numpy(), expected)
+
+
+def test_a_recovery_step_may_spend_a_satisfied_constraints_slack_as_the_recovery_program_does():
+    """Two conflicting costs, the first violated beyond the trust region's reach, the second satisfied with a little
+    slack: the recovery program (here cvxpy's minimax, an independent oracle) lowers the worst normalised violation
+    by raising the second to the same level t* > 0. With exactly linear surrogates and an exactly quadratic KL the
+    linear model is the truth, so the line search must accept the program's direction (it once refused every
+    fraction: each one took the second constraint past its own limit)."""
+    n, delta = 4, 0.01
+    rng = np.random.default_rng(0)
+    root = rng.standard_normal((n, n))
+    H = root @ root.T + 0.5 * np.eye(n)
+    g = rng.standard_normal(n)
+    a1 = rng.standard_normal(n)
+    A = np.stack([a1, -a1 + 0.3 * rng.standard_normal(n)])
+    scale = np.sqrt(2 * delta * np.diag(A @ np.linalg.solve(H, A.T)))
+    b = np.array([1.5, -0.02]) * scale
+    x, t = cp.Variable(n), cp.Variable()
+    cholesky = np.linalg.cholesky(H)
+    constraints = [cp.norm(cholesky.T @ x) <= math.sqrt(2 * delta), (b + A @ x) / scale <= t]
+    cp.Problem(cp.Minimize(t), constraints).solve(solver="CLARABEL")
+    level = float(t.value)
+    assert 0 < level < 1.5  # infeasible, and the program lowers the worst violation
+
+    def evaluate(step):
+        s = step.numpy()
+        return float(0.5 * s @ H @ s), float(g @ s), list(A @ s)
+
+    as_tensor = lambda value: torch.tensor(value, dtype=DTYPE)  # noqa: E731
+    result = constrained_step(
+        as_tensor(g),
+        as_tensor(A),
+        as_tensor(b),
+        lambda p: as_tensor(H) @ p,
+        StepConfig(target_kl=delta * 1.0001, cg_max_steps=50),
+        LineSearch(evaluate, 0.0, [0.0, 0.0]),
+    )
+    assert result.case == "recovery" and result.accepted, result.rejection
+    normalised = (b + A @ result.step.numpy()) / scale
+    assert normalised.max() < 1.5
+    if result.fraction == 1.0:
+        np.testing.assert_allclose(normalised, [level, level], atol=1e-4)
+    assert normalised[1] <= level + 1e-4  # the satisfied one rose no further than the program's level
+
+
+@pytest.mark.parametrize(
+    ("level", "rise", "accepted"),
+    [
+        (0.5, 0.45, True),  # within the program's level: b₂ + Δ₂ = 0.4 ≤ 0.5 (scale 1)
+        (0.5, 0.6, False),  # beyond it: 0.55 > 0.5
+        (-0.1, 0.15, False),  # the program is feasible (t ≤ 0): the satisfied constraint keeps its own limit
+    ],
+)
+def test_in_recovery_a_satisfied_constraint_may_rise_only_to_the_programs_level(level, rise, accepted):
+    """Constraint 1 violated (b = 2, falls to 1), constraint 2 satisfied (b = −0.05) rising by ``rise``: accepted only
+    while b₂ + Δ₂ ≤ max(0, level)·scale (scales 1)."""
+
+    def evaluate(step):
+        return 0.001, 0.0, [-1.0, rise]
+
+    outcome = backtracking_line_search(
+        LineSearch(evaluate, 0.0, [0.0, 0.0]),
+        torch.ones(2, dtype=DTYPE),
+        "recovery",
+        [2.0, -0.05],
+        [1.0, 1.0],
+        [True, True],
+        StepConfig(0.01, line_search_max_iter=0),
+        level,
+    )
+    assert outcome.accepted is accepted
+    if not accepted:
+        assert outcome.rejection == "line search: a satisfied constraint left its linearised bound"

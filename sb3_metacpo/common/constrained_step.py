@@ -256,9 +256,10 @@ def constrained_step(
 
     b_values = () if b is None else tuple(float(value) for value in b.detach())
     scales = tuple(float(value) for value in solution.scale.detach())
+    level = recovery_level(b_values, rejected.expected_cost_changes, scales, rejected.informative)
     with phase("line_search"):
         outcome = backtracking_line_search(
-            step_size, x.detach(), solution.case, b_values, scales, rejected.informative, config
+            step_size, x.detach(), solution.case, b_values, scales, rejected.informative, config, level
         )
     step = outcome.fraction * x if outcome.accepted else torch.zeros_like(x)
     return replace(
@@ -308,6 +309,15 @@ def _skipped(g: torch.Tensor, n_constraints: int, rejection: str) -> StepResult:
     )
 
 
+def recovery_level(
+    b: Sequence[float], expected_changes: Sequence[float], scales: Sequence[float], informative: Sequence[bool]
+) -> float:
+    """The largest normalised constraint value the linear model predicts at the full step, max_j (b_j + a_jᵀx)/√(2δs_j)
+    over the informative constraints (0 without one): in the recovery case, the level t the recovery program reaches."""
+    terms = zip(b, expected_changes, scales, informative, strict=True)
+    return max(((value + change) / scale for value, change, scale, used in terms if used), default=0.0)
+
+
 @dataclass(frozen=True)
 class LineSearchOutcome:
     """What :func:`backtracking_line_search` accepted (all zero when nothing passed, with the reason)."""
@@ -329,6 +339,7 @@ def backtracking_line_search(
     scales: Sequence[float],
     informative: Sequence[bool],
     config: StepConfig,
+    level: float = 0.0,
 ) -> LineSearchOutcome:
     """Accept the first fraction βʲ (j = 0, …, ``line_search_max_iter``) of the step that passes every check:
 
@@ -338,7 +349,11 @@ def backtracking_line_search(
       step in: among all informative ones), (b_j + Δ_j)/√(2δs_j), strictly decreases (a step back into the
       feasible set may have to give up reward: demanding a reward gain there would leave the policy stuck above
       the limit); otherwise the reward surrogate strictly improves;
-    * every informative constraint that is satisfied stays inside its linearised bound: Δ_j ≤ −b_j.
+    * every informative constraint that is satisfied stays inside its linearised bound: Δ_j ≤ −b_j; in the recovery
+      case with ``level`` t > 0 (no point of the trust region satisfies every linearised constraint, and the
+      recovery program spends a satisfied constraint's slack to lower the worst violation, every normalised value
+      ending at most t), inside the program's bound instead: (b_j + Δ_j)/√(2δs_j) ≤ t. Held to Δ_j ≤ −b_j, no
+      fraction of the program's own direction could be accepted there.
 
     For m = 1 this is the classic CPO line search; with m = 0 (no constraint, or no cost information) only the
     KL and the reward are checked.
@@ -348,6 +363,8 @@ def backtracking_line_search(
     :param case: the CPO case of the step
     :param b: constraint values; ``scales``: √(2δs_j) of each; ``informative``: which constraints count
     :param config: δ, the number of backtracks and β
+    :param level: the recovery program's level at the full step (:func:`recovery_level`); used only in the recovery
+        case
     """
     if case not in CPO_CASES:
         raise ValueError(f"Unknown CPO case {case!r}; expected one of {CPO_CASES}")
@@ -356,6 +373,9 @@ def backtracking_line_search(
     if restore and not violated:  # the recovery case with every constraint satisfied (a sliver of a feasible set):
         violated = [j for j, used in enumerate(informative) if used]  # the recovery program's worst one must drop
     worst_now = max((b[j] / scales[j] for j in violated), default=0.0)
+    # the most each satisfied constraint's surrogate may rise: to its limit, or to the recovery program's level
+    spend = case == RECOVERY and level > 0
+    room = [level * scale - value if spend else -value for value, scale in zip(b, scales, strict=True)]
     reason = "no candidate"
     with torch.no_grad():
         for n_backtracks in range(config.line_search_max_iter + 1):
@@ -373,8 +393,8 @@ def backtracking_line_search(
             elif not restore and not reward_improvement > 0:
                 reason = "line search: no reward improvement"
             elif any(
-                used and value <= 0 and change > -value
-                for value, change, used in zip(b, cost_changes, informative, strict=True)
+                used and value <= 0 and change > allowed
+                for value, change, allowed, used in zip(b, cost_changes, room, informative, strict=True)
             ):
                 reason = "line search: a satisfied constraint left its linearised bound"
             else:

@@ -112,10 +112,12 @@ def shares_no_parameter(*mlps: MlpLayers) -> bool:
 
 def autograd_as_usual() -> bool:
     """Whether ``loss.backward()`` would run now as :func:`mse_gradients` does: gradients enabled (else it raises),
-    no anomaly detection and no saved-tensor hooks (which may change what the backward pass reads)."""
+    no anomaly detection, no saved-tensor hooks (which may change what the backward pass reads) and no autocast on
+    the CPU (under which the forward pass runs in a lower precision and the gradients come back in their
+    parameters' dtype)."""
     top_hooks = getattr(th._C._autograd, "_top_saved_tensors_default_hooks", None)
     hooked = top_hooks is None or top_hooks(False) is not None
-    return th.is_grad_enabled() and not th.is_anomaly_enabled() and not hooked
+    return th.is_grad_enabled() and not th.is_anomaly_enabled() and not hooked and not th.is_autocast_enabled("cpu")
 
 
 def _forward(layers: MlpLayers, x: th.Tensor) -> tuple[th.Tensor, list[th.Tensor]]:

@@ -591,10 +591,13 @@ class CPOPolicy(ActorCriticPolicy):
     ) -> float:
         """Regress the reward and cost critics on their targets (``n_epochs`` of Adam minibatches); mean loss.
 
-        ``cost_targets`` has one column per cost signal, shape (n, n_costs) (or (n,) for one); ``time_fractions``
+        ``reward_targets`` has shape (n,) or (n, 1); ``cost_targets`` one column per cost signal, shape (n, n_costs)
+        (or (n,) for one); ``time_fractions``
         is each sample's time within its episode (step / episode length), the cost critic's extra input. Plain MLP
         critics get their gradients from :func:`~sb3_metacpo.common.critic_gradients.mse_gradients` (autograd's, bit
         for bit, without its engine); any other critic from ``loss.backward()``."""
+        # (n,) and (n, 1) alike: an (n, 1) target against the (n,) values would broadcast to (n, n) in mse_loss
+        reward_targets = reward_targets.reshape(len(observations))
         cost_targets = cost_targets.reshape(len(observations), self.n_costs)
         if not (th.isfinite(reward_targets).all() and th.isfinite(cost_targets).all()):
             raise ValueError("non-finite critic targets: the critics were left unchanged")
