@@ -1,6 +1,7 @@
 """CPO as an SB3 on-policy algorithm: the constraint holds where TRPO breaks it, envs of every kind, save/load."""
 
 import csv
+import warnings
 
 import gymnasium as gym
 import numpy as np
@@ -327,8 +328,17 @@ def test_the_critics_learning_rate_follows_its_schedule_and_load(tmp_path):
     assert model.policy.optimizer.param_groups[0]["lr"] == 1e-3 * model._current_progress_remaining == 0.0
     with open(tmp_path / "log" / "progress.csv", newline="") as handle:
         assert {"train/learning_rate"} <= set(next(csv.DictReader(handle)))
-    path = model.save(tmp_path / "model")  # the schedule ended at progress <= 0: saved as 0.0, not refused
-    loaded = CPO.load(path, env=env, learning_rate=1e-5)
+    # the schedule ended at progress <= 0: saved as 0.0, not refused, and said (once per model: checkpoints save often)
+    with pytest.warns(UserWarning, match="learning_rate is a schedule") as said:
+        path = model.save(tmp_path / "model")
+        model.save(tmp_path / "again")
+    assert len([w for w in said if "learning_rate is a schedule" in str(w.message)]) == 1
+    # loaded without a rate, the critics would never learn again: said at load
+    with pytest.warns(UserWarning, match=r"saved with a learning-rate schedule.*0\.0 \(0: the critics no longer learn\)"):
+        assert CPO.load(path, env=env).learning_rate == 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a rate given to load: nothing to say
+        loaded = CPO.load(path, env=env, learning_rate=1e-5)
     loaded.learn(100, reset_num_timesteps=False)
     assert loaded.policy.optimizer.param_groups[0]["lr"] == 1e-5
 
@@ -445,4 +455,6 @@ def test_a_save_inside_adapt_describes_the_training_envs(tmp_path):
         with zipfile.ZipFile(path) as archive:
             return json.loads(archive.read("metadata.json"))["rng"]["samplers"]
 
-    assert sampler_states(before)["envs"] and sampler_states(tmp_path / "inside.zip") == sampler_states(before)
+    inside = sampler_states(tmp_path / "inside.zip")
+    assert sampler_states(before)["envs"] and inside["envs"] == sampler_states(before)["envs"]
+    assert "adaptation" not in sampler_states(before) and len(inside["adaptation"]) == 1  # the adaptation's own stream

@@ -231,6 +231,8 @@ CORRUPTIONS: dict[str, tuple[Callable[[str], str], str]] = {
     "history not a list of records": (_edited(("adaptation_history",), "abc"), "adaptation_history must be a list"),
     "junk numpy random state": (_edited(("rng", "numpy"), "junk"), "random states are not valid"),
     "invalid seed": (_edited(("hyperparameters", "seed"), -1), "constructor arguments .* are invalid"),
+    "two adaptation streams": (_edited(("rng", "samplers", "adaptation"), [{}, {}]), "the adaptations' episode stream"),
+    "junk adaptation stream": (_edited(("rng", "samplers", "adaptation"), ["junk"]), "state must be a dict"),
 }
 
 
@@ -360,3 +362,82 @@ def test_load_refuses_policy_kwargs_other_than_the_saved_ones(tmp_path):
         with pytest.raises(LoadArgumentError, match="differ from the saved model's"):
             MetaCPO.load(path, policy_kwargs=other)
     MetaCPO.load(path, policy_kwargs=dict(net_arch=(8,)))  # the same (a tuple is saved as a list)
+
+
+def test_episode_infos_a_monitor_recorded_are_saved_as_data_or_left_out_with_a_word(tmp_path):
+    """An SB3 Monitor's info_keywords put the env's info values in ep_info_buffer: a numpy array there made save
+    raise a TypeError (and every checkpoint and best-model callback with it)."""
+    from stable_baselines3.common.monitor import Monitor
+
+    dist = make_task_distribution("Toy2DNav", seed=0)
+
+    class Recorded(gym.Wrapper):
+        def step(self, action):
+            obs, reward, terminated, truncated, info = self.env.step(action)
+            return obs, reward, terminated, truncated, {**info, "where": np.asarray(obs), "what": object()}
+
+    env = Monitor(Recorded(dist.make_env(dist.test_tasks(1)[0])), info_keywords=("where", "what"))
+    model = CPO("MlpPolicy", env, n_steps=200, seed=0, policy_kwargs=dict(net_arch=[8]))
+    model.learn(200)
+    assert model.ep_info_buffer
+    with pytest.warns(UserWarning, match=r"\['what'\] cannot be saved as data"):
+        path = model.save(tmp_path / "model")
+    loaded = CPO.load(path, env=env)
+    for saved, restored in zip(model.ep_info_buffer, loaded.ep_info_buffer, strict=True):
+        assert "what" not in restored and restored["where"] == saved["where"].tolist()
+        assert (restored["r"], restored["l"], restored["c"]) == (saved["r"], saved["l"], saved["c"])
+
+
+@pytest.mark.parametrize("algorithm", [MetaCPO, CPO])
+def test_a_loaded_model_adapts_on_the_episodes_the_saved_one_would_have(algorithm, tmp_path):
+    """Adaptations on tasks of the model's family share one episode stream, which goes on from one adaptation to the
+    next; the archive did not hold it, so after a load the next adaptation replayed the first one's episodes (other
+    start states than the saved model's next adaptation, the same torch seed notwithstanding)."""
+    kwargs = dict(n_steps=200, seed=0, policy_kwargs=dict(net_arch=[16]))
+    if algorithm is MetaCPO:
+        kwargs.update(meta_batch_size=2, meta_gradient="first_order")
+    model = algorithm("MlpPolicy", "Toy2DNav", **kwargs)
+    model.learn(800)
+    task = model.task_distribution.test_tasks(1)[0]
+    model.adapt(task, n_steps=200)
+    path = model.save(tmp_path / "model")
+    loaded = algorithm.load(path)
+    again = algorithm.load(loaded.save(tmp_path / "resaved"))  # loaded, not adapted yet: the stream is kept as it was
+    histories = []
+    for candidate in (model, loaded, again):
+        th.manual_seed(7)
+        candidate.adapt(task, n_steps=200)
+        histories.append([(record["ep_rew_mean"], record["ep_cost_mean"]) for record in candidate.adaptation_history])
+        assert all(th.equal(candidate.adapted_params[name], model.adapted_params[name]) for name in model.adapted_params)
+    assert histories[0] == histories[1] == histories[2]
+    fresh = algorithm.load(path)
+    fresh._saved_adaptation_streams = None  # as before: the stream starts from the seed again
+    th.manual_seed(7)
+    fresh.adapt(task, n_steps=200)
+    assert not all(th.equal(fresh.adapted_params[name], model.adapted_params[name]) for name in model.adapted_params)
+
+
+@pytest.mark.parametrize("algorithm", [MetaCPO, CPO])
+@pytest.mark.parametrize("given", ["distribution", "name"])
+def test_load_given_the_saved_env_goes_on_as_without_it(algorithm, given, tmp_path):
+    """SB3's habit, load(path, env=env) then learn(reset_num_timesteps=False): an equal task distribution (or the
+    family's name) restarted the task stream and the episode streams, so the resumed run repeated the first tasks
+    and was not the uninterrupted run's continuation. Another distribution keeps its own stream."""
+    kwargs = dict(n_steps=200, seed=0, policy_kwargs=dict(net_arch=[16]))
+    if algorithm is MetaCPO:
+        kwargs.update(meta_batch_size=2, meta_gradient="first_order")
+    steps = 800 if algorithm is MetaCPO else 400
+    whole = algorithm("MlpPolicy", make_task_distribution("Toy2DNav", seed=0), **kwargs)
+    whole.learn(2 * steps)
+    first = algorithm("MlpPolicy", make_task_distribution("Toy2DNav", seed=0), **kwargs)
+    first.learn(steps)
+    path = first.save(tmp_path / "model")
+    env = make_task_distribution("Toy2DNav", seed=0) if given == "distribution" else "Toy2DNav"
+    resumed = algorithm.load(path, env=env)
+    resumed.learn(steps, reset_num_timesteps=False)
+    for name, value in whole.policy.state_dict().items():
+        assert th.equal(value, resumed.policy.state_dict()[name]), name
+    other = make_task_distribution("Toy2DNav", seed=1)
+    state = dict(other._rng.bit_generator.state)
+    algorithm.load(path, env=other)
+    assert other._rng.bit_generator.state == state

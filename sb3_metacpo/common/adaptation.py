@@ -163,6 +163,12 @@ class AdaptationMixin(ABC):
         ``total_timesteps`` (``num_timesteps`` plus the steps of the call) for SB3's ``ProgressBarCallback``.
         :meth:`learn` forgets an adaptation.
 
+        Random streams: on tasks of the model's family the episodes come from one stream of the model's (seeded from
+        its seed), which goes on from one adaptation or evaluation to the next and is saved with the model; the action
+        noise is seeded from torch's global generator, as SB3's stochastic ``predict`` samples from it: seeding torch
+        makes an adaptation reproducible, and an adaptation between two ``learn`` calls changes the rest of training
+        as any other use of that generator does.
+
         :param env: a gymnasium env or VecEnv reporting ``info["cost"]``, a task of the model's family, or the name
             of a registered family (its first held-out task: for the model's own family, that of the model's
             distribution, with its ``test_seed`` and ranges)
@@ -359,6 +365,12 @@ class AdaptationMixin(ABC):
         self.adaptation_history = []
         self.policy.set_actor_override(None)
 
+    def _adaptation_rng_states(self) -> list[dict[str, Any]] | None:
+        """The episode stream of the adaptations on tasks of the model's family (they share one one-env sampler, whose
+        episodes go on from one adaptation or evaluation to the next), for an archive: None before the first."""
+        cache = self._adaptation_sampler_cache
+        return cache.episode_rng_states() if cache is not None else getattr(self, "_saved_adaptation_streams", None)
+
     # --- the env of an adaptation ---------------------------------------------------------------------------------
     @staticmethod
     def _sampler_episode_length(sampler: RolloutSampler, fallback: int | None = None) -> int:
@@ -391,6 +403,10 @@ class AdaptationMixin(ABC):
                 return RolloutSampler(distribution, n_envs=1, seed=seed, cost_names=names), env
             if self._adaptation_sampler_cache is None:
                 self._adaptation_sampler_cache = RolloutSampler(distribution, n_envs=1, seed=seed, cost_names=names)
+                saved = getattr(self, "_saved_adaptation_streams", None)  # a loaded model's: continue its stream
+                if saved is not None:
+                    self._adaptation_sampler_cache.set_episode_rng_states(saved)
+                    self._saved_adaptation_streams = None
             return self._adaptation_sampler_cache, env
         if not isinstance(env, (gym.Env, VecEnv)):
             raise TypeError(

@@ -36,7 +36,7 @@ from sb3_metacpo.common.serialization import (
     set_global_rng_state,
     write_archive,
 )
-from sb3_metacpo.tasks.base import TaskDistribution, make_task_distribution
+from sb3_metacpo.tasks.base import Task, TaskDistribution, make_task_distribution
 from sb3_metacpo.tasks.monitor import TOTAL_COST
 
 SelfSafeAlgorithm = TypeVar("SelfSafeAlgorithm", bound="SafeAlgorithmMixin")
@@ -99,6 +99,24 @@ CPO_CASE_CODES: dict[str, int] = {"trpo": 0, "dual": 1, "recovery": 2, "skipped"
 
 #: Cost limit of plain envs (the safety-gymnasium benchmark's standard limit), when ``cost_limit`` is not given.
 DEFAULT_COST_LIMIT = 25.0
+
+
+def episode_infos_as_data(infos: Sequence[Mapping[Any, Any]]) -> tuple[list[dict[str, Any]], set[str]]:
+    """Episode infos (SB3's ``ep_info_buffer`` entries) as JSON, and the keys left out: numpy arrays become lists;
+    a value that is not data even then, or a key that is not a string, is left out."""
+    entries, dropped = [], set()
+    for info in infos:
+        entry = {}
+        for key, value in info.items():
+            if not isinstance(key, str):
+                dropped.add(repr(key))
+                continue
+            try:
+                entry[key] = encode_value(value.tolist() if isinstance(value, np.ndarray) else value, key)
+            except TypeError:
+                dropped.add(key)
+        entries.append(entry)
+    return entries, dropped
 
 
 class LoadArgumentError(ValueError):
@@ -323,7 +341,20 @@ class SafeAlgorithmMixin(ABC):
             rng = {**json_rng, "samplers": self._sampler_rng_states()}
         else:  # loaded and not resumed yet: the streams to continue are still the archive's, not this process's
             rng, torch_rng = dict(pending[0]), pending[1]
+        # the adaptations' episodes go on whatever learn does: always this model's own stream
+        samplers = {key: value for key, value in rng.get("samplers", {}).items() if key != "adaptation"}
+        adaptation = self._adaptation_rng_states()  # type: ignore[attr-defined]
+        rng = {**rng, "samplers": samplers if adaptation is None else {**samplers, "adaptation": adaptation}}
         policy = self.policy  # type: ignore[attr-defined]
+        schedule = callable(getattr(self, "learning_rate", None))
+        if schedule and not getattr(self, "_warned_schedule_not_saved", False):
+            self._warned_schedule_not_saved = True  # once per model: checkpoints save often
+            warnings.warn(
+                "learning_rate is a schedule (a function), which an archive does not hold (data, not code): it saves "
+                f"the schedule's current value, {self._constructor_arguments()['learning_rate']}, which a loaded model "
+                "uses as a constant; give the schedule again to load (load(path, learning_rate=schedule)) to continue it",
+                stacklevel=2,
+            )
         metadata = {
             "algorithm": type(self).__name__,
             "package_version": _package_version(),
@@ -348,8 +379,9 @@ class SafeAlgorithmMixin(ABC):
             },
             "env_source": getattr(self, "env_source", None),
             "adaptation_history": encode_value(self.adaptation_history, "adaptation_history"),  # type: ignore[attr-defined]
-            "ep_info_buffer": encode_value(list(self.ep_info_buffer or []), "ep_info_buffer"),
+            "ep_info_buffer": self._episode_infos_as_data(),
             "rng": rng,
+            "learning_rate_schedule": schedule,
         }
         adapted = self.adapted_params  # type: ignore[attr-defined]
         tensors = {
@@ -359,6 +391,20 @@ class SafeAlgorithmMixin(ABC):
             "torch_rng": torch_rng,
         }
         return write_archive(path, metadata, tensors)
+
+    def _episode_infos_as_data(self) -> list[dict[str, Any]]:
+        """The episode-info window (what ``rollout/ep_rew_mean`` and the like average) as JSON: numpy arrays as
+        lists; what cannot be saved as data (e.g. an object a Monitor's ``info_keywords`` recorded) is left out,
+        said once per model."""
+        entries, dropped = episode_infos_as_data(list(self.ep_info_buffer or []))  # type: ignore[attr-defined]
+        if dropped and not getattr(self, "_warned_episode_infos", False):
+            self._warned_episode_infos = True
+            warnings.warn(
+                f"the episode infos' {sorted(dropped)} cannot be saved as data (numbers, strings, lists of them): the "
+                "archive leaves them out (a resumed run's ep_info_buffer lacks them for the episodes before the save)",
+                stacklevel=3,
+            )
+        return entries
 
     @classmethod
     def load(  # type: ignore[override]
@@ -379,7 +425,9 @@ class SafeAlgorithmMixin(ABC):
         :param env: what to train or adapt on from now on (MetaCPO: a task distribution; CPO: any env it accepts; a
             VecEnv or env object brings its own number of envs, which may differ from the saved model's, an env
             the model builds, from an id, a task or a distribution, has ``n_envs`` envs, the saved number unless
-            given here)
+            given here). The env the archive describes (the same id, an equal task distribution, the family's
+            name, the same task) goes on with the saved task and episode streams, as without ``env``; another env
+            starts its own
         :param device: torch device
         :param custom_objects: constructor arguments to replace (as SB3's; names that are not constructor
             arguments, e.g. the RL Zoo's ``lr_schedule``, are ignored with a warning, as SB3 ignores names the
@@ -448,12 +496,44 @@ class SafeAlgorithmMixin(ABC):
             raise ArchiveError(f"{path}: the constructor arguments it holds are invalid: {error}") from error
         model._load_overrides = sorted(overrides)  # type: ignore[attr-defined]  # for _restore's errors: a bad argument of load is not a bad archive
         model._restore(metadata, tensors)
+        if metadata.get("learning_rate_schedule") is True and "learning_rate" not in overrides:
+            value = arguments.get("learning_rate")
+            stopped = " (0: the critics no longer learn)" if value == 0 else ""
+            warnings.warn(
+                f"{path} was saved with a learning-rate schedule, which archives do not hold: its value when saved, "
+                f"{value}{stopped}, is now the constant learning rate; give the schedule or a rate to load "
+                "(load(path, learning_rate=...)) to train on with another",
+                stacklevel=2,
+            )
         saved = env is None
+        restored = model._get_task_distribution()
+        stream = None if restored is None else restored._rng.bit_generator.state
         if saved:
             env = model._saved_env(metadata.get("env_source"), path)
+        elif model._describes_saved_env(env, metadata.get("env_source")):
+            saved = True  # SB3's habit, load(path, env=<the same env>): the run goes on as without env=
         if env is not None:
             model._use_env_after_load(env, force_reset, set(overrides), saved)
+        distribution = model._get_task_distribution()
+        if saved and distribution is not None and distribution is not restored and stream is not None:
+            distribution._rng.bit_generator.state = stream  # an equal distribution given to load: the saved task stream
         return model
+
+    def _describes_saved_env(self, env: Any, source: Any) -> bool:
+        """Whether ``env`` given to ``load`` is the env the archive describes (``source``: its ``env_source``): the
+        same env id, a task distribution of the saved one's family and parameters (or that family's name, which builds
+        one from the model's seed), or the saved task. Then the saved random streams (tasks, episodes) go on."""
+        restored = self._get_task_distribution()
+        if isinstance(env, str) and restored is not None and env == restored.name:
+            env = make_task_distribution(env, seed=0 if self.seed is None else self.seed)  # type: ignore[attr-defined]
+        if isinstance(env, str):
+            return source == {"id": env}
+        if isinstance(env, TaskDistribution):
+            same = restored is not None and (env.name, env.get_params()) == (restored.name, restored.get_params())
+            return same and source in (None, {"task_distribution": True})
+        if isinstance(env, Task):
+            return source == {"task": env.to_dict()}
+        return False
 
     def _saved_env(self, source: Any, path: str | os.PathLike[str]) -> Any:
         """What a loaded model trains on when ``load`` is given no env, from the archive's ``env_source`` (None:
@@ -527,6 +607,13 @@ class SafeAlgorithmMixin(ABC):
             self.ep_success_buffer = deque(maxlen=self._stats_window_size)
             check_rng_state(metadata["rng"], tensors["torch_rng"])
             self._resume_rng: tuple[Mapping[str, Any], th.Tensor] | None = (metadata["rng"], tensors["torch_rng"])
+            # the adaptations' episode stream goes on from the load (an adapt needs no learn first)
+            adaptation = metadata["rng"].get("samplers", {}).get("adaptation")
+            if adaptation is not None:  # one env's stream, a valid generator state (else refused now, not at adapt)
+                if not (isinstance(adaptation, list) and len(adaptation) == 1):
+                    raise ValueError("the adaptations' episode stream must be that of one env")
+                np.random.default_rng().bit_generator.state = adaptation[0]
+            self._saved_adaptation_streams = adaptation
         except (ArchiveError, LoadArgumentError):
             raise
         except (KeyError, TypeError, RuntimeError, ValueError, OverflowError, AttributeError) as error:
