@@ -10,9 +10,11 @@ import copy
 import inspect
 import math
 import numbers
+import os
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import torch as th
@@ -28,6 +30,7 @@ from sb3_metacpo.common import critic_gradients
 from sb3_metacpo.common.flat_adam import FlatAdam, pack_parameters, packed_view
 
 ActorParams = dict[str, th.Tensor]
+SelfCPOPolicy = TypeVar("SelfCPOPolicy", bound="CPOPolicy")
 
 _ACTOR_PREFIXES = ("mlp_extractor.policy_net.", "action_net.", "log_std")
 #: index of ``optimizer_class`` among ``ActorCriticPolicy``'s positional arguments after ``lr_schedule``
@@ -379,6 +382,41 @@ class CPOPolicy(ActorCriticPolicy):
             n_costs=self.n_costs,
         )
         return data
+
+    # --- saving and loading the policy alone (data only; see sb3_metacpo.common.serialization) ----------------
+    def save(self, path: str | os.PathLike[str]) -> Path:  # type: ignore[override]
+        """Save the policy alone (SB3's ``policy.save``): its class, spaces and constructor arguments as JSON, its
+        parameters and buffers (actor, critics, observation statistics) and, after ``adapt``, the actor override
+        (the adapted parameters, :meth:`set_actor_override`) as tensors, so that the loaded policy predicts as this
+        one does. Written atomically; ``.zip`` is added when ``path`` has no suffix. Returns the path written.
+
+        The optimiser's state is not saved (as in SB3), its learning rate is. To continue training, save the whole
+        model (``model.save``).
+        """
+        from sb3_metacpo.common.serialization import save_policy
+
+        return save_policy(self, path)
+
+    @classmethod
+    def load(cls: type[SelfCPOPolicy], path: str | os.PathLike[str], device: th.device | str = "auto") -> SelfCPOPolicy:
+        """Load a policy saved by :meth:`save`, running no code from the file: JSON metadata, tensors read with
+        ``torch.load(weights_only=True)``, classes (policy, activation, optimiser) from the registry of allowed
+        classes. The actor override (adapted parameters) is restored if one was saved. A file in SB3's pickled
+        format (``BaseModel.save``), a model's archive or anything else is refused with an
+        :class:`~sb3_metacpo.common.serialization.ArchiveError` naming the problem.
+
+        :param path: the file (``.zip`` is added when the path has no suffix and the file without it is absent)
+        :param device: torch device of the loaded policy
+        """
+        from sb3_metacpo.common.serialization import load_policy
+
+        return load_policy(cls, path, device)
+
+    @classmethod
+    def load_sb3_file(cls: type[SelfCPOPolicy], path: str, device: th.device | str = "auto") -> SelfCPOPolicy:
+        """Load a policy file in SB3's format (``BaseModel.save``) with SB3's loader, which unpickles (runs) the
+        file: only for files you trust, e.g. to re-save them with :meth:`save`."""
+        return super().load(path, device)
 
     # --- observation normalisation ----------------------------------------------------------------------------
     def normalize_obs(self, obs: th.Tensor) -> th.Tensor:

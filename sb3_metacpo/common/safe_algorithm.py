@@ -24,6 +24,7 @@ from sb3_metacpo.common.constraints import CostConstraints
 from sb3_metacpo.common.cpo_subproblem import CVXPYLAYERS_EXTRA, MAX_ACTIVE_SET_CONSTRAINTS, cvxpylayers_available
 from sb3_metacpo.common.cpo_update import CPOConfig, Params
 from sb3_metacpo.common.serialization import (
+    POLICY_CONTENT,
     ArchiveError,
     check_rng_state,
     decode_space,
@@ -441,6 +442,11 @@ class SafeAlgorithmMixin(ABC):
         if print_system_info:
             _print_system_info(metadata.get("system_info"))
         algorithm = metadata.get("algorithm")
+        if metadata.get("content") == POLICY_CONTENT:
+            raise ArchiveError(
+                f"{path} holds a policy saved alone (policy.save), not a {cls.__name__} model: load it with "
+                "CPOPolicy.load (save the whole model with model.save to load it here)"
+            )
         if algorithm != cls.__name__:
             raise ArchiveError(
                 f"{path} holds a {algorithm} model, which {cls.__name__}.load does not load: use {algorithm}.load"

@@ -13,6 +13,13 @@ registry of allowed classes (:func:`register_class` adds one); nothing in an arc
 keeps constructor arguments it cannot write as JSON as cloudpickle, which runs code when loaded: archives in that
 format are refused, with the way to convert one you trust (:func:`convert_sb3_archive`).
 
+A policy saved alone (``CPOPolicy.save``, SB3's policy-level API) is an archive of the same two members:
+``metadata.json`` holds ``"content": "policy"``, the policy class, its spaces and constructor arguments (written by
+the same :func:`encode_value` as the algorithms' ``policy_kwargs``) and its optimiser's learning rate;
+``tensors.pt`` its state dict and the actor override (the adapted parameters, if any). SB3's own policy files
+(``BaseModel.save``: a pickled dict whose constructor arguments are pickled objects) are refused before anything
+in them is unpickled.
+
 Archives are written atomically (a temporary file in the same folder, then ``os.replace``): a process killed while
 saving leaves the previous file intact.
 """
@@ -29,14 +36,17 @@ import zipfile
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import gymnasium as gym
 import numpy as np
 import torch as th
 
-if TYPE_CHECKING:  # the algorithms import this module
+if TYPE_CHECKING:  # the algorithms and the policy import this module
+    from sb3_metacpo.common.policies import CPOPolicy
     from sb3_metacpo.common.safe_algorithm import SafeAlgorithmMixin
+
+    SelfPolicy = TypeVar("SelfPolicy", bound=CPOPolicy)
 
 FORMAT = "sb3_metacpo"
 FORMAT_VERSION = 1
@@ -317,6 +327,109 @@ def convert_sb3_archive(
     """
     model = algorithm.load_sb3_archive(path)
     return model.save(output)
+
+
+# --- a policy saved alone ---------------------------------------------------------------------------------------
+#: ``metadata["content"]`` of a policy saved alone (an algorithm's archive has none; it names its ``algorithm``)
+POLICY_CONTENT = "policy"
+#: the policy's constructor arguments that are not written with the others: the spaces (written as descriptions)
+#: and the learning-rate schedule (its current value is written; SB3's is a dummy schedule)
+_POLICY_ARGUMENTS_APART = ("observation_space", "action_space", "lr_schedule")
+
+
+def _sb3_policy_file(path: Path) -> bool:
+    """Whether ``path`` is a file written by ``torch.save`` (SB3's ``BaseModel.save``), i.e. a pickle: torch's zip
+    layout (a ``data.pkl`` member) or its legacy format (a raw pickle). Only the zip directory or the first byte is
+    read; nothing is unpickled."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            return any(name == "data.pkl" or name.endswith("/data.pkl") for name in archive.namelist())
+    with open(path, "rb") as file:
+        return file.read(1) == b"\x80"  # pickle's PROTO opcode, how torch's legacy format starts
+
+
+def save_policy(policy: CPOPolicy, path: str | os.PathLike[str]) -> Path:
+    """Write ``policy`` (and its actor override, the adapted parameters, if one is set) as an archive; see
+    :meth:`~sb3_metacpo.common.policies.CPOPolicy.save`."""
+    arguments = policy._get_constructor_parameters()
+    override = policy._actor_override
+    metadata = {
+        "content": POLICY_CONTENT,
+        "policy_class": encode_value(type(policy), "policy class")["__class__"],
+        "observation_space": encode_space(arguments["observation_space"]),
+        "action_space": encode_space(arguments["action_space"]),
+        "constructor_arguments": encode_value(
+            {key: value for key, value in arguments.items() if key not in _POLICY_ARGUMENTS_APART}, "policy argument"
+        ),
+        "learning_rate": float(policy.optimizer.param_groups[0]["lr"]),
+    }
+    tensors = {
+        "policy": policy.state_dict(),
+        "actor_override": {} if override is None else {name: value.detach() for name, value in override.items()},
+    }
+    return write_archive(path, metadata, tensors)
+
+
+def load_policy(cls: type[SelfPolicy], path: str | os.PathLike[str], device: th.device | str = "auto") -> SelfPolicy:
+    """The policy of an archive written by :func:`save_policy`, running no code from the file; see
+    :meth:`~sb3_metacpo.common.policies.CPOPolicy.load`."""
+    from stable_baselines3.common.utils import ConstantSchedule, get_device
+
+    file = Path(_checked_path(path))
+    if not file.exists() and archive_path(file).exists():
+        file = archive_path(file)
+    if file.is_file() and _sb3_policy_file(file):
+        raise ArchiveError(
+            f"{file} was written by Stable-Baselines3's BaseModel.save (a torch pickle, whose constructor arguments are "
+            "pickled objects: loading them would run any code the file holds); it is not loaded. Re-save the policy "
+            "with this version (policy.save(path) writes JSON and tensors only), or load the whole model with its "
+            "algorithm's load (e.g. MetaCPO.load(model_path).policy). A file you trust can be read with "
+            f"{cls.__name__}.load_sb3_file(path), which unpickles it"
+        )
+    metadata, tensors = read_archive(file, "cpu")
+    if metadata.get("content") != POLICY_CONTENT:
+        algorithm = metadata.get("algorithm")
+        raise ArchiveError(
+            f"{file} holds a {algorithm} model, not a policy saved alone: load it with {algorithm}.load(path) and use "
+            "its .policy"
+        )
+    try:
+        policy_class = lookup_class(metadata["policy_class"])
+        observation_space = decode_space(metadata["observation_space"])
+        action_space = decode_space(metadata["action_space"])
+        arguments = decode_value(metadata["constructor_arguments"])
+        learning_rate = metadata["learning_rate"]
+        state, override = tensors["policy"], tensors["actor_override"]
+    except KeyError as error:
+        raise ArchiveError(f"{file}: the policy file has no {error}") from error
+    except (ValueError, TypeError) as error:  # an unregistered class name, an unsupported or malformed space
+        raise ArchiveError(f"{file}: {error}") from error
+    if not issubclass(policy_class, cls):
+        raise ArchiveError(f"{file} holds a {policy_class.__name__}, which is not a {cls.__name__}")
+    if not isinstance(arguments, dict) or set(arguments) & set(_POLICY_ARGUMENTS_APART):
+        raise ArchiveError(f"{file}: the policy's constructor arguments are not a mapping of the other arguments")
+    if isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float)) or not 0 <= learning_rate < np.inf:
+        raise ArchiveError(f"{file}: the learning rate must be a finite number >= 0, got {learning_rate!r}")
+    if not (isinstance(state, dict) and isinstance(override, dict)):
+        raise ArchiveError(f"{file}: the policy's tensors are not mappings")
+    if not all(isinstance(value, th.Tensor) for value in [*state.values(), *override.values()]):
+        raise ArchiveError(f"{file}: the policy's state dict or actor override holds something other than tensors")
+    try:
+        policy = policy_class(observation_space, action_space, ConstantSchedule(float(learning_rate)), **arguments)
+        policy.load_state_dict(state)
+        if override:
+            own = policy.actor_params()
+            if set(override) != set(own):
+                raise ValueError(f"the actor override has parameters {sorted(override)}, the actor {sorted(own)}")
+            for name, value in override.items():
+                if value.shape != own[name].shape or value.dtype != own[name].dtype:
+                    raise ValueError(f"the actor override's {name} does not match the actor's {tuple(own[name].shape)}")
+    except (TypeError, ValueError, RuntimeError, OverflowError) as error:
+        raise ArchiveError(f"{file} does not describe a consistent {policy_class.__name__}: {error}") from error
+    device = get_device(device)
+    policy = policy.to(device)
+    policy.set_actor_override({name: value.to(device) for name, value in override.items()} if override else None)
+    return policy  # a subclass of cls, checked above
 
 
 _register_defaults()
