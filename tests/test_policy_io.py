@@ -192,3 +192,16 @@ def test_other_files_are_refused_naming_the_problem(model: MetaCPO, tmp_path: Pa
     mismatched = _policy_archive_with(policy_file, tmp_path / "override.zip", {TENSORS: buffer.getvalue()})
     with pytest.raises(ArchiveError, match="actor override has parameters"):
         CPOPolicy.load(mismatched)
+
+
+def test_set_parameters_takes_a_policy_saved_alone(model: MetaCPO, tmp_path: Path) -> None:
+    """It raised a bare KeyError ('optimizer'): a policy file holds no optimiser state, which exact_match refuses as
+    SB3 refuses a missing object; without it the policy's tensors are set."""
+    path = model.policy.save(tmp_path / "policy")
+    dist = make_task_distribution("Toy2DNav", seed=0, max_episode_steps=50)
+    other = MetaCPO("MlpPolicy", dist, meta_batch_size=2, n_steps=100, seed=1, policy_kwargs=dict(net_arch=[16]))
+    with pytest.raises(ValueError, match="do not match"):
+        other.set_parameters(str(path))
+    other.set_parameters(str(path), exact_match=False)
+    for name, value in model.policy.state_dict().items():
+        assert th.equal(value, other.policy.state_dict()[name]), name

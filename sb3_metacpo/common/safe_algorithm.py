@@ -308,11 +308,16 @@ class SafeAlgorithmMixin(ABC):
         self, load_path_or_dict: str | os.PathLike[str] | dict[str, Any], exact_match: bool = True, device: Any = "auto"
     ) -> None:
         """SB3's ``set_parameters`` (e.g. ``model.set_parameters(other.get_parameters())``): a path is read as this
-        package's archive (its policy and optimiser tensors, running no code from the file); non-finite tensors are
+        package's archive (its policy and optimiser tensors, running no code from the file) or a policy saved alone
+        (``policy.save``: its tensors; the optimiser's state is then missing, which ``exact_match`` refuses, as
+        SB3's does); non-finite tensors are
         refused before anything changes; an adaptation is forgotten (``predict`` acts with the new parameters)."""
         if isinstance(load_path_or_dict, (str, os.PathLike)):
-            _, tensors = read_archive(load_path_or_dict, "cpu")
-            stored = {"policy": tensors["policy"], "policy.optimizer": tensors["optimizer"]}
+            metadata, tensors = read_archive(load_path_or_dict, "cpu")
+            if metadata.get("content") == POLICY_CONTENT:  # a policy saved alone holds no optimiser state
+                stored = {"policy": tensors["policy"]}
+            else:
+                stored = {"policy": tensors["policy"], "policy.optimizer": tensors["optimizer"]}
             params = {name: stored[name] for name in self.get_parameters() if name in stored}  # type: ignore[attr-defined]
         else:
             params = load_path_or_dict
