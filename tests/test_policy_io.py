@@ -194,14 +194,24 @@ def test_other_files_are_refused_naming_the_problem(model: MetaCPO, tmp_path: Pa
         CPOPolicy.load(mismatched)
 
 
-def test_set_parameters_takes_a_policy_saved_alone(model: MetaCPO, tmp_path: Path) -> None:
-    """It raised a bare KeyError ('optimizer'): a policy file holds no optimiser state, which exact_match refuses as
-    SB3 refuses a missing object; without it the policy's tensors are set."""
-    path = model.policy.save(tmp_path / "policy")
+@pytest.mark.parametrize("algorithm", ["MetaCPO", "CPO"])
+def test_set_parameters_takes_a_policy_saved_alone(algorithm: str, tmp_path: Path) -> None:
+    """It raised a bare KeyError ('optimizer'): a policy file holds no optimiser state, which exact_match refuses where
+    the model's parameters include it (CPO's), as SB3 refuses a missing object; otherwise the policy's tensors are set."""
+    from sb3_metacpo import CPO
+
     dist = make_task_distribution("Toy2DNav", seed=0, max_episode_steps=50)
-    other = MetaCPO("MlpPolicy", dist, meta_batch_size=2, n_steps=100, seed=1, policy_kwargs=dict(net_arch=[16]))
-    with pytest.raises(ValueError, match="do not match"):
-        other.set_parameters(str(path))
+    kwargs: dict[str, Any] = dict(n_steps=100, policy_kwargs=dict(net_arch=[16]))
+    if algorithm == "MetaCPO":
+        kwargs["meta_batch_size"] = 2
+    cls = MetaCPO if algorithm == "MetaCPO" else CPO
+    model = cls("MlpPolicy", dist, seed=0, **kwargs)
+    path = model.policy.save(tmp_path / "policy")
+    other = cls("MlpPolicy", dist, seed=1, **kwargs)
+    if "policy.optimizer" in other.get_parameters():
+        with pytest.raises(ValueError, match="do not match"):
+            other.set_parameters(str(path))
     other.set_parameters(str(path), exact_match=False)
     for name, value in model.policy.state_dict().items():
         assert th.equal(value, other.policy.state_dict()[name]), name
+    assert (algorithm == "CPO") is ("policy.optimizer" in other.get_parameters())
