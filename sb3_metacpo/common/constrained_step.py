@@ -168,6 +168,7 @@ def constrained_step(
     config: StepConfig,
     step_size: LineSearch | FixedFraction,
     recovery_margin: torch.Tensor | None = None,
+    cost_units: torch.Tensor | None = None,
 ) -> StepResult:
     """One trust-region step maximising gᵀx subject to b_j + a_jᵀx ≤ 0 (see the module docstring).
 
@@ -180,6 +181,11 @@ def constrained_step(
     :param config: the step's settings
     :param step_size: :class:`LineSearch` to choose the fraction, :class:`FixedFraction` to replay one
     :param recovery_margin: (m,) recover whenever some b_j exceeds its margin (``cpo_direction``); None: CPO's rule
+    :param cost_units: (m,) the size of each cost signal, e.g. the root mean square of its advantages (None: 1 each).
+        The two tolerances on a cost gradient a_j, whether it is numerically zero (a_jᵀH⁻¹a_j ≤ ``s_tol``) and when
+        its conjugate gradient has converged (‖r‖² ≤ ``cg_residual_tol``), are taken in its units (times u_j²): the
+        problem does not change when a cost is rescaled, and neither does the step (a cost in units a thousand times
+        smaller was dropped from the step, its solve stopped early)
     """
     if A is not None and A.shape[0] == 0:
         A, b = None, None
@@ -188,14 +194,20 @@ def constrained_step(
     m = 0 if A is None else A.shape[0]
     if isinstance(step_size, LineSearch) and len(step_size.costs) < m:
         raise ValueError(f"LineSearch.costs has {len(step_size.costs)} cost surrogates for {m} constraints: give one each")
-    fault = _input_fault(g, A, b)
+    fault = _input_fault(g, A, b)  # first: non-finite costs make non-finite units too, and a skipped step
     if fault is not None:
         return _skipped(g, m, fault)
+    units = [1.0] * m if cost_units is None else [float(unit) for unit in cost_units.detach().reshape(-1)]
+    if len(units) != m or not all(math.isfinite(unit) and unit >= 0 for unit in units):
+        raise ValueError(f"cost_units must be {m} finite numbers >= 0 (one per constraint), got {cost_units}")
     with phase("conjugate_gradient"):
         tol = config.cg_residual_tol
         solves = [conjugate_gradient_solve(fisher_product, g, config.cg_max_steps, tol)]
         if A is not None:
-            solves.extend(conjugate_gradient_solve(fisher_product, a, config.cg_max_steps, tol) for a in A)
+            solves.extend(
+                conjugate_gradient_solve(fisher_product, a, config.cg_max_steps, tol * unit**2)
+                for a, unit in zip(A, units, strict=True)
+            )
     statuses = {solve.status for solve in solves}
     if "non-finite" in statuses:
         return _skipped(g, m, "non-finite Fisher product")
@@ -222,7 +234,7 @@ def constrained_step(
                 b,
                 config.target_kl,
                 solver=config.dual_solver,
-                s_tol=config.s_tol,
+                s_tol=config.s_tol if cost_units is None else torch.tensor([config.s_tol * unit**2 for unit in units]),
                 solver_args=config.solver_args,
                 recovery_margin=recovery_margin,
             )

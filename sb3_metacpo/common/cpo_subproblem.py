@@ -609,7 +609,7 @@ def cpo_direction(
     delta: torch.Tensor | float,
     *,
     solver: str = "analytic",
-    s_tol: float = 1e-8,
+    s_tol: float | torch.Tensor = 1e-8,
     solver_args: Mapping[str, Any] | None = None,
     recovery_margin: torch.Tensor | float | None = None,
 ) -> SubproblemSolution:
@@ -635,7 +635,9 @@ def cpo_direction(
         :func:`solve_recovery_layer`: about 1 ms forward, 3 ms forward+backward for one problem with m = 1; 5-9 ms
         per call of 1 or 4 with m = 2 or 3, 0.2-0.4 s for 200 with m = 2 to 4; CPU seconds, float64)
     :param s_tol: s_j ≤ s_tol counts as no information on constraint j (a_j ≈ 0, e.g. no cost in the batch): a step
-        along a numerically zero w_j would be noise. s has the units of a²/H; adjust if the cost surrogate is scaled.
+        along a numerically zero w_j would be noise. s has the units of a²/H, i.e. of the cost squared: a number for
+        every constraint, or one per constraint (shape (m,)), e.g. scaled by each cost's size
+        (:func:`~sb3_metacpo.common.constrained_step.constrained_step`'s ``cost_units``).
     :param solver_args: options of the layers, replacing :data:`DEFAULT_LAYER_SOLVER_ARGS`
     :param recovery_margin: also take the recovery step whenever an informative constraint's value exceeds its
         margin, b_j > margin_j (shape (m,) or (B, m), or a number for all; 0: whenever a constraint is violated), not
@@ -646,8 +648,9 @@ def cpo_direction(
     """
     if solver not in DUAL_SOLVERS:
         raise ValueError(f"Unknown dual solver {solver!r}; expected one of {DUAL_SOLVERS}")
-    if not (math.isfinite(s_tol) and s_tol >= 0):  # NaN dropped every constraint (s > NaN is False)
-        raise ValueError(f"s_tol must be a finite number >= 0, got {s_tol}")
+    threshold = torch.as_tensor(s_tol, dtype=torch.float64)
+    if not bool((torch.isfinite(threshold) & (threshold >= 0)).all()):  # NaN dropped every constraint (s > NaN is False)
+        raise ValueError(f"s_tol must be a finite number >= 0 (or one per constraint), got {s_tol}")
     constraint_terms = (W, r, S, b)
     if any(term is None for term in constraint_terms) and not all(term is None for term in constraint_terms):
         raise ValueError("W, r, S and b are required together (all None for a problem without constraints)")
@@ -689,7 +692,7 @@ def cpo_direction(
     s_safe = s.clamp_min(floor)
     scale = torch.sqrt(2 * delta_safe.unsqueeze(-1) * s_safe)
 
-    informative = s > s_tol
+    informative = s > threshold.to(dtype=dtype, device=s.device)
     one_sided = b * b > 2 * delta.unsqueeze(-1) * s  # b²/s > 2δ written without the division (s may be 0)
     slack = ~informative | ((b < 0) & one_sided)
     trpo = slack.all(-1)

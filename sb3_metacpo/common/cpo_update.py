@@ -252,6 +252,13 @@ def surrogates(actor: ActorFn, params: Params, batch: PreparedBatch) -> tuple[th
     return (ratio * batch.reward_advantages).mean(), (ratio.unsqueeze(-1) * batch.cost_advantages).mean(0)
 
 
+def cost_units(cost_advantages: th.Tensor) -> th.Tensor:
+    """The size of each cost signal, the root mean square of its advantages (``cost_advantages``: (n, m), centred):
+    its gradient and surrogate scale with it, so the tolerances on them are taken in its units
+    (:func:`~sb3_metacpo.common.constrained_step.constrained_step`'s ``cost_units``)."""
+    return cost_advantages.detach().double().pow(2).mean(0).sqrt()
+
+
 def constraint_values(batch: PreparedBatch, cost_surrogates: th.Tensor) -> th.Tensor:
     """b(φ) = b(data) + L_C(φ) − L_C(φ_data) for the cost surrogates ``L_C(φ)`` of ``batch``: the data's constraint
     values, with the gradient of the surrogates (L_C(φ_data) = mean of the advantages, the ratio being 1 there)."""
@@ -337,7 +344,8 @@ def cpo_update(
     margin = None
     if b is not None and batch.recovery_margin is not None:
         margin = th.as_tensor(batch.recovery_margin, dtype=b.dtype, device=b.device)
-    result = constrained_step(g, A, b, fvp, config.step, step_size, margin)
+    units = None if A is None else cost_units(batch.cost_advantages)
+    result = constrained_step(g, A, b, fvp, config.step, step_size, margin, units)
     new_params = add_flat(params, result.step if differentiable else result.step.detach())
     return new_params, result
 

@@ -42,6 +42,7 @@ from sb3_metacpo.common.cpo_update import (
     PreparedBatch,
     add_flat,
     constraint_values,
+    cost_units,
     detached,
     replay_updates,
     surrogates,
@@ -190,6 +191,13 @@ class MetaObjective:
             ]
             rows.append(_weighted_grad(terms, theta))
         return reward_grad, th.stack(rows) if rows else reward_grad.new_zeros(0, reward_grad.numel())
+
+    def constraint_units(self) -> th.Tensor:
+        """The size of each meta-constraint's cost signal, in the order of :attr:`constraint_names`: the root mean
+        square of that cost's advantages over its stage's batches of every task (see :func:`cost_units`)."""
+        return th.cat(
+            [cost_units(th.cat([task.batches[stage].cost_advantages for task in self.tasks])) for stage in self.stages]
+        )
 
     def stages_at(self, theta: Params, step: th.Tensor) -> list[list[Params]]:
         """Every task's stage parameters at the candidate θ + ``step`` (no graph kept)."""
