@@ -638,17 +638,19 @@ def cmd_plot(args: argparse.Namespace) -> int:
     if missing:  # a misspelled run folder was skipped, and the plot showed fewer runs than asked for
         raise CLIError(f"no such run folder or file: {', '.join(missing)}")
     with_progress = [r for r in runs if (r / "progress.csv").exists() or r.name == "progress.csv"]
+    adaptation_out = _figure_file(args.adaptation_out, "--adaptation-out") if args.adaptation_out else None
     written = []
     if with_progress:
         first = with_progress[0]
-        out = Path(args.out) if args.out else (first.parent if first.name == "progress.csv" else first) / "learning_curves.png"
+        default = (first.parent if first.name == "progress.csv" else first) / "learning_curves.png"
+        out = _figure_file(args.out, "-o/--out") if args.out else default
         plot_learning_curves(with_progress, out, cost_limit=args.cost_limit, title=args.title)
         written.append(out)
     records = [r for r in runs if r.suffix == ".csv" and r.name != "progress.csv"]
     records += [r / "adaptation.csv" for r in runs if (r / "adaptation.csv").exists()]
     for index, source in enumerate(records):
-        out = source.with_suffix(".png") if not args.adaptation_out else Path(args.adaptation_out)
-        if args.adaptation_out and len(records) > 1:
+        out = source.with_suffix(".png") if adaptation_out is None else adaptation_out
+        if adaptation_out is not None and len(records) > 1:
             out = out.with_name(f"{out.stem}_{index}{out.suffix}")
         plot_adaptation_curves(source, out, cost_limit=args.cost_limit, title=args.title)
         written.append(out)
@@ -657,6 +659,25 @@ def cmd_plot(args: argparse.Namespace) -> int:
     for path in written:
         print(path)
     return 0
+
+
+def _figure_file(text: str, option: str) -> Path:
+    """The file matplotlib writes for the figure path ``text``: a name without a suffix gets ``.png`` (matplotlib
+    adds it, so the path printed was not the file written); a suffix matplotlib cannot write is a usage error
+    before anything is read."""
+    path = Path(text)
+    if not path.name.rstrip("."):
+        raise CLIError(f"{option} {text}: give a file name, e.g. curves.png")
+    if not path.suffix:
+        return path.with_name(path.name.rstrip(".") + ".png")
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:  # the plot reports the missing extra
+        return path
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if path.suffix[1:].lower() not in formats:
+        raise CLIError(f"{option} {text}: matplotlib cannot write {path.suffix} files; use one of .{', .'.join(formats)}")
+    return path
 
 
 # --- the parser --------------------------------------------------------------------------------------------------
@@ -823,8 +844,16 @@ def build_parser() -> argparse.ArgumentParser:
         "folders (same algorithm and family: mean ± std over seeds), and adaptation curves of adaptation.csv files.",
     )
     plot.add_argument("runs", nargs="+", help="run folders, progress.csv files or adaptation records (.csv)")
-    plot.add_argument("-o", "--out", help="learning-curve PNG (default: learning_curves.png in the first run folder)")
-    plot.add_argument("--adaptation-out", help="adaptation-curve PNG (default: beside each records file)")
+    plot.add_argument(
+        "-o",
+        "--out",
+        help="learning-curve image (default: learning_curves.png in the first run folder; .png is added to a name "
+        "without a suffix, another suffix such as .pdf or .svg picks the format)",
+    )
+    plot.add_argument(
+        "--adaptation-out",
+        help="adaptation-curve image (default: beside each records file; .png is added to a name without a suffix)",
+    )
     plot.add_argument("--cost-limit", type=float, help="the limit to draw (default: from the logs or config)")
     plot.add_argument("--title", help="figure title")
     plot.set_defaults(handler=cmd_plot)

@@ -7,7 +7,7 @@ A file maps a task family name (or, for CPO, a gymnasium env id) to a section of
       n_timesteps: 150_000
       meta_batch_size: 8
       n_steps: 400
-      policy_kwargs: {net_arch: [64, 64], activation_fn: Tanh}
+      policy_kwargs: {net_arch: [64, 64], activation_fn: Tanh, optimizer_class: Adam}
       env_kwargs: {max_episode_steps: 100}   # arguments of make_task_distribution
 
 The package ships one file per algorithm (``sb3_metacpo/hyperparams/{metacpo,metatrpo,cpo}.yml``, see
@@ -34,6 +34,7 @@ import yaml
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
 
+from sb3_metacpo.common.flat_adam import FlatAdam
 from sb3_metacpo.cpo import CPO
 from sb3_metacpo.meta_trpo import MetaTRPO
 from sb3_metacpo.metacpo import MetaCPO
@@ -126,7 +127,8 @@ def load_hyperparams(
     :param overrides: values that replace the file's (e.g. from :func:`parse_overrides`)
     :param allow_missing: a file without a section ``key`` gives the constructor's defaults instead of an error
     :return: the section with ``n_timesteps`` and ``policy`` filled in; other keys are constructor arguments
-        (``policy_kwargs.activation_fn`` and ``vec_env_cls`` names resolved to classes, see :func:`to_constructor`)
+        (the names of ``policy_kwargs.activation_fn``, ``policy_kwargs.optimizer_class`` and ``vec_env_cls`` are
+        resolved to classes by :func:`to_constructor`)
     """
     check_algo(algo)
     path = Path(conf_file) if conf_file is not None else default_config_file(algo)
@@ -203,7 +205,8 @@ def validate_hyperparams(algo: str, hyperparams: Mapping[str, Any], source: str,
 
 def to_constructor(hyperparams: Mapping[str, Any]) -> tuple[str, int | None, dict[str, Any], dict[str, Any]]:
     """Split checked hyperparameters into (policy, n_timesteps, env_kwargs, constructor kwargs); names of classes
-    (``vec_env_cls: SubprocVecEnv``, ``policy_kwargs: {activation_fn: Tanh}``) become the classes."""
+    (``vec_env_cls: SubprocVecEnv``, ``policy_kwargs: {activation_fn: Tanh, optimizer_class: Adam}``) become the
+    classes."""
     kwargs = {k: _convert(k, v, "") for k, v in hyperparams.items() if k not in EXTRA_KEYS}
     n_timesteps = hyperparams.get("n_timesteps")
     return (
@@ -257,21 +260,67 @@ def _check_env_kwargs(value: Any, source: str, family: str | None) -> None:
 
 
 def _convert(key: str, value: Any, source: str) -> Any:
-    """Names of classes in a YAML file to the classes: ``vec_env_cls`` and ``policy_kwargs.activation_fn``."""
+    """Names of classes in a YAML file to the classes: ``vec_env_cls``, ``policy_kwargs.activation_fn`` and
+    ``policy_kwargs.optimizer_class``."""
     if key == "vec_env_cls" and isinstance(value, str):
         if value not in _VEC_ENV_CLASSES:
             raise ConfigError(f"{source}: vec_env_cls = {value!r}; valid choices: {', '.join(_VEC_ENV_CLASSES)}")
         return _VEC_ENV_CLASSES[value]
-    if key == "policy_kwargs" and isinstance(value, dict) and isinstance(value.get("activation_fn"), str):
-        name = value["activation_fn"].removeprefix("torch.").removeprefix("th.").removeprefix("nn.")
-        activation = getattr(th.nn, name, None)
-        if not (isinstance(activation, type) and issubclass(activation, th.nn.Module)):
-            raise ConfigError(
-                f"{source}: policy_kwargs.activation_fn = {value['activation_fn']!r} is not a torch.nn module; "
-                "valid choices include Tanh, ReLU, ELU, LeakyReLU"
-            )
-        return {**value, "activation_fn": activation}
+    if key == "policy_kwargs" and isinstance(value, dict):
+        value = dict(value)
+        if isinstance(value.get("activation_fn"), str):
+            value["activation_fn"] = _activation_class(value["activation_fn"], source)
+        if isinstance(value.get("optimizer_class"), str):
+            value["optimizer_class"] = _optimizer_class(value["optimizer_class"], source)
     return value
+
+
+def _activation_class(text: str, source: str) -> type[th.nn.Module]:
+    """``policy_kwargs.activation_fn``'s name (``Tanh``, ``nn.Tanh``, ``torch.nn.Tanh``) to the torch.nn class."""
+    name = text.removeprefix("torch.").removeprefix("th.").removeprefix("nn.")
+    activation = getattr(th.nn, name, None)
+    if not (isinstance(activation, type) and issubclass(activation, th.nn.Module)):
+        raise ConfigError(
+            f"{source}: policy_kwargs.activation_fn = {text!r} is not a torch.nn module; "
+            "valid choices include Tanh, ReLU, ELU, LeakyReLU"
+        )
+    return activation
+
+
+def _optimizer_classes() -> dict[str, type[th.optim.Optimizer]]:
+    """The optimisers a file may name, by name: the package's FlatAdam (the policy's default) and torch.optim's
+    whose models can be saved (the command line saves every model it trains; an archive holds registered classes
+    only, see :func:`~sb3_metacpo.common.serialization.register_class`)."""
+    from sb3_metacpo.common.serialization import encode_value
+
+    optimizers: dict[str, type[th.optim.Optimizer]] = {"FlatAdam": FlatAdam}
+    for name, cls in sorted(vars(th.optim).items()):
+        if isinstance(cls, type) and issubclass(cls, th.optim.Optimizer) and cls is not th.optim.Optimizer:
+            optimizers.setdefault(name, cls)
+    savable = {}
+    for name, cls in optimizers.items():
+        try:
+            encode_value(cls, "optimizer_class")
+        except TypeError:
+            continue
+        savable[name] = cls
+    return savable
+
+
+def _optimizer_class(text: str, source: str) -> type[th.optim.Optimizer]:
+    """``policy_kwargs.optimizer_class``'s name (``Adam``, ``optim.Adam``, ``torch.optim.Adam``, ``FlatAdam``) to the
+    class."""
+    name = text.removeprefix("torch.").removeprefix("th.").removeprefix("optim.")
+    optimizers = _optimizer_classes()
+    if name not in optimizers:
+        known = getattr(th.optim, name, None)
+        what = (
+            "cannot be saved in a model archive (the command line saves every model it trains)"
+            if isinstance(known, type) and issubclass(known, th.optim.Optimizer)
+            else "is not an optimiser of torch.optim or the package's FlatAdam"
+        )
+        raise ConfigError(f"{source}: policy_kwargs.optimizer_class = {text!r} {what}; valid choices: {', '.join(optimizers)}")
+    return optimizers[name]
 
 
 def _matches(value: Any, hint: Any) -> bool:

@@ -96,6 +96,23 @@ def _adapt(env_fn: Callable[[], Any], **kwargs: Any) -> Callable[[], object]:
 
 CASES: list[Case] = [
     # --- MetaCPO's constructor ---
+    _hyper("MetaCPO", "verbose='x'", ValueError, r"verbose must be 0 \(silent\), 1 \(info\) or 2", verbose="x"),
+    _hyper("MetaCPO", "policy_kwargs='x'", ValueError, "policy_kwargs must be None or a dict", policy_kwargs="x"),
+    _hyper(
+        "MetaCPO",
+        "policy_kwargs=dict(net_arch=[-3])",
+        ValueError,
+        r"policy_kwargs\['net_arch'\] must be the hidden-layer sizes",
+        policy_kwargs=dict(net_arch=[-3]),
+    ),
+    _hyper(
+        "CPO",
+        "policy_kwargs=dict(activation_fn='tanh')",
+        ValueError,
+        r"policy_kwargs\['activation_fn'\] must be a torch.nn.Module class",
+        policy_kwargs=dict(activation_fn="tanh"),
+    ),
+    _hyper("CPO", "verbose=None", ValueError, r"verbose must be 0 \(silent\), 1 \(info\) or 2", verbose=None),
     _hyper("MetaCPO", "meta_batch_size=0", ValueError, "meta_batch_size must be a positive integer", meta_batch_size=0),
     _hyper("MetaCPO", "meta_batch_size=True", ValueError, "meta_batch_size must be a positive integer", meta_batch_size=True),
     _hyper("MetaCPO", "meta_batch_size=2.0", ValueError, "meta_batch_size must be a positive integer", meta_batch_size=2.0),
@@ -347,6 +364,20 @@ CASES: list[Case] = [
         "log_interval must be a positive integer or None",
     ),
     # --- adapt, evaluate ---
+    Case(
+        "MetaCPO.adapt",
+        "callback='x'",
+        _adapt(lambda: "Toy2DNav", callback="x"),
+        ValueError,
+        "callback must be None, a BaseCallback, a list of them or a function",
+    ),
+    Case(
+        "MetaCPO.adapt",
+        "progress_bar='yes'",
+        _adapt(lambda: "Toy2DNav", progress_bar="yes"),
+        ValueError,
+        "progress_bar must be True or False",
+    ),
     Case(
         "MetaCPO.adapt",
         "n_updates=-1",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -76,3 +77,74 @@ def test_a_whole_number_written_as_a_float_is_a_budget() -> None:
     assert model.num_timesteps == 400
     cpo = CPO("MlpPolicy", "Toy2DNav", **CPO_SMALL).learn(np.float64(1e2))
     assert cpo.num_timesteps == 100
+
+
+@pytest.mark.parametrize(
+    ("policy_kwargs", "message"),
+    [
+        ("x", r"policy_kwargs must be None or a dict of the policy's arguments by name .*got 'x'"),
+        ({1: 2}, r"policy_kwargs must be None or a dict"),
+        ({"net_arch": "x"}, r"policy_kwargs\['net_arch'\] must be the hidden-layer sizes.*\[64, 64\].*got 'x'"),
+        ({"net_arch": [-3]}, r"policy_kwargs\['net_arch'\] must be .*positive integers.*got \[-3\]"),
+        ({"net_arch": [16, 2.5]}, r"policy_kwargs\['net_arch'\] must be"),
+        ({"net_arch": {"pi": [16], "vp": [16]}}, r"dict\(pi=\[64, 64\], vf=\[64, 64\]\)\), got \{'pi': \[16\], 'vp'"),
+        ({"activation_fn": "tanh"}, r"activation_fn'\] must be a torch.nn.Module class such as torch.nn.Tanh .*got 'tanh'"),
+        ({"activation_fn": th.nn.Tanh()}, r"not its name or an instance\), got Tanh\(\)"),
+        ({"optimizer_class": "Adam"}, r"optimizer_class'\] must be a torch.optim.Optimizer class .*got 'Adam'"),
+        ({"optimizer_kwargs": "x"}, r"optimizer_kwargs'\] must be None or a dict"),
+        ({"optimizer_kwargs": {"lr": 1e-4}}, r"cannot set 'lr'.*critic_learning_rate for MetaCPO.*learning_rate for CPO"),
+        ({"ortho_init": "False"}, r"policy_kwargs\['ortho_init'\] must be True or False, got 'False'"),
+    ],
+)
+def test_policy_kwargs_are_checked_by_name(policy_kwargs: Any, message: str) -> None:
+    """Each failed deep inside SB3 or torch ("'str' object is not callable", "Trying to create tensor with negative
+    dimension", FlatAdam "got multiple values for keyword argument 'lr'") or was misread ("False" is truthy)."""
+    from sb3_metacpo.common.checks import check_policy_kwargs
+
+    with pytest.raises(ValueError, match=message):
+        check_policy_kwargs(policy_kwargs)
+
+
+def test_policy_kwargs_that_sb3_takes_pass_the_check() -> None:
+    from sb3_metacpo.common.checks import check_policy_kwargs
+    from sb3_metacpo.common.flat_adam import FlatAdam
+
+    for policy_kwargs in (
+        None,
+        {},
+        {"net_arch": [64, 64]},
+        {"net_arch": []},  # no hidden layer
+        {"net_arch": (np.int64(8),)},
+        {"net_arch": {"pi": [8], "vf": [16, 16]}},
+        {"net_arch": [{"pi": [8], "vf": [8]}]},  # SB3's deprecated form, which it still takes
+        {"activation_fn": th.nn.ReLU, "optimizer_class": FlatAdam, "optimizer_kwargs": {"eps": 1e-5}},
+        {"optimizer_class": th.optim.SGD, "optimizer_kwargs": None, "ortho_init": np.False_},
+        {"n_costs": 2, "log_std_init": -0.5},  # names it does not know are left to the policy
+    ):
+        check_policy_kwargs(policy_kwargs)
+    model = MetaCPO("MlpPolicy", toy(), **{**SMALL, "policy_kwargs": {"net_arch": {"pi": [8], "vf": [16, 16]}}})
+    check_policy_kwargs(model.policy_kwargs)  # as _setup_model left it (with n_costs), e.g. when loading
+
+
+@pytest.mark.parametrize("verbose", ["x", None, True, -1, 3, 1.0])
+def test_verbose_is_one_of_sb3s_levels(verbose: Any) -> None:
+    """verbose="x" and None failed inside SB3's constructor ("'>=' not supported between instances of 'str' and
+    'int'")."""
+    from sb3_metacpo.common.checks import check_verbose
+
+    with pytest.raises(ValueError, match=r"verbose must be 0 \(silent\), 1 \(info\) or 2 \(debug\), got "):
+        check_verbose(verbose)
+
+
+def test_verbose_levels_and_callbacks_that_sb3_takes_pass() -> None:
+    from stable_baselines3.common.callbacks import CallbackList
+
+    from sb3_metacpo.common.checks import check_callback, check_verbose
+
+    for verbose in (0, 1, 2, np.int64(1)):
+        check_verbose(verbose)
+    for callback in (None, CallbackList([]), [], [CallbackList([])], lambda _locals, _globals: True):
+        check_callback(callback)
+    for callback in ("x", [lambda _locals, _globals: True], 3):  # SB3's CallbackList takes BaseCallbacks only
+        with pytest.raises(ValueError, match=r"callback must be None, a BaseCallback, a list of them or a function"):
+            check_callback(callback)

@@ -113,6 +113,57 @@ def test_checkpoints_are_labelled_with_the_state_they_hold(tmp_path: Path) -> No
     assert final.task_distribution.sample(1) == model.task_distribution.sample(1)
 
 
+def test_keep_last_holds_across_a_resume(tmp_path: Path) -> None:
+    """keep_last counted only the checkpoints a callback saved itself: a resumed run never pruned those of the run
+    before it (keep_last=2 left four files). It counts the folder's checkpoints of its prefix now, oldest first by
+    their numbers; one written again (a resume from an earlier checkpoint) is the most recent, not pruned at once."""
+
+    def make() -> MetaCPO:
+        return MetaCPO("MlpPolicy", make_task_distribution("Toy2DNav", seed=0, max_episode_steps=50), **SMALL)
+
+    def names() -> list[str]:
+        return sorted(path.name for path in tmp_path.iterdir())
+
+    (tmp_path / "other_1_updates_400_steps.zip").write_bytes(b"")  # another prefix: left alone
+    (tmp_path / "notes.txt").write_text("")
+    make().learn(1200, callback=ResumableCheckpointCallback(1, tmp_path, keep_last=2))  # 3 updates
+    assert names() == [
+        "checkpoint_2_updates_800_steps.zip",
+        "checkpoint_3_updates_1200_steps.zip",
+        "notes.txt",
+        "other_1_updates_400_steps.zip",
+    ]
+    latest = ResumableCheckpointCallback.latest(tmp_path)
+    assert latest is not None
+    resumed = MetaCPO.load(latest)
+    resumed.learn(800, callback=ResumableCheckpointCallback(1, tmp_path, keep_last=2), reset_num_timesteps=False)
+    assert names() == [
+        "checkpoint_4_updates_1600_steps.zip",
+        "checkpoint_5_updates_2000_steps.zip",
+        "notes.txt",
+        "other_1_updates_400_steps.zip",
+    ]
+    # resumed from the older of the two: its next checkpoint (5) is written again, then 6 prunes 4
+    earlier = MetaCPO.load(tmp_path / "checkpoint_4_updates_1600_steps.zip")
+    earlier.learn(800, callback=ResumableCheckpointCallback(1, tmp_path, keep_last=2), reset_num_timesteps=False)
+    assert names()[:2] == ["checkpoint_5_updates_2000_steps.zip", "checkpoint_6_updates_2400_steps.zip"]
+    assert MetaCPO.load(tmp_path / "checkpoint_5_updates_2000_steps.zip").num_timesteps == 2000
+
+
+def test_checkpoints_are_ordered_by_their_numbers(tmp_path: Path) -> None:
+    for name in ("checkpoint_10_updates_1000_steps.zip", "checkpoint_9_updates_900_steps.zip", "ck_11_updates_1_steps.zip"):
+        (tmp_path / name).write_bytes(b"")
+    found = ResumableCheckpointCallback.checkpoints(tmp_path)
+    assert [(numbers, path.name) for numbers, path in found] == [
+        ((9, 900), "checkpoint_9_updates_900_steps.zip"),
+        ((10, 1000), "checkpoint_10_updates_1000_steps.zip"),
+    ]
+    latest = ResumableCheckpointCallback.latest(tmp_path)
+    assert latest is not None and latest.name == "checkpoint_10_updates_1000_steps.zip"
+    assert ResumableCheckpointCallback.checkpoints(tmp_path / "missing") == []
+    assert ResumableCheckpointCallback.latest(tmp_path, "nothing") is None
+
+
 def test_save_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model = CPO("MlpPolicy", "Toy2DNav", n_steps=100, seed=0, policy_kwargs=dict(net_arch=[16]))
     path = model.save(tmp_path / "model")

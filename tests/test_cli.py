@@ -15,6 +15,7 @@ from pathlib import Path
 
 import gymnasium as gym
 import pytest
+import torch as th
 import yaml
 from bandits import Bandit
 
@@ -216,6 +217,57 @@ def test_plot_command(run_folder, tmp_path):
     assert out.stat().st_size > 10_000
     assert main(["plot", str(tmp_path)]) == 2  # nothing to plot there
     assert main(["plot", str(run_folder), str(tmp_path / "RUN_99"), "-o", str(out)]) == 2  # was skipped: one run plotted
+
+
+def test_plot_prints_the_file_it_writes(run_folder, tmp_path, capsys):
+    """-o plot_out printed plot_out, but matplotlib wrote plot_out.png; an unknown suffix was a traceback after the
+    runs were read."""
+    from sb3_metacpo.plots import write_records
+
+    assert main(["plot", str(run_folder), "-o", str(tmp_path / "plot_out")]) == 0
+    assert capsys.readouterr().out.splitlines() == [str(tmp_path / "plot_out.png")]
+    assert (tmp_path / "plot_out.png").stat().st_size > 0 and not (tmp_path / "plot_out").exists()
+    assert main(["plot", str(run_folder), "-o", str(tmp_path / "curves.svg")]) == 0  # the suffix picks the format
+    assert (tmp_path / "curves.svg").read_text().lstrip().startswith("<?xml")
+    records = [{"method": "MetaCPO", "task": 0, "seed": 0, "update": k, "return": float(k), "cost": 1.0} for k in range(2)]
+    sources = [write_records(records, tmp_path / f"records_{i}.csv") for i in range(2)]
+    capsys.readouterr()
+    assert main(["plot", *map(str, sources), "--adaptation-out", str(tmp_path / "adapt")]) == 0
+    written = [tmp_path / "adapt_0.png", tmp_path / "adapt_1.png"]
+    assert capsys.readouterr().out.splitlines() == list(map(str, written))
+    assert all(path.stat().st_size > 0 for path in written)
+    for option in ("-o", "--adaptation-out"):
+        assert main(["plot", str(run_folder), option, str(tmp_path / "curves.v2")]) == 2
+        error = capsys.readouterr().err
+        assert "curves.v2: matplotlib cannot write .v2 files; use one of" in error and ".png" in error
+    assert not (tmp_path / "curves.v2").exists()
+
+
+def test_optimizer_class_names_are_resolved_as_activation_names_are(tmp_path, capsys):
+    """policy_kwargs: {optimizer_class: Adam} in a file reached the policy as the string ("'str' object is not
+    callable"); the name is kept in hyperparams.yml, the class given to the constructor."""
+    from sb3_metacpo.common.flat_adam import FlatAdam
+    from sb3_metacpo.config import load_hyperparams, parse_overrides, to_constructor
+
+    for name, cls in (("Adam", th.optim.Adam), ("torch.optim.SGD", th.optim.SGD), ("FlatAdam", FlatAdam)):
+        overrides = parse_overrides([*TINY, f"policy_kwargs:{{net_arch: [16], optimizer_class: {name}, activation_fn: ReLU}}"])
+        hyperparams = load_hyperparams("MetaCPO", "Toy2DNav", overrides=overrides)
+        assert hyperparams["policy_kwargs"]["optimizer_class"] == name  # as written, for hyperparams.yml
+        policy, _, _, kwargs = to_constructor(hyperparams)
+        assert kwargs["policy_kwargs"]["optimizer_class"] is cls and kwargs["policy_kwargs"]["activation_fn"] is th.nn.ReLU
+        model = MetaCPO(policy, "Toy2DNav", seed=0, **kwargs)
+        assert type(model.policy.optimizer) is cls
+    bad = tmp_path / "bad.yml"
+    for name, expected in (
+        ("Adamm", "optimizer_class = 'Adamm' is not an optimiser of torch.optim or the package's FlatAdam"),
+        ("Adagrad", "optimizer_class = 'Adagrad' cannot be saved in a model archive"),
+    ):
+        bad.write_text(f"Toy2DNav:\n  policy_kwargs: {{optimizer_class: {name}}}\n")
+        assert train(tmp_path / "runs", "-conf", str(bad), hyperparams=None) == 2
+        error = capsys.readouterr().err
+        assert f"bad.yml [Toy2DNav]: policy_kwargs.{expected}" in error
+        assert "valid choices: FlatAdam, Adam, AdamW" in error
+    assert not (tmp_path / "runs").exists()
 
 
 def test_evaluating_a_run_with_another_algo_is_a_usage_error(run_folder, capsys):

@@ -158,6 +158,37 @@ def test_bad_arguments_and_foreign_models():
         model.learn(64, callback=SafeEvalCallback(tasks))
 
 
+def test_arguments_are_checked_as_the_other_callbacks_check_them(tmp_path):
+    """cost_limit=True was taken as a limit of 1.0 and np.float32(5) refused; deterministic="False" was taken (and
+    truthy: the mean action was evaluated) while MetaEvalCallback refused it; verbose was not checked by any."""
+    from sb3_metacpo.common.callbacks import ResumableCheckpointCallback
+    from sb3_metacpo.common.evaluation import MetaEvalCallback
+
+    tasks = toy().test_tasks(1)
+    for kwargs, message in [
+        (dict(cost_limit=True), r"cost_limit must be None or a finite number >= 0 .*got True"),
+        (dict(cost_limit=-1.0), r"cost_limit must be None or a finite number >= 0"),
+        (dict(cost_limit="5"), r"cost_limit must be None or a finite number >= 0"),
+        (dict(deterministic="False"), r"deterministic must be True or False, got 'False'"),
+        (dict(deterministic=1), r"deterministic must be True or False, got 1"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            SafeEvalCallback(tasks, **kwargs)
+    callback = SafeEvalCallback(tasks, cost_limit=np.float32(5), deterministic=np.True_)
+    assert callback.cost_limit == 5.0 and type(callback.cost_limit) is float
+    assert callback.deterministic is True
+    assert SafeEvalCallback(tasks, cost_limit=np.int64(0)).cost_limit == 0.0
+    for make in (
+        lambda verbose: SafeEvalCallback(tasks, verbose=verbose),
+        lambda verbose: MetaEvalCallback(tasks, verbose=verbose),
+        lambda verbose: ResumableCheckpointCallback(1, tmp_path, verbose=verbose),
+    ):
+        for verbose in ("x", None, 3):
+            with pytest.raises(ValueError, match=r"verbose must be 0 .*, 1 .* or 2 "):
+                make(verbose)
+        assert make(np.int64(1)).verbose == 1
+
+
 def test_held_out_tasks_of_another_family_are_refused_when_training_starts():
     """They were refused at the first evaluation, eval_freq meta-iterations of real training later."""
     from sb3_metacpo.common.evaluation import MetaEvalCallback

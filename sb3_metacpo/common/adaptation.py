@@ -26,7 +26,7 @@ from stable_baselines3.common.type_aliases import MaybeCallback
 from stable_baselines3.common.vec_env import VecEnv
 from tqdm.auto import tqdm
 
-from sb3_metacpo.common.checks import check_adaptation_arguments, is_int
+from sb3_metacpo.common.checks import check, check_adaptation_arguments, check_callback, is_bool, is_int
 from sb3_metacpo.common.constraints import CostConstraints
 from sb3_metacpo.common.cpo_update import CPOConfig, Params, PreparedBatch, cpo_update
 from sb3_metacpo.common.envs import make_safe_vec_env, vec_env_time_limit
@@ -180,6 +180,8 @@ class AdaptationMixin(ABC):
             ``target_kl``), e.g. one for every method of a comparison
         """
         check_adaptation_arguments(n_updates, n_steps, target_kl)  # before the callbacks start
+        check_callback(callback)
+        check(is_bool(progress_bar), f"progress_bar must be True or False, got {progress_bar!r}")
         n_updates, n_steps = self._adaptation_sizes(n_updates, n_steps)
         sampler, task = self._adaptation_sampler(env)
         history_before = list(self.adaptation_history)

@@ -3,6 +3,7 @@ tasks that keeps the best model under the cost limit."""
 
 from __future__ import annotations
 
+import glob
 import math
 import os
 import re
@@ -13,7 +14,7 @@ import numpy as np
 import torch as th
 from stable_baselines3.common.callbacks import BaseCallback
 
-from sb3_metacpo.common.checks import check, check_meta_evaluation_arguments, is_int
+from sb3_metacpo.common.checks import check, check_meta_evaluation_arguments, check_verbose, is_bool, is_int, is_real
 from sb3_metacpo.common.constraints import within_limits
 from sb3_metacpo.common.evaluation import (
     AdaptationRecord,
@@ -55,7 +56,9 @@ class ResumableCheckpointCallback(BaseCallback):
     :param save_freq: updates between checkpoints
     :param save_path: the folder of the checkpoints
     :param name_prefix: the files' prefix
-    :param keep_last: keep only this many most recent checkpoints (None: all)
+    :param keep_last: keep only this many most recent checkpoints (None: all), counting those of ``name_prefix``
+        already in ``save_path`` when training starts (a resumed run prunes the run's earlier ones, oldest first in
+        the order of their update and step numbers)
     :param verbose: 1 prints each save
     """
 
@@ -67,6 +70,7 @@ class ResumableCheckpointCallback(BaseCallback):
         keep_last: int | None = None,
         verbose: int = 0,
     ) -> None:
+        check_verbose(verbose)
         super().__init__(verbose)
         check(is_int(save_freq) and save_freq >= 1, f"save_freq must be a positive integer (updates), got {save_freq!r}")
         check(
@@ -86,6 +90,8 @@ class ResumableCheckpointCallback(BaseCallback):
     def _init_callback(self) -> None:
         self.save_path.mkdir(parents=True, exist_ok=True)
         self.last_saved_update = self.model._n_updates  # a resumed run does not save its starting point again
+        # keep_last counts the checkpoints already there (a resumed run's earlier ones), oldest first
+        self.saved = [path for _, path in self.checkpoints(self.save_path, self.name_prefix)]
 
     def _on_step(self) -> bool:
         return True
@@ -108,6 +114,8 @@ class ResumableCheckpointCallback(BaseCallback):
         path = self.save_path / f"{self.name_prefix}_{updates}_updates_{steps}_steps.zip"
         self.model.save(path)
         self.last_saved_update = updates
+        if path in self.saved:  # written again (a run resumed from an earlier checkpoint): now the most recent
+            self.saved.remove(path)
         self.saved.append(path)
         if self.verbose >= 1:
             print(f"Saving checkpoint to {path}")
@@ -116,15 +124,21 @@ class ResumableCheckpointCallback(BaseCallback):
                 self.saved.pop(0).unlink(missing_ok=True)
 
     @staticmethod
+    def checkpoints(save_path: str | os.PathLike[str], name_prefix: str = "checkpoint") -> list[tuple[tuple[int, int], Path]]:
+        """The checkpoints of ``save_path`` named with ``name_prefix``, as ((updates, steps), path), in the order of
+        their update and step numbers (none when the folder does not exist)."""
+        pattern = re.compile(rf"{re.escape(name_prefix)}_(\d+)_updates_(\d+)_steps\.zip")
+        return sorted(
+            ((int(match.group(1)), int(match.group(2))), path)
+            for path in Path(save_path).glob(f"{glob.escape(name_prefix)}_*_updates_*_steps.zip")
+            if (match := pattern.fullmatch(path.name))
+        )
+
+    @staticmethod
     def latest(save_path: str | os.PathLike[str], name_prefix: str = "checkpoint") -> Path | None:
         """The checkpoint of ``save_path`` with the most updates (None when there is none)."""
-        pattern = re.compile(rf"{re.escape(name_prefix)}_(\d+)_updates_(\d+)_steps\.zip")
-        found = [
-            (int(match.group(1)), path)
-            for path in Path(save_path).glob(f"{name_prefix}_*_updates_*_steps.zip")
-            if (match := pattern.fullmatch(path.name))
-        ]
-        return max(found)[1] if found else None
+        found = ResumableCheckpointCallback.checkpoints(save_path, name_prefix)
+        return found[-1][1] if found else None
 
 
 class SafeEvalCallback(BaseCallback):
@@ -176,21 +190,23 @@ class SafeEvalCallback(BaseCallback):
         log_path: str | os.PathLike[str] | None = None,
         verbose: int = 0,
     ) -> None:
+        check_verbose(verbose)
         super().__init__(verbose)
         tasks = list(tasks)
         check_meta_evaluation_arguments(tasks, n_updates, n_steps, n_eval_episodes)
         check(is_int(eval_freq) and eval_freq >= 1, f"eval_freq must be a positive integer (updates), got {eval_freq!r}")
         check(
-            cost_limit is None or (isinstance(cost_limit, (int, float)) and math.isfinite(cost_limit) and cost_limit >= 0),
-            f"cost_limit must be None or a finite number >= 0, got {cost_limit!r}",
+            cost_limit is None or (is_real(cost_limit) and cost_limit >= 0),
+            f"cost_limit must be None or a finite number >= 0 (a limit on the total cost), got {cost_limit!r}",
         )
+        check(is_bool(deterministic), f"deterministic must be True or False, got {deterministic!r}")
         self.tasks = tasks
         self.eval_freq = int(eval_freq)
         self.n_updates = n_updates
         self.n_steps = n_steps
         self.n_eval_episodes = int(n_eval_episodes)
-        self.deterministic = deterministic
-        self.cost_limit = cost_limit
+        self.deterministic = bool(deterministic)
+        self.cost_limit = None if cost_limit is None else float(cost_limit)
         self.best_model_save_path = None if best_model_save_path is None else Path(best_model_save_path)
         self.log_path = None if log_path is None else Path(log_path)
         self.best_mean_reward = -math.inf

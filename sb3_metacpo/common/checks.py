@@ -7,6 +7,7 @@ import numbers
 from typing import Any
 
 import numpy as np
+import torch as th
 
 from sb3_metacpo.common.constraints import CostConstraints
 from sb3_metacpo.common.cpo_update import RECOVERY_RULES
@@ -87,10 +88,9 @@ def check_vec_env_cls(vec_env_cls: Any) -> None:
     )
 
 
-def check_learn_arguments(
-    total_timesteps: Any, log_interval: Any, callback: Any = None, reset_num_timesteps: Any = True, progress_bar: Any = False
-) -> None:
-    """``learn``'s arguments, before it changes anything (a model's adaptation, its counters, the envs)."""
+def check_callback(callback: Any) -> None:
+    """``callback`` is what SB3's ``learn`` takes (``learn``'s and ``adapt``'s): None, a ``BaseCallback``, a list of
+    them or a function ``(locals, globals) -> bool``."""
     from stable_baselines3.common.callbacks import BaseCallback
 
     check(
@@ -100,6 +100,13 @@ def check_learn_arguments(
         or (isinstance(callback, list) and all(isinstance(item, BaseCallback) for item in callback)),
         f"callback must be None, a BaseCallback, a list of them or a function (locals, globals) -> bool, got {callback!r}",
     )
+
+
+def check_learn_arguments(
+    total_timesteps: Any, log_interval: Any, callback: Any = None, reset_num_timesteps: Any = True, progress_bar: Any = False
+) -> None:
+    """``learn``'s arguments, before it changes anything (a model's adaptation, its counters, the envs)."""
+    check_callback(callback)
     for name, flag in (("reset_num_timesteps", reset_num_timesteps), ("progress_bar", progress_bar)):
         check(is_bool(flag), f"{name} must be True or False, got {flag!r}")
     whole_float = isinstance(total_timesteps, (float, np.floating)) and float(total_timesteps).is_integer()
@@ -111,6 +118,97 @@ def check_learn_arguments(
         log_interval is None or (is_int(log_interval) and log_interval >= 1),
         f"log_interval must be a positive integer or None, got {log_interval!r}",
     )
+
+
+def check_verbose(verbose: Any) -> None:
+    """``verbose`` is 0, 1 or 2, SB3's levels (the algorithms' and the callbacks'): SB3 compares it with 1 and 2, so
+    a string or None failed inside SB3's constructor with a ``TypeError`` that did not name it."""
+    check(
+        is_int(verbose) and 0 <= verbose <= 2,
+        f"verbose must be 0 (silent), 1 (info) or 2 (debug), got {verbose!r}",
+    )
+
+
+#: ``policy_kwargs`` entries that are flags of SB3's ``ActorCriticPolicy``: SB3 reads them with ``if``, so a string
+#: such as ``"False"`` counted as True (``CPOPolicy`` checks its own, ``normalize_observations``).
+POLICY_FLAGS = (
+    "ortho_init",
+    "use_sde",
+    "full_std",
+    "use_expln",
+    "squash_output",
+    "share_features_extractor",
+    "normalize_images",
+)
+
+
+def _layer_sizes(value: Any) -> bool:
+    """A list (or tuple) of positive integers: hidden-layer sizes (empty: no hidden layer)."""
+    return isinstance(value, (list, tuple)) and all(is_int(size) and size >= 1 for size in value)
+
+
+def check_policy_kwargs(policy_kwargs: Any) -> None:
+    """``policy_kwargs`` is None or a dict of the policy's arguments by name, and the entries that SB3 and torch
+    would only fail on deep inside the network's construction (or silently misread) have their types:
+    ``net_arch`` hidden-layer sizes (a list of positive integers, or a dict of them for ``pi`` and ``vf``),
+    ``activation_fn`` a ``torch.nn.Module`` class and ``optimizer_class`` a ``torch.optim.Optimizer`` class (the
+    classes, not their names), ``optimizer_kwargs`` None or a dict without ``lr`` (the algorithm sets the critics'
+    learning rate) and the flags of :data:`POLICY_FLAGS` True or False. The policy checks the rest (``CPOPolicy``:
+    ``log_std_init``, ``clip_observations``, an element-wise activation...); unknown names are the policy
+    constructor's ``TypeError``."""
+    if policy_kwargs is None:
+        return
+    check(
+        isinstance(policy_kwargs, dict) and all(isinstance(key, str) for key in policy_kwargs),
+        "policy_kwargs must be None or a dict of the policy's arguments by name (e.g. dict(net_arch=[64, 64])), "
+        f"got {policy_kwargs!r}",
+    )
+    net_arch = policy_kwargs.get("net_arch")
+    if isinstance(net_arch, (list, tuple)) and len(net_arch) == 1 and isinstance(net_arch[0], dict):
+        net_arch = net_arch[0]  # SB3's deprecated [dict(pi=..., vf=...)], which it still takes (with a warning)
+    check(
+        net_arch is None
+        or _layer_sizes(net_arch)
+        or (
+            isinstance(net_arch, dict)
+            and set(net_arch) <= {"pi", "vf"}
+            and all(_layer_sizes(sizes) for sizes in net_arch.values())
+        ),
+        "policy_kwargs['net_arch'] must be the hidden-layer sizes, a list of positive integers (e.g. [64, 64]; [] for "
+        "none), or a dict of them for the actor and the critics (dict(pi=[64, 64], vf=[64, 64])), "
+        f"got {policy_kwargs.get('net_arch')!r}",
+    )
+    if "activation_fn" in policy_kwargs:
+        activation = policy_kwargs["activation_fn"]
+        check(
+            isinstance(activation, type) and issubclass(activation, th.nn.Module),
+            "policy_kwargs['activation_fn'] must be a torch.nn.Module class such as torch.nn.Tanh or torch.nn.ReLU "
+            f"(the class itself, not its name or an instance), got {activation!r}",
+        )
+    if "optimizer_class" in policy_kwargs:
+        optimizer = policy_kwargs["optimizer_class"]
+        check(
+            isinstance(optimizer, type) and issubclass(optimizer, th.optim.Optimizer),
+            "policy_kwargs['optimizer_class'] must be a torch.optim.Optimizer class such as torch.optim.Adam "
+            f"(the class itself, not its name or an instance), got {optimizer!r}",
+        )
+    optimizer_kwargs = policy_kwargs.get("optimizer_kwargs")
+    check(
+        optimizer_kwargs is None
+        or (isinstance(optimizer_kwargs, dict) and all(isinstance(key, str) for key in optimizer_kwargs)),
+        "policy_kwargs['optimizer_kwargs'] must be None or a dict of the optimiser's arguments by name "
+        f"(e.g. dict(eps=1e-5)), got {optimizer_kwargs!r}",
+    )
+    reserved = sorted({"lr", "params"} & set(optimizer_kwargs or ()))
+    check(
+        not reserved,
+        f"policy_kwargs['optimizer_kwargs'] cannot set {', '.join(map(repr, reserved))}: the algorithm gives the "
+        "critics' optimiser its parameters and learning rate (set critic_learning_rate for MetaCPO and MetaTRPO, "
+        "learning_rate for CPO)",
+    )
+    for name in POLICY_FLAGS:
+        if name in policy_kwargs:
+            check(is_bool(policy_kwargs[name]), f"policy_kwargs[{name!r}] must be True or False, got {policy_kwargs[name]!r}")
 
 
 def as_python_scalars(model: Any, *names: str) -> None:

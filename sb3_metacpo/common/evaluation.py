@@ -20,6 +20,7 @@ from sb3_metacpo.common.checks import (
     check,
     check_adaptation_arguments,
     check_meta_evaluation_arguments,
+    check_verbose,
     is_bool,
     is_int,
 )
@@ -210,6 +211,7 @@ class MetaEvalCallback(BaseCallback):
         deterministic: bool = False,
         target_kl: float | None = None,
     ) -> None:
+        check_verbose(verbose)
         super().__init__(verbose)
         tasks = list(tasks)
         check_meta_evaluation_arguments(tasks, n_updates, n_steps, n_eval_episodes)

@@ -22,10 +22,12 @@ from sb3_metacpo.common.checks import (
     check,
     check_cpo_step_hyperparameters,
     check_learn_arguments,
+    check_policy_kwargs,
     check_positive_ints,
     check_positive_reals,
     check_seed,
     check_vec_env_cls,
+    check_verbose,
     is_int,
     is_real,
 )
@@ -170,6 +172,7 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):  # type: igno
         _init_setup_model: bool = True,
     ) -> None:
         check_seed(seed)  # envs and a family's task distribution are seeded from it before anything else
+        check_verbose(verbose)  # SB3's constructor compares it with 1
         check_vec_env_cls(vec_env_cls)  # used to build the envs, before the other hyperparameters are validated
         seed = None if seed is None else int(seed)
         if is_int(n_envs):
@@ -247,6 +250,8 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):  # type: igno
             f"learning_rate must be >= 0 (a finite number or a schedule), got {self.learning_rate!r}",
         )
         check_cpo_step_hyperparameters(self)
+        check_verbose(self.verbose)  # a value given to load
+        check_policy_kwargs(self.policy_kwargs)
         self._check_constraints()
         as_python_scalars(self, *_NUMERIC_HYPERPARAMETERS)
 

@@ -27,9 +27,11 @@ from sb3_metacpo.common.checks import (
     check,
     check_cpo_step_hyperparameters,
     check_learn_arguments,
+    check_policy_kwargs,
     check_positive_ints,
     check_positive_reals,
     check_seed,
+    check_verbose,
     is_int,
     is_real,
 )
@@ -208,6 +210,7 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):  # type: igno
         _init_setup_model: bool = True,
     ) -> None:
         check_seed(seed)  # the task distribution of a family name is seeded from it before anything else
+        check_verbose(verbose)  # SB3's constructor compares it with 1
         seed = None if seed is None else int(seed)
         super().__init__(
             policy,
@@ -275,6 +278,8 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):  # type: igno
         )
         check_positive_reals(self, "inner_target_kl", "outer_target_kl", "critic_learning_rate")
         check_cpo_step_hyperparameters(self)
+        check_verbose(self.verbose)  # a value given to load
+        check_policy_kwargs(self.policy_kwargs)
         check(
             self.meta_gradient in ("second_order", "first_order"),
             f"meta_gradient must be 'second_order' or 'first_order', got {self.meta_gradient!r}",
