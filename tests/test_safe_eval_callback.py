@@ -199,3 +199,38 @@ def test_held_out_tasks_of_another_family_are_refused_when_training_starts():
         with pytest.raises(TypeError, match="builds Toy2DNavTask tasks, got CarCircleTask"):
             model.learn(1200, callback=callback_cls(foreign, eval_freq=3))
         assert model.num_timesteps == 0
+
+
+def test_a_resumed_run_takes_up_the_evaluations_and_the_best_so_far(tmp_path, monkeypatch):
+    """A run killed after three evaluations and resumed from its checkpoint: the file kept only the resumed run's
+    evaluations, and the first evaluation under the limit after resuming (reward 2) replaced the best model (3)."""
+    outcomes = [(1.0, 2.0), (3.0, 5.0), (50.0, 9.0), (2.0, 0.0), (4.0, 1.0)]
+    monkeypatch.setattr(callbacks_module, "meta_evaluate", fake_meta_evaluate(outcomes))
+    dist = toy()
+    model = CPO("MlpPolicy", dist, n_steps=50, seed=0, policy_kwargs=dict(net_arch=[8]))
+
+    def callback():
+        return SafeEvalCallback(
+            dist.test_tasks(2), eval_freq=1, cost_limit=5.0, best_model_save_path=tmp_path, log_path=tmp_path
+        )
+
+    model.learn(150, callback=callback())
+    path = model.save(tmp_path / "checkpoint")
+    resumed = CPO.load(path)
+    saved = []
+    resumed.save = lambda path: saved.append((resumed.num_timesteps, path))
+    second = callback()
+    resumed.learn(100, callback=second, reset_num_timesteps=False)
+    assert second.evaluations_timesteps == [50, 100, 150, 200, 250]
+    assert second.evaluations_under_limit == [True, True, False, True, True]
+    assert second.best_mean_reward == 4.0 and second.best_timestep == 250
+    assert saved == [(250, tmp_path / "best_model.zip")]  # not at 200: reward 2 is below the earlier best, 3
+    data = np.load(tmp_path / "evaluations.npz")
+    assert data["results"][:, 0].tolist() == [r for r, _ in outcomes]
+    # a fresh run in the same folder starts its own record; other limits are not taken up
+    fresh = SafeEvalCallback(dist.test_tasks(2), eval_freq=1, cost_limit=7.0, log_path=tmp_path)
+    other = CPO.load(path)
+    monkeypatch.setattr(callbacks_module, "meta_evaluate", fake_meta_evaluate([(1.0, 1.0)]))
+    with pytest.warns(UserWarning, match="evaluations of other limits or tasks: not taken up"):
+        other.learn(50, callback=fresh, reset_num_timesteps=False)
+    assert fresh.evaluations_timesteps == [200]

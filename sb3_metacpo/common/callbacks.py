@@ -7,6 +7,7 @@ import glob
 import math
 import os
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -173,7 +174,10 @@ class SafeEvalCallback(BaseCallback):
         and ``costs`` (n_evals, n_tasks) after adaptation, ``pre_adapt_results`` and ``pre_adapt_costs`` before it
         (the same as ``results`` and ``costs`` without adaptation), ``under_limit`` (n_evals,), ``cost_limit`` (the
         total cost's limit, NaN if it has none), ``constraint_names`` and ``constraint_limits`` (m,) and
-        ``constraint_costs`` (n_evals, m), each constrained cost's mean over the tasks
+        ``constraint_costs`` (n_evals, m), each constrained cost's mean over the tasks. A resumed run (a loaded model
+        that trains on) takes up the file's evaluations up to its step count: the file keeps them, and the best model
+        is judged against the best of them (without ``log_path`` the record starts afresh, and the first evaluation
+        under the limits after resuming replaces ``best_model.zip``)
     :param verbose: 1 prints each evaluation and each new best model
     """
 
@@ -243,6 +247,43 @@ class SafeEvalCallback(BaseCallback):
             if folder is not None:
                 folder.mkdir(parents=True, exist_ok=True)
         self._last_evaluated = self.model._n_updates  # a resumed run does not evaluate its starting point again
+        self._take_up_earlier_evaluations()
+
+    def _take_up_earlier_evaluations(self) -> None:
+        """A resumed run (a model that has trained before) takes up the evaluations in ``log_path``'s
+        ``evaluations.npz`` up to the model's step count: the file keeps them, and a new best model must beat the
+        best of them (else the first evaluation under the limits after resuming replaced a better best model).
+        Evaluations of other limits or another number of tasks are not taken up (said in a warning)."""
+        path = None if self.log_path is None else self.log_path / "evaluations.npz"
+        if path is None or self.model.num_timesteps == 0 or not path.is_file():
+            return
+        with np.load(path, allow_pickle=False) as saved:
+            records = {key: saved[key] for key in saved.files}
+        names = [str(name) for name in records.get("constraint_names", [])]
+        limits = [float(limit) for limit in records.get("constraint_limits", [])]
+        shape = records.get("results", np.zeros((0, 0))).shape
+        if names != list(self._limits) or limits != list(self._limits.values()) or (shape[0] and shape[1] != len(self.tasks)):
+            warnings.warn(
+                f"{path} holds evaluations of other limits or tasks: not taken up (the file is rewritten with this run's)",
+                stacklevel=2,
+            )
+            return
+        keep = records["timesteps"] <= self.model.num_timesteps
+        self.evaluations_timesteps = [int(step) for step in records["timesteps"][keep]]
+        for attribute, key in (
+            ("evaluations_results", "results"),
+            ("evaluations_costs", "costs"),
+            ("evaluations_pre_adapt_results", "pre_adapt_results"),
+            ("evaluations_pre_adapt_costs", "pre_adapt_costs"),
+            ("evaluations_constraint_costs", "constraint_costs"),
+        ):
+            setattr(self, attribute, records[key][keep].tolist())
+        self.evaluations_under_limit = [bool(under) for under in records["under_limit"][keep]]
+        for step, rewards, under in zip(
+            self.evaluations_timesteps, self.evaluations_results, self.evaluations_under_limit, strict=True
+        ):
+            if under and float(np.mean(rewards)) > self.best_mean_reward:
+                self.best_mean_reward, self.best_timestep = float(np.mean(rewards)), step
 
     def _on_step(self) -> bool:
         return True
