@@ -235,19 +235,9 @@ class BoundActor:
         return mean if self.actor.deterministic else mean + self._noise_now() * self.std
 
 
-def _is_flag(value: Any) -> bool:
-    """A Python or numpy bool."""
-    return isinstance(value, (bool, np.bool_))
-
-
 def _positive_number(value: Any) -> bool:
     """A Python or numpy real number > 0 (inf included), not a bool."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and float(value) > 0
-
-
-def _finite_real(value: Any) -> bool:
-    """A finite Python or numpy real number, not a bool."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
 
 
 class CPOPolicy(ActorCriticPolicy):
@@ -303,12 +293,14 @@ class CPOPolicy(ActorCriticPolicy):
                 "parameters (the observation normalisation is in the policy), so a separate one for the critics would "
                 "change nothing; leave share_features_extractor at its default (True)"
             )
-        if not _is_flag(normalize_observations):
+        from sb3_metacpo.common.checks import is_bool, is_real  # here: checks imports the updates, which import this
+
+        if not is_bool(normalize_observations):
             raise ValueError(f"normalize_observations must be True or False, got {normalize_observations!r}")
         if not _positive_number(clip_observations):
             raise ValueError(f"clip_observations must be a number > 0 (inf: no clipping), got {clip_observations!r}")
         log_std_init = kwargs.get("log_std_init", 0.0)
-        if not (_finite_real(log_std_init) and abs(log_std_init) < LOG_STD_BOUND):
+        if not (is_real(log_std_init) and abs(log_std_init) < LOG_STD_BOUND):
             raise ValueError(
                 f"log_std_init must be a number in (-{LOG_STD_BOUND:.2f}, {LOG_STD_BOUND:.2f}) (the actor's initial "
                 f"log-std; beyond it the variance or its inverse overflows float32), got {log_std_init!r}"
