@@ -631,6 +631,13 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
+    try:
+        return _plot_runs(args)
+    except ImportError as error:  # matplotlib missing: the plots say which extra to install
+        raise CLIError(str(error)) from error
+
+
+def _plot_runs(args: argparse.Namespace) -> int:
     from sb3_metacpo.plots import plot_adaptation_curves, plot_learning_curves
 
     runs = [Path(r) for r in args.runs]
@@ -700,11 +707,21 @@ _batch_steps = _int_in(2, math.inf, "an integer >= 2 (env steps per adaptation u
 _seed = _int_in(0, 2**32, "an integer in [0, 2**32)")  # what the task families and safety-gymnasium's worlds take
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
+def _float_from(low: float, requirement: str, inclusive: bool) -> Callable[[str], float]:
+    """An argparse type: a finite number above ``low`` (or equal to it if ``inclusive``), else ``must be <requirement>``."""
+
+    def parse(text: str) -> float:
+        value = float(text)
+        if not (math.isfinite(value) and (value >= low if inclusive else value > low)):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
+        return value
+
+    parse.__name__ = "float"  # argparse's "invalid float value: 'x'" for a non-number
+    return parse
+
+
+_positive_float = _float_from(0.0, "a finite number > 0", inclusive=False)
+_cost_limit_value = _float_from(0.0, "a finite number >= 0 (a cost limit)", inclusive=True)
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -854,7 +871,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--adaptation-out",
         help="adaptation-curve image (default: beside each records file; .png is added to a name without a suffix)",
     )
-    plot.add_argument("--cost-limit", type=float, help="the limit to draw (default: from the logs or config)")
+    plot.add_argument("--cost-limit", type=_cost_limit_value, help="the limit to draw (default: from the logs or config)")
     plot.add_argument("--title", help="figure title")
     plot.set_defaults(handler=cmd_plot)
     return parser

@@ -339,3 +339,23 @@ def test_usage_errors_exit_2_before_training(tmp_path, capsys):
     assert "is a file" in capsys.readouterr().err
     argv = ["benchmark", "--methods", "CPO", "--hyperparams", "target_kl:0.02", "--dry-run"]
     assert main(argv) == 0
+
+
+def test_plot_without_matplotlib_and_with_a_bad_limit_is_a_one_line_error(run_folder, tmp_path, capsys, monkeypatch):
+    """Without matplotlib the plot command ended in a traceback; --cost-limit took NaN and negative numbers."""
+    import builtins
+
+    for bad in ("nan", "-1", "inf"):
+        with pytest.raises(SystemExit) as stopped:
+            main(["plot", str(run_folder), "--cost-limit", bad])
+        assert stopped.value.code == 2 and "must be a finite number >= 0 (a cost limit)" in capsys.readouterr().err
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    assert main(["plot", str(run_folder), "-o", str(tmp_path / "curves.png")]) == 2
+    assert "plotting needs matplotlib" in capsys.readouterr().err

@@ -178,20 +178,16 @@ def check_policy_kwargs(policy_kwargs: Any) -> None:
         "none), or a dict of them for the actor and the critics (dict(pi=[64, 64], vf=[64, 64])), "
         f"got {policy_kwargs.get('net_arch')!r}",
     )
-    if "activation_fn" in policy_kwargs:
-        activation = policy_kwargs["activation_fn"]
-        check(
-            isinstance(activation, type) and issubclass(activation, th.nn.Module),
-            "policy_kwargs['activation_fn'] must be a torch.nn.Module class such as torch.nn.Tanh or torch.nn.ReLU "
-            f"(the class itself, not its name or an instance), got {activation!r}",
-        )
-    if "optimizer_class" in policy_kwargs:
-        optimizer = policy_kwargs["optimizer_class"]
-        check(
-            isinstance(optimizer, type) and issubclass(optimizer, th.optim.Optimizer),
-            "policy_kwargs['optimizer_class'] must be a torch.optim.Optimizer class such as torch.optim.Adam "
-            f"(the class itself, not its name or an instance), got {optimizer!r}",
-        )
+    for key, base, kind in (
+        ("activation_fn", th.nn.Module, "torch.nn.Module class such as torch.nn.Tanh or torch.nn.ReLU"),
+        ("optimizer_class", th.optim.Optimizer, "torch.optim.Optimizer class such as torch.optim.Adam"),
+    ):
+        if key in policy_kwargs:
+            given = policy_kwargs[key]
+            check(
+                isinstance(given, type) and issubclass(given, base),
+                f"policy_kwargs[{key!r}] must be a {kind} (the class itself, not its name or an instance), got {given!r}",
+            )
     optimizer_kwargs = policy_kwargs.get("optimizer_kwargs")
     check(
         optimizer_kwargs is None
