@@ -458,3 +458,24 @@ def test_a_save_inside_adapt_describes_the_training_envs(tmp_path):
     inside = sampler_states(tmp_path / "inside.zip")
     assert sampler_states(before)["envs"] and inside["envs"] == sampler_states(before)["envs"]
     assert "adaptation" not in sampler_states(before) and len(inside["adaptation"]) == 1  # the adaptation's own stream
+
+
+@pytest.mark.parametrize("algorithm", ["MetaCPO", "CPO"])
+def test_a_family_that_does_not_report_a_named_cost_is_refused_before_anything_changes(algorithm, tmp_path):
+    """set_env and load(env=...) took a family without the constrained cost; learn then failed at the first episode's
+    end (the constructor refuses the same family at once)."""
+    from sb3_metacpo import MetaCPO
+
+    cls = MetaCPO if algorithm == "MetaCPO" else CPO
+    kwargs = dict(n_steps=100, seed=0, policy_kwargs=dict(net_arch=[8]), cost_limit={"cost_speed": 3.0})
+    if algorithm == "MetaCPO":
+        kwargs["meta_batch_size"] = 2
+    speed = make_task_distribution("Toy2DNav", seed=0, speed_limit=0.5)
+    plain = make_task_distribution("Toy2DNav", seed=0)
+    model = cls("MlpPolicy", speed, **kwargs)
+    path = model.save(tmp_path / "model")
+    for attempt in (lambda: model.set_env(plain), lambda: cls.load(path, env=plain)):
+        with pytest.raises(ValueError, match=r"cost_limit names \['cost_speed'\], which the task family Toy2DNav does not"):
+            attempt()
+    assert model.task_distribution is speed
+    model.learn(200)

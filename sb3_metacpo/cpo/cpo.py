@@ -316,6 +316,9 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):  # type: igno
         vec_env: VecEnv | None = None
         try:
             vec_env = self._make_env(env)
+            distribution = self._get_task_distribution()
+            if distribution is not None:  # the named costs must be reported there (else the first episode's end fails)
+                self.constraints.check_reported(distribution.cost_names, f"the task family {distribution.name}")
             if not force_reset and self._last_obs is not None and vec_env.num_envs != self.n_envs:
                 raise ValueError(
                     f"set_env(force_reset=False) with {vec_env.num_envs} envs: the model's last observations are those "

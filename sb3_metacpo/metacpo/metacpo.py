@@ -348,6 +348,9 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):  # type: igno
                     f"{env.name} has observation/action shapes {observation_space.shape}/{action_space.shape}, but "
                     f"the model was built for {self.observation_space.shape}/{self.action_space.shape}"
                 )
+            # a built model switching family (set_env, load(env=...)): its named costs must be reported there (else
+            # the first episode's end fails), checked before anything changes
+            self.constraints.check_reported(env.cost_names, f"the task family {env.name}")
         self.observation_space, self.action_space = observation_space, action_space
         self._remember_task_distribution(env)
         for sampler in (self.sampler, self._adaptation_sampler_cache):
