@@ -96,7 +96,9 @@ def _adapt(env_fn: Callable[[], Any], **kwargs: Any) -> Callable[[], object]:
 
 CASES: list[Case] = [
     # --- MetaCPO's constructor ---
-    _hyper("MetaCPO", "verbose='x'", ValueError, r"verbose must be 0 \(silent\), 1 \(info\) or 2", verbose="x"),
+    _hyper(
+        "MetaCPO", "verbose='x'", ValueError, r"verbose must be an integer >= 0 \(0 silent, 1 info, 2 debug\)", verbose="x"
+    ),
     _hyper("MetaCPO", "policy_kwargs='x'", ValueError, "policy_kwargs must be None or a dict", policy_kwargs="x"),
     _hyper(
         "MetaCPO",
@@ -112,7 +114,7 @@ CASES: list[Case] = [
         r"policy_kwargs\['activation_fn'\] must be a torch.nn.Module class",
         policy_kwargs=dict(activation_fn="tanh"),
     ),
-    _hyper("CPO", "verbose=None", ValueError, r"verbose must be 0 \(silent\), 1 \(info\) or 2", verbose=None),
+    _hyper("CPO", "verbose=None", ValueError, r"verbose must be an integer >= 0 \(0 silent, 1 info, 2 debug\)", verbose=None),
     _hyper("MetaCPO", "meta_batch_size=0", ValueError, "meta_batch_size must be a positive integer", meta_batch_size=0),
     _hyper("MetaCPO", "meta_batch_size=True", ValueError, "meta_batch_size must be a positive integer", meta_batch_size=True),
     _hyper("MetaCPO", "meta_batch_size=2.0", ValueError, "meta_batch_size must be a positive integer", meta_batch_size=2.0),

@@ -148,6 +148,14 @@ def test_keep_last_holds_across_a_resume(tmp_path: Path) -> None:
     earlier.learn(800, callback=ResumableCheckpointCallback(1, tmp_path, keep_last=2), reset_num_timesteps=False)
     assert names()[:2] == ["checkpoint_5_updates_2000_steps.zip", "checkpoint_6_updates_2400_steps.zip"]
     assert MetaCPO.load(tmp_path / "checkpoint_5_updates_2000_steps.zip").num_timesteps == 2000
+    # a fresh run in the same folder deletes only what it wrote: the resumed run's files stay
+    make().learn(1200, callback=ResumableCheckpointCallback(1, tmp_path, keep_last=1))
+    assert names()[:4] == [
+        "checkpoint_3_updates_1200_steps.zip",
+        "checkpoint_5_updates_2000_steps.zip",
+        "checkpoint_6_updates_2400_steps.zip",
+        "notes.txt",
+    ]
 
 
 def test_checkpoints_are_ordered_by_their_numbers(tmp_path: Path) -> None:

@@ -181,12 +181,12 @@ def _inject(monkeypatch: pytest.MonkeyPatch, fault: Fault, calls: set[int]) -> l
     rejections: list[str | None] = []
     counter = {"n": 0}
 
-    def faulty(g, A, b, fisher_product, config, step_size, recovery_margin=None, cost_units=None):
+    def faulty(g, A, b, fisher_product, config, step_size, recovery_margin=None, cost_scales=None):
         index = counter["n"]
         counter["n"] += 1
         if index in calls:
             g, A, b, fisher_product = fault(g, A, b, fisher_product)
-        result = constrained_step(g, A, b, fisher_product, config, step_size, recovery_margin, cost_units)
+        result = constrained_step(g, A, b, fisher_product, config, step_size, recovery_margin, cost_scales)
         rejections.append(result.rejection)
         return result
 

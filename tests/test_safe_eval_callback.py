@@ -183,8 +183,8 @@ def test_arguments_are_checked_as_the_other_callbacks_check_them(tmp_path):
         lambda verbose: MetaEvalCallback(tasks, verbose=verbose),
         lambda verbose: ResumableCheckpointCallback(1, tmp_path, verbose=verbose),
     ):
-        for verbose in ("x", None, 3):
-            with pytest.raises(ValueError, match=r"verbose must be 0 .*, 1 .* or 2 "):
+        for verbose in ("x", None, -1):
+            with pytest.raises(ValueError, match=r"verbose must be an integer >= 0 \(0 silent, 1 info, 2 debug\)"):
                 make(verbose)
         assert make(np.int64(1)).verbose == 1
 
@@ -231,6 +231,14 @@ def test_a_resumed_run_takes_up_the_evaluations_and_the_best_so_far(tmp_path, mo
     fresh = SafeEvalCallback(dist.test_tasks(2), eval_freq=1, cost_limit=7.0, log_path=tmp_path)
     other = CPO.load(path)
     monkeypatch.setattr(callbacks_module, "meta_evaluate", fake_meta_evaluate([(1.0, 1.0)]))
-    with pytest.warns(UserWarning, match="evaluations of other limits or tasks: not taken up"):
+    with pytest.warns(UserWarning, match="evaluations of other settings .* not taken up"):
         other.learn(50, callback=fresh, reset_num_timesteps=False)
     assert fresh.evaluations_timesteps == [200]
+    # a file cut short (a run killed while writing it; the file is now written atomically) is not taken up
+    data = (tmp_path / "evaluations.npz").read_bytes()
+    (tmp_path / "evaluations.npz").write_bytes(data[: len(data) // 2])
+    monkeypatch.setattr(callbacks_module, "meta_evaluate", fake_meta_evaluate([(1.0, 1.0)]))
+    cut = SafeEvalCallback(dist.test_tasks(2), eval_freq=1, cost_limit=5.0, log_path=tmp_path)
+    with pytest.warns(UserWarning, match="cannot be read .* not taken up"):
+        CPO.load(path).learn(50, callback=cut, reset_num_timesteps=False)
+    assert cut.evaluations_timesteps == [200] and not list(tmp_path.glob(".evaluations*"))

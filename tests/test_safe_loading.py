@@ -441,3 +441,20 @@ def test_load_given_the_saved_env_goes_on_as_without_it(algorithm, given, tmp_pa
     state = dict(other._rng.bit_generator.state)
     algorithm.load(path, env=other)
     assert other._rng.bit_generator.state == state
+
+
+@pytest.mark.parametrize("algorithm", [MetaCPO, CPO])
+def test_load_given_another_env_starts_its_own_episode_streams(algorithm, tmp_path):
+    """The docstring said so, but MetaCPO kept the archive's training streams, and both the adaptations' stream."""
+    kwargs = dict(n_steps=200, seed=0, policy_kwargs=dict(net_arch=[16]))
+    if algorithm is MetaCPO:
+        kwargs.update(meta_batch_size=2, meta_gradient="first_order")
+    model = algorithm("MlpPolicy", make_task_distribution("Toy2DNav", seed=0), **kwargs)
+    model.learn(800 if algorithm is MetaCPO else 400)
+    model.adapt(model.task_distribution.test_tasks(1)[0], n_steps=200)
+    path = model.save(tmp_path / "model")
+    same = algorithm.load(path, env=make_task_distribution("Toy2DNav", seed=0))
+    assert same._saved_adaptation_streams is not None and same._resume_rng[0]["samplers"]
+    other = algorithm.load(path, env=make_task_distribution("Toy2DNav", seed=3))
+    assert other._saved_adaptation_streams is None and other._resume_rng[0]["samplers"] == {}
+    other.learn(400, reset_num_timesteps=False)

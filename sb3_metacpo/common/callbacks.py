@@ -4,10 +4,12 @@ tasks that keeps the best model under the cost limit."""
 from __future__ import annotations
 
 import glob
+import json
 import math
 import os
 import re
 import warnings
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -57,9 +59,9 @@ class ResumableCheckpointCallback(BaseCallback):
     :param save_freq: updates between checkpoints
     :param save_path: the folder of the checkpoints
     :param name_prefix: the files' prefix
-    :param keep_last: keep only this many most recent checkpoints (None: all), counting those of ``name_prefix``
-        already in ``save_path`` when training starts (a resumed run prunes the run's earlier ones, oldest first in
-        the order of their update and step numbers)
+    :param keep_last: keep only this many most recent checkpoints (None: all); a resumed run (a model that has
+        trained) counts those of ``name_prefix`` already in ``save_path`` and prunes the run's earlier ones, oldest
+        first in the order of their update and step numbers; a fresh run deletes only files it wrote
     :param verbose: 1 prints each save
     """
 
@@ -91,8 +93,10 @@ class ResumableCheckpointCallback(BaseCallback):
     def _init_callback(self) -> None:
         self.save_path.mkdir(parents=True, exist_ok=True)
         self.last_saved_update = self.model._n_updates  # a resumed run does not save its starting point again
-        # keep_last counts the checkpoints already there (a resumed run's earlier ones), oldest first
-        self.saved = [path for _, path in self.checkpoints(self.save_path, self.name_prefix)]
+        # keep_last counts the checkpoints already there in a resumed run (its earlier ones), oldest first; a fresh run
+        # (a model that has not trained) never deletes files it did not write
+        resumed = self.model.num_timesteps > 0
+        self.saved = [path for _, path in self.checkpoints(self.save_path, self.name_prefix)] if resumed else []
 
     def _on_step(self) -> bool:
         return True
@@ -173,11 +177,12 @@ class SafeEvalCallback(BaseCallback):
     :param log_path: where to write ``evaluations.npz`` (None: not written): ``timesteps`` (n_evals,), ``results``
         and ``costs`` (n_evals, n_tasks) after adaptation, ``pre_adapt_results`` and ``pre_adapt_costs`` before it
         (the same as ``results`` and ``costs`` without adaptation), ``under_limit`` (n_evals,), ``cost_limit`` (the
-        total cost's limit, NaN if it has none), ``constraint_names`` and ``constraint_limits`` (m,) and
-        ``constraint_costs`` (n_evals, m), each constrained cost's mean over the tasks. A resumed run (a loaded model
-        that trains on) takes up the file's evaluations up to its step count: the file keeps them, and the best model
-        is judged against the best of them (without ``log_path`` the record starts afresh, and the first evaluation
-        under the limits after resuming replaces ``best_model.zip``)
+        total cost's limit, NaN if it has none), ``constraint_names`` and ``constraint_limits`` (m,),
+        ``constraint_costs`` (n_evals, m), each constrained cost's mean over the tasks, and ``settings`` (JSON: the
+        tasks, adaptation, episodes and limits). Written atomically. A resumed run (a loaded model that trains on)
+        takes up the file's evaluations up to its step count when they had the same settings: the file keeps them,
+        and the best model is judged against the best of them (without ``log_path`` the record starts afresh, and the
+        first evaluation under the limits after resuming replaces ``best_model.zip``)
     :param verbose: 1 prints each evaluation and each new best model
     """
 
@@ -257,14 +262,20 @@ class SafeEvalCallback(BaseCallback):
         path = None if self.log_path is None else self.log_path / "evaluations.npz"
         if path is None or self.model.num_timesteps == 0 or not path.is_file():
             return
-        with np.load(path, allow_pickle=False) as saved:
-            records = {key: saved[key] for key in saved.files}
-        names = [str(name) for name in records.get("constraint_names", [])]
-        limits = [float(limit) for limit in records.get("constraint_limits", [])]
-        shape = records.get("results", np.zeros((0, 0))).shape
-        if names != list(self._limits) or limits != list(self._limits.values()) or (shape[0] and shape[1] != len(self.tasks)):
+        try:
+            with np.load(path, allow_pickle=False) as saved:
+                records = {key: saved[key] for key in saved.files}
+            settings = json.loads(str(records.get("settings", "null")))
+            missing = {"timesteps", "results", "costs", "pre_adapt_results", "pre_adapt_costs", "under_limit"} - set(records)
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:  # e.g. a file cut short by a killed run
             warnings.warn(
-                f"{path} holds evaluations of other limits or tasks: not taken up (the file is rewritten with this run's)",
+                f"{path} cannot be read ({error}): not taken up, rewritten with this run's evaluations", stacklevel=2
+            )
+            return
+        if missing or settings != json.loads(json.dumps(self._settings())):
+            warnings.warn(
+                f"{path} holds evaluations of other settings (tasks, adaptation, episodes, limits): not taken up (the "
+                "file is rewritten with this run's)",
                 stacklevel=2,
             )
             return
@@ -354,10 +365,25 @@ class SafeEvalCallback(BaseCallback):
         self.logger.dump(self.num_timesteps)
         return records
 
+    def _settings(self) -> dict[str, object]:
+        """What makes two evaluations comparable (written to ``evaluations.npz`` as ``settings``, JSON): the tasks, the
+        adaptation, the episodes and the limits."""
+        return {
+            "tasks": [task.to_dict() for task in self.tasks],
+            "n_updates": None if self.n_updates is None else int(self.n_updates),
+            "n_steps": None if self.n_steps is None else int(self.n_steps),
+            "n_eval_episodes": self.n_eval_episodes,
+            "deterministic": self.deterministic,
+            "limits": self._limits,
+        }
+
     def _write_npz(self) -> None:
+        """Write ``evaluations.npz`` atomically (a temporary file, then renamed over it): a run killed while writing
+        leaves the previous file, which a resumed run takes up."""
         assert self.log_path is not None
+        temporary = self.log_path / ".evaluations.npz.tmp.npz"
         np.savez(
-            self.log_path / "evaluations.npz",
+            temporary,
             timesteps=np.array(self.evaluations_timesteps),
             results=np.array(self.evaluations_results),
             costs=np.array(self.evaluations_costs),
@@ -368,4 +394,6 @@ class SafeEvalCallback(BaseCallback):
             constraint_names=np.array(list(self._limits)),
             constraint_limits=np.array(list(self._limits.values())),
             constraint_costs=np.array(self.evaluations_constraint_costs),
+            settings=np.array(json.dumps(self._settings())),
         )
+        os.replace(temporary, self.log_path / "evaluations.npz")

@@ -121,11 +121,12 @@ def check_learn_arguments(
 
 
 def check_verbose(verbose: Any) -> None:
-    """``verbose`` is 0, 1 or 2, SB3's levels (the algorithms' and the callbacks'): SB3 compares it with 1 and 2, so
-    a string or None failed inside SB3's constructor with a ``TypeError`` that did not name it."""
+    """``verbose`` is an integer >= 0, SB3's levels (0 silent, 1 info, 2 and above debug; the algorithms' and the
+    callbacks'): SB3 compares it with 1 and 2, so a string or None failed inside SB3's constructor with a
+    ``TypeError`` that did not name it."""
     check(
-        is_int(verbose) and 0 <= verbose <= 2,
-        f"verbose must be 0 (silent), 1 (info) or 2 (debug), got {verbose!r}",
+        is_int(verbose) and verbose >= 0,
+        f"verbose must be an integer >= 0 (0 silent, 1 info, 2 debug), got {verbose!r}",
     )
 
 

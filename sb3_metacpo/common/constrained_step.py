@@ -65,11 +65,14 @@ class StepConfig:
         constraints) or ``"cvxpylayers"`` (the convex program, any number)
     :ivar line_search_max_iter: times the line search may shrink the step
     :ivar line_search_shrinking_factor: the factor it shrinks by
-    :ivar s_tol: a cost gradient with a_jᵀH⁻¹a_j ≤ s_tol carries no information (see ``cpo_direction``)
-    :ivar cg_residual_tol: conjugate gradient stops once the squared residual is below it (absolute, as sb3-contrib's
-        TRPO and OmniSafe); 0 runs every iteration (up to an underflow guard), so that the number of iterations does
-        not depend on the parameters: what a step differentiated for the second-order meta-gradient needs (the
-        derivative of a solve stopped early follows the iterations run, not H⁻¹)
+    :ivar s_tol: a cost gradient with a_jᵀH⁻¹a_j ≤ s_tol carries no information (see ``cpo_direction``); in the
+        units of the cost squared: the algorithms give each cost's size (:class:`CostScales`), by which it is scaled
+    :ivar cg_residual_tol: conjugate gradient stops once the squared residual is below it (absolute for the reward
+        gradient, of normalised advantages, as sb3-contrib's TRPO and OmniSafe; for a cost gradient times the square of
+        its advantages' size, :class:`CostScales`, when the algorithms give it); 0 runs every iteration (up to an
+        underflow guard), so that the number of iterations does not depend on the parameters: what a step
+        differentiated for the second-order meta-gradient needs (the derivative of a solve stopped early follows the
+        iterations run, not H⁻¹)
     :ivar solver_args: options of the cvxpylayers layers (None: the defaults)
     """
 
@@ -97,6 +100,23 @@ class StepConfig:
             raise ValueError(f"s_tol must be a finite number >= 0, got {self.s_tol}")
         if not (math.isfinite(self.cg_residual_tol) and self.cg_residual_tol >= 0):
             raise ValueError(f"cg_residual_tol must be a finite number >= 0, got {self.cg_residual_tol}")
+
+
+@dataclass(frozen=True)
+class CostScales:
+    """The size of each cost signal, in which the tolerances on its gradient a_j are taken, so that a cost's units do
+    not decide the step (rescaling a cost by c > 0 scales a_j, b_j and both sizes by c, and leaves the problem as it
+    was).
+
+    :ivar signal: (m,) the root mean square of each cost's returns: a_j is numerically zero, the constraint left out
+        of the step, when a_jᵀH⁻¹a_j ≤ ``s_tol``·signal_j² (beside the cost itself its gradient is nothing, e.g. the
+        noise a baseline leaves when the cost is the same at every step; a batch without cost has signal 0 and a_j = 0)
+    :ivar advantages: (m,) the root mean square of each cost's advantages, the scale of a_j: its conjugate gradient has
+        converged when ‖r‖² ≤ ``cg_residual_tol``·advantages_j²
+    """
+
+    signal: torch.Tensor
+    advantages: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -168,7 +188,7 @@ def constrained_step(
     config: StepConfig,
     step_size: LineSearch | FixedFraction,
     recovery_margin: torch.Tensor | None = None,
-    cost_units: torch.Tensor | None = None,
+    cost_scales: CostScales | None = None,
 ) -> StepResult:
     """One trust-region step maximising gᵀx subject to b_j + a_jᵀx ≤ 0 (see the module docstring).
 
@@ -181,11 +201,9 @@ def constrained_step(
     :param config: the step's settings
     :param step_size: :class:`LineSearch` to choose the fraction, :class:`FixedFraction` to replay one
     :param recovery_margin: (m,) recover whenever some b_j exceeds its margin (``cpo_direction``); None: CPO's rule
-    :param cost_units: (m,) the size of each cost signal, e.g. the root mean square of its advantages (None: 1 each).
-        The two tolerances on a cost gradient a_j, whether it is numerically zero (a_jᵀH⁻¹a_j ≤ ``s_tol``) and when
-        its conjugate gradient has converged (‖r‖² ≤ ``cg_residual_tol``), are taken in its units (times u_j²): the
-        problem does not change when a cost is rescaled, and neither does the step (a cost in units a thousand times
-        smaller was dropped from the step, its solve stopped early)
+    :param cost_scales: the size of each cost signal (:class:`CostScales`), in which the tolerances on its gradient
+        are taken; None: 1 for every cost, the tolerances absolute (a cost in units a thousand times smaller was
+        dropped from the step, its solve stopped early)
     """
     if A is not None and A.shape[0] == 0:
         A, b = None, None
@@ -197,16 +215,20 @@ def constrained_step(
     fault = _input_fault(g, A, b)  # first: non-finite costs make non-finite units too, and a skipped step
     if fault is not None:
         return _skipped(g, m, fault)
-    units = [1.0] * m if cost_units is None else [float(unit) for unit in cost_units.detach().reshape(-1)]
-    if len(units) != m or not all(math.isfinite(unit) and unit >= 0 for unit in units):
-        raise ValueError(f"cost_units must be {m} finite numbers >= 0 (one per constraint), got {cost_units}")
+    signal, gradient_scale = [1.0] * m, [1.0] * m
+    if cost_scales is not None:
+        signal, gradient_scale = (
+            [float(value) for value in sizes.detach().reshape(-1)] for sizes in (cost_scales.signal, cost_scales.advantages)
+        )
+    if not all(len(sizes) == m and all(math.isfinite(v) and v >= 0 for v in sizes) for sizes in (signal, gradient_scale)):
+        raise ValueError(f"cost_scales must hold {m} finite numbers >= 0 each (one per constraint), got {cost_scales}")
     with phase("conjugate_gradient"):
         tol = config.cg_residual_tol
         solves = [conjugate_gradient_solve(fisher_product, g, config.cg_max_steps, tol)]
         if A is not None:
             solves.extend(
-                conjugate_gradient_solve(fisher_product, a, config.cg_max_steps, tol * unit**2)
-                for a, unit in zip(A, units, strict=True)
+                conjugate_gradient_solve(fisher_product, a, config.cg_max_steps, tol * scale**2)
+                for a, scale in zip(A, gradient_scale, strict=True)
             )
     statuses = {solve.status for solve in solves}
     if "non-finite" in statuses:
@@ -234,7 +256,9 @@ def constrained_step(
                 b,
                 config.target_kl,
                 solver=config.dual_solver,
-                s_tol=config.s_tol if cost_units is None else torch.tensor([config.s_tol * unit**2 for unit in units]),
+                s_tol=config.s_tol
+                if cost_scales is None
+                else torch.tensor([config.s_tol * size**2 for size in signal], dtype=torch.float64),
                 solver_args=config.solver_args,
                 recovery_margin=recovery_margin,
             )

@@ -25,7 +25,14 @@ import torch as th
 
 from sb3_metacpo.common.advantages import compute_gae, discounted_returns, episode_steps, linear_baseline_values
 from sb3_metacpo.common.conjugate_gradient import fisher_vector_product_fn, flat_grad
-from sb3_metacpo.common.constrained_step import FixedFraction, LineSearch, StepConfig, StepResult, constrained_step
+from sb3_metacpo.common.constrained_step import (
+    CostScales,
+    FixedFraction,
+    LineSearch,
+    StepConfig,
+    StepResult,
+    constrained_step,
+)
 from sb3_metacpo.common.policies import log_std_bound
 from sb3_metacpo.common.profiling import phase
 from sb3_metacpo.common.rollouts import TaskBatch
@@ -252,11 +259,12 @@ def surrogates(actor: ActorFn, params: Params, batch: PreparedBatch) -> tuple[th
     return (ratio * batch.reward_advantages).mean(), (ratio.unsqueeze(-1) * batch.cost_advantages).mean(0)
 
 
-def cost_units(cost_advantages: th.Tensor) -> th.Tensor:
-    """The size of each cost signal, the root mean square of its advantages (``cost_advantages``: (n, m), centred):
-    its gradient and surrogate scale with it, so the tolerances on them are taken in its units
-    (:func:`~sb3_metacpo.common.constrained_step.constrained_step`'s ``cost_units``)."""
-    return cost_advantages.detach().double().pow(2).mean(0).sqrt()
+def cost_scales(batches: Sequence[PreparedBatch]) -> CostScales:
+    """The size of each cost signal of ``batches`` (pooled), for the tolerances on its gradient: the root mean square
+    of its returns and of its advantages (:class:`~sb3_metacpo.common.constrained_step.CostScales`)."""
+    returns = np.concatenate([np.asarray(batch.cost_returns, dtype=np.float64) for batch in batches])
+    advantages = th.cat([batch.cost_advantages.detach().double() for batch in batches])
+    return CostScales(th.from_numpy(np.sqrt(np.mean(returns**2, axis=0))), advantages.pow(2).mean(0).sqrt())
 
 
 def constraint_values(batch: PreparedBatch, cost_surrogates: th.Tensor) -> th.Tensor:
@@ -344,8 +352,8 @@ def cpo_update(
     margin = None
     if b is not None and batch.recovery_margin is not None:
         margin = th.as_tensor(batch.recovery_margin, dtype=b.dtype, device=b.device)
-    units = None if A is None else cost_units(batch.cost_advantages)
-    result = constrained_step(g, A, b, fvp, config.step, step_size, margin, units)
+    scales = None if A is None else cost_scales([batch])
+    result = constrained_step(g, A, b, fvp, config.step, step_size, margin, scales)
     new_params = add_flat(params, result.step if differentiable else result.step.detach())
     return new_params, result
 

@@ -148,6 +148,8 @@ class SafeAlgorithmMixin(ABC):
     recovery: str
     task_distribution: TaskDistribution | None
     task_distribution_name: str | None
+    #: a loaded model's random streams (JSON states, torch's generator), applied when training resumes
+    _resume_rng: tuple[Mapping[str, Any], th.Tensor] | None
     task_distribution_params: dict[str, Any] | None
     ep_info_buffer: Any
     ep_success_buffer: deque[Any] | None
@@ -310,8 +312,9 @@ class SafeAlgorithmMixin(ABC):
         """SB3's ``set_parameters`` (e.g. ``model.set_parameters(other.get_parameters())``): a path is read as this
         package's archive (its policy and optimiser tensors, running no code from the file) or a policy saved alone
         (``policy.save``: its tensors; the optimiser's state is then missing, which ``exact_match`` refuses, as
-        SB3's does); non-finite tensors are
-        refused before anything changes; an adaptation is forgotten (``predict`` acts with the new parameters)."""
+        SB3's does). Objects that are not the model's (with ``exact_match``) and non-finite tensors are refused before
+        anything changes (SB3 set the objects it was given, then refused); an adaptation is forgotten (``predict``
+        acts with the new parameters)."""
         if isinstance(load_path_or_dict, (str, os.PathLike)):
             metadata, tensors = read_archive(load_path_or_dict, "cpu")
             if metadata.get("content") == POLICY_CONTENT:  # a policy saved alone holds no optimiser state
@@ -325,6 +328,12 @@ class SafeAlgorithmMixin(ABC):
             for key, value in _tensors_in(state):
                 if not bool(th.isfinite(value).all()):
                     raise ValueError(f"set_parameters: {name}[{key}] has non-finite values; nothing was changed")
+        expected = set(self.get_parameters())  # type: ignore[attr-defined]
+        if exact_match and set(params) != expected:  # SB3 raises only after setting the objects it was given
+            raise ValueError(
+                f"set_parameters: the objects given, {sorted(params)}, are not the model's, {sorted(expected)} (a policy "
+                "saved alone has no optimiser state: pass exact_match=False); nothing was changed"
+            )
         super().set_parameters(params, exact_match, device)  # type: ignore[misc]
         if self.adapted_params is not None:  # type: ignore[attr-defined]
             self.reset_adaptation()  # type: ignore[attr-defined]
@@ -433,7 +442,7 @@ class SafeAlgorithmMixin(ABC):
             the model builds, from an id, a task or a distribution, has ``n_envs`` envs, the saved number unless
             given here). The env the archive describes (the same id, an equal task distribution, the family's
             name, the same task) goes on with the saved task and episode streams, as without ``env``; another env
-            starts its own
+            starts its own (its task stream, and episode streams from the model's seed, the adaptations' too)
         :param device: torch device
         :param custom_objects: constructor arguments to replace (as SB3's; names that are not constructor
             arguments, e.g. the RL Zoo's ``lr_schedule``, are ignored with a warning, as SB3 ignores names the
@@ -523,12 +532,23 @@ class SafeAlgorithmMixin(ABC):
             env = model._saved_env(metadata.get("env_source"), path)
         elif model._describes_saved_env(env, metadata.get("env_source")):
             saved = True  # SB3's habit, load(path, env=<the same env>): the run goes on as without env=
+        else:  # another env: its episodes are its own (the task stream is the given distribution's)
+            model._forget_saved_episode_streams()
         if env is not None:
             model._use_env_after_load(env, force_reset, set(overrides), saved)
         distribution = model._get_task_distribution()
         if saved and distribution is not None and distribution is not restored and stream is not None:
             distribution._rng.bit_generator.state = stream  # an equal distribution given to load: the saved task stream
         return model
+
+    def _forget_saved_episode_streams(self) -> None:
+        """Start the envs' and the adaptations' episode streams from the model's seed, not where the archive left
+        them (``load`` given another env than the archive's)."""
+        pending = getattr(self, "_resume_rng", None)
+        if pending is not None:
+            json_state, torch_state = pending
+            self._resume_rng = ({**json_state, "samplers": {}}, torch_state)
+        self._saved_adaptation_streams = None
 
     def _describes_saved_env(self, env: Any, source: Any) -> bool:
         """Whether ``env`` given to ``load`` is the env the archive describes (``source``: its ``env_source``): the
@@ -617,7 +637,7 @@ class SafeAlgorithmMixin(ABC):
             self.ep_info_buffer = deque(episodes, maxlen=self._stats_window_size)
             self.ep_success_buffer = deque(maxlen=self._stats_window_size)
             check_rng_state(metadata["rng"], tensors["torch_rng"])
-            self._resume_rng: tuple[Mapping[str, Any], th.Tensor] | None = (metadata["rng"], tensors["torch_rng"])
+            self._resume_rng = (metadata["rng"], tensors["torch_rng"])
             # the adaptations' episode stream goes on from the load (an adapt needs no learn first)
             adaptation = metadata["rng"].get("samplers", {}).get("adaptation")
             if adaptation is not None:  # one env's stream, a valid generator state (else refused now, not at adapt)

@@ -586,11 +586,7 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):  # type: igno
         raise ArchiveError(f"{path}: env_source {source!r} does not name an env id, the task distribution or a task")
 
     def _use_env_after_load(self, env: Any, force_reset: bool, overridden: set[str], saved: bool = False) -> None:
-        pending = getattr(self, "_resume_rng", None)
-        if not saved and pending is not None:  # another env than the archive's: its streams are not this env's
-            json_state, torch_state = pending
-            samplers = {key: value for key, value in json_state.get("samplers", {}).items() if key != "envs"}
-            self._resume_rng = ({**json_state, "samplers": samplers}, torch_state)
+        # another env than the archive's: load has already dropped the saved episode streams (not this env's)
         if not saved and self.n_envs_requested > 1 and "n_envs" not in overridden and not isinstance(env, (gym.Env, VecEnv)):
             # An env the model builds (a task to fine-tune on, a distribution, an id) gets the saved number of envs,
             # and an update is n_steps steps of each: say so, as a run meant for one env would take n_envs x longer.

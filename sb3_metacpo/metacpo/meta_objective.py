@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch as th
 
-from sb3_metacpo.common.constrained_step import StepResult
+from sb3_metacpo.common.constrained_step import CostScales, StepResult
 from sb3_metacpo.common.cpo_update import (
     ActorFn,
     CPOConfig,
@@ -42,7 +42,7 @@ from sb3_metacpo.common.cpo_update import (
     PreparedBatch,
     add_flat,
     constraint_values,
-    cost_units,
+    cost_scales,
     detached,
     replay_updates,
     surrogates,
@@ -192,12 +192,11 @@ class MetaObjective:
             rows.append(_weighted_grad(terms, theta))
         return reward_grad, th.stack(rows) if rows else reward_grad.new_zeros(0, reward_grad.numel())
 
-    def constraint_units(self) -> th.Tensor:
-        """The size of each meta-constraint's cost signal, in the order of :attr:`constraint_names`: the root mean
-        square of that cost's advantages over its stage's batches of every task (see :func:`cost_units`)."""
-        return th.cat(
-            [cost_units(th.cat([task.batches[stage].cost_advantages for task in self.tasks])) for stage in self.stages]
-        )
+    def constraint_scales(self) -> CostScales:
+        """The size of each meta-constraint's cost signal, in the order of :attr:`constraint_names`: that cost's, over
+        its stage's batches of every task (:func:`~sb3_metacpo.common.cpo_update.cost_scales`)."""
+        per_stage = [cost_scales([task.batches[stage] for task in self.tasks]) for stage in self.stages]
+        return CostScales(th.cat([s.signal for s in per_stage]), th.cat([s.advantages for s in per_stage]))
 
     def stages_at(self, theta: Params, step: th.Tensor) -> list[list[Params]]:
         """Every task's stage parameters at the candidate θ + ``step`` (no graph kept)."""

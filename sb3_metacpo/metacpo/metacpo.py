@@ -640,7 +640,7 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):  # type: igno
                 self._cpo_config(self.outer_target_kl, len(objective.constraint_names)).step,
                 search,
                 value.recovery_margins if constrained else None,
-                objective.constraint_units() if constrained else None,
+                objective.constraint_scales() if constrained else None,
             )
 
     def _update_statistics(self, raw_batches: Sequence[TaskBatch], adaptations: Sequence[TaskAdaptation]) -> None:
