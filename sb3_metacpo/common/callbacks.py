@@ -258,7 +258,8 @@ class SafeEvalCallback(BaseCallback):
         """A resumed run (a model that has trained before) takes up the evaluations in ``log_path``'s
         ``evaluations.npz`` up to the model's step count: the file keeps them, and a new best model must beat the
         best of them (else the first evaluation under the limits after resuming replaced a better best model).
-        Evaluations of other limits or another number of tasks are not taken up (said in a warning)."""
+        A file that cannot be read, or holds evaluations of other settings (:meth:`_settings`), is not taken up (said
+        in a warning) and is rewritten with this run's evaluations."""
         path = None if self.log_path is None else self.log_path / "evaluations.npz"
         if path is None or self.model.num_timesteps == 0 or not path.is_file():
             return
@@ -266,7 +267,16 @@ class SafeEvalCallback(BaseCallback):
             with np.load(path, allow_pickle=False) as saved:
                 records = {key: saved[key] for key in saved.files}
             settings = json.loads(str(records.get("settings", "null")))
-            missing = {"timesteps", "results", "costs", "pre_adapt_results", "pre_adapt_costs", "under_limit"} - set(records)
+            fields = (
+                "timesteps",
+                "results",
+                "costs",
+                "pre_adapt_results",
+                "pre_adapt_costs",
+                "under_limit",
+                "constraint_costs",
+            )
+            missing = set(fields) - set(records)
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:  # e.g. a file cut short by a killed run
             warnings.warn(
                 f"{path} cannot be read ({error}): not taken up, rewritten with this run's evaluations", stacklevel=2
