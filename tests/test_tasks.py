@@ -87,6 +87,30 @@ def test_train_and_test_tasks_are_disjoint_and_reproducible(name):
         assert pickle.loads(pickle.dumps(task)) == task
 
 
+def test_no_training_seed_draws_a_held_out_sets_stream():
+    """A training seed equal to test_seed (2024 by default) drew the test tasks' stream: the i-th training task had the
+    i-th test task's parameters wherever the ranges agree, its layout too (a test task was a training task with more
+    hazards). A resampling env seeded with test_seed (CPO on a family with seed 2024, or env j of seed 2024 - j) drew
+    the unseen tasks, task for task. Other seeds keep their streams."""
+    from sb3_metacpo.common.envs import ResampleTaskOnReset
+
+    dist = make_task_distribution("Toy2DNav", seed=2024)
+    assert dist.test_seed == 2024
+    train, test, unseen = dist.sample(20), dist.test_tasks(20), dist.unseen_tasks(20)
+    layouts = {task.layout_seed for task in train}
+    assert not layouts & {task.layout_seed for task in test} and not layouts & {task.layout_seed for task in unseen}
+    assert not {task.goal_angle for task in train} & {task.goal_angle for task in test}
+    env = ResampleTaskOnReset(dist)
+    drawn = []
+    for episode in range(5):
+        env.reset(seed=2024 if episode == 0 else None)
+        drawn.append(env.task)
+    assert not {task.layout_seed for task in drawn} & {task.layout_seed for task in unseen}
+    # any other seed: the stream is numpy's default_rng of it, as before
+    other = make_task_distribution("Toy2DNav", seed=7)
+    assert other.sample(3) == make_task_distribution("Toy2DNav", seed=0).sample(3, np.random.default_rng(7))
+
+
 @pytest.mark.parametrize("name", FAMILIES)
 def test_same_seed_same_first_observations(name):
     dist = short_dist(name)

@@ -238,7 +238,7 @@ class ResampleTaskOnReset(gym.Wrapper):
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Any, dict]:
         if seed is not None:
-            self._rng = np.random.default_rng((seed, 1))
+            self._rng = self.distribution.training_rng((seed, 1))
         if not (options and REPLAY_OPTION in options):
             self._task_env.set_task(self.distribution.sample(1, self._rng)[0])
         return self.env.reset(seed=seed, options=options)

@@ -145,8 +145,17 @@ class TaskDistribution(ABC):
                 f"{self.name}: the test ranges overlap the training ranges in every parameter, so held-out tasks "
                 "could equal training tasks; make at least one parameter's train and test ranges disjoint"
             )
-        self._rng = np.random.default_rng(self.seed)
+        self._rng = self.training_rng(self.seed)
         self._spaces: tuple[gym.Space, gym.Space] | None = None
+
+    def training_rng(self, entropy: int | tuple[int, ...]) -> np.random.Generator:
+        """A stream of training tasks seeded with ``entropy`` (the distribution's ``seed``, or a resampling env's
+        ``(seed, 1)``): ``default_rng(entropy)``, unless that is a held-out set's stream (``test_seed`` draws the test
+        tasks, ``(test_seed, 1)`` the unseen ones; a training seed equal to ``test_seed`` made the training tasks those
+        sets' tasks, the same parameters where the ranges agree): then ``default_rng((*entropy, 2))``, a stream of its
+        own."""
+        key = tuple(int(value) for value in np.atleast_1d(entropy))
+        return np.random.default_rng((*key, 2) if key in {(self.test_seed,), (self.test_seed, 1)} else entropy)
 
     def _merge_ranges(
         self, defaults: Mapping[str, ParamRange], overrides: Mapping[str, Any] | None, what: str
@@ -190,8 +199,8 @@ class TaskDistribution(ABC):
 
     def unseen_tasks(self, n: int = 5) -> list[Task]:
         """The first ``n`` tasks of a fixed set drawn from the *training* ranges with their own seed (the pair
-        ``(test_seed, 1)``, a stream no training seed below 2**32 draws): unseen tasks of the training distribution,
-        the paper's setting, beside the harder :meth:`test_tasks`. Distinct from every training draw (continuous
+        ``(test_seed, 1)``, a stream no training stream draws, see :meth:`training_rng`): unseen tasks of the training
+        distribution, the paper's setting, beside the harder :meth:`test_tasks`. Distinct from every training draw (continuous
         parameters and 31-bit layout seeds)."""
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
