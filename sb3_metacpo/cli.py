@@ -324,7 +324,9 @@ def adaptation_records(
             for key, value in (cpo_settings or {}).items():
                 setattr(model, key, value)
         for k, params in model.adaptation_steps(task, n_updates, n_steps, target_kl=target_kl):
-            evaluation = model.evaluate_params(task, params, n_eval_episodes, deterministic)
+            # every stage and method on the same start states (the episodes of EVAL_SEED + index), apart from the
+            # adaptation batches' stream, as benchmarks/adaptation.py
+            evaluation = model.evaluate_params(task, params, n_eval_episodes, deterministic, seed=EVAL_SEED + index)
             bar.update(1)
             record = {
                 "method": method,
@@ -345,8 +347,9 @@ def adaptation_records(
 
 
 def _table(records: Sequence[dict[str, Any]]) -> str:
-    """Mean ± std over tasks and seeds per method and update, and the fraction of tasks at or under the limit."""
-    lines = ["method        updates  return            cost              under the limit"]
+    """Mean ± sd over the task-seed pairs per method and update (the pairs' spread, not a standard error: the
+    footer says so, and where the intervals are), and the count of pairs at or under the limit."""
+    lines = ["method        updates  return (mean ± sd)  cost (mean ± sd)  under the limit"]
     for method in dict.fromkeys(r["method"] for r in records):
         for k in sorted({r["update"] for r in records if r["method"] == method}):
             cell = [r for r in records if r["method"] == method and r["update"] == k]
@@ -358,6 +361,11 @@ def _table(records: Sequence[dict[str, Any]]) -> str:
             if limit is not None:
                 line += f"  {sum(r['cost'] <= limit for r in cell)}/{len(cell)} (limit {limit:g})"
             lines.append(line)
+    pairs = len({(r["task"], r["seed"]) for r in records})
+    lines.append(
+        f"± sd: the spread over the {pairs} task-seed pairs, not a standard error; confidence intervals over seeds and "
+        "tasks: benchmarks/adaptation.py (and at least 50 evaluation episodes per stage before drawing a verdict)"
+    )
     return "\n".join(lines)
 
 
@@ -422,8 +430,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     )
     for r in records:
         print(
-            f"  task {r['task']}: return {r['return']:8.2f} ± {r['return_std']:.2f}   cost {r['cost']:7.2f} ± "
-            f"{r['cost_std']:.2f}   ({r['task_params']})"
+            f"  task {r['task']}: return {r['return']:8.2f} (sd {r['return_std']:.2f})   cost {r['cost']:7.2f} (sd "
+            f"{r['cost_std']:.2f}) over {r['n_episodes']} episodes   ({r['task_params']})"
         )
     print(_table(records))
     from sb3_metacpo.plots import write_records

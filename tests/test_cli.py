@@ -163,6 +163,27 @@ def test_benchmark_adapts_every_method_with_the_same_batch_and_trust_region(tmp_
     assert calls == [("MetaCPO", 200, 0.03, 1.0, 10), ("CPO", 200, 0.03, 1.0, 10), ("CPO", 200, 0.03, 1.0, 10)]
 
 
+def test_benchmark_evaluates_every_stage_and_method_on_the_same_start_states(tmp_path, monkeypatch, capsys):
+    """The evaluations drew from the model's adaptation stream (seed None): every stage got other start states than
+    the one before (no paired comparison) and the methods could drift apart, against the plan the command prints."""
+    seeds = []
+    original = AdaptationMixin.evaluate_params
+
+    def recording(self, env, params, n_episodes=5, deterministic=False, seed=None):
+        seeds.append((type(self).__name__, seed))
+        return original(self, env, params, n_episodes, deterministic, seed)
+
+    monkeypatch.setattr(AdaptationMixin, "evaluate_params", recording)
+    argv = ["benchmark", "--methods", "MetaCPO", "CPO-scratch", "-n", "800", "--n-tasks", "2", "--n-updates", "1"]
+    argv += ["--n-eval-episodes", "1", "--n-steps", "200", "-f", str(tmp_path)]
+    assert main(argv) == 0
+    from sb3_metacpo.cli import EVAL_SEED
+
+    expected = [(EVAL_SEED + task) for task in (0, 1) for _ in range(2)]  # two stages per task
+    assert [seed for _, seed in seeds] == expected * 2  # both methods
+    assert "± sd: the spread over the 2 task-seed pairs, not a standard error" in capsys.readouterr().out
+
+
 def test_benchmark_gives_every_method_one_task_distribution(tmp_path, monkeypatch, capsys):
     """The env_kwargs came from the last trained run: a CPO-scratch listed first ran the first seed on the family's
     defaults (100-step episodes) while MetaCPO ran on --hyperparams' (20)."""

@@ -14,6 +14,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
 
 import sb3_metacpo.common.evaluation as evaluation_module
 from sb3_metacpo import MetaCPO, make_task_distribution
+from sb3_metacpo.common.envs import make_safe_vec_env
 from sb3_metacpo.common.evaluation import AdaptationRecord, MetaEvalCallback, evaluate_safe_policy, meta_evaluate
 
 SMALL = dict(meta_batch_size=2, n_steps=100, seed=0, policy_kwargs=dict(net_arch=[16]))
@@ -217,6 +218,15 @@ def test_evaluation_helpers_report_cost():
     env = dist.make_env(dist.test_tasks(1)[0])
     mean_r, std_r, mean_c, std_c = evaluate_safe_policy(model, env, n_eval_episodes=3)
     assert np.isfinite([mean_r, std_r, mean_c, std_c]).all() and mean_c >= 0
+    # the stochastic policy by default (it was the mean action, whose cost was 0 where the policy's is about 10)
+    results = {}
+    for deterministic in (None, False, True):
+        vec_env = make_safe_vec_env(dist.make_env(dist.test_tasks(1)[0]))
+        vec_env.seed(123)
+        th.manual_seed(1)
+        given = {} if deterministic is None else {"deterministic": deterministic}
+        results[deterministic] = evaluate_safe_policy(model, vec_env, n_eval_episodes=5, **given)
+    assert results[None] == results[False] != results[True]
     records = meta_evaluate(model, dist.test_tasks(2), n_updates=2, n_steps=100, n_eval_episodes=2)
     assert [(r.task, r.n_updates) for r in records] == [(t, k) for t in dist.test_tasks(2) for k in range(3)]
     assert all(r.n_episodes >= 2 for r in records)

@@ -34,11 +34,17 @@ def evaluate_safe_policy(
     model: BaseAlgorithm,
     env: gym.Env | VecEnv,
     n_eval_episodes: int = 10,
-    deterministic: bool = True,
+    deterministic: bool = False,
 ) -> tuple[float, float, float, float]:
-    """Mean and std of the episode reward and of the episode cost of ``model`` on ``env``.
+    """Mean and standard deviation over ``n_eval_episodes`` episodes of the episode reward and of the episode cost of
+    ``model`` on ``env`` (SB3's ``evaluate_policy`` with the cost beside it).
 
-    ``env`` must report ``info["cost"]``; it is wrapped in a :class:`CostMonitor` when it has none.
+    The stochastic policy by default, as everywhere in the package: its cost is what CPO constrains (SB3's
+    ``evaluate_policy`` defaults to the mean action, whose cost can be far lower; pass ``deterministic=True`` for it).
+    The standard deviations are the episodes' spread (``np.std``, as SB3's), not standard errors: divide by
+    √(n_eval_episodes − 1) for one. ``env`` must report ``info["cost"]``; it is wrapped in a :class:`CostMonitor` when
+    it has none.
+
     :return: (mean reward, std reward, mean cost, std cost)
     """
     check(
