@@ -106,6 +106,8 @@ class AdaptationMixin(ABC):
     adapted_params: Params | None
     adaptation_history: list[dict[str, Any]]
     _adaptation_sampler_cache: RolloutSampler | None
+    #: a loaded model's adaptation episode stream, continued by the first cached sampler (then None)
+    _saved_adaptation_streams: list[dict[str, Any]] | None = None
     env: VecEnv | None
     num_timesteps: int
     #: the model's own env while :meth:`adapt` shows the adaptation's as ``env`` (what a save inside it describes)
@@ -371,7 +373,7 @@ class AdaptationMixin(ABC):
         """The episode stream of the adaptations on tasks of the model's family (they share one one-env sampler, whose
         episodes go on from one adaptation or evaluation to the next), for an archive: None before the first."""
         cache = self._adaptation_sampler_cache
-        return cache.episode_rng_states() if cache is not None else getattr(self, "_saved_adaptation_streams", None)
+        return cache.episode_rng_states() if cache is not None else self._saved_adaptation_streams
 
     # --- the env of an adaptation ---------------------------------------------------------------------------------
     @staticmethod
@@ -405,9 +407,8 @@ class AdaptationMixin(ABC):
                 return RolloutSampler(distribution, n_envs=1, seed=seed, cost_names=names), env
             if self._adaptation_sampler_cache is None:
                 self._adaptation_sampler_cache = RolloutSampler(distribution, n_envs=1, seed=seed, cost_names=names)
-                saved = getattr(self, "_saved_adaptation_streams", None)  # a loaded model's: continue its stream
-                if saved is not None:
-                    self._adaptation_sampler_cache.set_episode_rng_states(saved)
+                if self._saved_adaptation_streams is not None:  # a loaded model's: continue its stream
+                    self._adaptation_sampler_cache.set_episode_rng_states(self._saved_adaptation_streams)
                     self._saved_adaptation_streams = None
             return self._adaptation_sampler_cache, env
         if not isinstance(env, (gym.Env, VecEnv)):

@@ -54,7 +54,8 @@ class ResumableCheckpointCallback(BaseCallback):
     both act at the same boundary, and a checkpoint taken after the evaluation holds the adaptations' episode stream
     as the evaluation left it, so the resumed run's later evaluations are the uninterrupted run's (taken before, the
     first evaluation after resuming replays the episodes of the one at the checkpoint). The evaluation callback's
-    own record (best reward so far, its ``evaluations.npz``) is not part of the model's archive.
+    own record (best reward so far) is not part of the model's archive: :class:`SafeEvalCallback` takes it up from
+    its ``evaluations.npz`` when given a ``log_path``.
 
     :param save_freq: updates between checkpoints
     :param save_path: the folder of the checkpoints

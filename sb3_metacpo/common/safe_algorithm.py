@@ -361,12 +361,13 @@ class SafeAlgorithmMixin(ABC):
         adaptation = self._adaptation_rng_states()  # type: ignore[attr-defined]
         rng = {**rng, "samplers": samplers if adaptation is None else {**samplers, "adaptation": adaptation}}
         policy = self.policy  # type: ignore[attr-defined]
+        hyperparameters = self._constructor_arguments()
         schedule = callable(getattr(self, "learning_rate", None))
         if schedule and not getattr(self, "_warned_schedule_not_saved", False):
             self._warned_schedule_not_saved = True  # once per model: checkpoints save often
             warnings.warn(
                 "learning_rate is a schedule (a function), which an archive does not hold (data, not code): it saves "
-                f"the schedule's current value, {self._constructor_arguments()['learning_rate']}, which a loaded model "
+                f"the schedule's current value, {hyperparameters['learning_rate']}, which a loaded model "
                 "uses as a constant; give the schedule again to load (load(path, learning_rate=schedule)) to continue it",
                 stacklevel=2,
             )
@@ -374,7 +375,7 @@ class SafeAlgorithmMixin(ABC):
             "algorithm": type(self).__name__,
             "package_version": _package_version(),
             "system_info": _system_info(),
-            "hyperparameters": self._constructor_arguments(),
+            "hyperparameters": hyperparameters,
             "policy_class": encode_value(self.policy_class, "policy_class")["__class__"],  # type: ignore[attr-defined]
             "observation_space": encode_space(self.observation_space),
             "action_space": encode_space(self.action_space),
