@@ -209,6 +209,85 @@ def test_fisher_products_without_a_graph_are_those_with_one_bit_for_bit(net_arch
         assert product.numpy().tobytes() == with_graph(vector).detach().numpy().tobytes()
 
 
+@pytest.mark.parametrize("net_arch", [[64, 64], [30], [30, 7]])
+@pytest.mark.parametrize("act_dim", [1, 2, 6])
+@pytest.mark.parametrize("dtype", [th.float32, th.float64])
+def test_fisher_products_written_in_place_are_the_concatenated_ones_bit_for_bit(net_arch, act_dim, dtype):
+    """Without a graph each block of a product is written into its place in one flat vector; MKL rounds some
+    products otherwise into a result that does not start on a 64-byte boundary (two rows into an 8-byte offset, on
+    the development machine), so the blocks that cannot start on one are computed apart. At the sizes of the
+    navigation tasks (hundreds of samples, few actions) and widths that leave some blocks off the boundary (30, 7),
+    the products must be the graph-keeping path's, which concatenates fresh tensors."""
+    th.manual_seed(3)
+    policy = CPOPolicy(
+        spaces.Box(-1, 1, (7,), np.float32), spaces.Box(-1, 1, (act_dim,), np.float32), lambda _: 1e-3, net_arch=net_arch
+    ).to(dtype)
+    params = {k: v.detach().clone().requires_grad_(True) for k, v in policy.actor_params().items()}
+    obs = th.randn(500, 7, dtype=dtype)
+    buffered = policy.fisher_product(params, obs, 0.1)
+    with_graph = policy.fisher_product(params, obs, 0.1, create_graph=True)
+    for _ in range(2):
+        vector = th.randn(sum(p.numel() for p in params.values()), dtype=dtype)
+        assert buffered(vector).numpy().tobytes() == with_graph(vector).detach().numpy().tobytes()
+
+
+def _functional_call_mean(policy, obs, params):
+    """The actor's mean as ``torch.func.functional_call`` computes it, the modules' own calls at ``params``."""
+    features = policy.normalize_obs(obs.to(policy.obs_mean.dtype))
+    sub = {k[len("mlp_extractor.policy_net.") :]: v for k, v in params.items() if k.startswith("mlp_extractor.policy_net.")}
+    latent = th.func.functional_call(policy.mlp_extractor.policy_net, sub, (features,))
+    head = {k[len("action_net.") :]: v for k, v in params.items() if k.startswith("action_net.")}
+    return th.func.functional_call(policy.action_net, head, (latent,))
+
+
+@pytest.mark.parametrize("net_arch", [[8], [8, 6], []])
+@pytest.mark.parametrize("activation_fn", [th.nn.Tanh, th.nn.ReLU, th.nn.ELU])
+@pytest.mark.parametrize("dtype", [th.float32, th.float64])
+def test_the_actor_written_out_is_functional_call_bit_for_bit(net_arch, activation_fn, dtype):
+    """``actor_mean_log_std`` runs the layers itself instead of ``functional_call``: the same values, first and
+    second derivatives (the meta-gradient differentiates through the inner updates' gradients), bit for bit."""
+    th.manual_seed(4)
+    policy = normalising_policy(net_arch, activation_fn, dtype)
+    obs = 3 * th.randn(N, OBS_DIM, dtype=dtype)
+    results = []
+    for mean_of in (lambda p: policy.actor_mean_log_std(obs, p)[0], lambda p: _functional_call_mean(policy, obs, p)):
+        params = {k: v.detach().clone().requires_grad_(True) for k, v in policy.actor_params().items()}
+        mean = mean_of(params)
+        grads = th.autograd.grad(mean.tanh().sum(), list(params.values()), create_graph=True, allow_unused=True)
+        first = th.cat([g.reshape(-1) for g in grads if g is not None])
+        second = th.autograd.grad(first.square().sum(), list(params.values()), allow_unused=True)
+        results.append([mean, first, *(g for g in second if g is not None)])
+    for ours, reference in zip(*results, strict=True):
+        assert ours.detach().numpy().tobytes() == reference.detach().numpy().tobytes()
+
+
+@pytest.mark.parametrize("where", ["policy_net", "layer", "action_net", "global"])
+def test_the_actor_runs_the_modules_own_calls_when_they_do_more_than_forward(where):
+    """A forward hook (here one that doubles a module's output) runs as ``functional_call`` runs it: the written-out
+    layers step aside."""
+
+    def double(module, inputs, output):
+        return 2 * output
+
+    policy = normalising_policy([8], th.nn.Tanh, th.float64)
+    obs = th.randn(N, OBS_DIM, dtype=th.float64)
+    params = policy.actor_params()
+    plain = policy.actor_mean_log_std(obs, params)[0]
+    if where == "global":
+        handle = th.nn.modules.module.register_module_forward_hook(double)
+    else:
+        module = {"policy_net": policy.mlp_extractor.policy_net, "layer": policy.mlp_extractor.policy_net[0]}.get(
+            where, policy.action_net
+        )
+        handle = module.register_forward_hook(double)
+    try:
+        hooked = policy.actor_mean_log_std(obs, params)[0]
+        assert th.equal(hooked, _functional_call_mean(policy, obs, params)) and not th.allclose(hooked, plain)
+    finally:
+        handle.remove()
+    assert th.equal(policy.actor_mean_log_std(obs, params)[0], plain)
+
+
 def test_fvp_sample_freq_uses_every_kth_sample_for_the_fisher():
     policy = make_policy()
     theta = {k: v.detach().clone() for k, v in policy.actor_params().items()}

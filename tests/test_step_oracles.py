@@ -93,6 +93,30 @@ def test_conjugate_gradient_stops_only_once_the_true_residual_is_within_its_tole
     assert one.iterations == 1  # constrained_step reads it (r = W g only after at least one iteration)
 
 
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize(("at_call", "index"), [(1, 1), (1, 2), (3, 2)])
+def test_conjugate_gradient_reports_any_non_finite_entry_of_a_product(value, at_call, index):
+    """Conjugate gradient trusts a product Hp when the curvature pᵀHp is finite: a NaN or inf anywhere in Hp must
+    still stop it as "non-finite", with the iterate of the iterations before, also where p is 0 (entry 1 of the
+    first direction b: 0·inf is NaN)."""
+    H = random_spd(6, 2)
+    b = torch.tensor([1.0, 0.0, -2.0, 0.5, 0.0, 3.0], dtype=DTYPE)
+    clean = conjugate_gradient_solve(lambda p: H @ p, b, n_iters=at_call - 1, residual_tol=0.0)
+    calls = []
+
+    def matvec(p):
+        calls.append(1)
+        product = H @ p
+        if len(calls) == at_call:
+            assert bool(p[index] == 0) == ((at_call, index) == (1, 1))
+            product[index] = value
+        return product
+
+    result = conjugate_gradient_solve(matvec, b, n_iters=10, residual_tol=0.0)
+    assert result.status == "non-finite" and result.iterations == at_call - 1
+    assert torch.equal(result.x, clean.x)
+
+
 def batch_of(episode_lengths: list[int], episode_costs: list[float], tail: int, tail_cost: float = 0.0) -> TaskBatch:
     """One env: episodes that terminated after the given lengths, each paying its cost at its last step, then
     ``tail`` steps of an episode in flight paying ``tail_cost`` per step."""

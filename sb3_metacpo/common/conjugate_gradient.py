@@ -67,7 +67,9 @@ def conjugate_gradient_solve(
         h_direction = matvec(direction)
         curvature = direction @ h_direction
         value = curvature.item()
-        if not (math.isfinite(value) and bool(torch.isfinite(h_direction.detach()).all())):
+        # A finite curvature means a finite Hp: a NaN or inf entry of Hp makes its term of the dot product NaN or
+        # inf (0·inf is NaN where the direction is 0), and no sum of terms turns NaN or inf back into a number.
+        if not math.isfinite(value):
             return CGResult(x, "non-finite", iteration)
         if not value > 0:
             return CGResult(x, "not positive definite", iteration)

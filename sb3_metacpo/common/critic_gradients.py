@@ -29,7 +29,16 @@ from dataclasses import dataclass
 import torch as th
 from torch import nn
 
-__all__ = ["FAST_CRITIC_GRADIENTS", "MlpLayers", "autograd_as_usual", "mlp_layers", "mse_gradients", "shares_no_parameter"]
+__all__ = [
+    "FAST_CRITIC_GRADIENTS",
+    "MlpLayers",
+    "autograd_as_usual",
+    "global_hooks",
+    "mlp_layers",
+    "module_hooked",
+    "mse_gradients",
+    "shares_no_parameter",
+]
 
 #: Whether :meth:`~sb3_metacpo.common.policies.CPOPolicy.fit_critics` uses :func:`mse_gradients` for MLP critics.
 FAST_CRITIC_GRADIENTS = True
@@ -45,24 +54,29 @@ class MlpLayers:
     modules: tuple[nn.Module, ...]
 
 
-def _plain(module: nn.Module) -> bool:
-    """A module whose call is its ``forward`` and whose parameters' gradients go straight to ``.grad``: no module or
-    tensor hooks (the module's or the global ones), no parametrisations."""
-    hooked_module = (
+def module_hooked(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs more than its ``forward``: module hooks (forward, backward, their pre-hooks) or
+    parametrisations (the global hooks are :func:`global_hooks`)."""
+    return bool(
         module._forward_hooks
         or module._forward_pre_hooks
         or module._backward_hooks
         or module._backward_pre_hooks
         or hasattr(module, "parametrizations")
     )
+
+
+def _plain(module: nn.Module) -> bool:
+    """A module whose call is its ``forward`` and whose parameters' gradients go straight to ``.grad``: no module or
+    tensor hooks (the module's or the global ones), no parametrisations."""
     hooked_tensor = any(
         getattr(p, "_backward_hooks", None) or getattr(p, "_post_accumulate_grad_hooks", None)
         for p in module.parameters(recurse=False)
     )
-    return not (hooked_module or hooked_tensor)
+    return not (module_hooked(module) or hooked_tensor)
 
 
-def _global_hooks() -> bool:
+def global_hooks() -> bool:
     """Whether global module hooks (``torch.nn.modules.module.register_module_*_hook``) are registered."""
     registry = nn.modules.module
     return any(
@@ -80,7 +94,7 @@ def mlp_layers(modules: Sequence[nn.Module]) -> MlpLayers | None:
     """``modules`` (applied in this order) as :class:`MlpLayers`, or None if :func:`mse_gradients` cannot run them
     (another module type, a linear layer without bias, hooks, a parameter that does not require a gradient, a module
     used twice)."""
-    if _global_hooks():
+    if global_hooks():
         return None
     flat: list[nn.Module] = []
     for module in modules:
