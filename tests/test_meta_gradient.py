@@ -288,6 +288,82 @@ def test_the_actor_runs_the_modules_own_calls_when_they_do_more_than_forward(whe
     assert th.equal(policy.actor_mean_log_std(obs, params)[0], plain)
 
 
+class _DoublingLinear(th.nn.Linear):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+class _DoublingSequential(th.nn.Sequential):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def _swap_first_layer(policy):
+    old = policy.mlp_extractor.policy_net[0]
+    new = _DoublingLinear(old.in_features, old.out_features).to(old.weight.dtype)
+    new.load_state_dict(old.state_dict())
+    policy.mlp_extractor.policy_net[0] = new
+
+
+def _parametrise_first_layer(policy):
+    class Double(th.nn.Module):
+        def forward(self, weight):
+            return 2 * weight
+
+    th.nn.utils.parametrize.register_parametrization(policy.mlp_extractor.policy_net[0], "weight", Double())
+
+
+def _sequential_head(policy):
+    head = th.nn.Sequential(th.nn.Linear(policy.action_net.in_features, ACT_DIM)).to(policy.action_net.weight.dtype)
+    policy.action_net = head
+
+
+def _doubling_policy_net(policy):
+    policy.mlp_extractor.policy_net = _DoublingSequential(*policy.mlp_extractor.policy_net)
+
+
+#: module changes after construction under which the actor's own calls differ from its layers written out
+STRUCTURAL = {
+    "a subclass of nn.Linear": _swap_first_layer,
+    "a parametrised weight": _parametrise_first_layer,
+    "a Sequential as action_net": _sequential_head,
+    "a subclass of nn.Sequential": _doubling_policy_net,
+}
+
+
+@pytest.mark.parametrize("change", sorted(STRUCTURAL))
+def test_the_actor_runs_the_modules_own_calls_when_they_are_not_plain_layers(change):
+    """After such a change (made after construction, which the constructor cannot see), the mean is what
+    ``functional_call`` gives at the parameters passed in, not the written-out layers' (nor the modules' own
+    parameters')."""
+    policy = normalising_policy([8], th.nn.Tanh, th.float64)
+    STRUCTURAL[change](policy)
+    obs = th.randn(N, OBS_DIM, dtype=th.float64)
+    params = {k: v.detach() + 0.5 for k, v in policy.actor_params().items()}
+    features = policy.normalize_obs(obs)
+    assert policy._written_out_mean(features, params) is None
+    assert th.equal(policy.actor_mean_log_std(obs, params)[0], _functional_call_mean(policy, obs, params))
+
+
+def test_the_actor_writes_out_plain_layers_only_for_exactly_its_parameters():
+    """The written-out layers run for the actor's own parameter names; with one missing (``functional_call`` takes
+    the module's) or one unknown (``functional_call`` raises) the modules' own calls run."""
+    policy = normalising_policy([8], th.nn.Tanh, th.float64)
+    obs = th.randn(N, OBS_DIM, dtype=th.float64)
+    features = policy.normalize_obs(obs)
+    params = {k: v.detach() + 0.5 for k, v in policy.actor_params().items()}
+    assert policy._written_out_mean(features, params) is not None
+    missing = {k: v for k, v in params.items() if k != "action_net.bias"}
+    assert policy._written_out_mean(features, missing) is None
+    assert th.equal(policy.actor_mean_log_std(obs, missing)[0], _functional_call_mean(policy, obs, missing))
+    unknown = {**params, "mlp_extractor.policy_net.9.weight": params["action_net.weight"]}
+    assert policy._written_out_mean(features, unknown) is None
+    with pytest.raises(AttributeError):
+        _functional_call_mean(policy, obs, unknown)
+    with pytest.raises(AttributeError):
+        policy.actor_mean_log_std(obs, unknown)
+
+
 def test_fvp_sample_freq_uses_every_kth_sample_for_the_fisher():
     policy = make_policy()
     theta = {k: v.detach().clone() for k, v in policy.actor_params().items()}

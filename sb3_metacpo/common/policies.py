@@ -82,7 +82,7 @@ def _linear(x: th.Tensor, weight: th.Tensor, bias: th.Tensor, out: th.Tensor | N
     return nn.functional.linear(x, weight, bias) if out is None else th.addmm(bias, x, weight.t(), out=out)
 
 
-#: the address boundary of a fresh tensor's data (torch's CPU allocator), where the matrix products' results start
+#: the address boundary of a fresh tensor's data on the CPU (torch's CPU allocator), where products' results start
 _ALIGNMENT = 64
 
 
@@ -478,25 +478,31 @@ class CPOPolicy(ActorCriticPolicy):
     def _written_out_mean(self, features: th.Tensor, params: ActorParams) -> th.Tensor | None:
         """The actor's mean at ``params`` as ``functional_call`` computes it, the same operations on the same operands
         (``linear`` for each ``nn.Linear``, each activation called), without its swapping of the modules' parameters
-        (about a third of a forward pass at 200 samples); None when the modules' own calls would do more than their
-        ``forward`` (hooks, parametrisations, a subclass of ``nn.Linear`` or ``nn.Sequential``) or ``params`` lacks one
-        of their parameters: then ``functional_call`` runs them."""
+        (about a fifth of a forward pass with gradients at 200 samples); None, and ``functional_call`` runs the
+        modules, whenever their own calls could do otherwise: hooks or parametrisations, a subclass of ``nn.Linear``
+        or ``nn.Sequential``, or a name of ``params`` that the linear layers do not use (a parameter of another
+        module, e.g. of an ``action_net`` replaced by a ``Sequential``, or an unknown name) or that one of them lacks."""
         policy_net = self.mlp_extractor.policy_net
-        if type(policy_net) is not nn.Sequential or critic_gradients.global_hooks():
+        if (
+            type(policy_net) is not nn.Sequential
+            or critic_gradients.global_hooks()
+            or critic_gradients.module_hooked(policy_net)
+        ):
             return None
-        x = features
+        x, used = features, 1  # log_std
         for index, module in [*enumerate(policy_net), (None, self.action_net)]:
             if critic_gradients.module_hooked(module):
                 return None
-            if isinstance(module, nn.Linear):
+            if type(module) is nn.Linear:
                 prefix = "action_net." if index is None else f"mlp_extractor.policy_net.{index}."
                 weight, bias = params.get(prefix + "weight"), params.get(prefix + "bias")
-                if type(module) is not nn.Linear or weight is None or (bias is None) != (module.bias is None):
+                if weight is None or (bias is None) != (module.bias is None):
                     return None
                 x = nn.functional.linear(x, weight, bias)
-            else:  # parameter-free (checked at construction): its own call
-                x = module(x)
-        return None if critic_gradients.module_hooked(policy_net) else x
+                used += 1 if bias is None else 2
+            else:  # its own call: ``functional_call`` would swap in those of its parameters named in ``params``,
+                x = module(x)  # and any such name is left unused here (below)
+        return x if used == len(params) else None
 
     def numpy_actor_sets(self, params: ActorParams, deterministic: bool = False, noise_seed: int | None = None) -> NumpyActor:
         """The policy as a :class:`NumpyActor` with a parameter set per row of ``params``.
@@ -593,8 +599,10 @@ class CPOPolicy(ActorCriticPolicy):
         # fresh pages for every product; with a graph every array is a new tensor.
         into = not create_graph
         buffers: list[th.Tensor] = []  # per layer: J v, the mm term beside it, the reverse-mode array
-        # Without a graph the product's blocks are also written into their places in one flat vector (what the
-        # concatenation below gives, without concatenating); with a graph they are new tensors, concatenated.
+        # Without a graph, on the CPU, the product's blocks are also written into their places in one flat vector
+        # (what the concatenation below gives, without concatenating; the rounding of MKL's products into it is
+        # tested, another device's libraries are not); otherwise they are new tensors, concatenated.
+        in_place = into and inputs[0].device.type == "cpu"
         flat: list[th.Tensor] = []
         blocks: dict[str, th.Tensor] = {}  # name -> its block, written in place
         moved: dict[str, th.Tensor] = {}  # weight name -> its block, computed apart and copied there (below)
@@ -603,6 +611,7 @@ class CPOPolicy(ActorCriticPolicy):
             with th.set_grad_enabled(create_graph):
                 if into and not buffers:
                     buffers.extend(inputs[0].new_empty(len(obs), w.shape[0]) for w in weights for _ in range(3))
+                if in_place and not flat:
                     flat.append(_flat_blocks(inputs[0], params, layers[0] + "weight", blocks))
                     # MKL's product can round otherwise into a result that does not start on a 64-byte boundary (seen
                     # here at 8-byte offsets, with two rows): a weight block that does not is computed apart.
@@ -633,7 +642,7 @@ class CPOPolicy(ActorCriticPolicy):
                         upstream = _mm(upstream, weights[index], buffer(3 * (index - 1) + 2))
                         slope = slopes[index - 1]
                         upstream = upstream if slope is None else _mul(upstream, slope, into)
-                if into:
+                if in_place:
                     return flat[0] + damping * vector
                 return th.cat([product[name].reshape(-1) for name in params]) + damping * vector
 
