@@ -92,3 +92,75 @@ def test_interval_is_the_95_percent_percentile_interval_of_the_replicates():
 def test_cell_counts_a_cost_at_the_limit_as_under():
     cell = [{"seed": s, "task": t, "cost": 2.0, "cost_limit": 2.0} for s in range(3) for t in range(3)]
     assert bench.seeds_tasks_cell(cell) == "2.00–2.00; 1.00–1.00"
+
+
+def _expected_mean_squares_by_loops(matrix):
+    """The two-way ANOVA mean squares (seeds, tasks, residual) of a matrix with one value per cell, by explicit
+    sums over cells (the textbook definitions, written apart from the benchmark's array code)."""
+    n_s, n_t = len(matrix), len(matrix[0])
+    grand = sum(matrix[i][j] for i in range(n_s) for j in range(n_t)) / (n_s * n_t)
+    rows = [sum(matrix[i][j] for j in range(n_t)) / n_t for i in range(n_s)]
+    cols = [sum(matrix[i][j] for i in range(n_s)) / n_s for j in range(n_t)]
+    ss_s = n_t * sum((r - grand) ** 2 for r in rows)
+    ss_t = n_s * sum((c - grand) ** 2 for c in cols)
+    ss_total = sum((matrix[i][j] - grand) ** 2 for i in range(n_s) for j in range(n_t))
+    ss_e = ss_total - ss_s - ss_t
+    return grand, ss_s / (n_s - 1), ss_t / (n_t - 1), ss_e / ((n_s - 1) * (n_t - 1))
+
+
+@pytest.mark.parametrize("shape", [(5, 5), (3, 3), (5, 3)])
+@pytest.mark.parametrize("effects", [(1.0, 3.0, 0.5), (3.0, 0.2, 0.5), (0.0, 0.0, 1.0)])
+def test_random_effects_interval_is_its_anova_formula(shape, effects):
+    """The interval from the mean squares by the sums of squares' definitions: Satterthwaite's t-interval on
+    (MS_seeds + MS_tasks − MS_residual)/(ST) when that is at least each main effect's mean square, else on the larger
+    of the two with its own degrees of freedom."""
+    rng = np.random.default_rng(sum(shape) + int(10 * sum(effects)))
+    sa, sb, se = effects
+    matrix = sa * rng.normal(size=(shape[0], 1)) + sb * rng.normal(size=(1, shape[1])) + se * rng.normal(size=shape)
+    n_s, n_t = shape
+    grand, ms_s, ms_t, ms_e = _expected_mean_squares_by_loops(matrix.tolist())
+    combined = ms_s + ms_t - ms_e
+    if combined >= max(ms_s, ms_t):
+        df = combined**2 / (ms_s**2 / (n_s - 1) + ms_t**2 / (n_t - 1) + ms_e**2 / ((n_s - 1) * (n_t - 1)))
+        variance = combined / (n_s * n_t)
+    else:
+        variance, df = (ms_s, n_s - 1) if ms_s >= ms_t else (ms_t, n_t - 1)
+        variance /= n_s * n_t
+    half = stats.t.ppf(0.975, df) * variance**0.5
+    assert bench.random_effects_interval(matrix) == pytest.approx((grand - half, grand + half), rel=1e-12, abs=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(5, 5), (3, 3)])
+@pytest.mark.parametrize("effects", [(0.3, 2.0, 0.5), (2.0, 0.3, 0.5), (1.0, 1.0, 1.0)])
+def test_random_effects_interval_covers_the_mean_over_new_seeds_and_tasks(shape, effects):
+    """Simulated seeds × tasks data with seed, task and residual effects: the interval covers the population mean
+    (0) at least about 95 % of the time, whichever effect dominates; the t-interval over seeds of the task means
+    does not when tasks dominate (it is about the drawn tasks)."""
+    rng = np.random.default_rng(7)
+    sa, sb, se = effects
+    n_datasets = 1500
+    covered = covered_seeds = 0
+    for _ in range(n_datasets):
+        data = sa * rng.normal(size=(shape[0], 1)) + sb * rng.normal(size=(1, shape[1])) + se * rng.normal(size=shape)
+        low, high = bench.random_effects_interval(data)
+        covered += low <= 0 <= high
+        per_seed = data.mean(axis=1)
+        covered_seeds += abs(per_seed.mean()) <= bench.t_interval(per_seed)
+    assert 0.93 <= covered / n_datasets <= 0.995
+    if sb > sa:
+        assert covered_seeds / n_datasets < 0.7
+
+
+def test_random_effects_interval_of_equal_values_and_bad_input():
+    assert bench.random_effects_interval(np.full((3, 4), 2.5)) == (2.5, 2.5)
+    with pytest.raises(ValueError, match="at least 2 x 2"):
+        bench.random_effects_interval(np.zeros((1, 5)))
+    with pytest.raises(ValueError, match="non-finite"):
+        bench.random_effects_interval(np.array([[1.0, np.nan], [2.0, 3.0]]))
+
+
+def test_random_effects_cell_is_the_interval_of_the_cell_costs():
+    cell = [{"seed": s, "task": t, "cost": float(s + 2 * t), "cost_limit": 2.0} for s in range(3) for t in range(4)]
+    low, high = bench.random_effects_interval(np.array([[s + 2.0 * t for t in range(4)] for s in range(3)]))
+    assert bench.random_effects_cell(cell) == f"{low:.2f}–{high:.2f}"
+    assert bench.random_effects_cell(cell[:-1]) == ""
