@@ -164,3 +164,54 @@ def test_random_effects_cell_is_the_interval_of_the_cell_costs():
     low, high = bench.random_effects_interval(np.array([[s + 2.0 * t for t in range(4)] for s in range(3)]))
     assert bench.random_effects_cell(cell) == f"{low:.2f}–{high:.2f}"
     assert bench.random_effects_cell(cell[:-1]) == ""
+
+
+@pytest.mark.parametrize("shape", [(5, 5), (3, 3), (5, 3)])
+def test_random_effects_variance_estimate_is_unbiased_for_the_variance_of_the_mean(shape):
+    """Oracle from the model's definition: over many simulated matrices, the mean of the interval's variance estimate
+    (read back from its half-width where the Satterthwaite branch is taken) equals the variance of the grand mean
+    across the matrices, σ_a²/S + σ_b²/T + σ_e²/(ST), computed from the simulation itself."""
+    rng = np.random.default_rng(11)
+    n_s, n_t = shape
+    sa, sb, se = 1.0, 1.5, 0.7
+    data = (
+        sa * rng.normal(size=(20_000, n_s, 1))
+        + sb * rng.normal(size=(20_000, 1, n_t))
+        + se * rng.normal(size=(20_000, n_s, n_t))
+    )
+    means = data.mean(axis=(1, 2))
+    row = data.mean(axis=2, keepdims=True)
+    col = data.mean(axis=1, keepdims=True)
+    ms_s = n_t * ((row[:, :, 0] - means[:, None]) ** 2).sum(1) / (n_s - 1)
+    ms_t = n_s * ((col[:, 0, :] - means[:, None]) ** 2).sum(1) / (n_t - 1)
+    ms_e = ((data - row - col + means[:, None, None]) ** 2).sum(axis=(1, 2)) / ((n_s - 1) * (n_t - 1))
+    estimate = (ms_s + ms_t - ms_e) / (n_s * n_t)
+    assert estimate.mean() == pytest.approx(means.var(), rel=0.04)
+    assert means.var() == pytest.approx(sa**2 / n_s + sb**2 / n_t + se**2 / (n_s * n_t), rel=0.04)
+    # and the interval uses that estimate: its half-width over the t quantile, squared, where it is the estimate
+    for matrix, value in zip(data[:50], estimate[:50], strict=True):
+        low, high = bench.random_effects_interval(matrix)
+        mean_squares = _expected_mean_squares_by_loops(matrix.tolist())[1:]
+        if mean_squares[0] + mean_squares[1] - mean_squares[2] >= max(mean_squares[:2]):
+            assert (high - low) / 2 > 0 and np.isclose(((high - low) / 2) ** 2 / value, _t_squared(mean_squares, shape))
+
+
+def _t_squared(mean_squares, shape):
+    ms_s, ms_t, ms_e = mean_squares
+    n_s, n_t = shape
+    combined = ms_s + ms_t - ms_e
+    df = combined**2 / (ms_s**2 / (n_s - 1) + ms_t**2 / (n_t - 1) + ms_e**2 / ((n_s - 1) * (n_t - 1)))
+    return stats.t.ppf(0.975, df) ** 2
+
+
+def test_random_effects_interval_takes_the_larger_main_effect_when_the_residual_swamps_the_other():
+    """No evidence of a seed effect (MS_seeds below the residual): the tasks' mean square alone, on T − 1 degrees of
+    freedom; and the other way round."""
+    task_driven = np.array([[0.0, 10.0, 20.0], [1.0, 10.5, 19.0], [0.5, 9.0, 21.0]])
+    for matrix in (task_driven, task_driven.T):
+        n_s, n_t = matrix.shape
+        _, ms_s, ms_t, ms_e = _expected_mean_squares_by_loops(matrix.tolist())
+        assert min(ms_s, ms_t) < ms_e
+        larger, df = (ms_s, n_s - 1) if ms_s >= ms_t else (ms_t, n_t - 1)
+        half = stats.t.ppf(0.975, df) * (larger / (n_s * n_t)) ** 0.5
+        assert bench.random_effects_interval(matrix) == pytest.approx((matrix.mean() - half, matrix.mean() + half), rel=1e-12)
