@@ -249,10 +249,11 @@ def random_effects_interval(matrix: np.ndarray) -> tuple[float, float]:
     σ_e², E[MS_residual] = σ_e²), with Satterthwaite's degrees of freedom for that combination. Where the combination
     falls below MS_seeds or MS_tasks alone (the residual larger than a main effect's mean square: no evidence of that
     effect), the larger of the two is used instead, with its own degrees of freedom: the mean's variance is at least
-    the part each of them estimates. In simulations of normal effects this covers the mean 0.95–0.99 of the time at 5 x
-    5, 5 x 3 and 3 x 3, whatever share of the variance is the tasks' (``tests/test_benchmark_statistics.py``), where
+    the part each of them estimates. In simulations of normal effects this covers the mean 0.944–0.993 of the time at
+    5 x 5, 5 x 3 and 3 x 3, whatever share of the variance is the tasks' (``tests/test_benchmark_statistics.py``), where
     the t-interval over seeds of the task means covers it as rarely as 0.3 when tasks dominate: that interval is about
-    these tasks only."""
+    these tasks only. It is normal theory: on skewed costs its upper end is too low (the results page gives a
+    review's simulations)."""
     matrix = np.asarray(matrix, dtype=np.float64)
     if matrix.ndim != 2 or matrix.shape[0] < 2 or matrix.shape[1] < 2:
         raise ValueError(f"need a (seeds, tasks) matrix of at least 2 x 2, got shape {matrix.shape}")
@@ -343,8 +344,8 @@ def summarise(rows: list[dict[str, Any]], training: dict[str, dict[str, Any]], a
         "(or 0) gives 1.00–1.00: it cannot see failures that did not occur (read the Wilson interval there). New "
         "seeds and tasks: a 95 % interval of the mean cost as an estimate for the family (new training seeds and new "
         "tasks of the same held-out kind) under a two-way random-effects model of seeds and tasks (ANOVA estimates, "
-        "Satterthwaite's degrees of freedom; 0.95–0.99 coverage in simulations at 3 x 3 to 5 x 5), where the "
-        "t-interval is about these tasks only.",
+        "Satterthwaite's degrees of freedom; 0.944–0.993 coverage in simulations of normal effects at 3 x 3 to 5 x 5, "
+        "its upper end too low on skewed costs), where the t-interval is about these tasks only.",
         "",
         "| method | env steps | policy updates | train s |",
         "|---|---|---|---|",
