@@ -637,7 +637,7 @@ def cpo_direction(
     :param s_tol: s_j ≤ s_tol counts as no information on constraint j (a_j ≈ 0, e.g. no cost in the batch): a step
         along a numerically zero w_j would be noise. s has the units of a²/H, i.e. of the cost squared: a number for
         every constraint, or one per constraint (shape (m,)), e.g. scaled by each cost's size
-        (:func:`~sb3_metacpo.common.constrained_step.constrained_step`'s ``cost_units``).
+        (:func:`~sb3_metacpo.common.constrained_step.constrained_step`'s ``cost_scales``).
     :param solver_args: options of the layers, replacing :data:`DEFAULT_LAYER_SOLVER_ARGS`
     :param recovery_margin: also take the recovery step whenever an informative constraint's value exceeds its
         margin, b_j > margin_j (shape (m,) or (B, m), or a number for all; 0: whenever a constraint is violated), not

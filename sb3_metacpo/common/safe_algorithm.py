@@ -315,20 +315,20 @@ class SafeAlgorithmMixin(ABC):
         SB3's does). Objects that are not the model's (with ``exact_match``) and non-finite tensors are refused before
         anything changes (SB3 set the objects it was given, then refused); an adaptation is forgotten (``predict``
         acts with the new parameters)."""
+        expected = set(self.get_parameters())  # type: ignore[attr-defined]  # the names of the model's objects
         if isinstance(load_path_or_dict, (str, os.PathLike)):
             metadata, tensors = read_archive(load_path_or_dict, "cpu")
             if metadata.get("content") == POLICY_CONTENT:  # a policy saved alone holds no optimiser state
                 stored = {"policy": tensors["policy"]}
             else:
                 stored = {"policy": tensors["policy"], "policy.optimizer": tensors["optimizer"]}
-            params = {name: stored[name] for name in self.get_parameters() if name in stored}  # type: ignore[attr-defined]
+            params = {name: value for name, value in stored.items() if name in expected}
         else:
             params = load_path_or_dict
         for name, state in params.items():
             for key, value in _tensors_in(state):
                 if not bool(th.isfinite(value).all()):
                     raise ValueError(f"set_parameters: {name}[{key}] has non-finite values; nothing was changed")
-        expected = set(self.get_parameters())  # type: ignore[attr-defined]
         if exact_match and set(params) != expected:  # SB3 raises only after setting the objects it was given
             raise ValueError(
                 f"set_parameters: the objects given, {sorted(params)}, are not the model's, {sorted(expected)} (a policy "
