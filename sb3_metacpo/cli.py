@@ -21,9 +21,12 @@ import inspect
 import math
 import re
 import shlex
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +34,12 @@ import gymnasium as gym
 import numpy as np
 import torch as th
 import yaml
+from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import configure
 from stable_baselines3.common.utils import get_device
 from tqdm.auto import tqdm
 
-from sb3_metacpo.common.serialization import ArchiveError
+from sb3_metacpo.common.serialization import ArchiveError, decode_space, read_archive
 from sb3_metacpo.config import (
     ALGOS,
     ConfigError,
@@ -87,6 +91,45 @@ def logger_formats(verbose: int, tensorboard: bool) -> list[str]:
     return formats
 
 
+class StopOnInterrupt(BaseCallback):
+    """Stops ``learn`` at the next env step once :func:`first_interrupt_stops` saw a Ctrl-C: the update in progress
+    finishes, the batch being collected is dropped, and the model keeps its last completed update (what the command
+    line then saves, as the RL Zoo saves an interrupted run)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requested = False
+
+    def _on_step(self) -> bool:
+        return not self.requested
+
+
+@contextmanager
+def first_interrupt_stops(stopper: StopOnInterrupt) -> Iterator[None]:
+    """While in the block, a first SIGINT (Ctrl-C) asks ``stopper`` to stop training and a second one raises
+    ``KeyboardInterrupt`` as usual (a no-op outside the main thread, where signal handlers cannot be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if stopper.requested:
+            raise KeyboardInterrupt
+        stopper.requested = True
+        print(
+            "\ninterrupted: training stops at the next env step and the model of the last completed update is saved "
+            "(Ctrl-C again to abort without saving)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def train_run(
     algo: str,
     family: str | None = None,
@@ -101,11 +144,13 @@ def train_run(
     tensorboard: bool = True,
     plots: bool = True,
     device: str | None = None,
+    interruptible: bool = False,
 ) -> Path:
     """Train one model into a new run folder and return the folder (what ``sb3-metacpo train`` does).
 
     Every configuration error is raised (as :class:`~sb3_metacpo.config.ConfigError` or :class:`CLIError`) before
-    anything is trained.
+    anything is trained. ``interruptible``: a first Ctrl-C stops training at the next env step and the run is saved
+    as if its budget had ended there (:class:`StopOnInterrupt`); a second one aborts.
     """
     algo_cls = check_algo(algo)
     if (family is None) == (env_id is None):
@@ -168,11 +213,14 @@ def train_run(
     model.set_logger(configure(str(folder), logger_formats(verbose, tensorboard)))
     print(f"training {algo} on {key} for {n_timesteps} env steps (seed {seed}) into {folder}", flush=True)
     start = time.perf_counter()
-    model.learn(int(n_timesteps), progress_bar=progress)
+    stopper = StopOnInterrupt()
+    with first_interrupt_stops(stopper) if interruptible else nullcontext():
+        model.learn(int(n_timesteps), callback=stopper, progress_bar=progress)
     seconds = time.perf_counter() - start
     model.save(folder / MODEL_FILE)
     model.logger.close()
-    print(f"trained {model.num_timesteps} env steps in {seconds:.1f} s; model: {folder / MODEL_FILE}", flush=True)
+    stopped = f" (stopped by Ctrl-C after {_count(model._n_updates, 'update')})" if stopper.requested else ""
+    print(f"trained {model.num_timesteps} env steps{stopped} in {seconds:.1f} s; model: {folder / MODEL_FILE}", flush=True)
     if plots:
         _try_plot(lambda: _plot_learning(folder, f"{algo} on {key}, seed {seed}"), "learning curves")
     return folder
@@ -234,8 +282,15 @@ class LoadedRun:
             loaded = yaml.safe_load(config_path.read_text())
             self.config = loaded if isinstance(loaded, dict) else {}
         name = algo or self.config.get("algo")
-        if name is None:
-            raise CLIError(f"{model_path} has no config.yml beside it: give --algo ({', '.join(ALGOS)})")
+        if name is None:  # a model file alone: its archive records the algorithm
+            try:
+                name = read_archive(model_path)[0].get("algorithm")
+            except ArchiveError as error:
+                raise CLIError(f"{model_path}: {error}") from error
+            if name not in ALGOS:
+                raise CLIError(
+                    f"{model_path} holds a {name} model and has no config.yml beside it: give --algo ({', '.join(ALGOS)})"
+                )
         check_algo(str(name))
         self.algo = str(name)
         self.family: str | None = family or self.config.get("family")
@@ -247,6 +302,26 @@ class LoadedRun:
         self.distribution = (
             make_task_distribution(self.family, seed=self.seed, **env_kwargs) if self.family is not None else None
         )
+        if family is not None and self.distribution is not None:
+            self._check_family_fits(self.distribution)
+
+    def _check_family_fits(self, distribution: TaskDistribution) -> None:
+        """A usage error, before anything loads, when ``--family`` has other observation or action shapes than the
+        archive's model (it would fail inside the load, or inside SB3's ``predict`` for CPO)."""
+        try:
+            metadata, _ = read_archive(self.model_path)
+            saved = decode_space(metadata["observation_space"]), decode_space(metadata["action_space"])
+        except (ArchiveError, KeyError) as error:
+            raise CLIError(f"{self.model_path}: {error}") from error
+        wanted = distribution.spaces
+        if tuple(space.shape for space in saved) != tuple(space.shape for space in wanted):
+            trained_on = self.config.get("family") or self.config.get("env")
+            raise CLIError(
+                f"--family {distribution.name} has observation/action shapes {wanted[0].shape}/{wanted[1].shape}, "
+                f"but {self.model_path} was trained on {saved[0].shape}/{saved[1].shape}"
+                + (f" ({trained_on})" if trained_on else "")
+                + ": give a family with the model's shapes, or leave --family out to use the run's own"
+            )
 
     def load(self, env: Any = None, **kwargs: Any) -> Any:
         """The model, loaded with ``env`` (default: the run's task distribution, for MetaCPO and MetaTRPO)."""
@@ -385,6 +460,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         args.tensorboard,
         args.plots,
         args.device,
+        interruptible=True,
     )
     return 0
 
@@ -490,7 +566,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         records,
         out,
         f"{run.algo} from {run.model_path}: adaptation to {len(tasks)} held-out tasks of "
-        f"{distribution.name}, {args.n_updates} updates",
+        f"{distribution.name}, {_count(args.n_updates, 'update')}",
     )
     if args.gif:
         _try_plot(lambda: _adaptation_gif(run, final_model, distribution, tasks[0], out, args), "GIF")
@@ -530,7 +606,7 @@ def _adaptation_gif(
         seed=EVAL_SEED,
         max_steps=args.gif_steps,
         every=args.gif_every,
-        label=f"{run.algo} after {args.n_updates} updates",
+        label=f"{run.algo} after {_count(args.n_updates, 'update')}",
         deterministic=args.deterministic,
     )
     env.close()
@@ -639,9 +715,11 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
+    from sb3_metacpo.plots import PlotInputError
+
     try:
         return _plot_runs(args)
-    except ImportError as error:  # matplotlib missing: the plots say which extra to install
+    except (ImportError, PlotInputError) as error:  # matplotlib missing (the message names the extra), or a bad file
         raise CLIError(str(error)) from error
 
 
@@ -732,17 +810,27 @@ _positive_float = _float_from(0.0, "a finite number > 0", inclusive=False)
 _cost_limit_value = _float_from(0.0, "a finite number >= 0 (a cost limit)", inclusive=True)
 
 
+def _count(n: int, noun: str) -> str:
+    """``"1 update"``, ``"3 updates"``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
 def _add_evaluation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("target", help="a run folder of `sb3-metacpo train`, or a saved model file (.zip)")
-    parser.add_argument("--algo", choices=list(ALGOS), help="the model's algorithm (default: from the run's config.yml)")
+    parser.add_argument(
+        "--algo", choices=list(ALGOS), help="the model's algorithm (default: from the run's config.yml, else the archive)"
+    )
     parser.add_argument("--family", choices=list_task_distributions(), help="task family to use (default: the one trained on)")
     parser.add_argument("--n-tasks", type=_positive_int, default=5, help="held-out tasks of the family (default: 5)")
     parser.add_argument(
-        "--n-eval-episodes", type=_positive_int, default=10, help="evaluation episodes per task and stage (default: 10)"
+        "--n-eval-episodes",
+        type=_positive_int,
+        default=10,
+        help="evaluation episodes per task (adapt: per task and update; default: 10)",
     )
     parser.add_argument(
         "--deterministic",
@@ -797,7 +885,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=_seed, help="random seed (default: a random one, recorded in config.yml)")
     train.add_argument("-f", "--log-folder", default="logs", help="where run folders are created (default: logs)")
     train.add_argument("--device", help="torch device (default: the config's, else auto)")
-    train.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2), help="0: quiet, 1: log tables (default)")
+    train.add_argument(
+        "--verbose", type=int, default=1, choices=(0, 1, 2), help="0: quiet, 1: log tables (default), 2: also debug messages"
+    )
     train.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", help="no TensorBoard logs")
     train.add_argument("--no-plots", dest="plots", action="store_false", help="no learning_curves.png")
     _add_common(train)

@@ -64,6 +64,20 @@ COST_KEY = "rollout/ep_cost_mean"
 POST_ADAPT_KEYS = ("meta/post_adapt_ep_rew_mean", "meta/post_adapt_ep_cost_mean")
 
 
+class PlotInputError(ValueError):
+    """A run folder or records file that cannot be plotted (missing columns, no records, not a CSV file); the
+    command line reports it as a usage error."""
+
+
+def _csv_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a CSV file with a header, or a :class:`PlotInputError` naming the file when it is not one."""
+    try:
+        with open(path, newline="") as handle:
+            return list(csv.DictReader(handle))
+    except (csv.Error, UnicodeDecodeError) as error:
+        raise PlotInputError(f"{path}: not a CSV file ({error})") from error
+
+
 def _pyplot() -> Any:
     try:
         import matplotlib
@@ -87,8 +101,7 @@ def read_progress(run: str | Path) -> dict[str, np.ndarray]:
         path = path / "progress.csv"
     if not path.exists():
         raise FileNotFoundError(f"no progress.csv at {path}: is this a run folder written with the csv logger?")
-    with open(path, newline="") as handle:
-        rows = list(csv.DictReader(handle))
+    rows = _csv_rows(path)
     columns: dict[str, np.ndarray] = {}
     for key in rows[0] if rows else ():
         try:
@@ -163,7 +176,7 @@ def plot_learning_curves(
         config = run_config(folder)
         progress = read_progress(run)
         if X_KEY not in progress:
-            raise ValueError(f"{run}: progress.csv has no {X_KEY!r} column")
+            raise PlotInputError(f"{run}: progress.csv has no {X_KEY!r} column")
         label = labels[index] if labels is not None else _run_label(folder, config)
         groups.setdefault(label, []).append(progress)
         if "meta/cost_limit" in progress and np.isfinite(progress["meta/cost_limit"]).any():
@@ -221,8 +234,7 @@ def load_records(source: str | Path | Iterable[Mapping[str, Any]]) -> list[dict[
     :return: the records, with ``update`` an int and ``return``, ``cost`` (and ``cost_limit``) floats
     """
     if isinstance(source, (str, Path)):
-        with open(source, newline="") as handle:
-            rows: list[dict[str, Any]] = list(csv.DictReader(handle))
+        rows = _csv_rows(Path(source))
         where = str(source)
     else:
         rows = [dict(row) for row in source]
@@ -231,7 +243,7 @@ def load_records(source: str | Path | Iterable[Mapping[str, Any]]) -> list[dict[
     for index, row in enumerate(rows):
         missing = [column for column in RECORD_COLUMNS if column not in row]
         if missing:
-            raise ValueError(f"{where}: record {index} lacks {missing}; records need the columns {list(RECORD_COLUMNS)}")
+            raise PlotInputError(f"{where}: record {index} lacks {missing}; records need the columns {list(RECORD_COLUMNS)}")
         record = dict(row)
         try:
             record["update"] = int(row["update"])
@@ -241,11 +253,11 @@ def load_records(source: str | Path | Iterable[Mapping[str, Any]]) -> list[dict[
                 record["cost_limit"] = float(row["cost_limit"])
         except (TypeError, ValueError) as error:
             message = f"{where}: record {index}: update, return, cost and cost_limit must be numbers ({error})"
-            raise ValueError(message) from error
+            raise PlotInputError(message) from error
         record["method"] = str(row["method"])
         records.append(record)
     if not records:
-        raise ValueError(f"{where}: no adaptation records")
+        raise PlotInputError(f"{where}: no adaptation records")
     return records
 
 

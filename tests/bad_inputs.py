@@ -297,6 +297,20 @@ CASES: list[Case] = [
         "outer_target_kl must be a finite number > 0",
         outer_target_kl=float("nan"),
     ),
+    Case(
+        "MetaCPO(...)",
+        "policy_kwargs={'net_archh': [16]}",
+        lambda: MetaCPO("MlpPolicy", toy(), **{**SMALL, "policy_kwargs": {"net_archh": [16]}}),
+        ValueError,
+        r"policy_kwargs\['net_archh'\]: CPOPolicy takes no argument 'net_archh'; did you mean 'net_arch'\?",
+    ),
+    Case(
+        "CPO(...)",
+        "policy_kwargs={'lr_schedule': ...}",
+        lambda: cpo(policy_kwargs={"lr_schedule": lambda _: 1e-3}),
+        ValueError,
+        "policy_kwargs cannot set 'lr_schedule': the algorithm gives the policy its spaces and schedule",
+    ),
     Case("MetaCPO(...)", "env=None", lambda: MetaCPO("MlpPolicy", None), ValueError, "env is required"),
     Case(
         "MetaCPO(...)",
@@ -472,6 +486,27 @@ CASES: list[Case] = [
         lambda: meta_evaluate(metacpo(), [toy().make_env(toy().test_tasks(1)[0])]),
         ValueError,
         "meta-evaluation takes tasks of the model's family",
+    ),
+    Case(
+        "meta_evaluate",
+        "one task instead of a list",
+        lambda: meta_evaluate(metacpo(), toy().test_tasks(1)[0]),
+        ValueError,
+        r"meta-evaluation takes a list of tasks, got one Toy2DNavTask: pass \[task\]",
+    ),
+    Case(
+        "SafeEvalCallback",
+        "an env (SB3's EvalCallback(eval_env))",
+        lambda: SafeEvalCallback(toy().make_env(toy().test_tasks(1)[0])),
+        ValueError,
+        r"takes tasks of the model's family \(e.g. distribution.test_tasks\(5\)\), got CostMonitor",
+    ),
+    Case(
+        "MetaEvalCallback",
+        "the distribution instead of its tasks",
+        lambda: MetaEvalCallback(toy()),
+        ValueError,
+        "got the distribution 'Toy2DNav': pass its held-out tasks, e.g. distribution.test_tasks",
     ),
     Case(
         "MetaEvalCallback",

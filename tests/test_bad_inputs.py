@@ -148,3 +148,58 @@ def test_verbose_levels_and_callbacks_that_sb3_takes_pass() -> None:
     for callback in ("x", [lambda _locals, _globals: True], 3):  # SB3's CallbackList takes BaseCallbacks only
         with pytest.raises(ValueError, match=r"callback must be None, a BaseCallback, a list of them or a function"):
             check_callback(callback)
+
+
+def test_a_misspelt_policy_argument_is_an_error_before_anything_is_seeded() -> None:
+    """policy_kwargs=dict(net_archh=...) failed in SB3's policy constructor, after the model had seeded torch's,
+    numpy's and Python's global generators."""
+    import random
+
+    states = (th.random.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+    for build in (
+        lambda: MetaCPO("MlpPolicy", toy(), **{**SMALL, "seed": 5, "policy_kwargs": {"activation_fnn": th.nn.ReLU}}),
+        lambda: CPO("MlpPolicy", "Toy2DNav", **{**CPO_SMALL, "seed": 5, "policy_kwargs": {"activation_fnn": th.nn.ReLU}}),
+    ):
+        with pytest.raises(ValueError, match="did you mean 'activation_fn'"):
+            build()
+    assert th.equal(states[0], th.random.get_rng_state()) and (states[1] == np.random.get_state()[1]).all()
+    assert states[2] == random.getstate()
+
+
+def test_policy_argument_names_follow_kwargs_to_the_bases() -> None:
+    from sb3_metacpo.common.checks import check_policy_kwargs, policy_argument_names
+    from sb3_metacpo.common.policies import CPOPolicy
+
+    class WithOwnOption(CPOPolicy):
+        def __init__(self, *args: Any, scale: float = 1.0, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+
+    class OwnModule(th.nn.Module):  # passes everything to torch: any name may be meant
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__()
+
+    names = policy_argument_names(WithOwnOption)
+    assert names is not None and {"scale", "normalize_observations", "net_arch", "optimizer_kwargs"} <= names
+    assert policy_argument_names(OwnModule) is None
+    check_policy_kwargs({"scale": 2.0, "net_arch": [8]}, WithOwnOption)
+    check_policy_kwargs({"anything": 1}, OwnModule)
+    with pytest.raises(ValueError, match="WithOwnOption takes no argument 'scal'; did you mean 'scale'"):
+        check_policy_kwargs({"scal": 2.0}, WithOwnOption)
+    model = MetaCPO("MlpPolicy", toy(), **{**SMALL, "policy_kwargs": {"net_arch": [8], "log_std_init": -0.5}})
+    check_policy_kwargs(model.policy_kwargs, model.policy_class)  # as _setup_model left it (with n_costs)
+
+
+@pytest.mark.parametrize("algo", [MetaCPO, CPO])
+def test_tensorboard_log_without_tensorboard_names_the_extra(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, algo: Any
+) -> None:
+    """SB3's own ImportError names no install command; the README promises that a missing extra is named."""
+    from stable_baselines3.common import utils as sb3_utils
+
+    model = algo("MlpPolicy", toy(), tensorboard_log=str(tmp_path), **(SMALL if algo is MetaCPO else CPO_SMALL))
+    monkeypatch.setattr(sb3_utils, "SummaryWriter", None)
+    with pytest.raises(ImportError, match=r"needs TensorBoard: pip install sb3-metacpo\[tensorboard\]"):
+        model.learn(200)
+    assert model.num_timesteps == 0 and not list(tmp_path.iterdir())
+    model.tensorboard_log = None
+    model.learn(200)  # without it, training goes on

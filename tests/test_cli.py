@@ -380,3 +380,92 @@ def test_plot_without_matplotlib_and_with_a_bad_limit_is_a_one_line_error(run_fo
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
     assert main(["plot", str(run_folder), "-o", str(tmp_path / "curves.png")]) == 2
     assert "plotting needs matplotlib" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["evaluate", "adapt"])
+def test_a_family_with_other_shapes_is_a_usage_error(run_folder, capsys, command):
+    """--family PointGoalHazard on a Toy2DNav model failed inside the load with a 20-line traceback (exit 1)."""
+    assert main([command, str(run_folder), "--family", "PointGoalHazard", "--n-eval-episodes", "1", "--no-progress"]) == 2
+    error = capsys.readouterr().err
+    assert f"sb3-metacpo {command}: error: --family PointGoalHazard has observation/action shapes (44,)/(2,)" in error
+    assert "was trained on (2,)/(2,) (Toy2DNav)" in error
+
+
+def test_plot_of_files_it_cannot_read_is_a_usage_error(tmp_path, capsys):
+    """An empty records file, a progress.csv without the steps column, records lacking columns and a binary file
+    ended in tracebacks (exit 1), where a missing path was already a one-line error."""
+    (tmp_path / "empty.csv").write_text("")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "progress.csv").write_text("rollout/ep_rew_mean\n1.0\n")
+    (tmp_path / "columns.csv").write_text("method,task\nMetaCPO,0\n")
+    (tmp_path / "binary.csv").write_bytes(b"\xff\xfe\x00\x81" * 8)
+    expected = {
+        "empty.csv": "no adaptation records",
+        "run": "progress.csv has no 'time/total_timesteps' column",
+        "columns.csv": "record 0 lacks",
+        "binary.csv": "not a CSV file",
+    }
+    for name, message in expected.items():
+        assert main(["plot", str(tmp_path / name)]) == 2, name
+        error = capsys.readouterr().err
+        assert error.startswith("sb3-metacpo plot: error: ") and message in error, (name, error)
+
+
+def test_first_interrupt_stops_training_and_a_second_aborts():
+    """A first SIGINT only asks the callback to stop (the run is then saved); a second one raises."""
+    import signal
+
+    from sb3_metacpo.cli import StopOnInterrupt, first_interrupt_stops
+
+    stopper = StopOnInterrupt()
+    before = signal.getsignal(signal.SIGINT)
+    with first_interrupt_stops(stopper):
+        assert not stopper.requested and stopper._on_step()
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stopper.requested and not stopper._on_step()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+@pytest.mark.parametrize("algo", ["MetaCPO", "CPO"])
+def test_train_interrupted_saves_the_last_completed_update(tmp_path, monkeypatch, capsys, algo):
+    """Ctrl-C during `train` lost the whole run (no model.zip); now the run stops at the next env step and is saved."""
+    import signal
+
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    from sb3_metacpo import cli
+
+    class InterruptAfterAnUpdate(BaseCallback):
+        def _on_step(self):
+            if self.model._n_updates >= 1 and not getattr(self, "sent", False):
+                self.sent = True
+                os.kill(os.getpid(), signal.SIGINT)
+            return True
+
+    real_learn = {"MetaCPO": MetaCPO.learn, "CPO": CPO.learn}[algo]
+
+    def learn_with_an_interrupt(self, total_timesteps, callback=None, **kwargs):
+        return real_learn(self, total_timesteps, callback=[InterruptAfterAnUpdate(), callback], **kwargs)
+
+    monkeypatch.setattr({"MetaCPO": MetaCPO, "CPO": CPO}[algo], "learn", learn_with_an_interrupt)
+    hyperparams = TINY if algo == "MetaCPO" else ["n_steps:100", "policy_kwargs:{net_arch: [16]}"]
+    assert train(tmp_path, algo=algo, hyperparams=hyperparams, n=100_000) == 0
+    folder = tmp_path / f"{algo}_Toy2DNav_1"
+    model = cli.ALGOS[algo].load(str(folder / "model.zip"))
+    assert 1 <= model._n_updates <= 2 and model.num_timesteps < 100_000
+    assert "(stopped by Ctrl-C after" in capsys.readouterr().out
+    assert (folder / "learning_curves.png").exists()
+
+
+def test_a_model_file_alone_is_evaluated_with_the_algorithm_of_its_archive(run_folder, tmp_path, capsys):
+    """A .zip without config.yml needed --algo, although the archive records its algorithm."""
+    import shutil
+
+    shutil.copy(run_folder / "model.zip", tmp_path / "alone.zip")
+    assert main(["evaluate", str(tmp_path / "alone.zip"), "--n-tasks", "1", "--n-eval-episodes", "1", "--no-progress"]) == 0
+    assert "MetaCPO from" in capsys.readouterr().out
+    (tmp_path / "broken.zip").write_bytes(b"not a zip")
+    assert main(["evaluate", str(tmp_path / "broken.zip"), "--no-progress"]) == 2
+    assert "is not a zip archive of a saved model" in capsys.readouterr().err

@@ -46,3 +46,22 @@ def test_every_python_block_of_the_readme_runs(tmp_path, monkeypatch):
         except Exception as error:
             pytest.fail(f"the README's python block at line {line} fails: {type(error).__name__}: {error}")
     assert {"model", "dist", "env", "obs", "info"} <= set(namespace)  # every block ran to its end
+
+
+def test_every_inline_task_distribution_call_of_the_readme_and_the_docs_runs():
+    """The README's range override, ``make_task_distribution("Toy2DNav", train_ranges={"n_hazards": (2, 4)})``, raised
+    (its integer range touched the held-out one); inline code is not in the python blocks run above."""
+    from sb3_metacpo import make_task_distribution
+
+    sources = [README, *sorted((README.parent / "docs" / "guide").glob("*.rst"))]
+    calls = [
+        (source.name, match.group(1))
+        for source in sources
+        for match in re.finditer(r"``?(make_task_distribution\([^`]*\))``?", source.read_text(encoding="utf-8"))
+    ]
+    assert len(calls) >= 3
+    for where, call in calls:
+        try:
+            eval(call, {"make_task_distribution": make_task_distribution})
+        except Exception as error:
+            pytest.fail(f"{where}: {call} fails: {type(error).__name__}: {error}")

@@ -15,6 +15,8 @@ from stable_baselines3.common.env_checker import check_env
 from sb3_metacpo.tasks import (
     ParamRange,
     PointButtonHazardTask,
+    Task,
+    TaskDistribution,
     TaskEnv,
     Toy2DNavTask,
     list_task_distributions,
@@ -372,3 +374,60 @@ def test_a_range_with_another_integer_flag_than_its_parameter_is_refused():
         make_task_distribution("Toy2DNav", train_ranges={"n_hazards": ParamRange(1, 3)})
     dist = make_task_distribution("Toy2DNav", train_ranges={"n_hazards": ParamRange(1, 3, integer=True)})
     assert make_task_distribution("Toy2DNav", **dist.get_params()).sample(5) == dist.sample(5)
+
+
+@dataclasses.dataclass(frozen=True)
+class WidthTask(Task):
+    """A task whose env's observation has ``width`` entries: a family that breaks the same-spaces rule."""
+
+    family = "WidthFamily"
+    width: int = 2
+
+
+class WidthEnv(gym.Env):
+    def __init__(self, width: int) -> None:
+        self.observation_space = gym.spaces.Box(-1, 1, (width,), np.float32)
+        self.action_space = gym.spaces.Box(-1, 1, (1,), np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return np.zeros(self.observation_space.shape, np.float32), {}
+
+    def step(self, action):
+        return np.zeros(self.observation_space.shape, np.float32), 0.0, False, False, {"cost": 0.0}
+
+
+class WidthFamily(TaskDistribution):
+    name = "WidthFamily"
+    task_cls = WidthTask
+    limits = {"width": ParamRange(1, 3, integer=True)}
+    default_train_ranges = {"width": ParamRange(1, 2, integer=True)}
+    default_test_ranges = {"width": ParamRange(3, 3, integer=True)}
+    default_max_episode_steps = 10
+    default_cost_limit = 1.0
+
+    def _make_base_env(self, task, render_mode=None):
+        return gym.wrappers.TimeLimit(WidthEnv(task.width), self.max_episode_steps)
+
+
+def test_a_task_with_other_spaces_is_an_error_naming_it():
+    """Observations of another shape were broadcast into the rollout buffers without a word (MetaCPO trained on)."""
+    from sb3_metacpo import MetaCPO
+
+    dist = WidthFamily(seed=0)
+    assert dist.spaces[0].shape == (3,)  # the first env built: the held-out task's
+    with pytest.raises(
+        ValueError,
+        match=r"WidthFamily: the env of WidthTask\(.*width=1\) has observation/action shapes \(1,\)/\(1,\), "
+        r"but the family's envs have \(3,\)/\(1,\)",
+    ):
+        dist.make_env(WidthTask(width=1))
+    env = dist.make_env(dist.test_tasks(1)[0])
+    task_env = env.env.env  # CostMonitor -> EpisodeCostRecorder -> TaskEnv
+    assert isinstance(task_env, TaskEnv)
+    with pytest.raises(ValueError, match="every task of a family must have the same spaces"):
+        task_env.set_task(WidthTask(width=2))
+    assert task_env.task == dist.test_tasks(1)[0] and env.reset()[0].shape == (3,)  # it kept its task and world
+    model = MetaCPO("MlpPolicy", WidthFamily(seed=0), meta_batch_size=2, n_steps=20, seed=0, policy_kwargs=dict(net_arch=[8]))
+    with pytest.raises(ValueError, match="every task of a family must have the same spaces"):
+        model.learn(200)

@@ -17,7 +17,15 @@ import numpy as np
 import torch as th
 from stable_baselines3.common.callbacks import BaseCallback
 
-from sb3_metacpo.common.checks import check, check_meta_evaluation_arguments, check_verbose, is_bool, is_int, is_real
+from sb3_metacpo.common.checks import (
+    check,
+    check_meta_evaluation_arguments,
+    check_verbose,
+    is_bool,
+    is_int,
+    is_real,
+    meta_evaluation_tasks,
+)
 from sb3_metacpo.common.constraints import within_limits
 from sb3_metacpo.common.evaluation import (
     AdaptationRecord,
@@ -202,7 +210,7 @@ class SafeEvalCallback(BaseCallback):
     ) -> None:
         check_verbose(verbose)
         super().__init__(verbose)
-        tasks = list(tasks)
+        tasks = meta_evaluation_tasks(tasks)
         check_meta_evaluation_arguments(tasks, n_updates, n_steps, n_eval_episodes)
         check(is_int(eval_freq) and eval_freq >= 1, f"eval_freq must be a positive integer (updates), got {eval_freq!r}")
         check(

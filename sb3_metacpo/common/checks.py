@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
 import numbers
 from typing import Any
@@ -57,6 +59,29 @@ def check_adaptation_arguments(n_updates: Any, n_steps: Any, target_kl: Any = No
         target_kl is None or (is_real(target_kl) and target_kl > 0),
         f"target_kl must be None or a finite number > 0, got {target_kl!r}",
     )
+
+
+def meta_evaluation_tasks(tasks: Any) -> list[Any]:
+    """``tasks`` (what :func:`~sb3_metacpo.common.evaluation.meta_evaluate` and the evaluation callbacks take) as a
+    list, with a clear ``ValueError`` for a single task, a distribution or an env passed instead of a list of tasks
+    (SB3's ``EvalCallback(eval_env)`` habit); the items are checked by :func:`check_meta_evaluation_arguments`."""
+    from collections.abc import Iterable
+
+    from sb3_metacpo.tasks.base import Task, TaskDistribution
+
+    if isinstance(tasks, Task):
+        raise ValueError(f"meta-evaluation takes a list of tasks, got one {type(tasks).__name__}: pass [task]")
+    if isinstance(tasks, TaskDistribution):
+        raise ValueError(
+            f"meta-evaluation takes tasks of the model's family, got the distribution {tasks.name!r}: pass its "
+            "held-out tasks, e.g. distribution.test_tasks(5)"
+        )
+    check(
+        isinstance(tasks, Iterable),
+        "meta-evaluation takes tasks of the model's family (e.g. distribution.test_tasks(5)), got "
+        f"{type(tasks).__name__}: an env object would be evaluated on its adaptation batches' own start states",
+    )
+    return list(tasks)
 
 
 def check_meta_evaluation_arguments(tasks: Any, n_updates: Any, n_steps: Any, n_eval_episodes: Any) -> None:
@@ -120,6 +145,21 @@ def check_learn_arguments(
     )
 
 
+TENSORBOARD_EXTRA = "pip install sb3-metacpo[tensorboard]"
+
+
+def check_tensorboard(model: Any) -> None:
+    """A model with ``tensorboard_log`` whose ``learn`` is about to configure SB3's logger needs TensorBoard: an
+    ``ImportError`` naming the extra to install (SB3's own names none), before ``learn`` changes anything."""
+    from stable_baselines3.common import utils as sb3_utils
+
+    tensorboard_log = getattr(model, "tensorboard_log", None)
+    if tensorboard_log is not None and not getattr(model, "_custom_logger", False) and sb3_utils.SummaryWriter is None:
+        raise ImportError(
+            f"tensorboard_log={str(tensorboard_log)!r} needs TensorBoard: {TENSORBOARD_EXTRA} (or tensorboard_log=None)"
+        )
+
+
 def check_verbose(verbose: Any) -> None:
     """``verbose`` is an integer >= 0, SB3's levels (0 silent, 1 info, 2 and above debug; the algorithms' and the
     callbacks'): SB3 compares it with 1 and 2, so a string or None failed inside SB3's constructor with a
@@ -148,15 +188,37 @@ def _layer_sizes(value: Any) -> bool:
     return isinstance(value, (list, tuple)) and all(is_int(size) and size >= 1 for size in value)
 
 
-def check_policy_kwargs(policy_kwargs: Any) -> None:
+#: Policy constructor arguments that the algorithm gives itself: not for ``policy_kwargs``.
+POLICY_ARGUMENTS_OF_THE_ALGORITHM = ("observation_space", "action_space", "lr_schedule")
+
+
+def policy_argument_names(policy_class: type) -> set[str] | None:
+    """The keyword arguments ``policy_class(...)`` takes: the named parameters of its ``__init__`` and, while an
+    ``__init__`` passes ``**kwargs`` on, of its bases' (None when one that takes ``**kwargs`` has no base that
+    names them, e.g. a policy that passes them to ``torch.nn.Module``: then any name may be meant)."""
+    names: set[str] = set()
+    for cls in policy_class.__mro__:
+        if "__init__" not in cls.__dict__:
+            continue
+        if cls in (th.nn.Module, object):
+            return None
+        parameters = inspect.signature(cls.__dict__["__init__"]).parameters.values()
+        names |= {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"self"}
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            return names
+    return None
+
+
+def check_policy_kwargs(policy_kwargs: Any, policy_class: type | None = None) -> None:
     """``policy_kwargs`` is None or a dict of the policy's arguments by name, and the entries that SB3 and torch
     would only fail on deep inside the network's construction (or silently misread) have their types:
     ``net_arch`` hidden-layer sizes (a list of positive integers, or a dict of them for ``pi`` and ``vf``),
     ``activation_fn`` a ``torch.nn.Module`` class and ``optimizer_class`` a ``torch.optim.Optimizer`` class (the
     classes, not their names), ``optimizer_kwargs`` None or a dict without ``lr`` (the algorithm sets the critics'
     learning rate) and the flags of :data:`POLICY_FLAGS` True or False. The policy checks the rest (``CPOPolicy``:
-    ``log_std_init``, ``clip_observations``, an element-wise activation...); unknown names are the policy
-    constructor's ``TypeError``."""
+    ``log_std_init``, ``clip_observations``, an element-wise activation...). Given ``policy_class``, a name it does
+    not take (:func:`policy_argument_names`), or one the algorithm gives it itself, is an error here, before the
+    model seeds anything or builds its networks."""
     if policy_kwargs is None:
         return
     check(
@@ -164,6 +226,21 @@ def check_policy_kwargs(policy_kwargs: Any) -> None:
         "policy_kwargs must be None or a dict of the policy's arguments by name (e.g. dict(net_arch=[64, 64])), "
         f"got {policy_kwargs!r}",
     )
+    own = sorted(set(policy_kwargs) & set(POLICY_ARGUMENTS_OF_THE_ALGORITHM))
+    check(
+        not own,
+        f"policy_kwargs cannot set {', '.join(map(repr, own))}: the algorithm gives the policy its spaces and schedule",
+    )
+    known = None if policy_class is None else policy_argument_names(policy_class)
+    if known is not None:
+        for name in policy_kwargs:
+            if name not in known:
+                close = difflib.get_close_matches(name, sorted(known), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ValueError(
+                    f"policy_kwargs[{name!r}]: {policy_class.__name__} takes no argument {name!r}{hint} (it takes "  # type: ignore[union-attr]
+                    f"{', '.join(sorted(known - set(POLICY_ARGUMENTS_OF_THE_ALGORITHM)))})"
+                )
     net_arch = policy_kwargs.get("net_arch")
     if isinstance(net_arch, (list, tuple)) and len(net_arch) == 1 and isinstance(net_arch[0], dict):
         net_arch = net_arch[0]  # SB3's deprecated [dict(pi=..., vf=...)], which it still takes (with a warning)

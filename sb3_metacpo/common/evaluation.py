@@ -23,6 +23,7 @@ from sb3_metacpo.common.checks import (
     check_verbose,
     is_bool,
     is_int,
+    meta_evaluation_tasks,
 )
 from sb3_metacpo.common.constraints import CostConstraints
 from sb3_metacpo.common.envs import make_safe_vec_env
@@ -156,7 +157,7 @@ def meta_evaluate(
     :param target_kl: the adaptation updates' trust region (None: the model's own)
     :return: one record per task and stage (k = 0 .. n_updates), in task order
     """
-    tasks = list(tasks)
+    tasks = meta_evaluation_tasks(tasks)
     check_meta_evaluation_arguments(tasks, n_updates, n_steps, n_eval_episodes)  # before any adaptation changes the model
     check_adaptation_arguments(None, None, target_kl)
     records = []
@@ -219,7 +220,7 @@ class MetaEvalCallback(BaseCallback):
     ) -> None:
         check_verbose(verbose)
         super().__init__(verbose)
-        tasks = list(tasks)
+        tasks = meta_evaluation_tasks(tasks)
         check_meta_evaluation_arguments(tasks, n_updates, n_steps, n_eval_episodes)
         check_adaptation_arguments(None, None, target_kl)
         check(

@@ -26,6 +26,7 @@ from sb3_metacpo.common.checks import (
     check_positive_ints,
     check_positive_reals,
     check_seed,
+    check_tensorboard,
     check_vec_env_cls,
     check_verbose,
     is_int,
@@ -251,7 +252,7 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):  # type: igno
         )
         check_cpo_step_hyperparameters(self)
         check_verbose(self.verbose)  # a value given to load
-        check_policy_kwargs(self.policy_kwargs)
+        check_policy_kwargs(self.policy_kwargs, self.policy_class)
         self._check_constraints()
         as_python_scalars(self, *_NUMERIC_HYPERPARAMETERS)
 
@@ -497,6 +498,7 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):  # type: igno
         """Train for ``total_timesteps`` env steps (SB3's ``learn``). A model adapted by :meth:`adapt` forgets its
         adaptation here: ``predict`` acts with the trained parameters again."""
         check_learn_arguments(total_timesteps, log_interval, callback, reset_num_timesteps, progress_bar)
+        check_tensorboard(self)
         if self.env is None:  # SB3 asserted without a message
             raise ValueError(
                 "this CPO has no env to train on (a model loaded from an archive of one trained on an env object, which "

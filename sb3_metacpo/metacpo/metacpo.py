@@ -31,6 +31,7 @@ from sb3_metacpo.common.checks import (
     check_positive_ints,
     check_positive_reals,
     check_seed,
+    check_tensorboard,
     check_verbose,
     is_int,
     is_real,
@@ -279,7 +280,7 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):  # type: igno
         check_positive_reals(self, "inner_target_kl", "outer_target_kl", "critic_learning_rate")
         check_cpo_step_hyperparameters(self)
         check_verbose(self.verbose)  # a value given to load
-        check_policy_kwargs(self.policy_kwargs)
+        check_policy_kwargs(self.policy_kwargs, self.policy_class)
         check(
             self.meta_gradient in ("second_order", "first_order"),
             f"meta_gradient must be 'second_order' or 'first_order', got {self.meta_gradient!r}",
@@ -502,6 +503,7 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):  # type: igno
         :meth:`adapt` again after training to act with an adapted policy.
         """
         check_learn_arguments(total_timesteps, log_interval, callback, reset_num_timesteps, progress_bar)
+        check_tensorboard(self)
         total_timesteps = int(total_timesteps)
         if self.adapted_params is not None:
             self.reset_adaptation()

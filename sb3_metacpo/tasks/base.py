@@ -20,7 +20,7 @@ import gymnasium as gym
 import numpy as np
 
 from sb3_metacpo.tasks.monitor import CostMonitor
-from sb3_metacpo.tasks.task_env import TaskEnv
+from sb3_metacpo.tasks.task_env import TaskEnv, check_task_spaces
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -240,17 +240,29 @@ class TaskDistribution(ABC):
         return False
 
     def make_env(self, task: Task, render_mode: str | None = None, monitor_file: str | None = None) -> gym.Env:
-        """Build the env of ``task``: the family's env with per-episode seeds and an episode-cost monitor."""
+        """Build the env of ``task``: the family's env with per-episode seeds and an episode-cost monitor.
+
+        The first env built gives the family's spaces (:attr:`spaces`); a task whose env has other observation or
+        action shapes raises a ``ValueError`` naming it."""
         self.validate_task(task)
-        return CostMonitor(TaskEnv(self, task, render_mode=render_mode), filename=monitor_file)
+        env = CostMonitor(TaskEnv(self, task, render_mode=render_mode), filename=monitor_file)
+        spaces = (env.observation_space, env.action_space)
+        if self._spaces is None:
+            self._spaces = spaces
+            return env
+        try:
+            check_task_spaces(self, task, spaces, self._spaces)
+        except ValueError:
+            env.close()
+            raise
+        return env
 
     @property
     def spaces(self) -> tuple[gym.Space, gym.Space]:
         """(observation_space, action_space), the same for every task of the family."""
         if self._spaces is None:
-            env = self.make_env(self.test_tasks(1)[0])
-            self._spaces = (env.observation_space, env.action_space)
-            env.close()
+            self.make_env(self.test_tasks(1)[0]).close()  # the first env built sets them
+        assert self._spaces is not None
         return self._spaces
 
     # --- serialisation -----------------------------------------------------------------------------------------

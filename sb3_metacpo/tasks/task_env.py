@@ -21,6 +21,21 @@ def _float32_box(space: gym.Space) -> gym.spaces.Box:
     return gym.spaces.Box(space.low.astype(np.float32), space.high.astype(np.float32), space.shape, np.float32)
 
 
+def check_task_spaces(
+    distribution: TaskDistribution, task: Task, spaces: tuple[gym.Space, gym.Space], expected: tuple[gym.Space, gym.Space]
+) -> None:
+    """A ``ValueError`` naming ``task`` when its env's observation or action shape is not the family's (every task of a
+    family must have the same spaces: the policy and the rollout buffers are built for one shape, and numpy would
+    broadcast a smaller observation into them without a word)."""
+    shapes = tuple(space.shape for space in spaces)
+    wanted = tuple(space.shape for space in expected)
+    if shapes != wanted:
+        raise ValueError(
+            f"{distribution.name}: the env of {task} has observation/action shapes {shapes[0]}/{shapes[1]}, but the "
+            f"family's envs have {wanted[0]}/{wanted[1]}: every task of a family must have the same spaces"
+        )
+
+
 class TaskEnv(gym.Wrapper):
     """Env of one task of a :class:`TaskDistribution`.
 
@@ -56,8 +71,15 @@ class TaskEnv(gym.Wrapper):
             return
         self.distribution.validate_task(task)
         if not self.distribution._switch_base_env(self.env, task):
+            env = self.distribution._make_base_env(task, render_mode=self._render_mode)
+            try:  # checked before the current world is closed: on an error this env keeps its task
+                spaces = (_float32_box(env.observation_space), _float32_box(env.action_space))
+                check_task_spaces(self.distribution, task, spaces, (self.observation_space, self.action_space))
+            except (TypeError, ValueError):
+                env.close()
+                raise
             self.env.close()
-            self.env = self.distribution._make_base_env(task, render_mode=self._render_mode)
+            self.env = env
         self.task = task
         self._switched = True
 
