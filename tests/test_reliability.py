@@ -316,3 +316,23 @@ def test_a_subprocess_worker_that_raises_or_dies_is_named_and_the_model_stays_us
     model.learn(400, reset_num_timesteps=False)
     assert model._n_updates == 3
     model.sampler.close()
+
+
+def test_subprocess_workers_outlive_a_ctrl_c_that_the_main_process_handles() -> None:
+    """A Ctrl-C reaches every process of the terminal's group: SB3's workers died of it, so a run that stops at the
+    next env step (sb3-metacpo train) failed with a dead worker instead."""
+    import os
+    import signal
+    import time
+
+    from stable_baselines3.common.vec_env import SubprocVecEnv
+
+    model = MetaCPO("MlpPolicy", toy(), vec_env_cls=SubprocVecEnv, **SMALL)
+    model.learn(400)
+    for process in model.sampler.vec_env.processes:
+        os.kill(process.pid, signal.SIGINT)
+    time.sleep(0.5)
+    assert all(process.is_alive() for process in model.sampler.vec_env.processes)
+    model.learn(400, reset_num_timesteps=False)
+    assert model._n_updates == 2
+    model.sampler.close()

@@ -8,6 +8,7 @@ patches) in their own process.
 from __future__ import annotations
 
 import multiprocessing as mp
+import signal
 import traceback
 from collections import OrderedDict
 from collections.abc import Callable
@@ -54,7 +55,12 @@ class _WorkerFailure:
 
 
 def _reporting_worker(remote: Connection, parent_remote: Connection, env_fn_wrapper: CloudpickleWrapper) -> None:
-    """SB3's worker loop; if it raises (the env failed), send the exception back before the process ends."""
+    """SB3's worker loop; if it raises (the env failed), send the exception back before the process ends.
+
+    The worker ignores SIGINT: a Ctrl-C in a terminal reaches every process of its group, and the main process decides
+    what it means (``sb3-metacpo train`` stops at the next env step and saves the run; a plain script ends, and the
+    daemon workers with it). SB3's workers died of it, so an interrupted run could not stop between two updates."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         _worker(remote, parent_remote, env_fn_wrapper)
     except Exception as error:  # anything the env raised: reported to the main process, which raises it there
