@@ -234,9 +234,13 @@ def _plot_learning(folder: Path, title: str) -> None:
 
 
 def _try_plot(function: Any, what: str) -> None:
+    """Draw a figure after the work it shows is saved: matplotlib missing, or nothing to draw (a run stopped before
+    its first log line), is a note, not a failure of the command."""
+    from sb3_metacpo.plots import PlotInputError
+
     try:
         function()
-    except ImportError as error:
+    except (ImportError, PlotInputError) as error:
         print(f"no {what}: {error}", file=sys.stderr)
 
 

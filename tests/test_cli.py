@@ -469,3 +469,12 @@ def test_a_model_file_alone_is_evaluated_with_the_algorithm_of_its_archive(run_f
     (tmp_path / "broken.zip").write_bytes(b"not a zip")
     assert main(["evaluate", str(tmp_path / "broken.zip"), "--no-progress"]) == 2
     assert "is not a zip archive of a saved model" in capsys.readouterr().err
+
+
+def test_a_run_stopped_before_its_first_log_line_is_saved_without_curves(tmp_path, capsys):
+    """A run interrupted in its first iteration has an empty progress.csv: the plot after saving raised a traceback."""
+    from sb3_metacpo.cli import _plot_learning, _try_plot
+
+    (tmp_path / "progress.csv").write_text("")
+    _try_plot(lambda: _plot_learning(tmp_path, "run"), "learning curves")
+    assert "no learning curves: " in capsys.readouterr().err and not (tmp_path / "learning_curves.png").exists()
