@@ -39,7 +39,7 @@ from stable_baselines3.common.logger import configure
 from stable_baselines3.common.utils import get_device
 from tqdm.auto import tqdm
 
-from sb3_metacpo.common.serialization import ArchiveError, decode_space, read_archive
+from sb3_metacpo.common.serialization import POLICY_CONTENT, ArchiveError, decode_space, read_archive
 from sb3_metacpo.config import (
     ALGOS,
     ConfigError,
@@ -94,7 +94,8 @@ def logger_formats(verbose: int, tensorboard: bool) -> list[str]:
 class StopOnInterrupt(BaseCallback):
     """Stops ``learn`` at the next env step once :func:`first_interrupt_stops` saw a Ctrl-C: the update in progress
     finishes, the batch being collected is dropped, and the model keeps its last completed update (what the command
-    line then saves, as the RL Zoo saves an interrupted run)."""
+    line then saves, as the RL Zoo saves an interrupted run); its ``num_timesteps`` counts the dropped batch's steps
+    too, as after any callback that stops a collect."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -126,8 +127,8 @@ def first_interrupt_stops(stopper: StopOnInterrupt) -> Iterator[None]:
     previous = signal.signal(signal.SIGINT, handler)
     try:
         yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    finally:  # a handler installed outside Python reads as None: Python's own then
+        signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
 
 
 def train_run(
@@ -219,7 +220,9 @@ def train_run(
     seconds = time.perf_counter() - start
     model.save(folder / MODEL_FILE)
     model.logger.close()
-    stopped = f" (stopped by Ctrl-C after {_count(model._n_updates, 'update')})" if stopper.requested else ""
+    stopped = ""
+    if stopper.requested:  # num_timesteps counts the dropped batch's steps too, as after any callback that stops a collect
+        stopped = f" (stopped by Ctrl-C after {_count(model._n_updates, 'update')}; the count includes the dropped batch)"
     print(f"trained {model.num_timesteps} env steps{stopped} in {seconds:.1f} s; model: {folder / MODEL_FILE}", flush=True)
     if plots:
         _try_plot(lambda: _plot_learning(folder, f"{algo} on {key}, seed {seed}"), "learning curves")
@@ -288,9 +291,15 @@ class LoadedRun:
         name = algo or self.config.get("algo")
         if name is None:  # a model file alone: its archive records the algorithm
             try:
-                name = read_archive(model_path)[0].get("algorithm")
+                metadata = read_archive(model_path)[0]
             except ArchiveError as error:
                 raise CLIError(f"{model_path}: {error}") from error
+            if metadata.get("content") == POLICY_CONTENT:
+                raise CLIError(
+                    f"{model_path} holds a policy saved alone (policy.save), not a model: evaluate and adapt take a "
+                    "model saved with model.save (or a run folder); load this file with CPOPolicy.load"
+                )
+            name = metadata.get("algorithm")
             if name not in ALGOS:
                 raise CLIError(
                     f"{model_path} holds a {name} model and has no config.yml beside it: give --algo ({', '.join(ALGOS)})"

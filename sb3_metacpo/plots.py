@@ -76,6 +76,8 @@ def _csv_rows(path: Path) -> list[dict[str, Any]]:
             return list(csv.DictReader(handle))
     except (csv.Error, UnicodeDecodeError) as error:
         raise PlotInputError(f"{path}: not a CSV file ({error})") from error
+    except OSError as error:  # a folder, a file without read permission
+        raise PlotInputError(f"{path}: cannot be read ({error.strerror or error})") from error
 
 
 def _pyplot() -> Any:
@@ -175,8 +177,10 @@ def plot_learning_curves(
         folder = run.parent if run.name == "progress.csv" else run
         config = run_config(folder)
         progress = read_progress(run)
+        if not progress:
+            raise PlotInputError(f"{run}: progress.csv holds no logged values yet (no rows, or no numeric column)")
         if X_KEY not in progress:
-            raise PlotInputError(f"{run}: progress.csv has no {X_KEY!r} column")
+            raise PlotInputError(f"{run}: progress.csv has no numeric {X_KEY!r} column")
         label = labels[index] if labels is not None else _run_label(folder, config)
         groups.setdefault(label, []).append(progress)
         if "meta/cost_limit" in progress and np.isfinite(progress["meta/cost_limit"]).any():

@@ -502,6 +502,13 @@ CASES: list[Case] = [
         r"takes tasks of the model's family \(e.g. distribution.test_tasks\(5\)\), got CostMonitor",
     ),
     Case(
+        "SafeEvalCallback",
+        "a family name instead of tasks",
+        lambda: SafeEvalCallback("Toy2DNav"),
+        ValueError,
+        r"got the name 'Toy2DNav': pass held-out tasks, e.g. make_task_distribution\('Toy2DNav'\).test_tasks\(5\)",
+    ),
+    Case(
         "MetaEvalCallback",
         "the distribution instead of its tasks",
         lambda: MetaEvalCallback(toy()),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import sys
 from pathlib import Path
@@ -170,21 +171,34 @@ def test_policy_argument_names_follow_kwargs_to_the_bases() -> None:
     from sb3_metacpo.common.checks import check_policy_kwargs, policy_argument_names
     from sb3_metacpo.common.policies import CPOPolicy
 
-    class WithOwnOption(CPOPolicy):
+    class AllNamed(CPOPolicy):  # no **kwargs: its own names are all it takes
+        def __init__(self, observation_space: Any, action_space: Any, lr_schedule: Any, scale: float = 1.0) -> None:
+            super().__init__(observation_space, action_space, lr_schedule)
+
+    class WithOwnOption(CPOPolicy):  # passes **kwargs on, but another package's code may take some out first
         def __init__(self, *args: Any, scale: float = 1.0, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+
+    class PopsItsOwn(CPOPolicy):  # takes its option out of **kwargs: its names cannot be told from its signature
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            self.scale = kwargs.pop("scale", 1.0)
             super().__init__(*args, **kwargs)
 
     class OwnModule(th.nn.Module):  # passes everything to torch: any name may be meant
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__()
 
-    names = policy_argument_names(WithOwnOption)
-    assert names is not None and {"scale", "normalize_observations", "net_arch", "optimizer_kwargs"} <= names
-    assert policy_argument_names(OwnModule) is None
-    check_policy_kwargs({"scale": 2.0, "net_arch": [8]}, WithOwnOption)
-    check_policy_kwargs({"anything": 1}, OwnModule)
-    with pytest.raises(ValueError, match="WithOwnOption takes no argument 'scal'; did you mean 'scale'"):
-        check_policy_kwargs({"scal": 2.0}, WithOwnOption)
+    names = policy_argument_names(CPOPolicy)  # the library's and SB3's pass **kwargs on unchanged: followed
+    assert names is not None and {"normalize_observations", "n_costs", "net_arch", "optimizer_kwargs"} <= names
+    assert policy_argument_names(AllNamed) == {"observation_space", "action_space", "lr_schedule", "scale"}
+    for unknown in (WithOwnOption, PopsItsOwn, OwnModule, functools.partial(CPOPolicy, log_std_init=-0.5)):
+        assert policy_argument_names(unknown) is None  # cannot be told: left to the policy's constructor
+    check_policy_kwargs({"scale": 2.0, "anything": 1}, PopsItsOwn)
+    with pytest.raises(ValueError, match="AllNamed takes no argument 'scal'; did you mean 'scale'"):
+        check_policy_kwargs({"scal": 2.0}, AllNamed)
+    model = MetaCPO(PopsItsOwn, toy(), **{**SMALL, "policy_kwargs": {"net_arch": [8], "scale": 2.0}})
+    assert model.policy.scale == 2.0
+    MetaCPO(functools.partial(CPOPolicy, log_std_init=-0.5), toy(), **SMALL)
     model = MetaCPO("MlpPolicy", toy(), **{**SMALL, "policy_kwargs": {"net_arch": [8], "log_std_init": -0.5}})
     check_policy_kwargs(model.policy_kwargs, model.policy_class)  # as _setup_model left it (with n_costs)
 

@@ -399,9 +399,14 @@ def test_plot_of_files_it_cannot_read_is_a_usage_error(tmp_path, capsys):
     (tmp_path / "run" / "progress.csv").write_text("rollout/ep_rew_mean\n1.0\n")
     (tmp_path / "columns.csv").write_text("method,task\nMetaCPO,0\n")
     (tmp_path / "binary.csv").write_bytes(b"\xff\xfe\x00\x81" * 8)
+    (tmp_path / "header_only").mkdir()
+    (tmp_path / "header_only" / "progress.csv").write_text("time/total_timesteps,rollout/ep_rew_mean\n")
+    (tmp_path / "a_folder.csv").mkdir()
     expected = {
         "empty.csv": "no adaptation records",
-        "run": "progress.csv has no 'time/total_timesteps' column",
+        "run": "progress.csv has no numeric 'time/total_timesteps' column",
+        "header_only": "progress.csv holds no logged values yet",
+        "a_folder.csv": "cannot be read",
         "columns.csv": "record 0 lacks",
         "binary.csv": "not a CSV file",
     }
@@ -466,6 +471,9 @@ def test_a_model_file_alone_is_evaluated_with_the_algorithm_of_its_archive(run_f
     shutil.copy(run_folder / "model.zip", tmp_path / "alone.zip")
     assert main(["evaluate", str(tmp_path / "alone.zip"), "--n-tasks", "1", "--n-eval-episodes", "1", "--no-progress"]) == 0
     assert "MetaCPO from" in capsys.readouterr().out
+    MetaCPO.load(str(run_folder / "model.zip")).policy.save(tmp_path / "policy_alone.zip")
+    assert main(["evaluate", str(tmp_path / "policy_alone.zip"), "--no-progress"]) == 2
+    assert "holds a policy saved alone (policy.save), not a model" in capsys.readouterr().err
     (tmp_path / "broken.zip").write_bytes(b"not a zip")
     assert main(["evaluate", str(tmp_path / "broken.zip"), "--no-progress"]) == 2
     assert "is not a zip archive of a saved model" in capsys.readouterr().err

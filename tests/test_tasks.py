@@ -410,9 +410,12 @@ class WidthFamily(TaskDistribution):
         return gym.wrappers.TimeLimit(WidthEnv(task.width), self.max_episode_steps)
 
 
-def test_a_task_with_other_spaces_is_an_error_naming_it():
+def test_a_task_with_other_spaces_is_an_error_naming_it(tmp_path):
     """Observations of another shape were broadcast into the rollout buffers without a word (MetaCPO trained on)."""
-    from sb3_metacpo import MetaCPO
+    from stable_baselines3.common.vec_env import SubprocVecEnv
+
+    from sb3_metacpo import CPO, MetaCPO
+    from sb3_metacpo.common.envs import EnvWorkerError
 
     dist = WidthFamily(seed=0)
     assert dist.spaces[0].shape == (3,)  # the first env built: the held-out task's
@@ -431,3 +434,11 @@ def test_a_task_with_other_spaces_is_an_error_naming_it():
     model = MetaCPO("MlpPolicy", WidthFamily(seed=0), meta_batch_size=2, n_steps=20, seed=0, policy_kwargs=dict(net_arch=[8]))
     with pytest.raises(ValueError, match="every task of a family must have the same spaces"):
         model.learn(200)
+    for attempt in range(3):  # CPO's resampling workers draw their tasks from unseeded streams: each checks its own
+        with pytest.raises(EnvWorkerError, match="every task of a family must have the same spaces"):
+            CPO("MlpPolicy", WidthFamily(seed=attempt), n_steps=20, n_envs=2, seed=0, vec_env_cls=SubprocVecEnv).learn(400)
+    monitored = dist.make_env(dist.test_tasks(1)[0])  # a task that fails the check opens no monitor file
+    with pytest.raises(ValueError):
+        dist.make_env(WidthTask(width=1), monitor_file=str(tmp_path / "width"))
+    assert not list(tmp_path.iterdir())
+    monitored.close()

@@ -71,6 +71,11 @@ def meta_evaluation_tasks(tasks: Any) -> list[Any]:
 
     if isinstance(tasks, Task):
         raise ValueError(f"meta-evaluation takes a list of tasks, got one {type(tasks).__name__}: pass [task]")
+    if isinstance(tasks, str):
+        raise ValueError(
+            f"meta-evaluation takes tasks of the model's family, got the name {tasks!r}: pass held-out tasks, e.g. "
+            f"make_task_distribution({tasks!r}).test_tasks(5)"
+        )
     if isinstance(tasks, TaskDistribution):
         raise ValueError(
             f"meta-evaluation takes tasks of the model's family, got the distribution {tasks.name!r}: pass its "
@@ -192,10 +197,17 @@ def _layer_sizes(value: Any) -> bool:
 POLICY_ARGUMENTS_OF_THE_ALGORITHM = ("observation_space", "action_space", "lr_schedule")
 
 
-def policy_argument_names(policy_class: type) -> set[str] | None:
+#: Packages whose policies pass every ``**kwargs`` on to their base class unchanged.
+_KNOWN_POLICY_PACKAGES = ("sb3_metacpo.", "stable_baselines3.")
+
+
+def policy_argument_names(policy_class: Any) -> set[str] | None:
     """The keyword arguments ``policy_class(...)`` takes: the named parameters of its ``__init__`` and, while an
-    ``__init__`` passes ``**kwargs`` on, of its bases' (None when one that takes ``**kwargs`` has no base that
-    names them, e.g. a policy that passes them to ``torch.nn.Module``: then any name may be meant)."""
+    ``__init__`` of this package's or SB3's passes ``**kwargs`` on, of its bases'. None when that cannot be told: a
+    callable that is not a class (``functools.partial``), an ``__init__`` of another package that takes ``**kwargs``
+    (it may take options out of them before calling its base), or one that passes them to ``torch.nn.Module``."""
+    if not isinstance(policy_class, type):
+        return None
     names: set[str] = set()
     for cls in policy_class.__mro__:
         if "__init__" not in cls.__dict__:
@@ -206,10 +218,12 @@ def policy_argument_names(policy_class: type) -> set[str] | None:
         names |= {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"self"}
         if not any(p.kind is p.VAR_KEYWORD for p in parameters):
             return names
+        if not cls.__module__.startswith(_KNOWN_POLICY_PACKAGES):
+            return None
     return None
 
 
-def check_policy_kwargs(policy_kwargs: Any, policy_class: type | None = None) -> None:
+def check_policy_kwargs(policy_kwargs: Any, policy_class: Any = None) -> None:
     """``policy_kwargs`` is None or a dict of the policy's arguments by name, and the entries that SB3 and torch
     would only fail on deep inside the network's construction (or silently misread) have their types:
     ``net_arch`` hidden-layer sizes (a list of positive integers, or a dict of them for ``pi`` and ``vf``),
@@ -238,7 +252,7 @@ def check_policy_kwargs(policy_kwargs: Any, policy_class: type | None = None) ->
                 close = difflib.get_close_matches(name, sorted(known), n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
                 raise ValueError(
-                    f"policy_kwargs[{name!r}]: {policy_class.__name__} takes no argument {name!r}{hint} (it takes "  # type: ignore[union-attr]
+                    f"policy_kwargs[{name!r}]: {policy_class.__name__} takes no argument {name!r}{hint} (it takes "
                     f"{', '.join(sorted(known - set(POLICY_ARGUMENTS_OF_THE_ALGORITHM)))})"
                 )
     net_arch = policy_kwargs.get("net_arch")

@@ -302,6 +302,7 @@ def make_safe_vec_env(
     if isinstance(n_envs, bool) or not isinstance(n_envs, (int, np.integer)) or n_envs < 1:
         raise ValueError(f"n_envs must be a positive integer, got {n_envs!r}")
     if isinstance(env, TaskDistribution):
+        _ = env.spaces  # known before the factory is copied to workers: each then checks its tasks against them
         factory = EnvFactory(distribution=env)
     elif isinstance(env, Task):
         if distribution is None:
@@ -310,6 +311,7 @@ def make_safe_vec_env(
                 "(the TaskDistribution or its registered name), then call set_env(task) to train on this task"
             )
         distribution.validate_task(env)
+        _ = distribution.spaces  # as above
         factory = EnvFactory(distribution=distribution, task=env)
     elif isinstance(env, str):
         factory = EnvFactory(env_id=env)

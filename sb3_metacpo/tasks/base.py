@@ -242,20 +242,21 @@ class TaskDistribution(ABC):
     def make_env(self, task: Task, render_mode: str | None = None, monitor_file: str | None = None) -> gym.Env:
         """Build the env of ``task``: the family's env with per-episode seeds and an episode-cost monitor.
 
-        The first env built gives the family's spaces (:attr:`spaces`); a task whose env has other observation or
-        action shapes raises a ``ValueError`` naming it."""
+        The first env built gives the family's spaces (:attr:`spaces`, which builds the first held-out task's env when
+        none was built yet); a task whose env has other observation or action shapes raises a ``ValueError`` naming
+        it."""
         self.validate_task(task)
-        env = CostMonitor(TaskEnv(self, task, render_mode=render_mode), filename=monitor_file)
+        env = TaskEnv(self, task, render_mode=render_mode)
         spaces = (env.observation_space, env.action_space)
         if self._spaces is None:
             self._spaces = spaces
-            return env
-        try:
-            check_task_spaces(self, task, spaces, self._spaces)
-        except ValueError:
-            env.close()
-            raise
-        return env
+        else:
+            try:  # before the monitor opens its file
+                check_task_spaces(self, task, spaces, self._spaces)
+            except ValueError:
+                env.close()
+                raise
+        return CostMonitor(env, filename=monitor_file)
 
     @property
     def spaces(self) -> tuple[gym.Space, gym.Space]:
