@@ -336,3 +336,20 @@ def test_subprocess_workers_outlive_a_ctrl_c_that_the_main_process_handles() -> 
     model.learn(400, reset_num_timesteps=False)
     assert model._n_updates == 2
     model.sampler.close()
+
+
+def test_a_vec_env_whose_env_fails_to_build_leaves_no_worker_running() -> None:
+    """The other workers outlived the error (a notebook retrying piled them up)."""
+    import multiprocessing as mp
+
+    import gymnasium as gym
+
+    from sb3_metacpo.common.envs import EnvWorkerError, ReportingSubprocVecEnv
+
+    def no_env() -> gym.Env:
+        raise ValueError("no env here")
+
+    before = set(mp.active_children())
+    with pytest.raises(EnvWorkerError, match="env worker 0 raised ValueError: no env here"):
+        ReportingSubprocVecEnv([no_env, lambda: gym.make("Pendulum-v1"), lambda: gym.make("Pendulum-v1")])
+    assert set(mp.active_children()) <= before

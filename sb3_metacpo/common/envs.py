@@ -137,9 +137,21 @@ class ReportingSubprocVecEnv(SubprocVecEnv):
             self.processes.append(process)
             remotes.append(_CheckedRemote(parent_end, index, process))
         self.remotes = remotes  # type: ignore[assignment]
-        self.remotes[0].send(("get_spaces", None))
-        observation_space, action_space = self.remotes[0].recv()
+        try:
+            self.remotes[0].send(("get_spaces", None))
+            observation_space, action_space = self.remotes[0].recv()
+        except EnvWorkerError:  # an env failed to build: the other workers would outlive the error
+            self._end_workers()
+            raise
         VecEnv.__init__(self, len(env_fns), observation_space, action_space)
+
+    def _end_workers(self) -> None:
+        """Terminate every worker still running (a broken VecEnv's), and mark the VecEnv closed."""
+        for process in self.processes:
+            if process.is_alive():
+                process.terminate()
+            process.join(timeout=1.0)
+        self.closed = True
 
     def close(self) -> None:
         """Close every worker; a broken one is terminated instead."""
@@ -148,11 +160,7 @@ class ReportingSubprocVecEnv(SubprocVecEnv):
         try:
             super().close()
         except EnvWorkerError:
-            for process in self.processes:
-                if process.is_alive():
-                    process.terminate()
-                process.join(timeout=1.0)
-            self.closed = True
+            self._end_workers()
 
 
 class LeanDummyVecEnv(DummyVecEnv):
