@@ -311,6 +311,13 @@ CASES: list[Case] = [
         ValueError,
         "policy_kwargs cannot set 'lr_schedule': the algorithm gives the policy its spaces and schedule",
     ),
+    Case(
+        "CPO(...)",
+        "env='SafetyPointGoal1-v0'",
+        lambda: CPO("MlpPolicy", "SafetyPointGoal1-v0"),
+        ValueError,
+        "safety-gymnasium's own id, whose step returns six values .* use 'SafetyPointGoal1Gymnasium-v0'",
+    ),
     Case("MetaCPO(...)", "env=None", lambda: MetaCPO("MlpPolicy", None), ValueError, "env is required"),
     Case(
         "MetaCPO(...)",

@@ -285,3 +285,28 @@ def test_missing_ray_names_the_extra(monkeypatch):
         import_ray()
     with pytest.raises(ImportError, match=r"sb3-metacpo\[ray\]"):
         MetaCPO("MlpPolicy", toy(), sampler="ray", **SMALL)
+
+
+def test_workers_waiting_for_cpus_another_model_holds_are_explained(monkeypatch):
+    """A second Ray-sampler model in a process whose first model still held Ray's CPUs waited forever, silently."""
+    import threading
+
+    from sb3_metacpo.common import ray_sampler
+
+    first = RaySampler(toy(), n_envs=2, num_workers=2)  # Ray's 2 CPUs, held until closed
+    monkeypatch.setattr(ray_sampler, "START_WARNING_SECONDS", 1.0)
+    releases = threading.Timer(3.0, first.close)
+    releases.start()
+    with pytest.warns(UserWarning, match=r"need 2 CPUs and Ray has 0 of 2 free\. If they wait for CPUs, another model"):
+        second = RaySampler(toy(), n_envs=2, num_workers=2)  # starts once the first's workers are gone
+    releases.join()
+    assert len(second.collect(toy().sample(2), second_policy(second), 20)) == 2
+    second.close()
+
+
+def second_policy(sampler: RaySampler):
+    policy = CPOPolicy(sampler.observation_space, sampler.action_space, lambda _: 1e-3, net_arch=[8])
+    params = {
+        name: value.detach().unsqueeze(0).repeat(2, *([1] * value.dim())) for name, value in policy.actor_params().items()
+    }
+    return policy.numpy_actor_sets(params)

@@ -8,6 +8,7 @@ patches) in their own process.
 from __future__ import annotations
 
 import multiprocessing as mp
+import re
 import signal
 import traceback
 from collections import OrderedDict
@@ -275,6 +276,22 @@ class EnvFactory:
         return CostMonitor(fast_standard_env(gym.make(self.env_id)))
 
 
+def check_gymnasium_api_id(env_id: str) -> None:
+    """A ``ValueError`` for safety-gymnasium's own id of an env (``SafetyPointGoal1-v0``), whose ``step`` returns six
+    values (the cost apart), where gymnasium's id of the same env (``SafetyPointGoal1Gymnasium-v0``) gives the five of
+    gymnasium's API with the cost in ``info``: the env built, and failed at its first step in gymnasium's checker."""
+    match = re.fullmatch(r"(Safety\w+?)(-v\d+)", env_id)
+    if match is None or match.group(1).endswith("Gymnasium"):
+        return
+    import_safety_gymnasium()  # registers both kinds of ids
+    suggestion = f"{match.group(1)}Gymnasium{match.group(2)}"
+    if suggestion in gym.registry:
+        raise ValueError(
+            f"{env_id!r} is safety-gymnasium's own id, whose step returns six values (the cost apart); the library takes "
+            f"gymnasium's API, with the cost in info: use {suggestion!r}"
+        )
+
+
 def make_safe_vec_env(
     env: SafeEnv,
     n_envs: int = 1,
@@ -322,6 +339,7 @@ def make_safe_vec_env(
         _ = distribution.spaces  # as above
         factory = EnvFactory(distribution=distribution, task=env)
     elif isinstance(env, str):
+        check_gymnasium_api_id(env)
         factory = EnvFactory(env_id=env)
     else:
         raise TypeError(

@@ -24,6 +24,7 @@ import logging
 import os
 import pickle
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -63,6 +64,10 @@ RAY_SAMPLER_OPTIONS = (
     "ray_init_kwargs",
     "measure_transfer",
 )
+
+
+#: Seconds the sampler waits for its workers to start before it warns that Ray lacks the CPUs they need.
+START_WARNING_SECONDS = 15.0
 
 
 def import_ray() -> Any:
@@ -305,12 +310,34 @@ class RaySampler(Sampler):
             RolloutWorker
         )
         self.workers = [self._new_worker(w) for w in range(self.num_workers)]
-        ray.get([worker.ping.remote() for worker in self.workers])  # fail here, not in the first collect
+        self._wait_for_workers(float(num_cpus_per_worker))  # fail here, not in the first collect
         self._streams = initial_episode_streams(self.seed, self.n_envs)
         self.last_collect = CollectStats()
         self.totals = CollectStats()  # of every collect so far
         self.n_worker_failures = 0
         self._crash_next: dict[int, int] = {}
+
+    def _wait_for_workers(self, num_cpus_per_worker: float) -> None:
+        """Wait until every worker answers. Ray starts an actor only when its CPUs are free and waits silently
+        otherwise (e.g. while another model's workers, which live as long as their model, hold them): after
+        :data:`START_WARNING_SECONDS` a warning says what is missing, and the wait goes on (a cluster may scale up)."""
+        ray = self._ray
+        pings = [worker.ping.remote() for worker in self.workers]
+        try:
+            ray.get(pings, timeout=START_WARNING_SECONDS)
+            return
+        except ray.exceptions.GetTimeoutError:
+            pass
+        need = self.num_workers * num_cpus_per_worker
+        free, total = ray.available_resources().get("CPU", 0.0), ray.cluster_resources().get("CPU", 0.0)
+        warnings.warn(
+            f"Ray has not started this sampler's {self.num_workers} workers after {START_WARNING_SECONDS:g} s: they "
+            f"need {need:g} CPUs and Ray has {free:g} of {total:g} free. If they wait for CPUs, another model's Ray "
+            "workers may hold them (they live as long as their model: model.sampler.close() or del model releases "
+            "them), or lower num_workers or num_cpus_per_worker; else Ray is slow to start them. Waiting on.",
+            stacklevel=4,
+        )
+        ray.get(pings)
 
     def _new_worker(self, index: int) -> Any:
         return self._actor_cls.remote(self.distribution, len(self.env_blocks[index]), self.cost_names, self.measure_transfer)
