@@ -172,6 +172,13 @@ CASES: list[Case] = [
         "which the task family Toy2DNav does not report",
         cost_limit={"cost_wind": 1.0},
     ),
+    Case(
+        "MetaCPO(...)",
+        "cost_limit={'cost_hazard': 5.0} on PointGoalHazard",
+        lambda: MetaCPO("MlpPolicy", "PointGoalHazard", **{**SMALL, "cost_limit": {"cost_hazard": 5.0}}),
+        ValueError,
+        r"which the task family PointGoalHazard does not report; .*did you mean 'cost_hazards'\?",
+    ),
     _hyper("MetaCPO", "cost_limit={1: 1.0}", ValueError, "cost_limit's keys must be cost names", cost_limit={1: 1.0}),
     _hyper("CPO", "seed=2**32", ValueError, r"seed must be None or an integer in \[0, 2\*\*32\)", seed=2**32),
     _hyper("CPO", "vec_env_cls=list", ValueError, "vec_env_cls must be DummyVecEnv, SubprocVecEnv or None", vec_env_cls=list),

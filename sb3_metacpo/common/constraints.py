@@ -8,6 +8,7 @@ step. safety-gymnasium reports each cost type under its own name (``cost_hazards
 
 from __future__ import annotations
 
+import difflib
 import math
 import numbers
 from collections.abc import Mapping, Sequence
@@ -36,6 +37,12 @@ def within_limits(costs: Mapping[str, float], limits: Mapping[str, float]) -> bo
     """Whether each cost named in ``limits`` is at most its limit in ``costs`` (expected episode sums, by name; a NaN
     cost is not)."""
     return all(costs[name] <= limit for name, limit in limits.items())
+
+
+def close_cost_names(missing: Sequence[str], reported: Sequence[str]) -> str:
+    """``"; did you mean 'cost_hazards'?"`` for the reported names closest to misspelt ``missing`` ones ("" if none)."""
+    close = [match[0] for name in missing if (match := difflib.get_close_matches(name, sorted(reported), n=1))]
+    return f"; did you mean {', '.join(map(repr, close))}?" if close else ""
 
 
 @dataclass(frozen=True)
@@ -83,7 +90,10 @@ class CostConstraints:
         """Raise a ``ValueError`` naming the costs that ``source`` does not report (``reported``: its cost names)."""
         missing = [name for name in self.names if name not in reported]
         if missing:
-            raise ValueError(f"cost_limit names {missing}, which {source} does not report; it reports {sorted(reported)}")
+            raise ValueError(
+                f"cost_limit names {missing}, which {source} does not report; it reports {sorted(reported)}"
+                + close_cost_names(missing, reported)
+            )
 
     def limit_of(self, name: str) -> float | None:
         """The limit of the cost ``name``, None if it is not constrained."""

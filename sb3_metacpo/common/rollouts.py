@@ -20,6 +20,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvObs
 
 from sb3_metacpo.common.advantages import episode_steps
+from sb3_metacpo.common.constraints import close_cost_names
 from sb3_metacpo.common.envs import EnvFactory, EnvWorkerError, reporting_vec_env_cls
 from sb3_metacpo.common.policies import NumpyActor
 from sb3_metacpo.tasks.base import Task, TaskDistribution
@@ -254,6 +255,7 @@ class RolloutStorage:
                 f"no env reported {names} in its info at any of the rollout's {len(self.rewards)} steps (envs "
                 f"{indices.tolist()}; at the last step they reported {reported}): cost_limit may name only costs the "
                 "envs report (safety-gymnasium's: 'cost' and 'cost_<type>', e.g. 'cost_hazards'); nothing was updated"
+                + close_cost_names(names, reported)
             )
         dones = self.terminated[:, columns] | self.truncated[:, columns]
         steps = episode_steps(dones)
