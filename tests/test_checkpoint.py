@@ -143,19 +143,47 @@ def test_keep_last_holds_across_a_resume(tmp_path: Path) -> None:
         "notes.txt",
         "other_1_updates_400_steps.zip",
     ]
-    # resumed from the older of the two: its next checkpoint (5) is written again, then 6 prunes 4
+    # resumed from the older of the two: the later one (5) is set aside, 5 is written again, then 6 prunes 4
     earlier = MetaCPO.load(tmp_path / "checkpoint_4_updates_1600_steps.zip")
-    earlier.learn(800, callback=ResumableCheckpointCallback(1, tmp_path, keep_last=2), reset_num_timesteps=False)
+    with pytest.warns(UserWarning, match="1 checkpoint"):
+        earlier.learn(800, callback=ResumableCheckpointCallback(1, tmp_path, keep_last=2), reset_num_timesteps=False)
     assert names()[:2] == ["checkpoint_5_updates_2000_steps.zip", "checkpoint_6_updates_2400_steps.zip"]
+    assert [path.name for path in (tmp_path / "checkpoint_superseded_at_4_updates").iterdir()] == [
+        "checkpoint_5_updates_2000_steps.zip"
+    ]
     assert MetaCPO.load(tmp_path / "checkpoint_5_updates_2000_steps.zip").num_timesteps == 2000
     # a fresh run in the same folder deletes only what it wrote: the resumed run's files stay
     make().learn(1200, callback=ResumableCheckpointCallback(1, tmp_path, keep_last=1))
-    assert names()[:4] == [
+    assert names()[:5] == [
         "checkpoint_3_updates_1200_steps.zip",
         "checkpoint_5_updates_2000_steps.zip",
         "checkpoint_6_updates_2400_steps.zip",
+        "checkpoint_superseded_at_4_updates",
         "notes.txt",
     ]
+
+
+def test_a_resume_from_an_earlier_checkpoint_sets_the_abandoned_continuation_aside(tmp_path: Path) -> None:
+    """Resumed from checkpoint 1 of a run that reached 3 and killed after its own checkpoint 2, latest() picked the
+    abandoned continuation's checkpoint 3 and resumed the other branch. Its later checkpoints are now moved aside."""
+
+    def make() -> MetaCPO:
+        return MetaCPO("MlpPolicy", make_task_distribution("Toy2DNav", seed=0, max_episode_steps=50), **SMALL)
+
+    make().learn(1200, callback=ResumableCheckpointCallback(1, tmp_path))  # checkpoints 1, 2, 3
+    branch = MetaCPO.load(tmp_path / "checkpoint_1_updates_400_steps.zip", inner_target_kl=0.02)  # other settings
+    with pytest.warns(UserWarning, match=r"2 checkpoint\(s\) of .* lie beyond this run's 1 updates"):
+        branch.learn(400, callback=ResumableCheckpointCallback(1, tmp_path), reset_num_timesteps=False)  # writes 2
+    aside = tmp_path / "checkpoint_superseded_at_1_updates"
+    assert sorted(path.name for path in aside.iterdir()) == [
+        "checkpoint_2_updates_800_steps.zip",
+        "checkpoint_3_updates_1200_steps.zip",
+    ]
+    latest = ResumableCheckpointCallback.latest(tmp_path)
+    assert latest is not None and latest.name == "checkpoint_2_updates_800_steps.zip"
+    resumed = MetaCPO.load(latest)
+    assert resumed.inner_target_kl == 0.02  # this branch's checkpoint, not the abandoned one's
+    assert MetaCPO.load(aside / "checkpoint_2_updates_800_steps.zip").inner_target_kl != 0.02  # the first branch's
 
 
 def test_checkpoints_are_ordered_by_their_numbers(tmp_path: Path) -> None:

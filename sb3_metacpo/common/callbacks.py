@@ -70,7 +70,9 @@ class ResumableCheckpointCallback(BaseCallback):
     :param name_prefix: the files' prefix
     :param keep_last: keep only this many most recent checkpoints (None: all); a resumed run (a model that has
         trained) counts those of ``name_prefix`` already in ``save_path`` and prunes the run's earlier ones, oldest
-        first in the order of their update and step numbers; a fresh run deletes only files it wrote
+        first in the order of their update and step numbers; a fresh run deletes only files it wrote. A resumed run
+        moves the folder's checkpoints beyond its own update count (an abandoned continuation) into
+        ``<name_prefix>_superseded_at_<updates>_updates/``, with a warning, so that :meth:`latest` does not pick them
     :param verbose: 1 prints each save
     """
 
@@ -105,7 +107,32 @@ class ResumableCheckpointCallback(BaseCallback):
         # keep_last counts the checkpoints already there in a resumed run (its earlier ones), oldest first; a fresh run
         # (a model that has not trained) never deletes files it did not write
         resumed = self.model.num_timesteps > 0
+        if resumed:
+            self._set_aside_later_checkpoints()
         self.saved = [path for _, path in self.checkpoints(self.save_path, self.name_prefix)] if resumed else []
+
+    def _set_aside_later_checkpoints(self) -> None:
+        """A resumed run whose folder holds checkpoints beyond its own update count (of a continuation from an
+        earlier checkpoint that was abandoned, e.g. after it diverged) moves them into a subfolder, with a warning:
+        :meth:`latest` would pick them if this run were killed before overwriting them, and resume the other branch.
+        They are kept, not deleted."""
+        current = self.model._n_updates
+        later = [path for (updates, _), path in self.checkpoints(self.save_path, self.name_prefix) if updates > current]
+        if not later:
+            return
+        folder = self.save_path / f"{self.name_prefix}_superseded_at_{current}_updates"
+        index = 1
+        while folder.exists():
+            index += 1
+            folder = self.save_path / f"{self.name_prefix}_superseded_at_{current}_updates_{index}"
+        folder.mkdir()
+        for path in later:
+            path.replace(folder / path.name)
+        warnings.warn(
+            f"{len(later)} checkpoint(s) of {self.save_path} lie beyond this run's {current} updates (an earlier "
+            f"continuation that this run replaces): moved to {folder}, so that latest() cannot resume them",
+            stacklevel=2,
+        )
 
     def _on_step(self) -> bool:
         return True
