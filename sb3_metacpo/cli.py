@@ -284,16 +284,14 @@ class LoadedRun:
         if not model_path.exists():
             raise CLIError(f"no model at {model_path}: give a run folder of `sb3-metacpo train` or a saved model (.zip)")
         config_path = config_folder / "config.yml"
+        self._metadata: dict[str, Any] | None = None
         self.config: dict[str, Any] = {}
         if config_path.exists():
             loaded = yaml.safe_load(config_path.read_text())
             self.config = loaded if isinstance(loaded, dict) else {}
         name = algo or self.config.get("algo")
         if name is None:  # a model file alone: its archive records the algorithm
-            try:
-                metadata = read_archive(model_path)[0]
-            except ArchiveError as error:
-                raise CLIError(f"{model_path}: {error}") from error
+            metadata = self._archive_metadata(model_path)
             if metadata.get("content") == POLICY_CONTENT:
                 raise CLIError(
                     f"{model_path} holds a policy saved alone (policy.save), not a model: evaluate and adapt take a "
@@ -318,14 +316,23 @@ class LoadedRun:
         if family is not None and self.distribution is not None:
             self._check_family_fits(self.distribution)
 
+    def _archive_metadata(self, model_path: Path) -> dict[str, Any]:
+        """The archive's metadata, read once (a usage error for a file that is not an archive)."""
+        if self._metadata is None:
+            try:
+                self._metadata = read_archive(model_path)[0]
+            except ArchiveError as error:
+                raise CLIError(f"{model_path}: {error}") from error
+        return self._metadata
+
     def _check_family_fits(self, distribution: TaskDistribution) -> None:
         """A usage error, before anything loads, when ``--family`` has other observation or action shapes than the
         archive's model (it would fail inside the load, or inside SB3's ``predict`` for CPO)."""
+        metadata = self._archive_metadata(self.model_path)
         try:
-            metadata, _ = read_archive(self.model_path)
             saved = decode_space(metadata["observation_space"]), decode_space(metadata["action_space"])
-        except (ArchiveError, KeyError) as error:
-            raise CLIError(f"{self.model_path}: {error}") from error
+        except KeyError as error:
+            raise CLIError(f"{self.model_path}: the archive describes no {error} (not a saved model)") from error
         wanted = distribution.spaces
         if tuple(space.shape for space in saved) != tuple(space.shape for space in wanted):
             trained_on = self.config.get("family") or self.config.get("env")

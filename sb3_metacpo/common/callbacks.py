@@ -24,7 +24,6 @@ from sb3_metacpo.common.checks import (
     is_bool,
     is_int,
     is_real,
-    meta_evaluation_tasks,
 )
 from sb3_metacpo.common.constraints import within_limits
 from sb3_metacpo.common.evaluation import (
@@ -237,8 +236,7 @@ class SafeEvalCallback(BaseCallback):
     ) -> None:
         check_verbose(verbose)
         super().__init__(verbose)
-        tasks = meta_evaluation_tasks(tasks)
-        check_meta_evaluation_arguments(tasks, n_updates, n_steps, n_eval_episodes)
+        tasks = check_meta_evaluation_arguments(tasks, n_updates, n_steps, n_eval_episodes)
         check(is_int(eval_freq) and eval_freq >= 1, f"eval_freq must be a positive integer (updates), got {eval_freq!r}")
         check(
             cost_limit is None or (is_real(cost_limit) and cost_limit >= 0),

@@ -64,7 +64,7 @@ def check_adaptation_arguments(n_updates: Any, n_steps: Any, target_kl: Any = No
 def meta_evaluation_tasks(tasks: Any) -> list[Any]:
     """``tasks`` (what :func:`~sb3_metacpo.common.evaluation.meta_evaluate` and the evaluation callbacks take) as a
     list, with a clear ``ValueError`` for a single task, a distribution or an env passed instead of a list of tasks
-    (SB3's ``EvalCallback(eval_env)`` habit); the items are checked by :func:`check_meta_evaluation_arguments`."""
+    (SB3's ``EvalCallback(eval_env)`` habit); :func:`check_meta_evaluation_arguments` calls it and checks the items."""
     from collections.abc import Iterable
 
     from sb3_metacpo.tasks.base import Task, TaskDistribution
@@ -89,10 +89,13 @@ def meta_evaluation_tasks(tasks: Any) -> list[Any]:
     return list(tasks)
 
 
-def check_meta_evaluation_arguments(tasks: Any, n_updates: Any, n_steps: Any, n_eval_episodes: Any) -> None:
+def check_meta_evaluation_arguments(tasks: Any, n_updates: Any, n_steps: Any, n_eval_episodes: Any) -> list[Any]:
     """What :func:`~sb3_metacpo.common.evaluation.meta_evaluate` and the evaluation callbacks take: tasks of the
-    model's family (at least one), the adaptation's arguments and ``n_eval_episodes`` (an integer >= 1)."""
+    model's family (at least one), the adaptation's arguments and ``n_eval_episodes`` (an integer >= 1); returns the
+    tasks as a list (:func:`meta_evaluation_tasks`)."""
     from sb3_metacpo.tasks.base import Task
+
+    tasks = meta_evaluation_tasks(tasks)
 
     check(len(tasks) >= 1, "meta-evaluation needs at least one held-out task")
     check(
@@ -106,6 +109,7 @@ def check_meta_evaluation_arguments(tasks: Any, n_updates: Any, n_steps: Any, n_
         is_int(n_eval_episodes) and n_eval_episodes >= 1,
         f"n_eval_episodes must be a positive integer, got {n_eval_episodes!r}",
     )
+    return tasks
 
 
 def check_vec_env_cls(vec_env_cls: Any) -> None:

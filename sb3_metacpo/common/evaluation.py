@@ -23,7 +23,6 @@ from sb3_metacpo.common.checks import (
     check_verbose,
     is_bool,
     is_int,
-    meta_evaluation_tasks,
 )
 from sb3_metacpo.common.constraints import CostConstraints
 from sb3_metacpo.common.envs import make_safe_vec_env
@@ -157,8 +156,8 @@ def meta_evaluate(
     :param target_kl: the adaptation updates' trust region (None: the model's own)
     :return: one record per task and stage (k = 0 .. n_updates), in task order
     """
-    tasks = meta_evaluation_tasks(tasks)
-    check_meta_evaluation_arguments(tasks, n_updates, n_steps, n_eval_episodes)  # before any adaptation changes the model
+    # before any adaptation changes the model
+    tasks = check_meta_evaluation_arguments(tasks, n_updates, n_steps, n_eval_episodes)
     check_adaptation_arguments(None, None, target_kl)
     records = []
     history_before = list(getattr(model, "adaptation_history", []))  # the model's adapt() keeps its own history
@@ -220,8 +219,7 @@ class MetaEvalCallback(BaseCallback):
     ) -> None:
         check_verbose(verbose)
         super().__init__(verbose)
-        tasks = meta_evaluation_tasks(tasks)
-        check_meta_evaluation_arguments(tasks, n_updates, n_steps, n_eval_episodes)
+        tasks = check_meta_evaluation_arguments(tasks, n_updates, n_steps, n_eval_episodes)
         check_adaptation_arguments(None, None, target_kl)
         check(
             is_int(eval_freq) and eval_freq >= 1, f"eval_freq must be a positive integer (meta-iterations), got {eval_freq!r}"
