@@ -81,7 +81,8 @@ class CollectionStopped(Exception):
 @dataclass
 class EpisodeRecord:
     """A completed episode: undiscounted return and cost (``info["cost"]``), length, the seed of its start state, how
-    it ended, and the undiscounted sums of the constrained cost signals (``costs``, in the sampler's order)."""
+    it ended, the undiscounted sums of the constrained cost signals (``costs``, in the sampler's order) and of every
+    cost signal the env reported (``all_costs``, by name: ``cost`` and each ``cost_<type>``, constrained or not)."""
 
     reward: float
     cost: float
@@ -89,6 +90,12 @@ class EpisodeRecord:
     seed: int | None  # None for envs that do not report ``info["episode_seed"]``
     terminated: bool
     costs: tuple[float, ...] = ()
+    all_costs: dict[str, float] = field(default_factory=dict)
+
+    def cost_sums(self, names: Sequence[str]) -> dict[str, float]:
+        """Every cost signal's episode sum by name (``names``: those of ``costs``, the constrained ones, whose sums
+        stand in for a record built without ``all_costs``)."""
+        return dict(self.all_costs) if self.all_costs else dict(zip(names, self.costs, strict=True))
 
 
 @dataclass
@@ -229,6 +236,7 @@ class RolloutStorage:
                     info.get("episode_seed"),
                     not is_truncated,
                     tuple(float(episode_costs[name]) for name in self.cost_names),
+                    {name: float(value) for name, value in episode_costs.items()},
                 )
                 ended.append((index, record))
         return ended

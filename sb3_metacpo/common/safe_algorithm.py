@@ -38,7 +38,7 @@ from sb3_metacpo.common.serialization import (
     write_archive,
 )
 from sb3_metacpo.tasks.base import Task, TaskDistribution, make_task_distribution
-from sb3_metacpo.tasks.monitor import TOTAL_COST
+from sb3_metacpo.tasks.monitor import SAFETY_GYMNASIUM_TOTAL, TOTAL_COST
 
 SelfSafeAlgorithm = TypeVar("SelfSafeAlgorithm", bound="SafeAlgorithmMixin")
 #: Constructor arguments kept under another attribute name.
@@ -262,14 +262,19 @@ class SafeAlgorithmMixin(ABC):
         record(f"{prefix}step_rejection", result.rejection or "none", exclude=("tensorboard",))
 
     def _record_rollout_costs(self) -> None:
-        """``rollout/ep_cost_mean`` (the total cost) and ``rollout/ep_<name>_mean`` for every other constrained cost."""
+        """``rollout/ep_cost_mean`` (the total cost) and ``rollout/ep_<name>_mean`` for every other cost signal the
+        episodes reported (each ``cost_<type>``, constrained or not; safety-gymnasium's ``cost_sum``, the total cost
+        again, only when constrained), each the mean over the episodes of the window that reported it."""
         if not self.ep_info_buffer:
             return
         self.logger.record("rollout/ep_cost_mean", safe_mean([info["c"] for info in self.ep_info_buffer]))
-        for name in self.constraints.names:
-            values = [info["episode_costs"][name] for info in self.ep_info_buffer if name in info.get("episode_costs", {})]
-            if name != "cost" and values:
-                self.logger.record(f"rollout/ep_{name}_mean", float(np.mean(values)))
+        sums: dict[str, list[float]] = {}
+        for info in self.ep_info_buffer:
+            for name, value in info.get("episode_costs", {}).items():
+                sums.setdefault(name, []).append(value)
+        for name in sorted(sums):
+            if name != TOTAL_COST and (name != SAFETY_GYMNASIUM_TOTAL or name in self.constraints.names):
+                self.logger.record(f"rollout/ep_{name}_mean", float(np.mean(sums[name])))
 
     # --- saving and loading (data only; see sb3_metacpo.common.serialization) ----------------------------------
     def _constructor_arguments(self) -> dict[str, Any]:

@@ -481,7 +481,7 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):  # type: igno
         return self._prepare_batch(batch, params, episode_length, with_critic=False)
 
     def dump_logs(self, iteration: int = 0) -> None:
-        """SB3's logs plus ``rollout/ep_cost_mean`` (and ``rollout/ep_<name>_mean`` per named cost)."""
+        """SB3's logs plus ``rollout/ep_cost_mean`` (and ``rollout/ep_<name>_mean`` per reported cost signal)."""
         self._record_rollout_costs()
         super().dump_logs(iteration)
 

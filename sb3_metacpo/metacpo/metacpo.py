@@ -538,8 +538,7 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):  # type: igno
         for batch in batches:
             assert self.ep_info_buffer is not None
             self.ep_info_buffer.extend(
-                {"r": e.reward, "l": e.length, "c": e.cost, "episode_costs": dict(zip(names, e.costs, strict=True))}
-                for e in batch.episodes
+                {"r": e.reward, "l": e.length, "c": e.cost, "episode_costs": e.cost_sums(names)} for e in batch.episodes
             )
         return batches
 

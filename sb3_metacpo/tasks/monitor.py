@@ -15,6 +15,10 @@ from stable_baselines3.common.monitor import Monitor
 TOTAL_COST = "cost"
 
 
+#: safety-gymnasium's own name of the step's total cost, which it reports in ``info`` beside ``"cost"`` (the same
+#: value): logged as a cost signal only when a ``cost_limit`` names it.
+SAFETY_GYMNASIUM_TOTAL = "cost_sum"
+
 _COST_PREFIX = f"{TOTAL_COST}_"
 
 
