@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from typing import Any
 
 import numpy as np
@@ -310,3 +311,21 @@ def second_policy(sampler: RaySampler):
         name: value.detach().unsqueeze(0).repeat(2, *([1] * value.dim())) for name, value in policy.actor_params().items()
     }
     return policy.numpy_actor_sets(params)
+
+
+def test_close_releases_the_ray_workers_and_training_goes_on_as_without_it(local_run):
+    """Workers lived until their model was collected: a second Ray model in the process waited for their CPUs."""
+    expected, _, _ = local_run
+    model = MetaCPO("MlpPolicy", toy(), sampler="ray", sampler_kwargs={"num_workers": 2}, **SMALL)
+    model.learn(THREE_ITERATIONS // 3)
+    model.close()
+    assert model.sampler is None
+    deadline = time.monotonic() + 60  # Ray frees a killed actor's CPUs in its own time (about 2 s here)
+    while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert ray.available_resources().get("CPU", 0) == 2  # without close they stayed held: a new model waited forever
+    model.learn(2 * THREE_ITERATIONS // 3, reset_num_timesteps=False)  # fresh workers, the same episode streams
+    try:
+        assert th.equal(flat_params(model), expected)
+    finally:
+        model.close()

@@ -369,6 +369,19 @@ class AdaptationMixin(ABC):
         self.adaptation_history = []
         self.policy.set_actor_override(None)
 
+    def close(self) -> None:
+        """Release the envs and workers the model built for its own sampling: the adaptations' sampler and, for MetaCPO
+        and MetaTRPO, the training sampler (its VecEnv, its ``SubprocVecEnv`` workers or its Ray actors, which hold
+        Ray's CPUs until then). The model stays usable and its episode streams go on: the next ``learn``, ``adapt`` or
+        evaluation builds fresh samplers that continue them, so a run with a ``close`` in between gives the run
+        without it, and ``save`` after ``close`` keeps the streams. An env you gave the model (CPO's training env, an
+        env given to ``adapt``) is yours to close, as in SB3 (``model.get_env().close()``)."""
+        cache = self._adaptation_sampler_cache
+        if cache is not None:
+            self._saved_adaptation_streams = cache.episode_rng_states()
+            self._adaptation_sampler_cache = None
+            cache.close()
+
     def _adaptation_rng_states(self) -> list[dict[str, Any]] | None:
         """The episode stream of the adaptations on tasks of the model's family (they share one one-env sampler, whose
         episodes go on from one adaptation or evaluation to the next), for an archive: None before the first."""

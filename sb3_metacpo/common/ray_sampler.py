@@ -333,8 +333,8 @@ class RaySampler(Sampler):
         warnings.warn(
             f"Ray has not started this sampler's {self.num_workers} workers after {START_WARNING_SECONDS:g} s: they "
             f"need {need:g} CPUs and Ray has {free:g} of {total:g} free. If they wait for CPUs, another model's Ray "
-            "workers may hold them (they live as long as their model: model.sampler.close() or del model releases "
-            "them), or lower num_workers or num_cpus_per_worker; else Ray is slow to start them. Waiting on.",
+            "workers may hold them (they live as long as their model: model.close() or del model releases them), "
+            "or lower num_workers or num_cpus_per_worker; else Ray is slow to start them. Waiting on.",
             stacklevel=4,
         )
         ray.get(pings)

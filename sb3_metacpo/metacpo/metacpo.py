@@ -258,6 +258,8 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):  # type: igno
         self.task_distribution_params: dict[str, Any] | None = None
         self.sampler: Sampler | None = None
         self._adaptation_sampler_cache: RolloutSampler | None = None
+        #: the episode streams of the training sampler that close() released, for the next one
+        self._closed_sampler_streams: list[dict[str, Any]] | None = None
         self.adapted_params: Params | None = None
         self.adaptation_history: list[dict[str, Any]] = []
         if env is not None:
@@ -358,6 +360,7 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):  # type: igno
             if sampler is not None:
                 sampler.close()
         self.sampler = self._adaptation_sampler_cache = None
+        self._closed_sampler_streams = None  # another family's envs start their own streams
         self.env = None
 
     def _setup_model(self) -> None:
@@ -412,6 +415,9 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):  # type: igno
                     seed=seed,
                     cost_names=self.constraints.names,
                 )
+            if self._closed_sampler_streams is not None:  # the envs of a sampler closed by close(): go on with them
+                self.sampler.set_episode_rng_states(self._closed_sampler_streams)
+                self._closed_sampler_streams = None
         self.sampler.ensure_usable()  # a VecEnv broken by a failed env is rebuilt
         # SB3's env: the local sampler's VecEnv, or what the driver knows of remote envs (their number and spaces)
         if isinstance(self.sampler, RolloutSampler):
@@ -721,8 +727,18 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):  # type: igno
     def _use_env_after_load(self, env: Any, force_reset: bool, overridden: set[str], saved: bool = False) -> None:
         self.set_task_distribution(env)
 
+    def close(self) -> None:
+        super().close()
+        sampler = self.sampler
+        if sampler is not None:
+            self._closed_sampler_streams = sampler.episode_rng_states()
+            self.sampler, self.env = None, None
+            sampler.close()
+
     def _sampler_rng_states(self) -> dict[str, Any]:
-        return {} if self.sampler is None else {"training": self.sampler.episode_rng_states()}
+        if self.sampler is None:
+            return {} if self._closed_sampler_streams is None else {"training": list(self._closed_sampler_streams)}
+        return {"training": self.sampler.episode_rng_states()}
 
     def _set_sampler_rng_states(self, states: Mapping[str, Any]) -> None:
         if "training" not in states:
