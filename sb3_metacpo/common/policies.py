@@ -262,6 +262,28 @@ def _positive_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and float(value) > 0
 
 
+#: The running observation statistics: mean, variance and count.
+ObsStats = tuple[th.Tensor, th.Tensor, th.Tensor]
+
+#: The largest critic target magnitude (a discounted return of rewards or costs) the critics regress on: the squared
+#: errors and Adam's second moments of larger ones overflow float32.
+MAX_CRITIC_TARGET = 1e15
+
+
+def check_critic_targets(reward_targets: th.Tensor, cost_targets: th.Tensor) -> None:
+    """Raise a ``ValueError`` (nothing has changed yet) where the critics' targets are not finite or too large for
+    their float32 regression (beyond :data:`MAX_CRITIC_TARGET`)."""
+    for name, targets in (("reward", reward_targets), ("cost", cost_targets)):
+        if not bool(th.isfinite(targets).all()):
+            raise ValueError(f"non-finite {name} critic targets (returns): nothing was updated")
+        largest = float(targets.abs().max()) if targets.numel() else 0.0
+        if largest > MAX_CRITIC_TARGET:
+            raise ValueError(
+                f"the {name} critic's targets (discounted returns) reach {largest:.3g}, beyond {MAX_CRITIC_TARGET:g}, "
+                f"where its float32 regression overflows: scale the env's {name}s; nothing was updated"
+            )
+
+
 class CPOPolicy(ActorCriticPolicy):
     """Actor-critic policy for CPO-style algorithms (SB3 ``ActorCriticPolicy`` plus a cost critic).
 
@@ -441,9 +463,17 @@ class CPOPolicy(ActorCriticPolicy):
 
     @th.no_grad()
     def update_obs_stats(self, observations: np.ndarray) -> None:
-        """Fold a batch of raw observations ``(n, obs_dim)`` into the running mean and variance."""
+        """Fold a batch of raw observations ``(n, obs_dim)`` into the running mean and variance (a ``ValueError``,
+        with the statistics unchanged, where they would overflow: see :meth:`obs_stats_after`)."""
+        self.set_obs_stats(self.obs_stats_after(observations))
+
+    @th.no_grad()
+    def obs_stats_after(self, observations: np.ndarray) -> ObsStats | None:
+        """The running mean, variance and count after folding in a batch of raw observations ``(n, obs_dim)``,
+        without storing them (None without normalisation). Finite observations can still overflow the statistics'
+        float32 (a variance of values beyond ~1e19): that raises a ``ValueError`` here, before anything changes."""
         if not self.normalize_observations:
-            return
+            return None
         batch = th.as_tensor(observations, dtype=self.obs_mean.dtype, device=self.obs_mean.device)
         batch = batch.reshape(-1, self.obs_mean.shape[0])
         batch_mean, batch_var, batch_count = batch.mean(0), batch.var(0, unbiased=False), batch.shape[0]
@@ -451,8 +481,24 @@ class CPOPolicy(ActorCriticPolicy):
         total = self.obs_count + batch_count
         new_mean = self.obs_mean + delta * batch_count / total
         m2 = self.obs_var * self.obs_count + batch_var * batch_count + delta**2 * self.obs_count * batch_count / total
+        new_var = m2 / total
+        if not bool(th.isfinite(new_mean).all() and th.isfinite(new_var).all()):
+            largest = float(np.abs(np.asarray(observations, dtype=np.float64)).max()) if np.size(observations) else 0.0
+            raise ValueError(
+                f"the observations (largest magnitude {largest:.3g}) overflow the running statistics of observation "
+                f"normalisation ({self.obs_mean.dtype}): scale the env's observations, or pass "
+                "normalize_observations=False in policy_kwargs; nothing was updated"
+            )
+        return new_mean, new_var, total
+
+    @th.no_grad()
+    def set_obs_stats(self, stats: ObsStats | None) -> None:
+        """Store statistics computed by :meth:`obs_stats_after` (None: nothing to store)."""
+        if stats is None:
+            return
+        new_mean, new_var, total = stats
         self.obs_mean.copy_(new_mean)
-        self.obs_var.copy_(m2 / total)
+        self.obs_var.copy_(new_var)
         self.obs_count.copy_(total)
 
     def extract_features(self, obs: PyTorchObs, features_extractor: Any = None) -> Any:  # type: ignore[override]
@@ -682,7 +728,13 @@ class CPOPolicy(ActorCriticPolicy):
             )
         if deterministic:
             return mean
-        return mean + th.randn_like(mean) * log_std.exp()
+        action = mean + th.randn_like(mean) * log_std.exp()
+        if not bool(th.isfinite(action).all()):  # a finite mean with a non-finite (or overflowing) standard deviation
+            raise ValueError(
+                f"predict: the stochastic action is not finite (log-std {log_std.detach().flatten().tolist()}): the "
+                "policy's parameters are not usable; predict(deterministic=True) acts with the mean"
+            )
+        return action
 
     def fit_critics(
         self,
@@ -703,9 +755,13 @@ class CPOPolicy(ActorCriticPolicy):
         # (n,) and (n, 1) alike: an (n, 1) target against the (n,) values would broadcast to (n, n) in mse_loss
         reward_targets = reward_targets.reshape(len(observations))
         cost_targets = cost_targets.reshape(len(observations), self.n_costs)
-        if not (th.isfinite(reward_targets).all() and th.isfinite(cost_targets).all()):
-            raise ValueError("non-finite critic targets: the critics were left unchanged")
+        check_critic_targets(reward_targets, cost_targets)
         self._pack_critics()
+        # the last line of defence (the targets are checked above): a fit that leaves a non-finite critic parameter
+        # or optimiser state (e.g. a learning rate that overflows them) is undone
+        trained = [p for group in self.optimizer.param_groups for p in group["params"]]
+        saved_parameters = [p.detach().clone() for p in trained]
+        saved_optimizer = copy.deepcopy(self.optimizer.state_dict())
         self.set_training_mode(True)
         # The critics' inputs once for all samples: normalisation and concatenation are element-wise, so a minibatch's
         # rows are the values predict_values / predict_costs would compute from its observations
@@ -719,27 +775,48 @@ class CPOPolicy(ActorCriticPolicy):
         on_cpu = features.device.type == "cpu"
         fast = critic_gradients.FAST_CRITIC_GRADIENTS and same_dtype and on_cpu and critic_gradients.autograd_as_usual()
         critics = self._critic_layers() if fast else None
-        for _ in range(n_epochs):
-            for indices in th.randperm(len(observations), device=observations.device).split(batch_size):
-                self.optimizer.zero_grad()
-                if critics is not None:  # autograd's gradients bit for bit, without its graph and engine
-                    reward_mlp, cost_mlp = critics
-                    loss, grads = critic_gradients.mse_gradients(
-                        [
-                            (reward_mlp, features[indices], reward_targets[indices]),
-                            (cost_mlp, cost_inputs[indices], cost_targets[indices]),
-                        ]
-                    )
-                    for parameter, grad in grads.items():
-                        parameter.grad = grad
-                else:
-                    loss = nn.functional.mse_loss(self._values_of(features[indices]).flatten(), reward_targets[indices])
-                    loss = loss + nn.functional.mse_loss(self._costs_of(cost_inputs[indices]), cost_targets[indices])
-                    loss.backward()
-                self.optimizer.step()
-                losses.append(loss.item())
+        try:
+            for _ in range(n_epochs):
+                for indices in th.randperm(len(observations), device=observations.device).split(batch_size):
+                    self.optimizer.zero_grad()
+                    if critics is not None:  # autograd's gradients bit for bit, without its graph and engine
+                        reward_mlp, cost_mlp = critics
+                        loss, grads = critic_gradients.mse_gradients(
+                            [
+                                (reward_mlp, features[indices], reward_targets[indices]),
+                                (cost_mlp, cost_inputs[indices], cost_targets[indices]),
+                            ]
+                        )
+                        for parameter, grad in grads.items():
+                            parameter.grad = grad
+                    else:
+                        loss = nn.functional.mse_loss(self._values_of(features[indices]).flatten(), reward_targets[indices])
+                        loss = loss + nn.functional.mse_loss(self._costs_of(cost_inputs[indices]), cost_targets[indices])
+                        loss.backward()
+                    self.optimizer.step()
+                    losses.append(loss.item())
+        except Exception:  # e.g. an overflow inside the optimiser's step: nothing half-updated stays
+            self._restore_critics(trained, saved_parameters, saved_optimizer)
+            raise
         self.set_training_mode(False)
+        state = [value for entry in self.optimizer.state.values() for value in entry.values()]
+        tensors = [*trained, *(value for value in state if isinstance(value, th.Tensor) and value.is_floating_point())]
+        if not all(bool(th.isfinite(tensor).all()) for tensor in tensors):
+            self._restore_critics(trained, saved_parameters, saved_optimizer)
+            raise FloatingPointError(
+                "the critics' regression produced non-finite critic parameters or optimiser state (learning rate "
+                f"{[group['lr'] for group in self.optimizer.param_groups]}): the critics and their optimiser were "
+                "restored to their state before the fit"
+            )
         return float(np.mean(losses))
+
+    def _restore_critics(self, trained: list[th.Tensor], saved: list[th.Tensor], optimizer_state: dict[str, Any]) -> None:
+        """Put back the critics' parameters and their optimiser's state as they were before a fit."""
+        with th.no_grad():
+            for parameter, value in zip(trained, saved, strict=True):
+                parameter.copy_(value)
+        self.optimizer.load_state_dict(optimizer_state)
+        self.set_training_mode(False)
 
     def _critic_layers(self) -> tuple[critic_gradients.MlpLayers, critic_gradients.MlpLayers] | None:
         """The reward and cost critics as :class:`~sb3_metacpo.common.critic_gradients.MlpLayers` (what

@@ -296,6 +296,18 @@ def _check_finite(t: int, quantity: str, values: np.ndarray, env_offset: int = 0
         )
 
 
+def check_actions(t: int, actions: np.ndarray) -> None:
+    """Raise a ``ValueError`` naming the first env whose sampled action at step ``t`` is not finite, before the envs
+    step (a NaN action reached the env, whose NaN reward was then reported as the env's fault)."""
+    if not np.isfinite(actions).all():
+        bad = np.flatnonzero(~np.isfinite(actions.reshape(len(actions), -1)).all(axis=1))
+        raise ValueError(
+            f"the policy returned a non-finite action for env {int(bad[0])} at step {t} of the rollout: its parameters or "
+            "its acting code (a custom policy's numpy_actor_sets) produced it; the envs did not step and nothing was "
+            "updated"
+        )
+
+
 def initial_episode_streams(seed: int, n_envs: int) -> list[dict[str, Any]]:
     """The episode-seed streams of ``n_envs`` envs seeded with ``seed`` (env ``j``: ``default_rng(seed + j)``, what
     ``VecEnv.seed(seed)`` gives the envs at their next reset), as bit-generator states."""
@@ -347,6 +359,7 @@ def run_round(
     _check_finite(0, "observation after reset", obs)
     for t in range(horizon):
         raw_actions = np.asarray(act(obs), dtype=np.float32).reshape(n_envs, *action_space.shape)
+        check_actions(t, raw_actions)
         vec_obs, rewards, dones, infos = vec_env.step(raw_actions.clip(low, high))  # np.clip, without its dispatch
         next_obs = array_observations(vec_obs)
         ended.extend(

@@ -19,6 +19,7 @@ import numpy as np
 import torch as th
 from stable_baselines3.common.utils import get_system_info, safe_mean
 
+from sb3_metacpo.common.checks import is_real
 from sb3_metacpo.common.constrained_step import StepConfig, StepResult
 from sb3_metacpo.common.constraints import CostConstraints
 from sb3_metacpo.common.cpo_subproblem import CVXPYLAYERS_EXTRA, MAX_ACTIVE_SET_CONSTRAINTS, cvxpylayers_available
@@ -233,6 +234,18 @@ class SafeAlgorithmMixin(ABC):
             line_search_shrinking_factor=self.line_search_shrinking_factor,
         )
         return CPOConfig(step, self._constrained, self.cg_damping, self.fvp_sample_freq)
+
+    def _check_learning_rate_now(self) -> None:
+        """Raise a ``ValueError`` (before any update) where the critics' learning-rate schedule gives, at the current
+        progress, anything but a finite number >= 0: NaN or inf would make every critic parameter NaN, a negative
+        rate ascend the critics' loss."""
+        progress = float(self._current_progress_remaining)  # type: ignore[attr-defined]
+        value = self.lr_schedule(progress)  # type: ignore[attr-defined]
+        if not (is_real(value) and value >= 0):
+            raise ValueError(
+                f"the learning-rate schedule gave {value!r} at progress remaining {progress:.4g}: the critics' learning "
+                "rate must be a finite number >= 0 at every progress in [0, 1]; nothing was updated"
+            )
 
     @staticmethod
     def _write_back(params: Params, new_params: Params) -> None:

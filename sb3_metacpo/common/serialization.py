@@ -271,7 +271,10 @@ def read_archive(path: str | os.PathLike[str], device: th.device | str = "cpu") 
     except zipfile.BadZipFile as error:
         raise ArchiveError(f"{path} is not a zip archive of a saved model") from error
     with archive:
-        names = set(archive.namelist())
+        members = archive.namelist()
+        names = set(members)
+        if len(members) != len(names):  # zipfile reads the last of repeated names: a scanner may see another one
+            raise ArchiveError(f"{path} is not a valid archive: it repeats a member ({sorted(members)})")
         if names != {METADATA, TENSORS}:
             if METADATA not in names and any(name in names for name in _SB3_MEMBERS):
                 raise ArchiveError(
@@ -311,7 +314,27 @@ def read_archive(path: str | os.PathLike[str], device: th.device | str = "cpu") 
             ) from error
     if not isinstance(tensors, dict):
         raise ArchiveError(f"{path}: {TENSORS} does not hold a dictionary of tensors")
+    bad = _non_finite_tensor(tensors, "")
+    if bad is not None:  # save never writes one: the algorithms refuse non-finite parameters and statistics
+        raise ArchiveError(f"{path}: {TENSORS} holds non-finite values in {bad!r}, which no saved model has; refused")
     return metadata, tensors
+
+
+def _non_finite_tensor(value: Any, where: str) -> str | None:
+    """The key path of the first floating tensor in ``value`` (nested dicts, lists, tuples) with a NaN or an inf."""
+    if isinstance(value, th.Tensor):
+        return where if value.is_floating_point() and not bool(th.isfinite(value).all()) else None
+    if isinstance(value, dict):
+        items: Any = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        found = _non_finite_tensor(item, f"{where}/{key}" if where else str(key))
+        if found is not None:
+            return found
+    return None
 
 
 def convert_sb3_archive(

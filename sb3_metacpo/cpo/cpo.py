@@ -34,7 +34,7 @@ from sb3_metacpo.common.checks import (
 )
 from sb3_metacpo.common.cpo_update import CPOConfig, Params, PreparedBatch, cpo_update, prepare_batch
 from sb3_metacpo.common.envs import ResampleTaskOnReset, SafeEnv, make_safe_vec_env, vec_env_time_limit
-from sb3_metacpo.common.policies import CPOPolicy
+from sb3_metacpo.common.policies import CPOPolicy, check_critic_targets
 from sb3_metacpo.common.profiling import phase
 from sb3_metacpo.common.rollouts import (
     EpisodeRecord,
@@ -43,6 +43,7 @@ from sb3_metacpo.common.rollouts import (
     TaskBatch,
     array_observations,
     box_space,
+    check_actions,
 )
 from sb3_metacpo.common.safe_algorithm import DEFAULT_COST_LIMIT, SafeAlgorithmMixin
 from sb3_metacpo.common.serialization import ArchiveError
@@ -250,6 +251,13 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):  # type: igno
             callable(self.learning_rate) or (is_real(self.learning_rate) and self.learning_rate >= 0),
             f"learning_rate must be >= 0 (a finite number or a schedule), got {self.learning_rate!r}",
         )
+        if callable(self.learning_rate):  # its start value, now (SB3 builds the critics' optimiser with it)
+            start = self.learning_rate(1.0)
+            check(
+                is_real(start) and start >= 0,
+                f"learning_rate: the schedule gives {start!r} at progress remaining 1; a learning rate must be a "
+                "finite number >= 0",
+            )
         check_cpo_step_hyperparameters(self)
         check_verbose(self.verbose)  # a value given to load
         check_policy_kwargs(self.policy_kwargs, self.policy_class)
@@ -370,6 +378,7 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):  # type: igno
             for n_steps in range(n_rollout_steps):
                 obs = array_observations(self._last_obs)
                 actions = act(obs)
+                check_actions(n_steps, actions)
                 clipped_actions = actions.clip(low, high)  # np.clip, without its dispatch (every step)
                 vec_obs, rewards, dones, infos = env.step(clipped_actions)
                 new_obs = array_observations(vec_obs)
@@ -405,6 +414,16 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):  # type: igno
         params = self.policy.actor_params()
         with phase("advantages"):
             prepared = self._prepare_batch(batch, params, self._episode_length(), with_critic=True)
+        # What the update writes after the actor step is checked before it: the learning rate, the critics' targets
+        # and the observation statistics (a bad one raises with nothing changed)
+        # SB3's: the schedule's value now (train/learning_rate), at progress >= 0 (the last update of a run that
+        # overshoots its budget would otherwise read the schedule past its end, e.g. a negative linear rate)
+        self._current_progress_remaining = max(self._current_progress_remaining, 0.0)
+        self._check_learning_rate_now()
+        reward_targets = th.as_tensor(prepared.reward_returns, device=self.device).float()
+        cost_targets = th.as_tensor(prepared.cost_returns, device=self.device).float()
+        check_critic_targets(reward_targets, cost_targets)
+        obs_stats = self.policy.obs_stats_after(batch.observations.reshape(-1, batch.observations.shape[-1]))
         with phase("cpo_update"):
             new_params, result = cpo_update(
                 self.policy.actor_mean_log_std,
@@ -415,15 +434,12 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):  # type: igno
             )
         self._write_back(params, new_params)
         with phase("critic_training"):
-            self.policy.update_obs_stats(batch.observations.reshape(-1, batch.observations.shape[-1]))
-            # SB3's: the schedule's value now (train/learning_rate), at progress >= 0 (the last update of a run that
-            # overshoots its budget would otherwise read the schedule past its end, e.g. a negative linear rate)
-            self._current_progress_remaining = max(self._current_progress_remaining, 0.0)
+            self.policy.set_obs_stats(obs_stats)
             self._update_learning_rate(self.policy.optimizer)
             loss = self.policy.fit_critics(
                 prepared.observations.float(),
-                th.as_tensor(prepared.reward_returns, device=self.device).float(),
-                th.as_tensor(prepared.cost_returns, device=self.device).float(),
+                reward_targets,
+                cost_targets,
                 self.n_critic_updates,
                 self.batch_size,
                 prepared.time_fractions.float(),  # type: ignore[union-attr]

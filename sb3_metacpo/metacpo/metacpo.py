@@ -48,7 +48,7 @@ from sb3_metacpo.common.cpo_update import (
     prepare_batch,
     representable_std,
 )
-from sb3_metacpo.common.policies import CPOPolicy
+from sb3_metacpo.common.policies import CPOPolicy, ObsStats, check_critic_targets
 from sb3_metacpo.common.profiling import phase
 from sb3_metacpo.common.ray_sampler import RaySampler, RemoteEnvs, check_ray_sampler_options, import_ray
 from sb3_metacpo.common.rollouts import CollectionStopped, RolloutSampler, Sampler, TaskBatch, VecStep, round_plan
@@ -57,6 +57,17 @@ from sb3_metacpo.common.threads import with_limited_blas_threads
 from sb3_metacpo.metacpo.meta_objective import META_CONSTRAINT_MODES, MetaObjective, MetaValue, TaskAdaptation
 from sb3_metacpo.tasks.base import Task, TaskDistribution, make_task_distribution
 from sb3_metacpo.tasks.monitor import TOTAL_COST
+
+
+@dataclasses.dataclass(frozen=True)
+class CriticData:
+    """The MLP critics' regression data of one meta-iteration (inputs, targets, times within the episodes)."""
+
+    observations: th.Tensor
+    reward_targets: th.Tensor
+    cost_targets: th.Tensor
+    times: th.Tensor
+
 
 SelfMetaCPO = TypeVar("SelfMetaCPO", bound="MetaCPO")
 #: Numeric constructor arguments (numpy scalars are turned into Python numbers once validated).
@@ -578,9 +589,10 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):  # type: igno
             value = objective.value([adaptation.stages for adaptation in adaptations])
             reward_grad, cost_grads = objective.gradients(value, list(theta.values()))
         result = self._outer_step(objective, theta, value, reward_grad, cost_grads)
+        statistics = self._checked_statistics(raw_batches, adaptations)  # a bad one raises with nothing changed
         self._write_back(theta, add_flat(detached(theta), result.step.detach()))
         with phase("critic_training"):
-            self._update_statistics(raw_batches, adaptations)
+            self._update_statistics(statistics)
         self._n_updates += 1
         self._log_iteration(adaptations, raw_batches, value, result, objective.constraint_names)
         return True
@@ -650,22 +662,42 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):  # type: igno
                 objective.constraint_scales() if constrained else None,
             )
 
-    def _update_statistics(self, raw_batches: Sequence[TaskBatch], adaptations: Sequence[TaskAdaptation]) -> None:
-        """Observation statistics from this meta-iteration's data, and the MLP critics (``critic="mlp"``)."""
+    def _checked_statistics(
+        self, raw_batches: Sequence[TaskBatch], adaptations: Sequence[TaskAdaptation]
+    ) -> tuple[ObsStats | None, CriticData | None]:
+        """What :meth:`_update_statistics` stores, computed and checked before the meta-update is written: the
+        observation statistics from this meta-iteration's data and, with ``critic="mlp"``, the critics' regression
+        data (the learning rate, the targets: a bad one raises a ``ValueError`` with nothing changed)."""
         all_observations = np.concatenate([b.observations.reshape(-1, b.observations.shape[-1]) for b in raw_batches])
-        self.policy.update_obs_stats(all_observations)
-        if self.critic == "mlp":
-            self._train_critics([batch for adaptation in adaptations for batch in adaptation.batches])
+        obs_stats = self.policy.obs_stats_after(all_observations)
+        if self.critic != "mlp":
+            return obs_stats, None
+        prepared = [batch for adaptation in adaptations for batch in adaptation.batches]
+        self._check_learning_rate_now()
+        data = CriticData(
+            observations=th.cat([p.observations for p in prepared]).float(),
+            reward_targets=th.as_tensor(np.concatenate([p.reward_returns for p in prepared]), device=self.device).float(),
+            cost_targets=th.as_tensor(np.concatenate([p.cost_returns for p in prepared]), device=self.device).float(),
+            times=th.cat([p.time_fractions for p in prepared]).float(),  # type: ignore[misc]
+        )
+        check_critic_targets(data.reward_targets, data.cost_targets)
+        return obs_stats, data
 
-    def _train_critics(self, prepared: Sequence[PreparedBatch]) -> None:
-        """Fit the shared reward and cost critics to the GAE lambda-returns of this meta-iteration's batches."""
-        observations = th.cat([p.observations for p in prepared]).float()
-        reward_targets = th.as_tensor(np.concatenate([p.reward_returns for p in prepared]), device=self.device).float()
-        cost_targets = th.as_tensor(np.concatenate([p.cost_returns for p in prepared]), device=self.device).float()
-        times = th.cat([p.time_fractions for p in prepared]).float()  # type: ignore[misc]
+    def _update_statistics(self, statistics: tuple[ObsStats | None, CriticData | None]) -> None:
+        """Store the observation statistics and fit the shared reward and cost critics (``critic="mlp"``) to the GAE
+        lambda-returns of this meta-iteration's batches (:meth:`_checked_statistics`)."""
+        obs_stats, data = statistics
+        self.policy.set_obs_stats(obs_stats)
+        if data is None:
+            return
         self._update_learning_rate(self.policy.optimizer)  # critic_learning_rate (e.g. given to load) now
         loss = self.policy.fit_critics(
-            observations, reward_targets, cost_targets, self.n_critic_updates, self.critic_batch_size, times
+            data.observations,
+            data.reward_targets,
+            data.cost_targets,
+            self.n_critic_updates,
+            self.critic_batch_size,
+            data.times,
         )
         self.logger.record("train/value_loss", loss)
 
