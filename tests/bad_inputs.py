@@ -607,6 +607,36 @@ CASES: list[Case] = [
         RuntimeError,
         "the env broke",
     ),
+    Case(
+        "CPO.learn",
+        "env emits a finite 1e20 observation (overflows the observation statistics)",
+        lambda: CPO("MlpPolicy", FaultyEnv("observation", 1e20), **CPO_SMALL).learn(100),
+        ValueError,
+        "overflow the running statistics of observation normalisation",
+    ),
+    Case(
+        "CPO.learn",
+        "env emits a finite 1e30 reward (overflows the critics' regression)",
+        lambda: CPO("MlpPolicy", FaultyEnv("reward", 1e30), **CPO_SMALL).learn(100),
+        ValueError,
+        r"the reward critic's targets \(discounted returns\) reach",
+    ),
+    Case(
+        "CPO.learn",
+        "learning_rate schedule that gives NaN during training",
+        lambda: CPO("MlpPolicy", "Toy2DNav", learning_rate=lambda p: 1e-3 if p == 1.0 else float("nan"), **CPO_SMALL).learn(
+            100
+        ),
+        ValueError,
+        "the learning-rate schedule gave nan at progress remaining 0",
+    ),
+    _hyper(
+        "CPO",
+        "learning_rate=lambda p: float('nan')",
+        ValueError,
+        "the schedule gives nan at progress remaining 1",
+        learning_rate=lambda p: float("nan"),
+    ),
     # --- task distributions ---
     Case(
         "make_task_distribution",
