@@ -40,8 +40,8 @@ setup(
         # `pip install --no-deps safety-gymnasium==1.0.0` (the Makefile does); `sb3_metacpo.tasks.compat` makes it
         # work on this stack. These are its runtime dependencies.
         "safety-gym": ["xmltodict", "pyyaml", "imageio"],
-        # several cost constraints, or dual_solver="cvxpylayers": the dual as a differentiable convex program (one
-        # constraint uses the closed form, dual_solver="auto")
+        # dual_solver="cvxpylayers" (the dual as a differentiable convex program, the paper's) and more than 8
+        # cost constraints; up to 8 the exact closed form needs neither (dual_solver="auto")
         "several-costs": ["cvxpylayers[torch]>=1.2,<2", "cvxpy>=1.9"],
         # learning and adaptation curves (matplotlib), GIFs (Pillow)
         "plots": ["matplotlib", "pillow"],

@@ -50,8 +50,10 @@ def test_metacpo_close_releases_its_workers_and_the_run_goes_on_as_without_it(tm
     assert closed_evaluation.episode_costs == kept_evaluation.episode_costs
     # the archive of a closed model keeps the episode streams of its released samplers
     assert read_archive(closed_path)[0]["rng"] == read_archive(kept_path)[0]["rng"]
-    for model in (MetaCPO.load(kept_path, env=toy()), MetaCPO.load(closed_path, env=toy())):
+    resumed = [MetaCPO.load(path, env=toy()) for path in (kept_path, closed_path)]
+    for model in resumed:
         model.learn(400, reset_num_timesteps=False)
+    assert th.equal(flat(resumed[0]), flat(resumed[1]))  # the closed model's archive resumes as the other's
     kept.close()
     closed.close()  # twice is harmless
 

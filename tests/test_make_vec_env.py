@@ -46,8 +46,9 @@ def test_cpo_trains_on_make_vec_env_with_the_same_costs_as_on_its_own_vec_env(tm
         rows = list(csv.DictReader(handle))
     assert rows[-1]["rollout/ep_cost_mean"] != ""
 
-    # adaptation and evaluation read the cost through the outer Monitor too
-    model.adapt(wrapped, n_updates=1, n_steps=100)
+    # adaptation and evaluation read the cost through the outer Monitor too (on an env of their own: the model's
+    # training env is refused, as adapting would step it under the training run)
+    model.adapt(make_vec_env(lambda: dist.make_env(task), n_envs=2, seed=1), n_updates=1, n_steps=100)
     assert model.adaptation_history[-1]["ep_cost_mean"] >= 0
     _, _, mean_cost, _ = evaluate_safe_policy(model, wrapped, n_eval_episodes=2)
     assert mean_cost >= 0

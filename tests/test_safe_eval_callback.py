@@ -2,6 +2,7 @@
 the cost limit, and an EvalCallback-style npz with the costs."""
 
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -242,3 +243,27 @@ def test_a_resumed_run_takes_up_the_evaluations_and_the_best_so_far(tmp_path, mo
     with pytest.warns(UserWarning, match="cannot be read .* not taken up"):
         CPO.load(path).learn(50, callback=cut, reset_num_timesteps=False)
     assert cut.evaluations_timesteps == [200] and not list(tmp_path.glob(".evaluations*"))
+
+
+def test_a_resumed_run_with_other_adaptation_settings_does_not_take_up_the_earlier_evaluations(tmp_path, monkeypatch):
+    """The settings recorded n_updates=None and n_steps=None (the algorithm's own), so a model loaded with other
+    n_inner_updates, n_steps or inner_target_kl took up evaluations of another adaptation, silently."""
+    monkeypatch.setattr(callbacks_module, "meta_evaluate", fake_meta_evaluate([(1.0, 1.0)] * 8))
+    dist = toy()
+    model = MetaCPO("MlpPolicy", dist, meta_batch_size=2, n_steps=100, seed=0, policy_kwargs=dict(net_arch=[8]))
+
+    def callback():
+        return SafeEvalCallback(dist.test_tasks(2), eval_freq=1, n_updates=1, log_path=tmp_path)
+
+    model.learn(400, callback=callback())
+    path = model.save(tmp_path / "checkpoint")
+    same = callback()
+    MetaCPO.load(path).learn(400, callback=same, reset_num_timesteps=False)
+    assert same.evaluations_timesteps == [400, 800]  # the same settings: taken up
+    for overrides in ({"n_steps": 50}, {"inner_target_kl": 0.05}):
+        other = callback()
+        with pytest.warns(UserWarning, match="evaluations of other settings .* not taken up"):
+            MetaCPO.load(path, **overrides).learn(400, callback=other, reset_num_timesteps=False)
+        assert min(other.evaluations_timesteps) > 400  # none of the first run's
+    settings = json.loads(str(np.load(tmp_path / "evaluations.npz")["settings"]))
+    assert (settings["n_updates"], settings["n_steps"], settings["target_kl"]) == (1, 100, 0.05)

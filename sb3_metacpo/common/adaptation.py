@@ -13,6 +13,7 @@ settings); CPO adapts its policy (fine-tuning by the same CPO updates), so bench
 from __future__ import annotations
 
 import math
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ import gymnasium as gym
 import numpy as np
 import torch as th
 from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.logger import HumanOutputFormat, KVWriter, Logger
 from stable_baselines3.common.type_aliases import MaybeCallback
 from stable_baselines3.common.vec_env import VecEnv
 from tqdm.auto import tqdm
@@ -33,7 +35,7 @@ from sb3_metacpo.common.envs import make_safe_vec_env, vec_env_time_limit
 from sb3_metacpo.common.policies import CPOPolicy, NumpyActor
 from sb3_metacpo.common.rollouts import CollectionStopped, OnStep, RolloutSampler, TaskBatch, VecStep
 from sb3_metacpo.common.threads import with_limited_blas_threads
-from sb3_metacpo.tasks.base import Task, TaskDistribution, make_task_distribution
+from sb3_metacpo.tasks.base import Task, TaskDistribution, list_task_distributions, make_task_distribution
 from sb3_metacpo.tasks.monitor import TOTAL_COST
 
 SelfAdaptable = TypeVar("SelfAdaptable", bound="AdaptationMixin")
@@ -80,6 +82,10 @@ class Adaptable(Protocol):
         self, env: AdaptationEnv, params: Params, n_episodes: int = 5, deterministic: bool = False
     ) -> PolicyEvaluation: ...
 
+    def adaptation_settings(
+        self, n_updates: int | None = None, n_steps: int | None = None, target_kl: float | None = None
+    ) -> tuple[int, int, float]: ...
+
 
 def step_locals(step: VecStep) -> dict[str, Any]:
     """The ``locals`` SB3 callbacks read at an env step (as in SB3's ``collect_rollouts``)."""
@@ -110,6 +116,8 @@ class AdaptationMixin(ABC):
     _saved_adaptation_streams: list[dict[str, Any]] | None = None
     env: VecEnv | None
     num_timesteps: int
+    verbose: int
+    logger: Logger
     #: the model's own env while :meth:`adapt` shows the adaptation's as ``env`` (what a save inside it describes)
     _training_env: VecEnv | None = None
 
@@ -162,8 +170,10 @@ class AdaptationMixin(ABC):
         ``infos``); one that returns False stops the adaptation after the updates completed so far, which
         ``predict`` then uses (none completed: the model's own parameters). While the model adapts, its env
         (``get_env()``, the callbacks' ``training_env``) is the adaptation's one-env VecEnv, and ``locals`` hold
-        ``total_timesteps`` (``num_timesteps`` plus the steps of the call) for SB3's ``ProgressBarCallback``.
-        :meth:`learn` forgets an adaptation.
+        ``total_timesteps`` (``num_timesteps`` plus the steps of the call) for SB3's ``ProgressBarCallback``. What
+        they record with ``self.logger`` is written when ``adapt`` returns (one dump at the model's
+        ``num_timesteps``, which adaptation does not advance); a model without a logger yet (never trained, or just
+        loaded) gets SB3's default one (standard output at ``verbose >= 1``). :meth:`learn` forgets an adaptation.
 
         Random streams: on tasks of the model's family the episodes come from one stream of the model's (seeded from
         its seed), which goes on from one adaptation or evaluation to the next and is saved with the model; the action
@@ -171,9 +181,11 @@ class AdaptationMixin(ABC):
         makes an adaptation reproducible, and an adaptation between two ``learn`` calls changes the rest of training
         as any other use of that generator does.
 
-        :param env: a gymnasium env or VecEnv reporting ``info["cost"]``, a task of the model's family, or the name
-            of a registered family (its first held-out task: for the model's own family, that of the model's
-            distribution, with its ``test_seed`` and ranges)
+        :param env: a gymnasium env or VecEnv reporting ``info["cost"]`` (not the model's own training env, which
+            adaptation would reset and step under the training run), a registered gymnasium id (e.g.
+            ``"SafetyPointGoal1Gymnasium-v0"``), a task of the model's family, or the name of a registered family
+            (its first held-out task: for the model's own family, that of the model's distribution, with its
+            ``test_seed`` and ranges; a model built on an env adapts on that task's env)
         :param n_updates: CPO updates (default: the algorithm's, e.g. MetaCPO's ``n_inner_updates``)
         :param n_steps: env steps per update (default: the algorithm's ``n_steps``)
         :param callback: SB3 callback(s), called at every env step
@@ -190,6 +202,7 @@ class AdaptationMixin(ABC):
         # While it adapts, the model's env is the adaptation's, whose steps the callbacks are shown: SB3's callbacks
         # read it (training_env) at every step, e.g. StopTrainingOnMaxEpisodes counts episodes per env of it
         self._training_env, self.env = self.env, sampler.vec_env
+        self._ensure_logger()
         try:
             callbacks: BaseCallback = self._init_callback(callback, progress_bar=False)  # type: ignore[attr-defined]
             total_timesteps = self.num_timesteps + n_updates * n_steps  # SB3's callbacks read it in locals()
@@ -206,12 +219,25 @@ class AdaptationMixin(ABC):
             callbacks.on_training_end()
         except BaseException:
             self.adaptation_history = history_before
+            self.logger.name_to_value.clear()  # what the callbacks recorded: not left for the next learn's logs
+            self.logger.name_to_count.clear()
+            self.logger.name_to_excluded.clear()
             raise
         finally:
             self.env, self._training_env = self._training_env, None
         self.adapted_params = adapted
         self.policy.set_actor_override(adapted)
+        if self.logger.name_to_value:  # what the callbacks recorded, written now (not in the next learn's row)
+            self.logger.dump(step=self.num_timesteps)
         return self
+
+    def _ensure_logger(self) -> None:
+        """Give a model that has no logger yet (never trained, or just loaded) SB3's default one: standard output at
+        ``verbose >= 1``, else none (callbacks of ``adapt`` may record). Not a custom logger: ``learn`` still
+        configures its own."""
+        if getattr(self, "_logger", None) is None:
+            outputs: list[KVWriter] = [HumanOutputFormat(sys.stdout)] if self.verbose >= 1 else []
+            self._logger = Logger(folder=None, output_formats=outputs)
 
     @with_limited_blas_threads
     def adaptation_steps(
@@ -234,6 +260,15 @@ class AdaptationMixin(ABC):
         n_updates, n_steps = self._adaptation_sizes(n_updates, n_steps)
         sampler, task = self._adaptation_sampler(env)
         return self._adaptation_steps(sampler, task, n_updates, n_steps, on_step, target_kl)
+
+    def adaptation_settings(
+        self, n_updates: int | None = None, n_steps: int | None = None, target_kl: float | None = None
+    ) -> tuple[int, int, float]:
+        """The updates, env steps per update and trust region an adaptation given these arguments uses (None stands
+        for the algorithm's own, as in :meth:`adapt`)."""
+        check_adaptation_arguments(n_updates, n_steps, target_kl)
+        n_updates, n_steps = self._adaptation_sizes(n_updates, n_steps)
+        return n_updates, n_steps, float(self._adaptation_config(target_kl).step.target_kl)
 
     def _adaptation_sizes(self, n_updates: int | None, n_steps: int | None) -> tuple[int, int]:
         """``n_updates`` and ``n_steps`` of an adaptation, None standing for the algorithm's own."""
@@ -374,8 +409,9 @@ class AdaptationMixin(ABC):
         and MetaTRPO, the training sampler (its VecEnv, its ``SubprocVecEnv`` workers or its Ray actors, which hold
         Ray's CPUs until then). The model stays usable and its episode streams go on: the next ``learn``, ``adapt`` or
         evaluation builds fresh samplers that continue them, so a run with a ``close`` in between gives the run
-        without it, and ``save`` after ``close`` keeps the streams. An env you gave the model (CPO's training env, an
-        env given to ``adapt``) is yours to close, as in SB3 (``model.get_env().close()``)."""
+        without it, and ``save`` after ``close`` keeps the streams. Until then MetaCPO's ``get_env()`` is None. CPO's
+        training env (also one it built from an id or a family) and an env given to ``adapt`` are not closed, as SB3
+        never closes a model's env: ``model.get_env().close()`` when done training."""
         cache = self._adaptation_sampler_cache
         if cache is not None:
             self._saved_adaptation_streams = cache.episode_rng_states()
@@ -406,9 +442,22 @@ class AdaptationMixin(ABC):
         one seeded with ``fresh_seed`` when given)."""
         seed = (0 if self.seed is None else self.seed) if fresh_seed is None else fresh_seed
         names = self.constraints.names
-        if isinstance(env, str):  # the family's first held-out task: the model's own family's, if it is that family
+        if isinstance(env, str):
             own = self.task_distribution
-            env = (own if own is not None and own.name == env else make_task_distribution(env)).test_tasks(1)[0]
+            if own is not None and own.name == env:  # the model's family: its distribution's first held-out task
+                env = own.test_tasks(1)[0]
+            elif env in list_task_distributions():  # another family's first held-out task (refused below as a task
+                family = make_task_distribution(env)  # of another family; a model built on an env adapts on its env)
+                task = family.test_tasks(1)[0]
+                env = task if own is not None else family.make_env(task)
+            else:
+                env = make_safe_vec_env(env)  # a registered gymnasium id, e.g. a standard safety-gymnasium one
+        if env is not None and env is self.env:
+            raise ValueError(
+                "adapt and evaluate_params need another env than the model's own training env: they reset and step "
+                "it, under the training run (whose next learn would go on from an observation the env left); pass a "
+                "new env built the same way, or a task of the model's family"
+            )
         if isinstance(env, Task):
             distribution = self.task_distribution
             if distribution is None:

@@ -411,11 +411,15 @@ class SafeEvalCallback(BaseCallback):
 
     def _settings(self) -> dict[str, object]:
         """What makes two evaluations comparable (written to ``evaluations.npz`` as ``settings``, JSON): the tasks, the
-        adaptation, the episodes and the limits."""
+        adaptation (its updates, steps per update and trust region as the model resolves them: a resumed model loaded
+        with other ``n_inner_updates``, ``n_steps`` or trust region adapts otherwise), the episodes and the limits."""
+        model, _ = adaptable_model(self.model)
+        n_updates, n_steps, target_kl = model.adaptation_settings(self.n_updates, self.n_steps)
         return {
             "tasks": [task.to_dict() for task in self.tasks],
-            "n_updates": None if self.n_updates is None else int(self.n_updates),
-            "n_steps": None if self.n_steps is None else int(self.n_steps),
+            "n_updates": n_updates,
+            "n_steps": n_steps,
+            "target_kl": target_kl,
             "n_eval_episodes": self.n_eval_episodes,
             "deterministic": self.deterministic,
             "limits": self._limits,

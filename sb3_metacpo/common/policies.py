@@ -266,8 +266,21 @@ def _positive_number(value: Any) -> bool:
 ObsStats = tuple[th.Tensor, th.Tensor, th.Tensor]
 
 #: The largest critic target magnitude (a discounted return of rewards or costs) the critics regress on: the squared
-#: errors and Adam's second moments of larger ones overflow float32.
+#: errors and Adam's second moments overflow float32 a few orders of magnitude above it (a [64, 64] critic fitted 1e18
+#: and went non-finite from 1e19 on), and no reward or cost scale that trains needs more.
 MAX_CRITIC_TARGET = 1e15
+
+
+def _optimizer_snapshot(optimizer: th.optim.Optimizer) -> dict[str, Any]:
+    """The optimiser's ``state_dict`` with its state tensors copied (what ``load_state_dict`` restores it from),
+    without a deep copy of everything else."""
+    state = optimizer.state_dict()
+    state["state"] = {
+        key: {name: value.clone() if isinstance(value, th.Tensor) else copy.deepcopy(value) for name, value in entry.items()}
+        for key, entry in state["state"].items()
+    }
+    state["param_groups"] = [dict(group) for group in state["param_groups"]]
+    return state
 
 
 def check_critic_targets(reward_targets: th.Tensor, cost_targets: th.Tensor) -> None:
@@ -761,7 +774,7 @@ class CPOPolicy(ActorCriticPolicy):
         # or optimiser state (e.g. a learning rate that overflows them) is undone
         trained = [p for group in self.optimizer.param_groups for p in group["params"]]
         saved_parameters = [p.detach().clone() for p in trained]
-        saved_optimizer = copy.deepcopy(self.optimizer.state_dict())
+        saved_optimizer = _optimizer_snapshot(self.optimizer)
         self.set_training_mode(True)
         # The critics' inputs once for all samples: normalisation and concatenation are element-wise, so a minibatch's
         # rows are the values predict_values / predict_costs would compute from its observations
@@ -795,7 +808,7 @@ class CPOPolicy(ActorCriticPolicy):
                         loss.backward()
                     self.optimizer.step()
                     losses.append(loss.item())
-        except Exception:  # e.g. an overflow inside the optimiser's step: nothing half-updated stays
+        except BaseException:  # an overflow inside the optimiser's step, a Ctrl-C: nothing half-updated stays
             self._restore_critics(trained, saved_parameters, saved_optimizer)
             raise
         self.set_training_mode(False)

@@ -27,6 +27,7 @@ from sb3_metacpo.common.cpo_update import CPOConfig, Params
 from sb3_metacpo.common.serialization import (
     POLICY_CONTENT,
     ArchiveError,
+    check_finite_tensors,
     check_rng_state,
     decode_space,
     decode_value,
@@ -34,6 +35,7 @@ from sb3_metacpo.common.serialization import (
     encode_value,
     global_rng_state,
     lookup_class,
+    policy_values,
     read_archive,
     set_global_rng_state,
     write_archive,
@@ -554,7 +556,10 @@ class SafeAlgorithmMixin(ABC):
         else:  # another env: its episodes are its own (the task stream is the given distribution's)
             model._forget_saved_episode_streams()
         if env is not None:
+            adaptation_streams = model._saved_adaptation_streams  # type: ignore[attr-defined]
             model._use_env_after_load(env, force_reset, set(overrides), saved)
+            if saved:  # the archive's env: its adaptations go on (a change of family would start them afresh)
+                model._saved_adaptation_streams = adaptation_streams  # type: ignore[attr-defined]
         distribution = model._get_task_distribution()
         if saved and distribution is not None and distribution is not restored and stream is not None:
             distribution._rng.bit_generator.state = stream  # an equal distribution given to load: the saved task stream
@@ -638,6 +643,10 @@ class SafeAlgorithmMixin(ABC):
                     f"{type(self).__name__}.load: cost_limit names {len(self.constraints)} costs, the saved model "
                     f"{saved_costs.shape[0]} (its cost critic has one output per cost): give as many"
                 )
+            source = f"{type(self).__name__}.load"
+            check_finite_tensors(source, policy_values(policy, tensors["policy"]), "policy")
+            check_finite_tensors(source, tensors["optimizer"].get("state", {}), "optimizer/state")
+            check_finite_tensors(source, tensors["adapted_params"] or {}, "adapted_params")
             policy.load_state_dict(tensors["policy"])
             policy.optimizer.load_state_dict(tensors["optimizer"])
             self.num_timesteps = int(counters["num_timesteps"])

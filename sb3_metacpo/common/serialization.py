@@ -314,10 +314,23 @@ def read_archive(path: str | os.PathLike[str], device: th.device | str = "cpu") 
             ) from error
     if not isinstance(tensors, dict):
         raise ArchiveError(f"{path}: {TENSORS} does not hold a dictionary of tensors")
-    bad = _non_finite_tensor(tensors, "")
-    if bad is not None:  # save never writes one: the algorithms refuse non-finite parameters and statistics
-        raise ArchiveError(f"{path}: {TENSORS} holds non-finite values in {bad!r}, which no saved model has; refused")
     return metadata, tensors
+
+
+def check_finite_tensors(source: object, entries: Mapping[str, Any], where: str) -> None:
+    """An :class:`ArchiveError` where a floating tensor in ``entries`` (nested mappings and sequences: parameters,
+    statistics, an optimiser's state) holds a NaN or an inf. For what ``save`` never writes non-finite: the policy's
+    parameters and observation statistics, the adapted parameters, the critics' optimiser state (a policy's own buffers
+    may hold infinities, e.g. an unbounded space's bounds, and are not checked)."""
+    bad = _non_finite_tensor(entries, where)
+    if bad is not None:
+        raise ArchiveError(f"{source}: {TENSORS} holds non-finite values in {bad!r}, which no saved model has; refused")
+
+
+def policy_values(policy: th.nn.Module, state: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of a policy's state dict that hold its parameters and its observation statistics."""
+    names = {name for name, _ in policy.named_parameters()} | {"obs_mean", "obs_var", "obs_count"}
+    return {name: value for name, value in state.items() if name in names}
 
 
 def _non_finite_tensor(value: Any, where: str) -> str | None:
@@ -439,6 +452,8 @@ def load_policy(cls: type[SelfPolicy], path: str | os.PathLike[str], device: th.
         raise ArchiveError(f"{file}: the policy's state dict or actor override holds something other than tensors")
     try:
         policy = policy_class(observation_space, action_space, ConstantSchedule(float(learning_rate)), **arguments)
+        check_finite_tensors(file, policy_values(policy, state), "policy")
+        check_finite_tensors(file, override, "actor_override")
         policy.load_state_dict(state)
         if override:
             own = policy.actor_params()

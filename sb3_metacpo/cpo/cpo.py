@@ -253,6 +253,10 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):  # type: igno
         )
         if callable(self.learning_rate):  # its start value, now (SB3 builds the critics' optimiser with it)
             start = self.learning_rate(1.0)
+            try:  # as SB3's FloatSchedule reads it (a 0-d numpy array or tensor is a number too)
+                start = float(start)
+            except (TypeError, ValueError):
+                pass
             check(
                 is_real(start) and start >= 0,
                 f"learning_rate: the schedule gives {start!r} at progress remaining 1; a learning rate must be a "
@@ -318,8 +322,10 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):  # type: igno
 
     def set_env(self, env: SafeEnv, force_reset: bool = True) -> None:  # type: ignore[override]
         """Train on ``env`` from now on: anything the constructor accepts, or a task of the model's family
-        (fine-tuning on one task is how CPO adapts in the benchmark). The number of envs may change, with
-        ``force_reset=True`` (the default). An env that is refused (e.g. other spaces) leaves the model as it was."""
+        (fine-tuning on one task with CPO's own updates; the benchmark adapts through :meth:`adapt`). The number of
+        envs may change, with ``force_reset=True`` (the default). An env that is refused (e.g. other spaces) leaves
+        the model as it was. Another family starts its own adaptation episodes (the adaptations' sampler is
+        closed)."""
         names = ("task_distribution", "task_distribution_name", "task_distribution_params", "env_source", "n_envs")
         before = {name: getattr(self, name) for name in names}
         vec_env: VecEnv | None = None
@@ -335,6 +341,10 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):  # type: igno
                 )
             self.n_envs = vec_env.num_envs
             super().set_env(vec_env, force_reset)
+            if self.task_distribution is not before["task_distribution"]:  # another family: its own adaptation episodes
+                if self._adaptation_sampler_cache is not None:
+                    self._adaptation_sampler_cache.close()
+                self._adaptation_sampler_cache = self._saved_adaptation_streams = None
         except BaseException:
             for name, value in before.items():  # the family, its cost limit and the saved env source stay the old ones
                 setattr(self, name, value)

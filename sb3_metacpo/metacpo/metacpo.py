@@ -48,10 +48,19 @@ from sb3_metacpo.common.cpo_update import (
     prepare_batch,
     representable_std,
 )
+from sb3_metacpo.common.envs import EnvWorkerError
 from sb3_metacpo.common.policies import CPOPolicy, ObsStats, check_critic_targets
 from sb3_metacpo.common.profiling import phase
 from sb3_metacpo.common.ray_sampler import RaySampler, RemoteEnvs, check_ray_sampler_options, import_ray
-from sb3_metacpo.common.rollouts import CollectionStopped, RolloutSampler, Sampler, TaskBatch, VecStep, round_plan
+from sb3_metacpo.common.rollouts import (
+    CollectionStopped,
+    RolloutSampler,
+    Sampler,
+    TaskBatch,
+    VecStep,
+    initial_episode_streams,
+    round_plan,
+)
 from sb3_metacpo.common.safe_algorithm import SafeAlgorithmMixin
 from sb3_metacpo.common.threads import with_limited_blas_threads
 from sb3_metacpo.metacpo.meta_objective import META_CONSTRAINT_MODES, MetaObjective, MetaValue, TaskAdaptation
@@ -372,6 +381,7 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):  # type: igno
                 sampler.close()
         self.sampler = self._adaptation_sampler_cache = None
         self._closed_sampler_streams = None  # another family's envs start their own streams
+        self._saved_adaptation_streams = None  # and its adaptations theirs
         self.env = None
 
     def _setup_model(self) -> None:
@@ -762,8 +772,14 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):  # type: igno
     def close(self) -> None:
         super().close()
         sampler = self.sampler
-        if sampler is not None:
+        if sampler is None:
+            return
+        try:
             self._closed_sampler_streams = sampler.episode_rng_states()
+        except EnvWorkerError:  # a dead worker: the streams a rebuild of the broken VecEnv would have started
+            seed = sampler.seed + (getattr(sampler, "n_rebuilds", 0) + 1) * sampler.n_envs
+            self._closed_sampler_streams = initial_episode_streams(seed, sampler.n_envs)
+        finally:
             self.sampler, self.env = None, None
             sampler.close()
 
