@@ -1,6 +1,7 @@
-"""Finite values that overflow what the model computes from them, bad learning-rate schedules, NaN actions and NaN
-archives (a reliability audit, 2026-12-02): each is refused with a clear error and nothing changed, where each used
-to leave a NaN or inf in the model's state silently (or was blamed on the env)."""
+"""Bad learning-rate schedules, critic fits that overflow, NaN actions and NaN archives (a reliability audit,
+2026-12-02): each is refused with a clear error and nothing changed, where each used to leave a NaN or inf in the
+model's state silently (or was blamed on the env). Finite env values that overflow the statistics or the critics:
+``tests/test_reliability.py``."""
 
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ import torch as th
 
 from sb3_metacpo import CPO, MetaCPO, make_task_distribution
 from sb3_metacpo.common.serialization import TENSORS, ArchiveError
-from sb3_metacpo.tasks.toy import Toy2DNavEnv
 
 SMALL: dict[str, Any] = dict(meta_batch_size=2, n_steps=100, seed=0, policy_kwargs=dict(net_arch=[16]))
 CPO_SMALL: dict[str, Any] = dict(n_steps=100, seed=0, policy_kwargs=dict(net_arch=[16]), n_critic_updates=1)
@@ -42,49 +42,6 @@ def assert_same_state(a: tuple[dict[str, th.Tensor], dict[str, Any]], b: tuple[d
     states = [[v for entry in s[1]["state"].values() for v in entry.values()] for s in (a, b)]
     assert len(states[0]) == len(states[1])
     assert all(th.equal(x, y) if isinstance(x, th.Tensor) else x == y for x, y in zip(*states, strict=True))
-
-
-#: a finite value at one env step (float32 can store it) that overflows what is computed from it
-HUGE = {
-    "observation": ("observation", 1e20, "overflow the running statistics of observation normalisation"),
-    "reward": ("reward", 1e30, r"the reward critic's targets \(discounted returns\) reach"),
-    "cost": ("cost", 1e30, r"the cost critic's targets \(discounted returns\) reach"),
-}
-
-
-@pytest.mark.parametrize("kind", list(HUGE))
-@pytest.mark.parametrize("algo", ["MetaCPO", "CPO"])
-def test_a_finite_value_that_overflows_the_statistics_or_the_critics_is_refused_before_any_change(
-    algo: str, kind: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A 1e20 observation made obs_var inf for good (the policy then acted alike on every observation); a 1e30 reward
-    or cost made Adam's second moments inf, freezing those critic weights; neither raised."""
-    model = model_of(algo)
-    model.learn(400 if algo == "MetaCPO" else 100)
-    before = state_of(model)
-    original = Toy2DNavEnv.step
-    calls = {"n": 0}
-    where, value, message = HUGE[kind]
-
-    def glitch(self: Toy2DNavEnv, action: np.ndarray) -> Any:
-        obs, reward, terminated, truncated, info = original(self, action)
-        calls["n"] += 1
-        if calls["n"] == 37:
-            if where == "observation":
-                obs = np.full_like(obs, value)
-            elif where == "reward":
-                reward = value
-            else:
-                info = {**info, "cost": value}
-        return obs, reward, terminated, truncated, info
-
-    monkeypatch.setattr(Toy2DNavEnv, "step", glitch)
-    with pytest.raises(ValueError, match=message):
-        model.learn(400 if algo == "MetaCPO" else 100, reset_num_timesteps=False)
-    assert_same_state(before, state_of(model))  # θ, critics, statistics and the optimiser untouched
-    monkeypatch.setattr(Toy2DNavEnv, "step", original)
-    model.learn(400 if algo == "MetaCPO" else 100, reset_num_timesteps=False)
-    assert all(th.isfinite(v).all() for v in model.policy.state_dict().values())
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1e-3])
@@ -152,7 +109,7 @@ def test_a_non_finite_action_is_the_policys_fault_not_the_envs(algo: str) -> Non
         model.predict(np.zeros(model.observation_space.shape, np.float32))
 
 
-def _rewritten(source: Path, target: Path, members: list[tuple[str, bytes]]) -> Path:
+def _rewritten(target: Path, members: list[tuple[str, bytes]]) -> Path:
     with zipfile.ZipFile(target, "w") as archive:
         for name, data in members:
             archive.writestr(name, data)
@@ -171,9 +128,9 @@ def test_an_archive_with_non_finite_parameters_or_a_repeated_member_is_refused(t
     th.save(tensors, buffer)
     poisoned = [(name, buffer.getvalue() if name == TENSORS else data) for name, data in members]
     with pytest.raises(ArchiveError, match=r"non-finite values in 'policy/log_std'"):
-        MetaCPO.load(_rewritten(path, tmp_path / "nan.zip", poisoned))
+        MetaCPO.load(_rewritten(tmp_path / "nan.zip", poisoned))
     with pytest.warns(UserWarning, match="Duplicate name"):
-        repeated = _rewritten(path, tmp_path / "repeated.zip", [*members, (TENSORS, dict(members)[TENSORS])])
+        repeated = _rewritten(tmp_path / "repeated.zip", [*members, (TENSORS, dict(members)[TENSORS])])
     with pytest.raises(ArchiveError, match="it repeats a member"):
         MetaCPO.load(repeated)
     MetaCPO.load(path)  # the original loads

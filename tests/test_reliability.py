@@ -3,6 +3,7 @@ model as it was; non-finite env outputs are caught where they enter; degenerate 
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -206,10 +207,15 @@ def test_env_raising_in_the_main_process_leaves_theta_unchanged(monkeypatch: pyt
 
 
 # what the env returns at its 37th step: an inf observation; a finite float64 cost beyond float32's range (the storage's
-# dtype, where it would be stored as inf)
+# dtype, where it would be stored as inf); finite values that float32 stores but that overflow what is computed from
+# them: the observation statistics (1e20: obs_var was inf for good, and the policy acted alike on every observation)
+# and the critics' regression (1e30 rewards or costs: Adam's second moments went inf and froze critic weights)
 POISONS = {
     "inf observation": ("observation", np.array([np.inf, 0.0], np.float32), "returned a non-finite next observation at step"),
     "float64 cost": ("cost", 1e39, r"reported a non-finite cost \(1e\+39; the storage is float32"),
+    "1e20 observation": ("observation", np.full(2, 1e20, np.float32), "overflow the running statistics of observation"),
+    "1e30 reward": ("reward", 1e30, r"the reward critic's targets \(discounted returns\) reach"),
+    "1e30 cost": ("cost", 1e30, r"the cost critic's targets \(discounted returns\) reach"),
 }
 
 
@@ -223,7 +229,7 @@ def test_non_finite_env_output_leaves_statistics_critics_and_theta_finite(
     else:
         model = CPO("MlpPolicy", "Toy2DNav", n_steps=100, seed=0, policy_kwargs=dict(net_arch=[16]), n_critic_updates=1)
     model.learn(400 if algo == "MetaCPO" else 100)
-    state = snapshot(model)
+    state, optimizer = snapshot(model), copy.deepcopy(model.policy.optimizer.state_dict())
     original = Toy2DNavEnv.step
     calls = {"n": 0}
 
@@ -233,6 +239,8 @@ def test_non_finite_env_output_leaves_statistics_critics_and_theta_finite(
         if calls["n"] == 37:
             if where == "observation":
                 obs = value
+            elif where == "reward":
+                reward = value
             else:
                 info = {**info, "cost": value}
         return obs, reward, terminated, truncated, info
@@ -242,6 +250,8 @@ def test_non_finite_env_output_leaves_statistics_critics_and_theta_finite(
     with pytest.raises(ValueError, match=message):
         model.learn(400, reset_num_timesteps=False)
     assert same(state, snapshot(model))  # θ, critics and observation statistics untouched
+    after = model.policy.optimizer.state_dict()["state"]  # and the critics' optimiser
+    assert all(th.equal(value, after[key][name]) for key, entry in optimizer["state"].items() for name, value in entry.items())
     monkeypatch.setattr(Toy2DNavEnv, "step", original)
     model.learn(400 if algo == "MetaCPO" else 100, reset_num_timesteps=False)
     assert all(th.isfinite(v).all() for v in model.policy.state_dict().values())
