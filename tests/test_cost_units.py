@@ -5,6 +5,7 @@ dropped from the step (its s fell under ``s_tol``) and, a little larger, had its
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import cvxpy as cp
@@ -14,7 +15,7 @@ import torch as th
 from test_meta_gradient import make_batch, make_policy
 
 from sb3_metacpo.common.constrained_step import CostScales, FixedFraction, StepConfig, constrained_step
-from sb3_metacpo.common.cpo_update import CPOConfig, cost_scales, cpo_update, prepare_batch
+from sb3_metacpo.common.cpo_update import CPOConfig, PreparedBatch, cost_scales, cpo_update, prepare_batch
 from sb3_metacpo.common.rollouts import EpisodeRecord, TaskBatch
 from sb3_metacpo.metacpo.meta_objective import MetaObjective, TaskAdaptation
 
@@ -31,7 +32,7 @@ def binding_problem() -> tuple[np.ndarray, np.ndarray, float, np.ndarray, float]
     return H, g, b, a, delta
 
 
-@pytest.mark.parametrize("c", [1.0, 1e-2, 1e-3, 3e-4, 1e-5])
+@pytest.mark.parametrize("c", [1.0, 1e-2, 1e-3, 3e-4, 1e-5, 1e-7, 1e-8])
 def test_the_step_does_not_depend_on_a_costs_units(c):
     """Oracle: cvxpy's primal, solved once (the problem is the same for every c)."""
     H, g, b, a, delta = binding_problem()
@@ -127,12 +128,12 @@ def test_meta_constraints_take_the_units_of_their_stage_and_cost():
     advantages over every task's batch of that stage (computed here by hand)."""
     policy = make_policy()
     theta = {name: value.detach().clone() for name, value in policy.actor_params().items()}
-    tasks = [
-        TaskAdaptation(
-            stages=[theta, theta], batches=[make_batch(policy, theta, seed=s, constraint=(0.1, 0.2)) for s in seeds]
-        )
-        for seeds in ((0, 1), (2, 3))
-    ]
+
+    def batch(seed: int) -> PreparedBatch:  # cost returns neither zero nor centred: their RMS is not their spread
+        made = make_batch(policy, theta, seed=seed, constraint=(0.1, 0.2))
+        return dataclasses.replace(made, cost_returns=made.cost_advantages.numpy() + 1.5)
+
+    tasks = [TaskAdaptation(stages=[theta, theta], batches=[batch(s) for s in seeds]) for seeds in ((0, 1), (2, 3))]
     objective = MetaObjective(
         policy.actor_mean_log_std, tasks, CPOConfig(StepConfig(0.02)), second_order=False, fisher=None, mode="stages",
         cost_names=("cost", "cost_hazards"),

@@ -409,6 +409,9 @@ def test_recovery_step_minimises_the_cost(solver):
     assert minimise_cost.status == "optimal"
     torch.testing.assert_close(result.x, torch.from_numpy(x.value), rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(result.expected_cost_change, a @ result.x)
+    torch.testing.assert_close(result.expected_improvement, g @ result.x)  # the reward surrogate's change, signed
+    # the logged λ of x = −w/λ: √(s/2δ) (the step reaches the trust region's boundary)
+    torch.testing.assert_close(result.lam, torch.sqrt(s / (2 * DELTA)))
     assert float(result.nu) == 0.0
 
 

@@ -146,6 +146,7 @@ def test_recovery_minimises_the_largest_violation(m, solver):
     worst = float(((b + A @ result.x) / scale).max())
     assert worst == pytest.approx(worst_ref, abs=1e-6) and worst > 0
     assert 0.5 * result.x @ H @ result.x <= DELTA * (1 + 1e-6)
+    torch.testing.assert_close(result.expected_improvement, g @ result.x)  # the reward surrogate's change, signed
     if m == 1:  # the classic CPO recovery step −√(2δ/s)·w
         torch.testing.assert_close(result.x, -torch.sqrt(2 * DELTA / S[0, 0]) * W[0])
         torch.testing.assert_close(result.x, x_ref, rtol=1e-5, atol=1e-6)

@@ -11,7 +11,13 @@ import pytest
 import torch
 
 from sb3_metacpo.common.conjugate_gradient import conjugate_gradient_solve
-from sb3_metacpo.common.constrained_step import LineSearch, StepConfig, backtracking_line_search, constrained_step
+from sb3_metacpo.common.constrained_step import (
+    LineSearch,
+    StepConfig,
+    backtracking_line_search,
+    constrained_step,
+    recovery_level,
+)
 from sb3_metacpo.common.cpo_update import prepare_batch
 from sb3_metacpo.common.rollouts import EpisodeRecord, TaskBatch
 
@@ -257,9 +263,37 @@ def test_a_recovery_step_may_spend_a_satisfied_constraints_slack_as_the_recovery
     assert result.case == "recovery" and result.accepted, result.rejection
     normalised = (b + A @ result.step.numpy()) / scale
     assert normalised.max() < 1.5
-    if result.fraction == 1.0:
-        np.testing.assert_allclose(normalised, [level, level], atol=1e-4)
+    assert result.fraction == 1.0  # the linear model is exact here: the program's full step passes
+    np.testing.assert_allclose(normalised, [level, level], atol=1e-4)
     assert normalised[1] <= level + 1e-4  # the satisfied one rose no further than the program's level
+
+
+def test_the_recovery_level_is_the_largest_normalised_value_at_the_full_step() -> None:
+    """max_j (b_j + Δ_j)/scale_j over the informative constraints, written out: (2 − 1)/4 = 0.25, (−0.05 + 0.3)/0.5
+    = 0.5 (raw, the first would be the larger: 1 against 0.25); a constraint without information does not count."""
+    assert recovery_level([2.0, -0.05], [-1.0, 0.3], [4.0, 0.5], [True, True]) == pytest.approx(0.5)
+    assert recovery_level([2.0, -0.05], [-1.0, 0.3], [4.0, 0.5], [True, False]) == pytest.approx(0.25)
+    assert recovery_level([2.0], [-1.0], [4.0], [False]) == 0.0
+
+
+def test_the_line_search_judges_violations_in_each_constraints_own_scale() -> None:
+    """Both constraints violated, normalised 2/10 = 0.2 and 0.5/0.1 = 5: a step that cuts the first (raw 2 → 0.5) and
+    lets the second rise (0.5 → 0.51, normalised 5 → 5.1) raises the worst normalised violation, so it is refused,
+    although the worst raw violation falls (2 → 0.51)."""
+
+    def evaluate(step: torch.Tensor) -> tuple[float, float, list[float]]:
+        return 0.001, 1.0, [-1.5, 0.01]
+
+    outcome = backtracking_line_search(
+        LineSearch(evaluate, 0.0, [0.0, 0.0]),
+        torch.ones(2, dtype=DTYPE),
+        "dual",
+        [2.0, 0.5],
+        [10.0, 0.1],
+        [True, True],
+        StepConfig(0.01, line_search_max_iter=0),
+    )
+    assert not outcome.accepted and outcome.rejection == "line search: violation not reduced"
 
 
 @pytest.mark.parametrize(
