@@ -148,6 +148,19 @@ def test_progress_bar_callback_in_adapt_counts_the_adaptation_steps() -> None:
     assert bar.pbar.total == 100 and bar.pbar.n == 100
 
 
+def test_progress_bar_callback_in_learn_counts_whole_meta_iterations() -> None:
+    """learn takes whole meta-iterations (400 steps here): a budget of 100 showed a bar of 400/100, and one of 500
+    800/500."""
+    from stable_baselines3.common.callbacks import ProgressBarCallback
+
+    model = MetaCPO("MlpPolicy", toy(), **SMALL)
+    for budget, total in ((100, 400), (500, 800)):
+        bar = ProgressBarCallback()
+        start = model.num_timesteps
+        model.learn(budget, callback=bar, reset_num_timesteps=False)
+        assert bar.pbar.total == total == model.num_timesteps - start and bar.pbar.n == total
+
+
 def test_failed_adapt_leaves_the_model_as_it_was(tmp_path: Path) -> None:
     dist = toy()
     model = MetaCPO("MlpPolicy", dist, **SMALL)

@@ -537,7 +537,10 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):  # type: igno
         total_timesteps, callback = self._setup_learn(
             total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar
         )
-        callback.on_training_start(locals(), globals())
+        # the callbacks (SB3's progress bar) are told the steps the whole meta-iterations will take
+        per_iteration = self._steps_per_meta_iteration()
+        planned = self.num_timesteps + math.ceil(max(total_timesteps - self.num_timesteps, 0) / per_iteration) * per_iteration
+        callback.on_training_start({**locals(), "total_timesteps": planned}, globals())
         iteration = 0
         while self.num_timesteps < total_timesteps:
             if not self._meta_iteration(callback):
@@ -548,6 +551,11 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):  # type: igno
                 self.dump_logs(iteration)
         callback.on_training_end()
         return self
+
+    def _steps_per_meta_iteration(self) -> int:
+        """Env steps of one meta-iteration: K + 1 collects of every round of the sampler's envs."""
+        rounds = round_plan(self.meta_batch_size, self.n_envs, self.n_steps)
+        return (self.n_inner_updates + 1) * sum(horizon * self.n_envs for _, _, horizon in rounds)
 
     def _collect(self, tasks: Sequence[Task], params: Sequence[Params], callback: BaseCallback) -> list[TaskBatch]:
         """One batch per task; the callback gets SB3's ``locals`` at every env step. Raises
