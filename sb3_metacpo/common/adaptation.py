@@ -418,6 +418,13 @@ class AdaptationMixin(ABC):
             self._adaptation_sampler_cache = None
             cache.close()
 
+    def _forget_adaptation_episodes(self) -> None:
+        """Close the adaptations' sampler and drop their episode stream: another family's adaptations start their
+        own (from the model's seed)."""
+        if self._adaptation_sampler_cache is not None:
+            self._adaptation_sampler_cache.close()
+        self._adaptation_sampler_cache = self._saved_adaptation_streams = None
+
     def _adaptation_rng_states(self) -> list[dict[str, Any]] | None:
         """The episode stream of the adaptations on tasks of the model's family (they share one one-env sampler, whose
         episodes go on from one adaptation or evaluation to the next), for an archive: None before the first."""

@@ -341,10 +341,8 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):  # type: igno
                 )
             self.n_envs = vec_env.num_envs
             super().set_env(vec_env, force_reset)
-            if self.task_distribution is not before["task_distribution"]:  # another family: its own adaptation episodes
-                if self._adaptation_sampler_cache is not None:
-                    self._adaptation_sampler_cache.close()
-                self._adaptation_sampler_cache = self._saved_adaptation_streams = None
+            if self.task_distribution is not before["task_distribution"]:
+                self._forget_adaptation_episodes()
         except BaseException:
             for name, value in before.items():  # the family, its cost limit and the saved env source stay the old ones
                 setattr(self, name, value)

@@ -376,12 +376,10 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):  # type: igno
             self.constraints.check_reported(env.cost_names, f"the task family {env.name}")
         self.observation_space, self.action_space = observation_space, action_space
         self._remember_task_distribution(env)
-        for sampler in (self.sampler, self._adaptation_sampler_cache):
-            if sampler is not None:
-                sampler.close()
-        self.sampler = self._adaptation_sampler_cache = None
-        self._closed_sampler_streams = None  # another family's envs start their own streams
-        self._saved_adaptation_streams = None  # and its adaptations theirs
+        if self.sampler is not None:
+            self.sampler.close()
+        self.sampler = self._closed_sampler_streams = None  # another family's envs start their own streams
+        self._forget_adaptation_episodes()  # and its adaptations theirs
         self.env = None
 
     def _setup_model(self) -> None:
