@@ -158,11 +158,11 @@ CASES: list[Case] = [
     _hyper("MetaCPO", "gae_lambda=1.5", ValueError, r"gae_lambda must be in \[0, 1\]", gae_lambda=1.5),
     _hyper("MetaCPO", "cost_gamma=0", ValueError, r"cost_gamma must be in \(0, 1\]", cost_gamma=0.0),
     _hyper(
-        "MetaCPO", "cost_limit=inf", ValueError, "cost_limit: the limit of 'cost' must be finite and > 0", cost_limit=np.inf
+        "MetaCPO", "cost_limit=inf", ValueError, "cost_limit: the limit of 'cost' must be finite and >= 0", cost_limit=np.inf
     ),
-    _hyper("MetaCPO", "cost_limit=-1", ValueError, "cost_limit: the limit of 'cost' must be finite and > 0", cost_limit=-1.0),
+    _hyper("MetaCPO", "cost_limit=-1", ValueError, "cost_limit: the limit of 'cost' must be finite and >= 0", cost_limit=-1.0),
     _hyper(
-        "MetaCPO", "cost_limit='5'", ValueError, "cost_limit: the limit of 'cost' must be a positive number", cost_limit="5"
+        "MetaCPO", "cost_limit='5'", ValueError, "cost_limit: the limit of 'cost' must be a number >= 0", cost_limit="5"
     ),
     _hyper("MetaCPO", "cost_limit={}", ValueError, "cost_limit is an empty mapping", cost_limit={}),
     _hyper(
@@ -348,7 +348,7 @@ CASES: list[Case] = [
     _hyper("CPO", "learning_rate=-1", ValueError, "learning_rate must be >= 0", learning_rate=-1.0),
     _hyper("CPO", "learning_rate=inf", ValueError, "learning_rate must be >= 0", learning_rate=np.inf),
     _hyper("CPO", "n_envs=0", ValueError, "n_envs must be a positive integer", n_envs=0),
-    _hyper("CPO", "cost_limit=inf", ValueError, "cost_limit: the limit of 'cost' must be finite and > 0", cost_limit=np.inf),
+    _hyper("CPO", "cost_limit=inf", ValueError, "cost_limit: the limit of 'cost' must be finite and >= 0", cost_limit=np.inf),
     _hyper("CPO", "seed=[0]", ValueError, r"seed must be None or an integer in \[0, 2\*\*32\)", seed=[0]),
     Case("CPO(...)", "env=42", lambda: CPO("MlpPolicy", 42), TypeError, "env must be a gymnasium env"),
     # --- learn ---

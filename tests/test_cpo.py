@@ -39,6 +39,14 @@ def test_cpo_keeps_the_cost_under_the_limit_where_trpo_does_not():
     assert cost_free >= 9.0 and reward_free > 10.0
 
 
+def test_a_zero_cost_limit_drives_the_cost_to_zero():
+    # cost_limit=0 (no cost at all, a common safe-RL setting) is accepted, and CPO pushes the action below 0, where
+    # no cost is paid: the initial policy pays about 5 per episode, every update's batch is over the limit.
+    reward, cost = bandit_episode_stats(0.0)
+    assert cost <= 0.1
+    assert reward > -15.0  # pushed just below 0, not to the most negative action (return -30)
+
+
 def test_recovery_violated_recovers_whenever_the_batch_is_over_the_limit(tmp_path):
     """The bandit's initial policy pays about 5 against a limit of 4.5, a violation the trust region can undo: CPO's
     rule takes the dual step (reward and cost traded), recovery='violated' the recovery step, which lowers the cost

@@ -349,7 +349,7 @@ def test_meta_eval_callback_counts_a_task_under_the_limits_only_when_every_cost_
         (dict(meta_batch_size=0), "meta_batch_size must be a positive integer"),
         (dict(n_steps=1.5), "n_steps must be an integer >= 2"),
         (dict(inner_target_kl=0.0), "inner_target_kl must be a finite number > 0"),
-        (dict(cost_limit=-1.0), "cost_limit: the limit of .cost. must be finite and > 0"),
+        (dict(cost_limit=-1.0), "cost_limit: the limit of .cost. must be finite and >= 0"),
         (dict(meta_gradient="third_order"), "meta_gradient must be 'second_order' or 'first_order'"),
         (dict(dual_solver="scipy"), "dual_solver must be one of"),
         (dict(critic="gp"), "critic must be 'linear' or 'mlp'"),

@@ -307,13 +307,14 @@ def test_costs_are_judged_each_against_its_own_limit():
 def test_cost_limit_mappings_are_validated_before_any_step():
     assert CostConstraints.from_cost_limit(3.0).names == ("cost",)
     assert CostConstraints.from_cost_limit({"cost_a": 1, "cost_b": 2.5}).limits == (1.0, 2.5)
+    assert CostConstraints.from_cost_limit({"cost_a": 0, "cost_b": 0.0}).limits == (0.0, 0.0)  # "no cost at all"
     for bad, message in [
         ({}, "empty mapping"),
-        ({"cost_a": 0.0}, "finite and > 0"),
-        ({"cost_a": float("inf")}, "finite and > 0"),
-        ({"cost_a": "1"}, "positive number"),
-        (float("nan"), "finite and > 0"),
-        (True, "positive number"),
+        ({"cost_a": -1e-12}, "finite and >= 0"),
+        ({"cost_a": float("inf")}, "finite and >= 0"),
+        ({"cost_a": "1"}, "a number >= 0"),
+        (float("nan"), "finite and >= 0"),
+        (True, "a number >= 0"),
         ({"hazard": 5.0}, "'hazard', which is not a cost signal's name"),  # the monitors sum only cost and cost_<type>
     ]:
         with pytest.raises(ValueError, match=message):

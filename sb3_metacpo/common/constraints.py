@@ -22,9 +22,11 @@ MAX_COST_LIMIT = 1e30
 
 def _check_limit(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"cost_limit: the limit of {name!r} must be a positive number, got {value!r}")
-    if not (math.isfinite(float(value)) and float(value) > 0):
-        raise ValueError(f"cost_limit: the limit of {name!r} must be finite and > 0 (an expected episode cost), got {value!r}")
+        raise ValueError(f"cost_limit: the limit of {name!r} must be a number >= 0, got {value!r}")
+    if not (math.isfinite(float(value)) and float(value) >= 0):
+        raise ValueError(
+            f"cost_limit: the limit of {name!r} must be finite and >= 0 (an expected episode cost), got {value!r}"
+        )
     if float(value) > MAX_COST_LIMIT:  # the constraint value (J_C - limit) / L would overflow the float32 step
         raise ValueError(
             f"cost_limit: the limit of {name!r} must be at most {MAX_COST_LIMIT:g} (larger limits overflow the float32 "
