@@ -161,9 +161,7 @@ CASES: list[Case] = [
         "MetaCPO", "cost_limit=inf", ValueError, "cost_limit: the limit of 'cost' must be finite and >= 0", cost_limit=np.inf
     ),
     _hyper("MetaCPO", "cost_limit=-1", ValueError, "cost_limit: the limit of 'cost' must be finite and >= 0", cost_limit=-1.0),
-    _hyper(
-        "MetaCPO", "cost_limit='5'", ValueError, "cost_limit: the limit of 'cost' must be a number >= 0", cost_limit="5"
-    ),
+    _hyper("MetaCPO", "cost_limit='5'", ValueError, "cost_limit: the limit of 'cost' must be a number >= 0", cost_limit="5"),
     _hyper("MetaCPO", "cost_limit={}", ValueError, "cost_limit is an empty mapping", cost_limit={}),
     _hyper(
         "MetaCPO",
