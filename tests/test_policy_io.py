@@ -208,13 +208,40 @@ def test_set_parameters_takes_a_policy_saved_alone(algorithm: str, tmp_path: Pat
     model = cls("MlpPolicy", dist, seed=0, **kwargs)
     path = model.policy.save(tmp_path / "policy")
     other = cls("MlpPolicy", dist, seed=1, **kwargs)
-    if "policy.optimizer" in other.get_parameters():
-        before = {name: value.clone() for name, value in other.policy.state_dict().items()}
-        with pytest.raises(ValueError, match=r"are not the model's.* pass exact_match=False\); nothing was changed"):
-            other.set_parameters(str(path))
-        for name, value in other.policy.state_dict().items():  # SB3 had set the policy before refusing
-            assert th.equal(value, before[name]), name
+    before = {name: value.clone() for name, value in other.policy.state_dict().items()}
+    with pytest.raises(ValueError, match=r"are not the model's.* pass exact_match=False\); nothing was changed"):
+        other.set_parameters(str(path))
+    for name, value in other.policy.state_dict().items():  # SB3 had set the policy before refusing
+        assert th.equal(value, before[name]), name
     other.set_parameters(str(path), exact_match=False)
     for name, value in model.policy.state_dict().items():
         assert th.equal(value, other.policy.state_dict()[name]), name
-    assert (algorithm == "CPO") is ("policy.optimizer" in other.get_parameters())
+
+
+def _optimizer_tensors(model: Any) -> list[th.Tensor]:
+    state = model.policy.optimizer.state_dict()["state"]
+    return [value for key in sorted(state) for value in state[key].values() if isinstance(value, th.Tensor)]
+
+
+@pytest.mark.parametrize("algorithm", ["MetaCPO", "MetaTRPO", "CPO"])
+def test_get_and_set_parameters_carry_the_critics_optimiser(algorithm: str, tmp_path: Path) -> None:
+    """SB3's on-policy algorithms name ``policy`` and ``policy.optimizer``; MetaCPO and MetaTRPO named only the policy,
+    so ``set_parameters`` (a dict or an archive's path) silently left the trained Adam state behind."""
+    from sb3_metacpo import CPO, MetaTRPO
+
+    dist = make_task_distribution("Toy2DNav", seed=0, max_episode_steps=50)
+    kwargs: dict[str, Any] = dict(n_steps=100, policy_kwargs=dict(net_arch=[16]))
+    if algorithm != "CPO":
+        kwargs.update(meta_batch_size=2, critic="mlp")  # the linear baselines (default) keep no optimiser state
+    cls = {"MetaCPO": MetaCPO, "MetaTRPO": MetaTRPO, "CPO": CPO}[algorithm]
+    trained = cls("MlpPolicy", dist, seed=0, **kwargs).learn(400)
+    source = _optimizer_tensors(trained)
+    assert source and any(bool(value.abs().sum() > 0) for value in source)  # Adam has moments to carry
+    assert list(trained.get_parameters()) == ["policy", "policy.optimizer"]
+    path = trained.save(tmp_path / "trained")
+    for given in (trained.get_parameters(), str(path)):
+        fresh = cls("MlpPolicy", dist, seed=1, **kwargs)
+        assert not _optimizer_tensors(fresh)
+        fresh.set_parameters(given)
+        copied = _optimizer_tensors(fresh)
+        assert len(copied) == len(source) and all(th.equal(a, b) for a, b in zip(copied, source, strict=True))

@@ -108,10 +108,16 @@ def test_a_tampered_archive_is_refused_and_runs_nothing(algo: str, kind: str, sa
     assert not marker.exists()
 
 
-def test_sb3_format_is_refused_with_a_conversion_path(tmp_path: Path) -> None:
+@pytest.mark.parametrize("with_optimizer", [True, False])
+def test_sb3_format_is_refused_with_a_conversion_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, with_optimizer: bool
+) -> None:
     model = MetaCPO("MlpPolicy", toy(), **SMALL)
     legacy = tmp_path / "legacy.zip"
+    if not with_optimizer:  # MetaCPO's earlier versions named only the policy as a torch object
+        monkeypatch.setattr(MetaCPO, "_get_torch_save_params", lambda self: (["policy"], []))
     BaseAlgorithm.save(model, legacy)  # what earlier versions wrote: SB3's format, with cloudpickled entries
+    monkeypatch.undo()
     with pytest.raises(ArchiveError, match=r"Stable-Baselines3.s format.*convert_sb3_archive"):
         MetaCPO.load(legacy)
     converted = convert_sb3_archive(legacy, tmp_path / "converted", MetaCPO)  # trusted: SB3's loader runs

@@ -11,6 +11,7 @@ import warnings
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Mapping, Sequence
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -44,6 +45,8 @@ from sb3_metacpo.tasks.base import Task, TaskDistribution, make_task_distributio
 from sb3_metacpo.tasks.monitor import SAFETY_GYMNASIUM_TOTAL, TOTAL_COST
 
 SelfSafeAlgorithm = TypeVar("SelfSafeAlgorithm", bound="SafeAlgorithmMixin")
+#: True while SB3's loader reads an archive in SB3's format (``load_sb3_archive``): MetaCPO's held no optimiser state
+_READING_SB3_ARCHIVE: ContextVar[bool] = ContextVar("_READING_SB3_ARCHIVE", default=False)
 #: Constructor arguments kept under another attribute name.
 _ATTRIBUTE_OF_ARGUMENT = {
     "n_envs": "n_envs_requested",
@@ -326,6 +329,11 @@ class SafeAlgorithmMixin(ABC):
         """Restore :meth:`_sampler_rng_states` (the samplers exist by then); by default there is none to restore."""
         del states
 
+    def _get_torch_save_params(self) -> tuple[list[str], list[str]]:
+        """SB3's names of the model's torch objects (``get_parameters``, ``set_parameters``): the policy and the
+        critics' optimiser, as SB3's on-policy algorithms."""
+        return ["policy", "policy.optimizer"], []
+
     def set_parameters(
         self, load_path_or_dict: str | os.PathLike[str] | dict[str, Any], exact_match: bool = True, device: Any = "auto"
     ) -> None:
@@ -345,6 +353,8 @@ class SafeAlgorithmMixin(ABC):
             params = {name: value for name, value in stored.items() if name in expected}
         else:
             params = load_path_or_dict
+        if exact_match and _READING_SB3_ARCHIVE.get() and set(params) == expected - {"policy.optimizer"}:
+            exact_match = False  # MetaCPO's SB3-format archives held no optimiser state: a fresh one, as when built
         for name, state in params.items():
             for key, value in _tensors_in(state):
                 if not bool(th.isfinite(value).all()):
@@ -601,7 +611,11 @@ class SafeAlgorithmMixin(ABC):
         """Load a model saved in Stable-Baselines3's format with SB3's loader, which unpickles (runs) the archive's
         ``data``: only for files you trust, to convert them (:func:`~sb3_metacpo.common.serialization.convert_sb3_archive`)."""
         sb3_load = super().load  # type: ignore[misc]
-        model = sb3_load(path, None, **kwargs)
+        reading = _READING_SB3_ARCHIVE.set(True)
+        try:
+            model = sb3_load(path, None, **kwargs)
+        finally:
+            _READING_SB3_ARCHIVE.reset(reading)
         distribution = model._get_task_distribution()
         if distribution is not None:
             model._remember_task_distribution(distribution)
