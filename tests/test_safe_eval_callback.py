@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 from stable_baselines3 import PPO
+from stable_baselines3.common.callbacks import BaseCallback, StopTrainingOnRewardThreshold
 from stable_baselines3.common.logger import configure
 
 import sb3_metacpo.common.callbacks as callbacks_module
@@ -267,3 +268,51 @@ def test_a_resumed_run_with_other_adaptation_settings_does_not_take_up_the_earli
         assert min(other.evaluations_timesteps) > 400  # none of the first run's
     settings = json.loads(str(np.load(tmp_path / "evaluations.npz")["settings"]))
     assert (settings["n_updates"], settings["n_steps"], settings["target_kl"]) == (1, 100, 0.05)
+
+
+class _Counting(BaseCallback):
+    """Counts its calls and answers ``answer``; records its parent's best reward at each call."""
+
+    def __init__(self, answer: bool = True) -> None:
+        super().__init__()
+        self.answer, self.calls, self.seen_best = answer, 0, []
+
+    def _on_step(self) -> bool:
+        self.calls += 1
+        self.seen_best.append(self.parent.best_mean_reward)
+        return self.answer
+
+
+@pytest.mark.parametrize("algorithm", ["CPO", "MetaCPO"])
+def test_hooks_are_called_as_by_sb3s_eval_callback_and_can_stop_training(algorithm):
+    """SB3's EvalCallback takes callback_on_new_best and callback_after_eval (StopTrainingOnRewardThreshold,
+    StopTrainingOnNoModelImprovement read its best_mean_reward); SafeEvalCallback took neither, so nothing could stop
+    training on a result under the limits."""
+    dist = toy()
+
+    def make():
+        if algorithm == "CPO":
+            return CPO("MlpPolicy", dist, n_steps=100, seed=0, policy_kwargs=dict(net_arch=[16]))
+        return MetaCPO("MlpPolicy", dist, **TINY_META)
+
+    tasks = dist.test_tasks(2)
+    per_update = 100 if algorithm == "CPO" else 400
+    # every evaluation is under a limit of 1e6: the first is a new best, which the reward threshold stops at
+    after_eval, on_best = _Counting(), StopTrainingOnRewardThreshold(reward_threshold=-1e9)
+    callback = SafeEvalCallback(
+        tasks, eval_freq=1, n_eval_episodes=1, cost_limit=1e6, callback_on_new_best=on_best, callback_after_eval=after_eval
+    )
+    model = make().learn(10 * per_update, callback=callback)
+    assert len(callback.evaluations_timesteps) == 1 and after_eval.calls == 1 and on_best.n_calls == 1
+    assert model.num_timesteps <= per_update + model.n_envs  # stopped at the next env step after the evaluation
+    assert after_eval.seen_best == [callback.best_mean_reward] and callback.best_timestep == per_update
+
+    # callback_after_eval's False stops training too (the new best's hook said go on)
+    told_best, after_eval = _Counting(), _Counting(answer=False)
+    callback = SafeEvalCallback(
+        tasks, eval_freq=1, n_eval_episodes=1, cost_limit=1e6, callback_after_eval=after_eval, callback_on_new_best=told_best
+    )
+    model = make().learn(10 * per_update, callback=callback)  # callback_after_eval's False stops it
+    assert after_eval.calls == 1 and told_best.calls == 1 and model.num_timesteps <= per_update + model.n_envs
+    with pytest.raises(ValueError, match="callback_after_eval must be None or an SB3 BaseCallback"):
+        SafeEvalCallback(tasks, callback_after_eval=lambda *_: True)

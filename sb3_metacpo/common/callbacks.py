@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch as th
-from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.callbacks import BaseCallback, EventCallback
 
 from sb3_metacpo.common.checks import (
     check,
@@ -181,7 +181,7 @@ class ResumableCheckpointCallback(BaseCallback):
         return found[-1][1] if found else None
 
 
-class SafeEvalCallback(BaseCallback):
+class SafeEvalCallback(EventCallback):
     """Every ``eval_freq`` updates (and at the end of training), evaluate reward *and* cost on held-out tasks and
     keep the best model that is under the cost limit: SB3's ``EvalCallback`` for constrained (meta-)RL.
 
@@ -219,6 +219,14 @@ class SafeEvalCallback(BaseCallback):
         and the best model is judged against the best of them (without ``log_path`` the record starts afresh, and the
         first evaluation under the limits after resuming replaces ``best_model.zip``)
     :param verbose: 1 prints each evaluation and each new best model
+    :param callback_on_new_best: called (as SB3's ``EvalCallback`` calls it) when an evaluation is a new best under
+        the limits, e.g. SB3's ``StopTrainingOnRewardThreshold``, which then reads ``best_mean_reward``: the best
+        reward *under the limits*
+    :param callback_after_eval: called after every evaluation, e.g. SB3's ``StopTrainingOnNoModelImprovement`` (an
+        improvement is a new best under the limits)
+
+    Evaluations run when a rollout starts (the model complete after its update), where training cannot stop: a
+    callback's ``False`` stops training at the next env step, before any update on it.
     """
 
     def __init__(
@@ -233,9 +241,20 @@ class SafeEvalCallback(BaseCallback):
         best_model_save_path: str | os.PathLike[str] | None = None,
         log_path: str | os.PathLike[str] | None = None,
         verbose: int = 0,
+        callback_on_new_best: BaseCallback | None = None,
+        callback_after_eval: BaseCallback | None = None,
     ) -> None:
         check_verbose(verbose)
-        super().__init__(verbose)
+        for name, hook in (("callback_on_new_best", callback_on_new_best), ("callback_after_eval", callback_after_eval)):
+            check(
+                hook is None or isinstance(hook, BaseCallback),
+                f"{name} must be None or an SB3 BaseCallback, got {type(hook).__name__}",
+            )
+        super().__init__(callback_after_eval, verbose)
+        self.callback_on_new_best = callback_on_new_best
+        if callback_on_new_best is not None:
+            callback_on_new_best.parent = self
+        self._continue_training = True
         tasks = check_meta_evaluation_arguments(tasks, n_updates, n_steps, n_eval_episodes)
         check(is_int(eval_freq) and eval_freq >= 1, f"eval_freq must be a positive integer (updates), got {eval_freq!r}")
         check(
@@ -286,6 +305,9 @@ class SafeEvalCallback(BaseCallback):
             if folder is not None:
                 folder.mkdir(parents=True, exist_ok=True)
         self._last_evaluated = self.model._n_updates  # a resumed run does not evaluate its starting point again
+        self._continue_training = True
+        if self.callback_on_new_best is not None:
+            self.callback_on_new_best.init_callback(self.model)
         self._take_up_earlier_evaluations()
 
     def _take_up_earlier_evaluations(self) -> None:
@@ -341,7 +363,7 @@ class SafeEvalCallback(BaseCallback):
                 self.best_mean_reward, self.best_timestep = float(np.mean(rewards)), step
 
     def _on_step(self) -> bool:
-        return True
+        return self._continue_training  # what the hooks said after the last evaluation
 
     def _on_rollout_start(self) -> None:
         # A rollout starts after each update: the model is complete here.
@@ -407,6 +429,12 @@ class SafeEvalCallback(BaseCallback):
             record("eval/pre_adapt_mean_cost", float(np.mean(self.evaluations_pre_adapt_costs[-1])))
         record("time/total_timesteps", self.num_timesteps, exclude="tensorboard")
         self.logger.dump(self.num_timesteps)
+        continue_training = True
+        if new_best and self.callback_on_new_best is not None:
+            continue_training = self.callback_on_new_best.on_step()
+        if self.callback is not None:  # callback_after_eval
+            continue_training = self._on_event() and continue_training
+        self._continue_training = continue_training
         return records
 
     def _settings(self) -> dict[str, object]:
