@@ -362,3 +362,32 @@ def test_evaluation_callbacks_do_not_change_training(which):
     )
     watched = MetaCPO("MlpPolicy", distribution(), **SMALL).learn(1200, callback=callback)
     assert all(th.equal(a, b) for a, b in zip(_parameters(plain).values(), _parameters(watched).values(), strict=True))
+
+
+@pytest.mark.parametrize("algorithm", ["CPO", "MetaCPO"])
+def test_set_random_seed_after_load_wins_over_the_archives_streams(algorithm: str, tmp_path: Path) -> None:
+    """A loaded model keeps the archive's random streams for learn(reset_num_timesteps=False), which restored them
+    over a set_random_seed called in between. SB3's set_random_seed seeds torch with th.manual_seed: the oracle."""
+    dist = make_task_distribution("Toy2DNav", seed=0, max_episode_steps=50)
+    if algorithm == "CPO":
+        model: CPO | MetaCPO = CPO("MlpPolicy", dist, n_steps=100, seed=0, policy_kwargs=dict(net_arch=[8]))
+    else:
+        model = MetaCPO("MlpPolicy", dist, meta_batch_size=2, n_steps=100, seed=0, policy_kwargs=dict(net_arch=[8]))
+    path = model.learn(400).save(tmp_path / "model")
+    states: list[th.Tensor] = []
+
+    class TorchState(BaseCallback):
+        def _on_training_start(self) -> None:
+            states.append(th.random.get_rng_state())
+
+        def _on_step(self) -> bool:
+            return True
+
+    for reseed in (None, 5):
+        loaded = type(model).load(path, env=dist if algorithm == "MetaCPO" else None)
+        if reseed is not None:
+            loaded.set_random_seed(reseed)
+        loaded.learn(100, callback=TorchState(), reset_num_timesteps=False)
+    th.manual_seed(5)
+    assert not th.equal(states[0], th.random.get_rng_state())  # the archive's stream
+    assert th.equal(states[1], th.random.get_rng_state())  # seed 5's

@@ -465,3 +465,35 @@ def test_n_envs_is_known_before_the_first_learn():
     assert model.n_envs == 4
     model.learn(400)
     assert model.n_envs == 4 and model.get_env().num_envs == 4
+
+
+def _first_observations(model: MetaCPO, budget: int) -> list[np.ndarray]:
+    seen: list[np.ndarray] = []
+
+    class First(BaseCallback):
+        def _on_step(self) -> bool:
+            if not seen:
+                seen.append(np.array(self.locals["obs"], copy=True))
+            return True
+
+    model.learn(budget, callback=First(), reset_num_timesteps=True)
+    return seen
+
+
+def test_set_random_seed_reseeds_the_training_envs_episodes():
+    """SB3's set_random_seed seeds the env too; MetaCPO's sampler, built at the first learn, took the constructor's
+    seed whatever set_random_seed said (SB3-ecosystem audit). The oracle: a model built with the seed (its first
+    observations; the networks were initialised before the reseed, so the runs part after them)."""
+    kwargs = dict(meta_batch_size=2, n_steps=100, policy_kwargs=dict(net_arch=[8]))
+    toy = lambda: make_task_distribution("Toy2DNav", seed=0, max_episode_steps=50)  # noqa: E731  the same tasks
+    reseeded = MetaCPO("MlpPolicy", toy(), seed=0, **kwargs)
+    reseeded.set_random_seed(5)
+    built = MetaCPO("MlpPolicy", toy(), seed=5, **kwargs)
+    other = MetaCPO("MlpPolicy", toy(), seed=0, **kwargs)
+    first = [_first_observations(model, 400)[0] for model in (reseeded, built, other)]
+    np.testing.assert_array_equal(first[0], first[1])
+    assert not np.array_equal(first[0], first[2])
+    # after training, with the sampler built: the next episodes follow the seed, whatever came before
+    other.set_random_seed(9)
+    built.set_random_seed(9)
+    np.testing.assert_array_equal(_first_observations(other, 400)[0], _first_observations(built, 400)[0])

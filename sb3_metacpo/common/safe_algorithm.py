@@ -20,7 +20,7 @@ import numpy as np
 import torch as th
 from stable_baselines3.common.utils import get_system_info, safe_mean
 
-from sb3_metacpo.common.checks import is_real
+from sb3_metacpo.common.checks import check_seed, is_real
 from sb3_metacpo.common.constrained_step import StepConfig, StepResult
 from sb3_metacpo.common.constraints import CostConstraints
 from sb3_metacpo.common.cpo_subproblem import CVXPYLAYERS_EXTRA, MAX_ACTIVE_SET_CONSTRAINTS, cvxpylayers_available
@@ -328,6 +328,14 @@ class SafeAlgorithmMixin(ABC):
     def _set_sampler_rng_states(self, states: Mapping[str, Any]) -> None:
         """Restore :meth:`_sampler_rng_states` (the samplers exist by then); by default there is none to restore."""
         del states
+
+    def set_random_seed(self, seed: int | None = None) -> None:
+        """SB3's ``set_random_seed``; a loaded model then trains on from ``seed``'s streams, not from the archive's
+        (which ``learn(reset_num_timesteps=False)`` would otherwise restore over them)."""
+        if seed is not None:
+            check_seed(seed)
+            self._resume_rng = None
+        super().set_random_seed(seed)  # type: ignore[misc]
 
     def _get_torch_save_params(self) -> tuple[list[str], list[str]]:
         """SB3's names of the model's torch objects (``get_parameters``, ``set_parameters``): the policy and the

@@ -382,10 +382,26 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):  # type: igno
         self._forget_adaptation_episodes()  # and its adaptations theirs
         self.env = None
 
+    def set_random_seed(self, seed: int | None = None) -> None:
+        """SB3's ``set_random_seed`` (Python, numpy, torch, the action space) and, as SB3 seeds the env, the training
+        envs' episode-seed streams, which restart from ``seed`` as a model built with it starts them (env ``j``'s
+        stream ``default_rng(seed + j)``), whether or not the sampler exists yet. The training tasks are the task
+        distribution's own stream (its ``seed``), as they are whatever the model's constructor ``seed``. A loaded
+        model then trains on from these seeds, not from the archive's streams. None: nothing changes."""
+        super().set_random_seed(seed)
+        if seed is None:
+            return
+        n_envs = self.sampler.n_envs if self.sampler is not None else self.n_envs_requested or self.meta_batch_size
+        streams = initial_episode_streams(int(seed), n_envs)
+        if self.sampler is not None:
+            self.sampler.set_episode_rng_states(streams)
+        else:  # the sampler built at the next learn starts with them
+            self._closed_sampler_streams = streams
+
     def _setup_model(self) -> None:
         self._get_task_distribution()
         self._setup_lr_schedule()
-        self.set_random_seed(self.seed)
+        super().set_random_seed(self.seed)  # the sampler, built at the first learn, is seeded from self.seed
         self.n_envs = self.n_envs_requested or self.meta_batch_size  # the sampler's, built at the first learn
         self.policy_kwargs = {**self.policy_kwargs, "n_costs": len(self.constraints)}
         self.policy = self.policy_class(  # type: ignore[assignment]
