@@ -81,6 +81,22 @@ class Case:
     message: str  # a regular expression the error message must match
 
 
+class DictObservationEnv(gym.Env):
+    """Observations as a Dict of two vectors (what CPO's MLP policies do not take: FlattenObservation does)."""
+
+    def __init__(self) -> None:
+        vector = gym.spaces.Box(-1.0, 1.0, (3,), np.float32)
+        self.observation_space = gym.spaces.Dict({"a": vector, "b": vector})
+        self.action_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+        super().reset(seed=seed)
+        return self.observation_space.sample(), {}
+
+    def step(self, action: np.ndarray) -> tuple[Any, float, bool, bool, dict[str, Any]]:
+        return self.observation_space.sample(), 0.0, False, True, {"cost": 0.0}
+
+
 def _hyper(algo: str, bad: str, error: type[BaseException], message: str, **kwargs: Any) -> Case:
     build = {"MetaCPO": metacpo, "CPO": cpo, "MetaTRPO": lambda **kw: MetaTRPO("MlpPolicy", toy(), **{**SMALL, **kw})}
     return Case(f"{algo}(...)", bad, lambda: build[algo](**kwargs), error, message)
@@ -349,6 +365,13 @@ CASES: list[Case] = [
     _hyper("CPO", "cost_limit=inf", ValueError, "cost_limit: the limit of 'cost' must be finite and >= 0", cost_limit=np.inf),
     _hyper("CPO", "seed=[0]", ValueError, r"seed must be None or an integer in \[0, 2\*\*32\)", seed=[0]),
     Case("CPO(...)", "env=42", lambda: CPO("MlpPolicy", 42), TypeError, "env must be a gymnasium env"),
+    Case(
+        "CPO(...)",
+        "env with Dict observations",
+        lambda: CPO("MlpPolicy", DictObservationEnv()),
+        TypeError,
+        r"needs a flat Box observation space .* flatten them, e.g. gymnasium.wrappers.FlattenObservation\(env\)",
+    ),
     # --- learn ---
     Case("MetaCPO.learn", "total_timesteps=-5", _learn(metacpo, -5), ValueError, "total_timesteps must be a positive integer"),
     Case(

@@ -487,3 +487,15 @@ def test_a_family_that_does_not_report_a_named_cost_is_refused_before_anything_c
             attempt()
     assert model.task_distribution is speed
     model.learn(200)
+
+
+def test_dict_observations_are_refused_naming_the_flattening_that_works():
+    """SB3's message asked for MultiInputPolicy, which CPO then called unknown; an image's error showed SB3's
+    transposed copy of the space. Now one error names the env's own space and the fix, and the fix trains."""
+    from bad_inputs import DictObservationEnv
+
+    with pytest.raises(TypeError, match=r"got Dict\('a'.*FlattenObservation\(env\)"):
+        CPO("MlpPolicy", DictObservationEnv())
+    model = CPO("MlpPolicy", gym.wrappers.FlattenObservation(DictObservationEnv()), n_steps=20, batch_size=10, seed=0)
+    assert model.observation_space.shape == (6,)
+    model.learn(40)

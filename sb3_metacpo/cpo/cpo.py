@@ -34,7 +34,7 @@ from sb3_metacpo.common.checks import (
 )
 from sb3_metacpo.common.cpo_update import CPOConfig, Params, PreparedBatch, cpo_update, prepare_batch
 from sb3_metacpo.common.envs import ResampleTaskOnReset, SafeEnv, make_safe_vec_env, vec_env_time_limit
-from sb3_metacpo.common.policies import CPOPolicy, check_critic_targets
+from sb3_metacpo.common.policies import CPOPolicy, check_critic_targets, check_flat_observation_space
 from sb3_metacpo.common.profiling import phase
 from sb3_metacpo.common.rollouts import (
     EpisodeRecord,
@@ -194,6 +194,8 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):  # type: igno
         self._adaptation_sampler_cache: RolloutSampler | None = None
         vec_env = None if env is None else self._make_env(env)
         try:  # a refused argument closes again the envs built from an id, a family or a task
+            if vec_env is not None:  # the env's own space, before SB3 transposes images or asks for MultiInputPolicy
+                check_flat_observation_space(vec_env.observation_space)
             super().__init__(
                 policy,
                 vec_env,  # type: ignore[arg-type]
