@@ -297,13 +297,15 @@ def check_critic_targets(reward_targets: th.Tensor, cost_targets: th.Tensor) -> 
             )
 
 
-def check_flat_observation_space(space: spaces.Space) -> None:
-    """A ``TypeError`` naming the fix unless ``space`` is a flat Box (a vector): the policies are MLPs on vectors."""
+def check_flat_observation_space(space: spaces.Space) -> spaces.Box:
+    """``space``, or a ``TypeError`` naming the fix unless it is a flat Box (a vector): the policies are MLPs on
+    vectors."""
     if not isinstance(space, spaces.Box) or len(space.shape) != 1:
         raise TypeError(
             f"CPOPolicy needs a flat Box observation space (a vector), got {space}: Dict, Tuple and image "
             "observations are not supported; flatten them, e.g. gymnasium.wrappers.FlattenObservation(env)"
         )
+    return space
 
 
 class CPOPolicy(ActorCriticPolicy):
@@ -345,7 +347,7 @@ class CPOPolicy(ActorCriticPolicy):
                 f"CPOPolicy needs a flat Box action space, got shape {action_space.shape}: give the env a flat one "
                 "(a gymnasium.ActionWrapper whose action(flat) reshapes it)"
             )
-        check_flat_observation_space(observation_space)
+        observation_space = check_flat_observation_space(observation_space)
         if len(args) <= _OPTIMIZER_CLASS_ARG:  # not given positionally: FlatAdam unless given by name
             kwargs.setdefault("optimizer_class", FlatAdam)
             if kwargs["optimizer_class"] is FlatAdam and kwargs.get("optimizer_kwargs") is None:
