@@ -341,6 +341,69 @@ def test_a_subprocess_worker_that_raises_or_dies_is_named_and_the_model_stays_us
     model.sampler.close()
 
 
+class BreakWorkerStep(BaseCallback):
+    """At the ``at``-th env step of a collect, makes worker ``index``'s next env step raise in the worker (its env's
+    ``step`` shadowed by a non-callable): the other workers answer that step, this one fails."""
+
+    def __init__(self, at: int, index: int) -> None:
+        super().__init__()
+        self.at, self.index, self.steps = at, index, 0
+
+    def _on_step(self) -> bool:
+        self.steps += 1
+        if self.steps == self.at:
+            self.model.sampler.vec_env.set_attr("step", None, indices=[self.index])
+        return True
+
+
+def _within(seconds: float, call: Any) -> None:
+    """Run ``call`` in a thread and fail (rather than hang the suite) if it has not returned after ``seconds``."""
+    import threading
+
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            call()
+        except BaseException as error:  # re-raised in the test's thread
+            errors.append(error)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"{call} still running after {seconds} s"
+    if errors:
+        raise errors[0]
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_after_a_later_workers_failure_the_model_saves_learns_and_closes(index: int, tmp_path: Path) -> None:
+    """When a worker other than the first failed in a step (the first had answered it), SB3's close waited for
+    answers the first worker never sends: learn, close and set_task_distribution hung, and save raised (the streams
+    were asked of the broken workers). The saved model resumes as the in-process run goes on: with the streams the
+    broken VecEnv's rebuild starts."""
+    from stable_baselines3.common.vec_env import SubprocVecEnv
+
+    from sb3_metacpo.common.envs import EnvWorkerError
+
+    model = MetaCPO("MlpPolicy", toy(), vec_env_cls=SubprocVecEnv, **SMALL)
+    model.learn(400)
+    with pytest.raises(EnvWorkerError, match=f"env worker {index} raised TypeError"):
+        model.learn(400, callback=BreakWorkerStep(at=30, index=index), reset_num_timesteps=False)
+    path = model.save(tmp_path / "broken")
+    _within(60, lambda: model.learn(400, reset_num_timesteps=False))  # the sampler rebuilt its VecEnv
+    assert model.sampler.n_rebuilds == 1
+    resumed = MetaCPO.load(path, env=toy(), vec_env_cls=SubprocVecEnv)
+    resumed.learn(400, reset_num_timesteps=False)
+    assert same(snapshot(model), snapshot(resumed))
+    broken = MetaCPO("MlpPolicy", toy(), vec_env_cls=SubprocVecEnv, **SMALL)
+    with pytest.raises(EnvWorkerError):
+        broken.learn(400, callback=BreakWorkerStep(at=30, index=index))
+    _within(60, broken.close)
+    for closing in (model, resumed):
+        closing.close()
+
+
 def test_subprocess_workers_outlive_a_ctrl_c_that_the_main_process_handles() -> None:
     """A Ctrl-C reaches every process of the terminal's group: SB3's workers died of it, so a run that stops at the
     next env step (sb3-metacpo train) failed with a dead worker instead."""

@@ -78,8 +78,11 @@ class _CheckedRemote:
 
     def __init__(self, connection: Connection, index: int, process: Any) -> None:
         self.connection, self.index, self.process = connection, index, process
+        #: whether this worker failed: the VecEnv's pipes no longer pair requests with answers
+        self.failed = False
 
     def _died(self, error: BaseException) -> EnvWorkerError:
+        self.failed = True
         self.process.join(timeout=1.0)
         return EnvWorkerError(
             f"env worker {self.index} died (exit code {self.process.exitcode}, {type(error).__name__}): its env is "
@@ -99,6 +102,7 @@ class _CheckedRemote:
         except (EOFError, ConnectionResetError, BrokenPipeError, OSError) as error:
             raise self._died(error) from error
         if isinstance(data, _WorkerFailure):
+            self.failed = True
             raise EnvWorkerError(
                 f"env worker {self.index} raised {data.type_name}: {data.message}\n"
                 f"--- traceback in the worker ---\n{data.traceback}",
@@ -155,8 +159,12 @@ class ReportingSubprocVecEnv(SubprocVecEnv):
         self.closed = True
 
     def close(self) -> None:
-        """Close every worker; a broken one is terminated instead."""
+        """Close every worker; after a worker failed, terminate them all instead (SB3's close would wait for answers
+        to a step the other workers had already given, or never will)."""
         if self.closed:
+            return
+        if any(remote.failed for remote in self.remotes):  # type: ignore[attr-defined]
+            self._end_workers()
             return
         try:
             super().close()

@@ -485,8 +485,15 @@ class RolloutSampler(Sampler):
         self.action_space = box_space(self.vec_env.action_space, "action")
 
     def episode_rng_states(self) -> list[dict[str, Any]]:
-        """The state of every env's episode-seed stream (JSON-serialisable), to continue it after a restart."""
-        return list(self.vec_env.env_method("episode_rng_state"))
+        """The state of every env's episode-seed stream (JSON-serialisable), to continue it after a restart. An env
+        whose seed (``vec_env.seed``, e.g. a new or rebuilt VecEnv's) its next reset has yet to apply has the stream
+        that seed starts: its stream until then is unseeded."""
+        states = list(self.vec_env.env_method("episode_rng_state"))
+        pending = getattr(self.vec_env, "_seeds", [None] * self.n_envs)  # SB3's seeds for the next reset
+        return [
+            state if seed is None else initial_episode_streams(int(seed), 1)[0]
+            for state, seed in zip(states, pending, strict=True)
+        ]
 
     def set_episode_rng_states(self, states: Sequence[dict[str, Any]]) -> None:
         """Continue the episode-seed streams of :meth:`episode_rng_states` (seeds pending from ``seed`` dropped)."""
