@@ -151,3 +151,30 @@ def test_a_policy_buffer_may_be_infinite_in_an_archive(tmp_path: Path) -> None:
 def test_a_schedule_may_return_a_0d_array_or_tensor(value: Any) -> None:
     """SB3 reads a schedule's value with float(); the start-value check refused a 0-d array or tensor."""
     CPO("MlpPolicy", toy(), learning_rate=lambda _: value, **CPO_SMALL).learn(100)
+
+
+def test_a_save_from_a_callback_inside_adapt_writes_the_model_as_it_was_before_the_call(tmp_path: Path) -> None:
+    """The archive paired the running adaptation's half-built history with the adapted parameters from before the
+    call: a state the model never had between calls (resume audit). The oracle: the model before the call."""
+    model = MetaCPO("MlpPolicy", toy(), **SMALL).learn(400)
+    first, second = model.task_distribution.test_tasks(2)
+    model.adapt(first, n_updates=1, n_steps=100)
+    history = [dict(entry) for entry in model.adaptation_history]
+    adapted = {name: value.clone() for name, value in model.adapted_params.items()}
+
+    class SaveMidway(BaseCallback):
+        def _on_step(self) -> bool:
+            if self.n_calls == 150:  # in the second update's batch: the first is in the history already
+                self.model.save(tmp_path / "midway")
+            return True
+
+    model.adapt(second, n_updates=2, n_steps=100, callback=SaveMidway())
+    assert len(model.adaptation_history) == 2
+    loaded = MetaCPO.load(tmp_path / "midway")
+    assert [entry["update"] for entry in loaded.adaptation_history] == [entry["update"] for entry in history] == [1]
+    assert loaded.adaptation_history[0]["ep_rew_mean"] == history[0]["ep_rew_mean"]
+    assert loaded.adapted_params is not None
+    for name, value in adapted.items():
+        assert th.equal(loaded.adapted_params[name], value), name
+    model.save(tmp_path / "after")  # and after the call, the new adaptation whole
+    assert len(MetaCPO.load(tmp_path / "after").adaptation_history) == 2

@@ -120,6 +120,8 @@ class AdaptationMixin(ABC):
     logger: Logger
     #: the model's own env while :meth:`adapt` shows the adaptation's as ``env`` (what a save inside it describes)
     _training_env: VecEnv | None = None
+    #: while :meth:`adapt` runs, the adaptation history from before the call (what ``save`` writes meanwhile)
+    _history_before_adapt: list[dict[str, Any]] | None = None
 
     # Provided by the algorithm.
     constraints: CostConstraints
@@ -199,6 +201,7 @@ class AdaptationMixin(ABC):
         n_updates, n_steps = self._adaptation_sizes(n_updates, n_steps)
         sampler, task = self._adaptation_sampler(env)
         history_before = list(self.adaptation_history)
+        self._history_before_adapt = history_before  # a save from a callback writes the model as it was before
         # While it adapts, the model's env is the adaptation's, whose steps the callbacks are shown: SB3's callbacks
         # read it (training_env) at every step, e.g. StopTrainingOnMaxEpisodes counts episodes per env of it
         self._training_env, self.env = self.env, sampler.vec_env
@@ -225,6 +228,7 @@ class AdaptationMixin(ABC):
             raise
         finally:
             self.env, self._training_env = self._training_env, None
+            self._history_before_adapt = None
         self.adapted_params = adapted
         self.policy.set_actor_override(adapted)
         if self.logger.name_to_value:  # what the callbacks recorded, written now (not in the next learn's row)

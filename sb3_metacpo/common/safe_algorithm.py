@@ -337,6 +337,12 @@ class SafeAlgorithmMixin(ABC):
             self._resume_rng = None
         super().set_random_seed(seed)  # type: ignore[misc]
 
+    def _saved_adaptation_history(self) -> list[dict[str, Any]]:
+        """The adaptation history ``save`` writes: while ``adapt`` runs (a callback saving), the one from before the
+        call, which goes with the adapted parameters from before it (the running adaptation's are not set yet)."""
+        before = getattr(self, "_history_before_adapt", None)
+        return self.adaptation_history if before is None else before  # type: ignore[attr-defined,no-any-return]
+
     def _get_torch_save_params(self) -> tuple[list[str], list[str]]:
         """SB3's names of the model's torch objects (``get_parameters``, ``set_parameters``): the policy and the
         critics' optimiser, as SB3's on-policy algorithms."""
@@ -432,7 +438,7 @@ class SafeAlgorithmMixin(ABC):
                 "n_envs": None if getattr(self, "n_envs", None) is None else int(self.n_envs),  # type: ignore[attr-defined]
             },
             "env_source": getattr(self, "env_source", None),
-            "adaptation_history": encode_value(self.adaptation_history, "adaptation_history"),  # type: ignore[attr-defined]
+            "adaptation_history": encode_value(self._saved_adaptation_history(), "adaptation_history"),
             "ep_info_buffer": self._episode_infos_as_data(),
             "rng": rng,
             "learning_rate_schedule": schedule,
