@@ -399,6 +399,10 @@ def test_after_a_later_workers_failure_the_model_saves_learns_and_closes(index: 
     broken = MetaCPO("MlpPolicy", toy(), vec_env_cls=SubprocVecEnv, **SMALL)
     with pytest.raises(EnvWorkerError):
         broken.learn(400, callback=BreakWorkerStep(at=30, index=index))
+    broken.set_random_seed(7)  # a broken sampler would seed its rebuild itself: a new one takes the seed's streams
+    reseeded = MetaCPO("MlpPolicy", toy(), vec_env_cls=SubprocVecEnv, **SMALL)
+    reseeded.set_random_seed(7)
+    assert broken._sampler_rng_states() == reseeded._sampler_rng_states()
     _within(60, broken.close)
     for closing in (model, resumed):
         closing.close()

@@ -393,6 +393,10 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):  # type: igno
             return
         n_envs = self.sampler.n_envs if self.sampler is not None else self.n_envs_requested or self.meta_batch_size
         streams = initial_episode_streams(int(seed), n_envs)
+        sampler = self.sampler
+        if sampler is not None and getattr(sampler, "_broken", False):  # its rebuild would seed itself: a new one
+            self.sampler, self.env = None, None
+            sampler.close()
         if self.sampler is not None:
             self.sampler.set_episode_rng_states(streams)
         else:  # the sampler built at the next learn starts with them
