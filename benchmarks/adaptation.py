@@ -205,6 +205,20 @@ def mean_and_interval(values: np.ndarray, digits: int) -> str:
     return f"{values.mean():.{digits}f} ± {t_interval(values):.{digits}f}"
 
 
+def paid_cell(cell: list[dict[str, Any]]) -> str:
+    """The cost paid while adapting: the mean over seeds of each seed's mean over its pairs, ± the t-interval over
+    seeds. A pair whose adaptation batch completed no episode has no episode cost (NaN): it is left out and counted,
+    neither averaged in nor turning the cell into NaN."""
+    valued = [r for r in cell if math.isfinite(r["adaptation_batch_cost"])]
+    missing = len(cell) - len(valued)
+    note = f" ({missing} of {len(cell)} pairs without a completed episode)" if missing else ""
+    seeds = sorted({r["seed"] for r in valued})
+    if not seeds:
+        return "n/a" + note
+    per_seed = np.array([np.mean([r["adaptation_batch_cost"] for r in valued if r["seed"] == s]) for s in seeds])
+    return mean_and_interval(per_seed, 2) + note
+
+
 def wilson(successes: int, n: int) -> tuple[float, float]:
     """95 % Wilson interval of a proportion."""
     if n == 0:
@@ -249,7 +263,9 @@ def random_effects_interval(matrix: np.ndarray) -> tuple[float, float]:
     σ_e², E[MS_residual] = σ_e²), with Satterthwaite's degrees of freedom for that combination. Where the combination
     falls below MS_seeds or MS_tasks alone (the residual larger than a main effect's mean square: no evidence of that
     effect), the larger of the two is used instead, with its own degrees of freedom: the mean's variance is at least
-    the part each of them estimates. In simulations of normal effects this covers the mean 0.944–0.993 of the time at
+    the part each of them estimates. Where both are 0 (every seed's mean and every task's equal) but the values
+    differ, MS_residual is, with its degrees of freedom: not a zero-width interval. In simulations of normal
+    effects this covers the mean 0.944–0.993 of the time at
     5 x 5, 5 x 3 and 3 x 3, whatever share of the variance is the tasks' (``tests/test_benchmark_statistics.py``), where
     the t-interval over seeds of the task means covers it as rarely as 0.3 when tasks dominate: that interval is about
     these tasks only. It is normal theory: on skewed costs its upper end is too low (the results page gives a
@@ -267,16 +283,16 @@ def random_effects_interval(matrix: np.ndarray) -> tuple[float, float]:
     residuals = matrix - seed_means[:, None] - task_means[None, :] + mean
     df_residual = (n_seeds - 1) * (n_tasks - 1)
     ms_residual = np.sum(residuals**2) / df_residual
+    if max(ms_seeds, ms_tasks, ms_residual) == 0:  # every value equal
+        return float(mean), float(mean)
     combined = ms_seeds + ms_tasks - ms_residual
     if combined >= max(ms_seeds, ms_tasks):
         variance_sum = combined
         df = combined**2 / (ms_seeds**2 / (n_seeds - 1) + ms_tasks**2 / (n_tasks - 1) + ms_residual**2 / df_residual)
-    elif ms_seeds >= ms_tasks:
-        variance_sum, df = ms_seeds, n_seeds - 1
-    else:
-        variance_sum, df = ms_tasks, n_tasks - 1
-    if variance_sum == 0:  # every value equal
-        return float(mean), float(mean)
+    elif max(ms_seeds, ms_tasks) > 1e-12 * ms_residual:  # the larger main effect's, with its degrees of freedom
+        variance_sum, df = max((ms_seeds, n_seeds - 1), (ms_tasks, n_tasks - 1))
+    else:  # every seed's mean and every task's equal, the values not: the residual's, not a zero-width interval
+        variance_sum, df = ms_residual, df_residual
     half = stats.t.ppf(0.975, df) * math.sqrt(variance_sum / (n_seeds * n_tasks))
     return float(mean - half), float(mean + half)
 
@@ -371,11 +387,11 @@ def summarise(rows: list[dict[str, Any]], training: dict[str, dict[str, Any]], a
                 seeds = sorted({r["seed"] for r in cell})
                 per_seed = {
                     key: np.array([np.mean([r[key] for r in cell if r["seed"] == s]) for s in seeds])
-                    for key in ("return", "cost", "adaptation_batch_cost")
+                    for key in ("return", "cost")
                 }
                 under = sum(r["cost"] <= r["cost_limit"] for r in cell)
                 low, high = wilson(under, len(cell))
-                paid = "" if k == 0 else mean_and_interval(per_seed["adaptation_batch_cost"], 2)
+                paid = "" if k == 0 else paid_cell(cell)
                 lines.append(
                     f"| {method} | {k} | {mean_and_interval(per_seed['return'], 1)} "
                     f"| {mean_and_interval(per_seed['cost'], 2)} | {paid} "

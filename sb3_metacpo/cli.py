@@ -441,25 +441,41 @@ def adaptation_records(
     bar.close()
 
 
+def _mean_spread(values: np.ndarray) -> str:
+    """``mean ± sd`` of the values with one (sample standard deviation); ``(1 pair)`` where one value has no spread;
+    ``n/a`` without a value; values missing (NaN: no completed episode) are left out and counted."""
+    finite = values[np.isfinite(values)]
+    if len(finite) == 0:
+        text = f"{'n/a':>16}"
+    elif len(finite) == 1:
+        text = f"{finite[0]:7.2f} (1 pair)"
+    else:
+        text = f"{finite.mean():7.2f} ± {finite.std(ddof=1):6.2f}"
+    missing = len(values) - len(finite)
+    return text + (f" ({missing} without a value)" if missing else "")
+
+
 def _table(records: Sequence[dict[str, Any]]) -> str:
     """Mean ± sd over the task-seed pairs per method and update (the pairs' spread, not a standard error: the
-    footer says so, and where the intervals are), and the count of pairs at or under the limit."""
+    footer says so, and where the intervals are), and the count of pairs at or under the limit (of the pairs with a
+    value)."""
     lines = ["method        updates  return (mean ± sd)  cost (mean ± sd)  under the limit"]
     for method in dict.fromkeys(r["method"] for r in records):
         for k in sorted({r["update"] for r in records if r["method"] == method}):
             cell = [r for r in records if r["method"] == method and r["update"] == k]
-            returns, costs = np.array([r["return"] for r in cell]), np.array([r["cost"] for r in cell])
+            returns = np.array([r["return"] for r in cell], dtype=float)
+            costs = np.array([r["cost"] for r in cell], dtype=float)
             limit = cell[0].get("cost_limit")
-            line = (
-                f"{method:13} {k:7d}  {returns.mean():7.2f} ± {returns.std():6.2f}  {costs.mean():7.2f} ± {costs.std():6.2f}"
-            )
+            line = f"{method:13} {k:7d}  {_mean_spread(returns)}  {_mean_spread(costs)}"
             if limit is not None:
-                line += f"  {sum(r['cost'] <= limit for r in cell)}/{len(cell)} (limit {limit:g})"
+                valued = costs[np.isfinite(costs)]
+                line += f"  {int(np.sum(valued <= limit))}/{len(valued)} (limit {limit:g})"
             lines.append(line)
     pairs = len({(r["task"], r["seed"]) for r in records})
     lines.append(
-        f"± sd: the spread over the {pairs} task-seed pairs, not a standard error; confidence intervals over seeds and "
-        "tasks: benchmarks/adaptation.py (and at least 50 evaluation episodes per stage before drawing a verdict)"
+        f"± sd: the spread (sample standard deviation) over the {pairs} task-seed pairs, not a standard error; "
+        "confidence intervals over seeds and tasks: benchmarks/adaptation.py (and at least 50 evaluation episodes per "
+        "stage before drawing a verdict)"
     )
     return "\n".join(lines)
 

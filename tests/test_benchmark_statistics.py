@@ -3,6 +3,7 @@ against the roots of its defining quadratic, the seeds × tasks bootstrap agains
 resampling and against coverage on simulated seeds × tasks data."""
 
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -152,7 +153,9 @@ def test_random_effects_interval_covers_the_mean_over_new_seeds_and_tasks(shape,
 
 
 def test_random_effects_interval_of_equal_values_and_bad_input():
-    assert bench.random_effects_interval(np.full((3, 4), 2.5)) == (2.5, 2.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Satterthwaite's degrees of freedom were 0/0 here
+        assert bench.random_effects_interval(np.full((3, 4), 2.5)) == (2.5, 2.5)
     with pytest.raises(ValueError, match="at least 2 x 2"):
         bench.random_effects_interval(np.zeros((1, 5)))
     with pytest.raises(ValueError, match="non-finite"):
@@ -215,3 +218,35 @@ def test_random_effects_interval_takes_the_larger_main_effect_when_the_residual_
         larger, df = (ms_s, n_s - 1) if ms_s >= ms_t else (ms_t, n_t - 1)
         half = stats.t.ppf(0.975, df) * (larger / (n_s * n_t)) ** 0.5
         assert bench.random_effects_interval(matrix) == pytest.approx((matrix.mean() - half, matrix.mean() + half), rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "matrix", [[[0.0, 4.0], [4.0, 0.0]], [[1.0, 3.0, 5.0], [3.0, 5.0, 1.0], [5.0, 1.0, 3.0]]], ids=["2x2", "latin"]
+)
+def test_random_effects_interval_of_varying_values_whose_seed_and_task_means_agree_is_not_zero_width(matrix):
+    """Every seed's mean and every task's equal, the values not: MS_seeds = MS_tasks = 0, and the fallback to the
+    larger of them gave a zero-width interval (statistics audit). The residual's mean square, with its degrees of
+    freedom, written out from the definitions: the sum of squared deviations from the grand mean (the residuals here)."""
+    matrix = np.asarray(matrix)
+    n_s, n_t = matrix.shape
+    grand = sum(map(sum, matrix.tolist())) / (n_s * n_t)
+    df = (n_s - 1) * (n_t - 1)
+    ms_residual = sum((value - grand) ** 2 for row in matrix.tolist() for value in row) / df
+    half = stats.t.ppf(0.975, df) * (ms_residual / (n_s * n_t)) ** 0.5
+    assert half > 0
+    assert bench.random_effects_interval(matrix) == pytest.approx((grand - half, grand + half), rel=1e-12)
+
+
+def test_paid_leaves_out_batches_without_a_completed_episode_and_counts_them():
+    """A batch that completed no episode records NaN; the cell printed ``nan ± nan`` (statistics audit)."""
+
+    def pair(seed, task, paid):
+        return {"seed": seed, "task": task, "adaptation_batch_cost": paid}
+
+    nan = float("nan")
+    cell = [pair(0, 0, 2.0), pair(0, 1, nan), pair(1, 0, 4.0), pair(1, 1, 6.0)]
+    # seed 0: 2 (one pair missing), seed 1: 5; mean 3.5, t-interval over the 2 seeds written out
+    half = stats.t.ppf(0.975, 1) * (((2 - 3.5) ** 2 + (5 - 3.5) ** 2) / 1) ** 0.5 / 2**0.5
+    assert bench.paid_cell(cell) == f"3.50 ± {half:.2f} (1 of 4 pairs without a completed episode)"
+    assert bench.paid_cell([pair(0, 0, nan), pair(1, 0, nan)]) == "n/a (2 of 2 pairs without a completed episode)"
+    assert bench.paid_cell([pair(0, 0, 1.0), pair(0, 1, 3.0)]) == "2.00 (1 seed)"

@@ -181,7 +181,9 @@ def test_benchmark_evaluates_every_stage_and_method_on_the_same_start_states(tmp
 
     expected = [(EVAL_SEED + task) for task in (0, 1) for _ in range(2)]  # two stages per task
     assert [seed for _, seed in seeds] == expected * 2  # both methods
-    assert "± sd: the spread over the 2 task-seed pairs, not a standard error" in capsys.readouterr().out
+    assert "± sd: the spread (sample standard deviation) over the 2 task-seed pairs, not a standard error" in (
+        capsys.readouterr().out
+    )
 
 
 def test_benchmark_gives_every_method_one_task_distribution(tmp_path, monkeypatch, capsys):
@@ -486,3 +488,27 @@ def test_a_run_stopped_before_its_first_log_line_is_saved_without_curves(tmp_pat
     (tmp_path / "progress.csv").write_text("")
     _try_plot(lambda: _plot_learning(tmp_path, "run"), "learning curves")
     assert "no learning curves: " in capsys.readouterr().err and not (tmp_path / "learning_curves.png").exists()
+
+
+def test_the_table_gives_no_spread_for_one_pair_and_leaves_missing_values_out():
+    """One pair printed ``± 0.00`` (the spread of one value is undefined, not 0), the sd was the population one, and
+    a NaN cost printed ``nan ± nan`` and counted as over the limit (statistics audit)."""
+    from sb3_metacpo.cli import _table
+
+    def record(method, task, ret, cost):
+        return {"method": method, "update": 0, "task": task, "seed": 0, "return": ret, "cost": cost, "cost_limit": 5.0}
+
+    text = _table(
+        [
+            record("one", 0, -3.0, 4.0),
+            record("three", 0, 1.0, 2.0),
+            record("three", 1, 2.0, 9.0),
+            record("three", 2, 6.0, float("nan")),
+        ]
+    )
+    one, three = (line for line in text.splitlines() if line.startswith(("one ", "three ")))
+    assert "-3.00 (1 pair)" in one and "4.00 (1 pair)" in one and "1/1 (limit 5)" in one and "±" not in one
+    # returns 1, 2, 6: mean 3, sample sd sqrt(((1-3)^2 + (2-3)^2 + (6-3)^2) / 2) = sqrt(7); costs 2 and 9 (one missing)
+    assert f"3.00 ± {7**0.5:6.2f}" in three
+    assert f"5.50 ± {((2 - 5.5) ** 2 * 2) ** 0.5:6.2f} (1 without a value)" in three
+    assert "1/2 (limit 5)" in three and "nan" not in text
