@@ -329,3 +329,36 @@ def test_close_releases_the_ray_workers_and_training_goes_on_as_without_it(local
         assert th.equal(flat_params(model), expected)
     finally:
         model.close()
+
+
+class StreamRecorder(BaseCallback):
+    """Records the training envs' episode streams (what a save writes) at every step; stops at ``stop_at`` steps."""
+
+    def __init__(self, stop_at: int | None = None) -> None:
+        super().__init__()
+        self.stop_at, self.streams = stop_at, []
+
+    def _on_step(self) -> bool:
+        self.streams.append(self.model._sampler_rng_states()["training"])
+        return self.stop_at is None or self.num_timesteps < self.stop_at
+
+
+def test_callbacks_see_the_episode_streams_of_the_step_and_a_stop_goes_on_as_locally():
+    """The Ray sampler set the streams of the collect's end before replaying the steps to the callbacks: a save at
+    step t wrote them, and a stop at step t left them there, so the run parted from the local sampler's (Ray audit).
+    The oracle is the local sampler, whose envs reset (drawing a seed) as the steps happen."""
+    runs = {}
+    for kind in ("local", "ray"):
+        extra = dict(sampler="ray", sampler_kwargs={"num_workers": 2}) if kind == "ray" else {}
+        model = MetaCPO("MlpPolicy", toy(), **{**SMALL, "meta_batch_size": 2}, **extra)
+        every_step = StreamRecorder()
+        model.learn(400, callback=every_step)  # one meta-iteration: 2 collects of 2 envs x 100 steps (episodes of 50)
+        stopped = StreamRecorder(stop_at=model.num_timesteps + 60)
+        model.learn(400, callback=stopped, reset_num_timesteps=False)  # stops mid-collect, at its 30th step
+        model.learn(400, reset_num_timesteps=False)  # and goes on
+        runs[kind] = (every_step.streams, stopped.streams, flat_params(model))
+        model.close()
+    (local_steps, local_stop, local_params), (ray_steps, ray_stop, ray_params) = runs["local"], runs["ray"]
+    assert len(ray_steps) == len(local_steps) == 200 and ray_steps == local_steps
+    assert ray_stop == local_stop
+    assert th.equal(ray_params, local_params)

@@ -416,14 +416,19 @@ class RaySampler(Sampler):
         stats.busiest_worker_seconds = max(result.seconds for result in results)
         self.last_collect = stats
         self.totals.add(stats)
-        for block, result in zip(self.env_blocks, results, strict=True):
-            for j, state in zip(block.tolist(), result.streams, strict=True):
-                self._streams[j] = state
+        # While on_step replays the steps, the streams follow them (a reset at each round's start, one at each episode
+        # end), as the local sampler's do: a callback that stops or saves at step t sees them at step t
+        replay = _StreamReplay(self._streams) if on_step is not None else None
         batches: list[TaskBatch] = []
         for index, (start, owners, horizon) in enumerate(plan):
             round_tasks = list(tasks[start : start + self.n_envs])
             parts = [result.rounds[index] for result in results]
-            batches.extend(self._assemble(round_tasks, owners, horizon, parts, on_step, start))
+            if replay is not None:
+                replay.reset(np.arange(self.n_envs), self._streams)
+            batches.extend(self._assemble(round_tasks, owners, horizon, parts, on_step, start, replay))
+        for block, result in zip(self.env_blocks, results, strict=True):  # the workers' own, after the whole collect
+            for j, state in zip(block.tolist(), result.streams, strict=True):
+                self._streams[j] = state
         return batches
 
     def _run(self, actor_ref: Any, requests: list[_WorkerRequest]) -> list[_WorkerResult]:
@@ -497,9 +502,11 @@ class RaySampler(Sampler):
         parts: list[_RoundResult],
         on_step: OnStep | None,
         task_offset: int = 0,
+        replay: _StreamReplay | None = None,
     ) -> list[TaskBatch]:
         """The batches of one round from the workers' parts (env blocks in order), replaying ``on_step`` (with task
-        indices into the collect's list: ``owners`` plus the round's first task, ``task_offset``)."""
+        indices into the collect's list: ``owners`` plus the round's first task, ``task_offset``; ``replay`` advances
+        the episode streams at every episode end before the callback sees the step)."""
         storage = RolloutStorage(horizon, self.n_envs, self.observation_space.shape, self.action_space.shape, self.cost_names)
         for name in _STORAGE_ARRAYS:
             setattr(storage, name, np.concatenate([part.arrays[name] for part in parts], axis=1))
@@ -517,6 +524,8 @@ class RaySampler(Sampler):
                 new_obs = storage.observations[t + 1] if t + 1 < horizon else final_obs
                 infos = [info for part in parts for info in (part.infos or [[]] * horizon)[t]]
                 dones = storage.terminated[t] | storage.truncated[t]
+                if replay is not None:  # the VecEnv reset the envs that ended at step t, each drawing a seed
+                    replay.reset(np.flatnonzero(dones), self._streams)
                 step = VecStep(
                     storage.observations[t],
                     storage.actions[t],
@@ -540,6 +549,23 @@ class RaySampler(Sampler):
             except gone:
                 pass  # already gone (or Ray was shut down)
         self.workers = []
+
+
+class _StreamReplay:
+    """The episode-seed streams of a collect's envs, advanced as the envs reset while the steps are replayed."""
+
+    def __init__(self, streams: Sequence[dict[str, Any]]) -> None:
+        self.rngs = []
+        for state in streams:
+            rng = np.random.default_rng()
+            rng.bit_generator.state = state
+            self.rngs.append(rng)
+
+    def reset(self, envs: np.ndarray, streams: list[dict[str, Any]]) -> None:
+        """Each of ``envs`` resets, drawing its episode seed as ``TaskEnv.reset`` does; ``streams`` gets their state."""
+        for j in envs.tolist():
+            self.rngs[j].integers(2**31 - 1)
+            streams[j] = dict(self.rngs[j].bit_generator.state)
 
 
 class RemoteEnvs:
