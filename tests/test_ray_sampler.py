@@ -223,7 +223,7 @@ def test_a_closed_sampler_says_so():
     model = MetaCPO("MlpPolicy", toy(), sampler="ray", sampler_kwargs={"num_workers": 2}, **SMALL)
     model.learn(SMALL["meta_batch_size"] * SMALL["n_steps"] * 2)
     model.sampler.close()  # type: ignore[union-attr]
-    with pytest.raises(RuntimeError, match="this Ray sampler was closed"):
+    with pytest.raises(RuntimeError, match=r"this Ray sampler was closed .*: close the model instead \(model.close\(\)"):
         model.learn(SMALL["meta_batch_size"] * SMALL["n_steps"] * 2)
     model.sampler = None  # a new one is built
     model.learn(SMALL["meta_batch_size"] * SMALL["n_steps"] * 2)
@@ -237,8 +237,28 @@ def test_a_worker_that_keeps_dying_fails_the_collect_with_its_cause():
         sampler.crash_worker_during_next_collect(0, after_steps=1)
         with pytest.raises(RuntimeError, match=r"worker 0 \(envs 0-0\) failed 1 times"):
             sampler.collect(distribution.sample(2), actor(distribution, 2, 0), 10)
+        # the failed worker is back before the error is raised: the next collect does not meet it restarting (it
+        # failed again, a second failure counted for the one death; Ray audit)
+        sampler.collect(distribution.sample(2), actor(distribution, 2, 1), 10)
+        assert sampler.n_worker_failures == 1
     finally:
         sampler.close()
+
+
+def test_numpy_options_are_stored_as_python_numbers_and_ray_init_kwargs_are_checked():
+    """Ray's options refuse numpy numbers (a TypeError at the first learn), and a misspelt ray.init argument failed
+    only when the sampler started Ray (Ray audit)."""
+    from sb3_metacpo.common.ray_sampler import check_ray_sampler_options
+
+    options = {"num_workers": np.int64(2), "num_cpus_per_worker": np.float32(0.5), "max_retries": np.int64(1)}
+    model = MetaCPO("MlpPolicy", toy(), sampler="ray", sampler_kwargs=options, **{**SMALL, "meta_batch_size": 2})
+    assert model.sampler_kwargs == {"num_workers": 2, "num_cpus_per_worker": 0.5, "max_retries": 1}
+    assert all(type(value) in (int, float) for value in model.sampler_kwargs.values())
+    model.learn(400)
+    model.close()
+    with pytest.raises(ValueError, match=r"ray_init_kwargs: ray.init takes no \['num_cpu'\]"):
+        check_ray_sampler_options(2, ray_init_kwargs={"num_cpu": 2})
+    check_ray_sampler_options(2, ray_init_kwargs={"num_cpus": 2, "_temp_dir": "/tmp"})  # Ray's private ones pass
 
 
 def test_meta_trpo_runs_on_ray_and_saves_its_sampler_choice(tmp_path):
@@ -362,3 +382,36 @@ def test_callbacks_see_the_episode_streams_of_the_step_and_a_stop_goes_on_as_loc
     assert len(ray_steps) == len(local_steps) == 200 and ray_steps == local_steps
     assert ray_stop == local_stop
     assert th.equal(ray_params, local_params)
+
+
+def test_a_model_dropped_without_close_frees_its_workers_cpus_for_the_next_sampler():
+    """A model that has trained is held in a reference cycle (its callbacks' locals): ``del model`` freed its workers'
+    CPUs only when the cycle collector ran, so the next sampler's workers waited for them (Ray audit)."""
+    import warnings
+
+    first = MetaCPO("MlpPolicy", toy(), sampler="ray", sampler_kwargs={"num_workers": 2}, **{**SMALL, "meta_batch_size": 2})
+    first.learn(400)
+    del first
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        second = RaySampler(toy(), n_envs=2, num_workers=2)  # needs the 2 CPUs the first model's workers held
+    second.close()
+    assert not [w for w in caught if "has not started this sampler's" in str(w.message)]
+
+
+def test_after_ray_shutdown_learn_names_the_fix_and_close_starts_no_ray():
+    """After ray.shutdown() under a model, learn failed with a raw Ray error and close() started a new Ray with every
+    CPU of the machine (killing the workers does). Runs last: it restarts the module's Ray as the fixture did."""
+    model = MetaCPO("MlpPolicy", toy(), sampler="ray", sampler_kwargs={"num_workers": 2}, **{**SMALL, "meta_batch_size": 2})
+    model.learn(400)
+    ray.shutdown()
+    try:
+        with pytest.raises(RuntimeError, match=r"Ray was shut down .* call model.close\(\)"):
+            model.learn(400, reset_num_timesteps=False)
+        model.close()
+        assert not ray.is_initialized()
+    finally:
+        if not ray.is_initialized():
+            ray.init(num_cpus=2, object_store_memory=300 * 2**20, include_dashboard=False, log_to_driver=False)
+    model.learn(400, reset_num_timesteps=False)  # a new sampler on the running Ray, going on with the streams
+    model.close()

@@ -20,6 +20,7 @@ Ray is an optional dependency: ``pip install sb3-metacpo[ray]``.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import pickle
@@ -306,7 +307,7 @@ class RaySampler(Sampler):
         sizes = [self.n_envs // self.num_workers + (w < self.n_envs % self.num_workers) for w in range(self.num_workers)]
         bounds = np.concatenate([[0], np.cumsum(sizes)])
         self.env_blocks = [np.arange(bounds[w], bounds[w + 1]) for w in range(self.num_workers)]
-        self._actor_cls = ray.remote(num_cpus=num_cpus_per_worker, max_restarts=int(max_restarts), max_task_retries=0)(
+        self._actor_cls = ray.remote(num_cpus=float(num_cpus_per_worker), max_restarts=int(max_restarts), max_task_retries=0)(
             RolloutWorker
         )
         self.workers = [self._new_worker(w) for w in range(self.num_workers)]
@@ -322,6 +323,7 @@ class RaySampler(Sampler):
         otherwise (e.g. while another model's workers, which live as long as their model, hold them): after
         :data:`START_WARNING_SECONDS` a warning says what is missing, and the wait goes on (a cluster may scale up)."""
         ray = self._ray
+        gc.collect()  # a model dropped without close() but still in a reference cycle: its workers' CPUs come free
         pings = [worker.ping.remote() for worker in self.workers]
         try:
             ray.get(pings, timeout=START_WARNING_SECONDS)
@@ -333,7 +335,7 @@ class RaySampler(Sampler):
         warnings.warn(
             f"Ray has not started this sampler's {self.num_workers} workers after {START_WARNING_SECONDS:g} s: they "
             f"need {need:g} CPUs and Ray has {free:g} of {total:g} free. If they wait for CPUs, another model's Ray "
-            "workers may hold them (they live as long as their model: model.close() or del model releases them), "
+            "workers may hold them (they live as long as their model: model.close() releases them), "
             "or lower num_workers or num_cpus_per_worker; else Ray is slow to start them. Waiting on.",
             stacklevel=4,
         )
@@ -365,8 +367,14 @@ class RaySampler(Sampler):
         sampler is an error naming the fix."""
         if not self.workers:
             raise RuntimeError(
-                "this Ray sampler was closed (its workers are gone): build a new one; a model builds its sampler again "
-                "when its sampler attribute is reset (model.sampler = None)"
+                "this Ray sampler was closed (its workers are gone): close the model instead (model.close(): its next "
+                "learn builds a new sampler that goes on with the episode streams)"
+            )
+        if not self._ray.is_initialized():
+            raise RuntimeError(
+                "Ray was shut down (ray.shutdown()) under this Ray sampler, whose workers are gone with it: call "
+                "model.close(); its next learn starts Ray again (with ray_init_kwargs) and goes on with the episode "
+                "streams"
             )
 
     # --- testing ---------------------------------------------------------------------------------------------
@@ -451,6 +459,7 @@ class RaySampler(Sampler):
                     block = self.env_blocks[worker]
                     cause = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
                     if attempts[worker] > self.max_retries:
+                        self._wait_until_restarted(worker, failures)  # usable by the next collect: no new failure
                         raise RuntimeError(
                             f"Ray rollout worker {worker} (envs {block[0]}-{block[-1]}) failed {attempts[worker]} times "
                             f"in one collect; last cause: {cause}"
@@ -463,7 +472,7 @@ class RaySampler(Sampler):
                         block[0],
                         block[-1],
                         cause,
-                        "re-creating it" if recreate else "Ray restarts it",
+                        "re-creating it" if recreate else "waiting for Ray to restart it (else re-creating it)",
                         attempts[worker] + 1,
                         self.max_retries + 1,
                     )
@@ -543,6 +552,9 @@ class RaySampler(Sampler):
     def close(self) -> None:
         """Stop the workers (Ray itself keeps running, also when this sampler started it)."""
         gone: tuple[type[BaseException], ...] = (ValueError, *_ray_failures(self._ray))
+        if not self._ray.is_initialized():  # shut down: the workers are gone (killing them would start a new Ray)
+            self.workers = []
+            return
         for worker in self.workers:
             try:
                 self._ray.kill(worker, no_restart=True)
@@ -621,5 +633,15 @@ def check_ray_sampler_options(n_envs: int, **options: Any) -> None:
         init_kwargs is None or (isinstance(init_kwargs, dict) and all(isinstance(key, str) for key in init_kwargs)),
         f"ray_init_kwargs must be a dict of ray.init arguments or None, got {init_kwargs!r}",
     )
+    if init_kwargs:
+        import inspect
+
+        named = [
+            name
+            for name, parameter in inspect.signature(import_ray().init).parameters.items()
+            if parameter.kind is not inspect.Parameter.VAR_KEYWORD
+        ]
+        unknown_init = sorted(key for key in init_kwargs if key not in named and not key.startswith("_"))  # _private
+        check(not unknown_init, f"ray_init_kwargs: ray.init takes no {unknown_init}; it takes {named}")
     measure = options.get("measure_transfer", False)
     check(isinstance(measure, bool), f"measure_transfer must be a bool, got {measure!r}")

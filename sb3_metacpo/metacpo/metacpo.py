@@ -341,6 +341,10 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):  # type: igno
             f"envs (leave vec_env_cls=None), got {self.vec_env_cls!r}",
         )
         check_ray_sampler_options(self.n_envs_requested or self.meta_batch_size, **(options or {}))
+        if options:  # numpy numbers as Python ones (Ray's options refuse numpy types; saved as plain JSON)
+            self.sampler_kwargs = {
+                key: value.item() if isinstance(value, np.generic) else value for key, value in options.items()
+            }
         import_ray()  # a clear ImportError now rather than at the first learn
 
     def set_env(self, env: TaskDistribution | str, force_reset: bool = True) -> None:  # type: ignore[override]
