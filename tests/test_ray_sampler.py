@@ -401,7 +401,7 @@ def test_a_model_dropped_without_close_frees_its_workers_cpus_for_the_next_sampl
 
 def test_after_ray_shutdown_learn_names_the_fix_and_close_starts_no_ray():
     """After ray.shutdown() under a model, learn failed with a raw Ray error and close() started a new Ray with every
-    CPU of the machine (killing the workers does). Runs last: it restarts the module's Ray as the fixture did."""
+    CPU of the machine (killing the workers does). It restarts the module's Ray as the fixture did for the tests after it."""
     model = MetaCPO("MlpPolicy", toy(), sampler="ray", sampler_kwargs={"num_workers": 2}, **{**SMALL, "meta_batch_size": 2})
     model.learn(400)
     ray.shutdown()
@@ -415,3 +415,16 @@ def test_after_ray_shutdown_learn_names_the_fix_and_close_starts_no_ray():
             ray.init(num_cpus=2, object_store_memory=300 * 2**20, include_dashboard=False, log_to_driver=False)
     model.learn(400, reset_num_timesteps=False)  # a new sampler on the running Ray, going on with the streams
     model.close()
+
+
+def test_load_warns_when_the_sampler_kwargs_given_leave_saved_options_out(tmp_path):
+    """ray.rst says to pass ray_init_kwargs again to load(path, sampler_kwargs=...), which replaced the saved options
+    silently: a 4-worker model came back with 1 worker (Ray audit)."""
+    model = MetaCPO("MlpPolicy", toy(), sampler="ray", sampler_kwargs={"num_workers": 2, "max_retries": 5}, **SMALL)
+    path = model.save(tmp_path / "ray_model")
+    model.close()
+    with pytest.warns(UserWarning, match=r"whose \{'max_retries': 5, 'num_workers': 2\} are not among them"):
+        loaded = MetaCPO.load(path, sampler_kwargs={"ray_init_kwargs": {"num_cpus": 2}})
+    assert loaded.sampler_kwargs == {"ray_init_kwargs": {"num_cpus": 2}}
+    kept = MetaCPO.load(path, sampler_kwargs={"num_workers": 2, "max_retries": 5, "ray_init_kwargs": {"num_cpus": 2}})
+    assert kept.sampler_kwargs["num_workers"] == 2

@@ -189,3 +189,40 @@ def test_a_rebuilt_vec_env_draws_episode_streams_no_env_had():
     assert set(first_seeds) <= {episode.seed for episode in batch.episodes}
     old_streams = {int(np.random.default_rng(100 + j).integers(2**31 - 1)) for j in range(2)}
     assert not old_streams & {episode.seed for episode in batch.episodes}
+
+
+class _NaNRewardEnv(gym.Env):
+    """A 1-D env whose reward is NaN at its 3rd step when ``bad``."""
+
+    observation_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+    action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+
+    def __init__(self, bad: bool) -> None:
+        self.bad, self.t = bad, 0
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return np.zeros(2, np.float32), {}
+
+    def step(self, action):
+        self.t += 1
+        reward = float("nan") if self.bad and self.t == 3 else 0.0
+        return np.zeros(2, np.float32), reward, False, self.t >= 10, {"cost": 0.0}
+
+
+def test_errors_name_the_env_by_its_index_among_the_samplers():
+    """A Ray worker runs a block of the sampler's envs; its errors named the env by its index in the block (env 1 for
+    the sampler's env 3: Ray audit). ``env_offset`` is the block's first index."""
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    from sb3_metacpo.common.rollouts import check_actions, run_round
+
+    vec_env = DummyVecEnv([lambda: CostMonitor(_NaNRewardEnv(False)), lambda: CostMonitor(_NaNRewardEnv(True))])
+    space_o, space_a = _NaNRewardEnv.observation_space, _NaNRewardEnv.action_space
+    with pytest.raises(ValueError, match="env 3 returned a non-finite reward at step 2"):
+        run_round(vec_env, lambda obs: np.zeros((2, 1), np.float32), 5, space_a, space_o, ("cost",), env_offset=2)
+    with pytest.raises(ValueError, match="env 1 returned a non-finite reward at step 2"):  # no offset: the local sampler
+        run_round(vec_env, lambda obs: np.zeros((2, 1), np.float32), 5, space_a, space_o, ("cost",))
+    with pytest.raises(ValueError, match="non-finite action for env 5 at step 0"):
+        check_actions(0, np.array([[0.0], [np.nan]], np.float32), env_offset=4)

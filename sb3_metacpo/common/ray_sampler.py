@@ -206,6 +206,7 @@ class RolloutWorker:
                 self.observation_space,
                 self.cost_names,
                 hook,
+                env_offset=int(request.env_indices[0]),
             )
             arrays = {name: getattr(storage, name) for name in _STORAGE_ARRAYS}
             rounds.append(_RoundResult(arrays, ended, final_obs, infos))

@@ -152,8 +152,11 @@ class RolloutStorage:
         obs_shape: tuple[int, ...],
         action_shape: tuple[int, ...],
         cost_names: Sequence[str] = (TOTAL_COST,),
+        env_offset: int = 0,
     ) -> None:
         self.cost_names = tuple(cost_names)
+        #: the index of this storage's first env among the sampler's (a Ray worker's block), for error messages
+        self.env_offset = env_offset
         self.observations = np.zeros((horizon, n_envs, *obs_shape), dtype=np.float32)
         self.next_observations = np.zeros_like(self.observations)
         self.actions = np.zeros((horizon, n_envs, *action_shape), dtype=np.float32)
@@ -184,9 +187,9 @@ class RolloutStorage:
         self.rewards[t] = rewards
         self.next_observations[t] = next_observations
         if t == 0:  # later observations are the previous step's next observations, checked there
-            _check_finite(t, "observation", self.observations[t])
-        _check_finite(t, "reward", self.rewards[t])
-        _check_finite(t, "next observation", self.next_observations[t])
+            _check_finite(t, "observation", self.observations[t], self.env_offset)
+        _check_finite(t, "reward", self.rewards[t], self.env_offset)
+        _check_finite(t, "next observation", self.next_observations[t], self.env_offset)
         self._last_infos = infos  # what the envs report, for batch()'s error
         ended = []
         for index, info in enumerate(infos):
@@ -200,13 +203,13 @@ class RolloutStorage:
                 value = cost_number(info[name])
                 if value is None:
                     raise TypeError(
-                        f"env {index} reported {name}={info[name]!r} at step {t} of the rollout: a constrained cost "
-                        "signal must be a number (a Python or numpy number or bool) at every step"
+                        f"env {index + self.env_offset} reported {name}={info[name]!r} at step {t} of the rollout: a "
+                        "constrained cost signal must be a number (a Python or numpy number or bool) at every step"
                     )
                 if not abs(value) <= _FLOAT32_MAX:  # NaN, inf, or beyond the float32 storage's range
                     raise ValueError(
-                        f"env {index} reported a non-finite {name} ({value}; the storage is float32, finite up to "
-                        f"{_FLOAT32_MAX:.4g}) at step {t} of the rollout"
+                        f"env {index + self.env_offset} reported a non-finite {name} ({value}; the storage is float32, "
+                        f"finite up to {_FLOAT32_MAX:.4g}) at step {t} of the rollout"
                     )
                 self.costs[t, index, column] = value
             if dones[index]:
@@ -214,7 +217,7 @@ class RolloutStorage:
                 self.truncated[t, index] = is_truncated
                 self.terminated[t, index] = not is_truncated
                 self.next_observations[t, index] = info["terminal_observation"]
-                _check_finite(t, "terminal observation", self.next_observations[t, index][None], index)
+                _check_finite(t, "terminal observation", self.next_observations[t, index][None], index + self.env_offset)
                 cost = episode_cost(info)
                 if "episode" not in info or cost is None:
                     raise KeyError(
@@ -226,7 +229,8 @@ class RolloutStorage:
                 missing = [name for name in self.cost_names if name not in episode_costs]
                 if missing:
                     raise KeyError(
-                        f"env {index} never reported {missing} in its info during the episode that ended at step {t}; it "
+                        f"env {index + self.env_offset} never reported {missing} in its info during the episode that "
+                        f"ended at step {t}; it "
                         f"reports {sorted(episode_costs)}: cost_limit may name only costs the env reports"
                     )
                 record = EpisodeRecord(
@@ -296,13 +300,14 @@ def _check_finite(t: int, quantity: str, values: np.ndarray, env_offset: int = 0
         )
 
 
-def check_actions(t: int, actions: np.ndarray) -> None:
+def check_actions(t: int, actions: np.ndarray, env_offset: int = 0) -> None:
     """Raise a ``ValueError`` naming the first env whose sampled action at step ``t`` is not finite, before the envs
     step (a NaN action reached the env, whose NaN reward was then reported as the env's fault)."""
     if not np.isfinite(actions).all():
         bad = np.flatnonzero(~np.isfinite(actions.reshape(len(actions), -1)).all(axis=1))
         raise ValueError(
-            f"the policy returned a non-finite action for env {int(bad[0])} at step {t} of the rollout: its parameters or "
+            f"the policy returned a non-finite action for env {int(bad[0]) + env_offset} at step {t} of the rollout: its "
+            "parameters or "
             "its acting code (a custom policy's numpy_actor_sets) produced it; the envs did not step and nothing was "
             "updated"
         )
@@ -348,18 +353,20 @@ def run_round(
     observation_space: spaces.Box,
     cost_names: Sequence[str],
     hook: StepHook | None = None,
+    env_offset: int = 0,
 ) -> tuple[RolloutStorage, list[tuple[int, int, EpisodeRecord]], np.ndarray]:
     """Reset ``vec_env`` and run ``act`` for ``horizon`` steps: the storage, ``(t, env index, episode)`` of every
-    episode that ended (in step, then env order) and the VecEnv's observation after the last step."""
+    episode that ended (in step, then env order) and the VecEnv's observation after the last step. Errors name an
+    env by its index among the sampler's: ``env_offset`` plus its index in ``vec_env`` (a Ray worker's block)."""
     n_envs = vec_env.num_envs
-    storage = RolloutStorage(horizon, n_envs, observation_space.shape, action_space.shape, cost_names)
+    storage = RolloutStorage(horizon, n_envs, observation_space.shape, action_space.shape, cost_names, env_offset)
     ended: list[tuple[int, int, EpisodeRecord]] = []
     low, high = action_space.low, action_space.high
     obs = array_observations(vec_env.reset())
-    _check_finite(0, "observation after reset", obs)
+    _check_finite(0, "observation after reset", obs, env_offset)
     for t in range(horizon):
         raw_actions = np.asarray(act(obs), dtype=np.float32).reshape(n_envs, *action_space.shape)
-        check_actions(t, raw_actions)
+        check_actions(t, raw_actions, env_offset)
         vec_obs, rewards, dones, infos = vec_env.step(raw_actions.clip(low, high))  # np.clip, without its dispatch
         next_obs = array_observations(vec_obs)
         ended.extend(

@@ -553,6 +553,15 @@ class SafeAlgorithmMixin(ABC):
                     f"{cls.__name__}.load: policy_kwargs {given} differ from the saved model's {stored}: its parameters "
                     "belong to that network (leave policy_kwargs out)"
                 )
+        saved_options = arguments.get("sampler_kwargs") or {}
+        given_options = overrides.get("sampler_kwargs")
+        if isinstance(given_options, dict) and set(saved_options) - set(given_options):
+            warnings.warn(
+                f"{cls.__name__}.load: the sampler_kwargs given replace the saved ones, whose "
+                f"{ {key: saved_options[key] for key in sorted(set(saved_options) - set(given_options))} } are not among "
+                "them: the model runs with their defaults (give them again to keep them)",
+                stacklevel=2,
+            )
         try:
             model = cls(policy_class, None, device=device, _init_setup_model=False, **{**arguments, **overrides})  # type: ignore[call-arg]
         except (TypeError, ValueError, OverflowError) as error:
