@@ -258,7 +258,7 @@ def test_numpy_options_are_stored_as_python_numbers_and_ray_init_kwargs_are_chec
     model.close()
     with pytest.raises(ValueError, match=r"ray_init_kwargs: ray.init takes no \['num_cpu'\]"):
         check_ray_sampler_options(2, ray_init_kwargs={"num_cpu": 2})
-    check_ray_sampler_options(2, ray_init_kwargs={"num_cpus": 2, "_temp_dir": "/tmp"})  # Ray's private ones pass
+    check_ray_sampler_options(2, ray_init_kwargs={"num_cpus": 2, "_system_config": {}})  # Ray's private ones pass
 
 
 def test_meta_trpo_runs_on_ray_and_saves_its_sampler_choice(tmp_path):
