@@ -494,8 +494,14 @@ class RolloutSampler(Sampler):
     def episode_rng_states(self) -> list[dict[str, Any]]:
         """The state of every env's episode-seed stream (JSON-serialisable), to continue it after a restart. An env
         whose seed (``vec_env.seed``, e.g. a new or rebuilt VecEnv's) its next reset has yet to apply has the stream
-        that seed starts: its stream until then is unseeded."""
-        states = list(self.vec_env.env_method("episode_rng_state"))
+        that seed starts: its stream until then is unseeded. A VecEnv broken by a failed env worker (whose workers
+        cannot answer) has the streams its rebuild starts."""
+        if self._broken:
+            return initial_episode_streams(self._rebuild_seed(), self.n_envs)
+        try:
+            states = list(self.vec_env.env_method("episode_rng_state"))
+        except EnvWorkerError:  # a worker died since the last collect: that collect fails, and the rebuild follows
+            return initial_episode_streams(self._rebuild_seed(), self.n_envs)
         pending = getattr(self.vec_env, "_seeds", [None] * self.n_envs)  # SB3's seeds for the next reset
         return [
             state if seed is None else initial_episode_streams(int(seed), 1)[0]
@@ -525,11 +531,16 @@ class RolloutSampler(Sampler):
                 "it did not build: pass a new one"
             )
         self.close()
+        seed = self._rebuild_seed()
         self.n_rebuilds += 1
         self.vec_env = self._vec_env_cls(self._env_fns, **self._vec_env_kwargs)  # type: ignore[arg-type]
-        self.vec_env.seed(self.seed + self.n_rebuilds * self.n_envs)
+        self.vec_env.seed(seed)
         self._env_tasks = [self._initial_task] * self.n_envs
         self._broken = False
+
+    def _rebuild_seed(self) -> int:
+        """The seed of the next rebuild's VecEnv: ``seed + (n_rebuilds + 1) * n_envs``."""
+        return self.seed + (self.n_rebuilds + 1) * self.n_envs
 
     def _assign(self, tasks: Sequence[Task | None]) -> np.ndarray:
         """Point env i at task ``owners[i]`` (tasks get ``n_envs // M`` envs each, remainder to the first ones)."""

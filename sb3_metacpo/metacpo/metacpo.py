@@ -48,7 +48,6 @@ from sb3_metacpo.common.cpo_update import (
     prepare_batch,
     representable_std,
 )
-from sb3_metacpo.common.envs import EnvWorkerError
 from sb3_metacpo.common.policies import CPOPolicy, ObsStats, check_critic_targets
 from sb3_metacpo.common.profiling import phase
 from sb3_metacpo.common.ray_sampler import RaySampler, RemoteEnvs, check_ray_sampler_options, import_ray
@@ -805,27 +804,15 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):  # type: igno
         if sampler is None:
             return
         try:
-            self._closed_sampler_streams = self._episode_streams_of(sampler)
+            self._closed_sampler_streams = sampler.episode_rng_states()
         finally:
             self.sampler, self.env = None, None
             sampler.close()
 
-    @staticmethod
-    def _episode_streams_of(sampler: Sampler) -> list[dict[str, Any]]:
-        """The training envs' episode-seed streams; for a VecEnv broken by a failed env worker (whose workers cannot
-        answer), the streams its rebuild at the next collect starts."""
-        if not getattr(sampler, "_broken", False):
-            try:
-                return sampler.episode_rng_states()
-            except EnvWorkerError:  # a worker died since the last collect: that collect fails and marks it broken
-                pass
-        seed = sampler.seed + (getattr(sampler, "n_rebuilds", 0) + 1) * sampler.n_envs
-        return initial_episode_streams(seed, sampler.n_envs)
-
     def _sampler_rng_states(self) -> dict[str, Any]:
         if self.sampler is None:
             return {} if self._closed_sampler_streams is None else {"training": list(self._closed_sampler_streams)}
-        return {"training": self._episode_streams_of(self.sampler)}
+        return {"training": self.sampler.episode_rng_states()}
 
     def _set_sampler_rng_states(self, states: Mapping[str, Any]) -> None:
         if "training" not in states:
