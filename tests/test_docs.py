@@ -181,3 +181,91 @@ def test_the_changelog_has_the_current_version_and_is_in_the_toctree():
     index = (DOCS / "index.rst").read_text(encoding="utf-8")
     for page in ("changelog", "guide/quickstart", "guide/custom_tasks", "guide/callbacks", "guide/resuming"):
         assert re.search(rf"^\s+{page}$", index, flags=re.MULTILINE), page
+
+
+ROLE = re.compile(r":(?:py:)?(class|meth|func|mod|attr|data|exc):`~?(sb3_metacpo[\w.]*)`")
+DOCUMENTED = re.compile(r"^\.\. (automodule|autoclass|autoexception|autofunction):: (sb3_metacpo[\w.]*)\s*$", re.MULTILINE)
+
+
+def _documented_names() -> dict[str, str]:
+    """What the docs' ``auto*`` directives document (the API reference and the guide pages): name -> directive."""
+    return {
+        match.group(2): match.group(1)
+        for page in pages()
+        if page.suffix == ".rst"
+        for match in DOCUMENTED.finditer(page.read_text(encoding="utf-8"))
+    }
+
+
+def _lookup(name: str) -> object:
+    """The object ``name`` names (modules imported on the way), or AssertionError."""
+    import importlib
+
+    parts = name.split(".")
+    obj: object = importlib.import_module(parts[0])
+    for index, attribute in enumerate(parts[1:], start=1):
+        if not hasattr(obj, attribute):
+            try:
+                obj = importlib.import_module(".".join(parts[: index + 1]))
+                continue
+            except ImportError:
+                raise AssertionError(f"{name} does not exist ({attribute} is missing)") from None
+        obj = getattr(obj, attribute)
+    return obj
+
+
+def check_link(role: str, name: str, documented: dict[str, str]) -> None:
+    """AssertionError unless ``name`` exists and Sphinx documents it where the link looks for it: a module of the API
+    reference (for ``:mod:``), or an object defined in one of its modules (not imported there: ``automodule`` leaves
+    imported names out), a documented class or function, or a member of a documented class."""
+    _lookup(name)
+    if role == "mod":
+        assert documented.get(name) == "automodule", f"the module {name} is not in the API reference"
+        return
+    parts = name.split(".")
+    for cut in range(len(parts), 0, -1):
+        owner = ".".join(parts[:cut])
+        if owner not in documented:
+            continue
+        if documented[owner] == "automodule":
+            assert cut < len(parts), f"{name} is a module: link to it with :mod:"
+            first = _lookup(".".join(parts[: cut + 1]))
+            defined_in = getattr(first, "__module__", owner)
+            assert defined_in == owner, f"{name} is imported into {owner} from {defined_in}: link to it there"
+        return
+    raise AssertionError(f"no module or class of {name} is in the API reference")
+
+
+def test_check_link_finds_links_that_render_as_plain_text():
+    documented = _documented_names()
+    assert {"sb3_metacpo.MetaCPO", "sb3_metacpo.CPO", "sb3_metacpo.tasks.base", "sb3_metacpo.common.policies"} <= set(
+        documented
+    )
+    for role, name in [
+        ("class", "sb3_metacpo.tasks.base.TaskDistribution"),
+        ("meth", "sb3_metacpo.tasks.base.TaskDistribution.make_env"),
+        ("meth", "sb3_metacpo.MetaCPO.adapt"),  # inherited: MetaCPO's autoclass shows inherited members
+        ("mod", "sb3_metacpo.common.constrained_step"),
+    ]:
+        check_link(role, name, documented)
+    for role, name, message in [
+        ("class", "sb3_metacpo.tasks.TaskDistribution", "no module or class"),  # importable, documented elsewhere
+        ("class", "sb3_metacpo.common.envs.CostMonitor", "is imported into sb3_metacpo.common.envs"),
+        ("meth", "sb3_metacpo.MetaCPO.adaptt", "does not exist"),
+        ("mod", "sb3_metacpo.common.checks", "not in the API reference"),
+    ]:
+        with pytest.raises(AssertionError, match=message):
+            check_link(role, name, documented)
+
+
+@pytest.mark.parametrize("page", sorted((DOCS / "guide").glob("*.rst")), ids=lambda page: page.name)
+def test_the_guide_links_only_to_names_the_api_reference_documents(page):
+    """A cross-reference to a name Sphinx does not document renders as plain text without a warning (the build is not
+    nitpicky: other libraries' type hints would flood it), so the guide's links into this package are checked here."""
+    documented = _documented_names()
+    for line_number, line in enumerate(page.read_text(encoding="utf-8").splitlines(), start=1):
+        for role, name in ROLE.findall(line):
+            try:
+                check_link(role, name, documented)
+            except AssertionError as error:
+                pytest.fail(f"{page.relative_to(ROOT)}:{line_number}: :{role}:`{name}`: {error}")

@@ -102,7 +102,8 @@ def step_locals(step: VecStep) -> dict[str, Any]:
 
 
 class AdaptationMixin(ABC):
-    """The adaptation API of an algorithm with a :class:`CPOPolicy` (mixed into CPO and MetaCPO)."""
+    """The adaptation API of an algorithm with a :class:`~sb3_metacpo.common.policies.CPOPolicy` (mixed into CPO and
+    MetaCPO)."""
 
     policy: CPOPolicy
     seed: int | None
@@ -162,11 +163,11 @@ class AdaptationMixin(ABC):
         """Run ``n_updates`` CPO updates from the model's parameters on ``env`` and act with the result in ``predict``.
 
         The model's own parameters are not changed (call :meth:`reset_adaptation` to act with them again). The
-        per-update statistics are in :attr:`adaptation_history`: for each update, the batch it used (collected by
+        per-update statistics are in ``adaptation_history``: for each update, the batch it used (collected by
         the policy before the update): mean episode reward and cost (NaN when the batch completed no episode), the
         CPO case, the accepted fraction and the KL.
         If anything fails, the model is left as it was: its adapted parameters, ``predict`` and
-        :attr:`adaptation_history` are those from before the call.
+        ``adaptation_history`` are those from before the call.
 
         Callbacks get SB3's ``locals`` at every env step (``obs``, ``actions``, ``new_obs``, ``rewards``, ``dones``,
         ``infos``); one that returns False stops the adaptation after the updates completed so far, which
@@ -175,7 +176,7 @@ class AdaptationMixin(ABC):
         ``total_timesteps`` (``num_timesteps`` plus the steps of the call) for SB3's ``ProgressBarCallback``. What
         they record with ``self.logger`` is written when ``adapt`` returns (one dump at the model's
         ``num_timesteps``, which adaptation does not advance); a model without a logger yet (never trained, or just
-        loaded) gets SB3's default one (standard output at ``verbose >= 1``). :meth:`learn` forgets an adaptation.
+        loaded) gets SB3's default one (standard output at ``verbose >= 1``). ``learn`` forgets an adaptation.
 
         Random streams: on tasks of the model's family the episodes come from one stream of the model's (seeded from
         its seed), which goes on from one adaptation or evaluation to the next and is saved with the model; the action
@@ -189,7 +190,8 @@ class AdaptationMixin(ABC):
             (its first held-out task: for the model's own family, that of the model's distribution, with its
             ``test_seed`` and ranges; a model built on an env adapts on that task's env)
         :param n_updates: CPO updates (default: the algorithm's, e.g. MetaCPO's ``n_inner_updates``)
-        :param n_steps: env steps per update (default: the algorithm's ``n_steps``)
+        :param n_steps: env steps per update (default: the algorithm's, MetaCPO's ``n_steps``, CPO's
+            ``n_steps * n_envs``, the env steps of one of its training updates)
         :param callback: SB3 callback(s), called at every env step
         :param progress_bar: show a progress bar over the updates
         :param target_kl: the updates' trust region (default: the algorithm's, MetaCPO's ``inner_target_kl``, CPO's
@@ -254,7 +256,7 @@ class AdaptationMixin(ABC):
     ) -> Iterator[tuple[int, Params]]:
         """Yield ``(k, parameters after k updates)`` for k = 0 .. n_updates, adapting from the model's parameters.
 
-        :attr:`adaptation_history` is rebuilt along the way. Nothing else of the model changes (not even ``predict``).
+        ``adaptation_history`` is rebuilt along the way. Nothing else of the model changes (not even ``predict``).
         ``on_step`` gets every env step (a :class:`~sb3_metacpo.common.rollouts.VecStep`); if it returns False
         the iteration ends after the updates completed so far. ``n_updates``, ``n_steps`` and ``target_kl`` as in
         :meth:`adapt`. The arguments are checked and the env is set up at the call, before the first value is asked

@@ -57,7 +57,8 @@ class ResumableCheckpointCallback(BaseCallback):
     when its envs were at episode boundaries; its episodes run across rollouts, and those in flight restart on
     resuming). Files are written atomically.
 
-    Beside an evaluation callback (:class:`SafeEvalCallback`, :class:`MetaEvalCallback`), list this one after it:
+    Beside an evaluation callback (:class:`SafeEvalCallback`,
+    :class:`~sb3_metacpo.common.evaluation.MetaEvalCallback`), list this one after it:
     both act at the same boundary, and a checkpoint taken after the evaluation holds the adaptations' episode stream
     as the evaluation left it, so the resumed run's later evaluations are the uninterrupted run's (taken before, the
     first evaluation after resuming replays the episodes of the one at the checkpoint). The evaluation callback's

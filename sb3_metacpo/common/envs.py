@@ -1,8 +1,8 @@
 """Vectorised safe-RL envs for the algorithms: standard env ids, single tasks and multi-task training.
 
-Every env is wrapped in a :class:`CostMonitor`, so episode costs reach ``info["episode"]["c"]``. Env factories are
-small picklable classes, so ``SubprocVecEnv`` workers build their env (and apply the safety-gymnasium compatibility
-patches) in their own process.
+Every env is wrapped in a :class:`~sb3_metacpo.tasks.monitor.CostMonitor`, so episode costs reach
+``info["episode"]["c"]``. Env factories are small picklable classes, so ``SubprocVecEnv`` workers build their env
+(and apply the safety-gymnasium compatibility patches) in their own process.
 """
 
 from __future__ import annotations
@@ -308,13 +308,14 @@ def make_safe_vec_env(
 ) -> VecEnv:
     """A VecEnv of ``env`` whose envs report episode costs.
 
-    :param env: a gymnasium env (wrapped in a :class:`CostMonitor` unless it already is), a VecEnv of
-        cost-monitored envs (returned as is), a gymnasium id (e.g. ``"SafetyPointGoal1Gymnasium-v0"``), a
-        :class:`TaskDistribution` (every env trains on a new task drawn at each reset) or a :class:`Task` of
+    :param env: a gymnasium env (wrapped in a :class:`~sb3_metacpo.tasks.monitor.CostMonitor` unless it already is), a
+        VecEnv of cost-monitored envs (returned as is), a gymnasium id (e.g. ``"SafetyPointGoal1Gymnasium-v0"``), a
+        :class:`~sb3_metacpo.tasks.base.TaskDistribution` (every env trains on a new task drawn at each reset) or a
+        :class:`~sb3_metacpo.tasks.base.Task` of
         ``distribution``
     :param n_envs: number of envs for ids, distributions and tasks
     :param vec_env_cls: ``DummyVecEnv`` (default) or ``SubprocVecEnv``, for ids, distributions and tasks
-    :param distribution: the family of a :class:`Task` ``env``
+    :param distribution: the family of a :class:`~sb3_metacpo.tasks.base.Task` ``env``
     """
     if isinstance(env, VecEnv):
         if not all(env.env_is_wrapped(CostMonitor)):

@@ -42,8 +42,8 @@ def evaluate_safe_policy(
     The stochastic policy by default, as everywhere in the package: its cost is what CPO constrains (SB3's
     ``evaluate_policy`` defaults to the mean action, whose cost can be far lower; pass ``deterministic=True`` for it).
     The standard deviations are the episodes' spread (``np.std``, as SB3's), not standard errors: divide by
-    √(n_eval_episodes − 1) for one. ``env`` must report ``info["cost"]``; it is wrapped in a :class:`CostMonitor` when
-    it has none.
+    √(n_eval_episodes − 1) for one. ``env`` must report ``info["cost"]``; it is wrapped in a
+    :class:`~sb3_metacpo.tasks.monitor.CostMonitor` when it has none.
 
     :return: (mean reward, std reward, mean cost, std cost)
     """
@@ -140,7 +140,8 @@ def meta_evaluate(
 
     Works for every :class:`~sb3_metacpo.common.adaptation.Adaptable` algorithm (MetaCPO, MetaTRPO, CPO).
     Adaptation starts from the model's parameters on each task and never changes them, nor the model's adapted
-    parameters and ``adaptation_history`` from an earlier :meth:`adapt`; evaluation episodes are separate from the
+    parameters and ``adaptation_history`` from an earlier :meth:`~sb3_metacpo.MetaCPO.adapt`; evaluation episodes are
+    separate from the
     adaptation batches. ``tasks`` are tasks of the model's family. The stochastic policy is evaluated by default, as
     its cost is what the CPO updates constrain. ``n_updates``, ``n_steps`` and ``target_kl`` (the adaptation
     updates' trust region) are those of :meth:`~sb3_metacpo.common.adaptation.AdaptationMixin.adapt` (None: the
@@ -149,7 +150,8 @@ def meta_evaluate(
     :param model: the algorithm to adapt and evaluate
     :param tasks: tasks of the model's family
     :param n_updates: adaptation updates per task (None: the model's own)
-    :param n_steps: env steps per adaptation update (None: the model's ``n_steps``)
+    :param n_steps: env steps per adaptation update (None: the model's own, as ``adapt``'s: MetaCPO's ``n_steps``,
+        CPO's ``n_steps * n_envs``)
     :param n_eval_episodes: evaluation episodes per task and stage
     :param deterministic: evaluate the mean action instead of the stochastic policy
     :param progress_bar: show a progress bar over the tasks
@@ -198,11 +200,12 @@ class MetaEvalCallback(BaseCallback):
 
     :param tasks: held-out tasks of the model's family
     :param eval_freq: evaluate every ``eval_freq`` meta-iterations (updates, for CPO)
-    :param n_updates: adaptation updates per task (None: the model's own, as :meth:`adapt`'s)
-    :param n_steps: env steps per adaptation update (None: the model's ``n_steps``)
+    :param n_updates: adaptation updates per task (None: the model's own, as :meth:`~sb3_metacpo.MetaCPO.adapt`'s)
+    :param n_steps: env steps per adaptation update (None: the model's own, as ``adapt``'s: MetaCPO's ``n_steps``,
+        CPO's ``n_steps * n_envs``)
     :param n_eval_episodes: evaluation episodes per task and stage
     :param deterministic: evaluate the mean action instead of the stochastic policy (whose cost CPO constrains)
-    :param target_kl: the adaptation updates' trust region (None: the model's own, as :meth:`adapt`'s)
+    :param target_kl: the adaptation updates' trust region (None: the model's own, as :meth:`~sb3_metacpo.MetaCPO.adapt`'s)
     :param verbose: SB3's verbosity
     """
 

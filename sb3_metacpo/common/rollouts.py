@@ -393,7 +393,8 @@ def round_batches(
 
 
 class Sampler(ABC):
-    """What the algorithms collect rollouts with: a policy on several tasks of one :class:`TaskDistribution`.
+    """What the algorithms collect rollouts with: a policy on several tasks of one
+    :class:`~sb3_metacpo.tasks.base.TaskDistribution`.
 
     Implementations: :class:`RolloutSampler` (the envs in this process or in ``SubprocVecEnv`` workers, the default)
     and :class:`~sb3_metacpo.common.ray_sampler.RaySampler` (the envs in Ray actors). Every implementation runs the
@@ -439,7 +440,8 @@ class Sampler(ABC):
 
 
 class RolloutSampler(Sampler):
-    """Rollouts of a policy on several tasks of one :class:`TaskDistribution`, through one VecEnv of ``n_envs`` envs.
+    """Rollouts of a policy on several tasks of one :class:`~sb3_metacpo.tasks.base.TaskDistribution`, through one
+    VecEnv of ``n_envs`` envs.
 
     With M tasks in :meth:`collect`: if M <= n_envs, every task gets ``n_envs // M`` envs (the remainder goes to the
     first tasks) and all tasks are sampled at once; otherwise tasks are sampled in rounds of ``n_envs``. Each task

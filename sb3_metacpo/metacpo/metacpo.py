@@ -119,7 +119,7 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):  # type: igno
     re-runs the inner updates from each candidate theta on the stored batches.
 
     :param policy: the policy class or alias (``"MlpPolicy"``: Gaussian actor, reward critic, cost critic)
-    :param env: the task distribution: a :class:`TaskDistribution` or the registered name of one
+    :param env: the task distribution: a :class:`~sb3_metacpo.tasks.base.TaskDistribution` or the registered name of one
     :param meta_batch_size: training tasks per meta-iteration (M)
     :param n_inner_updates: CPO updates per task in the inner loop and, by default, in :meth:`adapt` (K)
     :param n_steps: env steps per task per batch (each inner update, and the validation batch)
@@ -347,7 +347,8 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):  # type: igno
         import_ray()  # a clear ImportError now rather than at the first learn
 
     def set_env(self, env: TaskDistribution | str, force_reset: bool = True) -> None:  # type: ignore[override]
-        """SB3's ``set_env`` for a meta-learner: train on ``env``, a :class:`TaskDistribution` or a registered family
+        """SB3's ``set_env`` for a meta-learner: train on ``env``, a :class:`~sb3_metacpo.tasks.base.TaskDistribution`
+        or a registered family
         name, from now on (:meth:`set_task_distribution`; every collect starts fresh episodes, so ``force_reset``
         changes nothing). A single env is refused: meta-training draws new tasks every iteration; adapt to one env
         with :meth:`adapt`."""
@@ -359,7 +360,8 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):  # type: igno
         self.set_task_distribution(env)
 
     def set_task_distribution(self, env: TaskDistribution | str) -> None:
-        """Use ``env`` (a :class:`TaskDistribution` or a registered family name) for training and evaluation."""
+        """Use ``env`` (a :class:`~sb3_metacpo.tasks.base.TaskDistribution` or a registered family name) for training
+        and evaluation."""
         if isinstance(env, str):
             env = make_task_distribution(env, seed=0 if self.seed is None else self.seed)
         if not isinstance(env, TaskDistribution):

@@ -547,7 +547,7 @@ class PointButtonHazard(TaskDistribution):
         (as in ``SafetyPointButton1``); touching one costs, reported as ``info["cost_gremlins"]``. They are placed
         by the same layout sampler after the other objects, which may then be placed differently (the sampler starts
         over when an object does not fit).
-    :param kwargs: the :class:`TaskDistribution` arguments.
+    :param kwargs: the :class:`~sb3_metacpo.tasks.base.TaskDistribution` arguments.
     """
 
     name = "PointButtonHazard"
@@ -608,7 +608,7 @@ class PointGoalHazard(TaskDistribution):
         ``SafetyPointGoal2``: touching one, or leaving one moving, costs, reported as ``info["cost_vases_contact"]``
         and ``info["cost_vases_velocity"]``. They are placed by the same layout sampler after the other objects,
         which may then be placed differently (the sampler starts over when an object does not fit).
-    :param kwargs: the :class:`TaskDistribution` arguments.
+    :param kwargs: the :class:`~sb3_metacpo.tasks.base.TaskDistribution` arguments.
     """
 
     name = "PointGoalHazard"

@@ -37,7 +37,7 @@ def check_task_spaces(
 
 
 class TaskEnv(gym.Wrapper):
-    """Env of one task of a :class:`TaskDistribution`.
+    """Env of one task of a :class:`~sb3_metacpo.tasks.base.TaskDistribution`.
 
     * Every episode gets its own seed for the start state, drawn from a generator that ``reset(seed=...)`` seeds
       (gymnasium convention: seed once, then later resets continue the stream). The seed is reported as

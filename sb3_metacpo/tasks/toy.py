@@ -161,7 +161,7 @@ class Toy2DNav(TaskDistribution):
         ``speed_limit`` times the largest move per axis (e.g. 1.0: the diagonal full-speed moves are too fast). The
         hazard cost is ``cost_hazards``; ``cost`` is the sum. None (default): hazards only.
 
-    Other arguments: see :class:`TaskDistribution`.
+    Other arguments: see :class:`~sb3_metacpo.tasks.base.TaskDistribution`.
     """
 
     name = "Toy2DNav"
