@@ -647,6 +647,32 @@ def test_cpo_direction_is_finite_on_degenerate_inputs(solver):
     assert all(torch.isfinite(grad).all() for grad in grads)
 
 
+@pytest.mark.parametrize("b_value", [6.94e-21, -6.94e-21, 1e-30, 1e-44])
+def test_a_constraint_value_of_a_few_ulps_gives_finite_gradients_in_float32(b_value):
+    """b = (J_C − limit)/L for a cost one float64 ulp over its limit is ~7e-21: in float32 d(−r/b)/db = r/b² of the
+    closed form's unused branch overflowed, and the step's gradients were NaN. They are now the float64 ones (where
+    b² is normal: the oracle), and the step is the one at b = 0."""
+    H = torch.diag(torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=DTYPE))
+
+    def step_and_grads(dtype, b_given):
+        g = torch.tensor([1.0, 0.5, -0.3, 0.2], dtype=dtype, requires_grad=True)
+        a = torch.tensor([0.3, -0.2, 0.5, 0.1], dtype=dtype, requires_grad=True)
+        b = torch.tensor(b_given, dtype=dtype, requires_grad=True)
+        v, w = torch.linalg.solve(H.to(dtype), g), torch.linalg.solve(H.to(dtype), a)
+        result = cpo_direction(v, w, g @ v, w @ g, a @ w, b, torch.tensor(0.01, dtype=dtype))
+        grads = torch.autograd.grad(result.x.sum(), (g, a, b))
+        return result.case, result.x.detach().double(), [grad.double() for grad in grads]
+
+    case, x, grads = step_and_grads(torch.float32, b_value)
+    case_64, x_64, grads_64 = step_and_grads(torch.float64, b_value)
+    assert case == case_64 == "dual"
+    assert all(torch.isfinite(grad).all() for grad in grads)
+    torch.testing.assert_close(x, x_64, rtol=1e-5, atol=1e-6)
+    for grad, grad_64 in zip(grads, grads_64, strict=True):
+        torch.testing.assert_close(grad, grad_64, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(x, step_and_grads(torch.float32, 0.0)[1])
+
+
 @pytest.mark.filterwarnings("ignore:Solved/Inaccurate")  # SCS at max_iters on some degenerate problems
 def test_layer_is_finite_on_degenerate_dual_problems():
     """The layer on a sample of the degenerate grid, whatever the case (every problem is bounded after scaling)."""

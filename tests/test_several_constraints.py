@@ -264,6 +264,46 @@ def test_step_gradients_match_finite_differences_of_the_primal(m, solver):
     torch.testing.assert_close(grad, numeric, rtol=1e-4, atol=1e-4 * float(numeric.abs().max()))
 
 
+@pytest.mark.filterwarnings("ignore:Solved/Inaccurate")
+@pytest.mark.parametrize("far", [1e13, 1e150])
+def test_the_recovery_layer_solves_constraints_far_outside_the_trust_region(far):
+    """b̃ beyond ~1e13 made SCS report the recovery program infeasible, and its SolverError left constrained_step."""
+    from sb3_metacpo.common.constrained_step import LineSearch, StepConfig, constrained_step
+
+    A3 = torch.tensor([[0.3, -0.2, 0.5], [0.1, 0.4, -0.2]], dtype=DTYPE)
+    H3 = torch.diag(torch.tensor([1.0, 2.0, 3.0], dtype=DTYPE))
+    g = torch.tensor([1.0, 0.5, -0.3], dtype=DTYPE)
+    b = torch.tensor([0.7, -0.4], dtype=DTYPE) * far
+    search = LineSearch(lambda x: (float(0.5 * x @ H3 @ x), float(g @ x), (A3 @ x).tolist()), 0.0, [0.0, 0.0])
+    config = StepConfig(target_kl=1e-8, dual_solver="cvxpylayers")
+    result = constrained_step(g, A3, b, lambda z: H3 @ z, config, search)
+    assert result.case == "recovery"
+    exact = constrained_step(g, A3, b, lambda z: H3 @ z, StepConfig(target_kl=1e-8, dual_solver="analytic"), search)
+    torch.testing.assert_close(result.direction, exact.direction, rtol=1e-4, atol=0.0)
+
+
+def test_a_failing_layer_solver_is_a_skipped_step(monkeypatch):
+    """diffcp's SolverError (SCS: infeasible, or inaccurate at its iteration limit) is a named skipped update."""
+    from diffcp.cone_program import SolverError
+
+    from sb3_metacpo.common import cpo_subproblem
+    from sb3_metacpo.common.constrained_step import FixedFraction, StepConfig, constrained_step
+
+    def failing_layer(m):
+        def solve(*args, solver_args):
+            raise SolverError("Solver scs returned status infeasible")
+
+        return solve
+
+    monkeypatch.setattr(cpo_subproblem, "cpo_dual_layer", failing_layer)
+    g, A, b = instance(2, "binding", seed=3)
+    result = constrained_step(
+        g, A, b, lambda z: H @ z, StepConfig(target_kl=DELTA, dual_solver="cvxpylayers"), FixedFraction(1.0)
+    )
+    assert (result.case, result.accepted, result.rejection) == ("skipped", False, "dual solver failed")
+    assert not result.step.any()
+
+
 def test_degenerate_problems_give_finite_steps_and_gradients():
     """Parallel cost gradients, a zero cost gradient, g ∥ a, all constraints violated, none binding: no raise, no
     NaN, finite gradients."""
@@ -344,6 +384,40 @@ def test_a_constraint_given_twice_gives_the_one_constraint_step(dtype, tol):
         twice = cpo_direction(g, A, g @ g, A @ g, A @ A.T, b, 0.01)
         assert twice.case == alone.case
         assert float((twice.x - alone.x).norm() / alone.x.norm()) < tol
+
+
+@pytest.mark.parametrize(("dtype", "far"), [(torch.float32, 5678.9), (torch.float32, 12345.6), (torch.float64, 7.7e7)])
+def test_far_outside_the_trust_region_a_constraint_given_twice_gets_the_one_constraint_recovery_step(dtype, far):
+    """b̃ = b/√(2δs) in the thousands (float32) or beyond 1e7 (float64): the exact recovery solver lost the trust
+    region's 1 next to w ≈ b̃² and stepped twice too far (b̃ ≈ 5.7e3) or not at all (1.2e4, a skipped update)."""
+    gen = torch.Generator().manual_seed(11)
+    g = torch.randn(10, generator=gen, dtype=torch.float64)
+    a = torch.randn(10, generator=gen, dtype=torch.float64) + 0.5 * g
+    b1 = far * torch.sqrt(2 * 0.01 * a @ a)
+    g, a, b1 = g.to(dtype), a.to(dtype), b1.to(dtype)
+    classic = -torch.sqrt(2 * 0.01 / (a @ a)) * a  # CPO's recovery step, H = I: the whole trust region
+    for A, b in ((torch.stack([a, a]), torch.stack([b1, b1])), (torch.stack([a, 0 * a]), torch.stack([b1, b1**0]))):
+        step = cpo_direction(g, A, g @ g, A @ g, A @ A.T, b, 0.01)
+        assert step.case == "recovery"
+        assert float(0.5 * step.x @ step.x / 0.01) == pytest.approx(1.0, rel=1e-5)
+        assert float((step.x - classic).norm() / classic.norm()) < (1e-5 if dtype == torch.float32 else 1e-10)
+
+
+@pytest.mark.parametrize("far", [1e3, 1e5])
+def test_far_outside_the_trust_region_two_binding_constraints_get_the_minimax_step(far):
+    """Two different violated constraints, both binding, with b̃ ≈ ``far``: the recovery program against cvxpy's."""
+    g, A, _ = instance(2, "binding", seed=5)
+    _, W, _, _, S = terms(g, A)
+    radius = torch.sqrt(2 * DELTA * torch.diagonal(S))
+    b = torch.tensor([far, far + 0.3], dtype=DTYPE) * radius
+    v, W, q, r, S = terms(g, A)
+    result = cpo_direction(v, W, q, r, S, b, DELTA)
+    assert result.case == "recovery"
+    x_ref, worst_ref = minimax(A, b, S)
+    worst = ((b + A @ result.x) / radius).max()
+    assert float(worst) == pytest.approx(worst_ref, rel=1e-9)
+    torch.testing.assert_close(result.x, x_ref, rtol=1e-5, atol=1e-7)
+    assert float(0.5 * result.x @ H @ result.x / DELTA) == pytest.approx(1.0, rel=1e-6)
 
 
 @pytest.mark.parametrize("gap", [1e-5, 5e-7, 1e-8])

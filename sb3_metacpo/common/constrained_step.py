@@ -23,6 +23,8 @@ a zero or indefinite Fisher product (pᵀHp ≤ 0 on a search    ``"Fisher produ
 direction of conjugate gradient, for g or a_j)
 reward and cost gradients parallel (cosine ≥ 1 − 1e-5 in     ``"parallel reward and cost gradients"``
 the H⁻¹ metric) where that constraint binds (dual case)
+the cvxpylayers solver fails on the subproblem (SCS:          ``"dual solver failed"``
+infeasible or inaccurate at its iteration limit)
 NaN or inf in the subproblem's direction                     ``"non-finite step"``
 a zero direction (zero gradients, nothing to restore)        ``"zero step"``
 the line search accepts no fraction                          ``"line search: ..."`` (the check that failed last)
@@ -44,7 +46,7 @@ from typing import Any
 import torch
 
 from sb3_metacpo.common.conjugate_gradient import conjugate_gradient_solve
-from sb3_metacpo.common.cpo_subproblem import CPO_CASES, DUAL_SOLVERS, RECOVERY, cpo_direction
+from sb3_metacpo.common.cpo_subproblem import CPO_CASES, DUAL_SOLVERS, RECOVERY, LayerSolverError, cpo_direction
 from sb3_metacpo.common.profiling import phase
 
 #: Reward and cost gradients whose cosine in the H⁻¹ metric, r_j/√(q·s_j), is at least this are parallel (see the
@@ -247,21 +249,24 @@ def constrained_step(
         # then r = A v = 0 too (W g would pair a non-zero r with q = 0: a step far outside the trust region)
         r, S = (W @ g if solves[0].iterations > 0 else torch.zeros_like(b)), A @ W.T
         with phase("dual_solve"):
-            solution = cpo_direction(
-                v,
-                W,
-                q,
-                r,
-                S,
-                b,
-                config.target_kl,
-                solver=config.dual_solver,
-                s_tol=config.s_tol
-                if cost_scales is None
-                else torch.tensor([config.s_tol * size**2 for size in signal], dtype=torch.float64),
-                solver_args=config.solver_args,
-                recovery_margin=recovery_margin,
-            )
+            try:
+                solution = cpo_direction(
+                    v,
+                    W,
+                    q,
+                    r,
+                    S,
+                    b,
+                    config.target_kl,
+                    solver=config.dual_solver,
+                    s_tol=config.s_tol
+                    if cost_scales is None
+                    else torch.tensor([config.s_tol * size**2 for size in signal], dtype=torch.float64),
+                    solver_args=config.solver_args,
+                    recovery_margin=recovery_margin,
+                )
+            except LayerSolverError:
+                return _skipped(g, m, "dual solver failed")
     assert isinstance(solution.case, str)
     x = solution.x
     # What every outcome below shares: the subproblem's solution, with a zero step until one is accepted.

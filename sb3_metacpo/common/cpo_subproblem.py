@@ -36,8 +36,11 @@ infeasible when one constraint alone is, or when the recovery program's optimal 
 
 All functions are plain torch and differentiable (the second-order meta-gradient goes through CG, the Fisher-vector
 products and the dual solution). On finite inputs the dual solvers and :func:`cpo_direction` neither raise nor return
-NaN/inf (nor does :func:`cpo_direction` give NaN/inf gradients); the small floors that guarantee this are documented
-where they are applied.
+NaN/inf, and :func:`cpo_direction`'s gradients are finite too (a constraint value b so small that r/b² overflows is
+taken as 0) unless the problem's own products overflow (q, s_j, r_j or their squares near the dtype's range: terms of
+about 1e18 in float32, 1e150 in float64), where :func:`~sb3_metacpo.common.constrained_step.constrained_step`'s
+checks reject the non-finite step or gradient; the small floors that guarantee this are documented where they are
+applied.
 """
 
 from __future__ import annotations
@@ -161,8 +164,12 @@ def solve_dual_analytic(
     # λ_a ≥ √eps·λ_b bounds that error by about √eps (relative) and keeps the square root differentiable.
     lam_a_free = torch.sqrt(a_coef / b_coef + eps * lam_b_free**2)
 
-    b_pos, b_neg = b > 0, b < 0
-    endpoint = -r / torch.where(b_pos | b_neg, b, torch.ones_like(b))  # −r/b (unused when b = 0)
+    # A b so small that d(−r/b)/db = r/b² overflows is taken as 0: its endpoint −r/b is beyond every λ in the problem's
+    # range, where b > 0, b < 0 and b = 0 pick the same interval, and the unused branch's infinite derivative would
+    # otherwise reach the gradients as 0·inf = NaN (e.g. b = 1e-20 in float32: a cost one float64 ulp over its limit).
+    negligible = (b * b).mul(torch.finfo(b.dtype).max / 16) <= r.abs()  # also every b with b² = 0 (underflow)
+    b_pos, b_neg = (b > 0) & ~negligible, (b < 0) & ~negligible
+    endpoint = -r / torch.where(b_pos | b_neg, b, torch.ones_like(b))  # −r/b (unused when b is taken as 0)
     # b > 0: S_a = (max(−r/b, 0), ∞), S_b = (0, −r/b]; b < 0: S_a = (0, −r/b), S_b = [−r/b, ∞) (within λ > 0);
     # b = 0: one of them is everything, depending on the sign of r.
     a_valid = torch.where(b_pos, True, torch.where(b_neg, endpoint > 0, r > 0))
@@ -341,6 +348,22 @@ def _solve_dual(
     return lam.clamp_min(floor), torch.where(informative, nu.clamp_min(0), torch.zeros_like(nu))
 
 
+class LayerSolverError(RuntimeError):
+    """A cvxpylayers layer's solver failed on a subproblem (diffcp's ``SolverError``: SCS reported it infeasible or
+    stopped at its iteration limit without a usable solution); :func:`~sb3_metacpo.common.constrained_step.constrained_step`
+    makes it a skipped update."""
+
+
+def _call_layer(layer: CvxpyLayer, *args: torch.Tensor, solver_args: dict[str, Any]) -> tuple[torch.Tensor, ...]:
+    """``layer(*args, solver_args=solver_args)``, its solver's failure raised as :class:`LayerSolverError`."""
+    from diffcp.cone_program import SolverError  # installed with cvxpylayers (its solver interface)
+
+    try:
+        return layer(*args, solver_args=solver_args)
+    except SolverError as error:
+        raise LayerSolverError(f"the cvxpylayers solver failed on a CPO subproblem: {error}") from error
+
+
 def _layer_dual(
     rho: torch.Tensor, gram: torch.Tensor, b_scaled: torch.Tensor, solver_args: Mapping[str, Any] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -354,7 +377,7 @@ def _layer_dual(
     upper = _cholesky(full).transpose(-1, -2)
     args = _layer_args(solver_args, rho, gram, b_scaled)
     # diffcp works in float64; cast there and back (differentiably).
-    lam_scaled, nu_scaled = cpo_dual_layer(m)(upper.double(), b_scaled.double(), solver_args=args)
+    lam_scaled, nu_scaled = _call_layer(cpo_dual_layer(m), upper.double(), b_scaled.double(), solver_args=args)
     return lam_scaled.to(rho.dtype).reshape(rho.shape[:-1]), nu_scaled.to(rho.dtype).reshape(rho.shape)
 
 
@@ -406,7 +429,16 @@ def _solve_recovery(
     if b.shape[0] == 0:
         return torch.zeros_like(b), torch.zeros_like(delta)
     _, gram, b_scaled, scale = _normalised_terms(torch.ones_like(delta), torch.zeros_like(b), S, b, delta, informative)
-    mu_scaled, worst = solve(gram, b_scaled)
+    # The program is invariant to b̃ → b̃ − c·1 (t → t − c, μ̃ unchanged), so it is solved for b̃ less its largest entry.
+    # Then t ≥ −1 (the largest constraint falls by at most 1 in the unit trust region, |(Rμ̃)_j| ≤ 1), so a constraint
+    # below −3 can never bind (it stays below −2), and clamping it there changes nothing but the scale: the binding
+    # ones lie in [−2, 0]. Unshifted, the exact solver's w − 1 (w ≈ b̃²) lost the trust region's 1 (a zero or twice too
+    # long step from b̃ ≈ 5e3 in float32), and SCS failed from b̃ ≈ 1e13, or returned a step 1e8 times too long when
+    # one violation was 1e154 above another. The shift is a constant of the autograd graph (μ̃'s derivative is the
+    # same at every shift); a clamped constraint's derivative is 0, as a non-binding one's.
+    shift = b_scaled.detach().amax(-1, keepdim=True)
+    mu_scaled, worst = solve(gram, (b_scaled - shift).clamp_min(-3.0))
+    worst = worst + shift.squeeze(-1)
     delta_safe = delta.clamp_min(torch.finfo(b.dtype).eps)
     mu = torch.sqrt(2 * delta_safe).unsqueeze(-1) / scale * mu_scaled
     return torch.where(informative, mu, torch.zeros_like(mu)), worst
@@ -419,7 +451,7 @@ def _layer_recovery(
     factor = _cholesky(gram)
     args = _layer_args(solver_args, gram, b_scaled)
     layer = cpo_recovery_layer(b_scaled.shape[-1])
-    mu_scaled, worst = layer(gram.double(), factor.double(), b_scaled.double(), solver_args=args)
+    mu_scaled, worst = _call_layer(layer, gram.double(), factor.double(), b_scaled.double(), solver_args=args)
     return mu_scaled.to(b_scaled.dtype).reshape(b_scaled.shape), worst.to(b_scaled.dtype).reshape(b_scaled.shape[:-1])
 
 
