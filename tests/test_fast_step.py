@@ -48,7 +48,7 @@ class Driver:
                 self.current, self.left = "goal", self.goal_steps
             else:
                 others = [name for name in names if name.startswith(self.prefixes) and not name.endswith("mocap")]
-                self.current, self.left = others[self.rng.integers(len(others))], 30
+                self.current, self.left = (others[self.rng.integers(len(others))] if others else "goal"), 30
         self.left -= 1
         if self.current in ("left", "right"):
             return np.array([3.0 if self.current == "right" else -3.0, 0.0, 0.0])
@@ -197,14 +197,14 @@ def test_second_cost_type_options(name, option, monkeypatch):
     assert len([n for n in objects if n.startswith(prefix) and not n.endswith("mocap")]) == 3
 
 
-def test_fast_step_handles_a_task_without_hazards(monkeypatch):
-    """Upstream's pseudo-lidar raises on an empty object list (``n_hazards=0``); the fast one reads zeros."""
-    from sb3_metacpo.tasks import PointGoalHazardTask
-
-    task = PointGoalHazardTask(n_hazards=0, extent=1.5)
+@pytest.mark.parametrize("name", ["PointGoalHazard", "PointButtonHazard"])
+def test_fast_step_handles_a_task_without_hazards(name, monkeypatch):
+    """Upstream's pseudo-lidar raises on an empty object list (``n_hazards=0``, within the families' limits); the fast
+    one reads zeros (the one documented difference)."""
+    task = dataclasses.replace(make_task_distribution(name, seed=0).sample(1)[0], n_hazards=0, extent=1.5)
     with pytest.raises(AssertionError, match="Bad pos"):
-        navigation_env("PointGoalHazard", "Point", task, False, monkeypatch).reset(seed=0)
-    env = navigation_env("PointGoalHazard", "Point", task, True, monkeypatch)
+        navigation_env(name, "Point", task, False, monkeypatch).reset(seed=0)
+    env = navigation_env(name, "Point", task, True, monkeypatch)
     obs, _ = env.reset(seed=0)
     space = env.unwrapped.task.obs_info.obs_space_dict
     sizes = [int(np.prod(box.shape)) for box in space.spaces.values()]
@@ -213,7 +213,9 @@ def test_fast_step_handles_a_task_without_hazards(monkeypatch):
     assert env.step(np.zeros(2))[4]["cost_hazards"] == 0.0
 
 
-STANDARD_IDS = [f"Safety{robot}{task}" for task in ("Goal1", "Button1", "Circle1") for robot in ("Point", "Car")]
+STANDARD_IDS = [
+    f"Safety{robot}{task}{level}" for level in "012" for task in ("Goal", "Button", "Circle") for robot in ("Point", "Car")
+]
 
 
 class SameModels:
@@ -236,7 +238,7 @@ class SameModels:
         return len(self.models) > 1 and all(later is self.models[0] for later in self.models[1:])
 
 
-@pytest.mark.parametrize("env_id", [*STANDARD_IDS, "SafetyPointGoal2", "SafetyPointButton2"])
+@pytest.mark.parametrize("env_id", STANDARD_IDS)
 def test_standard_ids_built_by_the_library_match_stock(env_id, monkeypatch):
     """``make_safe_vec_env``'s factory gives the standard ids the fast step and reset; stock ``safety_gymnasium.make``
     is the oracle (same seeds, same actions), over random layouts re-drawn at every reset."""
@@ -263,6 +265,8 @@ def test_standard_ids_built_by_the_library_match_stock(env_id, monkeypatch):
     lockstep(Ours(ours), Stock5(stock), 2 * MAX_STEPS + 10, driver, events, seed=5, on_reset=models)
     assert events["reset"] >= 2
     assert models.all_reused()  # random layouts are poses, gremlins' (Button) included: no reset recompiled
+    if env_id.endswith("0"):  # level 0: a goal, buttons or a circle, nothing that costs
+        return
     if "Button" in env_id:  # the gremlins had moved before the resets
         assert events["cost_gremlins"] or not np.array_equal(ours.unwrapped.task.data.mocap_pos, 0.0)
     if "Point" in env_id:  # (the Car, slower to steer, touches nothing in these short random layouts)
@@ -335,3 +339,93 @@ def test_a_replaced_world_is_freed_without_the_cyclic_garbage_collector():
     finally:
         gc.enable()
     env.close()
+
+
+def _standard_pair(env_id, monkeypatch):
+    """The library's fast env and upstream's (FAST_STEP and FAST_RESET off) of a standard id, 5-tuple API both."""
+    envs = []
+    for fast in (True, False):
+        monkeypatch.setattr(safety_gym, "FAST_STEP", fast)
+        monkeypatch.setattr(safety_gym, "FAST_RESET", fast)
+        envs.append(EnvFactory(env_id=f"{env_id}Gymnasium-v0")())
+    assert isinstance(envs[0].unwrapped.task, FastStepMixin) and not isinstance(envs[1].unwrapped.task, FastStepMixin)
+    return envs
+
+
+OBSERVATION_CHANGES = {
+    "hazards not on the lidar": ("SafetyPointGoal1", lambda task: setattr(task.hazards, "is_lidar_observed", False)),
+    "a goal compass": ("SafetyPointGoal1", lambda task: setattr(task.goal, "is_comp_observed", True)),
+    "32 lidar bins": ("SafetyPointGoal1", lambda task: setattr(task.lidar_conf, "num_bins", 32)),
+    "no angle components": (
+        "SafetyCarGoal1",
+        lambda task: setattr(task.agent.sensor_conf, "sensors_angle_components", False),
+    ),
+}
+
+
+@pytest.mark.parametrize("change", list(OBSERVATION_CHANGES))
+def test_an_observation_config_changed_between_episodes_gives_upstreams_new_layout(change, monkeypatch):
+    """Upstream reads the observation config at every ``obs()``; the fast path fixed the layout with the compiled
+    model, which ``FAST_RESET`` keeps: after a change and ``build_observation_space()`` it gave the old layout (60
+    values for upstream's 44 without the hazards' lidar) or raised (32 bins)."""
+    env_id, apply = OBSERVATION_CHANGES[change]
+    envs = _standard_pair(env_id, monkeypatch)
+    rng = np.random.default_rng(0)
+    for env in envs:
+        env.reset(seed=0)
+    actions = rng.uniform(-1, 1, (8, 2))
+    for action in actions[:4]:
+        for env in envs:
+            env.step(action)
+    for env in envs:  # the same change on both, between episodes
+        apply(env.unwrapped.task)
+        env.unwrapped.task.build_observation_space()
+    (fast_obs, _), (stock_obs, _) = (env.reset(seed=1) for env in envs)
+    assert fast_obs.shape != (60 if env_id == "SafetyPointGoal1" else 72,)  # the layout did change
+    np.testing.assert_array_equal(fast_obs, stock_obs)
+    for action in actions[4:]:
+        fast, stock = (env.step(action) for env in envs)
+        np.testing.assert_array_equal(fast[0], stock[0])
+        assert fast[1:4] == stock[1:4]
+
+
+def test_a_lidar_angle_rounded_up_to_two_pi_raises_as_upstreams():
+    """An object dead ahead with an egocentric y of -1.4e-17: atan2 % 2π rounds to 2π and upstream's bin index is
+    ``num_bins`` (its ``obs[bin]`` raises IndexError); the batched lidar wrote into the next object type's first bin."""
+    from types import SimpleNamespace
+
+    from sb3_metacpo.tasks.fast_step import pseudo_lidar
+
+    conf = SimpleNamespace(num_bins=16, max_dist=3.0, exp_gain=1.0, alias=True)
+    position = np.array([[1.0, -1.3877787807814457e-17]])
+    angle = np.angle(complex(*position[0])) % (np.pi * 2)  # upstream's arithmetic, step by step
+    upstream_bin = int(angle / ((np.pi * 2) / conf.num_bins))
+    with pytest.raises(IndexError):
+        np.zeros(conf.num_bins)[upstream_bin]
+    with pytest.raises(IndexError, match="index 16 is out of bounds"):
+        pseudo_lidar(position, np.array([0]), 2, np.zeros(3), np.eye(3), conf)  # group 0 of 2: no error before
+    ahead = pseudo_lidar(np.array([[1.0, 0.0]]), np.array([0]), 2, np.zeros(3), np.eye(3), conf)
+    assert ahead[0, 0] > 0 and not ahead[1].any()
+
+
+def test_a_task_subclass_whose_specific_step_moves_a_body_is_observed_after_it(monkeypatch):
+    """``fast_task_class`` takes subclasses of upstream's task classes: one whose ``specific_step`` moves the agent
+    must be observed after the move, as upstream's ``obs()`` (its own forward pass) sees it; the fast path reused the
+    physics step's forward pass (accelerometer and lidar off by up to 0.09)."""
+    import_safety_gymnasium()
+    from safety_gymnasium.tasks.safe_navigation.goal.goal_level1 import GoalLevel1
+
+    from sb3_metacpo.tasks.fast_step import fast_task_class
+
+    class Nudged(GoalLevel1):
+        def specific_step(self):
+            super().specific_step()
+            self.data.qpos[0] += 0.05  # the Point's slide joint along x
+
+    assert fast_task_class(Nudged).specific_step is not Nudged.specific_step  # wrapped: forward again after it
+    assert fast_task_class(GoalLevel1).specific_step is GoalLevel1.specific_step  # upstream's own: nothing to redo
+    fast_env, stock_env = _standard_pair("SafetyPointGoal1", monkeypatch)
+    fast_env.unwrapped.task.__class__ = fast_task_class(Nudged)
+    stock_env.unwrapped.task.__class__ = Nudged
+    events = Counter()
+    lockstep(fast_env, stock_env, 30, Driver(seed=2, goal_steps=0), events, seed=0)

@@ -58,6 +58,8 @@ def pseudo_lidar(
         angle = np.arctan2(z.imag, z.real) % _TWO_PI  # np.angle(z), as upstream
         bin_size = _TWO_PI / num_bins
         bins = (angle / bin_size).astype(np.intp)  # int() of a non-negative float
+        if bins.max() >= num_bins:  # angle % 2π rounded up to 2π (a y of about -1e-17): upstream's obs[bin] raises
+            raise IndexError(f"index {int(bins.max())} is out of bounds for axis 0 with size {num_bins}")
         if conf.max_dist is None:
             sensor = np.exp(-conf.exp_gain * dist)
         else:
@@ -77,7 +79,8 @@ def pseudo_lidar(
 class _ModelIndex:
     """What the fast path needs to know about one compiled model: body, sensor and mocap ids, geom-name masks and the
     layout of the flat observation. Rebuilt whenever the task's model object changes (upstream compiles a new one
-    at every reset; ``FAST_RESET`` keeps it).
+    at every reset; ``FAST_RESET`` keeps it) or its observation space does (``build_observation_space`` after a change
+    of the observation config).
 
     Its lists hold functions bound to itself (a reference cycle) and it holds the compiled model: :meth:`release`
     empties it when it is replaced or its task dies, so the model is freed at once rather than by the cyclic
@@ -189,7 +192,7 @@ class _ModelIndex:
         )
         self.lidar_extra = [(group, fn) for group, fn in enumerate(lidar_positions) if not isinstance(fn, np.ndarray)]
 
-        space = task.obs_info.obs_space_dict
+        space = self.space = task.obs_info.obs_space_dict
         copy_src: list[int] = []
         copy_dst: list[int] = []
         self.angles: list[tuple[int, int]] = []  # (sensor address, first output index)
@@ -345,7 +348,9 @@ class FastStepMixin:
     def _fast_index(self) -> _ModelIndex:
         model = self.model  # type: ignore[attr-defined]
         index = self._fast_index_cache
-        if index is None or index.model is not model:
+        # a new world, or a new observation layout (``build_observation_space`` after a change of the observation
+        # config: upstream's ``obs`` reads the config at every call, the index fixes the layout when it is built)
+        if index is None or index.model is not model or index.space is not self.obs_info.obs_space_dict:  # type: ignore[attr-defined]
             if index is not None:
                 index.release()
             index = self._fast_index_cache = _ModelIndex(self, model)
@@ -543,4 +548,28 @@ def fast_task_class(base: type[Any]) -> type:
     for name in _REPLACED:
         if getattr(base, name) in upstream[name]:
             attrs[name] = FastStepMixin.__dict__[name]
+    # Between the physics step and the observation upstream's step calls specific_step and, on a goal, update_world;
+    # its own versions change no state that mj_forward computes (or run mj_forward themselves), so the forward pass
+    # of simulation_forward is reused. A subclass's own versions may move bodies: after them, forward again.
+    known = {
+        "specific_step": {cls.specific_step for cls in (BaseTask, GoalLevel0, ButtonLevel0, CircleLevel0)},
+        "update_world": {cls.update_world for cls in (BaseTask, GoalLevel0, ButtonLevel0, CircleLevel0)},
+    }
+    for name, methods in known.items():
+        if getattr(base, name) not in methods:
+            attrs[name] = _forgetting_the_forward_pass(getattr(base, name))
     return type(f"Fast{base.__name__}", (base, FastStepMixin), attrs)
+
+
+def _forgetting_the_forward_pass(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``method``, after which the fast path no longer reuses the last forward pass (nor the step's kept contacts)."""
+
+    @functools.wraps(method)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self._fast_forwarded = False
+            self._fast_window = None
+
+    return wrapper
