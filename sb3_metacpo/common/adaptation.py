@@ -39,7 +39,7 @@ from sb3_metacpo.tasks.base import Task, TaskDistribution, list_task_distributio
 from sb3_metacpo.tasks.monitor import TOTAL_COST
 
 SelfAdaptable = TypeVar("SelfAdaptable", bound="AdaptationMixin")
-#: What adaptation and evaluation accept as a task: an env, a VecEnv, a task of the model's family or a family name.
+#: What adaptation and evaluation accept as a task (an env, a VecEnv, a task of the model's family or a family name).
 AdaptationEnv = gym.Env | VecEnv | Task | str
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from sb3_metacpo.tasks.monitor import TOTAL_COST, is_cost_key
 
-#: The largest cost limit: the constraint values are computed in the policy's float32 (max ~3.4e38).
+#: The largest cost limit, since the constraint values are computed in the policy's float32 (max ~3.4e38).
 MAX_COST_LIMIT = 1e30
 
 

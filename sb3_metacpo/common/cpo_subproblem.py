@@ -67,7 +67,7 @@ TRPO, RECOVERY, DUAL = "trpo", "recovery", "dual"
 CPO_CASES = (TRPO, RECOVERY, DUAL)
 DUAL_SOLVERS = ("analytic", "cvxpylayers")
 
-#: Options of the cvxpylayers layers (passed to diffcp): SCS with its built-in QDLDL factorisation (the MKL one,
+#: Options of the cvxpylayers layers, passed to diffcp. SCS with its built-in QDLDL factorisation (the MKL one,
 #: picked by default when installed, stalled for minutes on a shared 2-core machine) at eps 1e-10, which it reaches
 #: on these tiny problems: 1000 random dual-case problems match the closed form to < 1e-9 relative. Clarabel, the
 #: interior-point alternative, stalls near √tol (1e-6 at tol 1e-14); SCS at eps < 1e-10 stalls at its rounding

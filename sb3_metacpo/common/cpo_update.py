@@ -90,7 +90,8 @@ class PreparedBatch:
     cost_returns: np.ndarray  # (n, m)
     time_fractions: th.Tensor | None = None  # step / episode length of each sample (the cost critic's time input)
     episode_cost_sem: np.ndarray | None = None  # (m,): standard error of episode_costs (NaN with < 2 episodes)
-    #: (m,): a step recovers whenever constraint[j] exceeds recovery_margin[j] (None: CPO's rule, see ``prepare_batch``)
+    #: shape (m,), a step recovers whenever ``constraint[j]`` exceeds ``recovery_margin[j]`` (None for CPO's rule, see
+    #: ``prepare_batch``)
     recovery_margin: np.ndarray | None = None
 
 

@@ -32,7 +32,7 @@ from sb3_metacpo.tasks.monitor import CostMonitor
 from sb3_metacpo.tasks.safety_gym import fast_standard_env
 from sb3_metacpo.tasks.task_env import REPLAY_OPTION, TaskEnv
 
-#: What the algorithms accept as an env: a gymnasium env, a VecEnv, an env id, a task distribution, or a task.
+#: What the algorithms accept as an env (a gymnasium env, a VecEnv, an env id, a task distribution, or a task).
 SafeEnv = gym.Env | VecEnv | str | TaskDistribution | Task
 
 

@@ -262,10 +262,10 @@ def _positive_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and float(value) > 0
 
 
-#: The running observation statistics: mean, variance and count.
+#: The running observation statistics (mean, variance and count).
 ObsStats = tuple[th.Tensor, th.Tensor, th.Tensor]
 
-#: The largest critic target magnitude (a discounted return of rewards or costs) the critics regress on: the squared
+#: The largest critic target magnitude (a discounted return of rewards or costs) the critics regress on. The squared
 #: errors and Adam's second moments overflow float32 a few orders of magnitude above it (a [64, 64] critic fitted 1e18
 #: and went non-finite from 1e19 on), and no reward or cost scale that trains needs more.
 MAX_CRITIC_TARGET = 1e15

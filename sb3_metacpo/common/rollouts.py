@@ -32,7 +32,7 @@ _FLOAT32_MAX = float(np.finfo(np.float32).max)
 #: index into the task list given to :meth:`RolloutSampler.collect`; returns raw (unclipped) actions
 #: ``(n_envs, *action_shape)``.
 ActFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
-#: What a sampler acts with: a :class:`~sb3_metacpo.common.policies.NumpyActor` (one parameter set per task of the
+#: What a sampler acts with, a :class:`~sb3_metacpo.common.policies.NumpyActor` (one parameter set per task of the
 #: collect; what every sampler accepts, and the only policy a remote sampler can ship to its workers) or an
 #: :data:`ActFn` (local samplers only).
 RolloutPolicy = NumpyActor | ActFn

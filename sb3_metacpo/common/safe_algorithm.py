@@ -181,7 +181,7 @@ class SafeAlgorithmMixin(ABC):
     # --- constraints ------------------------------------------------------------------------------------------
     @property
     def constraints(self) -> CostConstraints:
-        """The cost constraints: ``cost_limit`` (a float on ``info["cost"]`` or a mapping of cost names to limits),
+        """The cost constraints, from ``cost_limit`` (a float on ``info["cost"]`` or a mapping of cost names to limits),
         by default the task family's suggested limit (25 for plain envs) on ``info["cost"]``."""
         if self.cost_limit is not None:
             return CostConstraints.from_cost_limit(self.cost_limit)
