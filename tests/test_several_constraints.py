@@ -512,7 +512,7 @@ def test_a_cost_name_a_plain_env_never_reports_is_an_error_before_any_update():
     model = CPO("MlpPolicy", env, n_steps=50, cost_limit={"cost_hazard": 5.0}, seed=0, policy_kwargs=dict(net_arch=[8]))
     expected = r"no env reported \['cost_hazard'\] in its info at any of the rollout's 50 steps \(envs \[0\]; at the "
     expected += r"last step they reported \['cost', 'cost_hazards'\]\)"
-    with pytest.raises(KeyError, match=expected + r".*nothing was updated; did you mean 'cost_hazards'\?"):
+    with pytest.raises(KeyError, match=expected + r".*this batch updated nothing; did you mean 'cost_hazards'\?"):
         model.learn(150)
     assert model._n_updates == 0
     CPO("MlpPolicy", env, n_steps=50, cost_limit={"cost_hazards": 5.0}, seed=0, policy_kwargs=dict(net_arch=[8])).learn(100)
@@ -552,3 +552,66 @@ except ImportError as error:
     refusals = [line for line in lines if line.startswith("refused:")]
     assert len(refusals) == 1 and all("pip install sb3-metacpo[several-costs]" in line for line in refusals)
     assert any(line.startswith("lazy import:") and "sb3-metacpo[several-costs]" in line for line in lines)
+
+
+def test_load_keeps_each_cost_critic_output_with_its_name(tmp_path):
+    """The cost critic has one output per named cost: a ``cost_limit`` given to ``load`` with the same names in
+    another order (an equal mapping) must not hand one cost's critic to the other, and other names are refused."""
+    from sb3_metacpo.common.safe_algorithm import LoadArgumentError
+
+    def env():  # cost_a = 1 at every step, cost_b = 0: the two critics learn different values
+        return gym.wrappers.TimeLimit(Bandit(lambda a: float(a[0]), lambda a: {"cost": 1.0, "cost_a": 1.0, "cost_b": 0.0}), 10)
+
+    model = CPO("MlpPolicy", env(), n_steps=40, batch_size=40, cost_limit={"cost_a": 50.0, "cost_b": 50.0}, seed=0)
+    model.learn(200)
+    model.save(tmp_path / "two")
+    obs, time_left = np.zeros((3, 1), np.float32), np.array([0.0, 0.5, 0.9], np.float32)
+
+    def by_name(loaded):
+        costs = loaded.policy.critic_values(obs, time_left)[1]
+        return {name: costs[:, j] for j, name in enumerate(loaded.constraints.names)}
+
+    saved = by_name(model)
+    assert not np.allclose(saved["cost_a"], saved["cost_b"])
+    swapped = CPO.load(tmp_path / "two", env=env(), cost_limit={"cost_b": 40.0, "cost_a": 30.0})
+    assert swapped.constraints.names == ("cost_a", "cost_b") and swapped.constraints.limits == (30.0, 40.0)
+    for name, values in by_name(swapped).items():
+        np.testing.assert_array_equal(values, saved[name])
+    with pytest.raises(LoadArgumentError, match=r"predicts \['cost_a', 'cost_b'\]"):
+        CPO.load(tmp_path / "two", env=env(), cost_limit={"cost": 50.0, "cost_b": 50.0})
+    with pytest.raises(LoadArgumentError, match="names 1 costs, the saved model 2"):
+        CPO.load(tmp_path / "two", env=env(), cost_limit=5.0)
+
+
+def test_a_cost_reported_only_on_the_steps_that_pay_it_counts_zero_elsewhere():
+    """An env that puts ``cost_a`` in ``info`` only when it pays: a 2-step episode without it raised a KeyError after
+    several updates. Such an episode's ``cost_a`` is 0, and the constraint's values are the reported sums."""
+    from sb3_metacpo.tasks.monitor import CostMonitor
+
+    def info_of(action):
+        paid = float(action[0] > 0)
+        return {"cost": paid, **({"cost_a": paid} if paid else {})}
+
+    env = CostMonitor(gym.wrappers.TimeLimit(Bandit(lambda a: float(a[0]), info_of), 2))
+    model = CPO("MlpPolicy", env, n_steps=40, batch_size=40, cost_limit={"cost_a": 0.5}, seed=0)
+    model.learn(400)  # 10 updates of 20 episodes each
+    episodes = list(model.ep_info_buffer)
+    assert any("cost_a" not in episode["episode_costs"] for episode in episodes)  # some paid nothing
+    for episode in episodes:  # the total and the named cost are the same signal here
+        assert episode["episode_costs"].get("cost_a", 0.0) == episode["c"]
+
+
+def test_cost_errors_name_the_fix():
+    from sb3_metacpo.tasks.monitor import CostMonitor
+
+    bad_total = CostMonitor(gym.wrappers.TimeLimit(Bandit(lambda a: 0.0, lambda a: {"cost": np.array([1.0])}), 5))
+    bad_total.reset(seed=0)
+    with pytest.raises(TypeError, match=r"reported cost=array\(\[1\.\]\) at step 0 .* must be a number"):
+        bad_total.step(np.zeros(1))
+    # a TimeLimit outside the CostMonitor ends episodes the monitor never sees
+    outside = gym.wrappers.TimeLimit(CostMonitor(Bandit(lambda a: 0.0, lambda a: {"cost": 0.0})), 5)
+    with pytest.raises(KeyError, match="goes inside the CostMonitor"):
+        CPO("MlpPolicy", outside, n_steps=20, batch_size=20, seed=0).learn(20)
+    # safety-gymnasium's cost_sum (the total again) is a cost the navigation families report
+    for name in ("PointGoalHazard", "PointButtonHazard", "CarCircle"):
+        assert "cost_sum" in make_task_distribution(name).cost_names

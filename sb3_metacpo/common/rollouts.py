@@ -24,7 +24,7 @@ from sb3_metacpo.common.constraints import close_cost_names
 from sb3_metacpo.common.envs import EnvFactory, EnvWorkerError, reporting_vec_env_cls
 from sb3_metacpo.common.policies import NumpyActor
 from sb3_metacpo.tasks.base import Task, TaskDistribution
-from sb3_metacpo.tasks.monitor import TOTAL_COST, cost_number, episode_cost, is_cost_key
+from sb3_metacpo.tasks.monitor import NO_EPISODE_COST, TOTAL_COST, cost_number, episode_cost, is_cost_key
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
@@ -220,26 +220,19 @@ class RolloutStorage:
                 _check_finite(t, "terminal observation", self.next_observations[t, index][None], index + self.env_offset)
                 cost = episode_cost(info)
                 if "episode" not in info or cost is None:
-                    raise KeyError(
-                        "the env reports no episode cost: wrap each env in sb3_metacpo.tasks.monitor.CostMonitor "
-                        "(SB3's Monitor alone drops it), or build it with TaskDistribution.make_env"
-                    )
+                    raise KeyError(NO_EPISODE_COST)
                 episode = info["episode"]
                 episode_costs = info.get("episode_costs", {TOTAL_COST: cost})
-                missing = [name for name in self.cost_names if name not in episode_costs]
-                if missing:
-                    raise KeyError(
-                        f"env {index + self.env_offset} never reported {missing} in its info during the episode that "
-                        f"ended at step {t}; it "
-                        f"reports {sorted(episode_costs)}: cost_limit may name only costs the env reports"
-                    )
+                # A named cost the episode never reported counts 0, as a step that does not report it (an env may
+                # report a cost only on the steps that pay it); a name no env reports in a whole rollout is refused
+                # by batch() before any update.
                 record = EpisodeRecord(
                     episode["r"],
                     cost,
                     episode["l"],
                     info.get("episode_seed"),
                     not is_truncated,
-                    tuple(float(episode_costs[name]) for name in self.cost_names),
+                    tuple(float(episode_costs.get(name, 0.0)) for name in self.cost_names),
                     {name: float(value) for name, value in episode_costs.items()},
                 )
                 ended.append((index, record))
@@ -266,7 +259,8 @@ class RolloutStorage:
             raise KeyError(
                 f"no env reported {names} in its info at any of the rollout's {len(self.rewards)} steps (envs "
                 f"{indices.tolist()}; at the last step they reported {reported}): cost_limit may name only costs the "
-                "envs report (safety-gymnasium's: 'cost' and 'cost_<type>', e.g. 'cost_hazards'); nothing was updated"
+                "envs report (safety-gymnasium's: 'cost' and 'cost_<type>', e.g. 'cost_hazards'), and an env that reports a "
+                "cost only on the steps that pay it must report it as 0 at the others; this batch updated nothing"
                 + close_cost_names(names, reported)
             )
         dones = self.terminated[:, columns] | self.truncated[:, columns]

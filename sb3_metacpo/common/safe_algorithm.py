@@ -649,6 +649,28 @@ class SafeAlgorithmMixin(ABC):
         """Train and adapt on ``env`` after loading (``overridden``: the constructor arguments given to ``load``;
         ``saved``: the env is the one the archive describes, rebuilt)."""
 
+    def _check_cost_critic_names(self, n_outputs: int, saved_arguments: Mapping[str, Any]) -> None:
+        """A ``cost_limit`` given to ``load`` must name the costs the saved cost critic predicts (one output per cost,
+        in the saved order): its limits may change, the costs may not. The same names in another order are put back in
+        the saved order (the mappings are equal), so that each name keeps its critic output."""
+        names = self.constraints.names
+        saved_limit = saved_arguments.get("cost_limit")
+        saved = tuple(saved_limit) if isinstance(saved_limit, Mapping) else ("cost",)
+        if n_outputs != len(names):
+            raise LoadArgumentError(
+                f"{type(self).__name__}.load: cost_limit names {len(names)} costs, the saved model {n_outputs} (its "
+                f"cost critic has one output per cost, for {list(saved)}): give as many"
+            )
+        if len(saved) == n_outputs and names != saved:
+            if set(names) != set(saved):
+                raise LoadArgumentError(
+                    f"{type(self).__name__}.load: cost_limit names {list(names)}, but the saved model's cost critic "
+                    f"predicts {list(saved)} (one output each, in that order): give those names (their limits may "
+                    "change), or train a new model for other costs"
+                )
+            assert isinstance(self.cost_limit, Mapping)
+            self.cost_limit = {name: self.cost_limit[name] for name in saved}
+
     def _restore(self, metadata: Mapping[str, Any], tensors: Mapping[str, Any]) -> None:
         """Rebuild the model of an archive: spaces, task distribution (and its stream), networks, optimiser,
         counters, adaptation; the random streams are applied when training resumes (``learn`` with
@@ -672,14 +694,11 @@ class SafeAlgorithmMixin(ABC):
                 if overrides:  # the archive's own arguments were valid when it was saved
                     raise LoadArgumentError(f"{type(self).__name__}.load: invalid arguments {overrides}: {error}") from error
                 raise
+            saved_costs = tensors["policy"].get("cost_value_net.weight")
+            if "cost_limit" in overrides and saved_costs is not None:  # before anything is built on the names' order
+                self._check_cost_critic_names(saved_costs.shape[0], decode_value(metadata["hyperparameters"]))
             self._setup_model()  # type: ignore[attr-defined]
             policy = self.policy  # type: ignore[attr-defined]
-            saved_costs = tensors["policy"].get("cost_value_net.weight")
-            if "cost_limit" in overrides and saved_costs is not None and saved_costs.shape[0] != len(self.constraints):
-                raise LoadArgumentError(
-                    f"{type(self).__name__}.load: cost_limit names {len(self.constraints)} costs, the saved model "
-                    f"{saved_costs.shape[0]} (its cost critic has one output per cost): give as many"
-                )
             source = f"{type(self).__name__}.load"
             check_finite_tensors(source, policy_values(policy, tensors["policy"]), "policy")
             check_finite_tensors(source, tensors["optimizer"].get("state", {}), "optimizer/state")

@@ -49,7 +49,7 @@ from sb3_metacpo.common.safe_algorithm import DEFAULT_COST_LIMIT, SafeAlgorithmM
 from sb3_metacpo.common.serialization import ArchiveError
 from sb3_metacpo.common.threads import with_limited_blas_threads
 from sb3_metacpo.tasks.base import Task, TaskDistribution, list_task_distributions, make_task_distribution
-from sb3_metacpo.tasks.monitor import episode_cost
+from sb3_metacpo.tasks.monitor import NO_EPISODE_COST, episode_cost
 from sb3_metacpo.tasks.task_env import REPLAY_OPTION, TaskEnv
 
 SelfCPO = TypeVar("SelfCPO", bound="CPO")
@@ -489,10 +489,7 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):  # type: igno
                 continue
             cost = episode_cost(info)
             if cost is None:
-                raise KeyError(
-                    "the env reports no episode cost: wrap each env in sb3_metacpo.tasks.monitor.CostMonitor "
-                    "(SB3's Monitor alone drops it), or build it with TaskDistribution.make_env"
-                )
+                raise KeyError(NO_EPISODE_COST)
             entry["c"] = cost
             entry["episode_costs"] = info.get("episode_costs", {"cost": cost})
         super()._update_info_buffer(infos, dones)

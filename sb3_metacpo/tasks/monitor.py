@@ -39,6 +39,14 @@ def cost_number(value: Any) -> float | None:
     return None
 
 
+#: The error of an episode end without an episode cost.
+NO_EPISODE_COST = (
+    "the env reports no episode cost: wrap each env in sb3_metacpo.tasks.monitor.CostMonitor (SB3's Monitor alone "
+    "drops it), or build it with TaskDistribution.make_env; a wrapper that ends episodes (e.g. gymnasium's TimeLimit) "
+    "goes inside the CostMonitor, which must see every episode end"
+)
+
+
 def episode_cost(info: Mapping[str, Any]) -> float | None:
     """The total cost of the episode that ended at this step (None when no :class:`CostMonitor` reported one).
 
@@ -84,6 +92,11 @@ class EpisodeCostRecorder(gym.Wrapper):
             if key != TOTAL_COST and not key.startswith(_COST_PREFIX):  # is_cost_key, inlined: every key of every step
                 continue
             value = cost_number(raw)
+            if value is None and key == TOTAL_COST:
+                raise TypeError(
+                    f"the env reported cost={raw!r} at step {self._steps} of the episode: info['cost'] must be a number "
+                    "(a Python or numpy number or bool) at every step"
+                )
             if value is not None:
                 if not math.isfinite(value):
                     raise ValueError(f"the env reported a non-finite {key} ({value}) at step {self._steps} of the episode")

@@ -580,7 +580,8 @@ class PointButtonHazard(TaskDistribution):
 
     @property
     def cost_names(self) -> tuple[str, ...]:  # type: ignore[override]
-        return ("cost", "cost_hazards", "cost_buttons", *(("cost_gremlins",) if self.n_gremlins else ()))
+        gremlins = ("cost_gremlins",) if self.n_gremlins else ()
+        return ("cost", "cost_hazards", "cost_buttons", *gremlins, "cost_sum")  # cost_sum: upstream's total again
 
     def get_params(self) -> dict[str, Any]:
         return _with_count(super().get_params(), "n_gremlins", self.n_gremlins)
@@ -637,7 +638,7 @@ class PointGoalHazard(TaskDistribution):
     @property
     def cost_names(self) -> tuple[str, ...]:  # type: ignore[override]
         vases = ("cost_vases_contact", "cost_vases_velocity") if self.n_vases else ()
-        return ("cost", "cost_hazards", *vases)
+        return ("cost", "cost_hazards", *vases, "cost_sum")  # cost_sum: upstream's total again
 
     def get_params(self) -> dict[str, Any]:
         return _with_count(super().get_params(), "n_vases", self.n_vases)
@@ -678,7 +679,7 @@ class CarCircle(TaskDistribution):
     }
     default_max_episode_steps = 500
     default_cost_limit = 25.0
-    cost_names: ClassVar[tuple[str, ...]] = ("cost", "cost_out_of_boundary")
+    cost_names: ClassVar[tuple[str, ...]] = ("cost", "cost_out_of_boundary", "cost_sum")  # cost_sum: the total again
 
     def _make_base_env(self, task: Task, render_mode: str | None = None) -> gym.Env:
         return _make_navigation_env("circle", "Car", task, self.max_episode_steps, render_mode)
