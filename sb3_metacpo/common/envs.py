@@ -311,8 +311,7 @@ def make_safe_vec_env(
     :param env: a gymnasium env (wrapped in a :class:`~sb3_metacpo.tasks.monitor.CostMonitor` unless it already is), a
         VecEnv of cost-monitored envs (returned as is), a gymnasium id (e.g. ``"SafetyPointGoal1Gymnasium-v0"``), a
         :class:`~sb3_metacpo.tasks.base.TaskDistribution` (every env trains on a new task drawn at each reset) or a
-        :class:`~sb3_metacpo.tasks.base.Task` of
-        ``distribution``
+        :class:`~sb3_metacpo.tasks.base.Task` of ``distribution``
     :param n_envs: number of envs for ids, distributions and tasks
     :param vec_env_cls: ``DummyVecEnv`` (default) or ``SubprocVecEnv``, for ids, distributions and tasks
     :param distribution: the family of a :class:`~sb3_metacpo.tasks.base.Task` ``env``

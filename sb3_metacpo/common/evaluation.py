@@ -141,11 +141,11 @@ def meta_evaluate(
     Works for every :class:`~sb3_metacpo.common.adaptation.Adaptable` algorithm (MetaCPO, MetaTRPO, CPO).
     Adaptation starts from the model's parameters on each task and never changes them, nor the model's adapted
     parameters and ``adaptation_history`` from an earlier :meth:`~sb3_metacpo.MetaCPO.adapt`; evaluation episodes are
-    separate from the
-    adaptation batches. ``tasks`` are tasks of the model's family. The stochastic policy is evaluated by default, as
-    its cost is what the CPO updates constrain. ``n_updates``, ``n_steps`` and ``target_kl`` (the adaptation
-    updates' trust region) are those of :meth:`~sb3_metacpo.common.adaptation.AdaptationMixin.adapt` (None: the
-    model's own): give every method of a comparison the same ones.
+    separate from the adaptation batches. ``tasks`` are tasks of the model's family. The stochastic policy is
+    evaluated by default, as its cost is what the CPO updates constrain. ``n_updates``, ``n_steps`` and
+    ``target_kl`` (the adaptation updates' trust region) are those of
+    :meth:`~sb3_metacpo.common.adaptation.AdaptationMixin.adapt` (None: the model's own): give every method of a
+    comparison the same ones.
 
     :param model: the algorithm to adapt and evaluate
     :param tasks: tasks of the model's family

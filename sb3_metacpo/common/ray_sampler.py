@@ -239,8 +239,8 @@ class CollectStats:
 
 class RaySampler(Sampler):
     """Rollouts of a policy on several tasks of one :class:`~sb3_metacpo.tasks.base.TaskDistribution`, by
-    ``num_workers`` Ray actors that
-    together run ``n_envs`` envs (worker ``w`` owns a contiguous block of ``n_envs // num_workers`` or one more).
+    ``num_workers`` Ray actors that together run ``n_envs`` envs (worker ``w`` owns a contiguous block of
+    ``n_envs // num_workers`` or one more).
 
     Collects give the same batches as :class:`~sb3_metacpo.common.rollouts.RolloutSampler` with the same
     ``n_envs`` and ``seed`` when the policy is a :class:`~sb3_metacpo.common.policies.NumpyActor` (the only policy

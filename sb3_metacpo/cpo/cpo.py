@@ -89,8 +89,7 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):  # type: igno
     ``env`` may be a single env (a gymnasium env, a VecEnv of :class:`~sb3_metacpo.tasks.monitor.CostMonitor`-
     wrapped envs, or an id such as ``"SafetyPointGoal1Gymnasium-v0"``) or a task distribution (a
     :class:`~sb3_metacpo.tasks.base.TaskDistribution` or a registered family name): then every env draws a new
-    training task at each
-    reset, which makes CPO the multi-task pretraining baseline of the Meta-CPO benchmark.
+    training task at each reset, which makes CPO the multi-task pretraining baseline of the Meta-CPO benchmark.
 
     :param policy: the policy class or alias (``"MlpPolicy"``: Gaussian actor, reward critic, cost critic)
     :param env: the env or task distribution to train on (see above)

@@ -348,10 +348,9 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):  # type: igno
 
     def set_env(self, env: TaskDistribution | str, force_reset: bool = True) -> None:  # type: ignore[override]
         """SB3's ``set_env`` for a meta-learner: train on ``env``, a :class:`~sb3_metacpo.tasks.base.TaskDistribution`
-        or a registered family
-        name, from now on (:meth:`set_task_distribution`; every collect starts fresh episodes, so ``force_reset``
-        changes nothing). A single env is refused: meta-training draws new tasks every iteration; adapt to one env
-        with :meth:`adapt`."""
+        or a registered family name, from now on (:meth:`set_task_distribution`; every collect starts fresh episodes,
+        so ``force_reset`` changes nothing). A single env is refused: meta-training draws new tasks every iteration;
+        adapt to one env with :meth:`adapt`."""
         if not isinstance(env, (TaskDistribution, str)):
             raise TypeError(
                 f"{type(self).__name__}.set_env takes a TaskDistribution or a registered family name (meta-training "
