@@ -384,19 +384,42 @@ def test_callbacks_see_the_episode_streams_of_the_step_and_a_stop_goes_on_as_loc
     assert th.equal(ray_params, local_params)
 
 
-def test_a_model_dropped_without_close_frees_its_workers_cpus_for_the_next_sampler():
+def test_a_model_dropped_without_close_frees_its_workers_cpus_for_the_next_sampler(monkeypatch):
     """A model that has trained is held in a reference cycle (its callbacks' locals): ``del model`` freed its workers'
-    CPUs only when the cycle collector ran, so the next sampler's workers waited for them (Ray audit)."""
+    CPUs only when the cycle collector ran, so the next sampler's workers waited for them (Ray audit).
+
+    Checked without timing: the collector is off from ``del`` on, and the model must be gone when the new sampler
+    first waits on Ray (Ray runs the collector itself once workers have waited for CPUs for some 15 s, which the
+    earlier form of this test told from the fix by a 15 s start warning that a loaded machine's slow worker start
+    also gave)."""
+    import gc
     import warnings
+    import weakref
 
     first = MetaCPO("MlpPolicy", toy(), sampler="ray", sampler_kwargs={"num_workers": 2}, **{**SMALL, "meta_batch_size": 2})
     first.learn(400)
-    del first
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        second = RaySampler(toy(), n_envs=2, num_workers=2)  # needs the 2 CPUs the first model's workers held
+    dropped = weakref.ref(first)
+    alive_at_first_wait: list[bool] = []
+    ray_get = ray.get
+
+    def get(*args: Any, **kwargs: Any) -> Any:
+        if not alive_at_first_wait:
+            alive_at_first_wait.append(dropped() is not None)
+        return ray_get(*args, **kwargs)
+
+    gc.disable()
+    try:
+        del first
+        assert dropped() is not None  # held in a cycle: without a collection its workers keep their CPUs
+        monkeypatch.setattr(ray, "get", get)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a slow start's warning on a loaded machine
+            second = RaySampler(toy(), n_envs=2, num_workers=2)  # needs the 2 CPUs the first model's workers held
+    finally:
+        gc.enable()
+        monkeypatch.undo()
+    assert alive_at_first_wait == [False]
     second.close()
-    assert not [w for w in caught if "has not started this sampler's" in str(w.message)]
 
 
 def test_after_ray_shutdown_learn_names_the_fix_and_close_starts_no_ray():
