@@ -420,6 +420,8 @@ def main() -> None:
     for key, value in FAMILY_DEFAULTS["Toy2DNav"].items():
         parser.add_argument(f"--{key.replace('_', '-')}", type=type(value))
     args = parser.parse_args()
+    if not isinstance(args.env_kwargs, dict) or "seed" in args.env_kwargs:
+        parser.error("--env-kwargs must be a JSON object of family options without 'seed' (the seeds are --seeds)")
     for key, value in FAMILY_DEFAULTS.get(args.family, FAMILY_DEFAULTS["Toy2DNav"]).items():
         if getattr(args, key) is None:
             setattr(args, key, value)

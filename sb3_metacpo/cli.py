@@ -309,12 +309,23 @@ class LoadedRun:
         self.seed = int(self.config.get("seed") or 0)
         self.model_path = model_path
         self.folder = config_folder
-        env_kwargs = (self.config.get("hyperparams") or {}).get("env_kwargs") or {}
-        self.distribution = (
-            make_task_distribution(self.family, seed=self.seed, **env_kwargs) if self.family is not None else None
-        )
+        self.distribution = self._distribution_of(family) if self.family is not None else None
         if family is not None and self.distribution is not None:
             self._check_family_fits(self.distribution)
+
+    def _distribution_of(self, family: str | None) -> TaskDistribution:
+        """The run's own task distribution (its config's ``env_kwargs``, or the parameters saved in the archive) when
+        ``family`` is the one it trained on or None: a ``--family`` naming it on a model file alone built the family's
+        defaults, whose held-out tasks can be the model's training tasks (tasks audit); another family: its defaults."""
+        assert self.family is not None
+        if family is None or family == self.config.get("family"):
+            env_kwargs = (self.config.get("hyperparams") or {}).get("env_kwargs") or {}
+            return make_task_distribution(self.family, seed=self.seed, **env_kwargs)
+        if not self.config:
+            saved = self._archive_metadata(self.model_path).get("task_distribution") or {}
+            if saved.get("name") == family and isinstance(saved.get("params"), dict):
+                return make_task_distribution(family, **saved["params"])
+        return make_task_distribution(self.family, seed=self.seed)
 
     def _archive_metadata(self, model_path: Path) -> dict[str, Any]:
         """The archive's metadata, read once (a usage error for a file that is not an archive)."""

@@ -481,6 +481,33 @@ def test_a_model_file_alone_is_evaluated_with_the_algorithm_of_its_archive(run_f
     assert "is not a zip archive of a saved model" in capsys.readouterr().err
 
 
+def test_family_named_on_a_model_file_alone_keeps_the_models_held_out_tasks(tmp_path):
+    """``--family Toy2DNav`` on a bare archive built the family's defaults: a model trained with test_seed 7 and 1-5
+    hazards was evaluated on 4-5-hazard "held-out" tasks, training tasks of that model (tasks audit). A config's
+    env_kwargs no longer go to another family either."""
+    from sb3_metacpo.cli import LoadedRun
+    from sb3_metacpo.tasks import make_task_distribution
+
+    dist = make_task_distribution(
+        "Toy2DNav", seed=3, test_seed=7, train_ranges={"n_hazards": (1, 5)}, test_ranges={"n_hazards": (6, 8)}
+    )
+    MetaCPO("MlpPolicy", dist, n_steps=100, meta_batch_size=2, policy_kwargs=dict(net_arch=[8])).save(tmp_path / "alone")
+    for family in (None, "Toy2DNav"):
+        run = LoadedRun(tmp_path / "alone.zip", family=family)
+        tasks = run.require_distribution("evaluate").test_tasks(3)
+        assert tasks == dist.test_tasks(3) and not any(dist.is_training_task(task) for task in tasks), family
+    run_folder = tmp_path / "run"
+    run_folder.mkdir()
+    (run_folder / "model.zip").write_bytes((tmp_path / "alone.zip").read_bytes())
+    (run_folder / "config.yml").write_text(
+        yaml.safe_dump({"algo": "MetaCPO", "family": "PointGoalHazard", "hyperparams": {"env_kwargs": {"n_vases": 1}}})
+    )
+    assert (
+        LoadedRun(run_folder, family="Toy2DNav").distribution.get_params()
+        == make_task_distribution("Toy2DNav", seed=0).get_params()
+    )  # PointGoalHazard's env_kwargs are not Toy2DNav's arguments
+
+
 def test_a_run_stopped_before_its_first_log_line_is_saved_without_curves(tmp_path, capsys):
     """A run interrupted in its first iteration has an empty progress.csv: the plot after saving raised a traceback."""
     from sb3_metacpo.cli import _plot_learning, _try_plot

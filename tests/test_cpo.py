@@ -15,6 +15,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
 
 from sb3_metacpo import CPO, make_task_distribution
 from sb3_metacpo.common.envs import ResampleTaskOnReset, make_safe_vec_env, vec_env_time_limit
+from sb3_metacpo.tasks.base import Task
 from sb3_metacpo.tasks.monitor import CostMonitor
 
 SMALL = dict(n_steps=200, seed=0, policy_kwargs=dict(net_arch=[16]))
@@ -108,6 +109,26 @@ def test_task_distribution_envs_draw_a_new_training_task_every_episode():
     again = ResampleTaskOnReset(dist)
     again.reset(seed=7)
     assert again.task == tasks[0]  # the task stream is seeded by the first reset's seed
+
+
+def test_multi_task_envs_of_neighbouring_seeds_draw_other_tasks():
+    """SB3 seeds env j of a run of seed s with s + j, and the task stream was seeded by that alone: env j + 1 of seed 0
+    trained on the tasks of env j of seed 1 (3 of 4 streams shared between seeds 0 and 1), and the distribution's
+    seed played no part (tasks audit)."""
+
+    def first_tasks(seed: int, distribution_seed: int) -> list[Task]:
+        dist = make_task_distribution("Toy2DNav", seed=distribution_seed, max_episode_steps=20)
+        vec_env = make_safe_vec_env(dist, n_envs=4)
+        vec_env.seed(seed)
+        vec_env.reset()
+        tasks = vec_env.get_attr("task")
+        vec_env.close()
+        return tasks
+
+    seed_0, seed_1 = first_tasks(0, 0), first_tasks(1, 1)
+    assert len({*seed_0, *seed_1}) == 8
+    assert not set(first_tasks(0, 5)) & set(seed_0)  # the distribution's seed counts
+    assert first_tasks(0, 0) == seed_0
 
 
 def test_save_load_and_fine_tune_on_a_held_out_task(tmp_path):

@@ -113,6 +113,19 @@ def test_no_training_seed_draws_a_held_out_sets_stream():
     assert other.sample(3) == make_task_distribution("Toy2DNav", seed=0).sample(3, np.random.default_rng(7))
 
 
+def test_an_entropy_numpy_pads_to_a_held_out_sets_stream_draws_a_stream_of_its_own():
+    """numpy seeds (a, b, 0) as (a, b): the guard compared tuples, so ``training_rng((test_seed, 1, 0))`` drew the
+    unseen tasks and ``training_rng((test_seed, 0))`` the test tasks (tasks audit)."""
+    dist = make_task_distribution("Toy2DNav", seed=0)
+    unseen = {task.layout_seed for task in dist.unseen_tasks(20)}
+    test = {task.layout_seed for task in dist.test_tasks(20)}
+    for entropy in [(dist.test_seed, 1, 0), (dist.test_seed, 1, 0, 0), (dist.test_seed, 0), (dist.test_seed, 0, 0)]:
+        drawn = {task.layout_seed for task in dist.sample(20, dist.training_rng(entropy))}
+        assert not drawn & (unseen | test), entropy
+    # streams the guard does not touch stay numpy's
+    assert dist.sample(3, dist.training_rng((5, 1))) == dist.sample(3, np.random.default_rng((5, 1)))
+
+
 @pytest.mark.parametrize("name", FAMILIES)
 def test_same_seed_same_first_observations(name):
     dist = short_dist(name)
@@ -259,6 +272,19 @@ def test_bad_overrides_are_rejected_clearly():
         make_task_distribution("Toy2DNav", max_episode_steps=0)
     with pytest.raises(ValueError, match="need finite low <= high"):
         ParamRange(2.0, 1.0)
+    # tasks audit: these gave an AttributeError, a bare float() error, one task and a refusal of a numpy number
+    with pytest.raises(TypeError, match="train_ranges must be a mapping of parameter names to ranges, got list"):
+        make_task_distribution("Toy2DNav", train_ranges=[("n_hazards", (1, 2))])
+    with pytest.raises(TypeError, match=r"a parameter range's bounds must be real numbers, got \('a', 0.6\)"):
+        make_task_distribution("Toy2DNav", train_ranges={"goal_distance": ("a", 0.6)})
+    with pytest.raises(TypeError, match="a ParamRange or a \\(low, high\\) pair, got 'ab'"):
+        make_task_distribution("Toy2DNav", train_ranges={"goal_distance": "ab"})
+    dist = make_task_distribution("Toy2DNav", speed_limit=np.float32(0.5))
+    assert dist.speed_limit == 0.5 and type(dist.speed_limit) is float
+    for bad in (True, 1.0, 0):
+        with pytest.raises(ValueError, match="n must be an integer >= 1"):
+            dist.sample(bad)  # type: ignore[arg-type]
+    assert len(dist.sample(np.int64(2))) == 2
 
 
 def test_overrides_change_sampled_tasks():

@@ -232,14 +232,20 @@ def vec_env_time_limit(vec_env: VecEnv) -> int | None:
 class ResampleTaskOnReset(gym.Wrapper):
     """A task env that switches to a freshly drawn training task of its distribution at every reset.
 
-    Task draws come from their own stream, seeded by the first ``reset(seed=...)`` (separately from the episode
-    seeds), so a seeded VecEnv sees the same task sequence on every run. ``reset(options={"episode_seed": s})``
-    replays episode ``s`` of the current task (no new task is drawn).
+    Task draws come from their own stream, seeded by a ``reset(seed=...)`` (separately from the episode seeds) together
+    with the distribution's ``seed`` and the env's ``index`` in its VecEnv, so a seeded VecEnv sees the same task
+    sequence on every run, and runs of other seeds other tasks: SB3 seeds env ``j`` of a run of seed ``s`` with
+    ``s + j``, which alone gave env ``j + 1`` of seed ``s`` the tasks of env ``j`` of seed ``s + 1``.
+    ``reset(options={"episode_seed": s})`` replays episode ``s`` of the current task (no new task is drawn).
+
+    :param distribution: the training tasks' family
+    :param index: the env's index in its VecEnv
     """
 
-    def __init__(self, distribution: TaskDistribution) -> None:
+    def __init__(self, distribution: TaskDistribution, index: int = 0) -> None:
         self._rng = np.random.default_rng()
         self.distribution = distribution
+        self.index = int(index)
         super().__init__(distribution.make_env(distribution.sample(1, self._rng)[0]))
         task_env = self.env
         while not isinstance(task_env, TaskEnv):
@@ -261,7 +267,8 @@ class ResampleTaskOnReset(gym.Wrapper):
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Any, dict]:
         if seed is not None:
-            self._rng = self.distribution.training_rng((seed, 1))
+            # the trailing 3 keeps the key from ending in zeros (numpy seeds (a, b, 0) as (a, b))
+            self._rng = self.distribution.training_rng((self.distribution.seed, seed, self.index, 3))
         if not (options and REPLAY_OPTION in options):
             self._task_env.set_task(self.distribution.sample(1, self._rng)[0])
         return self.env.reset(seed=seed, options=options)
@@ -270,13 +277,19 @@ class ResampleTaskOnReset(gym.Wrapper):
 class EnvFactory:
     """Picklable env constructor: an env id, a task, or (``task=None``) a distribution's resampling env."""
 
-    def __init__(self, env_id: str | None = None, distribution: TaskDistribution | None = None, task: Task | None = None):
-        self.env_id, self.distribution, self.task = env_id, distribution, task
+    def __init__(
+        self,
+        env_id: str | None = None,
+        distribution: TaskDistribution | None = None,
+        task: Task | None = None,
+        index: int = 0,
+    ):
+        self.env_id, self.distribution, self.task, self.index = env_id, distribution, task, index
 
     def __call__(self) -> gym.Env:
         if self.distribution is not None:
             if self.task is None:
-                return ResampleTaskOnReset(self.distribution)
+                return ResampleTaskOnReset(self.distribution, self.index)
             return self.distribution.make_env(self.task)
         assert self.env_id is not None
         if self.env_id.startswith("Safety"):
@@ -336,7 +349,8 @@ def make_safe_vec_env(
         raise ValueError(f"n_envs must be a positive integer, got {n_envs!r}")
     if isinstance(env, TaskDistribution):
         _ = env.spaces  # known before the factory is copied to workers: each then checks its tasks against them
-        factory = EnvFactory(distribution=env)
+        factories = [EnvFactory(distribution=env, index=index) for index in range(int(n_envs))]
+        return reporting_vec_env_cls(vec_env_cls)(factories)  # type: ignore[arg-type]
     elif isinstance(env, Task):
         if distribution is None:
             raise ValueError(

@@ -82,9 +82,21 @@ class ParamRange:
 def _as_range(value: ParamRange | Sequence[float], integer: bool) -> ParamRange:
     if isinstance(value, ParamRange):
         return value
-    if not (isinstance(value, Sequence) and len(value) == 2):
+    if not (isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2):
         raise TypeError(f"a parameter range must be a ParamRange or a (low, high) pair, got {value!r}")
+    if not all(isinstance(bound, numbers.Real) and not isinstance(bound, bool) for bound in value):
+        raise TypeError(f"a parameter range's bounds must be real numbers, got {value!r}")
     return ParamRange(float(value[0]), float(value[1]), integer)
+
+
+def _check_count(n: int) -> None:
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        raise ValueError(f"n must be an integer >= 1, got {n!r}")
+
+
+def _seed_pool(entropy: int | tuple[int, ...]) -> tuple[int, ...]:
+    """The state numpy seeds a generator from for ``entropy``: equal for entropies that seed the same stream."""
+    return tuple(int(word) for word in np.random.SeedSequence(entropy).pool)
 
 
 class TaskDistribution(ABC):
@@ -150,16 +162,20 @@ class TaskDistribution(ABC):
 
     def training_rng(self, entropy: int | tuple[int, ...]) -> np.random.Generator:
         """A stream of training tasks seeded with ``entropy`` (the distribution's ``seed``, or a resampling env's
-        ``(seed, 1)``): ``default_rng(entropy)``, unless that is a held-out set's stream (``test_seed`` draws the test
-        tasks, ``(test_seed, 1)`` the unseen ones; a training seed equal to ``test_seed`` made the training tasks those
-        sets' tasks, the same parameters where the ranges agree): then ``default_rng((*entropy, 2))``, a stream of its
-        own."""
-        key = tuple(int(value) for value in np.atleast_1d(entropy))
-        return np.random.default_rng((*key, 2) if key in {(self.test_seed,), (self.test_seed, 1)} else entropy)
+        ``(seed, reset seed, env index, 3)``): ``default_rng(entropy)``, unless that is a held-out set's stream
+        (``test_seed`` draws the test tasks, ``(test_seed, 1)`` the unseen ones; a training seed equal to
+        ``test_seed`` made the training tasks those sets' tasks, the same parameters where the ranges agree): then
+        ``default_rng((*entropy, 2))``, a stream of its own. Streams are compared by numpy's seed state, not by the
+        tuple: ``(test_seed, 1, 0)`` seeds the same stream as ``(test_seed, 1)``."""
+        if _seed_pool(entropy) in {_seed_pool(self.test_seed), _seed_pool((self.test_seed, 1))}:
+            return np.random.default_rng((*(int(value) for value in np.atleast_1d(entropy)), 2))
+        return np.random.default_rng(entropy)
 
     def _merge_ranges(
         self, defaults: Mapping[str, ParamRange], overrides: Mapping[str, Any] | None, what: str
     ) -> dict[str, ParamRange]:
+        if overrides is not None and not isinstance(overrides, Mapping):
+            raise TypeError(f"{what} must be a mapping of parameter names to ranges, got {type(overrides).__name__}")
         ranges = dict(defaults)
         for key, value in (overrides or {}).items():
             if key not in self.limits:
@@ -185,15 +201,13 @@ class TaskDistribution(ABC):
 
     def sample(self, n: int, rng: np.random.Generator | None = None) -> list[Task]:
         """Draw ``n`` training tasks; successive calls continue the seeded stream (or ``rng``'s, when given)."""
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
+        _check_count(n)
         rng = self._rng if rng is None else rng
         return [self._draw(rng, self.train_ranges) for _ in range(n)]
 
     def test_tasks(self, n: int = 5) -> list[Task]:
         """The first ``n`` tasks of the fixed held-out set (``test_tasks(3)`` is a prefix of ``test_tasks(5)``)."""
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
+        _check_count(n)
         rng = np.random.default_rng(self.test_seed)
         return [self._draw(rng, self.test_ranges) for _ in range(n)]
 
@@ -202,8 +216,7 @@ class TaskDistribution(ABC):
         ``(test_seed, 1)``, a stream no training stream draws, see :meth:`training_rng`): unseen tasks of the training
         distribution, the paper's setting, beside the harder :meth:`test_tasks`. Distinct from every training draw (continuous
         parameters and 31-bit layout seeds)."""
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
+        _check_count(n)
         rng = np.random.default_rng((self.test_seed, 1))
         return [self._draw(rng, self.train_ranges) for _ in range(n)]
 

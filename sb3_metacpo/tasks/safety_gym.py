@@ -603,7 +603,8 @@ class PointGoalHazardTask(Task):
 @register_task_distribution
 class PointGoalHazard(TaskDistribution):
     """Point-Goal-Hazard: reach the task's goal (reward: progress towards it, +1 on arrival, which ends the episode)
-    while avoiding its hazards (cost 1 per step inside one). Test tasks have more hazards in a larger arena.
+    while avoiding its hazards (cost 1 per step inside one). Test tasks have more hazards (disjoint counts) in an
+    arena at least as large (extents 1.75–2.0 against 1.25–1.75).
 
     Per-type costs in ``info``: ``cost_hazards`` (and the vases' below), besides their indicator ``cost_sum``.
 

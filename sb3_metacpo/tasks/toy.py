@@ -8,6 +8,7 @@ makes fast adaptation (and meta-learning) matter, as in MAML's 2-D navigation.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -193,7 +194,7 @@ class Toy2DNav(TaskDistribution):
             raise ValueError(f"observe_hazards must be True or False, got {observe_hazards!r}")
         self.observe_hazards = observe_hazards
         if speed_limit is not None and (
-            isinstance(speed_limit, bool) or not isinstance(speed_limit, (int, float)) or not 0 < speed_limit < math.sqrt(2)
+            isinstance(speed_limit, bool) or not isinstance(speed_limit, numbers.Real) or not 0 < speed_limit < math.sqrt(2)
         ):
             raise ValueError(f"speed_limit must be None or a number in (0, sqrt(2)), got {speed_limit!r}")
         self.speed_limit = None if speed_limit is None else float(speed_limit)
