@@ -39,7 +39,7 @@ from stable_baselines3.common.logger import configure
 from stable_baselines3.common.utils import get_device
 from tqdm.auto import tqdm
 
-from sb3_metacpo.common.serialization import POLICY_CONTENT, ArchiveError, decode_space, read_archive
+from sb3_metacpo.common.serialization import POLICY_CONTENT, ArchiveError, decode_space, decode_value, read_archive
 from sb3_metacpo.config import (
     ALGOS,
     ConfigError,
@@ -321,10 +321,15 @@ class LoadedRun:
         if family is None or family == self.config.get("family"):
             env_kwargs = (self.config.get("hyperparams") or {}).get("env_kwargs") or {}
             return make_task_distribution(self.family, seed=self.seed, **env_kwargs)
-        if not self.config:
+        if not self.config.get("family"):
             saved = self._archive_metadata(self.model_path).get("task_distribution") or {}
             if saved.get("name") == family and isinstance(saved.get("params"), dict):
-                return make_task_distribution(family, **saved["params"])
+                try:
+                    return make_task_distribution(family, **decode_value(saved["params"]))
+                except (TypeError, ValueError) as error:
+                    raise CLIError(
+                        f"{self.model_path}: its saved {family} task distribution does not load: {error}"
+                    ) from error
         return make_task_distribution(self.family, seed=self.seed)
 
     def _archive_metadata(self, model_path: Path) -> dict[str, Any]:

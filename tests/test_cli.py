@@ -506,6 +506,25 @@ def test_family_named_on_a_model_file_alone_keeps_the_models_held_out_tasks(tmp_
         LoadedRun(run_folder, family="Toy2DNav").distribution.get_params()
         == make_task_distribution("Toy2DNav", seed=0).get_params()
     )  # PointGoalHazard's env_kwargs are not Toy2DNav's arguments
+    (run_folder / "config.yml").write_text(yaml.safe_dump({"algo": "MetaCPO", "seed": 3}))  # a config without a family
+    assert LoadedRun(run_folder, family="Toy2DNav").distribution.test_tasks(3) == dist.test_tasks(3)
+    # saved arguments the family does not take: a usage error, not a traceback
+    import json
+    import zipfile
+
+    from sb3_metacpo.cli import CLIError
+    from sb3_metacpo.common.serialization import METADATA
+
+    with zipfile.ZipFile(tmp_path / "alone.zip") as archive:
+        members = {name: archive.read(name) for name in archive.namelist()}
+    metadata = json.loads(members[METADATA])
+    metadata["task_distribution"]["params"]["old_key"] = 1
+    members[METADATA] = json.dumps(metadata).encode()
+    with zipfile.ZipFile(tmp_path / "edited.zip", "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    with pytest.raises(CLIError, match="its saved Toy2DNav task distribution does not load: .*old_key"):
+        LoadedRun(tmp_path / "edited.zip", family="Toy2DNav")
 
 
 def test_a_run_stopped_before_its_first_log_line_is_saved_without_curves(tmp_path, capsys):

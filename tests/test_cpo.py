@@ -128,7 +128,11 @@ def test_multi_task_envs_of_neighbouring_seeds_draw_other_tasks():
     seed_0, seed_1 = first_tasks(0, 0), first_tasks(1, 1)
     assert len({*seed_0, *seed_1}) == 8
     assert not set(first_tasks(0, 5)) & set(seed_0)  # the distribution's seed counts
+    assert not set(first_tasks(0, 7)) & set(first_tasks(1, 7))  # and so does the env's index, at a fixed one
     assert first_tasks(0, 0) == seed_0
+    subprocess_envs = make_safe_vec_env(make_task_distribution("Toy2DNav", seed=0), n_envs=3, vec_env_cls=SubprocVecEnv)
+    assert subprocess_envs.get_attr("index") == [0, 1, 2]
+    subprocess_envs.close()
 
 
 def test_save_load_and_fine_tune_on_a_held_out_task(tmp_path):

@@ -281,8 +281,8 @@ def test_bad_overrides_are_rejected_clearly():
         make_task_distribution("Toy2DNav", train_ranges={"goal_distance": "ab"})
     dist = make_task_distribution("Toy2DNav", speed_limit=np.float32(0.5))
     assert dist.speed_limit == 0.5 and type(dist.speed_limit) is float
-    for bad in (True, 1.0, 0):
-        with pytest.raises(ValueError, match="n must be an integer >= 1"):
+    for bad, error in ((True, TypeError), (1.0, TypeError), (0, ValueError)):
+        with pytest.raises(error, match="n must be an integer >= 1"):
             dist.sample(bad)  # type: ignore[arg-type]
     assert len(dist.sample(np.int64(2))) == 2
 

@@ -239,7 +239,8 @@ class ResampleTaskOnReset(gym.Wrapper):
     ``reset(options={"episode_seed": s})`` replays episode ``s`` of the current task (no new task is drawn).
 
     :param distribution: the training tasks' family
-    :param index: the env's index in its VecEnv
+    :param index: the env's index in its VecEnv (:func:`make_safe_vec_env` numbers them; envs built by hand with the
+        default 0 share their streams across run seeds as before when their distribution's seed is fixed)
     """
 
     def __init__(self, distribution: TaskDistribution, index: int = 0) -> None:

@@ -90,7 +90,9 @@ def _as_range(value: ParamRange | Sequence[float], integer: bool) -> ParamRange:
 
 
 def _check_count(n: int) -> None:
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+        raise TypeError(f"n must be an integer >= 1, got {n!r}")
+    if n < 1:
         raise ValueError(f"n must be an integer >= 1, got {n!r}")
 
 
