@@ -523,7 +523,7 @@ def test_family_named_on_a_model_file_alone_keeps_the_models_held_out_tasks(tmp_
     with zipfile.ZipFile(tmp_path / "edited.zip", "w") as archive:
         for name, data in members.items():
             archive.writestr(name, data)
-    with pytest.raises(CLIError, match="its saved Toy2DNav task distribution does not load: .*old_key"):
+    with pytest.raises(CLIError, match=r"its saved Toy2DNav task distribution does not load: .*old_key"):
         LoadedRun(tmp_path / "edited.zip", family="Toy2DNav")
 
 
