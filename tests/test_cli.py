@@ -17,6 +17,7 @@ import gymnasium as gym
 import pytest
 import torch as th
 import yaml
+from archive_edits import rewrite_archive
 from bandits import Bandit
 
 from sb3_metacpo import CPO, MetaCPO
@@ -515,14 +516,9 @@ def test_family_named_on_a_model_file_alone_keeps_the_models_held_out_tasks(tmp_
     from sb3_metacpo.cli import CLIError
     from sb3_metacpo.common.serialization import METADATA
 
-    with zipfile.ZipFile(tmp_path / "alone.zip") as archive:
-        members = {name: archive.read(name) for name in archive.namelist()}
-    metadata = json.loads(members[METADATA])
+    metadata = json.loads(zipfile.ZipFile(tmp_path / "alone.zip").read(METADATA))
     metadata["task_distribution"]["params"]["old_key"] = 1
-    members[METADATA] = json.dumps(metadata).encode()
-    with zipfile.ZipFile(tmp_path / "edited.zip", "w") as archive:
-        for name, data in members.items():
-            archive.writestr(name, data)
+    rewrite_archive(tmp_path / "alone.zip", tmp_path / "edited.zip", {METADATA: json.dumps(metadata).encode()})
     with pytest.raises(CLIError, match=r"its saved Toy2DNav task distribution does not load: .*old_key"):
         LoadedRun(tmp_path / "edited.zip", family="Toy2DNav")
 

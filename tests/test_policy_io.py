@@ -15,6 +15,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch as th
+from archive_edits import rewrite_archive
 from stable_baselines3.common.policies import BaseModel
 from torch import nn
 
@@ -139,15 +140,6 @@ def test_sb3_pickled_policy_file_is_refused_with_the_way_out(model: MetaCPO, tmp
     )
 
 
-def _policy_archive_with(saved: Path, target: Path, replace: dict[str, bytes]) -> Path:
-    with zipfile.ZipFile(saved) as archive:
-        members = {name: archive.read(name) for name in archive.namelist()}
-    with zipfile.ZipFile(target, "w") as archive:
-        for name, data in {**members, **replace}.items():
-            archive.writestr(name, data)
-    return target
-
-
 @pytest.mark.parametrize(
     "kind",
     ["SB3-shaped torch pickle", "torch legacy pickle", "raw pickle", "pickle payload in the tensors", "bare payload"],
@@ -169,7 +161,7 @@ def test_a_crafted_pickle_is_refused_and_runs_nothing(kind: str, model: MetaCPO,
     else:
         buffer = io.BytesIO()
         th.save({"policy": Payload(marker), "actor_override": {}}, buffer)
-        _policy_archive_with(model.policy.save(tmp_path / "good.zip"), path, {TENSORS: buffer.getvalue()})
+        rewrite_archive(model.policy.save(tmp_path / "good.zip"), path, {TENSORS: buffer.getvalue()})
     with pytest.raises(ArchiveError):
         CPOPolicy.load(path)
     assert not marker.exists()
@@ -184,12 +176,12 @@ def test_other_files_are_refused_naming_the_problem(model: MetaCPO, tmp_path: Pa
         MetaCPO.load(policy_file)
     metadata = json.loads(zipfile.ZipFile(policy_file).read(METADATA))
     metadata["constructor_arguments"]["activation_fn"] = {"__class__": "subprocess.Popen"}
-    unregistered = _policy_archive_with(policy_file, tmp_path / "popen.zip", {METADATA: json.dumps(metadata).encode()})
+    unregistered = rewrite_archive(policy_file, tmp_path / "popen.zip", {METADATA: json.dumps(metadata).encode()})
     with pytest.raises(ArchiveError, match=r"'subprocess\.Popen', which is not in the registry"):
         CPOPolicy.load(unregistered)
     buffer = io.BytesIO()
     th.save({"policy": model.policy.state_dict(), "actor_override": {"log_std": th.zeros(5)}}, buffer)
-    mismatched = _policy_archive_with(policy_file, tmp_path / "override.zip", {TENSORS: buffer.getvalue()})
+    mismatched = rewrite_archive(policy_file, tmp_path / "override.zip", {TENSORS: buffer.getvalue()})
     with pytest.raises(ArchiveError, match="actor override has parameters"):
         CPOPolicy.load(mismatched)
 

@@ -16,6 +16,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch as th
+from archive_edits import rewrite_archive
 from stable_baselines3.common.base_class import BaseAlgorithm
 
 from sb3_metacpo import CPO, MetaCPO, MetaTRPO, make_task_distribution
@@ -49,28 +50,17 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
-def _rewrite(source: Path, target: Path, replace: dict[str, bytes], extra: dict[str, bytes] | None = None) -> Path:
-    with zipfile.ZipFile(source) as archive:
-        members = {name: archive.read(name) for name in archive.namelist()}
-    members.update(replace)
-    members.update(extra or {})
-    with zipfile.ZipFile(target, "w") as archive:
-        for name, data in members.items():
-            archive.writestr(name, data)
-    return target
-
-
 def _tampered(saved: Path, tmp_path: Path, kind: str, marker: Path) -> Path:
     target = tmp_path / f"{kind}.zip"
     if kind == "pickle payload in the tensors":
         buffer = io.BytesIO()
         th.save({"policy": Payload(marker)}, buffer)
-        return _rewrite(saved, target, {TENSORS: buffer.getvalue()})
+        return rewrite_archive(saved, target, {TENSORS: buffer.getvalue()})
     if kind == "raw pickle as the tensors":
-        return _rewrite(saved, target, {TENSORS: pickle.dumps(Payload(marker))})
+        return rewrite_archive(saved, target, {TENSORS: pickle.dumps(Payload(marker))})
     if kind == "SB3 cloudpickle 'data' member":
         data = {"policy_class": {":serialized:": pickle.dumps(Payload(marker)).hex()}}
-        return _rewrite(saved, target, {}, {"data": json.dumps(data).encode()})
+        return rewrite_archive(saved, target, {}, {"data": json.dumps(data).encode()})
     metadata = json.loads(zipfile.ZipFile(saved).read(METADATA))
     if kind == "unregistered policy class":
         metadata["policy_class"] = "os.system"
@@ -82,7 +72,7 @@ def _tampered(saved: Path, tmp_path: Path, kind: str, marker: Path) -> Path:
         metadata["hyperparameters"]["n_steps"] = -3
     elif kind == "other format version":
         metadata["format_version"] = 99
-    return _rewrite(saved, target, {METADATA: json.dumps(metadata).encode()})
+    return rewrite_archive(saved, target, {METADATA: json.dumps(metadata).encode()})
 
 
 TAMPERINGS = {
@@ -202,7 +192,7 @@ def test_ray_connection_settings_never_travel_in_an_archive(tmp_path: Path) -> N
     marker = tmp_path / "pwned"
     metadata = json.loads(zipfile.ZipFile(path).read(METADATA))
     metadata["hyperparameters"]["sampler_kwargs"]["ray_init_kwargs"] = {"runtime_env": {"py_executable": f"touch {marker}"}}
-    tampered = _rewrite(path, tmp_path / "tampered.zip", {METADATA: json.dumps(metadata).encode()})
+    tampered = rewrite_archive(path, tmp_path / "tampered.zip", {METADATA: json.dumps(metadata).encode()})
     with pytest.raises(ArchiveError, match=r"holds sampler_kwargs \['ray_init_kwargs'\], which archives never hold"):
         MetaCPO.load(tampered)
     assert not marker.exists()
@@ -210,7 +200,7 @@ def test_ray_connection_settings_never_travel_in_an_archive(tmp_path: Path) -> N
 
 def _with_metadata(saved: Path, target: Path, edit: Callable[[str], str]) -> Path:
     text = zipfile.ZipFile(saved).read(METADATA).decode()
-    return _rewrite(saved, target, {METADATA: edit(text).encode()})
+    return rewrite_archive(saved, target, {METADATA: edit(text).encode()})
 
 
 def _edited(key_path: tuple[str, ...], value: Any) -> Callable[[str], str]:

@@ -351,7 +351,6 @@ def make_safe_vec_env(
     if isinstance(env, TaskDistribution):
         _ = env.spaces  # known before the factory is copied to workers: each then checks its tasks against them
         factories = [EnvFactory(distribution=env, index=index) for index in range(int(n_envs))]
-        return reporting_vec_env_cls(vec_env_cls)(factories)  # type: ignore[arg-type]
     elif isinstance(env, Task):
         if distribution is None:
             raise ValueError(
@@ -360,12 +359,12 @@ def make_safe_vec_env(
             )
         distribution.validate_task(env)
         _ = distribution.spaces  # as above
-        factory = EnvFactory(distribution=distribution, task=env)
+        factories = [EnvFactory(distribution=distribution, task=env)] * int(n_envs)
     elif isinstance(env, str):
         check_gymnasium_api_id(env)
-        factory = EnvFactory(env_id=env)
+        factories = [EnvFactory(env_id=env)] * int(n_envs)
     else:
         raise TypeError(
             f"env must be a gymnasium env, a VecEnv, an env id, a TaskDistribution or a Task, got {type(env).__name__}"
         )
-    return reporting_vec_env_cls(vec_env_cls)([factory] * int(n_envs))  # type: ignore[arg-type]
+    return reporting_vec_env_cls(vec_env_cls)(factories)  # type: ignore[arg-type]
