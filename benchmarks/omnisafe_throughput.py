@@ -8,23 +8,32 @@ numpy, mujoco and safety-gymnasium, so both libraries run on the same stack):
     python benchmarks/omnisafe_throughput.py | tee benchmarks/results/omnisafe/throughput.txt
 
 Every row trains a fresh model with seed 0 for ``--updates`` updates of 20,000 env steps (OmniSafe's CPO default,
-and this library's setting for SafetyPointGoal1 in ``hyperparams/cpo.yml``) in its own process, and is timed in CPU
-seconds of that process around ``learn()`` alone (construction excluded), with torch and numpy's BLAS on one
-thread. The rows run in ``--rounds`` interleaved rounds; each ratio is the median of the per-round ratios (this
-machine is shared: its speed varies between runs, less within a round). The rows:
+and this library's setting for SafetyPointGoal1 in ``sb3_metacpo/hyperparams/cpo.yml``) in its own process, and is
+timed in CPU seconds of that process around ``learn()`` alone (construction excluded), with torch and numpy's BLAS
+on one thread. The rows run in ``--rounds`` interleaved rounds, in a rotated order from round to round; each ratio
+is the median of the per-round ratios (this machine is shared: its speed varies between runs, less within a
+round). The rows:
 
 * OmniSafe's CPO (``omnisafe.Agent("CPO", "SafetyPointGoal1-v0")``) on safety-gymnasium's own env;
-* our CPO on safety-gymnasium's own env (``FAST_STEP``/``FAST_RESET`` off): the algorithms' difference alone;
-* our CPO on the library's env (the same episodes, bit for bit): what a user of each library gets;
-* both envs with random actions (no learning): the floor each training run stands on.
+* our CPO on safety-gymnasium's own env (``FAST_STEP``/``FAST_RESET`` off);
+* our CPO on the library's env (the same episodes, bit for bit): with OmniSafe's row, what a user of each gets;
+* random actions (no learning) through each training stack's env: ours, stock and library, and OmniSafe's
+  (its adapter, with its wrappers: it resets the env twice at every episode end, since safety-gymnasium's
+  ``autoreset`` and OmniSafe's ``AutoReset`` wrapper both reset, and a stock reset recompiles the MuJoCo model).
 
-The settings that decide the work of an update are the same for both (:data:`SHARED`: batch, critic epochs and
-minibatch, conjugate-gradient iterations and damping, trust region, discounting, networks); each library keeps its
-own defaults elsewhere (OmniSafe normalises observations and standardises advantages, as ours does; OmniSafe
-discounts the cost with 0.99, ours not at all; learning-rate schedules and logging differ). What this does not
-show: which learns better (the same number of updates, not the same results), other envs or batch sizes, several
-threads or a GPU, or OmniSafe's own vectorised and parallel modes (``vector_env_nums``, ``parallel``), which trade
-more processes for wall time.
+The *settings* that decide an update's work are the same for both (:data:`SHARED`: batch, critic epochs and
+minibatch, conjugate-gradient iterations and damping, Fisher products on every sample, trust region, discounting,
+networks); the *implementations* differ, and each keeps its own defaults elsewhere. What a user of OmniSafe gets
+and ours does not (none of it can be switched off in OmniSafe's config): the double reset above; 33 Fisher-vector
+products per update through autograd's double backward (ours: 30, in closed form); a line search of up to 20
+tries (ours: up to 11); two critic Adam steps per minibatch with an L2 term and gradient clipping, over a
+``DataLoader`` that fetches samples one at a time (ours: one step for both critics, gradients written out); per
+step, the actor and both critics in torch, logger calls and a progress bar (ours: a numpy actor, critics batched
+after the rollout). OmniSafe also standardises the cost advantages (ours centre them) and discounts the cost with
+0.99 (ours not at all). So the rows compare the two libraries as a user gets them, not two implementations of one
+computation. What this does not show: which learns better (the same number of updates, not the same results),
+other envs or batch sizes, several threads or a GPU, or OmniSafe's vectorised and parallel modes
+(``vector_env_nums``, ``parallel``), which trade more processes for wall time.
 """
 
 from __future__ import annotations
@@ -59,6 +68,7 @@ SHARED: dict[str, tuple[str, str, Any]] = {
     "critic minibatch": ("batch_size", "algo_cfgs.batch_size", 128),
     "conjugate-gradient iterations": ("cg_max_steps", "algo_cfgs.cg_iters", 15),
     "conjugate-gradient damping": ("cg_damping", "algo_cfgs.cg_damping", 0.1),
+    "Fisher products on every n-th sample": ("fvp_sample_freq", "algo_cfgs.fvp_sample_freq", 1),
     "trust region (KL)": ("target_kl", "algo_cfgs.target_kl", 0.01),
     "discount": ("gamma", "algo_cfgs.gamma", 0.99),
     "GAE lambda": ("gae_lambda", "algo_cfgs.lam", 0.95),
@@ -70,9 +80,11 @@ HIDDEN = [64, 64]  # both libraries' actor and critics, tanh (ours: SB3's defaul
 OMNISAFE = "OmniSafe CPO, stock env"
 OURS_STOCK = "CPO (ours), stock env"
 OURS = "CPO (ours), library env"
-RAW_STOCK = "raw env, random actions, stock"
-RAW_OURS = "raw env, random actions, library"
-ROWS = (RAW_STOCK, RAW_OURS, OMNISAFE, OURS_STOCK, OURS)
+RAW_OMNISAFE = "random actions, OmniSafe's env stack"
+RAW_STOCK = "random actions, our stack, stock env"
+RAW_OURS = "random actions, our stack, library env"
+ROWS = (RAW_OMNISAFE, RAW_STOCK, RAW_OURS, OMNISAFE, OURS_STOCK, OURS)
+OMNISAFE_ROWS = (RAW_OMNISAFE, OMNISAFE)  # run by OmniSafe's python
 
 
 def cpo_kwargs() -> dict[str, Any]:
@@ -115,21 +127,34 @@ def _one_thread() -> Any:
     return threadpool_limits(1)
 
 
-def time_omnisafe(updates: int) -> float:
-    """Env steps per CPU second of OmniSafe's CPO ``learn()`` (run under OmniSafe's environment)."""
+def time_omnisafe(updates: int, learn: bool = True) -> float:
+    """Env steps per CPU second of OmniSafe's CPO ``learn()`` or (``learn=False``) of random actions through the env
+    its ``learn()`` steps (its on-policy adapter, wrappers and all); run under OmniSafe's environment."""
     import importlib
+
+    import numpy as np
+    import torch as th
 
     from sb3_metacpo.tasks import compat
 
     compat.apply()  # safety-gymnasium 1.0.0 on this stack, before OmniSafe imports it
     omnisafe = importlib.import_module("omnisafe")
 
+    steps = updates * STEPS_PER_UPDATE
     with tempfile.TemporaryDirectory() as log_dir, _one_thread():
         agent = omnisafe.Agent("CPO", OMNISAFE_ENV_ID, custom_cfgs=omnisafe_config(updates, log_dir))
+        if learn:
+            start = time.process_time()
+            agent.learn()
+            return steps / (time.process_time() - start)
+        env = agent.agent._env  # the OnPolicyAdapter that OmniSafe's rollout steps
+        rng = np.random.default_rng(0)
+        shape = (1, *env.action_space.shape)
+        env.reset()
         start = time.process_time()
-        agent.learn()
-        seconds = time.process_time() - start
-    return updates * STEPS_PER_UPDATE / seconds
+        for _ in range(steps):
+            env.step(th.as_tensor(rng.uniform(-1, 1, shape), dtype=th.float32))
+        return steps / (time.process_time() - start)
 
 
 @contextlib.contextmanager
@@ -182,13 +207,20 @@ def time_raw(updates: int, fast: bool, n_steps: int = STEPS_PER_UPDATE) -> float
 
 def run_row(row: str, updates: int) -> float:
     """One row, in this process."""
-    if row == OMNISAFE:
-        return time_omnisafe(updates)
+    if row in OMNISAFE_ROWS:
+        return time_omnisafe(updates, learn=row == OMNISAFE)
     if row in (OURS, OURS_STOCK):
         return time_ours(updates, fast=row == OURS)
     if row in (RAW_OURS, RAW_STOCK):
         return time_raw(updates, fast=row == RAW_OURS)
     raise ValueError(f"unknown row {row!r}; the rows are {ROWS}")
+
+
+def rotated(rows: tuple[str, ...], round_index: int) -> list[str]:
+    """The rows in the order round ``round_index`` runs them: each round starts one row later, so that no row always
+    runs first (or right after another) while the host's load drifts."""
+    shift = round_index % len(rows)
+    return list(rows[shift:] + rows[:shift])
 
 
 @dataclass(frozen=True)
@@ -223,12 +255,13 @@ def table(result: PeerThroughput, updates: int) -> list[str]:
     lines.append("")
     comparisons = (
         (OURS, OMNISAFE, "what a user gets: our CPO on our env / OmniSafe's CPO"),
-        (OURS_STOCK, OMNISAFE, "the algorithms alone: both CPOs on the stock env"),
-        (OURS, OURS_STOCK, "our env under our CPO: library env / stock env"),
-        (RAW_OURS, RAW_STOCK, "the envs alone: library env / stock env, random actions"),
-        (OMNISAFE, RAW_STOCK, "OmniSafe's CPO as a share of its env's speed"),
-        (OURS_STOCK, RAW_STOCK, "our CPO on the stock env, as a share of that env's speed"),
-        (OURS, RAW_OURS, "our CPO on our env, as a share of that env's speed"),
+        (OURS_STOCK, OMNISAFE, "both training stacks on the stock env: ours / OmniSafe's"),
+        (OURS, OURS_STOCK, "our CPO on the library env / on the stock env"),
+        (RAW_STOCK, RAW_OMNISAFE, "random actions: our stack / OmniSafe's, both stock env"),
+        (RAW_OURS, RAW_STOCK, "random actions: library env / stock env, our stack"),
+        (OMNISAFE, RAW_OMNISAFE, "OmniSafe's CPO / random actions through its env stack"),
+        (OURS_STOCK, RAW_STOCK, "our CPO / random actions, stock env"),
+        (OURS, RAW_OURS, "our CPO / random actions, library env"),
     )
     for row, baseline, label in comparisons:
         rounds = ", ".join(f"{value:.2f}" for value in result.round_ratios(row, baseline))
@@ -271,8 +304,10 @@ def main() -> None:
 
     def child(python: str, *arguments: str) -> Any:
         command = [python, str(Path(__file__).resolve()), *arguments]
-        out = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
-        return json.loads(out.strip().splitlines()[-1])
+        done = subprocess.run(command, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            sys.exit(f"{' '.join(command)} failed with exit code {done.returncode}:\n{done.stderr}")
+        return json.loads(done.stdout.strip().splitlines()[-1])
 
     print(f"# python benchmarks/omnisafe_throughput.py --updates {args.updates} --rounds {args.rounds}")
     print(f"{platform.machine()}, Python {platform.python_version()}")
@@ -281,8 +316,8 @@ def main() -> None:
     print("settings of both: " + "; ".join(f"{name} {value}" for name, (_, _, value) in SHARED.items()))
     rounds: dict[str, list[float]] = {row: [] for row in ROWS}
     for round_index in range(args.rounds):
-        for row in ROWS:
-            python = args.omnisafe_python if row == OMNISAFE else sys.executable
+        for row in rotated(ROWS, round_index):
+            python = args.omnisafe_python if row in OMNISAFE_ROWS else sys.executable
             rounds[row].append(float(child(python, "--child", row, "--updates", str(args.updates))))
             print(f"round {round_index}: {row}: {rounds[row][-1]:.0f} steps/s", flush=True)
     print()
