@@ -53,6 +53,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from throughput import random_action_speed
+
 ENV_ID = "SafetyPointGoal1Gymnasium-v0"  # the library's id
 OMNISAFE_ENV_ID = "SafetyPointGoal1-v0"  # OmniSafe's name for the same task (it builds safety_gymnasium.make of it)
 STEPS_PER_UPDATE = 20_000
@@ -132,7 +134,6 @@ def time_omnisafe(updates: int, learn: bool = True) -> float:
     its ``learn()`` steps (its on-policy adapter, wrappers and all); run under OmniSafe's environment."""
     import importlib
 
-    import numpy as np
     import torch as th
 
     from sb3_metacpo.tasks import compat
@@ -148,13 +149,8 @@ def time_omnisafe(updates: int, learn: bool = True) -> float:
             agent.learn()
             return steps / (time.process_time() - start)
         env = agent.agent._env  # the OnPolicyAdapter that OmniSafe's rollout steps
-        rng = np.random.default_rng(0)
-        shape = (1, *env.action_space.shape)
         env.reset()
-        start = time.process_time()
-        for _ in range(steps):
-            env.step(th.as_tensor(rng.uniform(-1, 1, shape), dtype=th.float32))
-        return steps / (time.process_time() - start)
+        return random_action_speed(lambda action: env.step(th.as_tensor(action)), env.action_space.shape, steps)
 
 
 @contextlib.contextmanager
@@ -185,24 +181,16 @@ def time_ours(updates: int, fast: bool, n_steps: int = STEPS_PER_UPDATE) -> floa
 
 def time_raw(updates: int, fast: bool, n_steps: int = STEPS_PER_UPDATE) -> float:
     """Env steps per CPU second of the env CPO builds (monitor and all) with uniform random actions."""
-    import numpy as np
-
     from sb3_metacpo import CPO
 
     with _env_kind(fast):
         env = CPO("MlpPolicy", ENV_ID, seed=0).env
     assert env is not None
     with _one_thread():
-        rng = np.random.default_rng(0)
         env.reset()
-        steps = updates * n_steps
-        shape = (1, *env.action_space.shape)
-        start = time.process_time()
-        for _ in range(steps):
-            env.step(rng.uniform(-1, 1, shape).astype(np.float32))
-        seconds = time.process_time() - start
+        speed = random_action_speed(env.step, env.action_space.shape, updates * n_steps)
         env.close()
-    return steps / seconds
+    return speed
 
 
 def run_row(row: str, updates: int) -> float:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -255,6 +256,18 @@ class StandardEnvThroughput:
         return ceiling(self.speeds[RAW_OURS], self.steps_per_update, self.cpo_products.replayed)
 
 
+def random_action_speed(step: Callable[[np.ndarray], Any], action_shape: tuple[int, ...], steps: int) -> float:
+    """Env steps per CPU second of ``steps`` calls of ``step`` (one env's step) with uniform random actions in
+    [-1, 1] of shape ``(1, *action_shape)``, float32, drawn from seed 0: a raw env's speed, with nothing of ours in
+    the loop but the draw."""
+    rng = np.random.default_rng(0)
+    shape = (1, *action_shape)
+    start = time.process_time()
+    for _ in range(steps):
+        step(rng.uniform(-1, 1, shape).astype(np.float32))
+    return steps / (time.process_time() - start)
+
+
 def measure_standard_env(env_id: str, iterations: int, rounds: int = 3) -> StandardEnvThroughput:
     """CPO and sb3-contrib TRPO on one standard id against the raw env, in one run and in CPU seconds of this
     process (this machine is shared; CPU time is what our code costs, whatever else runs), in ``rounds`` interleaved
@@ -268,15 +281,10 @@ def measure_standard_env(env_id: str, iterations: int, rounds: int = 3) -> Stand
         safety_gym.FAST_STEP = safety_gym.FAST_RESET = fast
         env = CPO("MlpPolicy", env_id, seed=0).env  # the env stack CPO builds (cost monitor and all)
         safety_gym.FAST_STEP = safety_gym.FAST_RESET = True
-        rng = np.random.default_rng(0)
         env.reset()
-        steps = 2048 * iterations
-        start = time.process_time()
-        for _ in range(steps):
-            env.step(rng.uniform(-1, 1, (1, *env.action_space.shape)).astype(np.float32))
-        seconds = time.process_time() - start
+        speed = random_action_speed(env.step, env.action_space.shape, 2048 * iterations)
         env.close()
-        return steps / seconds
+        return speed
 
     cpo_products: list[tuple[ProductTimes, int]] = []  # (matrix products per update, env steps per update)
 
