@@ -2,6 +2,8 @@
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
+# extra pip arguments for the torch install, e.g. TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+TORCH_PIP_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
@@ -11,8 +13,8 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 $(STAMP): setup.py constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	# torch first, from the constraint, so that nothing later resolves a CUDA build
-	$(BIN)/pip install torch==2.13.0
+	# torch first, from the constraint, so that nothing later resolves another build; TORCH_PIP_ARGS picks its index
+	$(BIN)/pip install torch==2.13.0 $(TORCH_PIP_ARGS)
 	$(BIN)/pip install -e ".[tests,plots,safety-gym,several-costs,tensorboard,benchmarks]"
 	$(BIN)/pip install --no-deps safety-gymnasium==1.0.0
 	touch $(STAMP)

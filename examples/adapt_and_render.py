@@ -3,7 +3,8 @@
     python examples/adapt_and_render.py --model runs/quickstart/metacpo_toy2dnav.zip
     python examples/adapt_and_render.py --timesteps 2000 --n-steps 100   # no model: trains a small one first
 
-Writes ``adapted.gif`` (the meta-policy and the adapted policy on the same start state) and ``adaptation.png`` (return
+Writes ``adapted.gif`` (the meta-policy and the adapted policy on the same start state, acting stochastically as in
+the evaluations) and ``adaptation.png`` (return
 and cost after each update) to ``--out`` (default ``runs/adapt_and_render``). Needs ``pip install sb3-metacpo[plots]``.
 Toy2DNav draws itself with numpy; the safety-gymnasium families render with headless MuJoCo (``MUJOCO_GL=egl``).
 """

@@ -95,6 +95,11 @@ def main() -> None:
     )
     best = os.path.join(args.out, "best", "best_model.zip")
     print(f"best model under the cost limit: {best if os.path.exists(best) else 'none yet (no evaluation under the limit)'}")
+    print(
+        f"('under the limit' here is from {args.eval_episodes} episodes per held-out task: a signal for choosing a "
+        "checkpoint, not a verdict; evaluate the chosen model on at least 50 episodes per task, as "
+        "examples/compare_methods.py does, before saying it is under the limit)"
+    )
     run_folder = model.logger.dir  # tb/MetaCPO_1: the resumed run writes into the same folder
     try:
         tags = scalar_tags(run_folder)

@@ -1,6 +1,6 @@
 """Meta-train MetaCPO on a task distribution, adapt to unseen tasks, and show what a user pays in cost.
 
-    python examples/demo.py                                  # Toy2DNav, a few minutes on 2 CPU cores
+    python examples/demo.py                                  # Toy2DNav, about a CPU-minute and a half
     python examples/demo.py --family Toy2DNav --timesteps 100000 --n-test 3
 
 For each unseen task (drawn from the training ranges, never trained on) the meta-trained policy adapts with the
@@ -29,7 +29,14 @@ from sb3_metacpo.tasks import list_task_distributions, make_task_distribution
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--family", default="Toy2DNav", choices=list_task_distributions())
+    parser.add_argument(
+        "--family",
+        default="Toy2DNav",
+        choices=list_task_distributions(),
+        help="the defaults suit Toy2DNav; the safety-gymnasium families need other batch sizes and budgets (those of "
+        "sb3_metacpo/hyperparams/metacpo.yml, which `python -m sb3_metacpo train` reads; 1M env steps behind the "
+        "published results)",
+    )
     parser.add_argument("--timesteps", type=int, default=300_000, help="meta-training env steps")
     parser.add_argument("--n-test", type=int, default=5, help="unseen tasks to adapt to")
     parser.add_argument("--n-updates", type=int, default=2, help="inner updates in meta-training = adaptation updates")

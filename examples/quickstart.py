@@ -55,7 +55,9 @@ def main() -> None:
         result = model.evaluate_params(task, params, n_episodes=args.eval_episodes, seed=1)
         print(f"after {k} update(s): return {result.ep_rew_mean:.1f}, cost {result.ep_cost_mean:.2f}")
 
-    # adapt() keeps the adapted parameters for predict(); reset_adaptation() goes back to the meta-policy.
+    # adapt() keeps the adapted parameters for predict(); reset_adaptation() goes back to the meta-policy. It draws
+    # new adaptation batches, so its policy is another draw than the one evaluated above (to act with that one, set
+    # model.adapted_params and model.policy.set_actor_override to its params, as examples/adapt_and_render.py does).
     model.adapt(task)
     env = task_dist.make_env(task)
     obs, _ = env.reset(seed=0)

@@ -53,7 +53,8 @@ from sb3_metacpo.cpo import CPO
 from sb3_metacpo.tasks.base import Task, TaskDistribution, list_task_distributions, make_task_distribution
 
 #: ``evaluate`` (and the GIFs) run held-out task i on episodes seeded from EVAL_SEED + i (as benchmarks/adaptation.py);
-#: ``adapt`` and ``benchmark`` evaluate with ``evaluate_params`` on each model's seeded adaptation stream.
+#: ``adapt`` and ``benchmark`` evaluate every stage on those episodes too (``evaluate_params`` with that seed), and
+#: draw the adaptation batches from each model's own seeded stream.
 EVAL_SEED = 10_000
 MODEL_FILE = "model.zip"
 META_ALGOS = ("MetaCPO", "MetaTRPO")

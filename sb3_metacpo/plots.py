@@ -369,7 +369,7 @@ def record_frames(
     every: int = 1,
     size: int = 128,
     label: str | None = None,
-    deterministic: bool = True,
+    deterministic: bool = False,
 ) -> list[np.ndarray]:
     """Frames of one episode of ``model`` (anything with SB3's ``predict``) on ``env``, resized and labelled.
 
@@ -380,7 +380,8 @@ def record_frames(
     :param every: keep every ``every``-th frame
     :param size: frame size in pixels (square)
     :param label: text drawn on a band at the top of each frame
-    :param deterministic: act with the policy's mean action
+    :param deterministic: act with the policy's mean action (default: the stochastic policy, whose cost CPO
+        constrains and the package evaluates, so that the GIF shows the behaviour the cost figures describe)
     """
     Image, ImageDraw = _imaging()
     if getattr(env, "render_mode", None) != "rgb_array":

@@ -115,6 +115,23 @@ def test_toy_gif_single_and_side_by_side(tmp_path):
         policy_gif(models["a"], distribution.make_env(task), tmp_path / "no.gif")
 
 
+def test_gifs_show_the_stochastic_policy_by_default():
+    """record_frames acted with the mean action by default, while every cost figure beside a GIF (the command line's,
+    adaptation.png) is the stochastic policy's."""
+    distribution = make_task_distribution("Toy2DNav", seed=0, max_episode_steps=20)
+    env = distribution.make_env(distribution.test_tasks(1)[0], render_mode="rgb_array")
+    asked = []
+
+    class Recorder(RandomPolicy):
+        def predict(self, observation, deterministic=False):
+            asked.append(deterministic)
+            return super().predict(observation, deterministic)
+
+    record_frames(Recorder(env.action_space), env, max_steps=3, size=32)
+    record_frames(Recorder(env.action_space), env, max_steps=2, size=32, deterministic=True)
+    assert asked == [False, False, False, True, True]
+
+
 def test_gifs_play_at_their_fps_and_side_by_side_panels_share_a_start(tmp_path):
     """imageio's mimsave took duration= in milliseconds, so 1/fps seconds became a delay of 0 ms; side_by_side_gif
     left the envs it made open, and with seed=None its panels started from different states."""

@@ -205,7 +205,10 @@ class SafeEvalCallback(EventCallback):
     :param n_updates: adaptation updates per task; None: MetaCPO's and MetaTRPO's own (``n_inner_updates``), none
         for CPO
     :param n_steps: env steps per adaptation update (None: the algorithm's)
-    :param n_eval_episodes: evaluation episodes per task (after adaptation; separate from the adaptation batches)
+    :param n_eval_episodes: evaluation episodes per task (after adaptation; separate from the adaptation batches).
+        The default, SB3's, makes a model-selection signal during training, not a verdict: "under the limit" from 5
+        episodes per task can be chance either way, so evaluate the selected model on at least 50 episodes per task
+        (:func:`~sb3_metacpo.common.evaluation.meta_evaluate`) before saying it is under the limit
     :param deterministic: evaluate the mean action (default: the stochastic policy, whose cost CPO constrains)
     :param cost_limit: a limit on the total cost (``info["cost"]``) an evaluation must not exceed, instead of the
         model's constraints (None: the model's, every constrained cost under its own limit)
