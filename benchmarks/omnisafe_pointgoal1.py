@@ -1,0 +1,167 @@
+"""OmniSafe 0.5.0's CPO on SafetyPointGoal1Gymnasium-v0, recorded as ``pointgoal1.py`` records our CPO.
+
+Run with OmniSafe's environment (``bash benchmarks/omnisafe_venv.sh`` makes it), one seed per process:
+
+    .venv-omnisafe/bin/python benchmarks/omnisafe_pointgoal1.py --seed 0 --out benchmarks/results/pointgoal1_seeds
+    python benchmarks/pointgoal1.py --summarise --last 100 --out benchmarks/results/pointgoal1_seeds   # the table
+
+OmniSafe's CPO trains with its own defaults (``omnisafe/configs/on-policy/CPO.yaml``: 20,000 env steps per update,
+observation normalisation, its critics' settings) on its own env stack over stock safety-gymnasium, for
+``--timesteps`` env steps, one torch thread; only the seed, the budget, the thread count and the logger's outputs are
+set here. Every finished training episode is recorded (return, length, cost) in a monitor file of the format
+``pointgoal1.py`` reads, ``OmniSafe-CPO_seed<S>_nsteps20000.monitor.csv``, so the summary's "last 100 training
+episodes" mean the same for both libraries. The final policy is then evaluated with ``cpo_eval.evaluate_final``, the
+function that evaluates ours: ``--eval-episodes`` episodes of the stochastic policy and of the mean action on a
+fresh env seeded ``10000 + seed`` (torch too), each observation normalised with the statistics OmniSafe's training
+ended with (frozen: OmniSafe's normaliser would go on updating them), the actions clipped to the action space as
+SB3's ``predict`` clips ours. The evaluation env is the library's navigation env, whose episodes are upstream's bit
+for bit (``tests/test_fast_step.py``).
+
+What the comparison is: each library's CPO as a user gets it, at the same budget, steps per update and cost limit,
+on the same task. What it is not: one algorithm in two implementations (the defaults differ: OmniSafe normalises
+observations, standardises both advantages and clips the critics' gradients, and ours uses the library's safeguards;
+``omnisafe_throughput.py``'s docstring lists the differences in an update's work).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ENV_ID = "SafetyPointGoal1Gymnasium-v0"  # the evaluation's (and our CPO's) id for the task
+OMNISAFE_ENV_ID = "SafetyPointGoal1-v0"  # OmniSafe's id for the same safety-gymnasium task
+NAME = "OmniSafe-CPO"  # the file prefix; ``VARIANT`` is the row label
+VARIANT = "OmniSafe CPO"
+STEPS_PER_UPDATE = 20_000  # OmniSafe's default steps_per_epoch, read back from its config below
+
+
+def omnisafe_config(seed: int, timesteps: int, log_dir: str) -> dict[str, Any]:
+    """OmniSafe's ``custom_cfgs``: its CPO defaults with this seed, budget, one thread and no checkpoints or
+    TensorBoard."""
+    return {
+        "seed": seed,
+        "train_cfgs": {"device": "cpu", "torch_threads": 1, "vector_env_nums": 1, "parallel": 1, "total_steps": timesteps},
+        "logger_cfgs": {"use_wandb": False, "use_tensorboard": False, "log_dir": log_dir, "save_model_freq": 10**9},
+    }
+
+
+class FrozenNormalisedPolicy:
+    """SB3's ``predict`` over OmniSafe's actor: observations normalised with fixed statistics (OmniSafe's
+    ``Normalizer`` with its clip, without its update), actions clipped to ``[low, high]``."""
+
+    def __init__(
+        self, actor: Any, mean: np.ndarray, std: np.ndarray, clip: np.ndarray, low: np.ndarray, high: np.ndarray
+    ) -> None:
+        self.actor, self.mean, self.std, self.clip, self.low, self.high = actor, mean, std, clip, low, high
+
+    def normalise(self, observation: np.ndarray) -> np.ndarray:
+        return np.clip((observation - self.mean) / self.std, -self.clip, self.clip)
+
+    def predict(
+        self, observation: np.ndarray, state: Any = None, episode_start: Any = None, deterministic: bool = False
+    ) -> tuple[np.ndarray, None]:
+        import torch as th
+
+        with th.no_grad():
+            obs = th.as_tensor(self.normalise(np.asarray(observation, dtype=np.float64)), dtype=th.float32)
+            action = self.actor.predict(obs, deterministic=deterministic).numpy()
+        return np.clip(action, self.low, self.high), None
+
+
+def normaliser_statistics(agent: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(mean, std, clip) of the observation normaliser OmniSafe's training ended with, or None without one."""
+    saved = agent.agent._env.save()
+    normaliser = saved.get("obs_normalizer")
+    if normaliser is None:
+        return None
+    return (
+        normaliser.mean.detach().cpu().numpy().astype(np.float64),
+        normaliser.std.detach().cpu().numpy().astype(np.float64),
+        normaliser._clip.detach().cpu().numpy().astype(np.float64),
+    )
+
+
+def train_and_evaluate(seed: int, timesteps: int, eval_episodes: int, out: Path) -> dict[str, Any]:
+    """Train OmniSafe's CPO, write its monitor file into ``out`` and return the result row of ``pointgoal1.py``."""
+    import torch as th
+    from cpo_eval import evaluate_final
+    from threadpoolctl import threadpool_limits
+
+    from sb3_metacpo.tasks import compat
+
+    compat.apply()  # safety-gymnasium 1.0.0 on this stack, before OmniSafe imports it
+    omnisafe = importlib.import_module("omnisafe")
+    adapter = importlib.import_module("omnisafe.adapter.onpolicy_adapter").OnPolicyAdapter
+    episodes: list[tuple[float, int, float, float]] = []
+    start = time.perf_counter()
+    original = adapter._log_metrics
+
+    def record(self: Any, logger: Any, idx: int) -> None:  # every finished training episode, then OmniSafe's own
+        seconds = round(time.perf_counter() - start, 6)
+        episodes.append((float(self._ep_ret[idx]), int(self._ep_len[idx]), seconds, float(self._ep_cost[idx])))
+        original(self, logger, idx)
+
+    adapter._log_metrics = record
+    th.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as log_dir, threadpool_limits(1):
+        agent = omnisafe.Agent("CPO", OMNISAFE_ENV_ID, custom_cfgs=omnisafe_config(seed, timesteps, log_dir))
+        steps_per_update = int(agent.cfgs.algo_cfgs.steps_per_epoch)
+        cost_limit = float(agent.cfgs.algo_cfgs.cost_limit)
+        cpu = time.process_time()
+        agent.learn()
+        seconds = time.process_time() - cpu
+        adapter._log_metrics = original
+        statistics = normaliser_statistics(agent)
+        actor = agent.agent._actor_critic.actor
+        space = agent.agent._env.action_space
+        mean, std, clip = statistics or (np.zeros(1), np.ones(1), np.array(np.inf))
+        policy = FrozenNormalisedPolicy(actor, mean, std, clip, np.asarray(space.low), np.asarray(space.high))
+        evaluation = evaluate_final(policy, ENV_ID, seed, eval_episodes)
+    name = f"{NAME}_seed{seed}_nsteps{steps_per_update}"
+    with open(out / f"{name}.monitor.csv", "w") as handle:
+        handle.write("#" + json.dumps({"t_start": time.time(), "env_id": ENV_ID, "library": "omnisafe"}) + "\n")
+        handle.write("r,l,t,c\n")
+        handle.writelines(f"{r:.6f},{length},{t},{c}\n" for r, length, t, c in episodes)
+    last = episodes[-100:]
+    return {
+        "file": name,
+        "algorithm": VARIANT,
+        "variant": VARIANT,
+        "seed": seed,
+        "n_steps": steps_per_update,
+        "timesteps": timesteps,
+        "episodes": len(episodes),
+        "return": float(np.mean([e[0] for e in last])),
+        "cost": float(np.mean([e[3] for e in last])),
+        "steps_per_s": timesteps / seconds,
+        "updates": timesteps // steps_per_update,
+        "cost_limit": cost_limit,
+        "obs_normalised": statistics is not None,
+        "versions": {"omnisafe": omnisafe.__version__, "torch": th.__version__, "numpy": np.__version__},
+        "evaluation": evaluation,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timesteps", type=int, default=1_000_000)
+    parser.add_argument("--eval-episodes", type=int, default=50, help="episodes of each final-policy evaluation")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/pointgoal1_seeds"))
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    row = train_and_evaluate(args.seed, args.timesteps, args.eval_episodes, args.out)
+    with open(args.out / f"{row.pop('file')}.json", "w") as handle:
+        json.dump(row, handle, indent=1)
+    print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
