@@ -17,10 +17,24 @@ ended with (frozen: OmniSafe's normaliser would go on updating them), the action
 SB3's ``predict`` clips ours. The evaluation env is the library's navigation env, whose episodes are upstream's bit
 for bit (``tests/test_fast_step.py``).
 
-What the comparison is: each library's CPO as a user gets it, at the same budget, steps per update and cost limit,
-on the same task. What it is not: one algorithm in two implementations (the defaults differ: OmniSafe normalises
-observations, standardises both advantages and clips the critics' gradients, and ours uses the library's safeguards;
-``omnisafe_throughput.py``'s docstring lists the differences in an update's work).
+What the comparison is: each library's CPO as a user gets it, at the same budget (1e6 env steps: 50 updates of
+20,000 for both), cost limit and task, with the same final-policy evaluation. What it is not: one algorithm in two
+implementations. The defaults differ (a review read both sources):
+
+* the constraint's value: OmniSafe's CPO takes the mean episode cost of its logger's last 50 episodes (about 2.5
+  rollouts, ``Metrics/EpCost``'s window), ours the episodes of the current rollout;
+* costs: OmniSafe discounts them with ``cost_gamma`` 0.99, ours does not (``cost_gamma=1``, the episode cost CPO
+  constrains); ours centres the cost advantages where OmniSafe standardises them (both standardise the reward's);
+* inputs and networks: OmniSafe normalises observations (running mean and std, clipped at 5), ours does not; our
+  cost critic sees the time in the episode; OmniSafe initialises with ``kaiming_uniform``, SB3 orthogonally;
+* critics: OmniSafe adds an L2 term (0.001) and clips their gradients (norm 40);
+* episode ends: safety-gymnasium's ``autoreset`` and OmniSafe's ``AutoReset`` both reset, so OmniSafe bootstraps a
+  truncated episode's value at a fresh start state;
+* the update's work (Fisher products, line search, critic minibatches): ``omnisafe_throughput.py``'s docstring.
+
+Ours runs with its defaults (``recovery="linearised"``, CPO's own rule, and ``cost_confidence=0``). The result file's
+``steps_per_s`` is per CPU second of this process (``pointgoal1.py``'s is per wall second): for speed, use
+``omnisafe_throughput.py``.
 """
 
 from __future__ import annotations
