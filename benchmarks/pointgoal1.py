@@ -41,6 +41,7 @@ import torch as th
 from adaptation import mean_and_interval
 from cpo_eval import evaluate_final
 from sb3_contrib import TRPO
+from scipy import stats
 from stable_baselines3.common.vec_env import DummyVecEnv
 
 from sb3_metacpo import CPO
@@ -209,28 +210,73 @@ def seed_table(out: Path, last: int, cost_limit: float) -> None:
     paired_table(runs, last)
 
 
+#: Rows trained by another library (``omnisafe_pointgoal1.py``): their seeds share no random stream with ours, so
+#: they are compared with CPO unpaired (Welch), not seed by seed.
+OTHER_LIBRARIES = ("OmniSafe CPO",)
+PARTS = (
+    lambda result: result["training"],
+    lambda result: result["evaluation"]["stochastic"],
+    lambda result: result["evaluation"]["mean_action"],
+)
+
+
+def welch_interval(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """Mean of ``a`` minus mean of ``b`` and the half-width of its 95 % Welch t-interval (unequal variances,
+    Welch-Satterthwaite degrees of freedom)."""
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    if va + vb == 0:  # no spread in either group: the difference is exact
+        return float(a.mean() - b.mean()), 0.0
+    dof = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    return float(a.mean() - b.mean()), float(stats.t.ppf(0.975, dof) * np.sqrt(va + vb))
+
+
 def paired_table(runs: dict[tuple[str, int], list[dict]], last: int) -> None:
     """Each configuration minus CPO with its defaults at the same steps per update, seed by seed (the seeds both
-    have): mean difference ± the 95 % t-interval over the seeds, of the last-``last`` means and of the final policy."""
-    parts = (
-        lambda result: result["training"],
-        lambda result: result["evaluation"]["stochastic"],
-        lambda result: result["evaluation"]["mean_action"],
-    )
+    have): mean difference ± the 95 % t-interval over the seeds, of the last-``last`` means and of the final policy.
+    Another library's rows are compared unpaired instead (:func:`unpaired_table`)."""
     lines = []
     for (name, n_steps), results in sorted(runs.items()):
         baseline = {r["seed"]: r for r in runs.get(("CPO", n_steps), [])}
         pairs = [(r, baseline[r["seed"]]) for r in results if r["seed"] in baseline]
-        if name == "CPO" or not pairs:
+        if name == "CPO" or name in OTHER_LIBRARIES or not pairs:
             continue
         cells = [
             mean_and_interval(np.array([part(r)[key] - part(b)[key] for r, b in pairs]), 2)
-            for part in parts
+            for part in PARTS
             for key in ("return", "cost")
         ]
         lines.append(f"| {name} | {n_steps} | {', '.join(str(r['seed']) for r, _ in pairs)} | {' | '.join(cells)} |")
     if lines:
         print("\nPaired by seed, minus CPO with its defaults at the same steps per update (± 95 % t-interval):\n")
+        print(
+            f"| run | steps/update | seeds | return, last {last} | cost, last {last} | return, final | cost, final "
+            "| return, final mean action | cost, final mean action |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|")
+        print("\n".join(lines))
+    unpaired_table(runs, last)
+
+
+def unpaired_table(runs: dict[tuple[str, int], list[dict]], last: int) -> None:
+    """Each other library's configuration minus our CPO with its defaults at the same steps per update, over all the
+    seeds of each: difference of the means ± the 95 % Welch t-interval."""
+    lines = []
+    for (name, n_steps), results in sorted(runs.items()):
+        ours = runs.get(("CPO", n_steps), [])
+        if name not in OTHER_LIBRARIES or len(results) < 2 or len(ours) < 2:
+            continue
+        cells = []
+        for part in PARTS:
+            for key in ("return", "cost"):
+                difference, half = welch_interval(
+                    np.array([part(r)[key] for r in results]), np.array([part(r)[key] for r in ours])
+                )
+                cells.append(f"{difference:.2f} ± {half:.2f}")
+        seeds = f"{len(results)} against {len(ours)}"
+        lines.append(f"| {name} | {n_steps} | {seeds} | {' | '.join(cells)} |")
+    if lines:
+        print("\nAnother library, minus our CPO with its defaults at the same steps per update, unpaired (± 95 % Welch")
+        print("t-interval; its seeds share no random stream with ours):\n")
         print(
             f"| run | steps/update | seeds | return, last {last} | cost, last {last} | return, final | cost, final "
             "| return, final mean action | cost, final mean action |"

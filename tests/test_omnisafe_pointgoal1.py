@@ -94,3 +94,39 @@ def test_pointgoal1_summarises_omnisafe_files_like_its_own(tmp_path, capsys) -> 
     cells = [cell.strip() for cell in lines[0].strip("|").split("|")]
     assert cells[:4] == [peer.VARIANT, "20000", "50", "0"]
     assert cells[5].startswith("99.50") and cells[7].startswith("30.00")
+
+
+def test_welch_interval_matches_scipys_unequal_variance_t_test() -> None:
+    from scipy import stats
+
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(30.0, 4.0, size=3), rng.normal(50.0, 12.0, size=5)
+    difference, half = pointgoal1.welch_interval(a, b)
+    interval = stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+    np.testing.assert_allclose([difference - half, difference + half], [interval.low, interval.high], rtol=1e-10)
+
+
+def _result(variant: str, seed: int, cost: float) -> dict:
+    return {
+        "variant": variant,
+        "seed": seed,
+        "n_steps": 20_000,
+        "updates": 50,
+        "training": {"return": 20.0, "cost": cost},
+        "evaluation": {key: {"return": 20.0, "cost": cost} for key in ("stochastic", "mean_action")},
+    }
+
+
+def test_another_librarys_rows_are_compared_unpaired_not_seed_by_seed(capsys) -> None:
+    ours, theirs = [52.0, 55.0, 56.0], [30.0, 35.0, 25.0]
+    runs = {
+        ("CPO", 20_000): [_result("CPO", s, c) for s, c in enumerate(ours)],
+        (peer.VARIANT, 20_000): [_result(peer.VARIANT, s, c) for s, c in enumerate(theirs)],
+    }
+    pointgoal1.paired_table(runs, 100)
+    out = capsys.readouterr().out
+    assert "Paired by seed" not in out and "unpaired" in out
+    row = next(line for line in out.splitlines() if line.startswith(f"| {peer.VARIANT} |"))
+    difference, half = pointgoal1.welch_interval(np.array(theirs), np.array(ours))
+    assert row.split("|")[5].strip() == f"{difference:.2f} ± {half:.2f}"  # the cost of the last 100 episodes
+    assert difference == np.mean(theirs) - np.mean(ours)
