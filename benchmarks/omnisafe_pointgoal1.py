@@ -56,9 +56,9 @@ VARIANT = "OmniSafe CPO"
 STEPS_PER_UPDATE = 20_000  # OmniSafe's default steps_per_epoch, read back from its config below
 
 
-def omnisafe_config(seed: int, timesteps: int, log_dir: str) -> dict[str, Any]:
+def run_config(seed: int, timesteps: int, log_dir: str) -> dict[str, Any]:
     """OmniSafe's ``custom_cfgs``: its CPO defaults with this seed, budget, one thread and no checkpoints or
-    TensorBoard."""
+    TensorBoard (``omnisafe_throughput.py`` adds its shared settings to it)."""
     return {
         "seed": seed,
         "train_cfgs": {"device": "cpu", "torch_threads": 1, "vector_env_nums": 1, "parallel": 1, "total_steps": timesteps},
@@ -125,7 +125,7 @@ def train_and_evaluate(seed: int, timesteps: int, eval_episodes: int, out: Path)
     adapter._log_metrics = record
     th.set_num_threads(1)
     with tempfile.TemporaryDirectory() as log_dir, threadpool_limits(1):
-        agent = omnisafe.Agent("CPO", OMNISAFE_ENV_ID, custom_cfgs=omnisafe_config(seed, timesteps, log_dir))
+        agent = omnisafe.Agent("CPO", OMNISAFE_ENV_ID, custom_cfgs=run_config(seed, timesteps, log_dir))
         steps_per_update = int(agent.cfgs.algo_cfgs.steps_per_epoch)
         cost_limit = float(agent.cfgs.algo_cfgs.cost_limit)
         cpu = time.process_time()

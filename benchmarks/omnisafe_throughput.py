@@ -53,6 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from omnisafe_pointgoal1 import run_config
 from throughput import random_action_speed
 
 ENV_ID = "SafetyPointGoal1Gymnasium-v0"  # the library's id
@@ -97,20 +98,10 @@ def cpo_kwargs() -> dict[str, Any]:
 def omnisafe_config(updates: int, log_dir: str) -> dict[str, Any]:
     """OmniSafe's ``custom_cfgs`` for the shared settings, ``updates`` updates, one thread, no checkpoints or
     TensorBoard."""
-    config: dict[str, Any] = {
-        "seed": 0,
-        "train_cfgs": {
-            "device": "cpu",
-            "torch_threads": 1,
-            "vector_env_nums": 1,
-            "parallel": 1,
-            "total_steps": updates * STEPS_PER_UPDATE,
-        },
-        "logger_cfgs": {"use_wandb": False, "use_tensorboard": False, "log_dir": log_dir, "save_model_freq": 10**9},
-        "model_cfgs": {
-            "actor": {"hidden_sizes": list(HIDDEN), "activation": "tanh"},
-            "critic": {"hidden_sizes": list(HIDDEN), "activation": "tanh"},
-        },
+    config = run_config(0, updates * STEPS_PER_UPDATE, log_dir)
+    config["model_cfgs"] = {
+        "actor": {"hidden_sizes": list(HIDDEN), "activation": "tanh"},
+        "critic": {"hidden_sizes": list(HIDDEN), "activation": "tanh"},
     }
     for _, path, value in SHARED.values():
         section, *keys = path.split(".")

@@ -40,6 +40,7 @@ import numpy as np
 import torch as th
 from adaptation import mean_and_interval
 from cpo_eval import evaluate_final
+from omnisafe_pointgoal1 import VARIANT as OMNISAFE_VARIANT
 from sb3_contrib import TRPO
 from scipy import stats
 from stable_baselines3.common.vec_env import DummyVecEnv
@@ -210,9 +211,18 @@ def seed_table(out: Path, last: int, cost_limit: float) -> None:
     paired_table(runs, last)
 
 
+def _difference_header(last: int) -> None:
+    """The header of the tables of differences against CPO."""
+    print(
+        f"| run | steps/update | seeds | return, last {last} | cost, last {last} | return, final | cost, final "
+        "| return, final mean action | cost, final mean action |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+
+
 #: Rows trained by another library (``omnisafe_pointgoal1.py``): their seeds share no random stream with ours, so
 #: they are compared with CPO unpaired (Welch), not seed by seed.
-OTHER_LIBRARIES = ("OmniSafe CPO",)
+OTHER_LIBRARIES = (OMNISAFE_VARIANT,)
 PARTS = (
     lambda result: result["training"],
     lambda result: result["evaluation"]["stochastic"],
@@ -248,11 +258,7 @@ def paired_table(runs: dict[tuple[str, int], list[dict]], last: int) -> None:
         lines.append(f"| {name} | {n_steps} | {', '.join(str(r['seed']) for r, _ in pairs)} | {' | '.join(cells)} |")
     if lines:
         print("\nPaired by seed, minus CPO with its defaults at the same steps per update (± 95 % t-interval):\n")
-        print(
-            f"| run | steps/update | seeds | return, last {last} | cost, last {last} | return, final | cost, final "
-            "| return, final mean action | cost, final mean action |"
-        )
-        print("|---|---|---|---|---|---|---|---|---|")
+        _difference_header(last)
         print("\n".join(lines))
     unpaired_table(runs, last)
 
@@ -277,11 +283,7 @@ def unpaired_table(runs: dict[tuple[str, int], list[dict]], last: int) -> None:
     if lines:
         print("\nAnother library, minus our CPO with its defaults at the same steps per update, unpaired (± 95 % Welch")
         print("t-interval; its seeds share no random stream with ours):\n")
-        print(
-            f"| run | steps/update | seeds | return, last {last} | cost, last {last} | return, final | cost, final "
-            "| return, final mean action | cost, final mean action |"
-        )
-        print("|---|---|---|---|---|---|---|---|---|")
+        _difference_header(last)
         print("\n".join(lines))
 
 

@@ -16,7 +16,7 @@ pointgoal1 = load_benchmark("pointgoal1")
 
 
 def test_the_config_sets_only_seed_budget_threads_and_logger() -> None:
-    config = peer.omnisafe_config(3, 1_000_000, "logs")
+    config = peer.run_config(3, 1_000_000, "logs")
     assert set(config) == {"seed", "train_cfgs", "logger_cfgs"}  # algo_cfgs, model_cfgs: OmniSafe's CPO defaults
     assert config["seed"] == 3
     assert config["train_cfgs"]["total_steps"] == 1_000_000 and config["train_cfgs"]["torch_threads"] == 1
