@@ -35,6 +35,23 @@ implementations. The defaults differ (a review read both sources):
 Ours runs with its defaults (``recovery="linearised"``, CPO's own rule, and ``cost_confidence=0``). The result file's
 ``steps_per_s`` is per CPU second of this process (``pointgoal1.py``'s is per wall second): for speed, use
 ``omnisafe_throughput.py``.
+
+The scale of the constraint. CPO linearises the episode cost: ``J_C(new) - limit ≈ c + bᵀx`` with ``c = J_C - limit``
+and ``b`` the gradient of the expected episode cost change, which is the episode length times the gradient of the
+per-step surrogate ``mean(ratio · A_C)``. OmniSafe 0.5.0 takes ``c`` in episode units (``Metrics/EpCost`` minus the
+limit) but ``b`` from the per-step surrogate (its cost advantages standardised too), so the half-space ``c + bᵀx <=
+0`` sits about an episode length (1000 steps here) too far away: the trust region meets its boundary only when the
+episode cost is within ``sqrt(2·target_kl·bᵀH⁻¹b)`` of the limit. Otherwise its step is a pure cost decrease whenever
+the cost is over the limit (its case 0, CPO's infeasible recovery) and a plain TRPO step whenever it is under (case
+3). Ours divides ``c`` by the mean episode length, as OmniSafe's predecessor Safe-Policy-Optimization does (``c /=
+EpLen``). ``--constraint per-step`` is the ablation: OmniSafe's CPO with its ``c`` divided by the mean episode length
+of the same window (``Metrics/EpLen``) in its case rule, its step and its line search, and nothing else changed (its
+standardised cost advantages still scale ``b`` by one over their standard deviation). Every run writes each update's
+``c``, ``bᵀH⁻¹b`` (OmniSafe's ``s``), ``B`` and case to ``<name>.updates.csv``; ``--cases`` prints how often each case
+was taken, and which case each update would have taken with the other scale:
+
+    .venv-omnisafe/bin/python benchmarks/omnisafe_pointgoal1.py --seed 0 --constraint per-step
+    python benchmarks/omnisafe_pointgoal1.py --cases --out benchmarks/results/pointgoal1_seeds
 """
 
 from __future__ import annotations
@@ -44,6 +61,8 @@ import importlib
 import json
 import tempfile
 import time
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +73,17 @@ OMNISAFE_ENV_ID = "SafetyPointGoal1-v0"  # OmniSafe's id for the same safety-gym
 NAME = "OmniSafe-CPO"  # the file prefix; ``VARIANT`` is the row label
 VARIANT = "OmniSafe CPO"
 STEPS_PER_UPDATE = 20_000  # OmniSafe's default steps_per_epoch, read back from its config below
+#: ``--constraint``: the scale of the constraint's value ``c`` -> (file prefix, row label); "episode" is OmniSafe's
+PER_STEP_VARIANT = "OmniSafe CPO (constraint per step)"
+CONSTRAINT_SCALES = {"episode": (NAME, VARIANT), "per-step": (f"{NAME}-constraint-per-step", PER_STEP_VARIANT)}
+UPDATE_COLUMNS = ("update", "ep_cost", "ep_len", "c", "bb", "q", "r", "s", "B", "case")
+CASE_NAMES = {
+    0: "0: infeasible, pure cost decrease",
+    1: "1: infeasible, boundary in the trust region (recovery by the dual)",
+    2: "2: feasible, boundary in the trust region (constrained step)",
+    3: "3: feasible, boundary outside (TRPO step)",
+    4: "4: feasible, no cost gradient (TRPO step)",
+}
 
 
 def run_config(seed: int, timesteps: int, log_dir: str) -> dict[str, Any]:
@@ -102,8 +132,64 @@ def normaliser_statistics(agent: Any) -> tuple[np.ndarray, np.ndarray, np.ndarra
     )
 
 
-def train_and_evaluate(seed: int, timesteps: int, eval_episodes: int, out: Path) -> dict[str, Any]:
-    """Train OmniSafe's CPO, write its monitor file into ``out`` and return the result row of ``pointgoal1.py``."""
+def cpo_case(c: float, s: float, target_kl: float, bb: float = 1.0) -> int:
+    """The case of a CPO step (Achiam et al. 2017, appendix), in OmniSafe's numbering, for the linearised constraint
+    ``c + bᵀx <= 0`` and the trust region ``½ xᵀHx <= target_kl``: ``s = bᵀH⁻¹b``, so ``c ± sqrt(2·target_kl·s)``
+    are the constraint's extremes over the trust region; ``bb = bᵀb`` (a vanishing gradient with ``c < 0`` is case
+    4). Whether ``x = 0`` is feasible (``c < 0``) and whether the boundary meets the trust region
+    (``c² <= 2·target_kl·s``) decide it."""
+    if bb <= 1e-6 and c < 0:
+        return 4
+    meets = c * c <= 2 * target_kl * s
+    if c < 0:
+        return 2 if meets else 3
+    return 1 if meets else 0
+
+
+def patch_cpo(cpo: Any, per_step: bool, updates: list[dict[str, float]]) -> Callable[[], None]:
+    """Wrap OmniSafe's CPO class ``cpo``: every update appends its ``UPDATE_COLUMNS`` to ``updates``; with
+    ``per_step``, its case rule, step and line search get ``c`` divided by the mean episode length of its logger's
+    window. Returns the function that restores the class."""
+    originals = {name: getattr(cpo, name) for name in ("_determine_case", "_step_direction", "_cpo_search_step")}
+
+    def window(self: Any, key: str) -> float:
+        return float(self._logger.get_stats(key)[0])
+
+    def scaled(self: Any, c: Any) -> Any:
+        return c / window(self, "Metrics/EpLen") if per_step else c
+
+    def determine_case(self: Any, **kwargs: Any) -> tuple[int, Any, Any]:
+        episode_c = kwargs["ep_costs"]
+        kwargs["ep_costs"] = scaled(self, episode_c)
+        case, A, B = originals["_determine_case"](self, **kwargs)
+        row = {"update": len(updates), "ep_cost": window(self, "Metrics/EpCost"), "ep_len": window(self, "Metrics/EpLen")}
+        row.update({key: float(kwargs[key]) for key in ("q", "r", "s")})
+        row.update(c=float(kwargs["ep_costs"]), bb=float(kwargs["b_grads"].dot(kwargs["b_grads"])), B=float(B), case=case)
+        updates.append(row)
+        return case, A, B
+
+    def step_direction(self: Any, **kwargs: Any) -> Any:
+        kwargs["ep_costs"] = scaled(self, kwargs["ep_costs"])
+        return originals["_step_direction"](self, **kwargs)
+
+    def search_step(self: Any, **kwargs: Any) -> Any:
+        kwargs["violation_c"] = scaled(self, kwargs["violation_c"])
+        return originals["_cpo_search_step"](self, **kwargs)
+
+    cpo._determine_case, cpo._step_direction, cpo._cpo_search_step = determine_case, step_direction, search_step
+
+    def restore() -> None:
+        for name, function in originals.items():
+            setattr(cpo, name, function)
+
+    return restore
+
+
+def train_and_evaluate(
+    seed: int, timesteps: int, eval_episodes: int, out: Path, constraint: str = "episode"
+) -> dict[str, Any]:
+    """Train OmniSafe's CPO (its constraint value scaled as ``constraint`` says: ``CONSTRAINT_SCALES``), write its
+    monitor and updates files into ``out`` and return the result row of ``pointgoal1.py``."""
     import torch as th
     from cpo_eval import evaluate_final
     from threadpoolctl import threadpool_limits
@@ -123,6 +209,10 @@ def train_and_evaluate(seed: int, timesteps: int, eval_episodes: int, out: Path)
         original(self, logger, idx)
 
     adapter._log_metrics = record
+    updates: list[dict[str, float]] = []
+    cpo = importlib.import_module("omnisafe.algorithms.on_policy.second_order.cpo").CPO
+    restore = patch_cpo(cpo, constraint == "per-step", updates)
+    prefix, variant = CONSTRAINT_SCALES[constraint]
     th.set_num_threads(1)
     with tempfile.TemporaryDirectory() as log_dir, threadpool_limits(1):
         agent = omnisafe.Agent("CPO", OMNISAFE_ENV_ID, custom_cfgs=run_config(seed, timesteps, log_dir))
@@ -132,22 +222,26 @@ def train_and_evaluate(seed: int, timesteps: int, eval_episodes: int, out: Path)
         agent.learn()
         seconds = time.process_time() - cpu
         adapter._log_metrics = original
+        restore()
+        target_kl = float(agent.cfgs.algo_cfgs.target_kl)
         statistics = normaliser_statistics(agent)
         actor = agent.agent._actor_critic.actor
         space = agent.agent._env.action_space
         mean, std, clip = statistics or (np.zeros(1), np.ones(1), np.array(np.inf))
         policy = FrozenNormalisedPolicy(actor, mean, std, clip, np.asarray(space.low), np.asarray(space.high))
         evaluation = evaluate_final(policy, ENV_ID, seed, eval_episodes)
-    name = f"{NAME}_seed{seed}_nsteps{steps_per_update}"
+    name = f"{prefix}_seed{seed}_nsteps{steps_per_update}"
     with open(out / f"{name}.monitor.csv", "w") as handle:
         handle.write("#" + json.dumps({"t_start": time.time(), "env_id": ENV_ID, "library": "omnisafe"}) + "\n")
         handle.write("r,l,t,c\n")
         handle.writelines(f"{r:.6f},{length},{t},{c}\n" for r, length, t, c in episodes)
+    write_updates(out / f"{name}.updates.csv", updates, constraint, cost_limit, target_kl)
     last = episodes[-100:]
     return {
         "file": name,
         "algorithm": VARIANT,
-        "variant": VARIANT,
+        "variant": variant,
+        "constraint": constraint,
         "seed": seed,
         "n_steps": steps_per_update,
         "timesteps": timesteps,
@@ -163,15 +257,75 @@ def train_and_evaluate(seed: int, timesteps: int, eval_episodes: int, out: Path)
     }
 
 
+def write_updates(path: Path, updates: list[dict[str, float]], constraint: str, cost_limit: float, target_kl: float) -> None:
+    """Each update's ``UPDATE_COLUMNS``, under a header line with the run's constraint scale, limit and target KL."""
+    with open(path, "w") as handle:
+        handle.write("#" + json.dumps({"constraint": constraint, "cost_limit": cost_limit, "target_kl": target_kl}) + "\n")
+        handle.write(",".join(UPDATE_COLUMNS) + "\n")
+        handle.writelines(",".join(repr(row[key]) for key in UPDATE_COLUMNS) + "\n" for row in updates)
+
+
+def read_updates(path: Path) -> tuple[dict[str, Any], list[dict[str, float]]]:
+    """The header and rows :func:`write_updates` wrote."""
+    with open(path) as handle:
+        header = json.loads(handle.readline()[1:])
+        columns = handle.readline().strip().split(",")
+        rows = [dict(zip(columns, map(float, line.split(",")), strict=True)) for line in handle if line.strip()]
+    return header, rows
+
+
+def other_scale_case(row: dict[str, float], constraint: str, cost_limit: float, target_kl: float) -> int:
+    """The case the update would have taken with the other constraint scale (same ``b``, ``H``, episode cost)."""
+    c = row["ep_cost"] - cost_limit
+    return cpo_case(c if constraint == "per-step" else c / row["ep_len"], row["s"], target_kl, row["bb"])
+
+
+def print_cases(out: Path) -> None:
+    """For each constraint scale with updates files in ``out``: how many updates took each case (all seeds), how many
+    of those with the episode cost over the limit, and the cases the same updates would have taken with the other
+    scale."""
+    for constraint, (prefix, variant) in CONSTRAINT_SCALES.items():
+        paths = sorted(out.glob(f"{prefix}_seed*_nsteps*.updates.csv"))
+        if not paths:
+            continue
+        taken: Counter[int] = Counter()
+        over: Counter[int] = Counter()
+        other: Counter[int] = Counter()
+        for path in paths:
+            header, rows = read_updates(path)
+            for row in rows:
+                case = int(row["case"])
+                taken[case] += 1
+                over[case] += row["ep_cost"] > header["cost_limit"]
+                other[other_scale_case(row, constraint, header["cost_limit"], header["target_kl"])] += 1
+        seeds = ", ".join(path.name.split("_seed")[1].split("_")[0] for path in paths)
+        other_name = "per step" if constraint == "episode" else "per episode"
+        print(f"\n{variant}, seeds {seeds}: {sum(taken.values())} updates\n")
+        print(f"| case | updates | with the episode cost over the limit | same updates, constraint {other_name} |")
+        print("|---|---|---|---|")
+        for case, name in CASE_NAMES.items():
+            print(f"| {name} | {taken[case]} | {over[case]} | {other[case]} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--constraint",
+        choices=sorted(CONSTRAINT_SCALES),
+        default="episode",
+        help="the scale of CPO's constraint value c: OmniSafe's (episode) or divided by the episode length (per-step)",
+    )
+    parser.add_argument("--cases", action="store_true", help="print the cases of the updates files in --out and stop")
     parser.add_argument("--timesteps", type=int, default=1_000_000)
     parser.add_argument("--eval-episodes", type=int, default=50, help="episodes of each final-policy evaluation")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/pointgoal1_seeds"))
     args = parser.parse_args()
+    if args.cases:
+        print_cases(args.out)
+        return
     args.out.mkdir(parents=True, exist_ok=True)
-    row = train_and_evaluate(args.seed, args.timesteps, args.eval_episodes, args.out)
+    row = train_and_evaluate(args.seed, args.timesteps, args.eval_episodes, args.out, args.constraint)
     with open(args.out / f"{row.pop('file')}.json", "w") as handle:
         json.dump(row, handle, indent=1)
     print(json.dumps(row), flush=True)
