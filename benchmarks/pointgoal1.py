@@ -40,6 +40,7 @@ import numpy as np
 import torch as th
 from adaptation import mean_and_interval
 from cpo_eval import evaluate_final
+from omnisafe_pointgoal1 import PER_STEP_VARIANT as OMNISAFE_PER_STEP_VARIANT
 from omnisafe_pointgoal1 import VARIANT as OMNISAFE_VARIANT
 from sb3_contrib import TRPO
 from scipy import stats
@@ -211,18 +212,22 @@ def seed_table(out: Path, last: int, cost_limit: float) -> None:
     paired_table(runs, last)
 
 
-def _difference_header(last: int) -> None:
-    """The header of the tables of differences against CPO."""
+def _difference_header(last: int, baseline_column: bool = False) -> None:
+    """The header of the tables of differences against a baseline (named in a column with ``baseline_column``)."""
+    minus = " minus |" if baseline_column else ""
     print(
-        f"| run | steps/update | seeds | return, last {last} | cost, last {last} | return, final | cost, final "
+        f"| run |{minus} steps/update | seeds | return, last {last} | cost, last {last} | return, final | cost, final "
         "| return, final mean action | cost, final mean action |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|" + ("---|" if baseline_column else ""))
 
 
 #: Rows trained by another library (``omnisafe_pointgoal1.py``): their seeds share no random stream with ours, so
 #: they are compared with CPO unpaired (Welch), not seed by seed.
-OTHER_LIBRARIES = (OMNISAFE_VARIANT,)
+OTHER_LIBRARIES = (OMNISAFE_VARIANT, OMNISAFE_PER_STEP_VARIANT)
+#: Another library's variants, compared seed by seed with that library's CPO with its defaults (same seeds, same
+#: library: the runs share their random streams until their updates differ).
+LIBRARY_BASELINES = {OMNISAFE_PER_STEP_VARIANT: OMNISAFE_VARIANT}
 PARTS = (
     lambda result: result["training"],
     lambda result: result["evaluation"]["stochastic"],
@@ -241,24 +246,30 @@ def welch_interval(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
 
 
 def paired_table(runs: dict[tuple[str, int], list[dict]], last: int) -> None:
-    """Each configuration minus CPO with its defaults at the same steps per update, seed by seed (the seeds both
-    have): mean difference ± the 95 % t-interval over the seeds, of the last-``last`` means and of the final policy.
-    Another library's rows are compared unpaired instead (:func:`unpaired_table`)."""
+    """Each configuration minus the same library's CPO with its defaults at the same steps per update (ours: "CPO";
+    another library's variant: :data:`LIBRARY_BASELINES`), seed by seed (the seeds both have): mean difference ± the
+    95 % t-interval over the seeds, of the last-``last`` means and of the final policy. Another library's rows are
+    also compared with ours unpaired (:func:`unpaired_table`)."""
     lines = []
     for (name, n_steps), results in sorted(runs.items()):
-        baseline = {r["seed"]: r for r in runs.get(("CPO", n_steps), [])}
+        minus = LIBRARY_BASELINES.get(name, None if name in OTHER_LIBRARIES else "CPO")
+        baseline = {r["seed"]: r for r in runs.get((minus, n_steps), [])} if minus else {}
         pairs = [(r, baseline[r["seed"]]) for r in results if r["seed"] in baseline]
-        if name == "CPO" or name in OTHER_LIBRARIES or not pairs:
+        if name == minus or not pairs:
             continue
         cells = [
             mean_and_interval(np.array([part(r)[key] - part(b)[key] for r, b in pairs]), 2)
             for part in PARTS
             for key in ("return", "cost")
         ]
-        lines.append(f"| {name} | {n_steps} | {', '.join(str(r['seed']) for r, _ in pairs)} | {' | '.join(cells)} |")
+        seeds = ", ".join(str(r["seed"]) for r, _ in pairs)
+        lines.append(f"| {name} | {minus} | {n_steps} | {seeds} | {' | '.join(cells)} |")
     if lines:
-        print("\nPaired by seed, minus CPO with its defaults at the same steps per update (± 95 % t-interval):\n")
-        _difference_header(last)
+        print(
+            "\nPaired by seed, minus the same library's CPO with its defaults at the same steps per update (± 95 % "
+            "t-interval):\n"
+        )
+        _difference_header(last, baseline_column=True)
         print("\n".join(lines))
     unpaired_table(runs, last)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch as th
 
 from tests.benchmark_modules import load_benchmark
@@ -130,3 +131,131 @@ def test_another_librarys_rows_are_compared_unpaired_not_seed_by_seed(capsys) ->
     difference, half = pointgoal1.welch_interval(np.array(theirs), np.array(ours))
     assert row.split("|")[5].strip() == f"{difference:.2f} ± {half:.2f}"  # the cost of the last 100 episodes
     assert difference == np.mean(theirs) - np.mean(ours)
+
+
+def test_the_cpo_case_follows_the_trust_region_geometry() -> None:
+    """Oracle: points sampled on the trust region's boundary ``½ xᵀHx = target_kl`` (where the linear constraint takes
+    its extremes over the region) say whether ``c + bᵀx <= 0`` holds at ``x = 0`` and whether its boundary crosses the
+    region; the case is read from that, not from ``s = bᵀH⁻¹b``."""
+    rng = np.random.default_rng(2)
+    target_kl, dim = 0.01, 4
+    root = rng.normal(size=(dim, dim))
+    hessian = root @ root.T + 0.5 * np.eye(dim)
+    b = rng.normal(size=dim)
+    s = float(b @ np.linalg.solve(hessian, b))
+    directions = rng.normal(size=(200_000, dim))
+    # x = sqrt(2·target_kl) · H^(-1/2) u for unit u: exactly the boundary of the trust region
+    values, vectors = np.linalg.eigh(hessian)
+    inverse_root = vectors @ np.diag(values**-0.5) @ vectors.T
+    boundary = np.sqrt(2 * target_kl) * (directions / np.linalg.norm(directions, axis=1, keepdims=True)) @ inverse_root
+    linear = boundary @ b
+    reach = np.sqrt(2 * target_kl * s)
+    seen = set()
+    for c in np.concatenate([np.linspace(-3, 3, 25) * reach, [-1000 * reach, 1000 * reach]]):
+        if abs(abs(c) - reach) < 0.05 * reach:  # too near the tangent for the sampled oracle
+            continue
+        crosses = (c + linear).min() <= 0 <= (c + linear).max()
+        expected = (2 if crosses else 3) if c < 0 else (1 if crosses else 0)
+        assert peer.cpo_case(float(c), s, target_kl, bb=float(b @ b)) == expected
+        seen.add(expected)
+    assert seen == {0, 1, 2, 3}
+    assert peer.cpo_case(-1.0, s, target_kl, bb=1e-7) == 4  # no cost gradient and feasible: TRPO's step
+    assert peer.cpo_case(1.0, s, target_kl, bb=1e-7) == 0  # no cost gradient and infeasible: still a recovery
+
+
+class FakeLogger:
+    def __init__(self, ep_cost: float, ep_len: float) -> None:
+        self.stats = {"Metrics/EpCost": (ep_cost,), "Metrics/EpLen": (ep_len,)}
+
+    def get_stats(self, key: str) -> tuple[float]:
+        return self.stats[key]
+
+
+class FakeCPO:
+    """OmniSafe's CPO's three methods that see the constraint value, called with keywords as its ``_update_actor``
+    calls them; each records what it was given."""
+
+    def __init__(self, ep_cost: float, ep_len: float) -> None:
+        self._logger = FakeLogger(ep_cost, ep_len)
+        self.given: dict[str, float] = {}
+
+    def _determine_case(self, b_grads: th.Tensor, ep_costs: float, q: th.Tensor, r: th.Tensor, s: th.Tensor) -> tuple:
+        self.given["case"] = ep_costs
+        return 1, th.tensor(0.5), th.tensor(-0.25)
+
+    def _step_direction(self, optim_case: int, ep_costs: float, **kwargs: object) -> str:
+        self.given["step"] = ep_costs
+        return "step"
+
+    def _cpo_search_step(self, step_direction: str, violation_c: float, **kwargs: object) -> str:
+        self.given["search"] = violation_c
+        return "searched"
+
+
+def _one_update(cpo: FakeCPO, c: float) -> None:
+    scalars = {key: th.tensor(value) for key, value in (("q", 2.0), ("r", 0.5), ("s", 0.3))}
+    assert cpo._determine_case(b_grads=th.tensor([3.0, 4.0]), ep_costs=c, **scalars)[0] == 1
+    assert cpo._step_direction(optim_case=1, ep_costs=c, A=0.5) == "step"
+    assert cpo._cpo_search_step(step_direction="step", violation_c=c, total_steps=20) == "searched"
+
+
+def test_the_per_step_ablation_divides_c_by_the_episode_length_everywhere_and_restores() -> None:
+    original = FakeCPO._determine_case, FakeCPO._step_direction, FakeCPO._cpo_search_step
+    for per_step, expected in ((False, 15.0), (True, 15.0 / 500)):
+        updates: list[dict] = []
+        restore = peer.patch_cpo(FakeCPO, per_step, updates)
+        cpo = FakeCPO(ep_cost=40.0, ep_len=500.0)
+        _one_update(cpo, 15.0)  # OmniSafe's c: the window's episode cost 40 minus the limit 25
+        restore()
+        assert cpo.given == {"case": expected, "step": expected, "search": expected}
+        assert updates == [
+            {"update": 0, "ep_cost": 40.0, "ep_len": 500.0, "q": 2.0, "r": 0.5, "s": pytest.approx(0.3), "c": expected}
+            | {"bb": 25.0, "B": -0.25, "case": 1}
+        ]
+    assert (FakeCPO._determine_case, FakeCPO._step_direction, FakeCPO._cpo_search_step) == original
+
+
+def test_the_updates_file_round_trips_and_the_cases_are_counted_under_both_scales(tmp_path, capsys) -> None:
+    target_kl, limit, s = 0.01, 25.0, 0.05  # the boundary meets the trust region when |c| <= sqrt(2·0.01·0.05) = 0.0316
+    rows = []
+    for update, ep_cost in enumerate((60.0, 40.0, 20.0, 10.0)):  # per step: c = 0.035, 0.015, -0.005, -0.015
+        c = (ep_cost - limit) / 1000
+        rows.append(dict(update=update, ep_cost=ep_cost, ep_len=1000.0, c=c, bb=1.0, q=1.0, r=0.1, s=s, B=0.0))
+        rows[-1]["case"] = peer.cpo_case(c, s, target_kl)
+    name = f"{peer.CONSTRAINT_SCALES['per-step'][0]}_seed3_nsteps20000.updates.csv"
+    peer.write_updates(tmp_path / name, rows, "per-step", limit, target_kl)
+    header, read = peer.read_updates(tmp_path / name)
+    assert header == {"constraint": "per-step", "cost_limit": limit, "target_kl": target_kl} and read == rows
+    assert [row["case"] for row in rows] == [0, 1, 2, 2]
+    peer.print_cases(tmp_path)
+    out = capsys.readouterr().out
+    assert f"{peer.PER_STEP_VARIANT}, seeds 3: 4 updates" in out
+
+    def cells(case: int) -> list[str]:
+        line = next(line for line in out.splitlines() if line.startswith(f"| {peer.CASE_NAMES[case]} |"))
+        return [cell.strip() for cell in line.strip("|").split("|")][1:]
+
+    # taken, taken with the cost over the limit, and per episode (c = 35, 15, -5, -15: never near 0.0316)
+    assert cells(0) == ["1", "1", "2"] and cells(1) == ["1", "1", "0"]
+    assert cells(2) == ["2", "0", "0"] and cells(3) == ["0", "0", "2"] and cells(4) == ["0", "0", "0"]
+
+
+def test_a_variant_of_another_library_is_paired_with_that_librarys_defaults(capsys) -> None:
+    defaults, per_step, ours = [30.0, 35.0, 25.0], [40.0, 38.0, 31.0], [52.0, 55.0, 56.0]
+    runs = {
+        ("CPO", 20_000): [_result("CPO", s, c) for s, c in enumerate(ours)],
+        (peer.VARIANT, 20_000): [_result(peer.VARIANT, s, c) for s, c in enumerate(defaults)],
+        (peer.PER_STEP_VARIANT, 20_000): [_result(peer.PER_STEP_VARIANT, s, c) for s, c in enumerate(per_step)],
+    }
+    pointgoal1.paired_table(runs, 100)
+    out = capsys.readouterr().out
+    paired, unpaired = out.split("unpaired")
+    row = next(line for line in paired.splitlines() if line.startswith(f"| {peer.PER_STEP_VARIANT} |"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert cells[1] == peer.VARIANT and cells[3] == "0, 1, 2"
+    differences = np.array(per_step) - np.array(defaults)
+    assert cells[5] == pointgoal1.mean_and_interval(differences, 2)  # the cost of the last 100 episodes
+    starts = {line.split("|")[1].strip() for line in paired.splitlines() if line.startswith("| ")}
+    assert peer.VARIANT not in starts  # OmniSafe's defaults against ours: unpaired only
+    starts = {line.split("|")[1].strip() for line in unpaired.splitlines() if line.startswith("| ")}
+    assert {peer.VARIANT, peer.PER_STEP_VARIANT} <= starts
