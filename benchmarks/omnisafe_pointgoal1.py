@@ -23,8 +23,9 @@ implementations. The defaults differ (a review read both sources):
 
 * the constraint's value: OmniSafe's CPO takes the mean episode cost of its logger's last 50 episodes (about 2.5
   rollouts, ``Metrics/EpCost``'s window), ours the episodes of the current rollout;
-* costs: OmniSafe discounts them with ``cost_gamma`` 0.99, ours does not (``cost_gamma=1``, the episode cost CPO
-  constrains); ours centres the cost advantages where OmniSafe standardises them (both standardise the reward's);
+* costs: OmniSafe discounts them with its ``gamma`` 0.99 (its buffer does not read ``cost_gamma``), ours does not
+  (``cost_gamma=1``, the episode cost CPO constrains); both centre the cost advantages (OmniSafe's
+  ``standardized_cost_adv`` only subtracts their mean) and standardise the reward's;
 * inputs and networks: OmniSafe normalises observations (running mean and std, clipped at 5), ours does not; our
   cost critic sees the time in the episode; OmniSafe initialises with ``kaiming_uniform``, SB3 orthogonally;
 * critics: OmniSafe adds an L2 term (0.001) and clips their gradients (norm 40);
@@ -39,16 +40,24 @@ Ours runs with its defaults (``recovery="linearised"``, CPO's own rule, and ``co
 The scale of the constraint. CPO linearises the episode cost: ``J_C(new) - limit ≈ c + bᵀx`` with ``c = J_C - limit``
 and ``b`` the gradient of the expected episode cost change, which is the episode length times the gradient of the
 per-step surrogate ``mean(ratio · A_C)``. OmniSafe 0.5.0 takes ``c`` in episode units (``Metrics/EpCost`` minus the
-limit) but ``b`` from the per-step surrogate (its cost advantages standardised too), so the half-space ``c + bᵀx <=
-0`` sits about an episode length (1000 steps here) too far away: the trust region meets its boundary only when the
-episode cost is within ``sqrt(2·target_kl·bᵀH⁻¹b)`` of the limit. Otherwise its step is a pure cost decrease whenever
-the cost is over the limit (its case 0, CPO's infeasible recovery) and a plain TRPO step whenever it is under (case
-3). Ours divides ``c`` by the mean episode length, as OmniSafe's predecessor Safe-Policy-Optimization does (``c /=
-EpLen``). ``--constraint per-step`` is the ablation: OmniSafe's CPO with its ``c`` divided by the mean episode length
-of the same window (``Metrics/EpLen``) in its case rule, its step and its line search, and nothing else changed (its
-standardised cost advantages still scale ``b`` by one over their standard deviation). Every run writes each update's
-``c``, ``bᵀH⁻¹b`` (OmniSafe's ``s``), ``B`` and case to ``<name>.updates.csv``; ``--cases`` prints how often each case
-was taken, and which case each update would have taken with the other scale:
+limit) but ``b`` from the per-step surrogate, so the half-space ``c + bᵀx <= 0`` sits about an episode length (1000
+steps here) too far away: the trust region meets its boundary only when the episode cost is within
+``sqrt(2·target_kl·bᵀH⁻¹b)`` of the limit (0.03-0.05 here). Otherwise its step is a pure cost decrease whenever the
+cost is over the limit (its case 0, CPO's infeasible recovery) and a plain TRPO step whenever it is under (case 3).
+Ours divides ``c`` by the mean episode length, as the first version of OmniSafe's predecessor Safe-Policy-Optimization
+did (``safepo/algos/cpo.py``: ``c /= EpLen``; its rewrite does not). ``--constraint per-step`` is the ablation:
+OmniSafe's CPO with its ``c`` divided by the mean episode length of the same window (``Metrics/EpLen``, always 1000
+here) in its case rule, its step and its line search, and nothing else changed (the remaining difference in ``b``'s
+scale is the discount, γ = 0.99 and GAE λ = 0.95, against our undiscounted costs). The ablation brings OmniSafe's
+cases 1 and 2 into play, which its episode scale almost never reaches, and a review (helper) found their step wrong in
+OmniSafe 0.5.0: ``_step_direction`` uses the formulas for the loss's gradient (``ν = (λc - r)/s``, the bounds ``r/c``)
+with ``r = gᵀH⁻¹b`` from the objective's gradient, and its projection ``torch.clamp(λ, lo, hi)`` returns ``hi`` when
+``lo > hi``, so λ can be negative; checked against SLSQP on random problems, its case-1 steps break the linearised
+constraint and its case-2 steps leave the trust region, while both fixes together give the optimum. Its line search
+then rejects many of those steps (no update): the per-step runs measure the corrected scale with that dual, not a
+corrected OmniSafe. Every run writes each update's ``c``, ``bᵀH⁻¹b`` (OmniSafe's ``s``), ``B`` and case to
+``<name>.updates.csv``; ``--cases`` prints how often each case was taken, and which case each update would have taken
+with the other scale:
 
     .venv-omnisafe/bin/python benchmarks/omnisafe_pointgoal1.py --seed 0 --constraint per-step
     python benchmarks/omnisafe_pointgoal1.py --cases --out benchmarks/results/pointgoal1_seeds
@@ -140,7 +149,7 @@ def cpo_case(c: float, s: float, target_kl: float, bb: float = 1.0) -> int:
     (``c² <= 2·target_kl·s``) decide it."""
     if bb <= 1e-6 and c < 0:
         return 4
-    meets = c * c <= 2 * target_kl * s
+    meets = 2 * target_kl - c * c / (s + 1e-8) >= 0  # OmniSafe's B >= 0, its 1e-8 included
     if c < 0:
         return 2 if meets else 3
     return 1 if meets else 0
@@ -282,7 +291,7 @@ def other_scale_case(row: dict[str, float], constraint: str, cost_limit: float, 
 
 def print_cases(out: Path) -> None:
     """For each constraint scale with updates files in ``out``: how many updates took each case (all seeds), how many
-    of those with the episode cost over the limit, and the cases the same updates would have taken with the other
+    of those with the episode cost at or over the limit, and the cases the same updates would have taken with the other
     scale."""
     for constraint, (prefix, variant) in CONSTRAINT_SCALES.items():
         paths = sorted(out.glob(f"{prefix}_seed*_nsteps*.updates.csv"))
@@ -291,17 +300,20 @@ def print_cases(out: Path) -> None:
         taken: Counter[int] = Counter()
         over: Counter[int] = Counter()
         other: Counter[int] = Counter()
+        agree = 0  # updates whose recorded case OmniSafe's own rule gave and cpo_case gives again
         for path in paths:
             header, rows = read_updates(path)
             for row in rows:
                 case = int(row["case"])
                 taken[case] += 1
-                over[case] += row["ep_cost"] > header["cost_limit"]
+                over[case] += row["ep_cost"] >= header["cost_limit"]  # c = 0 counts as infeasible, as in the case rule
                 other[other_scale_case(row, constraint, header["cost_limit"], header["target_kl"])] += 1
+                agree += cpo_case(row["c"], row["s"], header["target_kl"], row["bb"]) == case
         seeds = ", ".join(path.name.split("_seed")[1].split("_")[0] for path in paths)
         other_name = "per step" if constraint == "episode" else "per episode"
-        print(f"\n{variant}, seeds {seeds}: {sum(taken.values())} updates\n")
-        print(f"| case | updates | with the episode cost over the limit | same updates, constraint {other_name} |")
+        total = sum(taken.values())
+        print(f"\n{variant}, seeds {seeds}: {total} updates (cpo_case gives OmniSafe's recorded case in {agree})\n")
+        print(f"| case | updates | with the episode cost at or over the limit | same updates, constraint {other_name} |")
         print("|---|---|---|---|")
         for case, name in CASE_NAMES.items():
             print(f"| {name} | {taken[case]} | {over[case]} | {other[case]} |")

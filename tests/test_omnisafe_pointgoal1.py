@@ -229,7 +229,7 @@ def test_the_updates_file_round_trips_and_the_cases_are_counted_under_both_scale
     assert [row["case"] for row in rows] == [0, 1, 2, 2]
     peer.print_cases(tmp_path)
     out = capsys.readouterr().out
-    assert f"{peer.PER_STEP_VARIANT}, seeds 3: 4 updates" in out
+    assert f"{peer.PER_STEP_VARIANT}, seeds 3: 4 updates (cpo_case gives OmniSafe's recorded case in 4)" in out
 
     def cells(case: int) -> list[str]:
         line = next(line for line in out.splitlines() if line.startswith(f"| {peer.CASE_NAMES[case]} |"))
