@@ -21,19 +21,19 @@ round). The rows:
   (its adapter, with its wrappers: it resets the env twice at every episode end, since safety-gymnasium's
   ``autoreset`` and OmniSafe's ``AutoReset`` wrapper both reset, and a stock reset recompiles the MuJoCo model).
 
-The *settings* that decide an update's work are the same for both (:data:`SHARED`: batch, critic epochs and
-minibatch, conjugate-gradient iterations and damping, Fisher products on every sample, trust region, discounting,
-networks); the *implementations* differ, and each keeps its own defaults elsewhere. What a user of OmniSafe gets
-and ours does not, fixed in OmniSafe's code: the double reset above; 33 Fisher-vector products per update through
-autograd's double backward (ours: 30, in closed form); a line search of up to 20 tries (ours: up to 11); two
-critic Adam steps per minibatch over a ``DataLoader`` that fetches samples one at a time (ours: one step for both
-critics, gradients written out); per step, the actor and both critics in torch, logger calls and a progress bar
-(ours: a numpy actor, critics batched after the rollout). And by OmniSafe's defaults (options in its config): an
-L2 term and gradient clipping in the critics' steps. OmniSafe also standardises the cost advantages (ours centre
-them) and discounts the cost with 0.99 (ours not at all). So the rows compare the two libraries as a user gets
-them, not two implementations of one computation. What this does not show: which learns better (the same number
-of updates, not the same results), other envs or batch sizes, several threads or a GPU, or OmniSafe's vectorised
-and parallel modes (``vector_env_nums``, ``parallel``), which trade more processes for wall time.
+The *settings* that decide an update's work are the same for both (:data:`SHARED`: batch, critic epochs and minibatch,
+conjugate-gradient iterations and damping, Fisher products on every sample, trust region, discounting, networks); the
+*implementations* differ, and each keeps its own defaults elsewhere. What a user of OmniSafe gets and ours does not,
+fixed in OmniSafe's code: the double reset above; 33 Fisher-vector products per update through autograd's double
+backward (ours: 30, in closed form); a line search of up to 20 tries (ours: up to 11); two critic Adam steps per
+minibatch over a ``DataLoader`` that fetches samples one at a time (ours: one step for both critics, gradients written
+out); per step, the actor and both critics in torch, logger calls and a progress bar (ours: a numpy actor, critics
+batched after the rollout). And by OmniSafe's defaults (options in its config): an L2 term and gradient clipping in
+the critics' steps. OmniSafe discounts the cost with 0.99 (ours not at all; both centre the cost advantages,
+OmniSafe's ``standardized_cost_adv`` only subtracts their mean). So the rows compare the two libraries as a user gets
+them, not two implementations of one computation. What this does not show: which learns better (the same number of
+updates, not the same results), other envs or batch sizes, several threads or a GPU, or OmniSafe's vectorised and
+parallel modes (``vector_env_nums``, ``parallel``), which trade more processes for wall time.
 """
 
 from __future__ import annotations
