@@ -168,8 +168,7 @@ def patch_cpo(cpo: Any, per_step: bool, updates: list[dict[str, float]]) -> Call
         return c / window(self, "Metrics/EpLen") if per_step else c
 
     def determine_case(self: Any, **kwargs: Any) -> tuple[int, Any, Any]:
-        episode_c = kwargs["ep_costs"]
-        kwargs["ep_costs"] = scaled(self, episode_c)
+        kwargs["ep_costs"] = scaled(self, kwargs["ep_costs"])
         case, A, B = originals["_determine_case"](self, **kwargs)
         row = {"update": len(updates), "ep_cost": window(self, "Metrics/EpCost"), "ep_len": window(self, "Metrics/EpLen")}
         row.update({key: float(kwargs[key]) for key in ("q", "r", "s")})

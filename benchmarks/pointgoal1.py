@@ -40,7 +40,7 @@ import numpy as np
 import torch as th
 from adaptation import mean_and_interval
 from cpo_eval import evaluate_final
-from omnisafe_pointgoal1 import PER_STEP_VARIANT as OMNISAFE_PER_STEP_VARIANT
+from omnisafe_pointgoal1 import CONSTRAINT_SCALES as OMNISAFE_SCALES
 from omnisafe_pointgoal1 import VARIANT as OMNISAFE_VARIANT
 from sb3_contrib import TRPO
 from scipy import stats
@@ -224,10 +224,10 @@ def _difference_header(last: int, baseline_column: bool = False) -> None:
 
 #: Rows trained by another library (``omnisafe_pointgoal1.py``): their seeds share no random stream with ours, so
 #: they are compared with CPO unpaired (Welch), not seed by seed.
-OTHER_LIBRARIES = (OMNISAFE_VARIANT, OMNISAFE_PER_STEP_VARIANT)
+OTHER_LIBRARIES = tuple(variant for _, variant in OMNISAFE_SCALES.values())
 #: Another library's variants, compared seed by seed with that library's CPO with its defaults (same seeds, same
 #: library: the runs share their random streams until their updates differ).
-LIBRARY_BASELINES = {OMNISAFE_PER_STEP_VARIANT: OMNISAFE_VARIANT}
+LIBRARY_BASELINES = {variant: OMNISAFE_VARIANT for variant in OTHER_LIBRARIES if variant != OMNISAFE_VARIANT}
 PARTS = (
     lambda result: result["training"],
     lambda result: result["evaluation"]["stochastic"],
