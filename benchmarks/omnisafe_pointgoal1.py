@@ -82,10 +82,17 @@ OMNISAFE_ENV_ID = "SafetyPointGoal1-v0"  # OmniSafe's id for the same safety-gym
 NAME = "OmniSafe-CPO"  # the file prefix; ``VARIANT`` is the row label
 VARIANT = "OmniSafe CPO"
 STEPS_PER_UPDATE = 20_000  # OmniSafe's default steps_per_epoch, read back from its config below
-#: ``--constraint``: the scale of the constraint's value ``c`` -> (file prefix, row label); "episode" is OmniSafe's
 PER_STEP_VARIANT = "OmniSafe CPO (constraint per step)"
-CONSTRAINT_SCALES = {"episode": (NAME, VARIANT), "per-step": (f"{NAME}-constraint-per-step", PER_STEP_VARIANT)}
-UPDATE_COLUMNS = ("update", "ep_cost", "ep_len", "c", "bb", "q", "r", "s", "B", "case")
+CORRECTED_VARIANT = "OmniSafe CPO (constraint per step, dual corrected)"
+#: (``--constraint``, ``--dual``) -> (file prefix, row label): the scale of the constraint's value ``c`` ("episode" is
+#: OmniSafe's) and the solution of CPO's dual in its cases 1 and 2 ("omnisafe": its ``_step_direction``; "corrected":
+#: ``solve_dual_analytic``). OmniSafe as it ships first; each later variant changes one thing more.
+VARIANTS = {
+    ("episode", "omnisafe"): (NAME, VARIANT),
+    ("per-step", "omnisafe"): (f"{NAME}-constraint-per-step", PER_STEP_VARIANT),
+    ("per-step", "corrected"): (f"{NAME}-constraint-per-step-dual-corrected", CORRECTED_VARIANT),
+}
+UPDATE_COLUMNS = ("update", "ep_cost", "ep_len", "c", "bb", "q", "r", "s", "B", "case", "lam", "nu")
 CASE_NAMES = {
     0: "0: infeasible, pure cost decrease",
     1: "1: infeasible, boundary in the trust region (recovery by the dual)",
@@ -155,10 +162,26 @@ def cpo_case(c: float, s: float, target_kl: float, bb: float = 1.0) -> int:
     return 1 if meets else 0
 
 
-def patch_cpo(cpo: Any, per_step: bool, updates: list[dict[str, float]]) -> Callable[[], None]:
+def corrected_step(x: Any, p: Any, q: Any, r: Any, s: Any, c: Any, target_kl: float) -> tuple[Any, Any, Any]:
+    """CPO's step where the linearised constraint's boundary crosses the trust region (OmniSafe's cases 1 and 2), with
+    its dual solved by the library's ``solve_dual_analytic`` (in float64) instead of OmniSafe 0.5.0's
+    ``_step_direction``: ``(x - ν·p)/λ`` with ``x = H⁻¹g``, ``p = H⁻¹b``, ``q = gᵀx``, ``r = gᵀp``, ``s = bᵀp``
+    (``g`` the objective's gradient, as OmniSafe's ``grads``) and the constraint value ``c``. Returns the step (in
+    ``x``'s dtype), λ and ν, as OmniSafe's method does."""
+    import torch as th
+
+    from sb3_metacpo.common.cpo_subproblem import solve_dual_analytic
+
+    lam, nu = solve_dual_analytic(*(th.as_tensor(value, dtype=th.float64) for value in (q, r, s, c, target_kl)))
+    step = (x.double() - nu * p.double()) / lam
+    return step.to(x.dtype), lam, nu
+
+
+def patch_cpo(cpo: Any, per_step: bool, updates: list[dict[str, float]], corrected_dual: bool = False) -> Callable[[], None]:
     """Wrap OmniSafe's CPO class ``cpo``: every update appends its ``UPDATE_COLUMNS`` to ``updates``; with
     ``per_step``, its case rule, step and line search get ``c`` divided by the mean episode length of its logger's
-    window. Returns the function that restores the class."""
+    window; with ``corrected_dual``, its cases 1 and 2 take :func:`corrected_step` instead of its own step. Returns
+    the function that restores the class."""
     originals = {name: getattr(cpo, name) for name in ("_determine_case", "_step_direction", "_cpo_search_step")}
 
     def window(self: Any, key: str) -> float:
@@ -178,7 +201,13 @@ def patch_cpo(cpo: Any, per_step: bool, updates: list[dict[str, float]]) -> Call
 
     def step_direction(self: Any, **kwargs: Any) -> Any:
         kwargs["ep_costs"] = scaled(self, kwargs["ep_costs"])
-        return originals["_step_direction"](self, **kwargs)
+        if corrected_dual and kwargs["optim_case"] in (1, 2):
+            keys = ("x", "p", "q", "r", "s", "ep_costs")
+            result = corrected_step(*(kwargs[key] for key in keys), float(self._cfgs.algo_cfgs.target_kl))
+        else:
+            result = originals["_step_direction"](self, **kwargs)
+        updates[-1].update(lam=float(result[1]), nu=float(result[2]))
+        return result
 
     def search_step(self: Any, **kwargs: Any) -> Any:
         kwargs["violation_c"] = scaled(self, kwargs["violation_c"])
@@ -194,10 +223,10 @@ def patch_cpo(cpo: Any, per_step: bool, updates: list[dict[str, float]]) -> Call
 
 
 def train_and_evaluate(
-    seed: int, timesteps: int, eval_episodes: int, out: Path, constraint: str = "episode"
+    seed: int, timesteps: int, eval_episodes: int, out: Path, constraint: str = "episode", dual: str = "omnisafe"
 ) -> dict[str, Any]:
-    """Train OmniSafe's CPO (its constraint value scaled as ``constraint`` says: ``CONSTRAINT_SCALES``), write its
-    monitor and updates files into ``out`` and return the result row of ``pointgoal1.py``."""
+    """Train OmniSafe's CPO (its constraint value scaled as ``constraint`` says, its dual solved as ``dual`` says:
+    ``VARIANTS``), write its monitor and updates files into ``out`` and return the result row of ``pointgoal1.py``."""
     import torch as th
     from cpo_eval import evaluate_final
     from threadpoolctl import threadpool_limits
@@ -219,8 +248,8 @@ def train_and_evaluate(
     adapter._log_metrics = record
     updates: list[dict[str, float]] = []
     cpo = importlib.import_module("omnisafe.algorithms.on_policy.second_order.cpo").CPO
-    restore = patch_cpo(cpo, constraint == "per-step", updates)
-    prefix, variant = CONSTRAINT_SCALES[constraint]
+    prefix, variant = VARIANTS[(constraint, dual)]
+    restore = patch_cpo(cpo, constraint == "per-step", updates, corrected_dual=dual == "corrected")
     th.set_num_threads(1)
     with tempfile.TemporaryDirectory() as log_dir, threadpool_limits(1):
         agent = omnisafe.Agent("CPO", OMNISAFE_ENV_ID, custom_cfgs=run_config(seed, timesteps, log_dir))
@@ -243,13 +272,14 @@ def train_and_evaluate(
         handle.write("#" + json.dumps({"t_start": time.time(), "env_id": ENV_ID, "library": "omnisafe"}) + "\n")
         handle.write("r,l,t,c\n")
         handle.writelines(f"{r:.6f},{length},{t},{c}\n" for r, length, t, c in episodes)
-    write_updates(out / f"{name}.updates.csv", updates, constraint, cost_limit, target_kl)
+    write_updates(out / f"{name}.updates.csv", updates, {"constraint": constraint, "dual": dual}, cost_limit, target_kl)
     last = episodes[-100:]
     return {
         "file": name,
         "algorithm": VARIANT,
         "variant": variant,
         "constraint": constraint,
+        "dual": dual,
         "seed": seed,
         "n_steps": steps_per_update,
         "timesteps": timesteps,
@@ -265,10 +295,13 @@ def train_and_evaluate(
     }
 
 
-def write_updates(path: Path, updates: list[dict[str, float]], constraint: str, cost_limit: float, target_kl: float) -> None:
-    """Each update's ``UPDATE_COLUMNS``, under a header line with the run's constraint scale, limit and target KL."""
+def write_updates(
+    path: Path, updates: list[dict[str, float]], variant: dict[str, str], cost_limit: float, target_kl: float
+) -> None:
+    """Each update's ``UPDATE_COLUMNS``, under a header line with the run's variant (``{"constraint": ..., "dual":
+    ...}``, the keys of ``VARIANTS``), limit and target KL."""
     with open(path, "w") as handle:
-        handle.write("#" + json.dumps({"constraint": constraint, "cost_limit": cost_limit, "target_kl": target_kl}) + "\n")
+        handle.write("#" + json.dumps(variant | {"cost_limit": cost_limit, "target_kl": target_kl}) + "\n")
         handle.write(",".join(UPDATE_COLUMNS) + "\n")
         handle.writelines(",".join(repr(row[key]) for key in UPDATE_COLUMNS) + "\n" for row in updates)
 
@@ -292,7 +325,7 @@ def print_cases(out: Path) -> None:
     """For each constraint scale with updates files in ``out``: how many updates took each case (all seeds), how many
     of those with the episode cost at or over the limit, and the cases the same updates would have taken with the other
     scale."""
-    for constraint, (prefix, variant) in CONSTRAINT_SCALES.items():
+    for (constraint, _), (prefix, variant) in VARIANTS.items():
         paths = sorted(out.glob(f"{prefix}_seed*_nsteps*.updates.csv"))
         if not paths:
             continue
@@ -323,20 +356,28 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--constraint",
-        choices=sorted(CONSTRAINT_SCALES),
+        choices=sorted({constraint for constraint, _ in VARIANTS}),
         default="episode",
         help="the scale of CPO's constraint value c: OmniSafe's (episode) or divided by the episode length (per-step)",
+    )
+    parser.add_argument(
+        "--dual",
+        choices=sorted({dual for _, dual in VARIANTS}),
+        default="omnisafe",
+        help="the step in CPO's cases 1 and 2: OmniSafe's own or from the corrected dual (with --constraint per-step)",
     )
     parser.add_argument("--cases", action="store_true", help="print the cases of the updates files in --out and stop")
     parser.add_argument("--timesteps", type=int, default=1_000_000)
     parser.add_argument("--eval-episodes", type=int, default=50, help="episodes of each final-policy evaluation")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/pointgoal1_seeds"))
     args = parser.parse_args()
+    if (args.constraint, args.dual) not in VARIANTS:
+        parser.error(f"no variant --constraint {args.constraint} --dual {args.dual}: choose one of {sorted(VARIANTS)}")
     if args.cases:
         print_cases(args.out)
         return
     args.out.mkdir(parents=True, exist_ok=True)
-    row = train_and_evaluate(args.seed, args.timesteps, args.eval_episodes, args.out, args.constraint)
+    row = train_and_evaluate(args.seed, args.timesteps, args.eval_episodes, args.out, args.constraint, args.dual)
     with open(args.out / f"{row.pop('file')}.json", "w") as handle:
         json.dump(row, handle, indent=1)
     print(json.dumps(row), flush=True)

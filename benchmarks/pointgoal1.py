@@ -40,8 +40,7 @@ import numpy as np
 import torch as th
 from adaptation import mean_and_interval
 from cpo_eval import evaluate_final
-from omnisafe_pointgoal1 import CONSTRAINT_SCALES as OMNISAFE_SCALES
-from omnisafe_pointgoal1 import VARIANT as OMNISAFE_VARIANT
+from omnisafe_pointgoal1 import VARIANTS as OMNISAFE_VARIANTS
 from sb3_contrib import TRPO
 from scipy import stats
 from stable_baselines3.common.vec_env import DummyVecEnv
@@ -224,10 +223,10 @@ def _difference_header(last: int, baseline_column: bool = False) -> None:
 
 #: Rows trained by another library (``omnisafe_pointgoal1.py``): their seeds share no random stream with ours, so
 #: they are compared with CPO unpaired (Welch), not seed by seed.
-OTHER_LIBRARIES = tuple(variant for _, variant in OMNISAFE_SCALES.values())
-#: Another library's variants, compared seed by seed with that library's CPO with its defaults (same seeds, same
-#: library: the runs share their random streams until their updates differ).
-LIBRARY_BASELINES = {variant: OMNISAFE_VARIANT for variant in OTHER_LIBRARIES if variant != OMNISAFE_VARIANT}
+OTHER_LIBRARIES = tuple(variant for _, variant in OMNISAFE_VARIANTS.values())
+#: Another library's variants, each compared seed by seed with that library's variants before it (its defaults
+#: first; same seeds, same library: the runs share their random streams until their updates differ).
+LIBRARY_BASELINES = {variant: OTHER_LIBRARIES[:index] for index, variant in enumerate(OTHER_LIBRARIES) if index}
 PARTS = (
     lambda result: result["training"],
     lambda result: result["evaluation"]["stochastic"],
@@ -247,27 +246,27 @@ def welch_interval(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
 
 def paired_table(runs: dict[tuple[str, int], list[dict]], last: int) -> None:
     """Each configuration minus the same library's CPO with its defaults at the same steps per update (ours: "CPO";
-    another library's variant: :data:`LIBRARY_BASELINES`), seed by seed (the seeds both have): mean difference ± the
-    95 % t-interval over the seeds, of the last-``last`` means and of the final policy. Another library's rows are
-    also compared with ours unpaired (:func:`unpaired_table`)."""
+    another library's variant: each of its :data:`LIBRARY_BASELINES`, defaults first), seed by seed (the seeds both
+    have): mean difference ± the 95 % t-interval over the seeds, of the last-``last`` means and of the final policy.
+    Another library's rows are also compared with ours unpaired (:func:`unpaired_table`)."""
     lines = []
     for (name, n_steps), results in sorted(runs.items()):
-        minus = LIBRARY_BASELINES.get(name, None if name in OTHER_LIBRARIES else "CPO")
-        baseline = {r["seed"]: r for r in runs.get((minus, n_steps), [])} if minus else {}
-        pairs = [(r, baseline[r["seed"]]) for r in results if r["seed"] in baseline]
-        if name == minus or not pairs:
-            continue
-        cells = [
-            mean_and_interval(np.array([part(r)[key] - part(b)[key] for r, b in pairs]), 2)
-            for part in PARTS
-            for key in ("return", "cost")
-        ]
-        seeds = ", ".join(str(r["seed"]) for r, _ in pairs)
-        lines.append(f"| {name} | {minus} | {n_steps} | {seeds} | {' | '.join(cells)} |")
+        for minus in LIBRARY_BASELINES.get(name, () if name in OTHER_LIBRARIES or name == "CPO" else ("CPO",)):
+            baseline = {r["seed"]: r for r in runs.get((minus, n_steps), [])}
+            pairs = [(r, baseline[r["seed"]]) for r in results if r["seed"] in baseline]
+            if not pairs:
+                continue
+            cells = [
+                mean_and_interval(np.array([part(r)[key] - part(b)[key] for r, b in pairs]), 2)
+                for part in PARTS
+                for key in ("return", "cost")
+            ]
+            seeds = ", ".join(str(r["seed"]) for r, _ in pairs)
+            lines.append(f"| {name} | {minus} | {n_steps} | {seeds} | {' | '.join(cells)} |")
     if lines:
         print(
-            "\nPaired by seed, minus the same library's CPO with its defaults at the same steps per update (± 95 % "
-            "t-interval):\n"
+            "\nPaired by seed, minus the same library's CPO with its defaults (or an earlier variant of that library) "
+            "at the same steps per update (± 95 % t-interval):\n"
         )
         _difference_header(last, baseline_column=True)
         print("\n".join(lines))

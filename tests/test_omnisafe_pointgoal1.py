@@ -183,9 +183,9 @@ class FakeCPO:
         self.given["case"] = ep_costs
         return 1, th.tensor(0.5), th.tensor(-0.25)
 
-    def _step_direction(self, optim_case: int, ep_costs: float, **kwargs: object) -> str:
+    def _step_direction(self, optim_case: int, ep_costs: float, **kwargs: object) -> tuple:
         self.given["step"] = ep_costs
-        return "step"
+        return "step", th.tensor(0.5), th.tensor(0.25)
 
     def _cpo_search_step(self, step_direction: str, violation_c: float, **kwargs: object) -> str:
         self.given["search"] = violation_c
@@ -195,7 +195,7 @@ class FakeCPO:
 def _one_update(cpo: FakeCPO, c: float) -> None:
     scalars = {key: th.tensor(value) for key, value in (("q", 2.0), ("r", 0.5), ("s", 0.3))}
     assert cpo._determine_case(b_grads=th.tensor([3.0, 4.0]), ep_costs=c, **scalars)[0] == 1
-    assert cpo._step_direction(optim_case=1, ep_costs=c, A=0.5) == "step"
+    assert cpo._step_direction(optim_case=1, ep_costs=c, A=0.5)[0] == "step"
     assert cpo._cpo_search_step(step_direction="step", violation_c=c, total_steps=20) == "searched"
 
 
@@ -210,7 +210,7 @@ def test_the_per_step_ablation_divides_c_by_the_episode_length_everywhere_and_re
         assert cpo.given == {"case": expected, "step": expected, "search": expected}
         assert updates == [
             {"update": 0, "ep_cost": 40.0, "ep_len": 500.0, "q": 2.0, "r": 0.5, "s": pytest.approx(0.3), "c": expected}
-            | {"bb": 25.0, "B": -0.25, "case": 1}
+            | {"bb": 25.0, "B": -0.25, "case": 1, "lam": 0.5, "nu": 0.25}
         ]
     assert (FakeCPO._determine_case, FakeCPO._step_direction, FakeCPO._cpo_search_step) == original
 
@@ -221,11 +221,13 @@ def test_the_updates_file_round_trips_and_the_cases_are_counted_under_both_scale
     for update, ep_cost in enumerate((60.0, 40.0, 20.0, 10.0)):  # per step: c = 0.035, 0.015, -0.005, -0.015
         c = (ep_cost - limit) / 1000
         rows.append(dict(update=update, ep_cost=ep_cost, ep_len=1000.0, c=c, bb=1.0, q=1.0, r=0.1, s=s, B=0.0))
+        rows[-1].update(lam=1.0, nu=0.0)
         rows[-1]["case"] = peer.cpo_case(c, s, target_kl)
-    name = f"{peer.CONSTRAINT_SCALES['per-step'][0]}_seed3_nsteps20000.updates.csv"
-    peer.write_updates(tmp_path / name, rows, "per-step", limit, target_kl)
+    name = f"{peer.VARIANTS[('per-step', 'omnisafe')][0]}_seed3_nsteps20000.updates.csv"
+    variant = {"constraint": "per-step", "dual": "omnisafe"}
+    peer.write_updates(tmp_path / name, rows, variant, limit, target_kl)
     header, read = peer.read_updates(tmp_path / name)
-    assert header == {"constraint": "per-step", "cost_limit": limit, "target_kl": target_kl} and read == rows
+    assert header == variant | {"cost_limit": limit, "target_kl": target_kl} and read == rows
     assert [row["case"] for row in rows] == [0, 1, 2, 2]
     peer.print_cases(tmp_path)
     out = capsys.readouterr().out
@@ -259,3 +261,84 @@ def test_a_variant_of_another_library_is_paired_with_that_librarys_defaults(caps
     assert peer.VARIANT not in starts  # OmniSafe's defaults against ours: unpaired only
     starts = {line.split("|")[1].strip() for line in unpaired.splitlines() if line.startswith("| ")}
     assert {peer.VARIANT, peer.PER_STEP_VARIANT} <= starts
+
+
+def _qcqp_oracle(g: np.ndarray, hessian: np.ndarray, b: np.ndarray, c: float, target_kl: float) -> np.ndarray:
+    """CPO's linearised problem solved directly by cvxpy: maximise gᵀx with c + bᵀx <= 0 and ½xᵀHx <= target_kl."""
+    import cvxpy as cp
+
+    x = cp.Variable(len(g))
+    problem = cp.Problem(cp.Maximize(g @ x), [c + b @ x <= 0, 0.5 * cp.quad_form(x, cp.psd_wrap(hessian)) <= target_kl])
+    problem.solve(solver=cp.CLARABEL)
+    assert problem.status == cp.OPTIMAL
+    return np.asarray(x.value)
+
+
+def test_the_corrected_step_solves_cpos_linearised_problem_in_cases_1_and_2() -> None:
+    """Oracle: cvxpy's solution of the primal problem (not the dual), on random problems whose constraint boundary
+    crosses the trust region, feasible at x = 0 (case 2) or not (case 1): the step is feasible and its objective the
+    oracle's."""
+    rng = np.random.default_rng(5)
+    target_kl, dim = 0.01, 6
+    seen = set()
+    for _ in range(40):
+        root = rng.normal(size=(dim, dim))
+        hessian = root @ root.T + 0.3 * np.eye(dim)
+        g, b = rng.normal(size=dim), rng.normal(size=dim)
+        x, p = np.linalg.solve(hessian, g), np.linalg.solve(hessian, b)
+        q, r, s = g @ x, g @ p, b @ p
+        c = float(rng.uniform(-0.95, 0.95) * np.sqrt(2 * target_kl * s))  # |c| < sqrt(2·target_kl·s): B > 0
+        case = peer.cpo_case(c, s, target_kl, bb=float(b @ b))
+        assert case in (1, 2)
+        seen.add(case)
+        step, lam, nu = peer.corrected_step(*(th.tensor(value) for value in (x, p, q, r, s)), c, target_kl)
+        assert step.dtype == th.float64 and float(lam) > 0 and float(nu) >= 0
+        expected, found = _qcqp_oracle(g, hessian, b, c, target_kl), step.numpy()
+        # feasible (to rounding), as good as the oracle (whose interior-point solution may stray outside by ~1e-9)
+        assert c + b @ found <= 1e-12 and 0.5 * found @ hessian @ found <= target_kl * (1 + 1e-9)
+        assert g @ found >= g @ expected - 1e-6 * np.linalg.norm(g) * np.linalg.norm(expected)
+        np.testing.assert_allclose(found, expected, atol=2e-3 * np.linalg.norm(expected))  # the same point
+        single = peer.corrected_step(*(th.tensor(value, dtype=th.float32) for value in (x, p, q, r, s)), c, target_kl)
+        assert single[0].dtype == th.float32  # OmniSafe's parameters' dtype
+    assert seen == {1, 2}
+
+
+class FakeConfig:
+    class algo_cfgs:  # OmniSafe's attribute name
+        target_kl = 0.01
+
+
+def test_the_corrected_dual_replaces_omnisafes_step_in_cases_1_and_2_only() -> None:
+    original = FakeCPO._step_direction
+    updates: list[dict] = [{}]
+    FakeCPO._cfgs = FakeConfig
+    restore = peer.patch_cpo(FakeCPO, True, updates, corrected_dual=True)
+    try:
+        cpo = FakeCPO(ep_cost=40.0, ep_len=500.0)
+        x, p = th.tensor([1.0, 0.5]), th.tensor([0.2, -0.4])
+        terms = {"x": x, "p": p, "q": x.dot(x), "r": x.dot(p), "s": p.dot(p), "A": 0.0, "B": 0.0, "xHx": x.dot(x)}
+        for case in (1, 2):
+            step, lam, nu = cpo._step_direction(optim_case=case, ep_costs=15.0, **terms)
+            expected = peer.corrected_step(x, p, terms["q"], terms["r"], terms["s"], 15.0 / 500, 0.01)
+            assert th.equal(step, expected[0]) and (lam, nu) == (expected[1], expected[2])
+            assert updates[-1]["lam"] == float(lam) and "step" not in cpo.given  # OmniSafe's own step not called
+        for case in (0, 3):
+            assert cpo._step_direction(optim_case=case, ep_costs=15.0, **terms)[0] == "step"
+            assert cpo.given["step"] == 15.0 / 500
+    finally:
+        restore()
+        del FakeCPO._cfgs
+    assert FakeCPO._step_direction is original
+
+
+def test_a_later_variant_is_paired_with_each_earlier_one(capsys) -> None:
+    costs = {peer.VARIANT: [30.0, 35.0, 25.0], peer.PER_STEP_VARIANT: [40.0, 38.0, 31.0]}
+    costs[peer.CORRECTED_VARIANT] = [45.0, 41.0, 30.0]
+    runs = {(name, 20_000): [_result(name, s, c) for s, c in enumerate(values)] for name, values in costs.items()}
+    pointgoal1.paired_table(runs, 100)
+    paired = capsys.readouterr().out.split("unpaired")[0]
+    rows = [line for line in paired.splitlines() if line.startswith(f"| {peer.CORRECTED_VARIANT} |")]
+    assert [row.split("|")[2].strip() for row in rows] == [peer.VARIANT, peer.PER_STEP_VARIANT]
+    for row, baseline in zip(rows, (peer.VARIANT, peer.PER_STEP_VARIANT), strict=True):
+        differences = np.array(costs[peer.CORRECTED_VARIANT]) - np.array(costs[baseline])
+        assert row.strip("|").split("|")[5].strip() == pointgoal1.mean_and_interval(differences, 2)
