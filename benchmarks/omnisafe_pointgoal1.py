@@ -55,11 +55,18 @@ with ``r = gᵀH⁻¹b`` from the objective's gradient, and its projection ``tor
 ``lo > hi``, so λ can be negative; checked against SLSQP on random problems, its case-1 steps break the linearised
 constraint and its case-2 steps leave the trust region, while both fixes together give the optimum. Its line search
 then rejects many of those steps (no update): the per-step runs measure the corrected scale with that dual, not a
-corrected OmniSafe. Every run writes each update's ``c``, ``bᵀH⁻¹b`` (OmniSafe's ``s``), ``B`` and case to
-``<name>.updates.csv``; ``--cases`` prints how often each case was taken, and which case each update would have taken
-with the other scale:
+corrected OmniSafe. ``--constraint per-step --dual corrected`` corrects both: its cases 1 and 2 take the step of the
+library's closed-form dual (``corrected_step``: ``solve_dual_analytic``, tested against cvxpy's solution of the
+primal problem), nothing else changed. Every run writes each update's ``c``, ``bᵀH⁻¹b`` (OmniSafe's ``s``), ``B``,
+case, λ and ν to ``<name>.updates.csv``; ``--tables`` reads OmniSafe's printed epoch tables (λ, ν and the line
+search's acceptance) from the runs' stdout into ``<prefix>_acceptance.csv``; ``--cases`` prints how often each case
+was taken, which case each update would have taken with the other scale, and, in cases 1 and 2, how each full step
+stands in CPO's linearised problem (``step_quality``: λ negative, the linearised constraint broken, outside the trust
+region) beside the corrected dual's on the same updates, with ``omnisafe_dual`` (OmniSafe's formulas written out)
+checked against the values OmniSafe printed:
 
-    .venv-omnisafe/bin/python benchmarks/omnisafe_pointgoal1.py --seed 0 --constraint per-step
+    .venv-omnisafe/bin/python benchmarks/omnisafe_pointgoal1.py --seed 0 --constraint per-step --dual corrected > log0
+    python benchmarks/omnisafe_pointgoal1.py --tables log0 log1 log2 --constraint per-step --dual corrected
     python benchmarks/omnisafe_pointgoal1.py --cases --out benchmarks/results/pointgoal1_seeds
 """
 
@@ -177,6 +184,36 @@ def corrected_step(x: Any, p: Any, q: Any, r: Any, s: Any, c: Any, target_kl: fl
     return step.to(x.dtype), lam, nu
 
 
+def omnisafe_dual(q: float, r: float, s: float, c: float, target_kl: float) -> tuple[float, float]:
+    """OmniSafe 0.5.0's ``λ*`` and ``ν*`` in its cases 1 and 2 (``CPO._step_direction``), written out in float64 for
+    the recorded scalars: its formulas for a loss's gradient applied to the objective's ``r``, and ``torch.clamp``'s
+    projection, which returns the upper bound when the bounds cross (so λ can be negative). ``print_cases`` checks it
+    against the values OmniSafe printed."""
+
+    def clamp(value: float, low: float, high: float) -> float:  # torch.clamp: max with low, then min with high
+        return min(max(value, low), high)
+
+    a_coef, b_coef = q - r**2 / (s + 1e-8), 2 * target_kl - c**2 / (s + 1e-8)
+    lambda_a, lambda_b = np.sqrt(a_coef / b_coef), np.sqrt(q / (2 * target_kl))
+    bound = r / (c + 1e-8)
+    if c < 0:
+        lambda_a, lambda_b = clamp(lambda_a, 0.0, bound), clamp(lambda_b, bound, np.inf)
+    else:
+        lambda_a, lambda_b = clamp(lambda_a, bound, np.inf), clamp(lambda_b, 0.0, bound)
+    f_a = -0.5 * (a_coef / (lambda_a + 1e-8) + b_coef * lambda_a) - r * c / (s + 1e-8)
+    f_b = -0.5 * (q / (lambda_b + 1e-8) + 2 * target_kl * lambda_b)
+    lam = float(lambda_a if f_a >= f_b else lambda_b)
+    return lam, max(lam * c - r, 0.0) / (s + 1e-8)
+
+
+def step_quality(q: float, r: float, s: float, c: float, lam: float, nu: float) -> tuple[float, float, float]:
+    """For the full step ``(x - ν·p)/λ`` of CPO's linearised problem (``x = H⁻¹g``, ``p = H⁻¹b``, ``q = gᵀx``,
+    ``r = gᵀp``, ``s = bᵀp``): its objective ``gᵀstep``, the linearised constraint after it ``c + bᵀstep`` (``<= 0``
+    is feasible) and ``½ stepᵀH step`` (``<= target_kl`` is inside the trust region), from the scalars alone."""
+    lam = lam + 1e-8  # as OmniSafe divides
+    return (q - nu * r) / lam, c + (r - nu * s) / lam, 0.5 * (q - 2 * nu * r + nu * nu * s) / lam**2
+
+
 def patch_cpo(cpo: Any, per_step: bool, updates: list[dict[str, float]], corrected_dual: bool = False) -> Callable[[], None]:
     """Wrap OmniSafe's CPO class ``cpo``: every update appends its ``UPDATE_COLUMNS`` to ``updates``; with
     ``per_step``, its case rule, step and line search get ``c`` divided by the mean episode length of its logger's
@@ -252,14 +289,16 @@ def train_and_evaluate(
     restore = patch_cpo(cpo, constraint == "per-step", updates, corrected_dual=dual == "corrected")
     th.set_num_threads(1)
     with tempfile.TemporaryDirectory() as log_dir, threadpool_limits(1):
-        agent = omnisafe.Agent("CPO", OMNISAFE_ENV_ID, custom_cfgs=run_config(seed, timesteps, log_dir))
+        try:
+            agent = omnisafe.Agent("CPO", OMNISAFE_ENV_ID, custom_cfgs=run_config(seed, timesteps, log_dir))
+            cpu = time.process_time()
+            agent.learn()
+            seconds = time.process_time() - cpu
+        finally:  # OmniSafe's classes as they were, also after a failed run
+            adapter._log_metrics = original
+            restore()
         steps_per_update = int(agent.cfgs.algo_cfgs.steps_per_epoch)
         cost_limit = float(agent.cfgs.algo_cfgs.cost_limit)
-        cpu = time.process_time()
-        agent.learn()
-        seconds = time.process_time() - cpu
-        adapter._log_metrics = original
-        restore()
         target_kl = float(agent.cfgs.algo_cfgs.target_kl)
         statistics = normaliser_statistics(agent)
         actor = agent.agent._actor_critic.actor
@@ -321,6 +360,113 @@ def other_scale_case(row: dict[str, float], constraint: str, cost_limit: float, 
     return cpo_case(c if constraint == "per-step" else c / row["ep_len"], row["s"], target_kl, row["bb"])
 
 
+#: OmniSafe's printed epoch values kept in ``<prefix>_acceptance.csv`` (its logger's keys without their group)
+PRINTED_KEYS = ("Metrics/EpCost", "Misc/OptimCase", "Misc/AcceptanceStep", "Misc/Lambda_star", "Misc/Nu_star")
+PRINTED_KEYS += ("Misc/FinalStepNorm",)
+
+
+def printed_tables(text: str) -> tuple[int, list[dict[str, float]]]:
+    """The seed (from OmniSafe's "seed-NNN-" log directory) and each epoch's :data:`PRINTED_KEYS` (with
+    ``Train/Epoch``) from the tables OmniSafe printed to a run's stdout (rows ``│ key │ value │``)."""
+    seed, rows, table = None, [], {}
+    for line in text.splitlines():
+        if seed is None and "/seed-" in line:
+            seed = int(line.split("/seed-")[1].split("-")[0])
+        cells = [cell.strip() for cell in line.split("│")]
+        if len(cells) == 4 and cells[1] in (*PRINTED_KEYS, "Train/Epoch"):
+            table[cells[1]] = float(cells[2])
+        elif line.startswith("└") and table:
+            rows.append(table)
+            table = {}
+    if seed is None:
+        raise ValueError("no OmniSafe log directory (seed-NNN-...) in the log: is it a run's stdout?")
+    return seed, rows
+
+
+def write_printed(logs: list[Path], out: Path, constraint: str, dual: str) -> Path:
+    """``<prefix>_acceptance.csv``: every epoch's :data:`PRINTED_KEYS` from the runs' stdout ``logs`` (one per
+    seed) of the variant (``constraint``, ``dual``)."""
+    prefix = VARIANTS[(constraint, dual)][0]
+    path = out / f"{prefix}_acceptance.csv"
+    runs = sorted(printed_tables(log.read_text()) for log in logs)
+    with open(path, "w") as handle:
+        seeds = ", ".join(str(seed) for seed, _ in runs)
+        handle.write("# per-update values OmniSafe printed (its logger's epoch table), read from the runs' stdout; ")
+        handle.write(f"--constraint {constraint} --dual {dual}, seeds {seeds}\n")
+        handle.write(",".join(["seed", "epoch", *(key.split("/")[1] for key in PRINTED_KEYS)]) + "\n")
+        for seed, rows in runs:
+            for row in rows:
+                values = [repr(row[key]) for key in PRINTED_KEYS]
+                handle.write(",".join([str(seed), str(int(row["Train/Epoch"])), *values]) + "\n")
+    return path
+
+
+def read_printed(path: Path) -> dict[tuple[int, int], dict[str, float]]:
+    """The rows :func:`write_printed` wrote, by (seed, epoch); empty if there is no such file."""
+    if not path.exists():
+        return {}
+    with open(path) as handle:
+        lines = [line for line in handle if not line.startswith("#")]
+    columns = lines[0].strip().split(",")
+    rows = [dict(zip(columns, map(float, line.split(",")), strict=True)) for line in lines[1:] if line.strip()]
+    return {(int(row["seed"]), int(row["epoch"])): row for row in rows}
+
+
+def print_duals(out: Path) -> None:
+    """For each variant with updates files in ``out``: in its cases 1 and 2, how its full step (before the line
+    search) stands in CPO's linearised problem (:func:`step_quality`: λ negative, the linearised constraint broken,
+    outside the trust region, a lower objective than the corrected dual's), how often OmniSafe's line search then
+    rejected it (from ``<prefix>_acceptance.csv``), and the corrected dual (``solve_dual_analytic``) on the same
+    updates. λ and ν are the recorded ones (the updates file's, else the values OmniSafe printed); for OmniSafe's
+    dual, :func:`omnisafe_dual` is checked against the printed values."""
+    import torch as th
+
+    from sb3_metacpo.common.cpo_subproblem import solve_dual_analytic
+
+    for (_, dual), (prefix, variant) in VARIANTS.items():
+        printed = read_printed(out / f"{prefix}_acceptance.csv")
+        counts: Counter[tuple[int, str]] = Counter()
+        mirrored = 0
+        for path in sorted(out.glob(f"{prefix}_seed*_nsteps*.updates.csv")):
+            header, rows = read_updates(path)
+            seed = int(path.name.split("_seed")[1].split("_")[0])
+            for row in rows:
+                case, terms = int(row["case"]), (row["q"], row["r"], row["s"], row["c"])
+                shown = printed.get((seed, int(row["update"])))
+                if case not in (1, 2) or ("lam" not in row and shown is None):
+                    continue
+                lam, nu = (row["lam"], row["nu"]) if "lam" in row else (shown["Lambda_star"], shown["Nu_star"])
+                if dual == "omnisafe" and shown is not None:
+                    mirror = omnisafe_dual(*terms, header["target_kl"])
+                    mirrored += bool(np.allclose(mirror, (shown["Lambda_star"], shown["Nu_star"]), rtol=1e-3, atol=1e-6))
+                tensors = (th.tensor(value, dtype=th.float64) for value in (*terms, header["target_kl"]))
+                best = step_quality(*terms, *(float(value) for value in solve_dual_analytic(*tensors)))
+                quality = step_quality(*terms, lam, nu)
+                for key, value in (("", quality), ("corrected ", best)):
+                    counts[case, key + "breaks"] += value[1] > 1e-8  # the scalars are float32's: rounding ~1e-10
+                    counts[case, key + "outside"] += value[2] > header["target_kl"] * (1 + 1e-6)
+                counts[case, "updates"] += 1
+                counts[case, "negative"] += lam < 0
+                counts[case, "lower"] += quality[0] < best[0] - 1e-6 * abs(best[0])
+                counts[case, "printed"] += shown is not None
+                counts[case, "rejected"] += shown is not None and shown["AcceptanceStep"] == 0
+        total = counts[1, "updates"] + counts[2, "updates"]
+        if not total:
+            continue
+        check = f"; omnisafe_dual gives OmniSafe's printed λ, ν in {mirrored}" if dual == "omnisafe" else ""
+        print(f"\n{variant}: its full steps in cases 1 and 2, {total} updates{check}\n")
+        print(
+            "| case | updates | λ < 0 | breaks the linearised constraint | outside the trust region | objective below "
+            "the corrected dual's | rejected by the line search | corrected dual: breaks / outside |"
+        )
+        print("|---|---|---|---|---|---|---|---|")
+        for case in (1, 2):
+            cells = [counts[case, key] for key in ("updates", "negative", "breaks", "outside", "lower")]
+            rejected = f"{counts[case, 'rejected']} of {counts[case, 'printed']}"
+            corrected = f"{counts[case, 'corrected breaks']} / {counts[case, 'corrected outside']}"
+            print(f"| {CASE_NAMES[case]} | {' | '.join(map(str, cells))} | {rejected} | {corrected} |")
+
+
 def print_cases(out: Path) -> None:
     """For each constraint scale with updates files in ``out``: how many updates took each case (all seeds), how many
     of those with the episode cost at or over the limit, and the cases the same updates would have taken with the other
@@ -366,7 +512,16 @@ def main() -> None:
         default="omnisafe",
         help="the step in CPO's cases 1 and 2: OmniSafe's own or from the corrected dual (with --constraint per-step)",
     )
-    parser.add_argument("--cases", action="store_true", help="print the cases of the updates files in --out and stop")
+    parser.add_argument(
+        "--cases", action="store_true", help="print the cases and duals of the updates files in --out and stop"
+    )
+    parser.add_argument(
+        "--tables",
+        type=Path,
+        nargs="+",
+        metavar="LOG",
+        help="write the variant's <prefix>_acceptance.csv into --out from these runs' stdout (one per seed) and stop",
+    )
     parser.add_argument("--timesteps", type=int, default=1_000_000)
     parser.add_argument("--eval-episodes", type=int, default=50, help="episodes of each final-policy evaluation")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/pointgoal1_seeds"))
@@ -375,6 +530,10 @@ def main() -> None:
         parser.error(f"no variant --constraint {args.constraint} --dual {args.dual}: choose one of {sorted(VARIANTS)}")
     if args.cases:
         print_cases(args.out)
+        print_duals(args.out)
+        return
+    if args.tables:
+        print(write_printed(args.tables, args.out, args.constraint, args.dual))
         return
     args.out.mkdir(parents=True, exist_ok=True)
     row = train_and_evaluate(args.seed, args.timesteps, args.eval_episodes, args.out, args.constraint, args.dual)

@@ -5,11 +5,13 @@ pointgoal1.py's summary like ours. (OmniSafe itself is not installed here: the s
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
 import torch as th
 
+from sb3_metacpo.common import cpo_subproblem as pc
 from tests.benchmark_modules import load_benchmark
 
 peer = load_benchmark("omnisafe_pointgoal1")
@@ -342,3 +344,107 @@ def test_a_later_variant_is_paired_with_each_earlier_one(capsys) -> None:
     for row, baseline in zip(rows, (peer.VARIANT, peer.PER_STEP_VARIANT), strict=True):
         differences = np.array(costs[peer.CORRECTED_VARIANT]) - np.array(costs[baseline])
         assert row.strip("|").split("|")[5].strip() == pointgoal1.mean_and_interval(differences, 2)
+
+
+LOG = """Logging data to
+runs/CPO-{{SafetyPointGoal1-v0}}/seed-007-2026-12-03-02-26-31/progress
+┏━━━━━━━━━━━━━━━━━━━━━┳━━━━━━━━━━━━━━┓
+┃ Metrics             ┃ Value        ┃
+┡━━━━━━━━━━━━━━━━━━━━━╇━━━━━━━━━━━━━━┩
+│ Metrics/EpCost      │ {cost}       │
+│ Train/Epoch         │ {epoch}      │
+│ Misc/FinalStepNorm  │ 0.25         │
+│ Misc/AcceptanceStep │ {accept}     │
+│ Misc/Lambda_star    │ -0.5         │
+│ Misc/Nu_star        │ 1e-09        │
+│ Misc/OptimCase      │ 1.0          │
+└─────────────────────┴──────────────┘
+"""
+
+
+def test_omnisafes_printed_tables_are_read_per_epoch_and_round_trip(tmp_path) -> None:
+    text = LOG.format(cost=40.0, epoch=0.0, accept=0.0) + "Accept step at i=1\n" + LOG.format(cost=30.5, epoch=1.0, accept=3.0)
+    seed, rows = peer.printed_tables(text)
+    assert seed == 7 and [(row["Train/Epoch"], row["Metrics/EpCost"], row["Misc/AcceptanceStep"]) for row in rows] == [
+        (0.0, 40.0, 0.0),
+        (1.0, 30.5, 3.0),
+    ]
+    (tmp_path / "log.txt").write_text(text)
+    path = peer.write_printed([tmp_path / "log.txt"], tmp_path, "per-step", "corrected")
+    assert path.name == f"{peer.VARIANTS[('per-step', 'corrected')][0]}_acceptance.csv"
+    read = peer.read_printed(path)
+    assert sorted(read) == [(7, 0), (7, 1)] and read[7, 1]["EpCost"] == 30.5 and read[7, 0]["Lambda_star"] == -0.5
+    with pytest.raises(ValueError, match="seed-NNN"):
+        peer.printed_tables("no log directory here")
+
+
+def _problem(rng: np.random.Generator, target_kl: float, dim: int = 5) -> tuple:
+    """A random linearised CPO problem whose constraint boundary crosses the trust region (cases 1 and 2)."""
+    root = rng.normal(size=(dim, dim))
+    hessian = root @ root.T + 0.3 * np.eye(dim)
+    g, b = rng.normal(size=dim), rng.normal(size=dim)
+    x, p = np.linalg.solve(hessian, g), np.linalg.solve(hessian, b)
+    c = float(rng.uniform(-0.95, 0.95) * np.sqrt(2 * target_kl * (b @ p)))
+    return hessian, g, b, x, p, c, (float(g @ x), float(g @ p), float(b @ p), c)
+
+
+def test_omnisafes_dual_is_the_correct_one_with_r_negated_where_its_bounds_do_not_cross() -> None:
+    """The review's diagnosis, on random problems: OmniSafe's formulas are those for the loss's gradient, so with
+    ``r`` negated they give the library's dual (tested against cvxpy above) wherever its clamp's bounds do not cross;
+    with OmniSafe's own ``r`` they do not."""
+    rng = np.random.default_rng(7)
+    target_kl, agree, differ = 0.01, 0, 0
+    for _ in range(200):
+        *_, (q, r, s, c) = _problem(rng, target_kl)
+        expected = [float(value) for value in pc.solve_dual_analytic(*(th.tensor(v) for v in (q, r, s, c, target_kl)))]
+        if -r / (c + 1e-8) > 0:  # the bounds 0 and -r/c of the interval of ν > 0 do not cross
+            assert peer.omnisafe_dual(q, -r, s, c, target_kl) == pytest.approx(expected, rel=1e-4, abs=1e-9)  # its 1e-8s
+            agree += 1
+        differ += not np.allclose(peer.omnisafe_dual(q, r, s, c, target_kl), expected, rtol=1e-3)
+    assert agree > 50 and differ > 100
+
+
+def test_the_step_quality_of_the_scalars_is_that_of_the_vectors() -> None:
+    rng = np.random.default_rng(8)
+    for _ in range(20):
+        hessian, g, b, x, p, c, terms = _problem(rng, 0.01)
+        lam, nu = rng.uniform(-2, 2), rng.uniform(0, 1)
+        step = (x - nu * p) / (lam + 1e-8)
+        expected = (g @ step, c + b @ step, 0.5 * step @ hessian @ step)
+        assert peer.step_quality(*terms, lam, nu) == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+def test_the_duals_table_counts_the_full_steps_as_their_vectors_do(tmp_path, capsys) -> None:
+    """Oracle: each update's full step built from the problem's vectors (not from the scalars)."""
+    rng = np.random.default_rng(9)
+    target_kl, rows, printed, expected = 0.01, [], [], Counter()
+    for update in range(30):
+        hessian, g, b, x, p, c, (q, r, s, _) = _problem(rng, target_kl)
+        case = peer.cpo_case(c, s, target_kl)
+        lam, nu = peer.omnisafe_dual(q, r, s, c, target_kl)
+        step = (x - nu * p) / (lam + 1e-8)
+        expected[case, "updates"] += 1
+        expected[case, "negative"] += lam < 0
+        expected[case, "breaks"] += c + b @ step > 1e-8
+        expected[case, "outside"] += 0.5 * step @ hessian @ step > target_kl * (1 + 1e-6)
+        expected[case, "rejected"] += update % 3 == 0
+        best_lam, best_nu = (float(v) for v in pc.solve_dual_analytic(*(th.tensor(v) for v in (q, r, s, c, target_kl))))
+        best = g @ (x - best_nu * p) / (best_lam + 1e-8)
+        expected[case, "lower"] += g @ step < best - 1e-6 * abs(best)
+        rows.append(dict(update=update, ep_cost=0.0, ep_len=1000.0, c=c, bb=float(b @ b), q=q, r=r, s=s, B=0.0))
+        rows[-1].update(case=case, lam=lam, nu=nu)
+        printed.append(f"4,{update},0.0,{case},{0 if update % 3 == 0 else 2},{lam!r},{nu!r},0.1\n")
+    prefix = peer.VARIANTS[("per-step", "omnisafe")][0]
+    peer.write_updates(tmp_path / f"{prefix}_seed4_nsteps20000.updates.csv", rows, {}, 25.0, target_kl)
+    columns = "seed,epoch,EpCost,OptimCase,AcceptanceStep,Lambda_star,Nu_star,FinalStepNorm\n"
+    (tmp_path / f"{prefix}_acceptance.csv").write_text("# made by the test\n" + columns + "".join(printed))
+    peer.print_duals(tmp_path)
+    out = capsys.readouterr().out
+    assert f"{peer.PER_STEP_VARIANT}: its full steps in cases 1 and 2, 30 updates; omnisafe_dual gives" in out
+    assert expected[1, "updates"] and expected[2, "updates"] and expected[1, "breaks"] and expected[2, "negative"]
+    for case in (1, 2):
+        line = next(line for line in out.splitlines() if line.startswith(f"| {peer.CASE_NAMES[case]} |"))
+        cells = [cell.strip() for cell in line.strip("|").split("|")][1:]
+        counts = [str(expected[case, key]) for key in ("updates", "negative", "breaks", "outside", "lower")]
+        assert cells[:5] == counts
+        assert cells[5] == f"{expected[case, 'rejected']} of {expected[case, 'updates']}" and cells[6] == "0 / 0"
