@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -301,7 +302,8 @@ def test_the_corrected_step_solves_cpos_linearised_problem_in_cases_1_and_2() ->
         assert g @ found >= g @ expected - 1e-6 * np.linalg.norm(g) * np.linalg.norm(expected)
         np.testing.assert_allclose(found, expected, atol=2e-3 * np.linalg.norm(expected))  # the same point
         single = peer.corrected_step(*(th.tensor(value, dtype=th.float32) for value in (x, p, q, r, s)), c, target_kl)
-        assert single[0].dtype == th.float32  # OmniSafe's parameters' dtype
+        assert single[0].dtype == th.float32  # OmniSafe's parameters' dtype, the step to its precision
+        np.testing.assert_allclose(single[0].numpy(), found, rtol=0, atol=1e-5 * np.linalg.norm(found))
     assert seen == {1, 2}
 
 
@@ -376,6 +378,27 @@ def test_omnisafes_printed_tables_are_read_per_epoch_and_round_trip(tmp_path) ->
     assert sorted(read) == [(7, 0), (7, 1)] and read[7, 1]["EpCost"] == 30.5 and read[7, 0]["Lambda_star"] == -0.5
     with pytest.raises(ValueError, match="seed-NNN"):
         peer.printed_tables("no log directory here")
+    with pytest.raises(ValueError, match="same seed"):
+        peer.write_printed([tmp_path / "log.txt"] * 2, tmp_path, "per-step", "corrected")
+
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "pointgoal1_seeds"
+
+
+def test_omnisafe_dual_gives_the_values_omnisafe_printed_in_the_committed_runs() -> None:
+    """Oracle: OmniSafe 0.5.0's own λ* and ν*, as it printed them in the per-step runs (its case-1/2 updates)."""
+    prefix = peer.VARIANTS[("per-step", "omnisafe")][0]
+    printed = peer.read_printed(RESULTS / f"{prefix}_acceptance.csv")
+    compared = 0
+    for seed in (0, 1, 2):
+        header, rows = peer.read_updates(RESULTS / f"{prefix}_seed{seed}_nsteps20000.updates.csv")
+        for row in rows:
+            if row["case"] in (1, 2):
+                shown = printed[seed, int(row["update"])]
+                mirror = peer.omnisafe_dual(row["q"], row["r"], row["s"], row["c"], header["target_kl"])
+                assert mirror == pytest.approx((shown["Lambda_star"], shown["Nu_star"]), rel=1e-3, abs=1e-6)
+                compared += 1
+    assert compared == 135
 
 
 def _problem(rng: np.random.Generator, target_kl: float, dim: int = 5) -> tuple:
@@ -409,7 +432,7 @@ def test_the_step_quality_of_the_scalars_is_that_of_the_vectors() -> None:
     for _ in range(20):
         hessian, g, b, x, p, c, terms = _problem(rng, 0.01)
         lam, nu = rng.uniform(-2, 2), rng.uniform(0, 1)
-        step = (x - nu * p) / (lam + 1e-8)
+        step = (x - nu * p) / lam
         expected = (g @ step, c + b @ step, 0.5 * step @ hessian @ step)
         assert peer.step_quality(*terms, lam, nu) == pytest.approx(expected, rel=1e-9, abs=1e-12)
 
@@ -440,7 +463,8 @@ def test_the_duals_table_counts_the_full_steps_as_their_vectors_do(tmp_path, cap
     (tmp_path / f"{prefix}_acceptance.csv").write_text("# made by the test\n" + columns + "".join(printed))
     peer.print_duals(tmp_path)
     out = capsys.readouterr().out
-    assert f"{peer.PER_STEP_VARIANT}: its full steps in cases 1 and 2, 30 updates; omnisafe_dual gives" in out
+    counted = "30 updates; printed tables with the same case and episode cost in 30 of 30; omnisafe_dual gives"
+    assert f"{peer.PER_STEP_VARIANT}: its full steps in cases 1 and 2, {counted} OmniSafe's printed λ, ν in 30 of 30" in out
     assert expected[1, "updates"] and expected[2, "updates"] and expected[1, "breaks"] and expected[2, "negative"]
     for case in (1, 2):
         line = next(line for line in out.splitlines() if line.startswith(f"| {peer.CASE_NAMES[case]} |"))
