@@ -173,8 +173,8 @@ def corrected_step(x: Any, p: Any, q: Any, r: Any, s: Any, c: Any, target_kl: fl
     """CPO's step where the linearised constraint's boundary crosses the trust region (OmniSafe's cases 1 and 2), with
     its dual solved by the library's ``solve_dual_analytic`` (in float64) instead of OmniSafe 0.5.0's
     ``_step_direction``: ``(x - ν·p)/λ`` with ``x = H⁻¹g``, ``p = H⁻¹b``, ``q = xᵀHx``, ``r = gᵀp``, ``s = bᵀp``
-    (``g`` the objective's gradient, as OmniSafe's ``grads``; ``H⁻¹`` by OmniSafe's conjugate gradients, so the
-    optimum of the linearised problem as exactly as those solves) and the constraint value ``c``. Returns the step (in
+    (``g`` the objective's gradient, as OmniSafe's ``grads``; ``H⁻¹`` by OmniSafe's conjugate gradients, so the step
+    is the linearised problem's optimum as exactly as those solves are) and the constraint value ``c``. Returns the step (in
     ``x``'s dtype), λ and ν, as OmniSafe's method does."""
     import torch as th
 
@@ -364,8 +364,14 @@ def other_scale_case(row: dict[str, float], constraint: str, cost_limit: float, 
 
 
 #: OmniSafe's printed epoch values kept in ``<prefix>_acceptance.csv`` (its logger's keys without their group)
-PRINTED_KEYS = ("Metrics/EpCost", "Misc/OptimCase", "Misc/AcceptanceStep", "Misc/Lambda_star", "Misc/Nu_star")
-PRINTED_KEYS += ("Misc/FinalStepNorm",)
+PRINTED_KEYS = (
+    "Metrics/EpCost",
+    "Misc/OptimCase",
+    "Misc/AcceptanceStep",
+    "Misc/Lambda_star",
+    "Misc/Nu_star",
+    "Misc/FinalStepNorm",
+)
 
 
 def printed_tables(text: str) -> tuple[int, list[dict[str, float]]]:
@@ -481,9 +487,9 @@ def print_duals(out: Path) -> None:
 
 
 def print_cases(out: Path) -> None:
-    """For each constraint scale with updates files in ``out``: how many updates took each case (all seeds), how many
-    of those with the episode cost at or over the limit, and the cases the same updates would have taken with the other
-    scale."""
+    """For each variant with updates files in ``out``: how many updates took each case (all seeds), how many of those
+    with the episode cost at or over the limit, and the cases the same updates would have taken with the other
+    constraint scale."""
     for (constraint, _), (prefix, variant) in VARIANTS.items():
         paths = sorted(out.glob(f"{prefix}_seed*_nsteps*.updates.csv"))
         if not paths:
