@@ -348,13 +348,20 @@ def write_updates(
         handle.writelines(",".join(repr(row[key]) for key in UPDATE_COLUMNS) + "\n" for row in updates)
 
 
+def read_csv(path: Path) -> tuple[list[str], list[dict[str, float]]]:
+    """A file of ``#`` comment lines, a line of column names and rows of numbers: the comments (without their
+    ``#``) and the rows, by column."""
+    with open(path) as handle:
+        lines = [line.strip() for line in handle if line.strip()]
+    comments = [line[1:] for line in lines if line.startswith("#")]
+    columns, *body = [line.split(",") for line in lines if not line.startswith("#")]
+    return comments, [dict(zip(columns, map(float, row), strict=True)) for row in body]
+
+
 def read_updates(path: Path) -> tuple[dict[str, Any], list[dict[str, float]]]:
     """The header and rows :func:`write_updates` wrote."""
-    with open(path) as handle:
-        header = json.loads(handle.readline()[1:])
-        columns = handle.readline().strip().split(",")
-        rows = [dict(zip(columns, map(float, line.split(",")), strict=True)) for line in handle if line.strip()]
-    return header, rows
+    comments, rows = read_csv(path)
+    return json.loads(comments[0]), rows
 
 
 def other_scale_case(row: dict[str, float], constraint: str, cost_limit: float, target_kl: float) -> int:
@@ -416,11 +423,7 @@ def read_printed(path: Path) -> dict[tuple[int, int], dict[str, float]]:
     """The rows :func:`write_printed` wrote, by (seed, epoch); empty if there is no such file."""
     if not path.exists():
         return {}
-    with open(path) as handle:
-        lines = [line for line in handle if not line.startswith("#")]
-    columns = lines[0].strip().split(",")
-    rows = [dict(zip(columns, map(float, line.split(",")), strict=True)) for line in lines[1:] if line.strip()]
-    return {(int(row["seed"]), int(row["epoch"])): row for row in rows}
+    return {(int(row["seed"]), int(row["epoch"])): row for row in read_csv(path)[1]}
 
 
 def print_duals(out: Path) -> None:
