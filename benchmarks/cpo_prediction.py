@@ -1,0 +1,329 @@
+"""How well does a CPO step predict the cost it will have? Our CPO on SafetyPointGoal1Gymnasium-v0, each update
+diagnosed.
+
+CPO linearises the episode cost: a step x is taken so that ``J_C + L·aᵀx`` is at most the limit, ``a`` the gradient
+of the cost surrogate ``mean(ratio · A_C)`` on the batch, L the episode length. On PointGoal1 at 1e6 steps the cost
+stays about twice the limit although almost every step is one whose linearised cost is at the limit
+(``docs/guide/results.rst``). This script asks where the promised decrease goes. At every update it records, besides
+what CPO does:
+
+* the full step's predicted change of the episode cost, ``L·aᵀx`` (linear, CPO's model) and ``L·(L_C(φ+x) −
+  L_C(φ))`` (the importance-sampled surrogate the line search checks), and the next batch's measured change;
+* a split-half test of the cost gradient: the batch's two halves (whole episodes each) give two CPO steps, each
+  computed on its half alone; each step's predicted cost change is evaluated on its own half (in sample) and on the
+  other half (out of sample). A gradient that is mostly noise promises on its own half what the other half does not
+  confirm; the same for the reward surrogate as a contrast.
+
+The diagnostic steps change nothing: the update the model takes is checked to equal the one computed here, and the
+training episodes are those of ``pointgoal1.py``'s run of the same seed and batch size (compare with ``--reference``).
+
+    python benchmarks/cpo_prediction.py --seed 0 --out benchmarks/results/cpo_prediction   # ~10 min per seed
+    python benchmarks/cpo_prediction.py --summarise --out benchmarks/results/cpo_prediction \\
+        --reference benchmarks/results/pointgoal1_seeds
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch as th
+from adaptation import t_interval
+from pointgoal1 import ENV_ID, read_monitor
+from stable_baselines3.common.vec_env import DummyVecEnv
+
+from sb3_metacpo import CPO
+from sb3_metacpo.common.conjugate_gradient import flat_grad
+from sb3_metacpo.common.cpo_update import ActorFn, Params, PreparedBatch, cpo_update, flatten, surrogates
+from sb3_metacpo.common.rollouts import TaskBatch
+from sb3_metacpo.tasks.compat import import_safety_gymnasium
+from sb3_metacpo.tasks.monitor import CostMonitor
+from sb3_metacpo.tasks.safety_gym import fast_standard_env
+
+DEFAULT_TIMESTEPS = 1_000_000
+N_STEPS = 20_000
+#: the columns of an updates file, one row per update
+COLUMNS = (
+    "update",
+    "case",
+    "accepted",
+    "episodes",
+    "episode_cost",
+    "episode_cost_se",
+    "length",
+    "full_cost_linear",
+    "full_cost_surrogate",
+    "half_cost_in",
+    "half_cost_out",
+    "half_cost_in_surrogate",
+    "half_cost_out_surrogate",
+    "half_reward_in",
+    "half_reward_out",
+    "half_cases",
+)
+
+
+def split_batch(batch: TaskBatch) -> tuple[TaskBatch, TaskBatch]:
+    """The batch's two halves in time, each of whole episodes: a one-env batch whose middle row ends an episode.
+
+    Raises ``ValueError`` when the batch has several envs or its middle is not an episode boundary (each half must
+    hold its own episodes, whose advantages and costs do not depend on the other half)."""
+    n_rows, n_envs = batch.rewards.shape
+    if n_envs != 1:
+        raise ValueError(f"split_batch needs a one-env batch, got {n_envs} envs")
+    middle = n_rows // 2
+    if n_rows % 2 or not bool(batch.dones[middle - 1].all()):
+        raise ValueError(f"the batch of {n_rows} steps has no episode boundary at its middle row {middle}")
+    lengths = np.cumsum([episode.length for episode in batch.episodes])
+    first = int(np.searchsorted(lengths, middle, side="right"))
+    if first == 0 or lengths[first - 1] != middle:
+        raise ValueError("the batch's completed episodes do not end at its middle row")
+
+    def part(rows: slice, episodes: list) -> TaskBatch:
+        steps = None if batch.episode_steps is None else batch.episode_steps[rows]
+        return replace(
+            batch,
+            observations=batch.observations[rows],
+            actions=batch.actions[rows],
+            rewards=batch.rewards[rows],
+            costs=batch.costs[rows],
+            terminated=batch.terminated[rows],
+            truncated=batch.truncated[rows],
+            next_observations=batch.next_observations[rows],
+            episodes=episodes,
+            episode_steps=steps,
+        )
+
+    return part(slice(0, middle), batch.episodes[:first]), part(slice(middle, n_rows), batch.episodes[first:])
+
+
+def predicted_changes(actor: ActorFn, params: Params, step: th.Tensor, batch: PreparedBatch) -> dict[str, float]:
+    """What ``batch`` predicts a parameter change ``step`` (flat) does to the surrogates at ``params``: the linear
+    predictions ``gᵀ·step`` (reward surrogate) and ``aᵀ·step`` (first cost surrogate), and the importance-sampled
+    change of the cost surrogate, ``L_C(params + step) − L_C(params)``. Per step of data: multiply the cost ones by
+    the episode length for episode-cost units."""
+    work = {name: value.detach().clone().requires_grad_(True) for name, value in params.items()}
+    reward, costs = surrogates(actor, work, batch)
+    tensors = list(work.values())
+    g = flat_grad(reward, tensors, retain_graph=True)
+    a = flat_grad(costs[0], tensors)
+    with th.no_grad():
+        offset, moved = 0, {}
+        for name, value in params.items():
+            moved[name] = value.detach() + step[offset : offset + value.numel()].view_as(value)
+            offset += value.numel()
+        _, costs_after = surrogates(actor, moved, batch)
+    return {
+        "reward": float(g @ step),
+        "cost": float(a @ step),
+        "cost_surrogate": float(costs_after[0] - costs[0].detach()),
+    }
+
+
+def mean_length(batch: TaskBatch, default: int) -> float:
+    """The mean length of the batch's completed episodes (``default`` when none completed), the L of CPO's
+    constraint value."""
+    return float(np.mean([episode.length for episode in batch.episodes])) if batch.episodes else float(default)
+
+
+class DiagnosedCPO(CPO):
+    """Our CPO, unchanged, recording at each update the predictions of its step and of the two half-batch steps
+    (:data:`COLUMNS`) in ``diagnostics``."""
+
+    diagnostics: list[dict[str, Any]]
+
+    def train(self) -> None:
+        batch = self._rollout
+        assert batch is not None, "train() needs a rollout: call learn()"
+        if not hasattr(self, "diagnostics"):
+            self.diagnostics = []
+        live = self.policy.actor_params()
+        params = {name: value.detach().clone() for name, value in live.items()}
+        episode_length = self._episode_length()
+        config = self._cpo_config(self.target_kl)
+        actor, fisher = self.policy.actor_mean_log_std, self.policy.fisher_product
+        prepared = self._prepare_batch(batch, params, episode_length, with_critic=True)
+        full_params, full = cpo_update(actor, params, prepared, config, fisher=fisher)
+        halves = split_batch(batch)
+        prepared_halves = [self._prepare_batch(half, params, episode_length, with_critic=True) for half in halves]
+        lengths = [mean_length(half, episode_length) for half in halves]
+        steps = [cpo_update(actor, params, half, config, fisher=fisher)[1] for half in prepared_halves]
+        length = mean_length(batch, episode_length)
+        on_full = predicted_changes(actor, params, full.step.detach(), prepared)
+        own = [predicted_changes(actor, params, s.step.detach(), h) for s, h in zip(steps, prepared_halves, strict=True)]
+        other = [
+            predicted_changes(actor, params, s.step.detach(), h) for s, h in zip(steps, reversed(prepared_halves), strict=True)
+        ]
+        super().train()
+        taken = flatten({name: value.detach() for name, value in self.policy.actor_params().items()})
+        if not th.equal(taken, flatten(full_params).detach()):
+            raise RuntimeError("the diagnosed update differs from the one the model took")
+        sem = prepared.episode_cost_sem
+        self.diagnostics.append(
+            {
+                "update": self._n_updates,
+                "case": full.case,
+                "accepted": int(full.accepted),
+                "episodes": prepared.n_episodes,
+                "episode_cost": float(prepared.episode_costs[0]),
+                "episode_cost_se": float("nan") if sem is None else float(sem[0]),
+                "length": length,
+                "full_cost_linear": length * on_full["cost"],
+                "full_cost_surrogate": length * on_full["cost_surrogate"],
+                # each half's step on its own half (in sample) and on the other (out of sample), averaged over the two
+                "half_cost_in": float(np.mean([n * o["cost"] for n, o in zip(lengths, own, strict=True)])),
+                "half_cost_out": float(np.mean([n * o["cost"] for n, o in zip(reversed(lengths), other, strict=True)])),
+                "half_cost_in_surrogate": float(np.mean([n * o["cost_surrogate"] for n, o in zip(lengths, own, strict=True)])),
+                "half_cost_out_surrogate": float(
+                    np.mean([n * o["cost_surrogate"] for n, o in zip(reversed(lengths), other, strict=True)])
+                ),
+                "half_reward_in": float(np.mean([o["reward"] for o in own])),
+                "half_reward_out": float(np.mean([o["reward"] for o in other])),
+                "half_cases": "/".join(s.case for s in steps),
+            }
+        )
+
+
+def run_name(seed: int) -> str:
+    """The name of a seed's files, that of ``pointgoal1.py``'s run with the same settings."""
+    return f"CPO_seed{seed}_nsteps{N_STEPS}"
+
+
+def run(seed: int, timesteps: int, cost_limit: float, out: Path) -> Path:
+    """Train :class:`DiagnosedCPO` as ``pointgoal1.py`` trains CPO (one fast env, a monitor file of every training
+    episode) and write the updates file; returns its path."""
+    import_safety_gymnasium()
+    monitor_file = out / run_name(seed)
+
+    def make() -> gym.Env:
+        return CostMonitor(fast_standard_env(gym.make(ENV_ID)), filename=str(monitor_file))
+
+    env = DummyVecEnv([make])
+    model = DiagnosedCPO("MlpPolicy", env, seed=seed, cost_limit=cost_limit, n_steps=N_STEPS)
+    start = time.perf_counter()
+    model.learn(timesteps)
+    print(f"seed {seed}: {model._n_updates} updates in {time.perf_counter() - start:.0f} s", flush=True)
+    env.close()
+    path = out / f"{run_name(seed)}.updates.csv"
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(model.diagnostics)
+    return path
+
+
+def read_updates(path: Path) -> list[dict[str, Any]]:
+    """An updates file's rows, numbers as floats (``case`` and ``half_cases`` as text)."""
+    with open(path) as handle:
+        rows = list(csv.DictReader(handle))
+    text = {"case", "half_cases"}
+    return [{key: value if key in text else float(value) for key, value in row.items()} for row in rows]
+
+
+def seed_statistics(rows: list[dict[str, Any]], cost_limit: float) -> dict[str, float]:
+    """One seed's means over its updates (the cost ones in episode-cost units):
+
+    * ``promised``: the full step's linear prediction ``L·aᵀx`` and ``surrogate``, its importance-sampled one;
+    * ``realised``: the next batch's mean episode cost minus this batch's (the last update has no next batch);
+    * ``in``/``out``: the half-batch steps' predicted cost change on their own half and on the other one, and
+      ``ratio`` = out / in; ``reward_ratio`` the same for the reward surrogate;
+    * ``over``: the share of updates whose batch cost was at or over the limit, ``dual``: the share of CPO's
+      constrained (dual) steps.
+    """
+    costs = np.array([row["episode_cost"] for row in rows])
+    column = {key: np.array([row[key] for row in rows]) for key in COLUMNS if key not in ("case", "half_cases")}
+    cost_in, cost_out = column["half_cost_in"].mean(), column["half_cost_out"].mean()
+    reward_in, reward_out = column["half_reward_in"].mean(), column["half_reward_out"].mean()
+    return {
+        "updates": float(len(rows)),
+        "cost": float(costs.mean()),
+        "over": float(np.mean(costs >= cost_limit)),
+        "dual": float(np.mean([row["case"] == "dual" for row in rows])),
+        "promised": float(column["full_cost_linear"].mean()),
+        "surrogate": float(column["full_cost_surrogate"].mean()),
+        "realised": float(np.diff(costs).mean()) if len(costs) > 1 else math.nan,
+        "in": float(cost_in),
+        "out": float(cost_out),
+        "in_surrogate": float(column["half_cost_in_surrogate"].mean()),
+        "out_surrogate": float(column["half_cost_out_surrogate"].mean()),
+        "ratio": float(cost_out / cost_in) if cost_in else math.nan,
+        "reward_ratio": float(reward_out / reward_in) if reward_in else math.nan,
+    }
+
+
+def same_episodes(path: Path, reference: Path) -> str:
+    """Whether a monitor file's episodes (return, length, cost of each) are those of ``reference``, as text for the
+    summary: identical, the first N of a longer reference, or from which episode on they differ."""
+    if not reference.exists():
+        return "no reference"
+    ours, theirs = read_monitor(path), read_monitor(reference)
+    for index, (a, b) in enumerate(zip(ours, theirs, strict=False)):
+        if any(a[key] != b[key] for key in ("r", "l", "c")):
+            return f"DIFFERENT from episode {index} on"
+    if len(ours) == len(theirs):
+        return f"identical ({len(ours)} episodes)"
+    return f"the first {min(len(ours), len(theirs))} identical ({len(ours)} against {len(theirs)} episodes)"
+
+
+STATISTICS = (
+    ("cost", "batch cost"),
+    ("over", "updates at or over the limit"),
+    ("dual", "dual steps"),
+    ("promised", "promised ΔJ_C, linear"),
+    ("surrogate", "promised ΔJ_C, surrogate"),
+    ("realised", "realised ΔJ_C, next batch"),
+    ("in", "half step, own half"),
+    ("out", "half step, other half"),
+    ("in_surrogate", "half step, own half (surrogate)"),
+    ("out_surrogate", "half step, other half (surrogate)"),
+    ("ratio", "cost: other half / own half"),
+    ("reward_ratio", "reward: other half / own half"),
+)
+
+
+def summarise(out: Path, cost_limit: float, reference: Path | None) -> None:
+    """Print each seed's :func:`seed_statistics` and their mean ± 95 % t-interval over the seeds, and whether each
+    seed's training episodes equal those of the ``reference`` folder's run."""
+    paths = sorted(out.glob("*.updates.csv"))
+    if not paths:
+        raise SystemExit(f"no updates files in {out}")
+    per_seed = {path.name.removesuffix(".updates.csv"): seed_statistics(read_updates(path), cost_limit) for path in paths}
+    names = list(per_seed)
+    print(f"| quantity (means over each seed's updates; ΔJ_C in episode cost) | {' | '.join(names)} | over seeds |")
+    print("|---|" + "---|" * (len(names) + 1))
+    for key, label in STATISTICS:
+        values = np.array([per_seed[name][key] for name in names])
+        cells = " | ".join(f"{value:.3g}" for value in values)
+        print(f"| {label} | {cells} | {values.mean():.3g} ± {t_interval(values):.2g} |")
+    if reference is not None:
+        print()
+        for name in names:
+            print(f"{name}: training episodes {same_episodes(out / f'{name}.monitor.csv', reference / f'{name}.monitor.csv')}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timesteps", type=int, default=DEFAULT_TIMESTEPS)
+    parser.add_argument("--cost-limit", type=float, default=25.0)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/cpo_prediction"))
+    parser.add_argument("--summarise", action="store_true", help="only print the statistics of --out's updates files")
+    parser.add_argument("--reference", type=Path, help="a folder of pointgoal1.py's monitor files to compare with")
+    args = parser.parse_args()
+    if args.summarise:
+        summarise(args.out, args.cost_limit, args.reference)
+        return
+    th.set_num_threads(1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    print(run(args.seed, args.timesteps, args.cost_limit, args.out))
+
+
+if __name__ == "__main__":
+    main()
