@@ -9,10 +9,12 @@ what CPO does:
 
 * the full step's predicted change of the episode cost, ``L·aᵀx`` (linear, CPO's model) and ``L·(L_C(φ+x) −
   L_C(φ))`` (the importance-sampled surrogate the line search checks), and the next batch's measured change;
-* a split-half test of the cost gradient: the batch's two halves (whole episodes each) give two CPO steps, each
-  computed on its half alone; each step's predicted cost change is evaluated on its own half (in sample) and on the
-  other half (out of sample). A gradient that is mostly noise promises on its own half what the other half does not
-  confirm; the same for the reward surrogate as a contrast.
+* a split test of the cost gradient: the batch is cut into K parts of whole episodes (K = 2, 4, 10: parts of 10, 5
+  and 2 episodes of a 20-episode batch), each part gives a CPO step computed on that part alone, and each step's
+  predicted cost change is evaluated on its own part (in sample) and on the other parts (out of sample, the mean
+  over them). A gradient that is mostly noise promises on its own part what the other parts do not confirm; the
+  ratio out / in is the share of the promise that holds, at that many episodes per batch. The same for the reward
+  surrogate, as a contrast.
 
 The diagnostic steps change nothing: the update the model takes is checked to equal the one computed here, and the
 training episodes are those of ``pointgoal1.py``'s run of the same seed and batch size (compare with ``--reference``).
@@ -49,7 +51,12 @@ from sb3_metacpo.tasks.safety_gym import fast_standard_env
 
 DEFAULT_TIMESTEPS = 1_000_000
 N_STEPS = 20_000
-#: the columns of an updates file, one row per update
+#: the numbers of parts the batch is cut into for the split test
+SPLITS = (2, 4, 10)
+#: per number of parts K, the split test's columns (``k<K>_cost_in`` ...): the parts' steps' predicted changes on
+#: their own part and on the other parts (cost in episode-cost units, linear and surrogate; reward linear, per step)
+SPLIT_COLUMNS = ("cost_in", "cost_out", "cost_in_surrogate", "cost_out_surrogate", "reward_in", "reward_out")
+#: the columns of an updates file, one row per update (``k<K>_cases``: the parts' CPO cases, ``/``-separated)
 COLUMNS = (
     "update",
     "case",
@@ -60,33 +67,33 @@ COLUMNS = (
     "length",
     "full_cost_linear",
     "full_cost_surrogate",
-    "half_cost_in",
-    "half_cost_out",
-    "half_cost_in_surrogate",
-    "half_cost_out_surrogate",
-    "half_reward_in",
-    "half_reward_out",
-    "half_cases",
+    *(f"k{k}_{name}" for k in SPLITS for name in (*SPLIT_COLUMNS, "cases")),
 )
+#: the text columns of an updates file
+TEXT_COLUMNS = frozenset({"case", *(f"k{k}_cases" for k in SPLITS)})
 
 
-def split_batch(batch: TaskBatch) -> tuple[TaskBatch, TaskBatch]:
-    """The batch's two halves in time, each of whole episodes: a one-env batch whose middle row ends an episode.
+def split_batch(batch: TaskBatch, parts: int) -> list[TaskBatch]:
+    """The batch cut in time into ``parts`` parts of equal rows, each of whole episodes (a one-env batch).
 
-    Raises ``ValueError`` when the batch has several envs or its middle is not an episode boundary (each half must
-    hold its own episodes, whose advantages and costs do not depend on the other half)."""
+    Raises ``ValueError`` when the batch has several envs, its rows do not divide into ``parts``, or a cut is not an
+    episode boundary (each part must hold its own episodes, whose advantages and costs do not depend on the others).
+    """
     n_rows, n_envs = batch.rewards.shape
     if n_envs != 1:
         raise ValueError(f"split_batch needs a one-env batch, got {n_envs} envs")
-    middle = n_rows // 2
-    if n_rows % 2 or not bool(batch.dones[middle - 1].all()):
-        raise ValueError(f"the batch of {n_rows} steps has no episode boundary at its middle row {middle}")
-    lengths = np.cumsum([episode.length for episode in batch.episodes])
-    first = int(np.searchsorted(lengths, middle, side="right"))
-    if first == 0 or lengths[first - 1] != middle:
-        raise ValueError("the batch's completed episodes do not end at its middle row")
+    if parts < 1 or n_rows % parts:
+        raise ValueError(f"a batch of {n_rows} steps does not divide into {parts} parts")
+    size = n_rows // parts
+    cuts = [size * index for index in range(1, parts)]
+    ends = np.cumsum([episode.length for episode in batch.episodes])
+    for cut in cuts:
+        if not bool(batch.dones[cut - 1].all()) or cut not in set(ends.tolist()):
+            raise ValueError(f"the batch of {n_rows} steps has no episode boundary at row {cut}")
+    which = np.searchsorted(np.array(cuts), ends - 1, side="right")  # the part each completed episode ends in
 
-    def part(rows: slice, episodes: list) -> TaskBatch:
+    def part(index: int) -> TaskBatch:
+        rows = slice(index * size, (index + 1) * size)
         steps = None if batch.episode_steps is None else batch.episode_steps[rows]
         return replace(
             batch,
@@ -97,11 +104,11 @@ def split_batch(batch: TaskBatch) -> tuple[TaskBatch, TaskBatch]:
             terminated=batch.terminated[rows],
             truncated=batch.truncated[rows],
             next_observations=batch.next_observations[rows],
-            episodes=episodes,
+            episodes=[episode for episode, w in zip(batch.episodes, which, strict=True) if w == index],
             episode_steps=steps,
         )
 
-    return part(slice(0, middle), batch.episodes[:first]), part(slice(middle, n_rows), batch.episodes[first:])
+    return [part(index) for index in range(parts)]
 
 
 def predicted_changes(actor: ActorFn, params: Params, step: th.Tensor, batch: PreparedBatch) -> dict[str, float]:
@@ -151,16 +158,9 @@ class DiagnosedCPO(CPO):
         actor, fisher = self.policy.actor_mean_log_std, self.policy.fisher_product
         prepared = self._prepare_batch(batch, params, episode_length, with_critic=True)
         full_params, full = cpo_update(actor, params, prepared, config, fisher=fisher)
-        halves = split_batch(batch)
-        prepared_halves = [self._prepare_batch(half, params, episode_length, with_critic=True) for half in halves]
-        lengths = [mean_length(half, episode_length) for half in halves]
-        steps = [cpo_update(actor, params, half, config, fisher=fisher)[1] for half in prepared_halves]
         length = mean_length(batch, episode_length)
         on_full = predicted_changes(actor, params, full.step.detach(), prepared)
-        own = [predicted_changes(actor, params, s.step.detach(), h) for s, h in zip(steps, prepared_halves, strict=True)]
-        other = [
-            predicted_changes(actor, params, s.step.detach(), h) for s, h in zip(steps, reversed(prepared_halves), strict=True)
-        ]
+        split = {k: self._split_test(batch, params, k) for k in SPLITS}
         super().train()
         taken = flatten({name: value.detach() for name, value in self.policy.actor_params().items()})
         if not th.equal(taken, flatten(full_params).detach()):
@@ -177,18 +177,38 @@ class DiagnosedCPO(CPO):
                 "length": length,
                 "full_cost_linear": length * on_full["cost"],
                 "full_cost_surrogate": length * on_full["cost_surrogate"],
-                # each half's step on its own half (in sample) and on the other (out of sample), averaged over the two
-                "half_cost_in": float(np.mean([n * o["cost"] for n, o in zip(lengths, own, strict=True)])),
-                "half_cost_out": float(np.mean([n * o["cost"] for n, o in zip(reversed(lengths), other, strict=True)])),
-                "half_cost_in_surrogate": float(np.mean([n * o["cost_surrogate"] for n, o in zip(lengths, own, strict=True)])),
-                "half_cost_out_surrogate": float(
-                    np.mean([n * o["cost_surrogate"] for n, o in zip(reversed(lengths), other, strict=True)])
-                ),
-                "half_reward_in": float(np.mean([o["reward"] for o in own])),
-                "half_reward_out": float(np.mean([o["reward"] for o in other])),
-                "half_cases": "/".join(s.case for s in steps),
+                **{f"k{k}_{name}": value for k, columns in split.items() for name, value in columns.items()},
             }
         )
+
+    def _split_test(self, batch: TaskBatch, params: Params, parts: int) -> dict[str, Any]:
+        """The split test with ``parts`` parts (:data:`SPLIT_COLUMNS`, means over the parts' steps, and the cases)."""
+        episode_length = self._episode_length()
+        config = self._cpo_config(self.target_kl)
+        actor, fisher = self.policy.actor_mean_log_std, self.policy.fisher_product
+        pieces = split_batch(batch, parts)
+        prepared = [self._prepare_batch(piece, params, episode_length, with_critic=True) for piece in pieces]
+        lengths = [mean_length(piece, episode_length) for piece in pieces]
+        steps = [cpo_update(actor, params, piece, config, fisher=fisher)[1] for piece in prepared]
+        own, other = [], []  # per part's step: its predictions on its own part, and their mean over the other parts
+        for index, step in enumerate(steps):
+            on = [predicted_changes(actor, params, step.step.detach(), piece) for piece in prepared]
+            scaled = [
+                {**o, "cost": n * o["cost"], "cost_surrogate": n * o["cost_surrogate"]}
+                for n, o in zip(lengths, on, strict=True)
+            ]
+            own.append(scaled[index])
+            others = [o for j, o in enumerate(scaled) if j != index]
+            other.append({key: float(np.mean([o[key] for o in others])) for key in scaled[index]})
+        return {
+            "cost_in": float(np.mean([o["cost"] for o in own])),
+            "cost_out": float(np.mean([o["cost"] for o in other])),
+            "cost_in_surrogate": float(np.mean([o["cost_surrogate"] for o in own])),
+            "cost_out_surrogate": float(np.mean([o["cost_surrogate"] for o in other])),
+            "reward_in": float(np.mean([o["reward"] for o in own])),
+            "reward_out": float(np.mean([o["reward"] for o in other])),
+            "cases": "/".join(step.case for step in steps),
+        }
 
 
 def run_name(seed: int) -> str:
@@ -220,11 +240,14 @@ def run(seed: int, timesteps: int, cost_limit: float, out: Path) -> Path:
 
 
 def read_updates(path: Path) -> list[dict[str, Any]]:
-    """An updates file's rows, numbers as floats (``case`` and ``half_cases`` as text)."""
+    """An updates file's rows, numbers as floats (:data:`TEXT_COLUMNS` as text)."""
     with open(path) as handle:
         rows = list(csv.DictReader(handle))
-    text = {"case", "half_cases"}
-    return [{key: value if key in text else float(value) for key, value in row.items()} for row in rows]
+    return [{key: value if key in TEXT_COLUMNS else float(value) for key, value in row.items()} for row in rows]
+
+
+def ratio(numerator: float, denominator: float) -> float:
+    return numerator / denominator if denominator else math.nan
 
 
 def seed_statistics(rows: list[dict[str, Any]], cost_limit: float) -> dict[str, float]:
@@ -232,30 +255,29 @@ def seed_statistics(rows: list[dict[str, Any]], cost_limit: float) -> dict[str, 
 
     * ``promised``: the full step's linear prediction ``L·aᵀx`` and ``surrogate``, its importance-sampled one;
     * ``realised``: the next batch's mean episode cost minus this batch's (the last update has no next batch);
-    * ``in``/``out``: the half-batch steps' predicted cost change on their own half and on the other one, and
-      ``ratio`` = out / in; ``reward_ratio`` the same for the reward surrogate;
+    * per number of parts K, ``k<K>_in``/``k<K>_out``: the parts' steps' predicted cost change on their own part and
+      on the other parts, ``k<K>_ratio`` = out / in (of the means over the updates), ``k<K>_surrogate_ratio`` the
+      same for the importance-sampled change and ``k<K>_reward_ratio`` for the reward surrogate;
     * ``over``: the share of updates whose batch cost was at or over the limit, ``dual``: the share of CPO's
       constrained (dual) steps.
     """
     costs = np.array([row["episode_cost"] for row in rows])
-    column = {key: np.array([row[key] for row in rows]) for key in COLUMNS if key not in ("case", "half_cases")}
-    cost_in, cost_out = column["half_cost_in"].mean(), column["half_cost_out"].mean()
-    reward_in, reward_out = column["half_reward_in"].mean(), column["half_reward_out"].mean()
-    return {
+    mean = {key: float(np.mean([row[key] for row in rows])) for key in COLUMNS if key not in TEXT_COLUMNS}
+    result = {
         "updates": float(len(rows)),
         "cost": float(costs.mean()),
         "over": float(np.mean(costs >= cost_limit)),
         "dual": float(np.mean([row["case"] == "dual" for row in rows])),
-        "promised": float(column["full_cost_linear"].mean()),
-        "surrogate": float(column["full_cost_surrogate"].mean()),
+        "promised": mean["full_cost_linear"],
+        "surrogate": mean["full_cost_surrogate"],
         "realised": float(np.diff(costs).mean()) if len(costs) > 1 else math.nan,
-        "in": float(cost_in),
-        "out": float(cost_out),
-        "in_surrogate": float(column["half_cost_in_surrogate"].mean()),
-        "out_surrogate": float(column["half_cost_out_surrogate"].mean()),
-        "ratio": float(cost_out / cost_in) if cost_in else math.nan,
-        "reward_ratio": float(reward_out / reward_in) if reward_in else math.nan,
     }
+    for k in SPLITS:
+        result[f"k{k}_in"], result[f"k{k}_out"] = mean[f"k{k}_cost_in"], mean[f"k{k}_cost_out"]
+        result[f"k{k}_ratio"] = ratio(mean[f"k{k}_cost_out"], mean[f"k{k}_cost_in"])
+        result[f"k{k}_surrogate_ratio"] = ratio(mean[f"k{k}_cost_out_surrogate"], mean[f"k{k}_cost_in_surrogate"])
+        result[f"k{k}_reward_ratio"] = ratio(mean[f"k{k}_reward_out"], mean[f"k{k}_reward_in"])
+    return result
 
 
 def same_episodes(path: Path, reference: Path) -> str:
@@ -279,12 +301,17 @@ STATISTICS = (
     ("promised", "promised ΔJ_C, linear"),
     ("surrogate", "promised ΔJ_C, surrogate"),
     ("realised", "realised ΔJ_C, next batch"),
-    ("in", "half step, own half"),
-    ("out", "half step, other half"),
-    ("in_surrogate", "half step, own half (surrogate)"),
-    ("out_surrogate", "half step, other half (surrogate)"),
-    ("ratio", "cost: other half / own half"),
-    ("reward_ratio", "reward: other half / own half"),
+    *(
+        (f"k{k}_{key}", f"{k} parts of {N_STEPS // k} steps: {label}")
+        for k in SPLITS
+        for key, label in (
+            ("in", "ΔJ_C on own part"),
+            ("out", "ΔJ_C on the other parts"),
+            ("ratio", "cost, other / own"),
+            ("surrogate_ratio", "cost surrogate, other / own"),
+            ("reward_ratio", "reward, other / own"),
+        )
+    ),
 )
 
 
