@@ -19,7 +19,8 @@ what CPO does:
 The diagnostic steps change nothing: the update the model takes is checked to equal the one computed here, and the
 training episodes are those of ``pointgoal1.py``'s run of the same seed and batch size (compare with ``--reference``).
 
-    python benchmarks/cpo_prediction.py --seed 0 --out benchmarks/results/cpo_prediction   # ~10 min per seed
+    python benchmarks/cpo_prediction.py --seed 0 --out benchmarks/results/cpo_prediction   # ~15 min per seed
+    python benchmarks/cpo_prediction.py --seed 0 --recovery violated --out benchmarks/results/cpo_prediction
     python benchmarks/cpo_prediction.py --summarise --out benchmarks/results/cpo_prediction \\
         --reference benchmarks/results/pointgoal1_seeds
 """
@@ -38,12 +39,12 @@ import gymnasium as gym
 import numpy as np
 import torch as th
 from adaptation import t_interval
-from pointgoal1 import ENV_ID, read_monitor
+from pointgoal1 import ENV_ID, read_monitor, run_name
 from stable_baselines3.common.vec_env import DummyVecEnv
 
 from sb3_metacpo import CPO
 from sb3_metacpo.common.conjugate_gradient import flat_grad
-from sb3_metacpo.common.cpo_update import ActorFn, Params, PreparedBatch, cpo_update, flatten, surrogates
+from sb3_metacpo.common.cpo_update import RECOVERY_RULES, ActorFn, Params, PreparedBatch, cpo_update, flatten, surrogates
 from sb3_metacpo.common.rollouts import TaskBatch
 from sb3_metacpo.tasks.compat import import_safety_gymnasium
 from sb3_metacpo.tasks.monitor import CostMonitor
@@ -211,27 +212,24 @@ class DiagnosedCPO(CPO):
         }
 
 
-def run_name(seed: int) -> str:
-    """The name of a seed's files, that of ``pointgoal1.py``'s run with the same settings."""
-    return f"CPO_seed{seed}_nsteps{N_STEPS}"
-
-
-def run(seed: int, timesteps: int, cost_limit: float, out: Path) -> Path:
+def run(seed: int, timesteps: int, cost_limit: float, out: Path, recovery: str = "linearised") -> Path:
     """Train :class:`DiagnosedCPO` as ``pointgoal1.py`` trains CPO (one fast env, a monitor file of every training
-    episode) and write the updates file; returns its path."""
+    episode, the files named as that script names them) and write the updates file; returns its path."""
     import_safety_gymnasium()
-    monitor_file = out / run_name(seed)
+    options = {} if recovery == "linearised" else {"recovery": recovery}  # CPO's default: no variant in the name
+    name = run_name("CPO", seed, N_STEPS, options)
+    monitor_file = out / name
 
     def make() -> gym.Env:
         return CostMonitor(fast_standard_env(gym.make(ENV_ID)), filename=str(monitor_file))
 
     env = DummyVecEnv([make])
-    model = DiagnosedCPO("MlpPolicy", env, seed=seed, cost_limit=cost_limit, n_steps=N_STEPS)
+    model = DiagnosedCPO("MlpPolicy", env, seed=seed, cost_limit=cost_limit, n_steps=N_STEPS, recovery=recovery)
     start = time.perf_counter()
     model.learn(timesteps)
-    print(f"seed {seed}: {model._n_updates} updates in {time.perf_counter() - start:.0f} s", flush=True)
+    print(f"{name}: {model._n_updates} updates in {time.perf_counter() - start:.0f} s", flush=True)
     env.close()
-    path = out / f"{run_name(seed)}.updates.csv"
+    path = out / f"{name}.updates.csv"
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
         writer.writeheader()
@@ -254,7 +252,10 @@ def seed_statistics(rows: list[dict[str, Any]], cost_limit: float) -> dict[str, 
     """One seed's means over its updates (the cost ones in episode-cost units):
 
     * ``promised``: the full step's linear prediction ``L·aᵀx`` and ``surrogate``, its importance-sampled one;
-    * ``realised``: the next batch's mean episode cost minus this batch's (the last update has no next batch);
+    * ``realised``: the next batch's mean episode cost minus this batch's (the last update has no next batch; the
+      mean telescopes to the change from the first batch to the last, over the number of updates);
+    * ``promised_level``: the cost the full steps promise the next batch, ``J_C + L·aᵀx``, and ``next_level`` the
+      next batch's cost (both over the updates that have a next batch);
     * per number of parts K, ``k<K>_in``/``k<K>_out``: the parts' steps' predicted cost change on their own part and
       on the other parts, ``k<K>_ratio`` = out / in (of the means over the updates), ``k<K>_surrogate_ratio`` the
       same for the importance-sampled change and ``k<K>_reward_ratio`` for the reward surrogate;
@@ -262,6 +263,7 @@ def seed_statistics(rows: list[dict[str, Any]], cost_limit: float) -> dict[str, 
       constrained (dual) steps.
     """
     costs = np.array([row["episode_cost"] for row in rows])
+    promised = np.array([row["full_cost_linear"] for row in rows])
     mean = {key: float(np.mean([row[key] for row in rows])) for key in COLUMNS if key not in TEXT_COLUMNS}
     result = {
         "updates": float(len(rows)),
@@ -271,6 +273,8 @@ def seed_statistics(rows: list[dict[str, Any]], cost_limit: float) -> dict[str, 
         "promised": mean["full_cost_linear"],
         "surrogate": mean["full_cost_surrogate"],
         "realised": float(np.diff(costs).mean()) if len(costs) > 1 else math.nan,
+        "promised_level": float(np.mean((costs + promised)[:-1])) if len(costs) > 1 else math.nan,
+        "next_level": float(costs[1:].mean()) if len(costs) > 1 else math.nan,
     }
     for k in SPLITS:
         result[f"k{k}_in"], result[f"k{k}_out"] = mean[f"k{k}_cost_in"], mean[f"k{k}_cost_out"]
@@ -301,6 +305,8 @@ STATISTICS = (
     ("promised", "promised ΔJ_C, linear"),
     ("surrogate", "promised ΔJ_C, surrogate"),
     ("realised", "realised ΔJ_C, next batch"),
+    ("promised_level", "promised J_C of the next batch"),
+    ("next_level", "the next batch's J_C"),
     *(
         (f"k{k}_{key}", f"{k} parts of {N_STEPS // k} steps: {label}")
         for k in SPLITS
@@ -316,23 +322,31 @@ STATISTICS = (
 
 
 def summarise(out: Path, cost_limit: float, reference: Path | None) -> None:
-    """Print each seed's :func:`seed_statistics` and their mean ± 95 % t-interval over the seeds, and whether each
-    seed's training episodes equal those of the ``reference`` folder's run."""
+    """Per variant (the run name before ``_seed``), each seed's :func:`seed_statistics` and their mean ± 95 %
+    t-interval over the seeds; and whether each seed's training episodes equal those of the ``reference`` folder's
+    run of the same name."""
     paths = sorted(out.glob("*.updates.csv"))
     if not paths:
         raise SystemExit(f"no updates files in {out}")
-    per_seed = {path.name.removesuffix(".updates.csv"): seed_statistics(read_updates(path), cost_limit) for path in paths}
-    names = list(per_seed)
-    print(f"| quantity (means over each seed's updates; ΔJ_C in episode cost) | {' | '.join(names)} | over seeds |")
-    print("|---|" + "---|" * (len(names) + 1))
-    for key, label in STATISTICS:
-        values = np.array([per_seed[name][key] for name in names])
-        cells = " | ".join(f"{value:.3g}" for value in values)
-        print(f"| {label} | {cells} | {values.mean():.3g} ± {t_interval(values):.2g} |")
-    if reference is not None:
-        print()
-        for name in names:
-            print(f"{name}: training episodes {same_episodes(out / f'{name}.monitor.csv', reference / f'{name}.monitor.csv')}")
+    variants: dict[str, dict[str, dict[str, float]]] = {}
+    for path in paths:
+        name = path.name.removesuffix(".updates.csv")
+        variants.setdefault(name.split("_seed")[0], {})[name] = seed_statistics(read_updates(path), cost_limit)
+    for variant, per_seed in variants.items():
+        names = list(per_seed)
+        print(f"\n{variant}, {N_STEPS} steps per update (means over each seed's updates; ΔJ_C in episode cost):\n")
+        seeds = [name.split("_seed")[1].split("_")[0] for name in names]
+        print(f"| quantity | {' | '.join(f'seed {seed}' for seed in seeds)} | over seeds (± 95 % t) |")
+        print("|---|" + "---|" * (len(names) + 1))
+        for key, label in STATISTICS:
+            values = np.array([per_seed[name][key] for name in names])
+            cells = " | ".join(f"{value:.3g}" for value in values)
+            print(f"| {label} | {cells} | {values.mean():.3g} ± {t_interval(values):.2g} |")
+        if reference is not None:
+            print()
+            for name in names:
+                compared = same_episodes(out / f"{name}.monitor.csv", reference / f"{name}.monitor.csv")
+                print(f"{name}: training episodes against {reference.name}/: {compared}")
 
 
 def main() -> None:
@@ -340,6 +354,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timesteps", type=int, default=DEFAULT_TIMESTEPS)
     parser.add_argument("--cost-limit", type=float, default=25.0)
+    parser.add_argument("--recovery", choices=RECOVERY_RULES, default="linearised", help="CPO's recovery rule")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/cpo_prediction"))
     parser.add_argument("--summarise", action="store_true", help="only print the statistics of --out's updates files")
     parser.add_argument("--reference", type=Path, help="a folder of pointgoal1.py's monitor files to compare with")
@@ -349,7 +364,7 @@ def main() -> None:
         return
     th.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
-    print(run(args.seed, args.timesteps, args.cost_limit, args.out))
+    print(run(args.seed, args.timesteps, args.cost_limit, args.out, args.recovery))
 
 
 if __name__ == "__main__":

@@ -190,6 +190,7 @@ def test_seed_statistics_by_hand() -> None:
     assert stats["cost"] == pytest.approx(30.0) and stats["over"] == pytest.approx(2 / 3)
     assert stats["dual"] == pytest.approx(1 / 3) and stats["promised"] == pytest.approx(-19 / 3)
     assert stats["realised"] == pytest.approx(((20 - 30) + (40 - 20)) / 2)
+    assert stats["promised_level"] == pytest.approx((30 - 5 + 20 + 1) / 2) and stats["next_level"] == pytest.approx(30.0)
     for k in prediction.SPLITS:
         assert stats[f"k{k}_in"] == pytest.approx(-4.0) and stats[f"k{k}_out"] == pytest.approx(-1.0)
         assert stats[f"k{k}_ratio"] == pytest.approx(0.25) and stats[f"k{k}_surrogate_ratio"] == pytest.approx(0.25)
@@ -222,3 +223,21 @@ def test_same_episodes_reports_prefixes_and_the_first_difference(tmp_path) -> No
     )
     assert prediction.same_episodes(reference, reference) == "identical (3 episodes)"
     assert prediction.same_episodes(reference, tmp_path / "missing.csv") == "no reference"
+
+
+def test_summarise_groups_the_seeds_of_each_variant(tmp_path, capsys) -> None:
+    def write(name: str, rows: list[dict]) -> None:
+        with open(tmp_path / f"{name}.updates.csv", "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=prediction.COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    first, second = row(30.0, "dual", -5.0, -6.0, -1.0, 0.2, 0.05), row(20.0, "trpo", 1.0, 2.0, 0.0, 0.4, 0.15)
+    write("CPO_seed0_nsteps20000", [first, first])
+    write("CPO_seed1_nsteps20000", [second, second])
+    write("CPO-recovery-violated_seed0_nsteps20000", [first])
+    prediction.summarise(tmp_path, 25.0, None)
+    printed = capsys.readouterr().out
+    assert "\nCPO, 20000 steps" in printed and "\nCPO-recovery-violated, 20000 steps" in printed
+    assert "| batch cost | 30 | 20 | 25 ± 64 |" in printed  # t(0.975, 1) · 7.07 = 63.5
+    assert "| batch cost | 30 | 30 ± nan |" in printed
