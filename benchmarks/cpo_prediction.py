@@ -19,7 +19,7 @@ what CPO does:
 The diagnostic steps change nothing: the update the model takes is checked to equal the one computed here, and the
 training episodes are those of ``pointgoal1.py``'s run of the same seed and batch size (compare with ``--reference``).
 
-    python benchmarks/cpo_prediction.py --seed 0 --out benchmarks/results/cpo_prediction   # ~15 min per seed
+    python benchmarks/cpo_prediction.py --seed 0 --out benchmarks/results/cpo_prediction   # ~11 min per seed
     python benchmarks/cpo_prediction.py --seed 0 --recovery violated --out benchmarks/results/cpo_prediction
     python benchmarks/cpo_prediction.py --summarise --out benchmarks/results/cpo_prediction \\
         --reference benchmarks/results/pointgoal1_seeds
@@ -142,8 +142,8 @@ def mean_length(batch: TaskBatch, default: int) -> float:
 
 
 class DiagnosedCPO(CPO):
-    """Our CPO, unchanged, recording at each update the predictions of its step and of the two half-batch steps
-    (:data:`COLUMNS`) in ``diagnostics``."""
+    """Our CPO, unchanged, recording at each update the predictions of its step and the split tests' (one row of
+    :data:`COLUMNS` in ``diagnostics``)."""
 
     diagnostics: list[dict[str, Any]]
 
@@ -152,8 +152,7 @@ class DiagnosedCPO(CPO):
         assert batch is not None, "train() needs a rollout: call learn()"
         if not hasattr(self, "diagnostics"):
             self.diagnostics = []
-        live = self.policy.actor_params()
-        params = {name: value.detach().clone() for name, value in live.items()}
+        params = {name: value.detach().clone() for name, value in self.policy.actor_params().items()}
         episode_length = self._episode_length()
         config = self._cpo_config(self.target_kl)
         actor, fisher = self.policy.actor_mean_log_std, self.policy.fisher_product
