@@ -44,7 +44,17 @@ from stable_baselines3.common.vec_env import DummyVecEnv
 
 from sb3_metacpo import CPO
 from sb3_metacpo.common.conjugate_gradient import flat_grad
-from sb3_metacpo.common.cpo_update import RECOVERY_RULES, ActorFn, Params, PreparedBatch, cpo_update, flatten, surrogates
+from sb3_metacpo.common.cpo_update import (
+    RECOVERY_RULES,
+    ActorFn,
+    Params,
+    PreparedBatch,
+    add_flat,
+    cpo_update,
+    detached,
+    flatten,
+    surrogates,
+)
 from sb3_metacpo.common.rollouts import TaskBatch
 from sb3_metacpo.tasks.compat import import_safety_gymnasium
 from sb3_metacpo.tasks.monitor import CostMonitor
@@ -88,9 +98,9 @@ def split_batch(batch: TaskBatch, parts: int) -> list[TaskBatch]:
     size = n_rows // parts
     cuts = [size * index for index in range(1, parts)]
     ends = np.cumsum([episode.length for episode in batch.episodes])
-    for cut in cuts:
-        if not bool(batch.dones[cut - 1].all()) or cut not in set(ends.tolist()):
-            raise ValueError(f"the batch of {n_rows} steps has no episode boundary at row {cut}")
+    missing = sorted(set(cuts) - set(ends.tolist()))  # the completed episodes' ends are the episode boundaries
+    if missing:
+        raise ValueError(f"the batch of {n_rows} steps has no episode boundary at row {missing[0]}")
     which = np.searchsorted(np.array(cuts), ends - 1, side="right")  # the part each completed episode ends in
 
     def part(index: int) -> TaskBatch:
@@ -123,11 +133,7 @@ def predicted_changes(actor: ActorFn, params: Params, step: th.Tensor, batch: Pr
     g = flat_grad(reward, tensors, retain_graph=True)
     a = flat_grad(costs[0], tensors)
     with th.no_grad():
-        offset, moved = 0, {}
-        for name, value in params.items():
-            moved[name] = value.detach() + step[offset : offset + value.numel()].view_as(value)
-            offset += value.numel()
-        _, costs_after = surrogates(actor, moved, batch)
+        _, costs_after = surrogates(actor, add_flat(detached(params), step), batch)
     return {
         "reward": float(g @ step),
         "cost": float(a @ step),
