@@ -21,6 +21,7 @@ training episodes are those of ``pointgoal1.py``'s run of the same seed and batc
 
     python benchmarks/cpo_prediction.py --seed 0 --out benchmarks/results/cpo_prediction   # ~11 min per seed
     python benchmarks/cpo_prediction.py --seed 0 --recovery violated --out benchmarks/results/cpo_prediction
+    python benchmarks/cpo_prediction.py --seed 0 --cost-gamma 0.99 --out benchmarks/results/cpo_prediction
     python benchmarks/cpo_prediction.py --summarise --out benchmarks/results/cpo_prediction \\
         --reference benchmarks/results/pointgoal1_seeds
 """
@@ -217,11 +218,16 @@ class DiagnosedCPO(CPO):
         }
 
 
-def run(seed: int, timesteps: int, cost_limit: float, out: Path, recovery: str = "linearised") -> Path:
+def run(
+    seed: int, timesteps: int, cost_limit: float, out: Path, recovery: str = "linearised", cost_gamma: float = 1.0
+) -> Path:
     """Train :class:`DiagnosedCPO` as ``pointgoal1.py`` trains CPO (one fast env, a monitor file of every training
-    episode, the files named as that script names them) and write the updates file; returns its path."""
+    episode, the files named as that script names them) and write the updates file; returns its path. CPO's
+    defaults (``recovery="linearised"``, ``cost_gamma=1``) put no variant in the name."""
     import_safety_gymnasium()
-    options = {} if recovery == "linearised" else {"recovery": recovery}  # CPO's default: no variant in the name
+    options: dict[str, Any] = {} if recovery == "linearised" else {"recovery": recovery}
+    if cost_gamma != 1.0:
+        options["cost_gamma"] = cost_gamma
     name = run_name("CPO", seed, N_STEPS, options)
     monitor_file = out / name
 
@@ -229,7 +235,9 @@ def run(seed: int, timesteps: int, cost_limit: float, out: Path, recovery: str =
         return CostMonitor(fast_standard_env(gym.make(ENV_ID)), filename=str(monitor_file))
 
     env = DummyVecEnv([make])
-    model = DiagnosedCPO("MlpPolicy", env, seed=seed, cost_limit=cost_limit, n_steps=N_STEPS, recovery=recovery)
+    model = DiagnosedCPO(
+        "MlpPolicy", env, seed=seed, cost_limit=cost_limit, n_steps=N_STEPS, recovery=recovery, cost_gamma=cost_gamma
+    )
     start = time.perf_counter()
     model.learn(timesteps)
     print(f"{name}: {model._n_updates} updates in {time.perf_counter() - start:.0f} s", flush=True)
@@ -360,6 +368,7 @@ def main() -> None:
     parser.add_argument("--timesteps", type=int, default=DEFAULT_TIMESTEPS)
     parser.add_argument("--cost-limit", type=float, default=25.0)
     parser.add_argument("--recovery", choices=RECOVERY_RULES, default="linearised", help="CPO's recovery rule")
+    parser.add_argument("--cost-gamma", type=float, default=1.0, help="CPO's cost_gamma (discount of the cost advantages)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/cpo_prediction"))
     parser.add_argument("--summarise", action="store_true", help="only print the statistics of --out's updates files")
     parser.add_argument("--reference", type=Path, help="a folder of pointgoal1.py's monitor files to compare with")
@@ -369,7 +378,7 @@ def main() -> None:
         return
     th.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
-    print(run(args.seed, args.timesteps, args.cost_limit, args.out, args.recovery))
+    print(run(args.seed, args.timesteps, args.cost_limit, args.out, args.recovery, args.cost_gamma))
 
 
 if __name__ == "__main__":
