@@ -14,6 +14,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
+from stable_baselines3.common.policies import ActorCriticPolicy
 
 from sb3_metacpo import CPO, MetaCPO, MetaTRPO, make_task_distribution
 from sb3_metacpo.common.callbacks import SafeEvalCallback
@@ -340,6 +341,25 @@ CASES: list[Case] = [
         "safety-gymnasium's own id, whose step returns six values .* use 'SafetyPointGoal1Gymnasium-v0'",
     ),
     Case("MetaCPO(...)", "env=None", lambda: MetaCPO("MlpPolicy", None), ValueError, "env is required"),
+    Case(
+        "CPO(...)", "env=None", lambda: CPO("MlpPolicy", None), ValueError, r"env is required.*CPO\.load\(path, env=\.\.\.\)"
+    ),
+    Case(
+        "CPO(...)",
+        "policy=ActorCriticPolicy",
+        lambda: CPO(ActorCriticPolicy, "Toy2DNav", **CPO_SMALL),
+        TypeError,
+        r"CPO needs a CPOPolicy \(e.g. 'MlpPolicy'\), got ActorCriticPolicy",
+    ),
+    Case(
+        "MetaCPO(...)",
+        "policy=ActorCriticPolicy",
+        lambda: MetaCPO(ActorCriticPolicy, toy(), **SMALL),
+        TypeError,
+        r"MetaCPO needs a CPOPolicy \(e.g. 'MlpPolicy'\), got ActorCriticPolicy",
+    ),
+    _hyper("CPO", "tensorboard_log=5", ValueError, "tensorboard_log must be None or a folder path", tensorboard_log=5),
+    _hyper("MetaCPO", "tensorboard_log=5", ValueError, "tensorboard_log must be None or a folder path", tensorboard_log=5),
     Case(
         "MetaCPO(...)",
         "env=a gymnasium env",

@@ -217,3 +217,19 @@ def test_tensorboard_log_without_tensorboard_names_the_extra(
     assert model.num_timesteps == 0 and not list(tmp_path.iterdir())
     model.tensorboard_log = None
     model.learn(200)  # without it, training goes on
+
+
+@pytest.mark.parametrize("algo", [MetaCPO, CPO])
+def test_tensorboard_log_set_after_construction_is_checked_before_learn_changes_anything(algo: Any) -> None:
+    """The constructor checks ``tensorboard_log`` (a case of :mod:`bad_inputs`); an attribute set afterwards failed in
+    SB3's logger set-up, after ``_setup_learn`` had reset the counters and the envs, with a TypeError naming nothing."""
+    model = algo("MlpPolicy", toy(), **(SMALL if algo is MetaCPO else CPO_SMALL))
+    model.learn(200)
+    steps, total = model.num_timesteps, model._total_timesteps
+    parameters = [p.detach().clone() for p in model.policy.parameters()]
+    model.tensorboard_log = 5
+    for reset in (True, False):
+        with pytest.raises(ValueError, match="tensorboard_log must be None or a folder path"):
+            model.learn(200, reset_num_timesteps=reset)
+        assert (model.num_timesteps, model._total_timesteps) == (steps, total)
+        assert all(th.equal(p, q) for p, q in zip(model.policy.parameters(), parameters, strict=True))

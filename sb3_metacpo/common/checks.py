@@ -6,6 +6,7 @@ import difflib
 import inspect
 import math
 import numbers
+import os
 from typing import Any
 
 import numpy as np
@@ -157,12 +158,24 @@ def check_learn_arguments(
 TENSORBOARD_EXTRA = "pip install sb3-metacpo[tensorboard]"
 
 
+def check_tensorboard_log(tensorboard_log: Any) -> None:
+    """``tensorboard_log`` is None or a folder path (a string or an ``os.PathLike``): anything else failed in SB3's
+    logger set-up, after ``learn`` had reset the counters and the envs, with a ``TypeError`` that did not name it."""
+    check(
+        tensorboard_log is None or isinstance(tensorboard_log, (str, os.PathLike)),
+        f"tensorboard_log must be None or a folder path (a string or a pathlib.Path), got {tensorboard_log!r}",
+    )
+
+
 def check_tensorboard(model: Any) -> None:
-    """A model with ``tensorboard_log`` whose ``learn`` is about to configure SB3's logger needs TensorBoard: an
-    ``ImportError`` naming the extra to install (SB3's own names none), before ``learn`` changes anything."""
+    """A model whose ``learn`` is about to configure SB3's logger has a valid ``tensorboard_log``
+    (:func:`check_tensorboard_log`; the attribute may have been set after construction), and one with a folder needs
+    TensorBoard: an ``ImportError`` naming the extra to install (SB3's own names none), before ``learn`` changes
+    anything."""
     from stable_baselines3.common import utils as sb3_utils
 
     tensorboard_log = getattr(model, "tensorboard_log", None)
+    check_tensorboard_log(tensorboard_log)
     if tensorboard_log is not None and not getattr(model, "_custom_logger", False) and sb3_utils.SummaryWriter is None:
         raise ImportError(
             f"tensorboard_log={str(tensorboard_log)!r} needs TensorBoard: {TENSORBOARD_EXTRA} (or tensorboard_log=None)"

@@ -25,6 +25,7 @@ from sb3_metacpo.common.constrained_step import StepConfig, StepResult
 from sb3_metacpo.common.constraints import CostConstraints
 from sb3_metacpo.common.cpo_subproblem import CVXPYLAYERS_EXTRA, MAX_ACTIVE_SET_CONSTRAINTS, cvxpylayers_available
 from sb3_metacpo.common.cpo_update import CPOConfig, Params
+from sb3_metacpo.common.policies import CPOPolicy
 from sb3_metacpo.common.serialization import (
     POLICY_CONTENT,
     ArchiveError,
@@ -177,6 +178,16 @@ class SafeAlgorithmMixin(ABC):
             assert self.task_distribution_params is not None
             self.task_distribution = make_task_distribution(self.task_distribution_name, **self.task_distribution_params)
         return self.task_distribution
+
+    def _check_policy_class(self, policy: Any = None) -> None:
+        """A ``TypeError`` unless the policy is a :class:`CPOPolicy`. Without ``policy``: the policy class (an alias
+        such as ``"MlpPolicy"`` is already its class here), before the model seeds anything or builds its networks,
+        since another class fails inside its constructor on the arguments the algorithm gives it (``n_costs``) with an
+        error that names neither; a factory that is not a class (e.g. a ``functools.partial`` of one) cannot be told
+        before it builds: ``policy``, what it built, is checked then."""
+        kind = self.policy_class if policy is None else type(policy)  # type: ignore[attr-defined]
+        if isinstance(kind, type) and not issubclass(kind, CPOPolicy):
+            raise TypeError(f"{type(self).__name__} needs a CPOPolicy (e.g. 'MlpPolicy'), got {kind.__name__}")
 
     # --- constraints ------------------------------------------------------------------------------------------
     @property

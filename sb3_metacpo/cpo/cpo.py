@@ -27,6 +27,7 @@ from sb3_metacpo.common.checks import (
     check_positive_reals,
     check_seed,
     check_tensorboard,
+    check_tensorboard_log,
     check_vec_env_cls,
     check_verbose,
     is_int,
@@ -192,6 +193,11 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):  # type: igno
         self.adapted_params: Params | None = None
         self.adaptation_history: list[dict[str, Any]] = []
         self._adaptation_sampler_cache: RolloutSampler | None = None
+        if env is None and _init_setup_model:  # SB3 failed later, reading the spaces it had not set
+            raise ValueError(
+                "env is required: pass an env, a VecEnv, an env id, a TaskDistribution or the registered name of one "
+                f"(a saved model without its env: {type(self).__name__}.load(path, env=...))"
+            )
         vec_env = None if env is None else self._make_env(env)
         try:  # a refused argument closes again the envs built from an id, a family or a task
             if vec_env is not None:  # the env's own space, before SB3 transposes images or asks for MultiInputPolicy
@@ -266,6 +272,8 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):  # type: igno
             )
         check_cpo_step_hyperparameters(self)
         check_verbose(self.verbose)  # a value given to load
+        check_tensorboard_log(self.tensorboard_log)
+        self._check_policy_class()
         check_policy_kwargs(self.policy_kwargs, self.policy_class)
         self._check_constraints()
         as_python_scalars(self, *_NUMERIC_HYPERPARAMETERS)
@@ -298,8 +306,7 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):  # type: igno
             self.observation_space, self.action_space, self.lr_schedule, **self.policy_kwargs
         )
         self.policy = self.policy.to(self.device)
-        if not isinstance(self.policy, CPOPolicy):
-            raise TypeError(f"{type(self).__name__} needs a CPOPolicy (e.g. 'MlpPolicy'), got {type(self.policy).__name__}")
+        self._check_policy_class(self.policy)  # a factory's product (a class was checked before)
         # SB3's RolloutBuffer has no costs: rollouts are kept as a TaskBatch in self._rollout instead.
         self.rollout_buffer = None  # type: ignore[assignment]
         self._rollout: TaskBatch | None = None

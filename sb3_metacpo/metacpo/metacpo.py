@@ -32,6 +32,7 @@ from sb3_metacpo.common.checks import (
     check_positive_reals,
     check_seed,
     check_tensorboard,
+    check_tensorboard_log,
     check_verbose,
     is_int,
     is_real,
@@ -301,6 +302,8 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):  # type: igno
         check_positive_reals(self, "inner_target_kl", "outer_target_kl", "critic_learning_rate")
         check_cpo_step_hyperparameters(self)
         check_verbose(self.verbose)  # a value given to load
+        check_tensorboard_log(self.tensorboard_log)
+        self._check_policy_class()
         check_policy_kwargs(self.policy_kwargs, self.policy_class)
         check(
             self.meta_gradient in ("second_order", "first_order"),
@@ -416,8 +419,7 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):  # type: igno
             self.observation_space, self.action_space, self.lr_schedule, **self.policy_kwargs
         )
         self.policy = self.policy.to(self.device)
-        if not isinstance(self.policy, CPOPolicy):
-            raise TypeError(f"{type(self).__name__} needs a CPOPolicy (e.g. 'MlpPolicy'), got {type(self.policy).__name__}")
+        self._check_policy_class(self.policy)  # a factory's product (a class was checked before)
         if self.adapted_params is not None:
             self.policy.set_actor_override(self.adapted_params)
 
