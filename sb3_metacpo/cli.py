@@ -39,11 +39,14 @@ from stable_baselines3.common.logger import configure
 from stable_baselines3.common.utils import get_device
 from tqdm.auto import tqdm
 
+from sb3_metacpo.common.policies import check_flat_action_space, check_flat_observation_space
+from sb3_metacpo.common.rollouts import meta_iteration_steps
 from sb3_metacpo.common.serialization import POLICY_CONTENT, ArchiveError, decode_space, decode_value, read_archive
 from sb3_metacpo.config import (
     ALGOS,
     ConfigError,
     check_algo,
+    constructor_parameters,
     default_config_file,
     load_hyperparams,
     parse_overrides,
@@ -51,6 +54,7 @@ from sb3_metacpo.config import (
 )
 from sb3_metacpo.cpo import CPO
 from sb3_metacpo.tasks.base import Task, TaskDistribution, list_task_distributions, make_task_distribution
+from sb3_metacpo.tasks.monitor import TOTAL_COST
 
 #: ``evaluate`` (and the GIFs) run held-out task i on episodes seeded from EVAL_SEED + i (as benchmarks/adaptation.py);
 #: ``adapt`` and ``benchmark`` evaluate every stage on those episodes too (``evaluate_params`` with that seed), and
@@ -80,6 +84,51 @@ def new_run_folder(log_folder: str | Path, algo: str, key: str) -> Path:
             return folder
         except FileExistsError:
             numbers.append(max(numbers, default=0) + 1)
+
+
+def output_folder(out: str | None, default: Path, option: str = "-o/--out") -> Path:
+    """The folder ``out`` (default ``default``) that a command writes into, or a usage error, before any work, when it
+    or a folder above it is a file (the write at the end failed with a traceback after the work was done)."""
+    folder = Path(out) if out else default
+    existing = next((path for path in (folder, *folder.parents) if path.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise CLIError(f"{option}: {existing} is a file, not a folder")
+    return folder
+
+
+def make_env_id(env_id: str, **kwargs: Any) -> gym.Env:
+    """``gym.make(env_id, **kwargs)``, safety-gymnasium's ids registered first; gymnasium's errors (an unknown id)
+    as usage errors."""
+    from sb3_metacpo.tasks.compat import import_safety_gymnasium
+
+    if env_id.startswith("Safety"):
+        import_safety_gymnasium()
+    try:
+        return gym.make(env_id, **kwargs)
+    except gym.error.Error as error:
+        raise CLIError(f"--env {env_id}: {error}") from error
+
+
+def check_env_id(env_id: str) -> None:
+    """A usage error, before the model or the run folder is made, unless ``env_id``'s spaces fit the policy (flat
+    Box observations and actions) and one step reports ``info["cost"]`` (the first training step raised, after the
+    run folder and its logs were written)."""
+    env = make_env_id(env_id)
+    try:
+        check_flat_observation_space(env.observation_space)
+        check_flat_action_space(env.action_space)
+        env.reset(seed=0)
+        env.action_space.seed(0)
+        info = env.step(env.action_space.sample())[-1]
+    except TypeError as error:
+        raise CLIError(f"--env {env_id}: {error}") from error
+    finally:
+        env.close()
+    if TOTAL_COST not in info:
+        raise CLIError(
+            f"--env {env_id} reports no info[{TOTAL_COST!r}]: CPO trains on envs that put the per-step cost there "
+            "(safety-gymnasium: the 'Safety...Gymnasium-v0' ids)"
+        )
 
 
 def logger_formats(verbose: int, tensorboard: bool) -> list[str]:
@@ -165,7 +214,9 @@ def train_run(
         raise CLIError(f"unknown family {family!r}; valid choices: {', '.join(list_task_distributions())}")
     key = family if family is not None else str(env_id)
     overrides = parse_overrides(hyperparams)
-    resolved = load_hyperparams(algo, key, conf_file, overrides, allow_missing=env_id is not None)
+    # the shipped file has no section for an arbitrary env id (the constructor's defaults); a file of the user's must
+    # have one, as for a family: a misspelled section trained silently on the defaults
+    resolved = load_hyperparams(algo, key, conf_file, overrides, allow_missing=env_id is not None and conf_file is None)
     policy, budget, env_kwargs, kwargs = to_constructor(resolved)
     if device is not None:
         try:
@@ -184,6 +235,8 @@ def train_run(
     if seed is None:
         seed = int(np.random.SeedSequence().generate_state(1)[0] % 2**31)  # recorded in config.yml
 
+    if env_id is not None:
+        check_env_id(env_id)
     env: Any = env_id
     if family is not None:
         try:
@@ -307,6 +360,8 @@ class LoadedRun:
         self.algo = str(name)
         self.family: str | None = family or self.config.get("family")
         self.env_id: str | None = None if family else self.config.get("env")
+        if self.env_id is None and family is None and not self.config:  # a model file alone: the id it saved
+            self.env_id = self._saved_env_id(model_path)
         self.seed = int(self.config.get("seed") or 0)
         self.model_path = model_path
         self.folder = config_folder
@@ -332,6 +387,16 @@ class LoadedRun:
                         f"{self.model_path}: its saved {family} task distribution does not load: {error}"
                     ) from error
         return make_task_distribution(self.family, seed=self.seed)
+
+    def _saved_env_id(self, model_path: Path) -> str | None:
+        """The env id the archive's model trained on (CPO on an env id), else None. Only a plain id: an
+        ``entry:point`` id would make gymnasium import a module that the file names."""
+        source = self._archive_metadata(model_path).get("env_source")
+        if isinstance(source, dict) and set(source) == {"id"}:
+            env_id = source["id"]
+            if isinstance(env_id, str) and ":" not in env_id:
+                return env_id
+        return None
 
     def _archive_metadata(self, model_path: Path) -> dict[str, Any]:
         """The archive's metadata, read once (a usage error for a file that is not an archive)."""
@@ -520,15 +585,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     run = LoadedRun(args.target, args.algo, args.family)
-    out = Path(args.out) if args.out else run.folder
+    out = output_folder(args.out, run.folder)
     model = run.load()
     records = []
     if run.env_id is not None and run.family is None:  # CPO on one env id
-        from sb3_metacpo.tasks.compat import import_safety_gymnasium
-
-        if run.env_id.startswith("Safety"):
-            import_safety_gymnasium()
-        targets: list[tuple[Any, str, gym.Env]] = [(run.env_id, run.env_id, gym.make(run.env_id))]
+        targets: list[tuple[Any, str, gym.Env]] = [(run.env_id, run.env_id, make_env_id(run.env_id))]
         limit = _cost_limit(model, None)
     else:
         distribution = run.require_distribution("evaluate")
@@ -575,7 +636,7 @@ def _evaluation_gif(run: LoadedRun, model: Any, out: Path, args: argparse.Namesp
     from sb3_metacpo.plots import policy_gif
 
     if run.family is None and run.distribution is None:
-        env = gym.make(str(run.env_id), render_mode="rgb_array")
+        env = make_env_id(str(run.env_id), render_mode="rgb_array")
     else:
         distribution = run.require_distribution("a GIF")
         env = distribution.make_env(distribution.test_tasks(1)[0], render_mode="rgb_array")
@@ -595,7 +656,7 @@ def _evaluation_gif(run: LoadedRun, model: Any, out: Path, args: argparse.Namesp
 
 def cmd_adapt(args: argparse.Namespace) -> int:
     run = LoadedRun(args.target, args.algo, args.family)
-    out = Path(args.out) if args.out else run.folder
+    out = output_folder(args.out, run.folder)
     distribution = run.require_distribution("adapt")
     tasks = distribution.test_tasks(args.n_tasks)
     records = []
@@ -666,15 +727,32 @@ def _adaptation_gif(
     print(f"GIF: {path}")
 
 
+def steps_per_update(algo: str, hyperparams: dict[str, Any]) -> int:
+    """Env steps of one update of ``algo`` with ``hyperparams`` (a :func:`load_hyperparams` section; the
+    constructor's defaults for the rest), the unit ``learn`` rounds a budget up to: CPO's rollout (``n_steps`` x
+    ``n_envs``), MetaCPO's and MetaTRPO's meta-iteration."""
+    values = {name: p.default for name, p in constructor_parameters(algo).items()} | hyperparams
+    if algo == "CPO":
+        return int(values["n_steps"]) * int(values["n_envs"])
+    meta_batch_size = int(values["meta_batch_size"])
+    n_envs = int(values["n_envs"] or meta_batch_size)
+    return meta_iteration_steps(meta_batch_size, n_envs, int(values["n_steps"]), int(values["n_inner_updates"]))
+
+
 def cmd_benchmark(args: argparse.Namespace) -> int:
     methods = list(args.methods)
-    budgets = {}
+    requested, update_steps = {}, {}
     env_kwargs_of: dict[str, dict[str, Any]] = {}  # each trained method's task-distribution arguments
     for method in methods:
         if method != "CPO-scratch":
             hyperparams = load_hyperparams(method, args.family, None, parse_overrides(args.hyperparams))
-            budgets[method] = args.n_timesteps or hyperparams["n_timesteps"]
+            requested[method] = args.n_timesteps or hyperparams["n_timesteps"]
+            update_steps[method] = steps_per_update(method, hyperparams)
             env_kwargs_of[method] = dict(hyperparams.get("env_kwargs") or {})
+    # Every trained method gets the same env steps: each learn() rounds its budget up to whole updates, so the budget
+    # is the least multiple of every method's update at or above -n (or the largest of the configs' budgets)
+    unit = math.lcm(*update_steps.values()) if update_steps else 1
+    budget = math.ceil(max(requested.values(), default=0) / unit) * unit
     if args.hyperparams and not env_kwargs_of:
         raise CLIError("--hyperparams sets the trained methods' options, and --methods trains none (CPO-scratch only)")
     # One task distribution (held-out tasks, episode length) for every method, CPO-scratch included
@@ -708,7 +786,10 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         if method == "CPO-scratch":
             plan.append("  CPO-scratch: no training; CPO from a random policy, adapted like the others")
         else:
-            plan.append(f"  {method}: train {budgets[method]} env steps with {default_config_file(method).name}, then adapt")
+            plan.append(
+                f"  {method}: train {budget} env steps ({_count(budget // update_steps[method], 'update')} of "
+                f"{update_steps[method]}) with {default_config_file(method).name}, then adapt"
+            )
     plan.append(
         "The adaptation protocol of benchmarks/adaptation.py (the published results): the same batch, trust region, "
         "tasks and seeded episode stream (so the same start states) for every method; training follows each method's "
@@ -730,7 +811,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
                     None,
                     None,
                     args.hyperparams,
-                    budgets[method],
+                    budget,
                     seed,
                     folder,
                     args.verbose,
@@ -814,6 +895,7 @@ def _figure_file(text: str, option: str) -> Path:
     path = Path(text)
     if not path.name.rstrip("."):
         raise CLIError(f"{option} {text}: give a file name, e.g. curves.png")
+    output_folder(str(path.parent), path.parent, option)
     if not path.suffix:
         return path.with_name(path.name.rstrip(".") + ".png")
     try:
@@ -985,7 +1067,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--methods", nargs="+", default=list(BENCHMARK_METHODS), choices=BENCHMARK_METHODS, help="methods to compare"
     )
     benchmark.add_argument("--seeds", type=_seed, nargs="+", default=[0], help="training seeds (default: 0)")
-    benchmark.add_argument("-n", "--n-timesteps", type=_positive_int, help="training budget of every method (default: config)")
+    benchmark.add_argument(
+        "-n",
+        "--n-timesteps",
+        type=_positive_int,
+        help="training budget of every method (default: the largest of the configs'), rounded up to whole updates of "
+        "each, so that every method trains the same env steps",
+    )
     benchmark.add_argument("--hyperparams", nargs="+", metavar="KEY:VALUE", help="overrides for every trained method")
     benchmark.add_argument("--n-tasks", type=_positive_int, default=3, help="held-out tasks (default: 3)")
     benchmark.add_argument("--n-updates", type=_non_negative_int, default=3, help="adaptation updates (default: 3)")

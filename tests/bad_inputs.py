@@ -342,6 +342,13 @@ CASES: list[Case] = [
     ),
     Case("MetaCPO(...)", "env=None", lambda: MetaCPO("MlpPolicy", None), ValueError, "env is required"),
     Case(
+        "CPO(...)",
+        "env='CartPole-v1'",
+        lambda: CPO("MlpPolicy", "CartPole-v1"),
+        TypeError,
+        r"needs a Box \(continuous\) action space, got Discrete\(2\)",
+    ),
+    Case(
         "CPO(...)", "env=None", lambda: CPO("MlpPolicy", None), ValueError, r"env is required.*CPO\.load\(path, env=\.\.\.\)"
     ),
     Case(

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import gymnasium as gym
+import numpy as np
 import pytest
 import torch as th
 import yaml
@@ -140,7 +141,13 @@ def test_usage_errors(tmp_path, capsys):
 def test_benchmark_dry_run_lists_the_plan(capsys):
     assert main(["benchmark", "--family", "Toy2DNav", "-n", "1000", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    for method in ("MetaCPO: train 1000 env steps", "MetaTRPO: train 1000", "CPO: train 1000", "CPO-scratch: no training"):
+    # metacpo.yml: 8 tasks x 400 steps x 2 collects per meta-iteration; cpo.yml: 8 envs x 400 steps per rollout
+    for method in (
+        "MetaCPO: train 6400 env steps (1 update of 6400)",
+        "MetaTRPO: train 6400 env steps (1 update of 6400)",
+        "CPO: train 6400 env steps (2 updates of 3200)",
+        "CPO-scratch: no training",
+    ):
         assert method in out
     assert "benchmarks/adaptation.py" in out
     assert "adaptation updates of 400 env steps with trust region 0.05 for every method" in out  # metacpo.yml's
@@ -162,6 +169,14 @@ def test_benchmark_adapts_every_method_with_the_same_batch_and_trust_region(tmp_
     assert main(argv) == 0
     # CPO adapts with MetaCPO's cost margin and CG iterations too (it had CPO's own 0.0 and 15)
     assert calls == [("MetaCPO", 200, 0.03, 1.0, 10), ("CPO", 200, 0.03, 1.0, 10), ("CPO", 200, 0.03, 1.0, 10)]
+    # and every method trained the same env steps: MetaCPO rounded -n 800 up to one meta-iteration (6400) where CPO
+    # rounded it to one rollout (3200), half of MetaCPO's steps, against the plan's "same budget"
+    (bench,) = tmp_path.iterdir()
+    steps = {
+        algo: algo_cls.load(str(bench / f"{algo}_Toy2DNav_1" / "model.zip")).num_timesteps
+        for algo, algo_cls in (("MetaCPO", MetaCPO), ("CPO", CPO))
+    }
+    assert steps == {"MetaCPO": 6400, "CPO": 6400}
 
 
 def test_benchmark_evaluates_every_stage_and_method_on_the_same_start_states(tmp_path, monkeypatch, capsys):
@@ -554,3 +569,102 @@ def test_the_table_gives_no_spread_for_one_pair_and_leaves_missing_values_out():
     assert f"3.00 ± {7**0.5:6.2f}" in three
     assert f"5.50 ± {((2 - 5.5) ** 2 * 2) ** 0.5:6.2f} (1 without a value)" in three
     assert "1/2 (limit 5)" in three and "nan" not in text
+
+
+def register_line_env(env_id: str, info_of=lambda a: {"cost": float(a[0] > 0.5)}, **kwargs) -> str:
+    if env_id not in gym.registry:
+        line = lambda: Bandit(lambda a: -abs(a[0]), info_of, **kwargs)  # noqa: E731
+        gym.register(env_id, entry_point=line, max_episode_steps=20)
+    return env_id
+
+
+def test_a_conf_file_without_the_env_ids_section_is_a_usage_error(tmp_path, capsys):
+    """The shipped file has no section for an arbitrary env id, and training goes on with the constructor's defaults;
+    a file of the user's without it (a misspelled section) trained silently on the defaults too."""
+    env_id = register_line_env("sb3metacpotest/ConfLine-v0")
+    conf = tmp_path / "mine.yml"
+    conf.write_text("sb3metacpotest/ConfLine-v1: {n_steps: 32, cost_limit: 1.0}\n")
+    argv = ["train", "--algo", "CPO", "--env", env_id, "-n", "64", "-f", str(tmp_path / "runs"), "--no-progress"]
+    assert main([*argv, "-conf", str(conf)]) == 2
+    assert "mine.yml has no section 'sb3metacpotest/ConfLine-v0'; its sections: sb3metacpotest/ConfLine-v1" in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "runs").exists()
+    conf.write_text("sb3metacpotest/ConfLine-v0: {n_steps: 32, cost_limit: 1.0, n_critic_updates: 1}\n")
+    assert main([*argv, "-conf", str(conf), "--verbose", "0"]) == 0
+    assert CPO.load(str(tmp_path / "runs" / "CPO_sb3metacpotest-ConfLine-v0_1" / "model.zip")).n_steps == 32
+
+
+class _GridActions(gym.ActionWrapper):
+    """A 2x2 Box action space (the policy takes flat ones), its first entry acting."""
+
+    def __init__(self, env: gym.Env) -> None:
+        super().__init__(env)
+        self.action_space = gym.spaces.Box(-1, 1, (2, 2), np.float32)
+
+    def action(self, action):
+        return np.asarray(action).reshape(-1)[:1]
+
+
+@pytest.mark.parametrize(
+    ("env_id", "expected"),
+    [
+        ("sb3metacpotest/CostlessLine-v0", r"reports no info\['cost'\]"),  # a KeyError traceback from inside learn
+        ("sb3metacpotest/GridLine-v0", r"needs a flat Box action space, got shape \(2, 2\)"),
+        ("CartPole-v1", r"needs a Box \(continuous\) action space, got Discrete\(2\)"),  # SB3's AssertionError
+    ],
+)
+def test_an_env_id_the_policy_cannot_train_on_is_a_usage_error_before_the_run_folder(tmp_path, capsys, env_id, expected):
+    register_line_env("sb3metacpotest/CostlessLine-v0", info_of=lambda a: {})
+    if "sb3metacpotest/GridLine-v0" not in gym.registry:
+        grid = lambda: _GridActions(Bandit(lambda a: 0.0, lambda a: {"cost": 0.0}))  # noqa: E731
+        gym.register("sb3metacpotest/GridLine-v0", entry_point=grid, max_episode_steps=20)
+    argv = ["train", "--algo", "CPO", "--env", env_id, "-n", "64", "-f", str(tmp_path / "runs"), "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert re.search(rf"sb3-metacpo train: error: --env {env_id}.*{expected}", err) and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_output_paths_below_a_file_are_usage_errors_before_any_work(run_folder, tmp_path, capsys, monkeypatch):
+    """-o naming a file (evaluate, adapt) or a figure below one (plot) failed with a FileExistsError traceback after
+    all the evaluations or adaptations were done."""
+    import sb3_metacpo.cli as cli
+
+    monkeypatch.setattr(cli, "run_episodes", lambda *args: pytest.fail("evaluated before checking -o"))
+    monkeypatch.setattr(cli, "adaptation_records", lambda *args, **kwargs: pytest.fail("adapted before checking -o"))
+    (tmp_path / "a_file").write_text("")
+    for argv in (
+        ["evaluate", str(run_folder), "-o", str(tmp_path / "a_file")],
+        ["adapt", str(run_folder), "-o", str(tmp_path / "a_file" / "sub")],
+        ["plot", str(run_folder), "-o", str(tmp_path / "a_file" / "curves.png")],
+        ["plot", str(run_folder), "--adaptation-out", str(tmp_path / "a_file" / "adaptation.png")],
+    ):
+        assert main([*argv, "--no-progress"] if argv[0] != "plot" else argv) == 2
+        assert f"-out: {tmp_path / 'a_file'} is a file, not a folder" in capsys.readouterr().err
+    assert (tmp_path / "a_file").read_text() == ""
+
+
+def test_a_cpo_model_file_alone_is_evaluated_on_the_env_id_it_saved(tmp_path, capsys):
+    """Without config.yml beside it, a CPO trained on an env id asked for --family, which it cannot take; the archive
+    records the id. An entry-point id (``module:Env``) is not taken from a file: gymnasium would import the module."""
+    import json
+    import shutil
+    import zipfile
+
+    from sb3_metacpo.common.serialization import METADATA
+
+    env_id = register_line_env("sb3metacpotest/AloneLine-v0")
+    argv = ["train", "--algo", "CPO", "--env", env_id, "-n", "64", "-f", str(tmp_path), "--no-progress", "--verbose", "0"]
+    assert main([*argv, "--hyperparams", "n_steps:32", "n_critic_updates:1"]) == 0
+    alone = tmp_path / "alone" / "model.zip"
+    alone.parent.mkdir()
+    shutil.copy(tmp_path / "CPO_sb3metacpotest-AloneLine-v0_1" / "model.zip", alone)
+    assert main(["evaluate", str(alone), "--n-eval-episodes", "2", "--no-progress"]) == 0
+    assert f"task {env_id}: return" in capsys.readouterr().out
+    assert (alone.parent / "evaluation.csv").exists()
+    metadata = json.loads(zipfile.ZipFile(alone).read(METADATA))
+    metadata["env_source"] = {"id": "antigravity:Env-v0"}
+    rewrite_archive(alone, tmp_path / "entry_point.zip", {METADATA: json.dumps(metadata).encode()})
+    assert main(["evaluate", str(tmp_path / "entry_point.zip"), "--no-progress"]) == 2
+    assert "env_source {'id': 'antigravity:Env-v0'} does not name an env id" in capsys.readouterr().err

@@ -184,7 +184,9 @@ class AdaptationMixin(ABC):
         makes an adaptation reproducible, and an adaptation between two ``learn`` calls changes the rest of training
         as any other use of that generator does.
 
-        :param env: a gymnasium env or VecEnv reporting ``info["cost"]`` (not the model's own training env, which
+        :param env: a gymnasium env reporting ``info["cost"]``, or a VecEnv whose envs are wrapped in
+            :class:`~sb3_metacpo.tasks.monitor.CostMonitor` (e.g. built with a distribution's ``make_env``: the
+            episode cost cannot be recorded from outside a VecEnv) (not the model's own training env, which
             adaptation would reset and step under the training run), a registered gymnasium id (e.g.
             ``"SafetyPointGoal1Gymnasium-v0"``), a task of the model's family, or the name of a registered family
             (its first held-out task: for the model's own family, that of the model's distribution, with its

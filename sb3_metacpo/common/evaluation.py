@@ -42,8 +42,9 @@ def evaluate_safe_policy(
     The stochastic policy by default, as everywhere in the package: its cost is what CPO constrains (SB3's
     ``evaluate_policy`` defaults to the mean action, whose cost can be far lower; pass ``deterministic=True`` for it).
     The standard deviations are the episodes' spread (``np.std``, as SB3's), not standard errors: divide by
-    √(n_eval_episodes − 1) for one. ``env`` must report ``info["cost"]``; it is wrapped in a
-    :class:`~sb3_metacpo.tasks.monitor.CostMonitor` when it has none.
+    √(n_eval_episodes − 1) for one. ``env`` must report ``info["cost"]``; a gymnasium env is wrapped in a
+    :class:`~sb3_metacpo.tasks.monitor.CostMonitor` when it has none, a VecEnv's envs must have one already (the
+    episode cost cannot be recorded from outside a VecEnv).
 
     :return: (mean reward, std reward, mean cost, std cost)
     """

@@ -308,6 +308,19 @@ def check_flat_observation_space(space: spaces.Space) -> spaces.Box:
     return space
 
 
+def check_flat_action_space(space: spaces.Space) -> spaces.Box:
+    """``space``, or a ``TypeError`` unless it is a flat Box (continuous actions, a vector): the actor is a diagonal
+    Gaussian, and the rollouts clip and store flat actions."""
+    if not isinstance(space, spaces.Box):
+        raise TypeError(f"CPOPolicy needs a Box (continuous) action space, got {space}")
+    if len(space.shape) != 1:
+        raise TypeError(
+            f"CPOPolicy needs a flat Box action space, got shape {space.shape}: give the env a flat one "
+            "(a gymnasium.ActionWrapper whose action(flat) reshapes it)"
+        )
+    return space
+
+
 class CPOPolicy(ActorCriticPolicy):
     """Actor-critic policy for CPO-style algorithms (SB3 ``ActorCriticPolicy`` plus a cost critic).
 
@@ -340,13 +353,7 @@ class CPOPolicy(ActorCriticPolicy):
         n_costs: int = 1,
         **kwargs: Any,
     ) -> None:
-        if not isinstance(action_space, spaces.Box):
-            raise TypeError(f"CPOPolicy needs a Box (continuous) action space, got {action_space}")
-        if len(action_space.shape) != 1:  # the rollouts clip and store flat actions
-            raise TypeError(
-                f"CPOPolicy needs a flat Box action space, got shape {action_space.shape}: give the env a flat one "
-                "(a gymnasium.ActionWrapper whose action(flat) reshapes it)"
-            )
+        action_space = check_flat_action_space(action_space)
         observation_space = check_flat_observation_space(observation_space)
         if len(args) <= _OPTIMIZER_CLASS_ARG:  # not given positionally: FlatAdam unless given by name
             kwargs.setdefault("optimizer_class", FlatAdam)

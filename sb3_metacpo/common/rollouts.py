@@ -324,6 +324,13 @@ def round_plan(n_tasks: int, n_envs: int, n_steps: int) -> list[tuple[int, np.nd
     return plan
 
 
+def meta_iteration_steps(meta_batch_size: int, n_envs: int, n_steps: int, n_inner_updates: int) -> int:
+    """Env steps of one meta-iteration of ``meta_batch_size`` tasks on a sampler of ``n_envs`` envs: K + 1 collects
+    (``n_inner_updates`` adaptation batches and the validation batch) of every round of :func:`round_plan`."""
+    rounds = round_plan(meta_batch_size, n_envs, n_steps)
+    return (n_inner_updates + 1) * sum(horizon * n_envs for _, _, horizon in rounds)
+
+
 def bind_policy(
     act: RolloutPolicy, task_indices: np.ndarray, env_indices: np.ndarray, round_index: int, n_envs: int
 ) -> Callable[[np.ndarray], np.ndarray]:

@@ -35,7 +35,12 @@ from sb3_metacpo.common.checks import (
 )
 from sb3_metacpo.common.cpo_update import CPOConfig, Params, PreparedBatch, cpo_update, prepare_batch
 from sb3_metacpo.common.envs import ResampleTaskOnReset, SafeEnv, make_safe_vec_env, vec_env_time_limit
-from sb3_metacpo.common.policies import CPOPolicy, check_critic_targets, check_flat_observation_space
+from sb3_metacpo.common.policies import (
+    CPOPolicy,
+    check_critic_targets,
+    check_flat_action_space,
+    check_flat_observation_space,
+)
 from sb3_metacpo.common.profiling import phase
 from sb3_metacpo.common.rollouts import (
     EpisodeRecord,
@@ -200,8 +205,12 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):  # type: igno
             )
         vec_env = None if env is None else self._make_env(env)
         try:  # a refused argument closes again the envs built from an id, a family or a task
-            if vec_env is not None:  # the env's own space, before SB3 transposes images or asks for MultiInputPolicy
-                check_flat_observation_space(vec_env.observation_space)
+            if vec_env is not None:  # the env's own spaces, before SB3 transposes images or asks for MultiInputPolicy
+                try:
+                    check_flat_observation_space(vec_env.observation_space)
+                    check_flat_action_space(vec_env.action_space)  # SB3 asserted, naming no fix
+                except TypeError as error:
+                    raise TypeError(f"env={env!r}: {error}") from None
             super().__init__(
                 policy,
                 vec_env,  # type: ignore[arg-type]

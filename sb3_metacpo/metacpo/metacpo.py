@@ -59,6 +59,7 @@ from sb3_metacpo.common.rollouts import (
     TaskBatch,
     VecStep,
     initial_episode_streams,
+    meta_iteration_steps,
     round_plan,
 )
 from sb3_metacpo.common.safe_algorithm import SafeAlgorithmMixin
@@ -578,8 +579,7 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):  # type: igno
 
     def _steps_per_meta_iteration(self) -> int:
         """Env steps of one meta-iteration: K + 1 collects of every round of the sampler's envs."""
-        rounds = round_plan(self.meta_batch_size, self.n_envs, self.n_steps)
-        return (self.n_inner_updates + 1) * sum(horizon * self.n_envs for _, _, horizon in rounds)
+        return meta_iteration_steps(self.meta_batch_size, self.n_envs, self.n_steps, self.n_inner_updates)
 
     def _collect(self, tasks: Sequence[Task], params: Sequence[Params], callback: BaseCallback) -> list[TaskBatch]:
         """One batch per task; the callback gets SB3's ``locals`` at every env step. Raises
