@@ -19,6 +19,7 @@ its type hints); every error is a :class:`ConfigError` naming the file and the k
 
 from __future__ import annotations
 
+import ast
 import difflib
 import inspect
 import math
@@ -194,11 +195,20 @@ def validate_hyperparams(algo: str, hyperparams: Mapping[str, Any], source: str,
         elif key == "env_kwargs":
             _check_env_kwargs(value, source, family)
         else:
+            if key == "policy_kwargs" and isinstance(value, str):  # the RL Zoo's "dict(net_arch=[64, 64], ...)"
+                value = checked[key] = zoo_dict(value, f"{source}: policy_kwargs")
             converted = _convert(key, value, source)
             if not _matches(converted, hint_type):
+                schedule = isinstance(value, str) and value.startswith("lin_")
                 raise ConfigError(
                     f"{source}: {key} = {value!r} has the wrong type; expected {_describe(hint_type)}"
                     f" (default: {parameters[key].default!r})"
+                    + (
+                        ": the RL Zoo's schedules (lin_<value>) are not read from files, as archives do not hold "
+                        "schedules; give a number, or a schedule in Python"
+                        if schedule
+                        else ""
+                    )
                 )
     return checked
 
@@ -215,6 +225,38 @@ def to_constructor(hyperparams: Mapping[str, Any]) -> tuple[str, int | None, dic
         dict(hyperparams.get("env_kwargs") or {}),
         kwargs,
     )
+
+
+def zoo_dict(text: str, what: str) -> dict[str, Any]:
+    """The RL Zoo's ``"dict(net_arch=[64, 64], activation_fn=nn.ReLU)"`` as a mapping, read without running it: a
+    call of ``dict`` with keyword arguments whose values are literals, nested ``dict(...)`` calls or dotted names
+    (``nn.ReLU``, kept as the text that :func:`to_constructor` resolves to the class); anything else is a
+    :class:`ConfigError` naming ``what``."""
+
+    def read(node: ast.expr) -> Any:
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "dict" and not node.args:
+            if any(keyword.arg is None for keyword in node.keywords):
+                raise ValueError("**unpacking")
+            return {keyword.arg: read(keyword.value) for keyword in node.keywords}
+        if isinstance(node, (ast.Name, ast.Attribute)):
+            return ast.unparse(node)
+        if isinstance(node, (ast.List, ast.Tuple)):
+            return [read(element) for element in node.elts]
+        if isinstance(node, ast.Dict) and None not in node.keys:
+            return {ast.literal_eval(key): read(value) for key, value in zip(node.keys, node.values, strict=True)}  # type: ignore[arg-type]
+        return ast.literal_eval(node)
+
+    try:
+        tree = ast.parse(text.strip(), mode="eval").body
+        if not (isinstance(tree, ast.Call) and isinstance(tree.func, ast.Name) and tree.func.id == "dict"):
+            raise ValueError("not a dict(...) call")
+        value = read(tree)
+    except (SyntaxError, ValueError, TypeError) as error:
+        raise ConfigError(
+            f"{what} = {text!r} is not a mapping: write it as a YAML mapping ({{net_arch: [64, 64], activation_fn: "
+            f"Tanh}}) or as the RL Zoo's dict(net_arch=[64, 64], activation_fn=nn.Tanh) of literals and names ({error})"
+        ) from None
+    return value
 
 
 # --- helpers -----------------------------------------------------------------------------------------------------

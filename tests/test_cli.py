@@ -668,3 +668,34 @@ def test_a_cpo_model_file_alone_is_evaluated_on_the_env_id_it_saved(tmp_path, ca
     rewrite_archive(alone, tmp_path / "entry_point.zip", {METADATA: json.dumps(metadata).encode()})
     assert main(["evaluate", str(tmp_path / "entry_point.zip"), "--no-progress"]) == 2
     assert "env_source {'id': 'antigravity:Env-v0'} does not name an env id" in capsys.readouterr().err
+
+
+def test_the_rl_zoos_dict_strings_are_read_without_running_them(tmp_path, capsys):
+    """RL Zoo files write ``policy_kwargs: "dict(net_arch=[64, 64], activation_fn=nn.ReLU)"``; it was refused as a
+    string. It is read as a mapping of literals and names (never evaluated), recorded as the mapping in
+    hyperparams.yml; code is refused with a message naming both forms."""
+    from sb3_metacpo.config import ConfigError, load_hyperparams, to_constructor
+
+    zoo = "dict(net_arch=dict(pi=[16], vf=[8]), activation_fn=nn.ReLU, log_std_init=-0.5, ortho_init=False)"
+    resolved = load_hyperparams("CPO", "Toy2DNav", None, {"policy_kwargs": zoo})
+    assert resolved["policy_kwargs"] == {
+        "net_arch": {"pi": [16], "vf": [8]},
+        "activation_fn": "nn.ReLU",
+        "log_std_init": -0.5,
+        "ortho_init": False,
+    }
+    assert to_constructor(resolved)[3]["policy_kwargs"]["activation_fn"] is th.nn.ReLU
+    marker = tmp_path / "ran"
+    for code in (f"__import__('pathlib').Path({str(marker)!r}).touch()", f"dict(a=open({str(marker)!r}, 'w'))", "dict(**x)"):
+        with pytest.raises(ConfigError, match=r"policy_kwargs = .* is not a mapping: write it as a YAML mapping"):
+            load_hyperparams("CPO", "Toy2DNav", None, {"policy_kwargs": code})
+    assert not marker.exists()
+    with pytest.raises(ConfigError, match=r"learning_rate = 'lin_0.001' .*the RL Zoo's schedules \(lin_<value>\) are not"):
+        load_hyperparams("CPO", "Toy2DNav", None, {"learning_rate": "lin_0.001"})
+    assert train(tmp_path, hyperparams=[*TINY[:2], "policy_kwargs:dict(net_arch=[16], activation_fn=nn.ReLU)", TINY[3]]) == 0
+    folder = tmp_path / "MetaCPO_Toy2DNav_1"
+    assert yaml.safe_load((folder / "hyperparams.yml").read_text())["Toy2DNav"]["policy_kwargs"] == {
+        "net_arch": [16],
+        "activation_fn": "nn.ReLU",
+    }
+    assert MetaCPO.load(str(folder / "model.zip")).policy.activation_fn is th.nn.ReLU
