@@ -92,9 +92,13 @@ def test_learn_logs_safety_keys(tmp_path):
         "train/line_search_fraction",
         "train/constraint",
         "train/value_loss",
+        "train/explained_variance",
+        "train/cost_explained_variance",
         "time/fps",
     ):
         assert key in rows[-1], key
+    logged = [float(row["train/explained_variance"]) for row in rows if row["train/explained_variance"]]
+    assert logged and all(value <= 1 for value in logged)  # 1 - Var(returns - values) / Var(returns)
     assert rows[-1]["train/cpo_case"] in ("trpo", "dual", "recovery")
 
 

@@ -244,6 +244,13 @@ def test_reward_gae_bootstraps_at_truncation_and_not_at_termination():
     )
     standardised = (advantages - advantages.mean()) / (advantages.std(ddof=1) + 1e-8)
     np.testing.assert_allclose(prepared.reward_advantages.numpy(), standardised, rtol=1e-6, atol=1e-6)
+    # the logged explained variance (SB3's train/explained_variance): of the critic's values against these returns
+    returns = advantages + values
+    assert prepared.explained_variance is not None
+    np.testing.assert_allclose(prepared.explained_variance[0], 1 - np.var(returns - values) / np.var(returns), rtol=1e-5)
+    cost_returns = prepared.cost_returns[:, 0]  # the cost critic predicts 0.5 V: its returns' own check is above's
+    expected_cost = 1 - np.var(cost_returns - 0.5 * values) / np.var(cost_returns)
+    np.testing.assert_allclose(prepared.explained_variance[1], expected_cost, rtol=1e-5)
 
 
 # --- M51 ----------------------------------------------------------------------------------------------------------

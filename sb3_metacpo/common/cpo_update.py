@@ -22,6 +22,7 @@ from typing import Literal
 
 import numpy as np
 import torch as th
+from stable_baselines3.common.utils import explained_variance
 
 from sb3_metacpo.common.advantages import compute_gae, discounted_returns, episode_steps, linear_baseline_values
 from sb3_metacpo.common.conjugate_gradient import fisher_vector_product_fn, flat_grad
@@ -93,6 +94,10 @@ class PreparedBatch:
     #: shape (m,), a step recovers whenever ``constraint[j]`` exceeds ``recovery_margin[j]`` (None for CPO's rule, see
     #: ``prepare_batch``)
     recovery_margin: np.ndarray | None = None
+    #: shape (1 + m,): SB3's explained variance ``1 - Var(returns - values) / Var(returns)`` of the values the
+    #: advantages were computed with (the critics' before their fit, or the per-batch linear baseline's) against the
+    #: GAE lambda-returns, for the reward then each cost (NaN where the returns do not vary); None when not computed
+    explained_variance: np.ndarray | None = None
 
 
 def gaussian_log_prob(mean: th.Tensor, log_std: th.Tensor, actions: th.Tensor) -> th.Tensor:
@@ -250,6 +255,9 @@ def prepare_batch(
         time_fractions=to_tensor(time_fractions),
         episode_cost_sem=sem,
         recovery_margin=margin,
+        explained_variance=np.array(
+            [explained_variance(np.ravel(value), np.ravel(ret)) for value, ret in zip(values, returns, strict=True)]
+        ),
     )
 
 

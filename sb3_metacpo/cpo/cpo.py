@@ -473,8 +473,12 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):  # type: igno
         self._n_updates += 1
         record = self.logger.record
         self._record_step(result)
+        assert prepared.explained_variance is not None
+        record("train/explained_variance", float(prepared.explained_variance[0]))  # SB3's key: the reward critic's
         for index, value in enumerate(prepared.constraint):
-            record(f"train/constraint{self.constraints.log_suffix(index)}", float(value))
+            suffix = self.constraints.log_suffix(index)
+            record(f"train/constraint{suffix}", float(value))
+            record(f"train/cost_explained_variance{suffix}", float(prepared.explained_variance[1 + index]))
         record("train/value_loss", loss)
         record("train/std", self.policy.log_std.exp().mean().item())
         record("train/n_updates", self._n_updates, exclude="tensorboard")
