@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from sb3_metacpo.common.policies import check_flat_action_space, check_flat_observation_space
 from sb3_metacpo.common.rollouts import meta_iteration_steps
+from sb3_metacpo.common.safe_algorithm import saved_env_id
 from sb3_metacpo.common.serialization import POLICY_CONTENT, ArchiveError, decode_space, decode_value, read_archive
 from sb3_metacpo.config import (
     ALGOS,
@@ -361,7 +362,7 @@ class LoadedRun:
         self.family: str | None = family or self.config.get("family")
         self.env_id: str | None = None if family else self.config.get("env")
         if self.env_id is None and family is None and not self.config:  # a model file alone: the id it saved
-            self.env_id = self._saved_env_id(model_path)
+            self.env_id = saved_env_id(self._archive_metadata(model_path).get("env_source"))
         self.seed = int(self.config.get("seed") or 0)
         self.model_path = model_path
         self.folder = config_folder
@@ -387,16 +388,6 @@ class LoadedRun:
                         f"{self.model_path}: its saved {family} task distribution does not load: {error}"
                     ) from error
         return make_task_distribution(self.family, seed=self.seed)
-
-    def _saved_env_id(self, model_path: Path) -> str | None:
-        """The env id the archive's model trained on (CPO on an env id), else None. Only a plain id: an
-        ``entry:point`` id would make gymnasium import a module that the file names."""
-        source = self._archive_metadata(model_path).get("env_source")
-        if isinstance(source, dict) and set(source) == {"id"}:
-            env_id = source["id"]
-            if isinstance(env_id, str) and ":" not in env_id:
-                return env_id
-        return None
 
     def _archive_metadata(self, model_path: Path) -> dict[str, Any]:
         """The archive's metadata, read once (a usage error for a file that is not an archive)."""

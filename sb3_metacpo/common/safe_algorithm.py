@@ -62,6 +62,16 @@ _NOT_SAVED = ("self", "policy", "env", "device", "_init_setup_model")
 _NOT_SAVED_SAMPLER_OPTIONS = ("ray_init_kwargs",)
 
 
+def saved_env_id(source: Any) -> str | None:
+    """The env id of an archive's ``env_source`` (``{"id": ...}``: a model trained on an env id), else None. Only a
+    plain id: an ``entry:point`` id would make gymnasium import a module that the file names."""
+    if isinstance(source, dict) and set(source) == {"id"}:
+        env_id = source["id"]
+        if isinstance(env_id, str) and ":" not in env_id:
+            return env_id
+    return None
+
+
 def _check_counters(counters: Any) -> None:
     """Raise a ``ValueError`` unless the archive's counters are what ``save`` writes: non-negative integers (``n_envs``
     positive or None) and a finite progress."""

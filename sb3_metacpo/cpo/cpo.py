@@ -51,7 +51,7 @@ from sb3_metacpo.common.rollouts import (
     box_space,
     check_actions,
 )
-from sb3_metacpo.common.safe_algorithm import DEFAULT_COST_LIMIT, SafeAlgorithmMixin
+from sb3_metacpo.common.safe_algorithm import DEFAULT_COST_LIMIT, SafeAlgorithmMixin, saved_env_id
 from sb3_metacpo.common.serialization import ArchiveError
 from sb3_metacpo.common.threads import with_limited_blas_threads
 from sb3_metacpo.tasks.base import Task, TaskDistribution, list_task_distributions, make_task_distribution
@@ -614,12 +614,10 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):  # type: igno
         if source is None:
             return None
         distribution = self._get_task_distribution()
-        if isinstance(source, dict) and set(source) == {"id"}:
-            env_id = source["id"]
-            # only a plain id: an "entry:point" id would make gymnasium import a module the file names
-            if isinstance(env_id, str) and ":" not in env_id:
-                return env_id
-        elif isinstance(source, dict) and source == {"task_distribution": True} and distribution is not None:
+        env_id = saved_env_id(source)
+        if env_id is not None:
+            return env_id
+        if isinstance(source, dict) and source == {"task_distribution": True} and distribution is not None:
             return distribution
         elif isinstance(source, dict) and set(source) == {"task"} and distribution is not None:
             try:
