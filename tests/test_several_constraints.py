@@ -615,3 +615,58 @@ def test_cost_errors_name_the_fix():
     # safety-gymnasium's cost_sum (the total again) is a cost the navigation families report
     for name in ("PointGoalHazard", "PointButtonHazard", "CarCircle"):
         assert "cost_sum" in make_task_distribution(name).cost_names
+
+
+def small_problem(seed: int, n: int, m: int, violated: bool):
+    """A random problem with more constraints than parameters: H (condition up to 1e3), δ, g, A with rows scaled over
+    four decades, b all violated (``violated``) or mixed, each b_j a multiple of √(2δs_j)."""
+    gen = torch.Generator().manual_seed(seed)
+    q_factor, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=DTYPE))
+    eigenvalues = torch.logspace(0, -3 * float(torch.rand(1, generator=gen)), n, dtype=DTYPE)
+    hessian = (q_factor * eigenvalues) @ q_factor.T
+    delta = 10 ** (-4 * float(torch.rand(1, generator=gen)))
+    g = torch.randn(n, generator=gen, dtype=DTYPE)
+    A = torch.randn(m, n, generator=gen, dtype=DTYPE) * 10 ** (4 * torch.rand(m, 1, generator=gen, dtype=DTYPE) - 2)
+    W = torch.linalg.solve(hessian, A.T).T
+    S = A @ W.T
+    S = 0.5 * (S + S.T)
+    low, high = (0.2, 0.8) if violated else (-1.5, 0.3)
+    b = (low + (high - low) * torch.rand(m, generator=gen, dtype=DTYPE)) * torch.sqrt(2 * delta * torch.diagonal(S))
+    return hessian, delta, g, A, W, S, b
+
+
+def minimax_of(hessian, delta, A, b, S):
+    """The recovery program's optimum t* by cvxpy: the smallest largest (b_j + a_jᵀx)/√(2δs_j) over the trust region."""
+    n = hessian.shape[0]
+    x, t = cp.Variable(n), cp.Variable()
+    root = np.linalg.cholesky(hessian.numpy())
+    scale = np.sqrt(2 * delta * np.diag(S.numpy()))
+    constraints = [cp.norm(root.T @ x) <= math.sqrt(2 * delta), (b.numpy() + A.numpy() @ x) / scale <= t]
+    cp.Problem(cp.Minimize(t), constraints).solve(solver="CLARABEL", **CLARABEL_TIGHT)
+    return float(t.value)
+
+
+@pytest.mark.parametrize("violated", [True, False])
+def test_with_more_constraints_than_parameters_the_layers_steps_stay_in_the_trust_region(violated):
+    """With m > n the normalised Gram matrix R is singular and SCS's answer to the recovery program could be off
+    without a word: a μ̃ far outside the trust region (½xᵀHx up to 3·10⁷δ), a t loose or below t* (a feasible problem
+    given a recovery step, a recovery case given a dual step). The step is now μ̃ brought into the trust region of
+    the exact R, and the case is judged by the violation it attains (an upper bound of t*, whatever SCS's accuracy):
+    every step is inside the trust region, the case is the oracle's, a dual step meets the constraints, and a
+    recovery step's largest violation is at least the oracle's optimum (it can be above it here, never below). Before,
+    seed 0 of the mixed problems (t* = −0.094) got a recovery step."""
+    cases = []
+    for seed in range(16):
+        hessian, delta, g, A, W, S, b = small_problem(seed, n=2, m=8, violated=violated)
+        v = torch.linalg.solve(hessian, g)
+        t_star = minimax_of(hessian, delta, A, b, S)
+        result = cpo_direction(v, W, g @ v, W @ g, S, b, delta, solver="cvxpylayers", s_tol=0.0)
+        assert 0.5 * result.x @ hessian @ result.x <= delta * (1 + 1e-6), seed
+        worst = float(((b + A @ result.x) / torch.sqrt(2 * delta * torch.diagonal(S))).max())
+        if abs(t_star) < 1e-4:
+            continue  # at the boundary the case is decided within the solvers' accuracy
+        assert result.case == ("recovery" if t_star > 0 else "dual"), (seed, t_star, result.case)
+        # a dual step meets the constraints to SCS's accuracy (R singular: ~1e-5 here, not the 1e-8 of m ≤ n)
+        assert worst <= 1e-4 if result.case == "dual" else worst >= t_star - 1e-6, (seed, worst, t_star)
+        cases.append(result.case)
+    assert len(cases) >= 12 and (set(cases) == {"recovery"} if violated else "dual" in cases), cases

@@ -414,7 +414,9 @@ def solve_recovery_layer(
     :param b: constraint values, shape (B, m)
     :param delta: trust-region sizes, shape (B,)
     :param informative: which constraints take part, shape (B, m) (default: all); the others get μ = 0
-    :return: μ of shape (B, m) and t* of shape (B,)
+    :return: μ of shape (B, m), inside the trust region, and the largest normalised violation it attains, t* up to
+        the solver's accuracy (:func:`_attained_recovery`), of shape (B,)
+    :raises LayerSolverError: the solver failed
     """
     return _solve_recovery(S, b, delta, informative, functools.partial(_layer_recovery, solver_args=solver_args))
 
@@ -437,11 +439,29 @@ def _solve_recovery(
     # one violation was 1e154 above another. The shift is a constant of the autograd graph (μ̃'s derivative is the
     # same at every shift); a clamped constraint's derivative is 0, as a non-binding one's.
     shift = b_scaled.detach().amax(-1, keepdim=True)
-    mu_scaled, worst = solve(gram, (b_scaled - shift).clamp_min(-3.0))
+    shifted = (b_scaled - shift).clamp_min(-3.0)
+    mu_scaled, worst = _attained_recovery(gram, shifted, solve(gram, shifted)[0])
     worst = worst + shift.squeeze(-1)
     delta_safe = delta.clamp_min(torch.finfo(b.dtype).eps)
     mu = torch.sqrt(2 * delta_safe).unsqueeze(-1) / scale * mu_scaled
     return torch.where(informative, mu, torch.zeros_like(mu)), worst
+
+
+def _attained_recovery(
+    gram: torch.Tensor, b_shifted: torch.Tensor, mu_scaled: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A recovery solver's μ̃ brought into the trust region of the exact R (μ̃ᵀRμ̃ ≤ 1), and the largest normalised
+    violation t_μ that it attains there: the step and an upper bound of t* whatever the solver's accuracy, instead of
+    the solver's own t. SCS's t could be loose or fall below t* (4e-6 below t* = −3e-7, which made a recovery case a
+    dual step that violated a linearised constraint), and where R is singular with more constraints than parameters
+    its μ̃ could lie far outside the trust region (μ̃ᵀRμ̃ ≈ 3·10⁷); its step can still be suboptimal there (a largest
+    violation of 0.96 where t* = 0.70), which t_μ then reports. The exact solver's t is t_μ already."""
+    with torch.no_grad():
+        norm = torch.sqrt((mu_scaled * (gram @ mu_scaled.unsqueeze(-1)).squeeze(-1)).sum(-1).clamp_min(0))
+        shrink = norm.clamp_min(1)
+        inside = mu_scaled / shrink.unsqueeze(-1)
+        attained = (b_shifted + (gram @ inside.unsqueeze(-1)).squeeze(-1)).amax(-1)
+    return mu_scaled / shrink.unsqueeze(-1), attained
 
 
 def _layer_recovery(
