@@ -670,3 +670,56 @@ def test_with_more_constraints_than_parameters_the_layers_steps_stay_in_the_trus
         assert worst <= 1e-4 if result.case == "dual" else worst >= t_star - 1e-6, (seed, worst, t_star)
         cases.append(result.case)
     assert len(cases) >= 12 and (set(cases) == {"recovery"} if violated else "dual" in cases), cases
+
+
+def sliver_instance():
+    """n = 24, m = 3, the first constraint's b̃ = 1 − 10⁻⁷·⁴ (a sliver of the trust region meets it): a numerics
+    audit's random problem (its sweep's seed 22), whose recovery program has t* = −3.1e-7, above −1e-6: a recovery
+    case by the rule, its optimum meeting every constraint."""
+    rng = np.random.default_rng(22)
+    n, m = int(rng.integers(2, 31)), int(rng.integers(1, 9))
+    cond = 10 ** rng.uniform(0, 3)
+    q_factor, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    eigenvalues = np.logspace(0, -math.log10(cond), n)
+    rng.shuffle(eigenvalues)
+    hessian = (q_factor * eigenvalues) @ q_factor.T * 10 ** rng.uniform(-2, 2)
+    delta = 10 ** rng.uniform(-4, 0)
+    g, A = rng.standard_normal(n), rng.standard_normal((m, n))
+    eigenvalues, vectors = np.linalg.eigh(hessian)
+    s = np.einsum("ij,jk,ik->i", A, (vectors / eigenvalues) @ vectors.T, A)
+    rng.uniform(-1.3, 0.9, size=m)  # the sweep's draw for other kinds of problem
+    ratios = rng.uniform(-1.2, 0.5, size=m)
+    ratios[0] = 1 - 10 ** rng.uniform(-9, -3)
+    hessian_t, g_t, A_t = (torch.from_numpy(x) for x in (hessian, g, A))
+    return hessian_t, delta, g_t, A_t, torch.from_numpy(ratios * np.sqrt(2 * delta * s))
+
+
+@pytest.mark.parametrize("answer", ["as solved", "t below the optimum", "step outside the trust region"])
+def test_the_recovery_case_and_step_come_from_the_step_the_solver_returns(monkeypatch, answer):
+    """SCS's t fell 4e-6 below t* = −3.1e-7 on this problem, so the layer took a dual step that violated a linearised
+    constraint by 3.5e-6 (normalised), and where R is singular it returned μ̃ far outside the trust region (½xᵀHx up to
+    3·10⁷δ). The case is now judged by the violation that the solver's step attains, and the step is brought into the
+    trust region: the answers are emulated here (SCS's inaccuracy depends on its history), each must give the
+    recovery step inside the trust region with every constraint met, as the exact solver does."""
+    import sb3_metacpo.common.cpo_subproblem as subproblem
+
+    original = subproblem._layer_recovery
+
+    def answered(gram, b_scaled, solver_args=None):
+        mu, t = original(gram, b_scaled, solver_args)
+        if answer == "t below the optimum":
+            return mu, t - 1e-5
+        return (mu * 1e4, t) if answer == "step outside the trust region" else (mu, t)
+
+    monkeypatch.setattr(subproblem, "_layer_recovery", answered)
+    hessian, delta, g, A, b = sliver_instance()
+    W = torch.linalg.solve(hessian, A.T).T
+    S = A @ W.T  # as conjugate gradient gives it: symmetric up to rounding
+    t_star = minimax_of(hessian, delta, A, b, S)
+    assert g.shape[0] == 24 and -1e-6 < t_star < 0
+    v = torch.linalg.solve(hessian, g)
+    for solver in SOLVERS:
+        result = cpo_direction(v, W, g @ v, W @ g, S, b, torch.tensor(delta, dtype=DTYPE), solver=solver, s_tol=0.0)
+        worst = float(((b + A @ result.x) / torch.sqrt(2 * delta * torch.diagonal(S))).max())
+        assert result.case == "recovery" and worst <= 1e-8, (solver, result.case, worst)
+        assert 0.5 * result.x @ hessian @ result.x <= delta * (1 + 1e-6)
