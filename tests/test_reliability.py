@@ -443,3 +443,51 @@ def test_a_vec_env_whose_env_fails_to_build_leaves_no_worker_running() -> None:
     with pytest.raises(EnvWorkerError, match="env worker 0 raised ValueError: no env here"):
         ReportingSubprocVecEnv([no_env, lambda: gym.make("Pendulum-v1"), lambda: gym.make("Pendulum-v1")])
     assert set(mp.active_children()) <= before
+
+
+class BreakCPOWorkerStep(BaseCallback):
+    """CPO's :class:`BreakWorkerStep`: at the ``at``-th env step, worker ``index``'s next env step raises in the worker."""
+
+    def __init__(self, at: int, index: int) -> None:
+        super().__init__()
+        self.at, self.index, self.steps = at, index, 0
+
+    def _on_step(self) -> bool:
+        self.steps += 1
+        if self.steps == self.at:
+            self.model.env.set_attr("step", None, indices=[self.index])
+        return True
+
+
+def test_cpo_rebuilds_a_subprocess_vec_env_it_built_after_a_worker_failed(tmp_path: Path) -> None:
+    """CPO stepped its SubprocVecEnv again after a worker had failed: every later learn failed (``env worker 0 died
+    (exit code 0, ConnectionResetError)``), though the message said the VecEnv would be rebuilt. A VecEnv the model
+    built is now rebuilt, seeded afresh; one the user gave cannot be: the error says to pass another."""
+    from stable_baselines3.common.vec_env import SubprocVecEnv
+
+    from sb3_metacpo.common.envs import EnvWorkerError, make_safe_vec_env
+
+    small = dict(n_steps=50, n_envs=2, vec_env_cls=SubprocVecEnv, seed=0, policy_kwargs=dict(net_arch=[8]))
+    model = CPO("MlpPolicy", toy(), **small)
+    model.learn(100)
+    theta = snapshot(model)
+    with pytest.raises(EnvWorkerError, match="env worker 1 raised TypeError"):
+        model.learn(100, callback=BreakCPOWorkerStep(at=20, index=1), reset_num_timesteps=False)
+    assert same(theta, snapshot(model))
+    model.save(tmp_path / "after_failure")  # the broken workers are not asked for their streams
+    _within(60, lambda: model.learn(100, reset_num_timesteps=False))
+    assert model._n_updates == 2 and model._env_rebuilds == 1 and not model.env.failed
+    assert all(th.isfinite(v).all() for v in model.policy.state_dict().values())
+    model.env.close()
+
+    given = make_safe_vec_env(toy(), 2, SubprocVecEnv)
+    user = CPO("MlpPolicy", given, **{**small, "n_envs": 1, "vec_env_cls": None})
+    with pytest.raises(EnvWorkerError):
+        user.learn(100, callback=BreakCPOWorkerStep(at=20, index=0))
+    with pytest.raises(EnvWorkerError, match="cannot rebuild a VecEnv it did not build: pass a new env with set_env"):
+        user.learn(100, reset_num_timesteps=False)
+    user.set_env(make_safe_vec_env(toy(), 2, SubprocVecEnv))
+    _within(60, lambda: user.learn(100, reset_num_timesteps=False))
+    assert user._n_updates == 1
+    user.env.close()
+    given.close()

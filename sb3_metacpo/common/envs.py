@@ -86,7 +86,7 @@ class _CheckedRemote:
         self.process.join(timeout=1.0)
         return EnvWorkerError(
             f"env worker {self.index} died (exit code {self.process.exitcode}, {type(error).__name__}): its env is "
-            "gone; the sampler rebuilds its VecEnv at the next collect",
+            "gone; a model rebuilds a VecEnv it built at its next collect (one you gave it: pass a new one)",
             self.index,
         )
 
@@ -150,6 +150,11 @@ class ReportingSubprocVecEnv(SubprocVecEnv):
             raise
         VecEnv.__init__(self, len(env_fns), observation_space, action_space)
 
+    @property
+    def failed(self) -> bool:
+        """Whether a worker failed (raised or died): the VecEnv cannot step again; close it and build another."""
+        return any(remote.failed for remote in self.remotes)  # type: ignore[attr-defined]
+
     def _end_workers(self) -> None:
         """Terminate every worker still running (a broken VecEnv's), and mark the VecEnv closed."""
         for process in self.processes:
@@ -163,7 +168,7 @@ class ReportingSubprocVecEnv(SubprocVecEnv):
         to a step the other workers had already given, or never will)."""
         if self.closed:
             return
-        if any(remote.failed for remote in self.remotes):  # type: ignore[attr-defined]
+        if self.failed:
             self._end_workers()
             return
         try:

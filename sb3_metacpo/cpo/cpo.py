@@ -34,7 +34,14 @@ from sb3_metacpo.common.checks import (
     is_real,
 )
 from sb3_metacpo.common.cpo_update import CPOConfig, Params, PreparedBatch, cpo_update, prepare_batch
-from sb3_metacpo.common.envs import ResampleTaskOnReset, SafeEnv, make_safe_vec_env, vec_env_time_limit
+from sb3_metacpo.common.envs import (
+    EnvWorkerError,
+    ReportingSubprocVecEnv,
+    ResampleTaskOnReset,
+    SafeEnv,
+    make_safe_vec_env,
+    vec_env_time_limit,
+)
 from sb3_metacpo.common.policies import (
     CPOPolicy,
     check_critic_targets,
@@ -549,7 +556,30 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):  # type: igno
             )
         if self.adapted_params is not None:
             self.reset_adaptation()
+        self._rebuild_failed_env()
         return super().learn(int(total_timesteps), callback, log_interval, tb_log_name, reset_num_timesteps, progress_bar)
+
+    def _rebuild_failed_env(self) -> None:
+        """Replace a ``SubprocVecEnv`` whose worker failed in an earlier ``learn`` (every later step of it fails) by a
+        fresh one built from what the model built it from (:attr:`env_source`), seeded with ``seed + k·n_envs`` at
+        the k-th rebuild (new episode streams, neither a replay of the first ones nor another env's), and start its
+        episodes anew; a VecEnv the user gave cannot be rebuilt: an :class:`EnvWorkerError` saying to pass one."""
+        env = self.env
+        if not (isinstance(env, ReportingSubprocVecEnv) and env.failed):
+            return
+        source = None if self.env_source is None else self._saved_env(self.env_source, "the model's env source")
+        if source is None:
+            raise EnvWorkerError(
+                f"a worker of this {type(self).__name__}'s SubprocVecEnv failed earlier, and the model cannot rebuild "
+                "a VecEnv it did not build: pass a new env with set_env"
+            )
+        env.close()
+        self._env_rebuilds = getattr(self, "_env_rebuilds", 0) + 1
+        vec_env = make_safe_vec_env(source, self.n_envs, self.vec_env_cls, self._get_task_distribution())
+        if self.seed is not None:
+            vec_env.seed(self.seed + self._env_rebuilds * self.n_envs)
+        self.env = vec_env
+        self._last_obs = None  # type: ignore[assignment]  # SB3's _setup_learn resets the new envs
 
     # --- random streams of the envs, for a resumed run ------------------------------------------------------------
     def _sampler_rng_states(self) -> dict[str, Any]:
@@ -559,8 +589,8 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):  # type: igno
         env objects), whose random state is their own. A save inside :meth:`adapt` (a callback's) describes the
         training envs, not the adaptation's."""
         env = self.env if self._training_env is None else self._training_env
-        if env is None or not all(env.env_is_wrapped(TaskEnv)):
-            return {}
+        if env is None or (isinstance(env, ReportingSubprocVecEnv) and env.failed) or not all(env.env_is_wrapped(TaskEnv)):
+            return {}  # a failed VecEnv's workers cannot answer: the envs it is rebuilt with start from the seed
         in_flight = env.get_attr("episode_seed")
         if any(seed is None for seed in in_flight):  # not reset yet: the streams are still to be seeded from seed
             return {}
