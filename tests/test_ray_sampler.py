@@ -451,3 +451,20 @@ def test_load_warns_when_the_sampler_kwargs_given_leave_saved_options_out(tmp_pa
     assert loaded.sampler_kwargs == {"ray_init_kwargs": {"num_cpus": 2}}
     kept = MetaCPO.load(path, sampler_kwargs={"num_workers": 2, "max_retries": 5, "ray_init_kwargs": {"num_cpus": 2}})
     assert kept.sampler_kwargs["num_workers"] == 2
+
+
+def test_an_env_that_raises_in_the_workers_reaches_the_caller_as_its_own_exception():
+    """It reached learn as Ray's RayTaskError (a subclass of the env's exception whose message began with Ray's actor
+    header), and the other workers' failed shares were left unread, which Ray later printed as "Unhandled error"."""
+    from sb3_metacpo.tasks.toy import Toy2DNavTask
+
+    distribution = toy()
+    sampler = RaySampler(toy(), n_envs=2, num_workers=2)
+    try:
+        bad = Toy2DNavTask(goal_distance=99.0)  # the workers' task distribution refuses it
+        with pytest.raises(ValueError, match=r"^Toy2DNav: goal_distance=99.0") as info:
+            sampler.collect([bad, bad], actor(distribution, 2, 0), 10)
+        assert type(info.value) is ValueError and isinstance(info.value.__cause__, ray.exceptions.RayTaskError)
+        sampler.collect(distribution.sample(2), actor(distribution, 2, 1), 10)  # both workers answer the next one
+    finally:
+        sampler.close()

@@ -485,8 +485,25 @@ class RaySampler(Sampler):
                         self._wait_until_restarted(worker, failures)
                     retry = _WorkerRequest(**{**requests[worker].__dict__, "crash_after_steps": None})
                     pending[self.workers[worker].run.remote(actor_ref, retry)] = worker
+                except ray.exceptions.RayTaskError as error:  # the env raised in the worker: not retried
+                    self._drain(pending)
+                    raised = getattr(error, "cause", None)
+                    if isinstance(raised, Exception):  # the env's own exception, Ray's (with the worker's trace) as cause
+                        raise raised from error
+                    raise
         assert all(result is not None for result in results)
         return results  # type: ignore[return-value]
+
+    def _drain(self, pending: dict[Any, int]) -> None:
+        """Wait for the other workers' shares of a collect that has failed and drop them: a failed share left unread
+        made Ray print it as an "Unhandled error" later, and a worker still running would answer the next collect's
+        request after this one's."""
+        for ref in pending:
+            try:
+                self._ray.get(ref)
+            except Exception:  # the collect failed already: the other shares' outcomes are dropped
+                logger.debug("dropped the outcome of a share of a failed collect", exc_info=True)
+        pending.clear()
 
     def _wait_until_restarted(self, worker: int, failures: tuple[type[BaseException], ...]) -> None:
         """Wait until Ray has restarted worker ``worker`` (it answers a ping); re-create it if it does not come back
