@@ -632,7 +632,7 @@ CASES: list[Case] = [
         "env emits a NaN cost",
         _adapt(lambda: FaultyEnv("cost", float("nan")), n_updates=1, n_steps=10),
         ValueError,
-        "non-finite cost .nan. at step 2",
+        "env 0 of the VecEnv: the env reported a non-finite cost .nan. at step 2",
     ),
     Case(
         "CPO.learn",
@@ -646,7 +646,7 @@ CASES: list[Case] = [
         "env emits a NaN cost",
         lambda: CPO("MlpPolicy", FaultyEnv("cost", float("nan")), **CPO_SMALL).learn(100),
         ValueError,
-        "non-finite cost .nan. at step 2",
+        "env 0 of the VecEnv: the env reported a non-finite cost .nan. at step 2",
     ),
     Case(
         "MetaCPO.adapt",

@@ -93,3 +93,24 @@ def test_the_algorithms_build_the_lean_class_for_dummy_vec_env():
         pass
 
     assert reporting_vec_env_cls(Mine) is Mine  # a user's own class as given
+
+
+def test_a_cost_the_monitor_refuses_names_the_env_among_several():
+    """The cost monitor checks the cost inside the env's step, where the env's index is unknown: with several envs the
+    error did not say which one (the reliability guide says it names the env index)."""
+    import sys
+    from pathlib import Path
+
+    import pytest
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bad_inputs import FaultyEnv
+
+    from sb3_metacpo.tasks.monitor import CostMonitor
+
+    vec_env = LeanDummyVecEnv([lambda: CostMonitor(FaultyEnv()), lambda: CostMonitor(FaultyEnv("cost", float("nan")))])
+    vec_env.reset()
+    with pytest.raises(ValueError, match=r"^env 1 of the VecEnv: the env reported a non-finite cost \(nan\) at step 2"):
+        for _ in range(3):
+            vec_env.step(np.zeros((2, 2), np.float32))
+    vec_env.close()

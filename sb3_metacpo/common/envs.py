@@ -190,7 +190,12 @@ class LeanDummyVecEnv(DummyVecEnv):
         # an unstructured (e.g. Box) space has the one buffer buf_obs[None]: stored into directly, as _save_obs does
         flat_obs = self.buf_obs[None] if self.keys == [None] else None  # type: ignore[index]  # SB3 types keys as str
         for index, env in enumerate(self.envs):
-            obs, reward, terminated, truncated, info = env.step(self.actions[index])
+            try:
+                obs, reward, terminated, truncated, info = env.step(self.actions[index])
+            except (ValueError, TypeError) as error:  # e.g. the cost monitor's checks, which cannot know the index
+                if type(error) not in (ValueError, TypeError):  # another class's constructor may take other arguments
+                    raise
+                raise type(error)(f"env {index} of the VecEnv: {error}") from error
             done = terminated or truncated
             info["TimeLimit.truncated"] = truncated and not terminated
             if done:  # the VecEnv convention: report the last observation in the info, return the next episode's
