@@ -496,8 +496,7 @@ class RaySampler(Sampler):
 
     def _drain(self, pending: dict[Any, int]) -> None:
         """Wait for the other workers' shares of a collect that has failed and drop them: a failed share left unread
-        made Ray print it as an "Unhandled error" later, and a worker still running would answer the next collect's
-        request after this one's."""
+        made Ray print it as an "Unhandled error" later; and the next collect starts with every worker idle."""
         for ref in pending:
             try:
                 self._ray.get(ref)
