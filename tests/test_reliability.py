@@ -351,8 +351,9 @@ class BreakWorkerStep(BaseCallback):
 
     def _on_step(self) -> bool:
         self.steps += 1
-        if self.steps == self.at:
-            self.model.sampler.vec_env.set_attr("step", None, indices=[self.index])
+        if self.steps == self.at:  # MetaCPO's sampler's VecEnv, CPO's own
+            vec_env = self.model.env if isinstance(self.model, CPO) else self.model.sampler.vec_env
+            vec_env.set_attr("step", None, indices=[self.index])
         return True
 
 
@@ -445,20 +446,6 @@ def test_a_vec_env_whose_env_fails_to_build_leaves_no_worker_running() -> None:
     assert set(mp.active_children()) <= before
 
 
-class BreakCPOWorkerStep(BaseCallback):
-    """CPO's :class:`BreakWorkerStep`: at the ``at``-th env step, worker ``index``'s next env step raises in the worker."""
-
-    def __init__(self, at: int, index: int) -> None:
-        super().__init__()
-        self.at, self.index, self.steps = at, index, 0
-
-    def _on_step(self) -> bool:
-        self.steps += 1
-        if self.steps == self.at:
-            self.model.env.set_attr("step", None, indices=[self.index])
-        return True
-
-
 def test_cpo_rebuilds_a_subprocess_vec_env_it_built_after_a_worker_failed(tmp_path: Path) -> None:
     """CPO stepped its SubprocVecEnv again after a worker had failed: every later learn failed (``env worker 0 died
     (exit code 0, ConnectionResetError)``), though the message said the VecEnv would be rebuilt. A VecEnv the model
@@ -472,7 +459,7 @@ def test_cpo_rebuilds_a_subprocess_vec_env_it_built_after_a_worker_failed(tmp_pa
     model.learn(100)
     theta = snapshot(model)
     with pytest.raises(EnvWorkerError, match="env worker 1 raised TypeError"):
-        model.learn(100, callback=BreakCPOWorkerStep(at=20, index=1), reset_num_timesteps=False)
+        model.learn(100, callback=BreakWorkerStep(at=20, index=1), reset_num_timesteps=False)
     assert same(theta, snapshot(model))
     model.save(tmp_path / "after_failure")  # the broken workers are not asked for their streams
     _within(60, lambda: model.learn(100, reset_num_timesteps=False))
@@ -483,7 +470,7 @@ def test_cpo_rebuilds_a_subprocess_vec_env_it_built_after_a_worker_failed(tmp_pa
     given = make_safe_vec_env(toy(), 2, SubprocVecEnv)
     user = CPO("MlpPolicy", given, **{**small, "n_envs": 1, "vec_env_cls": None})
     with pytest.raises(EnvWorkerError):
-        user.learn(100, callback=BreakCPOWorkerStep(at=20, index=0))
+        user.learn(100, callback=BreakWorkerStep(at=20, index=0))
     with pytest.raises(EnvWorkerError, match="cannot rebuild a VecEnv it did not build: pass a new env with set_env"):
         user.learn(100, reset_num_timesteps=False)
     user.set_env(make_safe_vec_env(toy(), 2, SubprocVecEnv))
