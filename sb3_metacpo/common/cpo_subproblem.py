@@ -458,10 +458,10 @@ def _attained_recovery(
     violation of 0.96 where t* = 0.70), which t_μ then reports. The exact solver's t is t_μ already."""
     with torch.no_grad():
         norm = torch.sqrt((mu_scaled * (gram @ mu_scaled.unsqueeze(-1)).squeeze(-1)).sum(-1).clamp_min(0))
-        shrink = norm.clamp_min(1)
-        inside = mu_scaled / shrink.unsqueeze(-1)
+    inside = mu_scaled / norm.clamp_min(1).unsqueeze(-1)  # a constant scale: the derivative stays μ̃'s
+    with torch.no_grad():
         attained = (b_shifted + (gram @ inside.unsqueeze(-1)).squeeze(-1)).amax(-1)
-    return mu_scaled / shrink.unsqueeze(-1), attained
+    return inside, attained
 
 
 def _layer_recovery(

@@ -15,7 +15,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, TypeGuard
 
 import gymnasium as gym
 import numpy as np
@@ -216,6 +216,11 @@ class LeanDummyVecEnv(DummyVecEnv):
         if self.keys == [None]:
             return np.copy(self.buf_obs[None])  # type: ignore[index]
         return dict_to_obs(self.observation_space, OrderedDict((key, np.copy(value)) for key, value in self.buf_obs.items()))
+
+
+def failed_vec_env(env: Any) -> TypeGuard[ReportingSubprocVecEnv]:
+    """Whether ``env`` is a :class:`ReportingSubprocVecEnv` one of whose workers failed (it cannot step again)."""
+    return isinstance(env, ReportingSubprocVecEnv) and env.failed
 
 
 def reporting_vec_env_cls(

@@ -36,9 +36,9 @@ from sb3_metacpo.common.checks import (
 from sb3_metacpo.common.cpo_update import CPOConfig, Params, PreparedBatch, cpo_update, prepare_batch
 from sb3_metacpo.common.envs import (
     EnvWorkerError,
-    ReportingSubprocVecEnv,
     ResampleTaskOnReset,
     SafeEnv,
+    failed_vec_env,
     make_safe_vec_env,
     vec_env_time_limit,
 )
@@ -205,6 +205,8 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):  # type: igno
         self.adapted_params: Params | None = None
         self.adaptation_history: list[dict[str, Any]] = []
         self._adaptation_sampler_cache: RolloutSampler | None = None
+        #: how often a failed SubprocVecEnv of the model's was rebuilt (:meth:`_rebuild_failed_env`)
+        self._env_rebuilds = 0
         if env is None and _init_setup_model:  # SB3 failed later, reading the spaces it had not set
             raise ValueError(
                 "env is required: pass an env, a VecEnv, an env id, a TaskDistribution or the registered name of one "
@@ -565,7 +567,7 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):  # type: igno
         the k-th rebuild (new episode streams, neither a replay of the first ones nor another env's), and start its
         episodes anew; a VecEnv the user gave cannot be rebuilt: an :class:`EnvWorkerError` saying to pass one."""
         env = self.env
-        if not (isinstance(env, ReportingSubprocVecEnv) and env.failed):
+        if not failed_vec_env(env):
             return
         source = None if self.env_source is None else self._saved_env(self.env_source, "the model's env source")
         if source is None:
@@ -574,7 +576,7 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):  # type: igno
                 "a VecEnv it did not build: pass a new env with set_env"
             )
         env.close()
-        self._env_rebuilds = getattr(self, "_env_rebuilds", 0) + 1
+        self._env_rebuilds += 1
         vec_env = make_safe_vec_env(source, self.n_envs, self.vec_env_cls, self._get_task_distribution())
         if self.seed is not None:
             vec_env.seed(self.seed + self._env_rebuilds * self.n_envs)
@@ -589,7 +591,7 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):  # type: igno
         env objects), whose random state is their own. A save inside :meth:`adapt` (a callback's) describes the
         training envs, not the adaptation's."""
         env = self.env if self._training_env is None else self._training_env
-        if env is None or (isinstance(env, ReportingSubprocVecEnv) and env.failed) or not all(env.env_is_wrapped(TaskEnv)):
+        if env is None or failed_vec_env(env) or not all(env.env_is_wrapped(TaskEnv)):
             return {}  # a failed VecEnv's workers cannot answer: the envs it is rebuilt with start from the seed
         in_flight = env.get_attr("episode_seed")
         if any(seed is None for seed in in_flight):  # not reset yet: the streams are still to be seeded from seed
