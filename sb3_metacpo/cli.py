@@ -39,6 +39,7 @@ from stable_baselines3.common.logger import configure
 from stable_baselines3.common.utils import get_device
 from tqdm.auto import tqdm
 
+from sb3_metacpo.common.constraints import CostConstraints
 from sb3_metacpo.common.policies import check_flat_action_space, check_flat_observation_space
 from sb3_metacpo.common.rollouts import meta_iteration_steps
 from sb3_metacpo.common.safe_algorithm import saved_env_id
@@ -258,6 +259,7 @@ def train_run(
         "seed": seed,
         "n_timesteps": int(n_timesteps),
         "cost_limit": _cost_limit(model, env if isinstance(env, TaskDistribution) else None),
+        "cost_limits": model.constraints.as_mapping(),  # type: ignore[attr-defined]  # every constraint, by cost name ("cost": the total)
         "conf_file": str(Path(conf_file).resolve()) if conf_file is not None else str(default_config_file(algo)),
         "overrides": overrides,
         "hyperparams": resolved,
@@ -436,25 +438,60 @@ class LoadedRun:
 
 
 # --- evaluation and adaptation -----------------------------------------------------------------------------------
-def run_episodes(model: Any, env: gym.Env, n_episodes: int, seed: int, deterministic: bool) -> tuple[list[float], list[float]]:
-    """Returns and costs (``info["cost"]`` summed) of ``n_episodes`` episodes of ``model.predict`` on ``env``."""
+def run_episodes(
+    model: Any, env: gym.Env, n_episodes: int, seed: int, deterministic: bool, cost_names: Sequence[str] = ()
+) -> tuple[list[float], list[float], dict[str, list[float]]]:
+    """Returns and costs (``info["cost"]`` summed) of ``n_episodes`` episodes of ``model.predict`` on ``env``, and the
+    episode sums of each cost in ``cost_names`` (e.g. the model's named constraints), by name."""
     returns, costs = [], []
+    named: dict[str, list[float]] = {name: [] for name in cost_names}
     observation, _ = env.reset(seed=seed)
     for episode in range(n_episodes):
         if episode > 0:
             observation, _ = env.reset()
         episode_return, episode_cost, done = 0.0, 0.0, False
+        sums = dict.fromkeys(named, 0.0)
         while not done:
             action, _ = model.predict(observation, deterministic=deterministic)
             observation, reward, terminated, truncated, info = env.step(action)
-            if "cost" not in info:
-                raise CLIError("the env reports no info['cost']: evaluation needs a safety env")
+            for name in ("cost", *sums):
+                if name not in info:
+                    raise CLIError(f"the env reports no info[{name!r}]: evaluation needs a safety env that reports it")
             episode_return += float(reward)
             episode_cost += float(info["cost"])
+            for name in sums:
+                sums[name] += float(info[name])
             done = bool(terminated or truncated)
         returns.append(episode_return)
         costs.append(episode_cost)
-    return returns, costs
+        for name, total in sums.items():
+            named[name].append(total)
+    return returns, costs, named
+
+
+def _named_constraints(model: Any) -> dict[str, float]:
+    """The model's limits on named costs (``cost_limit={"cost_hazards": 5, ...}``), by name; {} when it limits the
+    total cost only."""
+    constraints = getattr(model, "constraints", None)
+    if constraints is None:
+        return {}
+    return {name: limit for name, limit in constraints.as_mapping().items() if name != TOTAL_COST}
+
+
+def _constraint_fields(model: Any, total_cost: float, named_costs: dict[str, float]) -> dict[str, Any]:
+    """A record's columns for a model that limits named costs: each named cost's mean episode sum (column ``<name>``),
+    its limit (``limit_<name>``) and ``within_limits``, whether every constraint (the total's too, where limited)
+    holds; {} for a model that limits the total cost only (its ``cost`` and ``cost_limit`` say it all)."""
+    named = _named_constraints(model)
+    if not named:
+        return {}
+    fields: dict[str, Any] = {}
+    for name, limit in named.items():
+        fields[name] = float(named_costs[name])
+        fields[f"limit_{name}"] = limit
+    costs = {TOTAL_COST: float(total_cost), **{name: fields[name] for name in named}}
+    fields["within_limits"] = bool(model.constraints.satisfied_by(costs))
+    return fields
 
 
 def adaptation_records(
@@ -470,6 +507,7 @@ def adaptation_records(
     target_kl: float | None = None,
     progress: bool = True,
     cpo_settings: dict[str, Any] | None = None,
+    scratch_cost_limit: float | dict[str, float] | None = None,
 ) -> Iterator[tuple[dict[str, Any], Any]]:
     """Yield ``(record, model)`` after 0 .. n_updates adaptation updates on each task (records: see
     :mod:`sb3_metacpo.plots`); after the last update (k = ``n_updates`` > 0), ``model`` acts with the evaluated parameters.
@@ -477,15 +515,17 @@ def adaptation_records(
     Every method adapts through the same protocol (``adaptation_steps``: CPO updates from the model's parameters,
     the meta-parameters for MetaCPO/MetaTRPO, CPO's own parameters for CPO) with ``n_steps`` env steps per update and
     the trust region ``target_kl`` (None: each model's own) and is evaluated with ``evaluate_params`` on fresh
-    episodes; with ``run=None`` a randomly initialised CPO adapts (CPO-scratch). ``cpo_settings`` (e.g. MetaCPO's
-    ``cost_confidence`` and ``cg_max_steps``) are given to CPO models before they adapt.
+    episodes; with ``run=None`` a randomly initialised CPO adapts (CPO-scratch) under ``scratch_cost_limit`` (None:
+    the family's default limit). ``cpo_settings`` (e.g. MetaCPO's ``cost_confidence`` and ``cg_max_steps``) are given
+    to CPO models before they adapt. A model that limits named costs adds each one's mean episode sum, its limit and
+    whether every constraint holds (:func:`_constraint_fields`).
     """
     bar = tqdm(total=len(tasks) * (n_updates + 1), desc=f"adapting {method}", disable=not progress)
     for index, task in enumerate(tasks):
         if run is None:  # CPO-scratch
             steps = n_steps or int(load_hyperparams("CPO", distribution.name, allow_missing=True).get("n_steps", 1000))
             scratch_kl: dict[str, Any] = {} if target_kl is None else {"target_kl": target_kl}
-            model: Any = CPO("MlpPolicy", distribution, n_steps=steps, seed=seed, **scratch_kl)
+            model: Any = CPO("MlpPolicy", distribution, n_steps=steps, seed=seed, cost_limit=scratch_cost_limit, **scratch_kl)
         else:
             model = run.load()
         if isinstance(model, CPO):
@@ -506,6 +546,7 @@ def adaptation_records(
                 "cost_limit": _cost_limit(model, distribution),
                 "n_episodes": evaluation.n_episodes,
                 "task_params": task.short(),
+                **_constraint_fields(model, evaluation.ep_cost_mean, evaluation.ep_costs),
             }
             if k == n_updates and k > 0:
                 model.adapted_params = params
@@ -531,7 +572,7 @@ def _mean_spread(values: np.ndarray) -> str:
 def _table(records: Sequence[dict[str, Any]]) -> str:
     """Mean ± sd over the task-seed pairs per method and update (the pairs' spread, not a standard error: the
     footer says so, and where the intervals are), and the count of pairs at or under the limit (of the pairs with a
-    value)."""
+    value; with named costs limited, the pairs under every limit)."""
     lines = ["method        updates  return (mean ± sd)  cost (mean ± sd)  under the limit"]
     for method in dict.fromkeys(r["method"] for r in records):
         for k in sorted({r["update"] for r in records if r["method"] == method}):
@@ -540,7 +581,15 @@ def _table(records: Sequence[dict[str, Any]]) -> str:
             costs = np.array([r["cost"] for r in cell], dtype=float)
             limit = cell[0].get("cost_limit")
             line = f"{method:13} {k:7d}  {_mean_spread(returns)}  {_mean_spread(costs)}"
-            if limit is not None:
+            if "within_limits" in cell[0]:  # named costs limited: a pair is under when every constraint holds
+                limits = {name[len("limit_") :]: value for name, value in cell[0].items() if name.startswith("limit_")}
+                if limit is not None:
+                    limits = {TOTAL_COST: limit, **limits}
+                valued_cells = [r for r in cell if all(math.isfinite(float(r[name])) for name in limits)]
+                under = sum(bool(r["within_limits"]) for r in valued_cells)
+                described = ", ".join(f"{name} {value:g}" for name, value in limits.items())
+                line += f"  {under}/{len(valued_cells)} (limits {described})"
+            elif limit is not None:
                 valued = costs[np.isfinite(costs)]
                 line += f"  {int(np.sum(valued <= limit))}/{len(valued)} (limit {limit:g})"
             lines.append(line)
@@ -588,7 +637,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         targets = [(i, t.short(), distribution.make_env(t)) for i, t in enumerate(tasks)]
         limit = _cost_limit(model, distribution)
     for index, (task_id, description, env) in enumerate(tqdm(targets, desc="evaluating", disable=not args.progress)):
-        returns, costs = run_episodes(model, env, args.n_eval_episodes, EVAL_SEED + index, args.deterministic)
+        named = _named_constraints(model)
+        returns, costs, named_costs = run_episodes(
+            model, env, args.n_eval_episodes, EVAL_SEED + index, args.deterministic, cost_names=list(named)
+        )
         env.close()
         records.append(
             {
@@ -603,6 +655,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 "cost_std": float(np.std(costs)),
                 "n_episodes": len(returns),
                 "task_params": description,
+                **_constraint_fields(
+                    model, float(np.mean(costs)), {name: float(np.mean(sums)) for name, sums in named_costs.items()}
+                ),
             }
         )
     print(
@@ -610,9 +665,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         f"{'mean action' if args.deterministic else 'stochastic policy'}:"
     )
     for r in records:
+        per_name = "".join(f"   {name} {r[name]:.2f} (limit {r[f'limit_{name}']:g})" for name in _named_constraints(model))
         print(
             f"  task {r['task']}: return {r['return']:8.2f} (sd {r['return_std']:.2f})   cost {r['cost']:7.2f} (sd "
-            f"{r['cost_std']:.2f}) over {r['n_episodes']} episodes   ({r['task_params']})"
+            f"{r['cost_std']:.2f}){per_name} over {r['n_episodes']} episodes   ({r['task_params']})"
         )
     print(_table(records))
     from sb3_metacpo.plots import write_records
@@ -734,12 +790,14 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     methods = list(args.methods)
     requested, update_steps = {}, {}
     env_kwargs_of: dict[str, dict[str, Any]] = {}  # each trained method's task-distribution arguments
+    cost_limit_of: dict[str, Any] = {}  # and its cost_limit (None: the family's default)
     for method in methods:
         if method != "CPO-scratch":
             hyperparams = load_hyperparams(method, args.family, None, parse_overrides(args.hyperparams))
             requested[method] = args.n_timesteps or hyperparams["n_timesteps"]
             update_steps[method] = steps_per_update(method, hyperparams)
             env_kwargs_of[method] = dict(hyperparams.get("env_kwargs") or {})
+            cost_limit_of[method] = hyperparams.get("cost_limit")
     # Every trained method gets the same env steps: each learn() rounds its budget up to whole updates, so the budget
     # is the least multiple of every method's update at or above -n (or the largest of the configs' budgets)
     unit = math.lcm(*update_steps.values()) if update_steps else 1
@@ -753,6 +811,8 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
             f"the methods' configs give different env_kwargs {env_kwargs_of}: the benchmark compares them on one task "
             "distribution; set it for all with --hyperparams env_kwargs:..."
         )
+    # One set of constraints too: every method adapts, and is judged, under the same limits (CPO-scratch included)
+    scratch_cost_limit = _shared_cost_limit(args.family, distribution_kwargs, cost_limit_of)
     from sb3_metacpo.metacpo import MetaCPO
 
     # One adaptation protocol for every method: MetaCPO's batch and inner trust region for the family (or the options)
@@ -827,6 +887,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
                 target_kl=adapt_kl,
                 progress=args.progress,
                 cpo_settings=cpo_settings,
+                scratch_cost_limit=scratch_cost_limit,
             ):
                 records.append(record)
     (folder / "plan.txt").write_text("\n".join(plan) + "\n")
@@ -837,6 +898,26 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         _try_plot(lambda: plot_learning_curves(runs, folder / "learning_curves.png", title=args.family), "learning curves")
     print(f"benchmark folder: {folder}")
     return 0
+
+
+def _shared_cost_limit(family: str, env_kwargs: dict[str, Any], cost_limit_of: dict[str, Any]) -> Any:
+    """The ``cost_limit`` every trained method of a benchmark has (None: the family's default, also when no method is
+    trained), for CPO-scratch; a ``CLIError`` when their configs give different constraints."""
+    distribution = make_task_distribution(family, **env_kwargs)
+    default = float(distribution.default_cost_limit)
+    constraints_of = {}
+    for method, cost_limit in cost_limit_of.items():
+        try:
+            constraints_of[method] = CostConstraints.from_cost_limit(default if cost_limit is None else cost_limit)
+        except ValueError as error:
+            raise CLIError(f"cost_limit of {method}: {error}") from error
+    described = {method: constraints.as_mapping() for method, constraints in constraints_of.items()}
+    if any(limits != next(iter(described.values())) for limits in described.values()):
+        raise CLIError(
+            f"the methods' configs give different cost limits {described}: the benchmark compares them under one set "
+            "of constraints; set it for all with --hyperparams cost_limit:..."
+        )
+    return next(iter(cost_limit_of.values()), None)
 
 
 def cmd_plot(args: argparse.Namespace) -> int:

@@ -221,6 +221,73 @@ def test_benchmark_gives_every_method_one_task_distribution(tmp_path, monkeypatc
     assert "--methods trains none" in capsys.readouterr().err
 
 
+def test_benchmark_adapts_cpo_scratch_under_the_trained_methods_limits(tmp_path, monkeypatch, capsys):
+    """CPO-scratch was built without the --hyperparams cost_limit: it adapted under the family's default (5 on the
+    total) while the trained methods adapted under the given limits, and its rows were judged against another
+    limit."""
+    limits = []
+    original = AdaptationMixin.adaptation_steps
+
+    def recording(self, env, n_updates=None, n_steps=None, on_step=None, target_kl=None):
+        limits.append((type(self).__name__, self.constraints.as_mapping()))
+        return original(self, env, n_updates, n_steps, on_step, target_kl)
+
+    monkeypatch.setattr(AdaptationMixin, "adaptation_steps", recording)
+    argv = ["benchmark", "--methods", "MetaCPO", "CPO-scratch", "-n", "160", "--n-tasks", "1", "--n-updates", "1"]
+    argv += ["--n-eval-episodes", "1", "--n-steps", "40", "-f", str(tmp_path), "--hyperparams", "n_steps:40"]
+    assert main([*argv, "cost_limit:40"]) == 0
+    assert limits == [("MetaCPO", {"cost": 40.0}), ("CPO", {"cost": 40.0})]
+    limits.clear()
+    assert main([*argv, "cost_limit:{cost_hazards: 5, cost_speed: 10}", "env_kwargs:{speed_limit: 1.0}"]) == 0
+    expected = {"cost_hazards": 5.0, "cost_speed": 10.0}
+    assert limits == [("MetaCPO", expected), ("CPO", expected)]
+    rows = list(csv.DictReader(open(sorted(tmp_path.glob("benchmark_*"))[-1] / "adaptation.csv", newline="")))
+    assert {(r["method"], r["limit_cost_hazards"], r["limit_cost_speed"]) for r in rows} == {
+        ("MetaCPO", "5.0", "10.0"),
+        ("CPO-scratch", "5.0", "10.0"),
+    }
+    capsys.readouterr()
+    # methods whose configs disagree on the limits are refused before anything trains
+    config = tmp_path / "cpo.yml"
+    config.write_text("Toy2DNav:\n  n_timesteps: 160\n  n_steps: 40\n  cost_limit: 7.0\n")
+    import sb3_metacpo.config
+
+    shipped = sb3_metacpo.config.default_config_file
+    monkeypatch.setattr(sb3_metacpo.config, "default_config_file", lambda algo: config if algo == "CPO" else shipped(algo))
+    argv = ["benchmark", "--methods", "MetaCPO", "CPO", "-n", "160", "--n-tasks", "1", "-f", str(tmp_path / "refused")]
+    assert main(argv) == 2
+    assert "different cost limits" in capsys.readouterr().err and not (tmp_path / "refused").exists()
+
+
+def _named_cost_run(log_folder):
+    """CPO trained on Toy2DNav with the total and two named costs limited."""
+    hyperparams = ["n_envs:2", "n_steps:100", "cost_limit:{cost: 100, cost_hazards: 5, cost_speed: 10}"]
+    assert train(log_folder, algo="CPO", hyperparams=[*hyperparams, "env_kwargs:{speed_limit: 1.0}"], n=200) == 0
+    return log_folder / "CPO_Toy2DNav_1"
+
+
+@pytest.mark.parametrize("command", ["evaluate", "adapt"])
+def test_evaluate_and_adapt_judge_every_constraint(tmp_path, command, capsys):
+    """With named costs limited, "under the limit" judged the total cost alone and the named costs were written
+    nowhere: a pair over its cost_speed limit counted as under."""
+    folder = _named_cost_run(tmp_path)
+    config = yaml.safe_load((folder / "config.yml").read_text())
+    assert config["cost_limits"] == {"cost": 100.0, "cost_hazards": 5.0, "cost_speed": 10.0}
+    extra = ["--n-updates", "1"] if command == "adapt" else []
+    assert main([command, str(folder), "--n-tasks", "2", "--n-eval-episodes", "2", "--no-progress", *extra]) == 0
+    out = capsys.readouterr().out
+    rows = list(csv.DictReader(open(folder / f"{'adaptation' if command == 'adapt' else 'evaluation'}.csv", newline="")))
+    limits = {"cost": 100.0, "cost_hazards": 5.0, "cost_speed": 10.0}
+    for row in rows:  # the oracle: each cost against its own limit
+        assert row["limit_cost_hazards"] == "5.0" and row["limit_cost_speed"] == "10.0"
+        assert row["within_limits"] == str(all(float(row[name]) <= limit for name, limit in limits.items()))
+    # the policy drives fast: over the speed limit, the total far under its own, so a total-only verdict says under
+    assert any(float(row["cost_speed"]) > 10 and float(row["cost"]) <= 100 for row in rows)
+    for k in sorted({row["update"] for row in rows}):
+        under = sum(row["within_limits"] == "True" for row in rows if row["update"] == k)
+        assert f"  {under}/2 (limits cost 100, cost_hazards 5, cost_speed 10)" in out
+
+
 def test_every_option_has_help():
     parser = build_parser()
     (subparsers,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
