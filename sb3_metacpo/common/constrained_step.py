@@ -112,7 +112,8 @@ class CostScales:
 
     :ivar signal: (m,) the root mean square of each cost's returns: a_j is numerically zero, the constraint left out
         of the step, when a_jᵀH⁻¹a_j ≤ ``s_tol``·signal_j² (beside the cost itself its gradient is nothing, e.g. the
-        noise a baseline leaves when the cost is the same at every step; a batch without cost has signal 0 and a_j = 0)
+        noise a baseline leaves when the cost is the same at every step). A batch without cost is not such a case:
+        its returns and advantages are the cost critic's values, so signal_j and a_j are what the critic predicts
     :ivar advantages: (m,) the root mean square of each cost's advantages, the scale of a_j: its conjugate gradient has
         converged when ‖r‖² ≤ ``cg_residual_tol``·advantages_j²
     """

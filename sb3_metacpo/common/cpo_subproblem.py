@@ -577,7 +577,7 @@ def _active_set_dual(rho: torch.Tensor, gram: torch.Tensor, b_scaled: torch.Tens
         value = -torch.sqrt(quadratic.clamp_min(0)) + (b_scaled * point).sum(-1)
         nonnegative = (nu >= -1e-9 * (1 + nu.abs().amax(-1, keepdim=True))).all(-1)
         best = _pick(value, conditioned & nonnegative)
-    return _take(lam, best), _take(nu, best).clamp_min(0)
+    return _take(lam, best), _take(nu, best).clamp_min(0) + 0.0  # + 0.0: an inactive constraint's -0.0 is 0.0
 
 
 def solve_recovery_active_set(
@@ -686,7 +686,7 @@ def cpo_direction(
         m = 2 to 4) or ``"cvxpylayers"`` (the convex programs of :func:`solve_dual_layer` and
         :func:`solve_recovery_layer`: about 1 ms forward, 3 ms forward+backward for one problem with m = 1; 5-9 ms
         per call of 1 or 4 with m = 2 or 3, 0.2-0.4 s for 200 with m = 2 to 4; CPU seconds, float64)
-    :param s_tol: s_j ≤ s_tol counts as no information on constraint j (a_j ≈ 0, e.g. no cost in the batch): a step
+    :param s_tol: s_j ≤ s_tol counts as no information on constraint j (a_j numerically zero): a step
         along a numerically zero w_j would be noise. s has the units of a²/H, i.e. of the cost squared: a number for
         every constraint, or one per constraint (shape (m,)), e.g. scaled by each cost's size
         (:func:`~sb3_metacpo.common.constrained_step.constrained_step`'s ``cost_scales``).
