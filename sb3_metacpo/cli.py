@@ -937,6 +937,11 @@ def _plot_runs(args: argparse.Namespace) -> int:
     if missing:  # a misspelled run folder was skipped, and the plot showed fewer runs than asked for
         raise CLIError(f"no such run folder or file: {', '.join(missing)}")
     with_progress = [r for r in runs if (r / "progress.csv").exists() or r.name == "progress.csv"]
+    if args.out and not with_progress:  # it was ignored: the adaptation curves went to their default file
+        raise CLIError(
+            "-o/--out names the learning-curves figure, and none of the runs given has a progress.csv (a benchmark "
+            "folder holds adaptation records only): name the adaptation-curves figure with --adaptation-out"
+        )
     adaptation_out = _figure_file(args.adaptation_out, "--adaptation-out") if args.adaptation_out else None
     written = []
     if with_progress:

@@ -157,10 +157,12 @@ def plot_learning_curves(
 ) -> Figure:
     """Episode return and cost against env steps for one or several run folders, with the cost limit.
 
-    :param runs: run folders (or ``progress.csv`` files); runs with the same label are averaged (seeds)
+    :param runs: run folders (or ``progress.csv`` files); runs with the same label are averaged (seeds), unless
+        their cost limits differ: then each limit's runs are a curve of their own, and every limit is drawn
     :param path: where to save the figure (PNG); None: only return it
-    :param cost_limit: the limit to draw (default: ``meta/cost_limit`` from the logs or ``cost_limit`` from the
-        run's ``config.yml``; none drawn if neither has it)
+    :param cost_limit: the limit to draw (default: each run's ``meta/cost_limit`` from the logs or ``cost_limit`` from
+        its ``config.yml``; none drawn if neither has it); given, it is the only one drawn and runs are not split by
+        limit
     :param labels: one label per run (default: from ``config.yml`` or the folder name)
     :param title: the figure title
     :return: the matplotlib figure (closed when saved to ``path``)
@@ -171,8 +173,7 @@ def plot_learning_curves(
         raise ValueError("plot_learning_curves needs at least one run folder")
     if labels is not None and len(labels) != len(run_paths):
         raise ValueError(f"got {len(labels)} labels for {len(run_paths)} runs")
-    groups: dict[str, list[dict[str, np.ndarray]]] = {}
-    limits: list[float] = []
+    runs_read: list[tuple[str, dict[str, np.ndarray], float | None]] = []  # label, progress, the run's cost limit
     for index, run in enumerate(run_paths):
         folder = run.parent if run.name == "progress.csv" else run
         config = run_config(folder)
@@ -182,33 +183,45 @@ def plot_learning_curves(
         if X_KEY not in progress:
             raise PlotInputError(f"{run}: progress.csv has no numeric {X_KEY!r} column")
         label = labels[index] if labels is not None else _run_label(folder, config)
-        groups.setdefault(label, []).append(progress)
+        run_limit = None
         if "meta/cost_limit" in progress and np.isfinite(progress["meta/cost_limit"]).any():
-            limits.append(float(np.nanmax(progress["meta/cost_limit"])))
+            run_limit = float(np.nanmax(progress["meta/cost_limit"]))
         elif isinstance(config.get("cost_limit"), (int, float)):
-            limits.append(float(config["cost_limit"]))
-    if cost_limit is None and limits:
-        cost_limit = limits[0]
+            run_limit = float(config["cost_limit"])
+        runs_read.append((label, progress, run_limit))
+    # Runs of one label are averaged as seeds, but runs under different limits are not seeds of one experiment:
+    # such a label is split by limit, and every limit is drawn
+    limits_of: dict[str, set[float | None]] = {}
+    for label, _, run_limit in runs_read:
+        limits_of.setdefault(label, set()).add(run_limit)
+    groups: dict[str, list[dict[str, np.ndarray]]] = {}
+    for label, progress, run_limit in runs_read:
+        split = len(limits_of[label]) > 1 and cost_limit is None
+        name = f"{label}, limit {'unknown' if run_limit is None else f'{run_limit:g}'}" if split else label
+        groups.setdefault(name, []).append(progress)
+    drawn = [cost_limit] if cost_limit is not None else sorted({limit for _, _, limit in runs_read if limit is not None})
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for color_index, (label, progresses) in enumerate(groups.items()):
         color = f"C{color_index % 10}"
-        seeds = f" ({len(progresses)} runs)" if len(progresses) > 1 else ""
         for axis, key, post_key in zip(axes, (REWARD_KEY, COST_KEY), POST_ADAPT_KEYS, strict=True):
-            curves = [(p[X_KEY], p[key], "-", "all batches" if post_key in p else "") for p in progresses if key in p]
-            post = [(p[X_KEY], p[post_key], "--", "after adaptation") for p in progresses if post_key in p]
+            has = [p for p in progresses if key in p and np.isfinite(p[key]).any()]
+            has_post = [p for p in progresses if post_key in p and np.isfinite(p[post_key]).any()]
+            curves = [(p[X_KEY], p[key], "-", "all batches" if has_post else "") for p in has]
+            post = [(p[X_KEY], p[post_key], "--", "after adaptation") for p in has_post]
             for group, linestyle in ((curves, "-"), (post, "--")):
                 if not group:
                     continue
                 grid, mean, std = _mean_band([g[0] for g in group], [g[1] for g in group])
                 what = group[0][3]
+                seeds = f" ({len(group)} runs)" if len(group) > 1 else ""  # the runs this curve averages
                 name = f"{label}{seeds}" + (f", {what}" if what else "")
                 marker = "o" if len(grid) < 3 else None  # a curve of one or two points stays visible
                 axis.plot(grid, mean, linestyle, color=color, marker=marker, label=name)
                 if len(group) > 1:
                     axis.fill_between(grid, mean - std, mean + std, color=color, alpha=0.15)
-    if cost_limit is not None:
-        axes[1].axhline(cost_limit, color="red", linestyle=":", label=f"cost limit {cost_limit:g}")
+    for index, limit in enumerate(drawn):
+        axes[1].axhline(limit, color="red", linestyle=(":", "-.", "--")[index % 3], label=f"cost limit {limit:g}")
     for axis, name in zip(axes, ("episode return", "episode cost"), strict=True):
         axis.set_xlabel("env steps")
         axis.set_ylabel(name)

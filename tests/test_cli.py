@@ -381,6 +381,19 @@ def test_evaluating_a_run_with_another_algo_is_a_usage_error(run_folder, capsys)
     assert "model.zip" in capsys.readouterr().err
 
 
+def test_plot_out_without_learning_curves_is_a_usage_error(tmp_path, capsys):
+    """-o names the learning-curves figure; given only adaptation records (a benchmark folder), it was ignored without
+    a word and the adaptation curves went to their default file."""
+    from sb3_metacpo.plots import write_records
+
+    write_records(
+        [{"method": "m", "task": 0, "seed": 0, "update": k, "return": 1.0, "cost": 2.0} for k in range(2)],
+        tmp_path / "bench" / "adaptation.csv",
+    )
+    assert main(["plot", str(tmp_path / "bench"), "-o", str(tmp_path / "b.png")]) == 2
+    assert "--adaptation-out" in capsys.readouterr().err and not (tmp_path / "bench" / "adaptation.png").exists()
+
+
 def test_plot_of_a_progress_file_writes_beside_it(run_folder, tmp_path):
     """plot logs/<run>/progress.csv made its default output a path under the file itself (FileExistsError)."""
     progress = tmp_path / "run" / "progress.csv"

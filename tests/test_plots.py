@@ -27,15 +27,17 @@ from sb3_metacpo.plots import (
 KEYS = ["time/total_timesteps", "rollout/ep_rew_mean", "rollout/ep_cost_mean", "meta/post_adapt_ep_cost_mean"]
 
 
-def fake_run(folder, seed, n_rows=6):
+def fake_run(folder, seed, n_rows=6, cost_limit=5.0, post=False):
     folder.mkdir(parents=True)
     rng = np.random.default_rng(seed)
     with open(folder / "progress.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow([*KEYS, "train/cpo_case"])
         for i in range(n_rows):
-            writer.writerow([(i + 1) * 1000, -100 + 10 * i + rng.normal(), 8 - i + rng.normal(), "", "dual"])
-    (folder / "config.yml").write_text(yaml.safe_dump({"algo": "MetaCPO", "family": "Toy2DNav", "cost_limit": 5.0}))
+            after = 7 - i if post else ""
+            writer.writerow([(i + 1) * 1000, -100 + 10 * i + rng.normal(), 8 - i + rng.normal(), after, "dual"])
+    config = {"algo": "MetaCPO", "family": "Toy2DNav", "cost_limit": cost_limit}
+    (folder / "config.yml").write_text(yaml.safe_dump(config))
     return folder
 
 
@@ -58,6 +60,27 @@ def test_learning_curves_of_several_seeds(tmp_path):
     cost_axis = figure.axes[1]
     assert any(line.get_label() == "cost limit 5" for line in cost_axis.get_lines())  # from config.yml
     assert any("(2 runs)" in line.get_label() for line in cost_axis.get_lines())  # the seeds are averaged
+
+
+def test_runs_under_different_limits_are_not_averaged_as_seeds(tmp_path):
+    """Two runs of one algorithm and family under limits 5 and 3 were averaged as "(2 runs)" and only the first
+    run's limit was drawn."""
+    runs = [fake_run(tmp_path / f"MetaCPO_Toy2DNav_{i}", seed=i, cost_limit=limit) for i, limit in ((1, 5.0), (2, 3.0))]
+    labels = [line.get_label() for line in plot_learning_curves(runs).axes[1].get_lines()]
+    assert "cost limit 5" in labels and "cost limit 3" in labels
+    assert "MetaCPO Toy2DNav, limit 5" in labels and "MetaCPO Toy2DNav, limit 3" in labels
+    assert not any("(2 runs)" in label for label in labels)
+    # a limit given is the one drawn, and the runs are averaged under it
+    labels = [line.get_label() for line in plot_learning_curves(runs, cost_limit=4.0).axes[1].get_lines()]
+    assert [label for label in labels if label.startswith("cost limit")] == ["cost limit 4"]
+    assert any("(2 runs)" in label for label in labels)
+
+
+def test_the_after_adaptation_curve_counts_the_runs_it_averages(tmp_path):
+    """The legend of the dashed after-adaptation curve said "(2 runs)" where one run of the two had such values."""
+    runs = [fake_run(tmp_path / "a", seed=0, post=True), fake_run(tmp_path / "b", seed=1, post=False)]
+    labels = [line.get_label() for line in plot_learning_curves(runs, labels=["X", "X"]).axes[1].get_lines()]
+    assert "X, after adaptation" in labels and "X (2 runs), all batches" in labels
 
 
 def test_adaptation_curves_from_dicts_and_csv(tmp_path):
