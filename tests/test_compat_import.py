@@ -89,3 +89,30 @@ def test_import_leaves_the_heavy_optional_modules_unloaded():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+FIRST_ENV_FREED = """
+import gc, weakref
+from sb3_metacpo import make_task_distribution
+dist = make_task_distribution("PointGoalHazard", seed=0, max_episode_steps=20)
+env = dist.make_env(dist.sample(1)[0])  # the first navigation env of the process: it imports safety_gymnasium
+env.reset(seed=0)
+task = weakref.ref(env.unwrapped.task)
+env.close()
+del env
+gc.collect()
+print("freed" if task() is None else "kept")
+"""
+
+
+def test_the_env_that_first_imports_safety_gymnasium_is_freed():
+    """gymnasium's mujoco_env keeps mujoco_py's ImportError, whose traceback's frames reach the caller of the import:
+    the first navigation env of a process (whose construction imports safety_gymnasium) was kept for good, its MuJoCo
+    model and data with it, whatever the user dropped."""
+    environment = {**os.environ, "PYTHONPATH": str(ROOT)}
+    code = FIRST_ENV_FREED
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=environment, capture_output=True, text=True, timeout=180
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "freed"

@@ -188,12 +188,14 @@ def test_identity_rotations_give_the_compilers_frame_flags(monkeypatch):
 
 
 def test_worlds_built_in_threads_keep_their_own_skybox_choice(monkeypatch):
-    """The skybox-free build swaps ``xmltodict`` in upstream's world module while it builds: worlds built at the same
-    time in threads, with and without the skybox, each get what they asked for, and the module is restored."""
+    """The skybox-free build's stand-in for ``xmltodict`` in upstream's world module acts on its own thread's build:
+    worlds built at the same time in threads, with and without the skybox, each get what they asked for, and outside
+    a build the stand-ins are upstream's modules' functions."""
     import sys
     from concurrent.futures import ThreadPoolExecutor
 
     import xmltodict
+    import yaml
 
     envs = [make_env("PointGoalHazard", True, monkeypatch, skybox=index % 2 == 0) for index in range(6)]
 
@@ -204,16 +206,51 @@ def test_worlds_built_in_threads_keep_their_own_skybox_choice(monkeypatch):
     with ThreadPoolExecutor(max_workers=6) as pool:
         counts = list(pool.map(first_reset, envs))
     assert counts == [2, 1, 2, 1, 2, 1]
-    assert sys.modules["safety_gymnasium.world"].xmltodict is xmltodict
+    module = sys.modules["safety_gymnasium.world"]
+    document = {"mujoco": {"asset": {"texture": [{"@type": "skybox", "@name": "s"}, {"@type": "2d", "@name": "t"}]}}}
+    assert module.xmltodict.unparse(document) == xmltodict.unparse(document) and "skybox" in xmltodict.unparse(document)
+    assert module.xmltodict.parse is xmltodict.parse and module.yaml.FullLoader is yaml.FullLoader
+    assert module.yaml.load("a: [1, 2]", Loader=yaml.FullLoader) == {"a": [1, 2]}
+
+
+def test_an_upstream_world_built_while_a_skybox_free_world_builds_in_another_thread_keeps_its_skybox(monkeypatch):
+    """The skybox-free build put its stand-in into upstream's world module for the whole build, under a lock that
+    only other ReusingWorld builds took: a stock env (upstream's own World) built on another thread meanwhile compiled
+    without the skybox and rendered other frames. Here the stock build runs while the library's build waits inside."""
+    import threading
+
+    from sb3_metacpo.tasks.compat import import_safety_gymnasium
+    from sb3_metacpo.tasks.safety_gym import _YamlParsingOnce
+
+    safety_gymnasium = import_safety_gymnasium()
+    library_env = make_env("PointGoalHazard", True, monkeypatch, skybox=False)
+    inside, stock_built = threading.Event(), threading.Event()
+    original = _YamlParsingOnce.load
+
+    def load(self, stream, Loader):
+        if threading.current_thread().name == "library build":  # the library's build waits inside for the stock one
+            inside.set()
+            assert stock_built.wait(timeout=120)
+        return original(self, stream, Loader)
+
+    monkeypatch.setattr(_YamlParsingOnce, "load", load)
+    library = threading.Thread(target=lambda: library_env.reset(seed=0), name="library build")
+    stock = safety_gymnasium.make("SafetyPointGoal1-v0")
+    library.start()
+    try:
+        assert inside.wait(timeout=120)
+        stock.reset(seed=0)  # upstream's World.build, on this thread, while the library's build is under way
+    finally:
+        stock_built.set()
+        library.join()
+    assert stock.unwrapped.task.model.ntex == 2  # the skybox's texture and the floor's
+    assert library_env.unwrapped.task.model.ntex == 1  # the library's world without it, as asked
 
 
 def test_worlds_parse_upstreams_assets_once_and_write_the_same_xml(monkeypatch):
     """A world's build reads upstream's ``configs/assets.yaml`` through a stand-in that parses it once per process and
     hands each build a deep copy: worlds of several tasks, built one after the other (and built again), write the XML
     that upstream's build of the same task writes, so no build changed what the next one reads."""
-    import sys
-
-    import yaml
 
     from sb3_metacpo.tasks.safety_gym import _YamlParsingOnce
 
@@ -228,5 +265,4 @@ def test_worlds_parse_upstreams_assets_once_and_write_the_same_xml(monkeypatch):
             assert type(worlds[0]).__name__ == "ReusingWorld" and type(worlds[1]).__name__ == "World"
             assert worlds[0].xml_string == worlds[1].xml_string
             assert worlds[0].xml == worlds[1].xml
-    assert sys.modules["safety_gymnasium.world"].yaml is yaml  # the stand-in is only there while a world builds
     assert len(_YamlParsingOnce._parsed) == 1

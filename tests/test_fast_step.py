@@ -341,6 +341,28 @@ def test_a_replaced_world_is_freed_without_the_cyclic_garbage_collector():
     env.close()
 
 
+def test_recompiled_models_leave_one_index_finalizer_per_task(monkeypatch):
+    """With FAST_STEP on and FAST_RESET off, every reset compiles a new model, and each new index registered one more
+    ``weakref.finalize`` on the task, kept as long as the env lived (21 after 21 resets)."""
+    import gc
+    import weakref
+
+    monkeypatch.setattr(safety_gym, "FAST_STEP", True)
+    monkeypatch.setattr(safety_gym, "FAST_RESET", False)
+    env = EnvFactory(env_id="SafetyPointGoal1Gymnasium-v0")()
+    task = env.unwrapped.task
+
+    def live_finalizers():
+        gc.collect()
+        return sum(info.weakref() is task for info in weakref.finalize._registry.values())  # live finalizers on the task
+
+    for seed in range(5):
+        env.reset(seed=seed)
+        env.step(np.zeros(2, dtype=np.float32))  # a new model each reset: a new index
+        assert live_finalizers() == 1
+    env.close()
+
+
 def _standard_pair(env_id, monkeypatch):
     """The library's fast env and upstream's (FAST_STEP and FAST_RESET off) of a standard id, 5-tuple API both."""
     envs = []

@@ -277,7 +277,29 @@ def import_safety_gymnasium() -> types.ModuleType:
             f"install it with:\n    {INSTALL_COMMAND}\n(`make install` in the sb3-metacpo repository does this)."
         )
     apply()
+    if _PACKAGE not in sys.modules:
+        _import_on_a_fresh_stack(_PACKAGE)
     return importlib.import_module(_PACKAGE)
+
+
+def _import_on_a_fresh_stack(name: str) -> None:
+    """Import ``name`` on a thread of its own. A module that keeps an exception raised while it imports keeps that
+    exception's traceback, and through its frames every caller's frame with its locals: gymnasium's ``mujoco_env``
+    keeps mujoco_py's ``ImportError``, so the env whose construction first imported safety_gymnasium (its MuJoCo model
+    and data, the skybox's 191 MB where it renders) was never freed. A thread's stack starts at the thread."""
+    errors: list[Exception] = []
+
+    def run() -> None:
+        try:
+            importlib.import_module(name)
+        except Exception as error:  # raised again on the caller's thread
+            errors.append(error)
+
+    thread = threading.Thread(target=run, name=f"import {name}", daemon=True)
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
 
 
 apply()

@@ -337,6 +337,7 @@ class FastStepMixin:
     _fast_upstream: Any = None  # the upstream class, whose methods are the fallbacks
 
     _fast_index_cache: _ModelIndex | None = None
+    _fast_index_finalizer: weakref.finalize | None = None
     _fast_forwarded: bool = False  # mj_forward has run and nothing changed the state since
     # Values kept from the physics step to the step's observation (contacts, the goal button check, which upstream
     # calls twice); None outside that window, e.g. during a reset.
@@ -353,8 +354,10 @@ class FastStepMixin:
         if index is None or index.model is not model or index.space is not self.obs_info.obs_space_dict:  # type: ignore[attr-defined]
             if index is not None:
                 index.release()
+                if self._fast_index_finalizer is not None:  # one finalizer per live index, not one per model ever seen
+                    self._fast_index_finalizer.detach()
             index = self._fast_index_cache = _ModelIndex(self, model)
-            weakref.finalize(self, index.release)  # the task dies: free the index and its model with it
+            self._fast_index_finalizer = weakref.finalize(self, index.release)  # the task dies: free the index with it
         return index
 
     def reset(self) -> None:

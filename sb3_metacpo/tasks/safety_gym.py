@@ -190,13 +190,16 @@ def _xyaxes_to_quat(x: list[float], y: list[float]) -> list[float]:
     return normalize(quat)
 
 
-#: Held while a world without the skybox builds with its stand-in for ``xmltodict`` in upstream's world module.
-_WORLD_MODULE_LOCK = threading.RLock()
+#: What the :class:`ReusingWorld` building on this thread wants of upstream's world module (``reusing``: its build is
+#: running; ``without_skybox``: it compiles no skybox). The module's stand-ins read it, so that a build of upstream's
+#: own ``World`` on another thread at the same time (a stock env, or ``FAST_RESET = False``) is upstream's, bitwise.
+_BUILDING = threading.local()
 
 
 class _XmlWithoutSkybox:
-    """``xmltodict`` as upstream's ``World.build`` uses it, but ``unparse`` leaves the skybox texture out of the XML
-    it writes (the world's own dict keeps it)."""
+    """``xmltodict`` as upstream's ``World.build`` uses it, but, while a :class:`ReusingWorld` without the skybox builds
+    on this thread, ``unparse`` leaves the skybox texture out of the XML it writes (the world's own dict keeps it);
+    upstream's ``unparse`` itself for every other build."""
 
     def __init__(self, module: Any) -> None:
         self._module = module
@@ -204,7 +207,9 @@ class _XmlWithoutSkybox:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._module, name)
 
-    def unparse(self, document: dict, *args: Any, **kwargs: Any) -> str:
+    def unparse(self, document: dict, *args: Any, **kwargs: Any) -> Any:
+        if not getattr(_BUILDING, "without_skybox", False):
+            return self._module.unparse(document, *args, **kwargs)
         root = document["mujoco"]
         textures = root.get("asset", {}).get("texture")
         if isinstance(textures, list):
@@ -214,10 +219,11 @@ class _XmlWithoutSkybox:
 
 
 class _YamlParsingOnce:
-    """``yaml`` as upstream's ``World.build`` uses it, but ``load`` parses each text once per process and returns a
-    deep copy of that value from then on. Upstream reads its ``configs/assets.yaml`` (3.4 kB) with the pure-Python
-    loader at every build of a new world: ~7.5 ms of a ~14 ms build of a new navigation task. The value is the same
-    (the same text, loader and parse); the copy keeps the world's XML dict from sharing objects with the cache."""
+    """``yaml`` as upstream's ``World.build`` uses it, but, while a :class:`ReusingWorld` builds on this thread, ``load``
+    parses each text once per process and returns a deep copy of that value from then on (upstream's ``load`` itself
+    for every other build). Upstream reads its ``configs/assets.yaml`` (3.4 kB) with the pure-Python loader at every
+    build of a new world: ~7.5 ms of a ~14 ms build of a new navigation task. The value is the same (the same text,
+    loader and parse); the copy keeps the world's XML dict from sharing objects with the cache."""
 
     _parsed: ClassVar[dict[tuple[str, type], Any]] = {}
 
@@ -228,6 +234,8 @@ class _YamlParsingOnce:
         return getattr(self._module, name)
 
     def load(self, stream: Any, Loader: type) -> Any:
+        if not getattr(_BUILDING, "reusing", False):
+            return self._module.load(stream, Loader=Loader)
         text = stream if isinstance(stream, str) else stream.read()
         key = (text, Loader)
         if key not in self._parsed:
@@ -257,6 +265,12 @@ def _reusing_world_class() -> type:
     from safety_gymnasium.utils.common_utils import rot2quat
     from safety_gymnasium.world import World
 
+    # The stand-ins stay in upstream's world module from now on (this runs once per process): a build that is not a
+    # ReusingWorld's on its own thread gets upstream's xmltodict and yaml through them, unchanged.
+    module = sys.modules[World.__module__]
+    module.xmltodict = _XmlWithoutSkybox(module.xmltodict)  # type: ignore[attr-defined]
+    module.yaml = _YamlParsingOnce(module.yaml)  # type: ignore[attr-defined]
+
     class ReusingWorld(World):
         """Upstream's reset samples a layout and start pose, writes them into a new XML and compiles it (``rebuild``).
         When that XML would differ from the compiled one only in body poses (the agent's start pose and its tracking
@@ -271,20 +285,16 @@ def _reusing_world_class() -> type:
         skybox: bool = True
 
         def build(self) -> None:
-            """Upstream's build, with stand-ins in upstream's world module while it builds: ``yaml``, whose asset list
-            is parsed once per process (:class:`_YamlParsingOnce`), and for a world without ``skybox`` ``xmltodict``,
-            which writes its XML (and so compiles its model) without the skybox texture."""
-            module = sys.modules[World.__module__]
-            with _WORLD_MODULE_LOCK:  # envs built in threads: one stand-in at a time, no world builds beside it
-                xml_module, yaml_module = getattr(module, "xmltodict"), getattr(module, "yaml")  # noqa: B009
-                if not self.skybox:
-                    setattr(module, "xmltodict", _XmlWithoutSkybox(xml_module))  # noqa: B010
-                setattr(module, "yaml", _YamlParsingOnce(yaml_module))  # noqa: B010
-                try:
-                    super().build()
-                finally:
-                    setattr(module, "xmltodict", xml_module)  # noqa: B010
-                    setattr(module, "yaml", yaml_module)  # noqa: B010
+            """Upstream's build, with what the stand-ins in upstream's world module give a world built on this
+            thread: ``yaml``, whose asset list is parsed once per process (:class:`_YamlParsingOnce`), and for a world
+            without ``skybox`` ``xmltodict``, which writes its XML (and so compiles its model) without the skybox
+            texture. Other threads' builds, upstream's own worlds' among them, go on as upstream's meanwhile."""
+            previous = getattr(_BUILDING, "reusing", False), getattr(_BUILDING, "without_skybox", False)
+            _BUILDING.reusing, _BUILDING.without_skybox = True, not self.skybox
+            try:
+                super().build()
+            finally:
+                _BUILDING.reusing, _BUILDING.without_skybox = previous
 
         def rebuild(self, config: dict | None = None, state: bool = True) -> None:
             if config is not None:
