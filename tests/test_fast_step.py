@@ -363,6 +363,38 @@ def test_recompiled_models_leave_one_index_finalizer_per_task(monkeypatch):
     env.close()
 
 
+def _without_hazards(monkeypatch, fast):
+    """A PointGoalHazard task without hazards, with the switches set in this process: upstream's pseudo-lidar raises
+    ``AssertionError: Bad pos []`` at its reset, the fast one reads zeros (the documented difference), which tells
+    whose code an env in another process runs."""
+    import dataclasses
+
+    monkeypatch.setattr(safety_gym, "FAST_STEP", fast)
+    monkeypatch.setattr(safety_gym, "FAST_RESET", fast)
+    dist = make_task_distribution("PointGoalHazard", seed=0, max_episode_steps=20)
+    return dist, dataclasses.replace(dist.sample(1)[0], n_hazards=0)
+
+
+def test_switches_set_before_making_the_envs_reach_subprocess_workers(monkeypatch):
+    """The library's SubprocVecEnv starts its workers with forkserver or spawn, which import the modules afresh:
+    FAST_STEP = False set before making the envs, as documented, was back to True in the workers."""
+    from stable_baselines3.common.vec_env import SubprocVecEnv
+
+    from sb3_metacpo.common.envs import EnvWorkerError, make_safe_vec_env
+
+    for fast in (False, True):
+        dist, task = _without_hazards(monkeypatch, fast)
+        vec_env = make_safe_vec_env(task, n_envs=1, vec_env_cls=SubprocVecEnv, distribution=dist)
+        try:
+            if fast:
+                vec_env.reset()  # the fast path, in the worker too
+            else:
+                with pytest.raises(EnvWorkerError, match="Bad pos"):  # upstream's code, in the worker too
+                    vec_env.reset()
+        finally:
+            vec_env.close()
+
+
 def _standard_pair(env_id, monkeypatch):
     """The library's fast env and upstream's (FAST_STEP and FAST_RESET off) of a standard id, 5-tuple API both."""
     envs = []

@@ -468,3 +468,26 @@ def test_an_env_that_raises_in_the_workers_reaches_the_caller_as_its_own_excepti
         sampler.collect(distribution.sample(2), actor(distribution, 2, 1), 10)  # both workers answer the next one
     finally:
         sampler.close()
+
+
+def test_the_workers_build_their_envs_with_the_drivers_simulator_switches(monkeypatch):
+    """A Ray worker imports the modules afresh, with their defaults: FAST_STEP = False in the driver did not reach
+    the workers' envs. Observed through a task without hazards, whose reset only upstream's pseudo-lidar refuses."""
+    import dataclasses
+
+    from sb3_metacpo.tasks import safety_gym
+
+    for fast in (False, True):
+        monkeypatch.setattr(safety_gym, "FAST_STEP", fast)
+        monkeypatch.setattr(safety_gym, "FAST_RESET", fast)
+        distribution = make_task_distribution("PointGoalHazard", seed=0, max_episode_steps=20)
+        task = dataclasses.replace(distribution.sample(1)[0], n_hazards=0)
+        sampler = RaySampler(distribution, n_envs=1, num_workers=1)
+        try:
+            if fast:
+                sampler.collect([task], actor(distribution, 1, 0), 20)
+            else:
+                with pytest.raises(AssertionError, match="Bad pos"):
+                    sampler.collect([task], actor(distribution, 1, 0), 20)
+        finally:
+            sampler.close()

@@ -8,6 +8,7 @@ Every env is wrapped in a :class:`~sb3_metacpo.tasks.monitor.CostMonitor`, so ep
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import re
 import signal
 import traceback
@@ -30,6 +31,7 @@ from sb3_metacpo.tasks.base import Task, TaskDistribution
 from sb3_metacpo.tasks.compat import import_safety_gymnasium
 from sb3_metacpo.tasks.monitor import CostMonitor
 from sb3_metacpo.tasks.safety_gym import fast_standard_env
+from sb3_metacpo.tasks.switches import SimulatorSwitches
 from sb3_metacpo.tasks.task_env import REPLAY_OPTION, TaskEnv
 
 #: What the algorithms accept as an env (a gymnasium env, a VecEnv, an env id, a task distribution, or a task).
@@ -291,7 +293,11 @@ class ResampleTaskOnReset(gym.Wrapper):
 
 
 class EnvFactory:
-    """Picklable env constructor: an env id, a task, or (``task=None``) a distribution's resampling env."""
+    """Picklable env constructor: an env id, a task, or (``task=None``) a distribution's resampling env.
+
+    It keeps the simulator switches (``safety_gym.FAST_STEP``, ...) as they are where it is made, and sets them in
+    another process that calls it (a ``SubprocVecEnv`` worker started with ``forkserver`` or ``spawn`` imports the
+    modules afresh, with their defaults); in the process that made it, the switches as they are when it is called."""
 
     def __init__(
         self,
@@ -301,8 +307,11 @@ class EnvFactory:
         index: int = 0,
     ):
         self.env_id, self.distribution, self.task, self.index = env_id, distribution, task, index
+        self.switches, self._made_in = SimulatorSwitches.current(), os.getpid()
 
     def __call__(self) -> gym.Env:
+        if os.getpid() != self._made_in:
+            self.switches.apply()
         if self.distribution is not None:
             if self.task is None:
                 return ResampleTaskOnReset(self.distribution, self.index)

@@ -52,6 +52,7 @@ from sb3_metacpo.common.rollouts import (
 )
 from sb3_metacpo.tasks.base import Task, TaskDistribution
 from sb3_metacpo.tasks.monitor import TOTAL_COST
+from sb3_metacpo.tasks.switches import SimulatorSwitches
 
 logger = logging.getLogger(__name__)
 
@@ -152,12 +153,22 @@ _STORAGE_ARRAYS = (
 
 
 class RolloutWorker:
-    """What runs inside a Ray actor: a ``DummyVecEnv`` of ``n_envs`` envs of ``distribution``, built here."""
+    """What runs inside a Ray actor: a ``DummyVecEnv`` of ``n_envs`` envs of ``distribution``, built here with the
+    driver's simulator ``switches`` (the worker's process imports the modules afresh, with their defaults)."""
 
-    def __init__(self, distribution: TaskDistribution, n_envs: int, cost_names: Sequence[str], measure: bool) -> None:
+    def __init__(
+        self,
+        distribution: TaskDistribution,
+        n_envs: int,
+        cost_names: Sequence[str],
+        measure: bool,
+        switches: SimulatorSwitches | None = None,
+    ) -> None:
         import torch as th
 
         th.set_num_threads(1)  # one CPU per worker; acting is numpy
+        if switches is not None:
+            switches.apply()
         self.initial_task: Task | None = distribution.test_tasks(1)[0]
         self.vec_env = DummyVecEnv([EnvFactory(distribution=distribution, task=self.initial_task)] * n_envs)  # type: ignore[list-item]
         self.env_tasks: list[Task | None] = [self.initial_task] * n_envs
@@ -303,6 +314,7 @@ class RaySampler(Sampler):
         self.cost_names = tuple(cost_names)
         self.max_retries = int(max_retries)
         self.measure_transfer = bool(measure_transfer)
+        self.switches = SimulatorSwitches.current()  # the workers' envs are built with the driver's simulator switches
         observation_space, action_space = distribution.spaces
         self.observation_space = box_space(observation_space, "observation")
         self.action_space = box_space(action_space, "action")
@@ -344,7 +356,9 @@ class RaySampler(Sampler):
         ray.get(pings)
 
     def _new_worker(self, index: int) -> Any:
-        return self._actor_cls.remote(self.distribution, len(self.env_blocks[index]), self.cost_names, self.measure_transfer)
+        return self._actor_cls.remote(
+            self.distribution, len(self.env_blocks[index]), self.cost_names, self.measure_transfer, self.switches
+        )
 
     # --- episode streams (held by the driver) ------------------------------------------------------------------
     def episode_rng_states(self) -> list[dict[str, Any]]:

@@ -39,7 +39,10 @@ FAST_RESET = True
 """Whether navigation envs made from now on reuse their compiled MuJoCo model across resets when only poses change.
 Set it to ``False`` (before making the envs) for upstream's reset, which recompiles the model every episode and
 draws each layout try by try; the episodes are the same either way (``tests/test_fast_reset.py``,
-``tests/test_fast_layout.py``), only slower."""
+``tests/test_fast_layout.py``), only slower. For standard ids (:func:`fast_standard_env`) it applies with
+``FAST_STEP`` only. Worker processes of the library's ``SubprocVecEnv`` and Ray sampler get the value set where
+their env factories (the sampler) are made (:class:`~sb3_metacpo.tasks.switches.SimulatorSwitches`), as do
+``UNRENDERED_SKYBOX`` and ``FAST_STEP``."""
 
 UNRENDERED_SKYBOX = False
 """Whether navigation worlds that are never rendered (made without a ``render_mode`` and without vision
