@@ -12,8 +12,11 @@ Before adaptation and after every update, the *stochastic* policy is evaluated o
 episodes (the same start states for every method: ``evaluate_params(seed=...)``). The cost of the adaptation
 batches themselves (what a user pays while adapting) is recorded beside it.
 
-    python benchmarks/adaptation.py --family Toy2DNav --seeds 0 1 2 3 4
-    python benchmarks/adaptation.py --family Toy2DNav --seeds 0 1 2 3 4 --ablation --out benchmarks/results/Toy2DNav_ablation
+    python benchmarks/adaptation.py --family Toy2DNav --seeds 0 1 2 3 4 --out runs/Toy2DNav
+    python benchmarks/adaptation.py --family Toy2DNav --seeds 0 1 2 3 4 --ablation --out runs/Toy2DNav_ablation
+
+(The default --out is the family's published folder, benchmarks/results/<family>; a folder that holds results is
+refused unless --overwrite is given.)
 
 Summaries (``table.md``): per method, held-out set and update, the mean over seeds of the task-mean return and
 cost with a 95 % t-interval over the seeds, the cost paid during adaptation, and the share of task-seed pairs at
@@ -219,6 +222,19 @@ def paid_cell(cell: list[dict[str, Any]]) -> str:
     return mean_and_interval(per_seed, 2) + note
 
 
+def under_limit_cell(cell: list[dict[str, Any]]) -> str:
+    """The task-seed pairs whose evaluation cost is at or under the limit, of the pairs with a cost, with its 95 %
+    Wilson interval; a pair without one (NaN: no completed episode) is left out and counted, not taken as over."""
+    valued = [r for r in cell if math.isfinite(r["cost"])]
+    missing = len(cell) - len(valued)
+    note = f" ({missing} of {len(cell)} pairs without a cost)" if missing else ""
+    if not valued:
+        return "n/a" + note
+    under = sum(r["cost"] <= r["cost_limit"] for r in valued)
+    low, high = wilson(under, len(valued))
+    return f"{under}/{len(valued)} ({low:.2f}–{high:.2f})" + note
+
+
 def wilson(successes: int, n: int) -> tuple[float, float]:
     """95 % Wilson interval of a proportion."""
     if n == 0:
@@ -286,7 +302,9 @@ def random_effects_interval(matrix: np.ndarray) -> tuple[float, float]:
     if max(ms_seeds, ms_tasks, ms_residual) == 0:  # every value equal
         return float(mean), float(mean)
     combined = ms_seeds + ms_tasks - ms_residual
-    if combined >= max(ms_seeds, ms_tasks):
+    # ``>=`` up to rounding: a grid with one non-zero value gives three equal mean squares, and the last digit of their
+    # sum picked the formula (two published cells had the narrower one; reversing the seeds gave the other)
+    if combined >= max(ms_seeds, ms_tasks) - 1e-9 * max(ms_seeds, ms_tasks, ms_residual):
         variance_sum = combined
         df = combined**2 / (ms_seeds**2 / (n_seeds - 1) + ms_tasks**2 / (n_tasks - 1) + ms_residual**2 / df_residual)
     elif max(ms_seeds, ms_tasks) > 1e-12 * ms_residual:  # the larger main effect's, with its degrees of freedom
@@ -362,6 +380,16 @@ def summarise(rows: list[dict[str, Any]], training: dict[str, dict[str, Any]], a
         "tasks of the same held-out kind) under a two-way random-effects model of seeds and tasks (ANOVA estimates, "
         "Satterthwaite's degrees of freedom; 0.944–0.993 coverage in simulations of normal effects at 3 x 3 to 5 x 5, "
         "its upper end too low on skewed costs), where the t-interval is about these tasks only.",
+    ]
+    seeds_of = {method: sorted({row["seed"] for row in rows if row["method"] == method}) for method in methods}
+    fewer = {method: seeds for method, seeds in seeds_of.items() if seeds != sorted(args.seeds)}
+    if fewer:  # an interrupted run, or merged files that hold some methods' seeds only: say so above the numbers
+        described = "; ".join(f"{method}: seeds {seeds}" for method, seeds in fewer.items())
+        lines += ["", f"**Not every method has every seed** ({described}): their intervals are over fewer seeds."]
+    unrecorded = getattr(args, "unrecorded", [])
+    if unrecorded:
+        lines += ["", f"(Settings not recorded in the results files, shown at the script's defaults: {unrecorded}.)"]
+    lines += [
         "",
         "| method | env steps | policy updates | train s |",
         "|---|---|---|---|",
@@ -389,16 +417,20 @@ def summarise(rows: list[dict[str, Any]], training: dict[str, dict[str, Any]], a
                     key: np.array([np.mean([r[key] for r in cell if r["seed"] == s]) for s in seeds])
                     for key in ("return", "cost")
                 }
-                under = sum(r["cost"] <= r["cost_limit"] for r in cell)
-                low, high = wilson(under, len(cell))
+                under_cell = under_limit_cell(cell)
                 paid = "" if k == 0 else paid_cell(cell)
                 lines.append(
                     f"| {method} | {k} | {mean_and_interval(per_seed['return'], 1)} "
                     f"| {mean_and_interval(per_seed['cost'], 2)} | {paid} "
-                    f"| {under}/{len(cell)} ({low:.2f}–{high:.2f}) | {seeds_tasks_cell(cell)} "
+                    f"| {under_cell} | {seeds_tasks_cell(cell)} "
                     f"| {random_effects_cell(cell)} |"
                 )
     return "\n".join(lines) + "\n"
+
+
+def run_config(args: argparse.Namespace) -> dict[str, Any]:
+    """What a results file records of the command line: the settings, without where and how it was written."""
+    return {key: value for key, value in vars(args).items() if key not in ("out", "summarise_from", "overwrite", "unrecorded")}
 
 
 def main() -> None:
@@ -408,6 +440,9 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", help="a subset of the methods (default: all)")
     parser.add_argument("--ablation", action="store_true", help="run the ablation variants instead of the methods")
     parser.add_argument("--out", type=Path, help="output folder (default benchmarks/results/<family>)")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace the results an --out folder holds (they are refused otherwise)"
+    )
     parser.add_argument(
         "--summarise-from",
         type=Path,
@@ -431,6 +466,8 @@ def main() -> None:
     unknown = [name for name in names if name not in catalogue]
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {list(catalogue)}")
+    if len(set(names)) != len(names):
+        parser.error(f"--methods repeats a method: {names} (its pairs would count twice in the intervals)")
 
     rows: list[dict[str, Any]] = []
     training: dict[str, dict[str, Any]] = {}
@@ -454,6 +491,10 @@ def main() -> None:
         protocol = ["family", "env_kwargs", "cpo_adaptation", *FAMILY_DEFAULTS["Toy2DNav"]]
         configs = [{"cpo_adaptation": None, **config} for config in configs]  # runs before it: CPO's own settings
         args.cpo_adaptation = None
+        partly = [key for key in protocol if any(key in c for c in configs) and not all(key in c for c in configs)]
+        if partly:  # compared only where every file has it, the value of one file would stand for all
+            parser.error(f"some merged files do not record {partly}: they cannot be checked to agree")
+        args.unrecorded = [key for key in protocol if not any(key in config for config in configs)]
         shared = [key for key in protocol if all(key in config for config in configs)]
         differing = {
             key: [config[key] for config in configs]
@@ -466,6 +507,11 @@ def main() -> None:
             setattr(args, key, configs[0][key])
         args.seeds = sorted({row["seed"] for row in rows})
     out = args.out or Path("benchmarks/results") / args.family  # a merge's family is its files'
+    merging_in_place = args.summarise_from is not None and [p.resolve() for p in args.summarise_from] == [
+        (out / "results.json").resolve()
+    ]
+    if (out / "results.json").exists() and not (args.overwrite or merging_in_place):  # (the default is a published one)
+        parser.error(f"{out} holds results already (results.json): give another --out, or --overwrite to replace them")
     out.mkdir(parents=True, exist_ok=True)
     if not args.summarise_from:
         args.cpo_adaptation = ADAPTATION_SETTINGS
@@ -477,24 +523,23 @@ def main() -> None:
             rows += evaluate_method(name, model, make_task_distribution(args.family, seed=seed, **args.env_kwargs), args, seed)
             with open(out / "results.json", "w") as handle:  # after every method: a partial run keeps its numbers
                 json.dump(
-                    {"config": {k: v for k, v in vars(args).items() if k != "out"}, "training": training, "rows": rows},
+                    {"config": run_config(args), "training": training, "rows": rows},
                     handle,
                     default=str,
                 )
-    # A folder's own results.json again (a later version of the tables): its data, plots and footer stay as they are
-    in_place = args.summarise_from is not None and [p.resolve() for p in args.summarise_from] == [
-        (out / "results.json").resolve()
-    ]
+    # A folder's own results.json again (a later version of the tables): its data, plots and footer stay as they are;
+    # a folder without tables yet (a run stopped before its end) gets them, its csv and its plots
+    in_place = merging_in_place and (out / "table.md").exists()
     footer = ""
-    if in_place and (out / "table.md").exists():
+    if in_place:
         old_lines = (out / "table.md").read_text().rstrip("\n").split("\n")
         ends = [i for i, line in enumerate(old_lines) if line.startswith("| ")]
         kept = [line for line in old_lines[ends[-1] + 1 :] if not line.startswith("(Tables summarised again")] if ends else []
         footer = "\n".join(kept).strip()
-    if not in_place:
+    if not merging_in_place:
         with open(out / "results.json", "w") as handle:
-            config = {key: value for key, value in vars(args).items() if key not in ("out", "summarise_from")}
-            json.dump({"config": config, "training": training, "rows": rows}, handle, default=str)
+            json.dump({"config": run_config(args), "training": training, "rows": rows}, handle, default=str)
+    if not in_place:
         with open(out / "results.csv", "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
             writer.writeheader()
@@ -503,6 +548,8 @@ def main() -> None:
     machine = f"{platform.machine()}, Python {platform.python_version()}, torch {th.__version__} (1 thread)"
     if in_place:
         table += f"\n{footer}\n\n(Tables summarised again from this folder's results.json by a later version of the script.)\n"
+    elif merging_in_place:
+        table += f"\n{machine}; summarised from this folder's results.json (train s: each run's own wall time).\n"
     elif args.summarise_from:
         table += f"\n{machine}; merged from {len(args.summarise_from)} result files (train s: each run's own wall time).\n"
     else:

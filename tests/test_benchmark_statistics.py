@@ -250,3 +250,103 @@ def test_paid_leaves_out_batches_without_a_completed_episode_and_counts_them():
     assert bench.paid_cell(cell) == f"3.50 ± {half:.2f} (1 of 4 pairs without a completed episode)"
     assert bench.paid_cell([pair(0, 0, nan), pair(1, 0, nan)]) == "n/a (2 of 2 pairs without a completed episode)"
     assert bench.paid_cell([pair(0, 0, 1.0), pair(0, 1, 3.0)]) == "2.00 (1 seed)"
+
+
+@pytest.mark.parametrize("nonzero", [4.16, 4.6, 137.0])
+def test_a_grid_with_one_nonzero_cost_takes_the_combined_estimate_whatever_the_rounding(nonzero):
+    """One non-zero value makes the three mean squares equal: the combined estimate equals the larger main effect's,
+    and the rule takes it (``>=``). Rounding picked either formula
+    (4.16 gave the narrow one, 4.6 the wide one; reversing the seeds changed it): two published cells were narrow."""
+    matrix = np.zeros((3, 3))
+    matrix[1, 2] = nonzero
+    # the oracle, by hand: MS_seeds = MS_tasks = MS_residual = m, so combined = m with Satterthwaite's
+    # df = m² / (m²/2 + m²/2 + m²/4) = 0.8; the mean's variance m/9
+    grand = nonzero / 9
+    mean_square = 3 * ((nonzero / 3 - grand) ** 2 + 2 * grand**2) / 2
+    half = stats.t.ppf(0.975, 0.8) * np.sqrt(mean_square / 9)
+    for grid in (matrix, matrix[::-1], matrix[:, ::-1], matrix.T):
+        assert bench.random_effects_interval(grid) == pytest.approx((grand - half, grand + half), rel=1e-9)
+
+
+def test_a_pair_without_an_evaluation_cost_is_left_out_of_the_share_under_and_counted():
+    """A NaN cost (no completed episode) counted as over the limit: ``5/6`` where the valued pairs were 5 of 5."""
+    cell = [{"seed": s, "task": t, "cost": 1.0, "cost_limit": 2.0} for s in range(2) for t in range(3)]
+    cell[4]["cost"] = float("nan")
+    low, high = bench.wilson(5, 5)
+    assert bench.under_limit_cell(cell) == f"5/5 ({low:.2f}–{high:.2f}) (1 of 6 pairs without a cost)"
+    assert bench.under_limit_cell([{**cell[4]}]) == "n/a (1 of 1 pairs without a cost)"
+
+
+def _results_file(folder, seeds, methods=("Meta-CPO", "CPO-scratch"), **config):
+    """A results.json of a run of the Toy2DNav protocol (made up numbers; the settings as the script records them)."""
+    import json
+
+    rows = [
+        {
+            "method": method,
+            "seed": seed,
+            "set": set_name,
+            "task": task,
+            "update": update,
+            "return": 1.0 + seed,
+            "cost": 2.0 + task,
+            "cost_sem": 0.1,
+            "n_episodes": 50,
+            "adaptation_batch_cost": 3.0 if update else float("nan"),
+            "cost_limit": 5.0,
+            "task_params": "t",
+        }
+        for method in methods
+        for seed in seeds
+        for set_name in ("unseen", "shifted")
+        for task in range(2)
+        for update in range(3)
+    ]
+    training = {f"{m}|{s}": {"env_steps": 400, "policy_updates": 2, "train_seconds": 1.0} for m in methods for s in seeds}
+    settings = {"family": "Toy2DNav", "env_kwargs": {}, "cpo_adaptation": None, **bench.FAMILY_DEFAULTS["Toy2DNav"]}
+    settings.update(n_test_tasks=2, n_updates=2, **config)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "results.json"
+    path.write_text(
+        json.dumps({"config": {k: v for k, v in settings.items() if v is not None}, "training": training, "rows": rows})
+    )
+    return path
+
+
+def _main(monkeypatch, *argv):
+    monkeypatch.setattr(sys, "argv", ["adaptation.py", *map(str, argv)])
+    bench.main()
+
+
+def test_the_command_line_refuses_what_would_corrupt_the_tables(tmp_path, monkeypatch, capsys):
+    """A repeated --methods name counted its pairs twice (a narrower Wilson interval); an --out folder with results
+    (the default is the published one) was overwritten; a merge compared only the settings every file records, so a
+    file without outer_target_kl merged with one of 0.05 under the header's default 0.01."""
+    with pytest.raises(SystemExit):
+        _main(monkeypatch, "--methods", "CPO-scratch", "CPO-scratch", "--out", tmp_path / "a")
+    assert "repeats a method" in capsys.readouterr().err and not (tmp_path / "a").exists()
+    existing = _results_file(tmp_path / "published", [0])
+    before = existing.read_text()
+    with pytest.raises(SystemExit):
+        _main(monkeypatch, "--methods", "CPO-scratch", "--seeds", "7", "--out", tmp_path / "published")
+    assert "--overwrite" in capsys.readouterr().err and existing.read_text() == before
+    first = _results_file(tmp_path / "s0", [0], outer_target_kl=0.05)
+    second = _results_file(tmp_path / "s1", [1], outer_target_kl=None)  # not recorded
+    with pytest.raises(SystemExit):
+        _main(monkeypatch, "--summarise-from", first, second, "--out", tmp_path / "merged")
+    assert "do not record ['outer_target_kl']" in capsys.readouterr().err
+
+
+def test_tables_say_which_methods_lack_seeds_and_which_settings_were_not_recorded(tmp_path, monkeypatch):
+    """A run stopped before its end left CPO-scratch with seed 0 only under the header "Seeds [0, 1]", unmarked; and
+    its table, written from the folder's own results.json, claimed to be a later version of an earlier one."""
+    meta = _results_file(tmp_path / "meta", [0, 1], methods=("Meta-CPO",), outer_target_kl=None)
+    scratch = _results_file(tmp_path / "scratch", [0], methods=("CPO-scratch",), outer_target_kl=None)
+    _main(monkeypatch, "--summarise-from", meta, scratch, "--out", tmp_path / "merged")
+    table = (tmp_path / "merged" / "table.md").read_text()
+    assert "**Not every method has every seed** (CPO-scratch: seeds [0])" in table
+    assert "not recorded in the results files, shown at the script's defaults: ['outer_target_kl']" in table
+    _main(monkeypatch, "--summarise-from", meta, "--out", tmp_path / "meta")  # in place, no table yet
+    table = (tmp_path / "meta" / "table.md").read_text()
+    assert "summarised from this folder's results.json" in table and "later version" not in table
+    assert (tmp_path / "meta" / "results.csv").exists() and (tmp_path / "meta" / "adaptation_unseen.png").exists()
