@@ -468,3 +468,30 @@ def test_a_task_with_other_spaces_is_an_error_naming_it(tmp_path):
         dist.make_env(WidthTask(width=1), monitor_file=str(tmp_path / "width"))
     assert not list(tmp_path.iterdir())
     monitored.close()
+
+
+def test_a_task_of_numpy_numbers_is_saved_with_its_model(tmp_path):
+    """A task built with numpy numbers passed validation and trained, then ``save`` failed (``to_dict``, documented
+    JSON serialisable, gave ``np.float32``): the training was lost. Its dict holds Python numbers of the same values."""
+    import json
+
+    from sb3_metacpo import CPO
+    from sb3_metacpo.tasks.toy import Toy2DNavTask
+
+    task = Toy2DNavTask(
+        goal_angle=np.float32(0.5), goal_distance=np.float64(0.7), n_hazards=np.int64(2), layout_seed=np.uint32(3)
+    )
+    as_dict = json.loads(json.dumps(task.to_dict()))
+    assert as_dict == {
+        "family": "Toy2DNav",
+        "layout_seed": 3,
+        "goal_angle": float(np.float32(0.5)),
+        "goal_distance": 0.7,
+        "n_hazards": 2,
+        "hazard_radius": 0.15,
+    }
+    model = CPO("MlpPolicy", make_task_distribution("Toy2DNav", seed=0), n_steps=100, seed=0)
+    model.set_env(task)
+    model.learn(100)
+    model.save(tmp_path / "model")
+    assert CPO.load(tmp_path / "model").env_source == {"task": as_dict}

@@ -161,17 +161,17 @@ def test_rendered_steps_draw_the_velocity_marker_as_upstream(monkeypatch):
             frames[fast].append(env.render())  # the marker is drawn from the second rendered step on
         _task_env(env).set_task(task_b)
         env.reset(seed=2)
+        frames[fast].append(env.render())  # the first frame showed the last episode's marker, in task_a's colour
         for action in actions[:3]:
             env.step(action)
             frames[fast].append(env.render())
         env.close()
     built = dist.make_env(task_b, render_mode="rgb_array")
     built.reset(seed=2)
-    built.render()
-    rebuilt_frames = []
+    rebuilt_frames = [built.render()]
     for action in actions[:3]:
         built.step(action)
         rebuilt_frames.append(built.render())
     built.close()
     assert all(np.array_equal(a, b) for a, b in zip(frames[True], frames[False], strict=True))
-    assert all(np.array_equal(a, b) for a, b in zip(frames[True][-3:], rebuilt_frames, strict=True))
+    assert all(np.array_equal(a, b) for a, b in zip(frames[True][-4:], rebuilt_frames, strict=True))

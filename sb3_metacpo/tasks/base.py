@@ -23,6 +23,14 @@ from sb3_metacpo.tasks.monitor import CostMonitor
 from sb3_metacpo.tasks.task_env import TaskEnv, check_task_spaces
 
 
+def _plain(value: Any) -> Any:
+    """A number as Python's ``int`` or ``float`` (the same value for numpy's integers and its 16-, 32- and 64-bit
+    floats), anything else as it is."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return value
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
+
+
 @dataclass(frozen=True, kw_only=True)
 class Task:
     """Base class of the task dataclasses. ``layout_seed`` fixes the random layout of the task's world."""
@@ -31,8 +39,9 @@ class Task:
     layout_seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-dict form (JSON serialisable), with the family name, for logs and save files."""
-        return {"family": self.family, **dataclasses.asdict(self)}
+        """Plain-dict form (JSON serialisable), with the family name, for logs and save files: numbers as Python's
+        ``int`` and ``float`` (a task built with numpy numbers, ``np.float32(2.5)``, trained and then failed to save)."""
+        return {"family": self.family, **{key: _plain(value) for key, value in dataclasses.asdict(self).items()}}
 
     def short(self) -> str:
         """A compact one-line description, e.g. for tables."""

@@ -55,6 +55,15 @@ def _env_class() -> type:
             self._target_velocity = target_velocity
             self._velocity_threshold = velocity_threshold
 
+        def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple:
+            """Upstream's reset, then the velocity marker of the last episode taken off the viewer: the first frame
+            of an episode showed it (after a switch in place, in the old task's cost colour, where a rebuilt env shows
+            none; and a recording from the same seed began with another frame than the last one)."""
+            result = super().reset(seed=seed, options=options)
+            if self.mujoco_renderer.viewer:
+                clear_viewer(self.mujoco_renderer.viewer)
+            return result
+
         def step(self, action: Any) -> tuple:
             fix_viewer_markers(self.mujoco_renderer.viewer)  # safety-gymnasium's velocity marker, on mujoco >= 3.2
             if not FAST_STEP:
