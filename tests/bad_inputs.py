@@ -14,6 +14,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
+from stable_baselines3.common.callbacks import CheckpointCallback
 from stable_baselines3.common.policies import ActorCriticPolicy
 
 from sb3_metacpo import CPO, MetaCPO, MetaTRPO, make_task_distribution
@@ -365,6 +366,13 @@ CASES: list[Case] = [
         TypeError,
         r"MetaCPO needs a CPOPolicy \(e.g. 'MlpPolicy'\), got ActorCriticPolicy",
     ),
+    Case(
+        "MetaCPO(...)",
+        "policy=3",
+        lambda: MetaCPO(3, toy(), **SMALL),
+        TypeError,
+        r"MetaCPO's policy must be 'MlpPolicy' or a CPOPolicy class, got 3",
+    ),
     _hyper("CPO", "tensorboard_log=5", ValueError, "tensorboard_log must be None or a folder path", tensorboard_log=5),
     _hyper("MetaCPO", "tensorboard_log=5", ValueError, "tensorboard_log must be None or a folder path", tensorboard_log=5),
     Case(
@@ -434,6 +442,20 @@ CASES: list[Case] = [
         "total_timesteps must be a positive integer",
     ),
     Case("CPO.learn", "total_timesteps=-5", _learn(cpo, -5), ValueError, "total_timesteps must be a positive integer"),
+    Case(
+        "MetaCPO.learn",
+        "callback=CheckpointCallback",
+        lambda: metacpo().learn(400, callback=CheckpointCallback),
+        ValueError,
+        r"callback is the class CheckpointCallback, not a callback: pass an instance, CheckpointCallback\(...\)",
+    ),
+    Case(
+        "CPO.learn",
+        "tb_log_name=None",
+        lambda: cpo().learn(100, tb_log_name=None),
+        ValueError,
+        r"tb_log_name must be a non-empty string \(the TensorBoard run's name\), got None",
+    ),
     Case(
         "MetaCPO.learn",
         "log_interval=0",

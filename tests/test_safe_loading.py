@@ -310,6 +310,35 @@ def test_set_parameters_reads_the_archive_refuses_nan_and_forgets_an_adaptation(
     np.testing.assert_array_equal(fresh.predict(obs, deterministic=True)[0], before)
 
 
+@pytest.mark.parametrize("algo", ["MetaCPO", "CPO"])
+def test_set_parameters_of_another_architecture_changes_nothing(algo):
+    """torch's load_state_dict copies the tensors that fit, then raises: parameters of a model of another net_arch
+    left this one half loaded (its log_std replaced by the other's, its networks its own)."""
+    distribution = make_task_distribution("Toy2DNav", seed=0, max_episode_steps=20)
+    cls, options = (MetaCPO, {"meta_batch_size": 2}) if algo == "MetaCPO" else (CPO, {})
+    target = cls("MlpPolicy", distribution, n_steps=40, seed=0, **options)
+    other = cls(
+        "MlpPolicy", distribution, n_steps=40, seed=1, policy_kwargs={"net_arch": [32, 32], "log_std_init": -2.0}, **options
+    )
+    before = {key: value.clone() for key, value in target.policy.state_dict().items()}
+    with pytest.raises(ValueError, match=r"policy\[.*\] has shape .* where the model's is .*nothing was changed"):
+        target.set_parameters(other.get_parameters())
+    given = other.get_parameters()
+    del given["policy"]["log_std"]
+    given["policy"] = {
+        key: value for key, value in given["policy"].items() if key in before and value.shape == before[key].shape
+    }
+    with pytest.raises(ValueError, match=r"policy lacks \[.*\] .*exact_match=False.*nothing was changed"):
+        target.set_parameters(given)
+    given = target.get_parameters()  # the policy fits; the optimiser's state is of one parameter: torch raised after
+    given["policy"] = {key: value + 1.0 for key, value in given["policy"].items()}
+    given["policy.optimizer"]["param_groups"][0]["params"] = [0]
+    with pytest.raises(ValueError, match=r"policy.optimizer's parameter groups do not match.*nothing was changed"):
+        target.set_parameters(given)
+    after = target.policy.state_dict()
+    assert all(th.equal(after[key], value) for key, value in before.items())
+
+
 def test_a_bad_argument_of_load_is_named_as_such_not_as_a_bad_archive(tmp_path):
     from sb3_metacpo.common.safe_algorithm import LoadArgumentError
 
@@ -454,3 +483,43 @@ def test_load_given_another_env_starts_its_own_episode_streams(algorithm, tmp_pa
     other = algorithm.load(path, env=make_task_distribution("Toy2DNav", seed=3))
     assert other._saved_adaptation_streams is None and other._resume_rng[0]["samplers"] == {}
     other.learn(400, reset_num_timesteps=False)
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    ["a bias cut to shape (1,)", "float64 weights", "a parameter missing"],
+)
+def test_adapted_parameters_that_do_not_fit_the_actor_are_refused(tamper, tmp_path):
+    """The model loader checked the adapted parameters for finite values only (the policy file's loader checked them
+    against the actor): biases cut to shape (1,) broadcast and acted silently, other dtypes or a missing entry failed
+    at the first predict."""
+    model = MetaCPO("MlpPolicy", toy(), **SMALL)
+    model.adapt(toy().test_tasks(1)[0], n_updates=1, n_steps=50)
+    saved = model.save(tmp_path / "adapted")
+    tensors = th.load(io.BytesIO(zipfile.ZipFile(saved).read(TENSORS)), weights_only=True)
+    adapted = tensors["adapted_params"]
+    name = next(key for key in adapted if key.endswith("bias"))
+    if tamper == "a bias cut to shape (1,)":
+        adapted[name] = adapted[name][:1].clone()
+    elif tamper == "float64 weights":
+        adapted[name] = adapted[name].double()
+    else:
+        del adapted[name]
+    buffer = io.BytesIO()
+    th.save(tensors, buffer)
+    tampered = rewrite_archive(saved, tmp_path / "tampered.zip", {TENSORS: buffer.getvalue()})
+    with pytest.raises(ArchiveError, match="the actor override"):
+        MetaCPO.load(tampered)
+
+
+def test_a_tensor_of_more_elements_than_its_storage_is_refused_before_it_is_expanded(saved, tmp_path):
+    """A tensor written with stride 0 (``expand``) declares any number of elements over a few bytes: the finiteness
+    check materialised it (a 17.6 kB archive took 7.5 GB and 26 s before the shape check refused it)."""
+    tensors = th.load(io.BytesIO(zipfile.ZipFile(saved["CPO"]).read(TENSORS)), weights_only=True)
+    tensors["policy"]["obs_mean"] = th.zeros(1).expand(4096, 4096)
+    buffer = io.BytesIO()
+    th.save(tensors, buffer)
+    assert len(buffer.getvalue()) < 100_000
+    tampered = rewrite_archive(saved["CPO"], tmp_path / "expanded.zip", {TENSORS: buffer.getvalue()})
+    with pytest.raises(ArchiveError, match=r"'policy/obs_mean', a tensor with more elements than its storage"):
+        CPO.load(tampered)

@@ -128,6 +128,10 @@ def check_callback(callback: Any) -> None:
     them or a function ``(locals, globals) -> bool``."""
     from stable_baselines3.common.callbacks import BaseCallback
 
+    if isinstance(callback, type):  # callable, so SB3 took it for a function: it ran as a callback that did nothing
+        raise ValueError(
+            f"callback is the class {callback.__name__}, not a callback: pass an instance, {callback.__name__}(...)"
+        )
     check(
         callback is None
         or isinstance(callback, BaseCallback)
@@ -138,10 +142,19 @@ def check_callback(callback: Any) -> None:
 
 
 def check_learn_arguments(
-    total_timesteps: Any, log_interval: Any, callback: Any = None, reset_num_timesteps: Any = True, progress_bar: Any = False
+    total_timesteps: Any,
+    log_interval: Any,
+    callback: Any = None,
+    reset_num_timesteps: Any = True,
+    progress_bar: Any = False,
+    tb_log_name: Any = "run",
 ) -> None:
     """``learn``'s arguments, before it changes anything (a model's adaptation, its counters, the envs)."""
     check_callback(callback)
+    check(  # SB3 joins it to the TensorBoard folder's path after learn has reset the counters
+        isinstance(tb_log_name, str) and tb_log_name != "",
+        f"tb_log_name must be a non-empty string (the TensorBoard run's name), got {tb_log_name!r}",
+    )
     for name, flag in (("reset_num_timesteps", reset_num_timesteps), ("progress_bar", progress_bar)):
         check(is_bool(flag), f"{name} must be True or False, got {flag!r}")
     whole_float = isinstance(total_timesteps, (float, np.floating)) and float(total_timesteps).is_integer()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import operator
 import os
 import warnings
 from abc import ABC, abstractmethod
@@ -29,6 +30,7 @@ from sb3_metacpo.common.policies import CPOPolicy
 from sb3_metacpo.common.serialization import (
     POLICY_CONTENT,
     ArchiveError,
+    check_actor_override,
     check_finite_tensors,
     check_rng_state,
     decode_space,
@@ -196,6 +198,8 @@ class SafeAlgorithmMixin(ABC):
         error that names neither; a factory that is not a class (e.g. a ``functools.partial`` of one) cannot be told
         before it builds: ``policy``, what it built, is checked then."""
         kind = self.policy_class if policy is None else type(policy)  # type: ignore[attr-defined]
+        if not callable(kind):  # 3, None, object(): "'int' object is not callable" from inside _setup_model
+            raise TypeError(f"{type(self).__name__}'s policy must be 'MlpPolicy' or a CPOPolicy class, got {kind!r}")
         if isinstance(kind, type) and not issubclass(kind, CPOPolicy):
             raise TypeError(f"{type(self).__name__} needs a CPOPolicy (e.g. 'MlpPolicy'), got {kind.__name__}")
 
@@ -399,9 +403,40 @@ class SafeAlgorithmMixin(ABC):
                 f"set_parameters: the objects given, {sorted(params)}, are not the model's, {sorted(expected)} (a policy "
                 "saved alone has no optimiser state: pass exact_match=False); nothing was changed"
             )
+        self._check_module_states(params, exact_match)
         super().set_parameters(params, exact_match, device)  # type: ignore[misc]
         if self.adapted_params is not None:  # type: ignore[attr-defined]
             self.reset_adaptation()  # type: ignore[attr-defined]
+
+    def _check_module_states(self, params: dict[str, Any], exact_match: bool) -> None:
+        """A ``ValueError`` before anything changes where a module's state (e.g. ``policy``) does not fit the model's:
+        torch's ``load_state_dict`` copies the tensors that fit and raises after, so a model of another ``net_arch``
+        left this one half loaded (its ``log_std`` replaced, its networks not)."""
+        for name, state in params.items():
+            target = operator.attrgetter(name)(self)
+            if isinstance(target, th.optim.Optimizer) and isinstance(state, Mapping):  # its load raises after the policy's
+                own_groups, groups = target.state_dict()["param_groups"], state.get("param_groups")
+                sizes = [len(group.get("params", ())) for group in groups] if isinstance(groups, list) else None
+                if sizes != [len(group["params"]) for group in own_groups]:
+                    raise ValueError(
+                        f"set_parameters: {name}'s parameter groups do not match the model's (sizes {sizes}, the model's "
+                        f"{[len(group['params']) for group in own_groups]}); nothing was changed"
+                    )
+            if not isinstance(target, th.nn.Module) or not isinstance(state, Mapping):
+                continue
+            own = target.state_dict()
+            for key, value in state.items():
+                if key in own and tuple(getattr(value, "shape", ())) != tuple(own[key].shape):
+                    raise ValueError(
+                        f"set_parameters: {name}[{key}] has shape {tuple(value.shape)} where the model's is "
+                        f"{tuple(own[key].shape)} (a model of another net_arch or spaces?); nothing was changed"
+                    )
+            missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+            if exact_match and (missing or unexpected):
+                raise ValueError(
+                    f"set_parameters: {name} lacks {missing} and has {unexpected} beside the model's tensors (pass "
+                    "exact_match=False to load the ones it has); nothing was changed"
+                )
 
     def save(self, path: str | os.PathLike[str], exclude: Any = None, include: Any = None) -> Path:  # type: ignore[override]
         """Save everything needed to use the model and to continue training it exactly: constructor arguments,
@@ -731,6 +766,8 @@ class SafeAlgorithmMixin(ABC):
             self._episode_num = int(counters["episode_num"])
             self._current_progress_remaining = float(counters["progress_remaining"])
             adapted = tensors["adapted_params"]
+            if adapted:
+                check_actor_override(policy.actor_params(), adapted)
             device = policy.device
             self.adapted_params = {name: value.to(device) for name, value in adapted.items()} if adapted else None
             policy.set_actor_override(self.adapted_params)

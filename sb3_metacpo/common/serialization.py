@@ -314,7 +314,31 @@ def read_archive(path: str | os.PathLike[str], device: th.device | str = "cpu") 
             ) from error
     if not isinstance(tensors, dict):
         raise ArchiveError(f"{path}: {TENSORS} does not hold a dictionary of tensors")
+    overlapping = _overlapping_tensor(tensors, "")
+    if overlapping is not None:  # a few bytes that any check or copy would expand to gigabytes
+        raise ArchiveError(
+            f"{path}: {TENSORS} holds {overlapping!r}, a tensor with more elements than its storage (stride 0, e.g. "
+            "expand()), which save never writes; refused"
+        )
     return metadata, tensors
+
+
+def _overlapping_tensor(value: Any, where: str) -> str | None:
+    """The key path of the first tensor in ``value`` (nested dicts, lists, tuples) whose elements need more bytes
+    than its storage holds: elements that share memory (a stride of 0)."""
+    if isinstance(value, th.Tensor):
+        return where if value.numel() * value.element_size() > value.untyped_storage().nbytes() else None
+    if isinstance(value, dict):
+        items: Any = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        found = _overlapping_tensor(item, f"{where}/{key}" if where else str(key))
+        if found is not None:
+            return found
+    return None
 
 
 def check_finite_tensors(source: object, entries: Mapping[str, Any], where: str) -> None:
@@ -456,18 +480,26 @@ def load_policy(cls: type[SelfPolicy], path: str | os.PathLike[str], device: th.
         check_finite_tensors(file, override, "actor_override")
         policy.load_state_dict(state)
         if override:
-            own = policy.actor_params()
-            if set(override) != set(own):
-                raise ValueError(f"the actor override has parameters {sorted(override)}, the actor {sorted(own)}")
-            for name, value in override.items():
-                if value.shape != own[name].shape or value.dtype != own[name].dtype:
-                    raise ValueError(f"the actor override's {name} does not match the actor's {tuple(own[name].shape)}")
+            check_actor_override(policy.actor_params(), override)
     except (TypeError, ValueError, RuntimeError, OverflowError) as error:
         raise ArchiveError(f"{file} does not describe a consistent {policy_class.__name__}: {error}") from error
     device = get_device(device)
     policy = policy.to(device)
     policy.set_actor_override({name: value.to(device) for name, value in override.items()} if override else None)
     return policy  # a subclass of cls, checked above
+
+
+def check_actor_override(own: Mapping[str, th.Tensor], override: Mapping[str, th.Tensor]) -> None:
+    """A ``ValueError`` unless ``override`` (adapted actor parameters) has exactly the actor's parameters ``own``, each
+    of its shape and dtype: a bias cut to shape (1,) broadcast and acted silently otherwise."""
+    if set(override) != set(own):
+        raise ValueError(f"the actor override has parameters {sorted(override)}, the actor {sorted(own)}")
+    for name, value in override.items():
+        if value.shape != own[name].shape or value.dtype != own[name].dtype:
+            raise ValueError(
+                f"the actor override's {name} ({tuple(value.shape)}, {value.dtype}) does not match the actor's "
+                f"({tuple(own[name].shape)}, {own[name].dtype})"
+            )
 
 
 _register_defaults()

@@ -133,7 +133,7 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):  # type: igno
         differentiable convex program solved by SCS, any number of constraints; 3-10 ms per step, tens of ms where
         SCS needs many iterations; the paper's solver); they agree to the convex solver's precision (~1e-9 relative)
     :param cost_confidence: κ ≥ 0: the constraint value is the upper confidence bound J_C + κ·SE(J_C) over the
-        rollout's completed episodes (0, the default: CPO's plain estimate)
+        rollout's completed episodes (0, the default: CPO's plain estimate; with fewer than two, J_C)
     :param recovery: when to take CPO's recovery step (the step that lowers the cost most, ignoring the reward):
         ``"linearised"`` (CPO's rule, the default) only when no point of the trust region meets the linearised
         constraint; ``"violated"`` also whenever the constraint value (with ``cost_confidence``) is above its limit;
@@ -549,7 +549,7 @@ class CPO(AdaptationMixin, SafeAlgorithmMixin, OnPolicyAlgorithm):  # type: igno
     ) -> SelfCPO:
         """Train for ``total_timesteps`` env steps (SB3's ``learn``). A model adapted by :meth:`adapt` forgets its
         adaptation here: ``predict`` acts with the trained parameters again."""
-        check_learn_arguments(total_timesteps, log_interval, callback, reset_num_timesteps, progress_bar)
+        check_learn_arguments(total_timesteps, log_interval, callback, reset_num_timesteps, progress_bar, tb_log_name)
         check_tensorboard(self)
         if self.env is None:  # SB3 asserted without a message
             raise ValueError(

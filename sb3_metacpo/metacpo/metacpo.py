@@ -154,7 +154,9 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):  # type: igno
         ``meta_constraint_alpha`` share of tasks) or ``"mean"`` (the paper's: the mean post-adaptation value only)
     :param meta_constraint_alpha: the share of tasks ``"stages_cvar"`` averages over
     :param cost_confidence: κ ≥ 0: every constraint value (inner, adaptation and outer) is the upper confidence
-        bound J_C + κ·SE(J_C) over the batch's episodes instead of J_C (0: the plain estimate, as in the paper)
+        bound J_C + κ·SE(J_C) over the batch's episodes instead of J_C (0: the plain estimate, as in the paper); a
+        batch with fewer than two completed episodes has no standard error and takes J_C: with ``n_steps`` of at most
+        one episode per task, κ has no effect
     :param recovery: when a step, inner or outer, takes CPO's recovery step (the step that lowers the cost most,
         ignoring the reward): ``"linearised"`` (CPO's rule, the default) only when no point of the trust region meets
         the linearised constraint; ``"violated"`` also whenever the constraint value (with ``cost_confidence``) is
@@ -354,7 +356,8 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):  # type: igno
         """SB3's ``set_env`` for a meta-learner: train on ``env``, a :class:`~sb3_metacpo.tasks.base.TaskDistribution`
         or a registered family name, from now on (:meth:`set_task_distribution`; every collect starts fresh episodes,
         so ``force_reset`` changes nothing). A single env is refused: meta-training draws new tasks every iteration;
-        adapt to one env with :meth:`adapt`."""
+        adapt to one env with :meth:`adapt`. ``get_env()`` gives the sampler's VecEnv, which the next ``learn``
+        builds for the new distribution: None until then (unlike SB3, which returns the env given)."""
         if not isinstance(env, (TaskDistribution, str)):
             raise TypeError(
                 f"{type(self).__name__}.set_env takes a TaskDistribution or a registered family name (meta-training "
@@ -553,8 +556,17 @@ class MetaCPO(AdaptationMixin, SafeAlgorithmMixin, BaseAlgorithm):  # type: igno
         A model adapted by :meth:`adapt` forgets its adaptation here: ``predict`` acts with the meta-parameters
         again (the adapted parameters were computed from the θ that training is about to change); call
         :meth:`adapt` again after training to act with an adapted policy.
+
+        :param total_timesteps: env steps to train for at least (rounded up to whole meta-iterations)
+        :param callback: SB3's: a ``BaseCallback``, a list of them or a function ``(locals, globals) -> bool``; its
+            ``_on_step`` runs at every env step of the collect, and returning False stops training
+        :param log_interval: log (and dump) every ``log_interval`` meta-iterations; None: never
+        :param tb_log_name: the TensorBoard run's name (with ``tensorboard_log``)
+        :param reset_num_timesteps: whether ``num_timesteps`` starts from 0 (False: continue counting, SB3's resume)
+        :param progress_bar: show a progress bar (needs tqdm and rich)
+        :return: the model
         """
-        check_learn_arguments(total_timesteps, log_interval, callback, reset_num_timesteps, progress_bar)
+        check_learn_arguments(total_timesteps, log_interval, callback, reset_num_timesteps, progress_bar, tb_log_name)
         check_tensorboard(self)
         total_timesteps = int(total_timesteps)
         if self.adapted_params is not None:
