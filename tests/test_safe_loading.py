@@ -523,3 +523,52 @@ def test_a_tensor_of_more_elements_than_its_storage_is_refused_before_it_is_expa
     tampered = rewrite_archive(saved["CPO"], tmp_path / "expanded.zip", {TENSORS: buffer.getvalue()})
     with pytest.raises(ArchiveError, match=r"'policy/obs_mean', a tensor with more elements than its storage"):
         CPO.load(tampered)
+
+
+def _edit_metadata(edit: Callable[[dict], None]) -> Callable[[dict, dict], None]:
+    return lambda metadata, tensors: edit(metadata)
+
+
+def _edit_tensors(edit: Callable[[dict], None]) -> Callable[[dict, dict], None]:
+    return lambda metadata, tensors: edit(tensors)
+
+
+TAMPERED_VALUES = {
+    "a NaN action bound": (
+        _edit_metadata(lambda m: m["action_space"]["low"].__setitem__(0, float("nan"))),
+        "bounds are NaN or low > high",
+    ),
+    "a space without its dtype": (_edit_metadata(lambda m: m["observation_space"].pop("dtype")), "a Box without its dtype"),
+    "a negative observation variance": (
+        _edit_tensors(lambda t: t["policy"].__setitem__("obs_var", -th.ones_like(t["policy"]["obs_var"]))),
+        "a negative policy/obs_var",
+    ),
+    "a NaN Adam eps": (
+        _edit_tensors(lambda t: t["optimizer"]["param_groups"][0].__setitem__("eps", float("nan"))),
+        r"the optimiser's eps \(nan, group 0\) is not finite",
+    ),
+    "Adam moments of another shape": (
+        _edit_tensors(lambda t: next(iter(t["optimizer"]["state"].values())).__setitem__("exp_avg", th.zeros(1))),
+        r"the optimiser's exp_avg of parameter \d+ has shape \(1,\) where the parameter's is",
+    ),
+}
+
+
+@pytest.mark.parametrize("tamper", list(TAMPERED_VALUES))
+def test_values_no_saved_model_has_are_refused_at_load(tamper, tmp_path):
+    """Each loaded and failed later, far from its cause: a NaN action bound made predict NaN, a missing dtype became
+    float64, a negative variance made the actions NaN blamed on the env's observations, a NaN eps failed learn with an
+    error naming the learning rate, moments of another shape failed learn on a broadcast inside torch."""
+    model = CPO("MlpPolicy", "Toy2DNav", **CPO_SMALL)
+    model.learn(CPO_SMALL["n_steps"])  # an optimiser state to edit
+    saved = model.save(tmp_path / "model")
+    with zipfile.ZipFile(saved) as archive:
+        metadata = json.loads(archive.read(METADATA))
+        tensors = th.load(io.BytesIO(archive.read(TENSORS)), weights_only=True)
+    edit, message = TAMPERED_VALUES[tamper]
+    edit(metadata, tensors)
+    buffer = io.BytesIO()
+    th.save(tensors, buffer)
+    replaced = {METADATA: json.dumps(metadata).encode(), TENSORS: buffer.getvalue()}
+    with pytest.raises(ArchiveError, match=message):
+        CPO.load(rewrite_archive(saved, tmp_path / "tampered.zip", replaced))

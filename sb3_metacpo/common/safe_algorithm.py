@@ -32,6 +32,9 @@ from sb3_metacpo.common.serialization import (
     ArchiveError,
     check_actor_override,
     check_finite_tensors,
+    check_optimizer_settings,
+    check_optimizer_state_shapes,
+    check_policy_state,
     check_rng_state,
     decode_space,
     decode_value,
@@ -39,7 +42,6 @@ from sb3_metacpo.common.serialization import (
     encode_value,
     global_rng_state,
     lookup_class,
-    policy_values,
     read_archive,
     set_global_rng_state,
     write_archive,
@@ -756,8 +758,10 @@ class SafeAlgorithmMixin(ABC):
             self._setup_model()  # type: ignore[attr-defined]
             policy = self.policy  # type: ignore[attr-defined]
             source = f"{type(self).__name__}.load"
-            check_finite_tensors(source, policy_values(policy, tensors["policy"]), "policy")
+            check_policy_state(source, policy, tensors["policy"])
             check_finite_tensors(source, tensors["optimizer"].get("state", {}), "optimizer/state")
+            check_optimizer_settings(source, tensors["optimizer"].get("param_groups"))
+            check_optimizer_state_shapes(source, policy.optimizer, tensors["optimizer"].get("state", {}))
             check_finite_tensors(source, tensors["adapted_params"] or {}, "adapted_params")
             policy.load_state_dict(tensors["policy"])
             policy.optimizer.load_state_dict(tensors["optimizer"])

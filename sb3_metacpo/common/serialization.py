@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import pickle
 import random
@@ -159,11 +160,15 @@ def decode_space(description: Any) -> gym.spaces.Box:
     """The Box space of :func:`encode_space`'s description."""
     if not isinstance(description, dict) or description.get("type") != "Box":
         raise ValueError(f"the archive describes an unsupported space: {description!r}")
+    if description.get("dtype") is None:  # numpy read None as float64
+        raise ValueError(f"the archive describes a Box without its dtype: {description!r}")
     dtype = np.dtype(description["dtype"])
     if dtype.kind not in "fiu":
         raise ValueError(f"the archive describes a Box of dtype {dtype}; only number Boxes are supported")
     low = np.asarray(description["low"], dtype=dtype).reshape(description["shape"])
     high = np.asarray(description["high"], dtype=dtype).reshape(description["shape"])
+    if np.isnan(low).any() or np.isnan(high).any() or (low > high).any():  # a NaN action bound made predict NaN
+        raise ValueError(f"the archive describes a Box whose bounds are NaN or low > high: {description!r}")
     return gym.spaces.Box(low, high, tuple(description["shape"]), dtype)  # type: ignore[arg-type]
 
 
@@ -351,10 +356,52 @@ def check_finite_tensors(source: object, entries: Mapping[str, Any], where: str)
         raise ArchiveError(f"{source}: {TENSORS} holds non-finite values in {bad!r}, which no saved model has; refused")
 
 
+def check_optimizer_settings(source: object, param_groups: Any) -> None:
+    """An :class:`ArchiveError` unless an optimiser's saved ``param_groups`` are a list of mappings whose numbers
+    (learning rate, betas, eps, weight decay...) are finite: a NaN eps loaded, and the next ``learn`` failed with a
+    ``FloatingPointError`` that named the learning rate."""
+    if not (isinstance(param_groups, list) and all(isinstance(group, Mapping) for group in param_groups)):
+        raise ArchiveError(f"{source}: the optimiser's param_groups are not a list of mappings; refused")
+    for index, group in enumerate(param_groups):
+        for key, value in group.items():
+            values = value if isinstance(value, (list, tuple)) and key != "params" else [value]
+            for number in values:
+                if isinstance(number, float) and not math.isfinite(number):
+                    raise ArchiveError(f"{source}: the optimiser's {key} ({value!r}, group {index}) is not finite; refused")
+
+
+def check_optimizer_state_shapes(source: object, optimizer: th.optim.Optimizer, state: Any) -> None:
+    """An :class:`ArchiveError` where a saved optimiser state's tensor (Adam's moments: everything but ``step``) has
+    another shape than its parameter: it loaded, and the next ``learn`` failed on a broadcast deep inside torch."""
+    parameters = [parameter for group in optimizer.param_groups for parameter in group["params"]]
+    if not isinstance(state, Mapping):
+        raise ArchiveError(f"{source}: the optimiser's state is not a mapping; refused")
+    for index, entry in state.items():
+        if not (isinstance(index, int) and 0 <= index < len(parameters) and isinstance(entry, Mapping)):
+            raise ArchiveError(f"{source}: the optimiser's state has an entry {index!r} of no parameter; refused")
+        for key, value in entry.items():
+            if key != "step" and isinstance(value, th.Tensor) and value.shape != parameters[index].shape:
+                raise ArchiveError(
+                    f"{source}: the optimiser's {key} of parameter {index} has shape {tuple(value.shape)} where the "
+                    f"parameter's is {tuple(parameters[index].shape)}; refused"
+                )
+
+
 def policy_values(policy: th.nn.Module, state: Mapping[str, Any]) -> dict[str, Any]:
     """The entries of a policy's state dict that hold its parameters and its observation statistics."""
     names = {name for name, _ in policy.named_parameters()} | {"obs_mean", "obs_var", "obs_count"}
     return {name: value for name, value in state.items() if name in names}
+
+
+def check_policy_state(source: object, policy: th.nn.Module, state: Mapping[str, Any]) -> None:
+    """An :class:`ArchiveError` where a policy's saved state holds what no saved model has: non-finite parameters or
+    observation statistics (:func:`check_finite_tensors`), or a negative observation variance or count (``predict``
+    then acted with NaN and blamed the env's observations)."""
+    check_finite_tensors(source, policy_values(policy, state), "policy")
+    for name in ("obs_var", "obs_count"):
+        value = state.get(name)
+        if isinstance(value, th.Tensor) and value.is_floating_point() and bool((value < 0).any()):
+            raise ArchiveError(f"{source}: {TENSORS} holds a negative policy/{name}, which no saved model has; refused")
 
 
 def _non_finite_tensor(value: Any, where: str) -> str | None:
@@ -476,7 +523,7 @@ def load_policy(cls: type[SelfPolicy], path: str | os.PathLike[str], device: th.
         raise ArchiveError(f"{file}: the policy's state dict or actor override holds something other than tensors")
     try:
         policy = policy_class(observation_space, action_space, ConstantSchedule(float(learning_rate)), **arguments)
-        check_finite_tensors(file, policy_values(policy, state), "policy")
+        check_policy_state(file, policy, state)
         check_finite_tensors(file, override, "actor_override")
         policy.load_state_dict(state)
         if override:
