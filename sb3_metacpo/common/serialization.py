@@ -35,7 +35,7 @@ import random
 import tempfile
 import zipfile
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -331,19 +331,7 @@ def read_archive(path: str | os.PathLike[str], device: th.device | str = "cpu") 
 def _overlapping_tensor(value: Any, where: str) -> str | None:
     """The key path of the first tensor in ``value`` (nested dicts, lists, tuples) whose elements need more bytes
     than its storage holds: elements that share memory (a stride of 0)."""
-    if isinstance(value, th.Tensor):
-        return where if value.numel() * value.element_size() > value.untyped_storage().nbytes() else None
-    if isinstance(value, dict):
-        items: Any = value.items()
-    elif isinstance(value, (list, tuple)):
-        items = enumerate(value)
-    else:
-        return None
-    for key, item in items:
-        found = _overlapping_tensor(item, f"{where}/{key}" if where else str(key))
-        if found is not None:
-            return found
-    return None
+    return _first_tensor(value, where, lambda t: t.numel() * t.element_size() > t.untyped_storage().nbytes())
 
 
 def check_finite_tensors(source: object, entries: Mapping[str, Any], where: str) -> None:
@@ -406,8 +394,13 @@ def check_policy_state(source: object, policy: th.nn.Module, state: Mapping[str,
 
 def _non_finite_tensor(value: Any, where: str) -> str | None:
     """The key path of the first floating tensor in ``value`` (nested dicts, lists, tuples) with a NaN or an inf."""
+    return _first_tensor(value, where, lambda tensor: tensor.is_floating_point() and not bool(th.isfinite(tensor).all()))
+
+
+def _first_tensor(value: Any, where: str, found: Callable[[th.Tensor], bool]) -> str | None:
+    """The key path (``a/b/0``) of the first tensor in ``value`` (nested dicts, lists, tuples) for which ``found``."""
     if isinstance(value, th.Tensor):
-        return where if value.is_floating_point() and not bool(th.isfinite(value).all()) else None
+        return where if found(value) else None
     if isinstance(value, dict):
         items: Any = value.items()
     elif isinstance(value, (list, tuple)):
@@ -415,9 +408,9 @@ def _non_finite_tensor(value: Any, where: str) -> str | None:
     else:
         return None
     for key, item in items:
-        found = _non_finite_tensor(item, f"{where}/{key}" if where else str(key))
-        if found is not None:
-            return found
+        path = _first_tensor(item, f"{where}/{key}" if where else str(key), found)
+        if path is not None:
+            return path
     return None
 
 
