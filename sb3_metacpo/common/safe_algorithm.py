@@ -428,9 +428,10 @@ class SafeAlgorithmMixin(ABC):
                 continue
             own = target.state_dict()
             for key, value in state.items():
-                if key in own and tuple(getattr(value, "shape", ())) != tuple(own[key].shape):
+                shape = tuple(getattr(value, "shape", ()))
+                if key in own and shape != tuple(own[key].shape):
                     raise ValueError(
-                        f"set_parameters: {name}[{key}] has shape {tuple(value.shape)} where the model's is "
+                        f"set_parameters: {name}[{key}] has shape {shape} where the model's is "
                         f"{tuple(own[key].shape)} (a model of another net_arch or spaces?); nothing was changed"
                     )
             missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
