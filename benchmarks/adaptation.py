@@ -208,13 +208,18 @@ def mean_and_interval(values: np.ndarray, digits: int) -> str:
     return f"{values.mean():.{digits}f} ± {t_interval(values):.{digits}f}"
 
 
+def valued_pairs(cell: list[dict[str, Any]], key: str, what: str) -> tuple[list[dict[str, Any]], str]:
+    """The pairs of ``cell`` whose ``key`` is a number (not NaN), and the note counting the others ("" if none)."""
+    valued = [r for r in cell if math.isfinite(r[key])]
+    missing = len(cell) - len(valued)
+    return valued, f" ({missing} of {len(cell)} pairs without {what})" if missing else ""
+
+
 def paid_cell(cell: list[dict[str, Any]]) -> str:
     """The cost paid while adapting: the mean over seeds of each seed's mean over its pairs, ± the t-interval over
     seeds. A pair whose adaptation batch completed no episode has no episode cost (NaN): it is left out and counted,
     neither averaged in nor turning the cell into NaN."""
-    valued = [r for r in cell if math.isfinite(r["adaptation_batch_cost"])]
-    missing = len(cell) - len(valued)
-    note = f" ({missing} of {len(cell)} pairs without a completed episode)" if missing else ""
+    valued, note = valued_pairs(cell, "adaptation_batch_cost", "a completed episode")
     seeds = sorted({r["seed"] for r in valued})
     if not seeds:
         return "n/a" + note
@@ -225,9 +230,7 @@ def paid_cell(cell: list[dict[str, Any]]) -> str:
 def under_limit_cell(cell: list[dict[str, Any]]) -> str:
     """The task-seed pairs whose evaluation cost is at or under the limit, of the pairs with a cost, with its 95 %
     Wilson interval; a pair without one (NaN: no completed episode) is left out and counted, not taken as over."""
-    valued = [r for r in cell if math.isfinite(r["cost"])]
-    missing = len(cell) - len(valued)
-    note = f" ({missing} of {len(cell)} pairs without a cost)" if missing else ""
+    valued, note = valued_pairs(cell, "cost", "a cost")
     if not valued:
         return "n/a" + note
     under = sum(r["cost"] <= r["cost_limit"] for r in valued)

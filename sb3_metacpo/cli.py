@@ -55,7 +55,13 @@ from sb3_metacpo.config import (
     to_constructor,
 )
 from sb3_metacpo.cpo import CPO
-from sb3_metacpo.tasks.base import Task, TaskDistribution, list_task_distributions, make_task_distribution
+from sb3_metacpo.tasks.base import (
+    Task,
+    TaskDistribution,
+    list_task_distributions,
+    make_task_distribution,
+    task_distribution_class,
+)
 from sb3_metacpo.tasks.monitor import TOTAL_COST
 
 #: ``evaluate`` (and the GIFs) run held-out task i on episodes seeded from EVAL_SEED + i (as benchmarks/adaptation.py);
@@ -812,7 +818,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
             "distribution; set it for all with --hyperparams env_kwargs:..."
         )
     # One set of constraints too: every method adapts, and is judged, under the same limits (CPO-scratch included)
-    scratch_cost_limit = _shared_cost_limit(args.family, distribution_kwargs, cost_limit_of)
+    scratch_cost_limit = _shared_cost_limit(args.family, cost_limit_of)
     from sb3_metacpo.metacpo import MetaCPO
 
     # One adaptation protocol for every method: MetaCPO's batch and inner trust region for the family (or the options)
@@ -900,11 +906,10 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
-def _shared_cost_limit(family: str, env_kwargs: dict[str, Any], cost_limit_of: dict[str, Any]) -> Any:
+def _shared_cost_limit(family: str, cost_limit_of: dict[str, Any]) -> Any:
     """The ``cost_limit`` every trained method of a benchmark has (None: the family's default, also when no method is
     trained), for CPO-scratch; a ``CLIError`` when their configs give different constraints."""
-    distribution = make_task_distribution(family, **env_kwargs)
-    default = float(distribution.default_cost_limit)
+    default = float(task_distribution_class(family).default_cost_limit)
     constraints_of = {}
     for method, cost_limit in cost_limit_of.items():
         try:
